@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Installs the Debian packages sbcflash needs to build and to run its whole test suite.
+# Run as root (or it re-runs itself with sudo). Safe to run again.
+set -euo pipefail
+if [ "$(id -u)" -ne 0 ]; then exec sudo -E bash "$0" "$@"; fi
+export DEBIAN_FRONTEND=noninteractive
+# Build: libudev and libusb headers for the udev/rusb crates.
+BUILD_PKGS="pkg-config libudev-dev libusb-1.0-0-dev"
+# Tests: real tools that make and check real inputs, and real peers.
+TEST_PKGS="bmap-tools android-sdk-libsparse-utils zstd xz-utils bzip2 gzip e2fsprogs dosfstools mtools fdisk udev nix-bin socat expect cpio kmod openssh-client util-linux"
+missing=""
+for p in $BUILD_PKGS $TEST_PKGS; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"
+done
+if [ -n "$missing" ]; then
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends $missing
+fi
+# QEMU + U-Boot test target (bookworm-backports QEMU; see tests/harness/README.md).
+if [ -x "$(dirname "$0")/../tests/harness/install-deps.sh" ]; then
+  bash "$(dirname "$0")/../tests/harness/install-deps.sh"
+fi

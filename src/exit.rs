@@ -1,0 +1,112 @@
+//! Process exit codes: one per class of failure, so scripts and stations can react without
+//! parsing messages. Documented in the README and in `--help`.
+
+use std::fmt;
+
+/// Exit status classes. The numbers are part of the CLI contract: never renumber.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Exit {
+    /// Everything worked.
+    Ok = 0,
+    /// Unclassified failure (a bug, or an error with no better class).
+    Failure = 1,
+    /// Command-line usage error (clap uses 2 as well).
+    Usage = 2,
+    /// The input (image, bmap, descriptor, config, loader file) is malformed or inconsistent.
+    BadInput = 3,
+    /// The target was refused by a safety rule (mounted, system disk, too small, not removable).
+    Refused = 4,
+    /// An I/O error on the target, the source, a device or the network.
+    Io = 5,
+    /// Read-back or digest verification failed: the target must not be trusted.
+    Verify = 6,
+    /// Interrupted by a signal (Ctrl-C): the target is incomplete.
+    Interrupted = 130,
+    /// A timeout waiting for a board, a device or a peer.
+    Timeout = 7,
+    /// A required external tool or permission is missing (nix, udev rules, root).
+    Environment = 8,
+}
+
+impl Exit {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+
+    /// Table used by `--help` and the README.
+    pub const TABLE: &'static [(Exit, &'static str)] = &[
+        (Exit::Ok, "success"),
+        (Exit::Failure, "unexpected failure"),
+        (Exit::Usage, "bad command-line usage"),
+        (Exit::BadInput, "malformed or inconsistent input (image, bmap, descriptor, config)"),
+        (Exit::Refused, "target refused by a safety rule (use --force/--yes only if you mean it)"),
+        (Exit::Io, "I/O error on target, source, device or network"),
+        (Exit::Verify, "verification failed: the target does not hold the image"),
+        (Exit::Timeout, "timed out waiting for a board, device or peer"),
+        (Exit::Environment, "missing tool, permission or system setup"),
+        (Exit::Interrupted, "interrupted (Ctrl-C): the target is incomplete"),
+    ];
+
+    /// Text block appended to `--help`.
+    pub fn help_text() -> String {
+        let mut s = String::from("Exit codes:\n");
+        for (e, what) in Self::TABLE {
+            s.push_str(&format!("  {:>3}  {what}\n", e.code()));
+        }
+        s
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.code())
+    }
+}
+
+/// Implemented by library error types so the CLI can pick an exit code without string matching.
+pub trait Classify {
+    fn exit(&self) -> Exit;
+}
+
+/// Find the most specific exit class in an anyhow chain: the first error in the chain that a
+/// module registered through [`classify_dyn`] wins.
+pub fn classify(err: &anyhow::Error) -> Exit {
+    for cause in err.chain() {
+        if let Some(e) = classify_dyn(cause) {
+            return e;
+        }
+    }
+    Exit::Failure
+}
+
+/// Each library error type is listed here once; adding a module error means adding a line.
+fn classify_dyn(e: &(dyn std::error::Error + 'static)) -> Option<Exit> {
+    if let Some(x) = e.downcast_ref::<ExitError>() {
+        return Some(x.exit);
+    }
+    if let Some(x) = e.downcast_ref::<crate::image::ImageError>() {
+        return Some(x.exit());
+    }
+    if let Some(x) = e.downcast_ref::<std::io::Error>() {
+        if x.kind() == std::io::ErrorKind::Interrupted {
+            return Some(Exit::Interrupted);
+        }
+        return Some(Exit::Io);
+    }
+    None
+}
+
+/// An error that carries its exit class explicitly; for the CLI edges.
+#[derive(Debug, thiserror::Error)]
+#[error("{msg}")]
+pub struct ExitError {
+    pub exit: Exit,
+    pub msg: String,
+}
+
+impl ExitError {
+    pub fn new(exit: Exit, msg: impl Into<String>) -> Self {
+        Self { exit, msg: msg.into() }
+    }
+}

@@ -1,0 +1,45 @@
+//! Images as one stream of extents, whatever their format.
+//!
+//! Every input (raw file, compressed stream, bmap-described raw, Android sparse) becomes an
+//! [`ExtentSource`]: the logical (decompressed, unsparsed) image as an ordered, gap-free
+//! sequence of [`Extent`]s. Sinks (block device, file, rockusb, fastboot) consume that one
+//! stream, so sparse handling, hashing, progress and verification are written once.
+//!
+//! Hashing rule: the blake3 of an image is the blake3 of its logical bytes, with `Zero` and
+//! `Skip` ranges hashed as zero bytes. For a raw image with a bmap that is `b3sum image.img`
+//! (unmapped bmap ranges are holes, which read as zeroes).
+
+mod extent;
+pub use extent::{Extent, ExtentKind, ExtentSource};
+
+/// Errors about the input image. Each names the file and, where it applies, the offset.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: at offset {offset}: {msg}")]
+    Corrupt { path: String, offset: u64, msg: String },
+    #[error("{path}: {msg}")]
+    Invalid { path: String, msg: String },
+    #[error("{path}: checksum mismatch for range {start}..{end}: expected {expected}, got {actual}")]
+    RangeChecksum { path: String, start: u64, end: u64, expected: String, actual: String },
+    #[error("{path}: blake3 mismatch: expected {expected}, got {actual}")]
+    Digest { path: String, expected: String, actual: String },
+}
+
+impl ImageError {
+    pub fn exit(&self) -> crate::exit::Exit {
+        use crate::exit::Exit;
+        match self {
+            ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::Interrupted => {
+                Exit::Interrupted
+            }
+            ImageError::Io { .. } => Exit::Io,
+            _ => Exit::BadInput,
+        }
+    }
+}

@@ -1,0 +1,224 @@
+//! One progress event type for every long operation (write, verify, download, USB flash,
+//! station slots). A [`Reporter`] renders it: indicatif bars on a TTY, JSON lines for
+//! machines (`--json`), or nothing. Operations never talk to the terminal themselves.
+
+use serde::Serialize;
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Version of the `--json` event schema; bump on any incompatible change.
+pub const JSON_SCHEMA_VERSION: u32 = 1;
+
+/// What an operation reports. `job` names the unit of work (a slot, a device path) so that
+/// one stream can carry several jobs at once.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "event", rename_all = "kebab-case")]
+pub enum Event {
+    /// A phase begins (`write`, `verify`, `download`, `hash`, ...). `total` in bytes if known.
+    Start {
+        job: String,
+        phase: String,
+        total: Option<u64>,
+        detail: Option<String>,
+    },
+    /// Bytes done so far in the current phase.
+    Progress { job: String, phase: String, done: u64, total: Option<u64> },
+    /// A human-readable note (a warning, a stage reached).
+    Message { job: String, level: Level, text: String },
+    /// The phase ended successfully; `summary` is free-form structured data.
+    Finish { job: String, phase: String, summary: serde_json::Value },
+    /// The phase failed.
+    Error { job: String, phase: String, message: String, exit_code: u8 },
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Level {
+    Info,
+    Warn,
+}
+
+/// Receives events. Implementations must be cheap: callers report from hot loops, and the
+/// reporter (not the caller) rate-limits.
+pub trait Reporter: Send + Sync {
+    fn report(&self, ev: Event);
+}
+
+/// Discards everything (tests, `--quiet`).
+pub struct Silent;
+impl Reporter for Silent {
+    fn report(&self, _ev: Event) {}
+}
+
+/// One JSON object per line on stdout; `Progress` at most every 200 ms per job/phase.
+pub struct JsonLines {
+    state: Mutex<JsonState>,
+}
+
+struct JsonState {
+    last: std::collections::HashMap<(String, String), Instant>,
+    out: Box<dyn Write + Send>,
+}
+
+impl JsonLines {
+    pub fn stdout() -> Self {
+        Self::new(Box::new(std::io::stdout()))
+    }
+    pub fn new(out: Box<dyn Write + Send>) -> Self {
+        Self { state: Mutex::new(JsonState { last: Default::default(), out }) }
+    }
+}
+
+const JSON_INTERVAL: Duration = Duration::from_millis(200);
+
+impl Reporter for JsonLines {
+    fn report(&self, ev: Event) {
+        let Ok(mut st) = self.state.lock() else { return };
+        if let Event::Progress { job, phase, done, total } = &ev {
+            let key = (job.clone(), phase.clone());
+            let now = Instant::now();
+            let last_done = total.is_some_and(|t| *done >= t);
+            if let Some(t) = st.last.get(&key) {
+                if now.duration_since(*t) < JSON_INTERVAL && !last_done {
+                    return;
+                }
+            }
+            st.last.insert(key, now);
+        }
+        let mut v = match serde_json::to_value(&ev) {
+            Ok(v) => v,
+            Err(_) => return,
+        };
+        if let Some(obj) = v.as_object_mut() {
+            obj.insert("schema".into(), JSON_SCHEMA_VERSION.into());
+            obj.insert("ts".into(), chrono::Utc::now().to_rfc3339().into());
+        }
+        let _ = writeln!(st.out, "{v}");
+        let _ = st.out.flush();
+    }
+}
+
+/// indicatif bars on stderr, one per job (a MultiProgress, so station slots stack).
+pub struct Bars {
+    multi: indicatif::MultiProgress,
+    bars: Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
+}
+
+impl Default for Bars {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Bars {
+    pub fn new() -> Self {
+        Self { multi: indicatif::MultiProgress::new(), bars: Mutex::new(Default::default()) }
+    }
+}
+
+fn bar_style(known_total: bool) -> indicatif::ProgressStyle {
+    let tpl = if known_total {
+        "{prefix:>12.bold} [{bar:32}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}"
+    } else {
+        "{prefix:>12.bold} {spinner} {bytes} {binary_bytes_per_sec} {msg}"
+    };
+    indicatif::ProgressStyle::with_template(tpl)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+impl Reporter for Bars {
+    fn report(&self, ev: Event) {
+        let Ok(mut bars) = self.bars.lock() else { return };
+        match ev {
+            Event::Start { job, phase, total, detail } => {
+                let pb = self.multi.add(indicatif::ProgressBar::new(total.unwrap_or(0)));
+                pb.set_style(bar_style(total.is_some()));
+                pb.set_prefix(phase);
+                if let Some(d) = detail {
+                    pb.set_message(d);
+                }
+                if let Some(old) = bars.insert(job, pb) {
+                    old.finish_and_clear();
+                }
+            }
+            Event::Progress { job, done, total, .. } => {
+                if let Some(pb) = bars.get(&job) {
+                    if let Some(t) = total {
+                        pb.set_length(t);
+                    }
+                    pb.set_position(done);
+                }
+            }
+            Event::Message { job, level, text } => {
+                let line = match level {
+                    Level::Info => text,
+                    Level::Warn => format!("warning: {text}"),
+                };
+                match bars.get(&job) {
+                    Some(pb) => pb.println(line),
+                    None => {
+                        let _ = self.multi.println(line);
+                    }
+                }
+            }
+            Event::Finish { job, .. } => {
+                if let Some(pb) = bars.remove(&job) {
+                    pb.finish();
+                }
+            }
+            Event::Error { job, message, .. } => {
+                if let Some(pb) = bars.remove(&job) {
+                    pb.abandon_with_message(format!("FAILED: {message}"));
+                }
+            }
+        }
+    }
+}
+
+/// Plain text for a non-TTY without `--json`: messages and finishes only, nothing animated.
+pub struct Plain;
+impl Reporter for Plain {
+    fn report(&self, ev: Event) {
+        match ev {
+            Event::Message { level: Level::Warn, text, .. } => eprintln!("warning: {text}"),
+            Event::Message { text, .. } => eprintln!("{text}"),
+            _ => {}
+        }
+    }
+}
+
+/// How the user asked for output.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Json,
+    Quiet,
+    Auto,
+}
+
+/// Pick the reporter: JSON if asked, bars only when stderr is a terminal.
+pub fn reporter(mode: Mode) -> Box<dyn Reporter> {
+    match mode {
+        Mode::Json => Box::new(JsonLines::stdout()),
+        Mode::Quiet => Box::new(Silent),
+        Mode::Auto => {
+            if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                Box::new(Bars::new())
+            } else {
+                Box::new(Plain)
+            }
+        }
+    }
+}
+
+/// Collects events in memory; for tests of code that reports progress.
+#[derive(Default)]
+pub struct Recorder(pub Mutex<Vec<Event>>);
+impl Reporter for Recorder {
+    fn report(&self, ev: Event) {
+        if let Ok(mut v) = self.0.lock() {
+            v.push(ev);
+        }
+    }
+}
