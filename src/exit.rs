@@ -39,13 +39,31 @@ impl Exit {
         (Exit::Ok, "success"),
         (Exit::Failure, "unexpected failure"),
         (Exit::Usage, "bad command-line usage"),
-        (Exit::BadInput, "malformed or inconsistent input (image, bmap, descriptor, config)"),
-        (Exit::Refused, "target refused by a safety rule (use --force/--yes only if you mean it)"),
+        (
+            Exit::BadInput,
+            "malformed or inconsistent input (image, bmap, descriptor, config)",
+        ),
+        (
+            Exit::Refused,
+            "target refused by a safety rule (use --force/--yes only if you mean it)",
+        ),
         (Exit::Io, "I/O error on target, source, device or network"),
-        (Exit::Verify, "verification failed: the target does not hold the image"),
-        (Exit::Timeout, "timed out waiting for a board, device or peer"),
-        (Exit::Environment, "missing tool, permission or system setup"),
-        (Exit::Interrupted, "interrupted (Ctrl-C): the target is incomplete"),
+        (
+            Exit::Verify,
+            "verification failed: the target does not hold the image",
+        ),
+        (
+            Exit::Timeout,
+            "timed out waiting for a board, device or peer",
+        ),
+        (
+            Exit::Environment,
+            "missing tool, permission or system setup",
+        ),
+        (
+            Exit::Interrupted,
+            "interrupted (Ctrl-C): the target is incomplete",
+        ),
     ];
 
     /// Text block appended to `--help`.
@@ -107,6 +125,9 @@ pub struct ExitError {
 
 impl ExitError {
     pub fn new(exit: Exit, msg: impl Into<String>) -> Self {
-        Self { exit, msg: msg.into() }
+        Self {
+            exit,
+            msg: msg.into(),
+        }
     }
 }

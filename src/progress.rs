@@ -23,13 +23,31 @@ pub enum Event {
         detail: Option<String>,
     },
     /// Bytes done so far in the current phase.
-    Progress { job: String, phase: String, done: u64, total: Option<u64> },
+    Progress {
+        job: String,
+        phase: String,
+        done: u64,
+        total: Option<u64>,
+    },
     /// A human-readable note (a warning, a stage reached).
-    Message { job: String, level: Level, text: String },
+    Message {
+        job: String,
+        level: Level,
+        text: String,
+    },
     /// The phase ended successfully; `summary` is free-form structured data.
-    Finish { job: String, phase: String, summary: serde_json::Value },
+    Finish {
+        job: String,
+        phase: String,
+        summary: serde_json::Value,
+    },
     /// The phase failed.
-    Error { job: String, phase: String, message: String, exit_code: u8 },
+    Error {
+        job: String,
+        phase: String,
+        message: String,
+        exit_code: u8,
+    },
 }
 
 #[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
@@ -66,7 +84,12 @@ impl JsonLines {
         Self::new(Box::new(std::io::stdout()))
     }
     pub fn new(out: Box<dyn Write + Send>) -> Self {
-        Self { state: Mutex::new(JsonState { last: Default::default(), out }) }
+        Self {
+            state: Mutex::new(JsonState {
+                last: Default::default(),
+                out,
+            }),
+        }
     }
 }
 
@@ -74,8 +97,16 @@ const JSON_INTERVAL: Duration = Duration::from_millis(200);
 
 impl Reporter for JsonLines {
     fn report(&self, ev: Event) {
-        let Ok(mut st) = self.state.lock() else { return };
-        if let Event::Progress { job, phase, done, total } = &ev {
+        let Ok(mut st) = self.state.lock() else {
+            return;
+        };
+        if let Event::Progress {
+            job,
+            phase,
+            done,
+            total,
+        } = &ev
+        {
             let key = (job.clone(), phase.clone());
             let now = Instant::now();
             let last_done = total.is_some_and(|t| *done >= t);
@@ -113,7 +144,10 @@ impl Default for Bars {
 
 impl Bars {
     pub fn new() -> Self {
-        Self { multi: indicatif::MultiProgress::new(), bars: Mutex::new(Default::default()) }
+        Self {
+            multi: indicatif::MultiProgress::new(),
+            bars: Mutex::new(Default::default()),
+        }
     }
 }
 
@@ -130,10 +164,19 @@ fn bar_style(known_total: bool) -> indicatif::ProgressStyle {
 
 impl Reporter for Bars {
     fn report(&self, ev: Event) {
-        let Ok(mut bars) = self.bars.lock() else { return };
+        let Ok(mut bars) = self.bars.lock() else {
+            return;
+        };
         match ev {
-            Event::Start { job, phase, total, detail } => {
-                let pb = self.multi.add(indicatif::ProgressBar::new(total.unwrap_or(0)));
+            Event::Start {
+                job,
+                phase,
+                total,
+                detail,
+            } => {
+                let pb = self
+                    .multi
+                    .add(indicatif::ProgressBar::new(total.unwrap_or(0)));
                 pb.set_style(bar_style(total.is_some()));
                 pb.set_prefix(phase);
                 if let Some(d) = detail {
@@ -143,7 +186,9 @@ impl Reporter for Bars {
                     old.finish_and_clear();
                 }
             }
-            Event::Progress { job, done, total, .. } => {
+            Event::Progress {
+                job, done, total, ..
+            } => {
                 if let Some(pb) = bars.get(&job) {
                     if let Some(t) = total {
                         pb.set_length(t);
@@ -182,7 +227,11 @@ pub struct Plain;
 impl Reporter for Plain {
     fn report(&self, ev: Event) {
         match ev {
-            Event::Message { level: Level::Warn, text, .. } => eprintln!("warning: {text}"),
+            Event::Message {
+                level: Level::Warn,
+                text,
+                ..
+            } => eprintln!("warning: {text}"),
             Event::Message { text, .. } => eprintln!("{text}"),
             _ => {}
         }

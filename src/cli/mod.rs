@@ -181,5 +181,9 @@ fn init_logging(g: &Global) {
 
 /// Placeholder result for a subcommand whose issue has not landed yet; says so plainly.
 pub(crate) fn not_yet(what: &str) -> anyhow::Result<Exit> {
-    Err(crate::exit::ExitError::new(Exit::Failure, format!("`sbcflash {what}` is not implemented in this build yet")).into())
+    Err(crate::exit::ExitError::new(
+        Exit::Failure,
+        format!("`sbcflash {what}` is not implemented in this build yet"),
+    )
+    .into())
 }

@@ -22,13 +22,29 @@ pub enum ImageError {
         source: std::io::Error,
     },
     #[error("{path}: at offset {offset}: {msg}")]
-    Corrupt { path: String, offset: u64, msg: String },
+    Corrupt {
+        path: String,
+        offset: u64,
+        msg: String,
+    },
     #[error("{path}: {msg}")]
     Invalid { path: String, msg: String },
-    #[error("{path}: checksum mismatch for range {start}..{end}: expected {expected}, got {actual}")]
-    RangeChecksum { path: String, start: u64, end: u64, expected: String, actual: String },
+    #[error(
+        "{path}: checksum mismatch for range {start}..{end}: expected {expected}, got {actual}"
+    )]
+    RangeChecksum {
+        path: String,
+        start: u64,
+        end: u64,
+        expected: String,
+        actual: String,
+    },
     #[error("{path}: blake3 mismatch: expected {expected}, got {actual}")]
-    Digest { path: String, expected: String, actual: String },
+    Digest {
+        path: String,
+        expected: String,
+        actual: String,
+    },
 }
 
 impl ImageError {
