@@ -6,6 +6,7 @@
 pub mod acquire;
 pub mod board;
 pub mod cli;
+pub mod config;
 pub mod console;
 pub mod exit;
 pub mod image;

@@ -1,0 +1,760 @@
+//! User defaults from `$XDG_CONFIG_HOME/sbcflash/config.toml`, merged with the environment and
+//! command-line flags, remembering where every value came from.
+//!
+//! Precedence, lowest to highest: built-in default < config file < environment variable <
+//! command-line flag. The provenance is kept so `sbcflash config show` can answer "why is it
+//! using THAT directory?" without the user reading code.
+//!
+//! The file is strict (unknown keys are errors, reported as `file:line:col`) because a typo in
+//! a config key silently falling back to a default is exactly the kind of surprise that writes
+//! the wrong image to the wrong card.
+
+use serde::{Deserialize, Serialize};
+use std::ffi::OsString;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use toml::Spanned;
+
+/// Environment variable naming an explicit config file (overrides the XDG location).
+pub const ENV_CONFIG: &str = "SBCFLASH_CONFIG";
+/// Environment override for the cache directory.
+pub const ENV_CACHE_DIR: &str = "SBCFLASH_CACHE_DIR";
+/// Environment override for the default board.
+pub const ENV_BOARD: &str = "SBCFLASH_BOARD";
+
+/// Errors reading the config file. Each names the file and, for syntax/schema errors, the
+/// line and column.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{col}: {msg}")]
+    Parse {
+        path: String,
+        line: usize,
+        col: usize,
+        msg: String,
+    },
+    #[error("{path}:{line}:{col}: {msg}")]
+    Invalid {
+        path: String,
+        line: usize,
+        col: usize,
+        msg: String,
+    },
+}
+
+impl ConfigError {
+    pub fn exit(&self) -> crate::exit::Exit {
+        match self {
+            ConfigError::Io { .. } => crate::exit::Exit::Io,
+            _ => crate::exit::Exit::BadInput,
+        }
+    }
+}
+
+/// Where a value came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Source {
+    /// Built in; `how` says how the default was derived (e.g. `$XDG_CACHE_HOME/sbcflash`).
+    Default { how: String },
+    /// The config file, at this line.
+    File { path: PathBuf, line: usize },
+    /// An environment variable.
+    Env { var: String },
+    /// A command-line flag.
+    Flag { flag: String },
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default { how } => write!(f, "default ({how})"),
+            Source::File { path, line } => write!(f, "{}:{line}", path.display()),
+            Source::Env { var } => write!(f, "environment ${var}"),
+            Source::Flag { flag } => write!(f, "flag {flag}"),
+        }
+    }
+}
+
+/// A value and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Sourced<T> {
+    pub value: T,
+    pub source: Source,
+}
+
+impl<T> Sourced<T> {
+    fn default(value: T, how: impl Into<String>) -> Self {
+        Self {
+            value,
+            source: Source::Default { how: how.into() },
+        }
+    }
+}
+
+/// A URL prefix rewrite: downloads whose URL starts with `prefix` are tried at `replace` first
+/// (then at the original), so a lab or factory can serve images from a local mirror without
+/// editing board descriptors.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mirror {
+    pub prefix: String,
+    pub replace: String,
+}
+
+/// Defaults for `sbcflash station`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct StationDefaults {
+    /// The station's own configuration (slots, image, identity), used when `--config` is absent.
+    pub config: Sourced<Option<PathBuf>>,
+    /// The SQLite ledger file.
+    pub ledger: Sourced<PathBuf>,
+    /// Flash devices that are already present when the station starts.
+    pub flash_present: Sourced<bool>,
+}
+
+/// The merged configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Config {
+    /// The config file that was read, if any.
+    pub file: Option<PathBuf>,
+    /// Content-addressed image cache.
+    pub cache_dir: Sourced<PathBuf>,
+    /// Board used when `--board` is not given.
+    pub default_board: Sourced<Option<String>>,
+    /// Extra directories of board descriptors (after the shipped and `$XDG_CONFIG_HOME` ones).
+    pub boards_dirs: Sourced<Vec<PathBuf>>,
+    /// URL prefix rewrites for downloads.
+    pub mirrors: Sourced<Vec<Mirror>>,
+    pub station: StationDefaults,
+}
+
+/// Values given on the command line; `None`/empty means "not given".
+#[derive(Debug, Clone, Default)]
+pub struct Flags {
+    /// An explicit config file (`--config`): must exist.
+    pub config_file: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    pub board: Option<String>,
+    pub boards_dirs: Vec<PathBuf>,
+    pub station_config: Option<PathBuf>,
+    pub ledger: Option<PathBuf>,
+}
+
+// The file's schema. Every key is optional; unknown keys are errors.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileConfig {
+    cache_dir: Option<Spanned<PathBuf>>,
+    default_board: Option<Spanned<String>>,
+    boards_dirs: Option<Spanned<Vec<PathBuf>>>,
+    mirrors: Option<Spanned<Vec<Mirror>>>,
+    station: Option<FileStation>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct FileStation {
+    config: Option<Spanned<PathBuf>>,
+    ledger: Option<Spanned<PathBuf>>,
+    flash_present: Option<Spanned<bool>>,
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text.as_bytes()[..offset];
+    let line = before.iter().filter(|&&b| b == b'\n').count() + 1;
+    let line_start = before
+        .iter()
+        .rposition(|&b| b == b'\n')
+        .map(|p| p + 1)
+        .unwrap_or(0);
+    let col = String::from_utf8_lossy(&before[line_start..])
+        .chars()
+        .count()
+        + 1;
+    (line, col)
+}
+
+/// Where the config file is looked for: `$SBCFLASH_CONFIG`, else
+/// `$XDG_CONFIG_HOME/sbcflash/config.toml`, else `$HOME/.config/sbcflash/config.toml`.
+pub fn default_path(env: &dyn Fn(&str) -> Option<OsString>) -> Option<(PathBuf, Source)> {
+    if let Some(p) = env(ENV_CONFIG).filter(|v| !v.is_empty()) {
+        return Some((
+            PathBuf::from(p),
+            Source::Env {
+                var: ENV_CONFIG.into(),
+            },
+        ));
+    }
+    xdg_dir(env, "XDG_CONFIG_HOME", ".config").map(|(d, how)| {
+        (
+            d.join("sbcflash").join("config.toml"),
+            Source::Default {
+                how: format!("{how}/sbcflash/config.toml"),
+            },
+        )
+    })
+}
+
+/// An XDG base directory: the variable if it is set to an absolute path (the spec says relative
+/// values are invalid and must be ignored), else `$HOME/<fallback>`.
+fn xdg_dir(
+    env: &dyn Fn(&str) -> Option<OsString>,
+    var: &str,
+    fallback: &str,
+) -> Option<(PathBuf, String)> {
+    if let Some(v) = env(var).map(PathBuf::from).filter(|p| p.is_absolute()) {
+        return Some((v, format!("${var}")));
+    }
+    env("HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .map(|h| (h.join(fallback), format!("$HOME/{fallback}")))
+}
+
+impl Config {
+    /// Load with the process environment.
+    pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+        Self::load_with(flags, &|k| std::env::var_os(k))
+    }
+
+    /// Load with an injected environment (tests pass a map).
+    pub fn load_with(
+        flags: &Flags,
+        env: &dyn Fn(&str) -> Option<OsString>,
+    ) -> Result<Config, ConfigError> {
+        // An explicit file must exist; the default location may be absent.
+        let (path, must_exist) = match &flags.config_file {
+            Some(p) => (Some(p.clone()), true),
+            None => match default_path(env) {
+                Some((p, Source::Env { .. })) => (Some(p), true),
+                Some((p, _)) => (Some(p), false),
+                None => (None, false),
+            },
+        };
+        let mut file_cfg = FileConfig::default();
+        let mut file_used = None;
+        if let Some(path) = path {
+            match std::fs::read_to_string(&path) {
+                Ok(text) => {
+                    file_cfg = parse_file(&path, &text)?;
+                    file_used = Some((path, text));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {}
+                Err(e) => {
+                    return Err(ConfigError::Io {
+                        path: path.display().to_string(),
+                        source: e,
+                    })
+                }
+            }
+        }
+        let from_file = |span: std::ops::Range<usize>| -> Source {
+            match &file_used {
+                Some((p, text)) => Source::File {
+                    path: p.clone(),
+                    line: line_col(text, span.start).0,
+                },
+                None => Source::Default { how: String::new() },
+            }
+        };
+
+        // cache_dir
+        let mut cache_dir = match xdg_dir(env, "XDG_CACHE_HOME", ".cache") {
+            Some((d, how)) => Sourced::default(d.join("sbcflash"), format!("{how}/sbcflash")),
+            None => Sourced::default(
+                std::env::temp_dir().join("sbcflash-cache"),
+                "no $HOME: temporary directory",
+            ),
+        };
+        if let Some(v) = file_cfg.cache_dir {
+            let span = v.span();
+            let rel = v.into_inner();
+            cache_dir = Sourced {
+                value: resolve_relative(file_used.as_ref().map(|f| f.0.as_path()), rel),
+                source: from_file(span),
+            };
+        }
+        if let Some(v) = env(ENV_CACHE_DIR).filter(|v| !v.is_empty()) {
+            cache_dir = Sourced {
+                value: PathBuf::from(v),
+                source: Source::Env {
+                    var: ENV_CACHE_DIR.into(),
+                },
+            };
+        }
+        if let Some(v) = &flags.cache_dir {
+            cache_dir = Sourced {
+                value: v.clone(),
+                source: Source::Flag {
+                    flag: "--cache-dir".into(),
+                },
+            };
+        }
+
+        // default_board
+        let mut default_board = Sourced::default(None, "not set");
+        if let Some(v) = file_cfg.default_board {
+            let span = v.span();
+            default_board = Sourced {
+                value: Some(v.into_inner()),
+                source: from_file(span),
+            };
+        }
+        if let Some(v) = env(ENV_BOARD).filter(|v| !v.is_empty()) {
+            default_board = Sourced {
+                value: Some(v.to_string_lossy().into_owned()),
+                source: Source::Env {
+                    var: ENV_BOARD.into(),
+                },
+            };
+        }
+        if let Some(v) = &flags.board {
+            default_board = Sourced {
+                value: Some(v.clone()),
+                source: Source::Flag {
+                    flag: "--board".into(),
+                },
+            };
+        }
+
+        // boards_dirs: flags add to (and take precedence over) the file's list.
+        let mut boards_dirs = Sourced::default(Vec::new(), "not set");
+        if let Some(v) = file_cfg.boards_dirs {
+            let span = v.span();
+            let base = file_used.as_ref().map(|f| f.0.as_path());
+            boards_dirs = Sourced {
+                value: v
+                    .into_inner()
+                    .into_iter()
+                    .map(|p| resolve_relative(base, p))
+                    .collect(),
+                source: from_file(span),
+            };
+        }
+        if !flags.boards_dirs.is_empty() {
+            let mut v = flags.boards_dirs.clone();
+            v.extend(boards_dirs.value);
+            boards_dirs = Sourced {
+                value: v,
+                source: Source::Flag {
+                    flag: "--boards-dir".into(),
+                },
+            };
+        }
+
+        // mirrors
+        let mut mirrors = Sourced::default(Vec::new(), "not set");
+        if let Some(v) = file_cfg.mirrors {
+            let span = v.span();
+            let list = v.into_inner();
+            if let (Some((p, text)), Some(bad)) = (
+                &file_used,
+                list.iter()
+                    .find(|m| m.prefix.is_empty() || m.replace.is_empty()),
+            ) {
+                let (line, col) = line_col(text, span.start);
+                return Err(ConfigError::Invalid {
+                    path: p.display().to_string(),
+                    line,
+                    col,
+                    msg: format!(
+                        "mirror entry with an empty prefix or replacement: {:?} -> {:?}",
+                        bad.prefix, bad.replace
+                    ),
+                });
+            }
+            mirrors = Sourced {
+                value: list,
+                source: from_file(span),
+            };
+        }
+
+        // station
+        let fs = file_cfg.station.unwrap_or_default();
+        let base = file_used.as_ref().map(|f| f.0.as_path());
+        let mut st_config = Sourced::default(None, "not set: pass --config");
+        if let Some(v) = fs.config {
+            let span = v.span();
+            st_config = Sourced {
+                value: Some(resolve_relative(base, v.into_inner())),
+                source: from_file(span),
+            };
+        }
+        if let Some(v) = &flags.station_config {
+            st_config = Sourced {
+                value: Some(v.clone()),
+                source: Source::Flag {
+                    flag: "--config".into(),
+                },
+            };
+        }
+        let mut ledger = match xdg_dir(env, "XDG_STATE_HOME", ".local/state") {
+            Some((d, how)) => Sourced::default(
+                d.join("sbcflash").join("ledger.sqlite"),
+                format!("{how}/sbcflash/ledger.sqlite"),
+            ),
+            None => Sourced::default(
+                PathBuf::from("/var/lib/sbcflash/ledger.sqlite"),
+                "no $HOME: system state directory",
+            ),
+        };
+        if let Some(v) = fs.ledger {
+            let span = v.span();
+            ledger = Sourced {
+                value: resolve_relative(base, v.into_inner()),
+                source: from_file(span),
+            };
+        }
+        if let Some(v) = &flags.ledger {
+            ledger = Sourced {
+                value: v.clone(),
+                source: Source::Flag {
+                    flag: "--ledger".into(),
+                },
+            };
+        }
+        let mut flash_present = Sourced::default(false, "false");
+        if let Some(v) = fs.flash_present {
+            let span = v.span();
+            flash_present = Sourced {
+                value: v.into_inner(),
+                source: from_file(span),
+            };
+        }
+
+        Ok(Config {
+            file: file_used.map(|f| f.0),
+            cache_dir,
+            default_board,
+            boards_dirs,
+            mirrors,
+            station: StationDefaults {
+                config: st_config,
+                ledger,
+                flash_present,
+            },
+        })
+    }
+
+    /// The URLs to try for `url`, in order: every matching mirror rewrite, then the original.
+    pub fn mirror_candidates(&self, url: &str) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .mirrors
+            .value
+            .iter()
+            .filter_map(|m| {
+                url.strip_prefix(m.prefix.as_str())
+                    .map(|rest| format!("{}{rest}", m.replace))
+            })
+            .collect();
+        out.push(url.to_string());
+        out.dedup();
+        out
+    }
+
+    /// `(key, value as TOML, source)` rows for `config show`, in file order.
+    pub fn rows(&self) -> Vec<(&'static str, String, &Source)> {
+        fn tv<T: Serialize + ?Sized>(v: &T) -> String {
+            toml::Value::try_from(v)
+                .map(|v| v.to_string())
+                .unwrap_or_else(|_| "(unset)".into())
+        }
+        fn opt<T: Serialize>(v: &Option<T>) -> String {
+            v.as_ref()
+                .map(|v| tv(v))
+                .unwrap_or_else(|| "(unset)".into())
+        }
+        vec![
+            (
+                "cache-dir",
+                tv(&self.cache_dir.value),
+                &self.cache_dir.source,
+            ),
+            (
+                "default-board",
+                opt(&self.default_board.value),
+                &self.default_board.source,
+            ),
+            (
+                "boards-dirs",
+                tv(&self.boards_dirs.value),
+                &self.boards_dirs.source,
+            ),
+            ("mirrors", tv(&self.mirrors.value), &self.mirrors.source),
+            (
+                "station.config",
+                opt(&self.station.config.value),
+                &self.station.config.source,
+            ),
+            (
+                "station.ledger",
+                tv(&self.station.ledger.value),
+                &self.station.ledger.source,
+            ),
+            (
+                "station.flash-present",
+                tv(&self.station.flash_present.value),
+                &self.station.flash_present.source,
+            ),
+        ]
+    }
+}
+
+/// Relative paths in the file are relative to the file's directory, not to wherever the tool
+/// happens to be started (a systemd unit's working directory is `/`).
+fn resolve_relative(base_file: Option<&Path>, p: PathBuf) -> PathBuf {
+    if p.is_absolute() {
+        return p;
+    }
+    if let Some(rest) = p.to_str().and_then(|s| s.strip_prefix("~/")) {
+        if let Some(home) = std::env::var_os("HOME") {
+            return PathBuf::from(home).join(rest);
+        }
+    }
+    match base_file.and_then(|f| f.parent()) {
+        Some(dir) => dir.join(p),
+        None => p,
+    }
+}
+
+fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
+    toml::from_str::<FileConfig>(text).map_err(|e| {
+        let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));
+        ConfigError::Parse {
+            path: path.display().to_string(),
+            line,
+            col,
+            msg: e.message().trim().to_string(),
+        }
+    })
+}
+
+/// A commented example, printed by `sbcflash config example` and shipped in `packaging/`.
+pub const EXAMPLE: &str = r#"# sbcflash defaults: $XDG_CONFIG_HOME/sbcflash/config.toml (or $SBCFLASH_CONFIG).
+# Every key is optional; unknown keys are errors. Flags and environment variables override.
+
+# Content-addressed image cache (default: $XDG_CACHE_HOME/sbcflash). $SBCFLASH_CACHE_DIR overrides.
+# cache-dir = "/srv/sbcflash/cache"
+
+# Board used when --board is not given. $SBCFLASH_BOARD overrides.
+# default-board = "rpi4"
+
+# Extra directories of board descriptors (relative paths are relative to this file).
+# boards-dirs = ["boards"]
+
+# Try a local mirror before the upstream URL.
+# [[mirrors]]
+# prefix = "https://hydra.nixos.org/"
+# replace = "https://mirror.lab.example/hydra/"
+
+[station]
+# The station's slot/image/identity file, used when --config is not given.
+# config = "/etc/sbcflash/station.toml"
+# The ledger (default: $XDG_STATE_HOME/sbcflash/ledger.sqlite).
+# ledger = "/var/lib/sbcflash-station/ledger.sqlite"
+# Flash cards that are already inserted when the station starts.
+# flash-present = false
+"#;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
+        let m: HashMap<String, OsString> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    fn write_cfg(dir: &Path, text: &str) -> PathBuf {
+        let d = dir.join("sbcflash");
+        std::fs::create_dir_all(&d).unwrap();
+        let p = d.join("config.toml");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn defaults_follow_xdg() {
+        let env = env_of(&[
+            ("HOME", "/home/u"),
+            ("XDG_CACHE_HOME", "/xc"),
+            ("XDG_CONFIG_HOME", "/nonexistent-xdg"),
+        ]);
+        let c = Config::load_with(&Flags::default(), &env).unwrap();
+        assert_eq!(c.file, None);
+        assert_eq!(c.cache_dir.value, PathBuf::from("/xc/sbcflash"));
+        assert_eq!(
+            c.station.ledger.value,
+            PathBuf::from("/home/u/.local/state/sbcflash/ledger.sqlite")
+        );
+        assert!(matches!(c.cache_dir.source, Source::Default { .. }));
+    }
+
+    #[test]
+    fn relative_xdg_is_ignored() {
+        let env = env_of(&[("HOME", "/home/u"), ("XDG_CACHE_HOME", "rel/cache")]);
+        let c = Config::load_with(&Flags::default(), &env).unwrap();
+        assert_eq!(c.cache_dir.value, PathBuf::from("/home/u/.cache/sbcflash"));
+    }
+
+    #[test]
+    fn file_env_flag_precedence_and_provenance() {
+        let t = tempfile::tempdir().unwrap();
+        let p = write_cfg(
+            t.path(),
+            "# comment\ncache-dir = \"/from/file\"\ndefault-board = \"opi5\"\n\n[station]\nledger = \"l.sqlite\"\n",
+        );
+        let xdg = t.path().to_str().unwrap();
+        let env = env_of(&[("HOME", "/h"), ("XDG_CONFIG_HOME", xdg)]);
+        let c = Config::load_with(&Flags::default(), &env).unwrap();
+        assert_eq!(c.file.as_deref(), Some(p.as_path()));
+        assert_eq!(c.cache_dir.value, PathBuf::from("/from/file"));
+        assert_eq!(
+            c.cache_dir.source,
+            Source::File {
+                path: p.clone(),
+                line: 2
+            }
+        );
+        assert_eq!(c.default_board.value.as_deref(), Some("opi5"));
+        assert_eq!(
+            c.station.ledger.value,
+            p.parent().unwrap().join("l.sqlite"),
+            "relative to the file"
+        );
+        assert_eq!(
+            c.station.ledger.source,
+            Source::File {
+                path: p.clone(),
+                line: 6
+            }
+        );
+
+        let env = env_of(&[
+            ("HOME", "/h"),
+            ("XDG_CONFIG_HOME", xdg),
+            (ENV_CACHE_DIR, "/from/env"),
+            (ENV_BOARD, "rpi4"),
+        ]);
+        let c = Config::load_with(&Flags::default(), &env).unwrap();
+        assert_eq!(c.cache_dir.value, PathBuf::from("/from/env"));
+        assert_eq!(c.default_board.value.as_deref(), Some("rpi4"));
+        assert!(matches!(c.cache_dir.source, Source::Env { .. }));
+
+        let flags = Flags {
+            cache_dir: Some("/from/flag".into()),
+            board: Some("bpi".into()),
+            ..Flags::default()
+        };
+        let c = Config::load_with(&flags, &env).unwrap();
+        assert_eq!(c.cache_dir.value, PathBuf::from("/from/flag"));
+        assert_eq!(c.default_board.value.as_deref(), Some("bpi"));
+        assert!(matches!(c.default_board.source, Source::Flag { .. }));
+    }
+
+    #[test]
+    fn unknown_key_names_file_line_col() {
+        let t = tempfile::tempdir().unwrap();
+        let p = write_cfg(
+            t.path(),
+            "cache-dir = \"/x\"\n\n[station]\n  ledgr = \"x\"\n",
+        );
+        let env = env_of(&[("XDG_CONFIG_HOME", t.path().to_str().unwrap())]);
+        let e = Config::load_with(&Flags::default(), &env).unwrap_err();
+        let s = e.to_string();
+        assert!(s.starts_with(&format!("{}:4:3:", p.display())), "{s}");
+        assert!(s.contains("ledgr"), "{s}");
+        assert_eq!(e.exit(), crate::exit::Exit::BadInput);
+    }
+
+    #[test]
+    fn wrong_type_and_syntax_errors_are_located() {
+        let t = tempfile::tempdir().unwrap();
+        let p = write_cfg(t.path(), "default-board = 5\n");
+        let env = env_of(&[("XDG_CONFIG_HOME", t.path().to_str().unwrap())]);
+        let s = Config::load_with(&Flags::default(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(s.starts_with(&format!("{}:1:", p.display())), "{s}");
+        write_cfg(t.path(), "a = \n[[[\n");
+        let s = Config::load_with(&Flags::default(), &env)
+            .unwrap_err()
+            .to_string();
+        assert!(s.contains(":1:"), "{s}");
+    }
+
+    #[test]
+    fn explicit_missing_file_is_an_error() {
+        let flags = Flags {
+            config_file: Some("/nonexistent/sbcflash.toml".into()),
+            ..Flags::default()
+        };
+        let e = Config::load_with(&flags, &env_of(&[])).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/sbcflash.toml"));
+        let e = Config::load_with(
+            &Flags::default(),
+            &env_of(&[(ENV_CONFIG, "/nonexistent/x.toml")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/x.toml"));
+    }
+
+    #[test]
+    fn mirrors_rewrite_in_order_then_original() {
+        let t = tempfile::tempdir().unwrap();
+        write_cfg(
+            t.path(),
+            "[[mirrors]]\nprefix = \"https://up.example/\"\nreplace = \"https://m1.lan/\"\n[[mirrors]]\nprefix = \"https://up.example/img/\"\nreplace = \"http://m2.lan/\"\n",
+        );
+        let env = env_of(&[("XDG_CONFIG_HOME", t.path().to_str().unwrap())]);
+        let c = Config::load_with(&Flags::default(), &env).unwrap();
+        assert_eq!(
+            c.mirror_candidates("https://up.example/img/a.zst"),
+            vec![
+                "https://m1.lan/img/a.zst",
+                "http://m2.lan/a.zst",
+                "https://up.example/img/a.zst"
+            ]
+        );
+        assert_eq!(
+            c.mirror_candidates("https://other/x"),
+            vec!["https://other/x"]
+        );
+    }
+
+    #[test]
+    fn example_parses() {
+        let uncommented: String = EXAMPLE
+            .lines()
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| r.contains('=') || r.starts_with('['))
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n");
+        parse_file(Path::new("example"), EXAMPLE).unwrap();
+        parse_file(Path::new("example"), &uncommented).unwrap();
+    }
+
+    #[test]
+    fn line_col_counts_chars() {
+        assert_eq!(line_col("ab\ncé d", 7), (2, 4));
+        assert_eq!(line_col("", 5), (1, 1));
+    }
+}
