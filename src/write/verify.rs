@@ -1,0 +1,229 @@
+//! Reading the target back. Two ways: against the per-range digests recorded while writing
+//! (after `write`), and against an image streamed again (`sbcflash verify IMAGE TARGET`).
+//! Reads go through the sink, which uses O_DIRECT on devices so the page cache cannot answer
+//! for the medium; hashing/comparing runs on a second thread so reading never waits for it.
+
+use super::buffer::{Pool, Pooled};
+use super::{RangeDigest, Sink, WriteError, WriteOptions, POLL};
+use crate::image::{ExtentKind, ExtentSource};
+use crate::progress::{Event, Reporter};
+use std::sync::atomic::Ordering;
+
+/// Read every range back and compare its blake3. Returns the number of bytes read back, or
+/// [`WriteError::Mismatch`] naming the first range (lowest offset) that differs.
+pub fn read_back(
+    sink: &mut dyn Sink,
+    ranges: &[RangeDigest],
+    opts: &WriteOptions,
+    reporter: &dyn Reporter,
+) -> Result<u64, WriteError> {
+    let target = sink.name().to_string();
+    let max = ranges.iter().map(|r| r.len).max().unwrap_or(0) as usize;
+    if max == 0 {
+        return Ok(0);
+    }
+    let pool = Pool::new(opts.buffers.clamp(2, 4), max);
+    let (tx, rx) = crossbeam_channel::bounded::<(usize, Pooled)>(4);
+    let checker = std::thread::Builder::new()
+        .name("sbcflash-verify".into())
+        .spawn({
+            let ranges = ranges.to_vec();
+            move || -> Option<usize> {
+                for (i, buf) in rx {
+                    let r = &ranges[i];
+                    if blake3::hash(&buf[..r.len as usize]).as_bytes() != &r.digest {
+                        return Some(i);
+                    }
+                }
+                None
+            }
+        })
+        .expect("spawn verify thread");
+    let total: u64 = ranges.iter().map(|r| r.len).sum();
+    let mut done = 0u64;
+    let mut read_err = None;
+    for (i, r) in ranges.iter().enumerate() {
+        if opts.cancel.load(Ordering::Relaxed) {
+            read_err = Some(WriteError::Interrupted {
+                target: target.clone(),
+                done,
+            });
+            break;
+        }
+        let mut buf = loop {
+            if let Some(b) = pool.get_timeout(POLL) {
+                break b;
+            }
+            if checker.is_finished() {
+                break Pooled::empty();
+            }
+        };
+        if buf.is_empty() {
+            break; // the checker stopped at a mismatch
+        }
+        if let Err(e) = sink.read_at(r.offset, &mut buf[..r.len as usize]) {
+            read_err = Some(e);
+            break;
+        }
+        if tx.send((i, buf)).is_err() {
+            break;
+        }
+        done += r.len;
+        reporter.report(Event::Progress {
+            job: opts.job.clone(),
+            phase: "verify".into(),
+            done,
+            total: Some(total),
+        });
+    }
+    drop(tx);
+    let bad = checker
+        .join()
+        .map_err(|_| WriteError::Internal("verify thread panicked".into()))?;
+    if let Some(i) = bad {
+        return Err(WriteError::Mismatch {
+            target,
+            offset: ranges[i].offset,
+            len: ranges[i].len,
+        });
+    }
+    if let Some(e) = read_err {
+        return Err(e);
+    }
+    Ok(total)
+}
+
+/// Result of comparing a target with an image without writing.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CompareReport {
+    pub image_size: u64,
+    /// Bytes read from the target and compared (data and zero ranges).
+    pub bytes_compared: u64,
+    /// Bytes of unmapped ranges not compared.
+    pub bytes_skipped: u64,
+    /// blake3 of the logical image, hex.
+    pub blake3: String,
+}
+
+/// Stream `source` and compare every `Data` and `Zero` range with the target's contents
+/// (`Skip` ranges have no defined contents). Fails with [`WriteError::Mismatch`] at the first
+/// differing block, or [`WriteError::Digest`] when `opts.expected_blake3` does not match.
+pub fn compare_with_image(
+    mut source: Box<dyn ExtentSource>,
+    sink: &mut dyn Sink,
+    opts: &WriteOptions,
+    reporter: &dyn Reporter,
+) -> Result<CompareReport, WriteError> {
+    let target = sink.name().to_string();
+    let size_hint = source.size_hint();
+    if let (Some(sz), Some(cap)) = (size_hint, sink.capacity()) {
+        if sz > cap {
+            return Err(WriteError::TooLarge {
+                target,
+                end: sz,
+                capacity: cap,
+            });
+        }
+    }
+    reporter.report(Event::Start {
+        job: opts.job.clone(),
+        phase: "verify".into(),
+        total: size_hint,
+        detail: Some(source.describe()),
+    });
+    let bs = opts.buffer_size.max(super::buffer::ALIGN);
+    let pool = Pool::new(2, bs);
+    let (Some(mut img), Some(mut dev)) = (pool.get_timeout(POLL), pool.get_timeout(POLL)) else {
+        return Err(WriteError::Internal("buffer pool empty".into()));
+    };
+    let mut logical = blake3::Hasher::new();
+    let zeroes = vec![0u8; 1 << 20];
+    let (mut pos, mut compared, mut skipped) = (0u64, 0u64, 0u64);
+    let mismatch = |offset: u64, len: u64| WriteError::Mismatch {
+        target: target.clone(),
+        offset,
+        len,
+    };
+    while let Some(ext) = source.next_extent(&mut img)? {
+        if opts.cancel.load(Ordering::Relaxed) {
+            return Err(WriteError::Interrupted {
+                target: target.clone(),
+                done: pos,
+            });
+        }
+        if ext.offset != pos {
+            return Err(WriteError::Stream {
+                image: opts.image_name.clone(),
+                offset: ext.offset,
+                msg: format!("extent starts at {}, expected {pos}", ext.offset),
+            });
+        }
+        match ext.kind {
+            ExtentKind::Data => {
+                let n = ext.len as usize;
+                logical.update(&img[..n]);
+                sink.read_at(ext.offset, &mut dev[..n])?;
+                if img[..n] != dev[..n] {
+                    let i = img[..n]
+                        .iter()
+                        .zip(&dev[..n])
+                        .position(|(a, b)| a != b)
+                        .unwrap_or(0) as u64;
+                    let at = (ext.offset + i) / 4096 * 4096;
+                    return Err(mismatch(at.max(ext.offset), ext.end() - at.max(ext.offset)));
+                }
+                compared += ext.len;
+            }
+            ExtentKind::Zero => {
+                let mut off = ext.offset;
+                while off < ext.end() {
+                    let n = ((ext.end() - off) as usize).min(dev.len());
+                    super::feed_zeroes(&mut logical, n as u64, &zeroes);
+                    sink.read_at(off, &mut dev[..n])?;
+                    if let Some(i) = dev[..n].iter().position(|&b| b != 0) {
+                        let at = (off + i as u64) / 4096 * 4096;
+                        return Err(mismatch(at.max(off), ext.end() - at.max(off)));
+                    }
+                    off += n as u64;
+                }
+                compared += ext.len;
+            }
+            ExtentKind::Skip => {
+                super::feed_zeroes(&mut logical, ext.len, &zeroes);
+                skipped += ext.len;
+            }
+        }
+        pos = ext.end();
+        reporter.report(Event::Progress {
+            job: opts.job.clone(),
+            phase: "verify".into(),
+            done: pos,
+            total: size_hint,
+        });
+    }
+    let digest = *logical.finalize().as_bytes();
+    let actual = hex::encode(digest);
+    if let Some(exp) = opts.expected_blake3 {
+        if exp != digest {
+            return Err(WriteError::Digest {
+                image: opts.image_name.clone(),
+                target,
+                expected: hex::encode(exp),
+                actual,
+                head_written: true,
+            });
+        }
+    }
+    let report = CompareReport {
+        image_size: pos,
+        bytes_compared: compared,
+        bytes_skipped: skipped,
+        blake3: actual,
+    };
+    reporter.report(Event::Finish {
+        job: opts.job.clone(),
+        phase: "verify".into(),
+        summary: serde_json::to_value(&report).unwrap_or_default(),
+    });
+    Ok(report)
+}
