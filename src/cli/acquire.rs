@@ -1,23 +1,434 @@
+//! `fetch`, `cache` and `build`: flags and glue over `crate::acquire`.
+
 use super::Global;
-use crate::exit::Exit;
+use crate::acquire::cache::{parse_size, Cache, Origin};
+use crate::acquire::nix::{find_image, installable, NixBuild};
+use crate::acquire::source::{Acquirer, SourceSpec};
+use crate::acquire::{AcquireError, DownloadOptions, Pin};
+use crate::exit::{Exit, ExitError};
+use crate::progress::{Event, Level, Reporter};
+use anyhow::Context as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-#[derive(Debug, clap::Args)]
-pub struct FetchArgs {}
+/// Network, cache and trust options shared by everything that acquires an image.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AcquireOpts {
+    /// Cache directory (default: $XDG_CACHE_HOME/sbcflash).
+    #[arg(long, value_name = "DIR", env = "SBCFLASH_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Extra CA certificate(s) (PEM) to trust, for a private mirror.
+    #[arg(long, value_name = "PEM")]
+    pub ca_file: Option<PathBuf>,
+    /// Give up on a connection after this many seconds without data (then retry).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub timeout: f64,
+    /// Connect timeout in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 15.0)]
+    pub connect_timeout: f64,
+    /// Retries after a failed attempt (resuming where it stopped); progress resets the count.
+    #[arg(long, value_name = "N", default_value_t = 5)]
+    pub retries: u32,
+    /// Refuse sources without a published digest instead of warning.
+    #[arg(long)]
+    pub require_pinned: bool,
+}
 
-pub fn run_fetch(_a: FetchArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("fetch")
+impl AcquireOpts {
+    pub fn download_options(&self) -> anyhow::Result<DownloadOptions> {
+        let secs = |v: f64, what: &str| {
+            if v.is_finite() && v > 0.0 {
+                Ok(Duration::from_secs_f64(v))
+            } else {
+                Err(ExitError::new(
+                    Exit::Usage,
+                    format!("--{what} must be a positive number of seconds"),
+                ))
+            }
+        };
+        Ok(DownloadOptions {
+            ca_file: self.ca_file.clone(),
+            connect_timeout: secs(self.connect_timeout, "connect-timeout")?,
+            idle_timeout: secs(self.timeout, "timeout")?,
+            retries: self.retries,
+            ..DownloadOptions::default()
+        })
+    }
+
+    pub fn cache(&self) -> anyhow::Result<Cache> {
+        let dir = Cache::default_dir(self.cache_dir.as_deref())?;
+        Ok(Cache::open(&dir)?)
+    }
+
+    pub fn acquirer(&self, reporter: Arc<dyn Reporter>) -> anyhow::Result<Acquirer> {
+        Ok(Acquirer {
+            cache: Arc::new(self.cache()?),
+            opts: self.download_options()?,
+            require_pinned: self.require_pinned,
+            reporter,
+        })
+    }
+}
+
+/// A published digest given on the command line.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PinArgs {
+    /// Published blake3 of the file as downloaded.
+    #[arg(long, value_name = "HEX", conflicts_with = "sha256")]
+    pub blake3: Option<String>,
+    /// Published sha256 of the file as downloaded.
+    #[arg(long, value_name = "HEX")]
+    pub sha256: Option<String>,
+}
+
+impl PinArgs {
+    pub fn pin(&self) -> anyhow::Result<Option<Pin>> {
+        Ok(match (&self.blake3, &self.sha256) {
+            (Some(h), _) => Some(Pin::from_parts("blake3", h)?),
+            (None, Some(h)) => Some(Pin::from_parts("sha256", h)?),
+            _ => None,
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
-pub struct CacheArgs {}
+#[command(
+    after_help = "Examples:\n  sbcflash fetch https://example.org/nixos.img.zst --sha256 9f86…\n  sbcflash fetch --board opi5\n\nPrints `<blake3>  <cached path>` on success."
+)]
+pub struct FetchArgs {
+    /// URL to download (https://; http:// only with a pinned digest).
+    #[arg(value_name = "URL", required_unless_present = "board")]
+    pub url: Option<String>,
+    /// Fetch the board's default image source.
+    #[arg(long, conflicts_with = "url")]
+    pub board: Option<String>,
+    #[command(flatten)]
+    pub pin: PinArgs,
+    #[command(flatten)]
+    pub opts: AcquireOpts,
+}
 
-pub fn run_cache(_a: CacheArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("cache")
+pub fn run_fetch(a: FetchArgs, g: &Global) -> anyhow::Result<Exit> {
+    let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
+    let src = match (&a.url, &a.board) {
+        (Some(url), _) => SourceSpec {
+            url: url.clone(),
+            pin: a.pin.pin()?,
+        },
+        (None, Some(b)) => crate::acquire::board_source(b, &g.boards_dir)?,
+        (None, None) => unreachable!("clap requires one"),
+    };
+    let acq = a.opts.acquirer(reporter.clone())?;
+    let f = acq.fetch(&src)?;
+    reporter.report(Event::Finish {
+        job: src.url.clone(),
+        phase: "fetch".into(),
+        summary: serde_json::json!({
+            "path": f.entry.path,
+            "blake3": f.entry.blake3,
+            "sha256": f.entry.sha256,
+            "bytes": f.entry.size,
+            "pinned": f.pinned,
+            "from_cache": f.from_cache,
+        }),
+    });
+    if !g.json {
+        println!("{}  {}", f.entry.blake3, f.entry.path.display());
+    }
+    Ok(Exit::Ok)
 }
 
 #[derive(Debug, clap::Args)]
-pub struct BuildArgs {}
+pub struct CacheArgs {
+    #[command(subcommand)]
+    pub cmd: CacheCmd,
+    /// Cache directory (default: $XDG_CACHE_HOME/sbcflash).
+    #[arg(long, value_name = "DIR", env = "SBCFLASH_CACHE_DIR", global = true)]
+    pub cache_dir: Option<PathBuf>,
+}
 
-pub fn run_build(_a: BuildArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("build")
+#[derive(Debug, clap::Subcommand)]
+pub enum CacheCmd {
+    /// List cached images, most recently used first.
+    List,
+    /// Re-hash every entry; remove corrupted ones (exit code 6 if any were found).
+    Verify,
+    /// Remove old entries and abandoned partial downloads.
+    #[command(after_help = "Example: sbcflash cache prune --older-than 30d --max-size 20G")]
+    Prune {
+        /// Remove entries not used for this long (e.g. 30d, 12h).
+        #[arg(long, value_name = "AGE")]
+        older_than: Option<humantime::Duration>,
+        /// Then remove least recently used entries until the cache is at most this big (e.g. 20G).
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<String>,
+    },
+}
+
+pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
+    let dir = Cache::default_dir(a.cache_dir.as_deref())?;
+    let cache = Cache::open(&dir)?;
+    let reporter = g.reporter();
+    match a.cmd {
+        CacheCmd::List => {
+            let entries = cache.list()?;
+            if g.json {
+                for e in &entries {
+                    let mut v = serde_json::to_value(e)?;
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("event".into(), "cache-entry".into());
+                        o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
+                        o.insert("path".into(), e.path.display().to_string().into());
+                    }
+                    println!("{v}");
+                }
+            } else if entries.is_empty() {
+                eprintln!("cache {} is empty", dir.display());
+            } else {
+                println!(
+                    "{:<64}  {:>10}  {:<16}  SOURCE",
+                    "BLAKE3", "SIZE", "LAST USED"
+                );
+                for e in &entries {
+                    println!(
+                        "{:<64}  {:>10}  {:<16}  {}",
+                        e.blake3,
+                        human_size(e.size),
+                        e.last_used.format("%Y-%m-%d %H:%M"),
+                        e.origin.as_deref().or(e.name.as_deref()).unwrap_or("-")
+                    );
+                }
+            }
+            Ok(Exit::Ok)
+        }
+        CacheCmd::Verify => {
+            let (ok, problems) = cache.verify(&mut |name, size| {
+                reporter.report(Event::Start {
+                    job: name.to_string(),
+                    phase: "cache-verify".into(),
+                    total: Some(size),
+                    detail: None,
+                });
+            })?;
+            for p in &problems {
+                reporter.report(Event::Message {
+                    job: p.entry.clone(),
+                    level: Level::Warn,
+                    text: format!(
+                        "{}: {}; {}",
+                        p.entry,
+                        p.problem,
+                        if p.removed {
+                            "removed"
+                        } else {
+                            "could NOT be removed"
+                        }
+                    ),
+                });
+            }
+            reporter.report(Event::Finish {
+                job: "cache".into(),
+                phase: "cache-verify".into(),
+                summary: serde_json::json!({ "ok": ok, "problems": problems }),
+            });
+            if !g.json {
+                println!(
+                    "{ok} entries ok, {} problem(s) found and removed",
+                    problems.len()
+                );
+            }
+            if problems.is_empty() {
+                Ok(Exit::Ok)
+            } else {
+                Err(ExitError::new(
+                    Exit::Verify,
+                    format!(
+                        "cache {}: {} corrupted or foreign entr{} found and removed",
+                        dir.display(),
+                        problems.len(),
+                        if problems.len() == 1 { "y" } else { "ies" }
+                    ),
+                )
+                .into())
+            }
+        }
+        CacheCmd::Prune {
+            older_than,
+            max_size,
+        } => {
+            if older_than.is_none() && max_size.is_none() {
+                return Err(ExitError::new(
+                    Exit::Usage,
+                    "cache prune: give --older-than and/or --max-size",
+                )
+                .into());
+            }
+            let max = max_size.as_deref().map(parse_size).transpose()?;
+            let rep = cache.prune(older_than.map(Into::into), max)?;
+            reporter.report(Event::Finish {
+                job: "cache".into(),
+                phase: "cache-prune".into(),
+                summary: serde_json::to_value(&rep)?,
+            });
+            if !g.json {
+                println!(
+                    "removed {} item(s), freed {}; {} entries ({}) kept",
+                    rep.removed.len(),
+                    human_size(rep.freed_bytes),
+                    rep.kept,
+                    human_size(rep.kept_bytes)
+                );
+            }
+            Ok(Exit::Ok)
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  sbcflash build --board opi5 --flake github:me/nixos-config#opi5\n  sbcflash build --flake .#opi5 --builders 'ssh://builder aarch64-linux' --max-jobs 0\n\nPrints `<blake3>  <cached path>` of the image on success."
+)]
+pub struct BuildArgs {
+    /// FLAKEREF#HOST (attribute path from the board's template) or FLAKEREF#attr.path.
+    #[arg(long, value_name = "REF#HOST")]
+    pub flake: String,
+    /// Board whose attribute template to use (default template:
+    /// nixosConfigurations.<host>.config.system.build.sdImage).
+    #[arg(long)]
+    pub board: Option<String>,
+    /// Attribute template overriding the board's; `<host>` is replaced.
+    #[arg(long, value_name = "TEMPLATE")]
+    pub attr_template: Option<String>,
+    /// Passed to nix: remote builders (as in nix.buildMachines).
+    #[arg(long, value_name = "SPEC")]
+    pub builders: Option<String>,
+    /// Passed to nix: local build jobs (0 = only remote builders).
+    #[arg(long, value_name = "N")]
+    pub max_jobs: Option<String>,
+    /// Passed to nix: the system to build for (e.g. aarch64-linux via binfmt/emulation).
+    #[arg(long, value_name = "SYSTEM")]
+    pub system: Option<String>,
+    /// Passed to nix as `--option NAME VALUE` (repeatable).
+    #[arg(long = "option", value_names = ["NAME", "VALUE"], num_args = 2, action = clap::ArgAction::Append)]
+    pub nix_option: Vec<String>,
+    /// The nix binary to run.
+    #[arg(long, value_name = "PATH", hide = true)]
+    pub nix: Option<PathBuf>,
+    /// Cache directory (default: $XDG_CACHE_HOME/sbcflash).
+    #[arg(long, value_name = "DIR", env = "SBCFLASH_CACHE_DIR")]
+    pub cache_dir: Option<PathBuf>,
+}
+
+pub fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
+    let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
+    let (entry, _) = build_image(&a, g, &reporter)?;
+    if !g.json {
+        println!("{}  {}", entry.blake3, entry.path.display());
+    }
+    Ok(Exit::Ok)
+}
+
+/// Runs the build and puts its image in the cache; returns the entry and the image's path in
+/// the Nix store.
+pub fn build_image(
+    a: &BuildArgs,
+    g: &Global,
+    reporter: &Arc<dyn Reporter>,
+) -> anyhow::Result<(crate::acquire::CacheEntry, PathBuf)> {
+    let template = match (&a.attr_template, &a.board) {
+        (Some(t), _) => Some(t.clone()),
+        (None, Some(b)) => Some(crate::acquire::board_flake_template(b, &g.boards_dir)?),
+        _ => None,
+    };
+    let inst = installable(&a.flake, template.as_deref())?;
+    let options = a
+        .nix_option
+        .chunks(2)
+        .map(|c| (c[0].clone(), c.get(1).cloned().unwrap_or_default()))
+        .collect();
+    let nb = NixBuild {
+        installable: inst.clone(),
+        builders: a.builders.clone(),
+        max_jobs: a.max_jobs.clone(),
+        system: a.system.clone(),
+        options,
+        nix: a.nix.clone(),
+    };
+    let job = "nix-build".to_string();
+    reporter.report(Event::Start {
+        job: job.clone(),
+        phase: "build".into(),
+        total: None,
+        detail: Some(inst.clone()),
+    });
+    tracing::info!("running {}", nb.describe());
+    let verbose = g.verbose > 0;
+    let json = g.json;
+    let outs = nb.run(&mut |line| {
+        if verbose && !json {
+            eprintln!("    {line}");
+        } else if verbose {
+            reporter.report(Event::Message {
+                job: job.clone(),
+                level: Level::Info,
+                text: line.to_string(),
+            });
+        }
+    })?;
+    let mut found = None;
+    let mut last_err = None;
+    for o in &outs {
+        match find_image(o) {
+            Ok(p) => {
+                found = Some(p);
+                break;
+            }
+            Err(e) => last_err = Some(e),
+        }
+    }
+    let img = match (found, last_err) {
+        (Some(p), _) => p,
+        (None, Some(e)) => return Err(e.into()),
+        (None, None) => return Err(AcquireError::NoImageInOutput { path: inst }.into()),
+    };
+    let cache = Cache::open(&Cache::default_dir(a.cache_dir.as_deref())?)?;
+    let mut f = std::fs::File::open(&img).with_context(|| format!("open {}", img.display()))?;
+    let entry = cache.ingest(
+        &mut f,
+        false,
+        Origin {
+            name: img.file_name().map(|n| n.to_string_lossy().to_string()),
+            origin: Some(inst.clone()),
+            pinned: None,
+        },
+        &|_| Ok(()),
+    )?;
+    reporter.report(Event::Finish {
+        job,
+        phase: "build".into(),
+        summary: serde_json::json!({
+            "installable": inst,
+            "image": img,
+            "path": entry.path,
+            "blake3": entry.blake3,
+            "bytes": entry.size,
+        }),
+    });
+    Ok((entry, img))
+}
+
+fn human_size(n: u64) -> String {
+    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut i = 0;
+    while v >= 1024.0 && i < U.len() - 1 {
+        v /= 1024.0;
+        i += 1;
+    }
+    if i == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", U[i])
+    }
 }

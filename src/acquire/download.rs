@@ -1,0 +1,632 @@
+//! HTTP(S) transfers with resume: one engine that feeds either a partial file in the cache
+//! (`fetch`) or a channel that a reader drains (`write URL`, streaming).
+//!
+//! Resume: after a dropped connection or a stall, the next attempt asks for `Range:
+//! bytes=N-` with `If-Range` set to the validator of the first response (a strong ETag, else
+//! Last-Modified), so a changed file is never spliced onto an old prefix. A server that answers
+//! 200 instead of 206 restarts a file download from zero; a stream (which cannot take bytes
+//! back) skips the prefix only when the validator proves the content is the same.
+//!
+//! Timeouts: a connect timeout and a read-idle timeout (no byte for that long), not a total
+//! timeout, so large images on slow links still finish while a dead peer fails promptly.
+
+use super::cache::{Partial, PartialMeta};
+use super::{AcquireError, Result};
+use crate::progress::{Event, Level, Reporter};
+use std::io::{Seek, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+#[derive(Debug, Clone)]
+pub struct DownloadOptions {
+    /// Extra trusted CA certificates (PEM) for private mirrors, on top of the web PKI roots.
+    pub ca_file: Option<PathBuf>,
+    pub connect_timeout: Duration,
+    /// No byte received for this long fails the attempt (then it is retried).
+    pub idle_timeout: Duration,
+    /// Attempts after a failure without progress; any progress resets the count.
+    pub retries: u32,
+    /// First backoff; doubles per consecutive failure, at most 10 s.
+    pub backoff: Duration,
+    /// Plain HTTP (and redirects to it) allowed: only when the source's digest is pinned.
+    pub allow_http: bool,
+}
+
+impl Default for DownloadOptions {
+    fn default() -> Self {
+        Self {
+            ca_file: None,
+            connect_timeout: Duration::from_secs(15),
+            idle_timeout: Duration::from_secs(30),
+            retries: 5,
+            backoff: Duration::from_millis(500),
+            allow_http: false,
+        }
+    }
+}
+
+/// Where the bytes of a transfer go.
+pub(crate) enum Sink<'a> {
+    /// A partial file: can restart from zero.
+    File {
+        file: std::io::BufWriter<std::fs::File>,
+        partial: &'a Partial,
+    },
+    /// A streaming consumer: bytes cannot be taken back.
+    Channel(tokio::sync::mpsc::Sender<Vec<u8>>),
+}
+
+impl Sink<'_> {
+    async fn write(&mut self, buf: &[u8]) -> Result<()> {
+        match self {
+            Sink::File { file, partial } => file
+                .write_all(buf)
+                .map_err(|e| AcquireError::io(&partial.data, e)),
+            Sink::Channel(tx) => tx.send(buf.to_vec()).await.map_err(|_| {
+                AcquireError::io(
+                    "download stream",
+                    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "consumer stopped reading"),
+                )
+            }),
+        }
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        if let Sink::File { file, partial } = self {
+            file.flush()
+                .map_err(|e| AcquireError::io(&partial.data, e))?;
+        }
+        Ok(())
+    }
+
+    /// Start over from byte 0, if this sink can.
+    fn restart(&mut self) -> Result<bool> {
+        match self {
+            Sink::File { file, partial } => {
+                file.flush()
+                    .map_err(|e| AcquireError::io(&partial.data, e))?;
+                let f = file.get_mut();
+                f.set_len(0)
+                    .and_then(|_| f.rewind())
+                    .map_err(|e| AcquireError::io(&partial.data, e))?;
+                Ok(true)
+            }
+            Sink::Channel(_) => Ok(false),
+        }
+    }
+
+    fn remember(&self, m: &PartialMeta) -> Result<()> {
+        if let Sink::File { partial, .. } = self {
+            partial.write_meta(m)?;
+        }
+        Ok(())
+    }
+}
+
+/// Position and validator of a transfer, carried across attempts.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct ResumeState {
+    pub offset: u64,
+    pub etag: Option<String>,
+    pub last_modified: Option<String>,
+    pub total: Option<u64>,
+}
+
+impl ResumeState {
+    fn if_range(&self) -> Option<&str> {
+        // Weak ETags are not allowed in If-Range (RFC 9110 13.1.5).
+        match &self.etag {
+            Some(e) if !e.starts_with("W/") => Some(e),
+            _ => self.last_modified.as_deref(),
+        }
+    }
+}
+
+/// One failed attempt: retry it or give up.
+struct AttemptError {
+    err: AcquireError,
+    retry: bool,
+}
+
+impl From<AcquireError> for AttemptError {
+    fn from(err: AcquireError) -> Self {
+        AttemptError { err, retry: false }
+    }
+}
+
+#[derive(Clone)]
+pub struct Downloader {
+    client: reqwest::Client,
+    opts: DownloadOptions,
+}
+
+impl Downloader {
+    pub fn new(opts: DownloadOptions) -> Result<Downloader> {
+        let allow_http = opts.allow_http;
+        let policy = reqwest::redirect::Policy::custom(move |attempt| {
+            if attempt.previous().len() >= 10 {
+                attempt.error("more than 10 redirects")
+            } else if !allow_http && attempt.url().scheme() != "https" {
+                let u = attempt.url().to_string();
+                attempt.error(format!(
+                    "redirect to non-HTTPS URL {u} refused for a source without a pinned digest"
+                ))
+            } else {
+                attempt.follow()
+            }
+        });
+        let mut b = reqwest::Client::builder()
+            .user_agent(concat!("sbcflash/", env!("CARGO_PKG_VERSION")))
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.idle_timeout)
+            .redirect(policy)
+            .https_only(!opts.allow_http);
+        if let Some(ca) = &opts.ca_file {
+            let pem = std::fs::read(ca).map_err(|e| AcquireError::io(ca, e))?;
+            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
+                AcquireError::BadDigest(format!(
+                    "{}: not a PEM certificate bundle: {e}",
+                    ca.display()
+                ))
+            })?;
+            if certs.is_empty() {
+                return Err(AcquireError::BadDigest(format!(
+                    "{}: no certificate found in the file",
+                    ca.display()
+                )));
+            }
+            for c in certs {
+                b = b.add_root_certificate(c);
+            }
+        }
+        let client = b.build().map_err(|e| AcquireError::Network {
+            url: String::new(),
+            msg: format!("cannot set up the HTTP client: {e}"),
+        })?;
+        Ok(Downloader { client, opts })
+    }
+
+    pub fn options(&self) -> &DownloadOptions {
+        &self.opts
+    }
+
+    /// Downloads `url` into `partial.data`, resuming what an earlier run left there when the
+    /// remembered validator still applies. Blocking; the caller holds the partial's lock.
+    pub fn download_to_partial(
+        &self,
+        url: &str,
+        partial: &Partial,
+        reporter: &dyn Reporter,
+        job: &str,
+    ) -> Result<u64> {
+        let file = partial.open_data()?;
+        let have = file
+            .metadata()
+            .map_err(|e| AcquireError::io(&partial.data, e))?
+            .len();
+        let mut state = ResumeState::default();
+        match partial.read_meta(url) {
+            Some(m) if have > 0 && m.total.is_none_or(|t| have <= t) => {
+                state = ResumeState {
+                    offset: have,
+                    etag: m.etag,
+                    last_modified: m.last_modified,
+                    total: m.total,
+                };
+                reporter.report(Event::Message {
+                    job: job.into(),
+                    level: Level::Info,
+                    text: format!("resuming {url} at byte {have}"),
+                });
+            }
+            _ => {
+                file.set_len(0)
+                    .map_err(|e| AcquireError::io(&partial.data, e))?;
+            }
+        }
+        let mut file = std::io::BufWriter::with_capacity(1 << 20, file);
+        file.seek(std::io::SeekFrom::Start(state.offset))
+            .map_err(|e| AcquireError::io(&partial.data, e))?;
+        let mut sink = Sink::File { file, partial };
+        let rt = runtime()?;
+        rt.block_on(self.transfer(url, &mut sink, &mut state, reporter, job))?;
+        sink.flush()?;
+        Ok(state.offset)
+    }
+
+    /// Runs a transfer on its own thread and returns a channel of its bytes; the thread's
+    /// result (Ok, or the error that ended it) comes back through the join handle.
+    pub(crate) fn spawn_stream(
+        &self,
+        url: String,
+        reporter: Arc<dyn Reporter>,
+        job: String,
+    ) -> (
+        tokio::sync::mpsc::Receiver<Vec<u8>>,
+        std::thread::JoinHandle<Result<u64>>,
+    ) {
+        // A few MiB in flight: enough to ride out jitter, small enough not to matter.
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let this = self.clone();
+        let h = std::thread::Builder::new()
+            .name("sbcflash-download".into())
+            .spawn(move || {
+                let rt = runtime()?;
+                let mut sink = Sink::Channel(tx);
+                let mut state = ResumeState::default();
+                rt.block_on(this.transfer(&url, &mut sink, &mut state, &*reporter, &job))?;
+                Ok(state.offset)
+            })
+            .expect("spawn download thread");
+        (rx, h)
+    }
+
+    /// The retry loop around [`Self::attempt`].
+    pub(crate) async fn transfer(
+        &self,
+        url: &str,
+        sink: &mut Sink<'_>,
+        st: &mut ResumeState,
+        reporter: &dyn Reporter,
+        job: &str,
+    ) -> Result<()> {
+        check_scheme(url, self.opts.allow_http)?;
+        reporter.report(Event::Start {
+            job: job.into(),
+            phase: "download".into(),
+            total: st.total,
+            detail: Some(url.to_string()),
+        });
+        let mut failures = 0u32;
+        loop {
+            if st.offset > 0 && st.total == Some(st.offset) {
+                break; // a previous run got everything
+            }
+            let before = st.offset;
+            let res = self.attempt(url, sink, st, reporter, job).await;
+            sink.flush()?;
+            match res {
+                Ok(()) => break,
+                Err(a) => {
+                    if st.offset > before {
+                        failures = 0;
+                    }
+                    if !a.retry || failures >= self.opts.retries {
+                        reporter.report(Event::Error {
+                            job: job.into(),
+                            phase: "download".into(),
+                            message: a.err.to_string(),
+                            exit_code: a.err.exit().code(),
+                        });
+                        return Err(a.err);
+                    }
+                    failures += 1;
+                    let wait = self
+                        .opts
+                        .backoff
+                        .saturating_mul(1 << (failures - 1).min(5))
+                        .min(Duration::from_secs(10));
+                    reporter.report(Event::Message {
+                        job: job.into(),
+                        level: Level::Warn,
+                        text: format!(
+                            "{}; retrying from byte {} in {} ms (attempt {failures} of {})",
+                            a.err,
+                            st.offset,
+                            wait.as_millis(),
+                            self.opts.retries
+                        ),
+                    });
+                    tokio::time::sleep(wait).await;
+                }
+            }
+        }
+        reporter.report(Event::Finish {
+            job: job.into(),
+            phase: "download".into(),
+            summary: serde_json::json!({ "url": url, "bytes": st.offset }),
+        });
+        Ok(())
+    }
+
+    async fn attempt(
+        &self,
+        url: &str,
+        sink: &mut Sink<'_>,
+        st: &mut ResumeState,
+        reporter: &dyn Reporter,
+        job: &str,
+    ) -> std::result::Result<(), AttemptError> {
+        use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
+        let mut req = self.client.get(url);
+        if st.offset > 0 {
+            req = req.header(RANGE, format!("bytes={}-", st.offset));
+            if let Some(v) = st.if_range() {
+                req = req.header(IF_RANGE, v);
+            }
+        }
+        let idle = self.opts.idle_timeout;
+        let resp = match tokio::time::timeout(idle + self.opts.connect_timeout, req.send()).await {
+            Err(_) => {
+                return Err(AttemptError {
+                    err: AcquireError::Timeout {
+                        url: url.into(),
+                        msg: format!(
+                            "no response within {} s",
+                            (idle + self.opts.connect_timeout).as_secs()
+                        ),
+                    },
+                    retry: true,
+                })
+            }
+            Ok(Err(e)) => return Err(classify_reqwest(url, &e)),
+            Ok(Ok(r)) => r,
+        };
+        let status = resp.status().as_u16();
+        let header = |n: reqwest::header::HeaderName| {
+            resp.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        let etag = header(ETAG);
+        let last_modified = header(LAST_MODIFIED);
+        let mut skip = 0u64;
+        match status {
+            206 => {
+                let cr = header(CONTENT_RANGE).unwrap_or_default();
+                let (start, total) =
+                    parse_content_range(&cr).ok_or_else(|| AcquireError::Network {
+                        url: url.into(),
+                        msg: format!("206 with an unusable Content-Range {cr:?}"),
+                    })?;
+                if start != st.offset {
+                    return Err(AcquireError::Network {
+                        url: url.into(),
+                        msg: format!(
+                            "asked to resume at byte {}, server sent from {start}",
+                            st.offset
+                        ),
+                    }
+                    .into());
+                }
+                st.total = total.or(st.total);
+            }
+            200 => {
+                let same = st.offset > 0
+                    && (etag.is_some() || last_modified.is_some())
+                    && etag == st.etag
+                    && last_modified == st.last_modified;
+                if st.offset > 0 {
+                    if sink.restart()? {
+                        st.offset = 0;
+                    } else if same {
+                        skip = st.offset;
+                    } else {
+                        return Err(AcquireError::Network {
+                            url: url.into(),
+                            msg: "the file changed on the server while it was being streamed (or the server cannot resume); the stream is incomplete".into(),
+                        }
+                        .into());
+                    }
+                }
+                st.etag = etag;
+                st.last_modified = last_modified;
+                st.total = resp.content_length();
+            }
+            416 if st.offset > 0 => {
+                // Our partial is not a prefix of what is there now.
+                if sink.restart()? {
+                    st.offset = 0;
+                    st.total = None;
+                    return Err(AttemptError {
+                        err: AcquireError::Status {
+                            url: url.into(),
+                            status,
+                        },
+                        retry: true,
+                    });
+                }
+                return Err(AcquireError::Status {
+                    url: url.into(),
+                    status,
+                }
+                .into());
+            }
+            408 | 429 | 500..=599 => {
+                return Err(AttemptError {
+                    err: AcquireError::Status {
+                        url: url.into(),
+                        status,
+                    },
+                    retry: true,
+                })
+            }
+            _ => {
+                return Err(AcquireError::Status {
+                    url: url.into(),
+                    status,
+                }
+                .into())
+            }
+        }
+        sink.remember(&PartialMeta {
+            url: url.into(),
+            etag: st.etag.clone(),
+            last_modified: st.last_modified.clone(),
+            total: st.total,
+        })?;
+        let mut resp = resp;
+        loop {
+            let chunk = match tokio::time::timeout(idle, resp.chunk()).await {
+                Err(_) => {
+                    return Err(AttemptError {
+                        err: AcquireError::Timeout {
+                            url: url.into(),
+                            msg: format!(
+                                "no data for {} s at byte {}",
+                                idle.as_secs_f32(),
+                                st.offset
+                            ),
+                        },
+                        retry: true,
+                    })
+                }
+                Ok(Err(e)) => {
+                    let mut a = classify_reqwest(url, &e);
+                    if let AcquireError::Network { msg, .. } = &mut a.err {
+                        *msg = format!("connection lost at byte {}: {msg}", st.offset);
+                    }
+                    a.retry = true;
+                    return Err(a);
+                }
+                Ok(Ok(None)) => break,
+                Ok(Ok(Some(c))) => c,
+            };
+            let mut data = &chunk[..];
+            if skip > 0 {
+                let n = (skip as usize).min(data.len());
+                data = &data[n..];
+                skip -= n as u64;
+            }
+            if !data.is_empty() {
+                sink.write(data).await?;
+                st.offset += data.len() as u64;
+                reporter.report(Event::Progress {
+                    job: job.into(),
+                    phase: "download".into(),
+                    done: st.offset,
+                    total: st.total,
+                });
+            }
+        }
+        if let Some(t) = st.total {
+            if st.offset < t {
+                return Err(AttemptError {
+                    err: AcquireError::Network {
+                        url: url.into(),
+                        msg: format!("connection closed at byte {} of {t}", st.offset),
+                    },
+                    retry: true,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| AcquireError::io("tokio runtime", e))
+}
+
+/// HTTPS always; plain HTTP only when the digest is pinned (it is then checked end to end).
+pub fn check_scheme(url: &str, allow_http: bool) -> Result<()> {
+    let u = reqwest::Url::parse(url)
+        .map_err(|e| AcquireError::Usage(format!("{url}: not a valid URL: {e}")))?;
+    match u.scheme() {
+        "https" => Ok(()),
+        "http" if allow_http => Ok(()),
+        "http" => Err(AcquireError::InsecureUrl { url: url.into() }),
+        s => Err(AcquireError::Usage(format!(
+            "{url}: unsupported URL scheme {s:?} (use https://)"
+        ))),
+    }
+}
+
+fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes ")?;
+    let (range, total) = rest.split_once('/')?;
+    let (start, _end) = range.split_once('-')?;
+    let total = if total == "*" {
+        None
+    } else {
+        Some(total.parse().ok()?)
+    };
+    Some((start.parse().ok()?, total))
+}
+
+/// Turns a reqwest error into our error class by walking its causes (reqwest folds DNS, TLS
+/// and refused connections into one "connect" error).
+fn classify_reqwest(url: &str, e: &reqwest::Error) -> AttemptError {
+    let mut chain = Vec::new();
+    let mut tls = false;
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<rustls::Error>().is_some() {
+            tls = true;
+        }
+        let s = c.to_string();
+        if !chain.iter().any(|x: &String| x.contains(&s)) {
+            chain.push(s);
+        }
+        cur = c.source();
+    }
+    let root = chain.last().cloned().unwrap_or_default();
+    let all = chain.join(": ").to_ascii_lowercase();
+    let url = url.to_string();
+    if e.is_redirect() {
+        return AcquireError::Network {
+            url,
+            msg: chain.join(": "),
+        }
+        .into();
+    }
+    if all.contains("dns error") || all.contains("failed to lookup address") {
+        return AttemptError {
+            err: AcquireError::Dns { url, msg: root },
+            retry: false,
+        };
+    }
+    if tls || all.contains("certificate") || all.contains("tls handshake") {
+        return AcquireError::Tls { url, msg: root }.into();
+    }
+    if e.is_timeout() {
+        return AttemptError {
+            err: AcquireError::Timeout { url, msg: root },
+            retry: true,
+        };
+    }
+    if e.is_connect() {
+        return AttemptError {
+            err: AcquireError::Connect { url, msg: root },
+            retry: true,
+        };
+    }
+    AttemptError {
+        err: AcquireError::Network {
+            url,
+            msg: chain.join(": "),
+        },
+        retry: true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn content_range() {
+        assert_eq!(
+            parse_content_range("bytes 100-199/1000"),
+            Some((100, Some(1000)))
+        );
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, None)));
+        assert_eq!(parse_content_range("items 1-2/3"), None);
+    }
+
+    #[test]
+    fn schemes() {
+        assert!(check_scheme("https://x/y", false).is_ok());
+        assert!(matches!(
+            check_scheme("http://x/y", false),
+            Err(AcquireError::InsecureUrl { .. })
+        ));
+        assert!(check_scheme("http://x/y", true).is_ok());
+        assert!(check_scheme("ftp://x/y", true).is_err());
+    }
+}

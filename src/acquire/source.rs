@@ -1,0 +1,215 @@
+//! The policy layer: a source (URL + optional published digest) becomes a verified cache
+//! entry (`fetch`) or a verified one-pass stream (`write URL`), reusing the cache when the
+//! digest is already there.
+
+use super::cache::{Cache, CacheEntry, Origin};
+use super::digest::{hash_reader, Pin};
+use super::download::{check_scheme, DownloadOptions, Downloader};
+use super::stream::{StreamCheck, VerifyingReader};
+use super::{AcquireError, Result};
+use crate::progress::{Event, Level, Reporter};
+use std::sync::Arc;
+
+/// Something to download: where, and what it must hash to if that is published.
+#[derive(Debug, Clone)]
+pub struct SourceSpec {
+    pub url: String,
+    pub pin: Option<Pin>,
+}
+
+impl SourceSpec {
+    /// The file name as published, for display and the cache's metadata.
+    pub fn file_name(&self) -> Option<String> {
+        let u = reqwest::Url::parse(&self.url).ok()?;
+        u.path_segments()?
+            .next_back()
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+    }
+}
+
+/// Everything a fetch or stream needs, built once by the CLI.
+pub struct Acquirer {
+    pub cache: Arc<Cache>,
+    pub opts: DownloadOptions,
+    pub require_pinned: bool,
+    pub reporter: Arc<dyn Reporter>,
+}
+
+/// A fetched file, in the cache.
+#[derive(Debug, Clone)]
+pub struct Fetched {
+    pub entry: CacheEntry,
+    /// It was already in the cache: nothing was downloaded.
+    pub from_cache: bool,
+    pub pinned: bool,
+}
+
+impl Acquirer {
+    fn job(src: &SourceSpec) -> String {
+        src.file_name().unwrap_or_else(|| src.url.clone())
+    }
+
+    /// Refuses what policy forbids before any byte moves.
+    fn check_policy(&self, src: &SourceSpec) -> Result<()> {
+        if src.pin.is_none() && self.require_pinned {
+            return Err(AcquireError::Unpinned {
+                what: src.url.clone(),
+            });
+        }
+        check_scheme(&src.url, src.pin.is_some())
+    }
+
+    fn downloader(&self, src: &SourceSpec) -> Result<Downloader> {
+        let mut o = self.opts.clone();
+        o.allow_http = src.pin.is_some();
+        Downloader::new(o)
+    }
+
+    /// The cache entry for a pin, if present.
+    pub fn lookup(&self, pin: &Pin) -> Result<Option<CacheEntry>> {
+        match pin {
+            Pin::Blake3(b) => self.cache.get(&hex::encode(b)),
+            Pin::Sha256(s) => self.cache.find_sha256(&hex::encode(s)),
+        }
+    }
+
+    fn warn_unpinned(&self, job: &str, url: &str, b3: &str) {
+        self.reporter.report(Event::Message {
+            job: job.into(),
+            level: Level::Warn,
+            text: format!(
+                "{url} is not pinned (no published digest): nothing verified its contents; its blake3 is {b3} (pin it with --blake3 {b3}, or refuse this with --require-pinned)"
+            ),
+        });
+    }
+
+    /// Downloads into the cache (resuming a partial one), checks the pin, commits.
+    pub fn fetch(&self, src: &SourceSpec) -> Result<Fetched> {
+        self.check_policy(src)?;
+        let job = Self::job(src);
+        if let Some(pin) = &src.pin {
+            if let Some(e) = self.lookup(pin)? {
+                self.cache.touch(&e.blake3)?;
+                return Ok(Fetched {
+                    entry: e,
+                    from_cache: true,
+                    pinned: true,
+                });
+            }
+        }
+        let partial = self.cache.partial(&src.url);
+        let _dl_lock = partial.lock()?;
+        // Another process may have finished the same download while we waited for the lock.
+        if let Some(pin) = &src.pin {
+            if let Some(e) = self.lookup(pin)? {
+                self.cache.touch(&e.blake3)?;
+                return Ok(Fetched {
+                    entry: e,
+                    from_cache: true,
+                    pinned: true,
+                });
+            }
+        }
+        let dl = self.downloader(src)?;
+        dl.download_to_partial(&src.url, &partial, &*self.reporter, &job)?;
+        let mut f = super::cache::open_nofollow(&partial.data)
+            .map_err(|e| AcquireError::io(&partial.data, e))?;
+        let with_sha = matches!(src.pin, Some(Pin::Sha256(_)));
+        self.reporter.report(Event::Start {
+            job: job.clone(),
+            phase: "hash".into(),
+            total: f.metadata().ok().map(|m| m.len()),
+            detail: None,
+        });
+        let d = hash_reader(&mut f, with_sha).map_err(|e| AcquireError::io(&partial.data, e))?;
+        drop(f);
+        if let Some(pin) = &src.pin {
+            if let Err(e) = pin.check(&src.url, &d) {
+                // Wrong bytes: never cached, and not kept for a resume either.
+                partial.discard();
+                return Err(e);
+            }
+        }
+        let entry = self.cache.commit(
+            &partial.data,
+            &d,
+            Origin {
+                name: src.file_name(),
+                origin: Some(src.url.clone()),
+                pinned: src.pin.as_ref().map(|p| p.to_string()),
+            },
+        )?;
+        partial.discard();
+        self.reporter.report(Event::Finish {
+            job: job.clone(),
+            phase: "hash".into(),
+            summary: serde_json::json!({ "blake3": entry.blake3, "bytes": entry.size }),
+        });
+        if src.pin.is_none() {
+            self.warn_unpinned(&job, &src.url, &entry.blake3);
+        }
+        Ok(Fetched {
+            entry,
+            from_cache: false,
+            pinned: src.pin.is_some(),
+        })
+    }
+
+    /// A one-pass stream of the source's bytes: from the cache when the pin is there, else
+    /// from the network (optionally tee'd into the cache). Call [`StreamCheck::finish`] after
+    /// the consumer is done; until then nothing has been verified.
+    pub fn open_stream(
+        &self,
+        src: &SourceSpec,
+        tee: bool,
+    ) -> Result<(VerifyingReader, StreamCheck)> {
+        self.check_policy(src)?;
+        if let Some(pin) = &src.pin {
+            if let Some(e) = self.lookup(pin)? {
+                let f = self.cache.open_entry(&e)?;
+                self.cache.touch(&e.blake3)?;
+                tracing::info!("using cached {} for {}", e.path.display(), src.url);
+                return Ok(VerifyingReader::from_reader(
+                    e.path.display().to_string(),
+                    Box::new(f),
+                    src.pin.clone(),
+                ));
+            }
+        }
+        let dl = self.downloader(src)?;
+        let (rx, th) = dl.spawn_stream(src.url.clone(), self.reporter.clone(), Self::job(src));
+        let (r, c) = VerifyingReader::from_http(src.url.clone(), rx, th, src.pin.clone());
+        if tee {
+            c.tee_into(
+                self.cache.clone(),
+                Origin {
+                    name: src.file_name(),
+                    origin: Some(src.url.clone()),
+                    pinned: None,
+                },
+            )?;
+        }
+        Ok((r, c))
+    }
+
+    /// Reports the outcome of a finished stream (the unpinned warning, the digest).
+    pub fn report_stream(&self, src: &SourceSpec, res: &super::stream::StreamResult) {
+        let job = Self::job(src);
+        let b3 = res.digests.blake3_hex();
+        if res.pinned.is_none() {
+            self.warn_unpinned(&job, &src.url, &b3);
+        }
+        self.reporter.report(Event::Finish {
+            job,
+            phase: "source-verify".into(),
+            summary: serde_json::json!({
+                "url": src.url,
+                "blake3": b3,
+                "bytes": res.digests.len,
+                "pinned": res.pinned.as_ref().map(|p| p.to_string()),
+                "cached": res.cached.as_ref().map(|e| e.path.display().to_string()),
+            }),
+        });
+    }
+}
