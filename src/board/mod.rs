@@ -4,6 +4,8 @@
 //! - [`registry`]: shipped descriptors embedded in the binary, user directories layered on top
 //!   (a user file with the same id wins), lookup by id or alias with suggestions.
 //! - [`parttable`]: a small MBR/GPT reader for the image checks.
+//! - [`check`]: "will this image boot on this board from this medium?" from the image head.
+//! - [`place`]: writing bootloader files outside the image at the SoC's offsets.
 //!
 //! Typical use by other modules:
 //! ```no_run
@@ -17,12 +19,16 @@
 //! # let _ = (baud, usb, prompts, attr); Ok(()) }
 //! ```
 
+pub mod check;
 pub mod error;
 pub mod parttable;
+pub mod place;
 pub mod registry;
 pub mod schema;
 mod spans;
 
+pub use check::{check_image, Finding, ImageReport, Severity};
 pub use error::{BoardError, Location};
+pub use place::PlacedFile;
 pub use registry::{Board, Origin, Registry, Soc};
 pub use schema::*;

@@ -222,7 +222,7 @@ impl Registry {
         if let Some(b) = self
             .boards
             .iter()
-            .find(|b| b.desc.id == want || b.desc.aliases.iter().any(|a| *a == want))
+            .find(|b| b.desc.id == want || b.desc.aliases.contains(&want))
         {
             return Ok(b);
         }

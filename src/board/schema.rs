@@ -366,9 +366,11 @@ impl std::str::FromStr for MediumKind {
             "nvme" => MediumKind::Nvme,
             "usb" => MediumKind::Usb,
             "virtio" => MediumKind::Virtio,
-            _ => return Err(format!(
+            _ => {
+                return Err(format!(
                 "unknown medium `{s}`: expected sd, emmc, spi-nor, spi-nand, nvme, usb or virtio"
-            )),
+            ))
+            }
         })
     }
 }

@@ -1,9 +1,456 @@
+//! `sbcflash boards`: list the known boards, show one, check an image against one.
+
+use anyhow::Context;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
 use super::Global;
+use crate::board::{self, Board, MediumKind, Registry, Severity};
 use crate::exit::Exit;
 
 #[derive(Debug, clap::Args)]
-pub struct BoardsArgs {}
+#[command(after_help = "\
+Examples:
+  sbcflash boards                      # id, aliases, name, SoC, arch, how it is flashed, baud
+  sbcflash boards show opi5            # everything known about one board, and which file won
+  sbcflash boards --json               # machine-readable list
+  sbcflash boards check opi5 nixos.img # will this image boot on this board?
+  sbcflash --boards-dir ./myboards boards show myboard")]
+pub struct BoardsArgs {
+    #[command(subcommand)]
+    pub cmd: Option<BoardsCmd>,
+}
 
-pub fn run(_a: BoardsArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("boards")
+#[derive(Debug, clap::Subcommand)]
+pub enum BoardsCmd {
+    /// List the known boards (the default).
+    List,
+    /// Print everything the tool knows about one board (id or alias).
+    Show {
+        /// Board id or alias.
+        board: String,
+    },
+    /// Check whether an image can boot on a board (partition table, reserved area, bootloader).
+    Check {
+        /// Board id or alias.
+        board: String,
+        /// Image file (raw, or zstd/xz/gzip-compressed raw).
+        image: PathBuf,
+        /// Medium the image is for (default: the board's default medium).
+        #[arg(long, value_name = "MEDIUM")]
+        medium: Option<MediumKind>,
+        /// Exit non-zero when the check finds problems.
+        #[arg(long)]
+        strict: bool,
+    },
+}
+
+impl clap::ValueEnum for MediumKind {
+    fn value_variants<'a>() -> &'a [Self] {
+        &[
+            MediumKind::Sd,
+            MediumKind::Emmc,
+            MediumKind::SpiNor,
+            MediumKind::SpiNand,
+            MediumKind::Nvme,
+            MediumKind::Usb,
+            MediumKind::Virtio,
+        ]
+    }
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
+}
+
+/// The registry the CLI uses: shipped boards, the user's config dir, then the config file's
+/// `boards-dirs`, then `--boards-dir` (later wins).
+pub fn registry(g: &Global) -> anyhow::Result<Registry> {
+    let flags = crate::config::Flags {
+        boards_dirs: g.boards_dir.clone(),
+        ..Default::default()
+    };
+    let cfg = crate::config::Config::load(&flags)?;
+    // The config lists the highest-precedence directory first; the registry wants it last.
+    let mut dirs = cfg.boards_dirs.value;
+    dirs.reverse();
+    Ok(Registry::load(&dirs)?)
+}
+
+pub fn run(a: BoardsArgs, g: &Global) -> anyhow::Result<Exit> {
+    let reg = registry(g)?;
+    let out = std::io::stdout();
+    let mut out = out.lock();
+    let r = match a.cmd.unwrap_or(BoardsCmd::List) {
+        BoardsCmd::List => list(&reg, g, &mut out),
+        BoardsCmd::Show { board } => show(reg.get(&board)?, g, &mut out),
+        BoardsCmd::Check {
+            board,
+            image,
+            medium,
+            strict,
+        } => check(reg.get(&board)?, &image, medium, strict, g, &mut out),
+    };
+    match r {
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            Ok(Exit::Ok)
+        }
+        r => r,
+    }
+}
+
+/// How the board is usually flashed, for the list.
+fn flashed_via(b: &Board) -> String {
+    let m = b.default_medium();
+    let rec = b
+        .usb_recovery()
+        .map(|u| match (u.vid, u.pid) {
+            (Some(v), Some(p)) => format!(", {} {v:04x}:{p:04x}", u.protocol),
+            _ => format!(", {}", u.protocol),
+        })
+        .unwrap_or_default();
+    format!("{}{rec}", m.kind)
+}
+
+fn list(reg: &Registry, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit> {
+    if g.json {
+        let boards: Vec<_> = reg
+            .boards()
+            .iter()
+            .map(|b| {
+                serde_json::json!({
+                    "id": b.id(),
+                    "aliases": b.desc.aliases,
+                    "name": b.name(),
+                    "vendor": b.desc.vendor,
+                    "soc": b.desc.soc,
+                    "arch": b.desc.arch,
+                    "default_medium": b.default_medium().kind,
+                    "recovery": b.usb_recovery().map(|u| serde_json::json!({
+                        "protocol": u.protocol, "vid": u.vid, "pid": u.pid })),
+                    "baud": b.console().baud,
+                    "origin": b.origin,
+                })
+            })
+            .collect();
+        let v = serde_json::json!({
+            "event": "boards", "schema": crate::progress::JSON_SCHEMA_VERSION, "boards": boards,
+        });
+        writeln!(out, "{v}")?;
+        return Ok(Exit::Ok);
+    }
+    let rows: Vec<[String; 7]> = reg
+        .boards()
+        .iter()
+        .map(|b| {
+            [
+                b.id().to_string(),
+                b.desc.aliases.join(","),
+                b.name().to_string(),
+                b.soc.names.join("/"),
+                b.desc.arch.to_string(),
+                flashed_via(b),
+                b.console().baud.to_string(),
+            ]
+        })
+        .collect();
+    let header = [
+        "ID",
+        "ALIASES",
+        "NAME",
+        "SOC",
+        "ARCH",
+        "FLASHED VIA",
+        "BAUD",
+    ];
+    let mut w = header.map(str::len);
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: &[&str]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<width$}  ", width = w[i]));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    writeln!(out, "{}", line(&header))?;
+    for r in &rows {
+        let cells: Vec<&str> = r.iter().map(String::as_str).collect();
+        writeln!(out, "{}", line(&cells))?;
+    }
+    Ok(Exit::Ok)
+}
+
+fn show(b: &Board, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit> {
+    if g.json {
+        let v = serde_json::json!({
+            "event": "board", "schema": crate::progress::JSON_SCHEMA_VERSION, "board": b,
+        });
+        writeln!(out, "{v}")?;
+        return Ok(Exit::Ok);
+    }
+    let d = &b.desc;
+    let s = &b.soc;
+    writeln!(out, "{} ({})", d.name, d.id)?;
+    writeln!(out, "  file:      {}", b.origin)?;
+    for o in &b.overrides {
+        writeln!(out, "  overrides: {o}")?;
+    }
+    if !d.aliases.is_empty() {
+        writeln!(out, "  aliases:   {}", d.aliases.join(", "))?;
+    }
+    if let Some(v) = &d.variant_of {
+        writeln!(out, "  variant of: {v}")?;
+    }
+    writeln!(out, "  vendor:    {}", d.vendor)?;
+    writeln!(
+        out,
+        "  SoC:       {} ({}, {}), {}",
+        s.names.join("/"),
+        s.vendor,
+        d.soc,
+        d.arch
+    )?;
+    for n in d.notes.iter().chain(&s.notes) {
+        writeln!(out, "  note:      {n}")?;
+    }
+    writeln!(out, "storage:")?;
+    for m in &d.storage {
+        let mut extra = Vec::new();
+        if m.default {
+            extra.push("default".to_string());
+        }
+        extra.push(format!("bootloader: {}", boot_source(m.boot)));
+        if let Some(sz) = m.size_mib {
+            extra.push(format!("{sz} MiB"));
+        }
+        if let Some(dev) = &m.uboot_dev {
+            extra.push(format!("U-Boot `{dev}`"));
+        }
+        if let Some(i) = m.rockusb_index {
+            extra.push(format!("rockusb storage {i}"));
+        }
+        writeln!(out, "  {:<9}{}", m.kind.as_str(), extra.join("; "))?;
+        if let Some(l) = b.layout(m) {
+            if let Some(r) = l.reserved {
+                writeln!(out, "           reserved {r}")?;
+            }
+            if l.table != board::TableKind::Any {
+                writeln!(out, "           partition table: {}", l.table)?;
+            }
+            for p in &l.placements {
+                let when = p
+                    .table
+                    .map(|t| format!(" ({t} images)"))
+                    .unwrap_or_default();
+                let comb = if p.combined {
+                    " (combined, replaces the others)"
+                } else {
+                    ""
+                };
+                writeln!(
+                    out,
+                    "           {} at {}{when}{comb}",
+                    p.file,
+                    board::check::human_offset(p.offset_bytes())
+                )?;
+            }
+            if let Some(n) = &l.note {
+                writeln!(out, "           {n}")?;
+            }
+        }
+        if let Some(n) = &m.note {
+            writeln!(out, "           {n}")?;
+        }
+    }
+    let c = &d.console;
+    writeln!(
+        out,
+        "console:   {} baud, Linux {}{}",
+        c.baud,
+        c.linux,
+        c.uart
+            .as_deref()
+            .map(|u| format!(", {u}"))
+            .unwrap_or_default()
+    )?;
+    if let Some(p) = &c.pins {
+        writeln!(out, "           {p}")?;
+    }
+    if let Some(u) = &d.uboot {
+        let prompts: Vec<String> = u.prompts.iter().map(|p| format!("{p:?}")).collect();
+        writeln!(out, "U-Boot:    prompt {}", prompts.join(" or "))?;
+        writeln!(out, "           autoboot {:?}", u.autoboot)?;
+        let ints: Vec<String> = u
+            .interrupt
+            .iter()
+            .map(|i| match i {
+                board::Interrupt::AnyKey => "any key".to_string(),
+                board::Interrupt::CtrlC => "Ctrl-C".to_string(),
+                board::Interrupt::Keys { keys } => format!("keys {keys:?}"),
+            })
+            .collect();
+        writeln!(out, "           interrupt with {}", ints.join(", then "))?;
+        let cmds = &u.commands;
+        for (n, v) in [
+            ("ums", &cmds.ums),
+            ("rockusb", &cmds.rockusb),
+            ("fastboot", &cmds.fastboot),
+            ("dfu", &cmds.dfu),
+        ] {
+            if let Some(v) = v {
+                writeln!(out, "           {n}: `{v}`")?;
+            }
+        }
+    }
+    match b.usb_recovery() {
+        Some(u) => {
+            let ids = match (u.vid, u.pid) {
+                (Some(v), Some(p)) => format!(" {v:04x}:{p:04x}"),
+                _ => String::new(),
+            };
+            let rc4 = u
+                .rc4
+                .map(|r| if r { ", RC4" } else { ", no RC4" })
+                .unwrap_or("");
+            writeln!(out, "recovery:  {}{ids}{rc4}", u.protocol)?;
+        }
+        None => writeln!(out, "recovery:  none")?,
+    }
+    if let Some(r) = &d.recovery {
+        for (i, step) in r.enter.iter().enumerate() {
+            writeln!(out, "           {}. {step}", i + 1)?;
+        }
+        if let Some(p) = &r.port {
+            writeln!(out, "           port: {p}")?;
+        }
+        for l in &r.loaders {
+            let src = l
+                .source
+                .as_deref()
+                .map(|s| format!(" ({s})"))
+                .unwrap_or_default();
+            writeln!(out, "           {}: {}{src}", l.role, l.file)?;
+        }
+    }
+    for i in &d.images {
+        let what = i.url.as_deref().or(i.flake.as_deref()).unwrap_or_default();
+        let pin = if i.is_unpinned() {
+            "unpinned"
+        } else {
+            "pinned"
+        };
+        writeln!(out, "image:     {} {what} ({pin})", i.name)?;
+        if let Some(n) = &i.note {
+            writeln!(out, "           {n}")?;
+        }
+    }
+    writeln!(
+        out,
+        "handoff:   ssh {}@…, flake attribute {}",
+        d.handoff.ssh_user, d.handoff.flake_attr
+    )?;
+    if !d.unverified.is_empty() {
+        writeln!(
+            out,
+            "unverified (override in your own descriptor if wrong): {}",
+            d.unverified.join(", ")
+        )?;
+    }
+    Ok(Exit::Ok)
+}
+
+fn boot_source(b: board::BootSource) -> &'static str {
+    use board::BootSource::*;
+    match b {
+        Image => "in the image",
+        BoardFlash => "on-board flash or in the image",
+        Firmware => "EEPROM firmware + FAT partition",
+        External => "provided externally",
+        BootloaderOnly => "holds the bootloader only",
+    }
+}
+
+/// Read the first [`board::check::HEAD_LEN`] logical bytes of an image file, decompressing
+/// zstd/xz/gzip by magic bytes. Interim: once `crate::image` can open any supported format,
+/// this should go through its extent stream ([`board::check::head_from_extents`]).
+pub fn image_head(path: &Path) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut magic = [0u8; 6];
+    let n = f.read(&mut magic)?;
+    let f = std::fs::File::open(path)?;
+    let ctx = || format!("reading {}", path.display());
+    let head = if n >= 4 && magic[..4] == [0x28, 0xb5, 0x2f, 0xfd] {
+        board::check::read_head(zstd::Decoder::new(f)?).with_context(ctx)?
+    } else if n >= 6 && magic == [0xfd, b'7', b'z', b'X', b'Z', 0] {
+        board::check::read_head(liblzma::read::XzDecoder::new(f)).with_context(ctx)?
+    } else if n >= 2 && magic[..2] == [0x1f, 0x8b] {
+        board::check::read_head(flate2::read::GzDecoder::new(f)).with_context(ctx)?
+    } else {
+        board::check::read_head(f).with_context(ctx)?
+    };
+    Ok(head)
+}
+
+/// Print a check report (text or a JSON line).
+pub fn print_report(
+    report: &board::ImageReport,
+    g: &Global,
+    out: &mut impl Write,
+) -> std::io::Result<()> {
+    if g.json {
+        let v = serde_json::json!({
+            "event": "image-check", "schema": crate::progress::JSON_SCHEMA_VERSION,
+            "report": report,
+        });
+        return writeln!(out, "{v}");
+    }
+    for f in &report.findings {
+        let tag = match f.severity {
+            Severity::Info => "note",
+            Severity::Warning => "warning",
+        };
+        writeln!(out, "{tag}: {}", f.message)?;
+    }
+    Ok(())
+}
+
+fn check(
+    b: &Board,
+    image: &Path,
+    medium: Option<MediumKind>,
+    strict: bool,
+    g: &Global,
+    out: &mut impl Write,
+) -> anyhow::Result<Exit> {
+    let m = match medium {
+        Some(k) => b.medium(k)?,
+        None => b.default_medium(),
+    };
+    let head = image_head(image)?;
+    let report = board::check_image(b, m, &head);
+    print_report(&report, g, out)?;
+    if !report.has_warnings() && !g.json {
+        writeln!(
+            out,
+            "ok: {} looks bootable on the {} from {}",
+            image.display(),
+            b.name(),
+            m.kind
+        )?;
+    }
+    report.into_result(strict)?;
+    Ok(Exit::Ok)
 }

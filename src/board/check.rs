@@ -1,0 +1,525 @@
+//! "Will this image boot on this board from this medium?" — decided from the first MiBs of the
+//! logical image, before a byte is written.
+//!
+//! The check reads the partition table, compares the first partition with the SoC's reserved
+//! bootloader region, looks for bootloader signatures at the SoC's offsets, and turns what it
+//! finds into concrete advice that depends on where the board gets its bootloader from
+//! ([`BootSource`]). Findings are warnings; `--strict` turns warnings into an error
+//! ([`ImageReport::into_result`]).
+
+use std::io::Read;
+
+use serde::Serialize;
+
+use super::error::BoardError;
+use super::parttable::{self, PartitionTable};
+use super::registry::Board;
+use super::schema::*;
+
+/// How many bytes of the logical image the check wants: covers GPT entries, the Rockchip IDB at
+/// 32 KiB, Allwinner eGON at 128 KiB, and the start of a partition at 1 MiB.
+pub const HEAD_LEN: usize = 4 << 20;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Something found, for the record.
+    Info,
+    /// The image will likely not boot as written; an error under `--strict`.
+    Warning,
+}
+
+/// One observation about the image.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    pub severity: Severity,
+    /// Stable identifier for scripts and tests (`no-bootloader`, `reserved-overlap`, ...).
+    pub code: &'static str,
+    pub message: String,
+}
+
+/// The result of checking one image against one board medium.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageReport {
+    pub board: String,
+    pub medium: MediumKind,
+    /// `MBR`, `GPT` or `no partition table`.
+    pub table: &'static str,
+    /// First partition start in sectors, if any.
+    pub first_partition_sector: Option<u64>,
+    /// Description of the bootloader found in the image, if any.
+    pub bootloader: Option<String>,
+    pub findings: Vec<Finding>,
+}
+
+impl ImageReport {
+    pub fn warnings(&self) -> impl Iterator<Item = &Finding> {
+        self.findings
+            .iter()
+            .filter(|f| f.severity == Severity::Warning)
+    }
+
+    pub fn has_warnings(&self) -> bool {
+        self.warnings().next().is_some()
+    }
+
+    /// `Ok(self)` unless `strict` and there are warnings.
+    pub fn into_result(self, strict: bool) -> Result<ImageReport, BoardError> {
+        if strict && self.has_warnings() {
+            return Err(BoardError::ImageMismatch {
+                board: self.board.clone(),
+                findings: self
+                    .warnings()
+                    .map(|f| format!("  - {}", f.message))
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+            });
+        }
+        Ok(self)
+    }
+}
+
+/// Read up to [`HEAD_LEN`] bytes (fewer at end of input).
+pub fn read_head<R: Read>(mut r: R) -> std::io::Result<Vec<u8>> {
+    let mut buf = Vec::with_capacity(HEAD_LEN);
+    r.by_ref().take(HEAD_LEN as u64).read_to_end(&mut buf)?;
+    Ok(buf)
+}
+
+/// The first `len` logical bytes of an extent stream (`Zero`/`Skip` read as zeroes). Consumes
+/// the start of the stream: callers reopen the image for writing.
+pub fn head_from_extents(
+    src: &mut dyn crate::image::ExtentSource,
+    len: usize,
+) -> Result<Vec<u8>, crate::image::ImageError> {
+    use crate::image::ExtentKind;
+    let mut out = Vec::with_capacity(len);
+    let mut buf = vec![0u8; 1 << 20];
+    while out.len() < len {
+        let Some(e) = src.next_extent(&mut buf)? else {
+            break;
+        };
+        let want = (len - out.len()).min(usize::try_from(e.len).unwrap_or(usize::MAX));
+        match e.kind {
+            ExtentKind::Data => out.extend_from_slice(&buf[..want]),
+            ExtentKind::Zero | ExtentKind::Skip => out.resize(out.len() + want, 0),
+        }
+    }
+    Ok(out)
+}
+
+/// Check the image head against `board` booting from `medium`.
+pub fn check_image(board: &Board, medium: &Medium, head: &[u8]) -> ImageReport {
+    let mut findings = Vec::new();
+    let mut push = |severity, code, message: String| {
+        findings.push(Finding {
+            severity,
+            code,
+            message,
+        })
+    };
+    let name = board.name();
+    let id = board.id();
+
+    let table = match parttable::parse(head) {
+        Ok(t) => t,
+        Err(msg) => {
+            push(
+                Severity::Warning,
+                "bad-partition-table",
+                format!("partition table: {msg}"),
+            );
+            PartitionTable::None
+        }
+    };
+    let first = table.first().cloned();
+    let layout = board.layout(medium);
+
+    // Signatures: which bootloader does the image carry?
+    let mut bootloader = None;
+    if let Some(l) = layout {
+        for s in &l.signatures {
+            match find_signature(s, head, &table) {
+                SigResult::Found(what) => {
+                    bootloader = Some(what);
+                    break;
+                }
+                SigResult::BeyondHead(at) => push(
+                    Severity::Info,
+                    "signature-not-read",
+                    format!("bootloader signature at offset {at} lies beyond the bytes checked"),
+                ),
+                SigResult::Absent => {}
+            }
+        }
+    }
+    if let Some(b) = &bootloader {
+        push(
+            Severity::Info,
+            "bootloader-found",
+            format!("image carries a bootloader: {b}"),
+        );
+    }
+
+    if medium.boot == BootSource::BootloaderOnly {
+        if !table.partitions().is_empty() {
+            push(
+                Severity::Warning,
+                "os-image-on-bootloader-flash",
+                format!(
+                    "this looks like an OS image ({} with {} partitions), but the {name}'s {} holds only the bootloader",
+                    table.kind_name(),
+                    table.partitions().len(),
+                    medium.kind
+                ),
+            );
+        }
+        return report(board, medium, &table, first, bootloader, findings);
+    }
+
+    if matches!(table, PartitionTable::None) && head.len() >= 512 {
+        push(
+            Severity::Warning,
+            "no-partition-table",
+            "no MBR or GPT partition table: this is not a disk image".into(),
+        );
+    }
+
+    if let Some(l) = layout {
+        let want = l.table;
+        let got = match &table {
+            PartitionTable::Mbr { .. } => Some(TableKind::Mbr),
+            PartitionTable::Gpt { .. } => Some(TableKind::Gpt),
+            PartitionTable::None => None,
+        };
+        if let Some(got) = got {
+            if want != TableKind::Any && want != got {
+                push(
+                    Severity::Warning,
+                    "wrong-table",
+                    format!(
+                        "the image has an {got} partition table, but the {} boot ROM of the {name} expects {want} on {}",
+                        board.soc.vendor, medium.kind
+                    ),
+                );
+            }
+        }
+        if l.first_partition_fat {
+            match &first {
+                Some(p) if p.kind.is_fat() => {}
+                Some(p) => push(
+                    Severity::Warning,
+                    "first-partition-not-fat",
+                    format!(
+                        "partition {} (type {}) comes first, but the {name} firmware loads its files from a FAT first partition",
+                        p.number, p.kind
+                    ),
+                ),
+                None => {}
+            }
+        }
+    }
+
+    let overlap = match (layout.and_then(|l| l.reserved), &first) {
+        (Some(r), Some(p)) if r.overlaps(p.start, p.end()) => Some((r, p.start)),
+        _ => None,
+    };
+    let at = |sector: u64| human_offset(sector * SECTOR);
+
+    match medium.boot {
+        BootSource::Image | BootSource::BoardFlash => {
+            if let Some((r, start)) = overlap {
+                if bootloader.is_some() {
+                    push(
+                        Severity::Info,
+                        "reserved-overlap-with-bootloader",
+                        format!(
+                            "first partition starts at {}, inside the {} bootloader area ({r}), but the image carries its own bootloader: assuming it was laid out for this board",
+                            at(start),
+                            board.soc.vendor
+                        ),
+                    );
+                } else {
+                    push(
+                        Severity::Warning,
+                        "reserved-overlap",
+                        format!(
+                            "first partition starts at {}, inside the {} bootloader area ({r}): this image was built for another board, and no bootloader can be added to it without overwriting that partition",
+                            at(start),
+                            board.soc.vendor
+                        ),
+                    );
+                }
+            }
+            let expects_sig = layout.is_some_and(|l| !l.signatures.is_empty());
+            if bootloader.is_none() && expects_sig {
+                let hint = medium
+                    .bootloader_hint
+                    .clone()
+                    .unwrap_or_else(|| format!("see `sbcflash boards show {id}`"));
+                let msg = if medium.boot == BootSource::BoardFlash {
+                    let flash = board
+                        .bootloader_flash()
+                        .map(|m| describe_flash(m.kind))
+                        .unwrap_or("on-board flash");
+                    format!(
+                        "no U-Boot in the image: the {name} boots it from {} only if its {flash} holds U-Boot — {hint}",
+                        medium.kind
+                    )
+                } else {
+                    format!(
+                        "no bootloader in the image: the {name} boot ROM reads it from the {} itself ({}) — {hint}",
+                        medium.kind,
+                        layout.map(describe_signatures).unwrap_or_default()
+                    )
+                };
+                push(Severity::Warning, "no-bootloader", msg);
+            }
+            if bootloader.is_none() && !expects_sig && medium.boot == BootSource::BoardFlash {
+                // e.g. TH1520: U-Boot lives in eMMC boot0, nothing to look for in the image.
+                if let Some(hint) = &medium.bootloader_hint {
+                    push(
+                        Severity::Info,
+                        "bootloader-elsewhere",
+                        format!("the {name} loads U-Boot from its own flash: {hint}"),
+                    );
+                }
+            }
+        }
+        BootSource::Firmware => {
+            push(
+                Severity::Info,
+                "firmware-boot",
+                format!(
+                    "the {name} firmware (EEPROM) loads the boot files from the first FAT partition"
+                ),
+            );
+        }
+        BootSource::External => {
+            push(
+                Severity::Info,
+                "external-bootloader",
+                format!("the {name} gets its firmware from outside the image (e.g. QEMU -bios)"),
+            );
+        }
+        BootSource::BootloaderOnly => {}
+    }
+
+    report(board, medium, &table, first, bootloader, findings)
+}
+
+fn report(
+    board: &Board,
+    medium: &Medium,
+    table: &PartitionTable,
+    first: Option<parttable::Partition>,
+    bootloader: Option<String>,
+    findings: Vec<Finding>,
+) -> ImageReport {
+    ImageReport {
+        board: board.id().to_string(),
+        medium: medium.kind,
+        table: table.kind_name(),
+        first_partition_sector: first.map(|p| p.start),
+        bootloader,
+        findings,
+    }
+}
+
+fn describe_flash(k: MediumKind) -> &'static str {
+    match k {
+        MediumKind::SpiNor => "SPI flash",
+        MediumKind::SpiNand => "SPI NAND flash",
+        MediumKind::Emmc => "eMMC",
+        _ => "on-board flash",
+    }
+}
+
+fn describe_signatures(l: &Layout) -> String {
+    l.signatures
+        .iter()
+        .map(|s| match s {
+            Signature::RockchipIdb { sector } => format!("Rockchip IDB at sector {sector}"),
+            Signature::Egon { offsets } => format!(
+                "eGON.BT0 at {}",
+                offsets
+                    .iter()
+                    .map(|o| human_offset(*o))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
+            ),
+            Signature::GptType { guid } => format!("a GPT partition of type {guid}"),
+            Signature::Magic { offset, ascii } => format!("`{ascii}` at offset {offset}"),
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// "8 MiB", "128 KiB", "1536 bytes".
+pub fn human_offset(bytes: u64) -> String {
+    if bytes == 0 {
+        "offset 0".to_string()
+    } else if bytes % (1 << 20) == 0 {
+        format!("{} MiB", bytes >> 20)
+    } else if bytes % 1024 == 0 {
+        format!("{} KiB", bytes >> 10)
+    } else {
+        format!("byte {bytes}")
+    }
+}
+
+enum SigResult {
+    Found(String),
+    Absent,
+    BeyondHead(u64),
+}
+
+fn find_signature(s: &Signature, head: &[u8], table: &PartitionTable) -> SigResult {
+    match s {
+        Signature::RockchipIdb { sector } => {
+            let at = sector * SECTOR;
+            match slice(head, at, SECTOR as usize) {
+                None => SigResult::BeyondHead(at),
+                Some(b) => match rockchip_idb(b) {
+                    Some(kind) => SigResult::Found(format!("Rockchip {kind} at sector {sector}")),
+                    None => SigResult::Absent,
+                },
+            }
+        }
+        Signature::Egon { offsets } => {
+            let mut beyond = None;
+            for &o in offsets {
+                match slice(head, o + 4, 8) {
+                    Some(b) if b == b"eGON.BT0" => {
+                        return SigResult::Found(format!(
+                            "Allwinner eGON.BT0 SPL at {}",
+                            human_offset(o)
+                        ))
+                    }
+                    Some(_) => {}
+                    None => beyond = beyond.or(Some(o)),
+                }
+            }
+            beyond.map_or(SigResult::Absent, SigResult::BeyondHead)
+        }
+        Signature::GptType { guid } => {
+            let Some(want) = parttable::parse_guid(guid) else {
+                return SigResult::Absent;
+            };
+            match table
+                .partitions()
+                .iter()
+                .find(|p| p.kind == parttable::PartType::Gpt(want))
+            {
+                Some(p) => SigResult::Found(format!(
+                    "SPL partition {} (type {guid}) at sector {}",
+                    p.number, p.start
+                )),
+                None => SigResult::Absent,
+            }
+        }
+        Signature::Magic { offset, ascii } => match slice(head, *offset, ascii.len()) {
+            None => SigResult::BeyondHead(*offset),
+            Some(b) if b == ascii.as_bytes() => {
+                SigResult::Found(format!("`{ascii}` at offset {offset}"))
+            }
+            Some(_) => SigResult::Absent,
+        },
+    }
+}
+
+fn slice(head: &[u8], at: u64, len: usize) -> Option<&[u8]> {
+    let at = usize::try_from(at).ok()?;
+    head.get(at..at.checked_add(len)?)
+}
+
+/// Rockchip's fixed RC4 key for IDBlock sectors and legacy 471/472 payloads.
+const RK_RC4_KEY: [u8; 16] = [
+    0x7c, 0x4e, 0x03, 0x04, 0x55, 0x05, 0x09, 0x07, 0x2d, 0x2c, 0x7b, 0x38, 0x17, 0x0d, 0x17, 0x11,
+];
+
+/// Legacy IDBlock tag (little-endian u32 at the start of the header sector).
+const IDB_TAG: u32 = 0x0FF0_AA55;
+
+/// Recognise an IDBlock header sector: RK35xx `RKNS`, or the legacy tag in plain text (RC4 off)
+/// or RC4-scrambled (each 512-byte sector is scrambled with a fresh keystream).
+pub fn rockchip_idb(sector: &[u8]) -> Option<&'static str> {
+    if sector.len() < 4 {
+        return None;
+    }
+    if &sector[0..4] == b"RKNS" {
+        return Some("IDB (RKNS header)");
+    }
+    let tag = u32::from_le_bytes([sector[0], sector[1], sector[2], sector[3]]);
+    if tag == IDB_TAG {
+        return Some("IDB (legacy header, RC4 off)");
+    }
+    let ks = rc4_keystream(&RK_RC4_KEY, 4);
+    let dec = [
+        sector[0] ^ ks[0],
+        sector[1] ^ ks[1],
+        sector[2] ^ ks[2],
+        sector[3] ^ ks[3],
+    ];
+    if u32::from_le_bytes(dec) == IDB_TAG {
+        return Some("IDB (legacy header, RC4)");
+    }
+    None
+}
+
+/// Plain RC4 keystream (KSA + PRGA); tiny, and not worth a dependency for 4 bytes.
+pub fn rc4_keystream(key: &[u8], n: usize) -> Vec<u8> {
+    let mut s: [u8; 256] = std::array::from_fn(|i| i as u8);
+    let mut j: u8 = 0;
+    for i in 0..256 {
+        j = j.wrapping_add(s[i]).wrapping_add(key[i % key.len()]);
+        s.swap(i, j as usize);
+    }
+    let (mut i, mut j) = (0u8, 0u8);
+    (0..n)
+        .map(|_| {
+            i = i.wrapping_add(1);
+            j = j.wrapping_add(s[i as usize]);
+            s.swap(i as usize, j as usize);
+            s[(s[i as usize].wrapping_add(s[j as usize])) as usize]
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rc4_keystream_matches_reference_vector() {
+        // usb-boot.md: the Rockchip key's keystream starts 6e262cf3be9f9d51ea3034ce20511f98.
+        assert_eq!(
+            hex::encode(rc4_keystream(&RK_RC4_KEY, 16)),
+            "6e262cf3be9f9d51ea3034ce20511f98"
+        );
+    }
+
+    #[test]
+    fn idb_variants_recognised() {
+        let mut s = [0u8; 512];
+        assert_eq!(rockchip_idb(&s), None);
+        s[0..4].copy_from_slice(b"RKNS");
+        assert_eq!(rockchip_idb(&s), Some("IDB (RKNS header)"));
+        s[0..4].copy_from_slice(&IDB_TAG.to_le_bytes());
+        assert_eq!(rockchip_idb(&s), Some("IDB (legacy header, RC4 off)"));
+        let ks = rc4_keystream(&RK_RC4_KEY, 4);
+        for i in 0..4 {
+            s[i] ^= ks[i];
+        }
+        assert_eq!(&s[0..4], &[0x3b, 0x8c, 0xdc, 0xfc]);
+        assert_eq!(rockchip_idb(&s), Some("IDB (legacy header, RC4)"));
+    }
+
+    #[test]
+    fn human_offsets() {
+        assert_eq!(human_offset(8 << 20), "8 MiB");
+        assert_eq!(human_offset(128 << 10), "128 KiB");
+        assert_eq!(human_offset(1536), "byte 1536");
+        assert_eq!(human_offset(0), "offset 0");
+    }
+}
