@@ -8,9 +8,27 @@
 //! Hashing rule: the blake3 of an image is the blake3 of its logical bytes, with `Zero` and
 //! `Skip` ranges hashed as zero bytes. For a raw image with a bmap that is `b3sum image.img`
 //! (unmapped bmap ranges are holes, which read as zeroes).
+//!
+//! Layout: [`detect`] (magic bytes, decompressors), [`scan`] (raw files and streams, zero
+//! blocks, bmap checks), [`bmap`] (the sidecar), [`sparse`] (Android sparse), [`digest`]
+//! (blake3 and b3sum sidecars), [`open`] (putting it together: [`open_image`]).
 
+pub mod bmap;
+pub mod detect;
+pub mod digest;
 mod extent;
+pub mod open;
+pub mod scan;
+pub mod sparse;
+pub mod zero;
+
+pub use bmap::Bmap;
+pub use detect::Format;
+pub use digest::LogicalHasher;
 pub use extent::{Extent, ExtentKind, ExtentSource};
+pub use open::{
+    from_reader, open_image, read_logical_prefix, read_prefix, OpenOptions, OpenedImage,
+};
 
 /// Errors about the input image. Each names the file and, where it applies, the offset.
 #[derive(Debug, thiserror::Error)]

@@ -1,0 +1,570 @@
+//! The scanning source: raw files and byte streams (decompressors, HTTP bodies), optionally
+//! described by a bmap. Reads in multi-MiB pieces, finds all-zero blocks, verifies bmap range
+//! checksums over the real bytes as they pass.
+
+use super::bmap::{Bmap, RangeHasher};
+use super::detect::{read_full, Format};
+use super::zero::{block_end, is_zero, ZERO_BLOCK};
+use super::{Extent, ExtentKind, ExtentSource, ImageError};
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::os::unix::io::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// Size of the internal read buffer: big reads, a multiple of [`ZERO_BLOCK`].
+pub const READ_BUF: usize = 4 << 20;
+
+/// Where bytes come from.
+pub(crate) enum Input {
+    /// A seekable regular file, read with positioned reads; `consumed` mirrors `pos`.
+    File {
+        file: File,
+        pos: u64,
+        consumed: Arc<AtomicU64>,
+    },
+    /// A forward-only stream. `compressed` names the outer format (for error messages) and
+    /// the counter of compressed bytes consumed.
+    Stream {
+        r: Box<dyn Read + Send>,
+        pos: u64,
+        compressed: Option<(Format, Arc<AtomicU64>)>,
+    },
+}
+
+impl Input {
+    fn pos(&self) -> u64 {
+        match self {
+            Input::File { pos, .. } | Input::Stream { pos, .. } => *pos,
+        }
+    }
+
+    fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Input::File {
+                file,
+                pos,
+                consumed,
+            } => {
+                let mut n = 0;
+                while n < dst.len() {
+                    match file.read_at(&mut dst[n..], *pos + n as u64) {
+                        Ok(0) => break,
+                        Ok(k) => n += k,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(e) => return Err(e),
+                    }
+                }
+                *pos += n as u64;
+                consumed.store(*pos, Ordering::Relaxed);
+                Ok(n)
+            }
+            Input::Stream { r, pos, .. } => {
+                let n = read_full(r.as_mut(), dst)?;
+                *pos += n as u64;
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// How the logical image is cut into regions to scan and ranges not to read.
+enum Plan {
+    /// Raw regular file of `size` bytes: holes (SEEK_HOLE) become `Zero`.
+    Holes { size: u64 },
+    /// A stream read to its end; `expected` is its logical size if known beforehand.
+    Whole {
+        expected: Option<u64>,
+        started: bool,
+    },
+    /// Mapped bmap ranges are scanned and checksummed; gaps are `Skip`.
+    Bmap { bmap: Box<Bmap>, next: usize },
+}
+
+struct Region {
+    end: Option<u64>,
+    /// The range checksum being computed, with the bmap range index.
+    check: Option<(RangeHasher, usize)>,
+}
+
+pub struct ScanSource {
+    name: String,
+    desc: String,
+    input: Input,
+    plan: Plan,
+    ibuf: Vec<u8>,
+    lo: usize,
+    hi: usize,
+    /// Logical offset of `ibuf[lo]`: the next byte to hand out.
+    pos: u64,
+    region: Option<Region>,
+    finished: bool,
+}
+
+impl ScanSource {
+    /// A raw regular file, optionally with a bmap (its ImageSize must match the file size).
+    pub fn raw_file(
+        file: File,
+        name: &str,
+        bmap: Option<Bmap>,
+        consumed: Arc<AtomicU64>,
+    ) -> Result<ScanSource, ImageError> {
+        let size = file
+            .metadata()
+            .map_err(|source| ImageError::Io {
+                path: name.to_string(),
+                source,
+            })?
+            .len();
+        let plan = match bmap {
+            Some(b) => {
+                check_bmap_size(&b, size, name)?;
+                Plan::Bmap {
+                    bmap: Box::new(b),
+                    next: 0,
+                }
+            }
+            None => Plan::Holes { size },
+        };
+        Ok(Self::new(
+            name,
+            Input::File {
+                file,
+                pos: 0,
+                consumed,
+            },
+            plan,
+        ))
+    }
+
+    /// A stream of raw logical bytes. `expected`: the logical size if known (checked at the
+    /// end); a bmap overrides it with its ImageSize.
+    pub fn stream(
+        r: Box<dyn Read + Send>,
+        name: &str,
+        expected: Option<u64>,
+        bmap: Option<Bmap>,
+        compressed: Option<(Format, Arc<AtomicU64>)>,
+    ) -> Result<ScanSource, ImageError> {
+        let plan = match bmap {
+            Some(b) => {
+                if let Some(e) = expected {
+                    check_bmap_size(&b, e, name)?;
+                }
+                Plan::Bmap {
+                    bmap: Box::new(b),
+                    next: 0,
+                }
+            }
+            None => Plan::Whole {
+                expected,
+                started: false,
+            },
+        };
+        Ok(Self::new(
+            name,
+            Input::Stream {
+                r,
+                pos: 0,
+                compressed,
+            },
+            plan,
+        ))
+    }
+
+    fn new(name: &str, input: Input, plan: Plan) -> ScanSource {
+        let desc = match (&input, &plan) {
+            (_, Plan::Bmap { bmap, .. }) => format!("raw, {}", bmap.describe()),
+            (Input::File { .. }, _) => "raw".to_string(),
+            (Input::Stream { .. }, _) => "raw stream".to_string(),
+        };
+        ScanSource {
+            name: name.to_string(),
+            desc,
+            input,
+            plan,
+            ibuf: vec![0u8; READ_BUF],
+            lo: 0,
+            hi: 0,
+            pos: 0,
+            region: None,
+            finished: false,
+        }
+    }
+
+    fn read_err(&self, e: io::Error, logical: u64) -> ImageError {
+        match &self.input {
+            Input::Stream {
+                compressed: Some((fmt, consumed)),
+                ..
+            } if e.raw_os_error().is_none() => ImageError::Corrupt {
+                path: self.name.clone(),
+                offset: logical,
+                msg: format!(
+                    "{} data is corrupt or truncated (after {} bytes of the compressed file): {e}",
+                    fmt.name(),
+                    consumed.load(Ordering::Relaxed)
+                ),
+            },
+            _ => ImageError::Io {
+                path: self.name.clone(),
+                source: io::Error::new(
+                    e.kind(),
+                    format!("reading at logical offset {logical}: {e}"),
+                ),
+            },
+        }
+    }
+
+    fn truncated(&self, expected: u64, why: &str) -> ImageError {
+        ImageError::Corrupt {
+            path: self.name.clone(),
+            offset: self.input.pos(),
+            msg: format!(
+                "image ends at offset {} but {why} says it is {expected} bytes (truncated?)",
+                self.input.pos()
+            ),
+        }
+    }
+
+    /// Move the input forward to logical offset `to` without handing the bytes out.
+    fn skip_input(&mut self, to: u64) -> Result<(), ImageError> {
+        debug_assert!(self.lo == self.hi);
+        match &mut self.input {
+            Input::File { pos, consumed, .. } => {
+                *pos = to;
+                consumed.store(to, Ordering::Relaxed);
+            }
+            Input::Stream { .. } => {
+                while self.input.pos() < to {
+                    let want = (to - self.input.pos()).min(self.ibuf.len() as u64) as usize;
+                    let at = self.input.pos();
+                    let n = match self.input.read(&mut self.ibuf[..want]) {
+                        Ok(n) => n,
+                        Err(e) => return Err(self.read_err(e, at)),
+                    };
+                    if n < want {
+                        return Err(self.truncated(to, "the bmap"));
+                    }
+                }
+            }
+        }
+        self.pos = to;
+        Ok(())
+    }
+
+    /// After the last extent of a stream: there must be nothing more.
+    fn expect_stream_end(&mut self, size: u64, why: &str) -> Result<(), ImageError> {
+        if let Input::Stream { .. } = self.input {
+            let mut one = [0u8; 1];
+            let n = self
+                .input
+                .read(&mut one)
+                .map_err(|e| self.read_err(e, size))?;
+            if n != 0 {
+                return Err(ImageError::Corrupt {
+                    path: self.name.clone(),
+                    offset: size,
+                    msg: format!("image is larger than the {size} bytes {why} says"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Pick the next region; may hand out a gap extent (`Zero` hole, `Skip` bmap gap).
+    fn next_region(&mut self) -> Result<Option<Extent>, ImageError> {
+        let pos = self.pos;
+        match &mut self.plan {
+            Plan::Holes { size } => {
+                let size = *size;
+                if pos >= size {
+                    self.finished = true;
+                    return Ok(None);
+                }
+                let Input::File { file, .. } = &self.input else {
+                    unreachable!("holes plan is only built over files")
+                };
+                let fd = file.as_raw_fd();
+                let data = match seek(fd, pos, libc::SEEK_DATA) {
+                    Ok(Some(d)) => d.min(size),
+                    Ok(None) => size,
+                    Err(_) => pos, // no SEEK_DATA support: everything is data
+                };
+                if data > pos {
+                    self.skip_input(data)?;
+                    return Ok(Some(Extent {
+                        offset: pos,
+                        len: data - pos,
+                        kind: ExtentKind::Zero,
+                    }));
+                }
+                let hole = match seek(fd, pos, libc::SEEK_HOLE) {
+                    Ok(Some(h)) if h > pos => h.min(size),
+                    _ => size,
+                };
+                self.region = Some(Region {
+                    end: Some(hole),
+                    check: None,
+                });
+                Ok(None)
+            }
+            Plan::Whole { expected, started } => {
+                if *started {
+                    if let Some(e) = *expected {
+                        self.expect_stream_end(e, "the caller")?;
+                    }
+                    self.finished = true;
+                    return Ok(None);
+                }
+                *started = true;
+                self.region = Some(Region {
+                    end: *expected,
+                    check: None,
+                });
+                Ok(None)
+            }
+            Plan::Bmap { bmap, next } => {
+                if let Some(r) = bmap.ranges.get(*next) {
+                    if pos < r.start {
+                        let to = r.start;
+                        self.skip_input(to)?;
+                        return Ok(Some(Extent {
+                            offset: pos,
+                            len: to - pos,
+                            kind: ExtentKind::Skip,
+                        }));
+                    }
+                    let check = r
+                        .checksum
+                        .as_ref()
+                        .map(|_| (RangeHasher::new(bmap.checksum), *next));
+                    self.region = Some(Region {
+                        end: Some(r.end),
+                        check,
+                    });
+                    *next += 1;
+                    return Ok(None);
+                }
+                let size = bmap.image_size;
+                if pos < size {
+                    self.skip_input(size)?;
+                    return Ok(Some(Extent {
+                        offset: pos,
+                        len: size - pos,
+                        kind: ExtentKind::Skip,
+                    }));
+                }
+                self.expect_stream_end(size, "the bmap's ImageSize")?;
+                self.finished = true;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Refill the internal buffer for the current region; returns bytes read (0 at its end).
+    fn refill(&mut self, end: Option<u64>) -> Result<usize, ImageError> {
+        self.lo = 0;
+        self.hi = 0;
+        let start = self.pos;
+        let mut want = self.ibuf.len() as u64;
+        if let Some(e) = end {
+            want = want.min(e.saturating_sub(start));
+        }
+        // End reads on zero-block boundaries so no block straddles two refills.
+        let stop = start + want;
+        if end != Some(stop) {
+            let aligned = stop / ZERO_BLOCK as u64 * ZERO_BLOCK as u64;
+            if aligned > start {
+                want = aligned - start;
+            }
+        }
+        let n = match self.input.read(&mut self.ibuf[..want as usize]) {
+            Ok(n) => n,
+            Err(e) => return Err(self.read_err(e, start)),
+        };
+        self.hi = n;
+        Ok(n)
+    }
+
+    /// Length of the block at `lo` (bounded by the zero-block grid, region end, buffer).
+    fn block_len(&self, end: Option<u64>) -> usize {
+        let mut b = block_end(self.pos);
+        if let Some(e) = end {
+            b = b.min(e);
+        }
+        ((b - self.pos) as usize).min(self.hi - self.lo)
+    }
+
+    /// Hand out `n` bytes from `lo`: feed the range checksum, verify it at the range end.
+    fn consume(&mut self, n: usize) -> Result<(), ImageError> {
+        let bytes = &self.ibuf[self.lo..self.lo + n];
+        self.lo += n;
+        self.pos += n as u64;
+        let Some(region) = self.region.as_mut() else {
+            return Ok(());
+        };
+        if let Some((h, _)) = region.check.as_mut() {
+            h.update(bytes);
+        }
+        if region.end == Some(self.pos) {
+            if let Some((h, idx)) = region.check.take() {
+                self.verify_range(h, idx)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn verify_range(&self, h: RangeHasher, idx: usize) -> Result<(), ImageError> {
+        let Plan::Bmap { bmap, .. } = &self.plan else {
+            return Ok(());
+        };
+        let r = &bmap.ranges[idx];
+        let got = h.finish_hex();
+        match &r.checksum {
+            Some(want) if *want != got => Err(ImageError::RangeChecksum {
+                path: self.name.clone(),
+                start: r.start,
+                end: r.end,
+                expected: format!("{want} (blocks {}-{})", r.first_block, r.last_block),
+                actual: got,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Scan the current region; `Ok(None)` when it has ended.
+    fn scan(&mut self, buf: &mut [u8]) -> Result<Option<Extent>, ImageError> {
+        let end = self.region.as_ref().and_then(|r| r.end);
+        if self.lo == self.hi && self.refill(end)? == 0 {
+            if let Some(e) = end {
+                if self.pos < e {
+                    let why = match self.plan {
+                        Plan::Bmap { .. } => "the bmap",
+                        Plan::Holes { .. } => "its size at open",
+                        Plan::Whole { .. } => "the caller",
+                    };
+                    let total = match &self.plan {
+                        Plan::Bmap { bmap, .. } => bmap.image_size,
+                        Plan::Holes { size } => *size,
+                        Plan::Whole { .. } => e,
+                    };
+                    return Err(self.truncated(total, why));
+                }
+            }
+            self.region = None;
+            return Ok(None);
+        }
+        let start = self.pos;
+        let blen = self.block_len(end);
+        if is_zero(&self.ibuf[self.lo..self.lo + blen]) {
+            self.consume(blen)?;
+            loop {
+                if end == Some(self.pos) {
+                    break;
+                }
+                if self.lo == self.hi && self.refill(end)? == 0 {
+                    break;
+                }
+                let blen = self.block_len(end);
+                if !is_zero(&self.ibuf[self.lo..self.lo + blen]) {
+                    break;
+                }
+                self.consume(blen)?;
+            }
+            return Ok(Some(Extent {
+                offset: start,
+                len: self.pos - start,
+                kind: ExtentKind::Zero,
+            }));
+        }
+        let mut filled = 0usize;
+        let mut blen = blen;
+        loop {
+            let room = buf.len() - filled;
+            if room == 0 || (blen > room && filled > 0) {
+                break;
+            }
+            let n = blen.min(room);
+            buf[filled..filled + n].copy_from_slice(&self.ibuf[self.lo..self.lo + n]);
+            filled += n;
+            self.consume(n)?;
+            if end == Some(self.pos) || filled == buf.len() {
+                break;
+            }
+            if self.lo == self.hi && self.refill(end)? == 0 {
+                break;
+            }
+            blen = self.block_len(end);
+            if is_zero(&self.ibuf[self.lo..self.lo + blen]) {
+                break;
+            }
+        }
+        Ok(Some(Extent {
+            offset: start,
+            len: filled as u64,
+            kind: ExtentKind::Data,
+        }))
+    }
+}
+
+fn check_bmap_size(b: &Bmap, size: u64, name: &str) -> Result<(), ImageError> {
+    if b.image_size != size {
+        return Err(ImageError::Invalid {
+            path: name.to_string(),
+            msg: format!(
+                "the bmap {} describes a {}-byte image but the image is {size} bytes",
+                b.path.display(),
+                b.image_size
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// lseek with SEEK_DATA/SEEK_HOLE; `Ok(None)` for ENXIO (no data at or after `pos`).
+fn seek(fd: i32, pos: u64, whence: i32) -> io::Result<Option<u64>> {
+    let off = i64::try_from(pos).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+    // SAFETY: lseek on a valid, owned descriptor has no memory effects.
+    let r = unsafe { libc::lseek(fd, off, whence) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENXIO) {
+            return Ok(None);
+        }
+        return Err(e);
+    }
+    Ok(Some(r as u64))
+}
+
+impl ExtentSource for ScanSource {
+    fn size_hint(&self) -> Option<u64> {
+        match &self.plan {
+            Plan::Holes { size } => Some(*size),
+            Plan::Whole { expected, .. } => *expected,
+            Plan::Bmap { bmap, .. } => Some(bmap.image_size),
+        }
+    }
+
+    fn next_extent(&mut self, buf: &mut [u8]) -> Result<Option<Extent>, ImageError> {
+        loop {
+            if self.finished {
+                return Ok(None);
+            }
+            if self.region.is_none() {
+                if let Some(e) = self.next_region()? {
+                    return Ok(Some(e));
+                }
+                continue;
+            }
+            if let Some(e) = self.scan(buf)? {
+                return Ok(Some(e));
+            }
+        }
+    }
+
+    fn describe(&self) -> String {
+        self.desc.clone()
+    }
+}
