@@ -121,6 +121,9 @@ fn classify_dyn(e: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(x) = e.downcast_ref::<crate::acquire::AcquireError>() {
         return Some(x.exit());
     }
+    if let Some(x) = e.downcast_ref::<crate::console::ConsoleError>() {
+        return Some(x.exit());
+    }
     if let Some(x) = e.downcast_ref::<std::io::Error>() {
         if x.kind() == std::io::ErrorKind::Interrupted {
             return Some(Exit::Interrupted);

@@ -1,23 +1,631 @@
+//! `console`, `bootstrap`, `serial-load`: flags and glue around [`crate::console`].
+
+use std::io::{IsTerminal, Read, Write};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+
 use super::Global;
-use crate::exit::Exit;
+use crate::console::bootstrap::{self, FlashVia, Plan};
+use crate::console::handoff::{self, Rebuild, RebuildPlan};
+use crate::console::linux::LinuxConfig;
+use crate::console::load::{self, LoadPlan};
+use crate::console::serial::{self, Link};
+use crate::console::session::{Session, Transcript};
+use crate::console::uboot::{InterruptKey, UBootConfig};
+use crate::console::ymodem::Protocol;
+use crate::console::ConsoleError;
+use crate::exit::{Exit, ExitError};
+use crate::progress::{Event, Level};
 
-#[derive(Debug, clap::Args)]
-pub struct ConsoleArgs {}
+/// Port, line settings and transcript, shared by the three commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PortArgs {
+    /// Board descriptor name (console baud, U-Boot prompt, interrupt key); flags override it.
+    #[arg(long)]
+    pub board: Option<String>,
+    /// Serial port; default: the only USB serial adapter present (udev ID_BUS=usb).
+    #[arg(long, value_name = "DEV")]
+    pub port: Option<PathBuf>,
+    /// Line rate (8N1, no flow control). Default: the descriptor's, else 115200.
+    #[arg(long)]
+    pub baud: Option<u32>,
+    /// Where to write the timestamped transcript (default: under $XDG_STATE_HOME/sbcflash/console/).
+    #[arg(long, value_name = "FILE")]
+    pub transcript: Option<PathBuf>,
+    /// How long to wait for a vanished USB serial adapter to come back.
+    #[arg(long, value_name = "SECS", default_value_t = 10)]
+    pub reopen_secs: u64,
+}
 
-pub fn run_console(_a: ConsoleArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("console")
+/// U-Boot settings (descriptor values, overridable).
+#[derive(Debug, Clone, clap::Args)]
+pub struct UBootArgs {
+    /// U-Boot's prompt.
+    #[arg(long, default_value = "=> ")]
+    pub prompt: String,
+    /// Autoboot interrupt: any (a space), ctrl-c, or string:TEXT (AUTOBOOT_KEYED builds).
+    #[arg(long, value_name = "KEY", value_parser = parse_key)]
+    pub interrupt: Option<InterruptKey>,
+    /// Seconds to reach the U-Boot prompt.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub uboot_timeout: u64,
+    /// Seconds per U-Boot command.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
+    pub command_timeout: u64,
+    /// Type commands in chunks of N bytes (boards that drop characters); 0 = off.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub tx_chunk: usize,
+    /// Pause after each chunk, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 5)]
+    pub tx_delay_ms: u64,
+}
+
+fn parse_key(s: &str) -> Result<InterruptKey, String> {
+    InterruptKey::parse(s)
+}
+
+impl UBootArgs {
+    fn config(&self) -> UBootConfig {
+        UBootConfig {
+            prompt: self.prompt.clone(),
+            interrupt: self.interrupt.clone().unwrap_or(InterruptKey::AnyKey),
+            timeout: Duration::from_secs(self.uboot_timeout),
+            command_timeout: Duration::from_secs(self.command_timeout),
+            ..UBootConfig::default()
+        }
+    }
 }
 
 #[derive(Debug, clap::Args)]
-pub struct BootstrapArgs {}
-
-pub fn run_bootstrap(_a: BootstrapArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("bootstrap")
+#[command(
+    after_help = "Leave with Ctrl-] then q (Ctrl-] twice sends a literal Ctrl-]).\n\nExample:\n  sbcflash console --board opi5 --port /dev/ttyUSB0"
+)]
+pub struct ConsoleArgs {
+    #[command(flatten)]
+    pub port: PortArgs,
 }
 
 #[derive(Debug, clap::Args)]
-pub struct SerialLoadArgs {}
+#[command(
+    after_help = "Examples:\n  sbcflash bootstrap --board opi5 --port /dev/ttyUSB0 --flake .#opi5-lab\n  sbcflash bootstrap --port /dev/ttyUSB0 --uboot-cmd 'setenv bootargs ...' --flake ~/lab --host b1 --ssh-user nixos --dry-run"
+)]
+pub struct BootstrapArgs {
+    /// Boxed: this command has many flags, and clap's `Command` enum holds every command's.
+    #[command(flatten)]
+    pub opts: Box<BootstrapOpts>,
+}
 
-pub fn run_serial_load(_a: SerialLoadArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("serial-load")
+#[derive(Debug, clap::Args)]
+pub struct BootstrapOpts {
+    #[command(flatten)]
+    pub port: PortArgs,
+    #[command(flatten)]
+    pub uboot: UBootArgs,
+    /// Run this at the U-Boot prompt before booting (repeatable; stops autoboot).
+    #[arg(long = "uboot-cmd", value_name = "CMD")]
+    pub uboot_cmd: Vec<String>,
+    /// Boot with this U-Boot command (stops autoboot; default when stopped: `boot`).
+    #[arg(long, value_name = "CMD")]
+    pub boot_cmd: Option<String>,
+    /// Stop autoboot even with nothing to run, then `boot`.
+    #[arg(long)]
+    pub interrupt_autoboot: bool,
+    /// Start a U-Boot USB gadget so that this host can write the board's storage, then reset.
+    #[arg(long, value_enum)]
+    pub flash_via: Option<FlashVia>,
+    /// The storage the gadget exposes.
+    #[arg(long, default_value = "mmc 0", value_name = "DEV")]
+    pub flash_dev: String,
+    /// Seconds from the boot command to the login prompt.
+    #[arg(long, value_name = "SECS", default_value_t = 300)]
+    pub boot_timeout: u64,
+    /// Console login user.
+    #[arg(long, default_value = "root")]
+    pub login_user: String,
+    /// Console login password (prefer images with console autologin).
+    #[arg(long, env = "SBCFLASH_LOGIN_PASSWORD", hide_env_values = true)]
+    pub login_password: Option<String>,
+    /// A regex whose first group is the board's IPv4 address in a console line (fallback).
+    #[arg(long, value_name = "REGEX")]
+    pub ip_marker: Option<String>,
+    /// Flake reference, `REF#HOST` (or `REF` with --host).
+    #[arg(long)]
+    pub flake: Option<String>,
+    /// NixOS configuration name in the flake.
+    #[arg(long)]
+    pub host: Option<String>,
+    /// SSH user for nixos-rebuild (`--use-remote-sudo` is added when not root).
+    #[arg(long, default_value = "root")]
+    pub ssh_user: String,
+    /// Address to use for SSH instead of the board's own (NAT'd labs, tests).
+    #[arg(long)]
+    pub ssh_host: Option<String>,
+    /// SSH port (passed to nixos-rebuild as NIX_SSHOPTS="-p PORT").
+    #[arg(long, default_value_t = 22)]
+    pub ssh_port: u16,
+    /// Seconds to wait for SSH to answer.
+    #[arg(long, value_name = "SECS", default_value_t = 120)]
+    pub ssh_timeout: u64,
+    /// The deployer (program and leading arguments).
+    #[arg(long, default_value = "nixos-rebuild", value_name = "CMD")]
+    pub rebuild_cmd: String,
+    /// Print the nixos-rebuild command instead of running it.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stop after the console login and IP address (no SSH, no handoff).
+    #[arg(long)]
+    pub no_handoff: bool,
+    /// Also print every console line on stderr.
+    #[arg(long)]
+    pub show_console: bool,
+}
+
+#[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  sbcflash serial-load --port /dev/ttyUSB0 u-boot-rockchip-spi.bin --then 'sf probe' --then 'sf update ${loadaddr} 0 ${filesize}'\n  sbcflash serial-load --port /dev/ttyUSB0 --protocol xmodem --raw u-boot-spl.bin.normal.out"
+)]
+pub struct SerialLoadArgs {
+    #[command(flatten)]
+    pub port: PortArgs,
+    #[command(flatten)]
+    pub uboot: UBootArgs,
+    /// The file to send.
+    pub file: PathBuf,
+    /// Load address (hex); default: U-Boot's $loadaddr.
+    #[arg(long, value_parser = parse_addr)]
+    pub addr: Option<u64>,
+    /// ymodem (U-Boot `loady`) or xmodem (`loadx`, boot ROM recovery).
+    #[arg(long, value_enum, default_value_t = ProtocolArg::Ymodem)]
+    pub protocol: ProtocolArg,
+    /// No U-Boot: the receiver (a boot ROM) is already waiting; no crc32 check is possible.
+    #[arg(long)]
+    pub raw: bool,
+    /// U-Boot command to run after the checked transfer (repeatable).
+    #[arg(long, value_name = "CMD")]
+    pub then: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ProtocolArg {
+    Ymodem,
+    Xmodem,
+}
+
+fn parse_addr(s: &str) -> Result<u64, String> {
+    let t = s
+        .strip_prefix("0x")
+        .or_else(|| s.strip_prefix("0X"))
+        .unwrap_or(s);
+    u64::from_str_radix(t, 16).map_err(|e| format!("bad address {s:?} (hex expected): {e}"))
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")
+}
+
+fn transcript_path(p: &PortArgs, what: &str) -> PathBuf {
+    if let Some(t) = &p.transcript {
+        return t.clone();
+    }
+    let base = dirs::state_dir()
+        .or_else(dirs::cache_dir)
+        .unwrap_or_else(std::env::temp_dir)
+        .join("sbcflash")
+        .join("console");
+    base.join(format!(
+        "{what}-{}.log",
+        chrono::Local::now().format("%Y%m%d-%H%M%S")
+    ))
+}
+
+fn baud(p: &PortArgs) -> u32 {
+    p.baud.unwrap_or(115_200)
+}
+
+/// Opens the port and a session with transcript and a stage printer.
+fn open_session(p: &PortArgs, what: &str, g: &Global) -> anyhow::Result<Session> {
+    if let Some(b) = &p.board {
+        tracing::info!(
+            "board {b}: descriptor values are not wired in yet; using flags and defaults"
+        );
+    }
+    let port = serial::pick_port(p.port.as_deref())?;
+    let mut link = Link::serial(&port, baud(p))?;
+    link.set_reopen_for(Duration::from_secs(p.reopen_secs));
+    let mut s = Session::new(link);
+    let tp = transcript_path(p, what);
+    let tr = Transcript::create(&tp, Instant::now())
+        .with_context(|| format!("create transcript {}", tp.display()))?;
+    s.transcript = Some(tr);
+    let reporter = g.reporter();
+    let json = g.json;
+    let quiet = g.quiet;
+    let job = port.display().to_string();
+    s.on_stage(move |t, st| {
+        let text = format!("[{:>7.2}s] {st}", t.as_secs_f64());
+        if json {
+            reporter.report(Event::Message {
+                job: job.clone(),
+                level: Level::Info,
+                text,
+            });
+        } else if !quiet {
+            eprintln!("{text}");
+        }
+    });
+    if !g.quiet && !g.json {
+        eprintln!(
+            "console {} at {} baud, transcript {}",
+            port.display(),
+            baud(p),
+            tp.display()
+        );
+    }
+    Ok(s)
+}
+
+fn with_transcript<T>(s: &mut Session, r: Result<T, ConsoleError>) -> anyhow::Result<T> {
+    s.finish();
+    let path = s
+        .transcript
+        .as_ref()
+        .map(|t| t.path().display().to_string());
+    if r.is_err() {
+        if let Some(p) = path {
+            eprintln!("console transcript: {p}");
+        }
+    }
+    Ok(r?)
+}
+
+pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
+    let a = *a.opts;
+    if !a.no_handoff && a.flake.is_none() {
+        return Err(ExitError::new(
+            Exit::Usage,
+            "--flake REF#HOST is needed for the handoff (or pass --no-handoff)",
+        )
+        .into());
+    }
+    let ip_marker = match &a.ip_marker {
+        Some(r) => Some(
+            regex::Regex::new(r)
+                .map_err(|e| ExitError::new(Exit::Usage, format!("--ip-marker: {e}")))?,
+        ),
+        None => None,
+    };
+    let plan = Plan {
+        uboot: a.uboot.config(),
+        linux: LinuxConfig {
+            boot_timeout: Duration::from_secs(a.boot_timeout),
+            login_user: a.login_user.clone(),
+            login_password: a.login_password.clone(),
+            ip_marker,
+            ..LinuxConfig::default()
+        },
+        force_interrupt: a.interrupt_autoboot,
+        uboot_cmds: a.uboot_cmd.clone(),
+        boot_cmd: a.boot_cmd.clone(),
+        flash_via: a.flash_via.map(|v| (v, a.flash_dev.clone())),
+        find_ip: true,
+    };
+    let rt = runtime()?;
+    let _enter = rt.enter(); // the serial port registers with the runtime's reactor
+    let mut s = open_session(&a.port, "bootstrap", g)?;
+    if let Some(t) = s.transcript.as_mut() {
+        t.echo = a.show_console;
+    }
+    s.tx_chunk = a.uboot.tx_chunk;
+    s.tx_delay = Duration::from_millis(a.uboot.tx_delay_ms);
+    let mut wait_flash = || -> Result<(), ConsoleError> {
+        eprintln!("press Enter here when the board's storage has been written");
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        Ok(())
+    };
+    let r = rt.block_on(bootstrap::run(&mut s, &plan, &mut wait_flash));
+    let reached = with_transcript(&mut s, r)?;
+    drop(s);
+    if a.no_handoff {
+        if let Some(ip) = reached.ip {
+            println!("{ip}");
+        }
+        return Ok(Exit::Ok);
+    }
+    let host = match (&a.ssh_host, reached.ip) {
+        (Some(h), _) => h.clone(),
+        (None, Some(ip)) => ip.to_string(),
+        (None, None) => {
+            return Err(ConsoleError::Handoff(
+                "could not find the board's IP address (no `ip` answer, no --ip-marker match); pass --ssh-host".into(),
+            )
+            .into())
+        }
+    };
+    let t = Instant::now();
+    let banner = handoff::wait_for_ssh(&host, a.ssh_port, Duration::from_secs(a.ssh_timeout))?;
+    eprintln!(
+        "SSH answers on {host}:{} ({banner}) after {:.1}s",
+        a.ssh_port,
+        t.elapsed().as_secs_f64()
+    );
+    let keys = handoff::keyscan(&host, a.ssh_port)?;
+    eprintln!("host keys (pin them in known_hosts):");
+    for l in &keys.lines {
+        eprintln!("  {l}");
+    }
+    for f in &keys.fingerprints {
+        eprintln!("  {f}");
+    }
+    let env_opts = std::env::var("NIX_SSHOPTS").ok();
+    let flake = a.flake.clone().unwrap_or_default();
+    let rebuild = Rebuild::plan(&RebuildPlan {
+        rebuild_cmd: &a.rebuild_cmd,
+        flake: &flake,
+        host: a.host.as_deref(),
+        ssh_user: &a.ssh_user,
+        ssh_host: &host,
+        ssh_port: a.ssh_port,
+        env_sshopts: env_opts.as_deref(),
+    })?;
+    if a.dry_run {
+        println!("{}", rebuild.display());
+        return Ok(Exit::Ok);
+    }
+    eprintln!("running: {}", rebuild.display());
+    let code = rebuild.run()?;
+    if code == 0 {
+        eprintln!("{} finished successfully", rebuild.program);
+        return Ok(Exit::Ok);
+    }
+    eprintln!("{} exited with status {code}", rebuild.program);
+    // Pass the deployer's status through unchanged.
+    std::process::exit(code);
+}
+
+pub fn run_serial_load(a: SerialLoadArgs, g: &Global) -> anyhow::Result<Exit> {
+    let data = std::fs::read(&a.file).with_context(|| format!("read {}", a.file.display()))?;
+    if data.is_empty() {
+        return Err(
+            ExitError::new(Exit::BadInput, format!("{} is empty", a.file.display())).into(),
+        );
+    }
+    let name = a
+        .file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "file".into());
+    let plan = LoadPlan {
+        uboot: a.uboot.config(),
+        protocol: match a.protocol {
+            ProtocolArg::Ymodem => Protocol::Ymodem,
+            ProtocolArg::Xmodem => Protocol::Xmodem,
+        },
+        addr: a.addr,
+        then: a.then.clone(),
+        raw: a.raw,
+    };
+    let rt = runtime()?;
+    let _enter = rt.enter();
+    let mut s = open_session(&a.port, "serial-load", g)?;
+    let r = rt.block_on(load::run(&mut s, &plan, &name, data));
+    let l = with_transcript(&mut s, r)?;
+    let rate = l.bytes as f64 / l.seconds.max(0.001) / 1024.0;
+    if g.json {
+        println!(
+            "{}",
+            serde_json::json!({"event":"serial-load","bytes":l.bytes,"crc32":format!("{:08x}", l.crc32),"addr":l.addr.map(|x| format!("0x{x:x}")),"seconds":l.seconds})
+        );
+    } else {
+        println!(
+            "sent {} ({} bytes, crc32 {:08x}){} in {:.1}s ({rate:.1} KiB/s)",
+            a.file.display(),
+            l.bytes,
+            l.crc32,
+            l.addr.map(|x| format!(" to 0x{x:x}")).unwrap_or_default(),
+            l.seconds
+        );
+    }
+    Ok(Exit::Ok)
+}
+
+/// Restores the terminal mode on drop (also on panic).
+struct RawMode {
+    saved: Option<nix::sys::termios::Termios>,
+}
+
+impl RawMode {
+    fn enter() -> RawMode {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let stdin = std::io::stdin();
+        if !stdin.is_terminal() {
+            return RawMode { saved: None };
+        }
+        let Ok(saved) = tcgetattr(&stdin) else {
+            return RawMode { saved: None };
+        };
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+        RawMode { saved: Some(saved) }
+    }
+}
+
+impl Drop for RawMode {
+    fn drop(&mut self) {
+        if let Some(t) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(
+                std::io::stdin(),
+                nix::sys::termios::SetArg::TCSANOW,
+                t,
+            );
+        }
+    }
+}
+
+/// What the escape-key logic decided for a chunk of keyboard input.
+#[derive(Debug, PartialEq, Eq)]
+pub enum KeyAction {
+    Send(Vec<u8>),
+    Quit,
+}
+
+/// picocom-style escape: Ctrl-] then `q` quits, Ctrl-] twice sends one Ctrl-], Ctrl-] then
+/// anything else sends both. `armed` carries the state between chunks.
+pub fn escape_keys(input: &[u8], armed: &mut bool) -> Vec<KeyAction> {
+    let mut out = Vec::new();
+    let mut cur = Vec::new();
+    for &b in input {
+        if *armed {
+            *armed = false;
+            match b {
+                b'q' | b'Q' | 0x11 => {
+                    if !cur.is_empty() {
+                        out.push(KeyAction::Send(std::mem::take(&mut cur)));
+                    }
+                    out.push(KeyAction::Quit);
+                    return out;
+                }
+                0x1d => cur.push(0x1d),
+                _ => {
+                    cur.push(0x1d);
+                    cur.push(b);
+                }
+            }
+        } else if b == 0x1d {
+            *armed = true;
+        } else {
+            cur.push(b);
+        }
+    }
+    if !cur.is_empty() {
+        out.push(KeyAction::Send(cur));
+    }
+    out
+}
+
+pub fn run_console(a: ConsoleArgs, g: &Global) -> anyhow::Result<Exit> {
+    let rt = runtime()?;
+    let _enter = rt.enter();
+    let port = serial::pick_port(a.port.port.as_deref())?;
+    let mut link = Link::serial(&port, baud(&a.port))?;
+    link.set_reopen_for(Duration::from_secs(a.port.reopen_secs));
+    let tp = transcript_path(&a.port, "console");
+    let mut tr = Transcript::create(&tp, Instant::now())
+        .with_context(|| format!("create transcript {}", tp.display()))?;
+    if !g.quiet {
+        eprintln!(
+            "console {} at {} baud; transcript {}; leave with Ctrl-] q\r",
+            port.display(),
+            baud(&a.port),
+            tp.display()
+        );
+    }
+    let raw = RawMode::enter();
+    // Keyboard on a plain thread (stdin reads block); bytes go over a channel.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Option<Vec<u8>>>();
+    std::thread::spawn(move || {
+        let mut stdin = std::io::stdin();
+        let mut buf = [0u8; 1024];
+        loop {
+            match stdin.read(&mut buf) {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(None);
+                    return;
+                }
+                Ok(n) => {
+                    if tx.send(Some(buf[..n].to_vec())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+    let r: Result<(), ConsoleError> = rt.block_on(async {
+        let mut out = std::io::stdout();
+        let mut buf = vec![0u8; 4096];
+        let mut armed = false;
+        let mut eof_at: Option<tokio::time::Instant> = None;
+        loop {
+            let until =
+                eof_at.unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                r = link.read(&mut buf) => {
+                    let n = r?;
+                    tr.received(&buf[..n], Instant::now());
+                    out.write_all(&buf[..n])?;
+                    out.flush()?;
+                }
+                k = rx.recv(), if eof_at.is_none() => {
+                    match k.flatten() {
+                        None => {
+                            // stdin closed (a pipe): show what is still coming, then leave.
+                            eof_at = Some(tokio::time::Instant::now() + Duration::from_secs(1));
+                        }
+                        Some(bytes) => {
+                            for act in escape_keys(&bytes, &mut armed) {
+                                match act {
+                                    KeyAction::Quit => return Ok(()),
+                                    KeyAction::Send(b) => {
+                                        tr.sent(&b, Instant::now());
+                                        link.write_all(&b).await?;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(until) => {
+                    if eof_at.is_some() {
+                        return Ok(());
+                    }
+                }
+            }
+            for n in std::mem::take(&mut link.notes) {
+                tr.note(&n, Instant::now());
+                eprint!("\r\n[sbcflash: {n}]\r\n");
+            }
+        }
+    });
+    drop(raw);
+    tr.finish();
+    if !g.quiet {
+        eprintln!("\nconsole closed; transcript {}", tp.display());
+    }
+    r.map_err(|e| anyhow::Error::new(e).context(format!("console transcript: {}", tp.display())))?;
+    Ok(Exit::Ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_sequence() {
+        let mut armed = false;
+        assert_eq!(
+            escape_keys(b"ab\x1dq", &mut armed),
+            vec![KeyAction::Send(b"ab".to_vec()), KeyAction::Quit]
+        );
+        let mut armed = false;
+        assert_eq!(
+            escape_keys(b"x\x1d", &mut armed),
+            vec![KeyAction::Send(b"x".to_vec())]
+        );
+        assert!(armed);
+        assert_eq!(
+            escape_keys(b"\x1d", &mut armed),
+            vec![KeyAction::Send(vec![0x1d])]
+        );
+        let mut armed = false;
+        assert_eq!(
+            escape_keys(b"\x1dz", &mut armed),
+            vec![KeyAction::Send(vec![0x1d, b'z'])]
+        );
+    }
 }

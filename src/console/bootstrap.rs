@@ -1,0 +1,158 @@
+//! The headless path after power-on, as one plan: catch U-Boot (when anything has to be done
+//! there), run its commands, boot, follow Linux, log in, find the IP address. The handoff to
+//! `nixos-rebuild` is done by the caller with [`super::handoff`] so that it can print and
+//! ask first.
+
+use std::net::Ipv4Addr;
+use std::time::Duration;
+
+use super::linux::{self, Arrival, Follow, LinuxConfig, Login};
+use super::session::Session;
+use super::uboot::{self, Fire, Gadget, Interrupt, ResetWatch, UBootConfig};
+use super::{ConsoleError, Stage};
+
+/// Which U-Boot USB gadget to start for flashing the board's storage from this host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum FlashVia {
+    /// USB mass storage (`ums 0 mmc 0`): the eMMC shows up as a disk on this host.
+    Ums,
+    /// Rockchip rockusb (`rockusb 0 mmc 0`).
+    Rockusb,
+    /// Android fastboot (`fastboot usb 0`).
+    Fastboot,
+}
+
+impl FlashVia {
+    /// The U-Boot command for `dev` (e.g. `mmc 0`).
+    pub fn command(self, dev: &str) -> String {
+        match self {
+            FlashVia::Ums => format!("ums 0 {dev}"),
+            FlashVia::Rockusb => format!("rockusb 0 {dev}"),
+            FlashVia::Fastboot => "fastboot usb 0".to_string(),
+        }
+    }
+
+    /// What the user does on this host while the gadget runs.
+    pub fn hint(self) -> &'static str {
+        match self {
+            FlashVia::Ums => "the board's storage is now a USB disk on this host: write it with `sbcflash write IMAGE /dev/sdX` (check `sbcflash list`)",
+            FlashVia::Rockusb => "the board now speaks rockusb: write it with sbcflash's USB path (`sbcflash write IMAGE usb:`; see `sbcflash usb`)",
+            FlashVia::Fastboot => "the board now speaks fastboot: flash it with sbcflash's USB path (see `sbcflash usb`)",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub uboot: UBootConfig,
+    pub linux: LinuxConfig,
+    /// Stop autoboot even when there is nothing to run (`--interrupt-only` debugging).
+    pub force_interrupt: bool,
+    pub uboot_cmds: Vec<String>,
+    /// The command that boots once U-Boot was interrupted (default `boot`).
+    pub boot_cmd: Option<String>,
+    pub flash_via: Option<(FlashVia, String)>,
+    /// Shell commands to find the address, tried in order; then the console marker.
+    pub find_ip: bool,
+}
+
+impl Plan {
+    fn needs_uboot(&self) -> bool {
+        self.force_interrupt
+            || !self.uboot_cmds.is_empty()
+            || self.boot_cmd.is_some()
+            || self.flash_via.is_some()
+    }
+}
+
+/// Result of [`run`].
+#[derive(Debug, Clone)]
+pub struct Reached {
+    pub ip: Option<Ipv4Addr>,
+    pub arrival: Arrival,
+}
+
+/// Called while a USB gadget runs; returns when the user is done flashing.
+pub type WaitFlash<'a> = &'a mut (dyn FnMut() -> Result<(), ConsoleError> + Send);
+
+pub async fn run(
+    s: &mut Session,
+    plan: &Plan,
+    wait_flash: WaitFlash<'_>,
+) -> Result<Reached, ConsoleError> {
+    let mut resets = ResetWatch::default();
+    if plan.needs_uboot() {
+        let n = s.next_n();
+        let mut m = Interrupt::new(&plan.uboot, resets, n);
+        resets = s.run(&mut m).await?;
+        for c in &plan.uboot_cmds {
+            let n = s.next_n();
+            let out = s.run(&mut uboot::command(&plan.uboot, c, n)).await?.ok()?;
+            s.stage(&Stage::Note(format!(
+                "U-Boot `{c}`: ok{}",
+                out.lines
+                    .last()
+                    .map(|l| format!(" ({l})"))
+                    .unwrap_or_default()
+            )));
+        }
+        if let Some((via, dev)) = &plan.flash_via {
+            let cmd = via.command(dev);
+            let mut g = Gadget::new(&cmd, &plan.uboot.prompt, Duration::from_secs(2));
+            s.run(&mut g).await?;
+            s.stage(&Stage::Note(format!("U-Boot runs `{cmd}`: {}", via.hint())));
+            wait_flash()?;
+            // Ctrl-C ends the gadget; then reset into whatever was written.
+            s.send(&[0x03]).await?;
+            s.settle(Duration::from_millis(500), Duration::from_secs(5))
+                .await?;
+            s.run(&mut Fire::new("reset")).await?;
+            resets.forget();
+            s.stage(&Stage::Note("U-Boot `reset` sent".into()));
+        } else {
+            let boot = plan.boot_cmd.clone().unwrap_or_else(|| "boot".into());
+            s.run(&mut Fire::new(&boot)).await?;
+            s.stage(&Stage::Note(format!("U-Boot `{boot}` sent")));
+        }
+    }
+    let mut follow = Follow::new(&plan.linux, resets);
+    let (arrival, console_ip) = s.run(&mut follow).await?;
+    if arrival == Arrival::Login {
+        s.stage(&Stage::LoginPrompt);
+    }
+    let n = s.next_n();
+    s.run(&mut Login::new(&plan.linux, arrival.clone(), n))
+        .await?;
+    s.stage(&Stage::LoggedIn);
+    // Keep kernel messages off the console from here on (they interleave with output).
+    let n = s.next_n();
+    let _ = s
+        .run(&mut linux::command(&plan.linux, "dmesg -n 1", n))
+        .await?;
+    let mut ip = None;
+    if plan.find_ip {
+        let n = s.next_n();
+        let j = s
+            .run(&mut linux::command(&plan.linux, "ip -4 -j addr show", n))
+            .await?;
+        if j.status == 0 {
+            ip = linux::ip_from_json(&j.text());
+        }
+        if ip.is_none() {
+            let n = s.next_n();
+            let t = s
+                .run(&mut linux::command(&plan.linux, "ip -4 addr show", n))
+                .await?;
+            if t.status == 0 {
+                ip = linux::ip_from_text(&t.text());
+            }
+        }
+        if ip.is_none() {
+            ip = console_ip;
+        }
+        if let Some(a) = ip {
+            s.stage(&Stage::Note(format!("board IP address {a}")));
+        }
+    }
+    Ok(Reached { ip, arrival })
+}

@@ -1,0 +1,253 @@
+//! Handing the booted board to `nixos-rebuild`: wait until SSH really answers (TCP connect
+//! plus the `SSH-2.0` banner), fetch and show the host key so that the user can pin it,
+//! print the exact command, run it and pass its exit status through.
+
+use std::io::Read;
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use super::ConsoleError;
+
+/// Waits until `host:port` accepts a TCP connection and sends an `SSH-2.0` banner.
+/// Returns the banner line.
+pub fn wait_for_ssh(host: &str, port: u16, timeout: Duration) -> Result<String, ConsoleError> {
+    let end = Instant::now() + timeout;
+    let mut last = String::from("no attempt");
+    while Instant::now() < end {
+        match try_banner(host, port) {
+            Ok(b) if b.starts_with("SSH-2.0") => return Ok(b),
+            Ok(b) => last = format!("unexpected banner {b:?}"),
+            Err(e) => last = e.to_string(),
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    Err(ConsoleError::Handoff(format!(
+        "SSH on {host}:{port} did not answer with an SSH-2.0 banner within {}s (last: {last})",
+        timeout.as_secs()
+    )))
+}
+
+fn try_banner(host: &str, port: u16) -> std::io::Result<String> {
+    let addrs: Vec<SocketAddr> = (host, port).to_socket_addrs()?.collect();
+    let addr = addrs
+        .first()
+        .ok_or_else(|| std::io::Error::other(format!("{host} does not resolve")))?;
+    let mut s = TcpStream::connect_timeout(addr, Duration::from_secs(3))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut buf = Vec::new();
+    let mut b = [0u8; 256];
+    // The server may send other lines before the banner (RFC 4253 4.2); read to the first
+    // line that starts with "SSH-".
+    while buf.len() < 4096 {
+        let n = s.read(&mut b)?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&b[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(l) = text.lines().find(|l| l.starts_with("SSH-")) {
+            if text.contains('\n') {
+                return Ok(l.trim_end().to_string());
+            }
+        }
+    }
+    Ok(String::from_utf8_lossy(&buf).trim().to_string())
+}
+
+/// Host keys (as `ssh-keyscan` prints them) and their fingerprints.
+#[derive(Debug, Clone, Default)]
+pub struct HostKeys {
+    pub lines: Vec<String>,
+    pub fingerprints: Vec<String>,
+}
+
+/// Runs `ssh-keyscan -p PORT HOST` and `ssh-keygen -lf -` on the result.
+pub fn keyscan(host: &str, port: u16) -> Result<HostKeys, ConsoleError> {
+    let out = Command::new("ssh-keyscan")
+        .args(["-T", "10", "-p", &port.to_string(), host])
+        .output()
+        .map_err(|e| ConsoleError::Handoff(format!("cannot run ssh-keyscan: {e}")))?;
+    let lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(str::to_string)
+        .collect();
+    if lines.is_empty() {
+        return Err(ConsoleError::Handoff(format!(
+            "ssh-keyscan got no host key from {host}:{port}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    let mut fingerprints = Vec::new();
+    if let Ok(mut child) = Command::new("ssh-keygen")
+        .args(["-l", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+    {
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            let _ = stdin.write_all(lines.join("\n").as_bytes());
+            let _ = stdin.write_all(b"\n");
+        }
+        if let Ok(o) = child.wait_with_output() {
+            fingerprints = String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .map(str::to_string)
+                .collect();
+        }
+    }
+    Ok(HostKeys {
+        lines,
+        fingerprints,
+    })
+}
+
+/// The deployer invocation, built so that it can be printed exactly as it will run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rebuild {
+    pub program: String,
+    pub args: Vec<String>,
+    /// `NIX_SSHOPTS` to set (None: leave the environment alone).
+    pub nix_sshopts: Option<String>,
+}
+
+/// Inputs for [`Rebuild::plan`].
+#[derive(Debug, Clone)]
+pub struct RebuildPlan<'a> {
+    /// `--rebuild-cmd`, split on whitespace: the program and leading arguments.
+    pub rebuild_cmd: &'a str,
+    /// `REF#HOST` or `REF` (then `host` is needed).
+    pub flake: &'a str,
+    pub host: Option<&'a str>,
+    pub ssh_user: &'a str,
+    /// Address SSH goes to (the board's IP, or `--ssh-host`).
+    pub ssh_host: &'a str,
+    pub ssh_port: u16,
+    /// The user's own `NIX_SSHOPTS`, kept in front of ours.
+    pub env_sshopts: Option<&'a str>,
+}
+
+impl Rebuild {
+    pub fn plan(p: &RebuildPlan) -> Result<Rebuild, ConsoleError> {
+        let mut words = p.rebuild_cmd.split_whitespace().map(str::to_string);
+        let program = words
+            .next()
+            .ok_or_else(|| ConsoleError::Handoff("--rebuild-cmd is empty".into()))?;
+        let flake = match (p.flake.split_once('#'), p.host) {
+            (Some((r, _)), Some(h)) => format!("{r}#{h}"),
+            (Some((_, h)), None) if !h.is_empty() => p.flake.to_string(),
+            (None, Some(h)) => format!("{}#{h}", p.flake),
+            _ => {
+                return Err(ConsoleError::Handoff(format!(
+                    "--flake {:?} names no host: use REF#HOST or --host (nixos-rebuild would otherwise pick this machine's hostname)",
+                    p.flake
+                )))
+            }
+        };
+        let mut args: Vec<String> = words.collect();
+        args.extend([
+            "switch".to_string(),
+            "--flake".into(),
+            flake,
+            "--target-host".into(),
+            format!("{}@{}", p.ssh_user, p.ssh_host),
+        ]);
+        if p.ssh_user != "root" {
+            args.push("--use-remote-sudo".into());
+        }
+        let nix_sshopts = if p.ssh_port != 22 {
+            let mut s = p.env_sshopts.unwrap_or("").trim().to_string();
+            if !s.is_empty() {
+                s.push(' ');
+            }
+            s.push_str(&format!("-p {}", p.ssh_port));
+            Some(s)
+        } else {
+            None
+        };
+        Ok(Rebuild {
+            program,
+            args,
+            nix_sshopts,
+        })
+    }
+
+    /// The command line as a user would type it (shell-quoted).
+    pub fn display(&self) -> String {
+        let mut s = String::new();
+        if let Some(o) = &self.nix_sshopts {
+            s.push_str(&format!("NIX_SSHOPTS={} ", shell_quote(o)));
+        }
+        s.push_str(&shell_quote(&self.program));
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(&shell_quote(a));
+        }
+        s
+    }
+
+    /// Runs it with inherited stdio; returns its exit code (signals map to 128+N).
+    pub fn run(&self) -> Result<i32, ConsoleError> {
+        let mut c = Command::new(&self.program);
+        c.args(&self.args);
+        if let Some(o) = &self.nix_sshopts {
+            c.env("NIX_SSHOPTS", o);
+        }
+        let st = c
+            .status()
+            .map_err(|e| ConsoleError::Handoff(format!("cannot run {}: {e}", self.program)))?;
+        use std::os::unix::process::ExitStatusExt;
+        Ok(st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0)))
+    }
+}
+
+/// Quotes a word for a POSIX shell if it needs it.
+pub fn shell_quote(s: &str) -> String {
+    if !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_./:@#=+,%".contains(&b))
+    {
+        return s.to_string();
+    }
+    format!("'{}'", s.replace('\'', "'\\''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn plan(
+        user: &str,
+        port: u16,
+        flake: &str,
+        host: Option<&str>,
+    ) -> Result<Rebuild, ConsoleError> {
+        Rebuild::plan(&RebuildPlan {
+            rebuild_cmd: "nixos-rebuild",
+            flake,
+            host,
+            ssh_user: user,
+            ssh_host: "10.0.0.5",
+            ssh_port: port,
+            env_sshopts: Some("-i key"),
+        })
+    }
+
+    #[test]
+    fn rebuild_commands() {
+        let r = plan("root", 22, ".#opi5-lab", None).unwrap();
+        assert_eq!(
+            r.display(),
+            "nixos-rebuild switch --flake .#opi5-lab --target-host root@10.0.0.5"
+        );
+        let r = plan("nixos", 2222, ".", Some("b1")).unwrap();
+        assert_eq!(
+            r.display(),
+            "NIX_SSHOPTS='-i key -p 2222' nixos-rebuild switch --flake .#b1 --target-host nixos@10.0.0.5 --use-remote-sudo"
+        );
+        assert!(plan("root", 22, ".", None).is_err());
+    }
+}

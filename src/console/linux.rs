@@ -1,0 +1,392 @@
+//! Following Linux on the console: from U-Boot handing over to the kernel, through NixOS
+//! stage 1 and 2, to a login prompt or an auto-logged-in shell; logging in; finding the
+//! board's IP address.
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use super::command::Command;
+use super::expect::{is_printk, Expect};
+use super::uboot::{fatal_line, Banner, ResetWatch};
+use super::{begin_marker, ConsoleError, Deadline, Machine, Stage, Step, Tail};
+
+/// Settings for the Linux side (descriptor and flags).
+#[derive(Debug, Clone)]
+pub struct LinuxConfig {
+    /// Time from the boot command (or power-on) to the login prompt / shell.
+    pub boot_timeout: Duration,
+    pub login_user: String,
+    pub login_password: Option<String>,
+    pub login_timeout: Duration,
+    pub command_timeout: Duration,
+    /// A console line carrying the IP address, e.g. `SBCFLASH-TEST-IP: (\S+)` or NixOS
+    /// units that print it; the first capture group is the address.
+    pub ip_marker: Option<regex::Regex>,
+}
+
+impl Default for LinuxConfig {
+    fn default() -> Self {
+        LinuxConfig {
+            boot_timeout: Duration::from_secs(300),
+            login_user: "root".into(),
+            login_password: None,
+            login_timeout: Duration::from_secs(30),
+            command_timeout: Duration::from_secs(30),
+            ip_marker: None,
+        }
+    }
+}
+
+/// Where the boot ended up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Arrival {
+    /// A `login:` prompt is showing.
+    Login,
+    /// The console went quiet at something that looks like a shell prompt (autologin).
+    Shell,
+}
+
+const EMERGENCY: &[&str] = &[
+    "An error occurred in stage 1 of the boot process",
+    "You are in emergency mode",
+    "Entering emergency mode",
+    "Give root password for maintenance",
+    "Press Enter for maintenance",
+    "Cannot open access to console, the root account is locked",
+];
+
+/// Follows the boot; fails on panics, emergency shells, resets and U-Boot errors.
+pub struct Follow {
+    cfg: LinuxConfig,
+    resets: ResetWatch,
+    deadline: Option<Deadline>,
+    kernel: bool,
+    stage1: bool,
+    stage2: bool,
+    starting: bool,
+    /// IP address seen in a console marker line.
+    pub ip_from_console: Option<Ipv4Addr>,
+}
+
+impl Follow {
+    pub fn new(cfg: &LinuxConfig, resets: ResetWatch) -> Follow {
+        Follow {
+            cfg: cfg.clone(),
+            resets,
+            deadline: None,
+            kernel: false,
+            stage1: false,
+            stage2: false,
+            starting: false,
+            ip_from_console: None,
+        }
+    }
+}
+
+fn looks_like_shell_prompt(p: &str) -> bool {
+    let t = p.trim_end();
+    (t.ends_with('$') || t.ends_with('#')) && p.ends_with(' ') && t.len() < 120
+}
+
+impl Machine for Follow {
+    type Output = (Arrival, Option<Ipv4Addr>);
+
+    fn step(&mut self, ex: &mut Expect, now: Instant) -> Step<Self::Output> {
+        let dl = self
+            .deadline
+            .get_or_insert_with(|| {
+                Deadline::new(
+                    now,
+                    self.cfg.boot_timeout,
+                    "boot",
+                    "the kernel, NixOS and a login prompt",
+                )
+            })
+            .clone();
+        while let Some(line) = ex.next_line() {
+            let tail = || Tail(ex.tail(20));
+            if line.contains("Kernel panic") {
+                return Step::Fail(ConsoleError::KernelPanic {
+                    line: line.trim().to_string(),
+                    tail: tail(),
+                });
+            }
+            if let Some(e) = EMERGENCY.iter().find(|e| line.contains(*e)) {
+                return Step::Fail(ConsoleError::Emergency {
+                    line: e.to_string(),
+                    tail: tail(),
+                });
+            }
+            match self.resets.check(&line) {
+                Err(l) => {
+                    return Step::Fail(ConsoleError::UnexpectedReset {
+                        line: l,
+                        tail: tail(),
+                    })
+                }
+                Ok(Some(b)) if self.kernel || self.starting => {
+                    let _ = b;
+                    return Step::Fail(ConsoleError::UnexpectedReset {
+                        line: line.clone(),
+                        tail: tail(),
+                    });
+                }
+                Ok(Some(Banner::Proper)) => {
+                    return Step::Stage(Stage::UBootBanner(line.trim().to_string()))
+                }
+                _ => {}
+            }
+            if !self.kernel {
+                if let Some(f) = fatal_line(&line) {
+                    return Step::Fail(ConsoleError::UBootError {
+                        line: f.to_string(),
+                        tail: tail(),
+                    });
+                }
+            }
+            if !self.starting && line.contains("Starting kernel") {
+                self.starting = true;
+                return Step::Stage(Stage::StartingKernel);
+            }
+            if !self.kernel {
+                if let Some(i) = line.find("Linux version ") {
+                    self.kernel = true;
+                    let v: String = line[i..]
+                        .split_whitespace()
+                        .take(3)
+                        .collect::<Vec<_>>()
+                        .join(" ");
+                    return Step::Stage(Stage::KernelBanner(v));
+                }
+            }
+            if !self.stage1 && line.contains("<<< NixOS Stage 1 >>>") {
+                self.stage1 = true;
+                return Step::Stage(Stage::NixosStage1);
+            }
+            if !self.stage2 && line.contains("<<< NixOS Stage 2 >>>") {
+                self.stage2 = true;
+                return Step::Stage(Stage::NixosStage2);
+            }
+            if let Some(re) = &self.cfg.ip_marker {
+                if let Some(ip) = re
+                    .captures(&line)
+                    .and_then(|c| c.get(1))
+                    .and_then(|m| m.as_str().parse::<Ipv4Addr>().ok())
+                {
+                    if self.ip_from_console != Some(ip) {
+                        self.ip_from_console = Some(ip);
+                        return Step::Stage(Stage::Note(format!(
+                            "console reports IP address {ip}"
+                        )));
+                    }
+                }
+            }
+        }
+        let partial = ex.partial();
+        let quiet = ex.quiet_for(Duration::from_millis(300), now);
+        if self.kernel && partial.trim_end().ends_with("login:") && quiet {
+            return Step::Done((Arrival::Login, self.ip_from_console));
+        }
+        if self.kernel
+            && !is_printk(&partial)
+            && looks_like_shell_prompt(&partial)
+            && ex.quiet_for(Duration::from_secs(2), now)
+        {
+            return Step::Done((Arrival::Shell, self.ip_from_console));
+        }
+        if dl.passed(now) {
+            let stage = if self.stage2 {
+                "NixOS stage 2"
+            } else if self.stage1 {
+                "NixOS stage 1"
+            } else if self.kernel {
+                "kernel boot"
+            } else if self.starting {
+                "kernel start"
+            } else {
+                "U-Boot boot"
+            };
+            if ex.total_bytes() == 0 {
+                return Step::Fail(ConsoleError::Silent {
+                    stage: stage.into(),
+                    waited: dl.at.saturating_duration_since(dl.started),
+                    baud: 0,
+                });
+            }
+            let mut d = dl.clone();
+            d.stage = stage.into();
+            return Step::Fail(d.error(ex));
+        }
+        Step::Wait(dl.min(now + Duration::from_millis(100)))
+    }
+}
+
+/// Logs in at a `login:` prompt (or just confirms an autologin shell) and ends with a
+/// shell that answered a framed marker.
+pub struct Login {
+    cfg: LinuxConfig,
+    arrival: Arrival,
+    sync_n: u32,
+    state: LState,
+    deadline: Option<Deadline>,
+    user_sent_at: Option<Instant>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LState {
+    Start,
+    UserSent,
+    PasswordSent,
+    SyncSent,
+}
+
+impl Login {
+    pub fn new(cfg: &LinuxConfig, arrival: Arrival, sync_n: u32) -> Login {
+        Login {
+            cfg: cfg.clone(),
+            arrival,
+            sync_n,
+            state: LState::Start,
+            deadline: None,
+            user_sent_at: None,
+        }
+    }
+
+    fn sync(&mut self) -> Step<()> {
+        self.state = LState::SyncSent;
+        Step::Send(format!("echo SY\"\"NC-{}\r", self.sync_n).into_bytes())
+    }
+}
+
+impl Machine for Login {
+    type Output = ();
+
+    fn step(&mut self, ex: &mut Expect, now: Instant) -> Step<()> {
+        if self.state == LState::Start {
+            self.deadline = Some(Deadline::new(
+                now,
+                self.cfg.login_timeout,
+                "console login",
+                "a shell answering after the login",
+            ));
+            ex.discard_pending();
+            if self.arrival == Arrival::Shell {
+                return self.sync();
+            }
+            ex.clear_partial();
+            self.state = LState::UserSent;
+            self.user_sent_at = Some(now);
+            return Step::Send(format!("{}\r", self.cfg.login_user).into_bytes());
+        }
+        while let Some(line) = ex.next_line() {
+            if line.contains("Login incorrect") {
+                return Step::Fail(ConsoleError::Login {
+                    reason: format!("\"Login incorrect\" for user {:?}", self.cfg.login_user),
+                    tail: Tail(ex.tail(10)),
+                });
+            }
+            if self.state == LState::SyncSent && line.trim() == begin_marker(self.sync_n) {
+                return Step::Done(());
+            }
+        }
+        let partial = ex.partial();
+        if self.state == LState::UserSent && partial.trim_end().ends_with("assword:") {
+            let Some(pw) = self.cfg.login_password.clone() else {
+                return Step::Fail(ConsoleError::Login {
+                    reason: format!(
+                        "user {:?} needs a password; pass --login-password (or use an image with console autologin)",
+                        self.cfg.login_user
+                    ),
+                    tail: Tail(ex.tail(10)),
+                });
+            };
+            ex.clear_partial();
+            self.state = LState::PasswordSent;
+            return Step::Send(format!("{pw}\r").into_bytes());
+        }
+        if matches!(self.state, LState::UserSent | LState::PasswordSent)
+            && ex.quiet_for(Duration::from_millis(700), now)
+            && self
+                .user_sent_at
+                .is_some_and(|t| now >= t + Duration::from_millis(700))
+        {
+            return self.sync();
+        }
+        let Some(dl) = self.deadline.clone() else {
+            return Step::Wait(now);
+        };
+        if dl.passed(now) {
+            return Step::Fail(dl.error(ex));
+        }
+        Step::Wait(dl.min(now + Duration::from_millis(100)))
+    }
+}
+
+/// A framed command in a Linux shell (printk lines are left out of the output).
+pub fn command(cfg: &LinuxConfig, cmd: &str, n: u32) -> Command {
+    Command::new(cmd, n, None, cfg.command_timeout)
+}
+
+/// The first global IPv4 address in `ip -4 -j addr` JSON output.
+pub fn ip_from_json(text: &str) -> Option<Ipv4Addr> {
+    let v: serde_json::Value = serde_json::from_str(text.trim()).ok()?;
+    for ifc in v.as_array()? {
+        if ifc.get("ifname").and_then(|n| n.as_str()) == Some("lo") {
+            continue;
+        }
+        for a in ifc.get("addr_info")?.as_array()? {
+            if a.get("family").and_then(|f| f.as_str()).unwrap_or("inet") != "inet" {
+                continue;
+            }
+            if a.get("scope").and_then(|s| s.as_str()) == Some("host") {
+                continue;
+            }
+            if let Some(ip) = a
+                .get("local")
+                .and_then(|l| l.as_str())
+                .and_then(|l| l.parse().ok())
+            {
+                let ip: Ipv4Addr = ip;
+                if !ip.is_loopback() {
+                    return Some(ip);
+                }
+            }
+        }
+    }
+    None
+}
+
+/// The first non-loopback address in plain `ip -4 addr` output (busybox `ip` has no `-j`).
+pub fn ip_from_text(text: &str) -> Option<Ipv4Addr> {
+    text.lines().find_map(|l| {
+        let rest = l.trim_start().strip_prefix("inet ")?;
+        let addr = rest.split(['/', ' ']).next()?;
+        let ip: Ipv4Addr = addr.parse().ok()?;
+        (!ip.is_loopback()).then_some(ip)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ip_json() {
+        let j = r#"[{"ifindex":1,"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host"}]},{"ifindex":2,"ifname":"end0","addr_info":[{"family":"inet","local":"192.168.1.23","prefixlen":24,"scope":"global","dynamic":true}]}]"#;
+        assert_eq!(ip_from_json(j), Some(Ipv4Addr::new(192, 168, 1, 23)));
+        assert_eq!(ip_from_json("ip: unknown option -j"), None);
+    }
+
+    #[test]
+    fn ip_text() {
+        let t = "1: lo: <LOOPBACK,UP> mtu 65536\n    inet 127.0.0.1/8 scope host lo\n2: eth0: <UP>\n    inet 10.0.2.15/24 brd 10.0.2.255 scope global eth0\n";
+        assert_eq!(ip_from_text(t), Some(Ipv4Addr::new(10, 0, 2, 15)));
+    }
+
+    #[test]
+    fn shell_prompts() {
+        assert!(looks_like_shell_prompt("[nixos@nixos:~]$ "));
+        assert!(looks_like_shell_prompt("~ # "));
+        assert!(!looks_like_shell_prompt("sbcflash-test login: "));
+    }
+}

@@ -1,0 +1,262 @@
+//! The executor: runs sans-IO [`Machine`]s against a [`Link`], feeds the expect engine,
+//! keeps the timestamped transcript, reports stages with their time since the board's first
+//! output, and turns a console full of garbage into a "wrong baud rate?" error.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::expect::Expect;
+use super::serial::Link;
+use super::{ConsoleError, Machine, Stage, Step, Tail};
+
+/// Timestamped transcript: every received line and every sent chunk, with the time since
+/// the session started. Written as it goes, so it survives a crash.
+pub struct Transcript {
+    file: File,
+    path: PathBuf,
+    lines: Expect,
+    start: Instant,
+    /// Also print received lines to stderr (`--show-console`).
+    pub echo: bool,
+}
+
+impl Transcript {
+    pub fn create(path: &Path, start: Instant) -> std::io::Result<Transcript> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir)?;
+            }
+        }
+        Ok(Transcript {
+            file: File::create(path)?,
+            path: path.to_path_buf(),
+            lines: Expect::new(),
+            start,
+            echo: false,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn stamp(&self, now: Instant) -> String {
+        format!(
+            "[{:>10.3}]",
+            now.saturating_duration_since(self.start).as_secs_f64()
+        )
+    }
+
+    pub fn received(&mut self, bytes: &[u8], now: Instant) {
+        self.lines.feed(bytes, now);
+        while let Some(l) = self.lines.next_line() {
+            let s = self.stamp(now);
+            let _ = writeln!(self.file, "{s} {l}");
+            if self.echo {
+                eprintln!("  | {l}");
+            }
+        }
+    }
+
+    pub fn sent(&mut self, bytes: &[u8], now: Instant) {
+        let s = self.stamp(now);
+        let _ = writeln!(self.file, "{s} >> {:?}", String::from_utf8_lossy(bytes));
+    }
+
+    pub fn note(&mut self, text: &str, now: Instant) {
+        let s = self.stamp(now);
+        let _ = writeln!(self.file, "{s} == {text}");
+    }
+
+    /// Write out the incomplete last line too (at the end of a run).
+    pub fn finish(&mut self) {
+        let p = self.lines.partial();
+        if !p.is_empty() {
+            let _ = writeln!(self.file, "{} {p}", self.stamp(Instant::now()));
+        }
+        let _ = self.file.flush();
+    }
+}
+
+type StageFn = Box<dyn FnMut(Duration, &Stage) + Send>;
+
+/// One console session on one link.
+pub struct Session {
+    pub link: Link,
+    pub ex: Expect,
+    pub transcript: Option<Transcript>,
+    on_stage: StageFn,
+    seq: u32,
+    /// Split typed text into chunks of this size with `tx_delay` between them (boards that
+    /// drop characters at high rates); 0 = no pacing.
+    pub tx_chunk: usize,
+    pub tx_delay: Duration,
+}
+
+impl Session {
+    pub fn new(link: Link) -> Session {
+        Session {
+            link,
+            ex: Expect::new(),
+            transcript: None,
+            on_stage: Box::new(|_, _| {}),
+            seq: 0,
+            tx_chunk: 0,
+            tx_delay: Duration::ZERO,
+        }
+    }
+
+    pub fn on_stage(&mut self, f: impl FnMut(Duration, &Stage) + Send + 'static) {
+        self.on_stage = Box::new(f);
+    }
+
+    /// A fresh number for framing markers.
+    pub fn next_n(&mut self) -> u32 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Time since the board's first byte ("power-on" as far as the console can tell).
+    pub fn since_first_output(&self, now: Instant) -> Duration {
+        self.ex
+            .first_rx()
+            .map(|t| now.saturating_duration_since(t))
+            .unwrap_or_default()
+    }
+
+    pub fn stage(&mut self, s: &Stage) {
+        let now = Instant::now();
+        let t = self.since_first_output(now);
+        if let Some(tr) = self.transcript.as_mut() {
+            tr.note(&s.to_string(), now);
+        }
+        (self.on_stage)(t, s);
+    }
+
+    /// Runs `m` to completion.
+    pub async fn run<M: Machine>(&mut self, m: &mut M) -> Result<M::Output, ConsoleError> {
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let now = Instant::now();
+            if self.ex.looks_like_garbage() {
+                return Err(ConsoleError::Garbage {
+                    pct: (self.ex.garbage_ratio().unwrap_or(0.0) * 100.0).round() as u32,
+                    baud: self.link.baud(),
+                    tail: Tail(self.ex.tail(5)),
+                });
+            }
+            match m.step(&mut self.ex, now) {
+                Step::Send(b) => self.send(&b).await?,
+                Step::Stage(s) => self.stage(&s),
+                Step::Done(x) => return Ok(x),
+                Step::Fail(ConsoleError::Silent { stage, waited, .. }) => {
+                    return Err(ConsoleError::Silent {
+                        stage,
+                        waited,
+                        baud: self.link.baud(),
+                    })
+                }
+                Step::Fail(e) => return Err(e),
+                Step::Wait(until) => {
+                    self.read_until(until, &mut buf).await?;
+                }
+            }
+        }
+    }
+
+    /// Reads until bytes arrive or `until` passes; returns the number of bytes fed.
+    pub async fn read_until(
+        &mut self,
+        until: Instant,
+        buf: &mut [u8],
+    ) -> Result<usize, ConsoleError> {
+        let r = tokio::time::timeout_at(until.into(), self.link.read(buf)).await;
+        self.flush_notes();
+        match r {
+            Err(_) => Ok(0),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(n)) => {
+                let now = Instant::now();
+                self.received(&buf[..n], now);
+                Ok(n)
+            }
+        }
+    }
+
+    /// Raw read for binary protocols: bytes go to the transcript but not to the engine.
+    pub async fn read_raw(
+        &mut self,
+        until: Instant,
+        buf: &mut [u8],
+    ) -> Result<usize, ConsoleError> {
+        let r = tokio::time::timeout_at(until.into(), self.link.read(buf)).await;
+        self.flush_notes();
+        match r {
+            Err(_) => Ok(0),
+            Ok(Err(e)) => Err(e),
+            Ok(Ok(n)) => Ok(n),
+        }
+    }
+
+    fn received(&mut self, bytes: &[u8], now: Instant) {
+        let first = self.ex.total_bytes() == 0;
+        self.ex.feed(bytes, now);
+        if first && !bytes.is_empty() {
+            self.stage(&Stage::FirstOutput);
+        }
+        if let Some(tr) = self.transcript.as_mut() {
+            tr.received(bytes, now);
+        }
+    }
+
+    fn flush_notes(&mut self) {
+        let notes = std::mem::take(&mut self.link.notes);
+        for n in notes {
+            self.stage(&Stage::Note(n));
+        }
+    }
+
+    /// Typed text (paced if configured).
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ConsoleError> {
+        if let Some(tr) = self.transcript.as_mut() {
+            tr.sent(bytes, Instant::now());
+        }
+        if self.tx_chunk == 0 || bytes.len() <= self.tx_chunk {
+            return self.link.write_all(bytes).await;
+        }
+        for c in bytes.chunks(self.tx_chunk) {
+            self.link.write_all(c).await?;
+            tokio::time::sleep(self.tx_delay).await;
+        }
+        Ok(())
+    }
+
+    /// Binary data, never paced, logged as a size only.
+    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ConsoleError> {
+        self.link.write_all(bytes).await
+    }
+
+    /// Swallow input until the console has been quiet for `quiet` (or `max` passed).
+    pub async fn settle(&mut self, quiet: Duration, max: Duration) -> Result<(), ConsoleError> {
+        let end = Instant::now() + max;
+        let mut buf = vec![0u8; 4096];
+        loop {
+            let now = Instant::now();
+            if now >= end {
+                return Ok(());
+            }
+            let n = self.read_until((now + quiet).min(end), &mut buf).await?;
+            if n == 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if let Some(tr) = self.transcript.as_mut() {
+            tr.finish();
+        }
+    }
+}

@@ -1,0 +1,303 @@
+//! XMODEM / YMODEM sender, sans-IO: give it the bytes the receiver sent, it says what to send.
+//!
+//! Checksums: both use CRC-16/XMODEM (poly 0x1021, init 0, no reflection, sent high byte
+//! first) when the receiver starts with `C`; plain XMODEM falls back to an 8-bit sum of the
+//! data when the receiver starts with NAK. YMODEM (U-Boot's `loady`) adds block 0 with the
+//! file name and decimal size (so the receiver truncates the padding), uses 1024-byte STX
+//! blocks, and ends the batch with an empty block 0. XMODEM (boot ROM recovery, e.g. the
+//! VisionFive 2) uses 128-byte SOH blocks padded with 0x1A. U-Boot's `crc32` command, used
+//! to check the result, is the ordinary CRC-32 (IEEE 802.3, as zlib).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+const SOH: u8 = 0x01;
+const STX: u8 = 0x02;
+const EOT: u8 = 0x04;
+const ACK: u8 = 0x06;
+const NAK: u8 = 0x15;
+const CAN: u8 = 0x18;
+const PAD: u8 = 0x1a;
+
+const CRC16: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_XMODEM);
+
+/// CRC-16/XMODEM of `data`.
+pub fn crc16_xmodem(data: &[u8]) -> u16 {
+    CRC16.checksum(data)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Xmodem,
+    Ymodem,
+}
+
+/// What the sender wants.
+#[derive(Debug, PartialEq, Eq)]
+pub enum XStep {
+    Send(Vec<u8>),
+    Wait(Instant),
+    /// Bytes of the file acknowledged so far (for progress); ask again right away.
+    Progress(u64),
+    Done,
+    Fail(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum St {
+    /// Waiting for the receiver's `C` (or NAK for checksum XMODEM).
+    Start,
+    /// Block 0 sent, waiting for its ACK.
+    HeaderAck,
+    /// Header acknowledged; waiting for the `C` that starts the data.
+    DataStart,
+    /// A data block sent, waiting for ACK.
+    BlockAck,
+    /// EOT sent.
+    EotAck,
+    /// YMODEM: waiting for `C` to send the closing empty block 0.
+    FinalStart,
+    /// Closing block sent.
+    FinalAck,
+    Done,
+}
+
+pub struct Sender {
+    proto: Protocol,
+    name: String,
+    data: Vec<u8>,
+    crc: bool,
+    st: St,
+    inbox: VecDeque<u8>,
+    /// Next data block number (1-based), offset of the block in flight.
+    block: u32,
+    offset: usize,
+    in_flight: Vec<u8>,
+    in_flight_len: usize,
+    retries: u32,
+    deadline: Option<Instant>,
+    cans: u32,
+    pending_send: Option<XStep>,
+    pub block_timeout: Duration,
+    pub start_timeout: Duration,
+    pub max_retries: u32,
+}
+
+impl Sender {
+    pub fn new(proto: Protocol, name: &str, data: Vec<u8>) -> Sender {
+        Sender {
+            proto,
+            name: name.to_string(),
+            data,
+            crc: true,
+            st: St::Start,
+            inbox: VecDeque::new(),
+            block: 1,
+            offset: 0,
+            in_flight: Vec::new(),
+            in_flight_len: 0,
+            retries: 0,
+            deadline: None,
+            cans: 0,
+            pending_send: None,
+            block_timeout: Duration::from_secs(10),
+            start_timeout: Duration::from_secs(60),
+            max_retries: 10,
+        }
+    }
+
+    fn frame(&self, num: u8, payload: &[u8], size: usize) -> Vec<u8> {
+        let mut v = Vec::with_capacity(size + 5);
+        v.push(if size == 1024 { STX } else { SOH });
+        v.push(num);
+        v.push(255 - num);
+        let start = v.len();
+        v.extend_from_slice(payload);
+        let fill = if num == 0 && self.proto == Protocol::Ymodem {
+            0
+        } else {
+            PAD
+        };
+        v.resize(start + size, fill);
+        if self.crc {
+            let c = crc16_xmodem(&v[start..]);
+            v.extend_from_slice(&c.to_be_bytes());
+        } else {
+            let s = v[start..].iter().fold(0u8, |a, b| a.wrapping_add(*b));
+            v.push(s);
+        }
+        v
+    }
+
+    fn header(&self) -> Vec<u8> {
+        let mut p = Vec::new();
+        p.extend_from_slice(self.name.as_bytes());
+        p.push(0);
+        p.extend_from_slice(self.data.len().to_string().as_bytes());
+        p.push(0);
+        self.frame(0, &p, 128)
+    }
+
+    fn data_block(&mut self) -> Vec<u8> {
+        let size = match self.proto {
+            Protocol::Xmodem => 128,
+            Protocol::Ymodem => {
+                if self.data.len() - self.offset > 128 {
+                    1024
+                } else {
+                    128
+                }
+            }
+        };
+        let end = (self.offset + size).min(self.data.len());
+        self.in_flight_len = end - self.offset;
+        let b = self.frame(
+            (self.block & 0xff) as u8,
+            &self.data[self.offset..end],
+            size,
+        );
+        self.in_flight = b.clone();
+        b
+    }
+
+    fn send(&mut self, st: St, bytes: Vec<u8>, now: Instant, timeout: Duration) -> XStep {
+        self.st = st;
+        self.deadline = Some(now + timeout);
+        XStep::Send(bytes)
+    }
+
+    fn next_data(&mut self, now: Instant) -> XStep {
+        self.retries = 0;
+        if self.offset >= self.data.len() {
+            return self.send(St::EotAck, vec![EOT], now, self.block_timeout);
+        }
+        let b = self.data_block();
+        self.send(St::BlockAck, b, now, self.block_timeout)
+    }
+
+    /// Feed what the receiver sent since the last call (may be empty) and get the next step.
+    pub fn step(&mut self, input: &[u8], now: Instant) -> XStep {
+        self.inbox.extend(input.iter().copied());
+        if let Some(s) = self.pending_send.take() {
+            return s;
+        }
+        if self.deadline.is_none() {
+            self.deadline = Some(now + self.start_timeout);
+        }
+        while let Some(b) = self.inbox.pop_front() {
+            if b == CAN {
+                self.cans += 1;
+                if self.cans >= 2 {
+                    self.st = St::Done;
+                    return XStep::Fail("the receiver cancelled the transfer (CAN CAN)".into());
+                }
+                continue;
+            }
+            self.cans = 0;
+            match (self.st, b) {
+                (St::Start, b'C') | (St::Start, NAK) => {
+                    self.crc = b == b'C';
+                    if self.proto == Protocol::Ymodem && !self.crc {
+                        continue; // YMODEM needs CRC; wait for a `C`
+                    }
+                    self.inbox.clear();
+                    return match self.proto {
+                        Protocol::Ymodem => {
+                            let h = self.header();
+                            self.send(St::HeaderAck, h, now, self.block_timeout)
+                        }
+                        Protocol::Xmodem => self.next_data(now),
+                    };
+                }
+                (St::HeaderAck, ACK) => {
+                    self.st = St::DataStart;
+                    // The `C` normally follows at once; do not wait forever if it got lost.
+                    self.deadline = Some(now + Duration::from_secs(3));
+                }
+                (St::HeaderAck, NAK) => {
+                    let h = self.header();
+                    return self.retry(h, now);
+                }
+                (St::DataStart, b'C') => {
+                    self.inbox.clear();
+                    return self.next_data(now);
+                }
+                (St::BlockAck, ACK) => {
+                    self.offset += self.in_flight_len;
+                    self.block += 1;
+                    self.st = St::DataStart; // transient
+                    let s = self.next_data(now);
+                    self.pending_send = Some(s);
+                    return XStep::Progress(self.offset as u64);
+                }
+                (St::BlockAck, NAK) => {
+                    let b = self.in_flight.clone();
+                    return self.retry(b, now);
+                }
+                (St::EotAck, NAK) => return self.retry(vec![EOT], now),
+                (St::EotAck, ACK) => {
+                    if self.proto == Protocol::Xmodem {
+                        self.st = St::Done;
+                        return XStep::Done;
+                    }
+                    self.st = St::FinalStart;
+                    self.deadline = Some(now + Duration::from_secs(3));
+                }
+                (St::FinalStart, b'C') => {
+                    let f = self.frame(0, &[], 128);
+                    return self.send(St::FinalAck, f, now, Duration::from_secs(3));
+                }
+                (St::FinalAck, ACK) => {
+                    self.st = St::Done;
+                    return XStep::Done;
+                }
+                _ => {} // text, repeated `C`s: ignore
+            }
+        }
+        let dl = self.deadline.unwrap_or(now);
+        if now >= dl {
+            return match self.st {
+                St::Start => {
+                    self.st = St::Done;
+                    XStep::Fail(format!(
+                        "the receiver never asked for data (no 'C'/NAK in {}s)",
+                        self.start_timeout.as_secs()
+                    ))
+                }
+                St::HeaderAck => {
+                    let h = self.header();
+                    self.retry(h, now)
+                }
+                St::DataStart => self.next_data(now),
+                St::BlockAck => {
+                    let b = self.in_flight.clone();
+                    self.retry(b, now)
+                }
+                St::EotAck => self.retry(vec![EOT], now),
+                // The closing handshake is a courtesy; the data is complete.
+                St::FinalStart | St::FinalAck | St::Done => {
+                    self.st = St::Done;
+                    XStep::Done
+                }
+            };
+        }
+        XStep::Wait(dl)
+    }
+
+    fn retry(&mut self, bytes: Vec<u8>, now: Instant) -> XStep {
+        self.retries += 1;
+        if self.retries > self.max_retries {
+            self.st = St::Done;
+            return XStep::Fail(format!(
+                "block {} not acknowledged after {} tries",
+                self.block, self.max_retries
+            ));
+        }
+        let st = self.st;
+        self.send(st, bytes, now, self.block_timeout)
+    }
+
+    pub fn done(&self) -> bool {
+        self.st == St::Done
+    }
+}
