@@ -568,3 +568,194 @@ impl ExtentSource for ScanSource {
         self.desc.clone()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::bmap::{BmapRange, ChecksumKind};
+    use super::*;
+    use sha2::Digest as _;
+
+    /// Hands out at most `step` bytes per read, like a decompressor or a socket.
+    struct Trickle {
+        data: Vec<u8>,
+        at: usize,
+        step: usize,
+    }
+
+    impl Read for Trickle {
+        fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+            let n = b.len().min(self.step).min(self.data.len() - self.at);
+            b[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at += n;
+            Ok(n)
+        }
+    }
+
+    /// An image with data, aligned and unaligned zero runs, and an odd length.
+    fn sample() -> Vec<u8> {
+        let mut v = vec![0u8; 5 * ZERO_BLOCK + 3 * 4096 + 17];
+        let mut x = 0x9e37_79b9u32;
+        for (i, b) in v.iter_mut().enumerate() {
+            let blk = i / ZERO_BLOCK;
+            if blk == 0 || blk == 2 || (blk == 4 && i % ZERO_BLOCK < 100) || i >= 5 * ZERO_BLOCK {
+                x = x.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                *b = (x >> 24) as u8 | 1;
+            }
+        }
+        v
+    }
+
+    fn expand(s: &mut dyn ExtentSource, buf_len: usize) -> Result<(Vec<u8>, u64), ImageError> {
+        let mut buf = vec![0u8; buf_len];
+        let mut out = Vec::new();
+        let mut zero = 0;
+        while let Some(e) = s.next_extent(&mut buf)? {
+            assert_eq!(e.offset, out.len() as u64);
+            assert!(e.len > 0);
+            match e.kind {
+                ExtentKind::Data => {
+                    assert!(e.len as usize <= buf_len);
+                    out.extend_from_slice(&buf[..e.len as usize]);
+                }
+                ExtentKind::Zero => {
+                    zero += e.len;
+                    out.resize(out.len() + e.len as usize, 0)
+                }
+                ExtentKind::Skip => out.resize(out.len() + e.len as usize, 0),
+            }
+        }
+        Ok((out, zero))
+    }
+
+    fn stream(data: &[u8], step: usize, expected: Option<u64>, bmap: Option<Bmap>) -> ScanSource {
+        let r = Trickle {
+            data: data.to_vec(),
+            at: 0,
+            step,
+        };
+        ScanSource::stream(Box::new(r), "t", expected, bmap, None).unwrap()
+    }
+
+    #[test]
+    fn streams_expand_exactly_whatever_the_read_and_buffer_sizes() {
+        let v = sample();
+        for step in [1 << 20, 4096, 1000] {
+            for buf_len in [ZERO_BLOCK, 3 * ZERO_BLOCK, 5000, 1 << 20] {
+                let mut s = stream(&v, step, None, None);
+                let (out, zero) = expand(&mut s, buf_len).unwrap();
+                assert_eq!(out, v, "step {step} buf {buf_len}");
+                // Blocks 1 and 3 are all zero and must be found.
+                assert!(zero >= 2 * ZERO_BLOCK as u64, "step {step} buf {buf_len}");
+            }
+        }
+        let mut s = stream(&v, 4096, Some(v.len() as u64), None);
+        assert_eq!(expand(&mut s, 1 << 20).unwrap().0, v);
+        let mut s = stream(&v, 4096, Some(v.len() as u64 - 1), None);
+        assert!(expand(&mut s, 1 << 20)
+            .unwrap_err()
+            .to_string()
+            .contains("larger"));
+        let mut s = stream(&[], 4096, None, None);
+        assert_eq!(expand(&mut s, 4096).unwrap().0.len(), 0);
+    }
+
+    fn bmap_for(v: &[u8], ranges: &[(u64, u64)]) -> Bmap {
+        let bs = 4096u64;
+        let size = v.len() as u64;
+        let ranges: Vec<BmapRange> = ranges
+            .iter()
+            .map(|&(a, b)| {
+                let start = a * bs;
+                let end = ((b + 1) * bs).min(size);
+                BmapRange {
+                    first_block: a,
+                    last_block: b,
+                    start,
+                    end,
+                    checksum: Some(hex::encode(sha2::Sha256::digest(
+                        &v[start as usize..end as usize],
+                    ))),
+                }
+            })
+            .collect();
+        Bmap {
+            path: "t.bmap".into(),
+            version: "2.0".into(),
+            image_size: size,
+            block_size: bs,
+            blocks_count: size.div_ceil(bs),
+            mapped_blocks: ranges
+                .iter()
+                .map(|r| r.last_block - r.first_block + 1)
+                .sum(),
+            checksum: ChecksumKind::Sha256,
+            ranges,
+        }
+    }
+
+    #[test]
+    fn bmap_over_streams_and_files() {
+        let v = sample();
+        let last = (v.len() as u64).div_ceil(4096) - 1;
+        // Mapped: first blocks, a range covering a zero block, the partial last block.
+        let ranges = [(0, 3), (10, 40), (70, 75), (last - 1, last)];
+        let mut masked = vec![0u8; v.len()];
+        let b = bmap_for(&v, &ranges);
+        for r in &b.ranges {
+            masked[r.start as usize..r.end as usize]
+                .copy_from_slice(&v[r.start as usize..r.end as usize]);
+        }
+        for step in [1 << 20, 3000] {
+            let mut s = stream(&v, step, None, Some(b.clone()));
+            assert_eq!(expand(&mut s, 8192).unwrap().0, masked);
+        }
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("t.img");
+        std::fs::write(&p, &v).unwrap();
+        let f = File::open(&p).unwrap();
+        let mut s = ScanSource::raw_file(f, "t.img", Some(b.clone()), Arc::default()).unwrap();
+        assert_eq!(expand(&mut s, 1 << 20).unwrap().0, masked);
+
+        // A corrupted byte inside range 2 is reported as that range, never Ok.
+        let mut bad = v.clone();
+        bad[11 * 4096] ^= 0xff;
+        let mut s = stream(&bad, 1 << 20, None, Some(b.clone()));
+        let e = expand(&mut s, 1 << 20).unwrap_err();
+        assert!(
+            matches!(e, ImageError::RangeChecksum { start, end, .. } if start == 10 * 4096 && end == 41 * 4096),
+            "{e}"
+        );
+        // Stream shorter than the bmap's ImageSize.
+        let mut s = stream(&v[..v.len() - 10], 4096, None, Some(b.clone()));
+        assert!(expand(&mut s, 1 << 20).is_err());
+        // File whose size differs from ImageSize: refused at open.
+        let f = File::open(&p).unwrap();
+        let mut b2 = b.clone();
+        b2.image_size += 1;
+        assert!(ScanSource::raw_file(f, "t.img", Some(b2), Arc::default()).is_err());
+    }
+
+    #[test]
+    fn raw_file_holes_become_zero_extents() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("h.img");
+        let v = sample();
+        {
+            let f = File::create(&p).unwrap();
+            f.set_len(64 << 20).unwrap();
+            f.write_all_at(&v, 8 << 20).unwrap();
+            f.write_all_at(b"end", (64 << 20) - 3).unwrap();
+        }
+        let mut want = vec![0u8; 64 << 20];
+        want[8 << 20..(8 << 20) + v.len()].copy_from_slice(&v);
+        want[(64 << 20) - 3..].copy_from_slice(b"end");
+        let f = File::open(&p).unwrap();
+        let consumed = Arc::new(AtomicU64::new(0));
+        let mut s = ScanSource::raw_file(f, "h.img", None, consumed.clone()).unwrap();
+        assert_eq!(s.size_hint(), Some(64 << 20));
+        let (out, zero) = expand(&mut s, 1 << 20).unwrap();
+        assert!(out == want);
+        assert!(zero > 60 << 20);
+        assert_eq!(consumed.load(Ordering::Relaxed), 64 << 20);
+    }
+}

@@ -382,6 +382,96 @@ const X2N: [u32; 64] = {
 mod tests {
     use super::*;
 
+    /// A hand-made sparse image (block size 8): RAW, nonzero FILL, DONT_CARE, zero FILL,
+    /// then a CRC32 chunk over everything before it.
+    fn handmade(crc_fix: Option<u32>) -> (Vec<u8>, Vec<u8>) {
+        let bs = 8u32;
+        let mut logical = Vec::new();
+        let mut body = Vec::new();
+        let chunk = |body: &mut Vec<u8>, t: u16, blocks: u32, total: u32| {
+            body.extend_from_slice(&t.to_le_bytes());
+            body.extend_from_slice(&[0, 0]);
+            body.extend_from_slice(&blocks.to_le_bytes());
+            body.extend_from_slice(&total.to_le_bytes());
+        };
+        chunk(&mut body, 0xcac1, 1, 12 + 8);
+        body.extend_from_slice(b"rawdata!");
+        logical.extend_from_slice(b"rawdata!");
+        chunk(&mut body, 0xcac2, 2, 16);
+        body.extend_from_slice(&[1, 2, 3, 4]);
+        logical.extend_from_slice(&[1, 2, 3, 4].repeat(4));
+        chunk(&mut body, 0xcac3, 1, 12);
+        logical.extend_from_slice(&[0; 8]);
+        chunk(&mut body, 0xcac2, 3, 16);
+        body.extend_from_slice(&[0; 4]);
+        logical.extend_from_slice(&[0; 24]);
+        chunk(&mut body, 0xcac4, 0, 16);
+        let crc = crc_fix.unwrap_or_else(|| crc32fast::hash(&logical));
+        body.extend_from_slice(&crc.to_le_bytes());
+        let h = FileHeader {
+            block_size: bs,
+            blocks: (logical.len() / 8) as u32,
+            chunks: 5,
+            checksum: 0,
+        };
+        let mut f = h.to_bytes().to_vec();
+        f.extend_from_slice(&body);
+        (f, logical)
+    }
+
+    fn expand(img: Vec<u8>, buf_len: usize) -> Result<(Vec<u8>, Vec<ExtentKind>), ImageError> {
+        let mut s = SparseSource::new(Box::new(std::io::Cursor::new(img)), "t.simg", "")?;
+        let mut buf = vec![0u8; buf_len];
+        let mut out = Vec::new();
+        let mut kinds = Vec::new();
+        while let Some(e) = s.next_extent(&mut buf)? {
+            assert_eq!(e.offset, out.len() as u64);
+            match e.kind {
+                ExtentKind::Data => out.extend_from_slice(&buf[..e.len as usize]),
+                _ => out.resize(out.len() + e.len as usize, 0),
+            }
+            kinds.push(e.kind);
+        }
+        Ok((out, kinds))
+    }
+
+    #[test]
+    fn handmade_image_with_all_chunk_types() {
+        let (img, logical) = handmade(None);
+        // A small buffer forces RAW and FILL chunks to be split across extents.
+        for buf_len in [6, 8, 4096] {
+            let (out, kinds) = expand(img.clone(), buf_len).unwrap();
+            assert_eq!(out, logical, "buf {buf_len}");
+            assert!(kinds.contains(&ExtentKind::Skip) && kinds.contains(&ExtentKind::Zero));
+        }
+        let (img, _) = handmade(Some(0x1234_5678));
+        let e = expand(img, 4096).unwrap_err().to_string();
+        assert!(e.contains("CRC32") && e.contains("12345678"), "{e}");
+    }
+
+    #[test]
+    fn lying_fill_and_dont_care_sizes() {
+        let (mut img, _) = handmade(None);
+        // FILL chunk header at 28 + 20: total_sz 16 -> 20.
+        img[28 + 20 + 8] = 20;
+        let e = expand(img, 4096).unwrap_err().to_string();
+        assert!(e.contains("offset 48") && e.contains("total_sz 20"), "{e}");
+        let (mut img, _) = handmade(None);
+        // DONT_CARE header at 48 + 16 = 64: total_sz 12 -> 16.
+        img[64 + 8] = 16;
+        let e = expand(img, 4096).unwrap_err().to_string();
+        assert!(e.contains("offset 64"), "{e}");
+        let e = SparseSource::new(
+            Box::new(std::io::Cursor::new(vec![0x3a, 0xff, 0x26, 0xed])),
+            "t",
+            "",
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(e.contains("header truncated"), "{e}");
+    }
+
     #[test]
     fn crc_zero_extension_matches_crc32fast() {
         for (pre, n) in [
