@@ -46,7 +46,7 @@ pub enum BoardError {
         #[source]
         source: std::io::Error,
     },
-    /// No board with this id or alias.
+    /// No board with this id or alias; `suggestions` are preformatted ("`opi5`").
     #[error("unknown board `{id}`{}", suggest(.suggestions))]
     UnknownBoard {
         id: String,
@@ -71,13 +71,7 @@ fn suggest(s: &[String]) -> String {
     if s.is_empty() {
         "; run `sbcflash boards` for the list".to_string()
     } else {
-        format!(
-            "; did you mean {}?",
-            s.iter()
-                .map(|x| format!("`{x}`"))
-                .collect::<Vec<_>>()
-                .join(" or ")
-        )
+        format!("; did you mean {}?", s.join(" or "))
     }
 }
 

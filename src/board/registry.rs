@@ -232,7 +232,8 @@ impl Registry {
         })
     }
 
-    /// Up to three ids/aliases closest to `name` (Jaro-Winkler, plus substring matches).
+    /// Up to three ids/aliases closest to `name` (Jaro-Winkler, plus substring matches), each
+    /// formatted for a message: "`opi5`" or "`orangepi-5` (alias of `opi5`)".
     pub fn suggest(&self, name: &str) -> Vec<String> {
         let mut scored: Vec<(f64, String)> = Vec::new();
         for b in &self.boards {
@@ -249,9 +250,9 @@ impl Registry {
             if let Some((s, cand)) = best {
                 if s >= 0.75 {
                     let label = if cand == b.desc.id {
-                        cand.to_string()
+                        format!("`{cand}`")
                     } else {
-                        format!("{cand}` (alias of `{}", b.desc.id)
+                        format!("`{cand}` (alias of `{}`)", b.desc.id)
                     };
                     scored.push((s, label));
                 }
@@ -287,8 +288,8 @@ impl Registry {
         }
 
         // Boards: a later layer replaces an earlier one with the same id.
-        let mut boards: BTreeMap<String, (Board, String)> = BTreeMap::new();
-        for layer in &layers {
+        let mut boards: BTreeMap<String, (Board, String, usize)> = BTreeMap::new();
+        for (layer_no, layer) in layers.iter().enumerate() {
             let mut seen: BTreeMap<String, Origin> = BTreeMap::new();
             for inp in layer.iter().filter(|i| !i.is_soc) {
                 let desc = parse_board(&inp.origin, &inp.text)?;
@@ -328,7 +329,7 @@ impl Registry {
                     ));
                 }
                 let mut overrides = Vec::new();
-                if let Some((old, _)) = boards.remove(&desc.id) {
+                if let Some((old, _, _)) = boards.remove(&desc.id) {
                     overrides.push(old.origin);
                     overrides.extend(old.overrides);
                 }
@@ -338,22 +339,25 @@ impl Registry {
                     origin: inp.origin.clone(),
                     overrides,
                 };
-                boards.insert(board.desc.id.clone(), (board, inp.text.clone()));
+                boards.insert(board.desc.id.clone(), (board, inp.text.clone(), layer_no));
             }
         }
 
-        // Ids and aliases must be unique across the final set.
+        // Ids and aliases must be unique across the final set. Lower layers claim names first,
+        // so a clash is reported in the user's file, not in the shipped one.
         let mut names: BTreeMap<String, String> = BTreeMap::new();
-        for (id, _) in boards.iter() {
+        for id in boards.keys() {
             names.insert(id.clone(), id.clone());
         }
-        for (id, (b, text)) in boards.iter() {
+        let mut order: Vec<(&String, &(Board, String, usize))> = boards.iter().collect();
+        order.sort_by_key(|(id, (_, _, layer))| (*layer, (*id).clone()));
+        for (id, (b, text, _)) in order {
             for (i, a) in b.desc.aliases.iter().enumerate() {
                 if let Some(owner) = names.get(a) {
                     let what = if owner == a { "the id" } else { "an alias" };
                     let other = boards
                         .get(owner)
-                        .map(|(o, _)| o.origin.to_string())
+                        .map(|(o, _, _)| o.origin.to_string())
                         .unwrap_or_default();
                     return Err(located(
                         &b.origin,
@@ -369,7 +373,7 @@ impl Registry {
         }
 
         Ok(Registry {
-            boards: boards.into_values().map(|(b, _)| b).collect(),
+            boards: boards.into_values().map(|(b, _, _)| b).collect(),
             socs,
         })
     }
