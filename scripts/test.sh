@@ -6,6 +6,13 @@ cd "$(dirname "$0")/.."
 bash scripts/setup-debian.sh
 cargo fmt --check
 cargo clippy --all-targets -- -D warnings
+# cargo-deb, cargo-fuzz, cargo-deny from crates.io (pinned; compiled on a fresh machine).
+bash scripts/install-cargo-tools.sh
+# Licences, banned crates (no OpenSSL), sources. `advisories` is left out: it needs a download
+# of the RustSec database, which this project's machines cannot make.
+cargo deny check bans licenses sources
+# Every parser of untrusted input under libFuzzer for a bounded time (FUZZ_SECONDS, default 20).
+bash scripts/fuzz.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --profile ci "$@"
 else

@@ -528,6 +528,28 @@ fn resolve_relative(base_file: Option<&Path>, p: PathBuf) -> PathBuf {
     }
 }
 
+/// Check a config file's text without reading the environment: the schema, and the rules the
+/// loader applies (used by `config show` through [`Config::load`], and by the fuzz target).
+pub fn check_text(path: &Path, text: &str) -> Result<(), ConfigError> {
+    let f = parse_file(path, text)?;
+    if let Some(m) = f.mirrors {
+        let span = m.span();
+        if m.get_ref()
+            .iter()
+            .any(|m| m.prefix.is_empty() || m.replace.is_empty())
+        {
+            let (line, col) = line_col(text, span.start);
+            return Err(ConfigError::Invalid {
+                path: path.display().to_string(),
+                line,
+                col,
+                msg: "mirror entry with an empty prefix or replacement".into(),
+            });
+        }
+    }
+    Ok(())
+}
+
 fn parse_file(path: &Path, text: &str) -> Result<FileConfig, ConfigError> {
     toml::from_str::<FileConfig>(text).map_err(|e| {
         let (line, col) = e.span().map(|s| line_col(text, s.start)).unwrap_or((1, 1));

@@ -120,3 +120,272 @@ fn bash_completion_script_is_valid_bash() {
         "{words}"
     );
 }
+
+/// Root of the crate (tests run from anywhere).
+fn root() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+#[test]
+fn shipped_example_config_matches_the_built_in_one() {
+    let shipped = std::fs::read_to_string(root().join("packaging/config.example.toml")).unwrap();
+    assert_eq!(
+        shipped,
+        sbcflash::config::EXAMPLE,
+        "regenerate with: sbcflash config example > packaging/config.example.toml"
+    );
+}
+
+/// Builds the .deb from the binary this test run already built (dev profile: no second
+/// release build in CI), then inspects it as a user's dpkg would see it.
+#[test]
+fn deb_package_contents_and_maintainer_scripts() {
+    if !require(false, &["cargo-deb", "dpkg-deb"]) {
+        return;
+    }
+    let out = tempfile::tempdir().unwrap();
+    out_ok(
+        Command::new("bash")
+            .arg(root().join("packaging/debian/build-deb.sh"))
+            .args(["--profile", "dev", "--output"])
+            .arg(out.path()),
+    );
+    let deb = std::fs::read_dir(out.path())
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .expect("no .deb produced");
+
+    let list =
+        String::from_utf8(out_ok(Command::new("dpkg-deb").arg("-c").arg(&deb)).stdout).unwrap();
+    let files: Vec<&str> = list
+        .lines()
+        .filter_map(|l| l.split_whitespace().last())
+        .collect();
+    let has = |p: &str| files.contains(&p);
+    assert!(has("./usr/bin/sbcflash"), "{list}");
+    assert!(has("./usr/share/man/man1/sbcflash.1"), "{list}");
+    for sub in subcommand_paths() {
+        let page = format!("./usr/share/man/man1/sbcflash-{}.1", sub.join("-"));
+        assert!(has(&page), "missing {page}");
+    }
+    assert!(has("./usr/share/bash-completion/completions/sbcflash"));
+    assert!(has("./usr/share/zsh/vendor-completions/_sbcflash"));
+    assert!(has("./usr/share/fish/vendor_completions.d/sbcflash.fish"));
+    assert!(has("./usr/share/doc/sbcflash/examples/config.toml"));
+    // udev rules and the station's unit ship once their parts exist in the tree.
+    for dir in ["udev-rules"] {
+        if let Ok(rd) = std::fs::read_dir(root().join(dir)) {
+            for e in rd.flatten() {
+                let name = e.file_name().to_string_lossy().into_owned();
+                if name.ends_with(".rules") {
+                    let p = format!("./usr/lib/udev/rules.d/{name}");
+                    assert!(has(&p), "{p} not in the package:\n{list}");
+                }
+            }
+        }
+    }
+    if root().join("packaging/systemd").is_dir() {
+        assert!(
+            files
+                .iter()
+                .any(|f| f.starts_with("./usr/lib/systemd/system/") && f.ends_with(".service")),
+            "systemd unit missing:\n{list}"
+        );
+    }
+
+    // Maintainer scripts: present, valid sh, and they reload udev.
+    let ctl = tempfile::tempdir().unwrap();
+    out_ok(Command::new("dpkg-deb").arg("-e").arg(&deb).arg(ctl.path()));
+    for script in ["postinst", "postrm"] {
+        let p = ctl.path().join(script);
+        let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{script}: {e}"));
+        assert!(text.contains("udevadm control --reload-rules"), "{script}");
+        assert!(
+            !text.contains("#DEBHELPER#"),
+            "{script}: token not substituted"
+        );
+        out_ok(Command::new("sh").arg("-n").arg(&p));
+    }
+    let postinst = std::fs::read_to_string(ctl.path().join("postinst")).unwrap();
+    assert!(postinst.contains("addgroup --system --quiet sbcflash"));
+    let control = std::fs::read_to_string(ctl.path().join("control")).unwrap();
+    assert!(control.contains("Package: sbcflash"), "{control}");
+    assert!(control.contains("adduser"), "{control}");
+
+    // The packaged binary runs and knows its version.
+    let x = tempfile::tempdir().unwrap();
+    out_ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(x.path()));
+    let o = out_ok(Command::new(x.path().join("usr/bin/sbcflash")).arg("--version"));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// A scratch copy of what the flake needs (a `path:` flake of the checkout would copy the
+/// whole target directory into the Nix store).
+fn flake_copy() -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    for f in [
+        "flake.nix",
+        "flake.lock",
+        "Cargo.toml",
+        "Cargo.lock",
+        "README.md",
+    ] {
+        std::fs::copy(root().join(f), d.path().join(f)).unwrap();
+    }
+    out_ok(
+        Command::new("cp")
+            .arg("-r")
+            .arg(root().join("packaging"))
+            .arg(root().join("src"))
+            .arg(d.path()),
+    );
+    d
+}
+
+fn nix() -> Command {
+    let mut c = Command::new("nix");
+    c.args([
+        "--extra-experimental-features",
+        "nix-command flakes",
+        "--option",
+        "substituters",
+        "",
+    ]);
+    c
+}
+
+#[test]
+fn nix_files_parse() {
+    if !require(false, &["nix-instantiate"]) {
+        return;
+    }
+    let mut files = vec![root().join("flake.nix")];
+    for e in std::fs::read_dir(root().join("packaging/nix"))
+        .unwrap()
+        .flatten()
+    {
+        if e.path().extension().is_some_and(|x| x == "nix") {
+            files.push(e.path());
+        }
+    }
+    assert!(files.len() >= 3);
+    for f in files {
+        out_ok(Command::new("nix-instantiate").arg("--parse").arg(&f));
+    }
+}
+
+/// Offline, Nix can read the flake and its lock (the lock matches flake.nix's inputs, or
+/// Nix would try to re-lock and fail without network).
+#[test]
+fn nix_flake_metadata_offline() {
+    if !require(false, &["nix"]) {
+        return;
+    }
+    let d = flake_copy();
+    let lock_before = std::fs::read(d.path().join("flake.lock")).unwrap();
+    let o = out_ok(
+        nix()
+            .args(["flake", "metadata", "--json", "--no-write-lock-file"])
+            .arg(format!("path:{}", d.path().display())),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let locked = &v["locks"]["nodes"]["nixpkgs"]["locked"];
+    assert_eq!(locked["type"], "github", "{v}");
+    assert_eq!(locked["rev"].as_str().map(str::len), Some(40), "{v}");
+    assert!(v["description"].as_str().unwrap().contains("sbcflash"));
+    assert_eq!(
+        std::fs::read(d.path().join("flake.lock")).unwrap(),
+        lock_before
+    );
+}
+
+/// Evaluates our own Nix code with nixpkgs unavailable (touching it throws): the flake's
+/// outputs exist, the NixOS module and the overlay do not need nixpkgs at the flake level,
+/// and the package and module take the arguments nixpkgs passes them.
+#[test]
+fn nix_flake_outputs_evaluate_offline() {
+    if !require(false, &["nix-instantiate"]) {
+        return;
+    }
+    let d = flake_copy();
+    let expr = r#"
+      let
+        flake = import ./flake.nix;
+        outs = flake.outputs { self = outs; nixpkgs = throw "nixpkgs is not available offline"; };
+        version = (builtins.fromTOML (builtins.readFile ./Cargo.toml)).package.version;
+      in {
+        inputs = builtins.attrNames flake.inputs;
+        outputArgs = builtins.attrNames (builtins.functionArgs flake.outputs);
+        outputs = builtins.attrNames outs;
+        modules = builtins.attrNames outs.nixosModules;
+        stationIsModule = builtins.isFunction outs.nixosModules.station;
+        overlayIsFunction = builtins.isFunction outs.overlays.default;
+        moduleArgs = builtins.attrNames (builtins.functionArgs (import ./packaging/nix/station-module.nix));
+        packageArgs = builtins.attrNames (builtins.functionArgs (import ./packaging/nix/package.nix));
+        inherit version;
+      }
+    "#;
+    let o = out_ok(
+        Command::new("nix-instantiate")
+            .current_dir(d.path())
+            .args(["--eval", "--strict", "--json", "--expr", expr]),
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let names = |k: &str| -> Vec<String> {
+        v[k].as_array()
+            .unwrap_or_else(|| panic!("{k}: {v}"))
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(names("inputs"), ["nixpkgs"]);
+    for o in [
+        "packages",
+        "apps",
+        "devShells",
+        "nixosModules",
+        "overlays",
+        "checks",
+    ] {
+        assert!(
+            names("outputs").iter().any(|x| x == o),
+            "no output {o}: {v}"
+        );
+    }
+    assert_eq!(names("modules"), ["default", "station"]);
+    assert_eq!(v["stationIsModule"], true);
+    assert_eq!(v["overlayIsFunction"], true);
+    for a in ["config", "lib", "pkgs"] {
+        assert!(names("moduleArgs").iter().any(|x| x == a), "{v}");
+    }
+    for a in [
+        "rustPlatform",
+        "pkg-config",
+        "udev",
+        "libusb1",
+        "installShellFiles",
+    ] {
+        assert!(names("packageArgs").iter().any(|x| x == a), "{v}");
+    }
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+}
+
+/// `cargoLock.lockFile` builds offline in the Nix sandbox only when every dependency comes from
+/// the crates.io registry (git dependencies would need `outputHashes`).
+#[test]
+fn cargo_lock_has_only_registry_sources_for_nix() {
+    let lock: toml::Value =
+        toml::from_str(&std::fs::read_to_string(root().join("Cargo.lock")).unwrap()).unwrap();
+    let pkgs = lock["package"].as_array().unwrap();
+    assert!(pkgs.len() > 50);
+    for p in pkgs {
+        if let Some(src) = p.get("source").and_then(|s| s.as_str()) {
+            assert!(
+                src.starts_with("registry+https://github.com/rust-lang/crates.io-index"),
+                "{} comes from {src}: add cargoLock.outputHashes in packaging/nix/package.nix",
+                p["name"]
+            );
+        }
+    }
+}
