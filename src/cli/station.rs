@@ -1,9 +1,322 @@
+//! `station` and `station report`: flags and glue over `crate::station`.
+
 use super::Global;
-use crate::exit::Exit;
+use crate::exit::{Exit, ExitError};
+use crate::progress::{Event, Level, Reporter};
+use crate::station::{self, config::Station, job::ImagePlan, ledger, ui};
+use anyhow::Context as _;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+const EXAMPLES: &str = "Examples:
+  sbcflash station --config /etc/sbcflash/station.toml --dry-run
+  sbcflash station --config /etc/sbcflash/station.toml
+  sbcflash station --config station.toml --flash-present --exit-after 4 --json
+  sbcflash station report --config station.toml --since 2026-11-01 --format csv";
 
 #[derive(Debug, clap::Args)]
-pub struct StationArgs {}
+#[command(args_conflicts_with_subcommands = true, after_help = EXAMPLES)]
+pub struct StationArgs {
+    #[command(subcommand)]
+    pub command: Option<StationCommand>,
+    /// The station's configuration: image, slots, identity (default: `station.config` from
+    /// the user config file).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The ledger file (default: `ledger` in the station config, else `station.ledger` from
+    /// the user config).
+    #[arg(long, value_name = "FILE")]
+    pub ledger: Option<PathBuf>,
+    /// Also flash cards that are already inserted when the station starts (by default they
+    /// are listed and left alone until replaced).
+    #[arg(long)]
+    pub flash_present: bool,
+    /// Show what would be flashed where, and what is never touched; write nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Stop after this many units have ended (a batch run); default: run until stopped.
+    #[arg(long, value_name = "N")]
+    pub exit_after: Option<u64>,
+}
 
-pub fn run(_a: StationArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("station")
+#[derive(Debug, clap::Subcommand)]
+pub enum StationCommand {
+    /// Export the ledger (one row per unit and attempt).
+    Report(ReportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ReportArgs {
+    /// Only units started on or after this date (YYYY-MM-DD, UTC) or instant (RFC 3339).
+    #[arg(long, value_name = "DATE")]
+    pub since: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Csv)]
+    pub format: ReportFormat,
+    /// The station configuration whose ledger to read.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The ledger file to read (overrides the configuration).
+    #[arg(long, value_name = "FILE")]
+    pub ledger: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ReportFormat {
+    Csv,
+    Json,
+}
+
+pub fn run(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
+    match a.command {
+        Some(StationCommand::Report(r)) => run_report(r),
+        None => run_station(a, g),
+    }
+}
+
+/// The user config, with the station flags folded in.
+fn user_config(config: &Option<PathBuf>, ledger: &Option<PathBuf>) -> anyhow::Result<crate::config::Config> {
+    Ok(crate::config::Config::load(&crate::config::Flags {
+        station_config: config.clone(),
+        ledger: ledger.clone(),
+        ..Default::default()
+    })?)
+}
+
+fn load_station(cfg: &crate::config::Config) -> anyhow::Result<Station> {
+    let path = cfg.station.config.value.clone().ok_or_else(|| {
+        ExitError::new(
+            Exit::Usage,
+            "no station configuration: pass --config FILE (or set station.config in the user config)",
+        )
+    })?;
+    Ok(Station::load(&path)?)
+}
+
+/// Flag > station config > user config.
+fn ledger_path(flag: &Option<PathBuf>, st: Option<&Station>, cfg: &crate::config::Config) -> PathBuf {
+    flag.clone()
+        .or_else(|| st.and_then(|s| s.ledger.clone()))
+        .unwrap_or_else(|| cfg.station.ledger.value.clone())
+}
+
+fn run_station(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
+    let cfg = user_config(&a.config, &a.ledger)?;
+    let st = load_station(&cfg)?;
+    let ledger_path = ledger_path(&a.ledger, Some(&st), &cfg);
+    let flash_present = a.flash_present || cfg.station.flash_present.value;
+    let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
+    let image = Arc::new(resolve_image(&st, &cfg, reporter.clone())?);
+
+    if a.dry_run {
+        let plan = station::plan(&st, &image, &ledger_path, flash_present)?;
+        print_plan(&plan, g.json)?;
+        return Ok(Exit::Ok);
+    }
+
+    let (ledger, stale) = ledger::Ledger::open(&ledger_path)?;
+    let style = if g.progress_mode() == crate::progress::Mode::Auto
+        && std::io::IsTerminal::is_terminal(&std::io::stderr())
+    {
+        ui::Style::Bars
+    } else {
+        ui::Style::Stream
+    };
+    let ui = Arc::new(ui::Ui::new(reporter, style, st.ui.bell, st.ui.flash));
+    if stale > 0 {
+        ui.say(
+            Level::Warn,
+            format!(
+                "{stale} unit(s) from an earlier run never finished (crash, kill or power loss); recorded as interrupted, not done"
+            ),
+        );
+    }
+    let totals = station::run(
+        &st,
+        image,
+        ledger,
+        ui,
+        &station::RunOptions {
+            flash_present,
+            exit_after: a.exit_after,
+        },
+    )?;
+    Ok(if totals.fail == 0 { Exit::Ok } else { Exit::Io })
+}
+
+/// Finds the image file (path, cache by digest, or download into the cache), checks its
+/// pinned digest, and hashes its logical contents once, so every unit's write is checked
+/// against that digest and the ledger records what is on the card.
+fn resolve_image(
+    st: &Station,
+    cfg: &crate::config::Config,
+    reporter: Arc<dyn Reporter>,
+) -> anyhow::Result<ImagePlan> {
+    use crate::acquire::{source::Acquirer, source::SourceSpec, Cache, DownloadOptions, Pin};
+    let img = &st.image;
+    let pin = img
+        .blake3
+        .as_deref()
+        .map(|h| Pin::from_parts("blake3", h))
+        .transpose()?;
+    let path = match (&img.path, &img.url, &pin) {
+        (Some(p), _, pin) => {
+            if let Some(pin) = pin {
+                let mut f = std::fs::File::open(p)
+                    .with_context(|| format!("open image {}", p.display()))?;
+                let d = crate::acquire::digest::hash_reader(&mut f, false)
+                    .with_context(|| format!("hash image {}", p.display()))?;
+                pin.check(&p.display().to_string(), &d)?;
+            }
+            p.clone()
+        }
+        (None, url, Some(pin)) => {
+            let cache = Arc::new(Cache::open(&cfg.cache_dir.value)?);
+            let acq = Acquirer {
+                cache: cache.clone(),
+                opts: DownloadOptions::default(),
+                require_pinned: true,
+                reporter: reporter.clone(),
+            };
+            match url {
+                Some(url) => {
+                    let mut last = None;
+                    let mut got = None;
+                    for u in cfg.mirror_candidates(url) {
+                        match acq.fetch(&SourceSpec {
+                            url: u,
+                            pin: Some(pin.clone()),
+                        }) {
+                            Ok(f) => {
+                                got = Some(f.entry.path);
+                                break;
+                            }
+                            Err(e) => last = Some(e),
+                        }
+                    }
+                    match (got, last) {
+                        (Some(p), _) => p,
+                        (None, Some(e)) => return Err(e.into()),
+                        (None, None) => anyhow::bail!("{url}: no URL to try"),
+                    }
+                }
+                None => match acq.lookup(pin)? {
+                    Some(e) => e.path,
+                    None => {
+                        return Err(ExitError::new(
+                            Exit::BadInput,
+                            format!(
+                                "{}: [image] blake3 {} is not in the cache {} (fetch it first: sbcflash fetch URL --blake3 {})",
+                                st.path.display(),
+                                pin.hex(),
+                                cfg.cache_dir.value.display(),
+                                pin.hex()
+                            ),
+                        )
+                        .into())
+                    }
+                },
+            }
+        }
+        _ => anyhow::bail!("{}: [image] needs path, url + blake3, or blake3", st.path.display()),
+    };
+    let mut opened = crate::image::open_image(&path, &crate::image::OpenOptions::default())?;
+    reporter.report(Event::Start {
+        job: ui::STATION_JOB.into(),
+        phase: "hash".into(),
+        total: opened.logical_size,
+        detail: Some(format!("{}: {}", path.display(), opened.description)),
+    });
+    let mut buf = crate::write::buffer::AlignedBuf::new(4 << 20);
+    let (hash, len) = crate::image::digest::hash_source(opened.source.as_mut(), &mut buf)?;
+    reporter.report(Event::Finish {
+        job: ui::STATION_JOB.into(),
+        phase: "hash".into(),
+        summary: serde_json::json!({ "blake3": hash.to_hex().to_string(), "bytes": len }),
+    });
+    Ok(ImagePlan {
+        path,
+        blake3: hash.to_hex().to_string(),
+        size: len,
+        format: opened.description,
+    })
+}
+
+fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(plan)?);
+        return Ok(());
+    }
+    println!("image:  {}", plan.image);
+    println!("ledger: {}", plan.ledger);
+    match (&plan.example_identity, plan.next_seq) {
+        (Ok(id), seq) => println!(
+            "next unit: {} (hostname {}){}",
+            id.serial,
+            id.hostname,
+            seq.map(|s| format!(", counter at {s}")).unwrap_or_default()
+        ),
+        (Err(e), _) => println!("next unit: cannot be named: {e}"),
+    }
+    println!("slots:");
+    for s in &plan.slots {
+        println!(
+            "  {:<10} [{}]\n             {}: {}",
+            s.slot,
+            s.rules,
+            s.device.as_deref().unwrap_or("-"),
+            s.verdict
+        );
+    }
+    if plan.outside.is_empty() {
+        println!("no other disks");
+    } else {
+        println!("never touched (in no slot): {}", plan.outside.join(", "));
+    }
+    println!("(dry run: nothing was written)");
+    Ok(())
+}
+
+fn run_report(r: ReportArgs) -> anyhow::Result<Exit> {
+    let cfg = user_config(&r.config, &r.ledger)?;
+    let st = match (&r.ledger, &cfg.station.config.value) {
+        (None, Some(_)) => Some(load_station(&cfg)?),
+        _ => None,
+    };
+    let path = ledger_path(&r.ledger, st.as_ref(), &cfg);
+    let since = r.since.as_deref().map(parse_since).transpose()?;
+    let rows = ledger::report(&path, since.as_deref())?;
+    let mut out = std::io::stdout().lock();
+    use std::io::Write;
+    match r.format {
+        ReportFormat::Json => {
+            serde_json::to_writer_pretty(&mut out, &rows)?;
+            writeln!(out)?;
+        }
+        ReportFormat::Csv => {
+            let header: Vec<String> = ledger::COLUMNS.iter().map(|c| c.to_string()).collect();
+            writeln!(out, "{}", ledger::csv_line(&header))?;
+            for row in &rows {
+                writeln!(out, "{}", ledger::csv_line(&row.csv_fields()))?;
+            }
+        }
+    }
+    Ok(Exit::Ok)
+}
+
+/// `YYYY-MM-DD` (UTC midnight) or RFC 3339, as the ledger's UTC timestamp prefix.
+fn parse_since(s: &str) -> anyhow::Result<String> {
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.format("%Y-%m-%d").to_string());
+    }
+    if let Ok(t) = chrono::DateTime::parse_from_rfc3339(s) {
+        return Ok(t
+            .with_timezone(&chrono::Utc)
+            .to_rfc3339_opts(chrono::SecondsFormat::Millis, true));
+    }
+    Err(ExitError::new(
+        Exit::Usage,
+        format!("--since {s:?}: expected YYYY-MM-DD or an RFC 3339 time"),
+    )
+    .into())
 }

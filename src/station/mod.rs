@@ -1,1 +1,323 @@
-//! (filled in by its issue)
+//! The factory station: udev hotplug on configured slots, one write job per slot in parallel,
+//! per-unit identity injected into the FAT partition, and a SQLite ledger that loses nothing.
+//!
+//! Flow: [`hotplug::Monitor`] events → [`hotplug::Tracker`] (which slot, new medium or gone)
+//! → [`job`] threads (ledger row → write → verify → identity files → verify → ledger update)
+//! → [`ui`] (one line per slot, running count). Nothing outside a configured slot is touched,
+//! and every target still goes through `target`'s safety checks.
+
+pub mod config;
+pub mod fatinject;
+pub mod hotplug;
+pub mod identity;
+pub mod job;
+pub mod ledger;
+pub mod slots;
+pub mod ui;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::exit::Exit;
+use crate::progress::Level;
+use hotplug::{Action, Decision};
+
+/// Station errors at the library boundary; each names the file or device concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum StationError {
+    #[error("{path}: {msg}")]
+    Config { path: String, msg: String },
+    #[error("ledger {path}: {msg}")]
+    Ledger { path: String, msg: String },
+    #[error(
+        "ledger {path} is in use by another station process; refusing to start a second one on it"
+    )]
+    LedgerBusy { path: String },
+    #[error("{0}")]
+    Environment(String),
+    #[error(transparent)]
+    Fat(#[from] fatinject::FatError),
+}
+
+impl StationError {
+    pub fn exit(&self) -> Exit {
+        match self {
+            StationError::Config { .. } => Exit::BadInput,
+            StationError::Ledger { .. } => Exit::Io,
+            StationError::LedgerBusy { .. } => Exit::Refused,
+            StationError::Environment(_) => Exit::Environment,
+            StationError::Fat(e) => e.exit(),
+        }
+    }
+}
+
+/// How the station runs.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Flash media already present at start.
+    pub flash_present: bool,
+    /// Stop after this many units have ended (batch runs, benchmarks); run forever if None.
+    pub exit_after: Option<u64>,
+}
+
+/// Totals at the end of a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    pub pass: u64,
+    pub fail: u64,
+}
+
+/// What `--dry-run` found for one slot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SlotPlan {
+    pub slot: String,
+    pub rules: String,
+    /// The disk in the slot now, if any.
+    pub device: Option<String>,
+    pub size: Option<u64>,
+    /// What would happen to it.
+    pub verdict: String,
+}
+
+/// What `--dry-run` shows: per slot what would be flashed, what is never touched.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Plan {
+    pub image: String,
+    pub ledger: String,
+    pub next_seq: Option<u64>,
+    pub example_identity: Result<identity::Identity, String>,
+    pub slots: Vec<SlotPlan>,
+    /// Whole disks in no slot: never touched.
+    pub outside: Vec<String>,
+}
+
+/// Works out what the station would do now, touching nothing (no ledger lock, no writes).
+pub fn plan(
+    station: &config::Station,
+    image: &job::ImagePlan,
+    ledger_path: &std::path::Path,
+    flash_present: bool,
+) -> Result<Plan, StationError> {
+    let scheme = station.scheme();
+    let next_seq = if scheme.needs_seq() {
+        Some(ledger::peek_seq_readonly(ledger_path, station.seq_start)?)
+    } else {
+        None
+    };
+    let devs = hotplug::enumerate(&station.attr_keys())?;
+    let mut slots_out = Vec::new();
+    let mut claimed = std::collections::BTreeSet::new();
+    let example = |dev: Option<&slots::DeviceInfo>, slot: &str| {
+        scheme.derive(
+            &identity::UnitFacts {
+                slot: slot.to_string(),
+                board: station.board.clone(),
+                card_serial: dev.and_then(|d| d.card_serial()),
+                id_path: dev.and_then(|d| d.prop("ID_PATH").map(str::to_string)),
+                image_blake3: Some(image.blake3.clone()),
+                now: chrono::Utc::now(),
+            },
+            next_seq,
+        )
+    };
+    let mut example_identity = Err("no slot".to_string());
+    for s in &station.slots {
+        let present: Vec<&slots::DeviceInfo> =
+            devs.iter().filter(|d| d.size > 0 && s.matches(d)).collect();
+        let (device, size, verdict) = match present.as_slice() {
+            [] => (None, None, "empty: waiting for a card".to_string()),
+            [d] => {
+                claimed.insert(d.syspath.clone());
+                let node = d.devnode.clone().unwrap_or_default();
+                let policy = crate::target::Policy {
+                    image_size: Some(image.size),
+                    force: false,
+                    image_paths: vec![image.path.clone()],
+                };
+                let safety = crate::target::inspect(std::path::Path::new(&node))
+                    .and_then(|(p, info)| crate::target::vet(&p, &info, &policy));
+                let verdict = match safety {
+                    Err(e) => format!("would be REFUSED: {e}"),
+                    Ok(()) if flash_present => format!("would be flashed now with {}", image.path.display()),
+                    Ok(()) => "present at start: left alone (pass --flash-present to flash it); a new card is flashed".to_string(),
+                };
+                (Some(node), Some(d.size), verdict)
+            }
+            many => {
+                for d in many {
+                    claimed.insert(d.syspath.clone());
+                }
+                (
+                    None,
+                    None,
+                    format!(
+                        "{} disks match this slot ({}): left alone; make the rules precise",
+                        many.len(),
+                        many.iter()
+                            .filter_map(|d| d.devnode.clone())
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                )
+            }
+        };
+        if example_identity.is_err() {
+            example_identity = example(present.first().copied(), &s.name);
+        }
+        slots_out.push(SlotPlan {
+            slot: s.name.clone(),
+            rules: s.describe(),
+            device,
+            size,
+            verdict,
+        });
+    }
+    let outside = devs
+        .iter()
+        .filter(|d| !claimed.contains(&d.syspath))
+        .filter_map(|d| d.devnode.clone())
+        .collect();
+    Ok(Plan {
+        image: image.describe(),
+        ledger: ledger_path.display().to_string(),
+        next_seq,
+        example_identity,
+        slots: slots_out,
+        outside,
+    })
+}
+
+/// Runs the station until SIGINT/SIGTERM (or `exit_after` units). Jobs still running at a
+/// signal are cancelled and recorded as FAIL; a crash leaves them "started" in the ledger.
+pub fn run(
+    station: &config::Station,
+    image: Arc<job::ImagePlan>,
+    ledger: ledger::Ledger,
+    ui: Arc<ui::Ui>,
+    opts: &RunOptions,
+) -> Result<Totals, StationError> {
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone())
+            .map_err(|e| StationError::Environment(format!("install signal handler: {e}")))?;
+    }
+    let mut monitor = hotplug::Monitor::open(station.attr_keys())?;
+    let mut tracker = hotplug::Tracker::new(station.slots.clone());
+    let ledger_path = ledger.path().to_path_buf();
+    let ledger = Arc::new(Mutex::new(ledger));
+    let ctx = Arc::new(job::Context {
+        station: station.clone(),
+        image,
+        ledger: ledger.clone(),
+        ui: ui.clone(),
+    });
+    let (done_tx, done_rx) = crossbeam_channel::unbounded::<job::Done>();
+    let mut running: BTreeMap<String, job::Handle> = BTreeMap::new();
+    let mut pending: BTreeMap<String, slots::DeviceInfo> = BTreeMap::new();
+    let mut ended = 0u64;
+    let mut totals = Totals::default();
+
+    ui.say(
+        Level::Info,
+        format!(
+            "station ready: {} slot(s), ledger {}, image {}",
+            station.slots.len(),
+            ledger_path.display(),
+            ctx.image.describe()
+        ),
+    );
+
+    let handle = |d: Decision,
+                  running: &mut BTreeMap<String, job::Handle>,
+                  pending: &mut BTreeMap<String, slots::DeviceInfo>| {
+        match d {
+            Decision::Start { slot, dev } => {
+                if running.contains_key(&slot) {
+                    ui.say(
+                        Level::Info,
+                        format!("{slot}: new medium; waiting for the previous job to stop"),
+                    );
+                    pending.insert(slot, dev);
+                } else {
+                    running.insert(slot.clone(), job::spawn(ctx.clone(), slot, dev, done_tx.clone()));
+                }
+            }
+            Decision::LeftAlone { slot, dev } => ui.say(
+                Level::Info,
+                format!(
+                    "{slot}: {} was present at start; not flashed (use --flash-present, or replace it)",
+                    dev.devnode.as_deref().unwrap_or(&dev.syspath)
+                ),
+            ),
+            Decision::Removed {
+                slot,
+                devnode,
+                reason,
+            } => {
+                pending.remove(&slot);
+                if let Some(h) = running.get(&slot) {
+                    h.cancel(&format!("{reason}: {devnode}"));
+                } else {
+                    ui.say(Level::Info, format!("{slot}: {devnode} {reason}; slot idle"));
+                }
+            }
+            Decision::Refused { msg } => ui.say(Level::Warn, msg),
+        }
+    };
+
+    for dev in monitor.enumerate()? {
+        for d in tracker.on_event(Action::Present, &dev, opts.flash_present) {
+            handle(d, &mut running, &mut pending);
+        }
+    }
+
+    let mut stopping = false;
+    loop {
+        while let Ok(done) = done_rx.try_recv() {
+            if let Some(h) = running.remove(&done.slot) {
+                h.join();
+            }
+            ended += 1;
+            if done.pass {
+                totals.pass += 1;
+            } else {
+                totals.fail += 1;
+            }
+            if let Some(dev) = pending.remove(&done.slot) {
+                if !stopping {
+                    running.insert(
+                        done.slot.clone(),
+                        job::spawn(ctx.clone(), done.slot.clone(), dev, done_tx.clone()),
+                    );
+                }
+            }
+        }
+        if stop.load(Ordering::Relaxed) && !stopping {
+            stopping = true;
+            ui.say(
+                Level::Warn,
+                format!("stopping: cancelling {} running job(s)", running.len()),
+            );
+            for h in running.values() {
+                h.cancel("station stopped by signal");
+            }
+        }
+        let batch_done = opts.exit_after.is_some_and(|n| ended >= n);
+        if (stopping || batch_done) && running.is_empty() {
+            break;
+        }
+        let events = monitor.poll(Duration::from_millis(200))?;
+        if stopping {
+            continue;
+        }
+        for (action, dev) in events {
+            for d in tracker.on_event(action, &dev, opts.flash_present) {
+                handle(d, &mut running, &mut pending);
+            }
+        }
+    }
+    ui.say(Level::Info, format!("station stopped; {}", ui.count_line()));
+    Ok(totals)
+}

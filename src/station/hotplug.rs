@@ -1,0 +1,398 @@
+//! Hotplug: udev events on the `block` and `usb` subsystems turned into "a new medium is in
+//! slot S" and "the medium in slot S went away".
+//!
+//! The decision logic ([`Tracker`]) is sans-IO and unit-tested; [`Monitor`] is the thin udev
+//! layer. A card reader's disk exists without a card (size 0) and a loop device exists without
+//! a backing file, so "inserted" means: a whole disk in a slot with a medium (size > 0) whose
+//! medium key (DISKSEQ) has not been seen before; "removed" means a `remove` event, size 0, a
+//! new medium, or the device no longer matching its slot.
+
+use std::collections::{BTreeMap, HashSet};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use super::slots::{slot_of, DeviceInfo, SlotMatcher};
+use super::StationError;
+
+/// What udev said happened.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Add,
+    Change,
+    Remove,
+    /// Found by enumeration when the station started.
+    Present,
+}
+
+impl Action {
+    fn from_udev(s: &str) -> Option<Action> {
+        match s {
+            "add" => Some(Action::Add),
+            "change" | "bind" | "move" | "online" => Some(Action::Change),
+            "remove" | "unbind" | "offline" => Some(Action::Remove),
+            _ => None,
+        }
+    }
+}
+
+/// What the station should do about an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Flash this medium on this slot.
+    Start { slot: String, dev: DeviceInfo },
+    /// Present when the station started and `--flash-present` was not given: listed, left
+    /// alone until it is replaced.
+    LeftAlone { slot: String, dev: DeviceInfo },
+    /// The slot's medium went away; cancel its job if one runs.
+    Removed {
+        slot: String,
+        devnode: String,
+        reason: String,
+    },
+    /// A device the station refuses to touch, and why (said once per medium).
+    Refused { msg: String },
+}
+
+struct Active {
+    syspath: String,
+    key: String,
+}
+
+/// Sans-IO slot state: which medium each slot holds and which media were already handled.
+pub struct Tracker {
+    slots: Vec<SlotMatcher>,
+    active: BTreeMap<String, Active>,
+    seen: HashSet<String>,
+}
+
+impl Tracker {
+    pub fn new(slots: Vec<SlotMatcher>) -> Self {
+        Tracker {
+            slots,
+            active: BTreeMap::new(),
+            seen: HashSet::new(),
+        }
+    }
+
+    /// Feeds one event. `flash_present` decides what happens to media found at start.
+    pub fn on_event(
+        &mut self,
+        action: Action,
+        dev: &DeviceInfo,
+        flash_present: bool,
+    ) -> Vec<Decision> {
+        let mut out = Vec::new();
+        let is_disk = dev.subsystem == "block" && dev.devtype.as_deref() == Some("disk");
+        let present = action != Action::Remove && is_disk && dev.size > 0;
+        let slot = if present {
+            slot_of(&self.slots, dev)
+        } else {
+            Ok(None)
+        };
+        let devnode = dev.devnode.clone().unwrap_or_else(|| dev.syspath.clone());
+
+        // Did the medium a slot holds go away?
+        let gone: Vec<(String, String)> = self
+            .active
+            .iter()
+            .filter(|(_, a)| a.syspath == dev.syspath)
+            .filter_map(|(s, a)| {
+                let reason = if action == Action::Remove {
+                    "device removed"
+                } else if !present {
+                    "medium removed"
+                } else if dev.medium_key() != a.key {
+                    "medium changed"
+                } else if slot.as_ref().ok().copied().flatten() != Some(s.as_str()) {
+                    "device no longer matches its slot"
+                } else {
+                    return None;
+                };
+                Some((s.clone(), reason.to_string()))
+            })
+            .collect();
+        for (s, reason) in gone {
+            self.active.remove(&s);
+            out.push(Decision::Removed {
+                slot: s,
+                devnode: devnode.clone(),
+                reason,
+            });
+        }
+        if !present {
+            return out;
+        }
+        let key = dev.medium_key();
+        let slot = match slot {
+            Ok(Some(s)) => s.to_string(),
+            Ok(None) => return out,
+            Err(msg) => {
+                if self.seen.insert(key) {
+                    out.push(Decision::Refused { msg });
+                }
+                return out;
+            }
+        };
+        if let Some(a) = self.active.get(&slot) {
+            if a.syspath != dev.syspath && self.seen.insert(key) {
+                out.push(Decision::Refused {
+                    msg: format!(
+                        "{devnode} also matches slot {slot}, which already holds another device; leaving {devnode} alone (make the slot's match rules precise)"
+                    ),
+                });
+            }
+            return out;
+        }
+        if !self.seen.insert(key.clone()) {
+            return out;
+        }
+        self.active.insert(
+            slot.clone(),
+            Active {
+                syspath: dev.syspath.clone(),
+                key,
+            },
+        );
+        if action == Action::Present && !flash_present {
+            out.push(Decision::LeftAlone {
+                slot,
+                dev: dev.clone(),
+            });
+        } else {
+            out.push(Decision::Start {
+                slot,
+                dev: dev.clone(),
+            });
+        }
+        out
+    }
+}
+
+/// Reads a udev device into a [`DeviceInfo`], with the sysfs attributes in `attr_keys`.
+pub fn device_info(d: &udev::Device, attr_keys: &[String]) -> DeviceInfo {
+    let s = |o: Option<&std::ffi::OsStr>| o.map(|v| v.to_string_lossy().into_owned());
+    let mut props = BTreeMap::new();
+    for p in d.properties() {
+        props.insert(
+            p.name().to_string_lossy().into_owned(),
+            p.value().to_string_lossy().into_owned(),
+        );
+    }
+    let mut attrs = BTreeMap::new();
+    for k in attr_keys {
+        if let Some(v) = d.attribute_value(k) {
+            attrs.insert(k.clone(), v.to_string_lossy().trim_end().to_string());
+        }
+    }
+    let size = d
+        .attribute_value("size")
+        .and_then(|v| v.to_string_lossy().trim().parse::<u64>().ok())
+        .map_or(0, |sectors| sectors * 512);
+    DeviceInfo {
+        syspath: d.syspath().to_string_lossy().into_owned(),
+        devnode: d.devnode().map(|p| p.to_string_lossy().into_owned()),
+        subsystem: s(d.subsystem()).unwrap_or_default(),
+        devtype: s(d.devtype()),
+        props,
+        attrs,
+        size,
+    }
+}
+
+/// Whole disks present now (works without udevd, but then udev properties are missing).
+pub fn enumerate(attr_keys: &[String]) -> Result<Vec<DeviceInfo>, StationError> {
+    let udev_err = |e: std::io::Error| StationError::Environment(format!("udev enumerate: {e}"));
+    let mut en = udev::Enumerator::new().map_err(udev_err)?;
+    en.match_subsystem("block").map_err(udev_err)?;
+    let mut out: Vec<DeviceInfo> = en
+        .scan_devices()
+        .map_err(udev_err)?
+        .map(|d| device_info(&d, attr_keys))
+        .filter(|d| d.devtype.as_deref() == Some("disk"))
+        .collect();
+    out.sort_by(|a, b| a.syspath.cmp(&b.syspath));
+    Ok(out)
+}
+
+/// The udev side: a monitor socket on `block` and `usb`, and enumeration of what is present.
+pub struct Monitor {
+    socket: udev::MonitorSocket,
+    attr_keys: Vec<String>,
+}
+
+impl Monitor {
+    /// Starts listening. Must be called before [`Monitor::enumerate`] so nothing plugged in
+    /// between is missed (duplicates are harmless: media are keyed).
+    pub fn open(attr_keys: Vec<String>) -> Result<Self, StationError> {
+        if !std::path::Path::new("/run/udev/control").exists() {
+            return Err(StationError::Environment(
+                "systemd-udevd is not running (/run/udev/control missing): the station needs udev events".into(),
+            ));
+        }
+        let udev_err = |e: std::io::Error| StationError::Environment(format!("udev monitor: {e}"));
+        let socket = udev::MonitorBuilder::new()
+            .and_then(|b| b.match_subsystem("block"))
+            .and_then(|b| b.match_subsystem("usb"))
+            .and_then(|b| b.listen())
+            .map_err(udev_err)?;
+        Ok(Monitor { socket, attr_keys })
+    }
+
+    /// Whole disks present now.
+    pub fn enumerate(&self) -> Result<Vec<DeviceInfo>, StationError> {
+        let udev_err =
+            |e: std::io::Error| StationError::Environment(format!("udev enumerate: {e}"));
+        let mut en = udev::Enumerator::new().map_err(udev_err)?;
+        en.match_subsystem("block").map_err(udev_err)?;
+        let mut out: Vec<DeviceInfo> = en
+            .scan_devices()
+            .map_err(udev_err)?
+            .map(|d| device_info(&d, &self.attr_keys))
+            .filter(|d| d.devtype.as_deref() == Some("disk"))
+            .collect();
+        out.sort_by(|a, b| a.syspath.cmp(&b.syspath));
+        Ok(out)
+    }
+
+    /// Waits up to `timeout` for events and returns all that are queued.
+    pub fn poll(&mut self, timeout: Duration) -> Result<Vec<(Action, DeviceInfo)>, StationError> {
+        let mut pfd = libc::pollfd {
+            fd: self.socket.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd for the duration of the call.
+        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok(Vec::new());
+            }
+            return Err(StationError::Environment(format!(
+                "poll on udev monitor: {e}"
+            )));
+        }
+        let mut out = Vec::new();
+        if n > 0 {
+            for ev in self.socket.iter() {
+                let Some(action) = ev
+                    .action()
+                    .and_then(|a| Action::from_udev(&a.to_string_lossy()))
+                else {
+                    continue;
+                };
+                out.push((action, device_info(&ev, &self.attr_keys)));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn slots() -> Vec<SlotMatcher> {
+        let r = |v: &str| [("attr:loop/backing_file".to_string(), v.to_string())].into();
+        vec![
+            SlotMatcher::new("a", &r("/t/a.img")).unwrap(),
+            SlotMatcher::new("b", &r("/t/b.img")).unwrap(),
+        ]
+    }
+
+    fn lp(n: u32, backing: Option<&str>, seq: u32, size: u64) -> DeviceInfo {
+        DeviceInfo {
+            syspath: format!("/sys/devices/virtual/block/loop{n}"),
+            devnode: Some(format!("/dev/loop{n}")),
+            subsystem: "block".into(),
+            devtype: Some("disk".into()),
+            props: [("DISKSEQ".to_string(), seq.to_string())].into(),
+            attrs: backing
+                .map(|b| [("loop/backing_file".to_string(), b.to_string())].into())
+                .unwrap_or_default(),
+            size,
+        }
+    }
+
+    fn starts(d: &[Decision]) -> Vec<&str> {
+        d.iter()
+            .filter_map(|d| match d {
+                Decision::Start { slot, .. } => Some(slot.as_str()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn attach_starts_once_despite_change_storm() {
+        let mut t = Tracker::new(slots());
+        let d = lp(0, Some("/t/a.img"), 11, 1 << 20);
+        assert_eq!(starts(&t.on_event(Action::Change, &d, false)), ["a"]);
+        // Rules' `watch` and partition rescans send more change events for the same medium.
+        assert!(t.on_event(Action::Change, &d, false).is_empty());
+        assert!(t.on_event(Action::Add, &d, false).is_empty());
+    }
+
+    #[test]
+    fn remove_then_same_medium_is_not_reflashed_but_a_new_one_is() {
+        let mut t = Tracker::new(slots());
+        let d = lp(0, Some("/t/a.img"), 11, 1 << 20);
+        t.on_event(Action::Change, &d, false);
+        let r = t.on_event(Action::Remove, &d, false);
+        assert!(
+            matches!(&r[..], [Decision::Removed { slot, reason, .. }] if slot == "a" && reason == "device removed")
+        );
+        assert!(t.on_event(Action::Change, &d, false).is_empty());
+        // Detach: size 0, no backing file; nothing active any more.
+        assert!(t
+            .on_event(Action::Change, &lp(0, None, 11, 0), false)
+            .is_empty());
+        // Re-attach: a new DISKSEQ is a new medium.
+        assert_eq!(
+            starts(&t.on_event(Action::Change, &lp(0, Some("/t/a.img"), 12, 1 << 20), false)),
+            ["a"]
+        );
+    }
+
+    #[test]
+    fn detach_mid_job_is_a_removal() {
+        let mut t = Tracker::new(slots());
+        t.on_event(Action::Change, &lp(3, Some("/t/b.img"), 5, 1 << 20), false);
+        let r = t.on_event(Action::Change, &lp(3, None, 5, 0), false);
+        assert!(
+            matches!(&r[..], [Decision::Removed { slot, reason, .. }] if slot == "b" && reason == "medium removed")
+        );
+    }
+
+    #[test]
+    fn present_at_start_is_left_alone_unless_asked() {
+        let mut t = Tracker::new(slots());
+        let d = lp(1, Some("/t/a.img"), 7, 1 << 20);
+        assert!(matches!(
+            &t.on_event(Action::Present, &d, false)[..],
+            [Decision::LeftAlone { .. }]
+        ));
+        let mut t = Tracker::new(slots());
+        assert_eq!(starts(&t.on_event(Action::Present, &d, true)), ["a"]);
+    }
+
+    #[test]
+    fn outside_slots_and_partitions_are_ignored() {
+        let mut t = Tracker::new(slots());
+        assert!(t
+            .on_event(Action::Add, &lp(2, Some("/other.img"), 3, 1 << 20), true)
+            .is_empty());
+        let mut p = lp(2, Some("/t/a.img"), 3, 1 << 20);
+        p.devtype = Some("partition".into());
+        assert!(t.on_event(Action::Add, &p, true).is_empty());
+    }
+
+    #[test]
+    fn second_device_on_a_busy_slot_is_refused() {
+        let mut t = Tracker::new(slots());
+        t.on_event(Action::Change, &lp(0, Some("/t/a.img"), 1, 1 << 20), false);
+        let r = t.on_event(Action::Change, &lp(1, Some("/t/a.img"), 2, 1 << 20), false);
+        assert!(matches!(&r[..], [Decision::Refused { .. }]));
+    }
+}

@@ -1,0 +1,434 @@
+//! One unit on one slot: ledger row → write → verify → identity files → verify → ledger
+//! update, on its own thread so a slow or failing card never holds up the other slots.
+//!
+//! Cancellation (the card was pulled, the station is stopping) is a flag the job checks
+//! between buffers (it is the writer's cancel flag) and between steps; whatever happens, a cancelled
+//! unit ends as FAIL with the reason, never as PASS.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::config::Station;
+use super::fatinject;
+use super::identity::{Scheme, UnitFacts};
+use super::ledger::{Ledger, NewUnit, Outcome};
+use super::slots::DeviceInfo;
+use super::ui::{SlotReporter, Ui};
+use crate::image::ExtentSource;
+
+/// The image every job writes, resolved once at start.
+#[derive(Debug, Clone)]
+pub struct ImagePlan {
+    pub path: PathBuf,
+    /// blake3 of the logical image (given in the config, or computed once at start).
+    pub blake3: String,
+    pub size: u64,
+    pub format: String,
+}
+
+impl ImagePlan {
+    pub fn describe(&self) -> String {
+        format!(
+            "{} ({}, {} bytes, blake3 {})",
+            self.path.display(),
+            self.format,
+            self.size,
+            &self.blake3[..self.blake3.len().min(16)]
+        )
+    }
+}
+
+/// What every job shares.
+pub struct Context {
+    pub station: Station,
+    pub image: Arc<ImagePlan>,
+    pub ledger: Arc<Mutex<Ledger>>,
+    pub ui: Arc<Ui>,
+}
+
+/// Set once by whoever cancels; the first reason wins. The flag is the writer's own cancel
+/// flag, so the pipeline stops between buffers.
+#[derive(Default)]
+pub struct Cancel {
+    flag: Arc<AtomicBool>,
+    reason: Mutex<Option<String>>,
+}
+
+impl Cancel {
+    pub fn cancel(&self, reason: &str) {
+        if let Ok(mut r) = self.reason.lock() {
+            r.get_or_insert_with(|| reason.to_string());
+        }
+        self.flag.store(true, Ordering::SeqCst);
+    }
+    pub fn is_set(&self) -> bool {
+        self.flag.load(Ordering::SeqCst)
+    }
+    pub fn reason(&self) -> Option<String> {
+        self.reason.lock().ok().and_then(|r| r.clone())
+    }
+    pub fn flag(&self) -> Arc<AtomicBool> {
+        self.flag.clone()
+    }
+}
+
+/// A running job.
+pub struct Handle {
+    cancel: Arc<Cancel>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Handle {
+    pub fn cancel(&self, reason: &str) {
+        self.cancel.cancel(reason);
+    }
+    pub fn join(self) {
+        if let Some(t) = self.thread {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Sent when a job has ended and its ledger row is final.
+#[derive(Debug, Clone)]
+pub struct Done {
+    pub slot: String,
+    pub pass: bool,
+    pub serial: Option<String>,
+    pub reason: Option<String>,
+}
+
+/// Starts the job for `dev` on `slot`.
+pub fn spawn(
+    ctx: Arc<Context>,
+    slot: String,
+    dev: DeviceInfo,
+    done: crossbeam_channel::Sender<Done>,
+) -> Handle {
+    let cancel = Arc::new(Cancel::default());
+    let c = cancel.clone();
+    let (slot2, done2) = (slot.clone(), done.clone());
+    let thread = std::thread::Builder::new()
+        .name(format!("slot-{slot}"))
+        .spawn(move || {
+            let d = run_job(&ctx, &slot, &dev, &c);
+            let _ = done.send(d);
+        });
+    let thread = match thread {
+        Ok(t) => Some(t),
+        Err(e) => {
+            // The host is out of threads: nothing was touched and no row was written.
+            let _ = done2.send(Done {
+                slot: slot2,
+                pass: false,
+                serial: None,
+                reason: Some(format!("cannot start a job thread: {e}")),
+            });
+            None
+        }
+    };
+    Handle { cancel, thread }
+}
+
+/// Steps of a job, named in FAIL reasons ("removed mid-write").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Step {
+    Open,
+    Write,
+    Verify,
+    Identity,
+    IdentityVerify,
+}
+
+impl Step {
+    fn name(self) -> &'static str {
+        match self {
+            Step::Open => "open",
+            Step::Write => "write",
+            Step::Verify => "verify",
+            Step::Identity => "identity",
+            Step::IdentityVerify => "identity-verify",
+        }
+    }
+}
+
+/// Stats of a finished write.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct WriteStats {
+    pub bytes_written: u64,
+    pub bytes_skipped: u64,
+}
+
+fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) -> Done {
+    let st = &ctx.station;
+    let devnode = dev.devnode.clone().unwrap_or_default();
+    let rep = Arc::new(
+        SlotReporter::new(slot, ctx.ui.clone(), st.log_dir.as_deref()).unwrap_or_else(|e| {
+            tracing::warn!("{slot}: cannot open its log in {:?}: {e}", st.log_dir);
+            SlotReporter::without_log(slot, ctx.ui.clone())
+        }),
+    );
+    ctx.ui.job_started();
+    let scheme = Scheme {
+        serial: st.serial.clone(),
+        hostname: st.hostname.clone(),
+        files: st.files.clone(),
+    };
+    let facts = UnitFacts {
+        slot: slot.to_string(),
+        board: st.board.clone(),
+        card_serial: dev.card_serial(),
+        id_path: dev.prop("ID_PATH").map(str::to_string),
+        image_blake3: Some(ctx.image.blake3.clone()),
+        now: chrono::Utc::now(),
+    };
+    let unit = NewUnit {
+        slot: slot.to_string(),
+        devnode: dev.devnode.clone(),
+        id_serial: dev.prop("ID_SERIAL").map(str::to_string),
+        id_path: dev.prop("ID_PATH").map(str::to_string),
+        diskseq: dev.prop("DISKSEQ").map(str::to_string),
+        board: st.board.clone(),
+        image: Some(ctx.image.path.display().to_string()),
+        image_blake3: Some(ctx.image.blake3.clone()),
+    };
+    // The row (and the serial) exist before the device is touched.
+    let started = {
+        let mut l = match ctx.ledger.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        l.start_unit(&unit, scheme.needs_seq(), st.seq_start, |seq| {
+            let id = scheme.derive(&facts, seq)?;
+            let json = serde_json::to_string(&id).unwrap_or_default();
+            Ok((id.serial.clone(), id.hostname.clone(), json, id))
+        })
+    };
+    let (row, id) = match started {
+        Ok(Ok(v)) => v,
+        Ok(Err(reason)) => {
+            return end(
+                ctx,
+                &rep,
+                slot,
+                None,
+                None,
+                Err(format!("identity: {reason}")),
+                None,
+            )
+        }
+        Err(e) => {
+            return end(
+                ctx,
+                &rep,
+                slot,
+                None,
+                None,
+                Err(format!("ledger: {e}")),
+                None,
+            );
+        }
+    };
+    rep.info(format!(
+        "{devnode}: unit {} (hostname {}), {}",
+        id.serial,
+        id.hostname,
+        ctx.image.describe()
+    ));
+
+    let t0 = Instant::now();
+    let step = Mutex::new(Step::Open);
+    let result = provision(ctx, dev, &id.files, cancel, &rep, &step);
+    let secs = t0.elapsed().as_secs_f64();
+    let step = step.lock().map(|s| *s).unwrap_or(Step::Open);
+    // A pulled card is never PASS, even if the last write happened to land.
+    let result = match (result, cancel.reason()) {
+        (_, Some(why)) if why.starts_with("station stopped") => {
+            Err(format!("stopped mid-{} ({why})", step.name()))
+        }
+        (_, Some(why)) => Err(format!("removed mid-{} ({why})", step.name())),
+        (Ok(s), None) => Ok(s),
+        (Err(e), None) => Err(format!("{} failed: {e:#}", step.name())),
+    };
+    end(
+        ctx,
+        &rep,
+        slot,
+        Some(row),
+        Some(&id.serial),
+        result,
+        Some(secs),
+    )
+}
+
+fn end(
+    ctx: &Context,
+    rep: &SlotReporter,
+    slot: &str,
+    row: Option<i64>,
+    serial: Option<&str>,
+    result: Result<WriteStats, String>,
+    secs: Option<f64>,
+) -> Done {
+    let pass = result.is_ok();
+    let (stats, reason) = match &result {
+        Ok(s) => (*s, None),
+        Err(e) => (WriteStats::default(), Some(e.clone())),
+    };
+    let throughput = secs
+        .filter(|s| *s > 0.0 && pass)
+        .map(|s| (stats.bytes_written + stats.bytes_skipped) as f64 / s);
+    if let Some(row) = row {
+        let mut l = match ctx.ledger.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        let o = Outcome {
+            pass,
+            failure_reason: reason.clone(),
+            bytes_written: stats.bytes_written,
+            bytes_skipped: stats.bytes_skipped,
+            throughput_bps: throughput,
+        };
+        if let Err(e) = l.finish_unit(row, &o) {
+            rep.log(&format!("could not record the result: {e}"));
+            tracing::error!("{slot}: could not record the result: {e}");
+        }
+    }
+    let text = match (&reason, serial) {
+        (None, Some(s)) => format!(
+            "{s}{}",
+            throughput
+                .map(|t| format!(", {:.1} MiB/s", t / (1024.0 * 1024.0)))
+                .unwrap_or_default()
+        ),
+        (Some(r), Some(s)) => format!("{s}: {r}"),
+        (Some(r), None) => r.clone(),
+        (None, None) => String::new(),
+    };
+    rep.result(pass, &text);
+    ctx.ui.job_ended(slot, pass);
+    Done {
+        slot: slot.to_string(),
+        pass,
+        serial: serial.map(str::to_string),
+        reason,
+    }
+}
+
+/// Write, verify, inject, verify. Updates `step` as it goes so failures name the step.
+fn provision(
+    ctx: &Context,
+    dev: &DeviceInfo,
+    files: &[(String, Vec<u8>)],
+    cancel: &Arc<Cancel>,
+    rep: &Arc<SlotReporter>,
+    step: &Mutex<Step>,
+) -> anyhow::Result<WriteStats> {
+    use anyhow::Context as _;
+    let set = |s: Step| {
+        if let Ok(mut g) = step.lock() {
+            *g = s;
+        }
+    };
+    let devnode = PathBuf::from(
+        dev.devnode
+            .as_deref()
+            .ok_or_else(|| anyhow::anyhow!("{} has no device node", dev.syspath))?,
+    );
+    // The writer's safety rules, unchanged: never --force from the station.
+    let policy = crate::target::Policy {
+        image_size: Some(ctx.image.size),
+        force: false,
+        image_paths: vec![ctx.image.path.clone()],
+    };
+    let target = crate::target::open(&devnode, &policy)?;
+    // A second descriptor on the same open file keeps the O_EXCL claim after the sink is
+    // dropped, through identity injection and its read-back.
+    let held = target
+        .file
+        .try_clone()
+        .with_context(|| format!("{}: duplicate descriptor", devnode.display()))?;
+    let direct = target.direct;
+    let mut sink = target.into_sink()?;
+    let source = ctx.image.open()?;
+    let opts = crate::write::WriteOptions {
+        verify: ctx.station.verify,
+        expected_blake3: crate::write::parse_blake3_hex(&ctx.image.blake3),
+        cancel: cancel.flag(),
+        job: dev.devnode.clone().unwrap_or_default(),
+        image_name: ctx.image.path.display().to_string(),
+        ..Default::default()
+    };
+    set(Step::Write);
+    // The pipeline reports "write" then "verify"; follow it for FAIL reasons.
+    let follow = PhaseFollower {
+        inner: rep.clone(),
+        set: &set,
+    };
+    let report = crate::write::run(source, sink.as_mut(), &opts, &follow)?;
+    drop(sink);
+    if cancel.is_set() {
+        anyhow::bail!("cancelled");
+    }
+    let stats = WriteStats {
+        bytes_written: report.bytes_written,
+        bytes_skipped: report.bytes_skipped + report.bytes_zeroed,
+    };
+    if !files.is_empty() {
+        set(Step::Identity);
+        fatinject::set_direct(&held, false)
+            .with_context(|| format!("{}: switch to buffered I/O", devnode.display()))?;
+        let part = fatinject::inject(&held, &devnode, ctx.station.fat_partition, files)?;
+        rep.info(format!(
+            "wrote {} identity file(s) into FAT partition {}",
+            files.len(),
+            part.number
+        ));
+        if cancel.is_set() {
+            anyhow::bail!("cancelled");
+        }
+        if ctx.station.verify {
+            set(Step::IdentityVerify);
+            if direct {
+                fatinject::set_direct(&held, true)
+                    .with_context(|| format!("{}: switch to O_DIRECT", devnode.display()))?;
+            } else {
+                crate::write::sink::flush_buffers(&held)
+                    .with_context(|| format!("{}: drop the page cache", devnode.display()))?;
+            }
+            fatinject::verify(&held, &devnode, &part, files)?;
+            rep.info("identity files read back and match");
+        }
+    }
+    Ok(stats)
+}
+
+/// Passes events on and notes the writer's phase, so a removal mid-verify says so.
+struct PhaseFollower<'a> {
+    inner: Arc<SlotReporter>,
+    set: &'a (dyn Fn(Step) + Sync),
+}
+
+impl crate::progress::Reporter for PhaseFollower<'_> {
+    fn report(&self, ev: crate::progress::Event) {
+        if let crate::progress::Event::Start { phase, .. } = &ev {
+            match phase.as_str() {
+                "write" => (self.set)(Step::Write),
+                "verify" => (self.set)(Step::Verify),
+                _ => {}
+            }
+        }
+        self.inner.report(ev);
+    }
+}
+
+impl ImagePlan {
+    /// A fresh extent stream over the image, for one job.
+    pub fn open(&self) -> Result<Box<dyn ExtentSource>, crate::image::ImageError> {
+        crate::image::open_image(&self.path, &crate::image::OpenOptions::default())
+            .map(|o| o.source)
+    }
+}

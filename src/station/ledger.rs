@@ -1,0 +1,625 @@
+//! The ledger: one SQLite file (WAL) that is the station's only state.
+//!
+//! Every job inserts its row (and takes its serial number from the counter) in one transaction
+//! before it touches the device, and updates the row when it ends, so a crash or power cut
+//! leaves "started, never finished", never nothing, and a serial is never handed out twice.
+//! The station holds an exclusive `flock` on the ledger file for its whole run, so a second
+//! station on the same ledger refuses to start; readers (`station report`) need no lock.
+//! Schema changes are numbered migrations recorded in `PRAGMA user_version`.
+
+use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
+use serde::Serialize;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+use super::StationError;
+
+/// Numbered schema steps; index + 1 is the version they lead to. Never edit a shipped step.
+const MIGRATIONS: &[&str] = &[
+    // 1: units and the serial counter.
+    r#"
+    CREATE TABLE units (
+        id              INTEGER PRIMARY KEY AUTOINCREMENT,
+        unit_serial     TEXT NOT NULL,
+        attempt         INTEGER NOT NULL,
+        slot            TEXT NOT NULL,
+        devnode         TEXT,
+        id_serial       TEXT,
+        id_path         TEXT,
+        diskseq         TEXT,
+        board           TEXT,
+        image           TEXT,
+        image_blake3    TEXT,
+        seq             INTEGER,
+        hostname        TEXT,
+        identity_json   TEXT,
+        started_at      TEXT NOT NULL,
+        ended_at        TEXT,
+        bytes_written   INTEGER,
+        bytes_skipped   INTEGER,
+        throughput_bps  REAL,
+        result          TEXT NOT NULL CHECK (result IN ('started','pass','fail','interrupted')),
+        failure_reason  TEXT,
+        tool_version    TEXT NOT NULL,
+        station_host    TEXT,
+        station_pid     INTEGER
+    );
+    CREATE INDEX units_started ON units(started_at);
+    CREATE INDEX units_serial ON units(unit_serial);
+    CREATE TABLE counters (
+        name  TEXT PRIMARY KEY,
+        value INTEGER NOT NULL
+    );
+    "#,
+];
+
+/// Name of the serial counter row.
+const SEQ: &str = "unit_seq";
+
+/// What is known about a unit when its job starts.
+#[derive(Debug, Clone, Default)]
+pub struct NewUnit {
+    pub slot: String,
+    pub devnode: Option<String>,
+    pub id_serial: Option<String>,
+    pub id_path: Option<String>,
+    pub diskseq: Option<String>,
+    pub board: Option<String>,
+    pub image: Option<String>,
+    pub image_blake3: Option<String>,
+}
+
+/// How a job ended.
+#[derive(Debug, Clone, Default)]
+pub struct Outcome {
+    pub pass: bool,
+    pub failure_reason: Option<String>,
+    pub bytes_written: u64,
+    pub bytes_skipped: u64,
+    pub throughput_bps: Option<f64>,
+}
+
+/// A ledger row, for reports.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Row {
+    pub id: i64,
+    pub unit_serial: String,
+    pub attempt: i64,
+    pub slot: String,
+    pub devnode: Option<String>,
+    pub id_serial: Option<String>,
+    pub id_path: Option<String>,
+    pub diskseq: Option<String>,
+    pub board: Option<String>,
+    pub image: Option<String>,
+    pub image_blake3: Option<String>,
+    pub seq: Option<i64>,
+    pub hostname: Option<String>,
+    pub identity_json: Option<String>,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub bytes_written: Option<i64>,
+    pub bytes_skipped: Option<i64>,
+    pub throughput_bps: Option<f64>,
+    pub result: String,
+    pub failure_reason: Option<String>,
+    pub tool_version: String,
+    pub station_host: Option<String>,
+    pub station_pid: Option<i64>,
+}
+
+/// Column names in report order (CSV header).
+pub const COLUMNS: &[&str] = &[
+    "id",
+    "unit_serial",
+    "attempt",
+    "slot",
+    "devnode",
+    "id_serial",
+    "id_path",
+    "diskseq",
+    "board",
+    "image",
+    "image_blake3",
+    "seq",
+    "hostname",
+    "identity_json",
+    "started_at",
+    "ended_at",
+    "bytes_written",
+    "bytes_skipped",
+    "throughput_bps",
+    "result",
+    "failure_reason",
+    "tool_version",
+    "station_host",
+    "station_pid",
+];
+
+/// An open, locked ledger (the station's writer).
+pub struct Ledger {
+    path: PathBuf,
+    conn: Connection,
+    /// Holds the exclusive flock for as long as the ledger is open.
+    _lock: File,
+}
+
+fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> StationError + '_ {
+    move |e| StationError::Ledger {
+        path: path.display().to_string(),
+        msg: e.to_string(),
+    }
+}
+
+fn station_host() -> Option<String> {
+    super::identity::host_name()
+}
+
+fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+impl Ledger {
+    /// Opens (creating if needed) and locks the ledger, migrates it, and marks rows left
+    /// "started" by a previous run (which must have died: it no longer holds the lock) as
+    /// interrupted. Returns the ledger and how many rows were marked.
+    pub fn open(path: &Path) -> Result<(Ledger, usize), StationError> {
+        let err = db_err(path);
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|e| StationError::Ledger {
+                path: path.display().to_string(),
+                msg: format!("create directory {}: {e}", dir.display()),
+            })?;
+        }
+        let lock = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(|e| StationError::Ledger {
+                path: path.display().to_string(),
+                msg: e.to_string(),
+            })?;
+        // SQLite locks with fcntl; flock is a separate lock on Linux, used only between
+        // station processes.
+        // SAFETY: flock on a file descriptor we own.
+        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                return Err(StationError::LedgerBusy {
+                    path: path.display().to_string(),
+                });
+            }
+            return Err(StationError::Ledger {
+                path: path.display().to_string(),
+                msg: format!("lock: {e}"),
+            });
+        }
+        let mut conn = Connection::open(path).map_err(&err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(&err)?;
+        let mode: String = conn
+            .query_row("PRAGMA journal_mode=WAL", [], |r| r.get(0))
+            .map_err(&err)?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StationError::Ledger {
+                path: path.display().to_string(),
+                msg: format!("could not switch to WAL (journal_mode is {mode})"),
+            });
+        }
+        // FULL: each committed row survives a power cut, not just a crash.
+        conn.execute_batch("PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON;")
+            .map_err(&err)?;
+        migrate(&mut conn, path)?;
+        let stale = conn
+            .execute(
+                "UPDATE units SET result='interrupted', failure_reason=
+                   'station stopped before the job ended (crash, kill or power loss); the unit is not done'
+                 WHERE result='started'",
+                [],
+            )
+            .map_err(&err)?;
+        Ok((
+            Ledger {
+                path: path.to_path_buf(),
+                conn,
+                _lock: lock,
+            },
+            stale,
+        ))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The next counter value (without taking it), for `--dry-run`.
+    pub fn peek_seq(&self, start: u64) -> Result<u64, StationError> {
+        peek_seq(&self.conn, start).map_err(db_err(&self.path))
+    }
+
+    /// Starts a unit: takes the next counter value if `needs_seq`, lets `identity` derive the
+    /// unit's (serial, hostname, identity JSON) from it, and inserts the row, all in one
+    /// transaction. Returns the row id and whatever `identity` produced.
+    pub fn start_unit<T>(
+        &mut self,
+        unit: &NewUnit,
+        needs_seq: bool,
+        seq_start: u64,
+        identity: impl FnOnce(Option<u64>) -> Result<(String, String, String, T), String>,
+    ) -> Result<Result<(i64, T), String>, StationError> {
+        let err = db_err(&self.path);
+        let tx = self
+            .conn
+            .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+            .map_err(&err)?;
+        let seq = if needs_seq {
+            let next = peek_seq(&tx, seq_start).map_err(&err)?;
+            tx.execute(
+                "INSERT INTO counters(name, value) VALUES (?1, ?2)
+                 ON CONFLICT(name) DO UPDATE SET value=excluded.value",
+                params![SEQ, next as i64],
+            )
+            .map_err(&err)?;
+            Some(next)
+        } else {
+            None
+        };
+        let (serial, hostname, json, extra) = match identity(seq) {
+            Ok(v) => v,
+            Err(reason) => {
+                // A unit that cannot be named is still recorded (as failed, with the reason);
+                // the counter value is not consumed.
+                drop(tx);
+                self.conn
+                    .execute(
+                        "INSERT INTO units(unit_serial, attempt, slot, devnode, id_serial, id_path,
+                           diskseq, board, image, image_blake3, started_at, ended_at, result,
+                           failure_reason, tool_version, station_host, station_pid)
+                         VALUES ('-',1,?1,?2,?3,?4,?5,?6,?7,?8,?9,?9,'fail',?10,?11,?12,?13)",
+                        params![
+                            unit.slot,
+                            unit.devnode,
+                            unit.id_serial,
+                            unit.id_path,
+                            unit.diskseq,
+                            unit.board,
+                            unit.image,
+                            unit.image_blake3,
+                            now(),
+                            format!("identity: {reason}"),
+                            env!("CARGO_PKG_VERSION"),
+                            station_host(),
+                            std::process::id() as i64,
+                        ],
+                    )
+                    .map_err(&err)?;
+                return Ok(Err(reason));
+            }
+        };
+        let attempt: i64 = tx
+            .query_row(
+                "SELECT COUNT(*) FROM units WHERE unit_serial=?1",
+                [&serial],
+                |r| r.get(0),
+            )
+            .map_err(&err)?;
+        tx.execute(
+            "INSERT INTO units(unit_serial, attempt, slot, devnode, id_serial, id_path, diskseq,
+               board, image, image_blake3, seq, hostname, identity_json, started_at, result,
+               tool_version, station_host, station_pid)
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,'started',?15,?16,?17)",
+            params![
+                serial,
+                attempt + 1,
+                unit.slot,
+                unit.devnode,
+                unit.id_serial,
+                unit.id_path,
+                unit.diskseq,
+                unit.board,
+                unit.image,
+                unit.image_blake3,
+                seq.map(|s| s as i64),
+                hostname,
+                json,
+                now(),
+                env!("CARGO_PKG_VERSION"),
+                station_host(),
+                std::process::id() as i64,
+            ],
+        )
+        .map_err(&err)?;
+        let id = tx.last_insert_rowid();
+        tx.commit().map_err(&err)?;
+        Ok(Ok((id, extra)))
+    }
+
+    /// Records how a unit's job ended.
+    pub fn finish_unit(&mut self, id: i64, o: &Outcome) -> Result<(), StationError> {
+        self.conn
+            .execute(
+                "UPDATE units SET ended_at=?2, result=?3, failure_reason=?4, bytes_written=?5,
+                   bytes_skipped=?6, throughput_bps=?7 WHERE id=?1",
+                params![
+                    id,
+                    now(),
+                    if o.pass { "pass" } else { "fail" },
+                    o.failure_reason,
+                    o.bytes_written as i64,
+                    o.bytes_skipped as i64,
+                    o.throughput_bps,
+                ],
+            )
+            .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
+    /// Counts by result (for the running count after a restart).
+    pub fn counts(&self) -> Result<(u64, u64), StationError> {
+        self.conn
+            .query_row(
+                "SELECT COALESCE(SUM(result='pass'),0), COALESCE(SUM(result IN ('fail','interrupted')),0) FROM units",
+                [],
+                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
+            )
+            .map_err(db_err(&self.path))
+    }
+}
+
+fn peek_seq(conn: &Connection, start: u64) -> rusqlite::Result<u64> {
+    let cur: Option<i64> = conn
+        .query_row("SELECT value FROM counters WHERE name=?1", [SEQ], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(match cur {
+        Some(v) => (v as u64 + 1).max(start),
+        None => start,
+    })
+}
+
+fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StationError> {
+    let err = db_err(path);
+    let have: i64 = conn
+        .query_row("PRAGMA user_version", [], |r| r.get(0))
+        .map_err(&err)?;
+    let want = MIGRATIONS.len() as i64;
+    if have > want {
+        return Err(StationError::Ledger {
+            path: path.display().to_string(),
+            msg: format!(
+                "schema version {have} is newer than this sbcflash understands ({want}); use a newer sbcflash"
+            ),
+        });
+    }
+    for (i, step) in MIGRATIONS.iter().enumerate().skip(have as usize) {
+        let tx = conn.transaction().map_err(&err)?;
+        tx.execute_batch(step).map_err(&err)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)
+            .map_err(&err)?;
+        tx.commit().map_err(&err)?;
+    }
+    Ok(())
+}
+
+/// Reads rows started at or after `since` (RFC 3339 or YYYY-MM-DD), without locking: the
+/// station may be running.
+pub fn report(path: &Path, since: Option<&str>) -> Result<Vec<Row>, StationError> {
+    let err = db_err(path);
+    if !path.exists() {
+        return Err(StationError::Ledger {
+            path: path.display().to_string(),
+            msg: "no such ledger".into(),
+        });
+    }
+    let conn = Connection::open_with_flags(
+        path,
+        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+    .map_err(&err)?;
+    conn.busy_timeout(std::time::Duration::from_secs(10))
+        .map_err(&err)?;
+    let sql = format!(
+        "SELECT {} FROM units WHERE started_at >= ?1 ORDER BY id",
+        COLUMNS.join(", ")
+    );
+    let mut st = conn.prepare(&sql).map_err(&err)?;
+    let rows = st
+        .query_map([since.unwrap_or("")], |r| {
+            Ok(Row {
+                id: r.get(0)?,
+                unit_serial: r.get(1)?,
+                attempt: r.get(2)?,
+                slot: r.get(3)?,
+                devnode: r.get(4)?,
+                id_serial: r.get(5)?,
+                id_path: r.get(6)?,
+                diskseq: r.get(7)?,
+                board: r.get(8)?,
+                image: r.get(9)?,
+                image_blake3: r.get(10)?,
+                seq: r.get(11)?,
+                hostname: r.get(12)?,
+                identity_json: r.get(13)?,
+                started_at: r.get(14)?,
+                ended_at: r.get(15)?,
+                bytes_written: r.get(16)?,
+                bytes_skipped: r.get(17)?,
+                throughput_bps: r.get(18)?,
+                result: r.get(19)?,
+                failure_reason: r.get(20)?,
+                tool_version: r.get(21)?,
+                station_host: r.get(22)?,
+                station_pid: r.get(23)?,
+            })
+        })
+        .map_err(&err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(&err)?;
+    Ok(rows)
+}
+
+/// The next serial counter value, read without locking (for `--dry-run`).
+pub fn peek_seq_readonly(path: &Path, start: u64) -> Result<u64, StationError> {
+    if !path.exists() {
+        return Ok(start);
+    }
+    let err = db_err(path);
+    let conn = Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(&err)?;
+    let has: bool = conn
+        .query_row(
+            "SELECT COUNT(*) FROM sqlite_master WHERE name='counters'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )
+        .map_err(&err)?;
+    if !has {
+        return Ok(start);
+    }
+    peek_seq(&conn, start).map_err(&err)
+}
+
+impl Row {
+    /// The row as CSV fields in [`COLUMNS`] order.
+    pub fn csv_fields(&self) -> Vec<String> {
+        let o = |v: &Option<String>| v.clone().unwrap_or_default();
+        let i = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
+        vec![
+            self.id.to_string(),
+            self.unit_serial.clone(),
+            self.attempt.to_string(),
+            self.slot.clone(),
+            o(&self.devnode),
+            o(&self.id_serial),
+            o(&self.id_path),
+            o(&self.diskseq),
+            o(&self.board),
+            o(&self.image),
+            o(&self.image_blake3),
+            i(self.seq),
+            o(&self.hostname),
+            o(&self.identity_json),
+            self.started_at.clone(),
+            o(&self.ended_at),
+            i(self.bytes_written),
+            i(self.bytes_skipped),
+            self.throughput_bps
+                .map(|v| format!("{v:.0}"))
+                .unwrap_or_default(),
+            self.result.clone(),
+            o(&self.failure_reason),
+            self.tool_version.clone(),
+            o(&self.station_host),
+            i(self.station_pid),
+        ]
+    }
+}
+
+/// RFC 4180 quoting: fields with a comma, quote or line break are quoted, quotes doubled.
+pub fn csv_line(fields: &[String]) -> String {
+    fields
+        .iter()
+        .map(|f| {
+            if f.contains([',', '"', '\n', '\r']) {
+                format!("\"{}\"", f.replace('"', "\"\""))
+            } else {
+                f.clone()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit(slot: &str) -> NewUnit {
+        NewUnit {
+            slot: slot.into(),
+            ..Default::default()
+        }
+    }
+
+    fn start(l: &mut Ledger, slot: &str) -> (i64, u64) {
+        l.start_unit(&unit(slot), true, 100, |seq| {
+            let s = seq.unwrap();
+            Ok((format!("U{s}"), format!("u{s}"), "{}".into(), s))
+        })
+        .unwrap()
+        .unwrap()
+    }
+
+    #[test]
+    fn rows_counter_lock_and_crash_recovery() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.sqlite");
+        let (mut l, stale) = Ledger::open(&p).unwrap();
+        assert_eq!(stale, 0);
+        let (a, sa) = start(&mut l, "s1");
+        let (_b, sb) = start(&mut l, "s2");
+        assert_eq!((sa, sb), (100, 101));
+        l.finish_unit(
+            a,
+            &Outcome {
+                pass: true,
+                bytes_written: 10,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        // A second station on the same ledger is refused while the first holds it.
+        assert!(matches!(
+            Ledger::open(&p),
+            Err(StationError::LedgerBusy { .. })
+        ));
+        // Reports work while the station holds the lock.
+        let rows = report(&p, None).unwrap();
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].result, "pass");
+        assert_eq!(rows[1].result, "started");
+        drop(l); // as if the process died: the lock goes with it
+        let (mut l, stale) = Ledger::open(&p).unwrap();
+        assert_eq!(stale, 1);
+        let rows = report(&p, None).unwrap();
+        assert_eq!(rows[1].result, "interrupted");
+        assert!(rows[1].ended_at.is_none());
+        let (_, sc) = start(&mut l, "s1");
+        assert_eq!(sc, 102, "counter never repeats");
+        assert_eq!(peek_seq_readonly(&p, 1).unwrap(), 103);
+    }
+
+    #[test]
+    fn failed_identity_is_recorded_without_using_the_counter() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.sqlite");
+        let (mut l, _) = Ledger::open(&p).unwrap();
+        let r = l
+            .start_unit(&unit("s"), true, 1, |_| {
+                Err::<(String, String, String, ()), _>("no card serial".into())
+            })
+            .unwrap();
+        assert!(r.is_err());
+        let rows = report(&p, None).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].result, "fail");
+        assert!(rows[0]
+            .failure_reason
+            .as_deref()
+            .unwrap()
+            .contains("no card serial"));
+        assert_eq!(l.peek_seq(1).unwrap(), 1);
+    }
+
+    #[test]
+    fn csv_quoting() {
+        assert_eq!(
+            csv_line(&["a".into(), "b,c".into(), "d\"e".into()]),
+            "a,\"b,c\",\"d\"\"e\""
+        );
+    }
+}

@@ -1,0 +1,302 @@
+//! What the operator sees: one line per slot (bars on a TTY, JSON events otherwise), a
+//! per-slot log file, a running count, and a bell or screen flash on FAIL.
+//!
+//! Jobs report through a [`SlotReporter`], which names every event after its slot, copies it
+//! to the slot's log, and forwards it to the station's reporter.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use crate::progress::{Event, Level, Reporter};
+
+/// How results are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Style {
+    /// indicatif bars: intermediate `Finish` events are dropped so each slot's line is
+    /// replaced by its next phase instead of piling up.
+    Bars,
+    /// Every event (JSON lines, plain text, tests).
+    Stream,
+}
+
+/// The station-wide view: counts and the FAIL alert.
+pub struct Ui {
+    pub reporter: Arc<dyn Reporter>,
+    pub style: Style,
+    pub bell: bool,
+    pub flash: bool,
+    pass: AtomicU64,
+    fail: AtomicU64,
+    running: AtomicU64,
+    alert: Mutex<()>,
+}
+
+/// Name of the station-wide job in events.
+pub const STATION_JOB: &str = "station";
+
+impl Ui {
+    pub fn new(reporter: Arc<dyn Reporter>, style: Style, bell: bool, flash: bool) -> Self {
+        Ui {
+            reporter,
+            style,
+            bell,
+            flash,
+            pass: AtomicU64::new(0),
+            fail: AtomicU64::new(0),
+            running: AtomicU64::new(0),
+            alert: Mutex::new(()),
+        }
+    }
+
+    pub fn say(&self, level: Level, text: impl Into<String>) {
+        self.reporter.report(Event::Message {
+            job: STATION_JOB.into(),
+            level,
+            text: text.into(),
+        });
+    }
+
+    pub fn set_counts(&self, pass: u64, fail: u64) {
+        self.pass.store(pass, Ordering::Relaxed);
+        self.fail.store(fail, Ordering::Relaxed);
+    }
+
+    pub fn job_started(&self) {
+        self.running.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A job ended: count it, alert on FAIL, and show the running count.
+    pub fn job_ended(&self, slot: &str, pass: bool) {
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        if pass {
+            self.pass.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.fail.fetch_add(1, Ordering::Relaxed);
+            self.alert(slot);
+        }
+        self.say(Level::Info, self.count_line());
+    }
+
+    pub fn counts(&self) -> (u64, u64, u64) {
+        (
+            self.pass.load(Ordering::Relaxed),
+            self.fail.load(Ordering::Relaxed),
+            self.running.load(Ordering::Relaxed),
+        )
+    }
+
+    pub fn count_line(&self) -> String {
+        let (p, f, r) = self.counts();
+        format!("count: {p} PASS, {f} FAIL, {r} running")
+    }
+
+    /// Bell and/or a short reverse-video flash, on stderr (never in the JSON stream).
+    fn alert(&self, _slot: &str) {
+        if !self.bell && !self.flash {
+            return;
+        }
+        let _g = self.alert.lock();
+        let mut err = std::io::stderr();
+        if self.bell {
+            let _ = err.write_all(b"\x07");
+        }
+        if self.flash && std::io::IsTerminal::is_terminal(&err) {
+            let _ = err.write_all(b"\x1b[?5h");
+            let _ = err.flush();
+            std::thread::sleep(std::time::Duration::from_millis(150));
+            let _ = err.write_all(b"\x1b[?5l");
+        }
+        let _ = err.flush();
+    }
+}
+
+/// A slot's view of the UI: events renamed to the slot and copied to its log.
+pub struct SlotReporter {
+    slot: String,
+    ui: Arc<Ui>,
+    log: Option<Mutex<File>>,
+    /// Last logged progress decile per phase, so the log gets 10 % steps, not a flood.
+    last_decile: Mutex<(String, u64)>,
+}
+
+impl SlotReporter {
+    /// Opens (appending) `log_dir/<slot>.log` if a log directory is configured.
+    pub fn new(slot: &str, ui: Arc<Ui>, log_dir: Option<&Path>) -> std::io::Result<Self> {
+        let log = match log_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d)?;
+                Some(Mutex::new(
+                    std::fs::OpenOptions::new()
+                        .create(true)
+                        .append(true)
+                        .open(d.join(format!("{slot}.log")))?,
+                ))
+            }
+            None => None,
+        };
+        Ok(SlotReporter {
+            slot: slot.to_string(),
+            ui,
+            log,
+            last_decile: Mutex::new((String::new(), u64::MAX)),
+        })
+    }
+
+    /// A reporter without a log file (when the log directory is unusable).
+    pub fn without_log(slot: &str, ui: Arc<Ui>) -> Self {
+        SlotReporter {
+            slot: slot.to_string(),
+            ui,
+            log: None,
+            last_decile: Mutex::new((String::new(), u64::MAX)),
+        }
+    }
+
+    /// Writes one line to the slot's log.
+    pub fn log(&self, line: &str) {
+        if let Some(l) = &self.log {
+            if let Ok(mut f) = l.lock() {
+                let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+                let _ = writeln!(f, "{ts} {line}");
+            }
+        }
+    }
+
+    pub fn info(&self, text: impl Into<String>) {
+        self.report(Event::Message {
+            job: String::new(),
+            level: Level::Info,
+            text: text.into(),
+        });
+    }
+
+    /// Shows the unit's final state on the slot's line and in the stream.
+    pub fn result(&self, pass: bool, text: &str) {
+        let word = if pass { "PASS" } else { "FAIL" };
+        self.log(&format!("{word}: {text}"));
+        if self.ui.style == Style::Bars {
+            // A bar-less line that stays until the slot's next unit replaces it.
+            self.ui.reporter.report(Event::Start {
+                job: self.slot.clone(),
+                phase: word.into(),
+                total: None,
+                detail: Some(text.to_string()),
+            });
+        } else {
+            self.ui.reporter.report(Event::Message {
+                job: self.slot.clone(),
+                level: if pass { Level::Info } else { Level::Warn },
+                text: format!("{word} {text}"),
+            });
+        }
+    }
+}
+
+impl Reporter for SlotReporter {
+    fn report(&self, mut ev: Event) {
+        let slot = self.slot.clone();
+        match &mut ev {
+            Event::Start {
+                job, phase, total, ..
+            } => {
+                *job = slot;
+                self.log(&format!(
+                    "start {phase}{}",
+                    total.map(|t| format!(" ({t} bytes)")).unwrap_or_default()
+                ));
+            }
+            Event::Progress {
+                job,
+                phase,
+                done,
+                total,
+            } => {
+                *job = slot;
+                if let Some(t) = total.filter(|t| *t > 0) {
+                    let decile = (*done).min(t) * 10 / t;
+                    if let Ok(mut last) = self.last_decile.lock() {
+                        if last.0 != *phase || last.1 != decile {
+                            *last = (phase.clone(), decile);
+                            self.log(&format!("{phase} {}%", decile * 10));
+                        }
+                    }
+                }
+            }
+            Event::Message { job, text, .. } => {
+                *job = slot;
+                self.log(text);
+            }
+            Event::Finish {
+                job,
+                phase,
+                summary,
+            } => {
+                *job = slot;
+                self.log(&format!("done {phase} {summary}"));
+                if self.ui.style == Style::Bars {
+                    return;
+                }
+            }
+            Event::Error {
+                job,
+                phase,
+                message,
+                ..
+            } => {
+                *job = slot;
+                self.log(&format!("error in {phase}: {message}"));
+                if self.ui.style == Style::Bars {
+                    // The FAIL line (see `result`) says it; keep the slot on one line.
+                    return;
+                }
+            }
+        }
+        self.ui.reporter.report(ev);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::progress::Recorder;
+
+    #[test]
+    fn events_are_renamed_logged_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let rec = Arc::new(Recorder::default());
+        let ui = Arc::new(Ui::new(rec.clone(), Style::Stream, false, false));
+        let r = SlotReporter::new("s1", ui.clone(), Some(dir.path())).unwrap();
+        r.report(Event::Start {
+            job: "/dev/loop0".into(),
+            phase: "write".into(),
+            total: Some(100),
+            detail: None,
+        });
+        for d in [5, 50, 55, 100] {
+            r.report(Event::Progress {
+                job: "/dev/loop0".into(),
+                phase: "write".into(),
+                done: d,
+                total: Some(100),
+            });
+        }
+        ui.job_started();
+        r.result(false, "removed mid-write");
+        ui.job_ended("s1", false);
+        let evs = rec.0.lock().unwrap();
+        assert!(evs.iter().all(|e| match e {
+            Event::Start { job, .. } | Event::Progress { job, .. } => job == "s1",
+            Event::Message { job, .. } => job == "s1" || job == STATION_JOB,
+            _ => true,
+        }));
+        let log = std::fs::read_to_string(dir.path().join("s1.log")).unwrap();
+        assert!(log.contains("start write (100 bytes)"));
+        assert!(log.contains("write 50%") && log.contains("write 100%"));
+        assert_eq!(log.matches("write 50%").count(), 1);
+        assert!(log.contains("FAIL: removed mid-write"));
+        assert_eq!(ui.counts(), (0, 1, 0));
+    }
+}
