@@ -158,7 +158,8 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
 fn init_logging(g: &Global) {
     use tracing_subscriber::EnvFilter;
     let default = match g.verbose {
-        0 => "warn",
+        // fatfs warns about harmless BPB quirks of mkfs.vfat volumes on every open.
+        0 => "warn,fatfs=error",
         1 => "sbcflash=info",
         2 => "sbcflash=debug",
         _ => "trace",

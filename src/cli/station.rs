@@ -75,7 +75,10 @@ pub fn run(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
 }
 
 /// The user config, with the station flags folded in.
-fn user_config(config: &Option<PathBuf>, ledger: &Option<PathBuf>) -> anyhow::Result<crate::config::Config> {
+fn user_config(
+    config: &Option<PathBuf>,
+    ledger: &Option<PathBuf>,
+) -> anyhow::Result<crate::config::Config> {
     Ok(crate::config::Config::load(&crate::config::Flags {
         station_config: config.clone(),
         ledger: ledger.clone(),
@@ -94,7 +97,11 @@ fn load_station(cfg: &crate::config::Config) -> anyhow::Result<Station> {
 }
 
 /// Flag > station config > user config.
-fn ledger_path(flag: &Option<PathBuf>, st: Option<&Station>, cfg: &crate::config::Config) -> PathBuf {
+fn ledger_path(
+    flag: &Option<PathBuf>,
+    st: Option<&Station>,
+    cfg: &crate::config::Config,
+) -> PathBuf {
     flag.clone()
         .or_else(|| st.and_then(|s| s.ledger.clone()))
         .unwrap_or_else(|| cfg.station.ledger.value.clone())
@@ -218,7 +225,10 @@ fn resolve_image(
                 },
             }
         }
-        _ => anyhow::bail!("{}: [image] needs path, url + blake3, or blake3", st.path.display()),
+        _ => anyhow::bail!(
+            "{}: [image] needs path, url + blake3, or blake3",
+            st.path.display()
+        ),
     };
     let mut opened = crate::image::open_image(&path, &crate::image::OpenOptions::default())?;
     reporter.report(Event::Start {

@@ -182,7 +182,9 @@ impl Station {
             path: path.display().to_string(),
             msg: e.to_string(),
         })?;
-        Self::parse(path, &text)
+        // Absolute, so relative paths inside resolve against the file's real directory.
+        let path = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
+        Self::parse(&path, &text)
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Self, StationError> {

@@ -176,7 +176,7 @@ pub fn plan(
     }
     let outside = devs
         .iter()
-        .filter(|d| !claimed.contains(&d.syspath))
+        .filter(|d| d.size > 0 && !claimed.contains(&d.syspath))
         .filter_map(|d| d.devnode.clone())
         .collect();
     Ok(Plan {
