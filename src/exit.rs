@@ -130,6 +130,9 @@ fn classify_dyn(e: &(dyn std::error::Error + 'static)) -> Option<Exit> {
     if let Some(x) = e.downcast_ref::<crate::station::fatinject::FatError>() {
         return Some(x.exit());
     }
+    if let Some(x) = e.downcast_ref::<crate::usb::Error>() {
+        return Some(x.exit());
+    }
     if let Some(x) = e.downcast_ref::<std::io::Error>() {
         if x.kind() == std::io::ErrorKind::Interrupted {
             return Some(Exit::Interrupted);

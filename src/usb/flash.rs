@@ -1,1 +1,617 @@
-//! (in progress)
+//! Whole `sbcflash write --via …` sessions: find the board, bring it into a mode that can
+//! write storage, stream the image, verify, reset.
+//!
+//! Everything goes through a [`Bus`], so the same code runs against libusb and against the
+//! simulated boards in [`super::sim`].
+
+use super::discovery::{Bus, Found, Mode, Protocol};
+use super::fastboot::{Fastboot, SparseEncoder};
+use super::rkloader::Loader;
+use super::rockusb::{self, LoaderSession, StorageIndex, Timeouts, ZeroPolicy};
+use super::usbboot::{self, DirProvider};
+use super::{ids, Error};
+use crate::image::{Extent, ExtentKind, ExtentSource, ImageError};
+use crate::progress::{Event, Level, Reporter};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// How to reach the board's storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Via {
+    /// Rockchip: download a loader to the boot ROM, then write with rockusb.
+    Maskrom,
+    /// Rockchip: whatever mode the board is in (download a loader only if in maskrom).
+    Usb,
+    /// Raspberry Pi: boot the mass-storage gadget with rpiboot, then write the block device.
+    Usbboot,
+    /// Fastboot `flash` of one partition.
+    Fastboot,
+}
+
+/// Storage names the CLI accepts, mapped to rockusb storage indices.
+pub fn storage_index(name: &str) -> Result<StorageIndex, Error> {
+    Ok(match name {
+        "emmc" => StorageIndex::Emmc,
+        "sd" => StorageIndex::Sd0,
+        // rkbin's RK35xx loaders put SPI NOR at index 9 (rkdeveloptool#106).
+        "spi" | "spinor" => StorageIndex::MtdBlkSpiNor,
+        "spinand" => StorageIndex::SpiNand,
+        other => {
+            return Err(Error::Input(format!(
+                "unknown storage '{other}' (expected emmc, sd, spi or spinand)"
+            )))
+        }
+    })
+}
+
+/// Everything a session needs besides the image. Board descriptors fill most of it.
+#[derive(Debug, Clone)]
+pub struct ViaOptions {
+    pub via: Via,
+    /// Only consider the device on this port path (`1-2.1`).
+    pub port: Option<String>,
+    /// Only consider this VID:PID (from the board descriptor).
+    pub id: Option<(u16, u16)>,
+    /// `--loader`: one merged boot_merger file, or raw 0x471 + 0x472 blobs.
+    pub loader: Vec<PathBuf>,
+    pub storage: Option<StorageIndex>,
+    pub verify: bool,
+    pub reset: bool,
+    pub zeroes: ZeroPolicy,
+    pub sectors_per_command: u16,
+    /// How long a board may take to come back after a stage (loader, rpiboot second stage).
+    pub reenumerate_timeout: Duration,
+    pub usbboot_dir: Option<PathBuf>,
+    pub partition: Option<String>,
+    pub timeouts: Timeouts,
+    /// Name of the job in progress events.
+    pub job: String,
+}
+
+impl ViaOptions {
+    pub fn new(via: Via) -> Self {
+        Self {
+            via,
+            port: None,
+            id: None,
+            loader: Vec::new(),
+            storage: None,
+            verify: true,
+            reset: true,
+            zeroes: ZeroPolicy::Write,
+            sectors_per_command: rockusb::DEFAULT_SECTORS_PER_COMMAND,
+            reenumerate_timeout: Duration::from_secs(15),
+            usbboot_dir: None,
+            partition: None,
+            timeouts: Timeouts::default(),
+            job: "usb".into(),
+        }
+    }
+}
+
+/// How a session ended.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "result", rename_all = "kebab-case")]
+pub enum Outcome {
+    /// The image is on the board's storage.
+    Written {
+        device: String,
+        image_size: u64,
+        bytes_written: u64,
+        bytes_skipped: u64,
+        verified: bool,
+    },
+    /// The board now exposes its storage as this block device; the block writer continues.
+    BlockDevice { device: String, path: PathBuf },
+}
+
+struct Progress<'a> {
+    rep: &'a dyn Reporter,
+    job: String,
+}
+
+impl Progress<'_> {
+    fn start(&self, phase: &str, total: Option<u64>, detail: Option<String>) {
+        self.rep.report(Event::Start {
+            job: self.job.clone(),
+            phase: phase.into(),
+            total,
+            detail,
+        });
+    }
+    fn at(&self, phase: &str, done: u64, total: Option<u64>) {
+        self.rep.report(Event::Progress {
+            job: self.job.clone(),
+            phase: phase.into(),
+            done,
+            total,
+        });
+    }
+    fn finish(&self, phase: &str, summary: serde_json::Value) {
+        self.rep.report(Event::Finish {
+            job: self.job.clone(),
+            phase: phase.into(),
+            summary,
+        });
+    }
+    fn note(&self, text: String) {
+        self.rep.report(Event::Message {
+            job: self.job.clone(),
+            level: Level::Info,
+            text,
+        });
+    }
+    fn fail(&self, phase: &str, e: &Error) {
+        self.rep.report(Event::Error {
+            job: self.job.clone(),
+            phase: phase.into(),
+            message: e.to_string(),
+            exit_code: e.exit().code(),
+        });
+    }
+}
+
+fn describe_all(list: &[Found]) -> String {
+    if list.is_empty() {
+        return "no recovery-mode USB devices are attached".into();
+    }
+    let v: Vec<String> = list
+        .iter()
+        .map(|f| format!("{} {:?} in {} at {}", f.id(), f.protocol, f.mode, f.port_path))
+        .collect();
+    format!("attached: {}", v.join("; "))
+}
+
+/// The one device matching `protocol` and the options' filters.
+fn find_one(
+    bus: &dyn Bus,
+    opts: &ViaOptions,
+    protocol: Protocol,
+    modes: &[Mode],
+    port: Option<&str>,
+) -> Result<Option<Found>, Error> {
+    let all = bus.list()?;
+    let mut hits: Vec<Found> = all
+        .iter()
+        .filter(|f| f.protocol == protocol && modes.contains(&f.mode))
+        .filter(|f| port.is_none_or(|p| f.port_path == p))
+        .filter(|f| opts.port.as_deref().is_none_or(|p| f.port_path == p))
+        .filter(|f| opts.id.is_none_or(|(v, p)| f.vid == v && f.pid == p))
+        .cloned()
+        .collect();
+    match hits.len() {
+        0 => Ok(None),
+        1 => Ok(hits.pop()),
+        _ => Err(Error::Input(format!(
+            "several matching boards are attached ({}); choose one with --port",
+            describe_all(&hits)
+        ))),
+    }
+}
+
+fn require_one(
+    bus: &dyn Bus,
+    opts: &ViaOptions,
+    protocol: Protocol,
+    modes: &[Mode],
+    what: &str,
+) -> Result<Found, Error> {
+    match find_one(bus, opts, protocol, modes, None)? {
+        Some(f) => Ok(f),
+        None => {
+            let all = bus.list()?;
+            Err(Error::NotFound(format!("no {what} found ({})", describe_all(&all))))
+        }
+    }
+}
+
+/// Poll the bus until `check` accepts a device on `port`, or time out.
+fn wait_for<T>(
+    bus: &dyn Bus,
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut(&dyn Bus) -> Result<Option<T>, Error>,
+) -> Result<T, Error> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(f) = check(bus)? {
+            return Ok(f);
+        }
+        if Instant::now() >= deadline {
+            return Err(Error::Timeout {
+                what: what.into(),
+                secs: timeout.as_secs().max(1),
+            });
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Run a whole session. For [`Via::Usbboot`] the image is not touched: the result names the
+/// block device the caller writes with the normal block writer.
+pub fn write_via(
+    bus: &dyn Bus,
+    opts: &ViaOptions,
+    src: &mut dyn ExtentSource,
+    rep: &dyn Reporter,
+) -> Result<Outcome, Error> {
+    let p = Progress {
+        rep,
+        job: opts.job.clone(),
+    };
+    let r = match opts.via {
+        Via::Maskrom | Via::Usb => rockchip(bus, opts, src, &p),
+        Via::Fastboot => fastboot(bus, opts, src, &p),
+        Via::Usbboot => rpiboot(bus, opts, &p),
+    };
+    if let Err(e) = &r {
+        p.fail("usb", e);
+    }
+    r
+}
+
+fn rockchip(
+    bus: &dyn Bus,
+    opts: &ViaOptions,
+    src: &mut dyn ExtentSource,
+    p: &Progress<'_>,
+) -> Result<Outcome, Error> {
+    let dev = require_one(
+        bus,
+        opts,
+        Protocol::Rockusb,
+        &[Mode::Maskrom, Mode::Loader],
+        "Rockchip board in maskrom or loader mode",
+    )?;
+    let label = format!("{} at {}", dev.id(), dev.port_path);
+    // bcdUSB is only a hint: ask the device.
+    let in_loader = {
+        let mut t = bus.open(&dev)?;
+        rockusb::probe_loader(&mut *t, &opts.timeouts)
+    };
+    p.note(format!(
+        "found {} ({}) in {} mode at {}",
+        dev.id(),
+        dev.soc.as_deref().unwrap_or("unknown SoC"),
+        if in_loader { "loader" } else { "maskrom" },
+        dev.port_path
+    ));
+    let dev = if in_loader {
+        if opts.via == Via::Maskrom {
+            return Err(Error::WrongMode(format!(
+                "{label} is already in loader mode, but --via maskrom was asked for: a loader \
+                 cannot be downloaded now (rkdeveloptool's \"does not support this operation\"). \
+                 Use --via usb to write with the running loader, or reset the board into maskrom"
+            )));
+        }
+        dev
+    } else {
+        if opts.loader.is_empty() {
+            return Err(Error::WrongMode(format!(
+                "{label} is in maskrom: it needs a loader first (give --loader FILE, a boot_merger \
+                 .bin or the raw 0x471/0x472 pair, or a board whose descriptor names one)"
+            )));
+        }
+        let rc4 = ids::rockchip_soc(dev.pid).is_some_and(|s| s.rc4);
+        let loader = Loader::from_files(&opts.loader, rc4)?;
+        if let (Some(lc), Some(soc)) = (&loader.chip, ids::rockchip_soc(dev.pid)) {
+            if !soc.name.contains(lc.trim_start_matches("RK")) {
+                return Err(Error::BadLoader {
+                    path: loader.origin.clone(),
+                    msg: format!("loader is for {lc} but the board is {}", soc.name),
+                });
+            }
+        }
+        let total: u64 = loader.entries.iter().map(|e| e.data.len() as u64).sum();
+        p.start("loader", Some(total), Some(loader.origin.clone()));
+        {
+            let mut t = bus.open(&dev)?;
+            rockusb::download_loader(&mut *t, &loader, &opts.timeouts, &mut |d, t| {
+                p.at("loader", d, Some(t))
+            })?;
+        }
+        p.finish("loader", serde_json::json!({ "bytes": total }));
+        let port = dev.port_path.clone();
+        wait_for(
+            bus,
+            opts.reenumerate_timeout,
+            &format!(
+                "the board on port {port} to come back in loader mode after the loader download \
+                 (wrong loader for this SoC, a loader that does not start USB, or a flaky cable/port)"
+            ),
+            |b| {
+                let Some(f) = find_one(b, opts, Protocol::Rockusb, &[Mode::Maskrom, Mode::Loader], Some(&port))? else {
+                    return Ok(None);
+                };
+                let Ok(mut t) = b.open(&f) else {
+                    return Ok(None);
+                };
+                Ok(rockusb::probe_loader(&mut *t, &opts.timeouts).then_some(f))
+            },
+        )?
+    };
+    let mut t = bus.open(&dev)?;
+    let mut s = LoaderSession::open(&mut *t, opts.timeouts)?;
+    s.sectors_per_command = opts.sectors_per_command;
+    if let Some(st) = opts.storage {
+        s.select_storage(st)?;
+    }
+    p.note(format!(
+        "loader running (chip {}), storage {} bytes",
+        s.chip.as_deref().unwrap_or("?"),
+        s.capacity
+            .map_or_else(|| "size unknown".to_string(), |c| c.to_string())
+    ));
+    p.start("write", src.size_hint(), Some(src.describe()));
+    let report = rockusb::write_image(&mut s, src, opts.zeroes, &mut |d, t| p.at("write", d, t))?;
+    p.finish(
+        "write",
+        serde_json::json!({ "bytes_written": report.bytes_written, "bytes_skipped": report.bytes_skipped }),
+    );
+    if opts.verify {
+        let total: u64 = report.ranges.iter().map(|r| r.sectors as u64 * 512).sum();
+        p.start("verify", Some(total), None);
+        rockusb::verify(&mut s, &report, &mut |d, t| p.at("verify", d, t))?;
+        p.finish("verify", serde_json::json!({ "bytes": total }));
+    }
+    if opts.reset {
+        s.reset()?;
+    }
+    Ok(Outcome::Written {
+        device: label,
+        image_size: report.image_size,
+        bytes_written: report.bytes_written,
+        bytes_skipped: report.bytes_skipped,
+        verified: opts.verify,
+    })
+}
+
+fn fastboot(
+    bus: &dyn Bus,
+    opts: &ViaOptions,
+    src: &mut dyn ExtentSource,
+    p: &Progress<'_>,
+) -> Result<Outcome, Error> {
+    let part = opts.partition.as_deref().ok_or_else(|| {
+        Error::Input("--via fastboot needs --partition NAME (e.g. root)".into())
+    })?;
+    let dev = require_one(bus, opts, Protocol::Fastboot, &[Mode::Fastboot], "fastboot device")?;
+    let label = format!("{} at {}", dev.id(), dev.port_path);
+    let mut t = bus.open(&dev)?;
+    let mut fb = Fastboot::new(&mut *t);
+    let r = flash_partition(&mut fb, part, src, p);
+    for m in fb.messages.drain(..) {
+        p.note(format!("device: {m}"));
+    }
+    let (image_size, bytes_written, bytes_skipped) = r?;
+    if opts.reset {
+        fb.reboot()?;
+    }
+    Ok(Outcome::Written {
+        device: label,
+        image_size,
+        bytes_written,
+        bytes_skipped,
+        // Fastboot has no read-back (U-Boot does not implement `upload` of partitions).
+        verified: false,
+    })
+}
+
+/// Flash one partition: raw in one download when it fits, else sparse pieces. Returns
+/// (image size, data bytes, skipped bytes).
+pub fn flash_partition(
+    fb: &mut Fastboot<'_>,
+    part: &str,
+    src: &mut dyn ExtentSource,
+    p: &dyn ProgressLike,
+) -> Result<(u64, u64, u64), Error> {
+    let max = fb.max_download_size()?;
+    let size = src.size_hint();
+    if let (Some(size), Some(psize)) = (size, fb.partition_size(part)?) {
+        if size > psize {
+            return Err(Error::TooLarge(format!(
+                "the image is {size} bytes but partition '{part}' holds {psize} bytes: refusing \
+                 to write past its end"
+            )));
+        }
+    }
+    p.start_("write", size, Some(format!("fastboot partition '{part}'")));
+    let mut written = 0u64;
+    let mut skipped = 0u64;
+    if let Some(n) = size.filter(|&n| n <= max as u64) {
+        // Fits: send raw, as `fastboot flash` does (boot ROMs like the TH1520's want raw).
+        let mut img = vec![0u8; n as usize];
+        let mut buf = vec![0u8; 1 << 20];
+        while let Some(x) = src.next_extent(&mut buf)? {
+            let end = x.end().min(n) as usize;
+            if x.kind == ExtentKind::Data {
+                img[x.offset as usize..end].copy_from_slice(&buf[..end - x.offset as usize]);
+                written += x.len;
+            } else {
+                skipped += x.len;
+            }
+        }
+        fb.download(&img, &mut |_| {})?;
+        fb.flash(part)?;
+        p.at_("write", n, size);
+        return Ok((n, written, skipped));
+    }
+    let enc = SparseEncoder::new(max, size)?;
+    let mut pieces = 0usize;
+    let end = enc.encode(src, &mut |piece| {
+        fb.download(&piece.bytes, &mut |_| {})
+            .and_then(|_| fb.flash(part))
+            .map_err(|e| Error::Interrupted {
+                what: format!("fastboot flash of '{part}' (sparse piece {})", pieces + 1),
+                done: piece.covers.start,
+                total: size.unwrap_or(piece.covers.end),
+                source: Box::new(e),
+            })?;
+        pieces += 1;
+        written += piece.bytes.len() as u64;
+        p.at_("write", piece.covers.end, size);
+        Ok(())
+    })?;
+    p.note_(format!("sent {pieces} sparse piece(s) under max-download-size {max}"));
+    skipped = end.saturating_sub(written.min(end));
+    Ok((end, written, skipped))
+}
+
+/// Progress sink for [`flash_partition`], so callers without a full session can use it.
+pub trait ProgressLike {
+    fn start_(&self, phase: &str, total: Option<u64>, detail: Option<String>);
+    fn at_(&self, phase: &str, done: u64, total: Option<u64>);
+    fn note_(&self, text: String);
+}
+
+impl ProgressLike for Progress<'_> {
+    fn start_(&self, phase: &str, total: Option<u64>, detail: Option<String>) {
+        self.start(phase, total, detail)
+    }
+    fn at_(&self, phase: &str, done: u64, total: Option<u64>) {
+        self.at(phase, done, total)
+    }
+    fn note_(&self, text: String) {
+        self.note(text)
+    }
+}
+
+/// No progress output.
+pub struct NoProgress;
+impl ProgressLike for NoProgress {
+    fn start_(&self, _: &str, _: Option<u64>, _: Option<String>) {}
+    fn at_(&self, _: &str, _: u64, _: Option<u64>) {}
+    fn note_(&self, _: String) {}
+}
+
+fn rpiboot(bus: &dyn Bus, opts: &ViaOptions, p: &Progress<'_>) -> Result<Outcome, Error> {
+    let dir = opts.usbboot_dir.clone().ok_or_else(|| {
+        Error::Input(
+            "--via usbboot needs the boot files: --usbboot-dir DIR (e.g. \
+             /usr/share/rpiboot/mass-storage-gadget64)"
+                .into(),
+        )
+    })?;
+    let dev = require_one(
+        bus,
+        opts,
+        Protocol::Usbboot,
+        &[Mode::Rom, Mode::FileServer],
+        "Raspberry Pi in USB boot mode (nRPIBOOT jumper fitted?)",
+    )?;
+    let port = dev.port_path.clone();
+    let label = format!("{} at {}", dev.id(), port);
+    let soc_dir = format!("{:04x}", dev.pid);
+    let files = DirProvider {
+        dir: dir.clone(),
+        soc_dir: Some(soc_dir),
+    };
+    let dev = if dev.mode == Mode::Rom {
+        let name = ids::BROADCOM_ROMS
+            .iter()
+            .find(|(pid, _, _)| *pid == dev.pid)
+            .map_or("bootcode.bin", |(_, _, f)| f);
+        let blob = usbboot::FileProvider::get(&files, name).ok_or_else(|| {
+            Error::Input(format!(
+                "{}: no {name} (the second stage for {}) in this directory",
+                dir.display(),
+                dev.soc.as_deref().unwrap_or("this SoC")
+            ))
+        })?;
+        p.note(format!("sending {name} ({} bytes) to the boot ROM", blob.len()));
+        {
+            let mut t = bus.open(&dev)?;
+            usbboot::boot_rom(&mut *t, &blob)?;
+        }
+        wait_for(
+            bus,
+            opts.reenumerate_timeout,
+            &format!("the Raspberry Pi on port {port} to start its second stage"),
+            |b| find_one(b, opts, Protocol::Usbboot, &[Mode::FileServer], Some(&port)),
+        )?
+    } else {
+        dev
+    };
+    let served = {
+        let mut t = bus.open(&dev)?;
+        usbboot::file_server(&mut *t, &files, |name, size| match size {
+            Some(n) => p.note(format!("served {name} ({n} bytes)")),
+            None => p.note(format!("device asked for {name}: not in {}", dir.display())),
+        })?
+    };
+    p.finish(
+        "usbboot",
+        serde_json::json!({ "files": served.files.iter().map(|(n, s)| serde_json::json!({"name": n, "bytes": s})).collect::<Vec<_>>() }),
+    );
+    let path = wait_for(
+        bus,
+        opts.reenumerate_timeout,
+        &format!(
+            "the mass-storage gadget on port {port} (the boot files may not be \
+             mass-storage-gadget64, or the board's eMMC is not reachable)"
+        ),
+        |b| Ok(b.block_device(&port)),
+    )?;
+    p.note(format!("the board's storage is now {}", path.display()));
+    Ok(Outcome::BlockDevice {
+        device: label,
+        path,
+    })
+}
+
+/// An in-memory image as an extent stream (data in 1 MiB extents, all-zero blocks as `Zero`).
+/// For files that are loaded whole anyway (fastboot `ram` payloads, FEL, tests).
+pub struct MemSource {
+    data: Vec<u8>,
+    pos: usize,
+    name: String,
+}
+
+impl MemSource {
+    pub fn new(name: &str, data: Vec<u8>) -> Self {
+        Self {
+            data,
+            pos: 0,
+            name: name.into(),
+        }
+    }
+}
+
+impl ExtentSource for MemSource {
+    fn size_hint(&self) -> Option<u64> {
+        Some(self.data.len() as u64)
+    }
+    fn next_extent(&mut self, buf: &mut [u8]) -> Result<Option<Extent>, ImageError> {
+        if self.pos >= self.data.len() {
+            return Ok(None);
+        }
+        const BLK: usize = 4096;
+        let start = self.pos;
+        let is_zero = |o: usize| self.data[o..(o + BLK).min(self.data.len())].iter().all(|&b| b == 0);
+        let zero = is_zero(start);
+        let stop = if zero {
+            self.data.len()
+        } else {
+            (start + buf.len()).min(self.data.len())
+        };
+        let mut end = start;
+        while end < stop && is_zero(end) == zero {
+            end = (end + BLK).min(stop);
+        }
+        let kind = if zero {
+            ExtentKind::Zero
+        } else {
+            buf[..end - start].copy_from_slice(&self.data[start..end]);
+            ExtentKind::Data
+        };
+        self.pos = end;
+        Ok(Some(Extent {
+            offset: start as u64,
+            len: (end - start) as u64,
+            kind,
+        }))
+    }
+    fn describe(&self) -> String {
+        format!("{} (in memory)", self.name)
+    }
+}
