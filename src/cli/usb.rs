@@ -132,27 +132,28 @@ pub fn run_fel_on(bus: &dyn Bus, a: FelArgs, g: &Global) -> anyhow::Result<Exit>
         .filter(|f| f.protocol == Protocol::Fel)
         .filter(|f| a.port.as_deref().is_none_or(|p| p == f.port_path))
         .collect();
-    let dev = match devs.as_slice() {
-        [one] => one.clone(),
-        [] => {
-            return Err(ExitError::new(
-                Exit::Environment,
-                format!(
+    let dev =
+        match devs.as_slice() {
+            [one] => one.clone(),
+            [] => {
+                return Err(ExitError::new(
+                    Exit::Environment,
+                    format!(
                     "no Allwinner board in FEL mode found (1f3a:efe8){}; hold the FEL/BOOT key \
                      while connecting the OTG port",
                     a.board.as_deref().map(|b| format!(" for board {b}")).unwrap_or_default()
                 ),
-            )
-            .into())
-        }
-        _ => {
-            return Err(ExitError::new(
-                Exit::BadInput,
-                "several FEL devices are attached; choose one with --port",
-            )
-            .into())
-        }
-    };
+                )
+                .into())
+            }
+            _ => {
+                return Err(ExitError::new(
+                    Exit::BadInput,
+                    "several FEL devices are attached; choose one with --port",
+                )
+                .into())
+            }
+        };
     let mut t = bus.open(&dev)?;
     let t = &mut *t;
     let mut out = std::io::stdout().lock();

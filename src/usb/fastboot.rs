@@ -134,11 +134,7 @@ impl<'t> Fastboot<'t> {
     }
 
     /// Send `data` (one download), reporting bytes sent.
-    pub fn download(
-        &mut self,
-        data: &[u8],
-        progress: &mut dyn FnMut(u64),
-    ) -> Result<(), Error> {
+    pub fn download(&mut self, data: &[u8], progress: &mut dyn FnMut(u64)) -> Result<(), Error> {
         let len = u32::try_from(data.len())
             .map_err(|_| Error::TooLarge("a single download must be under 4 GiB".into()))?;
         let cmd = FastBootCommand::<&str>::Download(len).to_string();
@@ -152,14 +148,15 @@ impl<'t> Fastboot<'t> {
         }
         let mut sent = 0usize;
         for chunk in data.chunks(DOWNLOAD_CHUNK) {
-            let n = self.t.bulk_out(chunk, self.timeout).map_err(|e| {
-                Error::Interrupted {
+            let n = self
+                .t
+                .bulk_out(chunk, self.timeout)
+                .map_err(|e| Error::Interrupted {
                     what: "fastboot download".into(),
                     done: sent as u64,
                     total: data.len() as u64,
                     source: Box::new(Error::transport("sending download data", e)),
-                }
-            })?;
+                })?;
             sent += n;
             progress(n as u64);
             if n != chunk.len() {
@@ -446,11 +443,13 @@ impl SparseEncoder {
 /// Cut an existing Android sparse file (e.g. `img2simg` output) into pieces under `max` with
 /// `android-sparse-image`'s splitter, without decoding it.
 pub fn split_sparse_file(path: &str, bytes: &[u8], max: u32) -> Result<Vec<Vec<u8>>, Error> {
-    let bad = |offset: usize, msg: &str| Error::Image(crate::image::ImageError::Corrupt {
-        path: path.into(),
-        offset: offset as u64,
-        msg: msg.into(),
-    });
+    let bad = |offset: usize, msg: &str| {
+        Error::Image(crate::image::ImageError::Corrupt {
+            path: path.into(),
+            offset: offset as u64,
+            msg: msg.into(),
+        })
+    };
     let hdr: &[u8; FILE_HEADER_BYTES_LEN] = bytes
         .get(..FILE_HEADER_BYTES_LEN)
         .and_then(|b| b.try_into().ok())
@@ -493,5 +492,7 @@ pub fn split_sparse_file(path: &str, bytes: &[u8], max: u32) -> Result<Vec<Vec<u
 
 /// Is this an Android sparse file?
 pub fn is_sparse(bytes: &[u8]) -> bool {
-    bytes.len() >= 4 && u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]) == android_sparse_image::HEADER_MAGIC
+    bytes.len() >= 4
+        && u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]])
+            == android_sparse_image::HEADER_MAGIC
 }

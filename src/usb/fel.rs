@@ -37,7 +37,9 @@ fn xfer(e: super::TransportError, what: &str) -> Error {
 
 fn awus(t: &mut dyn Transport) -> Result<(), Error> {
     let mut r = [0u8; 13];
-    let n = t.bulk_in(&mut r, T).map_err(|e| xfer(e, "reading the FEL AWUS ack"))?;
+    let n = t
+        .bulk_in(&mut r, T)
+        .map_err(|e| xfer(e, "reading the FEL AWUS ack"))?;
     if n != 13 || &r[..4] != b"AWUS" {
         return Err(Error::Protocol(format!(
             "bad FEL acknowledgement: {:02x?}",
@@ -52,8 +54,11 @@ fn awus(t: &mut dyn Transport) -> Result<(), Error> {
 
 fn usb_write(t: &mut dyn Transport, data: &[u8]) -> Result<(), Error> {
     let req = awuc(USB_WRITE, data.len() as u32);
-    t.bulk_out(&req, T).map_err(|e| xfer(e, "sending an AWUC request"))?;
-    let n = t.bulk_out(data, T).map_err(|e| xfer(e, "sending FEL data"))?;
+    t.bulk_out(&req, T)
+        .map_err(|e| xfer(e, "sending an AWUC request"))?;
+    let n = t
+        .bulk_out(data, T)
+        .map_err(|e| xfer(e, "sending FEL data"))?;
     if n != data.len() {
         return Err(Error::Protocol(format!(
             "short FEL write: {n} of {} bytes",
@@ -65,7 +70,8 @@ fn usb_write(t: &mut dyn Transport, data: &[u8]) -> Result<(), Error> {
 
 fn usb_read(t: &mut dyn Transport, buf: &mut [u8]) -> Result<(), Error> {
     let req = awuc(USB_READ, buf.len() as u32);
-    t.bulk_out(&req, T).map_err(|e| xfer(e, "sending an AWUC request"))?;
+    t.bulk_out(&req, T)
+        .map_err(|e| xfer(e, "sending an AWUC request"))?;
     let n = t.bulk_in(buf, T).map_err(|e| xfer(e, "reading FEL data"))?;
     if n != buf.len() {
         return Err(Error::Protocol(format!(
@@ -154,8 +160,7 @@ pub fn soc_name(t: &mut dyn Transport, v: &Version) -> Result<String, Error> {
             "R528/T113 (ARM)".into()
         });
     }
-    Ok(v
-        .soc
+    Ok(v.soc
         .map(str::to_string)
         .unwrap_or_else(|| format!("unknown ({:#06x})", v.soc_id)))
 }

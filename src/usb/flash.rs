@@ -157,7 +157,15 @@ fn describe_all(list: &[Found]) -> String {
     }
     let v: Vec<String> = list
         .iter()
-        .map(|f| format!("{} {:?} in {} at {}", f.id(), f.protocol, f.mode, f.port_path))
+        .map(|f| {
+            format!(
+                "{} {:?} in {} at {}",
+                f.id(),
+                f.protocol,
+                f.mode,
+                f.port_path
+            )
+        })
         .collect();
     format!("attached: {}", v.join("; "))
 }
@@ -200,7 +208,10 @@ fn require_one(
         Some(f) => Ok(f),
         None => {
             let all = bus.list()?;
-            Err(Error::NotFound(format!("no {what} found ({})", describe_all(&all))))
+            Err(Error::NotFound(format!(
+                "no {what} found ({})",
+                describe_all(&all)
+            )))
         }
     }
 }
@@ -372,10 +383,17 @@ fn fastboot(
     src: &mut dyn ExtentSource,
     p: &Progress<'_>,
 ) -> Result<Outcome, Error> {
-    let part = opts.partition.as_deref().ok_or_else(|| {
-        Error::Input("--via fastboot needs --partition NAME (e.g. root)".into())
-    })?;
-    let dev = require_one(bus, opts, Protocol::Fastboot, &[Mode::Fastboot], "fastboot device")?;
+    let part = opts
+        .partition
+        .as_deref()
+        .ok_or_else(|| Error::Input("--via fastboot needs --partition NAME (e.g. root)".into()))?;
+    let dev = require_one(
+        bus,
+        opts,
+        Protocol::Fastboot,
+        &[Mode::Fastboot],
+        "fastboot device",
+    )?;
     let label = format!("{} at {}", dev.id(), dev.port_path);
     let mut t = bus.open(&dev)?;
     let mut fb = Fastboot::new(&mut *t);
@@ -452,7 +470,9 @@ pub fn flash_partition(
         p.at_("write", piece.covers.end, size);
         Ok(())
     })?;
-    p.note_(format!("sent {pieces} sparse piece(s) under max-download-size {max}"));
+    p.note_(format!(
+        "sent {pieces} sparse piece(s) under max-download-size {max}"
+    ));
     skipped = end.saturating_sub(written.min(end));
     Ok((end, written, skipped))
 }
@@ -518,7 +538,10 @@ fn rpiboot(bus: &dyn Bus, opts: &ViaOptions, p: &Progress<'_>) -> Result<Outcome
                 dev.soc.as_deref().unwrap_or("this SoC")
             ))
         })?;
-        p.note(format!("sending {name} ({} bytes) to the boot ROM", blob.len()));
+        p.note(format!(
+            "sending {name} ({} bytes) to the boot ROM",
+            blob.len()
+        ));
         {
             let mut t = bus.open(&dev)?;
             usbboot::boot_rom(&mut *t, &blob)?;
@@ -587,7 +610,11 @@ impl ExtentSource for MemSource {
         }
         const BLK: usize = 4096;
         let start = self.pos;
-        let is_zero = |o: usize| self.data[o..(o + BLK).min(self.data.len())].iter().all(|&b| b == 0);
+        let is_zero = |o: usize| {
+            self.data[o..(o + BLK).min(self.data.len())]
+                .iter()
+                .all(|&b| b == 0)
+        };
         let zero = is_zero(start);
         let stop = if zero {
             self.data.len()

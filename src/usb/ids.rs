@@ -81,7 +81,11 @@ pub const PID_TH1520_BROM: u16 = 0x7654;
 
 /// Gadget IDs (fastboot / ums) that our boards' U-Boot builds use by default.
 pub const GADGETS: &[(u16, u16, &str)] = &[
-    (VID_ALLWINNER, 0x1010, "Allwinner U-Boot fastboot/ums gadget"),
+    (
+        VID_ALLWINNER,
+        0x1010,
+        "Allwinner U-Boot fastboot/ums gadget",
+    ),
     (0x0525, 0xa4a5, "Raspberry Pi U-Boot ums/fastboot gadget"),
     (0x18d1, 0x4ee0, "Android fastboot gadget"),
 ];

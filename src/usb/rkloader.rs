@@ -217,9 +217,8 @@ impl Loader {
 
     /// Load from the user's `--loader` files: one merged file, or the raw 0x471/0x472 pair.
     pub fn from_files(files: &[std::path::PathBuf], rc4_needed: bool) -> Result<Self, Error> {
-        let read = |p: &Path| {
-            std::fs::read(p).map_err(|e| bad(&p.display().to_string(), e.to_string()))
-        };
+        let read =
+            |p: &Path| std::fs::read(p).map_err(|e| bad(&p.display().to_string(), e.to_string()));
         match files {
             [one] => Self::from_merged(&one.display().to_string(), &read(one)?),
             [ddr, plug] => {
@@ -268,10 +267,15 @@ pub fn build_merged(chip: &str, ddr: &[u8], usbplug: &[u8], flash: &[&[u8]]) -> 
         .chain(flash.iter().map(|f| (4u32, *f, "FlashData")))
         .collect();
     let first_entry = HEADER_LEN as u32;
-    let tables = [(0x19usize, 1u8, 0u32), (0x1f, 1, 1), (0x25, flash.len() as u8, 2)];
+    let tables = [
+        (0x19usize, 1u8, 0u32),
+        (0x1f, 1, 1),
+        (0x25, flash.len() as u8, 2),
+    ];
     for (off, count, idx) in tables {
         out[off] = count;
-        out[off + 1..off + 5].copy_from_slice(&(first_entry + idx * ENTRY_LEN as u32).to_le_bytes());
+        out[off + 1..off + 5]
+            .copy_from_slice(&(first_entry + idx * ENTRY_LEN as u32).to_le_bytes());
         out[off + 5] = ENTRY_LEN as u8;
     }
     out[0x2c] = 1; // RC4 disabled
@@ -324,8 +328,8 @@ mod tests {
         assert_eq!(
             ks,
             [
-                0x6e, 0x26, 0x2c, 0xf3, 0xbe, 0x9f, 0x9d, 0x51, 0xea, 0x30, 0x34, 0xce, 0x20,
-                0x51, 0x1f, 0x98
+                0x6e, 0x26, 0x2c, 0xf3, 0xbe, 0x9f, 0x9d, 0x51, 0xea, 0x30, 0x34, 0xce, 0x20, 0x51,
+                0x1f, 0x98
             ]
         );
     }
@@ -345,7 +349,9 @@ mod tests {
 
         let mut broken = file.clone();
         broken[2100] ^= 1;
-        let e = Loader::from_merged("x.bin", &broken).unwrap_err().to_string();
+        let e = Loader::from_merged("x.bin", &broken)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("x.bin") && e.contains("CRC32 mismatch"), "{e}");
 
         let e = Loader::from_merged("mini.bin", &[0xea, 0, 0, 0x14, 1, 2])

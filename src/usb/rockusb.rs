@@ -112,9 +112,7 @@ pub fn download_loader(
     for (i, e) in loader.entries.iter().enumerate() {
         let during = format!(
             "downloading loader entry {} '{}' to area {:#x}",
-            i,
-            e.name,
-            e.area as u16
+            i, e.name, e.area as u16
         );
         let mut op = operation::write_area(e.area as u16, &e.data);
         match run(&mut *t, &mut op, &during, timeouts.control) {
@@ -122,15 +120,13 @@ pub fn download_loader(
             Err(Error::Transport {
                 source: TransportError::Stall,
                 ..
-            }) if i == 0 => {
-                return Err(Error::WrongMode(
-                    "the board rejected the maskrom download (control request stalled): it is most \
+            }) if i == 0 => return Err(Error::WrongMode(
+                "the board rejected the maskrom download (control request stalled): it is most \
                      likely already in loader mode, where 0x471/0x472 downloads are refused; use \
                      `--via usb` to write with the running loader, or reset the board into maskrom \
                      (hold the maskrom/recovery key while powering on)"
-                        .into(),
-                ))
-            }
+                    .into(),
+            )),
             Err(err) if done > 0 => {
                 return Err(Error::Interrupted {
                     what: "loader download".into(),
@@ -199,8 +195,12 @@ impl<'t> LoaderSession<'t> {
 
     fn refresh_capacity(&mut self) -> Result<(), Error> {
         let mut op = operation::flash_info();
-        self.capacity = match run(&mut *self.t, &mut op, "reading flash info", self.timeouts.bulk)
-        {
+        self.capacity = match run(
+            &mut *self.t,
+            &mut op,
+            "reading flash info",
+            self.timeouts.bulk,
+        ) {
             Ok(info) => Some(info.size()),
             // Mainline U-Boot's rockusb answers FAIL: size unknown, not fatal.
             Err(Error::DeviceFailed(_)) => None,
@@ -285,7 +285,10 @@ impl<'t> LoaderSession<'t> {
 
 /// READ_CHIP_INFO holds 32-bit words byte-reversed ("8853" → "3588").
 fn chip_name(raw: &[u8]) -> Option<String> {
-    let fixed: Vec<u8> = raw.chunks(4).flat_map(|w| w.iter().rev().copied()).collect();
+    let fixed: Vec<u8> = raw
+        .chunks(4)
+        .flat_map(|w| w.iter().rev().copied())
+        .collect();
     let s: String = fixed
         .iter()
         .take_while(|b| b.is_ascii_graphic())
@@ -319,6 +322,9 @@ pub struct WriteReport {
     pub ranges: Vec<Written>,
 }
 
+/// Receives one sector-aligned write: (byte offset, data).
+type Emit<'a> = dyn FnMut(u64, &[u8]) -> Result<(), Error> + 'a;
+
 /// Turns the extent stream into sector-aligned LBA writes. `Skip` ranges are not sent; partial
 /// sectors at the edges of data are padded with zeroes (the neighbouring range is Zero or Skip,
 /// so zero is right or harmless).
@@ -338,12 +344,7 @@ impl SectorPacker {
     }
 
     /// Append bytes at `offset`; emits full commands through `emit`.
-    fn push(
-        &mut self,
-        offset: u64,
-        mut data: &[u8],
-        emit: &mut dyn FnMut(u64, &[u8]) -> Result<(), Error>,
-    ) -> Result<(), Error> {
+    fn push(&mut self, offset: u64, mut data: &[u8], emit: &mut Emit<'_>) -> Result<(), Error> {
         if self.buf.is_empty() || self.start + self.buf.len() as u64 != offset {
             self.flush(emit)?;
             self.start = offset / SECTOR * SECTOR;
@@ -363,7 +364,7 @@ impl SectorPacker {
         Ok(())
     }
 
-    fn flush(&mut self, emit: &mut dyn FnMut(u64, &[u8]) -> Result<(), Error>) -> Result<(), Error> {
+    fn flush(&mut self, emit: &mut Emit<'_>) -> Result<(), Error> {
         if self.buf.is_empty() {
             return Ok(());
         }
@@ -475,17 +476,22 @@ pub fn verify(
     report: &WriteReport,
     progress: &mut dyn FnMut(u64, Option<u64>),
 ) -> Result<(), Error> {
-    let total: u64 = report.ranges.iter().map(|r| r.sectors as u64 * SECTOR).sum();
+    let total: u64 = report
+        .ranges
+        .iter()
+        .map(|r| r.sectors as u64 * SECTOR)
+        .sum();
     let mut done = 0u64;
     let mut buf = Vec::new();
     for r in &report.ranges {
         buf.resize(r.sectors as usize * SECTOR as usize, 0);
-        s.read_lba(r.lba, &mut buf).map_err(|e| Error::Interrupted {
-            what: "reading back".into(),
-            done,
-            total,
-            source: Box::new(e),
-        })?;
+        s.read_lba(r.lba, &mut buf)
+            .map_err(|e| Error::Interrupted {
+                what: "reading back".into(),
+                done,
+                total,
+                source: Box::new(e),
+            })?;
         if blake3::hash(&buf) != r.hash {
             return Err(Error::Verify(format!(
                 "sectors {}..{} (bytes {}..{}) read back differ from what was written",

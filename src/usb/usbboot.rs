@@ -20,8 +20,15 @@ const T_READ: Duration = Duration::from_secs(20);
 pub fn ep_write(t: &mut dyn Transport, data: &[u8]) -> Result<(), Error> {
     let len = u32::try_from(data.len())
         .map_err(|_| Error::TooLarge("file over 4 GiB for rpiboot".into()))?;
-    t.control_out(0x40, 0, (len & 0xffff) as u16, (len >> 16) as u16, &[], T_CONTROL)
-        .map_err(|e| Error::transport("announcing a transfer to the boot ROM", e))?;
+    t.control_out(
+        0x40,
+        0,
+        (len & 0xffff) as u16,
+        (len >> 16) as u16,
+        &[],
+        T_CONTROL,
+    )
+    .map_err(|e| Error::transport("announcing a transfer to the boot ROM", e))?;
     let mut sent = 0usize;
     for chunk in data.chunks(BULK_CHUNK) {
         let n = t.bulk_out(chunk, T_BULK).map_err(|e| Error::Interrupted {
@@ -46,7 +53,14 @@ pub fn ep_write(t: &mut dyn Transport, data: &[u8]) -> Result<(), Error> {
 pub fn ep_read(t: &mut dyn Transport, buf: &mut [u8]) -> Result<(), Error> {
     let len = buf.len() as u32;
     let n = t
-        .control_in(0xc0, 0, (len & 0xffff) as u16, (len >> 16) as u16, buf, T_READ)
+        .control_in(
+            0xc0,
+            0,
+            (len & 0xffff) as u16,
+            (len >> 16) as u16,
+            buf,
+            T_READ,
+        )
         .map_err(|e| Error::transport("reading from the Raspberry Pi", e))?;
     if n != buf.len() {
         return Err(Error::Protocol(format!(
@@ -122,7 +136,17 @@ pub fn file_server(
     let mut served = Served::default();
     loop {
         let mut req = [0u8; 260];
-        ep_read(t, &mut req)?;
+        // rpiboot retries a request read that fails for any reason but a lost device.
+        let mut tries = 0;
+        loop {
+            match ep_read(t, &mut req) {
+                Err(Error::Transport {
+                    source: super::TransportError::Timeout,
+                    ..
+                }) if tries < 3 => tries += 1,
+                r => break r?,
+            }
+        }
         let cmd = i32::from_le_bytes([req[0], req[1], req[2], req[3]]);
         let raw = &req[4..];
         let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());

@@ -7,6 +7,9 @@ use crate::usb::discovery::{Descriptor, InterfaceClass};
 use crate::usb::TransportError;
 use std::collections::{BTreeMap, VecDeque};
 
+/// What the device becomes after `reboot`.
+pub type Reboot = Box<dyn FnMut(&mut FastbootDevice) + Send>;
+
 pub struct FastbootDevice {
     pub vid: u16,
     pub pid: u16,
@@ -22,7 +25,7 @@ pub struct FastbootDevice {
     /// Report `partition-size:<p>`; U-Boot does, some ROMs do not.
     pub report_sizes: bool,
     /// After `reboot`, come back as this (e.g. the ROM runs the U-Boot flashed to `ram`).
-    pub reboots_into: Option<Box<dyn FnMut(&mut FastbootDevice) + Send>>,
+    pub reboots_into: Option<Reboot>,
     pub commands: Vec<String>,
     /// Sizes of every download received.
     pub downloads: Vec<usize>,

@@ -88,7 +88,8 @@ impl FelDevice {
                 if data.len() != 16 {
                     return Err(TransportError::Stall);
                 }
-                let w = |o: usize| u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]);
+                let w =
+                    |o: usize| u32::from_le_bytes([data[o], data[o + 1], data[o + 2], data[o + 3]]);
                 let (code, addr, len) = (w(0), w(4), w(8) as usize);
                 self.fel = match code {
                     0x001 => {
@@ -163,10 +164,24 @@ impl SimDevice for FelDevice {
     fn fail_next_status(&mut self) {
         self.fail_next = true;
     }
-    fn control_out(&mut self, _: u8, _: u8, _: u16, _: u16, _: &[u8]) -> Result<usize, TransportError> {
+    fn control_out(
+        &mut self,
+        _: u8,
+        _: u8,
+        _: u16,
+        _: u16,
+        _: &[u8],
+    ) -> Result<usize, TransportError> {
         Err(TransportError::Stall)
     }
-    fn control_in(&mut self, _: u8, _: u8, _: u16, _: u16, _: &mut [u8]) -> Result<usize, TransportError> {
+    fn control_in(
+        &mut self,
+        _: u8,
+        _: u8,
+        _: u16,
+        _: u16,
+        _: &mut [u8],
+    ) -> Result<usize, TransportError> {
         Err(TransportError::Stall)
     }
 

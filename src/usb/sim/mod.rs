@@ -202,7 +202,9 @@ impl Transport for SimHandle {
         buf: &mut [u8],
         _timeout: Duration,
     ) -> Result<usize, TransportError> {
-        self.with(Xfer::ControlIn, |d| d.control_in(rt, req, value, index, buf))
+        self.with(Xfer::ControlIn, |d| {
+            d.control_in(rt, req, value, index, buf)
+        })
     }
     fn bulk_out(&mut self, data: &[u8], _timeout: Duration) -> Result<usize, TransportError> {
         self.with(Xfer::BulkOut, |d| d.bulk_out(data))

@@ -56,10 +56,7 @@ pub struct RockchipBoard {
 
 enum BulkState {
     Idle,
-    DataOut {
-        cbw: Cbw,
-        buf: Vec<u8>,
-    },
+    DataOut { cbw: Cbw, buf: Vec<u8> },
 }
 
 /// A CBW as the device decodes it.
@@ -150,7 +147,10 @@ impl RockchipBoard {
         };
         let (payload, crc_ok) = if blob.len() >= 2 {
             let (p, c) = blob.split_at(blob.len() - 2);
-            (p.to_vec(), CRC16.checksum(p) == u16::from_be_bytes([c[0], c[1]]))
+            (
+                p.to_vec(),
+                CRC16.checksum(p) == u16::from_be_bytes([c[0], c[1]]),
+            )
         } else {
             (blob, false)
         };

@@ -211,9 +211,11 @@ impl SimDevice for RpiBoard {
                 buf[..4].copy_from_slice(&cmd.to_le_bytes());
                 let n = name.len().min(255);
                 buf[4..4 + n].copy_from_slice(&name.as_bytes()[..n]);
-                if cmd == 2 {
+                if cmd == 2 && !name.is_empty() {
+                    // "Done" with a name: the host stops without answering.
                     self.reenumerate(Stage::MassStorage);
                 } else {
+                    // An empty name also means done, but rpiboot acknowledges it first.
                     self.awaiting = Some((cmd, name));
                 }
                 Ok(260)

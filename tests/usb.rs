@@ -1,0 +1,1167 @@
+//! USB recovery protocols end to end, against the simulated devices in `sbcflash::usb::sim`
+//! (there is no USB bus on CI machines). Every protocol runs through the same `Transport` trait
+//! the rusb code uses; the simulated devices decode the wire bytes themselves.
+
+mod common;
+
+use sbcflash::exit::Exit;
+use sbcflash::progress::{Event, Recorder};
+use sbcflash::usb::discovery::Bus;
+use sbcflash::usb::fastboot::{self, Fastboot};
+use sbcflash::usb::flash::{self, MemSource, Outcome, Via, ViaOptions};
+use sbcflash::usb::rkloader::{self, Loader, CRC16, CRC32_RK};
+use sbcflash::usb::rockusb::{self, LoaderSession, StorageIndex, Timeouts};
+use sbcflash::usb::sim::fastboot::FastbootDevice;
+use sbcflash::usb::sim::fel::{FelDevice, DRAM_BASE};
+use sbcflash::usb::sim::rockusb::{RkMode, RockchipBoard, EMMC, SPI_NOR};
+use sbcflash::usb::sim::usbboot::{RpiBoard, Stage};
+use sbcflash::usb::sim::{lock, Fault, FaultKind, SimBus, SimHandle, Trigger};
+use sbcflash::usb::{fel, usbboot, Error, Transport, TransportError};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// Records every transfer (direction, bytes) while forwarding to the real (simulated) device.
+struct Rec<T: Transport> {
+    inner: T,
+    log: Vec<(&'static str, Vec<u8>, u16)>,
+}
+
+impl<T: Transport> Rec<T> {
+    fn new(inner: T) -> Self {
+        Self {
+            inner,
+            log: Vec::new(),
+        }
+    }
+    fn of(&self, kind: &str) -> Vec<&Vec<u8>> {
+        self.log
+            .iter()
+            .filter(|(k, _, _)| *k == kind)
+            .map(|(_, d, _)| d)
+            .collect()
+    }
+}
+
+impl<T: Transport> Transport for Rec<T> {
+    fn control_out(
+        &mut self,
+        rt: u8,
+        req: u8,
+        v: u16,
+        i: u16,
+        data: &[u8],
+        to: Duration,
+    ) -> Result<usize, TransportError> {
+        self.log.push(("control_out", data.to_vec(), i));
+        self.inner.control_out(rt, req, v, i, data, to)
+    }
+    fn control_in(
+        &mut self,
+        rt: u8,
+        req: u8,
+        v: u16,
+        i: u16,
+        buf: &mut [u8],
+        to: Duration,
+    ) -> Result<usize, TransportError> {
+        let n = self.inner.control_in(rt, req, v, i, buf, to)?;
+        self.log.push(("control_in", buf[..n].to_vec(), i));
+        Ok(n)
+    }
+    fn bulk_out(&mut self, data: &[u8], to: Duration) -> Result<usize, TransportError> {
+        self.log.push(("bulk_out", data.to_vec(), 0));
+        self.inner.bulk_out(data, to)
+    }
+    fn bulk_in(&mut self, buf: &mut [u8], to: Duration) -> Result<usize, TransportError> {
+        let n = self.inner.bulk_in(buf, to)?;
+        self.log.push(("bulk_in", buf[..n].to_vec(), 0));
+        Ok(n)
+    }
+}
+
+fn shared<D>(d: D) -> Arc<Mutex<D>> {
+    Arc::new(Mutex::new(d))
+}
+
+fn handle<D: sbcflash::usb::sim::SimDevice + 'static>(d: &Arc<Mutex<D>>) -> SimHandle {
+    SimHandle::new(d.clone())
+}
+
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i % 251) as u8 ^ seed).collect()
+}
+
+fn tmpdir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sbcflash-usb-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+struct TmpDir(PathBuf);
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A real NixOS-like image (MBR, FAT + ext4 made by sfdisk/mkfs) and its bytes.
+fn nixos_image(name: &str, mib: u64) -> Option<(TmpDir, PathBuf, Vec<u8>)> {
+    if !common::require(false, &["sfdisk", "mkfs.vfat", "mcopy", "mkfs.ext4"]) {
+        return None;
+    }
+    let dir = TmpDir(tmpdir(name));
+    let img = common::make_nixos_like_image(&dir.0, "nixos.img", mib, common::Table::Mbr);
+    let bytes = std::fs::read(&img).unwrap();
+    Some((dir, img, bytes))
+}
+
+fn fast_timeouts() -> Timeouts {
+    Timeouts {
+        control: Duration::from_secs(1),
+        bulk: Duration::from_secs(1),
+        probe: Duration::from_millis(200),
+    }
+}
+
+// ---------------------------------------------------------------- test vectors
+
+#[test]
+fn crc_check_values_from_the_reference() {
+    assert_eq!(CRC16.checksum(b"123456789"), 0x29b1);
+    assert_eq!(CRC32_RK.checksum(b"123456789"), 0x889a_9615);
+    let mut ks = [0u8; 16];
+    rkloader::rc4(&mut ks);
+    assert_eq!(
+        ks[..4],
+        [0x6e, 0x26, 0x2c, 0xf3],
+        "RC4 keystream of the Rockchip key"
+    );
+}
+
+/// Maskrom chunking edge cases (rockusb/tests/maskrom.rs, rkdeveloptool): the simulated ROM
+/// reassembles the transfers and checks the CRC-16 itself.
+#[test]
+fn maskrom_chunking_edge_cases() {
+    // (payload length, expected control transfer sizes)
+    let cases: &[(usize, &[usize])] = &[
+        (3, &[5]),
+        (4, &[6]),
+        (4094, &[4096, 1]),
+        (4095, &[4096, 2]),
+        (4096, &[4096, 2]),
+        (4097, &[4096, 3]),
+        (8190, &[4096, 4096, 1]),
+        (8191, &[4096, 4096, 2]),
+    ];
+    for &(len, transfers) in cases {
+        let board = shared(RockchipBoard::rk3588(1 << 20));
+        let data = pattern(len, 0x5a);
+        let loader = Loader::from_raw(("ddr", data.clone()), ("plug", data.clone()), false);
+        let mut t = handle(&board);
+        rockusb::download_loader(&mut t, &loader, &fast_timeouts(), &mut |_, _| {}).unwrap();
+        let b = lock(&board);
+        assert_eq!(b.downloads.len(), 2, "len {len}");
+        for (d, area) in b.downloads.iter().zip([0x471u16, 0x472]) {
+            assert_eq!(d.area, area);
+            assert!(d.crc_ok, "len {len}: ROM saw a bad CRC");
+            assert_eq!(d.transfers, transfers, "len {len}: transfer sizes");
+            let mut expect = data.clone();
+            if len % 4096 == 4095 {
+                expect.push(0); // pad so the CRC starts a fresh transfer
+            }
+            assert_eq!(d.payload, expect, "len {len}: payload");
+        }
+        // After 0x472 the board left the bus and came back as a loader.
+        assert_eq!(b.mode, RkMode::Loader);
+    }
+}
+
+#[test]
+fn maskrom_crc_is_appended_big_endian() {
+    let board = shared(RockchipBoard::rk3588(1 << 20));
+    let mut t = Rec::new(handle(&board));
+    let loader = Loader::from_raw(
+        ("ddr", b"123456789".to_vec()),
+        ("plug", b"123456789".to_vec()),
+        false,
+    );
+    rockusb::download_loader(&mut t, &loader, &fast_timeouts(), &mut |_, _| {}).unwrap();
+    let sent = t.of("control_out");
+    assert_eq!(sent[0].as_slice(), b"123456789\x29\xb1");
+    assert_eq!(t.log[0].2, 0x471);
+    assert_eq!(t.log[1].2, 0x472);
+}
+
+#[test]
+fn cbw_and_csw_layouts() {
+    let mut board = RockchipBoard::rk3588(64 << 20);
+    board.mode = RkMode::Loader;
+    let board = shared(board);
+    let mut t = Rec::new(handle(&board));
+    let mut s = LoaderSession::open(&mut t, fast_timeouts()).unwrap();
+    assert_eq!(s.capacity, Some(64 << 20));
+    assert_eq!(s.chip.as_deref(), Some("3588"));
+    s.write_lba(0x0001_0203, &[0xab; 1024]).unwrap();
+    drop(s);
+    let outs = t.of("bulk_out");
+    let cbw = outs[outs.len() - 2];
+    assert_eq!(cbw.len(), 31);
+    assert_eq!(&cbw[0..4], b"USBC");
+    assert_eq!(&cbw[8..12], &1024u32.to_le_bytes(), "transfer length LE");
+    assert_eq!(cbw[12], 0x00, "direction OUT");
+    assert_eq!(cbw[13], 0, "LUN");
+    assert_eq!(cbw[14], 0x0a, "CB length");
+    assert_eq!(cbw[15], 0x15, "WRITE_LBA");
+    assert_eq!(&cbw[17..21], &[0x00, 0x01, 0x02, 0x03], "LBA big-endian");
+    assert_eq!(&cbw[22..24], &[0x00, 0x02], "sector count big-endian");
+    assert!(cbw[24..].iter().all(|&b| b == 0));
+    let ins = t.of("bulk_in");
+    let csw = ins[ins.len() - 1];
+    assert_eq!(csw.len(), 13);
+    assert_eq!(&csw[0..4], b"USBS");
+    assert_eq!(&csw[4..8], &cbw[4..8], "CSW echoes the CBW tag");
+    assert_eq!(&csw[8..12], &[0, 0, 0, 0], "residue");
+    assert_eq!(csw[12], 0, "status good");
+    assert_eq!(
+        &lock(&board).storage(EMMC)[0x10203 * 512..0x10203 * 512 + 1024],
+        &[0xab; 1024][..]
+    );
+}
+
+// ---------------------------------------------------------------- Rockchip sessions
+
+fn rk_bus(board: &Arc<Mutex<RockchipBoard>>) -> SimBus {
+    let mut bus = SimBus::new();
+    bus.attach(board.clone());
+    bus
+}
+
+fn merged_loader(dir: &Path) -> PathBuf {
+    let file = rkloader::build_merged(
+        "RK3588",
+        &pattern(9000, 1),
+        &pattern(70_000, 2),
+        &[&pattern(3000, 3)],
+    );
+    let p = dir.join("rk3588_spl_loader.bin");
+    std::fs::write(&p, file).unwrap();
+    p
+}
+
+fn rk_opts(via: Via, loader: Vec<PathBuf>) -> ViaOptions {
+    let mut o = ViaOptions::new(via);
+    o.loader = loader;
+    o.storage = Some(StorageIndex::Emmc);
+    o.timeouts = fast_timeouts();
+    o.reenumerate_timeout = Duration::from_secs(5);
+    o
+}
+
+/// maskrom → loader → write a real FAT+ext4 image → read back → reset; the simulated eMMC
+/// (initially garbage) must equal the image.
+#[test]
+fn rockusb_full_session_maskrom_to_written_flash() {
+    let Some((dir, _img, bytes)) = nixos_image("rk-session", 48) else {
+        return;
+    };
+    let board = shared(RockchipBoard::rk3588(64 << 20));
+    let bus = rk_bus(&board);
+    let rec = Recorder(Mutex::new(Vec::new()));
+    let mut src = MemSource::new("nixos.img", bytes.clone());
+    let out = flash::write_via(
+        &bus,
+        &rk_opts(Via::Maskrom, vec![merged_loader(&dir.0)]),
+        &mut src,
+        &rec,
+    )
+    .unwrap();
+    let b = lock(&board);
+    assert_eq!(b.downloads.len(), 2);
+    assert!(b.downloads.iter().all(|d| d.crc_ok));
+    assert_eq!(
+        b.downloads[0].payload.len(),
+        10240,
+        "0x471 entry padded to 2 KiB"
+    );
+    let flash = b.storage(EMMC);
+    assert!(
+        flash[..bytes.len()] == bytes[..],
+        "simulated eMMC differs from the image"
+    );
+    assert_eq!(b.resets, vec![0], "board reset at the end");
+    // READ_LBA happened: the read-back really ran.
+    assert!(b.commands.contains(&0x14));
+    match out {
+        Outcome::Written {
+            image_size,
+            verified,
+            ..
+        } => {
+            assert_eq!(image_size, bytes.len() as u64);
+            assert!(verified);
+        }
+        o => panic!("unexpected {o:?}"),
+    }
+    let ev = rec.0.lock().unwrap();
+    let phases: Vec<String> = ev
+        .iter()
+        .filter_map(|e| match e {
+            Event::Finish { phase, .. } => Some(phase.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(phases, ["loader", "write", "verify"]);
+}
+
+/// Unmapped ranges are not sent; the flash keeps its old bytes there.
+#[test]
+fn rockusb_skips_unmapped_ranges() {
+    use sbcflash::image::{Extent, ExtentKind, ExtentSource, ImageError};
+    struct Src(Vec<Extent>, usize);
+    impl ExtentSource for Src {
+        fn size_hint(&self) -> Option<u64> {
+            Some(3 << 20)
+        }
+        fn next_extent(&mut self, buf: &mut [u8]) -> Result<Option<Extent>, ImageError> {
+            let Some(e) = self.0.get(self.1).copied() else {
+                return Ok(None);
+            };
+            self.1 += 1;
+            if e.kind == ExtentKind::Data {
+                buf[..e.len as usize].fill(0x77);
+            }
+            Ok(Some(e))
+        }
+        fn describe(&self) -> String {
+            "test".into()
+        }
+    }
+    let mib = 1u64 << 20;
+    let mut src = Src(
+        vec![
+            Extent {
+                offset: 0,
+                len: mib,
+                kind: ExtentKind::Data,
+            },
+            Extent {
+                offset: mib,
+                len: mib,
+                kind: ExtentKind::Skip,
+            },
+            Extent {
+                offset: 2 * mib,
+                len: mib,
+                kind: ExtentKind::Zero,
+            },
+        ],
+        0,
+    );
+    let mut board = RockchipBoard::rk3588(8 << 20);
+    board.mode = RkMode::Loader;
+    let before = board.storage(EMMC).to_vec();
+    let board = shared(board);
+    let bus = rk_bus(&board);
+    let out = flash::write_via(
+        &bus,
+        &rk_opts(Via::Usb, vec![]),
+        &mut src,
+        &sbcflash::progress::Silent,
+    )
+    .unwrap();
+    let b = lock(&board);
+    let f = b.storage(EMMC);
+    assert!(f[..mib as usize].iter().all(|&x| x == 0x77));
+    assert_eq!(
+        f[mib as usize..2 * mib as usize],
+        before[mib as usize..2 * mib as usize],
+        "Skip range untouched"
+    );
+    assert!(
+        f[2 * mib as usize..3 * mib as usize]
+            .iter()
+            .all(|&x| x == 0),
+        "Zero range written as zeroes"
+    );
+    assert!(matches!(out, Outcome::Written { bytes_skipped, .. } if bytes_skipped == mib));
+}
+
+#[test]
+fn rockusb_spi_nor_storage_is_selected_and_checked() {
+    let mut board = RockchipBoard::rk3588(8 << 20);
+    board.mode = RkMode::Loader;
+    board.add_storage(SPI_NOR, 1 << 20);
+    let board = shared(board);
+    let bus = rk_bus(&board);
+    let mut o = rk_opts(Via::Usb, vec![]);
+    o.storage = Some(StorageIndex::MtdBlkSpiNor);
+    let mut src = MemSource::new("spi.bin", pattern(300_000, 9));
+    flash::write_via(&bus, &o, &mut src, &sbcflash::progress::Silent).unwrap();
+    assert_eq!(
+        &lock(&board).storage(SPI_NOR)[..300_000],
+        &pattern(300_000, 9)[..]
+    );
+    // A medium the loader does not have: it silently stays put, and we notice.
+    let mut o = rk_opts(Via::Usb, vec![]);
+    o.storage = Some(StorageIndex::Sd0);
+    lock(&board).mode = RkMode::Loader;
+    let e = flash::write_via(
+        &bus,
+        &o,
+        &mut MemSource::new("x", vec![1; 512]),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("did not switch to storage 'sd0'"),
+        "{e}"
+    );
+}
+
+#[test]
+fn rockusb_loader_mode_when_maskrom_needed_and_the_reverse() {
+    let dir = TmpDir(tmpdir("rk-modes"));
+    let loader = merged_loader(&dir.0);
+    // Board already running a loader; --via maskrom.
+    let mut b = RockchipBoard::rk3588(4 << 20);
+    b.mode = RkMode::Loader;
+    let board = shared(b);
+    let e = flash::write_via(
+        &rk_bus(&board),
+        &rk_opts(Via::Maskrom, vec![loader.clone()]),
+        &mut MemSource::new("x", vec![1; 4096]),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("already in loader mode"), "{e}");
+    assert_eq!(e.exit(), Exit::Refused);
+    // A board in maskrom with no loader to give it.
+    let board = shared(RockchipBoard::rk3588(4 << 20));
+    let e = flash::write_via(
+        &rk_bus(&board),
+        &rk_opts(Via::Usb, vec![]),
+        &mut MemSource::new("x", vec![1; 4096]),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("is in maskrom: it needs a loader"),
+        "{e}"
+    );
+    // Talking rockusb to a maskrom board directly.
+    let mut t = handle(&board);
+    let e = LoaderSession::open(&mut t, fast_timeouts()).err().unwrap();
+    assert!(e.to_string().contains("in maskrom"), "{e}");
+    // Downloading to a loader: the control request stalls on the first transfer.
+    let mut b = RockchipBoard::rk3588(4 << 20);
+    b.mode = RkMode::Loader;
+    let board = shared(b);
+    let l = Loader::from_raw(("a", vec![1; 10]), ("b", vec![2; 10]), false);
+    let e = rockusb::download_loader(&mut handle(&board), &l, &fast_timeouts(), &mut |_, _| {})
+        .unwrap_err();
+    assert!(e.to_string().contains("already in loader mode"), "{e}");
+}
+
+/// rkdeveloptool#88 / RK3576: bcdUSB says maskrom but a loader runs. The probe decides.
+#[test]
+fn rockusb_bcd_heuristic_is_confirmed_by_probe() {
+    let mut b = RockchipBoard::rk3588(4 << 20);
+    b.mode = RkMode::Loader;
+    b.loader_bcd = 0x0200;
+    let board = shared(b);
+    let bus = rk_bus(&board);
+    assert_eq!(
+        bus.list().unwrap()[0].mode,
+        sbcflash::usb::discovery::Mode::Maskrom
+    );
+    let mut src = MemSource::new("x", pattern(8192, 4));
+    flash::write_via(
+        &bus,
+        &rk_opts(Via::Usb, vec![]),
+        &mut src,
+        &sbcflash::progress::Silent,
+    )
+    .unwrap();
+    assert!(
+        lock(&board).downloads.is_empty(),
+        "no loader download to a running loader"
+    );
+}
+
+#[test]
+fn rockusb_bad_loader_files() {
+    let dir = TmpDir(tmpdir("rk-badloader"));
+    let board = shared(RockchipBoard::rk3588(4 << 20));
+    let run = |files: Vec<PathBuf>| {
+        flash::write_via(
+            &rk_bus(&board),
+            &rk_opts(Via::Maskrom, files),
+            &mut MemSource::new("x", vec![1; 512]),
+            &sbcflash::progress::Silent,
+        )
+        .unwrap_err()
+    };
+    // A raw rkbin miniloader where a boot_merger file is required.
+    let raw = dir.0.join("rk3588_miniloader_v1.bin");
+    std::fs::write(&raw, pattern(5000, 7)).unwrap();
+    let e = run(vec![raw]);
+    assert!(e.to_string().contains("rk3588_miniloader_v1.bin"), "{e}");
+    assert!(
+        e.to_string().contains("not a boot_merger loader file"),
+        "{e}"
+    );
+    assert_eq!(e.exit(), Exit::BadInput);
+    // CRC32 wrong.
+    let good = std::fs::read(merged_loader(&dir.0)).unwrap();
+    let mut bad = good.clone();
+    bad[3000] ^= 0x40;
+    let p = dir.0.join("corrupt.bin");
+    std::fs::write(&p, &bad).unwrap();
+    let e = run(vec![p]);
+    assert!(e.to_string().contains("CRC32 mismatch"), "{e}");
+    // Loader for another SoC.
+    let other = rkloader::build_merged("RK3568", &[1; 100], &[2; 100], &[]);
+    let p = dir.0.join("rk3568.bin");
+    std::fs::write(&p, other).unwrap();
+    let e = run(vec![p]);
+    assert!(
+        e.to_string()
+            .contains("loader is for RK3568 but the board is RK3588"),
+        "{e}"
+    );
+    // Nothing reached the ROM in any of these.
+    assert!(lock(&board).downloads.is_empty());
+}
+
+#[test]
+fn rockusb_raw_471_472_pair_is_accepted() {
+    let dir = TmpDir(tmpdir("rk-raw"));
+    let (a, b) = (dir.0.join("usb471.bin"), dir.0.join("usb472.bin"));
+    std::fs::write(&a, pattern(4095, 1)).unwrap();
+    std::fs::write(&b, pattern(20_000, 2)).unwrap();
+    let board = shared(RockchipBoard::rk3588(4 << 20));
+    let mut src = MemSource::new("x", pattern(4096, 3));
+    flash::write_via(
+        &rk_bus(&board),
+        &rk_opts(Via::Maskrom, vec![a, b]),
+        &mut src,
+        &sbcflash::progress::Silent,
+    )
+    .unwrap();
+    let bd = lock(&board);
+    assert_eq!(bd.downloads[1].payload, pattern(20_000, 2));
+    assert_eq!(&bd.storage(EMMC)[..4096], &pattern(4096, 3)[..]);
+}
+
+#[test]
+fn rockusb_device_not_coming_back_after_loader() {
+    let dir = TmpDir(tmpdir("rk-noreturn"));
+    let mut b = RockchipBoard::rk3588(4 << 20);
+    b.comes_back = false;
+    let board = shared(b);
+    let mut o = rk_opts(Via::Maskrom, vec![merged_loader(&dir.0)]);
+    o.reenumerate_timeout = Duration::from_millis(300);
+    let e = flash::write_via(
+        &rk_bus(&board),
+        &o,
+        &mut MemSource::new("x", vec![1; 512]),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert!(e.to_string().contains("come back in loader mode"), "{e}");
+    assert_eq!(e.exit(), Exit::Timeout);
+}
+
+#[test]
+fn rockusb_write_past_end_of_storage_is_refused() {
+    let mut b = RockchipBoard::rk3588(1 << 20);
+    b.mode = RkMode::Loader;
+    let before = b.storage(EMMC).to_vec();
+    let board = shared(b);
+    let e = flash::write_via(
+        &rk_bus(&board),
+        &rk_opts(Via::Usb, vec![]),
+        &mut MemSource::new("big.img", pattern(2 << 20, 1)),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("past the end of the storage"), "{e}");
+    assert_eq!(e.exit(), Exit::Refused);
+    assert_eq!(lock(&board).storage(EMMC), &before[..], "nothing written");
+}
+
+/// Mainline U-Boot's rockusb: READ_FLASH_INFO fails; the write still works (size unknown).
+#[test]
+fn rockusb_mainline_uboot_without_flash_info() {
+    let mut b = RockchipBoard::rk3588(4 << 20);
+    b.mode = RkMode::Loader;
+    b.no_flash_info = true;
+    let board = shared(b);
+    let mut o = rk_opts(Via::Usb, vec![]);
+    o.storage = None;
+    let mut src = MemSource::new("x", pattern(100_000, 5));
+    flash::write_via(&rk_bus(&board), &o, &mut src, &sbcflash::progress::Silent).unwrap();
+    assert_eq!(
+        &lock(&board).storage(EMMC)[..100_000],
+        &pattern(100_000, 5)[..]
+    );
+}
+
+fn loader_board_with(fault: Fault) -> Arc<Mutex<RockchipBoard>> {
+    let mut b = RockchipBoard::rk3588(8 << 20);
+    b.mode = RkMode::Loader;
+    let board = shared(b);
+    use sbcflash::usb::sim::SimDevice;
+    lock(&board).faults().add(fault);
+    board
+}
+
+fn write_4mib(board: &Arc<Mutex<RockchipBoard>>) -> Result<Outcome, Error> {
+    let mut o = rk_opts(Via::Usb, vec![]);
+    o.storage = None;
+    flash::write_via(
+        &rk_bus(board),
+        &o,
+        &mut MemSource::new("img", pattern(4 << 20, 0x33)),
+        &sbcflash::progress::Silent,
+    )
+}
+
+#[test]
+fn rockusb_fault_cable_drop_mid_write_says_how_far() {
+    let board = loader_board_with(Fault {
+        at: Trigger::AfterBulkOut(1 << 20),
+        kind: FaultKind::Vanish,
+    });
+    let e = write_4mib(&board).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        matches!(e, Error::Interrupted { done, total, .. } if (1 << 20..4 << 20).contains(&done) && total == 4 << 20),
+        "{msg}"
+    );
+    assert!(
+        msg.contains("of 4194304 bytes") && msg.contains("device disconnected"),
+        "{msg}"
+    );
+    assert!(msg.contains("must not be booted"), "{msg}");
+    assert_eq!(e.exit(), Exit::Io);
+    use sbcflash::usb::sim::SimDevice;
+    assert_eq!(lock(&board).faults().fired, vec![FaultKind::Vanish]);
+}
+
+#[test]
+fn rockusb_fault_csw_failed_status() {
+    let board = loader_board_with(Fault {
+        at: Trigger::AfterBulkOut(2 << 20),
+        kind: FaultKind::FailStatus,
+    });
+    let e = write_4mib(&board).unwrap_err();
+    assert!(e.to_string().contains("CSW status FAILED"), "{e}");
+    assert!(matches!(e, Error::Interrupted { .. }));
+}
+
+#[test]
+fn rockusb_fault_stall_and_timeout() {
+    let board = loader_board_with(Fault {
+        at: Trigger::AfterBulkOut(512 << 10),
+        kind: FaultKind::Stall,
+    });
+    let e = write_4mib(&board).unwrap_err();
+    assert!(e.to_string().contains("stalled"), "{e}");
+    let board = loader_board_with(Fault {
+        at: Trigger::AfterBulkOut(3 << 20),
+        kind: FaultKind::Timeout,
+    });
+    let e = write_4mib(&board).unwrap_err();
+    assert!(e.to_string().contains("timed out"), "{e}");
+    assert_eq!(e.exit(), Exit::Timeout);
+}
+
+#[test]
+fn rockusb_fault_short_read_during_verify() {
+    let board = loader_board_with(Fault {
+        at: Trigger::AfterBulkIn(1 << 20),
+        kind: FaultKind::ShortRead,
+    });
+    let e = write_4mib(&board).unwrap_err();
+    let msg = e.to_string();
+    assert!(
+        msg.contains("reading back") && msg.contains("short read"),
+        "{msg}"
+    );
+}
+
+/// A flash that silently drops writes is caught by the read-back.
+#[test]
+fn rockusb_verify_catches_a_lying_flash() {
+    let mut b = RockchipBoard::rk3588(8 << 20);
+    b.mode = RkMode::Loader;
+    let board = shared(b);
+    let mut t = handle(&board);
+    let mut s = LoaderSession::open(&mut t, fast_timeouts()).unwrap();
+    let report = rockusb::write_image(
+        &mut s,
+        &mut MemSource::new("x", pattern(256 << 10, 8)),
+        rockusb::ZeroPolicy::Write,
+        &mut |_, _| {},
+    )
+    .unwrap();
+    lock(&board).storages.get_mut(&EMMC).unwrap()[100_000] ^= 1;
+    let e = rockusb::verify(&mut s, &report, &mut |_, _| {}).unwrap_err();
+    assert!(e.to_string().contains("read back differ"), "{e}");
+    assert_eq!(e.exit(), Exit::Verify);
+}
+
+// ---------------------------------------------------------------- fastboot
+
+fn fb_bus(dev: &Arc<Mutex<FastbootDevice>>) -> SimBus {
+    let mut bus = SimBus::new();
+    bus.attach(dev.clone());
+    bus
+}
+
+#[test]
+fn fastboot_replies_info_fail_data() {
+    let dev = shared(FastbootDevice::uboot(1 << 20, &[("root", 1 << 20)]));
+    let mut t = Rec::new(handle(&dev));
+    let mut fb = Fastboot::new(&mut t);
+    assert_eq!(fb.max_download_size().unwrap(), 1 << 20);
+    let e = fb.getvar("nonsense").unwrap_err();
+    assert!(e.to_string().contains("Variable not implemented"), "{e}");
+    fb.download(&[7u8; 5000], &mut |_| {}).unwrap();
+    fb.flash("root").unwrap();
+    assert_eq!(fb.messages, vec!["writing 'root'"]);
+    let e = fb.flash("nope").unwrap_err();
+    assert!(e.to_string().contains("'flash:nope' failed"), "{e}");
+    drop(fb);
+    let outs = t.of("bulk_out");
+    assert_eq!(outs[0].as_slice(), b"getvar:max-download-size");
+    assert_eq!(outs[2].as_slice(), b"download:00001388");
+    let ins = t.of("bulk_in");
+    assert_eq!(ins[0].as_slice(), b"OKAY0x00100000");
+    assert_eq!(ins[2].as_slice(), b"DATA00001388");
+    assert_eq!(&lock(&dev).partitions["root"][..5000], &[7u8; 5000][..]);
+}
+
+/// Real img2simg output, cut under a small max-download-size by android-sparse-image's
+/// splitter, flashed piece by piece: the partition equals the raw image.
+#[test]
+fn fastboot_img2simg_output_split_under_max_size() {
+    if !common::require(false, &["img2simg"]) {
+        return;
+    }
+    let Some((dir, img, raw)) = nixos_image("fb-simg", 48) else {
+        return;
+    };
+    let simg = dir.0.join("nixos.simg");
+    common::run(std::process::Command::new("img2simg").arg(&img).arg(&simg));
+    let sparse = std::fs::read(&simg).unwrap();
+    assert!(fastboot::is_sparse(&sparse));
+    let max = 4 << 20;
+    let pieces = fastboot::split_sparse_file("nixos.simg", &sparse, max).unwrap();
+    assert!(
+        pieces.len() > 1,
+        "expected several pieces, got {}",
+        pieces.len()
+    );
+    assert!(pieces.iter().all(|p| p.len() <= max as usize));
+    let dev = shared(FastbootDevice::uboot(max, &[("root", 64 << 20)]));
+    let mut t = handle(&dev);
+    let mut fb = Fastboot::new(&mut t);
+    for p in &pieces {
+        fb.download(p, &mut |_| {}).unwrap();
+        fb.flash("root").unwrap();
+    }
+    assert!(lock(&dev).partitions["root"][..raw.len()] == raw[..]);
+    // Too small a limit for one of its chunks.
+    let e = fastboot::split_sparse_file("nixos.simg", &sparse, 1000).unwrap_err();
+    assert!(e.to_string().contains("max-download-size"), "{e}");
+}
+
+/// The whole `write --via fastboot` path: extents re-encoded into sparse pieces.
+#[test]
+fn fastboot_full_session_sparse_pieces() {
+    let Some((_dir, _img, raw)) = nixos_image("fb-session", 48) else {
+        return;
+    };
+    let max = 3 << 20;
+    let dev = shared(FastbootDevice::uboot(
+        max,
+        &[("root", 64 << 20), ("boot", 1 << 20)],
+    ));
+    let bus = fb_bus(&dev);
+    let mut o = ViaOptions::new(Via::Fastboot);
+    o.partition = Some("root".into());
+    let out = flash::write_via(
+        &bus,
+        &o,
+        &mut MemSource::new("nixos.img", raw.clone()),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap();
+    let d = lock(&dev);
+    assert!(
+        d.partitions["root"][..raw.len()] == raw[..],
+        "partition differs from image"
+    );
+    assert!(d.downloads.len() > 1 && d.downloads.iter().all(|&n| n <= max as usize));
+    assert!(d.commands.iter().filter(|c| *c == "flash:root").count() == d.downloads.len());
+    assert_eq!(d.commands.last().map(String::as_str), Some("reboot"));
+    assert!(matches!(
+        out,
+        Outcome::Written {
+            verified: false,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn fastboot_limits_and_faults() {
+    // max-download-size too small for one block.
+    let dev = shared(FastbootDevice::uboot(2000, &[("root", 1 << 20)]));
+    let mut o = ViaOptions::new(Via::Fastboot);
+    o.partition = Some("root".into());
+    let e = flash::write_via(
+        &fb_bus(&dev),
+        &o,
+        &mut MemSource::new("x", pattern(8192, 1)),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("max-download-size is 2000 bytes, too small"),
+        "{e}"
+    );
+    // Partition smaller than the image.
+    let dev = shared(FastbootDevice::uboot(1 << 20, &[("root", 4096)]));
+    let e = flash::write_via(
+        &fb_bus(&dev),
+        &o,
+        &mut MemSource::new("x", pattern(8192, 1)),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap_err();
+    assert!(
+        e.to_string().contains("partition 'root' holds 4096 bytes"),
+        "{e}"
+    );
+    // Cable drop in the middle of the second piece.
+    let dev = shared(FastbootDevice::uboot(1 << 20, &[("root", 8 << 20)]));
+    {
+        use sbcflash::usb::sim::SimDevice;
+        lock(&dev).faults().add(Fault {
+            at: Trigger::AfterBulkOut(1_500_000),
+            kind: FaultKind::Vanish,
+        });
+    }
+    let e = flash::write_via(
+        &fb_bus(&dev),
+        &o,
+        &mut MemSource::new("x", pattern(4 << 20, 2)),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap_err();
+    assert!(matches!(e, Error::Interrupted { .. }), "{e}");
+    assert!(e.to_string().contains("sparse piece 2"), "{e}");
+    // FAIL reply from flash.
+    let dev = shared(FastbootDevice::uboot(1 << 20, &[("root", 8 << 20)]));
+    {
+        use sbcflash::usb::sim::SimDevice;
+        lock(&dev).fail_next_status();
+    }
+    let e = flash::write_via(
+        &fb_bus(&dev),
+        &o,
+        &mut MemSource::new("x", pattern(4096, 2)),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("injected failure"), "{e}");
+}
+
+/// Lichee Pi 4A: the TH1520 ROM takes U-Boot into `ram`, reboots into it, and U-Boot's
+/// fastboot then flashes uboot and root.
+#[test]
+fn fastboot_th1520_ram_then_uboot_session() {
+    let Some((_dir, _img, raw)) = nixos_image("fb-th1520", 40) else {
+        return;
+    };
+    let uboot_bin = pattern(700_000, 0x42);
+    let mut rom = FastbootDevice::uboot(64 << 20, &[("ram", 1 << 20)]);
+    rom.report_sizes = false;
+    rom.reboots_into = Some(Box::new(|d: &mut FastbootDevice| {
+        // U-Boot, run from RAM, comes back with the eMMC partitions.
+        d.max_download = 8 << 20;
+        d.report_sizes = true;
+        d.partitions.insert("uboot".into(), vec![0; 1 << 20]);
+        d.partitions.insert("root".into(), vec![0xee; 48 << 20]);
+    }));
+    let dev = shared(rom);
+    let bus = fb_bus(&dev);
+    let mut o = ViaOptions::new(Via::Fastboot);
+    o.partition = Some("ram".into());
+    flash::write_via(
+        &bus,
+        &o,
+        &mut MemSource::new("u-boot-with-spl.bin", uboot_bin.clone()),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap();
+    // The ROM got raw bytes (no sparse header) since it fits one download.
+    assert_eq!(&lock(&dev).partitions["ram"][..700_000], &uboot_bin[..]);
+    for (part, data) in [("uboot", uboot_bin.clone()), ("root", raw.clone())] {
+        o.partition = Some(part.into());
+        o.reset = part == "root";
+        flash::write_via(
+            &bus,
+            &o,
+            &mut MemSource::new(part, data),
+            &sbcflash::progress::Silent,
+        )
+        .unwrap();
+    }
+    let d = lock(&dev);
+    assert_eq!(&d.partitions["uboot"][..700_000], &uboot_bin[..]);
+    assert!(d.partitions["root"][..raw.len()] == raw[..]);
+}
+
+// ---------------------------------------------------------------- rpiboot
+
+#[test]
+fn usbboot_full_session_rom_file_server_mass_storage() {
+    let dir = TmpDir(tmpdir("rpi"));
+    let d = &dir.0;
+    std::fs::create_dir_all(d.join("2711")).unwrap();
+    std::fs::write(d.join("2711/bootcode4.bin"), pattern(52_000, 1)).unwrap();
+    std::fs::write(d.join("config.txt"), b"boot_ramdisk=1\n").unwrap();
+    std::fs::write(d.join("bootmain"), pattern(40_000, 2)).unwrap();
+    std::fs::write(d.join("boot.img"), pattern(3 << 20, 3)).unwrap();
+    let mut board = RpiBoard::cm4(&[
+        "config.txt",
+        "bootmain",
+        "boot.img",
+        "missing.bin",
+        "../etc/passwd",
+    ]);
+    board
+        .script
+        .insert(0, (0, "*MAC_ADDR*dc:a6:32:01:02:03".into()));
+    let board = shared(board);
+    let mut bus = SimBus::new();
+    bus.attach(board.clone());
+    bus.map_block("1-1.3", PathBuf::from("/dev/sim-emmc"));
+    let mut o = ViaOptions::new(Via::Usbboot);
+    o.usbboot_dir = Some(d.clone());
+    o.reenumerate_timeout = Duration::from_secs(5);
+    let out = flash::write_via(
+        &bus,
+        &o,
+        &mut MemSource::new("unused", vec![]),
+        &sbcflash::progress::Silent,
+    )
+    .unwrap();
+    assert_eq!(
+        out,
+        Outcome::BlockDevice {
+            device: "0a5c:2711 at 1-1.3".into(),
+            path: PathBuf::from("/dev/sim-emmc")
+        }
+    );
+    let b = lock(&board);
+    assert_eq!(b.stage, Stage::MassStorage);
+    assert_eq!(b.second_stage.as_deref(), Some(&pattern(52_000, 1)[..]));
+    assert_eq!(
+        b.files["boot.img"].as_deref(),
+        Some(&pattern(3 << 20, 3)[..])
+    );
+    assert_eq!(
+        b.files["config.txt"].as_deref(),
+        Some(&b"boot_ramdisk=1\n"[..])
+    );
+    assert_eq!(b.files["missing.bin"], None);
+    assert_eq!(b.files["../etc/passwd"], None, "path traversal refused");
+    assert!(b.sizes.contains(&("boot.img".into(), 3 << 20)));
+    assert!(b.sizes.contains(&("missing.bin".into(), 0)));
+}
+
+#[test]
+fn usbboot_rom_rejection_and_wire_format() {
+    let board = shared(RpiBoard::cm4(&[]));
+    {
+        use sbcflash::usb::sim::SimDevice;
+        lock(&board).fail_next_status();
+    }
+    let mut t = Rec::new(handle(&board));
+    let e = usbboot::boot_rom(&mut t, &pattern(20_000, 1)).unwrap_err();
+    assert!(e.to_string().contains("rejected the second stage"), "{e}");
+    // Boot message: i32 LE length + 20 zero bytes, after a zero-data control OUT.
+    let bulk = t.of("bulk_out");
+    assert_eq!(bulk[0].len(), 24);
+    assert_eq!(&bulk[0][..4], &20_000i32.to_le_bytes());
+    assert!(bulk[1..].iter().all(|c| c.len() <= 16 * 1024));
+    assert!(t.of("control_out").iter().all(|d| d.is_empty()));
+}
+
+// ---------------------------------------------------------------- FEL
+
+fn fel_bus(dev: &Arc<Mutex<FelDevice>>) -> SimBus {
+    let mut bus = SimBus::new();
+    bus.attach(dev.clone());
+    bus
+}
+
+#[test]
+fn fel_version_write_read_exec() {
+    let dev = shared(FelDevice::d1(1 << 20));
+    let mut t = Rec::new(handle(&dev));
+    let v = fel::version(&mut t).unwrap();
+    assert_eq!(v.soc_id, 0x1859);
+    assert_eq!(v.scratchpad, 0x7e00);
+    assert_eq!(fel::soc_name(&mut t, &v).unwrap(), "D1/D1s (RISC-V)");
+    // AWUC framing of the first request.
+    let awuc = t.of("bulk_out")[0].clone();
+    assert_eq!(awuc.len(), 32);
+    assert_eq!(&awuc[..4], b"AWUC");
+    assert_eq!(&awuc[8..12], &16u32.to_le_bytes());
+    assert_eq!(&awuc[12..16], &[0, 0, 0, 0x0c]);
+    assert_eq!(&awuc[16..18], &[0x12, 0]);
+    let data = pattern(200_000, 0x11);
+    fel::write(&mut t, DRAM_BASE + 0x1000, &data, &mut |_| {}).unwrap();
+    let mut back = vec![0u8; data.len()];
+    fel::read(&mut t, DRAM_BASE + 0x1000, &mut back, &mut |_| {}).unwrap();
+    assert_eq!(back, data);
+    fel::exec(&mut t, DRAM_BASE + 0x1000).unwrap();
+    let d = lock(&dev);
+    assert_eq!(&d.dram[0x1000..0x1000 + data.len()], &data[..]);
+    assert_eq!(d.executed, vec![DRAM_BASE + 0x1000]);
+}
+
+#[test]
+fn fel_faults() {
+    let dev = shared(FelDevice::d1(1 << 20));
+    {
+        use sbcflash::usb::sim::SimDevice;
+        lock(&dev).faults().add(Fault {
+            at: Trigger::AfterBulkOut(150_000),
+            kind: FaultKind::Vanish,
+        });
+    }
+    let mut t = handle(&dev);
+    let e = fel::write(&mut t, DRAM_BASE, &pattern(300_000, 1), &mut |_| {}).unwrap_err();
+    assert!(
+        matches!(e, Error::Interrupted { done, .. } if done > 0 && done < 300_000),
+        "{e}"
+    );
+    let dev = shared(FelDevice::d1(1 << 20));
+    {
+        use sbcflash::usb::sim::SimDevice;
+        lock(&dev).faults().add(Fault {
+            at: Trigger::Transfer(4),
+            kind: FaultKind::ShortRead,
+        });
+    }
+    let e = fel::version(&mut handle(&dev)).unwrap_err();
+    assert!(e.to_string().contains("short FEL read"), "{e}");
+}
+
+#[test]
+fn fel_cli_against_simulated_bus() {
+    use clap::Parser;
+    let dev = shared(FelDevice::d1(1 << 20));
+    let bus = fel_bus(&dev);
+    let cli = sbcflash::cli::Cli::try_parse_from([
+        "sbcflash", "fel", "--board", "nezha", "read", "0", "16",
+    ])
+    .unwrap();
+    let sbcflash::cli::Command::Fel(a) = cli.command else {
+        panic!("not fel")
+    };
+    let code = sbcflash::cli::usb::run_fel_on(&bus, a, &cli.global).unwrap();
+    assert_eq!(code, Exit::Ok);
+    let empty = SimBus::new();
+    let cli = sbcflash::cli::Cli::try_parse_from(["sbcflash", "fel", "version"]).unwrap();
+    let sbcflash::cli::Command::Fel(a) = cli.command else {
+        panic!("not fel")
+    };
+    let e = sbcflash::cli::usb::run_fel_on(&empty, a, &cli.global).unwrap_err();
+    assert!(
+        e.to_string().contains("no Allwinner board in FEL mode"),
+        "{e}"
+    );
+    assert_eq!(sbcflash::exit::classify(&e), Exit::Environment);
+}
+
+// ---------------------------------------------------------------- discovery, udev, CLI
+
+#[test]
+fn simulated_bus_lists_every_protocol() {
+    let mut bus = SimBus::new();
+    bus.attach(shared(RockchipBoard::rk3588(1 << 20)));
+    bus.attach(shared(FastbootDevice::uboot(1 << 20, &[])));
+    bus.attach(shared(RpiBoard::cm4(&[])));
+    bus.attach(shared(FelDevice::d1(1 << 10)));
+    let l = bus.list().unwrap();
+    let v: Vec<(String, String)> = l.iter().map(|f| (f.id(), f.mode.to_string())).collect();
+    assert_eq!(
+        v,
+        [
+            ("0a5c:2711".to_string(), "ROM".to_string()),
+            ("2207:350b".into(), "maskrom".into()),
+            ("1f3a:efe8".into(), "FEL".into()),
+            ("2345:7654".into(), "fastboot".into()),
+        ]
+    );
+    let j = serde_json::to_value(&l[1]).unwrap();
+    assert_eq!(j["vid"], "2207");
+    assert_eq!(j["protocol"], "rockusb");
+    assert_eq!(j["soc"], "RK3588");
+}
+
+#[test]
+fn udev_rules_file_matches_the_id_tables() {
+    let committed = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join(sbcflash::usb::udev::RULES_PATH),
+    )
+    .expect("udev-rules/70-sbcflash.rules is committed");
+    let rendered = sbcflash::usb::udev::render();
+    assert!(
+        committed == rendered,
+        "udev-rules/70-sbcflash.rules is stale: regenerate with `sbcflash usb udev-rules > {}`",
+        sbcflash::usb::udev::RULES_PATH
+    );
+    for needle in [
+        "ATTR{idVendor}==\"2207\", MODE",
+        "ATTR{idProduct}==\"2711\"",
+        "ATTR{idProduct}==\"2712\"",
+        "ATTR{idProduct}==\"2763\"",
+        "ATTR{idProduct}==\"2764\"",
+        "ATTR{idVendor}==\"1f3a\", ATTR{idProduct}==\"efe8\"",
+        "ATTR{idVendor}==\"2345\", ATTR{idProduct}==\"7654\"",
+        "TAG+=\"uaccess\"",
+        "ATTR{power/control}=\"on\"",
+    ] {
+        assert!(rendered.contains(needle), "missing {needle}");
+    }
+}
+
+/// The real rusb path, on a machine without a USB bus: an empty list and success.
+#[test]
+fn usb_list_real_bus_is_empty_not_an_error() {
+    let out = common::run(common::sbcflash().args(["usb"]));
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = common::run(common::sbcflash().args(["--json", "usb", "list"]));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["devices"], serde_json::json!([]));
+    // The library call agrees.
+    let bus = sbcflash::usb::discovery::RusbBus::new();
+    assert!(bus.list().unwrap().is_empty());
+}
