@@ -25,7 +25,7 @@ pub struct DownloadOptions {
     pub connect_timeout: Duration,
     /// No byte received for this long fails the attempt (then it is retried).
     pub idle_timeout: Duration,
-    /// Attempts after a failure without progress; any progress resets the count.
+    /// Retries after failed attempts; an attempt that moved 1 MiB or more resets the count.
     pub retries: u32,
     /// First backoff; doubles per consecutive failure, at most 10 s.
     pub backoff: Duration,
@@ -45,6 +45,10 @@ impl Default for DownloadOptions {
         }
     }
 }
+
+/// An attempt that moved at least this much before failing proves the link works, so the
+/// retry count starts over; a peer that trickles a few KiB per connection still runs out.
+const PROGRESS_RESETS_RETRIES: u64 = 1 << 20;
 
 /// Where the bytes of a transfer go.
 pub(crate) enum Sink<'a> {
@@ -159,7 +163,6 @@ impl Downloader {
         let mut b = reqwest::Client::builder()
             .user_agent(concat!("sbcflash/", env!("CARGO_PKG_VERSION")))
             .connect_timeout(opts.connect_timeout)
-            .read_timeout(opts.idle_timeout)
             .redirect(policy)
             .https_only(!opts.allow_http);
         if let Some(ca) = &opts.ca_file {
@@ -289,7 +292,7 @@ impl Downloader {
             match res {
                 Ok(()) => break,
                 Err(a) => {
-                    if st.offset > before {
+                    if st.offset >= before + PROGRESS_RESETS_RETRIES {
                         failures = 0;
                     }
                     if !a.retry || failures >= self.opts.retries {

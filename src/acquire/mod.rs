@@ -122,16 +122,45 @@ impl AcquireError {
 
 pub type Result<T, E = AcquireError> = std::result::Result<T, E>;
 
-/// The default image source of a board (`fetch --board`, `write --board` without an image).
-pub fn board_source(board: &str, _extra_dirs: &[std::path::PathBuf]) -> Result<source::SourceSpec> {
-    Err(AcquireError::Usage(format!(
-        "--board {board}: board descriptors are not available in this build yet"
-    )))
+/// The default image source of a board (`fetch --board`, `write --board` without an image):
+/// its first `[[image]]` with a URL, with the digest the descriptor publishes (if any).
+pub fn board_source(
+    board: &str,
+    extra_dirs: &[std::path::PathBuf],
+) -> anyhow::Result<source::SourceSpec> {
+    let reg = crate::board::Registry::load(extra_dirs)?;
+    let b = reg.get(board)?;
+    let img = b.desc.images.iter().find(|i| i.url.is_some()).ok_or_else(|| {
+        AcquireError::Usage(format!(
+            "board {}: its descriptor lists no downloadable image; give a URL or build one with `sbcflash build --board {} --flake REF#HOST`",
+            b.id(),
+            b.id()
+        ))
+    })?;
+    let pin = match (&img.blake3, &img.sha256) {
+        (Some(d), _) => Some(Pin::Blake3(d.0)),
+        (None, Some(d)) => Some(Pin::Sha256(d.0)),
+        _ => None,
+    };
+    Ok(source::SourceSpec {
+        url: img.url.clone().unwrap_or_default(),
+        pin,
+    })
 }
 
-/// The flake attribute template of a board (`build --board`).
-pub fn board_flake_template(board: &str, _extra_dirs: &[std::path::PathBuf]) -> Result<String> {
-    Err(AcquireError::Usage(format!(
-        "--board {board}: board descriptors are not available in this build yet"
-    )))
+/// The flake attribute template of a board (`build --board`): the attribute of its first
+/// flake `[[image]]` if it names one, else its handoff template.
+pub fn board_flake_template(
+    board: &str,
+    extra_dirs: &[std::path::PathBuf],
+) -> anyhow::Result<String> {
+    let reg = crate::board::Registry::load(extra_dirs)?;
+    let b = reg.get(board)?;
+    let from_image = b
+        .desc
+        .images
+        .iter()
+        .find(|i| i.flake.is_some())
+        .and_then(|i| i.attr.clone());
+    Ok(from_image.unwrap_or_else(|| b.handoff().flake_attr.clone()))
 }

@@ -27,7 +27,7 @@ pub struct AcquireOpts {
     /// Connect timeout in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 15.0)]
     pub connect_timeout: f64,
-    /// Retries after a failed attempt (resuming where it stopped); progress resets the count.
+    /// Retries after a failed attempt (resuming where it stopped); 1 MiB of progress resets the count.
     #[arg(long, value_name = "N", default_value_t = 5)]
     pub retries: u32,
     /// Refuse sources without a published digest instead of warning.

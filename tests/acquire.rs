@@ -1,0 +1,472 @@
+//! Getting images, against real peers: an HTTPS server on 127.0.0.1 with a CA made for the
+//! test, the real cache on disk, concurrent `sbcflash` processes, and a real `nix build`.
+
+mod acquire_server;
+mod common;
+
+use acquire_server::{pseudo_random, Behavior, TestServer};
+use std::path::{Path, PathBuf};
+use std::process::Output;
+use std::sync::Arc;
+
+fn b3(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(data))
+}
+
+/// `sbcflash ARGS --cache-dir CACHE`, with the test CA trusted for `fetch`.
+fn run(srv: &TestServer, cache: &Path, args: &[&str]) -> Output {
+    let mut c = common::sbcflash();
+    c.args(args).arg("--cache-dir").arg(cache);
+    if args[0] != "cache" {
+        c.arg("--ca-file").arg(&srv.ca_file);
+    }
+    c.env_remove("SBCFLASH_CACHE_DIR")
+        .output()
+        .expect("run sbcflash")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// The cached path printed by `fetch` (`<blake3>  <path>`).
+fn fetched(o: &Output) -> (String, PathBuf) {
+    assert!(o.status.success(), "fetch failed: {}", text(o));
+    let s = String::from_utf8_lossy(&o.stdout);
+    let line = s.lines().last().expect("a line");
+    let (h, p) = line.split_once("  ").expect("hash and path");
+    (h.to_string(), PathBuf::from(p))
+}
+
+fn blobs(cache: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(cache.join("blobs"))
+        .map(|r| r.flatten().map(|d| d.path()).collect())
+        .unwrap_or_default()
+}
+
+fn tmp_files(cache: &Path) -> Vec<String> {
+    std::fs::read_dir(cache.join("tmp"))
+        .map(|r| {
+            r.flatten()
+                .map(|d| d.file_name().to_string_lossy().to_string())
+                .filter(|n| !n.ends_with(".lock"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn fetch_pinned_over_https_with_private_ca() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let data = Arc::new(pseudo_random(3 << 20, 1));
+    srv.add("/img.zst", data.clone(), Behavior::Normal);
+    let cache = d.path().join("cache");
+    let url = srv.url("/img.zst");
+    let o = run(&srv, &cache, &["fetch", &url, "--blake3", &b3(&data)]);
+    let (h, p) = fetched(&o);
+    assert_eq!(h, b3(&data));
+    assert_eq!(std::fs::read(&p).unwrap(), *data);
+    assert!(p.starts_with(&cache));
+    // Second fetch: served from the cache, no new request.
+    let before = srv.requests("/img.zst").len();
+    let o = run(&srv, &cache, &["fetch", &url, "--blake3", &b3(&data)]);
+    assert_eq!(fetched(&o).1, p);
+    assert_eq!(srv.requests("/img.zst").len(), before);
+
+    // Without the CA the server is not trusted: a clear TLS error, exit 5, nothing cached.
+    let cache2 = d.path().join("cache2");
+    let o = common::sbcflash()
+        .args([
+            "fetch",
+            &url,
+            "--blake3",
+            &b3(&data),
+            "--retries",
+            "0",
+            "--cache-dir",
+        ])
+        .arg(&cache2)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("TLS") && err.contains("--ca-file"), "{err}");
+    assert!(blobs(&cache2).is_empty());
+}
+
+#[test]
+fn fetch_sha256_pin_records_blake3_and_follows_redirect() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let data = Arc::new(pseudo_random(1 << 20, 2));
+    srv.add("/real.img", data.clone(), Behavior::Normal);
+    srv.add(
+        "/latest",
+        data.clone(),
+        Behavior::Redirect("/real.img".into()),
+    );
+    let cache = d.path().join("cache");
+    let o = run(
+        &srv,
+        &cache,
+        &[
+            "fetch",
+            &srv.url("/latest"),
+            "--sha256",
+            &sha256(&data),
+            "--json",
+        ],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let fin = out
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "finish" && v["phase"] == "fetch")
+        .unwrap_or_else(|| panic!("no fetch finish event in {out}"));
+    assert_eq!(fin["summary"]["blake3"], b3(&data));
+    assert_eq!(fin["summary"]["sha256"], sha256(&data));
+    assert_eq!(fin["summary"]["pinned"], true);
+    assert_eq!(srv.requests("/real.img").len(), 1);
+}
+
+#[test]
+fn fetch_resumes_after_dropped_connection() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let data = Arc::new(pseudo_random(6 << 20, 3));
+    // The first two connections die after 1.5 MiB each.
+    srv.add(
+        "/img",
+        data.clone(),
+        Behavior::DropAfter {
+            n: 3 << 19,
+            times: 2,
+        },
+    );
+    let cache = d.path().join("cache");
+    let o = run(
+        &srv,
+        &cache,
+        &["fetch", &srv.url("/img"), "--blake3", &b3(&data)],
+    );
+    let (h, p) = fetched(&o);
+    assert_eq!(h, b3(&data));
+    assert_eq!(std::fs::read(&p).unwrap(), *data);
+    let reqs = srv.requests("/img");
+    assert_eq!(reqs.len(), 3, "{reqs:?}");
+    assert_eq!(reqs[0].range, None);
+    assert_eq!(reqs[1].range.as_deref(), Some("bytes=1572864-"));
+    assert_eq!(reqs[2].range.as_deref(), Some("bytes=3145728-"));
+    assert!(reqs[1].if_range.is_some(), "resume must be conditional");
+    assert!(tmp_files(&cache).is_empty(), "{:?}", tmp_files(&cache));
+}
+
+#[test]
+fn fetch_resumes_after_restart_of_the_tool() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let data = Arc::new(pseudo_random(4 << 20, 4));
+    srv.add(
+        "/img",
+        data.clone(),
+        Behavior::DropAfter {
+            n: 1 << 20,
+            times: 1,
+        },
+    );
+    let cache = d.path().join("cache");
+    let url = srv.url("/img");
+    // First run gives up at once (no retries): the partial stays in the cache's tmp dir.
+    let o = run(
+        &srv,
+        &cache,
+        &["fetch", &url, "--blake3", &b3(&data), "--retries", "0"],
+    );
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(blobs(&cache).is_empty());
+    assert!(tmp_files(&cache).iter().any(|n| n.ends_with(".part")));
+    // Second run resumes from byte 1 MiB.
+    let o = run(&srv, &cache, &["fetch", &url, "--blake3", &b3(&data)]);
+    let (_, p) = fetched(&o);
+    assert_eq!(std::fs::read(&p).unwrap(), *data);
+    let reqs = srv.requests("/img");
+    assert_eq!(reqs.len(), 2);
+    assert_eq!(reqs[1].range.as_deref(), Some("bytes=1048576-"));
+}
+
+#[test]
+fn fetch_restarts_when_server_ignores_range() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let data = Arc::new(pseudo_random(2 << 20, 5));
+    srv.add(
+        "/img",
+        data.clone(),
+        Behavior::DropAfter {
+            n: 1 << 20,
+            times: 1,
+        },
+    );
+    let cache = d.path().join("cache");
+    let url = srv.url("/img");
+    let o = run(
+        &srv,
+        &cache,
+        &["fetch", &url, "--blake3", &b3(&data), "--retries", "0"],
+    );
+    assert!(!o.status.success());
+    // Now the server no longer honours Range: the partial is discarded and the file restarts.
+    srv.add("/img", data.clone(), Behavior::NoRange);
+    let o = run(&srv, &cache, &["fetch", &url, "--blake3", &b3(&data)]);
+    let (_, p) = fetched(&o);
+    assert_eq!(std::fs::read(&p).unwrap(), *data);
+}
+
+#[test]
+fn fetch_wrong_bytes_refused_and_nothing_cached() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let data = Arc::new(pseudo_random(2 << 20, 6));
+    srv.add("/img", data.clone(), Behavior::WrongBytes);
+    let cache = d.path().join("cache");
+    let o = run(
+        &srv,
+        &cache,
+        &["fetch", &srv.url("/img"), "--sha256", &sha256(&data)],
+    );
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("sha256 mismatch") && err.contains(&sha256(&data)),
+        "{err}"
+    );
+    assert!(blobs(&cache).is_empty());
+    assert!(tmp_files(&cache).is_empty(), "{:?}", tmp_files(&cache));
+    let o = run(&srv, &cache, &["cache", "list", "--json"]);
+    assert!(o.status.success());
+    assert!(o.stdout.is_empty(), "{}", text(&o));
+}
+
+#[test]
+fn fetch_stalled_server_times_out() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let data = Arc::new(pseudo_random(1 << 20, 7));
+    srv.add("/img", data.clone(), Behavior::Stall);
+    let cache = d.path().join("cache");
+    let o = run(
+        &srv,
+        &cache,
+        &[
+            "fetch",
+            &srv.url("/img"),
+            "--blake3",
+            &b3(&data),
+            "--timeout",
+            "0.5",
+            "--retries",
+            "1",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(7), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("timed out"), "{err}");
+    assert_eq!(srv.requests("/img").len(), 2, "one retry");
+    assert!(blobs(&cache).is_empty());
+}
+
+#[test]
+fn fetch_http_errors_are_clear() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    srv.add("/gone", Arc::new(Vec::new()), Behavior::Status(404));
+    srv.add("/broken", Arc::new(Vec::new()), Behavior::Status(500));
+    let cache = d.path().join("cache");
+    let o = run(&srv, &cache, &["fetch", &srv.url("/gone")]);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("404") && err.contains("/gone"), "{err}");
+    assert_eq!(srv.requests("/gone").len(), 1, "4xx is not retried");
+
+    let o = run(
+        &srv,
+        &cache,
+        &["fetch", &srv.url("/broken"), "--retries", "2"],
+    );
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("500"));
+    assert_eq!(srv.requests("/broken").len(), 3, "5xx is retried");
+
+    // DNS failure: a name that cannot resolve.
+    let o = run(
+        &srv,
+        &cache,
+        &[
+            "fetch",
+            "https://does-not-exist.invalid/x.img",
+            "--retries",
+            "0",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("resolve"),
+        "{}",
+        text(&o)
+    );
+}
+
+#[test]
+fn fetch_policy_plain_http_and_unpinned() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let data = Arc::new(pseudo_random(100_000, 8));
+    srv.add("/img", data.clone(), Behavior::Normal);
+    let cache = d.path().join("cache");
+    // Plain HTTP without a pin: refused before connecting.
+    let o = run(&srv, &cache, &["fetch", "http://127.0.0.1:9/x.img"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("plain HTTP"));
+    // --require-pinned refuses an unpinned source.
+    let o = run(
+        &srv,
+        &cache,
+        &["fetch", &srv.url("/img"), "--require-pinned"],
+    );
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(srv.requests("/img").is_empty());
+    // Unpinned: downloaded, its blake3 shown, and the user told it was not pinned.
+    let o = run(&srv, &cache, &["fetch", &srv.url("/img")]);
+    let (h, _) = fetched(&o);
+    assert_eq!(h, b3(&data));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("not pinned") && err.contains(&b3(&data)),
+        "{err}"
+    );
+}
+
+#[test]
+fn concurrent_fetches_of_the_same_file() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let data = Arc::new(pseudo_random(8 << 20, 9));
+    srv.add("/img", data.clone(), Behavior::Normal);
+    let cache = d.path().join("cache");
+    let url = srv.url("/img");
+    let h = b3(&data);
+    let spawn = || {
+        common::sbcflash()
+            .args(["fetch", &url, "--blake3", &h, "--cache-dir"])
+            .arg(&cache)
+            .arg("--ca-file")
+            .arg(&srv.ca_file)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let kids: Vec<_> = (0..3).map(|_| spawn()).collect();
+    let outs: Vec<Output> = kids
+        .into_iter()
+        .map(|k| k.wait_with_output().unwrap())
+        .collect();
+    let paths: Vec<PathBuf> = outs.iter().map(|o| fetched(o).1).collect();
+    assert!(paths.windows(2).all(|w| w[0] == w[1]));
+    assert_eq!(std::fs::read(&paths[0]).unwrap(), *data);
+    assert_eq!(blobs(&cache).len(), 1);
+    assert!(tmp_files(&cache).is_empty(), "{:?}", tmp_files(&cache));
+    let o = run(&srv, &cache, &["cache", "verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+}
+
+#[test]
+fn cache_verify_removes_corrupted_entries_and_planted_symlinks() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let a = Arc::new(pseudo_random(1 << 20, 10));
+    let b = Arc::new(pseudo_random(1 << 20, 11));
+    srv.add("/a", a.clone(), Behavior::Normal);
+    srv.add("/b", b.clone(), Behavior::Normal);
+    let cache = d.path().join("cache");
+    let (_, pa) = fetched(&run(
+        &srv,
+        &cache,
+        &["fetch", &srv.url("/a"), "--blake3", &b3(&a)],
+    ));
+    let (_, pb) = fetched(&run(
+        &srv,
+        &cache,
+        &["fetch", &srv.url("/b"), "--blake3", &b3(&b)],
+    ));
+    // Flip one byte of entry a.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&pa).unwrap();
+        f.write_at(&[a[1000] ^ 1], 1000).unwrap();
+    }
+    // Plant a symlink named like an entry, pointing at a file outside the cache.
+    let victim = d.path().join("victim");
+    std::fs::write(&victim, b"not yours").unwrap();
+    let planted = cache.join("blobs").join(b3(b"not yours"));
+    std::os::unix::fs::symlink(&victim, &planted).unwrap();
+    // A lookup does not follow it: fetching that digest downloads instead of using the link.
+    let o = run(&srv, &cache, &["cache", "verify"]);
+    assert_eq!(o.status.code(), Some(6), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("corrupted") && err.contains("symlink"),
+        "{}",
+        text(&o)
+    );
+    assert!(!pa.exists());
+    assert!(std::fs::symlink_metadata(&planted).is_err());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"not yours");
+    assert_eq!(std::fs::read(&pb).unwrap(), *b);
+    let o = run(&srv, &cache, &["cache", "verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let o = run(&srv, &cache, &["cache", "list"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains(&b3(&b)) && !out.contains(&b3(&a)), "{out}");
+}
+
+#[test]
+fn cache_prune_by_size_keeps_recent() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let cache = d.path().join("cache");
+    let mut hs = Vec::new();
+    for i in 0..3u64 {
+        let data = Arc::new(pseudo_random(1 << 20, 20 + i));
+        let p = format!("/i{i}");
+        srv.add(&p, data.clone(), Behavior::Normal);
+        fetched(&run(
+            &srv,
+            &cache,
+            &["fetch", &srv.url(&p), "--blake3", &b3(&data)],
+        ));
+        hs.push(b3(&data));
+    }
+    let o = run(&srv, &cache, &["cache", "prune", "--max-size", "2M"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let list = String::from_utf8_lossy(&run(&srv, &cache, &["cache", "list"]).stdout).to_string();
+    assert!(
+        !list.contains(&hs[0]) && list.contains(&hs[1]) && list.contains(&hs[2]),
+        "{list}"
+    );
+    let o = run(&srv, &cache, &["cache", "prune", "--older-than", "0s"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(blobs(&cache).is_empty());
+}
