@@ -470,3 +470,166 @@ fn cache_prune_by_size_keeps_recent() {
     assert!(o.status.success(), "{}", text(&o));
     assert!(blobs(&cache).is_empty());
 }
+
+/// A Nix environment confined to `dir`: its own store, state, logs, config and caches, so the
+/// test needs neither a daemon nor /nix, and never touches the network.
+fn nix_env(cmd: &mut std::process::Command, dir: &Path) {
+    let conf = dir.join("nix-etc");
+    std::fs::create_dir_all(&conf).unwrap();
+    cmd.env("NIX_STORE_DIR", dir.join("store"))
+        .env("NIX_STATE_DIR", dir.join("state"))
+        .env("NIX_LOG_DIR", dir.join("log"))
+        .env("NIX_CONF_DIR", &conf)
+        .env("HOME", dir)
+        .env("XDG_CACHE_HOME", dir.join("xdg-cache"))
+        .env_remove("NIX_REMOTE")
+        .env_remove("SBCFLASH_CACHE_DIR");
+}
+
+/// Nix options for a single-user build as root with nothing from the network.
+const NIX_OFFLINE: &[&str] = &[
+    "--option",
+    "sandbox",
+    "false",
+    "--option",
+    "substituters",
+    "",
+    "--option",
+    "build-users-group",
+    "",
+];
+
+/// A flake with no inputs whose sd image is built by /bin/sh with the host's coreutils+zstd.
+fn write_test_flake(dir: &Path) {
+    std::fs::create_dir_all(dir).unwrap();
+    let script = r#"
+set -eu
+/usr/bin/mkdir -p "$out/sd-image"
+/usr/bin/truncate -s 12M img
+/usr/bin/printf 'sbcflash nix test image\n' | /usr/bin/dd of=img conv=notrunc status=none
+/usr/bin/head -c 3000000 /dev/urandom | /usr/bin/dd of=img bs=1M seek=2 conv=notrunc status=none
+/usr/bin/zstd -q img -o "$out/sd-image/nixos-sd-image-test.img.zst"
+echo "built the test image"
+"#;
+    std::fs::write(dir.join("build.sh"), script).unwrap();
+    let flake = r#"{
+  description = "sbcflash test flake: no inputs, no downloads";
+  outputs = { self }: {
+    nixosConfigurations.testhost.config.system.build.sdImage = derivation {
+      name = "nixos-sd-image-test";
+      system = "x86_64-linux";
+      builder = "/bin/sh";
+      args = [ ./build.sh ];
+    };
+  };
+}
+"#;
+    std::fs::write(dir.join("flake.nix"), flake).unwrap();
+}
+
+#[test]
+fn nix_build_real_flake_into_cache() {
+    if !common::require(false, &["nix", "zstd"]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let flake = d.path().join("flake");
+    write_test_flake(&flake);
+    let cache = d.path().join("cache");
+    let flake_ref = format!("path:{}#testhost", flake.display());
+    let mut c = common::sbcflash();
+    c.args(["-v", "build", "--flake", &flake_ref])
+        .args(NIX_OFFLINE)
+        .arg("--cache-dir")
+        .arg(&cache);
+    nix_env(&mut c, d.path());
+    let o = c.output().unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    // Nix's log is streamed, indented.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("    ") && err.contains("built the test image"),
+        "{err}"
+    );
+    let (h, cached) = fetched(&o);
+    // The cached file is exactly the build output.
+    let store = d.path().join("store");
+    let out = std::fs::read_dir(&store)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.join("sd-image/nixos-sd-image-test.img.zst").exists())
+        .expect("out path in the test store");
+    let zst = out.join("sd-image/nixos-sd-image-test.img.zst");
+    let built = std::fs::read(&zst).unwrap();
+    assert_eq!(std::fs::read(&cached).unwrap(), built);
+    assert_eq!(h, b3(&built));
+}
+
+#[test]
+fn nix_build_errors_are_clear() {
+    if !common::require(false, &["nix"]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let flake = d.path().join("flake");
+    write_test_flake(&flake);
+    let cache = d.path().join("cache");
+    // Attribute that does not exist: exit 3, Nix's own words in the message.
+    let mut c = common::sbcflash();
+    c.args([
+        "build",
+        "--flake",
+        &format!("path:{}#nosuchhost", flake.display()),
+    ])
+    .args(NIX_OFFLINE)
+    .arg("--cache-dir")
+    .arg(&cache);
+    nix_env(&mut c, d.path());
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("nosuchhost"),
+        "{}",
+        text(&o)
+    );
+    // A failing builder: exit 1 with the last log lines.
+    std::fs::write(
+        flake.join("build.sh"),
+        "echo about to fail; echo failing-on-purpose >&2; exit 3\n",
+    )
+    .unwrap();
+    let mut c = common::sbcflash();
+    c.args([
+        "build",
+        "--flake",
+        &format!("path:{}#testhost", flake.display()),
+    ])
+    .args(NIX_OFFLINE)
+    .arg("--cache-dir")
+    .arg(&cache);
+    nix_env(&mut c, d.path());
+    let o = c.output().unwrap();
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("failed") && err.contains("failing-on-purpose"),
+        "{err}"
+    );
+    // No nix at all: exit 8.
+    let o = common::sbcflash()
+        .args([
+            "build",
+            "--flake",
+            ".#x",
+            "--nix",
+            "/nonexistent/nix",
+            "--cache-dir",
+        ])
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(8), "{}", text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nix-bin"));
+    assert!(blobs(&cache).is_empty());
+}

@@ -9,6 +9,7 @@ pub mod cache;
 pub mod digest;
 pub mod download;
 pub mod nix;
+pub mod remote;
 pub mod source;
 pub mod stream;
 

@@ -108,6 +108,36 @@ impl VerifyingReader {
 }
 
 impl StreamCheck {
+    /// A second handle on the same stream (for a reader wrapper that checks at the end).
+    pub(crate) fn clone_handle(&self) -> StreamCheck {
+        StreamCheck {
+            inner: self.inner.clone(),
+            pin: self.pin.clone(),
+        }
+    }
+
+    pub(crate) fn set_failure(&self, e: AcquireError) {
+        lock(&self.inner).failed = Some(e);
+    }
+
+    /// At the end of the stream: does what arrived match the pin? (No-op before the end or
+    /// without a pin.) A mismatch is reported as a bad target: the consumer has written it.
+    pub(crate) fn check_at_end(&self) -> Result<()> {
+        let g = lock(&self.inner);
+        let (Some(d), Some(pin)) = (g.digests, &self.pin) else {
+            return Ok(());
+        };
+        if pin.matches(&d) {
+            return Ok(());
+        }
+        Err(AcquireError::BadImageWritten {
+            what: g.what.clone(),
+            algo: pin.algo(),
+            expected: pin.hex(),
+            actual: pin.actual_hex(&d),
+        })
+    }
+
     /// Also keep a copy in the cache (committed only if the digest checks out).
     pub fn tee_into(&self, cache: Arc<Cache>, origin: Origin) -> Result<()> {
         let (path, f) = cache.new_tmp("stream")?;

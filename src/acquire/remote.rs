@@ -1,0 +1,108 @@
+//! Opening a remote image (a URL, or a board's default source) for a one-pass write:
+//! download → decompress → write, no temporary copy, verified end to end.
+//!
+//! The `write` command calls [`open_for_write`] instead of `image::open_image` and hands the
+//! write pipeline's result to [`RemoteImage::finish`]. The downloaded bytes are hashed as they
+//! pass; when a pin does not match, the stream fails at its end, before the write pipeline
+//! writes its held-back first MiB, and the error says the target holds a bad image.
+
+use super::source::{Acquirer, SourceSpec};
+use super::stream::StreamCheck;
+use crate::image::{self, OpenedImage};
+use std::io::Read;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+
+/// Does this IMAGE argument name a remote source rather than a local file?
+pub fn is_url(arg: &str) -> bool {
+    arg.starts_with("https://") || arg.starts_with("http://")
+}
+
+/// A remote image opened for writing, and what must be checked after the write.
+pub struct RemoteImage {
+    pub opened: OpenedImage,
+    pub spec: SourceSpec,
+    check: StreamCheck,
+    acq: Acquirer,
+}
+
+/// Opens `spec` as an extent source (from the cache when its pin is there, else streamed
+/// from the network; with `keep`, a copy is committed to the cache once it verifies).
+pub fn open_for_write(acq: Acquirer, spec: SourceSpec, keep: bool) -> anyhow::Result<RemoteImage> {
+    let (reader, check) = acq.open_stream(&spec, keep)?;
+    let consumed = Arc::new(AtomicU64::new(0));
+    let counting = image::detect::CountingReader::new(reader, consumed.clone());
+    let reader: Box<dyn Read + Send> = Box::new(EndCheck {
+        inner: counting,
+        check: check.clone_handle(),
+    });
+    let name = spec.url.clone();
+    let source = image::from_reader(reader, &name, None, None).map_err(|e| {
+        // A transfer error at the very start reads as an image error: report the real cause.
+        match check.take_failure() {
+            Some(f) => anyhow::Error::new(f),
+            None => anyhow::Error::new(e),
+        }
+    })?;
+    let opened = OpenedImage {
+        description: format!("{} (streamed)", source.describe()),
+        logical_size: source.size_hint(),
+        source,
+        path: PathBuf::from(&spec.url),
+        formats: Vec::new(),
+        bmap: None,
+        mapped_size: None,
+        input_size: 0,
+        input_consumed: consumed,
+    };
+    Ok(RemoteImage {
+        opened,
+        spec,
+        check,
+        acq,
+    })
+}
+
+impl RemoteImage {
+    /// Call with the write pipeline's result: a transfer failure or a digest mismatch replaces
+    /// the pipeline's generic read error with the real cause; a successful write is only
+    /// reported as such once the source digest checked out.
+    pub fn finish<T, E>(self, write_result: Result<T, E>) -> anyhow::Result<T>
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        match write_result {
+            Err(e) => match self.check.take_failure() {
+                Some(f) => Err(anyhow::Error::new(f).context(e.to_string())),
+                None => Err(e.into()),
+            },
+            Ok(v) => {
+                let res = self.check.finish(true)?;
+                self.acq.report_stream(&self.spec, &res);
+                Ok(v)
+            }
+        }
+    }
+}
+
+/// Makes the digest check part of the stream: at the end of the download, a mismatch becomes
+/// a read error, so the pipeline stops before it writes the partition table.
+struct EndCheck<R> {
+    inner: R,
+    check: StreamCheck,
+}
+
+impl<R: Read> Read for EndCheck<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if n == 0 && !buf.is_empty() {
+            if let Err(e) = self.check.check_at_end() {
+                let msg = e.to_string();
+                self.check.set_failure(e);
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, msg));
+            }
+        }
+        Ok(n)
+    }
+}
