@@ -821,3 +821,76 @@ fn cli_check_compressed_image_warns_and_strict_refuses() {
         "{s}"
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// The `write --board` hooks (pre-write check, post-write placement), called as `write` does
+// ---------------------------------------------------------------------------------------------
+
+fn quiet_global() -> sbcflash::cli::Global {
+    sbcflash::cli::Global {
+        verbose: 0,
+        json: false,
+        quiet: true,
+        color: sbcflash::cli::ColorChoice::Never,
+        boards_dir: vec![],
+    }
+}
+
+#[test]
+fn write_hooks_check_then_place_bootloader_on_a_loop_device() {
+    use sbcflash::cli::boards::{after_write, preflight, BoardWriteArgs};
+    if !require(true, &[TOOLS, &["losetup"]].concat()) {
+        return;
+    }
+    let dir = tmp();
+    let g = quiet_global();
+    let img = make_image(dir.path(), "rk.img", 64, MBR_32, 32);
+    let idb = random_file(dir.path(), "idbloader.img", 100 * 1024, b"RKNS");
+    let itb = random_file(dir.path(), "u-boot.itb", 300 * 1024, b"\xd0\x0d\xfe\xed");
+    let args = BoardWriteArgs {
+        board: Some("orangepi5".into()),
+        bootloader: vec![idb.clone(), itb.clone()],
+        strict: true,
+        ..Default::default()
+    };
+    // Without U-Boot in the image and --strict: refused before anything is written.
+    let e = preflight(&args, &img, &g).unwrap_err();
+    assert_eq!(sbcflash::exit::classify(&e), sbcflash::exit::Exit::Refused);
+    assert!(format!("{e:#}").contains("no U-Boot in the image"), "{e:#}");
+
+    let args = BoardWriteArgs {
+        strict: false,
+        ..args
+    };
+    let pre = preflight(&args, &img, &g).unwrap().expect("board given");
+    assert_eq!(pre.board.id(), "opi5");
+    assert_eq!(pre.placements.len(), 2);
+    // "Write" the image to a real block device, then place the bootloader on it.
+    let target = common::LoopDev::new_sparse(dir.path(), "card.img", 64 << 20);
+    sh(&format!(
+        "dd if={} of={} bs=1M conv=fsync status=none",
+        img.display(),
+        target.path().display()
+    ));
+    after_write(&pre, target.path(), &g).unwrap();
+    let dev = std::fs::read(target.path()).unwrap();
+    assert_eq!(
+        &dev[32768..32768 + 100 * 1024],
+        &std::fs::read(&idb).unwrap()[..]
+    );
+    assert_eq!(
+        &dev[8 << 20..(8 << 20) + 300 * 1024],
+        &std::fs::read(&itb).unwrap()[..]
+    );
+    let r = check_image(&pre.board, &pre.medium, &dev[..HEAD_LEN]);
+    assert!(codes(&r, Severity::Warning).is_empty(), "{:#?}", r.findings);
+
+    // No board, no config: nothing to do.
+    let xdg = tmp();
+    std::env::set_var("XDG_CONFIG_HOME", xdg.path());
+    std::env::remove_var("SBCFLASH_BOARD");
+    std::env::remove_var("SBCFLASH_CONFIG");
+    assert!(preflight(&BoardWriteArgs::default(), &img, &g)
+        .unwrap()
+        .is_none());
+}

@@ -79,33 +79,12 @@ impl ImageReport {
     }
 }
 
-/// Read up to [`HEAD_LEN`] bytes (fewer at end of input).
+/// Read up to [`HEAD_LEN`] bytes of a raw stream (fewer at end of input). For image files in
+/// any supported format use `crate::image::open::read_logical_prefix(path, opts, HEAD_LEN)`.
 pub fn read_head<R: Read>(mut r: R) -> std::io::Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(HEAD_LEN);
     r.by_ref().take(HEAD_LEN as u64).read_to_end(&mut buf)?;
     Ok(buf)
-}
-
-/// The first `len` logical bytes of an extent stream (`Zero`/`Skip` read as zeroes). Consumes
-/// the start of the stream: callers reopen the image for writing.
-pub fn head_from_extents(
-    src: &mut dyn crate::image::ExtentSource,
-    len: usize,
-) -> Result<Vec<u8>, crate::image::ImageError> {
-    use crate::image::ExtentKind;
-    let mut out = Vec::with_capacity(len);
-    let mut buf = vec![0u8; 1 << 20];
-    while out.len() < len {
-        let Some(e) = src.next_extent(&mut buf)? else {
-            break;
-        };
-        let want = (len - out.len()).min(usize::try_from(e.len).unwrap_or(usize::MAX));
-        match e.kind {
-            ExtentKind::Data => out.extend_from_slice(&buf[..want]),
-            ExtentKind::Zero | ExtentKind::Skip => out.resize(out.len() + want, 0),
-        }
-    }
-    Ok(out)
 }
 
 /// Check the image head against `board` booting from `medium`.

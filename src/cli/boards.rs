@@ -1,6 +1,5 @@
 //! `sbcflash boards`: list the known boards, show one, check an image against one.
 
-use anyhow::Context;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -34,7 +33,7 @@ pub enum BoardsCmd {
     Check {
         /// Board id or alias.
         board: String,
-        /// Image file (raw, or zstd/xz/gzip-compressed raw).
+        /// Image file (raw, compressed, bmap-described or Android sparse).
         image: PathBuf,
         /// Medium the image is for (default: the board's default medium).
         #[arg(long, value_name = "MEDIUM")]
@@ -382,26 +381,15 @@ fn boot_source(b: board::BootSource) -> &'static str {
     }
 }
 
-/// Read the first [`board::check::HEAD_LEN`] logical bytes of an image file, decompressing
-/// zstd/xz/gzip by magic bytes. Interim: once `crate::image` can open any supported format,
-/// this should go through its extent stream ([`board::check::head_from_extents`]).
+/// The first [`board::check::HEAD_LEN`] logical bytes of an image in any supported format
+/// (compressed, bmap, Android sparse), via the image module.
 pub fn image_head(path: &Path) -> anyhow::Result<Vec<u8>> {
-    use std::io::Read;
-    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
-    let mut magic = [0u8; 6];
-    let n = f.read(&mut magic)?;
-    let f = std::fs::File::open(path)?;
-    let ctx = || format!("reading {}", path.display());
-    let head = if n >= 4 && magic[..4] == [0x28, 0xb5, 0x2f, 0xfd] {
-        board::check::read_head(zstd::Decoder::new(f)?).with_context(ctx)?
-    } else if n >= 6 && magic == [0xfd, b'7', b'z', b'X', b'Z', 0] {
-        board::check::read_head(liblzma::read::XzDecoder::new(f)).with_context(ctx)?
-    } else if n >= 2 && magic[..2] == [0x1f, 0x8b] {
-        board::check::read_head(flate2::read::GzDecoder::new(f)).with_context(ctx)?
-    } else {
-        board::check::read_head(f).with_context(ctx)?
-    };
-    Ok(head)
+    let opts = crate::image::open::OpenOptions::default();
+    Ok(crate::image::open::read_logical_prefix(
+        path,
+        &opts,
+        board::check::HEAD_LEN,
+    )?)
 }
 
 /// Print a check report (text or a JSON line).
@@ -453,4 +441,131 @@ fn check(
     }
     report.into_result(strict)?;
     Ok(Exit::Ok)
+}
+
+/// Board flags for `sbcflash write` (flattened into its arguments by the writer).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct BoardWriteArgs {
+    /// Board the image is for (id or alias): the image is checked against it before writing.
+    /// Defaults to the config file's `default-board` / SBCFLASH_BOARD.
+    #[arg(long, value_name = "BOARD")]
+    pub board: Option<String>,
+    /// Medium of that board being written (default: the board's default medium).
+    #[arg(long, value_name = "MEDIUM")]
+    pub medium: Option<MediumKind>,
+    /// Shorthand for `--medium spi-nor`: the target is the board's SPI flash.
+    #[arg(long, conflicts_with = "medium")]
+    pub spi: bool,
+    /// Refuse to write when the image check finds problems (default: warn).
+    #[arg(long)]
+    pub strict: bool,
+    /// Bootloader file(s) to place at the board's offsets after the image (repeatable), e.g.
+    /// `--bootloader u-boot-rockchip.bin` or `--bootloader idbloader.img --bootloader u-boot.itb`.
+    #[arg(long, value_name = "FILE")]
+    pub bootloader: Vec<PathBuf>,
+}
+
+/// What `write` carries from the pre-write check to the post-write bootloader placement.
+#[derive(Debug, Clone)]
+pub struct BoardPreflight {
+    pub board: Board,
+    pub medium: board::Medium,
+    pub report: board::ImageReport,
+    /// Bootloader files and their offsets, already checked against the image's partitions.
+    pub placements: Vec<board::PlacedFile>,
+}
+
+/// Before a byte is written: resolve the board, check the image against it (warnings printed to
+/// stderr, or a JSON line on stdout with `--json`; an error under `--strict`), and plan any
+/// `--bootloader` files. Returns `None` when no board was given or configured.
+pub fn preflight(
+    a: &BoardWriteArgs,
+    image: &Path,
+    g: &Global,
+) -> anyhow::Result<Option<BoardPreflight>> {
+    let name = match &a.board {
+        Some(b) => b.clone(),
+        None => {
+            let flags = crate::config::Flags {
+                boards_dirs: g.boards_dir.clone(),
+                ..Default::default()
+            };
+            match crate::config::Config::load(&flags)?.default_board.value {
+                Some(b) => b,
+                None if !a.bootloader.is_empty() || a.strict || a.spi => {
+                    return Err(crate::exit::ExitError::new(
+                        Exit::Usage,
+                        "--bootloader, --strict and --spi need --board (or a default-board in the config)",
+                    )
+                    .into())
+                }
+                None => return Ok(None),
+            }
+        }
+    };
+    let reg = registry(g)?;
+    let b = reg.get(&name)?.clone();
+    let kind = if a.spi {
+        Some(MediumKind::SpiNor)
+    } else {
+        a.medium
+    };
+    let medium = match kind {
+        Some(k) => b.medium(k)?.clone(),
+        None => b.default_medium().clone(),
+    };
+    let head = image_head(image)?;
+    let report = board::check_image(&b, &medium, &head);
+    if g.json {
+        print_report(&report, g, &mut std::io::stdout().lock())?;
+    } else if !g.quiet || report.has_warnings() {
+        print_report(&report, g, &mut std::io::stderr().lock())?;
+    }
+    let report = report.into_result(a.strict)?;
+    let placements = if a.bootloader.is_empty() {
+        Vec::new()
+    } else {
+        // A bad table was already reported; placing files blind would be worse.
+        let table = board::parttable::parse(&head).map_err(|m| {
+            board::BoardError::Placement(format!(
+                "{}: cannot place a bootloader: {m}",
+                image.display()
+            ))
+        })?;
+        board::place::plan(&b, &medium, &table, &a.bootloader)?
+    };
+    Ok(Some(BoardPreflight {
+        board: b,
+        medium,
+        report,
+        placements,
+    }))
+}
+
+/// After the image is written and verified: write the planned bootloader files to `target`
+/// (file or block device) at their offsets, read them back, and fsync.
+pub fn after_write(p: &BoardPreflight, target: &Path, g: &Global) -> anyhow::Result<()> {
+    if p.placements.is_empty() {
+        return Ok(());
+    }
+    board::place::write_placed_to_path(target, &p.placements)?;
+    for f in &p.placements {
+        let msg = format!(
+            "placed {} ({} bytes) at {} for the {}",
+            f.path.display(),
+            f.len,
+            board::check::human_offset(f.offset),
+            p.board.name()
+        );
+        if g.json {
+            let v = serde_json::json!({
+                "event": "bootloader-placed", "schema": crate::progress::JSON_SCHEMA_VERSION,
+                "path": f.path, "offset": f.offset, "len": f.len, "board": p.board.id(),
+            });
+            println!("{v}");
+        } else if !g.quiet {
+            eprintln!("{msg}");
+        }
+    }
+    Ok(())
 }
