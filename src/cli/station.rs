@@ -254,7 +254,13 @@ fn resolve_image(
 
 fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
     if json {
-        println!("{}", serde_json::to_string(plan)?);
+        // One more JSON line in the event stream, tagged like the events.
+        let mut v = serde_json::to_value(plan)?;
+        if let Some(o) = v.as_object_mut() {
+            o.insert("event".into(), "dry-run".into());
+            o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
+        }
+        println!("{v}");
         return Ok(());
     }
     println!("image:  {}", plan.image);

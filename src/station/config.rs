@@ -25,7 +25,8 @@ pub struct StationConfig {
     /// Directory for one log file per slot; none if unset.
     #[serde(default)]
     pub log_dir: Option<PathBuf>,
-    pub image: ImageConfig,
+    /// `[image]` table, or just the path as a string.
+    pub image: ImageSpec,
     #[serde(default)]
     pub identity: IdentityConfig,
     #[serde(default)]
@@ -33,8 +34,17 @@ pub struct StationConfig {
     /// Read back and compare after writing (default true; turning it off is recorded).
     #[serde(default = "yes")]
     pub verify: bool,
-    #[serde(rename = "slot", default)]
+    /// `[[slot]]` tables (`slots = [...]` also accepted).
+    #[serde(rename = "slot", alias = "slots", default)]
     pub slots: Vec<SlotConfig>,
+}
+
+/// `image = "path"` or `[image] ...`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ImageSpec {
+    Path(PathBuf),
+    Table(ImageConfig),
 }
 
 fn yes() -> bool {
@@ -192,7 +202,14 @@ impl Station {
             path: path.display().to_string(),
             msg,
         };
-        let raw: StationConfig = toml::from_str(text).map_err(|e| bad(e.to_string()))?;
+        let raw: StationConfig = toml::from_str(text).map_err(|e| {
+            let msg = e.to_string();
+            // serde's untagged-enum message does not say what was wrong; say what is allowed.
+            bad(msg.replace(
+                "data did not match any variant of untagged enum ImageSpec",
+                "`image` must be a path string or a table with only `path`, `url`, `blake3`",
+            ))
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let resolve = |p: &Path| {
             if p.is_absolute() {
@@ -202,7 +219,15 @@ impl Station {
             }
         };
 
-        let img = &raw.image;
+        let img = match &raw.image {
+            ImageSpec::Table(t) => t.clone(),
+            ImageSpec::Path(p) => ImageConfig {
+                path: Some(p.clone()),
+                url: None,
+                blake3: None,
+            },
+        };
+        let img = &img;
         match (&img.path, &img.url, &img.blake3) {
             (Some(_), Some(_), _) => {
                 return Err(bad("[image]: give either `path` or `url`, not both".into()))
@@ -376,6 +401,22 @@ match = { "attr:loop/backing_file" = "/tmp/*/s2.img" }
             .unwrap_err()
             .to_string();
         assert!(e.contains("x.toml") && e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn shipped_sample_parses() {
+        let text = include_str!("../../packaging/station.toml");
+        let s = Station::parse(Path::new("/etc/sbcflash/station.toml"), text).unwrap();
+        assert_eq!(s.slots.len(), 4);
+        assert_eq!(s.files.len(), 2);
+    }
+
+    #[test]
+    fn short_forms_are_accepted() {
+        let t = "image = \"/srv/i.img\"\nslots = [ { name = \"A\", match = { ID_PATH = \"pci-1\" } } ]\n";
+        let s = Station::parse(Path::new("/x.toml"), t).unwrap();
+        assert_eq!(s.image.path.as_deref(), Some(Path::new("/srv/i.img")));
+        assert_eq!(s.slots[0].name, "A");
     }
 
     #[test]

@@ -1,0 +1,887 @@
+//! The factory station against real peers: Debian's systemd-udevd (started here), loop devices
+//! as cards in configured slots, a tiny tmpfs for real I/O errors, blkio throttling so "mid-write"
+//! is a state the test can reach without timing guesses, mtools to read back identity files
+//! (a different FAT implementation than the one that wrote them), and the ledger via
+//! `station report`.
+//!
+//! Every test that starts udevd has `udevd` in its name (nextest runs those one at a time);
+//! under plain `cargo test` a lock serialises them too.
+
+mod common;
+
+use common::{make_nixos_like_image, require, run, sbcflash, LoopDev, Table};
+use serde_json::Value;
+use std::io::{BufRead, Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Mutex;
+use std::time::Duration;
+
+static UDEVD_TESTS: Mutex<()> = Mutex::new(());
+
+const MIB: u64 = 1 << 20;
+/// Layout of `make_nixos_like_image`: FAT "FIRMWARE" at 8 MiB, 16 MiB long; ext4 after.
+const FAT_OFF: u64 = 8 * MIB;
+const FAT_LEN: u64 = 16 * MIB;
+const IMG_MIB: u64 = 48;
+/// A watchdog against a hung peer, not a performance threshold.
+const WATCHDOG: Duration = Duration::from_secs(300);
+
+const TOOLS: &[&str] = &[
+    "losetup",
+    "udevadm",
+    "sfdisk",
+    "mkfs.vfat",
+    "mkfs.ext4",
+    "mcopy",
+    "mtype",
+    "mdir",
+    "blockdev",
+];
+
+fn udevd_present() -> bool {
+    Path::new("/lib/systemd/systemd-udevd").exists()
+}
+
+fn ping_udevd() -> bool {
+    Command::new("udevadm")
+        .args(["control", "--ping", "--timeout=2"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// systemd-udevd for the test: started in the foreground unless one already runs, stopped
+/// by its own PID on drop.
+struct Udevd {
+    child: Option<Child>,
+}
+
+impl Udevd {
+    fn start() -> Udevd {
+        if ping_udevd() {
+            return Udevd { child: None };
+        }
+        let child = Command::new("/lib/systemd/systemd-udevd")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn systemd-udevd");
+        let u = Udevd { child: Some(child) };
+        for _ in 0..100 {
+            if ping_udevd() {
+                return u;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("systemd-udevd did not answer `udevadm control --ping`");
+    }
+}
+
+impl Drop for Udevd {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.child {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A tmpfs of `size` mounted on a fresh directory; unmounted (by its path) on drop.
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o"])
+            .arg(format!("size={size}"))
+            .arg("sbcflash-test")
+            .arg(dir));
+        Tmpfs {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        for _ in 0..20 {
+            if Command::new("umount")
+                .arg(&self.dir)
+                .status()
+                .map(|s| s.success())
+                .unwrap_or(false)
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.dir).status();
+    }
+}
+
+/// A blkio cgroup that throttles writes to chosen devices for the processes put in it, so a
+/// job is reliably still writing when the test acts (cgroup v1 blkio, or v2 io.max).
+struct Throttle {
+    dir: PathBuf,
+    v2: bool,
+}
+
+impl Throttle {
+    fn new(name: &str) -> Throttle {
+        let v1 = Path::new("/sys/fs/cgroup/blkio");
+        if v1.join("blkio.throttle.write_bps_device").exists() {
+            let dir = v1.join(name);
+            std::fs::create_dir_all(&dir).expect("create blkio cgroup");
+            return Throttle { dir, v2: false };
+        }
+        let root = Path::new("/sys/fs/cgroup");
+        let ctl = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
+        assert!(
+            ctl.split_whitespace().any(|c| c == "io"),
+            "neither cgroup v1 blkio nor the v2 io controller is available for throttling"
+        );
+        let _ = std::fs::write(root.join("cgroup.subtree_control"), "+io");
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).expect("create io cgroup");
+        Throttle { dir, v2: true }
+    }
+
+    fn limit_writes(&self, dev: &Path, bytes_per_sec: u64) {
+        let rdev = std::fs::metadata(dev).unwrap().rdev();
+        let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+        if self.v2 {
+            std::fs::write(
+                self.dir.join("io.max"),
+                format!("{maj}:{min} wbps={bytes_per_sec}"),
+            )
+            .unwrap();
+        } else {
+            std::fs::write(
+                self.dir.join("blkio.throttle.write_bps_device"),
+                format!("{maj}:{min} {bytes_per_sec}"),
+            )
+            .unwrap();
+        }
+    }
+
+    fn add(&self, pid: u32) {
+        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
+    }
+}
+
+impl Drop for Throttle {
+    fn drop(&mut self) {
+        for _ in 0..50 {
+            if std::fs::remove_dir(&self.dir).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        eprintln!("warning: could not remove cgroup {}", self.dir.display());
+    }
+}
+
+/// A running `sbcflash station --json`; its events arrive on a channel. Killed by PID on drop.
+struct Station {
+    child: Child,
+    events: crossbeam_channel::Receiver<Value>,
+    seen: Vec<Value>,
+    stderr: PathBuf,
+}
+
+impl Station {
+    fn spawn(dir: &Path, config: &Path, args: &[&str]) -> Station {
+        let stderr = dir.join(format!("station-{}.stderr", rand_suffix()));
+        let mut child = sbcflash()
+            .args(["station", "--json", "--config"])
+            .arg(config)
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawn station");
+        let out = child.stdout.take().unwrap();
+        let (tx, rx) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines() {
+                let Ok(line) = line else { break };
+                match serde_json::from_str::<Value>(&line) {
+                    Ok(v) => {
+                        if tx.send(v).is_err() {
+                            break;
+                        }
+                    }
+                    Err(e) => panic!("station printed a non-JSON line {line:?}: {e}"),
+                }
+            }
+        });
+        Station {
+            child,
+            events: rx,
+            seen: Vec::new(),
+            stderr,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits for an event matching `pred` (or one already seen).
+    fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
+            return v.clone();
+        }
+        loop {
+            match self.events.recv_timeout(WATCHDOG) {
+                Ok(v) => {
+                    self.seen.push(v.clone());
+                    if pred(&v) {
+                        return v;
+                    }
+                }
+                Err(_) => panic!(
+                    "station: no event {what}; events so far:\n{}\nstderr:\n{}",
+                    self.dump(),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    fn dump(&self) -> String {
+        self.seen
+            .iter()
+            .filter(|v| v["event"] != "progress")
+            .map(|v| v.to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            if rx.recv_timeout(WATCHDOG).is_err() {
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+        });
+        let st = self.child.wait().expect("wait station");
+        let _ = tx.send(());
+        // Drain what it printed.
+        while let Ok(v) = self.events.recv_timeout(Duration::from_secs(5)) {
+            self.seen.push(v);
+        }
+        st
+    }
+
+    fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Station {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+fn rand_suffix() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn is_msg(v: &Value, job: &str, needle: &str) -> bool {
+    v["event"] == "message"
+        && v["job"] == job
+        && v["text"].as_str().is_some_and(|t| t.contains(needle))
+}
+
+fn is_start(v: &Value, job: &str, phase: &str) -> bool {
+    v["event"] == "start" && v["job"] == job && v["phase"] == phase
+}
+
+/// Writes a station config for `slots` (name, backing file) and returns its path.
+fn write_config(dir: &Path, image: &Path, slots: &[(&str, &Path)], extra: &str) -> PathBuf {
+    let mut t = format!(
+        r#"board = "orangepi-5"
+ledger = "ledger.sqlite"
+log_dir = "logs"
+image = "{}"
+{extra}
+[identity]
+serial = "OPI5-{{date}}-{{seq:05}}"
+hostname = "{{serial_lower}}"
+[[identity.file]]
+path = "sbcflash/identity.json"
+template = '{{"serial": "{{serial}}", "hostname": "{{hostname}}", "slot": "{{slot}}"}}'
+[[identity.file]]
+path = "hostname"
+template = "{{hostname}}\n"
+"#,
+        image.display()
+    );
+    for (name, backing) in slots {
+        t.push_str(&format!(
+            "[[slot]]\nname = \"{name}\"\nmatch = {{ \"attr:loop/backing_file\" = \"{}\" }}\n",
+            backing.display()
+        ));
+    }
+    let p = dir.join("station.toml");
+    std::fs::write(&p, t).unwrap();
+    p
+}
+
+fn backing(dir: &Path, name: &str, size: u64) -> PathBuf {
+    let p = dir.join(name);
+    let f = std::fs::File::create(&p).unwrap();
+    f.set_len(size).unwrap();
+    p
+}
+
+fn report(config: &Path) -> Vec<Value> {
+    let o = run(sbcflash()
+        .args(["station", "report", "--format", "json", "--config"])
+        .arg(config));
+    let v: Value = serde_json::from_slice(&o.stdout).expect("report is JSON");
+    v.as_array().expect("report is an array").clone()
+}
+
+fn read_range(p: &Path, off: u64, len: u64) -> Vec<u8> {
+    let mut f = std::fs::File::open(p).unwrap();
+    f.seek(SeekFrom::Start(off)).unwrap();
+    let mut v = vec![0u8; len as usize];
+    f.read_exact(&mut v).unwrap();
+    v
+}
+
+fn mtools(args: &[&str], image_at: &str) -> String {
+    let o = run(Command::new(args[0])
+        .env("MTOOLS_SKIP_CHECK", "1")
+        .arg("-i")
+        .arg(image_at)
+        .args(&args[1..]));
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// The sectors of the FAT partition that differ between image and device may only be the
+/// FAT tables, the root directory, or clusters that are free in the image: injecting the
+/// identity files must not disturb a byte of what the image holds.
+fn check_fat_changes_only_free_space(img: &Path, dev: &Path) {
+    let a = read_range(img, FAT_OFF, FAT_LEN);
+    let b = read_range(dev, FAT_OFF, FAT_LEN);
+    let le16 = |x: &[u8], o: usize| u16::from_le_bytes([x[o], x[o + 1]]) as u64;
+    let bps = le16(&a, 11);
+    let spc = a[13] as u64;
+    let reserved = le16(&a, 14);
+    let nfats = a[16] as u64;
+    let root_entries = le16(&a, 17);
+    let fatsz = le16(&a, 22);
+    assert!(fatsz > 0, "test image is expected to be FAT12/16");
+    let fat_end = reserved + nfats * fatsz;
+    let data_start = fat_end + (root_entries * 32).div_ceil(bps);
+    let total_sectors = FAT_LEN / bps;
+    let clusters = (total_sectors - data_start) / spc;
+    let fat16 = clusters >= 4085;
+    let fat = &a[(reserved * bps) as usize..((reserved + fatsz) * bps) as usize];
+    let entry = |c: u64| -> u64 {
+        if fat16 {
+            le16(fat, (c * 2) as usize)
+        } else {
+            let o = (c * 3 / 2) as usize;
+            let v = le16(fat, o);
+            if c % 2 == 0 {
+                v & 0xfff
+            } else {
+                v >> 4
+            }
+        }
+    };
+    let mut changed_data = 0;
+    for s in 0..total_sectors {
+        let r = (s * bps) as usize..((s + 1) * bps) as usize;
+        if a[r.clone()] == b[r] {
+            continue;
+        }
+        if s < reserved {
+            panic!("{}: FAT boot/reserved sector {s} changed", dev.display());
+        }
+        if s < data_start {
+            continue; // FAT tables and root directory
+        }
+        let c = (s - data_start) / spc + 2;
+        assert_eq!(
+            entry(c),
+            0,
+            "{}: sector {s} (cluster {c}) changed, but that cluster holds image data",
+            dev.display()
+        );
+        changed_data += 1;
+    }
+    assert!(
+        changed_data > 0,
+        "{}: no new data clusters written",
+        dev.display()
+    );
+}
+
+/// A flashed unit: byte for byte outside the FAT partition, only free space used inside it,
+/// the image's own FAT file intact, and the identity files as expected (read by mtools).
+fn check_unit(img: &Path, dev: &Path, serial: &str, slot: &str) {
+    run(Command::new("blockdev").arg("--flushbufs").arg(dev));
+    let len = std::fs::metadata(img).unwrap().len();
+    common::assert_same_prefix(img, dev, FAT_OFF);
+    let tail_a = read_range(img, FAT_OFF + FAT_LEN, len - FAT_OFF - FAT_LEN);
+    let tail_b = read_range(dev, FAT_OFF + FAT_LEN, len - FAT_OFF - FAT_LEN);
+    if tail_a != tail_b {
+        let i = tail_a
+            .iter()
+            .zip(&tail_b)
+            .position(|(x, y)| x != y)
+            .unwrap();
+        panic!(
+            "{}: differs from the image at offset {}",
+            dev.display(),
+            FAT_OFF + FAT_LEN + i as u64
+        );
+    }
+    check_fat_changes_only_free_space(img, dev);
+    let at = |p: &Path| format!("{}@@{}", p.display(), FAT_OFF);
+    assert_eq!(
+        mtools(&["mtype", "::config.txt"], &at(img)),
+        mtools(&["mtype", "::config.txt"], &at(dev)),
+        "{}: the image's config.txt changed",
+        dev.display()
+    );
+    let hostname = serial.to_ascii_lowercase();
+    assert_eq!(
+        mtools(&["mtype", "::sbcflash/identity.json"], &at(dev)),
+        format!(r#"{{"serial": "{serial}", "hostname": "{hostname}", "slot": "{slot}"}}"#)
+    );
+    assert_eq!(
+        mtools(&["mtype", "::hostname"], &at(dev)),
+        format!("{hostname}\n")
+    );
+    let listing = mtools(&["mdir", "-/", "::"], &at(dev));
+    assert!(
+        listing.contains("identity") || listing.to_ascii_lowercase().contains("identity"),
+        "{listing}"
+    );
+}
+
+fn unit_row<'a>(rows: &'a [Value], slot: &str) -> &'a Value {
+    let hits: Vec<&Value> = rows.iter().filter(|r| r["slot"] == slot).collect();
+    assert_eq!(hits.len(), 1, "expected one row for slot {slot}: {rows:#?}");
+    hits[0]
+}
+
+#[test]
+fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
+    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+        return;
+    }
+    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
+    let names = ["s1", "s2", "s3", "s4"];
+    let backs: Vec<PathBuf> = names
+        .iter()
+        .map(|n| backing(dir, &format!("{n}.card"), 64 * MIB))
+        .collect();
+    let slots: Vec<(&str, &Path)> = names
+        .iter()
+        .zip(&backs)
+        .map(|(n, b)| (*n, b.as_path()))
+        .collect();
+    let cfg = write_config(dir, &img, &slots, "");
+    // A disk in no slot, with content the station must never touch.
+    let outsider_file = dir.join("outsider.card");
+    std::fs::write(&outsider_file, vec![0xa5u8; 8 * MIB as usize]).unwrap();
+
+    let _udevd = Udevd::start();
+    // s1 is in its reader when the station starts (flashed because of --flash-present) and is
+    // a slow card (writes throttled); s2..s4 are plugged in while it runs.
+    let d1 = LoopDev::attach(&backs[0], &[]);
+    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
+    throttle.limit_writes(d1.path(), MIB);
+    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "4"]);
+    throttle.add(st.child.id());
+    st.wait_for("station ready", |v| is_msg(v, "station", "station ready"));
+    st.wait_for("s1 writing", |v| is_start(v, "s1", "write"));
+    let outsider = LoopDev::attach(&outsider_file, &[]);
+    let mut devs = vec![d1];
+    devs.extend(backs[1..].iter().map(|b| LoopDev::attach(b, &[])));
+    let status = st.wait_exit();
+    assert!(
+        status.success(),
+        "station: {status}\n{}\n{}",
+        st.dump(),
+        st.stderr()
+    );
+    drop(throttle);
+
+    // Parallel and independent: the three fast cards passed while the slow one was writing.
+    let pass_at = |n: &str| {
+        st.seen
+            .iter()
+            .position(|v| is_msg(v, n, "PASS"))
+            .unwrap_or_else(|| panic!("no PASS for {n}:\n{}", st.dump()))
+    };
+    for n in &names[1..] {
+        assert!(
+            pass_at(n) < pass_at("s1"),
+            "{n} waited for the slow card:\n{}",
+            st.dump()
+        );
+    }
+
+    let rows = report(&cfg);
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    let digest = blake3::hash(&std::fs::read(&img).unwrap())
+        .to_hex()
+        .to_string();
+    let mut serials = Vec::new();
+    for (n, d) in names.iter().zip(&devs) {
+        let r = unit_row(&rows, n);
+        assert_eq!(r["result"], "pass", "{r:#}");
+        assert_eq!(r["devnode"], d.path().display().to_string());
+        assert_eq!(r["image_blake3"], digest);
+        assert_eq!(r["board"], "orangepi-5");
+        assert_eq!(r["attempt"], 1);
+        assert!(r["ended_at"].is_string() && r["throughput_bps"].as_f64().unwrap() > 0.0);
+        assert!(r["bytes_written"].as_i64().unwrap() > 0);
+        let serial = r["unit_serial"].as_str().unwrap().to_string();
+        check_unit(&img, d.path(), &serial, n);
+        let log = std::fs::read_to_string(dir.join("logs").join(format!("{n}.log"))).unwrap();
+        assert!(log.contains(&format!("PASS: {serial}")), "{log}");
+        serials.push(serial);
+    }
+    let mut seqs: Vec<i64> = rows.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    seqs.sort();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    serials.sort();
+    serials.dedup();
+    assert_eq!(serials.len(), 4);
+
+    // The outsider was never touched.
+    drop(outsider);
+    assert!(std::fs::read(&outsider_file)
+        .unwrap()
+        .iter()
+        .all(|b| *b == 0xa5));
+
+    // CSV export: a header and four rows.
+    let o = run(sbcflash()
+        .args([
+            "station",
+            "report",
+            "--format",
+            "csv",
+            "--since",
+            "2000-01-01",
+            "--config",
+        ])
+        .arg(&cfg));
+    let csv = String::from_utf8(o.stdout).unwrap();
+    assert!(csv.starts_with("id,unit_serial,attempt,slot,"), "{csv}");
+    assert_eq!(csv.lines().count(), 5, "{csv}");
+    let o = run(sbcflash()
+        .args([
+            "station",
+            "report",
+            "--format",
+            "csv",
+            "--since",
+            "2999-01-01",
+            "--config",
+        ])
+        .arg(&cfg));
+    assert_eq!(String::from_utf8(o.stdout).unwrap().lines().count(), 1);
+}
+
+#[test]
+fn station_udevd_faults_mid_write_fail_alone() {
+    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+        return;
+    }
+    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
+    // ok1 and ok2 are healthy; "full" sits on a 2 MiB tmpfs, so writes past its capacity fail
+    // with real I/O errors; "pulled" gets a udev remove event while it is writing.
+    let tiny = Tmpfs::mount(&dir.join("tiny"), "2M");
+    let b_ok1 = backing(dir, "ok1.card", 64 * MIB);
+    let b_full = backing(&tiny.dir, "full.card", 64 * MIB);
+    let b_pulled = backing(dir, "pulled.card", 64 * MIB);
+    let b_ok2 = backing(dir, "ok2.card", 64 * MIB);
+    let cfg = write_config(
+        dir,
+        &img,
+        &[
+            ("ok1", &b_ok1),
+            ("full", &b_full),
+            ("pulled", &b_pulled),
+            ("ok2", &b_ok2),
+        ],
+        "",
+    );
+    let _udevd = Udevd::start();
+    // Cards already inserted, flashed with --flash-present, so the throttle is in place before
+    // the first byte: "pulled" writes slowly enough to be pulled mid-write.
+    let d_ok1 = LoopDev::attach(&b_ok1, &[]);
+    let d_full = LoopDev::attach(&b_full, &[]);
+    let d_pulled = LoopDev::attach(&b_pulled, &[]);
+    let d_ok2 = LoopDev::attach(&b_ok2, &[]);
+    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
+    throttle.limit_writes(d_pulled.path(), 2 * MIB);
+    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "4"]);
+    throttle.add(st.child.id());
+    st.wait_for("pulled starts writing", |v| is_start(v, "pulled", "write"));
+    run(Command::new("udevadm")
+        .args(["trigger", "--action=remove"])
+        .arg(d_pulled.path()));
+    let status = st.wait_exit();
+    assert_eq!(
+        status.code(),
+        Some(5),
+        "some units failed: exit 5\n{}\n{}",
+        st.dump(),
+        st.stderr()
+    );
+    let rows = report(&cfg);
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    for (slot, d) in [("ok1", &d_ok1), ("ok2", &d_ok2)] {
+        let r = unit_row(&rows, slot);
+        assert_eq!(r["result"], "pass", "{r:#}");
+        check_unit(&img, d.path(), r["unit_serial"].as_str().unwrap(), slot);
+    }
+    let full = unit_row(&rows, "full");
+    assert_eq!(full["result"], "fail");
+    let why = full["failure_reason"].as_str().unwrap();
+    assert!(
+        why.starts_with("write failed") && why.contains(&d_full.path().display().to_string()),
+        "{why}"
+    );
+    assert!(
+        why.contains("No space left") || why.contains("Input/output error"),
+        "{why}"
+    );
+    let pulled = unit_row(&rows, "pulled");
+    assert_eq!(pulled["result"], "fail");
+    let why = pulled["failure_reason"].as_str().unwrap();
+    assert!(why.starts_with("removed mid-write"), "{why}");
+    assert!(
+        why.contains(&d_pulled.path().display().to_string()),
+        "{why}"
+    );
+    // Failures are visible per slot and in the count.
+    assert!(st
+        .seen
+        .iter()
+        .any(|v| is_msg(v, "pulled", "FAIL") && is_msg(v, "pulled", "removed mid-write")));
+    assert!(st
+        .seen
+        .iter()
+        .any(|v| is_msg(v, "station", "2 PASS, 2 FAIL")));
+    // A pulled card never looks flashed: its partition table (written last) is absent.
+    let head = read_range(d_pulled.path(), 0, 512);
+    assert!(
+        head[510] != 0x55 || head[511] != 0xaa,
+        "pulled card got a partition table"
+    );
+    drop(throttle);
+}
+
+#[test]
+fn station_udevd_kill9_loses_no_unit_and_never_reuses_a_serial() {
+    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+        return;
+    }
+    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
+    let b1 = backing(dir, "k1.card", 64 * MIB);
+    let b2 = backing(dir, "k2.card", 64 * MIB);
+    let cfg = write_config(dir, &img, &[("k1", &b1), ("k2", &b2)], "");
+    let _udevd = Udevd::start();
+    let d1 = LoopDev::attach(&b1, &[]);
+    let d2 = LoopDev::attach(&b2, &[]);
+    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
+    throttle.limit_writes(d1.path(), 2 * MIB);
+    throttle.limit_writes(d2.path(), 2 * MIB);
+    let mut st = Station::spawn(dir, &cfg, &["--flash-present"]);
+    throttle.add(st.child.id());
+    st.wait_for("k1 writing", |v| is_start(v, "k1", "write"));
+    st.wait_for("k2 writing", |v| is_start(v, "k2", "write"));
+
+    // A second station on the same ledger refuses to start.
+    let o = sbcflash()
+        .args(["station", "--flash-present", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(4), "{o:?}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("in use by another station"),
+        "{o:?}"
+    );
+
+    st.kill9();
+    drop(throttle);
+    let rows = report(&cfg);
+    assert_eq!(
+        rows.len(),
+        2,
+        "every started unit is in the ledger: {rows:#?}"
+    );
+    for r in &rows {
+        assert_eq!(r["result"], "started", "{r:#}");
+        assert!(r["ended_at"].is_null());
+    }
+    let first: Vec<String> = rows
+        .iter()
+        .map(|r| r["unit_serial"].as_str().unwrap().to_string())
+        .collect();
+
+    // Restart: the interrupted units are marked so (never done), the cards are flashed again
+    // under new serials.
+    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "2"]);
+    let status = st.wait_exit();
+    assert!(status.success(), "{}\n{}", st.dump(), st.stderr());
+    assert!(st.seen.iter().any(|v| is_msg(
+        v,
+        "station",
+        "2 unit(s) from an earlier run never finished"
+    )));
+    let rows = report(&cfg);
+    assert_eq!(rows.len(), 4, "{rows:#?}");
+    let mut serials = Vec::new();
+    for r in &rows {
+        let s = r["unit_serial"].as_str().unwrap().to_string();
+        if first.contains(&s) {
+            assert_eq!(r["result"], "interrupted", "{r:#}");
+            assert!(r["ended_at"].is_null(), "{r:#}");
+            assert!(r["failure_reason"]
+                .as_str()
+                .unwrap()
+                .contains("the unit is not done"));
+        } else {
+            assert_eq!(r["result"], "pass", "{r:#}");
+        }
+        serials.push(s);
+    }
+    serials.sort();
+    serials.dedup();
+    assert_eq!(serials.len(), 4, "a serial was handed out twice");
+    let mut seqs: Vec<i64> = rows.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    seqs.sort();
+    assert_eq!(seqs, [1, 2, 3, 4]);
+    for (slot, d) in [("k1", &d1), ("k2", &d2)] {
+        let r = rows
+            .iter()
+            .find(|r| r["slot"] == slot && r["result"] == "pass")
+            .unwrap();
+        check_unit(&img, d.path(), r["unit_serial"].as_str().unwrap(), slot);
+    }
+}
+
+#[test]
+fn station_dry_run_shows_plan_and_writes_nothing() {
+    if !require(true, TOOLS) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
+    let b1 = backing(dir, "d1.card", 64 * MIB);
+    let b2 = backing(dir, "d2.card", 64 * MIB);
+    let small = backing(dir, "small.card", 8 * MIB);
+    let cfg = write_config(dir, &img, &[("d1", &b1), ("d2", &b2), ("tiny", &small)], "");
+    let d1 = LoopDev::attach(&b1, &[]);
+    let ds = LoopDev::attach(&small, &[]);
+    let o = run(sbcflash()
+        .args(["station", "--dry-run", "--flash-present", "--config"])
+        .arg(&cfg));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("next unit: OPI5-"), "{text}");
+    assert!(
+        text.contains(&format!("{}: would be flashed now", d1.path().display())),
+        "{text}"
+    );
+    assert!(text.contains("empty: waiting for a card"), "{text}");
+    assert!(
+        text.contains(&format!("{}: would be REFUSED", ds.path().display())),
+        "{text}"
+    );
+    assert!(text.contains("larger than the target"), "{text}");
+    assert!(text.contains("dry run: nothing was written"), "{text}");
+    // Nothing written, no ledger created.
+    assert!(std::fs::read(&b1).unwrap().iter().all(|b| *b == 0));
+    assert!(!dir.join("ledger.sqlite").exists());
+    let o = run(sbcflash()
+        .args(["--json", "station", "--dry-run", "--config"])
+        .arg(&cfg));
+    let v: Value = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["event"] == "dry-run")
+        .expect("a dry-run line");
+    assert_eq!(v["slots"].as_array().unwrap().len(), 3);
+    assert_eq!(v["next_seq"], 1);
+}
+
+#[test]
+fn station_bad_config_names_the_file_and_touches_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let p = tmp.path().join("station.toml");
+    let mut f = std::fs::File::create(&p).unwrap();
+    writeln!(
+        f,
+        "image = \"/nonexistent.img\"\n[[slot]]\nname = \"a\"\nmatch = {{ ID_PATH = \"*\" }}"
+    )
+    .unwrap();
+    let o = sbcflash()
+        .args(["station", "--config"])
+        .arg(&p)
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("station.toml") && err.contains("matches anything"),
+        "{err}"
+    );
+    // A missing ledger for report is an error naming it.
+    let o = sbcflash()
+        .args(["station", "report", "--ledger"])
+        .arg(tmp.path().join("none.sqlite"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("none.sqlite"));
+}
