@@ -1,30 +1,375 @@
+//! `sbcflash write`, `list`, `hash`, `verify`: flags and glue over [`crate::image`],
+//! [`crate::target`] and [`crate::write`].
+
 use super::Global;
-use crate::exit::Exit;
+use crate::exit::{Exit, ExitError};
+use crate::image::{self, OpenedImage};
+use crate::progress::{Event, Level, Reporter};
+use crate::target::{self, Policy, TargetInfo};
+use crate::write::{self, WriteOptions};
+use anyhow::Context;
+use std::io::{BufRead, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
-#[derive(Debug, clap::Args)]
-pub struct WriteArgs {}
+/// Image-selection flags shared by write, hash and verify.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ImageFlags {
+    /// Use this bmap file (default: IMAGE.bmap or IMAGE-without-compression-suffix.bmap).
+    #[arg(long, value_name = "FILE", conflicts_with = "no_bmap")]
+    pub bmap: Option<PathBuf>,
+    /// Ignore any bmap: write every byte of the image (zero blocks still zeroed cheaply).
+    #[arg(long)]
+    pub no_bmap: bool,
+}
 
-pub fn run_write(_a: WriteArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("write")
+impl ImageFlags {
+    fn open(&self, path: &Path) -> anyhow::Result<OpenedImage> {
+        let md = std::fs::metadata(path).map_err(|source| image::ImageError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        if md.is_file() {
+            let opts = image::OpenOptions {
+                bmap: self.bmap.clone(),
+                no_bmap: self.no_bmap,
+            };
+            return Ok(image::open_image(path, &opts)?);
+        }
+        // A pipe or character device (`<(curl ...)`, a FIFO): stream it, no seeking.
+        let name = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|source| image::ImageError::Io {
+            path: name.clone(),
+            source,
+        })?;
+        let bmap = match (&self.bmap, self.no_bmap) {
+            (Some(b), false) => Some(image::Bmap::load(b)?),
+            _ => None,
+        };
+        let bmap_path = bmap.as_ref().map(|b| b.path.clone());
+        let mapped_size = bmap.as_ref().map(|b| b.mapped_bytes());
+        let consumed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let reader = image::detect::CountingReader::new(file, consumed.clone());
+        let source = image::from_reader(Box::new(reader), &name, None, bmap)?;
+        Ok(OpenedImage {
+            description: source.describe(),
+            logical_size: source.size_hint(),
+            source,
+            path: path.to_path_buf(),
+            formats: Vec::new(),
+            bmap: bmap_path,
+            mapped_size,
+            input_size: 0,
+            input_consumed: consumed,
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
-pub struct ListArgs {}
+#[command(after_help = "Examples:\n  sbcflash write nixos-sd-image.img.zst /dev/sdb\n  sbcflash write --board opi5 --image nixos.img.zst /dev/sdb --yes\n  sbcflash write image.img out.img            # a regular file target stays sparse")]
+pub struct WriteArgs {
+    /// IMAGE TARGET (or only TARGET with --image).
+    #[arg(value_name = "IMAGE|TARGET", num_args = 1..=2, required = true)]
+    pub paths: Vec<PathBuf>,
+    /// The image (long form; then the only positional argument is the target).
+    #[arg(long, value_name = "PATH")]
+    pub image: Option<PathBuf>,
+    /// Board id: the image is checked against the board's descriptor.
+    #[arg(long, value_name = "BOARD")]
+    pub board: Option<String>,
+    #[command(flatten)]
+    pub img: ImageFlags,
+    /// Expected blake3 of the logical image (default: IMAGE.blake3 sidecar if present).
+    #[arg(long, value_name = "HEX")]
+    pub blake3: Option<String>,
+    /// Skip reading the target back after writing.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(short, long)]
+    pub yes: bool,
+    /// Allow targets that are not removable USB disks, SD cards or loop devices.
+    #[arg(long)]
+    pub force: bool,
+    /// Do not discard the device before writing.
+    #[arg(long)]
+    pub no_discard: bool,
+}
 
-pub fn run_list(_a: ListArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("list")
+/// Image-vs-board checks, filled in by the board module: may refuse (layout, offsets, size)
+/// and may return the expected blake3 from the descriptor. Runs after the image is opened
+/// and before the target is opened or anything is written.
+pub fn board_checks(
+    board: Option<&str>,
+    _image: &OpenedImage,
+    _target: &TargetInfo,
+    _g: &Global,
+) -> anyhow::Result<Option<[u8; 32]>> {
+    if let Some(b) = board {
+        tracing::info!("board {b}: no image checks wired yet");
+    }
+    Ok(None)
+}
+
+/// The expected digest: `--blake3`, else the `IMAGE.blake3` sidecar, else none.
+fn expected_digest(flag: Option<&str>, image_path: &Path) -> anyhow::Result<Option<[u8; 32]>> {
+    if let Some(h) = flag {
+        let d = image::digest::parse_hex(h).map_err(|m| {
+            ExitError::new(Exit::Usage, format!("--blake3 {h}: {m}"))
+        })?;
+        return Ok(Some(*d.as_bytes()));
+    }
+    let side = image::digest::sidecar_path(image_path);
+    if side.exists() {
+        let d = image::digest::read_sidecar(&side, image_path)?;
+        tracing::info!("expecting blake3 from {}", side.display());
+        return Ok(Some(*d.as_bytes()));
+    }
+    Ok(None)
+}
+
+/// Ctrl-C/SIGTERM set `cancel`; a second Ctrl-C exits at once.
+fn install_cancel() -> Arc<AtomicBool> {
+    let cancel = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 130, cancel.clone());
+        let _ = signal_hook::flag::register(sig, cancel.clone());
+    }
+    cancel
+}
+
+fn confirm(info: &TargetInfo, image: &OpenedImage, yes: bool) -> anyhow::Result<()> {
+    let TargetInfo::Device(d) = info else {
+        return Ok(()); // regular files: like cp/dd, no prompt
+    };
+    if yes {
+        return Ok(());
+    }
+    if !std::io::stdin().is_terminal() {
+        return Err(ExitError::new(
+            Exit::Refused,
+            format!(
+                "refusing to write {}: stdin is not a terminal, so there is no one to confirm; pass --yes",
+                d.path.display()
+            ),
+        )
+        .into());
+    }
+    let mut e = std::io::stderr();
+    let _ = writeln!(e, "About to OVERWRITE {}", d.describe());
+    if let Some(s) = &d.serial {
+        let _ = writeln!(e, "  serial: {s}");
+    }
+    for p in &d.partitions {
+        let _ = writeln!(
+            e,
+            "  {} {}{}",
+            p.name,
+            target::human_size(p.size),
+            if p.mountpoints.is_empty() {
+                String::new()
+            } else {
+                format!(" mounted at {}", p.mountpoints.join(", "))
+            }
+        );
+    }
+    let _ = writeln!(e, "with {} ({})", image.path.display(), image.description);
+    let _ = write!(e, "Everything on {} will be lost. Type 'yes' to continue: ", d.path.display());
+    let _ = e.flush();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if line.trim() != "yes" {
+        return Err(ExitError::new(Exit::Refused, "not confirmed; nothing was written").into());
+    }
+    Ok(())
+}
+
+pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
+    let (image_path, target_path) = match (&a.image, a.paths.as_slice()) {
+        (Some(i), [t]) => (i.clone(), t.clone()),
+        (None, [i, t]) => (i.clone(), t.clone()),
+        (Some(_), _) => {
+            return Err(ExitError::new(Exit::Usage, "with --image, give only the TARGET").into())
+        }
+        (None, _) => return Err(ExitError::new(Exit::Usage, "give IMAGE and TARGET").into()),
+    };
+    let reporter = g.reporter();
+    let opened = a.img.open(&image_path)?;
+    let mut expected = expected_digest(a.blake3.as_deref(), &image_path)?;
+
+    let (resolved, info) = target::inspect(&target_path)?;
+    let mut policy = Policy {
+        image_size: opened.logical_size,
+        force: a.force,
+        image_paths: vec![image_path.clone()],
+    };
+    policy.image_paths.extend(opened.bmap.clone());
+    target::vet(&resolved, &info, &policy)?;
+    if let Some(d) = board_checks(a.board.as_deref(), &opened, &info, g)? {
+        expected = expected.or(Some(d));
+    }
+    confirm(&info, &opened, a.yes)?;
+    // Re-inspects, re-vets, opens O_EXCL and re-checks through the fd.
+    let opened_target = target::open(&target_path, &policy)?;
+    let cancel = install_cancel();
+    let job = opened_target.path.display().to_string();
+    let mut sink = opened_target.into_sink_with(!a.no_discard)?;
+    reporter.report(Event::Message {
+        job: job.clone(),
+        level: Level::Info,
+        text: format!("writing {} ({}) to {}", image_path.display(), opened.description, info.describe()),
+    });
+    let opts = WriteOptions {
+        verify: !a.no_verify,
+        expected_blake3: expected,
+        cancel,
+        job: job.clone(),
+        image_name: image_path.display().to_string(),
+        ..Default::default()
+    };
+    let report = write::run(opened.source, sink.as_mut(), &opts, reporter.as_ref())
+        .with_context(|| format!("writing {} to {job}", image_path.display()))?;
+    if !g.json && !g.quiet {
+        println!("{}", report.summary_line(&job));
+    }
+    if g.json {
+        let v = serde_json::json!({
+            "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
+            "job": job, "ok": true, "report": report,
+        });
+        println!("{v}");
+    }
+    Ok(Exit::Ok)
 }
 
 #[derive(Debug, clap::Args)]
-pub struct HashArgs {}
+pub struct ListArgs {
+    /// Also show non-removable, system, virtual and loop devices.
+    #[arg(long)]
+    pub all: bool,
+}
 
-pub fn run_hash(_a: HashArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("hash")
+pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
+    let disks = target::list_disks(a.all)?;
+    if g.json {
+        let v = serde_json::json!({
+            "event": "list", "schema": crate::progress::JSON_SCHEMA_VERSION, "disks": disks,
+        });
+        println!("{v}");
+        return Ok(Exit::Ok);
+    }
+    if disks.is_empty() {
+        eprintln!(
+            "no removable USB disks or SD cards found{}",
+            if a.all { "" } else { " (--all shows every disk)" }
+        );
+        return Ok(Exit::Ok);
+    }
+    println!("{:<16} {:>10} {:<7} {:<9} {:<28} MOUNTED", "DEVICE", "SIZE", "BUS", "REMOVABLE", "MODEL");
+    for d in &disks {
+        let model = [d.vendor.as_deref(), d.model.as_deref()]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(" ");
+        let mounted = if d.system {
+            "system".to_string()
+        } else if d.mounted() {
+            d.mountpoints.join(",")
+        } else if d.swap {
+            "swap".to_string()
+        } else {
+            "no".to_string()
+        };
+        println!(
+            "{:<16} {:>10} {:<7} {:<9} {:<28} {}",
+            d.path.display(),
+            target::human_size(d.size),
+            d.bus.to_string(),
+            if d.removable { "yes" } else { "no" },
+            if model.is_empty() { "-".into() } else { model },
+            mounted
+        );
+    }
+    Ok(Exit::Ok)
 }
 
 #[derive(Debug, clap::Args)]
-pub struct VerifyArgs {}
+pub struct HashArgs {
+    /// The image (any supported format; the digest is of its logical contents).
+    pub image: PathBuf,
+    #[command(flatten)]
+    pub img: ImageFlags,
+    /// Also write IMAGE.blake3 (b3sum format).
+    #[arg(long)]
+    pub write_sidecar: bool,
+}
 
-pub fn run_verify(_a: VerifyArgs, _g: &Global) -> anyhow::Result<Exit> {
-    super::not_yet("verify")
+pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
+    let mut opened = a.img.open(&a.image)?;
+    let mut buf = write::buffer::AlignedBuf::new(4 << 20);
+    let (hash, len) = image::digest::hash_source(opened.source.as_mut(), &mut buf)?;
+    if a.write_sidecar {
+        let p = image::digest::write_sidecar(&hash, &a.image)?;
+        tracing::info!("wrote {}", p.display());
+    }
+    if g.json {
+        let v = serde_json::json!({
+            "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
+            "image": a.image, "blake3": hash.to_hex().to_string(), "logical_size": len,
+        });
+        println!("{v}");
+    } else {
+        print!("{}", image::digest::sidecar_line(&hash, &a.image));
+    }
+    Ok(Exit::Ok)
+}
+
+#[derive(Debug, clap::Args)]
+pub struct VerifyArgs {
+    /// The image the target should hold.
+    pub image: PathBuf,
+    /// The device or file to check (read only).
+    pub target: PathBuf,
+    #[command(flatten)]
+    pub img: ImageFlags,
+    /// Expected blake3 of the logical image (default: IMAGE.blake3 sidecar if present).
+    #[arg(long, value_name = "HEX")]
+    pub blake3: Option<String>,
+}
+
+pub fn run_verify(a: VerifyArgs, g: &Global) -> anyhow::Result<Exit> {
+    let reporter = g.reporter();
+    let opened = a.img.open(&a.image)?;
+    let expected = expected_digest(a.blake3.as_deref(), &a.image)?;
+    let t = target::open_readonly(&a.target)?;
+    let job = t.path.display().to_string();
+    let mut sink = t.into_sink()?;
+    let opts = WriteOptions {
+        expected_blake3: expected,
+        cancel: install_cancel(),
+        job: job.clone(),
+        image_name: a.image.display().to_string(),
+        ..Default::default()
+    };
+    let rep = write::compare_with_image(opened.source, sink.as_mut(), &opts, reporter.as_ref())
+        .with_context(|| format!("verifying {job} against {}", a.image.display()))?;
+    if g.json {
+        let v = serde_json::json!({
+            "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
+            "job": job, "ok": true, "report": rep,
+        });
+        println!("{v}");
+    } else if !g.quiet {
+        println!(
+            "{job}: matches {} ({} bytes compared, {} unmapped bytes not compared); blake3 {}{}",
+            a.image.display(),
+            rep.bytes_compared,
+            rep.bytes_skipped,
+            rep.blake3,
+            if expected.is_some() { " (expected digest matched)" } else { "" }
+        );
+    }
+    Ok(Exit::Ok)
 }

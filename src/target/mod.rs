@@ -712,11 +712,20 @@ pub struct OpenTarget {
 }
 
 impl OpenTarget {
-    /// The sink that writes this target.
+    /// The sink that writes this target (devices are discarded before writing).
     pub fn into_sink(self) -> Result<Box<dyn Sink>, WriteError> {
+        self.into_sink_with(true)
+    }
+
+    /// As [`OpenTarget::into_sink`]; `discard: false` keeps a device from being discarded.
+    pub fn into_sink_with(self, discard: bool) -> Result<Box<dyn Sink>, WriteError> {
         let name = self.path.display().to_string();
         Ok(match self.info {
-            TargetInfo::Device(_) => Box::new(BlockDeviceSink::new(self.file, name, self.direct)?),
+            TargetInfo::Device(_) => {
+                let mut s = BlockDeviceSink::new(self.file, name, self.direct)?;
+                s.discard = discard;
+                Box::new(s)
+            }
             TargetInfo::File { .. } => Box::new(FileSink::new(self.file, name)?),
         })
     }

@@ -1,0 +1,499 @@
+//! `sbcflash write` / `verify` / `hash` against real loop devices and regular files, with
+//! images made by real tools (sfdisk, mkfs, zstd, xz, gzip, bzip2, bmaptool, img2simg).
+//! Every loop device is detached by name on drop; every mount is unmounted by path on drop.
+
+mod common;
+
+use common::{make_nixos_like_image, run, sbcflash, sh, LoopDev, Table};
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+const IMG_MIB: u64 = 64;
+
+fn blake3_of(path: &Path, len: u64) -> String {
+    let mut f = std::fs::File::open(path).expect("open for hashing");
+    let mut h = blake3::Hasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut left = len;
+    while left > 0 {
+        let n = (left as usize).min(buf.len());
+        f.read_exact(&mut buf[..n]).expect("read for hashing");
+        h.update(&buf[..n]);
+        left -= n as u64;
+    }
+    h.finalize().to_hex().to_string()
+}
+
+fn size_of(p: &Path) -> u64 {
+    std::fs::metadata(p).expect("stat").len()
+}
+
+fn code(o: &Output) -> i32 {
+    o.status.code().unwrap_or(-1)
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn write_cmd(image: &Path, target: &Path, extra: &[&str]) -> Output {
+    sbcflash()
+        .arg("write")
+        .arg(image)
+        .arg(target)
+        .arg("--yes")
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sbcflash")
+}
+
+/// A backing file of `mib` MiB filled with 0xA5 (not sparse: a target with old contents).
+fn garbage_backing(dir: &Path, name: &str, mib: u64) -> PathBuf {
+    let p = dir.join(name);
+    let mut f = std::fs::File::create(&p).expect("create backing");
+    let chunk = vec![0xA5u8; 1 << 20];
+    for _ in 0..mib {
+        f.write_all(&chunk).expect("fill backing");
+    }
+    p
+}
+
+/// A tmpfs mounted on a temp directory; unmounted (by its path) on drop.
+struct TmpfsMount {
+    dir: PathBuf,
+}
+
+impl TmpfsMount {
+    fn new(dir: &Path, size: &str) -> Self {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        run(Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}")])
+            .arg("tmpfs")
+            .arg(dir));
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+}
+
+impl Drop for TmpfsMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).output();
+    }
+}
+
+/// A filesystem mount of a device; unmounted on drop.
+struct Mounted {
+    dir: PathBuf,
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.dir).output();
+    }
+}
+
+fn image_tools() -> bool {
+    common::require(
+        true,
+        &[
+            "losetup", "sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "zstd", "xz", "gzip",
+            "bzip2", "bmaptool", "img2simg",
+        ],
+    )
+}
+
+#[test]
+fn every_format_lands_byte_for_byte_on_loop_devices_and_files() {
+    if !image_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let img = make_nixos_like_image(d, "nixos.img", IMG_MIB, Table::Gpt);
+    let size = size_of(&img);
+    // Compressed and sparse forms live in their own directory: no bmap sidecar beside them.
+    let z = d.join("z");
+    std::fs::create_dir(&z).expect("mkdir");
+    sh(&format!(
+        "cd '{z}' && cp --sparse=always '{img}' n.img && zstd -q -3 n.img -o n.img.zst && xz -T1 -k -1 n.img \
+         && gzip -k -1 n.img && bzip2 -k -1 n.img && img2simg n.img n.simg && rm n.img",
+        z = z.display(),
+        img = img.display()
+    ));
+    // raw + bmap beside its image.
+    let bm = d.join("bm");
+    std::fs::create_dir(&bm).expect("mkdir");
+    sh(&format!(
+        "cp --sparse=always '{img}' '{bm}/n.img' && bmaptool create -o '{bm}/n.img.bmap' '{bm}/n.img'",
+        img = img.display(),
+        bm = bm.display()
+    ));
+    let cases: Vec<(&str, PathBuf)> = vec![
+        ("raw", img.clone()),
+        ("zst", z.join("n.img.zst")),
+        ("xz", z.join("n.img.xz")),
+        ("gz", z.join("n.img.gz")),
+        ("bz2", z.join("n.img.bz2")),
+        ("bmap", bm.join("n.img")),
+        ("simg", z.join("n.simg")),
+    ];
+    let want = blake3_of(&img, size);
+    for (name, src) in &cases {
+        // Loop device with old contents and room beyond the image.
+        let backing = garbage_backing(d, &format!("{name}.backing"), IMG_MIB + 16);
+        let lo = LoopDev::attach(&backing, &[]);
+        let out = write_cmd(src, lo.path(), &[]);
+        assert_eq!(code(&out), 0, "{name}: {}", text(&out));
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.contains("read back"), "{name}: summary: {stdout}");
+        assert!(stdout.contains(&want), "{name}: digest in summary: {stdout}");
+        common::assert_same_prefix(&img, lo.path(), size);
+        drop(lo);
+        // Regular file target: identical and sparse.
+        let out_file = d.join(format!("{name}.out"));
+        let out = write_cmd(src, &out_file, &[]);
+        assert_eq!(code(&out), 0, "{name} (file): {}", text(&out));
+        assert_eq!(size_of(&out_file), size, "{name}: file length");
+        common::assert_same_prefix(&img, &out_file, size);
+        let allocated = std::os::unix::fs::MetadataExt::blocks(
+            &std::fs::metadata(&out_file).expect("stat"),
+        ) * 512;
+        assert!(
+            allocated < size / 2,
+            "{name}: file target not sparse: {allocated} of {size} bytes allocated"
+        );
+        std::fs::remove_file(&out_file).expect("rm");
+        std::fs::remove_file(&backing).expect("rm");
+    }
+}
+
+#[test]
+fn stale_target_is_cleaned_without_discard_and_backup_gpt_is_cleared() {
+    if !image_tools() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Gpt);
+    run(Command::new("bmaptool")
+        .args(["create", "-o"])
+        .arg(d.join("n.img.bmap"))
+        .arg(&img));
+    let size = size_of(&img);
+    // An old, larger GPT disk full of garbage: its backup GPT sits in the last sectors.
+    let backing = garbage_backing(d, "old.backing", 128);
+    sh(&format!(
+        "printf 'label: gpt\\nstart=2048, size=100MiB\\n' | sfdisk -q '{}'",
+        backing.display()
+    ));
+    let lo = LoopDev::attach(&backing, &[]);
+    let dev_size = 128u64 << 20;
+    let mut tail = vec![0u8; 512];
+    std::fs::File::open(lo.path())
+        .expect("open")
+        .read_exact_at(&mut tail, dev_size - 512)
+        .expect("read");
+    assert_eq!(&tail[..8], b"EFI PART", "test setup: backup GPT present");
+
+    // --no-discard: old data stays in unmapped ranges, so only what the image maps is equal.
+    let out = write_cmd(&img, lo.path(), &["--no-discard"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    std::fs::File::open(lo.path())
+        .expect("open")
+        .read_exact_at(&mut tail, dev_size - 512)
+        .expect("read");
+    assert!(tail.iter().all(|&b| b == 0), "stale backup GPT left at the end");
+    // Mapped ranges equal: `sbcflash verify` compares every mapped range.
+    let out = sbcflash()
+        .arg("verify")
+        .arg(&img)
+        .arg(lo.path())
+        .output()
+        .expect("verify");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    // The partition table is the image's (sfdisk reads the primary GPT).
+    let dump = run(Command::new("sfdisk").arg("-d").arg(lo.path()));
+    assert!(
+        String::from_utf8_lossy(&dump.stdout).contains("name=\"NIXOS_SD\""),
+        "{}",
+        String::from_utf8_lossy(&dump.stdout)
+    );
+    // With discard (the default) the loop device punches holes: the whole image is equal.
+    let out = write_cmd(&img, lo.path(), &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    common::assert_same_prefix(&img, lo.path(), size);
+}
+
+#[test]
+fn mounted_loop_device_is_refused_and_untouched() {
+    if !common::require(true, &["losetup", "mkfs.ext4", "sfdisk", "mkfs.vfat", "mcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let img = make_nixos_like_image(d, "n.img", 40, Table::Mbr);
+    let lo = LoopDev::new_sparse(d, "m.backing", 80 << 20);
+    run(Command::new("mkfs.ext4").arg("-q").arg(lo.path()));
+    let mnt = d.join("mnt");
+    std::fs::create_dir(&mnt).expect("mkdir");
+    run(Command::new("mount").arg(lo.path()).arg(&mnt));
+    let _m = Mounted { dir: mnt.clone() };
+    std::fs::write(mnt.join("keep"), b"precious").expect("write file");
+    run(Command::new("sync"));
+    let before = blake3_of(lo.path(), 80 << 20);
+    let out = write_cmd(&img, lo.path(), &[]);
+    assert_eq!(code(&out), 4, "{}", text(&out));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("mounted at") && err.contains(&*mnt.to_string_lossy()), "{err}");
+    // --force does not override the mount rule.
+    let out = write_cmd(&img, lo.path(), &["--force"]);
+    assert_eq!(code(&out), 4, "{}", text(&out));
+    assert_eq!(blake3_of(lo.path(), 80 << 20), before, "device changed");
+}
+
+#[test]
+fn too_small_loop_device_is_refused_and_untouched() {
+    if !common::require(true, &["losetup", "sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Mbr);
+    let backing = garbage_backing(d, "small.backing", 32);
+    let lo = LoopDev::attach(&backing, &[]);
+    let before = blake3_of(lo.path(), 32 << 20);
+    let out = write_cmd(&img, lo.path(), &[]);
+    assert_eq!(code(&out), 4, "{}", text(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("larger than the target"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(blake3_of(lo.path(), 32 << 20), before, "device changed");
+}
+
+#[test]
+fn wrong_blake3_fails_verification_and_leaves_no_partition_table() {
+    if !common::require(true, &["losetup", "sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Mbr);
+    let lo = LoopDev::new_sparse(d, "t.backing", IMG_MIB << 20);
+    let wrong = "00".repeat(32);
+    let out = write_cmd(&img, lo.path(), &["--blake3", &wrong]);
+    assert_eq!(code(&out), 6, "{}", text(&out));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("wrote"), "{}", text(&out));
+    let mut head = vec![0u8; 1 << 20];
+    std::fs::File::open(lo.path())
+        .expect("open")
+        .read_exact_at(&mut head, 0)
+        .expect("read");
+    assert!(head.iter().all(|&b| b == 0), "partition table written despite mismatch");
+    // A right digest, from a sidecar written by `sbcflash hash --write-sidecar`, passes.
+    let out = sbcflash()
+        .args(["hash", "--write-sidecar"])
+        .arg(&img)
+        .output()
+        .expect("hash");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let want = blake3_of(&img, size_of(&img));
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with(&want), "{}", text(&out));
+    let out = write_cmd(&img, lo.path(), &[]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("digest verified"), "{}", text(&out));
+}
+
+#[test]
+fn truncated_compressed_image_fails_without_success() {
+    if !common::require(true, &["losetup", "zstd", "sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Mbr);
+    run(Command::new("zstd").arg("-q").arg(&img).arg("-o").arg(d.join("t.img.zst")));
+    let zst = d.join("t.img.zst");
+    let len = size_of(&zst);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&zst)
+        .expect("open")
+        .set_len(len / 2)
+        .expect("truncate");
+    let lo = LoopDev::new_sparse(d, "t.backing", IMG_MIB << 20);
+    let out = write_cmd(&zst, lo.path(), &[]);
+    assert_eq!(code(&out), 3, "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("t.img.zst"), "{}", text(&out));
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("wrote"), "{}", text(&out));
+    let mut head = vec![0u8; 1 << 20];
+    std::fs::File::open(lo.path())
+        .expect("open")
+        .read_exact_at(&mut head, 0)
+        .expect("read");
+    assert!(head.iter().all(|&b| b == 0), "partition table written from a broken image");
+}
+
+#[test]
+fn sigint_mid_write_exits_130_and_leaves_no_partition_table() {
+    if !common::require(true, &["losetup", "sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Mbr);
+    let fifo = d.join("image.fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let lo = LoopDev::new_sparse(d, "t.backing", IMG_MIB << 20);
+    let mut child = sbcflash()
+        .arg("write")
+        .arg(&fifo)
+        .arg(lo.path())
+        .args(["--yes", "--json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Feed the first 16 MiB, then stall with the FIFO still open: the source blocks.
+    let mut w = std::fs::OpenOptions::new().write(true).open(&fifo).expect("open fifo");
+    let mut data = vec![0u8; 16 << 20];
+    std::fs::File::open(&img).expect("img").read_exact(&mut data).expect("read img");
+    w.write_all(&data).expect("feed fifo");
+    // Wait until sbcflash reported progress past the first MiB (it is writing).
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).expect("read events");
+        assert!(n > 0, "sbcflash ended before writing");
+        let v: serde_json::Value = serde_json::from_str(&line).expect("json event");
+        if v["event"] == "progress" && v["done"].as_u64().unwrap_or(0) > 2 << 20 {
+            break;
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .expect("kill");
+    let mut rest = String::new();
+    let _ = stdout.read_to_string(&mut rest);
+    let out = child.wait_with_output().expect("wait");
+    drop(w);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "stderr: {stderr}\nstdout: {rest}");
+    assert!(stderr.contains("INCOMPLETE"), "{stderr}");
+    let mut head = vec![0u8; 1 << 20];
+    std::fs::File::open(lo.path())
+        .expect("open")
+        .read_exact_at(&mut head, 0)
+        .expect("read");
+    assert!(head.iter().all(|&b| b == 0), "partition table written on interrupt");
+}
+
+#[test]
+fn loop_on_full_tmpfs_fails_with_offset_and_never_succeeds() {
+    if !common::require(true, &["losetup", "mount"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    // A dense 32 MiB image: random data everywhere, nothing to skip.
+    let img = d.join("dense.img");
+    sh(&format!("head -c $((32<<20)) /dev/urandom > '{}'", img.display()));
+    let tm = TmpfsMount::new(&d.join("tiny"), "8M");
+    let backing = tm.dir.join("b");
+    std::fs::File::create(&backing)
+        .expect("create")
+        .set_len(64 << 20)
+        .expect("size");
+    let lo = LoopDev::attach(&backing, &[]);
+    let out = write_cmd(&img, lo.path(), &[]);
+    let all = text(&out);
+    assert_eq!(code(&out), 5, "{all}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("at offset"), "{all}");
+    assert!(stderr.contains(&*lo.path().to_string_lossy()), "{all}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("wrote"), "{all}");
+    drop(lo);
+    drop(tm);
+}
+
+#[test]
+fn verify_reports_the_offset_of_a_corrupted_range() {
+    if !common::require(true, &["losetup", "sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Mbr);
+    let lo = LoopDev::new_sparse(d, "t.backing", IMG_MIB << 20);
+    let out = write_cmd(&img, lo.path(), &["--no-verify"]);
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NOT read back"), "{}", text(&out));
+    let out = sbcflash().arg("verify").arg(&img).arg(lo.path()).output().expect("verify");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    // Corrupt the FAT boot sector (8 MiB) in the backing file behind the loop device.
+    let bad_at = (8u64 << 20) + 3;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lo.backing)
+        .expect("open backing")
+        .write_all_at(b"XYZ", bad_at)
+        .expect("corrupt");
+    let out = sbcflash().arg("verify").arg(&img).arg(lo.path()).output().expect("verify");
+    assert_eq!(code(&out), 6, "{}", text(&out));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("offset {}", 8u64 << 20)), "{stderr}");
+}
+
+#[test]
+fn regular_file_image_written_to_itself_or_to_a_fifo_is_refused() {
+    if !common::require(false, &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = make_nixos_like_image(dir.path(), "n.img", 40, Table::Mbr);
+    let before = blake3_of(&img, size_of(&img));
+    let out = write_cmd(&img, &img, &[]);
+    assert_eq!(code(&out), 4, "{}", text(&out));
+    assert_eq!(blake3_of(&img, size_of(&img)), before);
+    let fifo = dir.path().join("f");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
+    let out = write_cmd(&img, &fifo, &[]);
+    assert_eq!(code(&out), 4, "{}", text(&out));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("neither a block device"));
+}
+
+#[test]
+fn list_json_describes_disks() {
+    if !common::require(true, &["losetup"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lo = LoopDev::new_sparse(dir.path(), "l.backing", 8 << 20);
+    let out = sbcflash().args(["list", "--all", "--json"]).output().expect("list");
+    assert_eq!(code(&out), 0, "{}", text(&out));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    let disks = v["disks"].as_array().expect("disks");
+    let name = lo.path().file_name().expect("name").to_string_lossy().to_string();
+    let me = disks
+        .iter()
+        .find(|d| d["name"] == name.as_str())
+        .unwrap_or_else(|| panic!("{name} missing in {v}"));
+    assert_eq!(me["bus"], "loop");
+    assert_eq!(me["size"], 8u64 << 20);
+    // The root disk is listed with --all and flagged as system.
+    assert!(disks.iter().any(|d| d["system"] == true), "{v}");
+}
