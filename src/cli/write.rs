@@ -4,7 +4,7 @@
 use super::Global;
 use crate::exit::{Exit, ExitError};
 use crate::image::{self, OpenedImage};
-use crate::progress::{Event, Level, Reporter};
+use crate::progress::{Event, Level};
 use crate::target::{self, Policy, TargetInfo};
 use crate::write::{self, WriteOptions};
 use anyhow::Context;
@@ -67,7 +67,9 @@ impl ImageFlags {
 }
 
 #[derive(Debug, clap::Args)]
-#[command(after_help = "Examples:\n  sbcflash write nixos-sd-image.img.zst /dev/sdb\n  sbcflash write --board opi5 --image nixos.img.zst /dev/sdb --yes\n  sbcflash write image.img out.img            # a regular file target stays sparse")]
+#[command(
+    after_help = "Examples:\n  sbcflash write nixos-sd-image.img.zst /dev/sdb\n  sbcflash write --board opi5 --image nixos.img.zst /dev/sdb --yes\n  sbcflash write image.img out.img            # a regular file target stays sparse"
+)]
 pub struct WriteArgs {
     /// IMAGE TARGET (or only TARGET with --image).
     #[arg(value_name = "IMAGE|TARGET", num_args = 1..=2, required = true)]
@@ -115,9 +117,8 @@ pub fn board_checks(
 /// The expected digest: `--blake3`, else the `IMAGE.blake3` sidecar, else none.
 fn expected_digest(flag: Option<&str>, image_path: &Path) -> anyhow::Result<Option<[u8; 32]>> {
     if let Some(h) = flag {
-        let d = image::digest::parse_hex(h).map_err(|m| {
-            ExitError::new(Exit::Usage, format!("--blake3 {h}: {m}"))
-        })?;
+        let d = image::digest::parse_hex(h)
+            .map_err(|m| ExitError::new(Exit::Usage, format!("--blake3 {h}: {m}")))?;
         return Ok(Some(*d.as_bytes()));
     }
     let side = image::digest::sidecar_path(image_path);
@@ -175,7 +176,11 @@ fn confirm(info: &TargetInfo, image: &OpenedImage, yes: bool) -> anyhow::Result<
         );
     }
     let _ = writeln!(e, "with {} ({})", image.path.display(), image.description);
-    let _ = write!(e, "Everything on {} will be lost. Type 'yes' to continue: ", d.path.display());
+    let _ = write!(
+        e,
+        "Everything on {} will be lost. Type 'yes' to continue: ",
+        d.path.display()
+    );
     let _ = e.flush();
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
@@ -218,7 +223,12 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     reporter.report(Event::Message {
         job: job.clone(),
         level: Level::Info,
-        text: format!("writing {} ({}) to {}", image_path.display(), opened.description, info.describe()),
+        text: format!(
+            "writing {} ({}) to {}",
+            image_path.display(),
+            opened.description,
+            info.describe()
+        ),
     });
     let opts = WriteOptions {
         verify: !a.no_verify,
@@ -262,11 +272,18 @@ pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
     if disks.is_empty() {
         eprintln!(
             "no removable USB disks or SD cards found{}",
-            if a.all { "" } else { " (--all shows every disk)" }
+            if a.all {
+                ""
+            } else {
+                " (--all shows every disk)"
+            }
         );
         return Ok(Exit::Ok);
     }
-    println!("{:<16} {:>10} {:<7} {:<9} {:<28} MOUNTED", "DEVICE", "SIZE", "BUS", "REMOVABLE", "MODEL");
+    println!(
+        "{:<16} {:>10} {:<7} {:<9} {:<28} MOUNTED",
+        "DEVICE", "SIZE", "BUS", "REMOVABLE", "MODEL"
+    );
     for d in &disks {
         let model = [d.vendor.as_deref(), d.model.as_deref()]
             .into_iter()
@@ -368,7 +385,11 @@ pub fn run_verify(a: VerifyArgs, g: &Global) -> anyhow::Result<Exit> {
             rep.bytes_compared,
             rep.bytes_skipped,
             rep.blake3,
-            if expected.is_some() { " (expected digest matched)" } else { "" }
+            if expected.is_some() {
+                " (expected digest matched)"
+            } else {
+                ""
+            }
         );
     }
     Ok(Exit::Ok)
