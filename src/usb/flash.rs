@@ -7,7 +7,7 @@
 use super::discovery::{Bus, Found, Mode, Protocol};
 use super::fastboot::{Fastboot, SparseEncoder};
 use super::rkloader::Loader;
-use super::rockusb::{self, LoaderSession, StorageIndex, Timeouts, ZeroPolicy};
+use super::rockusb::{self, RockusbSink, StorageIndex, Timeouts};
 use super::usbboot::{self, DirProvider};
 use super::{ids, Error};
 use crate::image::{Extent, ExtentKind, ExtentSource, ImageError};
@@ -57,7 +57,6 @@ pub struct ViaOptions {
     pub storage: Option<StorageIndex>,
     pub verify: bool,
     pub reset: bool,
-    pub zeroes: ZeroPolicy,
     pub sectors_per_command: u16,
     /// How long a board may take to come back after a stage (loader, rpiboot second stage).
     pub reenumerate_timeout: Duration,
@@ -78,7 +77,6 @@ impl ViaOptions {
             storage: None,
             verify: true,
             reset: true,
-            zeroes: ZeroPolicy::Write,
             sectors_per_command: rockusb::DEFAULT_SECTORS_PER_COMMAND,
             reenumerate_timeout: Duration::from_secs(15),
             usbboot_dir: None,
@@ -243,7 +241,7 @@ fn wait_for<T>(
 pub fn write_via(
     bus: &dyn Bus,
     opts: &ViaOptions,
-    src: &mut dyn ExtentSource,
+    src: Box<dyn ExtentSource>,
     rep: &dyn Reporter,
 ) -> Result<Outcome, Error> {
     let p = Progress {
@@ -252,7 +250,10 @@ pub fn write_via(
     };
     let r = match opts.via {
         Via::Maskrom | Via::Usb => rockchip(bus, opts, src, &p),
-        Via::Fastboot => fastboot(bus, opts, src, &p),
+        Via::Fastboot => {
+            let mut src = src;
+            fastboot(bus, opts, &mut *src, &p)
+        }
         Via::Usbboot => rpiboot(bus, opts, &p),
     };
     if let Err(e) = &r {
@@ -264,7 +265,7 @@ pub fn write_via(
 fn rockchip(
     bus: &dyn Bus,
     opts: &ViaOptions,
-    src: &mut dyn ExtentSource,
+    src: Box<dyn ExtentSource>,
     p: &Progress<'_>,
 ) -> Result<Outcome, Error> {
     let dev = require_one(
@@ -341,39 +342,31 @@ fn rockchip(
             },
         )?
     };
-    let mut t = bus.open(&dev)?;
-    let mut s = LoaderSession::open(&mut *t, opts.timeouts)?;
-    s.sectors_per_command = opts.sectors_per_command;
-    if let Some(st) = opts.storage {
-        s.select_storage(st)?;
-    }
+    let t = bus.open(&dev)?;
+    let mut sink = RockusbSink::open(t, label.clone(), opts.timeouts, opts.storage)?;
+    sink.sectors_per_command = opts.sectors_per_command;
     p.note(format!(
-        "loader running (chip {}), storage {} bytes",
-        s.chip.as_deref().unwrap_or("?"),
-        s.capacity
-            .map_or_else(|| "size unknown".to_string(), |c| c.to_string())
+        "loader running; storage {}",
+        crate::write::Sink::capacity(&sink)
+            .map_or_else(|| "size unknown".to_string(), |c| format!("{c} bytes"))
     ));
-    p.start("write", src.size_hint(), Some(src.describe()));
-    let report = rockusb::write_image(&mut s, src, opts.zeroes, &mut |d, t| p.at("write", d, t))?;
-    p.finish(
-        "write",
-        serde_json::json!({ "bytes_written": report.bytes_written, "bytes_skipped": report.bytes_skipped }),
-    );
-    if opts.verify {
-        let total: u64 = report.ranges.iter().map(|r| r.sectors as u64 * 512).sum();
-        p.start("verify", Some(total), None);
-        rockusb::verify(&mut s, &report, &mut |d, t| p.at("verify", d, t))?;
-        p.finish("verify", serde_json::json!({ "bytes": total }));
-    }
+    // The block writer's pipeline: hashing, partition table written last, read-back.
+    let wopts = crate::write::WriteOptions {
+        verify: opts.verify,
+        job: opts.job.clone(),
+        image_name: src.describe(),
+        ..Default::default()
+    };
+    let report = crate::write::run(src, &mut sink, &wopts, p.rep)?;
     if opts.reset {
-        s.reset()?;
+        sink.reset()?;
     }
     Ok(Outcome::Written {
         device: label,
         image_size: report.image_size,
         bytes_written: report.bytes_written,
         bytes_skipped: report.bytes_skipped,
-        verified: opts.verify,
+        verified: report.verified_bytes.is_some(),
     })
 }
 

@@ -71,6 +71,9 @@ pub enum Error {
     Input(String),
     #[error(transparent)]
     Image(#[from] crate::image::ImageError),
+    /// The writer pipeline failed (names the target and offset).
+    #[error(transparent)]
+    Write(#[from] crate::write::WriteError),
 }
 
 impl Error {
@@ -105,6 +108,7 @@ impl Error {
             Error::TooLarge(_) => Exit::Refused,
             Error::Verify(_) => Exit::Verify,
             Error::Image(e) => e.exit(),
+            Error::Write(e) => e.exit(),
         }
     }
 }

@@ -10,7 +10,7 @@
 
 use super::rkloader::Loader;
 use super::{Error, Transport, TransportError};
-use crate::image::{ExtentKind, ExtentSource};
+use crate::write::{Sink, WriteError};
 use rockusb::operation::{self, OperationSteps, UsbOperationError, UsbStep};
 pub use rockusb::protocol::StorageIndex;
 use std::time::Duration;
@@ -297,214 +297,198 @@ fn chip_name(raw: &[u8]) -> Option<String> {
     (!s.is_empty()).then_some(s)
 }
 
-/// What to do with `Zero` extents. The medium's previous contents are unknown over rockusb
-/// (eMMC erase may read back 0x00 or 0xFF), so the safe default writes them.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ZeroPolicy {
-    Write,
-    Skip,
+/// The writer pipeline's [`Sink`] over a rockusb loader: the same extent stream, hashing,
+/// held-back partition table and read-back verification as a block device, with WRITE_LBA and
+/// READ_LBA underneath. Unaligned edges are read-modify-written a sector at a time. `Zero`
+/// ranges are written as zeroes: over rockusb nothing says what an erased medium reads back.
+pub struct RockusbSink {
+    t: Box<dyn Transport>,
+    name: String,
+    pub timeouts: Timeouts,
+    pub sectors_per_command: u16,
+    capacity: Option<u64>,
+    zero: Vec<u8>,
 }
 
-/// A range that was written, with the hash of what was sent, for read-back.
-#[derive(Debug, Clone)]
-pub struct Written {
-    pub lba: u32,
-    pub sectors: u32,
-    pub hash: blake3::Hash,
-}
-
-/// Outcome of streaming an image to the board.
-#[derive(Debug, Clone, Default)]
-pub struct WriteReport {
-    pub image_size: u64,
-    pub bytes_written: u64,
-    pub bytes_skipped: u64,
-    pub ranges: Vec<Written>,
-}
-
-/// Receives one sector-aligned write: (byte offset, data).
-type Emit<'a> = dyn FnMut(u64, &[u8]) -> Result<(), Error> + 'a;
-
-/// Turns the extent stream into sector-aligned LBA writes. `Skip` ranges are not sent; partial
-/// sectors at the edges of data are padded with zeroes (the neighbouring range is Zero or Skip,
-/// so zero is right or harmless).
-struct SectorPacker {
-    start: u64,
-    buf: Vec<u8>,
-    max: usize,
-}
-
-impl SectorPacker {
-    fn new(max: usize) -> Self {
-        Self {
-            start: 0,
-            buf: Vec::with_capacity(max + SECTOR as usize),
-            max,
-        }
-    }
-
-    /// Append bytes at `offset`; emits full commands through `emit`.
-    fn push(&mut self, offset: u64, mut data: &[u8], emit: &mut Emit<'_>) -> Result<(), Error> {
-        if self.buf.is_empty() || self.start + self.buf.len() as u64 != offset {
-            self.flush(emit)?;
-            self.start = offset / SECTOR * SECTOR;
-            self.buf.resize((offset - self.start) as usize, 0);
-        }
-        while !data.is_empty() {
-            let room = self.max - self.buf.len();
-            let n = room.min(data.len());
-            self.buf.extend_from_slice(&data[..n]);
-            data = &data[n..];
-            if self.buf.len() == self.max {
-                emit(self.start, &self.buf)?;
-                self.start += self.max as u64;
-                self.buf.clear();
+impl RockusbSink {
+    /// Open a loader session on `t` (confirming loader mode), select `storage` if given.
+    pub fn open(
+        mut t: Box<dyn Transport>,
+        name: impl Into<String>,
+        timeouts: Timeouts,
+        storage: Option<StorageIndex>,
+    ) -> Result<Self, Error> {
+        let capacity = {
+            let mut s = LoaderSession::open(&mut *t, timeouts)?;
+            if let Some(st) = storage {
+                s.select_storage(st)?;
             }
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self, emit: &mut Emit<'_>) -> Result<(), Error> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let padded = self.buf.len().div_ceil(SECTOR as usize) * SECTOR as usize;
-        self.buf.resize(padded, 0);
-        emit(self.start, &self.buf)?;
-        self.start += padded as u64;
-        self.buf.clear();
-        Ok(())
-    }
-}
-
-/// Stream an image to the selected storage with WRITE_LBA. A failure part-way (cable pulled,
-/// CSW failure) returns [`Error::Interrupted`] saying how far it got; it never reports success.
-pub fn write_image(
-    s: &mut LoaderSession<'_>,
-    src: &mut dyn ExtentSource,
-    zeroes: ZeroPolicy,
-    progress: &mut dyn FnMut(u64, Option<u64>),
-) -> Result<WriteReport, Error> {
-    let hint = src.size_hint();
-    if let (Some(size), Some(cap)) = (hint, s.capacity) {
-        if size > cap {
-            return Err(Error::TooLarge(format!(
-                "the image is {size} bytes but the board's storage holds {cap} bytes: refusing to \
-                 write past the end of the storage"
-            )));
-        }
-    }
-    let max = s.sectors_per_command.max(1) as usize * SECTOR as usize;
-    let mut packer = SectorPacker::new(max);
-    let mut report = WriteReport::default();
-    let mut buf = vec![0u8; 1 << 20];
-    let zero = vec![0u8; max];
-    let cap = s.capacity;
-    let total = hint;
-    let mut pos = 0u64;
-    let mut emit = |lba_byte: u64, data: &[u8]| -> Result<(), Error> {
-        let end = lba_byte + data.len() as u64;
-        if let Some(cap) = cap {
-            if end > cap {
-                return Err(Error::TooLarge(format!(
-                    "write of bytes {lba_byte}..{end} is past the end of the storage ({cap} bytes)"
-                )));
-            }
-        }
-        let lba = u32::try_from(lba_byte / SECTOR)
-            .map_err(|_| Error::TooLarge("offset beyond rockusb's 2 TiB LBA range".into()))?;
-        s.write_lba(lba, data)?;
-        report.ranges.push(Written {
-            lba,
-            sectors: (data.len() as u64 / SECTOR) as u32,
-            hash: blake3::hash(data),
-        });
-        Ok(())
-    };
-    let wrap = |e: Error, done: u64| match e {
-        e @ (Error::TooLarge(_) | Error::Image(_)) => e,
-        e => Error::Interrupted {
-            what: "writing the image over rockusb".into(),
-            done,
-            total: total.unwrap_or(done),
-            source: Box::new(e),
-        },
-    };
-    loop {
-        let ext = match src.next_extent(&mut buf) {
-            Ok(Some(x)) => x,
-            Ok(None) => break,
-            Err(e) => return Err(wrap(Error::Image(e), pos)),
+            s.capacity
         };
-        match ext.kind {
-            ExtentKind::Data => {
-                let data = buf
-                    .get(..ext.len as usize)
-                    .ok_or_else(|| Error::Protocol("extent longer than its buffer".into()))?;
-                packer
-                    .push(ext.offset, data, &mut emit)
-                    .map_err(|e| wrap(e, pos))?;
-                report.bytes_written += ext.len;
-            }
-            ExtentKind::Zero if zeroes == ZeroPolicy::Write => {
-                let mut off = ext.offset;
-                while off < ext.end() {
-                    let n = (ext.end() - off).min(zero.len() as u64) as usize;
-                    packer
-                        .push(off, &zero[..n], &mut emit)
-                        .map_err(|e| wrap(e, off))?;
-                    off += n as u64;
-                }
-                report.bytes_written += ext.len;
-            }
-            ExtentKind::Zero | ExtentKind::Skip => {
-                packer.flush(&mut emit).map_err(|e| wrap(e, pos))?;
-                report.bytes_skipped += ext.len;
+        Ok(Self {
+            t,
+            name: name.into(),
+            timeouts,
+            sectors_per_command: DEFAULT_SECTORS_PER_COMMAND,
+            capacity,
+            zero: Vec::new(),
+        })
+    }
+
+    fn session(&mut self) -> LoaderSession<'_> {
+        LoaderSession {
+            t: &mut *self.t,
+            timeouts: self.timeouts,
+            sectors_per_command: self.sectors_per_command,
+            capacity: self.capacity,
+            chip: None,
+        }
+    }
+
+    /// Reset the board (after verification) so it boots what was written.
+    pub fn reset(&mut self) -> Result<(), Error> {
+        self.session().reset()
+    }
+
+    fn err(&self, op: &'static str, offset: u64, len: u64, e: Error) -> WriteError {
+        WriteError::Io {
+            target: self.name.clone(),
+            op,
+            offset,
+            len,
+            source: std::io::Error::other(e),
+        }
+    }
+
+    fn check_end(&self, offset: u64, len: u64) -> Result<(), WriteError> {
+        match self.capacity {
+            Some(cap) if offset + len > cap => Err(WriteError::TooLarge {
+                target: self.name.clone(),
+                end: offset + len,
+                capacity: cap,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn lba(&self, offset: u64) -> Result<u32, WriteError> {
+        u32::try_from(offset / SECTOR).map_err(|_| WriteError::TooLarge {
+            target: self.name.clone(),
+            end: offset,
+            capacity: u32::MAX as u64 * SECTOR,
+        })
+    }
+
+    /// Write sector-aligned `data` at sector-aligned `offset`, in command-sized pieces.
+    fn write_aligned(&mut self, offset: u64, data: &[u8]) -> Result<(), WriteError> {
+        let max = self.sectors_per_command.max(1) as usize * SECTOR as usize;
+        let mut off = offset;
+        for chunk in data.chunks(max) {
+            let lba = self.lba(off)?;
+            self.session()
+                .write_lba(lba, chunk)
+                .map_err(|e| self.err("WRITE_LBA", off, chunk.len() as u64, e))?;
+            off += chunk.len() as u64;
+        }
+        Ok(())
+    }
+
+    fn read_aligned(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), WriteError> {
+        let max = self.sectors_per_command.max(1) as usize * SECTOR as usize;
+        let mut off = offset;
+        for chunk in buf.chunks_mut(max) {
+            let lba = self.lba(off)?;
+            let n = chunk.len() as u64;
+            self.session()
+                .read_lba(lba, chunk)
+                .map_err(|e| self.err("READ_LBA", off, n, e))?;
+            off += n;
+        }
+        Ok(())
+    }
+
+    /// Any `(offset, data)`: whole sectors directly, partial edge sectors read-modify-write.
+    fn write_any(&mut self, offset: u64, data: &[u8]) -> Result<(), WriteError> {
+        self.check_end(offset, data.len() as u64)?;
+        let mut off = offset;
+        let mut rest = data;
+        while !rest.is_empty() {
+            let in_sector = (off % SECTOR) as usize;
+            if in_sector != 0 || rest.len() < SECTOR as usize {
+                let n = (SECTOR as usize - in_sector).min(rest.len());
+                let base = off - in_sector as u64;
+                let mut sector = [0u8; SECTOR as usize];
+                self.read_aligned(base, &mut sector)?;
+                sector[in_sector..in_sector + n].copy_from_slice(&rest[..n]);
+                self.write_aligned(base, &sector)?;
+                off += n as u64;
+                rest = &rest[n..];
+            } else {
+                let n = rest.len() / SECTOR as usize * SECTOR as usize;
+                self.write_aligned(off, &rest[..n])?;
+                off += n as u64;
+                rest = &rest[n..];
             }
         }
-        pos = ext.end();
-        progress(pos, total);
+        Ok(())
     }
-    packer.flush(&mut emit).map_err(|e| wrap(e, pos))?;
-    report.image_size = pos;
-    Ok(report)
 }
 
-/// Read back every written range and compare with what was sent.
-pub fn verify(
-    s: &mut LoaderSession<'_>,
-    report: &WriteReport,
-    progress: &mut dyn FnMut(u64, Option<u64>),
-) -> Result<(), Error> {
-    let total: u64 = report
-        .ranges
-        .iter()
-        .map(|r| r.sectors as u64 * SECTOR)
-        .sum();
-    let mut done = 0u64;
-    let mut buf = Vec::new();
-    for r in &report.ranges {
-        buf.resize(r.sectors as usize * SECTOR as usize, 0);
-        s.read_lba(r.lba, &mut buf)
-            .map_err(|e| Error::Interrupted {
-                what: "reading back".into(),
-                done,
-                total,
-                source: Box::new(e),
-            })?;
-        if blake3::hash(&buf) != r.hash {
-            return Err(Error::Verify(format!(
-                "sectors {}..{} (bytes {}..{}) read back differ from what was written",
-                r.lba,
-                r.lba as u64 + r.sectors as u64,
-                r.lba as u64 * SECTOR,
-                (r.lba as u64 + r.sectors as u64) * SECTOR
-            )));
-        }
-        done += buf.len() as u64;
-        progress(done, Some(total));
+impl Sink for RockusbSink {
+    fn name(&self) -> &str {
+        &self.name
     }
-    Ok(())
+    fn capacity(&self) -> Option<u64> {
+        self.capacity
+    }
+    fn prepare(&mut self, image_size: Option<u64>) -> Result<(), WriteError> {
+        if let Some(sz) = image_size {
+            self.check_end(0, sz)?;
+        }
+        Ok(())
+    }
+    fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), WriteError> {
+        self.write_any(offset, data)
+    }
+    fn zero_range(&mut self, offset: u64, len: u64) -> Result<(), WriteError> {
+        let max = self.sectors_per_command.max(1) as usize * SECTOR as usize;
+        let mut zero = std::mem::take(&mut self.zero);
+        zero.resize(max, 0);
+        let mut off = offset;
+        let end = offset + len;
+        let r = (|| {
+            while off < end {
+                let n = ((end - off) as usize).min(max);
+                self.write_any(off, &zero[..n])?;
+                off += n as u64;
+            }
+            Ok(())
+        })();
+        self.zero = zero;
+        r
+    }
+    fn reads_back_zeroes(&self) -> bool {
+        false
+    }
+    fn sync(&mut self) -> Result<(), WriteError> {
+        // Each WRITE_LBA is complete when its CSW arrives; there is no cache to flush.
+        Ok(())
+    }
+    fn finalize(&mut self, _image_size: u64) -> Result<(), WriteError> {
+        Ok(())
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), WriteError> {
+        let start = offset / SECTOR * SECTOR;
+        let end = (offset + buf.len() as u64).div_ceil(SECTOR) * SECTOR;
+        if start == offset && end == offset + buf.len() as u64 {
+            return self.read_aligned(offset, buf);
+        }
+        let mut tmp = vec![0u8; (end - start) as usize];
+        self.read_aligned(start, &mut tmp)?;
+        let skip = (offset - start) as usize;
+        buf.copy_from_slice(&tmp[skip..skip + buf.len()]);
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -517,32 +501,5 @@ mod tests {
             chip_name(b"A02341023180002V"),
             Some("320A20140813V200".to_string())
         );
-    }
-
-    #[test]
-    fn packer_pads_partial_sectors_and_splits_commands() {
-        let mut p = SectorPacker::new(1024);
-        let mut got: Vec<(u64, Vec<u8>)> = Vec::new();
-        let mut emit = |o: u64, d: &[u8]| {
-            got.push((o, d.to_vec()));
-            Ok(())
-        };
-        p.push(100, &[1u8; 1000], &mut emit).unwrap();
-        p.push(1100, &[2u8; 100], &mut emit).unwrap();
-        p.flush(&mut emit).unwrap();
-        p.push(4096 + 10, &[3u8; 5], &mut emit).unwrap();
-        p.flush(&mut emit).unwrap();
-        assert_eq!(got[0].0, 0);
-        assert_eq!(got[0].1.len(), 1024);
-        assert_eq!(&got[0].1[..100], &[0u8; 100][..]);
-        assert_eq!(got[0].1[100], 1);
-        assert_eq!(got[1].0, 1024);
-        assert_eq!(got[1].1.len(), 512);
-        assert_eq!(got[1].1[1099 - 1024], 1);
-        assert_eq!(got[1].1[1100 - 1024], 2);
-        assert_eq!(got[1].1[1200 - 1024], 0);
-        assert_eq!(got[2].0, 4096);
-        assert_eq!(&got[2].1[10..15], &[3u8; 5]);
-        assert_eq!(got[2].1.len(), 512);
     }
 }

@@ -29,7 +29,7 @@ pub enum TransportError {
 /// The transfers a recovery protocol needs. Implementations own one claimed interface and its
 /// bulk endpoint pair; control transfers go to the device (recipient device, vendor type is in
 /// `request_type`).
-pub trait Transport {
+pub trait Transport: Send {
     /// Control OUT with an optional data stage; returns bytes sent.
     fn control_out(
         &mut self,

@@ -42,6 +42,8 @@ pub struct RockchipBoard {
     pub loader_bcd: u16,
     /// Mainline U-Boot rockusb: READ_FLASH_INFO / READ_CAPABILITY fail.
     pub no_flash_info: bool,
+    /// A lying flash: a WRITE_LBA starting at this LBA reports success but changes nothing.
+    pub drop_write_at_lba: Option<u32>,
     /// Completed maskrom downloads in arrival order.
     pub downloads: Vec<Download>,
     partial: BTreeMap<u16, (Vec<u8>, Vec<usize>)>,
@@ -109,6 +111,7 @@ impl RockchipBoard {
             comes_back: true,
             loader_bcd: 0x0201,
             no_flash_info: false,
+            drop_write_at_lba: None,
             downloads: Vec::new(),
             partial: BTreeMap::new(),
             storages,
@@ -232,6 +235,7 @@ impl RockchipBoard {
                 }
             },
             0x15 => match self.range(c.addr, c.count) {
+                Some(_) if self.drop_write_at_lba == Some(c.addr) => self.csw(c.tag, 0, true),
                 Some(r) if r.len() == out.len() => {
                     let cur = self.current;
                     if let Some(f) = self.storages.get_mut(&cur) {
