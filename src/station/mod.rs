@@ -200,8 +200,15 @@ pub fn run(
 ) -> Result<Totals, StationError> {
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
-        signal_hook::flag::register(sig, stop.clone())
-            .map_err(|e| StationError::Environment(format!("install signal handler: {e}")))?;
+        // First signal: cancel jobs and record them; a second one exits at once (the ledger
+        // then shows those units as started, and the next start marks them interrupted).
+        signal_hook::flag::register_conditional_shutdown(
+            sig,
+            Exit::Interrupted.code() as i32,
+            stop.clone(),
+        )
+        .and_then(|_| signal_hook::flag::register(sig, stop.clone()))
+        .map_err(|e| StationError::Environment(format!("install signal handler: {e}")))?;
     }
     let mut monitor = hotplug::Monitor::open(station.attr_keys())?;
     let mut tracker = hotplug::Tracker::new(station.slots.clone());
