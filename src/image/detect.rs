@@ -133,6 +133,75 @@ pub fn decoder(f: Format, r: Box<dyn Read + Send>) -> io::Result<Box<dyn Read + 
     })
 }
 
+/// The decompressed size of a zstd file, from its frame headers (the zstd CLI records it
+/// when compressing a file): walks every frame, skipping block by block, so that
+/// multi-frame files (pzstd, `cat a.zst b.zst`) add up. `None` if any frame does not record
+/// its size or the walk does not end exactly at the end of the file; the decoder then
+/// reports what is wrong. The size is a claim of the file: the stream is checked against
+/// it at its end.
+pub fn zstd_content_size(f: &std::fs::File) -> Option<u64> {
+    use std::os::unix::fs::FileExt;
+    let len = f.metadata().ok()?.len();
+    let read = |off: u64, b: &mut [u8]| f.read_exact_at(b, off).ok();
+    let mut off = 0u64;
+    let mut total = 0u64;
+    while off < len {
+        let mut m = [0u8; 4];
+        read(off, &mut m)?;
+        let magic = u32::from_le_bytes(m);
+        if (0x184D_2A50..=0x184D_2A5F).contains(&magic) {
+            let mut sz = [0u8; 4];
+            read(off + 4, &mut sz)?;
+            off = off.checked_add(8 + u64::from(u32::from_le_bytes(sz)))?;
+            continue;
+        }
+        if magic != 0xFD2F_B528 {
+            return None;
+        }
+        let mut d = [0u8; 1];
+        read(off + 4, &mut d)?;
+        let fhd = d[0];
+        let single = fhd & 0x20 != 0;
+        let checksum = fhd & 0x04 != 0;
+        let did_len = [0u64, 1, 2, 4][usize::from(fhd & 3)];
+        let fcs_len = match fhd >> 6 {
+            0 if single => 1,
+            0 => return None, // size not recorded
+            1 => 2,
+            2 => 4,
+            _ => 8,
+        };
+        let fcs_off = off + 5 + u64::from(!single) + did_len;
+        let mut v = [0u8; 8];
+        read(fcs_off, &mut v[..fcs_len as usize])?;
+        let mut size = u64::from_le_bytes(v);
+        if fcs_len == 2 {
+            size += 256;
+        }
+        total = total.checked_add(size)?;
+        off = fcs_off + fcs_len;
+        loop {
+            let mut h = [0u8; 3];
+            read(off, &mut h)?;
+            let bh = u32::from(h[0]) | u32::from(h[1]) << 8 | u32::from(h[2]) << 16;
+            let last = bh & 1 != 0;
+            let bsize = u64::from(bh >> 3);
+            off += 3 + match (bh >> 1) & 3 {
+                0 | 2 => bsize,
+                1 => 1,
+                _ => return None,
+            };
+            if last {
+                break;
+            }
+        }
+        if checksum {
+            off += 4;
+        }
+    }
+    (off == len).then_some(total)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,5 +221,34 @@ mod tests {
         assert_eq!(detect(&[0; 6]), Format::Raw);
         assert_eq!(detect(&[0x1F]), Format::Raw);
         assert_eq!(detect(&[]), Format::Raw);
+    }
+
+    #[test]
+    fn zstd_sizes_from_frame_headers() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.zst");
+        let data: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+        let mut z = zstd::bulk::compress(&data, 3).unwrap();
+        // A streamed frame (no recorded size) makes the total unknown.
+        let streamed = zstd::encode_all(&data[..], 3).unwrap();
+        std::fs::write(&p, &streamed).unwrap();
+        assert_eq!(zstd_content_size(&std::fs::File::open(&p).unwrap()), None);
+        std::fs::write(&p, &z).unwrap();
+        assert_eq!(
+            zstd_content_size(&std::fs::File::open(&p).unwrap()),
+            Some(300_000)
+        );
+        // Two frames, with a skippable frame between them.
+        z.extend_from_slice(&[0x50, 0x2A, 0x4D, 0x18, 2, 0, 0, 0, 9, 9]);
+        z.extend(zstd::bulk::compress(b"tail", 1).unwrap());
+        std::fs::write(&p, &z).unwrap();
+        assert_eq!(
+            zstd_content_size(&std::fs::File::open(&p).unwrap()),
+            Some(300_004)
+        );
+        // Truncated: unknown.
+        z.truncate(z.len() - 3);
+        std::fs::write(&p, &z).unwrap();
+        assert_eq!(zstd_content_size(&std::fs::File::open(&p).unwrap()), None);
     }
 }

@@ -109,12 +109,17 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage, ImageE
             input_consumed: consumed,
         });
     }
+    let decompressed_size = match outer {
+        Format::Zstd => detect::zstd_content_size(&file),
+        _ => None,
+    };
     let reader: Box<dyn Read + Send> = Box::new(CountingReader::new(file, consumed.clone()));
     let explicit_bmap = opts.bmap.is_some();
     let (source, formats) = open_stream(
         reader,
         &name,
         None,
+        decompressed_size,
         bmap,
         explicit_bmap,
         Some(consumed.clone()),
@@ -165,7 +170,7 @@ pub fn from_reader(
     bmap: Option<Bmap>,
 ) -> Result<Box<dyn ExtentSource>, ImageError> {
     let explicit = bmap.is_some();
-    open_stream(reader, name, size_hint, bmap, explicit, None).map(|(s, _)| s)
+    open_stream(reader, name, size_hint, None, bmap, explicit, None).map(|(s, _)| s)
 }
 
 fn peek(
@@ -197,6 +202,7 @@ fn open_stream(
     reader: Box<dyn Read + Send>,
     name: &str,
     size_hint: Option<u64>,
+    decompressed_size: Option<u64>,
     bmap: Option<Bmap>,
     explicit_bmap: bool,
     consumed: Option<Arc<AtomicU64>>,
@@ -266,7 +272,9 @@ fn open_stream(
         }
         return Ok((Box::new(src), formats));
     }
-    let src = ScanSource::stream(r, name, size_hint, bmap, compressed)?;
+    // What the compressed file claims its content size is (zstd frame headers) is the raw
+    // image's size; it is checked at the end of the stream like a caller's hint.
+    let src = ScanSource::stream(r, name, size_hint.or(decompressed_size), bmap, compressed)?;
     Ok((Box::new(Described::new(src, &formats)), formats))
 }
 

@@ -11,6 +11,7 @@ use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
 use std::sync::Arc;
 
 /// Size of the internal read buffer: big reads, a multiple of [`ZERO_BLOCK`].
@@ -24,11 +25,14 @@ pub(crate) enum Input {
         pos: u64,
         consumed: Arc<AtomicU64>,
     },
-    /// A forward-only stream. `compressed` names the outer format (for error messages) and
-    /// the counter of compressed bytes consumed.
-    Stream {
-        r: Box<dyn Read + Send>,
+    /// A forward-only stream, read ahead by a thread (so decompression overlaps with
+    /// scanning, hashing and writing) in whole buffers that are swapped, not copied.
+    /// `compressed` names the outer format for messages, with its consumed-bytes counter.
+    Pipe {
+        rx: Chunks,
+        back: Sender<Vec<u8>>,
         pos: u64,
+        eof: bool,
         compressed: Option<(Format, Arc<AtomicU64>)>,
     },
 }
@@ -36,37 +40,63 @@ pub(crate) enum Input {
 impl Input {
     fn pos(&self) -> u64 {
         match self {
-            Input::File { pos, .. } | Input::Stream { pos, .. } => *pos,
+            Input::File { pos, .. } | Input::Pipe { pos, .. } => *pos,
         }
     }
 
-    fn read(&mut self, dst: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Input::File {
-                file,
-                pos,
-                consumed,
-            } => {
-                let mut n = 0;
-                while n < dst.len() {
-                    match file.read_at(&mut dst[n..], *pos + n as u64) {
-                        Ok(0) => break,
-                        Ok(k) => n += k,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(e) => return Err(e),
-                    }
-                }
-                *pos += n as u64;
-                consumed.store(*pos, Ordering::Relaxed);
-                Ok(n)
-            }
-            Input::Stream { r, pos, .. } => {
-                let n = read_full(r.as_mut(), dst)?;
-                *pos += n as u64;
-                Ok(n)
+    /// Positioned read from a file input (pipes are refilled by swapping buffers).
+    fn read_file(&mut self, dst: &mut [u8]) -> io::Result<usize> {
+        let Input::File {
+            file,
+            pos,
+            consumed,
+        } = self
+        else {
+            return Err(io::Error::other("not a file input"));
+        };
+        let mut n = 0;
+        while n < dst.len() {
+            match file.read_at(&mut dst[n..], *pos + n as u64) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
             }
         }
+        *pos += n as u64;
+        consumed.store(*pos, Ordering::Relaxed);
+        Ok(n)
     }
+}
+
+/// Buffers filled by the read-ahead thread (an empty one marks the end).
+type Chunks = Receiver<io::Result<Vec<u8>>>;
+
+/// Start the read-ahead thread: it fills `READ_BUF` buffers from `r` and sends them (an
+/// empty one at the end); used buffers come back through the second channel. One buffer
+/// waits in the channel, one is being filled: 8 MiB in flight besides the consumer's.
+fn spawn_pipe(mut r: Box<dyn Read + Send>) -> io::Result<(Chunks, Sender<Vec<u8>>)> {
+    let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(1);
+    let (back_tx, back_rx) = channel::<Vec<u8>>();
+    std::thread::Builder::new()
+        .name("image-read".into())
+        .spawn(move || loop {
+            let mut b = back_rx.try_recv().unwrap_or_default();
+            b.resize(READ_BUF, 0);
+            match read_full(r.as_mut(), &mut b) {
+                Ok(n) => {
+                    b.truncate(n);
+                    if tx.send(Ok(b)).is_err() || n == 0 {
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
+                }
+            }
+        })?;
+    Ok((rx, back_tx))
 }
 
 /// How the logical image is cut into regions to scan and ranges not to read.
@@ -162,11 +192,17 @@ impl ScanSource {
                 started: false,
             },
         };
+        let (rx, back) = spawn_pipe(r).map_err(|source| ImageError::Io {
+            path: name.to_string(),
+            source,
+        })?;
         Ok(Self::new(
             name,
-            Input::Stream {
-                r,
+            Input::Pipe {
+                rx,
+                back,
                 pos: 0,
+                eof: false,
                 compressed,
             },
             plan,
@@ -177,7 +213,7 @@ impl ScanSource {
         let desc = match (&input, &plan) {
             (_, Plan::Bmap { bmap, .. }) => format!("raw, {}", bmap.describe()),
             (Input::File { .. }, _) => "raw".to_string(),
-            (Input::Stream { .. }, _) => "raw stream".to_string(),
+            (Input::Pipe { .. }, _) => "raw stream".to_string(),
         };
         ScanSource {
             name: name.to_string(),
@@ -195,7 +231,7 @@ impl ScanSource {
 
     fn read_err(&self, e: io::Error, logical: u64) -> ImageError {
         match &self.input {
-            Input::Stream {
+            Input::Pipe {
                 compressed: Some((fmt, consumed)),
                 ..
             } if e.raw_os_error().is_none() => ImageError::Corrupt {
@@ -230,45 +266,39 @@ impl ScanSource {
 
     /// Move the input forward to logical offset `to` without handing the bytes out.
     fn skip_input(&mut self, to: u64) -> Result<(), ImageError> {
-        debug_assert!(self.lo == self.hi);
-        match &mut self.input {
-            Input::File { pos, consumed, .. } => {
-                *pos = to;
-                consumed.store(to, Ordering::Relaxed);
+        if let Input::File { pos, consumed, .. } = &mut self.input {
+            debug_assert!(self.lo == self.hi);
+            *pos = to;
+            consumed.store(to, Ordering::Relaxed);
+            self.pos = to;
+            return Ok(());
+        }
+        loop {
+            let avail = (self.hi - self.lo) as u64;
+            if self.pos + avail >= to {
+                self.lo += (to - self.pos) as usize;
+                self.pos = to;
+                return Ok(());
             }
-            Input::Stream { .. } => {
-                while self.input.pos() < to {
-                    let want = (to - self.input.pos()).min(self.ibuf.len() as u64) as usize;
-                    let at = self.input.pos();
-                    let n = match self.input.read(&mut self.ibuf[..want]) {
-                        Ok(n) => n,
-                        Err(e) => return Err(self.read_err(e, at)),
-                    };
-                    if n < want {
-                        return Err(self.truncated(to, "the bmap"));
-                    }
-                }
+            self.pos += avail;
+            self.lo = self.hi;
+            if self.refill(None)? == 0 {
+                return Err(self.truncated(to, "the bmap"));
             }
         }
-        self.pos = to;
-        Ok(())
     }
 
     /// After the last extent of a stream: there must be nothing more.
     fn expect_stream_end(&mut self, size: u64, why: &str) -> Result<(), ImageError> {
-        if let Input::Stream { .. } = self.input {
-            let mut one = [0u8; 1];
-            let n = self
-                .input
-                .read(&mut one)
-                .map_err(|e| self.read_err(e, size))?;
-            if n != 0 {
-                return Err(ImageError::Corrupt {
-                    path: self.name.clone(),
-                    offset: size,
-                    msg: format!("image is larger than the {size} bytes {why} says"),
-                });
+        if let Input::Pipe { .. } = self.input {
+            if self.lo == self.hi && self.refill(None)? == 0 {
+                return Ok(());
             }
+            return Err(ImageError::Corrupt {
+                path: self.name.clone(),
+                offset: size,
+                msg: format!("image is larger than the {size} bytes {why} says"),
+            });
         }
         Ok(())
     }
@@ -363,12 +393,46 @@ impl ScanSource {
         }
     }
 
-    /// Refill the internal buffer for the current region; returns bytes read (0 at its end).
+    /// Refill the internal buffer; returns bytes now buffered (0 at the end of the input,
+    /// or of the region for files). A pipe's buffer may run past the region end; file reads
+    /// stop at it.
     fn refill(&mut self, end: Option<u64>) -> Result<usize, ImageError> {
+        debug_assert!(self.lo == self.hi);
         self.lo = 0;
         self.hi = 0;
         let start = self.pos;
-        let mut want = self.ibuf.len() as u64;
+        if let Input::Pipe {
+            rx, back, pos, eof, ..
+        } = &mut self.input
+        {
+            if *eof {
+                return Ok(0);
+            }
+            let got = rx.recv();
+            let at = *pos;
+            match got {
+                Ok(Ok(b)) => {
+                    *pos += b.len() as u64;
+                    *eof = b.is_empty();
+                    let old = std::mem::replace(&mut self.ibuf, b);
+                    let _ = back.send(old);
+                    self.hi = self.ibuf.len();
+                    return Ok(self.hi);
+                }
+                Ok(Err(e)) => {
+                    *eof = true;
+                    return Err(self.read_err(e, at));
+                }
+                Err(_) => {
+                    *eof = true;
+                    return Err(self.read_err(
+                        io::Error::other("the reading thread stopped unexpectedly"),
+                        at,
+                    ));
+                }
+            }
+        }
+        let mut want = READ_BUF as u64;
         if let Some(e) = end {
             want = want.min(e.saturating_sub(start));
         }
@@ -380,7 +444,7 @@ impl ScanSource {
                 want = aligned - start;
             }
         }
-        let n = match self.input.read(&mut self.ibuf[..want as usize]) {
+        let n = match self.input.read_file(&mut self.ibuf[..want as usize]) {
             Ok(n) => n,
             Err(e) => return Err(self.read_err(e, start)),
         };
@@ -437,6 +501,10 @@ impl ScanSource {
     /// Scan the current region; `Ok(None)` when it has ended.
     fn scan(&mut self, buf: &mut [u8]) -> Result<Option<Extent>, ImageError> {
         let end = self.region.as_ref().and_then(|r| r.end);
+        if end == Some(self.pos) {
+            self.region = None;
+            return Ok(None);
+        }
         if self.lo == self.hi && self.refill(end)? == 0 {
             if let Some(e) = end {
                 if self.pos < e {
