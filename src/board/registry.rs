@@ -509,6 +509,9 @@ pub fn parse_soc(origin: &Origin, text: &str) -> Result<SocDesc, BoardError> {
         }
     }
     if let Some(u) = &d.usb {
+        for (i, f) in u.stage_files.iter().enumerate() {
+            check_file_name(f).map_err(|m| err(&format!("usb.stage_files.{i}"), m))?;
+        }
         let needs_ids = u.protocol != RecoveryProtocol::UartXmodem;
         if needs_ids && (u.vid.is_none() || u.pid.is_none()) {
             return Err(err(
@@ -570,6 +573,11 @@ pub fn parse_board(origin: &Origin, text: &str) -> Result<BoardDesc, BoardError>
             ));
         }
     }
+    if let Some(r) = &d.recovery {
+        for (i, l) in r.loaders.iter().enumerate() {
+            check_file_name(&l.file).map_err(|m| err(&format!("recovery.loaders.{i}.file"), m))?;
+        }
+    }
     if d.console.baud == 0 {
         return Err(err("console.baud", "expected a baud rate > 0".into()));
     }
@@ -613,6 +621,24 @@ pub fn parse_board(origin: &Origin, text: &str) -> Result<BoardDesc, BoardError>
     Ok(d)
 }
 
+/// File names in descriptors are matched against, or looked up in, directories the user
+/// chose (`--bootloader`, `--loader-dir`, what a USB boot ROM asks for): a name must stay a
+/// plain name, never a path that escapes the directory (hostile or careless user descriptors).
+fn check_file_name(name: &str) -> Result<(), String> {
+    let bad = name.is_empty()
+        || name == "."
+        || name == ".."
+        || name.contains(['/', '\\'])
+        || name.chars().any(char::is_control);
+    if bad {
+        Err(format!(
+            "invalid file name {name:?}: expected a plain file name (no `/`, `..` or control characters)"
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 fn check_id(id: &str) -> Result<(), String> {
     let ok = !id.is_empty()
         && id
@@ -638,6 +664,7 @@ fn check_layout(l: &Layout, path: &str) -> Result<(), (String, String)> {
         }
     }
     for (i, p) in l.placements.iter().enumerate() {
+        check_file_name(&p.file).map_err(|m| (format!("{path}.placements.{i}.file"), m))?;
         if p.sector.is_some() == p.offset.is_some() {
             return Err((
                 format!("{path}.placements.{i}"),

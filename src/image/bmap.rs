@@ -318,9 +318,13 @@ impl Bmap {
                 }
                 _ => None,
             };
-            // last < blocks_count = ceil(image_size / block_size), so these cannot overflow.
+            // first < blocks_count = ceil(image_size / block_size), so `start` < image_size; the
+            // end of the last block can pass u64::MAX (ImageSize near 2^64, huge BlockSize):
+            // it is clamped to ImageSize either way.
             let start = first * block_size;
-            let end = ((last + 1) * block_size).min(image_size);
+            let end = (last + 1)
+                .checked_mul(block_size)
+                .map_or(image_size, |e| e.min(image_size));
             ranges.push(BmapRange {
                 first_block: first,
                 last_block: last,

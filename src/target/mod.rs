@@ -610,6 +610,34 @@ pub fn inspect(path: &Path) -> Result<(PathBuf, TargetInfo), TargetError> {
     }
 }
 
+/// A regular-file target grows to the image's logical size. An image whose header claims more
+/// than the whole filesystem holding the file (an Android sparse header can describe ~16 EiB in
+/// 44 bytes) is refused before writing, rather than filling the disk until ENOSPC/EFBIG.
+fn vet_file_size(path: &Path, image_size: Option<u64>) -> Result<(), TargetError> {
+    let Some(size) = image_size else {
+        return Ok(());
+    };
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let fs = nix::sys::statvfs::statvfs(dir)
+        .map_err(|e| TargetError::io(dir, "statvfs", std::io::Error::from(e)))?;
+    let fs_size = (fs.blocks() as u64).saturating_mul(fs.fragment_size() as u64);
+    if size > fs_size {
+        return Err(TargetError::refused(
+            path,
+            format!(
+                "the image claims {size} bytes ({}), more than the whole filesystem holding the \
+                 file ({fs_size} bytes, {})",
+                human_size(size),
+                human_size(fs_size)
+            ),
+        ));
+    }
+    Ok(())
+}
+
 /// Apply the safety policy to an inspected target. Returns the first reason to refuse.
 pub fn vet(path: &Path, info: &TargetInfo, policy: &Policy) -> Result<(), TargetError> {
     for img in &policy.image_paths {
@@ -621,7 +649,7 @@ pub fn vet(path: &Path, info: &TargetInfo, policy: &Policy) -> Result<(), Target
         }
     }
     let d = match info {
-        TargetInfo::File { .. } => return Ok(()),
+        TargetInfo::File { path: p, .. } => return vet_file_size(p, policy.image_size),
         TargetInfo::Device(d) => d,
     };
     if d.system {
