@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs every fuzz target for a bounded time (default 20 s each; FUZZ_SECONDS overrides), seeded
+# Runs every fuzz target for a bounded time (default 15 s each; FUZZ_SECONDS overrides), seeded
 # from the small committed corpora in fuzz/corpus/<target>/. New inputs libFuzzer finds go to a
 # scratch directory, not into the repository. A crash fails the run and leaves the input in
 # fuzz/artifacts/<target>/: turn it into a regression test named after what it was.
@@ -8,7 +8,7 @@
 # -O (speed) and -a (debug assertions: integer overflow panics, as it would in a debug build).
 set -euo pipefail
 cd "$(dirname "$0")/../fuzz"
-seconds="${FUZZ_SECONDS:-20}"
+seconds="${FUZZ_SECONDS:-15}"
 export RUSTC_BOOTSTRAP=1
 # The fuzz crate builds the library with coverage instrumentation: its own target directory.
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$PWD/target}"

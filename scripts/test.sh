@@ -11,7 +11,7 @@ bash scripts/install-cargo-tools.sh
 # Licences, banned crates (no OpenSSL), sources. `advisories` is left out: it needs a download
 # of the RustSec database, which this project's machines cannot make.
 cargo deny check bans licenses sources
-# Every parser of untrusted input under libFuzzer for a bounded time (FUZZ_SECONDS, default 20).
+# Every parser of untrusted input under libFuzzer for a bounded time (FUZZ_SECONDS, default 15).
 bash scripts/fuzz.sh
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --profile ci "$@"

@@ -185,14 +185,11 @@ fn deb_package_contents_and_maintainer_scripts() {
             }
         }
     }
-    if root().join("packaging/systemd").is_dir() {
-        assert!(
-            files
-                .iter()
-                .any(|f| f.starts_with("./usr/lib/systemd/system/") && f.ends_with(".service")),
-            "systemd unit missing:\n{list}"
-        );
-    }
+    assert!(
+        has("./usr/lib/systemd/system/sbcflash-station.service"),
+        "systemd unit missing:\n{list}"
+    );
+    assert!(has("./usr/lib/udev/rules.d/70-sbcflash.rules"), "{list}");
 
     // Maintainer scripts: present, valid sh, and they reload udev.
     let ctl = tempfile::tempdir().unwrap();
@@ -201,6 +198,7 @@ fn deb_package_contents_and_maintainer_scripts() {
         let p = ctl.path().join(script);
         let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{script}: {e}"));
         assert!(text.contains("udevadm control --reload-rules"), "{script}");
+        assert!(text.contains("systemctl daemon-reload"), "{script}");
         assert!(
             !text.contains("#DEBHELPER#"),
             "{script}: token not substituted"

@@ -624,7 +624,9 @@ pub fn parse_board(origin: &Origin, text: &str) -> Result<BoardDesc, BoardError>
 /// File names in descriptors are matched against, or looked up in, directories the user
 /// chose (`--bootloader`, `--loader-dir`, what a USB boot ROM asks for): a name must stay a
 /// plain name, never a path that escapes the directory (hostile or careless user descriptors).
-fn check_file_name(name: &str) -> Result<(), String> {
+/// A directory is named with one trailing `/` (`mass-storage-gadget64/`).
+fn check_file_name(full: &str) -> Result<(), String> {
+    let name = full.strip_suffix('/').unwrap_or(full);
     let bad = name.is_empty()
         || name == "."
         || name == ".."
@@ -632,7 +634,7 @@ fn check_file_name(name: &str) -> Result<(), String> {
         || name.chars().any(char::is_control);
     if bad {
         Err(format!(
-            "invalid file name {name:?}: expected a plain file name (no `/`, `..` or control characters)"
+            "invalid file name {full:?}: expected a plain file or directory name (no `/` inside, no `..`, no control characters)"
         ))
     } else {
         Ok(())
