@@ -19,9 +19,8 @@ pub fn is_url(arg: &str) -> bool {
     arg.starts_with("https://") || arg.starts_with("http://")
 }
 
-/// A remote image opened for writing, and what must be checked after the write.
-pub struct RemoteImage {
-    pub opened: OpenedImage,
+/// What must be checked after writing a remote image.
+pub struct RemoteCheck {
     pub spec: SourceSpec,
     check: StreamCheck,
     acq: Acquirer,
@@ -29,7 +28,11 @@ pub struct RemoteImage {
 
 /// Opens `spec` as an extent source (from the cache when its pin is there, else streamed
 /// from the network; with `keep`, a copy is committed to the cache once it verifies).
-pub fn open_for_write(acq: Acquirer, spec: SourceSpec, keep: bool) -> anyhow::Result<RemoteImage> {
+pub fn open_for_write(
+    acq: Acquirer,
+    spec: SourceSpec,
+    keep: bool,
+) -> anyhow::Result<(OpenedImage, RemoteCheck)> {
     let (reader, check) = acq.open_stream(&spec, keep)?;
     let consumed = Arc::new(AtomicU64::new(0));
     let counting = image::detect::CountingReader::new(reader, consumed.clone());
@@ -56,15 +59,10 @@ pub fn open_for_write(acq: Acquirer, spec: SourceSpec, keep: bool) -> anyhow::Re
         input_size: 0,
         input_consumed: consumed,
     };
-    Ok(RemoteImage {
-        opened,
-        spec,
-        check,
-        acq,
-    })
+    Ok((opened, RemoteCheck { spec, check, acq }))
 }
 
-impl RemoteImage {
+impl RemoteCheck {
     /// Call with the write pipeline's result: a transfer failure or a digest mismatch replaces
     /// the pipeline's generic read error with the real cause; a successful write is only
     /// reported as such once the source digest checked out.
@@ -73,10 +71,19 @@ impl RemoteImage {
         E: std::error::Error + Send + Sync + 'static,
     {
         match write_result {
-            Err(e) => match self.check.take_failure() {
-                Some(f) => Err(anyhow::Error::new(f).context(e.to_string())),
-                None => Err(e.into()),
-            },
+            Err(e) => {
+                if let Some(f) = self.check.take_failure() {
+                    return Err(anyhow::Error::new(f).context(e.to_string()));
+                }
+                // The image failed to decode: was it what the publisher hashed? Read the rest
+                // of the download and check, so a tampered or truncated file is named as such.
+                if self.check.has_pin() && is_image_error(&e) {
+                    if let Err(f) = self.check.finish(true) {
+                        return Err(anyhow::Error::new(f).context(e.to_string()));
+                    }
+                }
+                Err(e.into())
+            }
             Ok(v) => {
                 let res = self.check.finish(true)?;
                 self.acq.report_stream(&self.spec, &res);
@@ -84,6 +91,22 @@ impl RemoteImage {
             }
         }
     }
+}
+
+fn is_image_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(c) = cur {
+        if c.downcast_ref::<image::ImageError>().is_some()
+            || matches!(
+                c.downcast_ref::<crate::write::WriteError>(),
+                Some(crate::write::WriteError::Image(_))
+            )
+        {
+            return true;
+        }
+        cur = c.source();
+    }
+    false
 }
 
 /// Makes the digest check part of the stream: at the end of the download, a mismatch becomes

@@ -116,6 +116,10 @@ impl StreamCheck {
         }
     }
 
+    pub fn has_pin(&self) -> bool {
+        self.pin.is_some()
+    }
+
     pub(crate) fn set_failure(&self, e: AcquireError) {
         lock(&self.inner).failed = Some(e);
     }
