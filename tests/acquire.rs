@@ -528,8 +528,8 @@ echo "built the test image"
 }
 
 #[test]
-fn nix_build_real_flake_into_cache() {
-    if !common::require(false, &["nix", "zstd"]) {
+fn nix_build_real_flake_then_write_to_loop_device() {
+    if !common::require(true, &["nix", "zstd", "losetup"]) {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -564,6 +564,26 @@ fn nix_build_real_flake_into_cache() {
     let built = std::fs::read(&zst).unwrap();
     assert_eq!(std::fs::read(&cached).unwrap(), built);
     assert_eq!(h, b3(&built));
+
+    // Write the built image to a loop device and compare byte for byte.
+    let raw = d.path().join("expected.img");
+    common::run(
+        std::process::Command::new("zstd")
+            .args(["-q", "-d", "-f"])
+            .arg(&zst)
+            .arg("-o")
+            .arg(&raw),
+    );
+    let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 32 << 20);
+    let o = common::sbcflash()
+        .arg("write")
+        .arg(&cached)
+        .arg(lo.path())
+        .args(["--yes"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    common::assert_same_prefix(&raw, lo.path(), 12 << 20);
 }
 
 #[test]
@@ -632,4 +652,170 @@ fn nix_build_errors_are_clear() {
     assert_eq!(o.status.code(), Some(8), "{}", text(&o));
     assert!(String::from_utf8_lossy(&o.stderr).contains("nix-bin"));
     assert!(blobs(&cache).is_empty());
+}
+
+/// A NixOS-like image (real partitions and filesystems), compressed with zstd like upstream's.
+fn zstd_image(dir: &Path, mib: u64) -> (PathBuf, Arc<Vec<u8>>) {
+    let raw = common::make_nixos_like_image(dir, "nixos.img", mib, common::Table::Mbr);
+    let zst = dir.join("nixos.img.zst");
+    common::run(
+        std::process::Command::new("zstd")
+            .args(["-q", "-f", "-T0"])
+            .arg(&raw)
+            .arg("-o")
+            .arg(&zst),
+    );
+    (raw, Arc::new(std::fs::read(&zst).unwrap()))
+}
+
+const IMAGE_TOOLS: &[&str] = &[
+    "losetup",
+    "zstd",
+    "sfdisk",
+    "mkfs.ext4",
+    "mkfs.vfat",
+    "mcopy",
+];
+
+#[test]
+fn stream_https_to_loop_device_with_resume_and_keep() {
+    if !common::require(true, IMAGE_TOOLS) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let (raw, zst) = zstd_image(d.path(), 64);
+    // The first connection dies after 1 MiB: the stream resumes with a Range request.
+    srv.add(
+        "/nixos.img.zst",
+        zst.clone(),
+        Behavior::DropAfter {
+            n: 1 << 20,
+            times: 1,
+        },
+    );
+    let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 96 << 20);
+    let cache = d.path().join("cache");
+    let o = common::sbcflash()
+        .arg("write")
+        .arg(srv.url("/nixos.img.zst"))
+        .arg(lo.path())
+        .args(["--yes", "--keep", "--source-blake3", &b3(&zst), "--ca-file"])
+        .arg(&srv.ca_file)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    common::assert_same_prefix(&raw, lo.path(), 64 << 20);
+    let reqs = srv.requests("/nixos.img.zst");
+    assert_eq!(reqs.len(), 2, "{reqs:?}");
+    assert_eq!(reqs[1].range.as_deref(), Some("bytes=1048576-"));
+    // --keep: the verified download is in the cache; no temporary copy is left anywhere.
+    assert_eq!(
+        std::fs::read(cache.join("blobs").join(b3(&zst))).unwrap(),
+        *zst
+    );
+    assert!(tmp_files(&cache).is_empty(), "{:?}", tmp_files(&cache));
+}
+
+#[test]
+fn stream_wrong_bytes_fails_and_says_target_is_bad() {
+    if !common::require(true, IMAGE_TOOLS) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let (raw, zst) = zstd_image(d.path(), 48);
+    // Uncompressed too, so the flipped byte decodes fine and only the digest can catch it.
+    let raw_bytes = Arc::new(std::fs::read(&raw).unwrap());
+    srv.add("/bad.img.zst", zst.clone(), Behavior::WrongBytes);
+    srv.add("/bad.img", raw_bytes.clone(), Behavior::WrongBytes);
+    let cache = d.path().join("cache");
+    for (path, good) in [("/bad.img.zst", &zst), ("/bad.img", &raw_bytes)] {
+        let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 64 << 20);
+        let o = common::sbcflash()
+            .arg("write")
+            .arg(srv.url(path))
+            .arg(lo.path())
+            .args([
+                "--yes",
+                "--keep",
+                "--source-sha256",
+                &sha256(good),
+                "--ca-file",
+            ])
+            .arg(&srv.ca_file)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(6), "{path}: {}", text(&o));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("sha256 mismatch") && err.contains("bad image"),
+            "{path}: {err}"
+        );
+        // The partition table (first MiB, written last) never reached the target.
+        let head = std::fs::read(&lo.backing).unwrap();
+        assert!(
+            head[..512].iter().all(|b| *b == 0),
+            "{path}: MBR was written"
+        );
+        assert!(
+            blobs(&cache).is_empty(),
+            "{path}: a bad download was cached"
+        );
+    }
+}
+
+#[test]
+fn stream_board_default_source_to_loop_device() {
+    if !common::require(true, IMAGE_TOOLS) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let (raw, zst) = zstd_image(d.path(), 48);
+    srv.add("/board.img.zst", zst.clone(), Behavior::Normal);
+    // A user descriptor overriding the built-in QEMU board with a pinned image source.
+    let boards = d.path().join("boards");
+    std::fs::create_dir_all(&boards).unwrap();
+    let base = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("boards/qemu-aarch64.toml"),
+    )
+    .unwrap();
+    let desc = format!(
+        "{base}\n[[image]]\nname = \"test-mirror\"\nurl = \"{}\"\nblake3 = \"{}\"\n",
+        srv.url("/board.img.zst"),
+        b3(&zst)
+    );
+    std::fs::write(boards.join("qemu-aarch64.toml"), desc).unwrap();
+    let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 64 << 20);
+    let cache = d.path().join("cache");
+    let o = common::sbcflash()
+        .args(["write", "--board", "qemu-aarch64", "--boards-dir"])
+        .arg(&boards)
+        .arg(lo.path())
+        .args(["--yes", "--ca-file"])
+        .arg(&srv.ca_file)
+        .arg("--cache-dir")
+        .arg(&cache)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    common::assert_same_prefix(&raw, lo.path(), 48 << 20);
+    // `fetch --board` uses the same source and pin.
+    let o = run(
+        &srv,
+        &cache,
+        &[
+            "fetch",
+            "--board",
+            "qemu-aarch64",
+            "--boards-dir",
+            boards.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(fetched(&o).0, b3(&zst));
 }

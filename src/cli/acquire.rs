@@ -92,6 +92,55 @@ impl PinArgs {
     }
 }
 
+/// What `write` needs to take a URL (or a board's default source) instead of a file.
+#[derive(Debug, Clone, clap::Args)]
+pub struct StreamArgs {
+    /// Published blake3 of the downloaded file (for `write URL`).
+    #[arg(long, value_name = "HEX", conflicts_with = "source_sha256")]
+    pub source_blake3: Option<String>,
+    /// Published sha256 of the downloaded file (for `write URL`).
+    #[arg(long, value_name = "HEX")]
+    pub source_sha256: Option<String>,
+    /// Also keep the downloaded file in the cache (committed only if its digest checks out).
+    #[arg(long)]
+    pub keep: bool,
+    #[command(flatten)]
+    pub opts: AcquireOpts,
+}
+
+/// For `write`: when IMAGE is a URL, or absent with `--board`, the image is streamed from the
+/// network (or the cache) instead of opened from a file. Returns None for a local file.
+/// After the write, pass its result to [`crate::acquire::remote::RemoteCheck::finish`].
+pub fn remote_image(
+    image: Option<&str>,
+    board: Option<&str>,
+    s: &StreamArgs,
+    g: &Global,
+) -> anyhow::Result<
+    Option<(
+        crate::image::OpenedImage,
+        crate::acquire::remote::RemoteCheck,
+    )>,
+> {
+    let spec = match (image, board) {
+        (Some(u), _) if crate::acquire::remote::is_url(u) => SourceSpec {
+            url: u.to_string(),
+            pin: PinArgs {
+                blake3: s.source_blake3.clone(),
+                sha256: s.source_sha256.clone(),
+            }
+            .pin()?,
+        },
+        (None, Some(b)) => crate::acquire::board_source(b, &g.boards_dir)?,
+        _ => return Ok(None),
+    };
+    let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
+    let acq = s.opts.acquirer(reporter)?;
+    Ok(Some(crate::acquire::remote::open_for_write(
+        acq, spec, s.keep,
+    )?))
+}
+
 #[derive(Debug, clap::Args)]
 #[command(
     after_help = "Examples:\n  sbcflash fetch https://example.org/nixos.img.zst --sha256 9f86…\n  sbcflash fetch --board opi5\n\nPrints `<blake3>  <cached path>` on success."

@@ -97,6 +97,10 @@ pub struct WriteArgs {
     /// Do not discard the device before writing.
     #[arg(long)]
     pub no_discard: bool,
+    /// IMAGE may be an https:// URL (or absent with --board: the board's default source):
+    /// it is downloaded, decompressed and written in one pass.
+    #[command(flatten)]
+    pub stream: super::acquire::StreamArgs,
 }
 
 /// Image-vs-board checks, filled in by the board module: may refuse (layout, offsets, size)
@@ -194,13 +198,24 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     let (image_path, target_path) = match (&a.image, a.paths.as_slice()) {
         (Some(i), [t]) => (i.clone(), t.clone()),
         (None, [i, t]) => (i.clone(), t.clone()),
+        // Only TARGET with --board: the board's default image source, streamed.
+        (None, [t]) if a.board.is_some() => (PathBuf::new(), t.clone()),
         (Some(_), _) => {
             return Err(ExitError::new(Exit::Usage, "with --image, give only the TARGET").into())
         }
         (None, _) => return Err(ExitError::new(Exit::Usage, "give IMAGE and TARGET").into()),
     };
     let reporter = g.reporter();
-    let opened = a.img.open(&image_path)?;
+    let image_arg = (!image_path.as_os_str().is_empty()).then(|| image_path.to_string_lossy());
+    let remote =
+        super::acquire::remote_image(image_arg.as_deref(), a.board.as_deref(), &a.stream, g)?;
+    let (opened, remote, image_path) = match remote {
+        Some((o, check)) => {
+            let p = o.path.clone();
+            (o, Some(check), p)
+        }
+        None => (a.img.open(&image_path)?, None, image_path.clone()),
+    };
     let mut expected = expected_digest(a.blake3.as_deref(), &image_path)?;
 
     let (resolved, info) = target::inspect(&target_path)?;
@@ -238,8 +253,13 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         image_name: image_path.display().to_string(),
         ..Default::default()
     };
-    let report = write::run(opened.source, sink.as_mut(), &opts, reporter.as_ref())
-        .with_context(|| format!("writing {} to {job}", image_path.display()))?;
+    let result = write::run(opened.source, sink.as_mut(), &opts, reporter.as_ref());
+    // A streamed image is only good once its download's digest checked out.
+    let result = match remote {
+        Some(check) => check.finish(result),
+        None => result.map_err(anyhow::Error::from),
+    };
+    let report = result.with_context(|| format!("writing {} to {job}", image_path.display()))?;
     if !g.json && !g.quiet {
         println!("{}", report.summary_line(&job));
     }
