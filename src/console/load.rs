@@ -119,11 +119,15 @@ async fn transfer(
         let now = Instant::now();
         match sender.step(&input, now) {
             XStep::Send(b) => {
+                tracing::debug!(len = b.len(), head = ?&b[..b.len().min(3)], "transfer: send");
                 input.clear();
                 s.send_raw(&b).await?;
             }
             XStep::Wait(t) => {
                 let n = s.read_raw(t, &mut buf).await?;
+                if n > 0 {
+                    tracing::debug!(rx = ?&buf[..n.min(16)], "transfer: received");
+                }
                 input = buf[..n].to_vec();
             }
             XStep::Progress(done) => {

@@ -211,8 +211,10 @@ impl Sender {
                 }
                 (St::HeaderAck, ACK) => {
                     self.st = St::DataStart;
-                    // The `C` normally follows at once; do not wait forever if it got lost.
-                    self.deadline = Some(now + Duration::from_secs(3));
+                    // Standard receivers send `C` after this ACK; U-Boot's xyzModem does not
+                    // (it waits 2 s for the block, then flushes and NAKs with `C`). Send the
+                    // first block after 1 s without a `C`, well inside U-Boot's window.
+                    self.deadline = Some(now + Duration::from_secs(1));
                 }
                 (St::HeaderAck, NAK) => {
                     let h = self.header();
@@ -230,7 +232,8 @@ impl Sender {
                     self.pending_send = Some(s);
                     return XStep::Progress(self.offset as u64);
                 }
-                (St::BlockAck, NAK) => {
+                // In CRC mode a receiver NAKs with `C` (U-Boot does).
+                (St::BlockAck, NAK) | (St::BlockAck, b'C') => {
                     let b = self.in_flight.clone();
                     return self.retry(b, now);
                 }
