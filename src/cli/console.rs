@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::Global;
+use crate::board::{Board, MediumKind, Registry, UBootCommands};
 use crate::console::bootstrap::{self, FlashVia, Plan};
 use crate::console::handoff::{self, Rebuild, RebuildPlan};
 use crate::console::linux::LinuxConfig;
@@ -42,10 +43,11 @@ pub struct PortArgs {
 /// U-Boot settings (descriptor values, overridable).
 #[derive(Debug, Clone, clap::Args)]
 pub struct UBootArgs {
-    /// U-Boot's prompt.
-    #[arg(long, default_value = "=> ")]
-    pub prompt: String,
+    /// U-Boot's prompt (default: the descriptor's, else `=> `).
+    #[arg(long)]
+    pub prompt: Option<String>,
     /// Autoboot interrupt: any (a space), ctrl-c, or string:TEXT (AUTOBOOT_KEYED builds).
+    /// Default: the descriptor's first, else any.
     #[arg(long, value_name = "KEY", value_parser = parse_key)]
     pub interrupt: Option<InterruptKey>,
     /// Seconds to reach the U-Boot prompt.
@@ -67,15 +69,43 @@ fn parse_key(s: &str) -> Result<InterruptKey, String> {
 }
 
 impl UBootArgs {
-    fn config(&self) -> UBootConfig {
+    /// Flags first, then the board descriptor, then mainline defaults.
+    fn config(&self, board: Option<&Board>) -> UBootConfig {
+        let ub = board.and_then(|b| b.uboot());
+        let prompt = self
+            .prompt
+            .clone()
+            .or_else(|| ub.and_then(|u| u.prompts.first().cloned()))
+            .unwrap_or_else(|| "=> ".into());
+        // The descriptor lists keys in the order to try; the first is used.
+        let interrupt =
+            self.interrupt
+                .clone()
+                .unwrap_or_else(|| match ub.and_then(|u| u.interrupt.first()) {
+                    Some(crate::board::Interrupt::CtrlC) => InterruptKey::CtrlC,
+                    Some(crate::board::Interrupt::Keys { keys }) => {
+                        InterruptKey::Keyed(keys.clone())
+                    }
+                    _ => InterruptKey::AnyKey,
+                });
         UBootConfig {
-            prompt: self.prompt.clone(),
-            interrupt: self.interrupt.clone().unwrap_or(InterruptKey::AnyKey),
+            prompt,
+            interrupt,
+            autoboot: ub.map(|u| u.autoboot.clone()).unwrap_or_default(),
             timeout: Duration::from_secs(self.uboot_timeout),
             command_timeout: Duration::from_secs(self.command_timeout),
             ..UBootConfig::default()
         }
     }
+}
+
+/// The board descriptor named by `--board`, if any.
+fn load_board(p: &PortArgs, g: &Global) -> anyhow::Result<Option<Board>> {
+    let Some(name) = &p.board else {
+        return Ok(None);
+    };
+    let reg = Registry::load(&g.boards_dir)?;
+    Ok(Some(reg.get(name)?.clone()))
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,9 +145,13 @@ pub struct BootstrapOpts {
     /// Start a U-Boot USB gadget so that this host can write the board's storage, then reset.
     #[arg(long, value_enum)]
     pub flash_via: Option<FlashVia>,
-    /// The storage the gadget exposes.
-    #[arg(long, default_value = "mmc 0", value_name = "DEV")]
-    pub flash_dev: String,
+    /// The storage the gadget exposes, as U-Boot names it (default: the descriptor's eMMC,
+    /// else its default medium, else `mmc 0`).
+    #[arg(long, value_name = "DEV")]
+    pub flash_dev: Option<String>,
+    /// The exact U-Boot gadget command (overrides the descriptor's).
+    #[arg(long, value_name = "CMD")]
+    pub gadget_cmd: Option<String>,
     /// Seconds from the boot command to the login prompt.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub boot_timeout: u64,
@@ -136,9 +170,10 @@ pub struct BootstrapOpts {
     /// NixOS configuration name in the flake.
     #[arg(long)]
     pub host: Option<String>,
-    /// SSH user for nixos-rebuild (`--use-remote-sudo` is added when not root).
-    #[arg(long, default_value = "root")]
-    pub ssh_user: String,
+    /// SSH user for nixos-rebuild (`--use-remote-sudo` is added when not root); default:
+    /// the descriptor's handoff user, else root.
+    #[arg(long)]
+    pub ssh_user: Option<String>,
     /// Address to use for SSH instead of the board's own (NAT'd labs, tests).
     #[arg(long)]
     pub ssh_host: Option<String>,
@@ -223,19 +258,66 @@ fn transcript_path(p: &PortArgs, what: &str) -> PathBuf {
     ))
 }
 
-fn baud(p: &PortArgs) -> u32 {
-    p.baud.unwrap_or(115_200)
+fn baud(p: &PortArgs, board: Option<&Board>) -> u32 {
+    p.baud
+        .or_else(|| board.map(|b| b.console().baud))
+        .unwrap_or(115_200)
+}
+
+/// The gadget command for `via`: `--gadget-cmd`, else the descriptor's template (refusing
+/// when the descriptor does not know the build to have it), else the mainline form.
+fn gadget_command(
+    a: &BootstrapOpts,
+    via: FlashVia,
+    board: Option<&Board>,
+) -> anyhow::Result<String> {
+    if let Some(c) = &a.gadget_cmd {
+        return Ok(c.clone());
+    }
+    let dev = a.flash_dev.clone().unwrap_or_else(|| {
+        board
+            .and_then(|b| {
+                b.desc
+                    .storage
+                    .iter()
+                    .find(|m| m.kind == MediumKind::Emmc && m.uboot_dev.is_some())
+                    .or(Some(b.default_medium()))
+                    .and_then(|m| m.uboot_dev.clone())
+            })
+            .unwrap_or_else(|| "mmc 0".into())
+    });
+    let Some(b) = board else {
+        return Ok(via.command(&dev));
+    };
+    let cmds = b.uboot().map(|u| &u.commands);
+    let t = match via {
+        FlashVia::Ums => cmds.and_then(|c| c.ums.clone()),
+        FlashVia::Rockusb => cmds.and_then(|c| c.rockusb.clone()),
+        FlashVia::Fastboot => cmds.and_then(|c| c.fastboot.clone()),
+    };
+    match t {
+        Some(t) => Ok(UBootCommands::render(&t, &dev)),
+        None => Err(ExitError::new(
+            Exit::Refused,
+            format!(
+                "the descriptor of {} lists no U-Boot command for {via:?} (its U-Boot is not known to have that gadget); pass --gadget-cmd to try anyway",
+                b.id()
+            ),
+        )
+        .into()),
+    }
 }
 
 /// Opens the port and a session with transcript and a stage printer.
-fn open_session(p: &PortArgs, what: &str, g: &Global) -> anyhow::Result<Session> {
-    if let Some(b) = &p.board {
-        tracing::info!(
-            "board {b}: descriptor values are not wired in yet; using flags and defaults"
-        );
-    }
+fn open_session(
+    p: &PortArgs,
+    board: Option<&Board>,
+    what: &str,
+    g: &Global,
+) -> anyhow::Result<Session> {
     let port = serial::pick_port(p.port.as_deref())?;
-    let mut link = Link::serial(&port, baud(p))?;
+    let baud = baud(p, board);
+    let mut link = Link::serial(&port, baud)?;
     link.set_reopen_for(Duration::from_secs(p.reopen_secs));
     let mut s = Session::new(link);
     let tp = transcript_path(p, what);
@@ -260,9 +342,11 @@ fn open_session(p: &PortArgs, what: &str, g: &Global) -> anyhow::Result<Session>
     });
     if !g.quiet && !g.json {
         eprintln!(
-            "console {} at {} baud, transcript {}",
+            "console {} at {baud} baud{}, transcript {}",
             port.display(),
-            baud(p),
+            board
+                .map(|b| format!(" ({})", b.name()))
+                .unwrap_or_default(),
             tp.display()
         );
     }
@@ -299,8 +383,19 @@ pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
         ),
         None => None,
     };
+    let board = load_board(&a.port, g)?;
+    let board = board.as_ref();
+    let flash_via = match a.flash_via {
+        Some(v) => Some((v, gadget_command(&a, v, board)?)),
+        None => None,
+    };
+    let ssh_user = a
+        .ssh_user
+        .clone()
+        .or_else(|| board.map(|b| b.handoff().ssh_user.clone()))
+        .unwrap_or_else(|| "root".into());
     let plan = Plan {
-        uboot: a.uboot.config(),
+        uboot: a.uboot.config(board),
         linux: LinuxConfig {
             boot_timeout: Duration::from_secs(a.boot_timeout),
             login_user: a.login_user.clone(),
@@ -311,12 +406,12 @@ pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
         force_interrupt: a.interrupt_autoboot,
         uboot_cmds: a.uboot_cmd.clone(),
         boot_cmd: a.boot_cmd.clone(),
-        flash_via: a.flash_via.map(|v| (v, a.flash_dev.clone())),
+        flash_via,
         find_ip: true,
     };
     let rt = runtime()?;
     let _enter = rt.enter(); // the serial port registers with the runtime's reactor
-    let mut s = open_session(&a.port, "bootstrap", g)?;
+    let mut s = open_session(&a.port, board, "bootstrap", g)?;
     if let Some(t) = s.transcript.as_mut() {
         t.echo = a.show_console;
     }
@@ -368,7 +463,7 @@ pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
         rebuild_cmd: &a.rebuild_cmd,
         flake: &flake,
         host: a.host.as_deref(),
-        ssh_user: &a.ssh_user,
+        ssh_user: &ssh_user,
         ssh_host: &host,
         ssh_port: a.ssh_port,
         env_sshopts: env_opts.as_deref(),
@@ -400,8 +495,10 @@ pub fn run_serial_load(a: SerialLoadArgs, g: &Global) -> anyhow::Result<Exit> {
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_else(|| "file".into());
+    let board = load_board(&a.port, g)?;
+    let board = board.as_ref();
     let plan = LoadPlan {
-        uboot: a.uboot.config(),
+        uboot: a.uboot.config(board),
         protocol: match a.protocol {
             ProtocolArg::Ymodem => Protocol::Ymodem,
             ProtocolArg::Xmodem => Protocol::Xmodem,
@@ -412,7 +509,7 @@ pub fn run_serial_load(a: SerialLoadArgs, g: &Global) -> anyhow::Result<Exit> {
     };
     let rt = runtime()?;
     let _enter = rt.enter();
-    let mut s = open_session(&a.port, "serial-load", g)?;
+    let mut s = open_session(&a.port, board, "serial-load", g)?;
     let r = rt.block_on(load::run(&mut s, &plan, &name, data));
     let l = with_transcript(&mut s, r)?;
     let rate = l.bytes as f64 / l.seconds.max(0.001) / 1024.0;
@@ -510,19 +607,20 @@ pub fn escape_keys(input: &[u8], armed: &mut bool) -> Vec<KeyAction> {
 }
 
 pub fn run_console(a: ConsoleArgs, g: &Global) -> anyhow::Result<Exit> {
+    let board = load_board(&a.port, g)?;
+    let baud = baud(&a.port, board.as_ref());
     let rt = runtime()?;
     let _enter = rt.enter();
     let port = serial::pick_port(a.port.port.as_deref())?;
-    let mut link = Link::serial(&port, baud(&a.port))?;
+    let mut link = Link::serial(&port, baud)?;
     link.set_reopen_for(Duration::from_secs(a.port.reopen_secs));
     let tp = transcript_path(&a.port, "console");
     let mut tr = Transcript::create(&tp, Instant::now())
         .with_context(|| format!("create transcript {}", tp.display()))?;
     if !g.quiet {
         eprintln!(
-            "console {} at {} baud; transcript {}; leave with Ctrl-] q\r",
+            "console {} at {baud} baud; transcript {}; leave with Ctrl-] q\r",
             port.display(),
-            baud(&a.port),
             tp.display()
         );
     }

@@ -51,6 +51,7 @@ pub struct Plan {
     pub uboot_cmds: Vec<String>,
     /// The command that boots once U-Boot was interrupted (default `boot`).
     pub boot_cmd: Option<String>,
+    /// The gadget and the exact U-Boot command that starts it.
     pub flash_via: Option<(FlashVia, String)>,
     /// Shell commands to find the address, tried in order; then the console marker.
     pub find_ip: bool,
@@ -96,8 +97,8 @@ pub async fn run(
                     .unwrap_or_default()
             )));
         }
-        if let Some((via, dev)) = &plan.flash_via {
-            let cmd = via.command(dev);
+        if let Some((via, cmd)) = &plan.flash_via {
+            let cmd = cmd.clone();
             let mut g = Gadget::new(&cmd, &plan.uboot.prompt, Duration::from_secs(2));
             s.run(&mut g).await?;
             s.stage(&Stage::Note(format!("U-Boot runs `{cmd}`: {}", via.hint())));

@@ -68,6 +68,8 @@ impl std::fmt::Display for InterruptKey {
 pub struct UBootConfig {
     pub prompt: String,
     pub interrupt: InterruptKey,
+    /// Autoboot countdown texts (prefixes) from the descriptor, besides the usual ones.
+    pub autoboot: Vec<String>,
     /// Time between interrupt keys.
     pub key_interval: Duration,
     /// Silence after which the console counts as idle (nudge with Ctrl-C).
@@ -83,6 +85,7 @@ impl Default for UBootConfig {
         UBootConfig {
             prompt: "=> ".into(),
             interrupt: InterruptKey::AnyKey,
+            autoboot: Vec::new(),
             key_interval: Duration::from_millis(50),
             idle_nudge: Duration::from_secs(3),
             timeout: Duration::from_secs(60),
@@ -196,9 +199,14 @@ pub fn command(cfg: &UBootConfig, cmd: &str, n: u32) -> Command {
     Command::new(cmd, n, Some(&cfg.prompt), cfg.command_timeout).with_alarm(command_alarm)
 }
 
-fn is_autoboot_text(s: &str) -> bool {
+fn is_autoboot_text(s: &str, extra: &[String]) -> bool {
     let l = s.to_ascii_lowercase();
-    l.contains("stop autoboot") || l.contains("abort autoboot") || l.contains("autoboot in")
+    l.contains("stop autoboot")
+        || l.contains("abort autoboot")
+        || l.contains("autoboot in")
+        || extra
+            .iter()
+            .any(|e| !e.is_empty() && s.contains(e.as_str()))
 }
 
 /// Stops autoboot and ends at a clean, confirmed prompt.
@@ -320,7 +328,7 @@ impl Machine for Interrupt {
                 return Step::Fail(self.missed("distro boot is already loading extlinux.conf", ex));
             }
             if self.state == IState::Catch {
-                if !self.saw_autoboot && is_autoboot_text(&line) {
+                if !self.saw_autoboot && is_autoboot_text(&line, &self.cfg.autoboot) {
                     self.saw_autoboot = true;
                     self.spamming = true;
                 }
@@ -339,7 +347,7 @@ impl Machine for Interrupt {
         }
         match self.state {
             IState::Catch => {
-                if !self.saw_autoboot && is_autoboot_text(&partial) {
+                if !self.saw_autoboot && is_autoboot_text(&partial, &self.cfg.autoboot) {
                     self.saw_autoboot = true;
                     self.spamming = true;
                     return Step::Stage(Stage::Autoboot);

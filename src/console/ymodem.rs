@@ -304,3 +304,81 @@ impl Sender {
         self.st == St::Done
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sends(s: XStep) -> Vec<u8> {
+        match s {
+            XStep::Send(b) => b,
+            other => panic!("expected a send, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn crc16_xmodem_check_value() {
+        // The catalogue check value of CRC-16/XMODEM.
+        assert_eq!(crc16_xmodem(b"123456789"), 0x31c3);
+    }
+
+    #[test]
+    fn ymodem_session_with_a_nak_and_c_as_nak() {
+        let data: Vec<u8> = (0..1500u32).map(|i| i as u8).collect();
+        let mut s = Sender::new(Protocol::Ymodem, "f.bin", data.clone());
+        let t = Instant::now();
+        let h = sends(s.step(b"C", t));
+        assert_eq!(&h[..3], &[SOH, 0, 255]);
+        assert_eq!(&h[3..3 + 11], b"f.bin\x001500\x00");
+        assert_eq!(h.len(), 3 + 128 + 2);
+        assert_eq!(
+            u16::from_be_bytes([h[131], h[132]]),
+            crc16_xmodem(&h[3..131])
+        );
+        // ACK without a `C` (U-Boot): block 1 goes out after a second anyway.
+        assert!(matches!(s.step(&[ACK], t), XStep::Wait(_)));
+        let b1 = sends(s.step(&[], t + Duration::from_secs(1)));
+        assert_eq!(&b1[..3], &[STX, 1, 254]);
+        assert_eq!(&b1[3..1027], &data[..1024]);
+        // `C` is a NAK in CRC mode: the same block again.
+        assert_eq!(sends(s.step(b"C", t)), b1);
+        assert!(matches!(s.step(&[ACK], t), XStep::Progress(1024)));
+        let b2 = sends(s.step(&[], t));
+        // 476 bytes left: a 1K block would waste most of it, but more than 128 need STX.
+        assert_eq!(&b2[..3], &[STX, 2, 253]);
+        assert_eq!(&b2[3..3 + 476], &data[1024..]);
+        assert!(b2[3 + 476..1027].iter().all(|&b| b == PAD));
+        assert_eq!(sends(s.step(&[NAK], t)), b2);
+        assert!(matches!(s.step(&[ACK], t), XStep::Progress(1500)));
+        assert_eq!(sends(s.step(&[], t)), vec![EOT]);
+        assert_eq!(sends(s.step(&[NAK], t)), vec![EOT]);
+        assert!(matches!(s.step(&[ACK], t), XStep::Wait(_)));
+        let fin = sends(s.step(b"C", t));
+        assert_eq!(&fin[..3], &[SOH, 0, 255]);
+        assert!(fin[3..131].iter().all(|&b| b == 0));
+        assert_eq!(s.step(&[ACK], t), XStep::Done);
+    }
+
+    #[test]
+    fn xmodem_checksum_mode_and_cancel() {
+        let mut s = Sender::new(Protocol::Xmodem, "x", vec![1, 2, 3]);
+        let t = Instant::now();
+        let b = sends(s.step(&[NAK], t));
+        assert_eq!(&b[..3], &[SOH, 1, 254]);
+        assert_eq!(
+            b.len(),
+            3 + 128 + 1,
+            "8-bit sum when the receiver starts with NAK"
+        );
+        assert_eq!(b[131], (1u32 + 2 + 3 + 125 * PAD as u32) as u8);
+        let mut s = Sender::new(Protocol::Xmodem, "x", vec![1, 2, 3]);
+        sends(s.step(b"C", t));
+        assert!(matches!(s.step(&[CAN, CAN], t), XStep::Fail(_)));
+        let mut s = Sender::new(Protocol::Ymodem, "x", vec![1]);
+        s.step(&[], t);
+        assert!(matches!(
+            s.step(&[], t + Duration::from_secs(61)),
+            XStep::Fail(_)
+        ));
+    }
+}
