@@ -996,7 +996,7 @@ fn linux_ip_parsing_from_busybox_and_iproute2() {
 
 /// `socat` linking two ptys: sbcflash opens one end, the test plays the board on the other.
 struct PtyPair {
-    child: Child,
+    _socat: Child,
     a: PathBuf,
     b: PathBuf,
 }
@@ -1020,7 +1020,7 @@ impl PtyPair {
         }
         assert!(a.exists() && b.exists(), "socat made no ptys");
         PtyPair {
-            child: Child(child),
+            _socat: Child(child),
             a,
             b,
         }
