@@ -882,7 +882,7 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         .arg(&transcript)
         .env("NIX_SSHOPTS", &sshopts)
         .env("STANDIN_LOG", &log)
-        .env("STANDIN_EXIT", "7")
+        .env("STANDIN_EXIT", "42")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -895,7 +895,7 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
     h.join().unwrap();
     let rec = std::fs::read_to_string(&log).unwrap_or_default();
     let ctx = format!("exit {code}\nstdout:\n{out}\nstderr:\n{err}\nstand-in log:\n{rec}");
-    assert_eq!(code, 7, "the deployer's status is passed through\n{ctx}");
+    assert_eq!(code, 42, "the deployer's status is passed through\n{ctx}");
     for stage in [
         "U-Boot prompt",
         "U-Boot `printenv bootcmd`: ok",

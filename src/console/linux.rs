@@ -64,6 +64,8 @@ pub struct Follow {
     stage1: bool,
     stage2: bool,
     starting: bool,
+    /// A `login:` prompt that a kernel message was appended to (`login: [  3.3] eth0: ...`).
+    login_in_line: bool,
     /// IP address seen in a console marker line.
     pub ip_from_console: Option<Ipv4Addr>,
 }
@@ -78,6 +80,7 @@ impl Follow {
             stage1: false,
             stage2: false,
             starting: false,
+            login_in_line: false,
             ip_from_console: None,
         }
     }
@@ -159,6 +162,13 @@ impl Machine for Follow {
                     return Step::Stage(Stage::KernelBanner(v));
                 }
             }
+            if self.kernel {
+                if let Some(i) = line.find("login: ") {
+                    if is_printk(&line[i + 7..]) {
+                        self.login_in_line = true;
+                    }
+                }
+            }
             if !self.stage1 && line.contains("<<< NixOS Stage 1 >>>") {
                 self.stage1 = true;
                 return Step::Stage(Stage::NixosStage1);
@@ -184,7 +194,9 @@ impl Machine for Follow {
         }
         let partial = ex.partial();
         let quiet = ex.quiet_for(Duration::from_millis(300), now);
-        if self.kernel && partial.trim_end().ends_with("login:") && quiet {
+        let at_login = partial.trim_end().ends_with("login:")
+            || (self.login_in_line && partial.trim().is_empty());
+        if self.kernel && at_login && quiet {
             return Step::Done((Arrival::Login, self.ip_from_console));
         }
         if self.kernel
