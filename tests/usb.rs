@@ -1154,3 +1154,44 @@ fn usb_list_real_bus_is_empty_not_an_error() {
     let bus = sbcflash::usb::discovery::RusbBus::new();
     assert!(bus.list().unwrap().is_empty());
 }
+
+/// `write --via` wiring through the real (empty) bus: clear errors, right exit codes.
+#[test]
+fn write_via_cli_errors_without_a_board() {
+    let dir = TmpDir(tmpdir("via-cli"));
+    let img = dir.0.join("x.img");
+    std::fs::write(&img, vec![1u8; 8192]).unwrap();
+    let out = common::sbcflash()
+        .args(["write", "--via", "usb"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(Exit::Environment.code() as i32),
+        "{err}"
+    );
+    assert!(
+        err.contains("no Rockchip board in maskrom or loader mode found"),
+        "{err}"
+    );
+    let out = common::sbcflash()
+        .args(["write", "--via", "maskrom", "--board", "opi5"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(Exit::Usage.code() as i32), "{err}");
+    assert!(
+        err.contains("--via maskrom needs --loader") && err.contains("rk3588_spl_loader"),
+        "{err}"
+    );
+    let out = common::sbcflash()
+        .args(["write", "--via", "fastboot", "--board", "opi5"])
+        .arg(&img)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("recovers over rockusb"), "{err}");
+}

@@ -210,3 +210,135 @@ pub fn run_fel_on(bus: &dyn Bus, a: FelArgs, g: &Global) -> anyhow::Result<Exit>
     }
     Ok(Exit::Ok)
 }
+
+/// `sbcflash write --via …` flags (flattened into `write`).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ViaArgs {
+    /// Write over a USB recovery protocol instead of to a block device: `maskrom` (Rockchip:
+    /// download a loader, then rockusb), `usb` (Rockchip in whatever mode it is in), `usbboot`
+    /// (Raspberry Pi rpiboot, then the block write on the exposed eMMC), `fastboot`.
+    /// Only IMAGE is given (no TARGET) except with usbboot, where the target is found.
+    #[arg(long, value_enum, value_name = "PROTOCOL")]
+    pub via: Option<crate::usb::flash::Via>,
+    /// Loader for maskrom: one boot_merger .bin, or the raw 0x471 and 0x472 blobs (twice).
+    #[arg(long, value_name = "FILE")]
+    pub loader: Vec<PathBuf>,
+    /// Storage to write over rockusb: emmc, sd, spi.
+    #[arg(long, value_name = "MEDIUM")]
+    pub storage: Option<String>,
+    /// Directory with the rpiboot files (bootcode4.bin, … or mass-storage-gadget64).
+    #[arg(long, value_name = "DIR")]
+    pub usbboot_dir: Option<PathBuf>,
+    /// Fastboot partition to flash (e.g. root, boot, uboot, ram).
+    #[arg(long, value_name = "NAME")]
+    pub partition: Option<String>,
+    /// Only use the board on this USB port path (e.g. 1-2.1).
+    #[arg(long, value_name = "PATH")]
+    pub usb_port: Option<String>,
+    /// Leave the board running its loader instead of resetting it at the end.
+    #[arg(long)]
+    pub no_reset: bool,
+}
+
+/// Run the USB part of `write --via`. Returns the block device to continue with (usbboot),
+/// or `None` when the image is already on the board.
+pub fn write_via(
+    a: &ViaArgs,
+    board: Option<&str>,
+    image: crate::image::open::OpenedImage,
+    verify: bool,
+    g: &Global,
+) -> anyhow::Result<Option<PathBuf>> {
+    use crate::usb::flash::{self, Outcome, Via, ViaOptions};
+    let Some(via) = a.via else {
+        return Ok(None);
+    };
+    let mut o = ViaOptions::new(via);
+    o.loader = a.loader.clone();
+    o.storage = a.storage.as_deref().map(flash::storage_index).transpose()?;
+    o.usbboot_dir = a.usbboot_dir.clone();
+    o.partition = a.partition.clone();
+    o.port = a.usb_port.clone();
+    o.verify = verify;
+    o.reset = !a.no_reset;
+    if let Some(b) = board {
+        let reg = crate::board::Registry::load(&g.boards_dir)?;
+        let board = reg.get(b)?;
+        if let Some(usb) = board.usb_recovery() {
+            use crate::board::schema::RecoveryProtocol as P;
+            let fits = matches!(
+                (via, usb.protocol),
+                (Via::Maskrom | Via::Usb, P::Rockusb)
+                    | (Via::Usbboot, P::Rpiboot)
+                    | (Via::Fastboot, P::Fastboot)
+            );
+            if !fits {
+                return Err(ExitError::new(
+                    Exit::Usage,
+                    format!(
+                        "board {b} recovers over {} over USB, not --via {}",
+                        usb.protocol,
+                        format!("{via:?}").to_lowercase()
+                    ),
+                )
+                .into());
+            }
+            // Gadgets (fastboot in U-Boot) may use other IDs than the ROM: only pin the ROM's.
+            if via != Via::Fastboot {
+                o.id = usb.vid.zip(usb.pid);
+            }
+        }
+        if via == Via::Maskrom && o.loader.is_empty() {
+            let names: Vec<String> = board
+                .recovery()
+                .map(|r| {
+                    r.loaders
+                        .iter()
+                        .filter(|l| l.role == "usb-loader")
+                        .map(|l| match &l.source {
+                            Some(s) => format!("{} ({s})", l.file),
+                            None => l.file.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            return Err(ExitError::new(
+                Exit::Usage,
+                format!(
+                    "--via maskrom needs --loader FILE; sbcflash does not ship loaders. For {b}: {}",
+                    if names.is_empty() {
+                        "see the board's documentation".to_string()
+                    } else {
+                        names.join(" or ")
+                    }
+                ),
+            )
+            .into());
+        }
+    }
+    let reporter = g.reporter();
+    let out = flash::write_via(&RusbBus::new(), &o, image.source, &*reporter)?;
+    match out {
+        Outcome::BlockDevice { path, .. } => Ok(Some(path)),
+        Outcome::Written {
+            device,
+            image_size,
+            bytes_written,
+            bytes_skipped,
+            verified,
+        } => {
+            if g.json {
+                let j = serde_json::json!({"event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
+                    "device": device, "image_size": image_size, "bytes_written": bytes_written,
+                    "bytes_skipped": bytes_skipped, "verified": verified});
+                println!("{j}");
+            } else if !g.quiet {
+                eprintln!(
+                    "{device}: wrote {bytes_written} bytes ({bytes_skipped} skipped) of a {image_size}-byte image; {}",
+                    if verified { "read back and verified" } else { "not read back" }
+                );
+            }
+            Ok(None)
+        }
+    }
+}

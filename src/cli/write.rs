@@ -101,6 +101,8 @@ pub struct WriteArgs {
     /// it is downloaded, decompressed and written in one pass.
     #[command(flatten)]
     pub stream: super::acquire::StreamArgs,
+    #[command(flatten)]
+    pub usb: super::usb::ViaArgs,
 }
 
 /// Image-vs-board checks, filled in by the board module: may refuse (layout, offsets, size)
@@ -195,7 +197,22 @@ fn confirm(info: &TargetInfo, image: &OpenedImage, yes: bool) -> anyhow::Result<
 }
 
 pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
+    // `--via`: the USB recovery path (helper "usb"); usbboot hands back a block device.
+    let via_target = match (&a.usb.via, &a.image, a.paths.as_slice()) {
+        (None, ..) => None,
+        (Some(_), Some(i), []) | (Some(_), None, [i]) => {
+            let img = a.img.open(i)?;
+            match super::usb::write_via(&a.usb, a.board.as_deref(), img, !a.no_verify, g)? {
+                Some(dev) => Some((i.clone(), dev)),
+                None => return Ok(Exit::Ok),
+            }
+        }
+        (Some(_), ..) => {
+            return Err(ExitError::new(Exit::Usage, "with --via, give only the IMAGE").into())
+        }
+    };
     let (image_path, target_path) = match (&a.image, a.paths.as_slice()) {
+        _ if via_target.is_some() => via_target.unwrap_or_default(),
         (Some(i), [t]) => (i.clone(), t.clone()),
         (None, [i, t]) => (i.clone(), t.clone()),
         // Only TARGET with --board: the board's default image source, streamed.
