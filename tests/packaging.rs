@@ -387,3 +387,80 @@ fn cargo_lock_has_only_registry_sources_for_nix() {
         }
     }
 }
+
+#[test]
+fn every_subcommand_help_has_examples_and_the_top_help_has_exit_codes() {
+    for path in subcommand_paths().into_iter().filter(|p| p.len() == 1) {
+        let o = out_ok(sbcflash().args(&path).arg("--help"));
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.contains("Examples:") || text.contains("Example:"),
+            "`sbcflash {} --help` has no examples",
+            path.join(" ")
+        );
+    }
+    let o = out_ok(sbcflash().arg("--help"));
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(text.contains("Exit codes:"), "{text}");
+    for (code, _) in sbcflash::exit::Exit::TABLE {
+        assert!(
+            text.contains(&format!(" {} ", code.code())),
+            "exit code {code} undocumented"
+        );
+    }
+}
+
+/// The README's boards table, rendered from the shipped descriptors.
+fn boards_table() -> String {
+    let reg = sbcflash::board::Registry::builtin().expect("shipped descriptors load");
+    let mut s = String::from(
+        "| id | board | SoC | arch | default medium | USB recovery |\n|---|---|---|---|---|---|\n",
+    );
+    for b in reg.boards() {
+        let usb = b
+            .usb_recovery()
+            .map(|u| u.protocol.to_string())
+            .unwrap_or_else(|| "-".into());
+        s.push_str(&format!(
+            "| `{}` | {} | {} | {} | {} | {} |\n",
+            b.id(),
+            b.name(),
+            b.soc.names.join(", "),
+            b.soc.arch,
+            b.default_medium().kind,
+            usb
+        ));
+    }
+    s
+}
+
+#[test]
+fn readme_boards_table_matches_the_shipped_descriptors() {
+    let path = root().join("README.md");
+    let readme = std::fs::read_to_string(&path).unwrap();
+    let (begin, end) = ("<!-- boards:begin -->\n", "<!-- boards:end -->");
+    let a = readme.find(begin).expect("boards:begin marker") + begin.len();
+    let b = readme.find(end).expect("boards:end marker");
+    let want = boards_table();
+    if readme[a..b] != want {
+        if std::env::var_os("UPDATE_README").is_some() {
+            let new = format!("{}{}{}", &readme[..a], want, &readme[b..]);
+            std::fs::write(&path, new).unwrap();
+        } else {
+            panic!(
+                "README boards table is stale; run UPDATE_README=1 cargo test --test packaging readme\n{want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn readme_documents_every_exit_code() {
+    let readme = std::fs::read_to_string(root().join("README.md")).unwrap();
+    for (code, what) in sbcflash::exit::Exit::TABLE {
+        assert!(
+            readme.contains(&format!("| {} | {what} |", code.code())),
+            "README lacks exit code {code}"
+        );
+    }
+}

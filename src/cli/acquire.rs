@@ -189,6 +189,9 @@ pub fn run_fetch(a: FetchArgs, g: &Global) -> anyhow::Result<Exit> {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  sbcflash cache list\n  sbcflash cache verify                         # exit code 6 if an entry was corrupt\n  sbcflash cache prune --older-than 30d --max-size 20G"
+)]
 pub struct CacheArgs {
     #[command(subcommand)]
     pub cmd: CacheCmd,

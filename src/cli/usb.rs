@@ -8,6 +8,9 @@ use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  sbcflash usb                                  # boards in maskrom/rpiboot/FEL/fastboot\n  sbcflash usb udev-rules | sudo tee /etc/udev/rules.d/70-sbcflash.rules"
+)]
 pub struct UsbArgs {
     #[command(subcommand)]
     pub cmd: Option<UsbCmd>,
@@ -75,6 +78,9 @@ pub fn list(bus: &dyn Bus, g: &Global) -> anyhow::Result<Exit> {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  sbcflash fel version\n  sbcflash fel write 0x20000 u-boot-sunxi-spl.bin\n  sbcflash fel read 0x20000 256"
+)]
 pub struct FelArgs {
     /// Board the device should be (for messages; FEL itself identifies the SoC).
     #[arg(long)]

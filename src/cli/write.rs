@@ -291,6 +291,9 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  sbcflash list                 # removable USB disks and SD cards\n  sbcflash list --all --json    # every disk, for scripts"
+)]
 pub struct ListArgs {
     /// Also show non-removable, system, virtual and loop devices.
     #[arg(long)]
@@ -350,6 +353,9 @@ pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  sbcflash hash nixos-sd-image.img.zst          # blake3 of the decompressed image\n  sbcflash hash image.img --write-sidecar       # also writes image.img.blake3"
+)]
 pub struct HashArgs {
     /// The image (any supported format; the digest is of its logical contents).
     pub image: PathBuf,
@@ -381,6 +387,9 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
 }
 
 #[derive(Debug, clap::Args)]
+#[command(
+    after_help = "Examples:\n  sbcflash verify nixos-sd-image.img.zst /dev/sdb\n  sbcflash verify image.img /dev/sdb --blake3 <64 hex digits>"
+)]
 pub struct VerifyArgs {
     /// The image the target should hold.
     pub image: PathBuf,
