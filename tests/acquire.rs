@@ -819,3 +819,93 @@ fn stream_board_default_source_to_loop_device() {
     );
     assert_eq!(fetched(&o).0, b3(&zst));
 }
+
+/// Benchmark for BENCHMARKS.md (not part of CI): the same zstd image written to a loop device
+/// by streaming from the loopback HTTPS server, by `curl | zstd -dc | dd`, and from a local
+/// file. Run: `cargo test --release --test acquire bench_stream -- --ignored --nocapture`.
+#[test]
+#[ignore]
+fn bench_stream_vs_curl_vs_local_file() {
+    if !common::require(true, &["losetup", "zstd", "curl", "dd"]) {
+        return;
+    }
+    let mib: usize = std::env::var("BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    // Half incompressible data, half zeroes: like a filled-up root file system plus free space.
+    let mut raw = pseudo_random((mib / 2) << 20, 99);
+    raw.resize(mib << 20, 0);
+    let rawp = d.path().join("bench.img");
+    std::fs::write(&rawp, &raw).unwrap();
+    common::run(
+        std::process::Command::new("zstd")
+            .args(["-q", "-f", "-T0", "-3"])
+            .arg(&rawp),
+    );
+    let zstp = d.path().join("bench.img.zst");
+    let zst = Arc::new(std::fs::read(&zstp).unwrap());
+    srv.add("/bench.img.zst", zst.clone(), Behavior::Normal);
+    let url = srv.url("/bench.img.zst");
+    let lo = common::LoopDev::new_sparse(d.path(), "disk.img", ((mib + 16) << 20) as u64);
+    let dev = lo.path().to_path_buf();
+    let time = |f: &dyn Fn()| {
+        let t = std::time::Instant::now();
+        f();
+        t.elapsed().as_secs_f64()
+    };
+    let mut rows = Vec::new();
+    for rep in 0..2 {
+        let s = time(&|| {
+            let o = common::sbcflash()
+                .arg("write")
+                .arg(&url)
+                .arg(&dev)
+                .args([
+                    "--yes",
+                    "--no-verify",
+                    "--source-blake3",
+                    &b3(&zst),
+                    "--ca-file",
+                ])
+                .arg(&srv.ca_file)
+                .arg("--cache-dir")
+                .arg(d.path().join("cache"))
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", text(&o));
+        });
+        common::assert_same_prefix(&rawp, &dev, (mib << 20) as u64);
+        let c = time(&|| {
+            common::sh(&format!(
+                "curl -sf --cacert {} {url} | zstd -dc | dd of={} bs=4M oflag=direct conv=fsync status=none",
+                srv.ca_file.display(),
+                dev.display()
+            ));
+        });
+        common::assert_same_prefix(&rawp, &dev, (mib << 20) as u64);
+        let l = time(&|| {
+            let o = common::sbcflash()
+                .arg("write")
+                .arg(&zstp)
+                .arg(&dev)
+                .args(["--yes", "--no-verify"])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", text(&o));
+        });
+        common::assert_same_prefix(&rawp, &dev, (mib << 20) as u64);
+        rows.push((rep, s, c, l));
+    }
+    println!("| rep | sbcflash write https://… (stream) | curl \\| zstd -dc \\| dd | sbcflash write local .zst | stream / local |");
+    println!("|---|---|---|---|---|");
+    for (rep, s, c, l) in rows {
+        println!("| {rep} | {s:.2} s | {c:.2} s | {l:.2} s | {:.2} |", s / l);
+    }
+    println!(
+        "image: {mib} MiB logical, {:.1} MiB zstd",
+        zst.len() as f64 / (1 << 20) as f64
+    );
+}
