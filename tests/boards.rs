@@ -316,6 +316,13 @@ fn malformed_schema_version_unknown_soc_and_bad_placement() {
         "DIR/bad.toml:12:26: placement of `spl.bin`: expected exactly one of `sector` or `offset`"
     );
     assert_eq!(
+        board_err(&GOOD.replace(
+            "arch = \"aarch64\"\n",
+            "arch = \"aarch64\"\nvariant_of = \"opi9\"\n"
+        )),
+        "DIR/bad.toml:8:1: `variant_of = \"opi9\"`: no board with that id"
+    );
+    assert_eq!(
         board_err(&GOOD.replace("arch = \"aarch64\"", "arch = \"riscv64\"")),
         "DIR/bad.toml:7:1: arch `riscv64` contradicts SoC `rk3588` (aarch64, in built-in boards/soc/rk3588.toml)"
     );

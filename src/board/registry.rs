@@ -372,6 +372,19 @@ impl Registry {
             }
         }
 
+        for (b, text, _) in boards.values() {
+            if let Some(v) = &b.desc.variant_of {
+                if !boards.contains_key(v) {
+                    return Err(located(
+                        &b.origin,
+                        text,
+                        "variant_of",
+                        format!("`variant_of = \"{v}\"`: no board with that id"),
+                    ));
+                }
+            }
+        }
+
         Ok(Registry {
             boards: boards.into_values().map(|(b, _, _)| b).collect(),
             socs,

@@ -640,3 +640,53 @@ impl Handoff {
         self.flake_attr.replace("<host>", host)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interrupt_bytes_and_command_templates() {
+        assert_eq!(Interrupt::AnyKey.bytes(), b" ");
+        assert_eq!(Interrupt::CtrlC.bytes(), [0x03]);
+        assert_eq!(
+            Interrupt::Keys {
+                keys: "stop".into()
+            }
+            .bytes(),
+            b"stop"
+        );
+        assert_eq!(UBootCommands::render("ums 0 {dev}", "mmc 1"), "ums 0 mmc 1");
+        let h = Handoff::default();
+        assert_eq!(
+            h.flake_attr_for("pi"),
+            "nixosConfigurations.pi.config.system.build.sdImage"
+        );
+    }
+
+    #[test]
+    fn digest_parsing() {
+        let hex64 = "ab".repeat(32);
+        assert_eq!(Digest::parse(&hex64).unwrap().to_hex(), hex64);
+        assert!(Digest::parse("abc").unwrap_err().contains("64 hex digits"));
+        assert!(Digest::parse(&"g".repeat(64))
+            .unwrap_err()
+            .contains("hex digits"));
+    }
+
+    #[test]
+    fn medium_names_round_trip() {
+        for k in [
+            MediumKind::Sd,
+            MediumKind::Emmc,
+            MediumKind::SpiNor,
+            MediumKind::SpiNand,
+            MediumKind::Nvme,
+            MediumKind::Usb,
+            MediumKind::Virtio,
+        ] {
+            assert_eq!(k.as_str().parse::<MediumKind>().unwrap(), k);
+        }
+        assert!("floppy".parse::<MediumKind>().is_err());
+    }
+}
