@@ -860,8 +860,13 @@ fn write_hooks_check_then_place_bootloader_on_a_loop_device() {
         strict: true,
         ..Default::default()
     };
-    // Without U-Boot in the image and --strict: refused before anything is written.
-    let e = preflight(&args, &img, &g).unwrap_err();
+    // Without U-Boot in the image, without --bootloader, and --strict: refused before
+    // anything is written.
+    let no_bl = BoardWriteArgs {
+        bootloader: vec![],
+        ..args.clone()
+    };
+    let e = preflight(&no_bl, &img, &g).unwrap_err();
     assert_eq!(sbcflash::exit::classify(&e), sbcflash::exit::Exit::Refused);
     assert!(format!("{e:#}").contains("no U-Boot in the image"), "{e:#}");
 
@@ -900,4 +905,58 @@ fn write_hooks_check_then_place_bootloader_on_a_loop_device() {
     assert!(preflight(&BoardWriteArgs::default(), &img, &g)
         .unwrap()
         .is_none());
+}
+
+#[test]
+fn cli_write_board_strict_refuses_and_bootloader_is_placed() {
+    if !require(false, TOOLS) {
+        return;
+    }
+    let dir = tmp();
+    let bad = make_nixos_like_image(dir.path(), "nixos.img", 48, Table::Mbr);
+    let out_img = dir.path().join("out.img");
+    let out = sbcflash()
+        .env("XDG_CONFIG_HOME", dir.path())
+        .args(["write", "--board", "opi5", "--strict", "--yes"])
+        .arg(&bad)
+        .arg(&out_img)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("inside the Rockchip bootloader area"), "{err}");
+    assert!(!out_img.exists(), "nothing may be written when refused");
+
+    let img = make_image(dir.path(), "rk.img", 64, MBR_32, 32);
+    let idb = random_file(dir.path(), "idbloader.img", 64 * 1024, b"RKNS");
+    let itb = random_file(dir.path(), "u-boot.itb", 256 * 1024, b"\xd0\x0d\xfe\xed");
+    let out = sbcflash()
+        .env("XDG_CONFIG_HOME", dir.path())
+        .args(["write", "--board", "opi5", "--strict", "--yes"])
+        .arg("--bootloader")
+        .arg(&idb)
+        .arg("--bootloader")
+        .arg(&itb)
+        .arg(&img)
+        .arg(&out_img)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The image lacks U-Boot, but --bootloader adds it: --strict is satisfied.
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("placed "), "{err}");
+    assert!(
+        err.contains("--bootloader adds it (idbloader.img at 32 KiB, u-boot.itb at 8 MiB)"),
+        "{err}"
+    );
+    let bytes = std::fs::read(&out_img).unwrap();
+    assert_eq!(
+        &bytes[32768..32768 + 64 * 1024],
+        &std::fs::read(&idb).unwrap()[..]
+    );
+    assert_eq!(
+        &bytes[8 << 20..(8 << 20) + 256 * 1024],
+        &std::fs::read(&itb).unwrap()[..]
+    );
+    assert_eq!(&bytes[..512], &std::fs::read(&img).unwrap()[..512]);
 }

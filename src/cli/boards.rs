@@ -505,6 +505,28 @@ pub fn preflight(
     };
     let reg = registry(g)?;
     let b = reg.get(&name)?.clone();
+    if !std::fs::metadata(image).is_ok_and(|m| m.is_file()) {
+        // Reading a pipe's head here would steal it from the writer.
+        if a.strict || !a.bootloader.is_empty() {
+            return Err(crate::exit::ExitError::new(
+                Exit::Usage,
+                format!(
+                    "{}: not a regular file, so it cannot be checked against board `{}` (--strict/--bootloader need a file)",
+                    image.display(),
+                    b.id()
+                ),
+            )
+            .into());
+        }
+        if !g.quiet {
+            eprintln!(
+                "warning: {} is not a regular file: not checked against board `{}`",
+                image.display(),
+                b.id()
+            );
+        }
+        return Ok(None);
+    }
     let kind = if a.spi {
         Some(MediumKind::SpiNor)
     } else {
@@ -515,13 +537,7 @@ pub fn preflight(
         None => b.default_medium().clone(),
     };
     let head = image_head(image)?;
-    let report = board::check_image(&b, &medium, &head);
-    if g.json {
-        print_report(&report, g, &mut std::io::stdout().lock())?;
-    } else if !g.quiet || report.has_warnings() {
-        print_report(&report, g, &mut std::io::stderr().lock())?;
-    }
-    let report = report.into_result(a.strict)?;
+    let mut report = board::check_image(&b, &medium, &head);
     let placements = if a.bootloader.is_empty() {
         Vec::new()
     } else {
@@ -534,6 +550,30 @@ pub fn preflight(
         })?;
         board::place::plan(&b, &medium, &table, &a.bootloader)?
     };
+    if !placements.is_empty() {
+        // The bootloader the image lacks is about to be added: no longer a problem.
+        for f in report
+            .findings
+            .iter_mut()
+            .filter(|f| f.code == "no-bootloader")
+        {
+            f.severity = Severity::Info;
+            f.message = format!(
+                "the image carries no bootloader; --bootloader adds it ({})",
+                placements
+                    .iter()
+                    .map(|p| format!("{} at {}", p.slot, board::check::human_offset(p.offset)))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+    }
+    if g.json {
+        print_report(&report, g, &mut std::io::stdout().lock())?;
+    } else if !g.quiet || report.has_warnings() {
+        print_report(&report, g, &mut std::io::stderr().lock())?;
+    }
+    let report = report.into_result(a.strict)?;
     Ok(Some(BoardPreflight {
         board: b,
         medium,

@@ -77,9 +77,10 @@ pub struct WriteArgs {
     /// The image (long form; then the only positional argument is the target).
     #[arg(long, value_name = "PATH")]
     pub image: Option<PathBuf>,
-    /// Board id: the image is checked against the board's descriptor.
-    #[arg(long, value_name = "BOARD")]
-    pub board: Option<String>,
+    /// --board/--medium/--spi/--strict/--bootloader: check the image against a board's
+    /// descriptor before writing, place bootloader files after it (see `sbcflash boards`).
+    #[command(flatten)]
+    pub board: super::boards::BoardWriteArgs,
     #[command(flatten)]
     pub img: ImageFlags,
     /// Expected blake3 of the logical image (default: IMAGE.blake3 sidecar if present).
@@ -105,19 +106,16 @@ pub struct WriteArgs {
     pub usb: super::usb::ViaArgs,
 }
 
-/// Image-vs-board checks, filled in by the board module: may refuse (layout, offsets, size)
-/// and may return the expected blake3 from the descriptor. Runs after the image is opened
-/// and before the target is opened or anything is written.
+/// Image-vs-board checks by the board module: may refuse (`--strict`), and plans the
+/// `--bootloader` placements. Runs after the image is opened and before the target is opened
+/// or anything is written. The image head is read from a fresh open of the file, so a pipe
+/// cannot be checked (it would lose its first bytes).
 pub fn board_checks(
-    board: Option<&str>,
-    _image: &OpenedImage,
-    _target: &TargetInfo,
-    _g: &Global,
-) -> anyhow::Result<Option<[u8; 32]>> {
-    if let Some(b) = board {
-        tracing::info!("board {b}: no image checks wired yet");
-    }
-    Ok(None)
+    board: &super::boards::BoardWriteArgs,
+    image: &Path,
+    g: &Global,
+) -> anyhow::Result<Option<super::boards::BoardPreflight>> {
+    super::boards::preflight(board, image, g)
 }
 
 /// The expected digest: `--blake3`, else the `IMAGE.blake3` sidecar, else none.
@@ -216,7 +214,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         (Some(i), [t]) => (i.clone(), t.clone()),
         (None, [i, t]) => (i.clone(), t.clone()),
         // Only TARGET with --board: the board's default image source, streamed.
-        (None, [t]) if a.board.is_some() => (PathBuf::new(), t.clone()),
+        (None, [t]) if a.board.board.is_some() => (PathBuf::new(), t.clone()),
         (Some(_), _) => {
             return Err(ExitError::new(Exit::Usage, "with --image, give only the TARGET").into())
         }
@@ -225,7 +223,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     let reporter = g.reporter();
     let image_arg = (!image_path.as_os_str().is_empty()).then(|| image_path.to_string_lossy());
     let remote =
-        super::acquire::remote_image(image_arg.as_deref(), a.board.as_deref(), &a.stream, g)?;
+        super::acquire::remote_image(image_arg.as_deref(), a.board.board.as_deref(), &a.stream, g)?;
     let (opened, remote, image_path) = match remote {
         Some((o, check)) => {
             let p = o.path.clone();
@@ -233,7 +231,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         }
         None => (a.img.open(&image_path)?, None, image_path.clone()),
     };
-    let mut expected = expected_digest(a.blake3.as_deref(), &image_path)?;
+    let expected = expected_digest(a.blake3.as_deref(), &image_path)?;
 
     let (resolved, info) = target::inspect(&target_path)?;
     let mut policy = Policy {
@@ -243,9 +241,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     };
     policy.image_paths.extend(opened.bmap.clone());
     target::vet(&resolved, &info, &policy)?;
-    if let Some(d) = board_checks(a.board.as_deref(), &opened, &info, g)? {
-        expected = expected.or(Some(d));
-    }
+    let board_pre = board_checks(&a.board, &image_path, g)?;
     confirm(&info, &opened, a.yes)?;
     // Re-inspects, re-vets, opens O_EXCL and re-checks through the fd.
     let opened_target = target::open(&target_path, &policy)?;
@@ -277,6 +273,10 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         None => result.map_err(anyhow::Error::from),
     };
     let report = result.with_context(|| format!("writing {} to {job}", image_path.display()))?;
+    if let Some(pre) = &board_pre {
+        drop(sink);
+        super::boards::after_write(pre, &target_path, g)?;
+    }
     if !g.json && !g.quiet {
         println!("{}", report.summary_line(&job));
     }
