@@ -181,7 +181,7 @@ impl SlotReporter {
             // A bar-less line that stays until the slot's next unit replaces it.
             self.ui.reporter.report(Event::Start {
                 job: self.slot.clone(),
-                phase: word.into(),
+                phase: format!("{} {word}", self.slot),
                 total: None,
                 detail: Some(text.to_string()),
             });
@@ -202,11 +202,15 @@ impl Reporter for SlotReporter {
             Event::Start {
                 job, phase, total, ..
             } => {
-                *job = slot;
+                *job = slot.clone();
                 self.log(&format!(
                     "start {phase}{}",
                     total.map(|t| format!(" ({t} bytes)")).unwrap_or_default()
                 ));
+                if self.ui.style == Style::Bars {
+                    // The bar's prefix is the phase: name the slot in it too.
+                    *phase = format!("{slot} {phase}");
+                }
             }
             Event::Progress {
                 job,
