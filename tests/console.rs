@@ -833,20 +833,7 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         .output()
         .unwrap();
     let werr = String::from_utf8_lossy(&w.stderr);
-    // Until the writer's CLI lands, its stub either says so or takes no arguments.
-    if !w.status.success()
-        && (werr.contains("not implemented in this build") || werr.contains("unexpected argument"))
-    {
-        eprintln!("NOTE: `sbcflash write` is not in this build yet; copying the image with cp");
-        common::run(
-            Command::new("cp")
-                .arg("--sparse=always")
-                .arg(&img)
-                .arg(&disk),
-        );
-    } else {
-        assert!(w.status.success(), "sbcflash write: {werr}");
-    }
+    assert!(w.status.success(), "sbcflash write: {werr}");
     common::assert_same_prefix(&img, &disk, std::fs::metadata(&img).unwrap().len());
 
     let t = Target::start(&["--disk", disk.to_str().unwrap(), "--ssh-port", "0"]);
