@@ -164,26 +164,6 @@ impl SimDevice for FelDevice {
     fn fail_next_status(&mut self) {
         self.fail_next = true;
     }
-    fn control_out(
-        &mut self,
-        _: u8,
-        _: u8,
-        _: u16,
-        _: u16,
-        _: &[u8],
-    ) -> Result<usize, TransportError> {
-        Err(TransportError::Stall)
-    }
-    fn control_in(
-        &mut self,
-        _: u8,
-        _: u8,
-        _: u16,
-        _: u16,
-        _: &mut [u8],
-    ) -> Result<usize, TransportError> {
-        Err(TransportError::Stall)
-    }
 
     fn bulk_out(&mut self, data: &[u8]) -> Result<usize, TransportError> {
         match self.usb {

@@ -110,22 +110,27 @@ pub trait SimDevice: Send {
     fn vanish(&mut self);
     /// Make the next status report a failure.
     fn fail_next_status(&mut self);
+    /// Bulk-only protocols (fastboot, FEL) stall every control request, as real devices do.
     fn control_out(
         &mut self,
-        rt: u8,
-        req: u8,
-        value: u16,
-        index: u16,
-        data: &[u8],
-    ) -> Result<usize, TransportError>;
+        _rt: u8,
+        _req: u8,
+        _value: u16,
+        _index: u16,
+        _data: &[u8],
+    ) -> Result<usize, TransportError> {
+        Err(TransportError::Stall)
+    }
     fn control_in(
         &mut self,
-        rt: u8,
-        req: u8,
-        value: u16,
-        index: u16,
-        buf: &mut [u8],
-    ) -> Result<usize, TransportError>;
+        _rt: u8,
+        _req: u8,
+        _value: u16,
+        _index: u16,
+        _buf: &mut [u8],
+    ) -> Result<usize, TransportError> {
+        Err(TransportError::Stall)
+    }
     fn bulk_out(&mut self, data: &[u8]) -> Result<usize, TransportError>;
     fn bulk_in(&mut self, buf: &mut [u8]) -> Result<usize, TransportError>;
 }
