@@ -687,6 +687,11 @@ fn rockusb_fault_stall_and_timeout() {
     });
     let e = write_4mib(&board).unwrap_err();
     assert!(e.to_string().contains("timed out"), "{e}");
+    assert_eq!(
+        e.exit(),
+        Exit::Timeout,
+        "a USB timeout mid-pipeline keeps its exit class"
+    );
 }
 
 #[test]

@@ -10,6 +10,7 @@
 
 use super::rkloader::Loader;
 use super::{Error, Transport, TransportError};
+use crate::exit::Exit;
 use crate::write::{Sink, WriteError};
 use rockusb::operation::{self, OperationSteps, UsbOperationError, UsbStep};
 pub use rockusb::protocol::StorageIndex;
@@ -351,12 +352,18 @@ impl RockusbSink {
     }
 
     fn err(&self, op: &'static str, offset: u64, len: u64, e: Error) -> WriteError {
+        // The pipeline only carries io::Error; keep a USB timeout's class in its kind so the
+        // CLI still exits with the timeout code, not the generic I/O one.
+        let kind = match e.exit() {
+            Exit::Timeout => std::io::ErrorKind::TimedOut,
+            _ => std::io::ErrorKind::Other,
+        };
         WriteError::Io {
             target: self.name.clone(),
             op,
             offset,
             len,
-            source: std::io::Error::other(e),
+            source: std::io::Error::new(kind, e),
         }
     }
 

@@ -61,6 +61,9 @@ pub enum WriteError {
 impl WriteError {
     pub fn exit(&self) -> Exit {
         match self {
+            WriteError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
+                Exit::Timeout
+            }
             WriteError::Io { .. } => Exit::Io,
             WriteError::Image(e) => e.exit(),
             WriteError::Interrupted { .. } => Exit::Interrupted,
