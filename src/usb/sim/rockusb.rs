@@ -349,16 +349,7 @@ impl SimDevice for RockchipBoard {
         Ok(data.len())
     }
 
-    fn control_in(
-        &mut self,
-        _rt: u8,
-        _req: u8,
-        _value: u16,
-        _index: u16,
-        _buf: &mut [u8],
-    ) -> Result<usize, TransportError> {
-        Err(TransportError::Stall)
-    }
+    // control IN: the SimDevice default (stall), as on the ROM and the loader.
 
     fn bulk_out(&mut self, data: &[u8]) -> Result<usize, TransportError> {
         if self.mode != RkMode::Loader {
