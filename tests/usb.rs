@@ -1200,3 +1200,69 @@ fn write_via_cli_errors_without_a_board() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("recovers over rockusb"), "{err}");
 }
+
+/// The whole Raspberry Pi path as `write --via usbboot` runs it: rpiboot boots the mass-storage
+/// gadget on the simulated board, the board's storage appears as a block device (here a real
+/// loop device standing in for the CM4's eMMC, the only part a CI machine cannot have), and the
+/// normal block writer writes and reads it back with all its safety checks.
+#[test]
+fn usbboot_then_block_writer_on_a_loop_device() {
+    if !common::require(true, &["losetup"]) {
+        return;
+    }
+    let dir = TmpDir(tmpdir("rpi-e2e"));
+    let d = &dir.0;
+    std::fs::create_dir_all(d.join("2711")).unwrap();
+    std::fs::write(d.join("2711/bootcode4.bin"), pattern(52_000, 1)).unwrap();
+    std::fs::write(d.join("bootmain"), pattern(40_000, 2)).unwrap();
+    // The image: data at the start (a partition table's place), a hole, data at the end.
+    let img_path = d.join("image.img");
+    let mut img = pattern(8 << 20, 7);
+    img[(2 << 20)..(6 << 20)].fill(0);
+    std::fs::write(&img_path, &img).unwrap();
+    let emmc = common::LoopDev::new_sparse(d, "emmc.bin", 16 << 20);
+    // Stale bytes that a correct write must replace (the zero range included).
+    std::fs::write(&emmc.backing, pattern(16 << 20, 0x5a)).unwrap();
+
+    let board = shared(RpiBoard::cm4(&["bootmain"]));
+    let mut bus = SimBus::new();
+    bus.attach(board.clone());
+    bus.map_block("1-1.3", emmc.path().to_path_buf());
+    let mut o = ViaOptions::new(Via::Usbboot);
+    o.usbboot_dir = Some(d.clone());
+    o.reenumerate_timeout = Duration::from_secs(5);
+    let out =
+        flash::write_via(&bus, &o, mem("unused", vec![]), &sbcflash::progress::Silent).unwrap();
+    let Outcome::BlockDevice { path, .. } = out else {
+        panic!("usbboot must hand back a block device, got {out:?}");
+    };
+    assert_eq!(path, emmc.path());
+    assert_eq!(lock(&board).stage, Stage::MassStorage);
+
+    let opened =
+        sbcflash::image::open_image(&img_path, &sbcflash::image::OpenOptions::default()).unwrap();
+    let policy = sbcflash::target::Policy {
+        image_size: opened.logical_size,
+        force: false,
+        image_paths: vec![img_path.clone()],
+    };
+    let target = sbcflash::target::open(&path, &policy).unwrap();
+    let mut sink = target.into_sink().unwrap();
+    let opts = sbcflash::write::WriteOptions {
+        expected_blake3: Some(*blake3::hash(&img).as_bytes()),
+        job: "cm4".into(),
+        ..Default::default()
+    };
+    let report = sbcflash::write::run(
+        opened.source,
+        sink.as_mut(),
+        &opts,
+        &sbcflash::progress::Silent,
+    )
+    .unwrap();
+    drop(sink);
+    assert!(report.digest_checked);
+    assert!(report.verified_bytes.is_some(), "the read-back ran");
+    let on_disk = std::fs::read(&emmc.backing).unwrap();
+    assert!(on_disk[..img.len()] == img[..], "eMMC holds the image");
+}
