@@ -246,11 +246,45 @@ pub struct ViaArgs {
     pub no_reset: bool,
 }
 
+fn medium_of(b: &super::boards::BoardWriteArgs) -> Option<crate::board::schema::MediumKind> {
+    if b.spi {
+        Some(crate::board::schema::MediumKind::SpiNor)
+    } else {
+        b.medium
+    }
+}
+
+/// `--spi`/`--medium` name the board's medium; over rockusb that picks the loader's storage
+/// (an explicit `--storage` wins). usbboot and fastboot only reach block storage.
+fn storage_for_medium(
+    via: crate::usb::flash::Via,
+    medium: Option<crate::board::schema::MediumKind>,
+) -> Result<Option<crate::usb::rockusb::StorageIndex>, ExitError> {
+    use crate::board::schema::MediumKind as M;
+    use crate::usb::flash::Via;
+    use crate::usb::rockusb::StorageIndex as S;
+    Ok(match (via, medium) {
+        (Via::Maskrom | Via::Usb, Some(M::SpiNor)) => Some(S::MtdBlkSpiNor),
+        (Via::Maskrom | Via::Usb, Some(M::SpiNand)) => Some(S::SpiNand),
+        (Via::Maskrom | Via::Usb, Some(M::Emmc)) => Some(S::Emmc),
+        (Via::Maskrom | Via::Usb, Some(M::Sd)) => Some(S::Sd0),
+        (Via::Usbboot | Via::Fastboot, Some(M::SpiNor | M::SpiNand)) => {
+            return Err(ExitError::new(
+                Exit::Usage,
+                "--spi/--medium spi-*: SPI flash is written over rockusb (--via maskrom or usb) \
+                 or with `serial-load --then 'sf update ...'`; --via usbboot and fastboot write \
+                 the board's block storage",
+            ))
+        }
+        _ => None,
+    })
+}
+
 /// Run the USB part of `write --via`. Returns the block device to continue with (usbboot),
 /// or `None` when the image is already on the board.
 pub fn write_via(
     a: &ViaArgs,
-    board: Option<&str>,
+    board_args: &super::boards::BoardWriteArgs,
     image: crate::image::open::OpenedImage,
     verify: bool,
     g: &Global,
@@ -259,9 +293,13 @@ pub fn write_via(
     let Some(via) = a.via else {
         return Ok(None);
     };
+    let board = board_args.board.as_deref();
     let mut o = ViaOptions::new(via);
     o.loader = a.loader.clone();
     o.storage = a.storage.as_deref().map(flash::storage_index).transpose()?;
+    if o.storage.is_none() {
+        o.storage = storage_for_medium(via, medium_of(board_args))?;
+    }
     o.usbboot_dir = a.usbboot_dir.clone();
     o.partition = a.partition.clone();
     o.port = a.usb_port.clone();
@@ -346,5 +384,32 @@ pub fn write_via(
             }
             Ok(None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::storage_for_medium;
+    use crate::board::schema::MediumKind as M;
+    use crate::usb::flash::Via;
+    use crate::usb::rockusb::StorageIndex as S;
+
+    #[test]
+    fn medium_picks_the_rockusb_storage_and_refuses_spi_elsewhere() {
+        assert_eq!(
+            storage_for_medium(Via::Maskrom, Some(M::SpiNor)).ok(),
+            Some(Some(S::MtdBlkSpiNor))
+        );
+        assert_eq!(
+            storage_for_medium(Via::Usb, Some(M::Emmc)).ok(),
+            Some(Some(S::Emmc))
+        );
+        assert_eq!(storage_for_medium(Via::Usb, None).ok(), Some(None));
+        let e = storage_for_medium(Via::Fastboot, Some(M::SpiNor)).unwrap_err();
+        assert!(e.msg.contains("rockusb"), "{}", e.msg);
+        assert_eq!(
+            storage_for_medium(Via::Usbboot, Some(M::Emmc)).ok(),
+            Some(None)
+        );
     }
 }

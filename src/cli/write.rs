@@ -200,7 +200,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         (None, ..) => None,
         (Some(_), Some(i), []) | (Some(_), None, [i]) => {
             let img = a.img.open(i)?;
-            match super::usb::write_via(&a.usb, a.board.board.as_deref(), img, !a.no_verify, g)? {
+            match super::usb::write_via(&a.usb, &a.board, img, !a.no_verify, g)? {
                 Some(dev) => Some((i.clone(), dev)),
                 None => return Ok(Exit::Ok),
             }
