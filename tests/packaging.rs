@@ -388,28 +388,6 @@ fn cargo_lock_has_only_registry_sources_for_nix() {
     }
 }
 
-#[test]
-fn every_subcommand_help_has_examples_and_the_top_help_has_exit_codes() {
-    for path in subcommand_paths().into_iter().filter(|p| p.len() == 1) {
-        let o = out_ok(sbcflash().args(&path).arg("--help"));
-        let text = String::from_utf8_lossy(&o.stdout);
-        assert!(
-            text.contains("Examples:") || text.contains("Example:"),
-            "`sbcflash {} --help` has no examples",
-            path.join(" ")
-        );
-    }
-    let o = out_ok(sbcflash().arg("--help"));
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert!(text.contains("Exit codes:"), "{text}");
-    for (code, _) in sbcflash::exit::Exit::TABLE {
-        assert!(
-            text.contains(&format!(" {} ", code.code())),
-            "exit code {code} undocumented"
-        );
-    }
-}
-
 /// The README's boards table, rendered from the shipped descriptors.
 fn boards_table() -> String {
     let reg = sbcflash::board::Registry::builtin().expect("shipped descriptors load");

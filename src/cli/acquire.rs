@@ -207,7 +207,6 @@ pub enum CacheCmd {
     /// Re-hash every entry; remove corrupted ones (exit code 6 if any were found).
     Verify,
     /// Remove old entries and abandoned partial downloads.
-    #[command(after_help = "Example: sbcflash cache prune --older-than 30d --max-size 20G")]
     Prune {
         /// Remove entries not used for this long (e.g. 30d, 12h).
         #[arg(long, value_name = "AGE")]

@@ -12,7 +12,7 @@ use crate::exit::Exit;
 Examples:
   sbcflash boards                      # id, aliases, name, SoC, arch, how it is flashed, baud
   sbcflash boards show opi5            # everything known about one board, and which file won
-  sbcflash boards --json               # machine-readable list
+  sbcflash boards list --json          # machine-readable list
   sbcflash boards check opi5 nixos.img # will this image boot on this board?
   sbcflash --boards-dir ./myboards boards show myboard")]
 pub struct BoardsArgs {

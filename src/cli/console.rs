@@ -110,7 +110,7 @@ fn load_board(p: &PortArgs, g: &Global) -> anyhow::Result<Option<Board>> {
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Leave with Ctrl-] then q (Ctrl-] twice sends a literal Ctrl-]).\n\nExample:\n  sbcflash console --board opi5 --port /dev/ttyUSB0"
+    after_help = "Leave with Ctrl-] then q (Ctrl-] twice sends a literal Ctrl-]).\n\nExamples:\n  sbcflash console --board opi5 --port /dev/ttyUSB0"
 )]
 pub struct ConsoleArgs {
     #[command(flatten)]

@@ -2,12 +2,11 @@
 //! definitions the parser uses (so they cannot drift), and the merged configuration.
 
 use anyhow::Context;
-use clap::CommandFactory;
 use clap_complete::Shell;
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::{Cli, Global};
+use super::Global;
 use crate::config::{Config, Flags};
 use crate::exit::{Exit, ExitError};
 
@@ -46,7 +45,7 @@ pub fn run_completions(a: CompletionsArgs, g: &Global) -> anyhow::Result<Exit> {
 }
 
 fn completions(a: CompletionsArgs, g: &Global) -> anyhow::Result<Exit> {
-    let mut cmd = Cli::command();
+    let mut cmd = super::help::command();
     match a.out_dir {
         Some(dir) => {
             std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -85,7 +84,7 @@ pub struct ManArgs {
 /// The command tree as man pages see it: built (so globals propagate and subcommands get
 /// their `sbcflash-sub` display names) and without clap's implicit `help` subcommand.
 pub fn man_command() -> clap::Command {
-    let mut cmd = Cli::command().disable_help_subcommand(true);
+    let mut cmd = super::help::command().disable_help_subcommand(true);
     cmd.build();
     cmd
 }

@@ -1,7 +1,7 @@
 //! Command-line definitions and wiring only: each subcommand's flags and glue live in the
 //! file named after it, and call into the library modules that do the work.
 
-use clap::{Parser, Subcommand};
+use clap::{FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
 use crate::exit::{classify, Exit};
@@ -10,15 +10,26 @@ use crate::progress;
 pub mod acquire;
 pub mod boards;
 pub mod console;
+pub mod help;
 pub mod meta;
 pub mod station;
 pub mod usb;
 pub mod write;
 
-const AFTER_HELP: &str = "Run 'sbcflash <command> --help' for examples.";
+const AFTER_HELP: &str = "\
+Examples:
+  sbcflash list                                   # removable disks only
+  sbcflash write --board rpi4 nixos-sd-image.img.zst /dev/sdX
+  sbcflash boards show opi5
+  sbcflash bootstrap --board opi5 --port /dev/ttyUSB0 --flake .#opi5-lab
+  sbcflash station --config station.toml --dry-run
 
+Run 'sbcflash <command> --help' for each command's examples and the exit codes.";
+
+/// The parser's definitions. Parse with [`help::command`] (as `main` does) to get the
+/// examples and exit codes on every subcommand's help.
 #[derive(Debug, Parser)]
-#[command(name = "sbcflash", version, about, long_about = None, after_long_help = exit_help(), after_help = AFTER_HELP)]
+#[command(name = "sbcflash", version, about, long_about = None, after_help = AFTER_HELP)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -26,8 +37,14 @@ pub struct Cli {
     pub command: Command,
 }
 
-fn exit_help() -> String {
-    Exit::help_text()
+impl Cli {
+    /// Parse `args` as the binary does: the decorated command tree, clap's colours following
+    /// `--color`. Prints help/version or a usage error (exit 2) and exits, like `Cli::parse`.
+    pub fn parse_decorated(args: Vec<std::ffi::OsString>) -> Self {
+        let cmd = help::command().color(help::clap_color(&args));
+        let matches = cmd.clone().get_matches_from(args);
+        Self::from_arg_matches(&matches).unwrap_or_else(|e| e.with_cmd(&cmd).exit())
+    }
 }
 
 /// Options every subcommand understands.
@@ -58,6 +75,24 @@ pub enum ColorChoice {
 }
 
 impl Global {
+    /// Whether to colour what goes to a stream: `--color always|never` wins; `auto` colours a
+    /// terminal unless `NO_COLOR` is set to anything non-empty (no-color.org).
+    pub fn color_for(&self, is_terminal: bool) -> bool {
+        match self.color {
+            ColorChoice::Always => true,
+            ColorChoice::Never => false,
+            ColorChoice::Auto => {
+                is_terminal && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+            }
+        }
+    }
+    /// Applies [`Global::color_for`] to everything that styles text through the `console`
+    /// crate (indicatif's bars, station UI).
+    pub fn apply_color(&self) {
+        use std::io::IsTerminal;
+        ::console::set_colors_enabled(self.color_for(std::io::stdout().is_terminal()));
+        ::console::set_colors_enabled_stderr(self.color_for(std::io::stderr().is_terminal()));
+    }
     pub fn progress_mode(&self) -> progress::Mode {
         if self.json {
             progress::Mode::Json
@@ -112,7 +147,8 @@ pub enum Command {
 
 /// Entry point used by `main.rs`.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_decorated(std::env::args_os().collect());
+    cli.global.apply_color();
     init_logging(&cli.global);
     let json = cli.global.json;
     match run(cli) {
@@ -165,14 +201,7 @@ fn init_logging(g: &Global) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
-    let ansi = match g.color {
-        ColorChoice::Always => true,
-        ColorChoice::Never => false,
-        ColorChoice::Auto => {
-            std::env::var_os("NO_COLOR").is_none()
-                && std::io::IsTerminal::is_terminal(&std::io::stderr())
-        }
-    };
+    let ansi = g.color_for(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

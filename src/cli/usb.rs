@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  sbcflash usb                                  # boards in maskrom/rpiboot/FEL/fastboot\n  sbcflash usb udev-rules | sudo tee /etc/udev/rules.d/70-sbcflash.rules"
+    after_help = "Examples:\n  sbcflash usb                                  # boards in maskrom/rpiboot/FEL/fastboot\n  sbcflash usb list --json\n  sbcflash usb udev-rules | sudo tee /etc/udev/rules.d/70-sbcflash.rules"
 )]
 pub struct UsbArgs {
     #[command(subcommand)]
@@ -79,7 +79,7 @@ pub fn list(bus: &dyn Bus, g: &Global) -> anyhow::Result<Exit> {
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  sbcflash fel version\n  sbcflash fel write 0x20000 u-boot-sunxi-spl.bin\n  sbcflash fel read 0x20000 256"
+    after_help = "Examples:\n  sbcflash fel version\n  sbcflash fel write 0x20000 u-boot-sunxi-spl.bin\n  sbcflash fel exec 0x20000\n  sbcflash fel read 0x20000 256"
 )]
 pub struct FelArgs {
     /// Board the device should be (for messages; FEL itself identifies the SoC).

@@ -388,7 +388,7 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  sbcflash verify nixos-sd-image.img.zst /dev/sdb\n  sbcflash verify image.img /dev/sdb --blake3 <64 hex digits>"
+    after_help = "Examples:\n  sbcflash verify nixos-sd-image.img.zst /dev/sdb\n  sbcflash verify image.img /dev/sdb --blake3 \"$(cut -d' ' -f1 image.img.blake3)\""
 )]
 pub struct VerifyArgs {
     /// The image the target should hold.
