@@ -89,3 +89,246 @@ fn nested_help_from_the_binary_shows_examples_and_exit_codes() {
         assert!(o.stderr.is_empty(), "{args:?}: {o:?}");
     }
 }
+
+/// The binary with a clean environment: no colour variables, no user config or cache.
+fn tool(home: &std::path::Path) -> std::process::Command {
+    let mut c = sbcflash();
+    for v in [
+        "NO_COLOR",
+        "CLICOLOR",
+        "CLICOLOR_FORCE",
+        "RUST_LOG",
+        "SBCFLASH_CONFIG",
+    ] {
+        c.env_remove(v);
+    }
+    c.env("TERM", "xterm")
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .stdin(std::process::Stdio::null());
+    c
+}
+
+/// Runs the binary on a pseudo-terminal (util-linux `script`): stdout and stderr are both the
+/// terminal, so what comes back is everything a user would see. Returns (output, exit code).
+fn on_pty(home: &std::path::Path, env: &[(&str, &str)], args: &[&str]) -> (String, i32) {
+    let quoted: Vec<String> = std::iter::once(env!("CARGO_BIN_EXE_sbcflash"))
+        .chain(args.iter().copied())
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect();
+    let mut c = std::process::Command::new("script");
+    c.args(["-q", "-e", "-c", &quoted.join(" "), "/dev/null"]);
+    // `tool` only for its environment: copy it onto `script`, which passes it on.
+    let t = tool(home);
+    for (k, v) in t.get_envs() {
+        match v {
+            Some(v) => c.env(k, v),
+            None => c.env_remove(k),
+        };
+    }
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let o = c.stdin(std::process::Stdio::null()).output().unwrap();
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        o.status.code().unwrap_or(-1),
+    )
+}
+
+/// SGR sequences (colours, bold): what NO_COLOR forbids. Cursor movement is not colour.
+fn has_sgr(s: &str) -> bool {
+    regex::Regex::new(r"\x1b\[[0-9;]*m").unwrap().is_match(s)
+}
+
+fn small_image(dir: &std::path::Path) -> std::path::PathBuf {
+    let p = dir.join("small.img");
+    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    std::fs::write(&p, data).unwrap();
+    p
+}
+
+#[test]
+fn on_a_terminal_progress_shows_and_colour_follows_no_color_and_color_flag() {
+    if !common::require(false, &["script"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = small_image(dir.path());
+    let img = img.to_str().unwrap();
+    let write = |n: usize, env: &[(&str, &str)], extra: &[&str]| {
+        let out = dir.path().join(format!("out{n}.img"));
+        let mut args = extra.to_vec();
+        args.extend(["write", img, out.to_str().unwrap(), "--yes"]);
+        let (text, code) = on_pty(dir.path(), env, &args);
+        assert_eq!(code, 0, "{args:?}: {text}");
+        assert!(
+            text.contains("MiB"),
+            "no progress bar on a terminal: {text:?}"
+        );
+        text
+    };
+    // The control: bars are styled by default, so the checks below can see colour.
+    assert!(has_sgr(&write(0, &[], &[])), "no styling to detect");
+    assert!(!has_sgr(&write(1, &[("NO_COLOR", "1")], &[])));
+    assert!(!has_sgr(&write(2, &[], &["--color", "never"])));
+    assert!(!has_sgr(&write(3, &[], &["--color=never"])));
+
+    let (help, _) = on_pty(dir.path(), &[], &["cache", "list", "--help"]);
+    assert!(has_sgr(&help), "clap styles help on a terminal: {help:?}");
+    for (env, args) in [
+        (&[("NO_COLOR", "1")][..], &["cache", "list", "--help"][..]),
+        (&[], &["--color", "never", "cache", "list", "--help"]),
+        (&[], &["--color", "never", "--bogus"]),
+    ] {
+        let (text, _) = on_pty(dir.path(), env, args);
+        assert!(text.contains("sbcflash"), "{args:?}: {text}");
+        assert!(!has_sgr(&text), "{env:?} {args:?}: {text:?}");
+    }
+}
+
+struct Run {
+    stdout: String,
+    stderr: String,
+    code: i32,
+}
+
+fn piped(home: &std::path::Path, args: &[&str]) -> Run {
+    let o = tool(home).args(args).output().unwrap();
+    Run {
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+        code: o.status.code().unwrap_or(-1),
+    }
+}
+
+#[test]
+fn piped_results_go_to_stdout_alone_and_progress_nowhere() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = small_image(dir.path());
+    let img = img.to_str().unwrap();
+    let h = dir.path();
+    let no_noise = |r: &Run, what: &str| {
+        assert_eq!(r.code, 0, "{what}: {}", r.stderr);
+        for s in [&r.stdout, &r.stderr] {
+            assert!(!s.contains('\x1b') && !s.contains('\r'), "{what}: {s:?}");
+        }
+    };
+
+    let r = piped(h, &["hash", img]);
+    no_noise(&r, "hash");
+    assert!(r.stderr.is_empty(), "hash: {}", r.stderr);
+    // b3sum's sidecar format: the file name, so the line still checks after a move.
+    let want = format!(
+        "{}  small.img\n",
+        blake3::hash(&std::fs::read(img).unwrap()).to_hex()
+    );
+    assert_eq!(r.stdout, want);
+
+    // Even with --color always: colour on a pipe when asked, but never progress.
+    let out = dir.path().join("out.img");
+    let r = piped(
+        h,
+        &[
+            "--color",
+            "always",
+            "write",
+            img,
+            out.to_str().unwrap(),
+            "--yes",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(
+        !r.stderr.contains('\r') && !r.stderr.contains("MiB/s"),
+        "{:?}",
+        r.stderr
+    );
+    assert_eq!(
+        r.stdout.lines().count(),
+        1,
+        "one summary line: {:?}",
+        r.stdout
+    );
+
+    for args in [
+        &["boards", "list"][..],
+        &["boards", "show", "opi5"],
+        &["config", "show"],
+        &["usb", "udev-rules"],
+    ] {
+        let r = piped(h, args);
+        no_noise(&r, &args.join(" "));
+        assert!(r.stderr.is_empty(), "{args:?}: {}", r.stderr);
+        assert!(!r.stdout.is_empty(), "{args:?}");
+    }
+    for args in [
+        &["--json", "list", "--all"][..],
+        &["--json", "hash", img],
+        &["--json", "boards", "list"],
+        &["--json", "boards", "show", "rpi4"],
+        &["--json", "config", "show"],
+        &["--json", "config", "path"],
+    ] {
+        let r = piped(h, args);
+        no_noise(&r, &args.join(" "));
+        assert!(r.stderr.is_empty(), "{args:?}: {}", r.stderr);
+        assert_eq!(r.stdout.lines().count(), 1, "{args:?}: {}", r.stdout);
+        let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(v["schema"], 1, "{args:?}: {v}");
+    }
+    // An empty cache: nothing on stdout (a script sees no entries), the note on stderr.
+    let r = piped(h, &["cache", "list"]);
+    no_noise(&r, "cache list");
+    assert_eq!(r.stdout, "");
+    assert!(r.stderr.contains("is empty"), "{}", r.stderr);
+    let r = piped(h, &["--json", "cache", "list"]);
+    assert_eq!((r.code, r.stdout.as_str()), (0, ""), "{}", r.stderr);
+}
+
+#[test]
+fn errors_go_to_stderr_with_the_documented_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let h = dir.path();
+    let missing = h.join("missing.img");
+    let missing = missing.to_str().unwrap();
+    let garbage = h.join("garbage.img.zst");
+    std::fs::write(&garbage, b"\x28\xb5\x2f\xfdnot really zstd").unwrap();
+    let bad_cfg = h.join("bad.toml");
+    std::fs::write(&bad_cfg, "cache-dir = [\n").unwrap();
+    let cases: &[(&[&str], u8, &str)] = &[
+        (&["--color", "bogus", "list"], 2, "invalid value 'bogus'"),
+        (&["write"], 2, "required"),
+        (&["hash", missing], 5, missing),
+        (&["hash", garbage.to_str().unwrap()], 3, "garbage.img.zst"),
+        (
+            &["config", "show", "--config-file", bad_cfg.to_str().unwrap()],
+            3,
+            "bad.toml",
+        ),
+    ];
+    for (args, code, needle) in cases {
+        let r = piped(h, args);
+        assert_eq!(r.code, i32::from(*code), "{args:?}: {}", r.stderr);
+        assert_eq!(r.stdout, "", "{args:?}: results only on stdout");
+        assert!(r.stderr.contains(needle), "{args:?}: {}", r.stderr);
+        assert!(!r.stderr.contains('\x1b'), "{args:?}: {:?}", r.stderr);
+        // A cause is named once, not once per layer that quoted it.
+        let first = r.stderr.lines().next().unwrap_or_default();
+        for part in first.split(": ").filter(|p| p.len() > 12) {
+            assert_eq!(first.matches(part).count(), 1, "{args:?}: {first}");
+        }
+        // With --json, the same error is also a JSON line on stdout (clap's usage errors
+        // happen before --json is known, so they stay plain).
+        if *code != 2 {
+            let mut j = vec!["--json"];
+            j.extend_from_slice(args);
+            let r = piped(h, &j);
+            assert_eq!(r.code, i32::from(*code));
+            let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+            assert_eq!(v["event"], "error");
+            assert_eq!(v["exit_code"], *code);
+            assert!(r.stderr.starts_with("error: "), "{}", r.stderr);
+        }
+    }
+}

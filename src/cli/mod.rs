@@ -155,17 +155,35 @@ pub fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.code()),
         Err(err) => {
             let code = classify(&err);
+            let message = error_text(&err);
             if json {
                 let ev = serde_json::json!({
                     "event": "error", "schema": progress::JSON_SCHEMA_VERSION,
-                    "message": format!("{err:#}"), "exit_code": code.code(),
+                    "message": message, "exit_code": code.code(),
                 });
                 println!("{ev}");
             }
-            eprintln!("error: {err:#}");
+            eprintln!("error: {message}");
             ExitCode::from(code.code())
         }
     }
+}
+
+/// The error chain on one line, like `{:#}`, but a cause whose text its parent already
+/// quoted (`"{path}: {source}"` with `#[source]`) is not printed twice.
+pub fn error_text(err: &anyhow::Error) -> String {
+    let mut s = String::new();
+    for cause in err.chain() {
+        let t = cause.to_string();
+        if s.contains(&t) {
+            continue;
+        }
+        if !s.is_empty() {
+            s.push_str(": ");
+        }
+        s.push_str(&t);
+    }
+    s
 }
 
 fn run(cli: Cli) -> anyhow::Result<Exit> {
