@@ -565,7 +565,7 @@ fn nix_build_real_flake_then_write_to_loop_device() {
     assert_eq!(std::fs::read(&cached).unwrap(), built);
     assert_eq!(h, b3(&built));
 
-    // Write the built image to a loop device and compare byte for byte.
+    // `build TARGET` writes what it built, with write's checks. The expected bytes:
     let raw = d.path().join("expected.img");
     common::run(
         std::process::Command::new("zstd")
@@ -575,14 +575,44 @@ fn nix_build_real_flake_then_write_to_loop_device() {
             .arg(&raw),
     );
     let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 32 << 20);
-    let o = common::sbcflash()
-        .arg("write")
-        .arg(&cached)
-        .arg(lo.path())
-        .args(["--yes"])
-        .output()
-        .unwrap();
+    let build_to = |extra: &[&str]| {
+        let mut c = common::sbcflash();
+        c.args(["build", "--flake", &flake_ref])
+            .args(NIX_OFFLINE)
+            .arg("--cache-dir")
+            .arg(&cache)
+            .args(extra)
+            .arg(lo.path())
+            .stdin(std::process::Stdio::null());
+        nix_env(&mut c, d.path());
+        c.output().unwrap()
+    };
+    let untouched = || std::fs::read(&lo.backing).unwrap().iter().all(|b| *b == 0);
+    // No --yes and nobody to confirm: refused before anything is built or written.
+    let o = build_to(&[]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("--yes"), "{}", text(&o));
+    assert!(untouched());
+    // The board check runs on the built image: this one has no partition table.
+    let board = [
+        "--board",
+        "qemu-aarch64",
+        "--attr-template",
+        "nixosConfigurations.<host>.config.system.build.sdImage",
+    ];
+    let o = build_to(&[&board[..], &["--strict", "--yes"]].concat());
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(text(&o).contains("no MBR or GPT"), "{}", text(&o));
+    assert!(untouched(), "--strict refusal wrote to the target");
+    // Without --strict: a warning, then written and read back.
+    let o = build_to(&[&board[..], &["--yes"]].concat());
     assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("warning: no MBR or GPT"), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("read back") && !out.contains("NOT read back"),
+        "{out}"
+    );
     common::assert_same_prefix(&raw, lo.path(), 12 << 20);
 }
 
@@ -805,19 +835,31 @@ fn stream_board_default_source_to_loop_device() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     common::assert_same_prefix(&raw, lo.path(), 48 << 20);
-    // `fetch --board` uses the same source and pin.
-    let o = run(
-        &srv,
-        &cache,
-        &[
-            "fetch",
-            "--board",
-            "qemu-aarch64",
-            "--boards-dir",
-            boards.to_str().unwrap(),
-        ],
-    );
-    assert_eq!(fetched(&o).0, b3(&zst));
+    // `fetch --board` uses the same source and pin, with the board directory named by the
+    // config file (`boards-dirs`) instead of --boards-dir: the same registry everywhere.
+    let xdg = d.path().join("xdg-config");
+    std::fs::create_dir_all(xdg.join("sbcflash")).unwrap();
+    std::fs::write(
+        xdg.join("sbcflash/config.toml"),
+        format!("boards-dirs = [{:?}]\n", boards.display().to_string()),
+    )
+    .unwrap();
+    let fetch_board = |xdg: &Path| {
+        common::sbcflash()
+            .args(["fetch", "--board", "qemu-aarch64", "--ca-file"])
+            .arg(&srv.ca_file)
+            .arg("--cache-dir")
+            .arg(d.path().join("cache2"))
+            .env("XDG_CONFIG_HOME", xdg)
+            .env_remove("SBCFLASH_CONFIG")
+            .output()
+            .unwrap()
+    };
+    assert_eq!(fetched(&fetch_board(&xdg)).0, b3(&zst));
+    // Without that config the shipped descriptor has no such source: a clear refusal.
+    let o = fetch_board(&d.path().join("no-config"));
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("qemu-aarch64"), "{}", text(&o));
 }
 
 /// Benchmark for BENCHMARKS.md (not part of CI): the same zstd image written to a loop device

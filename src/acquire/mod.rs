@@ -125,11 +125,12 @@ pub type Result<T, E = AcquireError> = std::result::Result<T, E>;
 
 /// The default image source of a board (`fetch --board`, `write --board` without an image):
 /// its first `[[image]]` with a URL, with the digest the descriptor publishes (if any).
+/// `reg` is the CLI's registry (shipped boards, config-file dirs, `--boards-dir`), so a board
+/// resolves here exactly as in `sbcflash boards`.
 pub fn board_source(
+    reg: &crate::board::Registry,
     board: &str,
-    extra_dirs: &[std::path::PathBuf],
 ) -> anyhow::Result<source::SourceSpec> {
-    let reg = crate::board::Registry::load(extra_dirs)?;
     let b = reg.get(board)?;
     let img = b.desc.images.iter().find(|i| i.url.is_some()).ok_or_else(|| {
         AcquireError::Usage(format!(
@@ -151,11 +152,7 @@ pub fn board_source(
 
 /// The flake attribute template of a board (`build --board`): the attribute of its first
 /// flake `[[image]]` if it names one, else its handoff template.
-pub fn board_flake_template(
-    board: &str,
-    extra_dirs: &[std::path::PathBuf],
-) -> anyhow::Result<String> {
-    let reg = crate::board::Registry::load(extra_dirs)?;
+pub fn board_flake_template(reg: &crate::board::Registry, board: &str) -> anyhow::Result<String> {
     let b = reg.get(board)?;
     let from_image = b
         .desc

@@ -108,6 +108,25 @@ pub struct StreamArgs {
     pub opts: AcquireOpts,
 }
 
+impl StreamArgs {
+    /// For a write whose image is a local file (`build TARGET`): no source digest, no tee.
+    pub fn local_only() -> StreamArgs {
+        StreamArgs {
+            source_blake3: None,
+            source_sha256: None,
+            keep: false,
+            opts: AcquireOpts {
+                cache_dir: None,
+                ca_file: None,
+                timeout: 30.0,
+                connect_timeout: 15.0,
+                retries: 5,
+                require_pinned: false,
+            },
+        }
+    }
+}
+
 /// For `write`: when IMAGE is a URL, or absent with `--board`, the image is streamed from the
 /// network (or the cache) instead of opened from a file. Returns None for a local file.
 /// After the write, pass its result to [`crate::acquire::remote::RemoteCheck::finish`].
@@ -131,7 +150,7 @@ pub fn remote_image(
             }
             .pin()?,
         },
-        (None, Some(b)) => crate::acquire::board_source(b, &g.boards_dir)?,
+        (None, Some(b)) => crate::acquire::board_source(&super::boards::registry(g)?, b)?,
         _ => return Ok(None),
     };
     let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
@@ -165,7 +184,7 @@ pub fn run_fetch(a: FetchArgs, g: &Global) -> anyhow::Result<Exit> {
             url: url.clone(),
             pin: a.pin.pin()?,
         },
-        (None, Some(b)) => crate::acquire::board_source(b, &g.boards_dir)?,
+        (None, Some(b)) => crate::acquire::board_source(&super::boards::registry(g)?, b)?,
         (None, None) => unreachable!("clap requires one"),
     };
     let acq = a.opts.acquirer(reporter.clone())?;
@@ -338,16 +357,32 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  sbcflash build --board opi5 --flake github:me/nixos-config#opi5\n  sbcflash build --flake .#opi5 --builders 'ssh://builder aarch64-linux' --max-jobs 0\n\nPrints `<blake3>  <cached path>` of the image on success."
+    after_help = "Examples:\n  sbcflash build --board opi5 --flake github:me/nixos-config#opi5 /dev/sdb\n  sbcflash build --board opi5 --flake .#opi5      # build and cache only\n  sbcflash build --flake .#opi5 --builders 'ssh://builder aarch64-linux' --max-jobs 0\n\nWith a TARGET, the built image is written to it like `sbcflash write` does (target checks,\nconfirmation or --yes, the board check, read-back verification). Without one, prints\n`<blake3>  <cached path>` of the image."
 )]
 pub struct BuildArgs {
+    /// Where to write the built image (a card, disk or file); without it, only build and cache.
+    #[arg(value_name = "TARGET")]
+    pub target: Option<PathBuf>,
     /// FLAKEREF#HOST (attribute path from the board's template) or FLAKEREF#attr.path.
     #[arg(long, value_name = "REF#HOST")]
     pub flake: String,
-    /// Board whose attribute template to use (default template:
-    /// nixosConfigurations.<host>.config.system.build.sdImage).
-    #[arg(long)]
-    pub board: Option<String>,
+    /// --board: whose attribute template to use (default template:
+    /// nixosConfigurations.<host>.config.system.build.sdImage); with a TARGET, also
+    /// --medium/--spi/--strict/--bootloader as for `sbcflash write`.
+    #[command(flatten)]
+    pub board: super::boards::BoardWriteArgs,
+    /// With a TARGET: do not ask for confirmation (required when stdin is not a terminal).
+    #[arg(short, long, requires = "target")]
+    pub yes: bool,
+    /// With a TARGET: allow targets that are not removable USB disks, SD cards or loop devices.
+    #[arg(long, requires = "target")]
+    pub force: bool,
+    /// With a TARGET: skip reading it back after writing.
+    #[arg(long, requires = "target")]
+    pub no_verify: bool,
+    /// With a TARGET: do not discard the device before writing.
+    #[arg(long, requires = "target")]
+    pub no_discard: bool,
     /// Attribute template overriding the board's; `<host>` is replaced.
     #[arg(long, value_name = "TEMPLATE")]
     pub attr_template: Option<String>,
@@ -373,11 +408,39 @@ pub struct BuildArgs {
 
 pub fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
     let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
-    let (entry, _) = build_image(&a, g, &reporter)?;
-    if !g.json {
-        println!("{}  {}", entry.blake3, entry.path.display());
-    }
-    Ok(Exit::Ok)
+    let Some(target) = a.target.clone() else {
+        let (entry, _) = build_image(&a, g, &reporter)?;
+        if !g.json {
+            println!("{}  {}", entry.blake3, entry.path.display());
+        }
+        return Ok(Exit::Ok);
+    };
+    // A build can take hours: refuse a target that can never be written before starting it.
+    super::write::precheck_target(&target, a.force, a.yes)?;
+    let (entry, img) = build_image(&a, g, &reporter)?;
+    tracing::info!(
+        "built {} (cached as {})",
+        img.display(),
+        entry.path.display()
+    );
+    // The rest is `sbcflash write IMAGE TARGET` with the same flags: every check it makes.
+    let w = super::write::WriteArgs {
+        paths: vec![img, target],
+        image: None,
+        board: a.board.clone(),
+        img: super::write::ImageFlags {
+            bmap: None,
+            no_bmap: false,
+        },
+        blake3: None,
+        no_verify: a.no_verify,
+        yes: a.yes,
+        force: a.force,
+        no_discard: a.no_discard,
+        stream: StreamArgs::local_only(),
+        usb: Default::default(),
+    };
+    super::write::run_write(w, g)
 }
 
 /// Runs the build and puts its image in the cache; returns the entry and the image's path in
@@ -387,9 +450,12 @@ pub fn build_image(
     g: &Global,
     reporter: &Arc<dyn Reporter>,
 ) -> anyhow::Result<(crate::acquire::CacheEntry, PathBuf)> {
-    let template = match (&a.attr_template, &a.board) {
+    let template = match (&a.attr_template, &a.board.board) {
         (Some(t), _) => Some(t.clone()),
-        (None, Some(b)) => Some(crate::acquire::board_flake_template(b, &g.boards_dir)?),
+        (None, Some(b)) => Some(crate::acquire::board_flake_template(
+            &super::boards::registry(g)?,
+            b,
+        )?),
         _ => None,
     };
     let inst = installable(&a.flake, template.as_deref())?;

@@ -194,6 +194,30 @@ fn confirm(info: &TargetInfo, image: &OpenedImage, yes: bool) -> anyhow::Result<
     Ok(())
 }
 
+/// Early, image-independent target checks for commands that produce the image first
+/// (`build TARGET`): the target exists and may be written, and someone can confirm. The
+/// full checks (size, board, confirmation) still run in [`run_write`] once the image exists.
+pub fn precheck_target(target: &Path, force: bool, yes: bool) -> anyhow::Result<()> {
+    let (resolved, info) = target::inspect(target)?;
+    let policy = Policy {
+        image_size: None,
+        force,
+        image_paths: Vec::new(),
+    };
+    target::vet(&resolved, &info, &policy)?;
+    if matches!(info, TargetInfo::Device(_)) && !yes && !std::io::stdin().is_terminal() {
+        return Err(ExitError::new(
+            Exit::Refused,
+            format!(
+                "refusing to write {}: stdin is not a terminal, so there is no one to confirm; pass --yes",
+                target.display()
+            ),
+        )
+        .into());
+    }
+    Ok(())
+}
+
 pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     // `--via`: the USB recovery path (helper "usb"); usbboot hands back a block device.
     let via_target = match (&a.usb.via, &a.image, a.paths.as_slice()) {
