@@ -1013,6 +1013,22 @@ impl PtyPair {
         }
     }
 
+    /// The board's end, opened raw, for a peer that reads it itself.
+    fn board_raw(&self) -> (std::fs::File, ()) {
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&self.b)
+            .expect("open board end");
+        common::run(
+            Command::new("stty")
+                .arg("-F")
+                .arg(&self.b)
+                .args(["raw", "-echo"]),
+        );
+        (f, ())
+    }
+
     /// The board's end: a writer, and a thread collecting what sbcflash sends.
     fn board(&self) -> (std::fs::File, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
         let f = std::fs::OpenOptions::new()
@@ -1114,4 +1130,574 @@ fn console_terminal_relays_both_ways_survives_a_replug_and_leaves_on_ctrl_bracke
             && tr.contains("reopened"),
         "{tr}"
     );
+}
+
+// ------------------------------------------------ `bootstrap --flash-via`: a scripted board
+
+/// What the scripted board's USB side does when U-Boot starts or ends a gadget.
+enum GadgetEvent {
+    Start(String),
+    Stop,
+}
+
+type GadgetHook = Box<dyn FnMut(GadgetEvent) + Send>;
+
+/// A scripted board on the far end of a pty pair, standing in for what the QEMU peer cannot
+/// give: a U-Boot whose USB gadget commands (`ums`, `rockusb`, `fastboot`) make the board's
+/// storage appear on this host's USB. QEMU's U-Boot has no USB device controller, and this
+/// machine has no USB bus. It speaks the console protocol sbcflash relies on, byte for byte
+/// as U-Boot and a NixOS shell do: autoboot countdown, echo, Ctrl-C, hush-style `echo` and
+/// `$?`, `reset` with a fresh banner, kernel and NixOS stage lines, `login:`, a root shell
+/// answering `ip -4 -j addr show`. What stands in for the USB side is `hook`: for `ums` it
+/// attaches a loop device (a real udev event fires), for rockusb/fastboot it puts a simulated
+/// USB device on the simulated bus. Returns the thread and everything sbcflash sent.
+fn scripted_board(
+    f: std::fs::File,
+    mut hook: GadgetHook,
+) -> (
+    std::thread::JoinHandle<()>,
+    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+) {
+    use std::io::Write;
+    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let g = got.clone();
+    let h = std::thread::spawn(move || {
+        #[derive(PartialEq)]
+        enum St {
+            Countdown,
+            UBoot,
+            Gadget,
+            Login,
+            Shell,
+        }
+        let mut w = f.try_clone().unwrap();
+        let mut r = f;
+        let mut out = |s: &str| {
+            let _ = w.write_all(s.as_bytes());
+        };
+        out("\r\nU-Boot 2024.01 (scripted board)\r\n\r\nDRAM:  4 GiB\r\nHit any key to stop autoboot:  3 ");
+        let mut st = St::Countdown;
+        let mut line = String::new();
+        let framed =
+            regex::Regex::new(r#"^echo SY""NC-(\d+)(?:; (.*); echo RC""-\d+-\$\?)?$"#).unwrap();
+        let mut buf = [0u8; 512];
+        loop {
+            let n = match r.read(&mut buf) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            g.lock().unwrap().extend_from_slice(&buf[..n]);
+            for &b in &buf[..n] {
+                match st {
+                    St::Countdown => {
+                        st = St::UBoot;
+                        out("\x08\x08\x08 0 \r\n=> ");
+                    }
+                    St::Gadget => {
+                        if b == 0x03 {
+                            hook(GadgetEvent::Stop);
+                            out("\r\nCTRL+C - Operation aborted\r\n=> ");
+                            st = St::UBoot;
+                        }
+                    }
+                    St::UBoot | St::Shell | St::Login => {
+                        let prompt = if st == St::Shell {
+                            "[root@nixos:~]# "
+                        } else {
+                            "=> "
+                        };
+                        if b == 0x03 {
+                            line.clear();
+                            out(if st == St::Shell {
+                                "^C\r\n"
+                            } else {
+                                "<INTERRUPT>\r\n"
+                            });
+                            out(prompt);
+                            continue;
+                        }
+                        if b != b'\r' {
+                            line.push(b as char);
+                            out(&(b as char).to_string());
+                            continue;
+                        }
+                        out("\r\n");
+                        let cmd = std::mem::take(&mut line);
+                        let cmd = cmd.trim();
+                        if st == St::Login {
+                            out("\r\n[root@nixos:~]# ");
+                            st = St::Shell;
+                            continue;
+                        }
+                        let (n, inner) = match framed.captures(cmd) {
+                            Some(c) => (Some(c[1].to_string()), c.get(2).map(|m| m.as_str())),
+                            None => (None, Some(cmd)),
+                        };
+                        if let Some(n) = &n {
+                            out(&format!("SYNC-{n}\r\n"));
+                        }
+                        let Some(inner) = inner else {
+                            out(prompt);
+                            continue;
+                        };
+                        let status = match (st == St::Shell, inner) {
+                            (false, "") => 0,
+                            (false, c)
+                                if c.starts_with("ums ")
+                                    || c.starts_with("rockusb ")
+                                    || c.starts_with("fastboot ") =>
+                            {
+                                if c.starts_with("ums ") {
+                                    out("UMS: LUN 0, dev mmc 0, hwpart 0, sector 0x0, count 0x1d5a000\r\n");
+                                }
+                                hook(GadgetEvent::Start(c.to_string()));
+                                st = St::Gadget;
+                                continue;
+                            }
+                            (false, "reset") => {
+                                out("resetting ...\r\n\r\nU-Boot 2024.01 (scripted board)\r\n\r\nDRAM:  4 GiB\r\nHit any key to stop autoboot:  0 \r\n");
+                                out("Retrieving file: /boot/extlinux/extlinux.conf\r\nStarting kernel ...\r\n\r\n");
+                                out("[    0.000000] Linux version 6.6.0 (nixbld@localhost) (gcc 13.2.0) #1-NixOS SMP\r\n");
+                                out("<<< NixOS Stage 1 >>>\r\n\r\n<<< NixOS Stage 2 >>>\r\n\r\n");
+                                out("<<< Welcome to NixOS 24.05 (aarch64) - ttyS0 >>>\r\n\r\nnixos login: ");
+                                st = St::Login;
+                                continue;
+                            }
+                            (false, c) => {
+                                out(&format!("Unknown command '{c}' - try 'help'\r\n"));
+                                1
+                            }
+                            (true, "dmesg -n 1") => 0,
+                            (true, "ip -4 -j addr show") => {
+                                out(
+                                    r#"[{"ifindex":1,"ifname":"lo","addr_info":[{"family":"inet","local":"127.0.0.1","prefixlen":8,"scope":"host"}]},{"ifindex":2,"ifname":"end0","addr_info":[{"family":"inet","local":"10.0.2.15","prefixlen":24,"scope":"global"}]}]"#,
+                                );
+                                out("\r\n");
+                                0
+                            }
+                            (true, c) => {
+                                out(&format!("-bash: {c}: command not found\r\n"));
+                                127
+                            }
+                        };
+                        if let Some(n) = &n {
+                            if inner != cmd {
+                                out(&format!("RC-{n}-{status}\r\n"));
+                            }
+                        }
+                        out(prompt);
+                    }
+                }
+            }
+        }
+    });
+    (h, got)
+}
+
+/// Tests that watch udev run one at a time (nextest's `udevd` group; this lock under plain
+/// `cargo test`): each one's new disk would otherwise be another's.
+static UDEVD_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// systemd-udevd for the test: started unless one already answers, stopped by its PID.
+struct Udevd(Option<std::process::Child>);
+
+impl Udevd {
+    fn ping() -> bool {
+        Command::new("udevadm")
+            .args(["control", "--ping", "--timeout=2"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+    fn start() -> Udevd {
+        if Self::ping() {
+            return Udevd(None);
+        }
+        let c = Command::new("/lib/systemd/systemd-udevd")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn systemd-udevd");
+        let u = Udevd(Some(c));
+        for _ in 0..100 {
+            if Self::ping() {
+                return u;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("systemd-udevd did not answer `udevadm control --ping`");
+    }
+}
+
+impl Drop for Udevd {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A udev rule that makes the loop device over `backing` look like U-Boot's UMS gadget on
+/// a Rockchip board (ID_BUS=usb, 2207:350b), so sbcflash's default match is what finds it.
+/// Removed (and udevd reloaded) on drop.
+struct GadgetRule(PathBuf);
+
+impl GadgetRule {
+    fn install(backing: &Path) -> GadgetRule {
+        let dir = Path::new("/run/udev/rules.d");
+        std::fs::create_dir_all(dir).unwrap();
+        let p = dir.join(format!("61-sbcflash-test-ums-{}.rules", std::process::id()));
+        std::fs::write(
+            &p,
+            format!(
+                "SUBSYSTEM==\"block\", KERNEL==\"loop*\", ATTR{{loop/backing_file}}==\"{}\", ENV{{ID_BUS}}=\"usb\", ENV{{ID_VENDOR_ID}}=\"2207\", ENV{{ID_MODEL_ID}}=\"350b\", ENV{{ID_USB_DRIVER}}=\"usb-storage\"\n",
+                backing.display()
+            ),
+        )
+        .unwrap();
+        common::run(Command::new("udevadm").args(["control", "--reload"]));
+        GadgetRule(p)
+    }
+}
+
+impl Drop for GadgetRule {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        let _ = Command::new("udevadm")
+            .args(["control", "--reload"])
+            .status();
+    }
+}
+
+/// `bootstrap --flash-via ums`, all of it: U-Boot interrupted, `ums 0 mmc 0` typed, the board's
+/// "eMMC" (a loop device over a garbage-filled file) appears through a real udev event, the
+/// normal writer writes and reads it back, Ctrl-C ends the gadget, `reset`, the boot is
+/// followed to a shell and the IP address. Then the eMMC is compared byte for byte.
+#[test]
+fn udevd_bootstrap_flash_via_ums_writes_the_disk_the_gadget_exposes() {
+    if !common::require(
+        true,
+        &[
+            "socat",
+            "stty",
+            "losetup",
+            "udevadm",
+            "sfdisk",
+            "mkfs.vfat",
+            "mkfs.ext4",
+            "mcopy",
+        ],
+    ) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = common::make_nixos_like_image(dir.path(), "nixos.img", 40, common::Table::Mbr);
+    let emmc = dir.path().join("board-emmc.bin");
+    common::sh(&format!("head -c 48M /dev/urandom > '{}'", emmc.display()));
+    let emmc = std::fs::canonicalize(&emmc).unwrap();
+    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let _udevd = Udevd::start();
+    let _rule = GadgetRule::install(&emmc);
+    common::run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    let pair = PtyPair::start(dir.path());
+    let (board, _) = pair.board_raw();
+    let attached: std::sync::Arc<std::sync::Mutex<Vec<common::LoopDev>>> = Default::default();
+    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (a2, e2, backing) = (attached.clone(), events.clone(), emmc.clone());
+    let hook: GadgetHook = Box::new(move |ev| match ev {
+        GadgetEvent::Start(c) => {
+            e2.lock().unwrap().push(format!("start {c}"));
+            a2.lock()
+                .unwrap()
+                .push(common::LoopDev::attach(&backing, &[]));
+        }
+        GadgetEvent::Stop => {
+            e2.lock().unwrap().push("stop".into());
+            // The gadget ends: the disk leaves this host (detached by its own name).
+            a2.lock().unwrap().clear();
+        }
+    });
+    let (_h, got) = scripted_board(board, hook);
+    let transcript = dir.path().join("bootstrap.log");
+    let child = common::sbcflash()
+        .args(["bootstrap", "--flash-via", "ums", "--yes", "--no-handoff"])
+        .arg("--port")
+        .arg(&pair.a)
+        .arg("--image")
+        .arg(&img)
+        .arg("--transcript")
+        .arg(&transcript)
+        .args([
+            "--uboot-timeout",
+            "60",
+            "--boot-timeout",
+            "60",
+            "--flash-timeout",
+            "60",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Child(child);
+    let (code, out, err) = wait_child(&mut child, 240);
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert_eq!(out.trim(), "10.0.2.15", "stderr: {err}");
+    assert_eq!(
+        *events.lock().unwrap(),
+        vec!["start ums 0 mmc 0".to_string(), "stop".to_string()]
+    );
+    assert!(attached.lock().unwrap().is_empty());
+    let sent = String::from_utf8_lossy(&got.lock().unwrap()).into_owned();
+    let (ums, ctrl_c, reset) = (
+        sent.find("ums 0 mmc 0\r").expect("ums typed"),
+        sent.rfind('\x03').expect("Ctrl-C sent"),
+        sent.find("reset\r").expect("reset typed"),
+    );
+    assert!(ums < ctrl_c && ctrl_c < reset, "{sent:?}");
+    assert!(
+        err.contains("ums: /dev/loop") && err.contains("read back verified"),
+        "{err}"
+    );
+    let len = std::fs::metadata(&img).unwrap().len();
+    common::assert_same_prefix(&img, &emmc, len);
+    let tr = std::fs::read_to_string(&transcript).unwrap();
+    assert!(
+        tr.contains("UMS: LUN 0") && tr.contains("NixOS Stage 2"),
+        "{tr}"
+    );
+}
+
+/// Without a disk appearing, the chain stops with a timeout naming what it waited for, and
+/// the gadget is still ended with Ctrl-C (the board is back at its prompt, not reset).
+#[test]
+fn udevd_bootstrap_flash_via_ums_times_out_when_no_disk_appears() {
+    if !common::require(true, &["socat", "stty", "udevadm"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("small.img");
+    std::fs::write(&img, vec![0x5a; 1 << 20]).unwrap();
+    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let _udevd = Udevd::start();
+    let pair = PtyPair::start(dir.path());
+    let (board, _) = pair.board_raw();
+    let (_h, got) = scripted_board(board, Box::new(|_| {}));
+    let child = common::sbcflash()
+        .args(["bootstrap", "--flash-via", "ums", "--yes", "--no-handoff"])
+        .arg("--port")
+        .arg(&pair.a)
+        .arg("--image")
+        .arg(&img)
+        .arg("--transcript")
+        .arg(dir.path().join("t.log"))
+        .args(["--flash-timeout", "2"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Child(child);
+    let (code, out, err) = wait_child(&mut child, 120);
+    assert_eq!(code, 7, "stdout: {out}\nstderr: {err}");
+    assert!(
+        err.contains("no new USB disk appeared within 2s") && err.contains("ID_BUS=usb"),
+        "{err}"
+    );
+    let sent = String::from_utf8_lossy(&got.lock().unwrap()).into_owned();
+    let ums = sent.find("ums 0 mmc 0\r").expect("ums typed");
+    assert!(sent[ums..].contains('\x03'), "gadget not ended: {sent:?}");
+    assert!(!sent.contains("reset\r"), "{sent:?}");
+}
+
+/// Runs `bootstrap::run` in-process against the scripted board, with the gadget's USB side
+/// on a simulated bus (there is no USB here; the simulated devices speak rockusb/fastboot
+/// byte for byte behind the same Transport trait as libusb).
+fn bootstrap_over_sim_bus(
+    via: sbcflash::console::bootstrap::FlashVia,
+    cmd: &str,
+    bus: sbcflash::usb::sim::SimBus,
+    hook: GadgetHook,
+    image: &Path,
+    partition: Option<&str>,
+) -> (
+    Result<sbcflash::console::bootstrap::Reached, ConsoleError>,
+    Vec<String>,
+    String,
+) {
+    use sbcflash::console::bootstrap::{self, Plan};
+    use sbcflash::console::gadget::HostFlash;
+    let dir = tempfile::tempdir().unwrap();
+    let pair = PtyPair::start(dir.path());
+    let (board, _) = pair.board_raw();
+    let (_h, got) = scripted_board(board, hook);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _e = rt.enter();
+    let mut s = Session::new(Link::serial(&pair.a, 115_200).unwrap());
+    let plan = Plan {
+        uboot: cfg(),
+        linux: LinuxConfig {
+            boot_timeout: Duration::from_secs(60),
+            ..LinuxConfig::default()
+        },
+        force_interrupt: false,
+        uboot_cmds: Vec::new(),
+        boot_cmd: None,
+        flash_via: Some((via, cmd.to_string())),
+        find_ip: true,
+    };
+    let mut f = HostFlash::new(
+        image.to_path_buf(),
+        Box::new(bus),
+        Box::new(sbcflash::progress::Silent),
+    );
+    f.partition = partition.map(str::to_string);
+    let r = rt.block_on(bootstrap::run(
+        &mut s,
+        &plan,
+        Some(&mut f as &mut dyn bootstrap::Flasher),
+    ));
+    let sent = String::from_utf8_lossy(&got.lock().unwrap()).into_owned();
+    (r, f.written, sent)
+}
+
+/// A 3 MiB image with data, a zero run and a tail that is not a sector multiple of 1 MiB.
+fn patterned_image(dir: &Path) -> (PathBuf, Vec<u8>) {
+    let mut data: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    data[1 << 20..(1 << 20) + 300_000].fill(0);
+    let p = dir.join("patterned.img");
+    std::fs::write(&p, &data).unwrap();
+    (p, data)
+}
+
+#[test]
+fn bootstrap_flash_via_rockusb_writes_the_simulated_gadget_then_boots() {
+    use sbcflash::console::bootstrap::FlashVia;
+    use sbcflash::usb::sim::rockusb::{RkMode, RockchipBoard, EMMC};
+    use sbcflash::usb::sim::SimBus;
+    if !common::require(false, &["socat", "stty"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, data) = patterned_image(dir.path());
+    let mut rk = RockchipBoard::rk3588(8 << 20);
+    rk.mode = RkMode::Off; // not on USB until U-Boot starts the gadget
+    rk.no_flash_info = true; // mainline U-Boot's rockusb
+    let rk = std::sync::Arc::new(std::sync::Mutex::new(rk));
+    let mut bus = SimBus::new();
+    bus.attach(rk.clone());
+    let (r2, events) = (
+        rk.clone(),
+        std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
+    );
+    let e2 = events.clone();
+    let hook: GadgetHook = Box::new(move |ev| {
+        let mut b = r2.lock().unwrap();
+        match ev {
+            GadgetEvent::Start(c) => {
+                e2.lock().unwrap().push(c);
+                b.mode = RkMode::Loader;
+            }
+            GadgetEvent::Stop => b.mode = RkMode::Off,
+        }
+    });
+    let (r, written, sent) =
+        bootstrap_over_sim_bus(FlashVia::Rockusb, "rockusb 0 mmc 0", bus, hook, &img, None);
+    let reached = r.unwrap_or_else(|e| panic!("{e}\nsent: {sent:?}"));
+    assert_eq!(reached.ip, Some("10.0.2.15".parse().unwrap()));
+    assert_eq!(*events.lock().unwrap(), vec!["rockusb 0 mmc 0".to_string()]);
+    assert_eq!(written.len(), 1);
+    assert!(
+        written[0].contains("verified by reading back"),
+        "{written:?}"
+    );
+    let b = rk.lock().unwrap();
+    assert!(
+        b.storage(EMMC)[..data.len()] == data[..],
+        "eMMC differs from the image"
+    );
+    assert!(
+        b.resets.is_empty(),
+        "the console resets the board, not rockusb"
+    );
+    let ums = sent.find("rockusb 0 mmc 0\r").unwrap();
+    assert!(sent[ums..].find('\x03').unwrap() < sent[ums..].find("reset\r").unwrap());
+}
+
+#[test]
+fn bootstrap_flash_via_fastboot_writes_the_simulated_gadget_then_boots() {
+    use sbcflash::console::bootstrap::FlashVia;
+    use sbcflash::usb::sim::fastboot::FastbootDevice;
+    use sbcflash::usb::sim::SimBus;
+    if !common::require(false, &["socat", "stty"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, data) = patterned_image(dir.path());
+    // A download buffer smaller than the image: the writer must split it (sparse pieces).
+    let mut fb = FastbootDevice::uboot(1 << 20, &[("mmc0", 8 << 20)]);
+    fb.present = false;
+    let fb = std::sync::Arc::new(std::sync::Mutex::new(fb));
+    let mut bus = SimBus::new();
+    bus.attach(fb.clone());
+    let f2 = fb.clone();
+    let hook: GadgetHook = Box::new(move |ev| {
+        f2.lock().unwrap().present = matches!(ev, GadgetEvent::Start(_));
+    });
+    let (r, written, sent) = bootstrap_over_sim_bus(
+        FlashVia::Fastboot,
+        "fastboot usb 0",
+        bus,
+        hook,
+        &img,
+        Some("mmc0"),
+    );
+    let reached = r.unwrap_or_else(|e| panic!("{e}\nsent: {sent:?}"));
+    assert_eq!(reached.ip, Some("10.0.2.15".parse().unwrap()));
+    assert!(written[0].contains("not read back"), "{written:?}");
+    let d = fb.lock().unwrap();
+    assert!(
+        d.partitions["mmc0"][..data.len()] == data[..],
+        "mmc0 differs"
+    );
+    assert!(
+        d.downloads.len() > 1,
+        "expected sparse pieces: {:?}",
+        d.downloads
+    );
+    assert!(!d.commands.iter().any(|c| c.starts_with("reboot")));
+}
+
+/// Fastboot without a partition name is refused before anything is typed at U-Boot.
+#[test]
+fn bootstrap_flash_via_fastboot_without_partition_is_refused_first() {
+    use sbcflash::console::bootstrap::FlashVia;
+    if !common::require(false, &["socat", "stty"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (img, _) = patterned_image(dir.path());
+    let (r, _, sent) = bootstrap_over_sim_bus(
+        FlashVia::Fastboot,
+        "fastboot usb 0",
+        sbcflash::usb::sim::SimBus::new(),
+        Box::new(|_| panic!("no gadget may start")),
+        &img,
+        None,
+    );
+    let e = r.unwrap_err();
+    assert!(e.to_string().contains("--flash-partition"), "{e}");
+    assert!(!sent.contains("fastboot usb 0"), "{sent:?}");
 }

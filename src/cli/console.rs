@@ -9,6 +9,7 @@ use anyhow::Context;
 use super::Global;
 use crate::board::{Board, MediumKind, Registry, UBootCommands};
 use crate::console::bootstrap::{self, FlashVia, Plan};
+use crate::console::gadget::{HostFlash, UmsMatch};
 use crate::console::handoff::{self, Rebuild, RebuildPlan};
 use crate::console::linux::LinuxConfig;
 use crate::console::load::{self, LoadPlan};
@@ -19,6 +20,7 @@ use crate::console::ymodem::Protocol;
 use crate::console::ConsoleError;
 use crate::exit::{Exit, ExitError};
 use crate::progress::{Event, Level};
+use crate::usb::discovery::RusbBus;
 
 /// Port, line settings and transcript, shared by the three commands.
 #[derive(Debug, Clone, clap::Args)]
@@ -152,6 +154,29 @@ pub struct BootstrapOpts {
     /// The exact U-Boot gadget command (overrides the descriptor's).
     #[arg(long, value_name = "CMD")]
     pub gadget_cmd: Option<String>,
+    /// The image to write while the gadget runs (needed with --flash-via).
+    #[arg(long, value_name = "FILE", requires = "flash_via")]
+    pub image: Option<PathBuf>,
+    /// Fastboot partition to flash (`mmc0`: the whole eMMC in U-Boot's fastboot).
+    #[arg(long, value_name = "NAME")]
+    pub flash_partition: Option<String>,
+    /// Which new USB disk is the board's UMS gadget, replacing the default (ID_BUS=usb and a
+    /// U-Boot gadget's USB id): KEY=VALUE (udev property), attr:NAME=VALUE (sysfs attribute),
+    /// id:VID:PID (hex, PID may be *). Repeatable; all must hold.
+    #[arg(long, value_name = "SPEC")]
+    pub ums_match: Vec<String>,
+    /// Seconds for the board to appear on this host's USB after the gadget command.
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    pub flash_timeout: u64,
+    /// Skip reading the board's storage back after writing.
+    #[arg(long)]
+    pub no_verify: bool,
+    /// Allow a UMS disk that the writer's policy refuses as not removable.
+    #[arg(long)]
+    pub force: bool,
+    /// Do not ask before overwriting the board's storage (required without a terminal).
+    #[arg(short, long)]
+    pub yes: bool,
     /// Seconds from the boot command to the login prompt.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub boot_timeout: u64,
@@ -367,6 +392,64 @@ fn with_transcript<T>(s: &mut Session, r: Result<T, ConsoleError>) -> anyhow::Re
     Ok(r?)
 }
 
+/// The writer side of `--flash-via`: the image, its checks, and how to recognise the board
+/// on this host's USB. Asks before overwriting (or needs --yes).
+fn host_flash(
+    a: &BootstrapOpts,
+    via: FlashVia,
+    board: Option<&Board>,
+    g: &Global,
+) -> anyhow::Result<HostFlash> {
+    let Some(image) = a.image.clone() else {
+        return Err(ExitError::new(
+            Exit::Usage,
+            format!(
+                "--flash-via {} needs --image FILE (what to write to the board's storage)",
+                via.name()
+            ),
+        )
+        .into());
+    };
+    let ids = board
+        .and_then(|b| b.uboot())
+        .and_then(|u| u.commands.gadget_vid.map(|v| (v, u.commands.gadget_pid)));
+    let ums_match = if a.ums_match.is_empty() {
+        UmsMatch::default_for(ids)
+    } else {
+        UmsMatch::parse(&a.ums_match).map_err(|e| ExitError::new(Exit::Usage, e))?
+    };
+    if !a.yes {
+        if !std::io::stdin().is_terminal() {
+            return Err(ExitError::new(
+                Exit::Refused,
+                format!(
+                    "refusing to overwrite the board's storage through {}: stdin is not a terminal, so there is no one to confirm; pass --yes",
+                    via.name()
+                ),
+            )
+            .into());
+        }
+        eprint!(
+            "The board's storage will be OVERWRITTEN with {} through U-Boot's {} gadget. Type 'yes' to continue: ",
+            image.display(),
+            via.name()
+        );
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)?;
+        if line.trim() != "yes" {
+            return Err(ExitError::new(Exit::Refused, "not confirmed; nothing was written").into());
+        }
+    }
+    let mut f = HostFlash::new(image, Box::new(RusbBus::new()), g.reporter());
+    f.verify = !a.no_verify;
+    f.appear_timeout = Duration::from_secs(a.flash_timeout);
+    f.ums_match = ums_match;
+    f.force = a.force;
+    f.partition = a.flash_partition.clone();
+    f.usb_id = ids.and_then(|(v, p)| p.map(|p| (v, p)));
+    Ok(f)
+}
+
 pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
     let a = *a.opts;
     if !a.no_handoff && a.flake.is_none() {
@@ -409,6 +492,10 @@ pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
         flash_via,
         find_ip: true,
     };
+    let mut flasher = match a.flash_via {
+        Some(via) => Some(host_flash(&a, via, board, g)?),
+        None => None,
+    };
     let rt = runtime()?;
     let _enter = rt.enter(); // the serial port registers with the runtime's reactor
     let mut s = open_session(&a.port, board, "bootstrap", g)?;
@@ -417,13 +504,11 @@ pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
     }
     s.tx_chunk = a.uboot.tx_chunk;
     s.tx_delay = Duration::from_millis(a.uboot.tx_delay_ms);
-    let mut wait_flash = || -> Result<(), ConsoleError> {
-        eprintln!("press Enter here when the board's storage has been written");
-        let mut line = String::new();
-        std::io::stdin().read_line(&mut line)?;
-        Ok(())
-    };
-    let r = rt.block_on(bootstrap::run(&mut s, &plan, &mut wait_flash));
+    let r = rt.block_on(bootstrap::run(
+        &mut s,
+        &plan,
+        flasher.as_mut().map(|f| f as &mut dyn bootstrap::Flasher),
+    ));
     let reached = with_transcript(&mut s, r)?;
     drop(s);
     if a.no_handoff {

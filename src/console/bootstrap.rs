@@ -32,14 +32,32 @@ impl FlashVia {
         }
     }
 
-    /// What the user does on this host while the gadget runs.
-    pub fn hint(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
-            FlashVia::Ums => "the board's storage is now a USB disk on this host: write it with `sbcflash write IMAGE /dev/sdX` (check `sbcflash list`)",
-            FlashVia::Rockusb => "the board now speaks rockusb: write it with sbcflash's USB path (`sbcflash write IMAGE usb:`; see `sbcflash usb`)",
-            FlashVia::Fastboot => "the board now speaks fastboot: flash it with sbcflash's USB path (see `sbcflash usb`)",
+            FlashVia::Ums => "ums",
+            FlashVia::Rockusb => "rockusb",
+            FlashVia::Fastboot => "fastboot",
         }
     }
+
+    /// What this host does while the gadget runs.
+    pub fn hint(self) -> &'static str {
+        match self {
+            FlashVia::Ums => "waiting for the board's storage to appear as a USB disk on this host",
+            FlashVia::Rockusb => "waiting for the board's rockusb device on this host's USB",
+            FlashVia::Fastboot => "waiting for the board's fastboot device on this host's USB",
+        }
+    }
+}
+
+/// The host side of a gadget: [`super::gadget::HostFlash`] writes the image with sbcflash's
+/// writers; tests plug in the same type over a simulated USB bus.
+pub trait Flasher {
+    /// Called before U-Boot starts the gadget: check the inputs, start watching (udev), so
+    /// that the board's appearance cannot be missed.
+    fn prepare(&mut self, via: FlashVia) -> Result<(), ConsoleError>;
+    /// Called while the gadget runs: find the board on USB, write, verify. Returns a summary.
+    fn flash(&mut self, via: FlashVia) -> Result<String, ConsoleError>;
 }
 
 #[derive(Debug, Clone)]
@@ -73,13 +91,11 @@ pub struct Reached {
     pub arrival: Arrival,
 }
 
-/// Called while a USB gadget runs; returns when the user is done flashing.
-pub type WaitFlash<'a> = &'a mut (dyn FnMut() -> Result<(), ConsoleError> + Send);
-
+/// Runs the plan. `flasher` is needed when the plan has `flash_via`.
 pub async fn run(
     s: &mut Session,
     plan: &Plan,
-    wait_flash: WaitFlash<'_>,
+    flasher: Option<&mut dyn Flasher>,
 ) -> Result<Reached, ConsoleError> {
     let mut resets = ResetWatch::default();
     if plan.needs_uboot() {
@@ -98,15 +114,29 @@ pub async fn run(
             )));
         }
         if let Some((via, cmd)) = &plan.flash_via {
+            let via = *via;
+            let Some(flasher) = flasher else {
+                return Err(ConsoleError::Flash {
+                    via: via.name().into(),
+                    msg: "nothing to write the board with (no image given)".into(),
+                    exit: crate::exit::Exit::Usage,
+                });
+            };
+            flasher.prepare(via)?;
             let cmd = cmd.clone();
             let mut g = Gadget::new(&cmd, &plan.uboot.prompt, Duration::from_secs(2));
             s.run(&mut g).await?;
             s.stage(&Stage::Note(format!("U-Boot runs `{cmd}`: {}", via.hint())));
-            wait_flash()?;
-            // Ctrl-C ends the gadget; then reset into whatever was written.
+            // The write blocks this thread; nothing needs the console meanwhile (the gadget
+            // prints at most a spinner, which the kernel buffers or the UART drops).
+            let written = flasher.flash(via);
+            // Ctrl-C ends the gadget in every case, so the board is back at its prompt.
             s.send(&[0x03]).await?;
             s.settle(Duration::from_millis(500), Duration::from_secs(5))
                 .await?;
+            let summary = written?;
+            s.stage(&Stage::Note(format!("{}: {summary}", via.name())));
+            // Reset into what was written.
             s.run(&mut Fire::new("reset")).await?;
             resets.forget();
             s.stage(&Stage::Note("U-Boot `reset` sent".into()));

@@ -16,6 +16,7 @@
 pub mod bootstrap;
 pub mod command;
 pub mod expect;
+pub mod gadget;
 pub mod handoff;
 pub mod linux;
 pub mod load;
@@ -164,6 +165,12 @@ pub enum ConsoleError {
     CrcMismatch { board: u32, file: u32 },
     #[error("{0}")]
     Handoff(String),
+    #[error("flashing through U-Boot's {via} gadget: {msg}")]
+    Flash {
+        via: String,
+        msg: String,
+        exit: Exit,
+    },
     #[error("console I/O: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -190,6 +197,7 @@ impl Classify for ConsoleError {
             ConsoleError::NoPort | ConsoleError::SeveralPorts(_) => Exit::Environment,
             ConsoleError::CrcMismatch { .. } => Exit::Verify,
             ConsoleError::Transfer(_) => Exit::Io,
+            ConsoleError::Flash { exit, .. } => *exit,
             _ => Exit::Failure,
         }
     }
