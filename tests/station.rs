@@ -448,6 +448,11 @@ fn check_fat_changes_only_free_space(img: &Path, dev: &Path) {
 /// the image's own FAT file intact, and the identity files as expected (read by mtools).
 fn check_unit(img: &Path, dev: &Path, serial: &str, slot: &str) {
     run(Command::new("blockdev").arg("--flushbufs").arg(dev));
+    check_contents(img, dev, serial, slot);
+}
+
+/// [`check_unit`] on a file holding what the unit's storage holds.
+fn check_contents(img: &Path, dev: &Path, serial: &str, slot: &str) {
     let len = std::fs::metadata(img).unwrap().len();
     common::assert_same_prefix(img, dev, FAT_OFF);
     let tail_a = read_range(img, FAT_OFF + FAT_LEN, len - FAT_OFF - FAT_LEN);
@@ -884,4 +889,344 @@ fn station_bad_config_names_the_file_and_touches_nothing() {
         .unwrap();
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("none.sqlite"));
+}
+
+// ------------------------------------------------------------------ USB slots (simulated)
+//
+// There is no USB bus here: boards are the simulated devices of `usb::sim` behind the same
+// Transport trait as libusb, and the station gets the udev `usb_device` events a kernel would
+// send for them (`usbslot::udev_event_for`) through `run_with`'s event source, the one seam.
+// Everything else is real: the writer pipeline, fatfs over rockusb, the SQLite ledger, mtools.
+
+mod usb_slots {
+    use super::*;
+    use sbcflash::progress::{Event, Recorder};
+    use sbcflash::station::hotplug::{Action, ChannelEvents};
+    use sbcflash::station::slots::DeviceInfo;
+    use sbcflash::station::{self as st, config, job, ledger, ui, usbslot};
+    use sbcflash::usb::discovery::Descriptor;
+    use sbcflash::usb::sim::rockusb::{RkMode, RockchipBoard, EMMC};
+    use sbcflash::usb::sim::{lock, Faults, SimBus, SimDevice};
+    use sbcflash::usb::TransportError;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+
+    type Events = crossbeam_channel::Sender<(Action, DeviceInfo)>;
+
+    /// Waits (with a watchdog, not a threshold) until the station said `needle`.
+    fn wait_said(rec: &Recorder, needle: &str) {
+        let t0 = std::time::Instant::now();
+        loop {
+            let said = rec
+                .0
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|e| matches!(e, Event::Message { text, .. } if text.contains(needle)));
+            if said {
+                return;
+            }
+            assert!(t0.elapsed() < WATCHDOG, "station never said {needle:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Holds one bulk OUT transfer once `at` bytes were written, until the test lets go.
+    struct Gate {
+        at: u64,
+        reached: crossbeam_channel::Sender<()>,
+        release: crossbeam_channel::Receiver<()>,
+        pulled: Arc<AtomicBool>,
+    }
+
+    /// A simulated Rockchip board wired to "udev": whenever it leaves or joins the bus (loader
+    /// start, reset, unplug) the matching udev events go to the station, as the kernel's
+    /// would; after an arrival it waits until the station has seen it.
+    struct Wired {
+        board: RockchipBoard,
+        events: Events,
+        rec: Arc<Recorder>,
+        last: Option<Descriptor>,
+        now: Arc<Mutex<Option<Descriptor>>>,
+        out: u64,
+        gate: Option<Gate>,
+    }
+
+    impl Wired {
+        fn new(board: RockchipBoard, events: Events, rec: Arc<Recorder>) -> Wired {
+            let last = board.descriptor();
+            Wired {
+                board,
+                events,
+                rec,
+                now: Arc::new(Mutex::new(last.clone())),
+                last,
+                out: 0,
+                gate: None,
+            }
+        }
+        fn sync(&mut self) {
+            let d = self.board.descriptor();
+            if d == self.last {
+                return;
+            }
+            if let Some(old) = self.last.take() {
+                let _ = self
+                    .events
+                    .send((Action::Remove, usbslot::udev_event_for(&old, "")));
+            }
+            *self.now.lock().unwrap() = d.clone();
+            if let Some(new) = &d {
+                let ev = usbslot::udev_event_for(new, "");
+                let node = ev.devnode.clone().unwrap();
+                let _ = self.events.send((Action::Add, ev));
+                wait_said(&self.rec, &format!("re-enumerated as {node}"));
+            }
+            self.last = d;
+        }
+    }
+
+    impl SimDevice for Wired {
+        fn descriptor(&self) -> Option<Descriptor> {
+            self.board.descriptor()
+        }
+        fn generation(&self) -> u32 {
+            self.board.generation()
+        }
+        fn faults(&mut self) -> &mut Faults {
+            self.board.faults()
+        }
+        fn vanish(&mut self) {
+            self.board.vanish()
+        }
+        fn fail_next_status(&mut self) {
+            self.board.fail_next_status()
+        }
+        fn control_out(
+            &mut self,
+            rt: u8,
+            req: u8,
+            v: u16,
+            i: u16,
+            d: &[u8],
+        ) -> Result<usize, TransportError> {
+            let r = self.board.control_out(rt, req, v, i, d);
+            self.sync();
+            r
+        }
+        fn control_in(
+            &mut self,
+            rt: u8,
+            req: u8,
+            v: u16,
+            i: u16,
+            b: &mut [u8],
+        ) -> Result<usize, TransportError> {
+            let r = self.board.control_in(rt, req, v, i, b);
+            self.sync();
+            r
+        }
+        fn bulk_out(&mut self, data: &[u8]) -> Result<usize, TransportError> {
+            if let Some(g) = self.gate.as_ref().filter(|g| self.out >= g.at) {
+                let _ = g.reached.send(());
+                let _ = g.release.recv();
+                if g.pulled.load(Ordering::SeqCst) {
+                    self.gate = None;
+                    self.board.vanish();
+                    self.last = None;
+                    return Err(TransportError::Gone);
+                }
+            }
+            let r = self.board.bulk_out(data);
+            if let Ok(n) = r {
+                self.out += n as u64;
+            }
+            self.sync();
+            r
+        }
+        fn bulk_in(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
+            let r = self.board.bulk_in(buf);
+            self.sync();
+            r
+        }
+    }
+
+    fn board(mode: RkMode, port: u8, address: u8) -> RockchipBoard {
+        let mut b = RockchipBoard::rk3588(64 << 20);
+        b.mode = mode;
+        b.ports = vec![2, port];
+        b.address = address;
+        b
+    }
+
+    fn pattern(len: usize, seed: u8) -> Vec<u8> {
+        (0..len)
+            .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+            .collect()
+    }
+
+    fn image_plan(img: &Path) -> job::ImagePlan {
+        let bytes = std::fs::read(img).unwrap();
+        job::ImagePlan {
+            path: img.to_path_buf(),
+            blake3: blake3::hash(&bytes).to_hex().to_string(),
+            size: bytes.len() as u64,
+            format: "raw".into(),
+        }
+    }
+
+    /// Two boards on configured USB ports (one in maskrom, so it gets the loader and
+    /// re-enumerates; one already running a loader) and one on a port in no slot. The maskrom
+    /// board is flashed, read back, given its identity in its FAT partition and reset; the
+    /// other is unplugged mid-write (udev remove event, then the bus loses it) and is FAIL;
+    /// the board outside the slots is never touched.
+    #[test]
+    fn station_usb_slots_flash_a_maskrom_board_and_fail_an_unplugged_one() {
+        if !require(
+            false,
+            &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "mdir"],
+        ) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = make_nixos_like_image(dir.path(), "usb.img", IMG_MIB, Table::Mbr);
+        let loader = dir.path().join("rk3588_spl_loader.bin");
+        std::fs::write(
+            &loader,
+            sbcflash::usb::rkloader::build_merged(
+                "RK3588",
+                &pattern(9000, 1),
+                &pattern(70_000, 2),
+                &[&pattern(3000, 3)],
+            ),
+        )
+        .unwrap();
+        let cfg_path = write_config(dir.path(), &img, &[], "");
+        let mut text = std::fs::read_to_string(&cfg_path).unwrap();
+        text = text.replace(
+            "[identity]",
+            &format!(
+                "[usb]\nloader = [\"{}\"]\nstorage = \"emmc\"\n[identity]",
+                loader.display()
+            ),
+        );
+        for (name, port) in [("u1", "2.1"), ("u2", "2.2")] {
+            text.push_str(&format!(
+                "[[slot]]\nname = \"{name}\"\nkind = \"usb\"\nmatch = {{ DEVPATH = \"*/usb1/1-2/1-{port}\" }}\n"
+            ));
+        }
+        std::fs::write(&cfg_path, &text).unwrap();
+        let station = config::Station::load(&cfg_path).unwrap();
+
+        let rec = Arc::new(Recorder::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let b1 = Arc::new(Mutex::new(Wired::new(
+            board(RkMode::Maskrom, 1, 5),
+            tx.clone(),
+            rec.clone(),
+        )));
+        let b2 = Arc::new(Mutex::new(Wired::new(
+            board(RkMode::Loader, 2, 9),
+            tx.clone(),
+            rec.clone(),
+        )));
+        let (reached_tx, reached) = crossbeam_channel::unbounded();
+        let (release, release_rx) = crossbeam_channel::unbounded();
+        let pulled = Arc::new(AtomicBool::new(false));
+        let b2_now = lock(&b2).now.clone();
+        lock(&b2).gate = Some(Gate {
+            at: 8 * MIB,
+            reached: reached_tx,
+            release: release_rx,
+            pulled: pulled.clone(),
+        });
+        let mut outside = board(RkMode::Loader, 3, 12);
+        outside.ports = vec![3];
+        let outside = Arc::new(Mutex::new(Wired::new(outside, tx.clone(), rec.clone())));
+        let outside_before = lock(&outside).board.storage(EMMC).to_vec();
+        let mut bus = SimBus::new();
+        bus.attach(b1.clone());
+        bus.attach(b2.clone());
+        bus.attach(outside.clone());
+
+        let present: Vec<DeviceInfo> = [&b1, &b2, &outside]
+            .iter()
+            .map(|b| usbslot::udev_event_for(&lock(b).descriptor().unwrap(), "SIMBOARD"))
+            .collect();
+        let ledger_path = dir.path().join("ledger.sqlite");
+        let (led, _) = ledger::Ledger::open(&ledger_path).unwrap();
+        let uiv = Arc::new(ui::Ui::new(rec.clone(), ui::Style::Stream, false, false));
+        let plan = Arc::new(image_plan(&img));
+        let stop = Arc::new(AtomicBool::new(false));
+        let station_thread = {
+            let (stop, uiv) = (stop.clone(), uiv.clone());
+            let bus: Arc<dyn sbcflash::usb::discovery::Bus + Send + Sync> = Arc::new(bus);
+            std::thread::spawn(move || {
+                let mut events = ChannelEvents { present, rx };
+                st::run_with(
+                    &station,
+                    plan,
+                    led,
+                    uiv,
+                    &st::RunOptions {
+                        flash_present: true,
+                        exit_after: Some(2),
+                    },
+                    &mut events,
+                    Some(bus),
+                    stop,
+                )
+            })
+        };
+
+        // b2 is mid-write: the cable is pulled. udev reports the removal first...
+        reached
+            .recv_timeout(WATCHDOG)
+            .expect("b2 never reached mid-write");
+        let now = b2_now.lock().unwrap().clone().unwrap();
+        tx.send((Action::Remove, usbslot::udev_event_for(&now, "")))
+            .unwrap();
+        wait_said(
+            &rec,
+            "u2: /dev/bus/usb/001/009 device removed; cancelling its job",
+        );
+        // ...and the board is gone from the bus.
+        pulled.store(true, Ordering::SeqCst);
+        release.send(()).unwrap();
+
+        let totals = station_thread.join().unwrap().unwrap();
+        assert_eq!(
+            (totals.pass, totals.fail),
+            (1, 1),
+            "{:#?}",
+            rec.0.lock().unwrap()
+        );
+
+        let rows = ledger::report(&ledger_path, None).unwrap();
+        assert_eq!(rows.len(), 2, "{rows:#?}");
+        let r1 = rows.iter().find(|r| r.slot == "u1").unwrap();
+        let r2 = rows.iter().find(|r| r.slot == "u2").unwrap();
+        assert_eq!(r1.result, "pass", "{r1:#?}");
+        assert_eq!(r1.devnode.as_deref(), Some("usb:1-2.1"));
+        assert_eq!(r1.id_path.as_deref(), Some("pci-0000:00:14.0-usb-0:2.1"));
+        assert_eq!(r2.result, "fail", "{r2:#?}");
+        let why = r2.failure_reason.as_deref().unwrap_or("");
+        assert!(why.contains("removed mid-write"), "{why}");
+
+        // The maskrom board got the loader, was written, read back, identity-injected, reset.
+        let b = lock(&b1);
+        assert_eq!(b.board.downloads.len(), 2, "0x471 and 0x472 downloads");
+        assert!(!b.board.resets.is_empty(), "board was not reset after PASS");
+        let flash = dir.path().join("u1.emmc");
+        std::fs::write(&flash, b.board.storage(EMMC)).unwrap();
+        check_contents(&img, &flash, &r1.unit_serial, "u1");
+        drop(b);
+        // The board outside every slot: no loader, no write, no reset.
+        let o = lock(&outside);
+        assert!(o.board.downloads.is_empty() && o.board.resets.is_empty());
+        assert!(
+            o.board.storage(EMMC) == &outside_before[..],
+            "outside board was written"
+        );
+    }
 }

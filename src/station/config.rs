@@ -31,6 +31,9 @@ pub struct StationConfig {
     pub identity: IdentityConfig,
     #[serde(default)]
     pub ui: UiConfig,
+    /// `[usb]`: how boards on `kind = "usb"` slots are flashed over their recovery protocol.
+    #[serde(default)]
+    pub usb: UsbConfig,
     /// Read back and compare after writing (default true; turning it off is recorded).
     #[serde(default = "yes")]
     pub verify: bool,
@@ -133,6 +136,55 @@ pub struct UiConfig {
     pub flash: bool,
 }
 
+/// Boards flashed over USB recovery (`kind = "usb"` slots).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsbConfig {
+    /// Rockchip: the loader for boards that arrive in maskrom (one boot_merger file, or the
+    /// raw 0x471 + 0x472 pair); relative to the config file.
+    #[serde(default)]
+    pub loader: Vec<PathBuf>,
+    /// Rockchip storage to write: emmc, sd, spi, spinand (default emmc).
+    #[serde(default = "emmc")]
+    pub storage: String,
+    /// Reset the board after a PASS so it boots what was written.
+    #[serde(default = "yes")]
+    pub reset: bool,
+    /// Seconds a board may take to come back after the loader download.
+    #[serde(default = "fifteen")]
+    pub reenumerate_timeout_secs: u64,
+}
+
+fn emmc() -> String {
+    "emmc".into()
+}
+fn fifteen() -> u64 {
+    15
+}
+
+impl Default for UsbConfig {
+    fn default() -> Self {
+        Self {
+            loader: Vec::new(),
+            storage: emmc(),
+            reset: true,
+            reenumerate_timeout_secs: 15,
+        }
+    }
+}
+
+/// What sits in a slot.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SlotKind {
+    /// A card reader / disk: udev `block` whole disks.
+    #[default]
+    Block,
+    /// A board in a USB recovery mode: udev `usb` devices (`usb_device`), matched by port
+    /// (`DEVPATH`, or `ID_PATH` where the rules set it).
+    Usb,
+}
+
 /// One physical socket. `match` maps udev keys to glob patterns; all must match. Keys are
 /// udev properties (`ID_PATH`), or sysfs attributes with an `attr:` prefix
 /// (`attr:loop/backing_file`), so loop devices (which have no ID_PATH) can stand in for
@@ -141,6 +193,8 @@ pub struct UiConfig {
 #[serde(deny_unknown_fields)]
 pub struct SlotConfig {
     pub name: String,
+    #[serde(default)]
+    pub kind: SlotKind,
     #[serde(rename = "match")]
     pub match_: BTreeMap<String, String>,
 }
@@ -160,6 +214,7 @@ pub struct Station {
     pub fat_partition: Option<u32>,
     pub files: Vec<(String, Template)>,
     pub ui: UiConfig,
+    pub usb: UsbConfig,
     pub verify: bool,
     pub slots: Vec<SlotMatcher>,
 }
@@ -172,9 +227,17 @@ impl Station {
             .iter()
             .flat_map(|s| s.attr_keys().map(str::to_string))
             .collect();
+        if self.has_usb_slots() {
+            // bcdUSB: the Rockchip maskrom/loader hint.
+            k.push("version".into());
+        }
         k.sort();
         k.dedup();
         k
+    }
+
+    pub fn has_usb_slots(&self) -> bool {
+        self.slots.iter().any(|s| s.kind == SlotKind::Usb)
     }
 
     /// The identity recipe.
@@ -280,7 +343,8 @@ impl Station {
                 return Err(bad(format!("slot name {:?} used twice", s.name)));
             }
             let m = SlotMatcher::new(&s.name, &s.match_)
-                .map_err(|e| bad(format!("slot {:?}: {e}", s.name)))?;
+                .map_err(|e| bad(format!("slot {:?}: {e}", s.name)))?
+                .with_kind(s.kind);
             slots.push(m);
         }
         for (i, a) in slots.iter().enumerate() {
@@ -351,10 +415,24 @@ impl Station {
             fat_partition: id.fat_partition,
             files,
             ui: raw.ui,
+            usb: usb_config(&raw.usb, &resolve, &bad)?,
             verify: raw.verify,
             slots,
         })
     }
+}
+
+/// Resolves loader paths and checks the storage name, so a typo stops the station at start.
+fn usb_config(
+    u: &UsbConfig,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    bad: &dyn Fn(String) -> StationError,
+) -> Result<UsbConfig, StationError> {
+    crate::usb::flash::storage_index(&u.storage).map_err(|e| bad(format!("[usb] storage: {e}")))?;
+    Ok(UsbConfig {
+        loader: u.loader.iter().map(|p| resolve(p)).collect(),
+        ..u.clone()
+    })
 }
 
 #[cfg(test)]

@@ -233,6 +233,47 @@ pub fn inject(
     Ok(part)
 }
 
+/// [`inject`] over any storage that reads and writes (a board's storage through its rockusb
+/// session, see `usbslot::SinkIo`). Returns the partition used.
+pub fn inject_rw<T: Read + Write + Seek>(
+    mut io: T,
+    dev: &Path,
+    want: Option<u32>,
+    files: &[(String, Vec<u8>)],
+) -> Result<FatPartition, FatError> {
+    let part = find_fat(&mut io, dev, want)?;
+    {
+        let fs = fs_over_rw(io, &part, dev)?;
+        write_files(&fs, dev, files)?;
+        fs.unmount().map_err(io_err(dev, "finish FAT updates"))?;
+    }
+    Ok(part)
+}
+
+/// [`verify`] over any storage that reads: the caller makes sure reads reach the medium.
+pub fn verify_rw<T: Read + Write + Seek>(
+    io: T,
+    dev: &Path,
+    part: &FatPartition,
+    files: &[(String, Vec<u8>)],
+) -> Result<(), FatError> {
+    let fs = fs_over_rw(io, part, dev)?;
+    compare_files(&fs, dev, files)
+}
+
+fn fs_over_rw<T: Read + Write + Seek>(
+    io: T,
+    p: &FatPartition,
+    dev: &Path,
+) -> Result<fatfs::FileSystem<fscommon::StreamSlice<T>>, FatError> {
+    let slice = fscommon::StreamSlice::new(io, p.offset, p.offset + p.len)
+        .map_err(io_err(dev, "seek to the FAT partition"))?;
+    fatfs::FileSystem::new(slice, fatfs::FsOptions::new()).map_err(io_err(
+        dev,
+        &format!("open FAT file system in partition {}", p.number),
+    ))
+}
+
 fn write_files<T: fatfs::ReadWriteSeek>(
     fs: &fatfs::FileSystem<T>,
     dev: &Path,

@@ -48,6 +48,9 @@ pub enum Decision {
         slot: String,
         devnode: String,
         reason: String,
+        /// BUSNUM/DEVNUM of a removed USB device (a board re-enumerating on purpose is told
+        /// apart from an unplug by it); None for block devices.
+        usb_address: Option<(u8, u8)>,
     },
     /// A device the station refuses to touch, and why (said once per medium).
     Refused { msg: String },
@@ -83,7 +86,11 @@ impl Tracker {
     ) -> Vec<Decision> {
         let mut out = Vec::new();
         let is_disk = dev.subsystem == "block" && dev.devtype.as_deref() == Some("disk");
-        let present = action != Action::Remove && is_disk && dev.size > 0;
+        let is_usb = dev.is_usb_device();
+        // A USB device is "present" while it is in a recovery mode the station can flash.
+        let present = action != Action::Remove
+            && ((is_disk && dev.size > 0)
+                || (is_usb && super::usbslot::recovery_device(dev).is_some()));
         let slot = if present {
             slot_of(&self.slots, dev)
         } else {
@@ -99,6 +106,10 @@ impl Tracker {
             .filter_map(|(s, a)| {
                 let reason = if action == Action::Remove {
                     "device removed"
+                } else if is_usb {
+                    // Boards re-enumerate (new address, other mode) during a job; only a
+                    // removal event says one left.
+                    return None;
                 } else if !present {
                     "medium removed"
                 } else if dev.medium_key() != a.key {
@@ -117,6 +128,7 @@ impl Tracker {
                 slot: s,
                 devnode: devnode.clone(),
                 reason,
+                usb_address: if is_usb { dev.usb_address() } else { None },
             });
         }
         if !present {
@@ -133,6 +145,25 @@ impl Tracker {
                 return out;
             }
         };
+        if is_usb
+            && self
+                .active
+                .get(&slot)
+                .is_some_and(|a| a.syspath == dev.syspath)
+        {
+            // The same port announcing a new enumeration without a removal in between (a
+            // missed event): the board re-enumerated; note its key.
+            if self.seen.insert(key.clone()) {
+                self.active.insert(
+                    slot.clone(),
+                    Active {
+                        syspath: dev.syspath.clone(),
+                        key,
+                    },
+                );
+            }
+            return out;
+        }
         if let Some(a) = self.active.get(&slot) {
             if a.syspath != dev.syspath && self.seen.insert(key) {
                 out.push(Decision::Refused {
@@ -214,6 +245,50 @@ pub fn enumerate(attr_keys: &[String]) -> Result<Vec<DeviceInfo>, StationError> 
     Ok(out)
 }
 
+/// Where the station's device events come from: the udev monitor, or (tests, simulations of
+/// USB boards, which have no kernel device) a channel fed with the same udev-shaped events.
+pub trait EventSource {
+    /// Devices present now (whole disks and USB devices).
+    fn enumerate(&self) -> Result<Vec<DeviceInfo>, StationError>;
+    /// Waits up to `timeout` for events and returns all that are queued.
+    fn poll(&mut self, timeout: Duration) -> Result<Vec<(Action, DeviceInfo)>, StationError>;
+}
+
+/// Udev-shaped events from a channel (see [`EventSource`]).
+pub struct ChannelEvents {
+    pub present: Vec<DeviceInfo>,
+    pub rx: crossbeam_channel::Receiver<(Action, DeviceInfo)>,
+}
+
+impl EventSource for ChannelEvents {
+    fn enumerate(&self) -> Result<Vec<DeviceInfo>, StationError> {
+        Ok(self.present.clone())
+    }
+    fn poll(&mut self, timeout: Duration) -> Result<Vec<(Action, DeviceInfo)>, StationError> {
+        let first = match self.rx.recv_timeout(timeout) {
+            Ok(ev) => ev,
+            Err(crossbeam_channel::RecvTimeoutError::Timeout) => return Ok(Vec::new()),
+            Err(crossbeam_channel::RecvTimeoutError::Disconnected) => {
+                // No more events will come: behave like a quiet monitor.
+                std::thread::sleep(timeout);
+                return Ok(Vec::new());
+            }
+        };
+        let mut out = vec![first];
+        out.extend(self.rx.try_iter());
+        Ok(out)
+    }
+}
+
+impl EventSource for Monitor {
+    fn enumerate(&self) -> Result<Vec<DeviceInfo>, StationError> {
+        Monitor::enumerate(self)
+    }
+    fn poll(&mut self, timeout: Duration) -> Result<Vec<(Action, DeviceInfo)>, StationError> {
+        Monitor::poll(self, timeout)
+    }
+}
+
 /// The udev side: a monitor socket on `block` and `usb`, and enumeration of what is present.
 pub struct Monitor {
     socket: udev::MonitorSocket,
@@ -238,18 +313,21 @@ impl Monitor {
         Ok(Monitor { socket, attr_keys })
     }
 
-    /// Whole disks present now.
+    /// Whole disks and USB devices present now.
     pub fn enumerate(&self) -> Result<Vec<DeviceInfo>, StationError> {
         let udev_err =
             |e: std::io::Error| StationError::Environment(format!("udev enumerate: {e}"));
-        let mut en = udev::Enumerator::new().map_err(udev_err)?;
-        en.match_subsystem("block").map_err(udev_err)?;
-        let mut out: Vec<DeviceInfo> = en
-            .scan_devices()
-            .map_err(udev_err)?
-            .map(|d| device_info(&d, &self.attr_keys))
-            .filter(|d| d.devtype.as_deref() == Some("disk"))
-            .collect();
+        let mut out = Vec::new();
+        for (subsystem, devtype) in [("block", "disk"), ("usb", "usb_device")] {
+            let mut en = udev::Enumerator::new().map_err(udev_err)?;
+            en.match_subsystem(subsystem).map_err(udev_err)?;
+            out.extend(
+                en.scan_devices()
+                    .map_err(udev_err)?
+                    .map(|d| device_info(&d, &self.attr_keys))
+                    .filter(|d| d.devtype.as_deref() == Some(devtype)),
+            );
+        }
         out.sort_by(|a, b| a.syspath.cmp(&b.syspath));
         Ok(out)
     }
@@ -394,5 +472,50 @@ mod tests {
         t.on_event(Action::Change, &lp(0, Some("/t/a.img"), 1, 1 << 20), false);
         let r = t.on_event(Action::Change, &lp(1, Some("/t/a.img"), 2, 1 << 20), false);
         assert!(matches!(&r[..], [Decision::Refused { .. }]));
+    }
+
+    #[test]
+    fn usb_board_arrivals_and_removals_carry_the_address() {
+        use crate::usb::discovery::{Descriptor, InterfaceClass};
+        let r: BTreeMap<String, String> =
+            [("DEVPATH".to_string(), "*/usb1/1-2/1-2.1".to_string())].into();
+        let usb_slot = SlotMatcher::new("u", &r)
+            .unwrap()
+            .with_kind(crate::station::config::SlotKind::Usb);
+        let mut t = Tracker::new(vec![usb_slot.clone()]);
+        let desc = |address, bcd_usb| Descriptor {
+            bus: 1,
+            address,
+            ports: vec![2, 1],
+            vid: 0x2207,
+            pid: 0x350b,
+            bcd_usb,
+            serial_index: 0,
+            interfaces: vec![InterfaceClass {
+                number: 0,
+                class: 0xff,
+                subclass: 6,
+                protocol: 5,
+            }],
+        };
+        let maskrom = crate::station::usbslot::udev_event_for(&desc(5, 0x200), "");
+        let loader = crate::station::usbslot::udev_event_for(&desc(6, 0x201), "");
+        assert_eq!(starts(&t.on_event(Action::Add, &maskrom, false)), ["u"]);
+        // The same enumeration announced again (bind, change) is not a new board.
+        assert!(t.on_event(Action::Change, &maskrom, false).is_empty());
+        let r = t.on_event(Action::Remove, &maskrom, false);
+        assert!(
+            matches!(&r[..], [Decision::Removed { slot, usb_address: Some((1, 5)), .. }] if slot == "u"),
+            "{r:?}"
+        );
+        // Re-enumerated in loader mode: a Start the station matches to the running job.
+        assert_eq!(starts(&t.on_event(Action::Add, &loader, false)), ["u"]);
+        // A block slot never takes a USB device, and a USB slot never a disk.
+        let mut block_only = Tracker::new(slots());
+        assert!(block_only.on_event(Action::Add, &loader, true).is_empty());
+        let mut usb_only = Tracker::new(vec![usb_slot]);
+        assert!(usb_only
+            .on_event(Action::Add, &lp(0, Some("/t/a.img"), 1, 1 << 20), true)
+            .is_empty());
     }
 }

@@ -46,6 +46,9 @@ pub struct Context {
     pub image: Arc<ImagePlan>,
     pub ledger: Arc<Mutex<Ledger>>,
     pub ui: Arc<Ui>,
+    /// The USB bus boards on `kind = "usb"` slots are driven through (libusb, or simulated
+    /// boards in tests); None when no slot is a USB slot.
+    pub usb: Option<Arc<dyn crate::usb::discovery::Bus + Send + Sync>>,
 }
 
 /// Set once by whoever cancels; the first reason wins. The flag is the writer's own cancel
@@ -54,6 +57,21 @@ pub struct Context {
 pub struct Cancel {
     flag: Arc<AtomicBool>,
     reason: Mutex<Option<String>>,
+    /// USB jobs: the bus address of the board the job is talking to now.
+    usb_address: Mutex<Option<(u8, u8)>>,
+    /// USB jobs: the board is expected to leave the bus (loader start, final reset).
+    usb_leaving: AtomicBool,
+}
+
+/// What a udev removal on a slot means for its running job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Removal {
+    /// The job was cancelled: its unit will be FAIL.
+    Cancelled,
+    /// The board re-enumerates as part of the job (loader start, reset): nothing to do.
+    Expected,
+    /// An address the job no longer uses (the maskrom device after the loader took over).
+    Stale,
 }
 
 impl Cancel {
@@ -72,6 +90,29 @@ impl Cancel {
     pub fn flag(&self) -> Arc<AtomicBool> {
         self.flag.clone()
     }
+    pub fn set_usb_address(&self, bus: u8, address: u8) {
+        if let Ok(mut a) = self.usb_address.lock() {
+            *a = Some((bus, address));
+        }
+    }
+    pub fn usb_leaving(&self, on: bool) {
+        self.usb_leaving.store(on, Ordering::SeqCst);
+    }
+    /// A removal event for this job's slot. `address` is the removed USB device's
+    /// BUSNUM/DEVNUM (None for block devices: always an unplug).
+    pub fn removed(&self, address: Option<(u8, u8)>, reason: &str) -> Removal {
+        if let Some(a) = address {
+            if self.usb_leaving.load(Ordering::SeqCst) {
+                return Removal::Expected;
+            }
+            let current = self.usb_address.lock().ok().and_then(|c| *c);
+            if current.is_some_and(|c| c != a) {
+                return Removal::Stale;
+            }
+        }
+        self.cancel(reason);
+        Removal::Cancelled
+    }
 }
 
 /// A running job.
@@ -83,6 +124,12 @@ pub struct Handle {
 impl Handle {
     pub fn cancel(&self, reason: &str) {
         self.cancel.cancel(reason);
+    }
+    pub fn removed(&self, address: Option<(u8, u8)>, reason: &str) -> Removal {
+        self.cancel.removed(address, reason)
+    }
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.is_set()
     }
     pub fn join(self) {
         if let Some(t) = self.thread {
@@ -134,18 +181,22 @@ pub fn spawn(
 
 /// Steps of a job, named in FAIL reasons ("removed mid-write").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Step {
+pub(super) enum Step {
     Open,
+    Loader,
     Write,
     Verify,
     Identity,
     IdentityVerify,
+    Reset,
 }
 
 impl Step {
     fn name(self) -> &'static str {
         match self {
             Step::Open => "open",
+            Step::Loader => "loader",
+            Step::Reset => "reset",
             Step::Write => "write",
             Step::Verify => "verify",
             Step::Identity => "identity",
@@ -163,7 +214,11 @@ pub struct WriteStats {
 
 fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) -> Done {
     let st = &ctx.station;
-    let devnode = dev.devnode.clone().unwrap_or_default();
+    let devnode = if dev.is_usb_device() {
+        format!("usb:{}", super::usbslot::port_of(dev))
+    } else {
+        dev.devnode.clone().unwrap_or_default()
+    };
     let rep = Arc::new(
         SlotReporter::new(slot, ctx.ui.clone(), st.log_dir.as_deref()).unwrap_or_else(|e| {
             tracing::warn!("{slot}: cannot open its log in {:?}: {e}", st.log_dir);
@@ -184,9 +239,14 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
         image_blake3: Some(ctx.image.blake3.clone()),
         now: chrono::Utc::now(),
     };
+    let usb = dev.is_usb_device();
     let unit = NewUnit {
         slot: slot.to_string(),
-        devnode: dev.devnode.clone(),
+        devnode: if usb {
+            Some(format!("usb:{}", super::usbslot::port_of(dev)))
+        } else {
+            dev.devnode.clone()
+        },
         id_serial: dev.prop("ID_SERIAL").map(str::to_string),
         id_path: dev.prop("ID_PATH").map(str::to_string),
         diskseq: dev.prop("DISKSEQ").map(str::to_string),
@@ -240,7 +300,16 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
 
     let t0 = Instant::now();
     let step = Mutex::new(Step::Open);
-    let result = provision(ctx, dev, &id.files, cancel, &rep, &step);
+    let result = if usb {
+        let set = |s: Step| {
+            if let Ok(mut g) = step.lock() {
+                *g = s;
+            }
+        };
+        super::usbslot::provision(ctx, dev, &id.files, cancel, &rep, &set)
+    } else {
+        provision(ctx, dev, &id.files, cancel, &rep, &step)
+    };
     let secs = t0.elapsed().as_secs_f64();
     let step = step.lock().map(|s| *s).unwrap_or(Step::Open);
     // A pulled card is never PASS, even if the last write happened to land.
@@ -413,9 +482,9 @@ fn provision(
 }
 
 /// Passes events on and notes the writer's phase, so a removal mid-verify says so.
-struct PhaseFollower<'a> {
-    inner: Arc<SlotReporter>,
-    set: &'a (dyn Fn(Step) + Sync),
+pub(super) struct PhaseFollower<'a> {
+    pub(super) inner: Arc<SlotReporter>,
+    pub(super) set: &'a (dyn Fn(Step) + Sync),
 }
 
 impl crate::progress::Reporter for PhaseFollower<'_> {
@@ -436,5 +505,31 @@ impl ImagePlan {
     pub fn open(&self) -> Result<Box<dyn ExtentSource>, crate::image::ImageError> {
         crate::image::open_image(&self.path, &crate::image::OpenOptions::default())
             .map(|o| o.source)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usb_removals_cancel_only_unplugs() {
+        let c = Cancel::default();
+        c.set_usb_address(1, 5);
+        c.usb_leaving(true);
+        assert_eq!(c.removed(Some((1, 5)), "gone"), Removal::Expected);
+        c.set_usb_address(1, 6);
+        c.usb_leaving(false);
+        assert_eq!(c.removed(Some((1, 5)), "late event"), Removal::Stale);
+        assert!(!c.is_set());
+        assert_eq!(
+            c.removed(Some((1, 6)), "device removed"),
+            Removal::Cancelled
+        );
+        assert!(c.is_set());
+        assert_eq!(c.reason().as_deref(), Some("device removed"));
+        // Block devices: any removal is an unplug.
+        let b = Cancel::default();
+        assert_eq!(b.removed(None, "medium removed"), Removal::Cancelled);
     }
 }

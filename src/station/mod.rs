@@ -14,6 +14,7 @@ pub mod job;
 pub mod ledger;
 pub mod slots;
 pub mod ui;
+pub mod usbslot;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -211,6 +212,27 @@ pub fn run(
         .map_err(|e| StationError::Environment(format!("install signal handler: {e}")))?;
     }
     let mut monitor = hotplug::Monitor::open(station.attr_keys())?;
+    // libusb only when a slot needs it (a card-reader station works without usbfs).
+    let usb: Option<Arc<dyn crate::usb::discovery::Bus + Send + Sync>> = station
+        .has_usb_slots()
+        .then(|| Arc::new(crate::usb::discovery::RusbBus::new()) as _);
+    run_with(station, image, ledger, ui, opts, &mut monitor, usb, stop)
+}
+
+/// The station loop over any event source and USB bus (the udev monitor and libusb in
+/// [`run`]; udev-shaped events and simulated boards in tests). Stops when `stop` is set
+/// (jobs are cancelled and recorded) or after `exit_after` units.
+#[allow(clippy::too_many_arguments)]
+pub fn run_with(
+    station: &config::Station,
+    image: Arc<job::ImagePlan>,
+    ledger: ledger::Ledger,
+    ui: Arc<ui::Ui>,
+    opts: &RunOptions,
+    monitor: &mut dyn hotplug::EventSource,
+    usb: Option<Arc<dyn crate::usb::discovery::Bus + Send + Sync>>,
+    stop: Arc<AtomicBool>,
+) -> Result<Totals, StationError> {
     let mut tracker = hotplug::Tracker::new(station.slots.clone());
     let ledger_path = ledger.path().to_path_buf();
     let ledger = Arc::new(Mutex::new(ledger));
@@ -219,6 +241,7 @@ pub fn run(
         image,
         ledger: ledger.clone(),
         ui: ui.clone(),
+        usb,
     });
     let (done_tx, done_rx) = crossbeam_channel::unbounded::<job::Done>();
     let mut running: BTreeMap<String, job::Handle> = BTreeMap::new();
@@ -241,7 +264,19 @@ pub fn run(
                   pending: &mut BTreeMap<String, slots::DeviceInfo>| {
         match d {
             Decision::Start { slot, dev } => {
-                if running.contains_key(&slot) {
+                let same_board = dev.is_usb_device()
+                    && running.get(&slot).is_some_and(|h| !h.is_cancelled());
+                if same_board {
+                    // A board on a USB slot re-enumerates during its job (maskrom → loader):
+                    // a new board cannot arrive without a removal, which cancels the job.
+                    ui.say(
+                        Level::Info,
+                        format!(
+                            "{slot}: board re-enumerated as {}; its job continues",
+                            dev.devnode.as_deref().unwrap_or(&dev.syspath)
+                        ),
+                    );
+                } else if running.contains_key(&slot) {
                     ui.say(
                         Level::Info,
                         format!("{slot}: new medium; waiting for the previous job to stop"),
@@ -262,10 +297,20 @@ pub fn run(
                 slot,
                 devnode,
                 reason,
+                usb_address,
             } => {
                 pending.remove(&slot);
                 if let Some(h) = running.get(&slot) {
-                    h.cancel(&format!("{reason}: {devnode}"));
+                    match h.removed(usb_address, &format!("{reason}: {devnode}")) {
+                        job::Removal::Cancelled => ui.say(
+                            Level::Warn,
+                            format!("{slot}: {devnode} {reason}; cancelling its job"),
+                        ),
+                        job::Removal::Expected | job::Removal::Stale => ui.say(
+                            Level::Info,
+                            format!("{slot}: {devnode} left the bus as the job expects"),
+                        ),
+                    }
                 } else {
                     ui.say(Level::Info, format!("{slot}: {devnode} {reason}; slot idle"));
                 }

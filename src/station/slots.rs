@@ -26,6 +26,18 @@ impl DeviceInfo {
         self.props.get(k).map(String::as_str)
     }
 
+    /// A whole USB device (udev `usb` / `usb_device`), as opposed to one of its interfaces.
+    pub fn is_usb_device(&self) -> bool {
+        self.subsystem == "usb" && self.devtype.as_deref() == Some("usb_device")
+    }
+
+    /// udev's BUSNUM/DEVNUM of a USB device: the address changes on every re-enumeration,
+    /// which is how a board's own loader restart is told apart from an unplug.
+    pub fn usb_address(&self) -> Option<(u8, u8)> {
+        let n = |k: &str| self.prop(k).and_then(|v| v.trim().parse::<u8>().ok());
+        Some((n("BUSNUM")?, n("DEVNUM")?))
+    }
+
     /// The device's own serial, if udev has one (USB readers report the reader's).
     pub fn card_serial(&self) -> Option<String> {
         self.prop("ID_SERIAL_SHORT")
@@ -37,6 +49,16 @@ impl DeviceInfo {
     /// media change, so the same card seen again through `change` events is not re-flashed.
     /// Without DISKSEQ (kernels before 5.15), udev's initialisation time stands in.
     pub fn medium_key(&self) -> String {
+        if self.is_usb_device() {
+            // Every enumeration of a board (a new address) is a new arrival.
+            return format!(
+                "{}#usb{}/{}#init{}",
+                self.syspath,
+                self.prop("BUSNUM").unwrap_or("?"),
+                self.prop("DEVNUM").unwrap_or("?"),
+                self.prop("USEC_INITIALIZED").unwrap_or("?")
+            );
+        }
         match self.prop("DISKSEQ") {
             Some(s) => format!("{}#seq{}", self.syspath, s),
             None => format!(
@@ -60,6 +82,7 @@ pub enum Key {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SlotMatcher {
     pub name: String,
+    pub kind: super::config::SlotKind,
     rules: Vec<(Key, String)>,
 }
 
@@ -87,6 +110,7 @@ impl SlotMatcher {
         }
         Ok(SlotMatcher {
             name: name.to_string(),
+            kind: Default::default(),
             rules: out,
         })
     }
@@ -100,7 +124,13 @@ impl SlotMatcher {
     }
 
     pub fn same_rules(&self, other: &SlotMatcher) -> bool {
-        self.rules == other.rules
+        self.kind == other.kind && self.rules == other.rules
+    }
+
+    /// The same rules for another kind of device.
+    pub fn with_kind(mut self, kind: super::config::SlotKind) -> Self {
+        self.kind = kind;
+        self
     }
 
     /// Human-readable rules, for `--dry-run` and logs.
@@ -115,9 +145,16 @@ impl SlotMatcher {
             .join(", ")
     }
 
-    /// Whether `dev` is a whole disk in this slot.
+    /// Whether `dev` is in this slot: a whole disk for block slots, a USB device (not one of
+    /// its interfaces) for USB slots.
     pub fn matches(&self, dev: &DeviceInfo) -> bool {
-        if dev.subsystem != "block" || dev.devtype.as_deref() != Some("disk") {
+        let fits = match self.kind {
+            super::config::SlotKind::Block => {
+                dev.subsystem == "block" && dev.devtype.as_deref() == Some("disk")
+            }
+            super::config::SlotKind::Usb => dev.is_usb_device(),
+        };
+        if !fits {
             return false;
         }
         self.rules.iter().all(|(k, pat)| {

@@ -1,0 +1,523 @@
+//! USB slots: boards that arrive in a recovery mode on a configured port are flashed over
+//! their recovery protocol instead of as a block device.
+//!
+//! The udev side is the same as for card readers (a `usb_device` event on the slot's port);
+//! [`recovery_device`] reads the recovery mode out of the event with the same ID tables and
+//! classifier as `sbcflash usb`. The job drives the board through a [`Bus`] (libusb, or the
+//! simulated boards in tests): Rockchip maskrom → loader download → re-enumeration on the same
+//! port → [`RockusbSink`] through the writer pipeline (hashing, read-back) → identity files
+//! into the FAT partition through the same sink → read back → reset.
+//!
+//! A board re-enumerates twice in a normal job (after the loader download, and at the final
+//! reset); the job says when that is expected ([`super::job::Cancel::usb_leaving`]) and which
+//! bus address it is using, so a removal event for that address at any other time is an
+//! unplug and fails the unit.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context as _};
+
+use super::job::{Cancel, Context, PhaseFollower, Step, WriteStats};
+use super::slots::DeviceInfo;
+use super::ui::SlotReporter;
+use crate::progress::{Event, Reporter};
+use crate::usb::discovery::{classify, Bus, Descriptor, Found, InterfaceClass, Protocol};
+use crate::usb::rkloader::Loader;
+use crate::usb::rockusb::{self, RockusbSink, Timeouts};
+use crate::usb::{flash::storage_index, ids};
+use crate::write::Sink;
+
+/// The port path (`1-2.1`) of a USB device: its sysfs name, the same as libusb's port path.
+pub fn port_of(dev: &DeviceInfo) -> String {
+    dev.syspath
+        .rsplit('/')
+        .next()
+        .unwrap_or(&dev.syspath)
+        .to_string()
+}
+
+fn hex16(s: &str) -> Option<u16> {
+    u16::from_str_radix(s.trim(), 16).ok()
+}
+
+/// sysfs `version` (" 2.01") as bcdUSB (0x0201).
+fn bcd_from_version(v: &str) -> Option<u16> {
+    let (maj, min) = v.trim().split_once('.')?;
+    Some((hex16(maj)? << 8) | hex16(min)?)
+}
+
+/// The recovery-mode board a udev `usb_device` event describes, if it is one: the event's
+/// IDs (ID_VENDOR_ID/ID_MODEL_ID or PRODUCT), interfaces (ID_USB_INTERFACES), address
+/// (BUSNUM/DEVNUM), port (sysfs name) and bcdUSB (sysfs `version`) run through the same
+/// classifier as `sbcflash usb`.
+pub fn recovery_device(dev: &DeviceInfo) -> Option<Found> {
+    if !dev.is_usb_device() {
+        return None;
+    }
+    let product: Vec<&str> = dev.prop("PRODUCT").unwrap_or("").split('/').collect();
+    let vid = dev
+        .prop("ID_VENDOR_ID")
+        .and_then(hex16)
+        .or_else(|| product.first().and_then(|v| hex16(v)))?;
+    let pid = dev
+        .prop("ID_MODEL_ID")
+        .and_then(hex16)
+        .or_else(|| product.get(1).and_then(|v| hex16(v)))?;
+    let (bus, address) = dev.usb_address()?;
+    let port = port_of(dev);
+    let ports: Vec<u8> = port
+        .split_once('-')
+        .map(|(_, p)| p.split('.').filter_map(|x| x.parse().ok()).collect())
+        .unwrap_or_default();
+    let interfaces = dev
+        .prop("ID_USB_INTERFACES")
+        .unwrap_or("")
+        .split(':')
+        .filter(|t| t.len() == 6)
+        .enumerate()
+        .filter_map(|(i, t)| {
+            Some(InterfaceClass {
+                number: i as u8,
+                class: u8::from_str_radix(&t[0..2], 16).ok()?,
+                subclass: u8::from_str_radix(&t[2..4], 16).ok()?,
+                protocol: u8::from_str_radix(&t[4..6], 16).ok()?,
+            })
+        })
+        .collect();
+    let bcd_usb = dev
+        .attrs
+        .get("version")
+        .and_then(|v| bcd_from_version(v))
+        .unwrap_or(0x0200);
+    classify(&Descriptor {
+        bus,
+        address,
+        ports,
+        vid,
+        pid,
+        bcd_usb,
+        serial_index: 0,
+        interfaces,
+    })
+}
+
+/// The udev `usb_device` event for a board with descriptor `d`, with the properties and
+/// attributes systemd-udevd reports for one (DEVPATH under an xHCI controller, BUSNUM,
+/// DEVNUM, PRODUCT, ID_VENDOR_ID, ID_MODEL_ID, ID_USB_INTERFACES, ID_PATH). There is no USB
+/// bus in CI: simulations and tests feed these to the station in place of the monitor's.
+pub fn udev_event_for(d: &Descriptor, serial: &str) -> DeviceInfo {
+    let mut chain = format!("usb{}", d.bus);
+    for i in 1..=d.ports.len() {
+        chain.push('/');
+        chain.push_str(&crate::usb::discovery::port_path(d.bus, &d.ports[..i]));
+    }
+    let devpath = format!("/devices/pci0000:00/0000:00:14.0/{chain}");
+    let ifs: String = d
+        .interfaces
+        .iter()
+        .map(|i| format!("{:02x}{:02x}{:02x}:", i.class, i.subclass, i.protocol))
+        .collect();
+    let devname = format!("/dev/bus/usb/{:03}/{:03}", d.bus, d.address);
+    let ports: Vec<String> = d.ports.iter().map(|p| p.to_string()).collect();
+    let props: BTreeMap<String, String> = [
+        ("DEVPATH", devpath.clone()),
+        ("DEVNAME", devname.clone()),
+        ("SUBSYSTEM", "usb".into()),
+        ("DEVTYPE", "usb_device".into()),
+        ("PRODUCT", format!("{:x}/{:x}/100", d.vid, d.pid)),
+        ("TYPE", "0/0/0".into()),
+        ("BUSNUM", format!("{:03}", d.bus)),
+        ("DEVNUM", format!("{:03}", d.address)),
+        ("ID_VENDOR_ID", format!("{:04x}", d.vid)),
+        ("ID_MODEL_ID", format!("{:04x}", d.pid)),
+        ("ID_USB_INTERFACES", format!(":{ifs}")),
+        ("ID_SERIAL", serial.to_string()),
+        (
+            "ID_PATH",
+            format!("pci-0000:00:14.0-usb-0:{}", ports.join(".")),
+        ),
+        (
+            "USEC_INITIALIZED",
+            format!("{}", 1_000_000 + d.address as u64),
+        ),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let attrs: BTreeMap<String, String> = [
+        (
+            "version",
+            format!("{:2x}.{:02x}", d.bcd_usb >> 8, d.bcd_usb & 0xff),
+        ),
+        ("idVendor", format!("{:04x}", d.vid)),
+        ("idProduct", format!("{:04x}", d.pid)),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    DeviceInfo {
+        syspath: format!("/sys{devpath}"),
+        devnode: Some(devname),
+        subsystem: "usb".into(),
+        devtype: Some("usb_device".into()),
+        props,
+        attrs,
+        size: 0,
+    }
+}
+
+/// The board on `port` speaking `protocol`, as the bus sees it now.
+fn on_port(
+    bus: &dyn Bus,
+    port: &str,
+    protocol: Protocol,
+) -> Result<Option<Found>, crate::usb::Error> {
+    Ok(bus
+        .list()?
+        .into_iter()
+        .find(|f| f.port_path == port && f.protocol == protocol))
+}
+
+/// Flash the board `dev` (a recovery-mode `usb_device` on a USB slot). Updates `set` as it
+/// goes, so a FAIL names the step.
+pub(super) fn provision(
+    ctx: &Context,
+    dev: &DeviceInfo,
+    files: &[(String, Vec<u8>)],
+    cancel: &Arc<Cancel>,
+    rep: &Arc<SlotReporter>,
+    set: &(dyn Fn(Step) + Sync),
+) -> anyhow::Result<WriteStats> {
+    let bus = ctx
+        .usb
+        .as_deref()
+        .ok_or_else(|| anyhow!("no USB bus available to the station"))?;
+    let cfg = &ctx.station.usb;
+    let port = port_of(dev);
+    let seen = recovery_device(dev)
+        .ok_or_else(|| anyhow!("the device on port {port} is not in a USB recovery mode"))?;
+    if seen.protocol != Protocol::Rockusb {
+        bail!(
+            "{} ({:?} in {} mode) on port {port}: station USB slots flash Rockchip boards \
+             (maskrom/loader) only; use `sbcflash write --via` for this board",
+            seen.id(),
+            seen.protocol,
+            seen.mode
+        );
+    }
+    let timeouts = Timeouts::default();
+    let now = on_port(bus, &port, Protocol::Rockusb)?
+        .ok_or_else(|| anyhow!("port {port}: the board is no longer on the bus"))?;
+    cancel.set_usb_address(now.bus, now.address);
+    // bcdUSB is only a hint: ask the device.
+    let in_loader = {
+        let mut t = bus.open(&now)?;
+        rockusb::probe_loader(&mut *t, &timeouts)
+    };
+    rep.info(format!(
+        "{} ({}) in {} mode on port {port}",
+        now.id(),
+        now.soc.as_deref().unwrap_or("unknown SoC"),
+        if in_loader { "loader" } else { "maskrom" }
+    ));
+    let now = if in_loader {
+        now
+    } else {
+        if cfg.loader.is_empty() {
+            bail!(
+                "the board on port {port} is in maskrom and needs a loader: set `loader` in [usb] of {}",
+                ctx.station.path.display()
+            );
+        }
+        let rc4 = ids::rockchip_soc(now.pid).is_some_and(|s| s.rc4);
+        let loader = Loader::from_files(&cfg.loader, rc4)?;
+        if let (Some(lc), Some(soc)) = (&loader.chip, ids::rockchip_soc(now.pid)) {
+            if !soc.name.contains(lc.trim_start_matches("RK")) {
+                bail!(
+                    "{}: loader is for {lc} but the board on port {port} is {}",
+                    loader.origin,
+                    soc.name
+                );
+            }
+        }
+        set(Step::Loader);
+        let total: u64 = loader.entries.iter().map(|e| e.data.len() as u64).sum();
+        rep.report(Event::Start {
+            job: String::new(),
+            phase: "loader".into(),
+            total: Some(total),
+            detail: Some(loader.origin.clone()),
+        });
+        // The ROM leaves the bus and the loader enumerates at a new address: that removal
+        // is expected, not an unplug.
+        cancel.usb_leaving(true);
+        {
+            let mut t = bus.open(&now)?;
+            rockusb::download_loader(&mut *t, &loader, &timeouts, &mut |d, t| {
+                rep.report(Event::Progress {
+                    job: String::new(),
+                    phase: "loader".into(),
+                    done: d,
+                    total: Some(t),
+                })
+            })?;
+        }
+        let deadline = Instant::now() + Duration::from_secs(cfg.reenumerate_timeout_secs);
+        let back = loop {
+            if cancel.is_set() {
+                bail!("cancelled");
+            }
+            if let Some(f) = on_port(bus, &port, Protocol::Rockusb)? {
+                if let Ok(mut t) = bus.open(&f) {
+                    if rockusb::probe_loader(&mut *t, &timeouts) {
+                        break f;
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the board on port {port} did not come back in loader mode within {} s \
+                     after the loader download (wrong loader, or a flaky cable/port)",
+                    cfg.reenumerate_timeout_secs
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        cancel.set_usb_address(back.bus, back.address);
+        cancel.usb_leaving(false);
+        rep.report(Event::Finish {
+            job: String::new(),
+            phase: "loader".into(),
+            summary: serde_json::json!({ "bytes": total }),
+        });
+        back
+    };
+    set(Step::Write);
+    let label = format!("{} on port {port}", now.id());
+    let storage = storage_index(&cfg.storage)?;
+    let mut sink = RockusbSink::open(bus.open(&now)?, label.clone(), timeouts, Some(storage))?;
+    rep.info(format!(
+        "loader running; {} storage {}",
+        cfg.storage,
+        sink.capacity()
+            .map_or_else(|| "of unknown size".to_string(), |c| format!("{c} bytes"))
+    ));
+    let source = ctx.image.open()?;
+    let opts = crate::write::WriteOptions {
+        verify: ctx.station.verify,
+        expected_blake3: crate::write::parse_blake3_hex(&ctx.image.blake3),
+        cancel: cancel.flag(),
+        job: label.clone(),
+        image_name: ctx.image.path.display().to_string(),
+        ..Default::default()
+    };
+    let follow = PhaseFollower {
+        inner: rep.clone(),
+        set,
+    };
+    let report = crate::write::run(source, &mut sink, &opts, &follow)?;
+    if cancel.is_set() {
+        bail!("cancelled");
+    }
+    let stats = WriteStats {
+        bytes_written: report.bytes_written,
+        bytes_skipped: report.bytes_skipped + report.bytes_zeroed,
+    };
+    if !files.is_empty() {
+        set(Step::Identity);
+        let name = Path::new(&label);
+        let size = sink.capacity().unwrap_or(ctx.image.size);
+        let part = super::fatinject::inject_rw(
+            SinkIo::new(&mut sink, size),
+            name,
+            ctx.station.fat_partition,
+            files,
+        )?;
+        rep.info(format!(
+            "wrote {} identity file(s) into FAT partition {}",
+            files.len(),
+            part.number
+        ));
+        if cancel.is_set() {
+            bail!("cancelled");
+        }
+        if ctx.station.verify {
+            set(Step::IdentityVerify);
+            // A fresh reader: every sector comes from the board again (READ_LBA).
+            super::fatinject::verify_rw(SinkIo::new(&mut sink, size), name, &part, files)?;
+            rep.info("identity files read back from the board and match");
+        }
+    }
+    if cfg.reset {
+        set(Step::Reset);
+        // The board reboots off the bus: that removal is the end of the job, not an unplug.
+        cancel.usb_leaving(true);
+        sink.reset()
+            .with_context(|| format!("reset the board on port {port}"))?;
+    }
+    Ok(stats)
+}
+
+/// `Read + Write + Seek` over a writer [`Sink`] (its `read_at`/`write_at`), so `fatfs` can
+/// work on a board's storage through the same rockusb session that wrote the image. Reads
+/// are cached in aligned 64 KiB chunks (fatfs reads FAT entries a few bytes at a time, and
+/// each uncached read would be a READ_LBA round trip); writes go straight through and update
+/// the cached chunk.
+pub struct SinkIo<'s> {
+    sink: &'s mut dyn Sink,
+    pos: u64,
+    size: u64,
+    cache: Vec<u8>,
+    cache_at: Option<u64>,
+}
+
+const CHUNK: u64 = 64 * 1024;
+
+impl<'s> SinkIo<'s> {
+    pub fn new(sink: &'s mut dyn Sink, size: u64) -> Self {
+        SinkIo {
+            sink,
+            pos: 0,
+            size,
+            cache: Vec::new(),
+            cache_at: None,
+        }
+    }
+}
+
+fn io_other(e: crate::write::WriteError) -> std::io::Error {
+    std::io::Error::other(e)
+}
+
+impl Read for SinkIo<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos >= self.size || out.is_empty() {
+            return Ok(0);
+        }
+        let base = self.pos / CHUNK * CHUNK;
+        if self.cache_at != Some(base) {
+            let len = (self.size - base).min(CHUNK) as usize;
+            self.cache.resize(len, 0);
+            self.cache_at = None;
+            self.sink.read_at(base, &mut self.cache).map_err(io_other)?;
+            self.cache_at = Some(base);
+        }
+        let off = (self.pos - base) as usize;
+        let n = out.len().min(self.cache.len() - off);
+        out[..n].copy_from_slice(&self.cache[off..off + n]);
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+impl Write for SinkIo<'_> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let n = (data.len() as u64).min(self.size.saturating_sub(self.pos)) as usize;
+        if n == 0 && !data.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                "write past the end of the storage",
+            ));
+        }
+        self.sink.write_at(self.pos, &data[..n]).map_err(io_other)?;
+        if let Some(at) = self.cache_at {
+            let (s, e) = (
+                self.pos.max(at),
+                (self.pos + n as u64).min(at + self.cache.len() as u64),
+            );
+            if s < e {
+                self.cache[(s - at) as usize..(e - at) as usize]
+                    .copy_from_slice(&data[(s - self.pos) as usize..(e - self.pos) as usize]);
+            }
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sink.sync().map_err(io_other)
+    }
+}
+
+impl Seek for SinkIo<'_> {
+    fn seek(&mut self, p: SeekFrom) -> std::io::Result<u64> {
+        let new = match p {
+            SeekFrom::Start(x) => Some(x),
+            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
+            SeekFrom::End(d) => self.size.checked_add_signed(d),
+        };
+        self.pos = new.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        Ok(self.pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usb::discovery::Mode;
+
+    fn rk(address: u8, bcd: u16) -> Descriptor {
+        Descriptor {
+            bus: 1,
+            address,
+            ports: vec![2, 1],
+            vid: 0x2207,
+            pid: 0x350b,
+            bcd_usb: bcd,
+            serial_index: 0,
+            interfaces: vec![InterfaceClass {
+                number: 0,
+                class: 0xff,
+                subclass: 0x06,
+                protocol: 0x05,
+            }],
+        }
+    }
+
+    #[test]
+    fn udev_shaped_event_round_trips_through_the_classifier() {
+        let ev = udev_event_for(&rk(5, 0x0200), "");
+        assert_eq!(port_of(&ev), "1-2.1");
+        assert!(ev.syspath.ends_with("/usb1/1-2/1-2.1"), "{}", ev.syspath);
+        assert_eq!(ev.usb_address(), Some((1, 5)));
+        let f = recovery_device(&ev).unwrap();
+        assert_eq!(f.port_path, "1-2.1");
+        assert_eq!((f.protocol, f.mode), (Protocol::Rockusb, Mode::Maskrom));
+        assert_eq!(f.soc.as_deref(), Some("RK3588"));
+        let f = recovery_device(&udev_event_for(&rk(6, 0x0201), "")).unwrap();
+        assert_eq!(f.mode, Mode::Loader);
+        // A keyboard on the same port is not a recovery device.
+        let mut kb = rk(7, 0x0200);
+        kb.vid = 0x046d;
+        kb.interfaces[0].class = 3;
+        assert!(recovery_device(&udev_event_for(&kb, "")).is_none());
+    }
+
+    #[test]
+    fn sink_io_reads_what_it_wrote_across_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t");
+        std::fs::write(&p, vec![7u8; 200_000]).unwrap();
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&p)
+            .unwrap();
+        let mut sink = crate::write::sink::FileSink::new(f, p.display().to_string()).unwrap();
+        let mut io = SinkIo::new(&mut sink, 200_000);
+        let mut b = [0u8; 10];
+        io.seek(SeekFrom::Start(65_530)).unwrap();
+        io.read_exact(&mut b).unwrap();
+        assert_eq!(b, [7; 10]);
+        io.seek(SeekFrom::Start(65_532)).unwrap();
+        io.write_all(&[1, 2, 3, 4, 5, 6]).unwrap();
+        io.seek(SeekFrom::Start(65_530)).unwrap();
+        io.read_exact(&mut b).unwrap();
+        assert_eq!(b, [7, 7, 1, 2, 3, 4, 5, 6, 7, 7]);
+        assert!(io.seek(SeekFrom::End(0)).unwrap() == 200_000);
+        assert_eq!(io.read(&mut b).unwrap(), 0);
+    }
+}
