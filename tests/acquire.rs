@@ -862,6 +862,55 @@ fn stream_board_default_source_to_loop_device() {
     assert!(text(&o).contains("qemu-aarch64"), "{}", text(&o));
 }
 
+#[test]
+fn stream_is_checked_against_the_board_before_writing() {
+    if !common::require(true, IMAGE_TOOLS) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    // First partition at 8 MiB: inside the Rockchip bootloader area of the opi5.
+    let (raw, zst) = zstd_image(d.path(), 40);
+    srv.add("/other-board.img.zst", zst.clone(), Behavior::Normal);
+    let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 48 << 20);
+    let write = |extra: &[&str]| {
+        common::sbcflash()
+            .arg("write")
+            .arg(srv.url("/other-board.img.zst"))
+            .arg(lo.path())
+            .args(["--yes", "--board", "opi5", "--source-blake3", &b3(&zst)])
+            .args(extra)
+            .arg("--ca-file")
+            .arg(&srv.ca_file)
+            .arg("--cache-dir")
+            .arg(d.path().join("cache"))
+            .output()
+            .unwrap()
+    };
+    // --strict: refused (exit 4) from the stream's head; not one byte reached the target.
+    let o = write(&["--strict"]);
+    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert!(
+        text(&o).contains("inside the Rockchip bootloader area"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        std::fs::read(&lo.backing).unwrap().iter().all(|b| *b == 0),
+        "a refused stream wrote to the target"
+    );
+    // Without --strict: the same findings as warnings, then the image is written.
+    let o = write(&[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning: first partition starts at 8 MiB"),
+        "{err}"
+    );
+    assert!(!err.contains("not a regular file"), "{err}");
+    common::assert_same_prefix(&raw, lo.path(), 40 << 20);
+}
+
 /// Benchmark for BENCHMARKS.md (not part of CI): the same zstd image written to a loop device
 /// by streaming from the loopback HTTPS server, by `curl | zstd -dc | dd`, and from a local
 /// file. Run: `cargo test --release --test acquire bench_stream -- --ignored --nocapture`.

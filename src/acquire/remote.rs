@@ -24,6 +24,7 @@ pub struct RemoteCheck {
     pub spec: SourceSpec,
     check: StreamCheck,
     acq: Acquirer,
+    head: Vec<u8>,
 }
 
 /// Opens `spec` as an extent source (from the cache when its pin is there, else streamed
@@ -41,13 +42,16 @@ pub fn open_for_write(
         check: check.clone_handle(),
     });
     let name = spec.url.clone();
-    let source = image::from_reader(reader, &name, None, None).map_err(|e| {
-        // A transfer error at the very start reads as an image error: report the real cause.
-        match check.take_failure() {
-            Some(f) => anyhow::Error::new(f),
-            None => anyhow::Error::new(e),
-        }
-    })?;
+    // A transfer error at the very start reads as an image error: report the real cause.
+    let real_cause = |e: image::ImageError| match check.take_failure() {
+        Some(f) => anyhow::Error::new(f),
+        None => anyhow::Error::new(e),
+    };
+    let source = image::from_reader(reader, &name, None, None).map_err(real_cause)?;
+    // The board check needs the image's head before the first byte reaches the target.
+    let (source, head) =
+        HeadPeek::new(source, crate::board::check::HEAD_LEN).map_err(real_cause)?;
+    let source: Box<dyn image::ExtentSource> = Box::new(source);
     let opened = OpenedImage {
         description: format!("{} (streamed)", source.describe()),
         logical_size: source.size_hint(),
@@ -59,10 +63,24 @@ pub fn open_for_write(
         input_size: 0,
         input_consumed: consumed,
     };
-    Ok((opened, RemoteCheck { spec, check, acq }))
+    Ok((
+        opened,
+        RemoteCheck {
+            spec,
+            check,
+            acq,
+            head,
+        },
+    ))
 }
 
 impl RemoteCheck {
+    /// The first [`crate::board::check::HEAD_LEN`] bytes of the logical (decompressed) image,
+    /// read before anything was written, for the image-vs-board check.
+    pub fn head(&self) -> &[u8] {
+        &self.head
+    }
+
     /// Call with the write pipeline's result: a transfer failure or a digest mismatch replaces
     /// the pipeline's generic read error with the real cause; a successful write is only
     /// reported as such once the source digest checked out.
@@ -127,5 +145,152 @@ impl<R: Read> Read for EndCheck<R> {
             }
         }
         Ok(n)
+    }
+}
+
+/// Reads the first `want` logical bytes of a streamed image (for the board check) and then
+/// replays what it read, so the writer sees the whole stream. Nothing is read twice and the
+/// network stream is not restarted: the extents are kept (at most `want` plus one buffer).
+struct HeadPeek {
+    inner: Box<dyn image::ExtentSource>,
+    /// Extents already pulled from `inner`, with their data for `Data` ones.
+    queue: std::collections::VecDeque<(image::Extent, Vec<u8>)>,
+}
+
+impl HeadPeek {
+    fn new(
+        mut inner: Box<dyn image::ExtentSource>,
+        want: usize,
+    ) -> Result<(HeadPeek, Vec<u8>), image::ImageError> {
+        let mut head = Vec::with_capacity(want);
+        let mut queue = std::collections::VecDeque::new();
+        let mut buf = vec![0u8; 1 << 20];
+        while head.len() < want {
+            let Some(e) = inner.next_extent(&mut buf)? else {
+                break;
+            };
+            let take = (want - head.len()).min(usize::try_from(e.len).unwrap_or(usize::MAX));
+            match e.kind {
+                image::ExtentKind::Data => {
+                    head.extend_from_slice(&buf[..take]);
+                    queue.push_back((e, buf[..e.len as usize].to_vec()));
+                }
+                // Unmapped ranges read as zeroes on a fresh target too: check them as such.
+                _ => {
+                    head.resize(head.len() + take, 0);
+                    queue.push_back((e, Vec::new()));
+                }
+            }
+        }
+        Ok((HeadPeek { inner, queue }, head))
+    }
+}
+
+impl image::ExtentSource for HeadPeek {
+    fn size_hint(&self) -> Option<u64> {
+        self.inner.size_hint()
+    }
+
+    fn next_extent(&mut self, buf: &mut [u8]) -> Result<Option<image::Extent>, image::ImageError> {
+        let Some((e, data)) = self.queue.front_mut() else {
+            return self.inner.next_extent(buf);
+        };
+        if e.kind != image::ExtentKind::Data {
+            let e = *e;
+            self.queue.pop_front();
+            return Ok(Some(e));
+        }
+        // The caller's buffer may be smaller than the one the head was read with: split.
+        let n = data.len().min(buf.len());
+        buf[..n].copy_from_slice(&data[..n]);
+        let out = image::Extent {
+            offset: e.offset,
+            len: n as u64,
+            kind: image::ExtentKind::Data,
+        };
+        if n == data.len() {
+            self.queue.pop_front();
+        } else {
+            data.drain(..n);
+            e.offset += n as u64;
+            e.len -= n as u64;
+        }
+        Ok(Some(out))
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Extents of a fixed script, data filled with the offset's low byte.
+    struct Script(std::collections::VecDeque<image::Extent>);
+
+    impl image::ExtentSource for Script {
+        fn size_hint(&self) -> Option<u64> {
+            None
+        }
+        fn next_extent(
+            &mut self,
+            buf: &mut [u8],
+        ) -> Result<Option<image::Extent>, image::ImageError> {
+            let Some(e) = self.0.pop_front() else {
+                return Ok(None);
+            };
+            if e.kind == image::ExtentKind::Data {
+                for (i, b) in buf[..e.len as usize].iter_mut().enumerate() {
+                    *b = (e.offset + i as u64) as u8;
+                }
+            }
+            Ok(Some(e))
+        }
+        fn describe(&self) -> String {
+            "script".into()
+        }
+    }
+
+    fn logical(src: &mut dyn image::ExtentSource, bufsize: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; bufsize];
+        while let Some(e) = src.next_extent(&mut buf).unwrap() {
+            assert_eq!(e.offset, out.len() as u64, "extents are contiguous");
+            match e.kind {
+                image::ExtentKind::Data => out.extend_from_slice(&buf[..e.len as usize]),
+                _ => out.resize(out.len() + e.len as usize, 0),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn head_peek_replays_the_whole_stream() {
+        use image::ExtentKind::*;
+        let ext = |offset, len, kind| image::Extent { offset, len, kind };
+        let script = || {
+            Script(
+                [
+                    ext(0, 700_000, Data),
+                    ext(700_000, 3_000_000, Zero),
+                    ext(3_700_000, 1_000_000, Data),
+                    ext(4_700_000, 9_000_000, Skip),
+                    ext(13_700_000, 5, Data),
+                ]
+                .into(),
+            )
+        };
+        let want = logical(&mut script(), 1 << 20);
+        for bufsize in [4096, 1 << 20] {
+            let (mut p, head) = HeadPeek::new(Box::new(script()), 4 << 20).unwrap();
+            assert_eq!(head, want[..4 << 20]);
+            assert_eq!(logical(&mut p, bufsize), want, "buffer {bufsize}");
+        }
+        // A stream shorter than the head: all of it, once.
+        let (mut p, head) = HeadPeek::new(Box::new(script()), 64 << 20).unwrap();
+        assert_eq!(head, want);
+        assert_eq!(logical(&mut p, 1 << 20), want);
     }
 }

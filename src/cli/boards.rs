@@ -475,15 +475,9 @@ pub struct BoardPreflight {
     pub placements: Vec<board::PlacedFile>,
 }
 
-/// Before a byte is written: resolve the board, check the image against it (warnings printed to
-/// stderr, or a JSON line on stdout with `--json`; an error under `--strict`), and plan any
-/// `--bootloader` files. Returns `None` when no board was given or configured.
-pub fn preflight(
-    a: &BoardWriteArgs,
-    image: &Path,
-    g: &Global,
-) -> anyhow::Result<Option<BoardPreflight>> {
-    let name = match &a.board {
+/// The board to check against: `--board`, else the config's default board, else none.
+fn board_name(a: &BoardWriteArgs, g: &Global) -> anyhow::Result<Option<String>> {
+    let name = Some(match &a.board {
         Some(b) => b.clone(),
         None => {
             let flags = crate::config::Flags {
@@ -502,6 +496,20 @@ pub fn preflight(
                 None => return Ok(None),
             }
         }
+    });
+    Ok(name)
+}
+
+/// Before a byte is written: resolve the board, check the image against it (warnings printed to
+/// stderr, or a JSON line on stdout with `--json`; an error under `--strict`), and plan any
+/// `--bootloader` files. Returns `None` when no board was given or configured.
+pub fn preflight(
+    a: &BoardWriteArgs,
+    image: &Path,
+    g: &Global,
+) -> anyhow::Result<Option<BoardPreflight>> {
+    let Some(name) = board_name(a, g)? else {
+        return Ok(None);
     };
     let reg = registry(g)?;
     let b = reg.get(&name)?.clone();
@@ -527,6 +535,33 @@ pub fn preflight(
         }
         return Ok(None);
     }
+    let head = image_head(image)?;
+    check_head(a, b, &image.display().to_string(), &head, g)
+}
+
+/// [`preflight`] for an image that is streamed (`write URL`, `write --board X` from the
+/// board's source): `head` is the start of the logical image, taken from the stream before
+/// any byte was written. `what` names the image in messages.
+pub fn preflight_head(
+    a: &BoardWriteArgs,
+    what: &str,
+    head: &[u8],
+    g: &Global,
+) -> anyhow::Result<Option<BoardPreflight>> {
+    let Some(name) = board_name(a, g)? else {
+        return Ok(None);
+    };
+    let b = registry(g)?.get(&name)?.clone();
+    check_head(a, b, what, head, g)
+}
+
+fn check_head(
+    a: &BoardWriteArgs,
+    b: Board,
+    what: &str,
+    head: &[u8],
+    g: &Global,
+) -> anyhow::Result<Option<BoardPreflight>> {
     let kind = if a.spi {
         Some(MediumKind::SpiNor)
     } else {
@@ -536,17 +571,13 @@ pub fn preflight(
         Some(k) => b.medium(k)?.clone(),
         None => b.default_medium().clone(),
     };
-    let head = image_head(image)?;
-    let mut report = board::check_image(&b, &medium, &head);
+    let mut report = board::check_image(&b, &medium, head);
     let placements = if a.bootloader.is_empty() {
         Vec::new()
     } else {
         // A bad table was already reported; placing files blind would be worse.
-        let table = board::parttable::parse(&head).map_err(|m| {
-            board::BoardError::Placement(format!(
-                "{}: cannot place a bootloader: {m}",
-                image.display()
-            ))
+        let table = board::parttable::parse(head).map_err(|m| {
+            board::BoardError::Placement(format!("{what}: cannot place a bootloader: {m}"))
         })?;
         board::place::plan(&b, &medium, &table, &a.bootloader)?
     };

@@ -265,7 +265,11 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     };
     policy.image_paths.extend(opened.bmap.clone());
     target::vet(&resolved, &info, &policy)?;
-    let board_pre = board_checks(&a.board, &image_path, g)?;
+    // A streamed image is checked on its head, read from the stream before any write.
+    let board_pre = match &remote {
+        Some(r) => super::boards::preflight_head(&a.board, &r.spec.url, r.head(), g)?,
+        None => board_checks(&a.board, &image_path, g)?,
+    };
     confirm(&info, &opened, a.yes)?;
     // Re-inspects, re-vets, opens O_EXCL and re-checks through the fd.
     let opened_target = target::open(&target_path, &policy)?;
