@@ -601,7 +601,7 @@ pub fn run_serial_load(a: SerialLoadArgs, g: &Global) -> anyhow::Result<Exit> {
     if g.json {
         println!(
             "{}",
-            serde_json::json!({"event":"serial-load","bytes":l.bytes,"crc32":format!("{:08x}", l.crc32),"addr":l.addr.map(|x| format!("0x{x:x}")),"seconds":l.seconds})
+            serde_json::json!({"event":"serial-load","schema":crate::progress::JSON_SCHEMA_VERSION,"bytes":l.bytes,"crc32":format!("{:08x}", l.crc32),"addr":l.addr.map(|x| format!("0x{x:x}")),"seconds":l.seconds})
         );
     } else {
         println!(

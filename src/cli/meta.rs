@@ -255,7 +255,7 @@ fn config(a: ConfigArgs, g: &Global) -> anyhow::Result<Exit> {
             })?;
             if g.json {
                 let v = serde_json::json!({
-                    "schema": crate::progress::JSON_SCHEMA_VERSION,
+                    "event": "config-path", "schema": crate::progress::JSON_SCHEMA_VERSION,
                     "path": path, "exists": path.exists(),
                 });
                 writeln!(out, "{v}")?;
@@ -267,7 +267,7 @@ fn config(a: ConfigArgs, g: &Global) -> anyhow::Result<Exit> {
             let cfg = Config::load(&s.flags.to_flags(g))?;
             if g.json {
                 let v = serde_json::json!({
-                    "schema": crate::progress::JSON_SCHEMA_VERSION,
+                    "event": "config", "schema": crate::progress::JSON_SCHEMA_VERSION,
                     "config": cfg,
                 });
                 writeln!(out, "{v}")?;

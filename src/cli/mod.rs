@@ -53,7 +53,7 @@ pub struct Global {
     /// More log output (-v info, -vv debug, -vvv trace); RUST_LOG overrides.
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
     pub verbose: u8,
-    /// Machine-readable output: one JSON object per line on stdout (schema in the README).
+    /// Machine-readable output: one JSON object per line on stdout, each with `event` and `schema` (docs/json.md).
     #[arg(long, global = true)]
     pub json: bool,
     /// No progress output.

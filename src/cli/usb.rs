@@ -40,7 +40,7 @@ pub fn list(bus: &dyn Bus, g: &Global) -> anyhow::Result<Exit> {
     let mut out = std::io::stdout().lock();
     if g.json {
         let v = serde_json::json!({
-            "schema": crate::progress::JSON_SCHEMA_VERSION,
+            "event": "usb-devices", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "devices": found,
         });
         writeln!(out, "{v}")?;
@@ -168,7 +168,7 @@ pub fn run_fel_on(bus: &dyn Bus, a: FelArgs, g: &Global) -> anyhow::Result<Exit>
             let v = fel::version(t)?;
             let soc = fel::soc_name(t, &v)?;
             if g.json {
-                let j = serde_json::json!({"schema": crate::progress::JSON_SCHEMA_VERSION,
+                let j = serde_json::json!({"event": "fel-version", "schema": crate::progress::JSON_SCHEMA_VERSION,
                     "port": dev.port_path, "soc": soc, "version": v});
                 writeln!(out, "{j}")?;
             } else {
