@@ -203,6 +203,7 @@ impl Station {
     fn spawn(dir: &Path, config: &Path, args: &[&str]) -> Station {
         let stderr = dir.join(format!("station-{}.stderr", rand_suffix()));
         let mut child = sbcflash()
+            .env("SBCFLASH_CACHE_DIR", dir.join("cache"))
             .args(["station", "--json", "--config"])
             .arg(config)
             .args(args)
@@ -508,6 +509,16 @@ fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
+    // Compressed, as images are published: the station decodes it once for all four slots.
+    if !require(true, &["zstd"]) {
+        return;
+    }
+    let zst = dir.join("nixos.img.zst");
+    run(Command::new("zstd")
+        .args(["-q", "-3"])
+        .arg(&img)
+        .arg("-o")
+        .arg(&zst));
     let names = ["s1", "s2", "s3", "s4"];
     let backs: Vec<PathBuf> = names
         .iter()
@@ -518,7 +529,7 @@ fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
         .zip(&backs)
         .map(|(n, b)| (*n, b.as_path()))
         .collect();
-    let cfg = write_config(dir, &img, &slots, "");
+    let cfg = write_config(dir, &zst, &slots, "");
     // A disk in no slot, with content the station must never touch.
     let outsider_file = dir.join("outsider.card");
     std::fs::write(&outsider_file, vec![0xa5u8; 8 * MIB as usize]).unwrap();
@@ -545,6 +556,26 @@ fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
         st.stderr()
     );
     drop(throttle);
+
+    // Decoded once at start, into the cache; every job read that.
+    let decodes: Vec<&Value> = st
+        .seen
+        .iter()
+        .filter(|v| v["event"] == "start" && v["phase"] == "decode")
+        .collect();
+    assert_eq!(decodes.len(), 1, "{}", st.dump());
+    assert_eq!(decodes[0]["job"], "station");
+    let raws: Vec<PathBuf> = std::fs::read_dir(dir.join("cache/decoded"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "raw"))
+        .collect();
+    assert_eq!(raws.len(), 1, "{raws:?}");
+    assert_eq!(
+        std::fs::metadata(&raws[0]).unwrap().len(),
+        IMG_MIB * MIB,
+        "decoded file has the logical size"
+    );
 
     // Parallel and independent: the three fast cards passed while the slow one was writing.
     let pass_at = |n: &str| {
@@ -1072,6 +1103,7 @@ mod usb_slots {
             blake3: blake3::hash(&bytes).to_hex().to_string(),
             size: bytes.len() as u64,
             format: "raw".into(),
+            decoded: None,
         }
     }
 

@@ -2,7 +2,7 @@
 
 use super::Global;
 use crate::exit::{Exit, ExitError};
-use crate::progress::{Event, Level, Reporter};
+use crate::progress::{Level, Reporter};
 use crate::station::{self, config::Station, job::ImagePlan, ledger, ui};
 use anyhow::Context as _;
 use std::path::PathBuf;
@@ -152,8 +152,9 @@ fn run_station(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
 }
 
 /// Finds the image file (path, cache by digest, or download into the cache), checks its
-/// pinned digest, and hashes its logical contents once, so every unit's write is checked
-/// against that digest and the ledger records what is on the card.
+/// pinned digest, and hashes its logical contents once (decoding a compressed image once into
+/// the cache for all slots), so every unit's write is checked against that digest and the
+/// ledger records what is on the card.
 fn resolve_image(
     st: &Station,
     cfg: &crate::config::Config,
@@ -230,26 +231,11 @@ fn resolve_image(
             st.path.display()
         ),
     };
-    let mut opened = crate::image::open_image(&path, &crate::image::OpenOptions::default())?;
-    reporter.report(Event::Start {
-        job: ui::STATION_JOB.into(),
-        phase: "hash".into(),
-        total: opened.logical_size,
-        detail: Some(format!("{}: {}", path.display(), opened.description)),
-    });
-    let mut buf = crate::write::buffer::AlignedBuf::new(4 << 20);
-    let (hash, len) = crate::image::digest::hash_source(opened.source.as_mut(), &mut buf)?;
-    reporter.report(Event::Finish {
-        job: ui::STATION_JOB.into(),
-        phase: "hash".into(),
-        summary: serde_json::json!({ "blake3": hash.to_hex().to_string(), "bytes": len }),
-    });
-    Ok(ImagePlan {
-        path,
-        blake3: hash.to_hex().to_string(),
-        size: len,
-        format: opened.description,
-    })
+    Ok(ImagePlan::prepare(
+        &path,
+        &cfg.cache_dir.value,
+        reporter.as_ref(),
+    )?)
 }
 
 fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {

@@ -26,9 +26,75 @@ pub struct ImagePlan {
     pub blake3: String,
     pub size: u64,
     pub format: String,
+    /// A compressed or sparse image decoded once at start (see [`super::decoded`]); None for
+    /// raw images, which jobs read directly.
+    pub decoded: Option<super::decoded::Decoded>,
 }
 
 impl ImagePlan {
+    /// Opens the image at `path`, hashes its logical contents and, unless it is raw, decodes
+    /// it once into `cache_dir` (keyed by the file's own blake3) for every job to read.
+    pub fn prepare(
+        path: &std::path::Path,
+        cache_dir: &std::path::Path,
+        rep: &dyn crate::progress::Reporter,
+    ) -> Result<ImagePlan, crate::image::ImageError> {
+        use crate::progress::Event;
+        let job = super::ui::STATION_JOB;
+        let mut opened = crate::image::open_image(path, &crate::image::OpenOptions::default())?;
+        if opened.formats == [crate::image::Format::Raw] {
+            rep.report(Event::Start {
+                job: job.into(),
+                phase: "hash".into(),
+                total: opened.logical_size,
+                detail: Some(format!("{}: {}", path.display(), opened.description)),
+            });
+            let mut buf = crate::write::buffer::AlignedBuf::new(4 << 20);
+            let (hash, len) = crate::image::digest::hash_source(opened.source.as_mut(), &mut buf)?;
+            rep.report(Event::Finish {
+                job: job.into(),
+                phase: "hash".into(),
+                summary: serde_json::json!({ "blake3": hash.to_hex().to_string(), "bytes": len }),
+            });
+            return Ok(ImagePlan {
+                path: path.to_path_buf(),
+                blake3: hash.to_hex().to_string(),
+                size: len,
+                format: opened.description,
+                decoded: None,
+            });
+        }
+        let mut file_hash = blake3::Hasher::new();
+        file_hash
+            .update_mmap(path)
+            .map_err(|e| crate::image::ImageError::Invalid {
+                path: path.display().to_string(),
+                msg: format!("hash the file: {e}"),
+            })?;
+        let key = file_hash.finalize().to_hex().to_string();
+        let d = super::decoded::materialise(
+            opened.source.as_mut(),
+            &key,
+            &cache_dir.join("decoded"),
+            rep,
+            job,
+        )?;
+        Ok(ImagePlan {
+            path: path.to_path_buf(),
+            blake3: d.blake3.clone(),
+            size: d.size,
+            format: opened.description,
+            decoded: Some(d),
+        })
+    }
+
+    /// The files the image is read from (never a target).
+    pub fn all_paths(&self) -> Vec<PathBuf> {
+        let mut v = vec![self.path.clone()];
+        v.extend(self.decoded.as_ref().map(|d| d.raw.clone()));
+        v
+    }
+
     pub fn describe(&self) -> String {
         format!(
             "{} ({}, {} bytes, blake3 {})",
@@ -411,7 +477,7 @@ fn provision(
     let policy = crate::target::Policy {
         image_size: Some(ctx.image.size),
         force: false,
-        image_paths: vec![ctx.image.path.clone()],
+        image_paths: ctx.image.all_paths(),
     };
     let target = crate::target::open(&devnode, &policy)?;
     // A second descriptor on the same open file keeps the O_EXCL claim after the sink is
@@ -503,6 +569,10 @@ impl crate::progress::Reporter for PhaseFollower<'_> {
 impl ImagePlan {
     /// A fresh extent stream over the image, for one job.
     pub fn open(&self) -> Result<Box<dyn ExtentSource>, crate::image::ImageError> {
+        if let Some(d) = &self.decoded {
+            let name = self.path.display().to_string();
+            return Ok(Box::new(super::decoded::MapSource::open(d, &name)?));
+        }
         crate::image::open_image(&self.path, &crate::image::OpenOptions::default())
             .map(|o| o.source)
     }

@@ -7,6 +7,7 @@
 //! and every target still goes through `target`'s safety checks.
 
 pub mod config;
+pub mod decoded;
 pub mod fatinject;
 pub mod hotplug;
 pub mod identity;
@@ -135,7 +136,7 @@ pub fn plan(
                 let policy = crate::target::Policy {
                     image_size: Some(image.size),
                     force: false,
-                    image_paths: vec![image.path.clone()],
+                    image_paths: image.all_paths(),
                 };
                 let safety = crate::target::inspect(std::path::Path::new(&node))
                     .and_then(|(p, info)| crate::target::vet(&p, &info, &policy));
