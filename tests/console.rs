@@ -1701,3 +1701,220 @@ fn bootstrap_flash_via_fastboot_without_partition_is_refused_first() {
     assert!(e.to_string().contains("--flash-partition"), "{e}");
     assert!(!sent.contains("fastboot usb 0"), "{sent:?}");
 }
+
+// ------------------------------------------- no --port and several USB serial adapters
+
+/// Two of this machine's real tty devices (virtual consoles) tagged by a udev rule as USB
+/// serial adapters (`ID_BUS=usb`, an FTDI serial): sbcflash's real udev enumeration lists
+/// them. There is no USB bus here, so no real adapter can appear; this rule is the only
+/// stand-in. The rule is removed and the devices re-triggered on drop.
+struct FakeAdapters {
+    rule: PathBuf,
+    syspaths: Vec<String>,
+    pub nodes: Vec<PathBuf>,
+}
+
+impl FakeAdapters {
+    fn install() -> FakeAdapters {
+        let mut names: Vec<u32> = std::fs::read_dir("/sys/class/tty")
+            .unwrap()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("tty")?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .filter(|n| *n >= 2)
+            .collect();
+        names.sort();
+        let pick: Vec<String> = names
+            .iter()
+            .rev()
+            .take(2)
+            .rev()
+            .map(|n| format!("tty{n}"))
+            .collect();
+        assert_eq!(pick.len(), 2, "need two tty devices in /sys/class/tty");
+        let dir = Path::new("/run/udev/rules.d");
+        std::fs::create_dir_all(dir).unwrap();
+        let rule = dir.join(format!(
+            "61-sbcflash-test-serial-{}.rules",
+            std::process::id()
+        ));
+        std::fs::write(
+            &rule,
+            format!(
+                "SUBSYSTEM==\"tty\", KERNEL==\"{}|{}\", ENV{{ID_BUS}}=\"usb\", ENV{{ID_SERIAL}}=\"FTDI_FT232R_USB_UART_TEST%k\", ENV{{ID_PATH}}=\"pci-0000:00:14.0-usb-0:%n\"\n",
+                pick[0], pick[1]
+            ),
+        )
+        .unwrap();
+        let syspaths: Vec<String> = pick.iter().map(|k| format!("/sys/class/tty/{k}")).collect();
+        let a = FakeAdapters {
+            rule,
+            nodes: pick
+                .iter()
+                .map(|k| PathBuf::from(format!("/dev/{k}")))
+                .collect(),
+            syspaths,
+        };
+        a.retrigger();
+        for s in &a.syspaths {
+            let o = common::run(
+                Command::new("udevadm")
+                    .args(["info", "-q", "property"])
+                    .arg(s),
+            );
+            assert!(
+                String::from_utf8_lossy(&o.stdout).contains("ID_BUS=usb"),
+                "udev did not apply the test rule to {s}"
+            );
+        }
+        a
+    }
+
+    fn retrigger(&self) {
+        let _ = Command::new("udevadm")
+            .args(["control", "--reload"])
+            .status();
+        let _ = Command::new("udevadm")
+            .args(["trigger", "--action=change"])
+            .args(&self.syspaths)
+            .status();
+        let _ = Command::new("udevadm")
+            .args(["settle", "--timeout=30"])
+            .status();
+    }
+}
+
+impl Drop for FakeAdapters {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.rule);
+        self.retrigger();
+    }
+}
+
+#[test]
+fn udevd_several_serial_adapters_without_a_terminal_are_listed_as_bad_input() {
+    if !common::require(true, &["udevadm"]) {
+        return;
+    }
+    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let _udevd = Udevd::start();
+    let fake = FakeAdapters::install();
+    let dir = tempfile::tempdir().unwrap();
+    let o = common::sbcflash()
+        .args(["console", "--transcript"])
+        .arg(dir.path().join("t.log"))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(3), "{err}");
+    assert!(err.contains("several USB serial adapters"), "{err}");
+    for n in &fake.nodes {
+        let name = n.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(
+            err.contains(&format!("{} (FTDI FT232R USB UART TEST{name}", n.display())),
+            "{err}"
+        );
+    }
+}
+
+/// On a terminal, sbcflash lists the adapters, re-asks after a bad answer and opens the one
+/// chosen. sbcflash runs in a private mount namespace where the chosen adapter's node is a
+/// bind mount of a pty whose other end the test holds, so the test sees that it is the one
+/// opened (and no virtual console of this machine is touched).
+#[test]
+fn udevd_several_serial_adapters_on_a_terminal_asks_which_one() {
+    if !common::require(true, &["udevadm", "unshare", "mount", "socat", "stty"]) {
+        return;
+    }
+    use std::io::Write;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let _udevd = Udevd::start();
+    let fake = FakeAdapters::install();
+    let dir = tempfile::tempdir().unwrap();
+    let pair = PtyPair::start(dir.path());
+    let (mut board, got) = pair.board();
+    let pts = std::fs::canonicalize(&pair.a).unwrap();
+    let chosen = &fake.nodes[1];
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = |fd: &OwnedFd| {
+        // SAFETY: dup gives a new descriptor owned by the Stdio.
+        unsafe { Stdio::from_raw_fd(libc::dup(fd.as_raw_fd())) }
+    };
+    let child = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c"])
+        .arg("mount --bind \"$1\" \"$2\" && shift 2 && exec \"$@\"")
+        .arg("sh")
+        .arg(&pts)
+        .arg(chosen)
+        .arg(env!("CARGO_BIN_EXE_sbcflash"))
+        .args(["console", "--transcript"])
+        .arg(dir.path().join("t.log"))
+        .stdin(slave(&pty.slave))
+        .stderr(slave(&pty.slave))
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Child(child);
+    drop(pty.slave);
+    let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (mut r, s) = (child.0.stdout.take().unwrap(), stdout.clone());
+        std::thread::spawn(move || {
+            let mut b = [0u8; 512];
+            while let Ok(n) = r.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                s.lock().unwrap().extend_from_slice(&b[..n]);
+            }
+        });
+    }
+    let master = std::fs::File::from(pty.master);
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
+        let (mut r, s) = (master.try_clone().unwrap(), seen.clone());
+        std::thread::spawn(move || {
+            let mut b = [0u8; 512];
+            while let Ok(n) = r.read(&mut b) {
+                if n == 0 {
+                    break;
+                }
+                s.lock().unwrap().extend_from_slice(&b[..n]);
+            }
+        });
+    }
+    let mut w = master;
+    wait_for(&seen, b"which one? [1-");
+    let shown = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert!(
+        shown.contains(&format!("1) {}", fake.nodes[0].display()))
+            && shown.contains(&format!("2) {}", chosen.display())),
+        "{shown}"
+    );
+    w.write_all(b"7\n").unwrap();
+    wait_for(&seen, b"\"7\" is not a number from 1 to");
+    w.write_all(b"2\n").unwrap();
+    wait_for(&seen, b"leave with Ctrl-] q");
+    w.write_all(b"x").unwrap();
+    wait_for(&got, b"x");
+    board
+        .write_all(b"hello from the chosen adapter\r\n")
+        .unwrap();
+    wait_for(&stdout, b"hello from the chosen adapter");
+    w.write_all(b"\x1dq").unwrap();
+    let (code, _, _) = wait_child(&mut child, 30);
+    let shown = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
+    assert_eq!(code, 0, "{shown}");
+    assert!(
+        shown.contains(&format!("console {} at 115200", chosen.display())),
+        "{shown}"
+    );
+    assert_eq!(got.lock().unwrap().as_slice(), b"x");
+}

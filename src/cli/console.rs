@@ -333,6 +333,38 @@ fn gadget_command(
     }
 }
 
+/// `--port`, else the only USB serial adapter; with several, ask on a terminal (a numbered
+/// list, read a number), else fail listing them.
+fn choose_port(port: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    match serial::pick_port(port) {
+        Err(ConsoleError::SeveralPorts(_)) if std::io::stdin().is_terminal() => {}
+        r => return Ok(r?),
+    }
+    let ports = serial::usb_port_list()?;
+    let n = ports.len();
+    eprintln!("several USB serial adapters are connected:");
+    for (i, p) in ports.iter().enumerate() {
+        eprintln!("  {}) {p}", i + 1);
+    }
+    let stdin = std::io::stdin();
+    loop {
+        eprint!("which one? [1-{n}] ");
+        let _ = std::io::stderr().flush();
+        let mut line = String::new();
+        if stdin.read_line(&mut line)? == 0 {
+            return Err(ExitError::new(
+                Exit::BadInput,
+                "no serial adapter chosen (end of input); pass --port",
+            )
+            .into());
+        }
+        match line.trim().parse::<usize>() {
+            Ok(k) if (1..=n).contains(&k) => return Ok(ports[k - 1].path.clone()),
+            _ => eprintln!("{:?} is not a number from 1 to {n}", line.trim()),
+        }
+    }
+}
+
 /// Opens the port and a session with transcript and a stage printer.
 fn open_session(
     p: &PortArgs,
@@ -340,7 +372,7 @@ fn open_session(
     what: &str,
     g: &Global,
 ) -> anyhow::Result<Session> {
-    let port = serial::pick_port(p.port.as_deref())?;
+    let port = choose_port(p.port.as_deref())?;
     let baud = baud(p, board);
     let mut link = Link::serial(&port, baud)?;
     link.set_reopen_for(Duration::from_secs(p.reopen_secs));
@@ -696,7 +728,7 @@ pub fn run_console(a: ConsoleArgs, g: &Global) -> anyhow::Result<Exit> {
     let baud = baud(&a.port, board.as_ref());
     let rt = runtime()?;
     let _enter = rt.enter();
-    let port = serial::pick_port(a.port.port.as_deref())?;
+    let port = choose_port(a.port.port.as_deref())?;
     let mut link = Link::serial(&port, baud)?;
     link.set_reopen_for(Duration::from_secs(a.port.reopen_secs));
     let tp = transcript_path(&a.port, "console");

@@ -155,7 +155,7 @@ pub enum ConsoleError {
     PortVanished { port: String, waited: Duration },
     #[error("no USB serial adapter found (udev: subsystem tty, ID_BUS=usb); pass --port")]
     NoPort,
-    #[error("several USB serial adapters found, pass --port with one of: {}", .0.join(", "))]
+    #[error("several USB serial adapters found and no terminal to ask on; pass --port with one of:{}", .0.iter().map(|p| format!("\n  {p}")).collect::<String>())]
     SeveralPorts(Vec<String>),
     #[error("file transfer failed: {0}")]
     Transfer(String),
@@ -194,7 +194,9 @@ impl Classify for ConsoleError {
             ConsoleError::Open { .. } | ConsoleError::PortVanished { .. } | ConsoleError::Io(_) => {
                 Exit::Io
             }
-            ConsoleError::NoPort | ConsoleError::SeveralPorts(_) => Exit::Environment,
+            ConsoleError::NoPort => Exit::Environment,
+            // The user has to say which one: a missing input, like a missing argument.
+            ConsoleError::SeveralPorts(_) => Exit::BadInput,
             ConsoleError::CrcMismatch { .. } => Exit::Verify,
             ConsoleError::Transfer(_) => Exit::Io,
             ConsoleError::Flash { exit, .. } => *exit,

@@ -144,30 +144,72 @@ impl Link {
     }
 }
 
-/// USB serial adapters present now (udev: subsystem tty, `ID_BUS=usb`), as device nodes.
-pub fn usb_ports() -> Result<Vec<PathBuf>, ConsoleError> {
+/// A USB serial adapter as udev describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortInfo {
+    pub path: PathBuf,
+    /// What the user recognises it by: the adapter's model/serial and USB port path.
+    pub what: String,
+}
+
+impl std::fmt::Display for PortInfo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.what.is_empty() {
+            write!(f, "{}", self.path.display())
+        } else {
+            write!(f, "{} ({})", self.path.display(), self.what)
+        }
+    }
+}
+
+/// USB serial adapters present now (udev: subsystem tty, `ID_BUS=usb`), sorted by node.
+pub fn usb_port_list() -> Result<Vec<PortInfo>, ConsoleError> {
     let mut en = udev::Enumerator::new()?;
     en.match_subsystem("tty")?;
     en.match_property("ID_BUS", "usb")?;
-    let mut v: Vec<PathBuf> = en
+    let mut v: Vec<PortInfo> = en
         .scan_devices()?
-        .filter_map(|d| d.devnode().map(Path::to_path_buf))
+        .filter_map(|d| {
+            let path = d.devnode()?.to_path_buf();
+            let prop = |k: &str| {
+                d.property_value(k)
+                    .map(|x| x.to_string_lossy().replace('_', " "))
+                    .filter(|x| !x.is_empty())
+            };
+            let mut what: Vec<String> = Vec::new();
+            if let Some(s) = prop("ID_SERIAL").or_else(|| prop("ID_MODEL")) {
+                what.push(s);
+            }
+            if let Some(p) = prop("ID_PATH") {
+                what.push(format!("at {p}"));
+            }
+            Some(PortInfo {
+                path,
+                what: what.join(" "),
+            })
+        })
         .collect();
-    v.sort();
+    v.sort_by(|a, b| a.path.cmp(&b.path));
     Ok(v)
 }
 
-/// `--port` if given, else the single USB serial adapter present.
+/// USB serial adapters present now, as device nodes.
+pub fn usb_ports() -> Result<Vec<PathBuf>, ConsoleError> {
+    Ok(usb_port_list()?.into_iter().map(|p| p.path).collect())
+}
+
+/// `--port` if given, else the single USB serial adapter present; several are an error
+/// listing them (the CLI asks instead when it has a terminal).
 pub fn pick_port(port: Option<&Path>) -> Result<PathBuf, ConsoleError> {
     if let Some(p) = port {
         return Ok(p.to_path_buf());
     }
-    let ports = usb_ports()?;
+    let ports = usb_port_list()?;
     match ports.len() {
         0 => Err(ConsoleError::NoPort),
-        1 => Ok(ports[0].clone()),
+        1 => Ok(ports[0].path.clone()),
         _ => Err(ConsoleError::SeveralPorts(
-            ports.iter().map(|p| p.display().to_string()).collect(),
+            ports.iter().map(|p| p.to_string()).collect(),
         )),
     }
 }
