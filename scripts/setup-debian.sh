@@ -4,10 +4,11 @@
 set -euo pipefail
 if [ "$(id -u)" -ne 0 ]; then exec sudo -E bash "$0" "$@"; fi
 export DEBIAN_FRONTEND=noninteractive
-# Build: libudev and libusb headers for the udev/rusb crates.
-BUILD_PKGS="pkg-config libudev-dev libusb-1.0-0-dev"
+# Build: libudev and libusb headers for the udev/rusb crates; a C compiler for the bundled
+# C code (sqlite, zstd, lzma, bzip2, ring, blake3's assembly).
+BUILD_PKGS="pkg-config libudev-dev libusb-1.0-0-dev build-essential"
 # Tests: real tools that make and check real inputs, and real peers.
-TEST_PKGS="bmap-tools android-sdk-libsparse-utils zstd xz-utils bzip2 gzip e2fsprogs dosfstools mtools fdisk udev nix-bin socat expect cpio kmod openssh-client util-linux"
+TEST_PKGS="bmap-tools android-sdk-libsparse-utils zstd xz-utils bzip2 gzip e2fsprogs dosfstools mtools fdisk udev nix-bin socat expect cpio kmod openssh-client util-linux bsdutils"
 missing=""
 for p in $BUILD_PKGS $TEST_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -89,17 +89,7 @@ pub fn run(a: BoardsArgs, g: &Global) -> anyhow::Result<Exit> {
             strict,
         } => check(reg.get(&board)?, &image, medium, strict, g, &mut out),
     };
-    match r {
-        Err(e)
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
-        {
-            Ok(Exit::Ok)
-        }
-        r => r,
-    }
+    super::quiet_pipe(r)
 }
 
 /// How the board is usually flashed, for the list.

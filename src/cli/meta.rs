@@ -6,7 +6,7 @@ use clap_complete::Shell;
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::Global;
+use super::{quiet_pipe, Global};
 use crate::config::{Config, Flags};
 use crate::exit::{Exit, ExitError};
 
@@ -23,21 +23,6 @@ pub struct CompletionsArgs {
     /// Write the file under its conventional name into DIR instead of printing it.
     #[arg(long, value_name = "DIR")]
     pub out_dir: Option<PathBuf>,
-}
-
-/// A reader that closed the pipe (`| head`) got what it wanted: not an error.
-fn quiet_pipe(r: anyhow::Result<Exit>) -> anyhow::Result<Exit> {
-    match r {
-        Err(e)
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
-        {
-            Ok(Exit::Ok)
-        }
-        r => r,
-    }
 }
 
 pub fn run_completions(a: CompletionsArgs, g: &Global) -> anyhow::Result<Exit> {

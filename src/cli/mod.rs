@@ -169,6 +169,23 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// For commands whose only output is stdout: a reader that closed the pipe (`| head`) got
+/// what it wanted, so that is not an error. (Not global: a broken pipe to a child process
+/// or inside a download is a real failure.)
+pub(crate) fn quiet_pipe(r: anyhow::Result<Exit>) -> anyhow::Result<Exit> {
+    match r {
+        Err(e)
+            if e.chain().any(|c| {
+                c.downcast_ref::<std::io::Error>()
+                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+            }) =>
+        {
+            Ok(Exit::Ok)
+        }
+        r => r,
+    }
+}
+
 /// The error chain on one line, like `{:#}`, but a cause whose text its parent already
 /// quoted (`"{path}: {source}"` with `#[source]`) is not printed twice.
 pub fn error_text(err: &anyhow::Error) -> String {
