@@ -99,6 +99,120 @@ impl RangeHasher {
     }
 }
 
+/// Checks a bmap's range checksums over the logical extent stream, away from the thread that
+/// produces it: the write pipeline feeds it the same in-order extents as its blake3 hasher, on
+/// a thread of its own, so sha256 never sits on the decompress/scan critical path. Obtained
+/// from [`super::ExtentSource::take_range_checker`]; the source then no longer checks itself.
+pub struct RangeChecker {
+    image: String,
+    kind: ChecksumKind,
+    ranges: Vec<BmapRange>,
+    /// Index of the first range not yet finished.
+    next: usize,
+    /// Logical offset reached.
+    pos: u64,
+    open: Option<RangeHasher>,
+}
+
+impl RangeChecker {
+    pub fn new(image: &str, bmap: &Bmap) -> Self {
+        RangeChecker {
+            image: image.to_string(),
+            kind: bmap.checksum,
+            ranges: bmap.ranges.clone(),
+            next: 0,
+            pos: 0,
+            open: None,
+        }
+    }
+
+    /// Feed the next extent (`data` = its bytes for `Data`, ignored otherwise: `Zero` and
+    /// `Skip` count as zero bytes). Fails at the end of the first range whose checksum differs.
+    pub fn update_extent(&mut self, ext: &super::Extent, data: &[u8]) -> Result<(), ImageError> {
+        use super::zero::{ZEROS, ZEROS_LEN};
+        if ext.offset != self.pos {
+            return Err(ImageError::Invalid {
+                path: self.image.clone(),
+                msg: format!(
+                    "range checker got an extent at {}, expected {}",
+                    ext.offset, self.pos
+                ),
+            });
+        }
+        let end = ext.end();
+        while self.pos < end {
+            let Some(r) = self.ranges.get(self.next) else {
+                self.pos = end;
+                break;
+            };
+            if r.checksum.is_none() || self.kind == ChecksumKind::None {
+                self.next += 1;
+                continue;
+            }
+            if self.pos < r.start {
+                self.pos = r.start.min(end);
+                continue;
+            }
+            let stop = r.end.min(end);
+            let h = self.open.get_or_insert_with(|| RangeHasher::new(self.kind));
+            match ext.kind {
+                super::ExtentKind::Data => {
+                    let a = (self.pos - ext.offset) as usize;
+                    let b = (stop - ext.offset) as usize;
+                    h.update(&data[a..b]);
+                }
+                _ => {
+                    let mut n = stop - self.pos;
+                    while n > 0 {
+                        let k = n.min(ZEROS_LEN as u64) as usize;
+                        h.update(&ZEROS[..k]);
+                        n -= k as u64;
+                    }
+                }
+            }
+            self.pos = stop;
+            if stop == r.end {
+                let got = self
+                    .open
+                    .take()
+                    .map(RangeHasher::finish_hex)
+                    .unwrap_or_default();
+                if let Some(want) = &r.checksum {
+                    if *want != got {
+                        return Err(ImageError::RangeChecksum {
+                            path: self.image.clone(),
+                            start: r.start,
+                            end: r.end,
+                            expected: format!("{want} (blocks {}-{})", r.first_block, r.last_block),
+                            actual: got,
+                        });
+                    }
+                }
+                self.next += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// After the last extent: every checksummed range must have been seen whole.
+    pub fn finish(&self) -> Result<(), ImageError> {
+        match self.ranges[self.next.min(self.ranges.len())..]
+            .iter()
+            .find(|r| r.checksum.is_some() && self.kind != ChecksumKind::None)
+        {
+            Some(r) => Err(ImageError::Corrupt {
+                path: self.image.clone(),
+                offset: self.pos,
+                msg: format!(
+                    "image ended at {} before bmap range {}..{} was complete",
+                    self.pos, r.start, r.end
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+}
+
 /// A `<Range>` as read: attributes, text, line.
 type RawRange = (Vec<(String, String)>, String, usize);
 

@@ -18,6 +18,7 @@ const RAYON_MIN: usize = 256 * 1024;
 pub struct LogicalHasher {
     h: blake3::Hasher,
     len: u64,
+    rayon: bool,
 }
 
 impl Default for LogicalHasher {
@@ -31,6 +32,17 @@ impl LogicalHasher {
         LogicalHasher {
             h: blake3::Hasher::new(),
             len: 0,
+            rayon: true,
+        }
+    }
+
+    /// A hasher that stays on the calling thread (SIMD only, no rayon): for pipelines that
+    /// already keep every core busy (decompression, range checksums, the kernel's I/O), where
+    /// rayon's spinning workers only steal time from the critical path.
+    pub fn single_threaded() -> Self {
+        LogicalHasher {
+            rayon: false,
+            ..Self::new()
         }
     }
 
@@ -45,7 +57,7 @@ impl LogicalHasher {
     }
 
     pub fn update(&mut self, data: &[u8]) {
-        if data.len() >= RAYON_MIN {
+        if self.rayon && data.len() >= RAYON_MIN {
             self.h.update_rayon(data);
         } else {
             self.h.update(data);

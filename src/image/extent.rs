@@ -27,6 +27,13 @@ impl Extent {
     }
 }
 
+/// The bytes of a `Data` extent handed out without copying: `buf[start..start + len]` of a
+/// pooled, aligned buffer the source filled (decompressed or read) directly.
+pub struct SharedData {
+    pub buf: super::buffer::Shared,
+    pub start: usize,
+}
+
 /// A pull-based stream of extents. The caller owns the buffers (aligned, pooled), so sources
 /// never allocate per extent and sinks can write them with O_DIRECT.
 pub trait ExtentSource: Send {
@@ -40,4 +47,29 @@ pub trait ExtentSource: Send {
 
     /// A short description for messages ("zstd-compressed raw, bmap 2.0").
     fn describe(&self) -> String;
+
+    /// Hand the source's content checks (bmap range checksums) to the caller, before the
+    /// first extent: the caller then feeds every extent, in order, to the checker and must
+    /// fail when it does. Lets a pipeline verify them on another thread. `None`: the source
+    /// has nothing to hand over (it keeps checking inline, if it checks at all).
+    fn take_range_checker(&mut self) -> Option<super::bmap::RangeChecker> {
+        None
+    }
+
+    /// True when [`ExtentSource::next_shared`] works: the source reads into pooled aligned
+    /// buffers and can lend them out instead of copying into the caller's.
+    fn shares_buffers(&self) -> bool {
+        false
+    }
+
+    /// Like `next_extent`, but a `Data` extent's bytes come as a [`SharedData`] slice of the
+    /// source's own buffer (no copy; the buffer returns to the source's pool when every
+    /// holder has dropped it). Only when [`ExtentSource::shares_buffers`] says so.
+    #[allow(clippy::type_complexity)]
+    fn next_shared(&mut self) -> Result<Option<(Extent, Option<SharedData>)>, super::ImageError> {
+        Err(super::ImageError::Invalid {
+            path: self.describe(),
+            msg: "this source does not lend its buffers".into(),
+        })
+    }
 }

@@ -14,6 +14,7 @@
 //! (blake3 and b3sum sidecars), [`open`] (putting it together: [`open_image`]).
 
 pub mod bmap;
+pub mod buffer;
 pub mod detect;
 pub mod digest;
 mod extent;
@@ -25,7 +26,7 @@ pub mod zero;
 pub use bmap::Bmap;
 pub use detect::Format;
 pub use digest::LogicalHasher;
-pub use extent::{Extent, ExtentKind, ExtentSource};
+pub use extent::{Extent, ExtentKind, ExtentSource, SharedData};
 pub use open::{
     from_reader, open_image, read_logical_prefix, read_prefix, OpenOptions, OpenedImage,
 };

@@ -311,6 +311,17 @@ impl ExtentSource for Described {
     fn describe(&self) -> String {
         self.desc.clone()
     }
+    fn take_range_checker(&mut self) -> Option<super::bmap::RangeChecker> {
+        self.inner.take_range_checker()
+    }
+    fn shares_buffers(&self) -> bool {
+        self.inner.shares_buffers()
+    }
+    fn next_shared(
+        &mut self,
+    ) -> Result<Option<(super::Extent, Option<super::SharedData>)>, ImageError> {
+        self.inner.next_shared()
+    }
 }
 
 /// The first `n` bytes of the logical image (less if it is shorter), with Zero and Skip

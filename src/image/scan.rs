@@ -2,20 +2,28 @@
 //! described by a bmap. Reads in multi-MiB pieces, finds all-zero blocks, verifies bmap range
 //! checksums over the real bytes as they pass.
 
-use super::bmap::{Bmap, RangeHasher};
+use super::bmap::{Bmap, ChecksumKind, RangeChecker, RangeHasher};
+use super::buffer::{Pool, Pooled, Shared};
 use super::detect::{read_full, Format};
 use super::zero::{block_end, is_zero, ZERO_BLOCK};
+use super::SharedData;
 use super::{Extent, ExtentKind, ExtentSource, ImageError};
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
 use std::os::unix::io::AsRawFd;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{channel, sync_channel, Receiver, Sender};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
 /// Size of the internal read buffer: big reads, a multiple of [`ZERO_BLOCK`].
 pub const READ_BUF: usize = 4 << 20;
+
+/// Buffers in the source's pool: what is being read or decompressed, what is being scanned,
+/// and what the write pipeline still holds (queued for the writer, the blake3 hasher and the
+/// range checker) when it takes extents with [`ExtentSource::next_shared`]. This bounds the
+/// source's memory (`POOL × READ_BUF`); pages of buffers never used are never touched.
+pub const POOL: usize = 8;
 
 /// Where bytes come from.
 pub(crate) enum Input {
@@ -26,11 +34,12 @@ pub(crate) enum Input {
         consumed: Arc<AtomicU64>,
     },
     /// A forward-only stream, read ahead by a thread (so decompression overlaps with
-    /// scanning, hashing and writing) in whole buffers that are swapped, not copied.
+    /// scanning, hashing and writing) straight into pooled buffers, which are scanned and
+    /// lent out as they are: decompressed bytes are never copied again.
     /// `compressed` names the outer format for messages, with its consumed-bytes counter.
     Pipe {
         rx: Chunks,
-        back: Sender<Vec<u8>>,
+        closed: Arc<AtomicBool>,
         pos: u64,
         eof: bool,
         compressed: Option<(Format, Arc<AtomicU64>)>,
@@ -69,24 +78,33 @@ impl Input {
     }
 }
 
-/// Buffers filled by the read-ahead thread (an empty one marks the end).
-type Chunks = Receiver<io::Result<Vec<u8>>>;
+/// Buffers filled by the read-ahead thread, with the bytes filled (0 marks the end).
+type Chunks = Receiver<io::Result<(Pooled, usize)>>;
 
-/// Start the read-ahead thread: it fills `READ_BUF` buffers from `r` and sends them (an
-/// empty one at the end); used buffers come back through the second channel. One buffer
-/// waits in the channel, one is being filled: 8 MiB in flight besides the consumer's.
-fn spawn_pipe(mut r: Box<dyn Read + Send>) -> io::Result<(Chunks, Sender<Vec<u8>>)> {
-    let (tx, rx) = sync_channel::<io::Result<Vec<u8>>>(1);
-    let (back_tx, back_rx) = channel::<Vec<u8>>();
+/// Start the read-ahead thread: it fills `READ_BUF` buffers from the pool with `r` (the
+/// decompressor writes into them directly) and sends them; a buffer comes back to the pool
+/// when the scanner and every pipeline stage holding a slice of it are done. It stops when
+/// the source is dropped (`closed`), even while waiting for a free buffer.
+fn spawn_pipe(
+    mut r: Box<dyn Read + Send>,
+    pool: Pool,
+    closed: Arc<AtomicBool>,
+) -> io::Result<Chunks> {
+    let (tx, rx) = sync_channel::<io::Result<(Pooled, usize)>>(1);
     std::thread::Builder::new()
         .name("image-read".into())
         .spawn(move || loop {
-            let mut b = back_rx.try_recv().unwrap_or_default();
-            b.resize(READ_BUF, 0);
-            match read_full(r.as_mut(), &mut b) {
+            let mut b = loop {
+                if closed.load(Ordering::Relaxed) {
+                    return;
+                }
+                if let Some(b) = pool.get_timeout(POLL) {
+                    break b;
+                }
+            };
+            match read_full(r.as_mut(), &mut b[..READ_BUF]) {
                 Ok(n) => {
-                    b.truncate(n);
-                    if tx.send(Ok(b)).is_err() || n == 0 {
+                    if tx.send(Ok((b, n))).is_err() || n == 0 {
                         return;
                     }
                 }
@@ -96,8 +114,10 @@ fn spawn_pipe(mut r: Box<dyn Read + Send>) -> io::Result<(Chunks, Sender<Vec<u8>
                 }
             }
         })?;
-    Ok((rx, back_tx))
+    Ok(rx)
 }
+
+const POLL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// How the logical image is cut into regions to scan and ranges not to read.
 enum Plan {
@@ -123,13 +143,17 @@ pub struct ScanSource {
     desc: String,
     input: Input,
     plan: Plan,
-    ibuf: Vec<u8>,
+    /// Buffers for reads (files) and decompressed data (pipes); `ibuf` is the current one.
+    pool: Pool,
+    ibuf: Shared,
     lo: usize,
     hi: usize,
     /// Logical offset of `ibuf[lo]`: the next byte to hand out.
     pos: u64,
     region: Option<Region>,
     finished: bool,
+    /// Range checksums were handed to the caller ([`ExtentSource::take_range_checker`]).
+    checks_handed_out: bool,
 }
 
 impl ScanSource {
@@ -192,15 +216,18 @@ impl ScanSource {
                 started: false,
             },
         };
-        let (rx, back) = spawn_pipe(r).map_err(|source| ImageError::Io {
+        let pool = Pool::new(POOL, READ_BUF);
+        let closed = Arc::new(AtomicBool::new(false));
+        let rx = spawn_pipe(r, pool.clone(), closed.clone()).map_err(|source| ImageError::Io {
             path: name.to_string(),
             source,
         })?;
-        Ok(Self::new(
+        Ok(Self::with_pool(
             name,
+            pool,
             Input::Pipe {
                 rx,
-                back,
+                closed,
                 pos: 0,
                 eof: false,
                 compressed,
@@ -210,6 +237,10 @@ impl ScanSource {
     }
 
     fn new(name: &str, input: Input, plan: Plan) -> ScanSource {
+        Self::with_pool(name, Pool::new(POOL, READ_BUF), input, plan)
+    }
+
+    fn with_pool(name: &str, pool: Pool, input: Input, plan: Plan) -> ScanSource {
         let desc = match (&input, &plan) {
             (_, Plan::Bmap { bmap, .. }) => format!("raw, {}", bmap.describe()),
             (Input::File { .. }, _) => "raw".to_string(),
@@ -220,12 +251,14 @@ impl ScanSource {
             desc,
             input,
             plan,
-            ibuf: vec![0u8; READ_BUF],
+            pool,
+            ibuf: Arc::new(Pooled::empty()),
             lo: 0,
             hi: 0,
             pos: 0,
             region: None,
             finished: false,
+            checks_handed_out: false,
         }
     }
 
@@ -369,6 +402,7 @@ impl ScanSource {
                     let check = r
                         .checksum
                         .as_ref()
+                        .filter(|_| !self.checks_handed_out)
                         .map(|_| (RangeHasher::new(bmap.checksum), *next));
                     self.region = Some(Region {
                         end: Some(r.end),
@@ -401,23 +435,21 @@ impl ScanSource {
         self.lo = 0;
         self.hi = 0;
         let start = self.pos;
-        if let Input::Pipe {
-            rx, back, pos, eof, ..
-        } = &mut self.input
-        {
+        // Let go of the current buffer first: it may be the one the pool is waiting for.
+        self.ibuf = Arc::new(Pooled::empty());
+        if let Input::Pipe { rx, pos, eof, .. } = &mut self.input {
             if *eof {
                 return Ok(0);
             }
             let got = rx.recv();
             let at = *pos;
             match got {
-                Ok(Ok(b)) => {
-                    *pos += b.len() as u64;
-                    *eof = b.is_empty();
-                    let old = std::mem::replace(&mut self.ibuf, b);
-                    let _ = back.send(old);
-                    self.hi = self.ibuf.len();
-                    return Ok(self.hi);
+                Ok(Ok((b, n))) => {
+                    *pos += n as u64;
+                    *eof = n == 0;
+                    self.ibuf = Arc::new(b);
+                    self.hi = n;
+                    return Ok(n);
                 }
                 Ok(Err(e)) => {
                     *eof = true;
@@ -444,10 +476,16 @@ impl ScanSource {
                 want = aligned - start;
             }
         }
-        let n = match self.input.read_file(&mut self.ibuf[..want as usize]) {
+        let mut b = loop {
+            if let Some(b) = self.pool.get_timeout(POLL) {
+                break b;
+            }
+        };
+        let n = match self.input.read_file(&mut b[..want as usize]) {
             Ok(n) => n,
             Err(e) => return Err(self.read_err(e, start)),
         };
+        self.ibuf = Arc::new(b);
         self.hi = n;
         Ok(n)
     }
@@ -498,8 +536,13 @@ impl ScanSource {
         }
     }
 
-    /// Scan the current region; `Ok(None)` when it has ended.
-    fn scan(&mut self, buf: &mut [u8]) -> Result<Option<Extent>, ImageError> {
+    /// Scan the current region; `Ok(None)` when it has ended. `Data` bytes are copied into
+    /// `out`, or with `out == None` lent as a slice of the current buffer (then a `Data`
+    /// extent never runs past the buffer's end).
+    fn scan(
+        &mut self,
+        mut out: Option<&mut [u8]>,
+    ) -> Result<Option<(Extent, Option<SharedData>)>, ImageError> {
         let end = self.region.as_ref().and_then(|r| r.end);
         if end == Some(self.pos) {
             self.region = None;
@@ -541,39 +584,76 @@ impl ScanSource {
                 }
                 self.consume(blen)?;
             }
-            return Ok(Some(Extent {
-                offset: start,
-                len: self.pos - start,
-                kind: ExtentKind::Zero,
-            }));
+            return Ok(Some((
+                Extent {
+                    offset: start,
+                    len: self.pos - start,
+                    kind: ExtentKind::Zero,
+                },
+                None,
+            )));
         }
         let mut filled = 0usize;
         let mut blen = blen;
+        let lent_from = self.lo;
+        let cap = out.as_ref().map_or(usize::MAX, |b| b.len());
         loop {
-            let room = buf.len() - filled;
+            let room = cap - filled;
             if room == 0 || (blen > room && filled > 0) {
                 break;
             }
             let n = blen.min(room);
-            buf[filled..filled + n].copy_from_slice(&self.ibuf[self.lo..self.lo + n]);
+            if let Some(buf) = out.as_deref_mut() {
+                buf[filled..filled + n].copy_from_slice(&self.ibuf[self.lo..self.lo + n]);
+            }
             filled += n;
             self.consume(n)?;
-            if end == Some(self.pos) || filled == buf.len() {
+            if end == Some(self.pos) || filled == cap {
                 break;
             }
-            if self.lo == self.hi && self.refill(end)? == 0 {
-                break;
+            if self.lo == self.hi {
+                if out.is_none() {
+                    break; // lent extents stay within one buffer
+                }
+                if self.refill(end)? == 0 {
+                    break;
+                }
             }
             blen = self.block_len(end);
             if is_zero(&self.ibuf[self.lo..self.lo + blen]) {
                 break;
             }
         }
-        Ok(Some(Extent {
+        let ext = Extent {
             offset: start,
             len: filled as u64,
             kind: ExtentKind::Data,
-        }))
+        };
+        let lent = out.is_none().then(|| SharedData {
+            buf: self.ibuf.clone(),
+            start: lent_from,
+        });
+        Ok(Some((ext, lent)))
+    }
+
+    fn next(
+        &mut self,
+        mut out: Option<&mut [u8]>,
+    ) -> Result<Option<(Extent, Option<SharedData>)>, ImageError> {
+        loop {
+            if self.finished {
+                return Ok(None);
+            }
+            if self.region.is_none() {
+                if let Some(e) = self.next_region()? {
+                    return Ok(Some((e, None)));
+                }
+                continue;
+            }
+            if let Some(e) = self.scan(out.as_deref_mut())? {
+                return Ok(Some(e));
+            }
+        }
     }
 }
 
@@ -606,6 +686,14 @@ fn seek(fd: i32, pos: u64, whence: i32) -> io::Result<Option<u64>> {
     Ok(Some(r as u64))
 }
 
+impl Drop for ScanSource {
+    fn drop(&mut self) {
+        if let Input::Pipe { closed, .. } = &self.input {
+            closed.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 impl ExtentSource for ScanSource {
     fn size_hint(&self) -> Option<u64> {
         match &self.plan {
@@ -616,24 +704,30 @@ impl ExtentSource for ScanSource {
     }
 
     fn next_extent(&mut self, buf: &mut [u8]) -> Result<Option<Extent>, ImageError> {
-        loop {
-            if self.finished {
-                return Ok(None);
-            }
-            if self.region.is_none() {
-                if let Some(e) = self.next_region()? {
-                    return Ok(Some(e));
-                }
-                continue;
-            }
-            if let Some(e) = self.scan(buf)? {
-                return Ok(Some(e));
-            }
-        }
+        Ok(self.next(Some(buf))?.map(|(e, _)| e))
+    }
+
+    fn shares_buffers(&self) -> bool {
+        true
+    }
+
+    fn next_shared(&mut self) -> Result<Option<(Extent, Option<SharedData>)>, ImageError> {
+        self.next(None)
     }
 
     fn describe(&self) -> String {
         self.desc.clone()
+    }
+
+    fn take_range_checker(&mut self) -> Option<RangeChecker> {
+        let Plan::Bmap { bmap, next: 0 } = &self.plan else {
+            return None;
+        };
+        if self.checks_handed_out || self.pos != 0 || bmap.checksum == ChecksumKind::None {
+            return None;
+        }
+        self.checks_handed_out = true;
+        Some(RangeChecker::new(&self.name, bmap))
     }
 }
 

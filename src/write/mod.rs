@@ -1,21 +1,32 @@
 //! The write pipeline: image extents in, bytes on a [`Sink`] out, verified.
 //!
 //! ```text
-//!  reader thread            calling thread (writer)              hasher thread
-//!  source.next_extent() ──► bounded channel ──► sink.write_at ──► blake3 of the logical image
-//!  into pooled aligned      (buffers return      zero/skip ranges  + per-range digests that
-//!  buffers                   to the pool)        first MiB last    read-back verify compares
+//!  image-read thread          sbcflash-read thread      calling thread (writer)
+//!  decompress/read straight ► scan: zero blocks, bmap ► bounded channel ► sink.write_at
+//!  into the source's pooled    gaps; lend slices of      zero/skip ranges, first MiB last
+//!  aligned buffers             those buffers (no copy)        │ same Arc'd slices
+//!                                          ┌──────────────────┴──────────────┐
+//!                               sbcflash-hash: blake3 of the      sbcflash-check: bmap range
+//!                               logical image + per-range         sha256/sha1 (when the
+//!                               digests for read-back             source hands its checks over)
 //! ```
 //!
-//! Memory is bounded by the buffer pool (`buffers × buffer_size`, 6 × 4 MiB by default) plus
-//! the held-back first MiB, whatever the image size. The first MiB (partition tables) is
+//! Each stage is a thread of its own so that on a small machine (2 cores) the scheduler can
+//! spread decompression, sha256 and blake3 over the cores instead of chaining them on one
+//! thread; a buffer returns to its pool when the writer and both hashers have dropped it.
+//! A failed range checksum fails the write before the held-back head is written.
+//!
+//! Memory is bounded by the buffer pools (the source's, 8 × 4 MiB, for sources that lend
+//! buffers; else ours, `buffers × buffer_size`, 6 × 4 MiB by default; buffers are allocated
+//! on first use) plus the held-back first MiB, whatever the image size. The first MiB (partition tables) is
 //! written only after everything else is written and synced and the digest (when one is
 //! expected) matched, so an interrupted or failed write leaves no valid partition table.
 //! Read-back verification covers every range that carried data (and small zero gaps inside
 //! them); large `Zero` ranges rely on the sink's zeroing (BLKZEROOUT, holes) and are not
 //! re-read, and `Skip` ranges have no defined contents.
 
-pub mod buffer;
+/// The pooled aligned buffers live with the image sources, which fill them directly.
+pub use crate::image::buffer;
 mod error;
 pub mod sink;
 mod verify;
@@ -24,7 +35,9 @@ pub use error::WriteError;
 pub use sink::{BlockDeviceSink, FileSink, Sink};
 pub use verify::{compare_with_image, read_back, CompareReport};
 
-use crate::image::{Extent, ExtentKind, ExtentSource, ImageError};
+use crate::image::bmap::RangeChecker;
+use crate::image::zero::ZEROS;
+use crate::image::{Extent, ExtentKind, ExtentSource, ImageError, LogicalHasher};
 use crate::progress::{Event, Reporter};
 use buffer::{AlignedBuf, Pool, Shared};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -138,10 +151,12 @@ pub fn parse_blake3_hex(s: &str) -> Option<[u8; 32]> {
 }
 
 enum Item {
+    /// `buf[start..start + len]` holds the bytes at `offset`.
     Data {
         offset: u64,
         len: usize,
         buf: Shared,
+        start: usize,
     },
     Gap(Extent),
     End,
@@ -153,6 +168,7 @@ enum HashItem {
         offset: u64,
         len: usize,
         buf: Shared,
+        start: usize,
     },
     Gap(Extent),
 }
@@ -170,9 +186,35 @@ fn spawn_reader(
         .name("sbcflash-read".into())
         .spawn(move || {
             let mut spare: Option<buffer::Pooled> = None;
+            let lend = source.shares_buffers();
             loop {
                 if stop.load(Ordering::Relaxed) {
                     return;
+                }
+                if lend {
+                    // The source's own buffers, lent: no copy into the pool's.
+                    let item = match source.next_shared() {
+                        Ok(Some((ext, Some(d)))) if ext.kind == ExtentKind::Data => Item::Data {
+                            offset: ext.offset,
+                            len: ext.len as usize,
+                            buf: d.buf,
+                            start: d.start,
+                        },
+                        Ok(Some((ext, _))) if ext.kind == ExtentKind::Data => {
+                            Item::Err(ImageError::Invalid {
+                                path: source.describe(),
+                                msg: format!("data extent at {} came without its bytes", ext.offset),
+                            })
+                        }
+                        Ok(Some((ext, _))) => Item::Gap(ext),
+                        Ok(None) => Item::End,
+                        Err(e) => Item::Err(e),
+                    };
+                    let last = matches!(item, Item::End | Item::Err(_));
+                    if tx.send(item).is_err() || last {
+                        return;
+                    }
+                    continue;
                 }
                 let mut buf = match spare.take() {
                     Some(b) => b,
@@ -198,6 +240,7 @@ fn spawn_reader(
                                 offset: ext.offset,
                                 len: ext.len as usize,
                                 buf: Arc::new(buf),
+                                start: 0,
                             }
                         }
                     }
@@ -282,6 +325,8 @@ struct HashResult {
     ranges: Vec<RangeDigest>,
 }
 
+/// The blake3 thread: the digest of the logical image ([`LogicalHasher`], the same hasher
+/// `sbcflash hash` uses) and, for read-back, per-range digests.
 fn spawn_hasher(
     rx: Receiver<HashItem>,
     ranges: bool,
@@ -290,8 +335,7 @@ fn spawn_hasher(
     std::thread::Builder::new()
         .name("sbcflash-hash".into())
         .spawn(move || {
-            let zeroes = vec![0u8; 1 << 20];
-            let mut logical = blake3::Hasher::new();
+            let mut logical = LogicalHasher::single_threaded();
             let mut rh = RangeHasher {
                 max: max_range,
                 ranges: Vec::new(),
@@ -299,17 +343,22 @@ fn spawn_hasher(
             };
             for item in rx {
                 match item {
-                    HashItem::Data { offset, len, buf } => {
-                        let bytes = &buf[..len];
+                    HashItem::Data {
+                        offset,
+                        len,
+                        buf,
+                        start,
+                    } => {
+                        let bytes = &buf[start..start + len];
                         logical.update(bytes);
                         if ranges {
                             rh.data(offset, bytes);
                         }
                     }
                     HashItem::Gap(ext) => {
-                        feed_zeroes(&mut logical, ext.len, &zeroes);
+                        logical.update_zeros(ext.len);
                         if ranges {
-                            rh.gap(&ext, &zeroes);
+                            rh.gap(&ext, &ZEROS[..MERGE_GAP as usize]);
                         }
                     }
                 }
@@ -321,6 +370,47 @@ fn spawn_hasher(
             }
         })
         .expect("spawn hasher thread")
+}
+
+/// The range-checksum thread (bmap sha256/sha1): fed the same extents as the hasher, so
+/// neither the reader nor the blake3 thread waits for it. It stops at the first bad range;
+/// the writer notices (its sends fail) and fails the write before the head is written.
+fn spawn_checker(
+    rx: Receiver<HashItem>,
+    mut checker: RangeChecker,
+) -> std::thread::JoinHandle<Result<(), ImageError>> {
+    std::thread::Builder::new()
+        .name("sbcflash-check".into())
+        .spawn(move || {
+            for item in rx {
+                match item {
+                    HashItem::Data {
+                        offset,
+                        len,
+                        buf,
+                        start,
+                    } => {
+                        let ext = Extent {
+                            offset,
+                            len: len as u64,
+                            kind: ExtentKind::Data,
+                        };
+                        checker.update_extent(&ext, &buf[start..start + len])?;
+                    }
+                    HashItem::Gap(ext) => checker.update_extent(&ext, &[])?,
+                }
+            }
+            checker.finish()
+        })
+        .expect("spawn checker thread")
+}
+
+/// Collect the range checker's verdict: `Ok` only when it ran to the end without a mismatch.
+fn checker_result(h: std::thread::JoinHandle<Result<(), ImageError>>) -> Result<(), WriteError> {
+    match h.join() {
+        Ok(r) => r.map_err(WriteError::from),
+        Err(_) => Err(WriteError::Internal("range checker thread panicked".into())),
+    }
 }
 
 /// Write `source` to `sink`: the whole job, from prepare to read-back verification.
@@ -394,7 +484,7 @@ pub fn run(
 }
 
 fn write_inner(
-    source: Box<dyn ExtentSource>,
+    mut source: Box<dyn ExtentSource>,
     sink: &mut dyn Sink,
     opts: &WriteOptions,
     reporter: &dyn Reporter,
@@ -420,9 +510,30 @@ fn write_inner(
     let pool = Pool::new(opts.buffers.max(2), buffer_size);
     let stop = Arc::new(AtomicBool::new(false));
     let (tx, rx) = crossbeam_channel::bounded::<Item>(opts.buffers.max(2) * 2);
+    let checks = source.take_range_checker();
     let reader = spawn_reader(source, pool, tx, stop.clone());
     let (htx, hrx) = crossbeam_channel::unbounded::<HashItem>();
     let hasher = spawn_hasher(hrx, opts.verify, buffer_size as u64);
+    let (mut ctx, mut checker) = match checks {
+        Some(c) => {
+            let (ctx, crx) = crossbeam_channel::unbounded::<HashItem>();
+            (Some(ctx), Some(spawn_checker(crx, c)))
+        }
+        None => (None, None),
+    };
+    // Send to the range checker; a failed send means it stopped at a bad range: its error.
+    let mut to_checker = |item: HashItem| -> Result<(), WriteError> {
+        if let Some(tx) = &ctx {
+            if tx.send(item).is_err() {
+                ctx = None;
+                if let Some(h) = checker.take() {
+                    checker_result(h)?;
+                }
+                return Err(WriteError::Internal("range checker stopped early".into()));
+            }
+        }
+        Ok(())
+    };
 
     // Stop the reader however we leave; it may be blocked in a slow source, so it is never
     // joined on the error paths (it exits at its next poll).
@@ -459,28 +570,41 @@ fn write_inner(
             }
         };
         match item {
-            Item::Data { offset, len, buf } => {
+            Item::Data {
+                offset,
+                len,
+                buf,
+                start,
+            } => {
                 if offset != pos {
                     return Err(stream_err(
                         offset,
                         format!("data extent starts at {offset}, expected {pos}"),
                     ));
                 }
+                to_checker(HashItem::Data {
+                    offset,
+                    len,
+                    buf: buf.clone(),
+                    start,
+                })?;
                 let _ = htx.send(HashItem::Data {
                     offset,
                     len,
                     buf: buf.clone(),
+                    start,
                 });
+                let data = &buf[start..start + len];
                 let end = offset + len as u64;
                 let mut from = offset;
                 if offset < hold {
                     let h_end = end.min(hold);
                     head[offset as usize..h_end as usize]
-                        .copy_from_slice(&buf[..(h_end - offset) as usize]);
+                        .copy_from_slice(&data[..(h_end - offset) as usize]);
                     from = h_end;
                 }
                 if from < end {
-                    sink.write_at(from, &buf[(from - offset) as usize..len])?;
+                    sink.write_at(from, &data[(from - offset) as usize..])?;
                 }
                 written += len as u64;
                 pos = end;
@@ -492,6 +616,7 @@ fn write_inner(
                         format!("extent starts at {}, expected {pos}", ext.offset),
                     ));
                 }
+                to_checker(HashItem::Gap(ext))?;
                 let _ = htx.send(HashItem::Gap(ext));
                 let from = ext.offset.max(hold);
                 if from < ext.end() {
@@ -517,6 +642,7 @@ fn write_inner(
         });
     }
     drop(htx);
+    drop(ctx);
     let _ = reader.join();
     if let Some(sz) = size_hint {
         if pos != sz {
@@ -527,6 +653,10 @@ fn write_inner(
         }
     }
     let image_size = pos;
+    // Every bmap range checksum must have passed before the head is written.
+    if let Some(h) = checker.take() {
+        checker_result(h)?;
+    }
     sink.sync()?;
     let hashed = hasher
         .join()

@@ -66,6 +66,83 @@ pub trait Sink: Send {
     /// Read `buf.len()` bytes at `offset` from the medium itself (O_DIRECT on devices, so the
     /// page cache cannot answer for the card).
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), WriteError>;
+
+    /// A handle for positioned reads from several threads at once, so read-back can keep
+    /// several requests in flight. `None`: read-back goes through [`Sink::read_at`] alone.
+    fn medium_reader(&self) -> Option<MediumReader> {
+        None
+    }
+}
+
+/// Concurrent positioned reads of a target's medium (`pread` on a shared descriptor is
+/// thread-safe). With `direct`, requests are widened to `block` boundaries by the caller's
+/// buffer ([`MediumReader::read_range`]) instead of being bounced through a scratch buffer.
+pub struct MediumReader {
+    file: File,
+    name: String,
+    block: u64,
+    direct: bool,
+    /// Why reads are not O_DIRECT, when they are not (for the log).
+    pub buffered_reason: Option<String>,
+}
+
+impl MediumReader {
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    /// Room a buffer needs beyond a range's length for [`MediumReader::read_range`].
+    pub fn slack(&self) -> usize {
+        if self.direct {
+            2 * self.block.max(ALIGN as u64) as usize
+        } else {
+            0
+        }
+    }
+
+    /// Read `[offset, offset+len)` into `buf` (ALIGN-aligned, at least `len + slack()` long);
+    /// returns where in `buf` the range starts. O_DIRECT reads cover whole blocks around it.
+    pub fn read_range(&self, offset: u64, len: usize, buf: &mut [u8]) -> Result<usize, WriteError> {
+        let end = offset + len as u64;
+        let (start, stop) = if self.direct {
+            (
+                offset / self.block * self.block,
+                end.div_ceil(self.block) * self.block,
+            )
+        } else {
+            (offset, end)
+        };
+        let want = (stop - start) as usize;
+        if want > buf.len() {
+            return Err(WriteError::Internal(format!(
+                "read-back buffer of {} bytes for {want} bytes",
+                buf.len()
+            )));
+        }
+        let mut got = 0usize;
+        let mut at = start;
+        // A file's last block may be partial: stop at EOF once the range itself is covered.
+        while start + (got as u64) < end {
+            match self.file.read_at(&mut buf[got..want], at) {
+                Ok(0) => {
+                    return Err(WriteError::io(
+                        &self.name,
+                        "read",
+                        at,
+                        end - at,
+                        std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "end of target"),
+                    ))
+                }
+                Ok(n) => {
+                    got += n;
+                    at += n as u64;
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(WriteError::io(&self.name, "read", at, end - at, e)),
+            }
+        }
+        Ok((offset - start) as usize)
+    }
 }
 
 mod ioctl {
@@ -457,6 +534,18 @@ impl Sink for BlockDeviceSink {
         self.scratch = Some(scratch);
         result
     }
+
+    fn medium_reader(&self) -> Option<MediumReader> {
+        // A dup shares the open file description, O_DIRECT included.
+        let file = self.file.try_clone().ok()?;
+        Some(MediumReader {
+            file,
+            name: self.name.clone(),
+            block: self.block,
+            direct: self.direct,
+            buffered_reason: (!self.direct).then(|| "device refused O_DIRECT at open".into()),
+        })
+    }
 }
 
 /// A regular file target: plain writes, holes for zero and unmapped ranges (punched where the
@@ -573,6 +662,45 @@ impl Sink for FileSink {
     }
     fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> Result<(), WriteError> {
         pread_exact(&self.file, &self.name, buf, offset)
+    }
+
+    /// Read-back of a file target bypasses the page cache where its filesystem supports
+    /// O_DIRECT (opened anew through /proc/self/fd, probed with one aligned read); elsewhere
+    /// (e.g. an old tmpfs, FUSE) it falls back to buffered reads after the DONTNEED advice of
+    /// `finalize`, and says why.
+    fn medium_reader(&self) -> Option<MediumReader> {
+        let buffered = |reason: String| {
+            tracing::info!(target = %self.name, "read-back is buffered, not O_DIRECT: {reason}");
+            Some(MediumReader {
+                file: self.file.try_clone().ok()?,
+                name: self.name.clone(),
+                block: 1,
+                direct: false,
+                buffered_reason: Some(reason),
+            })
+        };
+        use std::os::unix::fs::OpenOptionsExt;
+        let path = format!("/proc/self/fd/{}", self.file.as_raw_fd());
+        let file = match std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT | libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) => return buffered(format!("opening with O_DIRECT failed: {e}")),
+        };
+        // Probe: an aligned read must work (some filesystems accept the flag, then fail reads).
+        let mut probe = AlignedBuf::new(ALIGN);
+        if let Err(e) = file.read_at(&mut probe, 0) {
+            return buffered(format!("an O_DIRECT read failed: {e}"));
+        }
+        Some(MediumReader {
+            file,
+            name: self.name.clone(),
+            block: ALIGN as u64,
+            direct: true,
+            buffered_reason: None,
+        })
     }
 }
 

@@ -1,5 +1,6 @@
 //! Pipeline tests with an in-memory source and a regular-file sink (no root needed).
 
+use super::verify::READ_BACK_DEPTH;
 use super::*;
 use crate::progress::Silent;
 use std::io::Read;
@@ -255,4 +256,156 @@ fn rw(p: &std::path::Path) -> std::fs::File {
         .truncate(true)
         .open(p)
         .expect("create")
+}
+
+/// A bmap (format 2.0, sha256) mapping `ranges` (block numbers, 4 KiB blocks) of `img`.
+fn bmap_of(img: &[u8], ranges: &[(u64, u64)]) -> crate::image::Bmap {
+    use crate::image::bmap::{BmapRange, ChecksumKind};
+    use sha2::Digest as _;
+    let size = img.len() as u64;
+    let ranges: Vec<BmapRange> = ranges
+        .iter()
+        .map(|&(a, b)| {
+            let (start, end) = (a * 4096, ((b + 1) * 4096).min(size));
+            BmapRange {
+                first_block: a,
+                last_block: b,
+                start,
+                end,
+                checksum: Some(hex::encode(sha2::Sha256::digest(
+                    &img[start as usize..end as usize],
+                ))),
+            }
+        })
+        .collect();
+    crate::image::Bmap {
+        path: "t.bmap".into(),
+        version: "2.0".into(),
+        image_size: size,
+        block_size: 4096,
+        blocks_count: size.div_ceil(4096),
+        mapped_blocks: ranges
+            .iter()
+            .map(|r| r.last_block - r.first_block + 1)
+            .sum(),
+        checksum: ChecksumKind::Sha256,
+        ranges,
+    }
+}
+
+/// 12 MiB: data, a zero MiB inside the second mapped range, unmapped tails.
+fn bmapped_image() -> (Vec<u8>, crate::image::Bmap) {
+    let mut img = pattern(12 << 20, 9);
+    img[(5 << 20)..(6 << 20)].fill(0);
+    let bmap = bmap_of(&img, &[(0, 511), (1024, 2047), (2560, 2815)]);
+    (img, bmap)
+}
+
+fn stream_source(img: Vec<u8>, bmap: crate::image::Bmap) -> Box<dyn ExtentSource> {
+    crate::image::from_reader(
+        Box::new(std::io::Cursor::new(img)),
+        "t.img",
+        None,
+        Some(bmap),
+    )
+    .expect("open stream")
+}
+
+#[test]
+fn lent_buffers_and_off_thread_range_checks_write_the_mapped_image() {
+    let (img, bmap) = bmapped_image();
+    let mut masked = vec![0u8; img.len()];
+    for r in &bmap.ranges {
+        let (a, b) = (r.start as usize, r.end as usize);
+        masked[a..b].copy_from_slice(&img[a..b]);
+    }
+    let mut src = stream_source(img.clone(), bmap.clone());
+    assert!(src.shares_buffers());
+    assert!(
+        src.take_range_checker().is_some(),
+        "checks go to the pipeline"
+    );
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("out.img");
+    let mut sink = FileSink::new(rw(&p), "out.img").expect("sink");
+    let opts = WriteOptions {
+        expected_blake3: Some(*blake3::hash(&masked).as_bytes()),
+        ..Default::default()
+    };
+    let rep = run(stream_source(img, bmap), &mut sink, &opts, &Silent).expect("write");
+    assert!(read_all(&p) == masked);
+    assert!(rep.verified_bytes.is_some() && rep.digest_checked);
+}
+
+#[test]
+fn bad_bmap_range_checksum_off_thread_fails_and_never_writes_the_head() {
+    let (mut img, bmap) = bmapped_image();
+    img[(4 << 20) + 4097] ^= 0x40; // inside the second mapped range (blocks 1024-2047)
+                                   // The source alone no longer checks once the checker is taken: the pipeline must.
+    let mut src = stream_source(img.clone(), bmap.clone());
+    let checker = src.take_range_checker();
+    assert!(checker.is_some());
+    let mut buf = vec![0u8; 4 << 20];
+    while src
+        .next_extent(&mut buf)
+        .expect("unchecked stream")
+        .is_some()
+    {}
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("out.img");
+    std::fs::write(&p, vec![0u8; 12 << 20]).expect("prefill");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&p)
+        .expect("open");
+    let mut sink = FileSink::new(f, "out.img").expect("sink");
+    let err = run(stream_source(img, bmap), &mut sink, &small_opts(), &Silent)
+        .expect_err("bad range must fail");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("checksum mismatch") && msg.contains("4194304..8388608"),
+        "{msg}"
+    );
+    assert_eq!(err.exit(), crate::exit::Exit::BadInput);
+    assert!(
+        read_all(&p)[..1 << 20].iter().all(|&b| b == 0),
+        "head must not be written"
+    );
+}
+
+#[test]
+fn parallel_read_back_reports_the_lowest_bad_range() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let p = dir.path().join("out.img");
+    let mut sink = FileSink::new(rw(&p), "out.img").expect("sink");
+    let opts = small_opts();
+    let rep = run(Box::new(sample()), &mut sink, &opts, &Silent).expect("write");
+    assert!(
+        rep.ranges.len() > READ_BACK_DEPTH,
+        "{} ranges",
+        rep.ranges.len()
+    );
+    assert!(sink.medium_reader().is_some());
+    let fw = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .expect("open");
+    // Two bad ranges, the later one corrupted first: the lower offset must be reported.
+    for at in [(13 << 20) + 77, (7 << 20) + 3] {
+        std::os::unix::fs::FileExt::write_at(&fw, &[0xEE], at).expect("corrupt");
+    }
+    fw.sync_all().expect("sync");
+    for _ in 0..5 {
+        match read_back(&mut sink, &rep.ranges, &opts, &Silent).expect_err("mismatch") {
+            WriteError::Mismatch { offset, len, .. } => {
+                assert!(
+                    offset <= (7 << 20) + 3 && (7 << 20) + 3 < offset + len,
+                    "{offset}"
+                )
+            }
+            e => panic!("unexpected {e}"),
+        }
+    }
 }

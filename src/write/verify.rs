@@ -1,17 +1,138 @@
 //! Reading the target back. Two ways: against the per-range digests recorded while writing
 //! (after `write`), and against an image streamed again (`sbcflash verify IMAGE TARGET`).
 //! Reads go through the sink, which uses O_DIRECT on devices so the page cache cannot answer
-//! for the medium; hashing/comparing runs on a second thread so reading never waits for it.
+//! for the medium; several reads are kept in flight (one per worker, each hashing its own
+//! range) so a device with latency is never left idle while a range is hashed.
 
-use super::buffer::{Pool, Pooled};
+use super::buffer::{AlignedBuf, Pool, Pooled};
+use super::sink::MediumReader;
 use super::{RangeDigest, Sink, WriteError, WriteOptions, POLL};
 use crate::image::{ExtentKind, ExtentSource};
 use crate::progress::{Event, Reporter};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Requests in flight during read-back: enough to keep a card's or a loop device's queue
+/// busy while earlier ranges are hashed, few enough to bound memory (each holds one range
+/// buffer, 4 MiB by default).
+pub const READ_BACK_DEPTH: usize = 4;
 
 /// Read every range back and compare its blake3. Returns the number of bytes read back, or
 /// [`WriteError::Mismatch`] naming the first range (lowest offset) that differs.
+///
+/// With a [`super::sink::MediumReader`] (block devices, files), [`READ_BACK_DEPTH`] workers
+/// each read a range (O_DIRECT where the target allows it), hash it and take the next, so
+/// several reads are in flight and hashing overlaps them. Ranges are handed out in order and
+/// a worker finishes the range it holds, so after the first mismatch every lower range has
+/// been checked too: the lowest bad range is the one reported.
 pub fn read_back(
+    sink: &mut dyn Sink,
+    ranges: &[RangeDigest],
+    opts: &WriteOptions,
+    reporter: &dyn Reporter,
+) -> Result<u64, WriteError> {
+    match sink.medium_reader() {
+        Some(reader) => read_back_parallel(&reader, sink.name(), ranges, opts, reporter),
+        None => read_back_serial(sink, ranges, opts, reporter),
+    }
+}
+
+fn read_back_parallel(
+    reader: &MediumReader,
+    target: &str,
+    ranges: &[RangeDigest],
+    opts: &WriteOptions,
+    reporter: &dyn Reporter,
+) -> Result<u64, WriteError> {
+    let max = ranges.iter().map(|r| r.len).max().unwrap_or(0) as usize;
+    if max == 0 {
+        return Ok(0);
+    }
+    if let Some(why) = &reader.buffered_reason {
+        tracing::info!(target, "read-back without O_DIRECT: {why}");
+    }
+    let total: u64 = ranges.iter().map(|r| r.len).sum();
+    let next = AtomicUsize::new(0);
+    let stop = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
+    // Lowest bad range, lowest failed read (index, error).
+    let bad = Mutex::new(None::<usize>);
+    let failed = Mutex::new(None::<(usize, WriteError)>);
+    let workers = READ_BACK_DEPTH.min(ranges.len());
+    std::thread::scope(|scope| {
+        let mut handles = Vec::new();
+        for w in 0..workers {
+            let (next, stop, done, bad, failed) = (&next, &stop, &done, &bad, &failed);
+            let h = std::thread::Builder::new()
+                .name(format!("sbcflash-verify{w}"))
+                .spawn_scoped(scope, move || {
+                    let mut buf = AlignedBuf::new(max + reader.slack());
+                    while !stop.load(Ordering::Relaxed) && !opts.cancel.load(Ordering::Relaxed) {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        let Some(r) = ranges.get(i) else { break };
+                        let len = r.len as usize;
+                        match reader.read_range(r.offset, len, &mut buf) {
+                            Ok(at) => {
+                                if blake3::hash(&buf[at..at + len]).as_bytes() != &r.digest {
+                                    let mut b = bad.lock().unwrap_or_else(|p| p.into_inner());
+                                    *b = Some(b.map_or(i, |j| j.min(i)));
+                                    stop.store(true, Ordering::Relaxed);
+                                }
+                            }
+                            Err(e) => {
+                                let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                                if f.as_ref().is_none_or(|(j, _)| i < *j) {
+                                    *f = Some((i, e));
+                                }
+                                stop.store(true, Ordering::Relaxed);
+                            }
+                        }
+                        done.fetch_add(r.len, Ordering::Relaxed);
+                    }
+                });
+            match h {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    stop.store(true, Ordering::Relaxed);
+                    let mut f = failed.lock().unwrap_or_else(|p| p.into_inner());
+                    *f = Some((0, WriteError::Internal(format!("spawn verify thread: {e}"))));
+                    break;
+                }
+            }
+        }
+        while !handles.iter().all(|h| h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(50));
+            reporter.report(Event::Progress {
+                job: opts.job.clone(),
+                phase: "verify".into(),
+                done: done.load(Ordering::Relaxed).min(total),
+                total: Some(total),
+            });
+        }
+    });
+    let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
+    match (bad, failed) {
+        // A failed read below the first bad range comes first; otherwise the mismatch.
+        (Some(i), Some((j, e))) if j < i => Err(e),
+        (Some(i), _) => Err(WriteError::Mismatch {
+            target: target.to_string(),
+            offset: ranges[i].offset,
+            len: ranges[i].len,
+        }),
+        (None, Some((_, e))) => Err(e),
+        (None, None) if done.load(Ordering::Relaxed) < total => Err(WriteError::Interrupted {
+            target: target.to_string(),
+            done: done.load(Ordering::Relaxed),
+        }),
+        (None, None) => Ok(total),
+    }
+}
+
+/// One read at a time through [`Sink::read_at`], hashing on a second thread: for sinks
+/// without a [`MediumReader`].
+fn read_back_serial(
     sink: &mut dyn Sink,
     ranges: &[RangeDigest],
     opts: &WriteOptions,

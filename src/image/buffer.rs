@@ -1,10 +1,9 @@
 //! Page-aligned, pooled I/O buffers. O_DIRECT needs buffer addresses aligned to the device's
 //! logical block size; a fixed pool bounds memory whatever the image size.
 
-use crossbeam_channel::{Receiver, Sender};
 use std::alloc::{alloc_zeroed, dealloc, Layout};
 use std::ops::{Deref, DerefMut};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 
 /// Alignment of every buffer: a page, which satisfies every logical block size Linux supports.
 pub const ALIGN: usize = 4096;
@@ -55,28 +54,57 @@ impl DerefMut for AlignedBuf {
     }
 }
 
-/// A fixed set of buffers handed out and returned through a channel; `get` blocks when all
-/// are in flight, which is what bounds the pipeline's memory.
+/// A fixed number of buffers handed out and returned; `get` waits when all are in flight,
+/// which is what bounds the pipeline's memory. Buffers are allocated on first need (the
+/// allocator zero-fills aligned memory, touching every page), and reused last in, first out:
+/// a consumer that returns each buffer before taking the next keeps reusing one warm buffer
+/// and never pays for the others.
 #[derive(Clone)]
 pub struct Pool {
-    tx: Sender<AlignedBuf>,
-    rx: Receiver<AlignedBuf>,
+    free: Home,
+}
+
+type Home = Arc<(Mutex<Free>, Condvar)>;
+
+struct Free {
+    bufs: Vec<AlignedBuf>,
+    /// Buffers that may still be allocated.
+    unborn: usize,
+    size: usize,
 }
 
 impl Pool {
     pub fn new(count: usize, size: usize) -> Self {
-        let (tx, rx) = crossbeam_channel::bounded(count);
-        for _ in 0..count {
-            let _ = tx.send(AlignedBuf::new(size));
+        let free = Free {
+            bufs: Vec::new(),
+            unborn: count,
+            size,
+        };
+        Self {
+            free: Arc::new((Mutex::new(free), Condvar::new())),
         }
-        Self { tx, rx }
     }
 
     /// Wait up to `timeout` for a free buffer (callers poll a cancel flag in between).
     pub fn get_timeout(&self, timeout: std::time::Duration) -> Option<Pooled> {
-        self.rx.recv_timeout(timeout).ok().map(|b| Pooled {
-            buf: Some(b),
-            home: self.tx.clone(),
+        let (lock, cv) = &*self.free;
+        let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
+        let (mut guard, _) = cv
+            .wait_timeout_while(guard, timeout, |f| f.bufs.is_empty() && f.unborn == 0)
+            .unwrap_or_else(|p| p.into_inner());
+        let buf = match guard.bufs.pop() {
+            Some(b) => b,
+            None if guard.unborn > 0 => {
+                guard.unborn -= 1;
+                let size = guard.size;
+                drop(guard);
+                AlignedBuf::new(size)
+            }
+            None => return None,
+        };
+        Some(Pooled {
+            buf: Some(buf),
+            home: Some(self.free.clone()),
         })
     }
 }
@@ -84,14 +112,16 @@ impl Pool {
 /// A buffer on loan from a [`Pool`]; goes back to the pool when dropped.
 pub struct Pooled {
     buf: Option<AlignedBuf>,
-    home: Sender<AlignedBuf>,
+    home: Option<Home>,
 }
 
 impl Pooled {
     /// A placeholder that holds no buffer (length 0).
     pub fn empty() -> Self {
-        let (home, _) = crossbeam_channel::bounded(0);
-        Self { buf: None, home }
+        Self {
+            buf: None,
+            home: None,
+        }
     }
 }
 
@@ -110,8 +140,10 @@ impl DerefMut for Pooled {
 
 impl Drop for Pooled {
     fn drop(&mut self) {
-        if let Some(b) = self.buf.take() {
-            let _ = self.home.try_send(b);
+        if let (Some(b), Some(home)) = (self.buf.take(), self.home.take()) {
+            let (lock, cv) = &*home;
+            lock.lock().unwrap_or_else(|p| p.into_inner()).bufs.push(b);
+            cv.notify_one();
         }
     }
 }
