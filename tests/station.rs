@@ -1262,3 +1262,120 @@ mod usb_slots {
         );
     }
 }
+
+/// Runs the station with a pseudo-terminal as its terminal (stdin, stdout and stderr, as an
+/// operator's console) and returns everything it drew there, and its exit status.
+fn station_on_pty(dir: &Path, config: &Path, args: &[&str]) -> (Vec<u8>, ExitStatus) {
+    use std::os::fd::{AsRawFd, OwnedFd};
+    let ws = nix::pty::Winsize {
+        ws_row: 40,
+        ws_col: 120,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&ws), None).expect("openpty");
+    let slave: OwnedFd = pty.slave;
+    let mut child = sbcflash()
+        .env("SBCFLASH_CACHE_DIR", dir.join("cache"))
+        .env("TERM", "xterm-256color")
+        .env_remove("NO_COLOR")
+        .args(["station", "--config"])
+        .arg(config)
+        .args(args)
+        .stdin(Stdio::from(slave.try_clone().unwrap()))
+        .stdout(Stdio::from(slave.try_clone().unwrap()))
+        .stderr(Stdio::from(slave))
+        .spawn()
+        .expect("spawn station on a pty");
+    let master = std::fs::File::from(pty.master);
+    let fd = master.as_raw_fd();
+    let reader = std::thread::spawn(move || {
+        let mut master = master;
+        let mut out = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the last slave descriptor (the station's) is closed.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        out
+    });
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let (tx, rx) = crossbeam_channel::bounded::<()>(1);
+    std::thread::spawn(move || {
+        if rx.recv_timeout(WATCHDOG).is_err() {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        }
+    });
+    let status = child.wait().expect("wait station");
+    let _ = tx.send(());
+    let out = reader.join().unwrap();
+    let _ = fd;
+    (out, status)
+}
+
+fn count(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).filter(|w| *w == needle).count()
+}
+
+/// The operator's alert on FAIL: with `[ui] bell`/`flash` the terminal gets one BEL and one
+/// reverse-video flash (DECSCNM on, then off) per failed unit, none for a PASS; without them
+/// it gets neither. One slot holds a card too small for the image (refused: FAIL), the other
+/// a good one (PASS).
+#[test]
+fn station_udevd_bell_and_flash_on_fail_reach_the_terminal() {
+    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+        return;
+    }
+    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
+    let b_small = backing(dir, "small.card", 16 * MIB);
+    let b_good = backing(dir, "good.card", 64 * MIB);
+    let _udevd = Udevd::start();
+    let _d_small = LoopDev::attach(&b_small, &[]);
+    let _d_good = LoopDev::attach(&b_good, &[]);
+    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    let slots: [(&str, &Path); 2] = [("small", &b_small), ("good", &b_good)];
+    for (ui, bell, flash) in [
+        ("[ui]\nbell = true\nflash = true\n", 1, 1),
+        ("[ui]\nbell = false\nflash = false\n", 0, 0),
+    ] {
+        let _ = std::fs::remove_file(dir.join("ledger.sqlite"));
+        let cfg = write_config(dir, &img, &slots, "");
+        let mut text = std::fs::read_to_string(&cfg).unwrap();
+        text = text.replace("[identity]", &format!("{ui}[identity]"));
+        std::fs::write(&cfg, text).unwrap();
+        let (out, status) = station_on_pty(dir, &cfg, &["--flash-present", "--exit-after", "2"]);
+        let shown = String::from_utf8_lossy(&out);
+        assert_eq!(status.code(), Some(5), "one unit failed: exit 5\n{shown}");
+        assert!(
+            shown.contains("small FAIL") && shown.contains("good PASS"),
+            "both results on the terminal:\n{shown}"
+        );
+        // Each slot has one line, cut to the terminal: no counters on result lines, no
+        // wrapped reasons (the whole reason scrolls above the bars).
+        assert!(
+            !shown.contains("0 B/s OPI5"),
+            "result line with counters:\n{shown}"
+        );
+        assert!(
+            shown.contains("small FAIL: OPI5-") && shown.contains("larger than the target"),
+            "the whole FAIL reason is printed:\n{shown}"
+        );
+        assert!(shown.contains("small idle") && shown.contains("good idle"));
+        assert_eq!(count(&out, b"\x07"), bell, "BEL with {ui:?}:\n{shown:?}");
+        assert_eq!(count(&out, b"\x1b[?5h"), flash, "flash on with {ui:?}");
+        assert_eq!(count(&out, b"\x1b[?5l"), flash, "flash off with {ui:?}");
+        if flash == 1 {
+            let on = shown.find("\x1b[?5h").unwrap();
+            assert!(shown[on..].contains("\x1b[?5l"), "flash never turned off");
+        }
+        let rows = report(&cfg);
+        assert_eq!(unit_row(&rows, "small")["result"], "fail");
+        assert_eq!(unit_row(&rows, "good")["result"], "pass");
+    }
+}

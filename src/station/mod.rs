@@ -260,6 +260,16 @@ pub fn run_with(
         ),
     );
 
+    ui.show_slots(station.slots.iter().map(|s| {
+        (
+            s.name.as_str(),
+            match s.kind {
+                config::SlotKind::Block => "waiting for a card",
+                config::SlotKind::Usb => "waiting for a board in recovery mode",
+            },
+        )
+    }));
+
     let handle = |d: Decision,
                   running: &mut BTreeMap<String, job::Handle>,
                   pending: &mut BTreeMap<String, slots::DeviceInfo>| {

@@ -59,6 +59,22 @@ impl Ui {
         });
     }
 
+    /// Gives each slot its line at start, in configuration order, so a slot is always in the
+    /// same place on screen (bars only; streams show events, not a screen).
+    pub fn show_slots<'a>(&self, slots: impl Iterator<Item = (&'a str, &'a str)>) {
+        if self.style != Style::Bars {
+            return;
+        }
+        for (slot, waiting) in slots {
+            self.reporter.report(Event::Start {
+                job: slot.to_string(),
+                phase: format!("{slot} idle"),
+                total: None,
+                detail: Some(waiting.to_string()),
+            });
+        }
+    }
+
     pub fn set_counts(&self, pass: u64, fail: u64) {
         self.pass.store(pass, Ordering::Relaxed);
         self.fail.store(fail, Ordering::Relaxed);
@@ -110,6 +126,95 @@ impl Ui {
             let _ = err.write_all(b"\x1b[?5l");
         }
         let _ = err.flush();
+    }
+}
+
+/// The station's terminal: one line per slot (indicatif), each cut to the terminal's width so
+/// long FAIL reasons cannot wrap and break the redraw; results (a `Start` without a total, see
+/// [`SlotReporter::result`]) show as a coloured word and the text, nothing else; messages
+/// scroll above the bars.
+#[derive(Default)]
+pub struct StationBars {
+    multi: indicatif::MultiProgress,
+    bars: Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
+}
+
+fn slot_style(total: bool, phase: &str) -> indicatif::ProgressStyle {
+    let tpl = if total {
+        "{prefix:>12.bold} [{bar:32}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {wide_msg}"
+    } else if phase.ends_with(" FAIL") {
+        "{prefix:>12.bold.red} {wide_msg:.red}"
+    } else if phase.ends_with(" PASS") {
+        "{prefix:>12.bold.green} {wide_msg}"
+    } else {
+        "{prefix:>12.bold} {wide_msg}"
+    };
+    indicatif::ProgressStyle::with_template(tpl)
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+        .progress_chars("=> ")
+}
+
+impl Reporter for StationBars {
+    fn report(&self, ev: Event) {
+        let Ok(mut bars) = self.bars.lock() else {
+            return;
+        };
+        match ev {
+            Event::Start {
+                job,
+                phase,
+                total,
+                detail,
+            } => {
+                let style = slot_style(total.is_some(), &phase);
+                // A slot keeps its place on screen: its next phase replaces its line.
+                let pb = match bars.remove(&job) {
+                    Some(old) => {
+                        let pb = self
+                            .multi
+                            .insert_after(&old, indicatif::ProgressBar::new(total.unwrap_or(0)));
+                        old.finish_and_clear();
+                        self.multi.remove(&old);
+                        pb
+                    }
+                    None => self
+                        .multi
+                        .add(indicatif::ProgressBar::new(total.unwrap_or(0))),
+                };
+                pb.set_style(style);
+                pb.set_prefix(phase);
+                pb.set_message(detail.unwrap_or_default());
+                pb.tick();
+                bars.insert(job, pb);
+            }
+            Event::Progress {
+                job, done, total, ..
+            } => {
+                if let Some(pb) = bars.get(&job) {
+                    if let Some(t) = total {
+                        pb.set_length(t);
+                    }
+                    pb.set_position(done);
+                }
+            }
+            Event::Message { level, text, .. } => {
+                let line = match level {
+                    Level::Info => text,
+                    Level::Warn => format!("warning: {text}"),
+                };
+                let _ = self.multi.println(line);
+            }
+            Event::Finish { job, .. } => {
+                if let Some(pb) = bars.remove(&job) {
+                    pb.finish();
+                }
+            }
+            Event::Error { job, message, .. } => {
+                if let Some(pb) = bars.remove(&job) {
+                    pb.abandon_with_message(format!("FAILED: {message}"));
+                }
+            }
+        }
     }
 }
 
@@ -178,6 +283,15 @@ impl SlotReporter {
         let word = if pass { "PASS" } else { "FAIL" };
         self.log(&format!("{word}: {text}"));
         if self.ui.style == Style::Bars {
+            if !pass {
+                // The slot's line is cut to the terminal's width; the whole reason scrolls
+                // above the bars.
+                self.ui.reporter.report(Event::Message {
+                    job: STATION_JOB.into(),
+                    level: Level::Warn,
+                    text: format!("{} FAIL: {text}", self.slot),
+                });
+            }
             // A bar-less line that stays until the slot's next unit replaces it.
             self.ui.reporter.report(Event::Start {
                 job: self.slot.clone(),
