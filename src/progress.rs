@@ -130,10 +130,12 @@ impl Reporter for JsonLines {
     }
 }
 
-/// indicatif bars on stderr, one per job (a MultiProgress, so station slots stack).
+/// indicatif bars on stderr (a MultiProgress, so station slots stack): one line per running
+/// phase, a job's lines kept together. A job can run phases at once (a streamed write downloads
+/// and writes together), so bars are keyed by job and phase.
 pub struct Bars {
     multi: indicatif::MultiProgress,
-    bars: Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
+    bars: Mutex<std::collections::HashMap<(String, String), indicatif::ProgressBar>>,
 }
 
 impl Default for Bars {
@@ -174,22 +176,28 @@ impl Reporter for Bars {
                 total,
                 detail,
             } => {
-                let pb = self
-                    .multi
-                    .add(indicatif::ProgressBar::new(total.unwrap_or(0)));
+                let new = indicatif::ProgressBar::new(total.unwrap_or(0));
+                // Below the job's other running line, if it has one: one group per job.
+                let pb = match bars.iter().find(|((j, _), _)| *j == job) {
+                    Some((_, sibling)) => self.multi.insert_after(sibling, new),
+                    None => self.multi.add(new),
+                };
                 pb.set_style(bar_style(total.is_some()));
-                pb.set_prefix(phase);
+                pb.set_prefix(phase.clone());
                 if let Some(d) = detail {
                     pb.set_message(d);
                 }
-                if let Some(old) = bars.insert(job, pb) {
+                if let Some(old) = bars.insert((job, phase), pb) {
                     old.finish_and_clear();
                 }
             }
             Event::Progress {
-                job, done, total, ..
+                job,
+                phase,
+                done,
+                total,
             } => {
-                if let Some(pb) = bars.get(&job) {
+                if let Some(pb) = bars.get(&(job, phase)) {
                     if let Some(t) = total {
                         pb.set_length(t);
                     }
@@ -201,24 +209,82 @@ impl Reporter for Bars {
                     Level::Info => text,
                     Level::Warn => format!("warning: {text}"),
                 };
-                match bars.get(&job) {
-                    Some(pb) => pb.println(line),
+                match bars.iter().find(|((j, _), _)| *j == job) {
+                    Some((_, pb)) => pb.println(line),
                     None => {
                         let _ = self.multi.println(line);
                     }
                 }
             }
-            Event::Finish { job, .. } => {
-                if let Some(pb) = bars.remove(&job) {
+            Event::Finish { job, phase, .. } => {
+                if let Some(pb) = bars.remove(&(job, phase)) {
                     pb.finish();
                 }
             }
-            Event::Error { job, message, .. } => {
-                if let Some(pb) = bars.remove(&job) {
+            Event::Error {
+                job,
+                phase,
+                message,
+                ..
+            } => {
+                if let Some(pb) = bars.remove(&(job, phase)) {
                     pb.abandon_with_message(format!("FAILED: {message}"));
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod bar_tests {
+    use super::*;
+
+    fn start(job: &str, phase: &str) -> Event {
+        Event::Start {
+            job: job.into(),
+            phase: phase.into(),
+            total: Some(100),
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn concurrent_phases_of_one_job_keep_their_own_bars() {
+        let b = Bars::new();
+        b.multi
+            .set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        b.report(start("/dev/loop7", "download"));
+        b.report(start("/dev/loop7", "write"));
+        b.report(Event::Progress {
+            job: "/dev/loop7".into(),
+            phase: "download".into(),
+            done: 60,
+            total: Some(100),
+        });
+        b.report(Event::Progress {
+            job: "/dev/loop7".into(),
+            phase: "write".into(),
+            done: 10,
+            total: Some(100),
+        });
+        {
+            let bars = b.bars.lock().unwrap();
+            assert_eq!(
+                bars.len(),
+                2,
+                "the write did not replace the download's line"
+            );
+            let pos = |p: &str| bars[&("/dev/loop7".to_string(), p.to_string())].position();
+            assert_eq!((pos("download"), pos("write")), (60, 10));
+        }
+        b.report(Event::Finish {
+            job: "/dev/loop7".into(),
+            phase: "download".into(),
+            summary: serde_json::Value::Null,
+        });
+        let bars = b.bars.lock().unwrap();
+        assert_eq!(bars.len(), 1);
+        assert!(bars.contains_key(&("/dev/loop7".to_string(), "write".to_string())));
     }
 }
 

@@ -57,22 +57,35 @@ pub(crate) enum Sink<'a> {
         file: std::io::BufWriter<std::fs::File>,
         partial: &'a Partial,
     },
-    /// A streaming consumer: bytes cannot be taken back.
-    Channel(tokio::sync::mpsc::Sender<Vec<u8>>),
+    /// A streaming consumer: bytes cannot be taken back. The network's chunks are handed on
+    /// as they are (no copy), and hashed here, on the download thread, which otherwise waits
+    /// on the socket: the consumer's thread (decompression, writing) is the busy one.
+    Channel {
+        tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+        hasher: Option<Box<super::digest::Hasher>>,
+    },
 }
 
 impl Sink<'_> {
-    async fn write(&mut self, buf: &[u8]) -> Result<()> {
+    async fn write(&mut self, buf: bytes::Bytes) -> Result<()> {
         match self {
             Sink::File { file, partial } => file
-                .write_all(buf)
+                .write_all(&buf)
                 .map_err(|e| AcquireError::io(&partial.data, e)),
-            Sink::Channel(tx) => tx.send(buf.to_vec()).await.map_err(|_| {
-                AcquireError::io(
-                    "download stream",
-                    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "consumer stopped reading"),
-                )
-            }),
+            Sink::Channel { tx, hasher } => {
+                if let Some(h) = hasher {
+                    h.update(&buf);
+                }
+                tx.send(buf).await.map_err(|_| {
+                    AcquireError::io(
+                        "download stream",
+                        std::io::Error::new(
+                            std::io::ErrorKind::BrokenPipe,
+                            "consumer stopped reading",
+                        ),
+                    )
+                })
+            }
         }
     }
 
@@ -96,7 +109,7 @@ impl Sink<'_> {
                     .map_err(|e| AcquireError::io(&partial.data, e))?;
                 Ok(true)
             }
-            Sink::Channel(_) => Ok(false),
+            Sink::Channel { .. } => Ok(false),
         }
     }
 
@@ -239,15 +252,17 @@ impl Downloader {
     }
 
     /// Runs a transfer on its own thread and returns a channel of its bytes; the thread's
-    /// result (Ok, or the error that ended it) comes back through the join handle.
+    /// result (the digests of everything it sent, or the error that ended it) comes back
+    /// through the join handle.
     pub(crate) fn spawn_stream(
         &self,
         url: String,
+        with_sha256: bool,
         reporter: Arc<dyn Reporter>,
         job: String,
     ) -> (
-        tokio::sync::mpsc::Receiver<Vec<u8>>,
-        std::thread::JoinHandle<Result<u64>>,
+        tokio::sync::mpsc::Receiver<bytes::Bytes>,
+        std::thread::JoinHandle<Result<super::Digests>>,
     ) {
         // A few MiB in flight: enough to ride out jitter, small enough not to matter.
         let (tx, rx) = tokio::sync::mpsc::channel(64);
@@ -256,10 +271,18 @@ impl Downloader {
             .name("sbcflash-download".into())
             .spawn(move || {
                 let rt = runtime()?;
-                let mut sink = Sink::Channel(tx);
+                let mut sink = Sink::Channel {
+                    tx,
+                    hasher: Some(Box::new(super::digest::Hasher::new(with_sha256))),
+                };
                 let mut state = ResumeState::default();
                 rt.block_on(this.transfer(&url, &mut sink, &mut state, &*reporter, &job))?;
-                Ok(state.offset)
+                match sink {
+                    Sink::Channel {
+                        hasher: Some(h), ..
+                    } => Ok(h.finish()),
+                    _ => unreachable!("a channel sink keeps its hasher"),
+                }
             })
             .expect("spawn download thread");
         (rx, h)
@@ -487,15 +510,16 @@ impl Downloader {
                 Ok(Ok(None)) => break,
                 Ok(Ok(Some(c))) => c,
             };
-            let mut data = &chunk[..];
+            let mut data = chunk;
             if skip > 0 {
                 let n = (skip as usize).min(data.len());
-                data = &data[n..];
+                data = data.slice(n..);
                 skip -= n as u64;
             }
             if !data.is_empty() {
+                let n = data.len() as u64;
                 sink.write(data).await?;
-                st.offset += data.len() as u64;
+                st.offset += n;
                 reporter.report(Event::Progress {
                     job: job.into(),
                     phase: "download".into(),

@@ -25,16 +25,20 @@ pub struct RemoteCheck {
     check: StreamCheck,
     acq: Acquirer,
     head: Vec<u8>,
+    job: String,
 }
 
 /// Opens `spec` as an extent source (from the cache when its pin is there, else streamed
 /// from the network; with `keep`, a copy is committed to the cache once it verifies).
+/// `job` is the write's job (the target), so progress and events of the download and the
+/// write form one job.
 pub fn open_for_write(
     acq: Acquirer,
     spec: SourceSpec,
     keep: bool,
+    job: String,
 ) -> anyhow::Result<(OpenedImage, RemoteCheck)> {
-    let (reader, check) = acq.open_stream(&spec, keep)?;
+    let (reader, check) = acq.open_stream_as(&spec, keep, job.clone())?;
     let consumed = Arc::new(AtomicU64::new(0));
     let counting = image::detect::CountingReader::new(reader, consumed.clone());
     let reader: Box<dyn Read + Send> = Box::new(EndCheck {
@@ -70,6 +74,7 @@ pub fn open_for_write(
             check,
             acq,
             head,
+            job,
         },
     ))
 }
@@ -104,7 +109,7 @@ impl RemoteCheck {
             }
             Ok(v) => {
                 let res = self.check.finish(true)?;
-                self.acq.report_stream(&self.spec, &res);
+                self.acq.report_stream_as(&self.spec, &res, self.job);
                 Ok(v)
             }
         }

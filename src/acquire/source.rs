@@ -164,6 +164,17 @@ impl Acquirer {
         src: &SourceSpec,
         tee: bool,
     ) -> Result<(VerifyingReader, StreamCheck)> {
+        self.open_stream_as(src, tee, Self::job(src))
+    }
+
+    /// [`Self::open_stream`] reporting its download under `job` (a streamed write uses the
+    /// target's job, so the download and the write are one job with two phases).
+    pub fn open_stream_as(
+        &self,
+        src: &SourceSpec,
+        tee: bool,
+        job: String,
+    ) -> Result<(VerifyingReader, StreamCheck)> {
         self.check_policy(src)?;
         if let Some(pin) = &src.pin {
             if let Some(e) = self.lookup(pin)? {
@@ -178,7 +189,8 @@ impl Acquirer {
             }
         }
         let dl = self.downloader(src)?;
-        let (rx, th) = dl.spawn_stream(src.url.clone(), self.reporter.clone(), Self::job(src));
+        let with_sha = matches!(src.pin, Some(Pin::Sha256(_)));
+        let (rx, th) = dl.spawn_stream(src.url.clone(), with_sha, self.reporter.clone(), job);
         let (r, c) = VerifyingReader::from_http(src.url.clone(), rx, th, src.pin.clone());
         if tee {
             c.tee_into(
@@ -195,7 +207,16 @@ impl Acquirer {
 
     /// Reports the outcome of a finished stream (the unpinned warning, the digest).
     pub fn report_stream(&self, src: &SourceSpec, res: &super::stream::StreamResult) {
-        let job = Self::job(src);
+        self.report_stream_as(src, res, Self::job(src))
+    }
+
+    /// [`Self::report_stream`] under the job the stream was opened with.
+    pub fn report_stream_as(
+        &self,
+        src: &SourceSpec,
+        res: &super::stream::StreamResult,
+        job: String,
+    ) {
         let b3 = res.digests.blake3_hex();
         if res.pinned.is_none() {
             self.warn_unpinned(&job, &src.url, &b3);

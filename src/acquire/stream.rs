@@ -13,12 +13,11 @@ use std::sync::{Arc, Mutex};
 
 /// Where the bytes come from.
 enum Upstream {
-    /// Chunks from a download thread.
+    /// Chunks from a download thread, which also hashes them (its result is the digests).
     Http {
-        rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
-        thread: Option<std::thread::JoinHandle<Result<u64>>>,
-        cur: Vec<u8>,
-        pos: usize,
+        rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+        thread: Option<std::thread::JoinHandle<Result<Digests>>>,
+        cur: bytes::Bytes,
     },
     /// A local file or a cache entry.
     Reader(Box<dyn Read + Send>),
@@ -65,20 +64,22 @@ pub struct StreamResult {
 impl VerifyingReader {
     pub(crate) fn from_http(
         what: String,
-        rx: tokio::sync::mpsc::Receiver<Vec<u8>>,
-        thread: std::thread::JoinHandle<Result<u64>>,
+        rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+        thread: std::thread::JoinHandle<Result<Digests>>,
         pin: Option<Pin>,
     ) -> (VerifyingReader, StreamCheck) {
-        Self::make(
+        let (r, c) = Self::make(
             what,
             Upstream::Http {
                 rx,
                 thread: Some(thread),
-                cur: Vec::new(),
-                pos: 0,
+                cur: bytes::Bytes::new(),
             },
             pin,
-        )
+        );
+        // The download thread hashes; the reader only hands bytes on.
+        lock(&r.inner).hasher = None;
+        (r, c)
     }
 
     pub fn from_reader(
@@ -244,41 +245,40 @@ impl Inner {
                     other => break other?,
                 }
             },
-            Upstream::Http {
-                rx,
-                thread,
-                cur,
-                pos,
-            } => {
-                if *pos >= cur.len() {
+            Upstream::Http { rx, thread, cur } => {
+                if cur.is_empty() {
                     match rx.blocking_recv() {
-                        Some(c) => {
-                            *cur = c;
-                            *pos = 0;
-                        }
+                        Some(c) => *cur = c,
                         None => {
                             // Sender gone: the thread ended; its result says how.
                             let res = match thread.take().map(|h| h.join()) {
-                                Some(Ok(r)) => r.map(|_| ()),
+                                Some(Ok(r)) => r.map(Some),
                                 Some(Err(_)) => Err(AcquireError::Network {
                                     url: self.what.clone(),
                                     msg: "download thread panicked".into(),
                                 }),
-                                None => Ok(()),
+                                None => Ok(None),
                             };
-                            if let Err(e) = res {
-                                let msg = e.to_string();
-                                self.failed = Some(e);
-                                return Err(std::io::Error::other(msg));
+                            match res {
+                                Ok(Some(d)) => self.digests = Some(d),
+                                // Joined before: the transfer already failed.
+                                Ok(None) => {
+                                    return Err(std::io::Error::other(
+                                        "the download already ended with an error",
+                                    ))
+                                }
+                                Err(e) => {
+                                    let msg = e.to_string();
+                                    self.failed = Some(e);
+                                    return Err(std::io::Error::other(msg));
+                                }
                             }
-                            cur.clear();
-                            *pos = 0;
                         }
                     }
                 }
-                let n = (cur.len() - *pos).min(out.len());
-                out[..n].copy_from_slice(&cur[*pos..*pos + n]);
-                *pos += n;
+                let n = cur.len().min(out.len());
+                out[..n].copy_from_slice(&cur[..n]);
+                bytes::Buf::advance(cur, n);
                 n
             }
         };

@@ -135,6 +135,8 @@ pub fn remote_image(
     board: Option<&str>,
     s: &StreamArgs,
     g: &Global,
+    reporter: Arc<dyn Reporter>,
+    job: &str,
 ) -> anyhow::Result<
     Option<(
         crate::image::OpenedImage,
@@ -153,10 +155,12 @@ pub fn remote_image(
         (None, Some(b)) => crate::acquire::board_source(&super::boards::registry(g)?, b)?,
         _ => return Ok(None),
     };
-    let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
     let acq = s.opts.acquirer(reporter)?;
     Ok(Some(crate::acquire::remote::open_for_write(
-        acq, spec, s.keep,
+        acq,
+        spec,
+        s.keep,
+        job.to_string(),
     )?))
 }
 

@@ -244,10 +244,22 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         }
         (None, _) => return Err(ExitError::new(Exit::Usage, "give IMAGE and TARGET").into()),
     };
-    let reporter = g.reporter();
+    // One reporter for the whole run: a streamed image's download and its write show as one
+    // job (the target) with two phases, in one group of progress lines.
+    let reporter: Arc<dyn crate::progress::Reporter> = Arc::from(g.reporter());
+    // The writer's job is the opened target's resolved path; name the download the same.
+    let job_name = target_path
+        .canonicalize()
+        .unwrap_or_else(|_| target_path.clone());
     let image_arg = (!image_path.as_os_str().is_empty()).then(|| image_path.to_string_lossy());
-    let remote =
-        super::acquire::remote_image(image_arg.as_deref(), a.board.board.as_deref(), &a.stream, g)?;
+    let remote = super::acquire::remote_image(
+        image_arg.as_deref(),
+        a.board.board.as_deref(),
+        &a.stream,
+        g,
+        reporter.clone(),
+        &job_name.display().to_string(),
+    )?;
     let (opened, remote, image_path) = match remote {
         Some((o, check)) => {
             let p = o.path.clone();

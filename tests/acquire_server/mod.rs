@@ -37,6 +37,9 @@ pub struct Logged {
 
 struct Route {
     body: Arc<Vec<u8>>,
+    /// Computed once when the route is added, not per request (hashing a large body on every
+    /// request delayed the first byte, for curl and sbcflash alike).
+    etag: String,
     behavior: Behavior,
     served: usize,
 }
@@ -123,6 +126,7 @@ impl TestServer {
         self.routes.lock().unwrap().insert(
             path.to_string(),
             Route {
+                etag: etag_of(&body),
                 body,
                 behavior,
                 served: 0,
@@ -191,17 +195,26 @@ where
         range: range.clone(),
         if_range: if_range.clone(),
     });
-    let (body, behavior, nth) = {
+    let (body, etag, behavior, nth) = {
         let mut r = routes.lock().unwrap();
         match r.get_mut(&path) {
             Some(route) => {
                 route.served += 1;
-                (route.body.clone(), route.behavior.clone(), route.served)
+                (
+                    route.body.clone(),
+                    route.etag.clone(),
+                    route.behavior.clone(),
+                    route.served,
+                )
             }
-            None => (Arc::new(Vec::new()), Behavior::Status(404), 1),
+            None => (
+                Arc::new(Vec::new()),
+                String::new(),
+                Behavior::Status(404),
+                1,
+            ),
         }
     };
-    let etag = etag_of(&body);
     let status_line = |code: u16| {
         let reason = match code {
             200 => "OK",
@@ -264,19 +277,28 @@ where
         total - start
     );
     s.write_all(hdr.as_bytes()).await?;
-    let mut data = body[start as usize..].to_vec();
-    if matches!(behavior, Behavior::WrongBytes) && !data.is_empty() {
-        let mid = data.len() / 2;
-        data[mid] ^= 0x5a;
-    }
+    // Served straight from the shared body (no per-request copy of the file), in 256 KiB
+    // writes like a file server's sendfile-sized chunks; the wrong-bytes route flips one byte
+    // of the middle on the way out.
+    let data = &body[start as usize..];
+    let flip = matches!(behavior, Behavior::WrongBytes).then(|| data.len() / 2);
     let limit = match behavior {
         Behavior::DropAfter { n, times } if nth <= times => Some(n as usize),
         Behavior::Stall => Some(4096),
         _ => None,
     };
     let end = limit.map_or(data.len(), |l| l.min(data.len()));
-    for c in data[..end].chunks(64 * 1024) {
-        s.write_all(c).await?;
+    let mut at = 0;
+    for c in data[..end].chunks(256 * 1024) {
+        match flip {
+            Some(m) if (at..at + c.len()).contains(&m) => {
+                let mut c = c.to_vec();
+                c[m - at] ^= 0x5a;
+                s.write_all(&c).await?;
+            }
+            _ => s.write_all(c).await?,
+        }
+        at += c.len();
     }
     s.flush().await?;
     if matches!(behavior, Behavior::Stall) {
