@@ -58,9 +58,20 @@ fn man_pages_exist_and_are_nonempty_for_every_subcommand() {
     // The top page documents the exit codes; one subcommand page printed on its own.
     let top = std::fs::read_to_string(dir.path().join("sbcflash.1")).unwrap();
     assert!(
-        top.contains("Exit codes"),
+        top.contains(".SH \"EXIT STATUS\"") && top.contains("\\fB130\\fR"),
         "exit codes missing from man page"
     );
+    for name in &expected {
+        let text = std::fs::read_to_string(dir.path().join(name)).unwrap();
+        assert!(
+            text.contains(".SH EXAMPLES\n.nf\n  sbcflash"),
+            "{name}: no examples"
+        );
+        assert!(
+            text.contains(".SH \"EXIT STATUS\""),
+            "{name}: no exit status"
+        );
+    }
     let o = out_ok(sbcflash().args(["man", "config", "show"]));
     assert!(String::from_utf8_lossy(&o.stdout).contains("sbcflash\\-config\\-show"));
     let o = sbcflash().args(["man", "no-such"]).output().unwrap();

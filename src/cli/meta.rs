@@ -88,10 +88,70 @@ pub fn man_pages() -> Vec<(String, clap::Command)> {
     out
 }
 
+/// clap_mangen's sections, but the help's trailing text split into NOTES and EXAMPLES
+/// (verbatim) and the exit codes as an EXIT STATUS list, where man readers look for them.
 fn render_man(cmd: clap::Command, w: &mut dyn Write) -> std::io::Result<()> {
-    clap_mangen::Man::new(cmd)
-        .manual("sbcflash manual")
-        .render(w)
+    let man = clap_mangen::Man::new(cmd.clone()).manual("sbcflash manual");
+    man.render_title(w)?;
+    man.render_name_section(w)?;
+    man.render_synopsis_section(w)?;
+    man.render_description_section(w)?;
+    if cmd.get_arguments().any(|a| !a.is_hide_set()) {
+        man.render_options_section(w)?;
+    }
+    if cmd.get_subcommands().any(|s| !s.is_hide_set()) {
+        man.render_subcommands_section(w)?;
+    }
+    let after = cmd
+        .get_after_help()
+        .map(|h| h.to_string())
+        .unwrap_or_default();
+    let (mut notes, mut examples) = (Vec::new(), Vec::new());
+    let mut inside = false;
+    for line in after.lines() {
+        if line.trim_end() == super::help::EXAMPLES {
+            inside = true;
+        } else if inside && line.starts_with(' ') {
+            examples.push(line);
+        } else {
+            inside = false;
+            notes.push(line);
+        }
+    }
+    let notes = notes.join("\n");
+    if !notes.trim().is_empty() {
+        writeln!(w, ".SH NOTES\n.nf\n{}\n.fi", roff_lines(notes.trim()))?;
+    }
+    if !examples.is_empty() {
+        writeln!(
+            w,
+            ".SH EXAMPLES\n.nf\n{}\n.fi",
+            roff_lines(&examples.join("\n"))
+        )?;
+    }
+    writeln!(w, ".SH \"EXIT STATUS\"")?;
+    for (code, what) in Exit::TABLE {
+        writeln!(w, ".TP\n\\fB{}\\fR\n{}", code.code(), roff_lines(what))?;
+    }
+    if cmd.get_version().or(cmd.get_long_version()).is_some() {
+        man.render_version_section(w)?;
+    }
+    Ok(())
+}
+
+/// Text lines safe for roff: backslashes and hyphens escaped, no line read as a request.
+fn roff_lines(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            let l = l.replace('\\', "\\e").replace('-', "\\-");
+            if l.starts_with(['.', '\'']) {
+                format!("\\&{l}")
+            } else {
+                l
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 pub fn run_man(a: ManArgs, g: &Global) -> anyhow::Result<Exit> {
