@@ -184,6 +184,7 @@ fn deb_package_contents_and_maintainer_scripts() {
     assert!(has("./usr/share/zsh/vendor-completions/_sbcflash"));
     assert!(has("./usr/share/fish/vendor_completions.d/sbcflash.fish"));
     assert!(has("./usr/share/doc/sbcflash/examples/config.toml"));
+    assert!(has("./usr/share/doc/sbcflash/json.md"), "the --json schema");
     // udev rules and the station's unit ship once their parts exist in the tree.
     for dir in ["udev-rules"] {
         if let Ok(rd) = std::fs::read_dir(root().join(dir)) {
@@ -246,6 +247,7 @@ fn flake_copy() -> tempfile::TempDir {
         Command::new("cp")
             .arg("-r")
             .arg(root().join("packaging"))
+            .arg(root().join("docs"))
             .arg(root().join("src"))
             .arg(d.path()),
     );

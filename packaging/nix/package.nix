@@ -23,6 +23,7 @@ let
         (src + "/Cargo.lock")
         (src + "/src")
         (src + "/README.md")
+        (src + "/docs")
         (src + "/packaging")
       ]
       ++ lib.optional (builtins.pathExists (src + "/build.rs")) (src + "/build.rs")
@@ -66,6 +67,7 @@ rustPlatform.buildRustPackage {
         install -Dm644 -t $out/lib/udev/rules.d udev-rules/*.rules
       fi
       install -Dm644 packaging/config.example.toml $out/share/doc/sbcflash/examples/config.toml
+      install -Dm644 docs/json.md $out/share/doc/sbcflash/json.md
     '';
 
   meta = {
