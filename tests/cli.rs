@@ -576,3 +576,27 @@ fn json_lines_match_the_documented_schema() {
     }
     eprintln!("documented events not exercised here: {unseen:?}");
 }
+
+#[test]
+fn a_reader_that_closes_stdout_early_is_not_an_error() {
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    for args in [
+        &["usb", "udev-rules"][..],
+        &["boards", "list"],
+        &["config", "example"],
+    ] {
+        // A pipe whose read end is closed before the tool writes: every write is EPIPE.
+        let (r, w) = nix::unistd::pipe().unwrap();
+        drop(r);
+        let o = tool(dir.path())
+            .args(args)
+            .stdout(Stdio::from(w))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

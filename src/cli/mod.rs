@@ -151,7 +151,12 @@ pub fn main() -> ExitCode {
     cli.global.apply_color();
     init_logging(&cli.global);
     let json = cli.global.json;
-    match run(cli) {
+    let result = match quiet_stdout_panics(|| run(cli)) {
+        Some(r) => r,
+        // The reader of stdout went away (`| head`): it got what it wanted.
+        None => return ExitCode::SUCCESS,
+    };
+    match result {
         Ok(code) => ExitCode::from(code.code()),
         Err(err) => {
             let code = classify(&err);
@@ -166,6 +171,32 @@ pub fn main() -> ExitCode {
             eprintln!("error: {message}");
             ExitCode::from(code.code())
         }
+    }
+}
+
+/// `println!` panics when stdout's reader has closed the pipe. Runs `f` so that such a panic
+/// unwinds quietly (destructors run, no panic message) and yields `None`; any other panic
+/// goes on as before.
+fn quiet_stdout_panics<T>(f: impl FnOnce() -> T) -> Option<T> {
+    fn is_broken_stdout(msg: &str) -> bool {
+        msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe")
+    }
+    fn message(p: &(dyn std::any::Any + Send)) -> &str {
+        p.downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| p.downcast_ref::<&str>().copied())
+            .unwrap_or("")
+    }
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if !is_broken_stdout(message(info.payload())) {
+            default(info)
+        }
+    }));
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(v) => Some(v),
+        Err(p) if is_broken_stdout(message(p.as_ref())) => None,
+        Err(p) => std::panic::resume_unwind(p),
     }
 }
 
