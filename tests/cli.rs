@@ -529,8 +529,31 @@ fn json_lines_match_the_documented_schema() {
     let man_dir = man_dir.to_str().unwrap();
     let missing = h.join("missing.img");
     let missing = missing.to_str().unwrap();
+    // A station ledger with one finished unit.
+    let ledger = h.join("ledger.sqlite");
+    {
+        use sbcflash::station::ledger::{Ledger, NewUnit, Outcome};
+        let (mut l, _) = Ledger::open(&ledger).unwrap();
+        let unit = NewUnit {
+            slot: "s1".into(),
+            ..Default::default()
+        };
+        let (id, ()) = l
+            .start_unit(&unit, true, 1, |seq| {
+                Ok((format!("U{seq:?}"), "h1".into(), "{}".into(), ()))
+            })
+            .unwrap()
+            .unwrap();
+        let done = Outcome {
+            pass: true,
+            ..Default::default()
+        };
+        l.finish_unit(id, &done).unwrap();
+    }
+    let ledger = ledger.to_str().unwrap();
 
     for (args, code) in [
+        (&["station", "report", "--ledger", ledger][..], 0),
         (&["verify", img, out][..], 0),
         (&["hash", img], 0),
         (&["list", "--all"], 0),

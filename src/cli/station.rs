@@ -69,7 +69,7 @@ pub enum ReportFormat {
 
 pub fn run(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
     match a.command {
-        Some(StationCommand::Report(r)) => run_report(r),
+        Some(StationCommand::Report(r)) => run_report(r, g.json),
         None => run_station(a, g),
     }
 }
@@ -284,7 +284,7 @@ fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn run_report(r: ReportArgs) -> anyhow::Result<Exit> {
+fn run_report(r: ReportArgs, json_lines: bool) -> anyhow::Result<Exit> {
     let cfg = user_config(&r.config, &r.ledger)?;
     let st = match (&r.ledger, &cfg.station.config.value) {
         (None, Some(_)) => Some(load_station(&cfg)?),
@@ -295,6 +295,18 @@ fn run_report(r: ReportArgs) -> anyhow::Result<Exit> {
     let rows = ledger::report(&path, since.as_deref())?;
     let mut out = std::io::stdout().lock();
     use std::io::Write;
+    if json_lines {
+        // The global --json: the rows as the other commands' JSON lines (docs/json.md).
+        for row in &rows {
+            let mut v = serde_json::to_value(row)?;
+            if let Some(o) = v.as_object_mut() {
+                o.insert("event".into(), "ledger-row".into());
+                o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
+            }
+            writeln!(out, "{v}")?;
+        }
+        return Ok(Exit::Ok);
+    }
     match r.format {
         ReportFormat::Json => {
             serde_json::to_writer_pretty(&mut out, &rows)?;
