@@ -113,7 +113,8 @@ fn run_station(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
     let ledger_path = ledger_path(&a.ledger, Some(&st), &cfg);
     let flash_present = a.flash_present || cfg.station.flash_present.value;
     let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
-    let image = Arc::new(resolve_image(&st, &cfg, reporter.clone())?);
+    // A dry run only hashes the image; decoding it into the cache is left to a real start.
+    let image = Arc::new(resolve_image(&st, &cfg, reporter.clone(), !a.dry_run)?);
 
     if a.dry_run {
         let plan = station::plan(&st, &image, &ledger_path, flash_present)?;
@@ -164,6 +165,7 @@ fn resolve_image(
     st: &Station,
     cfg: &crate::config::Config,
     reporter: Arc<dyn Reporter>,
+    decode_once: bool,
 ) -> anyhow::Result<ImagePlan> {
     use crate::acquire::{source::Acquirer, source::SourceSpec, Cache, DownloadOptions, Pin};
     let img = &st.image;
@@ -238,7 +240,7 @@ fn resolve_image(
     };
     Ok(ImagePlan::prepare(
         &path,
-        &cfg.cache_dir.value,
+        decode_once.then_some(cfg.cache_dir.value.as_path()),
         reporter.as_ref(),
     )?)
 }

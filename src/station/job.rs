@@ -33,44 +33,72 @@ pub struct ImagePlan {
 
 impl ImagePlan {
     /// Opens the image at `path`, hashes its logical contents and, unless it is raw, decodes
-    /// it once into `cache_dir` (keyed by the file's own blake3) for every job to read.
+    /// it once into `cache_dir` (keyed by the file's own blake3) for every job to read. With
+    /// no `cache_dir` (a dry run) it only hashes.
     pub fn prepare(
         path: &std::path::Path,
-        cache_dir: &std::path::Path,
+        cache_dir: Option<&std::path::Path>,
+        rep: &dyn crate::progress::Reporter,
+    ) -> Result<ImagePlan, crate::image::ImageError> {
+        let opened = crate::image::open_image(path, &crate::image::OpenOptions::default())?;
+        let cache_dir = match cache_dir {
+            Some(d) if opened.formats != [crate::image::Format::Raw] => d,
+            _ => return Self::hash_only(path, opened, rep),
+        };
+        Self::decode_once(path, opened, cache_dir, rep)
+    }
+
+    fn hash_only(
+        path: &std::path::Path,
+        mut opened: crate::image::OpenedImage,
         rep: &dyn crate::progress::Reporter,
     ) -> Result<ImagePlan, crate::image::ImageError> {
         use crate::progress::Event;
         let job = super::ui::STATION_JOB;
-        let mut opened = crate::image::open_image(path, &crate::image::OpenOptions::default())?;
-        if opened.formats == [crate::image::Format::Raw] {
-            rep.report(Event::Start {
-                job: job.into(),
-                phase: "hash".into(),
-                total: opened.logical_size,
-                detail: Some(format!("{}: {}", path.display(), opened.description)),
-            });
-            let mut buf = crate::write::buffer::AlignedBuf::new(4 << 20);
-            let (hash, len) = crate::image::digest::hash_source(opened.source.as_mut(), &mut buf)?;
-            rep.report(Event::Finish {
-                job: job.into(),
-                phase: "hash".into(),
-                summary: serde_json::json!({ "blake3": hash.to_hex().to_string(), "bytes": len }),
-            });
-            return Ok(ImagePlan {
-                path: path.to_path_buf(),
-                blake3: hash.to_hex().to_string(),
-                size: len,
-                format: opened.description,
-                decoded: None,
-            });
-        }
+        rep.report(Event::Start {
+            job: job.into(),
+            phase: "hash".into(),
+            total: opened.logical_size,
+            detail: Some(format!("{}: {}", path.display(), opened.description)),
+        });
+        let mut buf = crate::write::buffer::AlignedBuf::new(4 << 20);
+        let (hash, len) = crate::image::digest::hash_source(opened.source.as_mut(), &mut buf)?;
+        rep.report(Event::Finish {
+            job: job.into(),
+            phase: "hash".into(),
+            summary: serde_json::json!({ "blake3": hash.to_hex().to_string(), "bytes": len }),
+        });
+        Ok(ImagePlan {
+            path: path.to_path_buf(),
+            blake3: hash.to_hex().to_string(),
+            size: len,
+            format: opened.description,
+            decoded: None,
+        })
+    }
+
+    fn decode_once(
+        path: &std::path::Path,
+        mut opened: crate::image::OpenedImage,
+        cache_dir: &std::path::Path,
+        rep: &dyn crate::progress::Reporter,
+    ) -> Result<ImagePlan, crate::image::ImageError> {
+        let job = super::ui::STATION_JOB;
+        // Read, not mmap: mapped pages of a large file would count as the station's memory.
+        let hash_err = |e: std::io::Error| crate::image::ImageError::Invalid {
+            path: path.display().to_string(),
+            msg: format!("hash the file: {e}"),
+        };
         let mut file_hash = blake3::Hasher::new();
-        file_hash
-            .update_mmap(path)
-            .map_err(|e| crate::image::ImageError::Invalid {
-                path: path.display().to_string(),
-                msg: format!("hash the file: {e}"),
-            })?;
+        let mut f = std::fs::File::open(path).map_err(hash_err)?;
+        let mut chunk = vec![0u8; 1 << 20];
+        loop {
+            let n = std::io::Read::read(&mut f, &mut chunk).map_err(hash_err)?;
+            if n == 0 {
+                break;
+            }
+            file_hash.update(&chunk[..n]);
+        }
         let key = file_hash.finalize().to_hex().to_string();
         let d = super::decoded::materialise(
             opened.source.as_mut(),

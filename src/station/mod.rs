@@ -129,7 +129,16 @@ pub fn plan(
         let present: Vec<&slots::DeviceInfo> =
             devs.iter().filter(|d| d.size > 0 && s.matches(d)).collect();
         let (device, size, verdict) = match present.as_slice() {
-            [] => (None, None, "empty: waiting for a card".to_string()),
+            [] => (
+                None,
+                None,
+                match s.kind {
+                    config::SlotKind::Block => "empty: waiting for a card".to_string(),
+                    config::SlotKind::Usb => {
+                        "waiting for a board in recovery mode on this port".to_string()
+                    }
+                },
+            ),
             [d] => {
                 claimed.insert(d.syspath.clone());
                 let node = d.devnode.clone().unwrap_or_default();
