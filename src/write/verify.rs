@@ -7,7 +7,7 @@
 use super::buffer::{AlignedBuf, Pool, Pooled};
 use super::sink::MediumReader;
 use super::{RangeDigest, Sink, WriteError, WriteOptions, POLL};
-use crate::image::{ExtentKind, ExtentSource};
+use crate::image::{ExtentKind, ExtentSource, LogicalHasher};
 use crate::progress::{Event, Reporter};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -257,8 +257,7 @@ pub fn compare_with_image(
     let (Some(mut img), Some(mut dev)) = (pool.get_timeout(POLL), pool.get_timeout(POLL)) else {
         return Err(WriteError::Internal("buffer pool empty".into()));
     };
-    let mut logical = blake3::Hasher::new();
-    let zeroes = vec![0u8; 1 << 20];
+    let mut logical = LogicalHasher::new();
     let (mut pos, mut compared, mut skipped) = (0u64, 0u64, 0u64);
     let mismatch = |offset: u64, len: u64| WriteError::Mismatch {
         target: target.clone(),
@@ -299,7 +298,7 @@ pub fn compare_with_image(
                 let mut off = ext.offset;
                 while off < ext.end() {
                     let n = ((ext.end() - off) as usize).min(dev.len());
-                    super::feed_zeroes(&mut logical, n as u64, &zeroes);
+                    logical.update_zeros(n as u64);
                     sink.read_at(off, &mut dev[..n])?;
                     if let Some(i) = dev[..n].iter().position(|&b| b != 0) {
                         let at = (off + i as u64) / 4096 * 4096;
@@ -310,7 +309,7 @@ pub fn compare_with_image(
                 compared += ext.len;
             }
             ExtentKind::Skip => {
-                super::feed_zeroes(&mut logical, ext.len, &zeroes);
+                logical.update_zeros(ext.len);
                 skipped += ext.len;
             }
         }
