@@ -41,7 +41,24 @@ impl Cli {
     /// Parse `args` as the binary does: the decorated command tree, clap's colours following
     /// `--color`. Prints help/version or a usage error (exit 2) and exits, like `Cli::parse`.
     pub fn parse_decorated(args: Vec<std::ffi::OsString>) -> Self {
-        let cmd = help::command().color(help::clap_color(&args));
+        use clap::error::ErrorKind;
+        let color = help::clap_color(&args);
+        // Decorating walks the whole tree and parses every example: only worth it for help.
+        let plain = <Self as clap::CommandFactory>::command().color(color);
+        let cmd = match plain.clone().try_get_matches_from(&args) {
+            Ok(m) => {
+                return Self::from_arg_matches(&m).unwrap_or_else(|e| e.with_cmd(&plain).exit())
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+                ) =>
+            {
+                help::command().color(color)
+            }
+            Err(e) => e.exit(),
+        };
         let matches = cmd.clone().get_matches_from(args);
         Self::from_arg_matches(&matches).unwrap_or_else(|e| e.with_cmd(&cmd).exit())
     }
