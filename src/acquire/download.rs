@@ -61,9 +61,69 @@ pub(crate) enum Sink<'a> {
     /// as they are (no copy), and hashed here, on the download thread, which otherwise waits
     /// on the socket: the consumer's thread (decompression, writing) is the busy one.
     Channel {
-        tx: tokio::sync::mpsc::Sender<bytes::Bytes>,
+        tx: ChunkTx,
         hasher: Option<Box<super::digest::Hasher>>,
     },
+}
+
+/// How many downloaded bytes may wait for the consumer. Large enough that the download keeps
+/// going while the writer is still setting up (target checks, confirmation, discard) and
+/// through its fsyncs, small enough not to matter in memory.
+const IN_FLIGHT: usize = 32 << 20;
+
+/// The download's end of the chunk queue: bounded by bytes, not chunks (hyper's chunks range
+/// from a few KiB to ~400 KiB, so a chunk count bounds neither memory nor read-ahead well).
+pub(crate) struct ChunkTx {
+    tx: tokio::sync::mpsc::UnboundedSender<bytes::Bytes>,
+    room: Arc<tokio::sync::Semaphore>,
+}
+
+/// The consumer's end; dropping it stops the download (its next send fails).
+pub(crate) struct ChunkRx {
+    rx: tokio::sync::mpsc::UnboundedReceiver<bytes::Bytes>,
+    room: Arc<tokio::sync::Semaphore>,
+}
+
+fn permits(len: usize) -> u32 {
+    len.min(IN_FLIGHT) as u32
+}
+
+pub(crate) fn chunk_queue() -> (ChunkTx, ChunkRx) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let room = Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT));
+    (
+        ChunkTx {
+            tx,
+            room: room.clone(),
+        },
+        ChunkRx { rx, room },
+    )
+}
+
+impl ChunkTx {
+    /// Waits for room, then queues the chunk; false once the consumer is gone.
+    async fn send(&self, c: bytes::Bytes) -> bool {
+        match self.room.acquire_many(permits(c.len())).await {
+            Ok(p) => p.forget(),
+            Err(_) => return false,
+        }
+        self.tx.send(c).is_ok()
+    }
+}
+
+impl ChunkRx {
+    /// The next chunk (blocking); None when the download thread has ended.
+    pub(crate) fn recv(&mut self) -> Option<bytes::Bytes> {
+        let c = self.rx.blocking_recv()?;
+        self.room.add_permits(permits(c.len()) as usize);
+        Some(c)
+    }
+}
+
+impl Drop for ChunkRx {
+    fn drop(&mut self) {
+        self.room.close();
+    }
 }
 
 impl Sink<'_> {
@@ -76,15 +136,13 @@ impl Sink<'_> {
                 if let Some(h) = hasher {
                     h.update(&buf);
                 }
-                tx.send(buf).await.map_err(|_| {
-                    AcquireError::io(
-                        "download stream",
-                        std::io::Error::new(
-                            std::io::ErrorKind::BrokenPipe,
-                            "consumer stopped reading",
-                        ),
-                    )
-                })
+                if tx.send(buf).await {
+                    return Ok(());
+                }
+                Err(AcquireError::io(
+                    "download stream",
+                    std::io::Error::new(std::io::ErrorKind::BrokenPipe, "consumer stopped reading"),
+                ))
             }
         }
     }
@@ -260,12 +318,8 @@ impl Downloader {
         with_sha256: bool,
         reporter: Arc<dyn Reporter>,
         job: String,
-    ) -> (
-        tokio::sync::mpsc::Receiver<bytes::Bytes>,
-        std::thread::JoinHandle<Result<super::Digests>>,
-    ) {
-        // A few MiB in flight: enough to ride out jitter, small enough not to matter.
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
+    ) -> (ChunkRx, std::thread::JoinHandle<Result<super::Digests>>) {
+        let (tx, rx) = chunk_queue();
         let this = self.clone();
         let h = std::thread::Builder::new()
             .name("sbcflash-download".into())

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 enum Upstream {
     /// Chunks from a download thread, which also hashes them (its result is the digests).
     Http {
-        rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+        rx: super::download::ChunkRx,
         thread: Option<std::thread::JoinHandle<Result<Digests>>>,
         cur: bytes::Bytes,
     },
@@ -64,7 +64,7 @@ pub struct StreamResult {
 impl VerifyingReader {
     pub(crate) fn from_http(
         what: String,
-        rx: tokio::sync::mpsc::Receiver<bytes::Bytes>,
+        rx: super::download::ChunkRx,
         thread: std::thread::JoinHandle<Result<Digests>>,
         pin: Option<Pin>,
     ) -> (VerifyingReader, StreamCheck) {
@@ -247,7 +247,7 @@ impl Inner {
             },
             Upstream::Http { rx, thread, cur } => {
                 if cur.is_empty() {
-                    match rx.blocking_recv() {
+                    match rx.recv() {
                         Some(c) => *cur = c,
                         None => {
                             // Sender gone: the thread ended; its result says how.
