@@ -1111,7 +1111,8 @@ mod usb_slots {
     /// re-enumerates; one already running a loader) and one on a port in no slot. The maskrom
     /// board is flashed, read back, given its identity in its FAT partition and reset; the
     /// other is unplugged mid-write (udev remove event, then the bus loses it) and is FAIL;
-    /// the board outside the slots is never touched.
+    /// an Allwinner board in FEL on a third slot is recognised and FAIL with a clear reason
+    /// (the station flashes Rockchip boards only); the board outside the slots is never touched.
     #[test]
     fn station_usb_slots_flash_a_maskrom_board_and_fail_an_unplugged_one() {
         if !require(
@@ -1142,7 +1143,7 @@ mod usb_slots {
                 loader.display()
             ),
         );
-        for (name, port) in [("u1", "2.1"), ("u2", "2.2")] {
+        for (name, port) in [("u1", "2.1"), ("u2", "2.2"), ("u3", "2.3")] {
             text.push_str(&format!(
                 "[[slot]]\nname = \"{name}\"\nkind = \"usb\"\nmatch = {{ DEVPATH = \"*/usb1/1-2/1-{port}\" }}\n"
             ));
@@ -1176,15 +1177,25 @@ mod usb_slots {
         outside.ports = vec![3];
         let outside = Arc::new(Mutex::new(Wired::new(outside, tx.clone(), rec.clone())));
         let outside_before = lock(&outside).board.storage(EMMC).to_vec();
+        // An Allwinner board in FEL on u3: recognised, but not something the station flashes.
+        let mut fel = sbcflash::usb::sim::fel::FelDevice::d1(1 << 20);
+        fel.ports = vec![2, 3];
+        fel.address = 20;
+        let fel = Arc::new(Mutex::new(fel));
         let mut bus = SimBus::new();
         bus.attach(b1.clone());
         bus.attach(b2.clone());
         bus.attach(outside.clone());
+        bus.attach(fel.clone());
 
-        let present: Vec<DeviceInfo> = [&b1, &b2, &outside]
+        let mut present: Vec<DeviceInfo> = [&b1, &b2, &outside]
             .iter()
             .map(|b| usbslot::udev_event_for(&lock(b).descriptor().unwrap(), "SIMBOARD"))
             .collect();
+        present.push(usbslot::udev_event_for(
+            &lock(&fel).descriptor().unwrap(),
+            "",
+        ));
         let ledger_path = dir.path().join("ledger.sqlite");
         let (led, _) = ledger::Ledger::open(&ledger_path).unwrap();
         let uiv = Arc::new(ui::Ui::new(rec.clone(), ui::Style::Stream, false, false));
@@ -1202,7 +1213,7 @@ mod usb_slots {
                     uiv,
                     &st::RunOptions {
                         flash_present: true,
-                        exit_after: Some(2),
+                        exit_after: Some(3),
                     },
                     &mut events,
                     Some(bus),
@@ -1229,13 +1240,20 @@ mod usb_slots {
         let totals = station_thread.join().unwrap().unwrap();
         assert_eq!(
             (totals.pass, totals.fail),
-            (1, 1),
+            (1, 2),
             "{:#?}",
             rec.0.lock().unwrap()
         );
 
         let rows = ledger::report(&ledger_path, None).unwrap();
-        assert_eq!(rows.len(), 2, "{rows:#?}");
+        assert_eq!(rows.len(), 3, "{rows:#?}");
+        let r3 = rows.iter().find(|r| r.slot == "u3").unwrap();
+        assert_eq!(r3.result, "fail", "{r3:#?}");
+        let why3 = r3.failure_reason.as_deref().unwrap_or("");
+        assert!(
+            why3.contains("1f3a:efe8") && why3.contains("Rockchip boards (maskrom/loader) only"),
+            "{why3}"
+        );
         let r1 = rows.iter().find(|r| r.slot == "u1").unwrap();
         let r2 = rows.iter().find(|r| r.slot == "u2").unwrap();
         assert_eq!(r1.result, "pass", "{r1:#?}");
