@@ -260,7 +260,11 @@ fn mounted_loop_device_is_refused_and_untouched() {
     let d = dir.path();
     let img = make_nixos_like_image(d, "n.img", 40, Table::Mbr);
     let lo = LoopDev::new_sparse(d, "m.backing", 80 << 20);
-    run(Command::new("mkfs.ext4").arg("-q").arg(lo.path()));
+    // No lazy init: ext4lazyinit would write inode tables after mount and change the device
+    // under the test's feet.
+    run(Command::new("mkfs.ext4")
+        .args(["-q", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+        .arg(lo.path()));
     let mnt = d.join("mnt");
     std::fs::create_dir(&mnt).expect("mkdir");
     run(Command::new("mount").arg(lo.path()).arg(&mnt));
