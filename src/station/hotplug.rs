@@ -230,17 +230,21 @@ pub fn device_info(d: &udev::Device, attr_keys: &[String]) -> DeviceInfo {
     }
 }
 
-/// Whole disks present now (works without udevd, but then udev properties are missing).
+/// Whole disks and USB devices present now (works without udevd, but then udev properties
+/// are missing).
 pub fn enumerate(attr_keys: &[String]) -> Result<Vec<DeviceInfo>, StationError> {
     let udev_err = |e: std::io::Error| StationError::Environment(format!("udev enumerate: {e}"));
-    let mut en = udev::Enumerator::new().map_err(udev_err)?;
-    en.match_subsystem("block").map_err(udev_err)?;
-    let mut out: Vec<DeviceInfo> = en
-        .scan_devices()
-        .map_err(udev_err)?
-        .map(|d| device_info(&d, attr_keys))
-        .filter(|d| d.devtype.as_deref() == Some("disk"))
-        .collect();
+    let mut out = Vec::new();
+    for (subsystem, devtype) in [("block", "disk"), ("usb", "usb_device")] {
+        let mut en = udev::Enumerator::new().map_err(udev_err)?;
+        en.match_subsystem(subsystem).map_err(udev_err)?;
+        out.extend(
+            en.scan_devices()
+                .map_err(udev_err)?
+                .map(|d| device_info(&d, attr_keys))
+                .filter(|d| d.devtype.as_deref() == Some(devtype)),
+        );
+    }
     out.sort_by(|a, b| a.syspath.cmp(&b.syspath));
     Ok(out)
 }
@@ -315,21 +319,7 @@ impl Monitor {
 
     /// Whole disks and USB devices present now.
     pub fn enumerate(&self) -> Result<Vec<DeviceInfo>, StationError> {
-        let udev_err =
-            |e: std::io::Error| StationError::Environment(format!("udev enumerate: {e}"));
-        let mut out = Vec::new();
-        for (subsystem, devtype) in [("block", "disk"), ("usb", "usb_device")] {
-            let mut en = udev::Enumerator::new().map_err(udev_err)?;
-            en.match_subsystem(subsystem).map_err(udev_err)?;
-            out.extend(
-                en.scan_devices()
-                    .map_err(udev_err)?
-                    .map(|d| device_info(&d, &self.attr_keys))
-                    .filter(|d| d.devtype.as_deref() == Some(devtype)),
-            );
-        }
-        out.sort_by(|a, b| a.syspath.cmp(&b.syspath));
-        Ok(out)
+        enumerate(&self.attr_keys)
     }
 
     /// Waits up to `timeout` for events and returns all that are queued.

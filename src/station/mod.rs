@@ -126,9 +126,38 @@ pub fn plan(
     };
     let mut example_identity = Err("no slot".to_string());
     for s in &station.slots {
-        let present: Vec<&slots::DeviceInfo> =
-            devs.iter().filter(|d| d.size > 0 && s.matches(d)).collect();
+        let present: Vec<&slots::DeviceInfo> = devs
+            .iter()
+            .filter(|d| s.matches(d) && (d.size > 0 || usbslot::recovery_device(d).is_some()))
+            .collect();
         let (device, size, verdict) = match present.as_slice() {
+            [d] if d.is_usb_device() => {
+                claimed.insert(d.syspath.clone());
+                let verdict = match usbslot::recovery_device(d) {
+                    Some(f) if f.protocol == crate::usb::discovery::Protocol::Rockusb => {
+                        let what = format!(
+                            "{} ({}) in {} mode on port {}",
+                            f.id(),
+                            f.soc.as_deref().unwrap_or("unknown SoC"),
+                            f.mode,
+                            f.port_path
+                        );
+                        if flash_present {
+                            format!("would be flashed now over rockusb: {what}")
+                        } else {
+                            format!("{what}: present at start, left alone (pass --flash-present to flash it)")
+                        }
+                    }
+                    Some(f) => format!(
+                        "{} ({:?} in {} mode): would FAIL, station USB slots flash Rockchip boards only",
+                        f.id(),
+                        f.protocol,
+                        f.mode
+                    ),
+                    None => "not in a recovery mode".to_string(),
+                };
+                (Some(format!("usb:{}", usbslot::port_of(d))), None, verdict)
+            }
             [] => (
                 None,
                 None,
