@@ -870,21 +870,28 @@ fn stream_board_default_source_to_loop_device() {
     std::fs::create_dir_all(xdg.join("sbcflash")).unwrap();
     std::fs::write(
         xdg.join("sbcflash/config.toml"),
-        format!("boards-dirs = [{:?}]\n", boards.display().to_string()),
+        format!(
+            "boards-dirs = [{:?}]\ncache-dir = {:?}\n",
+            boards.display().to_string(),
+            d.path().join("cache2").display().to_string()
+        ),
     )
     .unwrap();
+    // No --cache-dir either: the config's cache-dir is used.
     let fetch_board = |xdg: &Path| {
         common::sbcflash()
             .args(["fetch", "--board", "qemu-aarch64", "--ca-file"])
             .arg(&srv.ca_file)
-            .arg("--cache-dir")
-            .arg(d.path().join("cache2"))
             .env("XDG_CONFIG_HOME", xdg)
+            .env("XDG_CACHE_HOME", d.path().join("xdg-cache"))
             .env_remove("SBCFLASH_CONFIG")
+            .env_remove("SBCFLASH_CACHE_DIR")
             .output()
             .unwrap()
     };
-    assert_eq!(fetched(&fetch_board(&xdg)).0, b3(&zst));
+    let (h, path) = fetched(&fetch_board(&xdg));
+    assert_eq!(h, b3(&zst));
+    assert!(path.starts_with(d.path().join("cache2")), "{path:?}");
     // Without that config the shipped descriptor has no such source: a clear refusal.
     let o = fetch_board(&d.path().join("no-config"));
     assert!(!o.status.success(), "{}", text(&o));

@@ -12,10 +12,20 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// The cache directory: `--cache-dir` / $SBCFLASH_CACHE_DIR, else the config file's
+/// `cache-dir`, else $XDG_CACHE_HOME/sbcflash (the config module owns that precedence).
+pub fn cache_dir(explicit: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+    if let Some(p) = explicit {
+        return Ok(p.to_path_buf());
+    }
+    let flags = crate::config::Flags::default();
+    Ok(crate::config::Config::load(&flags)?.cache_dir.value)
+}
+
 /// Network, cache and trust options shared by everything that acquires an image.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AcquireOpts {
-    /// Cache directory (default: $XDG_CACHE_HOME/sbcflash).
+    /// Cache directory (default: the config file's cache-dir, else $XDG_CACHE_HOME/sbcflash).
     #[arg(long, value_name = "DIR", env = "SBCFLASH_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
     /// Extra CA certificate(s) (PEM) to trust, for a private mirror.
@@ -57,7 +67,7 @@ impl AcquireOpts {
     }
 
     pub fn cache(&self) -> anyhow::Result<Cache> {
-        let dir = Cache::default_dir(self.cache_dir.as_deref())?;
+        let dir = cache_dir(self.cache_dir.as_deref())?;
         Ok(Cache::open(&dir)?)
     }
 
@@ -218,7 +228,7 @@ pub fn run_fetch(a: FetchArgs, g: &Global) -> anyhow::Result<Exit> {
 pub struct CacheArgs {
     #[command(subcommand)]
     pub cmd: CacheCmd,
-    /// Cache directory (default: $XDG_CACHE_HOME/sbcflash).
+    /// Cache directory (default: the config file's cache-dir, else $XDG_CACHE_HOME/sbcflash).
     #[arg(long, value_name = "DIR", env = "SBCFLASH_CACHE_DIR", global = true)]
     pub cache_dir: Option<PathBuf>,
 }
@@ -241,7 +251,7 @@ pub enum CacheCmd {
 }
 
 pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
-    let dir = Cache::default_dir(a.cache_dir.as_deref())?;
+    let dir = cache_dir(a.cache_dir.as_deref())?;
     let cache = Cache::open(&dir)?;
     let reporter = g.reporter();
     match a.cmd {
@@ -405,7 +415,7 @@ pub struct BuildArgs {
     /// The nix binary to run.
     #[arg(long, value_name = "PATH", hide = true)]
     pub nix: Option<PathBuf>,
-    /// Cache directory (default: $XDG_CACHE_HOME/sbcflash).
+    /// Cache directory (default: the config file's cache-dir, else $XDG_CACHE_HOME/sbcflash).
     #[arg(long, value_name = "DIR", env = "SBCFLASH_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
 }
@@ -513,7 +523,7 @@ pub fn build_image(
         (None, Some(e)) => return Err(e.into()),
         (None, None) => return Err(AcquireError::NoImageInOutput { path: inst }.into()),
     };
-    let cache = Cache::open(&Cache::default_dir(a.cache_dir.as_deref())?)?;
+    let cache = Cache::open(&cache_dir(a.cache_dir.as_deref())?)?;
     let mut f = std::fs::File::open(&img).with_context(|| format!("open {}", img.display()))?;
     let entry = cache.ingest(
         &mut f,
