@@ -1918,3 +1918,122 @@ fn udevd_several_serial_adapters_on_a_terminal_asks_which_one() {
     );
     assert_eq!(got.lock().unwrap().as_slice(), b"x");
 }
+
+// ------------------------------------- XMODEM / YMODEM against lrzsz's receivers on a pty
+
+/// All 256 byte values, including the protocol's own (SOH, STX, EOT, ACK, NAK, CAN, SUB)
+/// and XON/XOFF, in a non-repeating order.
+fn transfer_payload(len: usize) -> Vec<u8> {
+    let mut x: u32 = 0x9e37_79b9;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            (x >> 11) as u8
+        })
+        .collect()
+}
+
+/// Note: lrzsz 0.12.21's `rx -q` (quiet) loses its final ACK of the EOT on a pty about half
+/// the time (the sender then retries EOT until it gives up), so the receivers run with
+/// their default verbosity.
+///
+/// `sbcflash serial-load --raw` on one end of a pty pair, an lrzsz receiver (`rx`/`rb`, the
+/// stand-in for a boot ROM's or U-Boot's receiver) on the other, started once sbcflash holds
+/// its end. Returns the receiver's directory and sbcflash's stdout.
+fn send_to_lrzsz(protocol: &str, data: &[u8], receiver: &[&str]) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("payload.bin");
+    std::fs::write(&file, data).unwrap();
+    let recv = dir.path().join("recv");
+    std::fs::create_dir(&recv).unwrap();
+    let pair = PtyPair::start(dir.path());
+    let child = common::sbcflash()
+        .args(["serial-load", "--raw", "--protocol", protocol, "--port"])
+        .arg(&pair.a)
+        .arg("--transcript")
+        .arg(dir.path().join("t.log"))
+        .arg(&file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut child = Child(child);
+    wait_until_open(child.0.id(), &pair.a);
+    let (board, _) = pair.board_raw();
+    let rx = Command::new(receiver[0])
+        .args(&receiver[1..])
+        .current_dir(&recv)
+        .stdin(board.try_clone().unwrap())
+        .stdout(board.try_clone().unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut rx = Child(rx);
+    // The test keeps the board end open: when the receiver exits and the last holder of a
+    // pty closes it, socat may lose the final ACK still queued there.
+    let (code, out, err) = wait_child(&mut child, 120);
+    drop(board);
+    assert_eq!(code, 0, "sbcflash: {out}\n{err}");
+    let (rcode, _, rerr) = wait_child(&mut rx, 60);
+    assert_eq!(rcode, 0, "{}: {rerr}", receiver[0]);
+    (dir, out)
+}
+
+fn assert_xmodem_file(got: &[u8], data: &[u8]) {
+    let padded = data.len().div_ceil(128) * 128;
+    assert_eq!(got.len(), padded, "XMODEM pads to 128-byte blocks");
+    assert!(
+        got[..data.len()] == *data,
+        "received bytes differ from the file"
+    );
+    assert!(
+        got[data.len()..].iter().all(|&b| b == 0x1a),
+        "the padding is not SUB (0x1a)"
+    );
+}
+
+/// Plain XMODEM with the 8-bit checksum: `rx` without `-c` starts with NAK.
+#[test]
+fn xmodem_checksum_to_lrzsz_rx_arrives_byte_for_byte() {
+    if !common::require(false, &["socat", "stty", "rx"]) {
+        return;
+    }
+    let data = transfer_payload(100_001);
+    let (dir, out) = send_to_lrzsz("xmodem", &data, &["rx", "-b", "out.bin"]);
+    let got = std::fs::read(dir.path().join("recv/out.bin")).unwrap();
+    assert_xmodem_file(&got, &data);
+    assert!(out.contains("100001 bytes"), "{out}");
+}
+
+/// XMODEM-CRC (what the VisionFive 2's UART recovery asks for): `rx -c` starts with `C`.
+#[test]
+fn xmodem_crc_to_lrzsz_rx_arrives_byte_for_byte() {
+    if !common::require(false, &["socat", "stty", "rx"]) {
+        return;
+    }
+    let data = transfer_payload(65_536);
+    let (dir, _) = send_to_lrzsz("xmodem", &data, &["rx", "-b", "-c", "out.bin"]);
+    let got = std::fs::read(dir.path().join("recv/out.bin")).unwrap();
+    assert_xmodem_file(&got, &data);
+}
+
+/// YMODEM (U-Boot's `loady`): 1024-byte blocks, block 0 with name and size so that `rb`
+/// truncates the padding, and the closing empty block 0.
+#[test]
+fn ymodem_1k_blocks_to_lrzsz_rb_arrives_byte_for_byte() {
+    if !common::require(false, &["socat", "stty", "rb"]) {
+        return;
+    }
+    let data = transfer_payload(300 * 1024 + 77);
+    let (dir, _) = send_to_lrzsz("ymodem", &data, &["rb", "-b"]);
+    let got = std::fs::read(dir.path().join("recv/payload.bin")).unwrap();
+    assert_eq!(
+        got.len(),
+        data.len(),
+        "rb did not truncate to the announced size"
+    );
+    assert!(got == data, "received bytes differ from the file");
+}

@@ -291,9 +291,17 @@ impl Sender {
         self.retries += 1;
         if self.retries > self.max_retries {
             self.st = St::Done;
+            let what = match self.st {
+                St::HeaderAck => "the YMODEM header (block 0)".to_string(),
+                St::EotAck => {
+                    "the end of transmission (EOT, after all data blocks were acknowledged)"
+                        .to_string()
+                }
+                _ => format!("block {}", self.block),
+            };
             return XStep::Fail(format!(
-                "block {} not acknowledged after {} tries",
-                self.block, self.max_retries
+                "{what} not acknowledged after {} tries",
+                self.max_retries
             ));
         }
         let st = self.st;
