@@ -108,6 +108,20 @@ pub struct Mirror {
     pub replace: String,
 }
 
+/// The URLs to try for `url`, in order: every matching rewrite in `mirrors`, then `url`.
+pub fn mirror_candidates(mirrors: &[Mirror], url: &str) -> Vec<String> {
+    let mut out: Vec<String> = mirrors
+        .iter()
+        .filter_map(|m| {
+            url.strip_prefix(m.prefix.as_str())
+                .map(|rest| format!("{}{rest}", m.replace))
+        })
+        .collect();
+    out.push(url.to_string());
+    out.dedup();
+    out
+}
+
 /// Defaults for `sbcflash station`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -449,18 +463,7 @@ impl Config {
 
     /// The URLs to try for `url`, in order: every matching mirror rewrite, then the original.
     pub fn mirror_candidates(&self, url: &str) -> Vec<String> {
-        let mut out: Vec<String> = self
-            .mirrors
-            .value
-            .iter()
-            .filter_map(|m| {
-                url.strip_prefix(m.prefix.as_str())
-                    .map(|rest| format!("{}{rest}", m.replace))
-            })
-            .collect();
-        out.push(url.to_string());
-        out.dedup();
-        out
+        mirror_candidates(&self.mirrors.value, url)
     }
 
     /// `(key, value as TOML, source)` rows for `config show`, in file order.

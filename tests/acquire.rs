@@ -1055,3 +1055,64 @@ fn bench_stream_vs_curl_vs_local_file() {
         zst.len() as f64 / (1 << 20) as f64
     );
 }
+
+/// The config file's `[[mirrors]]`: a matching mirror is tried first; when it serves, the
+/// upstream is never asked; when it fails, the download falls back to the upstream URL.
+#[test]
+fn fetch_tries_config_mirrors_then_the_original() {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let data = Arc::new(pseudo_random(2 << 20, 9));
+    srv.add("/up/a.zst", Arc::new(Vec::new()), Behavior::Status(404));
+    srv.add("/mirror/a.zst", data.clone(), Behavior::Normal);
+    srv.add("/up/b.zst", data.clone(), Behavior::Normal);
+    srv.add("/mirror/b.zst", Arc::new(Vec::new()), Behavior::Status(503));
+    let xdg = d.path().join("xdg");
+    std::fs::create_dir_all(xdg.join("sbcflash")).unwrap();
+    std::fs::write(
+        xdg.join("sbcflash/config.toml"),
+        format!(
+            "[[mirrors]]\nprefix = {:?}\nreplace = {:?}\n",
+            srv.url("/up/"),
+            srv.url("/mirror/")
+        ),
+    )
+    .unwrap();
+    let fetch = |path: &str, cache: &str| {
+        let mut c = common::sbcflash();
+        c.args([
+            "fetch",
+            &srv.url(path),
+            "--blake3",
+            &b3(&data),
+            "--retries",
+            "0",
+        ])
+        .arg("--ca-file")
+        .arg(&srv.ca_file)
+        .arg("--cache-dir")
+        .arg(d.path().join(cache))
+        .env("XDG_CONFIG_HOME", &xdg)
+        .env_remove("SBCFLASH_CONFIG")
+        .env_remove("SBCFLASH_CACHE_DIR");
+        c.output().unwrap()
+    };
+    // Upstream is gone (404), the mirror serves it.
+    let o = fetch("/up/a.zst", "c1");
+    let (h, p) = fetched(&o);
+    assert_eq!(h, b3(&data));
+    assert_eq!(std::fs::read(&p).unwrap(), *data);
+    assert_eq!(srv.requests("/mirror/a.zst").len(), 1);
+    assert_eq!(srv.requests("/up/a.zst").len(), 0, "upstream not asked");
+    // The mirror fails (503): a warning naming it, then the upstream serves.
+    let o = fetch("/up/b.zst", "c2");
+    let (h, _) = fetched(&o);
+    assert_eq!(h, b3(&data));
+    assert!(!srv.requests("/mirror/b.zst").is_empty());
+    assert_eq!(srv.requests("/up/b.zst").len(), 1);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&srv.url("/mirror/b.zst")) && err.contains("503"),
+        "{err}"
+    );
+}

@@ -960,3 +960,57 @@ fn cli_write_board_strict_refuses_and_bootloader_is_placed() {
     );
     assert_eq!(&bytes[..512], &std::fs::read(&img).unwrap()[..512]);
 }
+
+/// An image from a pipe (`zstd -dc x.zst | sbcflash write --board opi5 /dev/stdin ...`) is
+/// checked on its head, peeked from the stream: --strict refuses before a byte is written,
+/// and without it the warning is printed and the whole stream still reaches the target.
+#[test]
+fn cli_write_from_a_pipe_is_checked_against_the_board() {
+    if !require(false, &["sfdisk", "mkfs.vfat", "mkfs.ext4", "zstd"]) {
+        return;
+    }
+    let dir = tmp();
+    let img = make_nixos_like_image(dir.path(), "nixos.img", 48, Table::Mbr);
+    let zst = dir.path().join("nixos.img.zst");
+    sh(&format!(
+        "zstd -q -c '{}' > '{}'",
+        img.display(),
+        zst.display()
+    ));
+    let out_img = dir.path().join("out.img");
+    let piped_write = |input: &Path, extra: &[&str]| {
+        let mut cat = std::process::Command::new("cat")
+            .arg(input)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let out = sbcflash()
+            .env("XDG_CONFIG_HOME", dir.path())
+            .args(["write", "--board", "opi5", "--yes", "/dev/stdin"])
+            .arg(&out_img)
+            .args(extra)
+            .stdin(cat.stdout.take().unwrap())
+            .output()
+            .unwrap();
+        let _ = cat.wait();
+        out
+    };
+    let out = piped_write(&img, &["--strict"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert!(err.contains("inside the Rockchip bootloader area"), "{err}");
+    assert!(!out_img.exists(), "nothing may be written when refused");
+
+    let out = piped_write(&zst, &[]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("warning: first partition starts at 8 MiB"),
+        "{err}"
+    );
+    assert!(!err.contains("not a regular file"), "{err}");
+    assert!(
+        std::fs::read(&out_img).unwrap() == std::fs::read(&img).unwrap(),
+        "the whole piped image reached the target"
+    );
+}

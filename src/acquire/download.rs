@@ -31,6 +31,15 @@ pub struct DownloadOptions {
     pub backoff: Duration,
     /// Plain HTTP (and redirects to it) allowed: only when the source's digest is pinned.
     pub allow_http: bool,
+    /// URL prefix rewrites from the config file, tried in order before the original URL.
+    pub mirrors: Vec<crate::config::Mirror>,
+}
+
+impl DownloadOptions {
+    /// The URLs to try for `url`: each matching mirror's rewrite, then `url` itself.
+    pub fn candidates(&self, url: &str) -> Vec<String> {
+        crate::config::mirror_candidates(&self.mirrors, url)
+    }
 }
 
 impl Default for DownloadOptions {
@@ -42,6 +51,7 @@ impl Default for DownloadOptions {
             retries: 5,
             backoff: Duration::from_millis(500),
             allow_http: false,
+            mirrors: Vec::new(),
         }
     }
 }
@@ -342,7 +352,11 @@ impl Downloader {
         (rx, h)
     }
 
-    /// The retry loop around [`Self::attempt`].
+    /// Tries each mirror of `url` (config `[[mirrors]]`), then `url` itself, each with
+    /// [`Self::retry_loop`]. A mirror that fails hands over to the next candidate; a file
+    /// download starts over from byte 0 there (the next server's validators differ), a stream
+    /// continues at its offset with a plain Range request (mirrors serve the same bytes, and
+    /// the source digest is checked at the end either way).
     pub(crate) async fn transfer(
         &self,
         url: &str,
@@ -358,27 +372,81 @@ impl Downloader {
             total: st.total,
             detail: Some(url.to_string()),
         });
+        let candidates = self.opts.candidates(url);
+        let mut served_by = url;
+        for (i, cand) in candidates.iter().enumerate() {
+            let last = i + 1 == candidates.len();
+            let res = match check_scheme(cand, self.opts.allow_http) {
+                Ok(()) => self.retry_loop(cand, sink, st, reporter, job, last).await,
+                Err(e) => Err(e),
+            };
+            match res {
+                Ok(()) => {
+                    served_by = cand;
+                    break;
+                }
+                Err(e) if !last => {
+                    let next = &candidates[i + 1];
+                    reporter.report(Event::Message {
+                        job: job.into(),
+                        level: Level::Warn,
+                        text: format!("mirror {cand} failed ({e}); trying {next}"),
+                    });
+                    st.etag = None;
+                    st.last_modified = None;
+                    if st.offset > 0 && sink.restart()? {
+                        st.offset = 0;
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        let mut summary = serde_json::json!({ "url": url, "bytes": st.offset });
+        if served_by != url {
+            summary["mirror"] = serde_json::json!(served_by);
+        }
+        reporter.report(Event::Finish {
+            job: job.into(),
+            phase: "download".into(),
+            summary,
+        });
+        Ok(())
+    }
+
+    /// The retry loop around [`Self::attempt`] for one URL. `report_error`: emit the error
+    /// event (only for the last candidate: a failed mirror is not the end of the download).
+    async fn retry_loop(
+        &self,
+        url: &str,
+        sink: &mut Sink<'_>,
+        st: &mut ResumeState,
+        reporter: &dyn Reporter,
+        job: &str,
+        report_error: bool,
+    ) -> Result<()> {
         let mut failures = 0u32;
         loop {
             if st.offset > 0 && st.total == Some(st.offset) {
-                break; // a previous run got everything
+                return Ok(()); // a previous run got everything
             }
             let before = st.offset;
             let res = self.attempt(url, sink, st, reporter, job).await;
             sink.flush()?;
             match res {
-                Ok(()) => break,
+                Ok(()) => return Ok(()),
                 Err(a) => {
                     if st.offset >= before + PROGRESS_RESETS_RETRIES {
                         failures = 0;
                     }
                     if !a.retry || failures >= self.opts.retries {
-                        reporter.report(Event::Error {
-                            job: job.into(),
-                            phase: "download".into(),
-                            message: a.err.to_string(),
-                            exit_code: a.err.exit().code(),
-                        });
+                        if report_error {
+                            reporter.report(Event::Error {
+                                job: job.into(),
+                                phase: "download".into(),
+                                message: a.err.to_string(),
+                                exit_code: a.err.exit().code(),
+                            });
+                        }
                         return Err(a.err);
                     }
                     failures += 1;
@@ -402,12 +470,6 @@ impl Downloader {
                 }
             }
         }
-        reporter.report(Event::Finish {
-            job: job.into(),
-            phase: "download".into(),
-            summary: serde_json::json!({ "url": url, "bytes": st.offset }),
-        });
-        Ok(())
     }
 
     async fn attempt(

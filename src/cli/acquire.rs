@@ -57,8 +57,13 @@ impl AcquireOpts {
                 ))
             }
         };
+        // Mirrors come from the config file only (a lab-wide setting, not a per-run flag).
+        let mirrors = crate::config::Config::load(&crate::config::Flags::default())?
+            .mirrors
+            .value;
         Ok(DownloadOptions {
             ca_file: self.ca_file.clone(),
+            mirrors,
             connect_timeout: secs(self.connect_timeout, "connect-timeout")?,
             idle_timeout: secs(self.timeout, "timeout")?,
             retries: self.retries,

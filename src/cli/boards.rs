@@ -490,6 +490,11 @@ fn board_name(a: &BoardWriteArgs, g: &Global) -> anyhow::Result<Option<String>> 
     Ok(name)
 }
 
+/// True when a board is named (flag or config), i.e. the image will be checked against it.
+pub fn board_named(a: &BoardWriteArgs, g: &Global) -> anyhow::Result<bool> {
+    Ok(board_name(a, g)?.is_some())
+}
+
 /// Before a byte is written: resolve the board, check the image against it (warnings printed to
 /// stderr, or a JSON line on stdout with `--json`; an error under `--strict`), and plan any
 /// `--bootloader` files. Returns `None` when no board was given or configured.

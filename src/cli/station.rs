@@ -189,31 +189,22 @@ fn resolve_image(
             let cache = Arc::new(Cache::open(&cfg.cache_dir.value)?);
             let acq = Acquirer {
                 cache: cache.clone(),
-                opts: DownloadOptions::default(),
+                opts: DownloadOptions {
+                    mirrors: cfg.mirrors.value.clone(),
+                    ..DownloadOptions::default()
+                },
                 require_pinned: true,
                 reporter: reporter.clone(),
             };
             match url {
+                // The downloader tries the config's mirrors first, then the URL itself.
                 Some(url) => {
-                    let mut last = None;
-                    let mut got = None;
-                    for u in cfg.mirror_candidates(url) {
-                        match acq.fetch(&SourceSpec {
-                            url: u,
-                            pin: Some(pin.clone()),
-                        }) {
-                            Ok(f) => {
-                                got = Some(f.entry.path);
-                                break;
-                            }
-                            Err(e) => last = Some(e),
-                        }
-                    }
-                    match (got, last) {
-                        (Some(p), _) => p,
-                        (None, Some(e)) => return Err(e.into()),
-                        (None, None) => anyhow::bail!("{url}: no URL to try"),
-                    }
+                    acq.fetch(&SourceSpec {
+                        url: url.clone(),
+                        pin: Some(pin.clone()),
+                    })?
+                    .entry
+                    .path
                 }
                 None => match acq.lookup(pin)? {
                     Some(e) => e.path,

@@ -108,14 +108,18 @@ pub struct WriteArgs {
 
 /// Image-vs-board checks by the board module: may refuse (`--strict`), and plans the
 /// `--bootloader` placements. Runs after the image is opened and before the target is opened
-/// or anything is written. The image head is read from a fresh open of the file, so a pipe
-/// cannot be checked (it would lose its first bytes).
+/// or anything is written. The image head is read from a fresh open of the file (pipes are
+/// checked on their peeked head in `run_write` instead).
 pub fn board_checks(
     board: &super::boards::BoardWriteArgs,
     image: &Path,
     g: &Global,
 ) -> anyhow::Result<Option<super::boards::BoardPreflight>> {
     super::boards::preflight(board, image, g)
+}
+
+fn is_regular_file(p: &Path) -> bool {
+    std::fs::metadata(p).is_ok_and(|m| m.is_file())
 }
 
 /// The expected digest: `--blake3`, else the `IMAGE.blake3` sidecar, else none.
@@ -260,7 +264,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         reporter.clone(),
         &job_name.display().to_string(),
     )?;
-    let (opened, remote, image_path) = match remote {
+    let (mut opened, remote, image_path) = match remote {
         Some((o, check)) => {
             let p = o.path.clone();
             (o, Some(check), p)
@@ -280,6 +284,13 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     // A streamed image is checked on its head, read from the stream before any write.
     let board_pre = match &remote {
         Some(r) => super::boards::preflight_head(&a.board, &r.spec.url, r.head(), g)?,
+        // A pipe or FIFO cannot be read twice: peek its head through the opened source.
+        None if !is_regular_file(&image_path) && super::boards::board_named(&a.board, g)? => {
+            let (src, head) = image::HeadPeek::new(opened.source, crate::board::check::HEAD_LEN)?;
+            opened.source = Box::new(src);
+            let what = image_path.display().to_string();
+            super::boards::preflight_head(&a.board, &what, &head, g)?
+        }
         None => board_checks(&a.board, &image_path, g)?,
     };
     confirm(&info, &opened, a.yes)?;

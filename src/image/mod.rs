@@ -19,6 +19,7 @@ pub mod detect;
 pub mod digest;
 mod extent;
 pub mod open;
+pub mod peek;
 pub mod scan;
 pub mod sparse;
 pub mod zero;
@@ -30,6 +31,7 @@ pub use extent::{Extent, ExtentKind, ExtentSource, SharedData};
 pub use open::{
     from_reader, open_image, read_logical_prefix, read_prefix, OpenOptions, OpenedImage,
 };
+pub use peek::HeadPeek;
 
 /// Errors about the input image. Each names the file and, where it applies, the offset.
 #[derive(Debug, thiserror::Error)]
