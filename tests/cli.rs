@@ -264,7 +264,6 @@ fn piped_results_go_to_stdout_alone_and_progress_nowhere() {
     }
     for args in [
         &["--json", "list", "--all"][..],
-        &["--json", "hash", img],
         &["--json", "boards", "list"],
         &["--json", "boards", "show", "rpi4"],
         &["--json", "config", "show"],
@@ -277,6 +276,14 @@ fn piped_results_go_to_stdout_alone_and_progress_nowhere() {
         let v: serde_json::Value = serde_json::from_str(&r.stdout).unwrap();
         assert_eq!(v["schema"], 1, "{args:?}: {v}");
     }
+    // `hash` is a long operation: progress events, then the result line last.
+    let r = piped(h, &["--json", "hash", img]);
+    no_noise(&r, "--json hash");
+    assert!(r.stderr.is_empty(), "{}", r.stderr);
+    let last: serde_json::Value =
+        serde_json::from_str(r.stdout.lines().last().unwrap_or_default()).unwrap();
+    assert_eq!(last["event"], "result", "{}", r.stdout);
+    assert!(r.stdout.contains(r#""phase":"hash""#), "{}", r.stdout);
     // An empty cache: nothing on stdout (a script sees no entries), the note on stderr.
     let r = piped(h, &["cache", "list"]);
     no_noise(&r, "cache list");
@@ -325,7 +332,9 @@ fn errors_go_to_stderr_with_the_documented_exit_code() {
             j.extend_from_slice(args);
             let r = piped(h, &j);
             assert_eq!(r.code, i32::from(*code));
-            let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap();
+            // Progress events may come first; the error is the last line.
+            let last = r.stdout.lines().last().unwrap_or_default();
+            let v: serde_json::Value = serde_json::from_str(last).unwrap();
             assert_eq!(v["event"], "error");
             assert_eq!(v["exit_code"], *code);
             assert!(r.stderr.starts_with("error: "), "{}", r.stderr);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use super::Global;
-use crate::board::{Board, MediumKind, Registry, UBootCommands};
+use crate::board::{Board, MediumKind, UBootCommands};
 use crate::console::bootstrap::{self, FlashVia, Plan};
 use crate::console::gadget::{HostFlash, UmsMatch};
 use crate::console::handoff::{self, Rebuild, RebuildPlan};
@@ -106,7 +106,7 @@ fn load_board(p: &PortArgs, g: &Global) -> anyhow::Result<Option<Board>> {
     let Some(name) = &p.board else {
         return Ok(None);
     };
-    let reg = Registry::load(&g.boards_dir)?;
+    let reg = super::boards::registry(g)?;
     Ok(Some(reg.get(name)?.clone()))
 }
 

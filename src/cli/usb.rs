@@ -306,7 +306,7 @@ pub fn write_via(
     o.verify = verify;
     o.reset = !a.no_reset;
     if let Some(b) = board {
-        let reg = crate::board::Registry::load(&g.boards_dir)?;
+        let reg = super::boards::registry(g)?;
         let board = reg.get(b)?;
         if let Some(usb) = board.usb_recovery() {
             use crate::board::schema::RecoveryProtocol as P;
@@ -377,7 +377,8 @@ pub fn write_via(
                     "bytes_skipped": bytes_skipped, "verified": verified});
                 println!("{j}");
             } else if !g.quiet {
-                eprintln!(
+                // The result line, like `write`'s summary: stdout.
+                println!(
                     "{device}: wrote {bytes_written} bytes ({bytes_skipped} skipped) of a {image_size}-byte image; {}",
                     if verified { "read back and verified" } else { "not read back" }
                 );

@@ -420,7 +420,37 @@ pub struct HashArgs {
 pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
     let mut opened = a.img.open(&a.image)?;
     let mut buf = write::buffer::AlignedBuf::new(4 << 20);
-    let (hash, len) = image::digest::hash_source(opened.source.as_mut(), &mut buf)?;
+    // Progress like every long operation: a bar on a terminal, events under --json.
+    let reporter = g.reporter();
+    let job = a.image.display().to_string();
+    reporter.report(Event::Start {
+        job: job.clone(),
+        phase: "hash".into(),
+        total: opened.logical_size,
+        detail: Some(opened.description.clone()),
+    });
+    let mut h = image::LogicalHasher::new();
+    let hashed: Result<(), image::ImageError> = (|| {
+        while let Some(e) = opened.source.next_extent(&mut buf)? {
+            h.update_extent(&e, &buf);
+            reporter.report(Event::Progress {
+                job: job.clone(),
+                phase: "hash".into(),
+                done: h.len(),
+                total: opened.logical_size,
+            });
+        }
+        Ok(())
+    })();
+    // The CLI reports the error itself (one error line, also under --json).
+    hashed?;
+    let (hash, len) = (h.finalize(), h.len());
+    reporter.report(Event::Finish {
+        job,
+        phase: "hash".into(),
+        summary: serde_json::json!({ "blake3": hash.to_hex().to_string(), "bytes": len }),
+    });
+    drop(reporter);
     if a.write_sidecar {
         let p = image::digest::write_sidecar(&hash, &a.image)?;
         tracing::info!("wrote {}", p.display());
