@@ -153,15 +153,23 @@ impl Bars {
     }
 }
 
-fn bar_style(known_total: bool) -> indicatif::ProgressStyle {
-    let tpl = if known_total {
-        "{prefix:>12.bold} [{bar:32}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}"
-    } else {
-        "{prefix:>12.bold} {spinner} {bytes} {binary_bytes_per_sec} {msg}"
-    };
+/// The byte bar every renderer shares (`{msg}` at the end: plain or `wide_msg`).
+pub(crate) const BYTES_BAR: &str =
+    "{prefix:>12.bold} [{bar:32}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}";
+
+/// An indicatif style from a template (ours are static, so the fallback never shows).
+pub(crate) fn style(tpl: &str) -> indicatif::ProgressStyle {
     indicatif::ProgressStyle::with_template(tpl)
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
         .progress_chars("=> ")
+}
+
+fn bar_style(known_total: bool) -> indicatif::ProgressStyle {
+    if known_total {
+        style(&format!("{BYTES_BAR} {{msg}}"))
+    } else {
+        style("{prefix:>12.bold} {spinner} {bytes} {binary_bytes_per_sec} {msg}")
+    }
 }
 
 impl Reporter for Bars {

@@ -140,18 +140,16 @@ pub struct StationBars {
 }
 
 fn slot_style(total: bool, phase: &str) -> indicatif::ProgressStyle {
-    let tpl = if total {
-        "{prefix:>12.bold} [{bar:32}] {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {wide_msg}"
+    use crate::progress::{style, BYTES_BAR};
+    if total {
+        style(&format!("{BYTES_BAR} {{wide_msg}}"))
     } else if phase.ends_with(" FAIL") {
-        "{prefix:>12.bold.red} {wide_msg:.red}"
+        style("{prefix:>12.bold.red} {wide_msg:.red}")
     } else if phase.ends_with(" PASS") {
-        "{prefix:>12.bold.green} {wide_msg}"
+        style("{prefix:>12.bold.green} {wide_msg}")
     } else {
-        "{prefix:>12.bold} {wide_msg}"
-    };
-    indicatif::ProgressStyle::with_template(tpl)
-        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-        .progress_chars("=> ")
+        style("{prefix:>12.bold} {wide_msg}")
+    }
 }
 
 impl Reporter for StationBars {
