@@ -973,8 +973,8 @@ mod usb_slots {
     /// A simulated Rockchip board wired to "udev": whenever it leaves or joins the bus (loader
     /// start, reset, unplug) the matching udev events go to the station, as the kernel's
     /// would; after an arrival it waits until the station has seen it.
-    struct Wired {
-        board: RockchipBoard,
+    struct Wired<B: SimDevice = RockchipBoard> {
+        board: B,
         events: Events,
         rec: Arc<Recorder>,
         last: Option<Descriptor>,
@@ -983,8 +983,8 @@ mod usb_slots {
         gate: Option<Gate>,
     }
 
-    impl Wired {
-        fn new(board: RockchipBoard, events: Events, rec: Arc<Recorder>) -> Wired {
+    impl<B: SimDevice> Wired<B> {
+        fn new(board: B, events: Events, rec: Arc<Recorder>) -> Wired<B> {
             let last = board.descriptor();
             Wired {
                 board,
@@ -1017,7 +1017,7 @@ mod usb_slots {
         }
     }
 
-    impl SimDevice for Wired {
+    impl<B: SimDevice> SimDevice for Wired<B> {
         fn descriptor(&self) -> Option<Descriptor> {
             self.board.descriptor()
         }
@@ -1112,7 +1112,8 @@ mod usb_slots {
     /// board is flashed, read back, given its identity in its FAT partition and reset; the
     /// other is unplugged mid-write (udev remove event, then the bus loses it) and is FAIL;
     /// an Allwinner board in FEL on a third slot is recognised and FAIL with a clear reason
-    /// (the station flashes Rockchip boards only); the board outside the slots is never touched.
+    /// (the station flashes Rockchip and Raspberry Pi boards only); the board outside the slots
+    /// is never touched.
     #[test]
     fn station_usb_slots_flash_a_maskrom_board_and_fail_an_unplugged_one() {
         if !require(
@@ -1251,7 +1252,8 @@ mod usb_slots {
         assert_eq!(r3.result, "fail", "{r3:#?}");
         let why3 = r3.failure_reason.as_deref().unwrap_or("");
         assert!(
-            why3.contains("1f3a:efe8") && why3.contains("Rockchip boards (maskrom/loader) only"),
+            why3.contains("1f3a:efe8")
+                && why3.contains("Rockchip boards (maskrom/loader) and Raspberry Pi boards"),
             "{why3}"
         );
         let r1 = rows.iter().find(|r| r.slot == "u1").unwrap();
@@ -1278,6 +1280,139 @@ mod usb_slots {
             o.board.storage(EMMC) == &outside_before[..],
             "outside board was written"
         );
+    }
+
+    /// The CM4 factory case: two Raspberry Pi CM4s arrive in usbboot on configured ports. The
+    /// station serves them the boot files (rpiboot: ROM stage, then the second stage's file
+    /// requests), each re-enumerates as the mass-storage gadget, and the first one's eMMC
+    /// appears as a block device on its port (a real loop device here): it is written through
+    /// the block job (`target::open`, read-back, identity files) and PASS. The second one's
+    /// storage never appears: FAIL naming the port, with its ledger row recorded.
+    #[test]
+    fn station_usb_slots_rpiboot_a_cm4_then_write_its_emmc_block_device() {
+        use sbcflash::usb::sim::usbboot::{RpiBoard, Stage};
+        if !require(
+            true,
+            &[
+                "losetup",
+                "sfdisk",
+                "mkfs.vfat",
+                "mkfs.ext4",
+                "mcopy",
+                "mtype",
+                "mdir",
+            ],
+        ) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = make_nixos_like_image(dir.path(), "cm4.img", IMG_MIB, Table::Mbr);
+        let boot = dir.path().join("msg64");
+        std::fs::create_dir_all(boot.join("2711")).unwrap();
+        std::fs::write(boot.join("2711/bootcode4.bin"), pattern(52_000, 1)).unwrap();
+        std::fs::write(boot.join("bootmain"), pattern(40_000, 2)).unwrap();
+        let emmc = LoopDev::new_sparse(dir.path(), "cm4-emmc.bin", 64 * MIB);
+        // Stale bytes a correct write must replace (zero ranges included).
+        std::fs::write(&emmc.backing, pattern(64 << 20, 0x5a)).unwrap();
+
+        let cfg_path = write_config(dir.path(), &img, &[], "");
+        let mut text = std::fs::read_to_string(&cfg_path).unwrap();
+        text = text.replace(
+            "[identity]",
+            "[usb]\nusbboot-dir = \"msg64\"\nreenumerate_timeout_secs = 2\n[identity]",
+        );
+        for (name, port) in [("r1", "3"), ("r2", "4")] {
+            text.push_str(&format!(
+                "[[slot]]\nname = \"{name}\"\nkind = \"usb\"\nmatch = {{ DEVPATH = \"*/usb1/1-1/1-1.{port}\" }}\n"
+            ));
+        }
+        std::fs::write(&cfg_path, &text).unwrap();
+        let station = config::Station::load(&cfg_path).unwrap();
+        assert_eq!(station.usb.usbboot_dir.as_deref(), Some(boot.as_path()));
+
+        let rec = Arc::new(Recorder::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let cm4 = |port: u8, address: u8| {
+            let mut b = RpiBoard::cm4(&["bootmain"]);
+            b.ports = vec![1, port];
+            b.address = address;
+            Arc::new(Mutex::new(Wired::new(b, tx.clone(), rec.clone())))
+        };
+        let (b1, b2) = (cm4(3, 12), cm4(4, 30));
+        let mut bus = SimBus::new();
+        bus.attach(b1.clone());
+        bus.attach(b2.clone());
+        // Only r1's gadget shows a disk; r2's eMMC never appears.
+        bus.map_block("1-1.3", emmc.path().to_path_buf());
+        let ledger_path = dir.path().join("ledger.sqlite");
+        let (led, _) = ledger::Ledger::open(&ledger_path).unwrap();
+        let uiv = Arc::new(ui::Ui::new(rec.clone(), ui::Style::Stream, false, false));
+        let plan = Arc::new(image_plan(&img));
+        let stop = Arc::new(AtomicBool::new(false));
+        let station_thread = {
+            let (stop, uiv) = (stop.clone(), uiv.clone());
+            let bus: Arc<dyn sbcflash::usb::discovery::Bus + Send + Sync> = Arc::new(bus);
+            std::thread::spawn(move || {
+                let mut events = ChannelEvents {
+                    present: Vec::new(),
+                    rx,
+                };
+                st::run_with(
+                    &station,
+                    plan,
+                    led,
+                    uiv,
+                    &st::RunOptions {
+                        flash_present: false,
+                        exit_after: Some(2),
+                    },
+                    &mut events,
+                    Some(bus),
+                    stop,
+                )
+            })
+        };
+        // The boards are plugged in while the station runs.
+        for b in [&b1, &b2] {
+            let d = lock(b).descriptor().unwrap();
+            tx.send((Action::Add, usbslot::udev_event_for(&d, "")))
+                .unwrap();
+        }
+        let totals = station_thread.join().unwrap().unwrap();
+        let said = format!("{:#?}", rec.0.lock().unwrap());
+        assert_eq!((totals.pass, totals.fail), (1, 1), "{said}");
+
+        let rows = ledger::report(&ledger_path, None).unwrap();
+        assert_eq!(rows.len(), 2, "{rows:#?}");
+        let r1 = rows.iter().find(|r| r.slot == "r1").unwrap();
+        let r2 = rows.iter().find(|r| r.slot == "r2").unwrap();
+        assert_eq!(r1.result, "pass", "{r1:#?}\n{said}");
+        assert_eq!(r1.devnode.as_deref(), Some("usb:1-1.3"));
+        assert_eq!(r1.id_path.as_deref(), Some("pci-0000:00:14.0-usb-0:1.3"));
+        assert_eq!(r2.result, "fail", "{r2:#?}");
+        let why = r2.failure_reason.as_deref().unwrap_or("");
+        assert!(
+            why.starts_with("usbboot failed:") && why.contains("mass-storage gadget on port 1-1.4"),
+            "{why}"
+        );
+        assert!(r2.unit_serial.starts_with("OPI5-"), "{r2:#?}");
+
+        // Both boards went through rpiboot: second stage from the SoC directory, then the
+        // files the second stage asked for, byte for byte.
+        for b in [&b1, &b2] {
+            let b = lock(b);
+            assert_eq!(b.board.stage, Stage::MassStorage);
+            assert_eq!(
+                b.board.second_stage.as_deref(),
+                Some(&pattern(52_000, 1)[..])
+            );
+            assert_eq!(
+                b.board.files.get("bootmain"),
+                Some(&Some(pattern(40_000, 2)))
+            );
+        }
+        // r1's eMMC (the loop device) holds the image and its identity files.
+        check_contents(&img, emmc.path(), &r1.unit_serial, "r1");
     }
 }
 

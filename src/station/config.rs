@@ -150,9 +150,15 @@ pub struct UsbConfig {
     /// Reset the board after a PASS so it boots what was written.
     #[serde(default = "yes")]
     pub reset: bool,
-    /// Seconds a board may take to come back after the loader download.
+    /// Seconds a board may take to come back after the loader download (Rockchip), or to
+    /// start its second stage and then show its storage as a block device (Raspberry Pi).
     #[serde(default = "fifteen")]
     pub reenumerate_timeout_secs: u64,
+    /// Raspberry Pi (CM4/CM5 in usbboot): the rpiboot boot files served to the board, e.g.
+    /// usbboot's `mass-storage-gadget64` (`<dir>/<2711|2712>/<file>` first, then
+    /// `<dir>/<file>`); relative to the config file.
+    #[serde(default, alias = "usbboot-dir")]
+    pub usbboot_dir: Option<PathBuf>,
 }
 
 fn emmc() -> String {
@@ -169,6 +175,7 @@ impl Default for UsbConfig {
             storage: emmc(),
             reset: true,
             reenumerate_timeout_secs: 15,
+            usbboot_dir: None,
         }
     }
 }
@@ -431,6 +438,7 @@ fn usb_config(
     crate::usb::flash::storage_index(&u.storage).map_err(|e| bad(format!("[usb] storage: {e}")))?;
     Ok(UsbConfig {
         loader: u.loader.iter().map(|p| resolve(p)).collect(),
+        usbboot_dir: u.usbboot_dir.as_deref().map(resolve),
         ..u.clone()
     })
 }
@@ -487,6 +495,26 @@ match = { "attr:loop/backing_file" = "/tmp/*/s2.img" }
         let s = Station::parse(Path::new("/etc/sbcflash/station.toml"), text).unwrap();
         assert_eq!(s.slots.len(), 4);
         assert_eq!(s.files.len(), 2);
+    }
+
+    /// The sample's commented USB section, uncommented, is a valid config (usbboot-dir
+    /// resolved, Rockchip keys alongside).
+    #[test]
+    fn shipped_usb_example_parses_when_uncommented() {
+        let text = include_str!("../../packaging/station.toml");
+        let at = text.find("# [usb]").unwrap();
+        let usb: String = text[at..]
+            .lines()
+            .map(|l| l.strip_prefix("# ").or(l.strip_prefix('#')).unwrap_or(l))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let t = format!("image = \"/srv/i.img\"\n{usb}");
+        let s = Station::parse(Path::new("/etc/sbcflash/station.toml"), &t).unwrap();
+        assert_eq!(
+            s.usb.usbboot_dir.as_deref(),
+            Some(Path::new("/usr/share/rpiboot/mass-storage-gadget64"))
+        );
+        assert!(s.has_usb_slots());
     }
 
     #[test]

@@ -278,6 +278,7 @@ pub fn spawn(
 pub(super) enum Step {
     Open,
     Loader,
+    Usbboot,
     Write,
     Verify,
     Identity,
@@ -290,6 +291,7 @@ impl Step {
         match self {
             Step::Open => "open",
             Step::Loader => "loader",
+            Step::Usbboot => "usbboot",
             Step::Reset => "reset",
             Step::Write => "write",
             Step::Verify => "verify",
@@ -490,7 +492,6 @@ fn provision(
     rep: &Arc<SlotReporter>,
     step: &Mutex<Step>,
 ) -> anyhow::Result<WriteStats> {
-    use anyhow::Context as _;
     let set = |s: Step| {
         if let Ok(mut g) = step.lock() {
             *g = s;
@@ -501,13 +502,28 @@ fn provision(
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("{} has no device node", dev.syspath))?,
     );
+    write_block(ctx, &devnode, files, cancel, rep, &set)
+}
+
+/// The block job on `devnode` (a card in a reader, or a board's storage exposed as a
+/// mass-storage gadget): `target::open` with every safety rule, the writer pipeline with
+/// read-back, identity files into the FAT partition, their read-back.
+pub(super) fn write_block(
+    ctx: &Context,
+    devnode: &std::path::Path,
+    files: &[(String, Vec<u8>)],
+    cancel: &Arc<Cancel>,
+    rep: &Arc<SlotReporter>,
+    set: &(dyn Fn(Step) + Sync),
+) -> anyhow::Result<WriteStats> {
+    use anyhow::Context as _;
     // The writer's safety rules, unchanged: never --force from the station.
     let policy = crate::target::Policy {
         image_size: Some(ctx.image.size),
         force: false,
         image_paths: ctx.image.all_paths(),
     };
-    let target = crate::target::open(&devnode, &policy)?;
+    let target = crate::target::open(devnode, &policy)?;
     // A second descriptor on the same open file keeps the O_EXCL claim after the sink is
     // dropped, through identity injection and its read-back.
     let held = target
@@ -521,7 +537,7 @@ fn provision(
         verify: ctx.station.verify,
         expected_blake3: crate::write::parse_blake3_hex(&ctx.image.blake3),
         cancel: cancel.flag(),
-        job: dev.devnode.clone().unwrap_or_default(),
+        job: devnode.display().to_string(),
         image_name: ctx.image.path.display().to_string(),
         ..Default::default()
     };
@@ -529,7 +545,7 @@ fn provision(
     // The pipeline reports "write" then "verify"; follow it for FAIL reasons.
     let follow = PhaseFollower {
         inner: rep.clone(),
-        set: &set,
+        set,
     };
     let report = crate::write::run(source, sink.as_mut(), &opts, &follow)?;
     drop(sink);
@@ -544,7 +560,7 @@ fn provision(
         set(Step::Identity);
         fatinject::set_direct(&held, false)
             .with_context(|| format!("{}: switch to buffered I/O", devnode.display()))?;
-        let part = fatinject::inject(&held, &devnode, ctx.station.fat_partition, files)?;
+        let part = fatinject::inject(&held, devnode, ctx.station.fat_partition, files)?;
         rep.info(format!(
             "wrote {} identity file(s) into FAT partition {}",
             files.len(),
@@ -568,7 +584,7 @@ fn provision(
                     )
                 })?;
             }
-            fatinject::verify(&held, &devnode, &part, files)?;
+            fatinject::verify(&held, devnode, &part, files)?;
             rep.info("identity files read back and match");
         }
     }

@@ -148,8 +148,25 @@ pub fn plan(
                             format!("{what}: present at start, left alone (pass --flash-present to flash it)")
                         }
                     }
+                    Some(f) if f.protocol == crate::usb::discovery::Protocol::Usbboot => {
+                        let what = format!(
+                            "{} ({}) in usbboot {} mode on port {}",
+                            f.id(),
+                            f.soc.as_deref().unwrap_or("unknown SoC"),
+                            f.mode,
+                            f.port_path
+                        );
+                        match (&station.usb.usbboot_dir, flash_present) {
+                            (None, _) => format!("{what}: would FAIL, no `usbboot-dir` in [usb]"),
+                            (Some(d), true) => format!(
+                                "would be flashed now: rpiboot from {}, then its storage as a block device",
+                                d.display()
+                            ),
+                            (Some(_), false) => format!("{what}: present at start, left alone (pass --flash-present to flash it)"),
+                        }
+                    }
                     Some(f) => format!(
-                        "{} ({:?} in {} mode): would FAIL, station USB slots flash Rockchip boards only",
+                        "{} ({:?} in {} mode): would FAIL, station USB slots flash Rockchip boards and Raspberry Pi boards in usbboot only",
                         f.id(),
                         f.protocol,
                         f.mode

@@ -6,7 +6,9 @@
 //! classifier as `sbcflash usb`. The job drives the board through a [`Bus`] (libusb, or the
 //! simulated boards in tests): Rockchip maskrom → loader download → re-enumeration on the same
 //! port → [`RockusbSink`] through the writer pipeline (hashing, read-back) → identity files
-//! into the FAT partition through the same sink → read back → reset.
+//! into the FAT partition through the same sink → read back → reset. Raspberry Pi CM4/CM5
+//! in usbboot: rpiboot (the boot files of `[usb] usbboot-dir`) → the mass-storage gadget's
+//! disk on the same port ([`Bus::block_device`]) → the block job ([`super::job::write_block`]).
 //!
 //! A board re-enumerates twice in a normal job (after the loader download, and at the final
 //! reset); the job says when that is expected ([`super::job::Cancel::usb_leaving`]) and which
@@ -200,10 +202,14 @@ pub(super) fn provision(
     let port = port_of(dev);
     let seen = recovery_device(dev)
         .ok_or_else(|| anyhow!("the device on port {port} is not in a USB recovery mode"))?;
+    if seen.protocol == Protocol::Usbboot {
+        return provision_rpi(ctx, bus, &port, &seen, files, cancel, rep, set);
+    }
     if seen.protocol != Protocol::Rockusb {
         bail!(
             "{} ({:?} in {} mode) on port {port}: station USB slots flash Rockchip boards \
-             (maskrom/loader) only; use `sbcflash write --via` for this board",
+             (maskrom/loader) and Raspberry Pi boards in usbboot only; use `sbcflash write \
+             --via` for this board",
             seen.id(),
             seen.protocol,
             seen.mode
@@ -360,6 +366,69 @@ pub(super) fn provision(
             .with_context(|| format!("reset the board on port {port}"))?;
     }
     Ok(stats)
+}
+
+/// A Raspberry Pi (CM4/CM5, BCM2711/2712) in usbboot: rpiboot serves the configured boot
+/// files (the mass-storage gadget) exactly as `sbcflash write --via usbboot` does, the board's
+/// storage appears as a block device on the same port, and the block job writes it with
+/// every safety rule of `write` (`target::open`, read-back, identity files, their read-back).
+/// There is no reset: the gadget keeps serving until the operator unplugs the board.
+#[allow(clippy::too_many_arguments)]
+fn provision_rpi(
+    ctx: &Context,
+    bus: &(dyn Bus + Send + Sync),
+    port: &str,
+    seen: &Found,
+    files: &[(String, Vec<u8>)],
+    cancel: &Arc<Cancel>,
+    rep: &Arc<SlotReporter>,
+    set: &(dyn Fn(Step) + Sync),
+) -> anyhow::Result<WriteStats> {
+    use crate::usb::flash::{write_via, MemSource, Outcome, Via, ViaOptions};
+    let cfg = &ctx.station.usb;
+    let dir = cfg.usbboot_dir.clone().ok_or_else(|| {
+        anyhow!(
+            "{} ({}) on port {port} is in usbboot and needs the rpiboot boot files: set \
+             `usbboot-dir` in [usb] of {} (e.g. usbboot's mass-storage-gadget64)",
+            seen.id(),
+            seen.soc.as_deref().unwrap_or("Raspberry Pi"),
+            ctx.station.path.display()
+        )
+    })?;
+    set(Step::Usbboot);
+    rep.info(format!(
+        "{} ({}) in usbboot {} mode on port {port}",
+        seen.id(),
+        seen.soc.as_deref().unwrap_or("unknown SoC"),
+        seen.mode
+    ));
+    cancel.set_usb_address(seen.bus, seen.address);
+    // ROM → second stage → mass-storage gadget: the board leaves the bus twice on its own.
+    cancel.usb_leaving(true);
+    let mut opts = ViaOptions::new(Via::Usbboot);
+    opts.port = Some(port.to_string());
+    opts.usbboot_dir = Some(dir);
+    opts.reenumerate_timeout = Duration::from_secs(cfg.reenumerate_timeout_secs);
+    opts.job = String::new();
+    // The rpiboot stage never reads the image; the block job below does.
+    let unused = Box::new(MemSource::new("unused", Vec::new()));
+    let out = write_via(bus, &opts, unused, rep.as_ref())?;
+    let Outcome::BlockDevice { path, .. } = out else {
+        bail!("port {port}: rpiboot did not hand back a block device ({out:?})");
+    };
+    // From here the gadget is the board: its removal is an unplug.
+    let gadget = on_port(bus, port, Protocol::MassStorage)?
+        .ok_or_else(|| anyhow!("port {port}: the board left the bus after rpiboot"))?;
+    cancel.set_usb_address(gadget.bus, gadget.address);
+    cancel.usb_leaving(false);
+    if cancel.is_set() {
+        bail!("cancelled");
+    }
+    rep.info(format!(
+        "the board's storage on port {port} is {}",
+        path.display()
+    ));
+    super::job::write_block(ctx, &path, files, cancel, rep, set)
 }
 
 /// `Read + Write + Seek` over a writer [`Sink`] (its `read_at`/`write_at`), so `fatfs` can
