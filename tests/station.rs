@@ -1282,12 +1282,33 @@ mod usb_slots {
         );
     }
 
+    /// Passes events to a [`Recorder`], but holds the job thread of `slot` when its writer
+    /// starts the `write` phase, until the test lets go (so a removal lands mid-write).
+    struct WriteGate {
+        rec: Arc<Recorder>,
+        slot: &'static str,
+        reached: crossbeam_channel::Sender<()>,
+        release: crossbeam_channel::Receiver<()>,
+    }
+
+    impl sbcflash::progress::Reporter for WriteGate {
+        fn report(&self, ev: Event) {
+            if matches!(&ev, Event::Start { job, phase, .. } if job == self.slot && phase == "write")
+            {
+                let _ = self.reached.send(());
+                let _ = self.release.recv();
+            }
+            self.rec.report(ev);
+        }
+    }
+
     /// The CM4 factory case: two Raspberry Pi CM4s arrive in usbboot on configured ports. The
     /// station serves them the boot files (rpiboot: ROM stage, then the second stage's file
     /// requests), each re-enumerates as the mass-storage gadget, and the first one's eMMC
     /// appears as a block device on its port (a real loop device here): it is written through
     /// the block job (`target::open`, read-back, identity files) and PASS. The second one's
-    /// storage never appears: FAIL naming the port, with its ledger row recorded.
+    /// storage never appears: FAIL naming the port, with its ledger row recorded. The third is
+    /// unplugged mid-write (udev removal of the gadget): FAIL as removed, never PASS.
     #[test]
     fn station_usb_slots_rpiboot_a_cm4_then_write_its_emmc_block_device() {
         use sbcflash::usb::sim::usbboot::{RpiBoard, Stage};
@@ -1312,6 +1333,7 @@ mod usb_slots {
         std::fs::write(boot.join("2711/bootcode4.bin"), pattern(52_000, 1)).unwrap();
         std::fs::write(boot.join("bootmain"), pattern(40_000, 2)).unwrap();
         let emmc = LoopDev::new_sparse(dir.path(), "cm4-emmc.bin", 64 * MIB);
+        let emmc3 = LoopDev::new_sparse(dir.path(), "cm4-emmc3.bin", 64 * MIB);
         // Stale bytes a correct write must replace (zero ranges included).
         std::fs::write(&emmc.backing, pattern(64 << 20, 0x5a)).unwrap();
 
@@ -1321,7 +1343,7 @@ mod usb_slots {
             "[identity]",
             "[usb]\nusbboot-dir = \"msg64\"\nreenumerate_timeout_secs = 2\n[identity]",
         );
-        for (name, port) in [("r1", "3"), ("r2", "4")] {
+        for (name, port) in [("r1", "3"), ("r2", "4"), ("r3", "5")] {
             text.push_str(&format!(
                 "[[slot]]\nname = \"{name}\"\nkind = \"usb\"\nmatch = {{ DEVPATH = \"*/usb1/1-1/1-1.{port}\" }}\n"
             ));
@@ -1331,6 +1353,14 @@ mod usb_slots {
         assert_eq!(station.usb.usbboot_dir.as_deref(), Some(boot.as_path()));
 
         let rec = Arc::new(Recorder::default());
+        let (reached_tx, reached) = crossbeam_channel::unbounded();
+        let (release, release_rx) = crossbeam_channel::unbounded();
+        let gate = Arc::new(WriteGate {
+            rec: rec.clone(),
+            slot: "r3",
+            reached: reached_tx,
+            release: release_rx,
+        });
         let (tx, rx) = crossbeam_channel::unbounded();
         let cm4 = |port: u8, address: u8| {
             let mut b = RpiBoard::cm4(&["bootmain"]);
@@ -1338,15 +1368,17 @@ mod usb_slots {
             b.address = address;
             Arc::new(Mutex::new(Wired::new(b, tx.clone(), rec.clone())))
         };
-        let (b1, b2) = (cm4(3, 12), cm4(4, 30));
+        let (b1, b2, b3) = (cm4(3, 12), cm4(4, 30), cm4(5, 40));
         let mut bus = SimBus::new();
         bus.attach(b1.clone());
         bus.attach(b2.clone());
+        bus.attach(b3.clone());
+        bus.map_block("1-1.5", emmc3.path().to_path_buf());
         // Only r1's gadget shows a disk; r2's eMMC never appears.
         bus.map_block("1-1.3", emmc.path().to_path_buf());
         let ledger_path = dir.path().join("ledger.sqlite");
         let (led, _) = ledger::Ledger::open(&ledger_path).unwrap();
-        let uiv = Arc::new(ui::Ui::new(rec.clone(), ui::Style::Stream, false, false));
+        let uiv = Arc::new(ui::Ui::new(gate.clone(), ui::Style::Stream, false, false));
         let plan = Arc::new(image_plan(&img));
         let stop = Arc::new(AtomicBool::new(false));
         let station_thread = {
@@ -1364,7 +1396,7 @@ mod usb_slots {
                     uiv,
                     &st::RunOptions {
                         flash_present: false,
-                        exit_after: Some(2),
+                        exit_after: Some(3),
                     },
                     &mut events,
                     Some(bus),
@@ -1373,17 +1405,38 @@ mod usb_slots {
             })
         };
         // The boards are plugged in while the station runs.
-        for b in [&b1, &b2] {
+        for b in [&b1, &b2, &b3] {
             let d = lock(b).descriptor().unwrap();
             tx.send((Action::Add, usbslot::udev_event_for(&d, "")))
                 .unwrap();
         }
+        // r3 is through rpiboot and its writer is starting: the cable is pulled (udev
+        // reports the gadget's removal).
+        reached
+            .recv_timeout(WATCHDOG)
+            .expect("r3 never reached its write");
+        let gadget = lock(&b3).descriptor().unwrap();
+        let ev = usbslot::udev_event_for(&gadget, "");
+        let node = ev.devnode.clone().unwrap();
+        tx.send((Action::Remove, ev)).unwrap();
+        wait_said(
+            &rec,
+            &format!("r3: {node} device removed; cancelling its job"),
+        );
+        release.send(()).unwrap();
         let totals = station_thread.join().unwrap().unwrap();
         let said = format!("{:#?}", rec.0.lock().unwrap());
-        assert_eq!((totals.pass, totals.fail), (1, 1), "{said}");
+        assert_eq!((totals.pass, totals.fail), (1, 2), "{said}");
 
         let rows = ledger::report(&ledger_path, None).unwrap();
-        assert_eq!(rows.len(), 2, "{rows:#?}");
+        assert_eq!(rows.len(), 3, "{rows:#?}");
+        let r3 = rows.iter().find(|r| r.slot == "r3").unwrap();
+        assert_eq!(r3.result, "fail", "{r3:#?}");
+        let why3 = r3.failure_reason.as_deref().unwrap_or("");
+        assert!(
+            why3.contains("removed mid-write") && why3.contains(&node),
+            "{why3}"
+        );
         let r1 = rows.iter().find(|r| r.slot == "r1").unwrap();
         let r2 = rows.iter().find(|r| r.slot == "r2").unwrap();
         assert_eq!(r1.result, "pass", "{r1:#?}\n{said}");
@@ -1399,7 +1452,7 @@ mod usb_slots {
 
         // Both boards went through rpiboot: second stage from the SoC directory, then the
         // files the second stage asked for, byte for byte.
-        for b in [&b1, &b2] {
+        for b in [&b1, &b2, &b3] {
             let b = lock(b);
             assert_eq!(b.board.stage, Stage::MassStorage);
             assert_eq!(
