@@ -2022,6 +2022,32 @@ fn xmodem_crc_to_lrzsz_rx_arrives_byte_for_byte() {
     assert_xmodem_file(&got, &data);
 }
 
+/// XMODEM-1K: 1024-byte STX blocks while more than 128 bytes remain, then a 128-byte block;
+/// `rx` accepts both and keeps the SUB padding.
+#[test]
+fn xmodem_1k_to_lrzsz_rx_arrives_byte_for_byte() {
+    if !common::require(false, &["socat", "rx"]) {
+        return;
+    }
+    // 64 full 1K blocks, then 300 bytes (a padded 1K block), then nothing: 66560 bytes.
+    let data = transfer_payload(65_536 + 300);
+    let (dir, _) = send_to_lrzsz("xmodem1k", &data, "rx -b -c out.bin");
+    let got = std::fs::read(dir.path().join("recv/out.bin")).unwrap();
+    assert_eq!(
+        got.len(),
+        65_536 + 1024,
+        "the tail went in one padded 1K block"
+    );
+    assert!(
+        got[..data.len()] == *data,
+        "received bytes differ from the file"
+    );
+    assert!(
+        got[data.len()..].iter().all(|&b| b == 0x1a),
+        "padding is not SUB"
+    );
+}
+
 /// YMODEM (U-Boot's `loady`): 1024-byte blocks, block 0 with name and size so that `rb`
 /// truncates the padding, and the closing empty block 0.
 #[test]

@@ -236,7 +236,8 @@ pub struct SerialLoadArgs {
     /// Load address (hex); default: U-Boot's $loadaddr.
     #[arg(long, value_parser = parse_addr)]
     pub addr: Option<u64>,
-    /// ymodem (U-Boot `loady`) or xmodem (`loadx`, boot ROM recovery).
+    /// ymodem (U-Boot `loady`), xmodem (`loadx`, boot ROM recovery) or xmodem1k (1024-byte
+    /// blocks, falls back to 128 when the receiver has no CRC).
     #[arg(long, value_enum, default_value_t = ProtocolArg::Ymodem)]
     pub protocol: ProtocolArg,
     /// No U-Boot: the receiver (a boot ROM) is already waiting; no crc32 check is possible.
@@ -251,6 +252,7 @@ pub struct SerialLoadArgs {
 pub enum ProtocolArg {
     Ymodem,
     Xmodem,
+    Xmodem1k,
 }
 
 fn parse_addr(s: &str) -> Result<u64, String> {
@@ -619,6 +621,7 @@ pub fn run_serial_load(a: SerialLoadArgs, g: &Global) -> anyhow::Result<Exit> {
         protocol: match a.protocol {
             ProtocolArg::Ymodem => Protocol::Ymodem,
             ProtocolArg::Xmodem => Protocol::Xmodem,
+            ProtocolArg::Xmodem1k => Protocol::Xmodem1k,
         },
         addr: a.addr,
         then: a.then.clone(),

@@ -206,7 +206,8 @@ pub async fn run(
     };
     let verb = match plan.protocol {
         Protocol::Ymodem => "loady",
-        Protocol::Xmodem => "loadx",
+        // U-Boot's xyzModem takes 1K (STX) blocks in `loadx` too.
+        Protocol::Xmodem | Protocol::Xmodem1k => "loadx",
     };
     s.ex.discard_pending();
     s.send(format!("{verb} 0x{addr:x}\r").as_bytes()).await?;

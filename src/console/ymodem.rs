@@ -29,6 +29,9 @@ pub fn crc16_xmodem(data: &[u8]) -> u16 {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Protocol {
     Xmodem,
+    /// XMODEM with 1024-byte STX blocks (what `tio`/`sx -k` send; fewer round trips, which
+    /// matters at 115200 baud). Needs CRC: a receiver that starts with NAK gets 128-byte blocks.
+    Xmodem1k,
     Ymodem,
 }
 
@@ -139,15 +142,16 @@ impl Sender {
     }
 
     fn data_block(&mut self) -> Vec<u8> {
-        let size = match self.proto {
-            Protocol::Xmodem => 128,
-            Protocol::Ymodem => {
-                if self.data.len() - self.offset > 128 {
-                    1024
-                } else {
-                    128
-                }
-            }
+        let one_k = match self.proto {
+            Protocol::Xmodem => false,
+            Protocol::Xmodem1k => self.crc,
+            Protocol::Ymodem => true,
+        };
+        // A tail of 128 bytes or less goes in a short block rather than a mostly padded 1K one.
+        let size = if one_k && self.data.len() - self.offset > 128 {
+            1024
+        } else {
+            128
         };
         let end = (self.offset + size).min(self.data.len());
         self.in_flight_len = end - self.offset;
@@ -206,7 +210,7 @@ impl Sender {
                             let h = self.header();
                             self.send(St::HeaderAck, h, now, self.block_timeout)
                         }
-                        Protocol::Xmodem => self.next_data(now),
+                        Protocol::Xmodem | Protocol::Xmodem1k => self.next_data(now),
                     };
                 }
                 (St::HeaderAck, ACK) => {
@@ -239,7 +243,7 @@ impl Sender {
                 }
                 (St::EotAck, NAK) => return self.retry(vec![EOT], now),
                 (St::EotAck, ACK) => {
-                    if self.proto == Protocol::Xmodem {
+                    if self.proto != Protocol::Ymodem {
                         self.st = St::Done;
                         return XStep::Done;
                     }
@@ -388,5 +392,41 @@ mod tests {
             s.step(&[], t + Duration::from_secs(61)),
             XStep::Fail(_)
         ));
+    }
+
+    #[test]
+    fn xmodem_1k_uses_stx_blocks_with_crc_and_128_with_checksum() {
+        let t = Instant::now();
+        let data: Vec<u8> = (0..2100u32).map(|i| (i % 251) as u8).collect();
+        let mut s = Sender::new(Protocol::Xmodem1k, "f", data.clone());
+        let XStep::Send(b1) = s.step(b"C", t) else {
+            panic!("no first block")
+        };
+        assert_eq!(&b1[..3], &[STX, 1, 254]);
+        assert_eq!(b1.len(), 3 + 1024 + 2);
+        assert!(matches!(s.step(&[ACK], t), XStep::Progress(1024)));
+        let XStep::Send(b2) = s.step(&[], t) else {
+            panic!("no second block")
+        };
+        assert_eq!(&b2[..3], &[STX, 2, 253]);
+        assert!(matches!(s.step(&[ACK], t), XStep::Progress(2048)));
+        // 52 bytes left: a 128-byte SOH block, padded with SUB.
+        let XStep::Send(b3) = s.step(&[], t) else {
+            panic!("no third block")
+        };
+        assert_eq!(&b3[..3], &[SOH, 3, 252]);
+        assert_eq!(&b3[3..55], &data[2048..]);
+        assert!(b3[55..131].iter().all(|&b| b == PAD));
+        assert!(matches!(s.step(&[ACK], t), XStep::Progress(2100)));
+        assert_eq!(s.step(&[], t), XStep::Send(vec![EOT]));
+        assert_eq!(s.step(&[ACK], t), XStep::Done);
+
+        // A checksum receiver (NAK) gets plain 128-byte blocks.
+        let mut s = Sender::new(Protocol::Xmodem1k, "f", data);
+        let XStep::Send(b) = s.step(&[NAK], t) else {
+            panic!("no first block")
+        };
+        assert_eq!(&b[..3], &[SOH, 1, 254]);
+        assert_eq!(b.len(), 3 + 128 + 1);
     }
 }
