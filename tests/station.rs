@@ -981,6 +981,8 @@ mod usb_slots {
         now: Arc<Mutex<Option<Descriptor>>>,
         out: u64,
         gate: Option<Gate>,
+        /// Unplugged at its first re-enumeration: it leaves the bus and never comes back.
+        unplug_on_change: bool,
     }
 
     impl<B: SimDevice> Wired<B> {
@@ -994,12 +996,17 @@ mod usb_slots {
                 last,
                 out: 0,
                 gate: None,
+                unplug_on_change: false,
             }
         }
         fn sync(&mut self) {
-            let d = self.board.descriptor();
+            let mut d = self.board.descriptor();
             if d == self.last {
                 return;
+            }
+            if self.unplug_on_change && d.is_some() {
+                self.board.vanish();
+                d = None;
             }
             if let Some(old) = self.last.take() {
                 let _ = self
@@ -1308,7 +1315,8 @@ mod usb_slots {
     /// appears as a block device on its port (a real loop device here): it is written through
     /// the block job (`target::open`, read-back, identity files) and PASS. The second one's
     /// storage never appears: FAIL naming the port, with its ledger row recorded. The third is
-    /// unplugged mid-write (udev removal of the gadget): FAIL as removed, never PASS.
+    /// unplugged mid-write (udev removal of the gadget): FAIL as removed, never PASS. The
+    /// fourth is unplugged right after the ROM stage: FAIL saying it left its port.
     #[test]
     fn station_usb_slots_rpiboot_a_cm4_then_write_its_emmc_block_device() {
         use sbcflash::usb::sim::usbboot::{RpiBoard, Stage};
@@ -1343,7 +1351,7 @@ mod usb_slots {
             "[identity]",
             "[usb]\nusbboot-dir = \"msg64\"\nreenumerate_timeout_secs = 2\n[identity]",
         );
-        for (name, port) in [("r1", "3"), ("r2", "4"), ("r3", "5")] {
+        for (name, port) in [("r1", "3"), ("r2", "4"), ("r3", "5"), ("r4", "6")] {
             text.push_str(&format!(
                 "[[slot]]\nname = \"{name}\"\nkind = \"usb\"\nmatch = {{ DEVPATH = \"*/usb1/1-1/1-1.{port}\" }}\n"
             ));
@@ -1368,8 +1376,10 @@ mod usb_slots {
             b.address = address;
             Arc::new(Mutex::new(Wired::new(b, tx.clone(), rec.clone())))
         };
-        let (b1, b2, b3) = (cm4(3, 12), cm4(4, 30), cm4(5, 40));
+        let (b1, b2, b3, b4) = (cm4(3, 12), cm4(4, 30), cm4(5, 40), cm4(6, 50));
+        lock(&b4).unplug_on_change = true;
         let mut bus = SimBus::new();
+        bus.attach(b4.clone());
         bus.attach(b1.clone());
         bus.attach(b2.clone());
         bus.attach(b3.clone());
@@ -1396,7 +1406,7 @@ mod usb_slots {
                     uiv,
                     &st::RunOptions {
                         flash_present: false,
-                        exit_after: Some(3),
+                        exit_after: Some(4),
                     },
                     &mut events,
                     Some(bus),
@@ -1405,7 +1415,7 @@ mod usb_slots {
             })
         };
         // The boards are plugged in while the station runs.
-        for b in [&b1, &b2, &b3] {
+        for b in [&b1, &b2, &b3, &b4] {
             let d = lock(b).descriptor().unwrap();
             tx.send((Action::Add, usbslot::udev_event_for(&d, "")))
                 .unwrap();
@@ -1426,10 +1436,18 @@ mod usb_slots {
         release.send(()).unwrap();
         let totals = station_thread.join().unwrap().unwrap();
         let said = format!("{:#?}", rec.0.lock().unwrap());
-        assert_eq!((totals.pass, totals.fail), (1, 2), "{said}");
+        assert_eq!((totals.pass, totals.fail), (1, 3), "{said}");
 
         let rows = ledger::report(&ledger_path, None).unwrap();
-        assert_eq!(rows.len(), 3, "{rows:#?}");
+        assert_eq!(rows.len(), 4, "{rows:#?}");
+        let r4 = rows.iter().find(|r| r.slot == "r4").unwrap();
+        assert_eq!(r4.result, "fail", "{r4:#?}");
+        let why4 = r4.failure_reason.as_deref().unwrap_or("");
+        assert!(
+            why4.starts_with("usbboot failed: the board left port 1-1.6 during rpiboot"),
+            "{why4}"
+        );
+        assert_eq!(lock(&b4).board.stage, Stage::Off);
         let r3 = rows.iter().find(|r| r.slot == "r3").unwrap();
         assert_eq!(r3.result, "fail", "{r3:#?}");
         let why3 = r3.failure_reason.as_deref().unwrap_or("");

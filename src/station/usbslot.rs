@@ -412,7 +412,15 @@ fn provision_rpi(
     opts.job = String::new();
     // The rpiboot stage never reads the image; the block job below does.
     let unused = Box::new(MemSource::new("unused", Vec::new()));
-    let out = write_via(bus, &opts, unused, rep.as_ref())?;
+    let out = match write_via(bus, &opts, unused, rep.as_ref()) {
+        Ok(out) => out,
+        // Its re-enumerations are expected, so an unplug during rpiboot shows up as a lost
+        // or late device: say so when nothing is left on the port.
+        Err(e) if bus.list()?.iter().all(|f| f.port_path != port) => {
+            bail!("the board left port {port} during rpiboot (unplugged?): {e}")
+        }
+        Err(e) => return Err(e.into()),
+    };
     let Outcome::BlockDevice { path, .. } = out else {
         bail!("port {port}: rpiboot did not hand back a block device ({out:?})");
     };
