@@ -1985,8 +1985,12 @@ fn send_to_lrzsz(protocol: &str, data: &[u8], receiver: &str) -> (tempfile::Temp
 }
 
 fn assert_xmodem_file(got: &[u8], data: &[u8]) {
-    let padded = data.len().div_ceil(128) * 128;
-    assert_eq!(got.len(), padded, "XMODEM pads to 128-byte blocks");
+    assert_padded(got, data, data.len().div_ceil(128) * 128);
+}
+
+/// `got` is `data` padded with SUB (0x1a) to `len` bytes, as XMODEM receivers keep it.
+fn assert_padded(got: &[u8], data: &[u8], len: usize) {
+    assert_eq!(got.len(), len, "XMODEM pads to whole blocks");
     assert!(
         got[..data.len()] == *data,
         "received bytes differ from the file"
@@ -2033,19 +2037,8 @@ fn xmodem_1k_to_lrzsz_rx_arrives_byte_for_byte() {
     let data = transfer_payload(65_536 + 300);
     let (dir, _) = send_to_lrzsz("xmodem1k", &data, "rx -b -c out.bin");
     let got = std::fs::read(dir.path().join("recv/out.bin")).unwrap();
-    assert_eq!(
-        got.len(),
-        65_536 + 1024,
-        "the tail went in one padded 1K block"
-    );
-    assert!(
-        got[..data.len()] == *data,
-        "received bytes differ from the file"
-    );
-    assert!(
-        got[data.len()..].iter().all(|&b| b == 0x1a),
-        "padding is not SUB"
-    );
+    // The 300-byte tail went in one padded 1K block.
+    assert_padded(&got, &data, 65_536 + 1024);
 }
 
 /// YMODEM (U-Boot's `loady`): 1024-byte blocks, block 0 with name and size so that `rb`

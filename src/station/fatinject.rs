@@ -359,14 +359,19 @@ impl Read for DirectReader<'_> {
     }
 }
 
+/// The new position of a window of `size` bytes at `pos` after `p` (for `Seek` impls).
+pub(crate) fn seek_in_window(pos: u64, size: u64, p: SeekFrom) -> std::io::Result<u64> {
+    match p {
+        SeekFrom::Start(x) => Some(x),
+        SeekFrom::Current(d) => pos.checked_add_signed(d),
+        SeekFrom::End(d) => size.checked_add_signed(d),
+    }
+    .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))
+}
+
 impl Seek for DirectReader<'_> {
     fn seek(&mut self, p: SeekFrom) -> std::io::Result<u64> {
-        let new = match p {
-            SeekFrom::Start(x) => Some(x),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-            SeekFrom::End(d) => self.size.checked_add_signed(d),
-        };
-        self.pos = new.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        self.pos = seek_in_window(self.pos, self.size, p)?;
         Ok(self.pos)
     }
 }

@@ -521,12 +521,7 @@ impl Write for SinkIo<'_> {
 
 impl Seek for SinkIo<'_> {
     fn seek(&mut self, p: SeekFrom) -> std::io::Result<u64> {
-        let new = match p {
-            SeekFrom::Start(x) => Some(x),
-            SeekFrom::Current(d) => self.pos.checked_add_signed(d),
-            SeekFrom::End(d) => self.size.checked_add_signed(d),
-        };
-        self.pos = new.ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+        self.pos = super::fatinject::seek_in_window(self.pos, self.size, p)?;
         Ok(self.pos)
     }
 }
