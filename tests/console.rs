@@ -1760,27 +1760,41 @@ impl FakeAdapters {
                 .collect(),
             syspaths,
         };
-        a.retrigger();
-        for s in &a.syspaths {
+        // A udevd started a moment ago may not have the new rule or the event yet when the
+        // first trigger settles (seen once in CI): trigger again until the rule shows.
+        for _ in 0..40 {
+            a.retrigger();
+            if a.missing().is_none() {
+                return a;
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        if let Some(s) = a.missing() {
+            panic!("udev did not apply the test rule to {s}");
+        }
+        a
+    }
+
+    /// The first device the rule has not reached yet, if any.
+    fn missing(&self) -> Option<&str> {
+        self.syspaths.iter().map(String::as_str).find(|s| {
             let o = common::run(
                 Command::new("udevadm")
                     .args(["info", "-q", "property"])
                     .arg(s),
             );
-            assert!(
-                String::from_utf8_lossy(&o.stdout).contains("ID_BUS=usb"),
-                "udev did not apply the test rule to {s}"
-            );
-        }
-        a
+            !String::from_utf8_lossy(&o.stdout).contains("ID_BUS=usb")
+        })
     }
 
     fn retrigger(&self) {
         let _ = Command::new("udevadm")
             .args(["control", "--reload"])
             .status();
+        // --settle waits for these very events (a plain settle can return before udevd has
+        // even received them).
         let _ = Command::new("udevadm")
-            .args(["trigger", "--action=change"])
+            .args(["trigger", "--settle", "--action=change"])
             .args(&self.syspaths)
             .status();
         let _ = Command::new("udevadm")
