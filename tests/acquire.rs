@@ -951,7 +951,7 @@ fn stream_is_checked_against_the_board_before_writing() {
 /// by streaming from the loopback HTTPS server, by `curl | zstd -dc | dd`, and from a local
 /// file. Run: `cargo test --release --test acquire bench_stream -- --ignored --nocapture`.
 #[test]
-#[ignore]
+#[ignore = "benchmark for BENCHMARKS.md, not a test: run by hand with --ignored --nocapture"]
 fn bench_stream_vs_curl_vs_local_file() {
     if !common::require(true, &["losetup", "zstd", "curl", "dd"]) {
         return;
