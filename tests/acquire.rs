@@ -962,35 +962,60 @@ fn bench_stream_vs_curl_vs_local_file() {
         .unwrap_or(512);
     let d = tempfile::tempdir().unwrap();
     let srv = TestServer::start(d.path());
-    // Half incompressible data, half zeroes: like a filled-up root file system plus free space.
-    let mut raw = pseudo_random((mib / 2) << 20, 99);
-    raw.resize(mib << 20, 0);
-    let rawp = d.path().join("bench.img");
-    std::fs::write(&rawp, &raw).unwrap();
-    common::run(
-        std::process::Command::new("zstd")
-            .args(["-q", "-f", "-T0", "-3"])
-            .arg(&rawp),
-    );
-    let zstp = d.path().join("bench.img.zst");
+    // BENCH_IMAGE=path/x.img.zst benchmarks a real image (its raw sibling x.img is the
+    // reference for the byte checks), e.g. the writer benchmark's NixOS-like image.
+    let (rawp, zstp) = match std::env::var_os("BENCH_IMAGE") {
+        Some(z) => {
+            // Copied, so that the local write does not pick up a bmap beside it: the stream
+            // has none either.
+            let z = std::path::PathBuf::from(z);
+            let local = d.path().join("bench.img.zst");
+            std::fs::copy(&z, &local).unwrap();
+            (z.with_extension(""), local)
+        }
+        None => {
+            // Half incompressible data, half zeroes: the worst case for streaming (every
+            // written data byte crosses the network once, uncompressed).
+            let mut raw = pseudo_random((mib / 2) << 20, 99);
+            raw.resize(mib << 20, 0);
+            let rawp = d.path().join("bench.img");
+            std::fs::write(&rawp, &raw).unwrap();
+            common::run(
+                std::process::Command::new("zstd")
+                    .args(["-q", "-f", "-T0", "-3"])
+                    .arg(&rawp),
+            );
+            (rawp.clone(), d.path().join("bench.img.zst"))
+        }
+    };
+    let logical = std::fs::metadata(&rawp).unwrap().len();
     let zst = Arc::new(std::fs::read(&zstp).unwrap());
     srv.add("/bench.img.zst", zst.clone(), Behavior::Normal);
     let url = srv.url("/bench.img.zst");
-    let lo = common::LoopDev::new_sparse(d.path(), "disk.img", ((mib + 16) << 20) as u64);
+    let lo = common::LoopDev::new_sparse(d.path(), "disk.img", logical + (16 << 20));
     let dev = lo.path().to_path_buf();
     // Wall time and the CPU time (user + system) of the child processes: on a shared machine
     // the CPU column is the steadier one.
-    let children_cpu = || {
+    let cpu_of = |who: i32| {
         let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
         // SAFETY: getrusage only writes the struct it is given.
-        unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+        unsafe { libc::getrusage(who, &mut ru) };
         let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
         tv(ru.ru_utime) + tv(ru.ru_stime)
     };
+    // (wall, CPU of the client processes, CPU of this process: the HTTPS server's threads).
     let time = |f: &dyn Fn()| {
-        let (t, c) = (std::time::Instant::now(), children_cpu());
+        let (t, c, s) = (
+            std::time::Instant::now(),
+            cpu_of(libc::RUSAGE_CHILDREN),
+            cpu_of(libc::RUSAGE_SELF),
+        );
         f();
-        (t.elapsed().as_secs_f64(), children_cpu() - c)
+        (
+            t.elapsed().as_secs_f64(),
+            cpu_of(libc::RUSAGE_CHILDREN) - c,
+            cpu_of(libc::RUSAGE_SELF) - s,
+        )
     };
     let reps: usize = std::env::var("BENCH_REPS")
         .ok()
@@ -1013,7 +1038,7 @@ fn bench_stream_vs_curl_vs_local_file() {
                 .unwrap();
             assert!(o.status.success(), "{}", text(&o));
         });
-        common::assert_same_prefix(&rawp, &dev, (mib << 20) as u64);
+        common::assert_same_prefix(&rawp, &dev, logical);
         let c = time(&|| {
             common::sh(&format!(
                 "curl -sf --cacert {} {url} | zstd -dc | dd of={} bs=4M oflag=direct conv=fsync status=none",
@@ -1021,7 +1046,7 @@ fn bench_stream_vs_curl_vs_local_file() {
                 dev.display()
             ));
         });
-        common::assert_same_prefix(&rawp, &dev, (mib << 20) as u64);
+        common::assert_same_prefix(&rawp, &dev, logical);
         let l = time(&|| {
             let o = common::sbcflash()
                 .arg("write")
@@ -1032,26 +1057,30 @@ fn bench_stream_vs_curl_vs_local_file() {
                 .unwrap();
             assert!(o.status.success(), "{}", text(&o));
         });
-        common::assert_same_prefix(&rawp, &dev, (mib << 20) as u64);
+        common::assert_same_prefix(&rawp, &dev, logical);
         rows.push((rep, s, c, l));
     }
     println!("| rep | sbcflash write https://… (stream) | curl \\| zstd -dc \\| dd | sbcflash write local .zst | stream / local (wall) |");
     println!("|---|---|---|---|---|");
     for (rep, s, c, l) in rows {
         println!(
-            "| {rep} | {:.2} s ({:.2} s CPU) | {:.2} s ({:.2} s CPU) | {:.2} s ({:.2} s CPU) | {:.2} |",
+            "| {rep} | {:.2} s ({:.2} s CPU + server {:.2} s) | {:.2} s ({:.2} s CPU + server {:.2} s) | {:.2} s ({:.2} s CPU) | {:.2} |",
             s.0,
             s.1,
+            s.2,
             c.0,
             c.1,
+            c.2,
             l.0,
             l.1,
             s.0 / l.0
         );
     }
-    println!("(CPU: user + system time of the client processes; the HTTPS server runs in the test process and is not counted)");
+    println!("(CPU: user + system time of the client processes; server: of the test process, whose HTTPS server shares the machine's cores)");
     println!(
-        "image: {mib} MiB logical, {:.1} MiB zstd",
+        "image: {} ({:.1} MiB logical, {:.1} MiB zstd)",
+        zstp.display(),
+        logical as f64 / (1 << 20) as f64,
         zst.len() as f64 / (1 << 20) as f64
     );
 }

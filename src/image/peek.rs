@@ -3,7 +3,26 @@
 //! Bmap range checks stay with the inner source (inline): the checker must see every extent
 //! from the first, and the head has already been pulled when the pipeline would take it.
 
-use super::{Extent, ExtentKind, ExtentSource, ImageError};
+use super::{Extent, ExtentKind, ExtentSource, ImageError, SharedData};
+
+/// The bytes of a pulled `Data` extent: copied out, or still the inner source's lent buffer.
+enum Held {
+    Copied(Vec<u8>),
+    /// Kept on loan (the head is a few MiB: at most a couple of the source's pooled buffers),
+    /// so a lending source keeps lending: the writer takes every byte without a copy.
+    Lent(SharedData),
+    None,
+}
+
+impl Held {
+    fn bytes(&self, len: usize) -> &[u8] {
+        match self {
+            Held::Copied(v) => &v[..len],
+            Held::Lent(s) => &s.buf[s.start..s.start + len],
+            Held::None => &[],
+        }
+    }
+}
 
 /// Reads the first `want` logical bytes of a stream (a download, a pipe) for the board check,
 /// then replays what it read, so the writer sees the whole stream. Nothing is read twice and the
@@ -11,7 +30,8 @@ use super::{Extent, ExtentKind, ExtentSource, ImageError};
 pub struct HeadPeek {
     inner: Box<dyn ExtentSource>,
     /// Extents already pulled from `inner`, with their data for `Data` ones.
-    queue: std::collections::VecDeque<(Extent, Vec<u8>)>,
+    queue: std::collections::VecDeque<(Extent, Held)>,
+    lends: bool,
 }
 
 impl HeadPeek {
@@ -19,27 +39,54 @@ impl HeadPeek {
         mut inner: Box<dyn ExtentSource>,
         want: usize,
     ) -> Result<(HeadPeek, Vec<u8>), ImageError> {
+        let lends = inner.shares_buffers();
         let mut head = Vec::with_capacity(want);
         let mut queue = std::collections::VecDeque::new();
-        let mut buf = vec![0u8; 1 << 20];
+        let mut buf = if lends {
+            Vec::new()
+        } else {
+            vec![0u8; 1 << 20]
+        };
         while head.len() < want {
-            let Some(e) = inner.next_extent(&mut buf)? else {
-                break;
+            let (e, held) = if lends {
+                match inner.next_shared()? {
+                    None => break,
+                    Some((e, Some(s))) => (e, Held::Lent(s)),
+                    Some((e, None)) => (e, Held::None),
+                }
+            } else {
+                match inner.next_extent(&mut buf)? {
+                    None => break,
+                    Some(e) if e.kind == ExtentKind::Data => {
+                        (e, Held::Copied(buf[..e.len as usize].to_vec()))
+                    }
+                    Some(e) => (e, Held::None),
+                }
             };
             let take = (want - head.len()).min(usize::try_from(e.len).unwrap_or(usize::MAX));
-            match e.kind {
-                ExtentKind::Data => {
-                    head.extend_from_slice(&buf[..take]);
-                    queue.push_back((e, buf[..e.len as usize].to_vec()));
+            match (&held, e.kind) {
+                (Held::None, ExtentKind::Data) => {
+                    return Err(ImageError::Invalid {
+                        path: inner.describe(),
+                        msg: "a lent data extent came without its buffer".into(),
+                    })
+                }
+                (_, ExtentKind::Data) => {
+                    head.extend_from_slice(&held.bytes(e.len as usize)[..take])
                 }
                 // Unmapped ranges read as zeroes on a fresh target too: check them as such.
-                _ => {
-                    head.resize(head.len() + take, 0);
-                    queue.push_back((e, Vec::new()));
-                }
+                _ => head.resize(head.len() + take, 0),
             }
+            queue.push_back((e, held));
         }
-        Ok((HeadPeek { inner, queue }, head))
+        Ok((
+            HeadPeek {
+                inner,
+                queue,
+                lends,
+            },
+            head,
+        ))
     }
 }
 
@@ -49,7 +96,7 @@ impl ExtentSource for HeadPeek {
     }
 
     fn next_extent(&mut self, buf: &mut [u8]) -> Result<Option<Extent>, ImageError> {
-        let Some((e, data)) = self.queue.front_mut() else {
+        let Some((e, held)) = self.queue.front_mut() else {
             return self.inner.next_extent(buf);
         };
         if e.kind != ExtentKind::Data {
@@ -58,21 +105,43 @@ impl ExtentSource for HeadPeek {
             return Ok(Some(e));
         }
         // The caller's buffer may be smaller than the one the head was read with: split.
-        let n = data.len().min(buf.len());
-        buf[..n].copy_from_slice(&data[..n]);
+        let n = usize::try_from(e.len).unwrap_or(usize::MAX).min(buf.len());
+        buf[..n].copy_from_slice(&held.bytes(n));
         let out = Extent {
             offset: e.offset,
             len: n as u64,
             kind: ExtentKind::Data,
         };
-        if n == data.len() {
+        if n as u64 == e.len {
             self.queue.pop_front();
         } else {
-            data.drain(..n);
+            match held {
+                Held::Copied(v) => {
+                    v.drain(..n);
+                }
+                Held::Lent(s) => s.start += n,
+                Held::None => {}
+            }
             e.offset += n as u64;
             e.len -= n as u64;
         }
         Ok(Some(out))
+    }
+
+    fn shares_buffers(&self) -> bool {
+        self.lends
+    }
+
+    fn next_shared(&mut self) -> Result<Option<(Extent, Option<SharedData>)>, ImageError> {
+        match self.queue.pop_front() {
+            None => self.inner.next_shared(),
+            Some((e, Held::Lent(s))) => Ok(Some((e, Some(s)))),
+            Some((e, Held::None)) => Ok(Some((e, None))),
+            Some((_, Held::Copied(_))) => Err(ImageError::Invalid {
+                path: self.inner.describe(),
+                msg: "copied head extents cannot be lent".into(),
+            }),
+        }
     }
 
     fn describe(&self) -> String {
@@ -146,5 +215,40 @@ mod tests {
         let (mut p, head) = HeadPeek::new(Box::new(script()), 64 << 20).unwrap();
         assert_eq!(head, want);
         assert_eq!(logical(&mut p, 1 << 20), want);
+    }
+
+    /// A lending source (a decompressed stream) stays lending through the peek: the head and
+    /// then the whole image come as the source's own buffers, byte for byte.
+    #[test]
+    fn head_peek_keeps_a_lending_source_lending() {
+        let mut raw = vec![0u8; 9 << 20];
+        let mut x = 7u32;
+        let (a, rest) = raw.split_at_mut(3 << 20);
+        for b in a.iter_mut().chain(rest[3 << 20..].iter_mut()) {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            *b = x as u8;
+        }
+        let z = zstd::encode_all(&raw[..], 1).unwrap();
+        let src = super::super::from_reader(Box::new(std::io::Cursor::new(z)), "t.zst", None, None)
+            .unwrap();
+        assert!(src.shares_buffers());
+        let (mut p, head) = HeadPeek::new(src, 4 << 20).unwrap();
+        assert_eq!(head, raw[..4 << 20]);
+        assert!(p.shares_buffers());
+        let mut out = Vec::new();
+        while let Some((e, d)) = p.next_shared().unwrap() {
+            assert_eq!(e.offset, out.len() as u64, "extents are contiguous");
+            match (e.kind, d) {
+                (ExtentKind::Data, Some(d)) => {
+                    out.extend_from_slice(&d.buf[d.start..d.start + e.len as usize])
+                }
+                (ExtentKind::Data, None) => panic!("data extent without its buffer"),
+                (_, _) => out.resize(out.len() + e.len as usize, 0),
+            }
+        }
+        assert_eq!(out.len(), raw.len());
+        assert!(out == raw, "replayed image differs");
     }
 }
