@@ -106,7 +106,7 @@ impl ExtentSource for HeadPeek {
         }
         // The caller's buffer may be smaller than the one the head was read with: split.
         let n = usize::try_from(e.len).unwrap_or(usize::MAX).min(buf.len());
-        buf[..n].copy_from_slice(&held.bytes(n));
+        buf[..n].copy_from_slice(held.bytes(n));
         let out = Extent {
             offset: e.offset,
             len: n as u64,
