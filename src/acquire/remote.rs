@@ -95,12 +95,19 @@ impl RemoteCheck {
     {
         match write_result {
             Err(e) => {
+                // The image layer saw the transfer's failure only as a read error of the
+                // decompressor ("zstd data is corrupt or truncated"): name the real cause alone.
+                let image_side = is_image_error(&e);
                 if let Some(f) = self.check.take_failure() {
-                    return Err(anyhow::Error::new(f).context(e.to_string()));
+                    return Err(if image_side {
+                        anyhow::Error::new(f)
+                    } else {
+                        anyhow::Error::new(f).context(e.to_string())
+                    });
                 }
                 // The image failed to decode: was it what the publisher hashed? Read the rest
                 // of the download and check, so a tampered or truncated file is named as such.
-                if self.check.has_pin() && is_image_error(&e) {
+                if self.check.has_pin() && image_side {
                     if let Err(f) = self.check.finish(true) {
                         return Err(anyhow::Error::new(f).context(e.to_string()));
                     }
