@@ -1030,19 +1030,36 @@ fn bench_stream_vs_curl_vs_local_file() {
     let pin = b3(&zst);
     let mut rows = Vec::new();
     for rep in 0..reps {
-        let s = time(&|| {
-            let o = common::sbcflash()
-                .arg("write")
-                .arg(&url)
-                .arg(&dev)
-                .args(["--yes", "--no-verify", "--source-blake3", &pin, "--ca-file"])
-                .arg(&srv.ca_file)
-                .arg("--cache-dir")
-                .arg(d.path().join("cache"))
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "{}", text(&o));
-        });
+        let stream = |verify: bool| {
+            time(&|| {
+                let o = common::sbcflash()
+                    .arg("write")
+                    .arg(&url)
+                    .arg(&dev)
+                    .args(["--yes", "--source-blake3", &pin, "--ca-file"])
+                    .arg(&srv.ca_file)
+                    .arg("--cache-dir")
+                    .arg(d.path().join("cache"))
+                    .args((!verify).then_some("--no-verify"))
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{}", text(&o));
+            })
+        };
+        let local = |verify: bool| {
+            time(&|| {
+                let o = common::sbcflash()
+                    .arg("write")
+                    .arg(&zstp)
+                    .arg(&dev)
+                    .arg("--yes")
+                    .args((!verify).then_some("--no-verify"))
+                    .output()
+                    .unwrap();
+                assert!(o.status.success(), "{}", text(&o));
+            })
+        };
+        let s = stream(false);
         common::assert_same_prefix(&rawp, &dev, logical);
         let c = time(&|| {
             common::sh(&format!(
@@ -1052,24 +1069,20 @@ fn bench_stream_vs_curl_vs_local_file() {
             ));
         });
         common::assert_same_prefix(&rawp, &dev, logical);
-        let l = time(&|| {
-            let o = common::sbcflash()
-                .arg("write")
-                .arg(&zstp)
-                .arg(&dev)
-                .args(["--yes", "--no-verify"])
-                .output()
-                .unwrap();
-            assert!(o.status.success(), "{}", text(&o));
-        });
+        let l = local(false);
         common::assert_same_prefix(&rawp, &dev, logical);
-        rows.push((rep, s, c, l));
+        // The default (with the read-back verify) both ways: what a user sees.
+        let sv = stream(true);
+        common::assert_same_prefix(&rawp, &dev, logical);
+        let lv = local(true);
+        common::assert_same_prefix(&rawp, &dev, logical);
+        rows.push((rep, s, c, l, sv, lv));
     }
-    println!("| rep | sbcflash write https://… (stream) | curl \\| zstd -dc \\| dd | sbcflash write local .zst | stream / local (wall) |");
-    println!("|---|---|---|---|---|");
-    for (rep, s, c, l) in rows {
+    println!("| rep | sbcflash write https://… (stream) | curl \\| zstd -dc \\| dd | sbcflash write local .zst | stream / local (wall) | with read-back: stream | local | stream / local |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (rep, s, c, l, sv, lv) in rows {
         println!(
-            "| {rep} | {:.2} s ({:.2} s CPU + server {:.2} s) | {:.2} s ({:.2} s CPU + server {:.2} s) | {:.2} s ({:.2} s CPU) | {:.2} |",
+            "| {rep} | {:.2} s ({:.2} s CPU + server {:.2} s) | {:.2} s ({:.2} s CPU + server {:.2} s) | {:.2} s ({:.2} s CPU) | {:.2} | {:.2} s | {:.2} s | {:.2} |",
             s.0,
             s.1,
             s.2,
@@ -1078,7 +1091,10 @@ fn bench_stream_vs_curl_vs_local_file() {
             c.2,
             l.0,
             l.1,
-            s.0 / l.0
+            s.0 / l.0,
+            sv.0,
+            lv.0,
+            sv.0 / lv.0
         );
     }
     println!("(CPU: user + system time of the client processes; server: of the test process, whose HTTPS server shares the machine's cores)");
