@@ -944,6 +944,27 @@ mod usb_slots {
 
     type Events = crossbeam_channel::Sender<(Action, DeviceInfo)>;
 
+    /// A hang guard for joining the station thread, not a performance threshold: a bug that
+    /// keeps the station waiting (a job thread that never reports) fails the test with this
+    /// message instead of hanging until nextest terminates it.
+    const HANG_GUARD: Duration = Duration::from_secs(120);
+
+    /// Joins the station thread within [`HANG_GUARD`]; a panic in it is re-raised here.
+    fn join_station<T: Send + 'static>(h: std::thread::JoinHandle<T>) -> T {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let _ = tx.send(h.join());
+        });
+        match rx.recv_timeout(HANG_GUARD) {
+            Ok(Ok(v)) => v,
+            Ok(Err(panic)) => std::panic::resume_unwind(panic),
+            Err(_) => panic!(
+                "the station thread did not finish within {HANG_GUARD:?} (hang guard): a job \
+                 never reported its end"
+            ),
+        }
+    }
+
     /// Waits (with a watchdog, not a threshold) until the station said `needle`.
     fn wait_said(rec: &Recorder, needle: &str) {
         let t0 = std::time::Instant::now();
@@ -983,6 +1004,8 @@ mod usb_slots {
         gate: Option<Gate>,
         /// Unplugged at its first re-enumeration: it leaves the bus and never comes back.
         unplug_on_change: bool,
+        /// Panics in a bulk OUT transfer once this many bytes were written (a transport bug).
+        panic_at: Option<u64>,
     }
 
     impl<B: SimDevice> Wired<B> {
@@ -997,6 +1020,7 @@ mod usb_slots {
                 out: 0,
                 gate: None,
                 unplug_on_change: false,
+                panic_at: None,
             }
         }
         fn sync(&mut self) {
@@ -1065,6 +1089,9 @@ mod usb_slots {
             r
         }
         fn bulk_out(&mut self, data: &[u8]) -> Result<usize, TransportError> {
+            if let Some(at) = self.panic_at.filter(|at| self.out >= *at) {
+                panic!("simulated transport bug after {at} bytes");
+            }
             if let Some(g) = self.gate.as_ref().filter(|g| self.out >= g.at) {
                 let _ = g.reached.send(());
                 let _ = g.release.recv();
@@ -1114,6 +1141,60 @@ mod usb_slots {
         }
     }
 
+    /// The station config for `img` with a `[usb]` section and USB slots `(name, port)`
+    /// matched by DEVPATH under `usb1/<hub>` (`port` like `2.1` under hub `1-2`).
+    fn usb_station(
+        dir: &Path,
+        img: &Path,
+        usb: &str,
+        hub: &str,
+        slots: &[(&str, &str)],
+    ) -> config::Station {
+        let cfg_path = write_config(dir, img, &[], "");
+        let mut text = std::fs::read_to_string(&cfg_path).unwrap();
+        text = text.replace("[identity]", &format!("[usb]\n{usb}\n[identity]"));
+        for (name, port) in slots {
+            text.push_str(&format!(
+                "[[slot]]\nname = \"{name}\"\nkind = \"usb\"\nmatch = {{ DEVPATH = \"*/usb1/{hub}/1-{port}\" }}\n"
+            ));
+        }
+        std::fs::write(&cfg_path, &text).unwrap();
+        config::Station::load(&cfg_path).unwrap()
+    }
+
+    /// Runs the station loop on its own thread over `bus`, with `present` as the devices
+    /// found at start and `rx` as later udev events, until `exit_after` units ended.
+    #[allow(clippy::too_many_arguments)]
+    fn start_station(
+        station: config::Station,
+        img: &Path,
+        ledger_path: &Path,
+        reporter: Arc<dyn sbcflash::progress::Reporter>,
+        bus: SimBus,
+        present: Vec<DeviceInfo>,
+        rx: crossbeam_channel::Receiver<(Action, DeviceInfo)>,
+        opts: st::RunOptions,
+    ) -> std::thread::JoinHandle<Result<st::Totals, st::StationError>> {
+        let (led, _) = ledger::Ledger::open(ledger_path).unwrap();
+        let uiv = Arc::new(ui::Ui::new(reporter, ui::Style::Stream, false, false));
+        let plan = Arc::new(image_plan(img));
+        let stop = Arc::new(AtomicBool::new(false));
+        let bus: Arc<dyn sbcflash::usb::discovery::Bus + Send + Sync> = Arc::new(bus);
+        std::thread::spawn(move || {
+            let mut events = ChannelEvents { present, rx };
+            st::run_with(
+                &station,
+                plan,
+                led,
+                uiv,
+                &opts,
+                &mut events,
+                Some(bus),
+                stop,
+            )
+        })
+    }
+
     /// Two boards on configured USB ports (one in maskrom, so it gets the loader and
     /// re-enumerates; one already running a loader) and one on a port in no slot. The maskrom
     /// board is flashed, read back, given its identity in its FAT partition and reset; the
@@ -1142,22 +1223,13 @@ mod usb_slots {
             ),
         )
         .unwrap();
-        let cfg_path = write_config(dir.path(), &img, &[], "");
-        let mut text = std::fs::read_to_string(&cfg_path).unwrap();
-        text = text.replace(
-            "[identity]",
-            &format!(
-                "[usb]\nloader = [\"{}\"]\nstorage = \"emmc\"\n[identity]",
-                loader.display()
-            ),
+        let station = usb_station(
+            dir.path(),
+            &img,
+            &format!("loader = [\"{}\"]\nstorage = \"emmc\"", loader.display()),
+            "1-2",
+            &[("u1", "2.1"), ("u2", "2.2"), ("u3", "2.3")],
         );
-        for (name, port) in [("u1", "2.1"), ("u2", "2.2"), ("u3", "2.3")] {
-            text.push_str(&format!(
-                "[[slot]]\nname = \"{name}\"\nkind = \"usb\"\nmatch = {{ DEVPATH = \"*/usb1/1-2/1-{port}\" }}\n"
-            ));
-        }
-        std::fs::write(&cfg_path, &text).unwrap();
-        let station = config::Station::load(&cfg_path).unwrap();
 
         let rec = Arc::new(Recorder::default());
         let (tx, rx) = crossbeam_channel::unbounded();
@@ -1205,30 +1277,19 @@ mod usb_slots {
             "",
         ));
         let ledger_path = dir.path().join("ledger.sqlite");
-        let (led, _) = ledger::Ledger::open(&ledger_path).unwrap();
-        let uiv = Arc::new(ui::Ui::new(rec.clone(), ui::Style::Stream, false, false));
-        let plan = Arc::new(image_plan(&img));
-        let stop = Arc::new(AtomicBool::new(false));
-        let station_thread = {
-            let (stop, uiv) = (stop.clone(), uiv.clone());
-            let bus: Arc<dyn sbcflash::usb::discovery::Bus + Send + Sync> = Arc::new(bus);
-            std::thread::spawn(move || {
-                let mut events = ChannelEvents { present, rx };
-                st::run_with(
-                    &station,
-                    plan,
-                    led,
-                    uiv,
-                    &st::RunOptions {
-                        flash_present: true,
-                        exit_after: Some(3),
-                    },
-                    &mut events,
-                    Some(bus),
-                    stop,
-                )
-            })
-        };
+        let station_thread = start_station(
+            station,
+            &img,
+            &ledger_path,
+            rec.clone(),
+            bus,
+            present,
+            rx,
+            st::RunOptions {
+                flash_present: true,
+                exit_after: Some(3),
+            },
+        );
 
         // b2 is mid-write: the cable is pulled. udev reports the removal first...
         reached
@@ -1245,7 +1306,7 @@ mod usb_slots {
         pulled.store(true, Ordering::SeqCst);
         release.send(()).unwrap();
 
-        let totals = station_thread.join().unwrap().unwrap();
+        let totals = join_station(station_thread).unwrap();
         assert_eq!(
             (totals.pass, totals.fail),
             (1, 2),
@@ -1287,6 +1348,86 @@ mod usb_slots {
             o.board.storage(EMMC) == &outside_before[..],
             "outside board was written"
         );
+    }
+
+    /// A job thread that panics (here: a transport bug in the simulated board, mid-write)
+    /// ends as that unit's FAIL with the panic message, and its ledger row is finished; the
+    /// board on the other slot is flashed and PASS; the station ends instead of waiting for
+    /// the dead job.
+    #[test]
+    fn station_usb_slots_a_panicking_job_is_fail_with_its_message() {
+        if !require(
+            false,
+            &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "mdir"],
+        ) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = make_nixos_like_image(dir.path(), "usb.img", IMG_MIB, Table::Mbr);
+        let station = usb_station(
+            dir.path(),
+            &img,
+            "storage = \"emmc\"",
+            "1-2",
+            &[("p1", "2.1"), ("p2", "2.2")],
+        );
+        let rec = Arc::new(Recorder::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let bad = Arc::new(Mutex::new(Wired::new(
+            board(RkMode::Loader, 1, 5),
+            tx.clone(),
+            rec.clone(),
+        )));
+        lock(&bad).panic_at = Some(4 * MIB);
+        let good = Arc::new(Mutex::new(Wired::new(
+            board(RkMode::Loader, 2, 6),
+            tx.clone(),
+            rec.clone(),
+        )));
+        let mut bus = SimBus::new();
+        bus.attach(bad.clone());
+        bus.attach(good.clone());
+        let present = [&bad, &good]
+            .iter()
+            .map(|b| usbslot::udev_event_for(&lock(b).descriptor().unwrap(), ""))
+            .collect();
+        let ledger_path = dir.path().join("ledger.sqlite");
+        let station_thread = start_station(
+            station,
+            &img,
+            &ledger_path,
+            rec.clone(),
+            bus,
+            present,
+            rx,
+            st::RunOptions {
+                flash_present: true,
+                exit_after: Some(2),
+            },
+        );
+        let totals = join_station(station_thread).unwrap();
+        let said = format!("{:#?}", rec.0.lock().unwrap());
+        assert_eq!((totals.pass, totals.fail), (1, 1), "{said}");
+        let rows = ledger::report(&ledger_path, None).unwrap();
+        assert_eq!(rows.len(), 2, "{rows:#?}");
+        let p1 = rows.iter().find(|r| r.slot == "p1").unwrap();
+        assert_eq!(p1.result, "fail", "{p1:#?}");
+        assert!(
+            p1.ended_at.is_some(),
+            "the panicked unit's row was not finished: {p1:#?}"
+        );
+        let why = p1.failure_reason.as_deref().unwrap_or("");
+        assert!(
+            why.starts_with(
+                "write failed: job thread panicked: simulated transport bug after 4194304 bytes"
+            ),
+            "{why}"
+        );
+        let p2 = rows.iter().find(|r| r.slot == "p2").unwrap();
+        assert_eq!(p2.result, "pass", "{p2:#?}\n{said}");
+        let flash = dir.path().join("p2.emmc");
+        std::fs::write(&flash, lock(&good).board.storage(EMMC)).unwrap();
+        check_contents(&img, &flash, &p2.unit_serial, "p2");
     }
 
     /// Passes events to a [`Recorder`], but holds the job thread of `slot` when its writer
@@ -1345,19 +1486,13 @@ mod usb_slots {
         // Stale bytes a correct write must replace (zero ranges included).
         std::fs::write(&emmc.backing, pattern(64 << 20, 0x5a)).unwrap();
 
-        let cfg_path = write_config(dir.path(), &img, &[], "");
-        let mut text = std::fs::read_to_string(&cfg_path).unwrap();
-        text = text.replace(
-            "[identity]",
-            "[usb]\nusbboot-dir = \"msg64\"\nreenumerate_timeout_secs = 2\n[identity]",
+        let station = usb_station(
+            dir.path(),
+            &img,
+            "usbboot-dir = \"msg64\"\nreenumerate_timeout_secs = 2",
+            "1-1",
+            &[("r1", "1.3"), ("r2", "1.4"), ("r3", "1.5"), ("r4", "1.6")],
         );
-        for (name, port) in [("r1", "3"), ("r2", "4"), ("r3", "5"), ("r4", "6")] {
-            text.push_str(&format!(
-                "[[slot]]\nname = \"{name}\"\nkind = \"usb\"\nmatch = {{ DEVPATH = \"*/usb1/1-1/1-1.{port}\" }}\n"
-            ));
-        }
-        std::fs::write(&cfg_path, &text).unwrap();
-        let station = config::Station::load(&cfg_path).unwrap();
         assert_eq!(station.usb.usbboot_dir.as_deref(), Some(boot.as_path()));
 
         let rec = Arc::new(Recorder::default());
@@ -1387,33 +1522,19 @@ mod usb_slots {
         // Only r1's gadget shows a disk; r2's eMMC never appears.
         bus.map_block("1-1.3", emmc.path().to_path_buf());
         let ledger_path = dir.path().join("ledger.sqlite");
-        let (led, _) = ledger::Ledger::open(&ledger_path).unwrap();
-        let uiv = Arc::new(ui::Ui::new(gate.clone(), ui::Style::Stream, false, false));
-        let plan = Arc::new(image_plan(&img));
-        let stop = Arc::new(AtomicBool::new(false));
-        let station_thread = {
-            let (stop, uiv) = (stop.clone(), uiv.clone());
-            let bus: Arc<dyn sbcflash::usb::discovery::Bus + Send + Sync> = Arc::new(bus);
-            std::thread::spawn(move || {
-                let mut events = ChannelEvents {
-                    present: Vec::new(),
-                    rx,
-                };
-                st::run_with(
-                    &station,
-                    plan,
-                    led,
-                    uiv,
-                    &st::RunOptions {
-                        flash_present: false,
-                        exit_after: Some(4),
-                    },
-                    &mut events,
-                    Some(bus),
-                    stop,
-                )
-            })
-        };
+        let station_thread = start_station(
+            station,
+            &img,
+            &ledger_path,
+            gate.clone(),
+            bus,
+            Vec::new(),
+            rx,
+            st::RunOptions {
+                flash_present: false,
+                exit_after: Some(4),
+            },
+        );
         // The boards are plugged in while the station runs.
         for b in [&b1, &b2, &b3, &b4] {
             let d = lock(b).descriptor().unwrap();
@@ -1434,7 +1555,7 @@ mod usb_slots {
             &format!("r3: {node} device removed; cancelling its job"),
         );
         release.send(()).unwrap();
-        let totals = station_thread.join().unwrap().unwrap();
+        let totals = join_station(station_thread).unwrap();
         let said = format!("{:#?}", rec.0.lock().unwrap());
         assert_eq!((totals.pass, totals.fail), (1, 3), "{said}");
 

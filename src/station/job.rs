@@ -254,7 +254,18 @@ pub fn spawn(
     let thread = std::thread::Builder::new()
         .name(format!("slot-{slot}"))
         .spawn(move || {
-            let d = run_job(&ctx, &slot, &dev, &c);
+            // A panic outside the provisioning step (which `run_job` catches itself, to
+            // record it in the unit's row) must still reach the station loop, or it would
+            // wait for this slot forever.
+            let d = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                run_job(&ctx, &slot, &dev, &c)
+            }))
+            .unwrap_or_else(|p| Done {
+                slot: slot.clone(),
+                pass: false,
+                serial: None,
+                reason: Some(format!("job thread panicked: {}", panic_text(p.as_ref()))),
+            });
             let _ = done.send(d);
         });
     let thread = match thread {
@@ -271,6 +282,14 @@ pub fn spawn(
         }
     };
     Handle { cancel, thread }
+}
+
+/// The message of a caught panic (`panic!` payloads are `&str` or `String`).
+fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    p.downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "(no message)".to_string())
 }
 
 /// Steps of a job, named in FAIL reasons ("removed mid-write").
@@ -396,18 +415,31 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
 
     let t0 = Instant::now();
     let step = Mutex::new(Step::Open);
-    let result = if usb {
-        let set = |s: Step| {
-            if let Ok(mut g) = step.lock() {
-                *g = s;
-            }
-        };
-        super::usbslot::provision(ctx, dev, &id.files, cancel, &rep, &set)
-    } else {
-        provision(ctx, dev, &id.files, cancel, &rep, &step)
-    };
+    // A panic while provisioning (a bug in a transport or the writer) is this unit's FAIL,
+    // with the panic message in its ledger row; the other slots carry on.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        if usb {
+            let set = |s: Step| {
+                if let Ok(mut g) = step.lock() {
+                    *g = s;
+                }
+            };
+            super::usbslot::provision(ctx, dev, &id.files, cancel, &rep, &set)
+        } else {
+            provision(ctx, dev, &id.files, cancel, &rep, &step)
+        }
+    }))
+    .unwrap_or_else(|p| {
+        Err(anyhow::anyhow!(
+            "job thread panicked: {}",
+            panic_text(p.as_ref())
+        ))
+    });
     let secs = t0.elapsed().as_secs_f64();
-    let step = step.lock().map(|s| *s).unwrap_or(Step::Open);
+    let step = match step.lock() {
+        Ok(s) => *s,
+        Err(p) => *p.into_inner(),
+    };
     // A pulled card is never PASS, even if the last write happened to land.
     let result = match (result, cancel.reason()) {
         (_, Some(why)) if why.starts_with("station stopped") => {
