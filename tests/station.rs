@@ -846,6 +846,152 @@ fn station_udevd_kill9_loses_no_unit_and_never_reuses_a_serial() {
     }
 }
 
+/// Marks the decoded image `key` in `dir` as last used `days` ago.
+fn age_decoded(dir: &Path, key: &str, days: u64) {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(dir.join(format!("{key}.map.json")))
+        .unwrap();
+    f.set_modified(std::time::SystemTime::now() - Duration::from_secs(days * 86_400))
+        .unwrap();
+}
+
+fn decoded_keys(dir: &Path) -> std::collections::BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter_map(|d| {
+            d.file_name()
+                .to_string_lossy()
+                .strip_suffix(".raw")
+                .filter(|k| !k.starts_with('.'))
+                .map(str::to_string)
+        })
+        .collect()
+}
+
+fn cache_cli(cache: &Path, args: &[&str]) -> std::process::Output {
+    sbcflash()
+        .arg("--json")
+        .args(["cache", "--cache-dir"])
+        .arg(cache)
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Decoded images are derived data in the cache: `cache list` shows them (and which one a
+/// station holds), `cache prune --older-than` removes old ones and dead decodes' temporaries
+/// but never one in use, `cache verify` re-hashes them through their map and removes a
+/// corrupted one, a station start removes older decoded images of other sources (not one
+/// another station holds), and `--max-size 0` removes everything no station holds.
+#[test]
+fn station_decoded_images_are_listed_verified_and_pruned_with_the_cache() {
+    use sbcflash::station::{decoded, job};
+    use sbcflash::usb::flash::MemSource;
+    if !require(false, &["zstd"]) {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let cache = tmp.path().join("cache");
+    let dir = cache.join("decoded");
+    let rec = sbcflash::progress::Recorder::default();
+    let key = |s: &str| blake3::hash(s.as_bytes()).to_hex().to_string();
+    let image = |seed: u8| {
+        let mut v = vec![0u8; 3 << 20];
+        v[4096..300_000].fill(seed);
+        v
+    };
+    let make = |k: &str, seed: u8| {
+        decoded::materialise(&mut MemSource::new(k, image(seed)), k, &dir, &rec, "t").unwrap()
+    };
+    let (old, held_key, new) = (key("old"), key("held"), key("new"));
+    drop(make(&old, 1));
+    let held = make(&held_key, 2); // a running station holds this one
+    drop(make(&new, 3));
+    age_decoded(&dir, &old, 40);
+    age_decoded(&dir, &held_key, 40);
+    let dead_tmp = dir.join(format!(".{}.raw.99999", key("dead")));
+    std::fs::write(&dead_tmp, b"half a decode").unwrap();
+    std::fs::File::options()
+        .write(true)
+        .open(&dead_tmp)
+        .unwrap()
+        .set_modified(std::time::SystemTime::now() - Duration::from_secs(40 * 86_400))
+        .unwrap();
+
+    let out = cache_cli(&cache, &["list"]);
+    assert!(out.status.success(), "{out:?}");
+    let listed: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .filter(|v: &Value| v["event"] == "cache-decoded")
+        .collect();
+    assert_eq!(listed.len(), 3, "{listed:#?}");
+    for v in &listed {
+        let k = v["source_blake3"].as_str().unwrap();
+        assert_eq!(v["in_use"], k == held_key, "{v}");
+        assert_eq!(v["size"], 3 << 20, "{v}");
+    }
+
+    let out = cache_cli(&cache, &["prune", "--older-than", "30d"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(
+        decoded_keys(&dir),
+        [held_key.clone(), new.clone()].into(),
+        "{out:?}"
+    );
+    assert!(!dead_tmp.exists(), "a dead decode's temporary was kept");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains(&format!("decoded/{old}")), "{said}");
+
+    // Damage one byte of data in `new`: verify finds it and removes it; the held one is fine.
+    let raw = dir.join(format!("{new}.raw"));
+    let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&f, &[0xee], 5000).unwrap();
+    drop(f);
+    let out = cache_cli(&cache, &["verify"]);
+    assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!("decoded/{new}")) && said.contains("(corrupted)"),
+        "{said}"
+    );
+    assert_eq!(decoded_keys(&dir), [held_key.clone()].into());
+
+    // A station start with a compressed image: its decoded image stays, an older idle one of
+    // another source goes, the one another station holds stays.
+    let stale = key("stale");
+    drop(make(&stale, 4));
+    age_decoded(&dir, &stale, 1);
+    let raw_img = tmp.path().join("img.raw");
+    std::fs::write(&raw_img, image(5)).unwrap();
+    run(std::process::Command::new("zstd")
+        .arg("-q")
+        .arg(&raw_img)
+        .arg("-o")
+        .arg(tmp.path().join("img.raw.zst")));
+    let zst = tmp.path().join("img.raw.zst");
+    let plan = job::ImagePlan::prepare(&zst, Some(&cache), &rec).unwrap();
+    let current = blake3::hash(&std::fs::read(&zst).unwrap())
+        .to_hex()
+        .to_string();
+    assert_eq!(plan.blake3, blake3::hash(&image(5)).to_hex().to_string());
+    assert_eq!(
+        decoded_keys(&dir),
+        [held_key.clone(), current.clone()].into()
+    );
+    let msgs = format!("{:?}", rec.0.lock().unwrap());
+    assert!(msgs.contains(&format!("older source ({stale})")), "{msgs}");
+
+    // Nobody holds anything any more: a size budget of 0 leaves no decoded image.
+    drop(held);
+    drop(plan);
+    let out = cache_cli(&cache, &["prune", "--max-size", "0"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(decoded_keys(&dir).is_empty(), "{out:?}");
+}
+
 #[test]
 fn station_dry_run_shows_plan_and_writes_nothing() {
     if !require(true, TOOLS) {

@@ -78,6 +78,17 @@ pub struct LockGuard {
     _lock: Flock<File>,
 }
 
+impl LockGuard {
+    /// The locked file (to check it is still the one at its path after a wait).
+    pub(crate) fn file(&self) -> &File {
+        &self._lock
+    }
+}
+
+/// Where the station keeps images it decoded once for all slots (`station::decoded`):
+/// derived data, listed, verified and pruned with the cache.
+pub const DECODED_SUBDIR: &str = "decoded";
+
 /// Paths used to resume one URL's download across runs.
 pub struct Partial {
     pub data: PathBuf,
@@ -659,7 +670,7 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-fn is_hex64(s: &str) -> bool {
+pub(crate) fn is_hex64(s: &str) -> bool {
     s.len() == 64
         && s.bytes()
             .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
@@ -706,7 +717,8 @@ fn open_lock(p: &Path) -> Result<File> {
         .map_err(|e| AcquireError::io(p, e))
 }
 
-fn lock_file(p: &Path, exclusive: bool) -> Result<LockGuard> {
+/// Blocks until `p` (created if absent) is flocked, shared or exclusive.
+pub(crate) fn lock_file(p: &Path, exclusive: bool) -> Result<LockGuard> {
     let f = open_lock(p)?;
     let arg = if exclusive {
         FlockArg::LockExclusive
@@ -717,7 +729,8 @@ fn lock_file(p: &Path, exclusive: bool) -> Result<LockGuard> {
     Ok(LockGuard { _lock: l })
 }
 
-fn try_lock_file(p: &Path) -> Option<LockGuard> {
+/// The exclusive flock on `p` if nobody holds it now (never waits).
+pub(crate) fn try_lock_file(p: &Path) -> Option<LockGuard> {
     let f = open_lock(p).ok()?;
     Flock::lock(f, FlockArg::LockExclusiveNonblock)
         .ok()

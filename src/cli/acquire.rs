@@ -240,11 +240,13 @@ pub struct CacheArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum CacheCmd {
-    /// List cached images, most recently used first.
+    /// List cached images, most recently used first, then the station's decoded images.
     List,
-    /// Re-hash every entry; remove corrupted ones (exit code 6 if any were found).
+    /// Re-hash every entry (decoded images too); remove corrupted ones (exit code 6 if any
+    /// were found).
     Verify,
-    /// Remove old entries and abandoned partial downloads.
+    /// Remove old entries, abandoned partial downloads and the station's decoded images
+    /// (derived data; those a running station holds are kept).
     Prune {
         /// Remove entries not used for this long (e.g. 30d, 12h).
         #[arg(long, value_name = "AGE")]
@@ -258,10 +260,13 @@ pub enum CacheCmd {
 pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
     let dir = cache_dir(a.cache_dir.as_deref())?;
     let cache = Cache::open(&dir)?;
+    // The station's decoded images (derived data) live in the cache too.
+    let decoded_dir = dir.join(crate::acquire::cache::DECODED_SUBDIR);
     let reporter = g.reporter();
     match a.cmd {
         CacheCmd::List => {
             let entries = cache.list()?;
+            let decoded = crate::station::decoded::list(&decoded_dir)?;
             if g.json {
                 for e in &entries {
                     let mut v = serde_json::to_value(e)?;
@@ -272,7 +277,15 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
                     }
                     println!("{v}");
                 }
-            } else if entries.is_empty() {
+                for d in &decoded {
+                    let mut v = serde_json::to_value(d)?;
+                    if let Some(o) = v.as_object_mut() {
+                        o.insert("event".into(), "cache-decoded".into());
+                        o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
+                    }
+                    println!("{v}");
+                }
+            } else if entries.is_empty() && decoded.is_empty() {
                 eprintln!("cache {} is empty", dir.display());
             } else {
                 println!(
@@ -288,18 +301,45 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
                         e.origin.as_deref().or(e.name.as_deref()).unwrap_or("-")
                     );
                 }
+                if !decoded.is_empty() {
+                    println!(
+                        "\nDecoded by the station (derived from the source file named; safe to prune):"
+                    );
+                    println!(
+                        "{:<64}  {:>10}  {:<16}  STATE",
+                        "SOURCE BLAKE3", "ON DISK", "LAST USED"
+                    );
+                }
+                for d in &decoded {
+                    println!(
+                        "{:<64}  {:>10}  {:<16}  {}",
+                        d.source_blake3,
+                        human_size(d.disk_bytes),
+                        d.last_used.format("%Y-%m-%d %H:%M"),
+                        match (d.in_use, d.size) {
+                            (true, _) => "in use by a running station",
+                            (false, None) => "incomplete",
+                            (false, Some(_)) => "idle",
+                        }
+                    );
+                }
             }
             Ok(Exit::Ok)
         }
         CacheCmd::Verify => {
-            let (ok, problems) = cache.verify(&mut |name, size| {
+            let mut started = |name: &str, size| {
                 reporter.report(Event::Start {
                     job: name.to_string(),
                     phase: "cache-verify".into(),
                     total: Some(size),
                     detail: None,
                 });
-            })?;
+            };
+            let (ok, mut problems) = cache.verify(&mut started)?;
+            let (dec_ok, dec_problems) =
+                crate::station::decoded::verify(&decoded_dir, &mut started)?;
+            let ok = ok + dec_ok;
+            problems.extend(dec_problems);
             for p in &problems {
                 reporter.report(Event::Message {
                     job: p.entry.clone(),
@@ -354,7 +394,26 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
                 .into());
             }
             let max = max_size.as_deref().map(parse_size).transpose()?;
-            let rep = cache.prune(older_than.map(Into::into), max)?;
+            let older_than: Option<std::time::Duration> = older_than.map(Into::into);
+            // Age first for both kinds; then the size budget is spent on source images
+            // before decoded ones (derived data, cheaper to rebuild than to download).
+            let mut rep = cache.prune(older_than, None)?;
+            let dec = crate::station::decoded::prune(
+                &decoded_dir,
+                older_than,
+                max.map(|m| m.saturating_sub(rep.kept_bytes)),
+            )?;
+            if let Some(m) = max {
+                let sized = cache.prune(None, Some(m.saturating_sub(dec.kept_bytes)))?;
+                rep.removed.extend(sized.removed);
+                rep.freed_bytes += sized.freed_bytes;
+                rep.kept = sized.kept;
+                rep.kept_bytes = sized.kept_bytes;
+            }
+            rep.removed.extend(dec.removed);
+            rep.freed_bytes += dec.freed_bytes;
+            rep.kept += dec.kept;
+            rep.kept_bytes += dec.kept_bytes;
             reporter.report(Event::Finish {
                 job: "cache".into(),
                 phase: "cache-prune".into(),

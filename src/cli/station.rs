@@ -12,7 +12,11 @@ const EXAMPLES: &str = "Examples:
   sbcflash station --config /etc/sbcflash/station.toml --dry-run
   sbcflash station --config /etc/sbcflash/station.toml
   sbcflash station --config station.toml --flash-present --exit-after 4 --json
-  sbcflash station report --config station.toml --since 2026-11-01 --format csv";
+  sbcflash station report --config station.toml --since 2026-11-01 --format csv
+
+A compressed or sparse image is decoded once into the cache (`decoded/`) for all slots. At
+start the station removes decoded images of other sources used before its own, unless another
+running station holds them; `sbcflash cache list|verify|prune` cover the rest.";
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true, after_help = EXAMPLES)]

@@ -100,13 +100,17 @@ impl ImagePlan {
             file_hash.update(&chunk[..n]);
         }
         let key = file_hash.finalize().to_hex().to_string();
-        let d = super::decoded::materialise(
-            opened.source.as_mut(),
-            &key,
-            &cache_dir.join("decoded"),
-            rep,
-            job,
-        )?;
+        let dir = cache_dir.join(crate::acquire::cache::DECODED_SUBDIR);
+        let d = super::decoded::materialise(opened.source.as_mut(), &key, &dir, rep, job)?;
+        // One decoded image per station: the older ones of other sources go (unless
+        // another running station holds them); `cache prune` handles the rest.
+        for old in super::decoded::remove_older(&dir, &key)? {
+            rep.report(crate::progress::Event::Message {
+                job: job.into(),
+                level: crate::progress::Level::Info,
+                text: format!("removed the decoded image of an older source ({old})"),
+            });
+        }
         Ok(ImagePlan {
             path: path.to_path_buf(),
             blake3: d.blake3.clone(),
