@@ -1752,6 +1752,118 @@ mod usb_slots {
         // r1's eMMC (the loop device) holds the image and its identity files.
         check_contents(&img, emmc.path(), &r1.unit_serial, "r1");
     }
+
+    /// CM4s that reach their slots already in mass-storage mode (rpiboot ran before they were
+    /// plugged here): no rpiboot, the disk on the port (a real loop device) is the unit. m1
+    /// arrives while the station runs and is written, read back and given its identity: PASS.
+    /// m2's gadget never shows a disk: FAIL naming the port. m3 was there at start and its
+    /// disk is smaller than the image: the writer's safety rules refuse it, nothing written.
+    #[test]
+    fn station_usb_slots_a_cm4_already_in_mass_storage_mode_is_written_as_its_disk() {
+        use sbcflash::usb::sim::usbboot::{RpiBoard, Stage};
+        if !require(
+            true,
+            &[
+                "losetup",
+                "sfdisk",
+                "mkfs.vfat",
+                "mkfs.ext4",
+                "mcopy",
+                "mtype",
+                "mdir",
+            ],
+        ) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = make_nixos_like_image(dir.path(), "cm4.img", IMG_MIB, Table::Mbr);
+        let emmc = LoopDev::new_sparse(dir.path(), "m1-emmc.bin", 64 * MIB);
+        std::fs::write(&emmc.backing, pattern(64 << 20, 0x3c)).unwrap();
+        let small = LoopDev::new_sparse(dir.path(), "m3-emmc.bin", 16 * MIB);
+        std::fs::write(&small.backing, pattern(16 << 20, 0x11)).unwrap();
+        // No usbboot-dir: boards in mass-storage mode need no boot files.
+        let station = usb_station(
+            dir.path(),
+            &img,
+            "reenumerate_timeout_secs = 2",
+            "1-1",
+            &[("m1", "1.3"), ("m2", "1.4"), ("m3", "1.5")],
+        );
+        let rec = Arc::new(Recorder::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let gadget = |port: u8, address: u8| {
+            let mut b = RpiBoard::cm4(&["bootmain"]);
+            b.stage = Stage::MassStorage;
+            b.ports = vec![1, port];
+            b.address = address;
+            Arc::new(Mutex::new(Wired::new(b, tx.clone(), rec.clone())))
+        };
+        let (b1, b2, b3) = (gadget(3, 12), gadget(4, 30), gadget(5, 40));
+        let mut bus = SimBus::new();
+        bus.attach(b1.clone());
+        bus.attach(b2.clone());
+        bus.attach(b3.clone());
+        bus.map_block("1-1.3", emmc.path().to_path_buf());
+        bus.map_block("1-1.5", small.path().to_path_buf());
+        let present = vec![usbslot::udev_event_for(
+            &lock(&b3).descriptor().unwrap(),
+            "",
+        )];
+        let ledger_path = dir.path().join("ledger.sqlite");
+        let station_thread = start_station(
+            station,
+            &img,
+            &ledger_path,
+            rec.clone(),
+            bus,
+            present,
+            rx,
+            st::RunOptions {
+                flash_present: true,
+                exit_after: Some(3),
+            },
+        );
+        for b in [&b1, &b2] {
+            let d = lock(b).descriptor().unwrap();
+            tx.send((Action::Add, usbslot::udev_event_for(&d, "")))
+                .unwrap();
+        }
+        let totals = join_station(station_thread).unwrap();
+        let said = format!("{:#?}", rec.0.lock().unwrap());
+        assert_eq!((totals.pass, totals.fail), (1, 2), "{said}");
+
+        let rows = ledger::report(&ledger_path, None).unwrap();
+        assert_eq!(rows.len(), 3, "{rows:#?}");
+        let row = |slot: &str| rows.iter().find(|r| r.slot == slot).unwrap();
+        let (m1, m2, m3) = (row("m1"), row("m2"), row("m3"));
+        assert_eq!(m1.result, "pass", "{m1:#?}\n{said}");
+        assert_eq!(m1.devnode.as_deref(), Some("usb:1-1.3"));
+        assert_eq!(m1.id_path.as_deref(), Some("pci-0000:00:14.0-usb-0:1.3"));
+        assert!(m1.ended_at.is_some());
+        assert_eq!(m2.result, "fail", "{m2:#?}");
+        let why2 = m2.failure_reason.as_deref().unwrap_or("");
+        assert!(
+            why2.contains("mass-storage mode on port 1-1.4: no disk appeared"),
+            "{why2}"
+        );
+        assert_eq!(m3.result, "fail", "{m3:#?}");
+        let why3 = m3.failure_reason.as_deref().unwrap_or("");
+        assert!(
+            why3.starts_with("open failed:") && why3.contains("is larger than the target"),
+            "{why3}"
+        );
+        // No board was booted: nothing was sent to any of them, and they stay gadgets.
+        for b in [&b1, &b2, &b3] {
+            let b = lock(b);
+            assert_eq!(b.board.stage, Stage::MassStorage);
+            assert!(b.board.second_stage.is_none() && b.board.files.is_empty());
+        }
+        check_contents(&img, emmc.path(), &m1.unit_serial, "m1");
+        assert!(
+            std::fs::read(&small.backing).unwrap() == pattern(16 << 20, 0x11),
+            "the refused disk was written"
+        );
+    }
 }
 
 /// Runs the station with a pseudo-terminal as its terminal (stdin, stdout and stderr, as an

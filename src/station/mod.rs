@@ -165,8 +165,20 @@ pub fn plan(
                             (Some(_), false) => format!("{what}: present at start, left alone (pass --flash-present to flash it)"),
                         }
                     }
+                    Some(f) if f.protocol == crate::usb::discovery::Protocol::MassStorage => {
+                        let what = format!(
+                            "{} already in mass-storage mode on port {}",
+                            f.id(),
+                            f.port_path
+                        );
+                        if flash_present {
+                            format!("would be flashed now: {what}, its disk on that port as a block device")
+                        } else {
+                            format!("{what}: present at start, left alone (pass --flash-present to flash it)")
+                        }
+                    }
                     Some(f) => format!(
-                        "{} ({:?} in {} mode): would FAIL, station USB slots flash Rockchip boards and Raspberry Pi boards in usbboot only",
+                        "{} ({:?} in {} mode): would FAIL, station USB slots flash Rockchip boards and Raspberry Pi boards (usbboot or mass-storage) only",
                         f.id(),
                         f.protocol,
                         f.mode

@@ -9,6 +9,8 @@
 //! into the FAT partition through the same sink → read back → reset. Raspberry Pi CM4/CM5
 //! in usbboot: rpiboot (the boot files of `[usb] usbboot-dir`) → the mass-storage gadget's
 //! disk on the same port ([`Bus::block_device`]) → the block job ([`super::job::write_block`]).
+//! A board already in mass-storage mode when it arrives (rpiboot done elsewhere) goes straight
+//! to that last step.
 //!
 //! A board re-enumerates twice in a normal job (after the loader download, and at the final
 //! reset); the job says when that is expected ([`super::job::Cancel::usb_leaving`]) and which
@@ -205,11 +207,14 @@ pub(super) fn provision(
     if seen.protocol == Protocol::Usbboot {
         return provision_rpi(ctx, bus, &port, &seen, files, cancel, rep, set);
     }
+    if seen.protocol == Protocol::MassStorage {
+        return provision_gadget(ctx, bus, &port, &seen, files, cancel, rep, set);
+    }
     if seen.protocol != Protocol::Rockusb {
         bail!(
             "{} ({:?} in {} mode) on port {port}: station USB slots flash Rockchip boards \
-             (maskrom/loader) and Raspberry Pi boards in usbboot only; use `sbcflash write \
-             --via` for this board",
+             (maskrom/loader) and Raspberry Pi boards (in usbboot, or already in mass-storage \
+             mode) only; use `sbcflash write --via` for this board",
             seen.id(),
             seen.protocol,
             seen.mode
@@ -424,9 +429,67 @@ fn provision_rpi(
     let Outcome::BlockDevice { path, .. } = out else {
         bail!("port {port}: rpiboot did not hand back a block device ({out:?})");
     };
-    // From here the gadget is the board: its removal is an unplug.
     let gadget = on_port(bus, port, Protocol::MassStorage)?
         .ok_or_else(|| anyhow!("port {port}: the board left the bus after rpiboot"))?;
+    write_gadget_disk(ctx, port, &gadget, &path, files, cancel, rep, set)
+}
+
+/// A board that reaches its slot already in mass-storage mode (a CM4/CM5 whose rpiboot ran
+/// before it was plugged here, or a bootloader's UMS gadget): there is nothing to boot, its
+/// disk on the same port is the unit, written by the same block job as after rpiboot. The
+/// disk may show up a moment after the `usb_device` event: wait for it as rpiboot does.
+#[allow(clippy::too_many_arguments)]
+fn provision_gadget(
+    ctx: &Context,
+    bus: &(dyn Bus + Send + Sync),
+    port: &str,
+    seen: &Found,
+    files: &[(String, Vec<u8>)],
+    cancel: &Arc<Cancel>,
+    rep: &Arc<SlotReporter>,
+    set: &(dyn Fn(Step) + Sync),
+) -> anyhow::Result<WriteStats> {
+    rep.info(format!(
+        "{} ({}) already in mass-storage mode on port {port}",
+        seen.id(),
+        seen.soc.as_deref().unwrap_or("a USB gadget")
+    ));
+    cancel.set_usb_address(seen.bus, seen.address);
+    cancel.usb_leaving(false);
+    let secs = ctx.station.usb.reenumerate_timeout_secs;
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let path = loop {
+        if cancel.is_set() {
+            bail!("cancelled");
+        }
+        if let Some(p) = bus.block_device(port) {
+            break p;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "{} in mass-storage mode on port {port}: no disk appeared for it within {secs} s \
+                 (no medium behind the gadget, or it is not a disk)",
+                seen.id()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    write_gadget_disk(ctx, port, seen, &path, files, cancel, rep, set)
+}
+
+/// The block job on the disk `path` of the mass-storage gadget `gadget` on `port`. From
+/// here the gadget is the board: its removal is an unplug.
+#[allow(clippy::too_many_arguments)]
+fn write_gadget_disk(
+    ctx: &Context,
+    port: &str,
+    gadget: &Found,
+    path: &Path,
+    files: &[(String, Vec<u8>)],
+    cancel: &Arc<Cancel>,
+    rep: &Arc<SlotReporter>,
+    set: &(dyn Fn(Step) + Sync),
+) -> anyhow::Result<WriteStats> {
     cancel.set_usb_address(gadget.bus, gadget.address);
     cancel.usb_leaving(false);
     if cancel.is_set() {
@@ -436,7 +499,7 @@ fn provision_rpi(
         "the board's storage on port {port} is {}",
         path.display()
     ));
-    super::job::write_block(ctx, &path, files, cancel, rep, set)
+    super::job::write_block(ctx, path, files, cancel, rep, set)
 }
 
 /// `Read + Write + Seek` over a writer [`Sink`] (its `read_at`/`write_at`), so `fatfs` can
