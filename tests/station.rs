@@ -1137,6 +1137,23 @@ mod usb_slots {
         pulled: Arc<AtomicBool>,
     }
 
+    /// Joins the station, checks it ended `(pass, fail)` units, each with one ledger row;
+    /// returns the rows by slot and what the station said (for failure messages).
+    fn finish(
+        h: std::thread::JoinHandle<Result<st::Totals, st::StationError>>,
+        rec: &Recorder,
+        ledger_path: &Path,
+        (pass, fail): (u64, u64),
+    ) -> (std::collections::BTreeMap<String, ledger::Row>, String) {
+        let totals = join_station(h).unwrap();
+        let said = format!("{:#?}", rec.0.lock().unwrap());
+        assert_eq!((totals.pass, totals.fail), (pass, fail), "{said}");
+        let rows = ledger::report(ledger_path, None).unwrap();
+        assert_eq!(rows.len() as u64, pass + fail, "{rows:#?}");
+        let by_slot = rows.into_iter().map(|r| (r.slot.clone(), r)).collect();
+        (by_slot, said)
+    }
+
     /// A simulated Rockchip board wired to "udev": whenever it leaves or joins the bus (loader
     /// start, reset, unplug) the matching udev events go to the station, as the kernel's
     /// would; after an arrival it waits until the station has seen it.
@@ -1452,17 +1469,8 @@ mod usb_slots {
         pulled.store(true, Ordering::SeqCst);
         release.send(()).unwrap();
 
-        let totals = join_station(station_thread).unwrap();
-        assert_eq!(
-            (totals.pass, totals.fail),
-            (1, 2),
-            "{:#?}",
-            rec.0.lock().unwrap()
-        );
-
-        let rows = ledger::report(&ledger_path, None).unwrap();
-        assert_eq!(rows.len(), 3, "{rows:#?}");
-        let r3 = rows.iter().find(|r| r.slot == "u3").unwrap();
+        let (rows, _) = finish(station_thread, &rec, &ledger_path, (1, 2));
+        let r3 = &rows["u3"];
         assert_eq!(r3.result, "fail", "{r3:#?}");
         let why3 = r3.failure_reason.as_deref().unwrap_or("");
         assert!(
@@ -1470,8 +1478,8 @@ mod usb_slots {
                 && why3.contains("Rockchip boards (maskrom/loader) and Raspberry Pi boards"),
             "{why3}"
         );
-        let r1 = rows.iter().find(|r| r.slot == "u1").unwrap();
-        let r2 = rows.iter().find(|r| r.slot == "u2").unwrap();
+        let r1 = &rows["u1"];
+        let r2 = &rows["u2"];
         assert_eq!(r1.result, "pass", "{r1:#?}");
         assert_eq!(r1.devnode.as_deref(), Some("usb:1-2.1"));
         assert_eq!(r1.id_path.as_deref(), Some("pci-0000:00:14.0-usb-0:2.1"));
@@ -1551,12 +1559,8 @@ mod usb_slots {
                 exit_after: Some(2),
             },
         );
-        let totals = join_station(station_thread).unwrap();
-        let said = format!("{:#?}", rec.0.lock().unwrap());
-        assert_eq!((totals.pass, totals.fail), (1, 1), "{said}");
-        let rows = ledger::report(&ledger_path, None).unwrap();
-        assert_eq!(rows.len(), 2, "{rows:#?}");
-        let p1 = rows.iter().find(|r| r.slot == "p1").unwrap();
+        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 1));
+        let p1 = &rows["p1"];
         assert_eq!(p1.result, "fail", "{p1:#?}");
         assert!(
             p1.ended_at.is_some(),
@@ -1569,11 +1573,57 @@ mod usb_slots {
             ),
             "{why}"
         );
-        let p2 = rows.iter().find(|r| r.slot == "p2").unwrap();
+        let p2 = &rows["p2"];
         assert_eq!(p2.result, "pass", "{p2:#?}\n{said}");
         let flash = dir.path().join("p2.emmc");
         std::fs::write(&flash, lock(&good).board.storage(EMMC)).unwrap();
         check_contents(&img, &flash, &p2.unit_serial, "p2");
+    }
+
+    /// The CM4 tests' start (root, loop devices and the image tools): a directory and the
+    /// image.
+    fn cm4_setup() -> Option<(tempfile::TempDir, PathBuf)> {
+        let tools = [
+            "losetup",
+            "sfdisk",
+            "mkfs.vfat",
+            "mkfs.ext4",
+            "mcopy",
+            "mtype",
+            "mdir",
+        ];
+        if !require(true, &tools) {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = make_nixos_like_image(dir.path(), "cm4.img", IMG_MIB, Table::Mbr);
+        Some((dir, img))
+    }
+
+    type Cm4 = Arc<Mutex<Wired<sbcflash::usb::sim::usbboot::RpiBoard>>>;
+
+    /// A simulated CM4 in `stage` on port 1-1.`port`, wired to the station's udev events.
+    fn cm4_on(
+        port: u8,
+        address: u8,
+        stage: sbcflash::usb::sim::usbboot::Stage,
+        tx: &Events,
+        rec: &Arc<Recorder>,
+    ) -> Cm4 {
+        let mut b = sbcflash::usb::sim::usbboot::RpiBoard::cm4(&["bootmain"]);
+        b.stage = stage;
+        b.ports = vec![1, port];
+        b.address = address;
+        Arc::new(Mutex::new(Wired::new(b, tx.clone(), rec.clone())))
+    }
+
+    /// The boards are plugged in while the station runs: their udev `add` events.
+    fn plug(tx: &Events, boards: &[&Cm4]) {
+        for b in boards {
+            let d = lock(b).descriptor().unwrap();
+            tx.send((Action::Add, usbslot::udev_event_for(&d, "")))
+                .unwrap();
+        }
     }
 
     /// Passes events to a [`Recorder`], but holds the job thread of `slot` when its writer
@@ -1606,23 +1656,10 @@ mod usb_slots {
     /// fourth is unplugged right after the ROM stage: FAIL saying it left its port.
     #[test]
     fn station_usb_slots_rpiboot_a_cm4_then_write_its_emmc_block_device() {
-        use sbcflash::usb::sim::usbboot::{RpiBoard, Stage};
-        if !require(
-            true,
-            &[
-                "losetup",
-                "sfdisk",
-                "mkfs.vfat",
-                "mkfs.ext4",
-                "mcopy",
-                "mtype",
-                "mdir",
-            ],
-        ) {
+        use sbcflash::usb::sim::usbboot::Stage;
+        let Some((dir, img)) = cm4_setup() else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let img = make_nixos_like_image(dir.path(), "cm4.img", IMG_MIB, Table::Mbr);
+        };
         let boot = dir.path().join("msg64");
         std::fs::create_dir_all(boot.join("2711")).unwrap();
         std::fs::write(boot.join("2711/bootcode4.bin"), pattern(52_000, 1)).unwrap();
@@ -1651,12 +1688,7 @@ mod usb_slots {
             release: release_rx,
         });
         let (tx, rx) = crossbeam_channel::unbounded();
-        let cm4 = |port: u8, address: u8| {
-            let mut b = RpiBoard::cm4(&["bootmain"]);
-            b.ports = vec![1, port];
-            b.address = address;
-            Arc::new(Mutex::new(Wired::new(b, tx.clone(), rec.clone())))
-        };
+        let cm4 = |port, address| cm4_on(port, address, Stage::Rom, &tx, &rec);
         let (b1, b2, b3, b4) = (cm4(3, 12), cm4(4, 30), cm4(5, 40), cm4(6, 50));
         lock(&b4).unplug_on_change = true;
         let mut bus = SimBus::new();
@@ -1682,11 +1714,7 @@ mod usb_slots {
             },
         );
         // The boards are plugged in while the station runs.
-        for b in [&b1, &b2, &b3, &b4] {
-            let d = lock(b).descriptor().unwrap();
-            tx.send((Action::Add, usbslot::udev_event_for(&d, "")))
-                .unwrap();
-        }
+        plug(&tx, &[&b1, &b2, &b3, &b4]);
         // r3 is through rpiboot and its writer is starting: the cable is pulled (udev
         // reports the gadget's removal).
         reached
@@ -1701,13 +1729,8 @@ mod usb_slots {
             &format!("r3: {node} device removed; cancelling its job"),
         );
         release.send(()).unwrap();
-        let totals = join_station(station_thread).unwrap();
-        let said = format!("{:#?}", rec.0.lock().unwrap());
-        assert_eq!((totals.pass, totals.fail), (1, 3), "{said}");
-
-        let rows = ledger::report(&ledger_path, None).unwrap();
-        assert_eq!(rows.len(), 4, "{rows:#?}");
-        let r4 = rows.iter().find(|r| r.slot == "r4").unwrap();
+        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 3));
+        let r4 = &rows["r4"];
         assert_eq!(r4.result, "fail", "{r4:#?}");
         let why4 = r4.failure_reason.as_deref().unwrap_or("");
         assert!(
@@ -1715,15 +1738,15 @@ mod usb_slots {
             "{why4}"
         );
         assert_eq!(lock(&b4).board.stage, Stage::Off);
-        let r3 = rows.iter().find(|r| r.slot == "r3").unwrap();
+        let r3 = &rows["r3"];
         assert_eq!(r3.result, "fail", "{r3:#?}");
         let why3 = r3.failure_reason.as_deref().unwrap_or("");
         assert!(
             why3.contains("removed mid-write") && why3.contains(&node),
             "{why3}"
         );
-        let r1 = rows.iter().find(|r| r.slot == "r1").unwrap();
-        let r2 = rows.iter().find(|r| r.slot == "r2").unwrap();
+        let r1 = &rows["r1"];
+        let r2 = &rows["r2"];
         assert_eq!(r1.result, "pass", "{r1:#?}\n{said}");
         assert_eq!(r1.devnode.as_deref(), Some("usb:1-1.3"));
         assert_eq!(r1.id_path.as_deref(), Some("pci-0000:00:14.0-usb-0:1.3"));
@@ -1760,23 +1783,10 @@ mod usb_slots {
     /// disk is smaller than the image: the writer's safety rules refuse it, nothing written.
     #[test]
     fn station_usb_slots_a_cm4_already_in_mass_storage_mode_is_written_as_its_disk() {
-        use sbcflash::usb::sim::usbboot::{RpiBoard, Stage};
-        if !require(
-            true,
-            &[
-                "losetup",
-                "sfdisk",
-                "mkfs.vfat",
-                "mkfs.ext4",
-                "mcopy",
-                "mtype",
-                "mdir",
-            ],
-        ) {
+        use sbcflash::usb::sim::usbboot::Stage;
+        let Some((dir, img)) = cm4_setup() else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let img = make_nixos_like_image(dir.path(), "cm4.img", IMG_MIB, Table::Mbr);
+        };
         let emmc = LoopDev::new_sparse(dir.path(), "m1-emmc.bin", 64 * MIB);
         std::fs::write(&emmc.backing, pattern(64 << 20, 0x3c)).unwrap();
         let small = LoopDev::new_sparse(dir.path(), "m3-emmc.bin", 16 * MIB);
@@ -1791,13 +1801,7 @@ mod usb_slots {
         );
         let rec = Arc::new(Recorder::default());
         let (tx, rx) = crossbeam_channel::unbounded();
-        let gadget = |port: u8, address: u8| {
-            let mut b = RpiBoard::cm4(&["bootmain"]);
-            b.stage = Stage::MassStorage;
-            b.ports = vec![1, port];
-            b.address = address;
-            Arc::new(Mutex::new(Wired::new(b, tx.clone(), rec.clone())))
-        };
+        let gadget = |port, address| cm4_on(port, address, Stage::MassStorage, &tx, &rec);
         let (b1, b2, b3) = (gadget(3, 12), gadget(4, 30), gadget(5, 40));
         let mut bus = SimBus::new();
         bus.attach(b1.clone());
@@ -1823,19 +1827,9 @@ mod usb_slots {
                 exit_after: Some(3),
             },
         );
-        for b in [&b1, &b2] {
-            let d = lock(b).descriptor().unwrap();
-            tx.send((Action::Add, usbslot::udev_event_for(&d, "")))
-                .unwrap();
-        }
-        let totals = join_station(station_thread).unwrap();
-        let said = format!("{:#?}", rec.0.lock().unwrap());
-        assert_eq!((totals.pass, totals.fail), (1, 2), "{said}");
-
-        let rows = ledger::report(&ledger_path, None).unwrap();
-        assert_eq!(rows.len(), 3, "{rows:#?}");
-        let row = |slot: &str| rows.iter().find(|r| r.slot == slot).unwrap();
-        let (m1, m2, m3) = (row("m1"), row("m2"), row("m3"));
+        plug(&tx, &[&b1, &b2]);
+        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 2));
+        let (m1, m2, m3) = (&rows["m1"], &rows["m2"], &rows["m3"]);
         assert_eq!(m1.result, "pass", "{m1:#?}\n{said}");
         assert_eq!(m1.devnode.as_deref(), Some("usb:1-1.3"));
         assert_eq!(m1.id_path.as_deref(), Some("pci-0000:00:14.0-usb-0:1.3"));

@@ -268,59 +268,57 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
             let entries = cache.list()?;
             let decoded = crate::station::decoded::list(&decoded_dir)?;
             if g.json {
-                for e in &entries {
-                    let mut v = serde_json::to_value(e)?;
+                // One JSON line an item: `event` says which kind.
+                let emit = |mut v: serde_json::Value, event: &str, path: Option<String>| {
                     if let Some(o) = v.as_object_mut() {
-                        o.insert("event".into(), "cache-entry".into());
+                        o.insert("event".into(), event.into());
                         o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
-                        o.insert("path".into(), e.path.display().to_string().into());
+                        if let Some(p) = path {
+                            o.insert("path".into(), p.into());
+                        }
                     }
                     println!("{v}");
+                };
+                for e in &entries {
+                    let path = e.path.display().to_string();
+                    emit(serde_json::to_value(e)?, "cache-entry", Some(path));
                 }
                 for d in &decoded {
-                    let mut v = serde_json::to_value(d)?;
-                    if let Some(o) = v.as_object_mut() {
-                        o.insert("event".into(), "cache-decoded".into());
-                        o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
-                    }
-                    println!("{v}");
+                    emit(serde_json::to_value(d)?, "cache-decoded", None);
                 }
             } else if entries.is_empty() && decoded.is_empty() {
                 eprintln!("cache {} is empty", dir.display());
             } else {
-                println!(
-                    "{:<64}  {:>10}  {:<16}  SOURCE",
-                    "BLAKE3", "SIZE", "LAST USED"
-                );
+                let row =
+                    |a: &str, b: &str, c: &str, d: &str| println!("{a:<64}  {b:>10}  {c:<16}  {d}");
+                let when =
+                    |t: &chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M").to_string();
+                row("BLAKE3", "SIZE", "LAST USED", "SOURCE");
                 for e in &entries {
-                    println!(
-                        "{:<64}  {:>10}  {:<16}  {}",
-                        e.blake3,
-                        human_size(e.size),
-                        e.last_used.format("%Y-%m-%d %H:%M"),
-                        e.origin.as_deref().or(e.name.as_deref()).unwrap_or("-")
+                    row(
+                        &e.blake3,
+                        &human_size(e.size),
+                        &when(&e.last_used),
+                        e.origin.as_deref().or(e.name.as_deref()).unwrap_or("-"),
                     );
                 }
                 if !decoded.is_empty() {
                     println!(
                         "\nDecoded by the station (derived from the source file named; safe to prune):"
                     );
-                    println!(
-                        "{:<64}  {:>10}  {:<16}  STATE",
-                        "SOURCE BLAKE3", "ON DISK", "LAST USED"
-                    );
+                    row("SOURCE BLAKE3", "ON DISK", "LAST USED", "STATE");
                 }
                 for d in &decoded {
-                    println!(
-                        "{:<64}  {:>10}  {:<16}  {}",
-                        d.source_blake3,
-                        human_size(d.disk_bytes),
-                        d.last_used.format("%Y-%m-%d %H:%M"),
-                        match (d.in_use, d.size) {
-                            (true, _) => "in use by a running station",
-                            (false, None) => "incomplete",
-                            (false, Some(_)) => "idle",
-                        }
+                    let state = match (d.in_use, d.size) {
+                        (true, _) => "in use by a running station",
+                        (false, None) => "incomplete",
+                        (false, Some(_)) => "idle",
+                    };
+                    row(
+                        &d.source_blake3,
+                        &human_size(d.disk_bytes),
+                        &when(&d.last_used),
+                        state,
                     );
                 }
             }

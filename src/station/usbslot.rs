@@ -186,6 +186,18 @@ fn on_port(
         .find(|f| f.port_path == port && f.protocol == protocol))
 }
 
+/// What one USB job works with, handed to each protocol's steps.
+#[derive(Clone, Copy)]
+struct UsbJob<'a> {
+    ctx: &'a Context,
+    bus: &'a (dyn Bus + Send + Sync),
+    port: &'a str,
+    files: &'a [(String, Vec<u8>)],
+    cancel: &'a Arc<Cancel>,
+    rep: &'a Arc<SlotReporter>,
+    set: &'a (dyn Fn(Step) + Sync),
+}
+
 /// Flash the board `dev` (a recovery-mode `usb_device` on a USB slot). Updates `set` as it
 /// goes, so a FAIL names the step.
 pub(super) fn provision(
@@ -204,11 +216,20 @@ pub(super) fn provision(
     let port = port_of(dev);
     let seen = recovery_device(dev)
         .ok_or_else(|| anyhow!("the device on port {port} is not in a USB recovery mode"))?;
+    let job = UsbJob {
+        ctx,
+        bus,
+        port: &port,
+        files,
+        cancel,
+        rep,
+        set,
+    };
     if seen.protocol == Protocol::Usbboot {
-        return provision_rpi(ctx, bus, &port, &seen, files, cancel, rep, set);
+        return provision_rpi(&job, &seen);
     }
     if seen.protocol == Protocol::MassStorage {
-        return provision_gadget(ctx, bus, &port, &seen, files, cancel, rep, set);
+        return provision_gadget(&job, &seen);
     }
     if seen.protocol != Protocol::Rockusb {
         bail!(
@@ -378,17 +399,16 @@ pub(super) fn provision(
 /// storage appears as a block device on the same port, and the block job writes it with
 /// every safety rule of `write` (`target::open`, read-back, identity files, their read-back).
 /// There is no reset: the gadget keeps serving until the operator unplugs the board.
-#[allow(clippy::too_many_arguments)]
-fn provision_rpi(
-    ctx: &Context,
-    bus: &(dyn Bus + Send + Sync),
-    port: &str,
-    seen: &Found,
-    files: &[(String, Vec<u8>)],
-    cancel: &Arc<Cancel>,
-    rep: &Arc<SlotReporter>,
-    set: &(dyn Fn(Step) + Sync),
-) -> anyhow::Result<WriteStats> {
+fn provision_rpi(job: &UsbJob, seen: &Found) -> anyhow::Result<WriteStats> {
+    let UsbJob {
+        ctx,
+        bus,
+        port,
+        cancel,
+        rep,
+        set,
+        ..
+    } = *job;
     use crate::usb::flash::{write_via, MemSource, Outcome, Via, ViaOptions};
     let cfg = &ctx.station.usb;
     let dir = cfg.usbboot_dir.clone().ok_or_else(|| {
@@ -431,38 +451,29 @@ fn provision_rpi(
     };
     let gadget = on_port(bus, port, Protocol::MassStorage)?
         .ok_or_else(|| anyhow!("port {port}: the board left the bus after rpiboot"))?;
-    write_gadget_disk(ctx, port, &gadget, &path, files, cancel, rep, set)
+    write_gadget_disk(job, &gadget, &path)
 }
 
 /// A board that reaches its slot already in mass-storage mode (a CM4/CM5 whose rpiboot ran
 /// before it was plugged here, or a bootloader's UMS gadget): there is nothing to boot, its
 /// disk on the same port is the unit, written by the same block job as after rpiboot. The
 /// disk may show up a moment after the `usb_device` event: wait for it as rpiboot does.
-#[allow(clippy::too_many_arguments)]
-fn provision_gadget(
-    ctx: &Context,
-    bus: &(dyn Bus + Send + Sync),
-    port: &str,
-    seen: &Found,
-    files: &[(String, Vec<u8>)],
-    cancel: &Arc<Cancel>,
-    rep: &Arc<SlotReporter>,
-    set: &(dyn Fn(Step) + Sync),
-) -> anyhow::Result<WriteStats> {
-    rep.info(format!(
+fn provision_gadget(job: &UsbJob, seen: &Found) -> anyhow::Result<WriteStats> {
+    let (port, cancel) = (job.port, job.cancel);
+    job.rep.info(format!(
         "{} ({}) already in mass-storage mode on port {port}",
         seen.id(),
         seen.soc.as_deref().unwrap_or("a USB gadget")
     ));
     cancel.set_usb_address(seen.bus, seen.address);
     cancel.usb_leaving(false);
-    let secs = ctx.station.usb.reenumerate_timeout_secs;
+    let secs = job.ctx.station.usb.reenumerate_timeout_secs;
     let deadline = Instant::now() + Duration::from_secs(secs);
     let path = loop {
         if cancel.is_set() {
             bail!("cancelled");
         }
-        if let Some(p) = bus.block_device(port) {
+        if let Some(p) = job.bus.block_device(port) {
             break p;
         }
         if Instant::now() >= deadline {
@@ -474,32 +485,23 @@ fn provision_gadget(
         }
         std::thread::sleep(Duration::from_millis(100));
     };
-    write_gadget_disk(ctx, port, seen, &path, files, cancel, rep, set)
+    write_gadget_disk(job, seen, &path)
 }
 
 /// The block job on the disk `path` of the mass-storage gadget `gadget` on `port`. From
 /// here the gadget is the board: its removal is an unplug.
-#[allow(clippy::too_many_arguments)]
-fn write_gadget_disk(
-    ctx: &Context,
-    port: &str,
-    gadget: &Found,
-    path: &Path,
-    files: &[(String, Vec<u8>)],
-    cancel: &Arc<Cancel>,
-    rep: &Arc<SlotReporter>,
-    set: &(dyn Fn(Step) + Sync),
-) -> anyhow::Result<WriteStats> {
+fn write_gadget_disk(job: &UsbJob, gadget: &Found, path: &Path) -> anyhow::Result<WriteStats> {
+    let (port, cancel) = (job.port, job.cancel);
     cancel.set_usb_address(gadget.bus, gadget.address);
     cancel.usb_leaving(false);
     if cancel.is_set() {
         bail!("cancelled");
     }
-    rep.info(format!(
+    job.rep.info(format!(
         "the board's storage on port {port} is {}",
         path.display()
     ));
-    super::job::write_block(ctx, path, files, cancel, rep, set)
+    super::job::write_block(job.ctx, path, job.files, cancel, job.rep, job.set)
 }
 
 /// `Read + Write + Seek` over a writer [`Sink`] (its `read_at`/`write_at`), so `fatfs` can
