@@ -731,8 +731,9 @@ impl ExtentSource for ScanSource {
     }
 }
 
+/// Also the test helpers other modules' tests share (bmaps over in-memory images).
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::bmap::{BmapRange, ChecksumKind};
     use super::*;
     use sha2::Digest as _;
@@ -821,7 +822,9 @@ mod tests {
         assert_eq!(expand(&mut s, 4096).unwrap().0.len(), 0);
     }
 
-    fn bmap_for(v: &[u8], ranges: &[(u64, u64)]) -> Bmap {
+    /// A bmap (format 2.0, sha256) mapping `ranges` (inclusive block numbers, 4 KiB blocks)
+    /// of `v`.
+    pub(crate) fn bmap_for(v: &[u8], ranges: &[(u64, u64)]) -> Bmap {
         let bs = 4096u64;
         let size = v.len() as u64;
         let ranges: Vec<BmapRange> = ranges
@@ -855,18 +858,24 @@ mod tests {
         }
     }
 
+    /// What writing `v` through bmap `b` leaves on a zeroed target: the mapped ranges only.
+    pub(crate) fn mapped_only(v: &[u8], b: &Bmap) -> Vec<u8> {
+        let mut masked = vec![0u8; v.len()];
+        for r in &b.ranges {
+            let (a, e) = (r.start as usize, r.end as usize);
+            masked[a..e].copy_from_slice(&v[a..e]);
+        }
+        masked
+    }
+
     #[test]
     fn bmap_over_streams_and_files() {
         let v = sample();
         let last = (v.len() as u64).div_ceil(4096) - 1;
         // Mapped: first blocks, a range covering a zero block, the partial last block.
         let ranges = [(0, 3), (10, 40), (70, 75), (last - 1, last)];
-        let mut masked = vec![0u8; v.len()];
         let b = bmap_for(&v, &ranges);
-        for r in &b.ranges {
-            masked[r.start as usize..r.end as usize]
-                .copy_from_slice(&v[r.start as usize..r.end as usize]);
-        }
+        let masked = mapped_only(&v, &b);
         for step in [1 << 20, 3000] {
             let mut s = stream(&v, step, None, Some(b.clone()));
             assert_eq!(expand(&mut s, 8192).unwrap().0, masked);

@@ -163,6 +163,9 @@ enum Item {
     Err(ImageError),
 }
 
+/// What the writer hands the blake3 and range-check threads: the same lent buffer slices
+/// it writes (no copy), and the gaps between them.
+#[derive(Clone)]
 enum HashItem {
     Data {
         offset: u64,
@@ -325,6 +328,33 @@ struct HashResult {
     ranges: Vec<RangeDigest>,
 }
 
+/// The loop both hashing threads run: each item in order as its extent and, for data, its
+/// bytes (`None` for a zero or skip gap); stops at the first error `f` returns.
+fn consume<E>(
+    rx: Receiver<HashItem>,
+    mut f: impl FnMut(&Extent, Option<&[u8]>) -> Result<(), E>,
+) -> Result<(), E> {
+    for item in rx {
+        match item {
+            HashItem::Data {
+                offset,
+                len,
+                buf,
+                start,
+            } => {
+                let ext = Extent {
+                    offset,
+                    len: len as u64,
+                    kind: ExtentKind::Data,
+                };
+                f(&ext, Some(&buf[start..start + len]))?;
+            }
+            HashItem::Gap(ext) => f(&ext, None)?,
+        }
+    }
+    Ok(())
+}
+
 /// The blake3 thread: the digest of the logical image ([`LogicalHasher`], the same hasher
 /// `sbcflash hash` uses) and, for read-back, per-range digests.
 fn spawn_hasher(
@@ -341,28 +371,23 @@ fn spawn_hasher(
                 ranges: Vec::new(),
                 open: None,
             };
-            for item in rx {
-                match item {
-                    HashItem::Data {
-                        offset,
-                        len,
-                        buf,
-                        start,
-                    } => {
-                        let bytes = &buf[start..start + len];
+            let Ok(()) = consume(rx, |ext, bytes| {
+                match bytes {
+                    Some(bytes) => {
                         logical.update(bytes);
                         if ranges {
-                            rh.data(offset, bytes);
+                            rh.data(ext.offset, bytes);
                         }
                     }
-                    HashItem::Gap(ext) => {
+                    None => {
                         logical.update_zeros(ext.len);
                         if ranges {
-                            rh.gap(&ext, &ZEROS[..MERGE_GAP as usize]);
+                            rh.gap(ext, &ZEROS[..MERGE_GAP as usize]);
                         }
                     }
                 }
-            }
+                Ok::<(), std::convert::Infallible>(())
+            });
             rh.close();
             HashResult {
                 digest: *logical.finalize().as_bytes(),
@@ -382,24 +407,9 @@ fn spawn_checker(
     std::thread::Builder::new()
         .name("sbcflash-check".into())
         .spawn(move || {
-            for item in rx {
-                match item {
-                    HashItem::Data {
-                        offset,
-                        len,
-                        buf,
-                        start,
-                    } => {
-                        let ext = Extent {
-                            offset,
-                            len: len as u64,
-                            kind: ExtentKind::Data,
-                        };
-                        checker.update_extent(&ext, &buf[start..start + len])?;
-                    }
-                    HashItem::Gap(ext) => checker.update_extent(&ext, &[])?,
-                }
-            }
+            consume(rx, |ext, bytes| {
+                checker.update_extent(ext, bytes.unwrap_or_default())
+            })?;
             checker.finish()
         })
         .expect("spawn checker thread")
@@ -432,19 +442,18 @@ pub fn run(
         total: size_hint,
         detail: Some(detail),
     });
-    let result = write_inner(source, sink, opts, reporter, size_hint);
-    let mut report = match result {
-        Ok(r) => r,
-        Err(e) => {
-            reporter.report(Event::Error {
-                job,
-                phase: "write".into(),
-                message: e.to_string(),
-                exit_code: e.exit().code(),
-            });
-            return Err(e);
-        }
+    // Every failure is also an `Error` event of the phase it ended.
+    let failed = |phase: &str, e: WriteError| {
+        reporter.report(Event::Error {
+            job: job.clone(),
+            phase: phase.into(),
+            message: e.to_string(),
+            exit_code: e.exit().code(),
+        });
+        e
     };
+    let mut report =
+        write_inner(source, sink, opts, reporter, size_hint).map_err(|e| failed("write", e))?;
     reporter.report(Event::Finish {
         job: job.clone(),
         phase: "write".into(),
@@ -459,28 +468,28 @@ pub fn run(
             total: Some(total),
             detail: None,
         });
-        match read_back(sink, &report.ranges, opts, reporter) {
-            Ok(n) => {
-                report.verified_bytes = Some(n);
-                report.verify_seconds = Some(t.elapsed().as_secs_f64());
-                reporter.report(Event::Finish {
-                    job,
-                    phase: "verify".into(),
-                    summary: serde_json::json!({ "bytes": n, "seconds": t.elapsed().as_secs_f64() }),
-                });
-            }
-            Err(e) => {
-                reporter.report(Event::Error {
-                    job,
-                    phase: "verify".into(),
-                    message: e.to_string(),
-                    exit_code: e.exit().code(),
-                });
-                return Err(e);
-            }
-        }
+        let n = read_back(sink, &report.ranges, opts, reporter).map_err(|e| failed("verify", e))?;
+        report.verified_bytes = Some(n);
+        report.verify_seconds = Some(t.elapsed().as_secs_f64());
+        reporter.report(Event::Finish {
+            job: job.clone(),
+            phase: "verify".into(),
+            summary: serde_json::json!({ "bytes": n, "seconds": t.elapsed().as_secs_f64() }),
+        });
     }
     Ok(report)
+}
+
+/// Refuses an image whose known size is larger than the target, before anything is written.
+fn fits(size_hint: Option<u64>, sink: &dyn Sink) -> Result<(), WriteError> {
+    match (size_hint, sink.capacity()) {
+        (Some(end), Some(capacity)) if end > capacity => Err(WriteError::TooLarge {
+            target: sink.name().to_string(),
+            end,
+            capacity,
+        }),
+        _ => Ok(()),
+    }
 }
 
 fn write_inner(
@@ -492,15 +501,7 @@ fn write_inner(
 ) -> Result<WriteReport, WriteError> {
     let start = Instant::now();
     let target = sink.name().to_string();
-    if let (Some(sz), Some(cap)) = (size_hint, sink.capacity()) {
-        if sz > cap {
-            return Err(WriteError::TooLarge {
-                target,
-                end: sz,
-                capacity: cap,
-            });
-        }
-    }
+    fits(size_hint, sink)?;
     if opts.cancel.load(Ordering::Relaxed) {
         return Err(WriteError::Interrupted { target, done: 0 });
     }
@@ -582,18 +583,14 @@ fn write_inner(
                         format!("data extent starts at {offset}, expected {pos}"),
                     ));
                 }
-                to_checker(HashItem::Data {
+                let item = HashItem::Data {
                     offset,
                     len,
                     buf: buf.clone(),
                     start,
-                })?;
-                let _ = htx.send(HashItem::Data {
-                    offset,
-                    len,
-                    buf: buf.clone(),
-                    start,
-                });
+                };
+                to_checker(item.clone())?;
+                let _ = htx.send(item);
                 let data = &buf[start..start + len];
                 let end = offset + len as u64;
                 let mut from = offset;

@@ -2,6 +2,7 @@
 
 use super::verify::READ_BACK_DEPTH;
 use super::*;
+use crate::image::scan::tests::{bmap_for, mapped_only};
 use crate::progress::Silent;
 use std::io::Read;
 
@@ -117,15 +118,9 @@ fn file_target_gets_the_logical_image_and_digest() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("out.img");
     // Pre-fill with garbage longer than the image: it must be punched and truncated.
-    std::fs::write(&p, vec![0xA5u8; 20 << 20]).expect("prefill");
+    let mut sink = file_sink(&p, &vec![0xA5u8; 20 << 20]);
     let src = sample();
     let expect = src.logical();
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p)
-        .expect("open");
-    let mut sink = FileSink::new(f, "out.img").expect("sink");
     let opts = WriteOptions {
         expected_blake3: Some(*blake3::hash(&expect).as_bytes()),
         ..small_opts()
@@ -142,8 +137,7 @@ fn file_target_gets_the_logical_image_and_digest() {
 fn wrong_digest_fails_and_leaves_the_head_unwritten() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("out.img");
-    let f = std::fs::File::create(&p).expect("create");
-    let mut sink = FileSink::new(f, "out.img").expect("sink");
+    let mut sink = file_sink(&p, &[]);
     let opts = WriteOptions {
         expected_blake3: Some([7u8; 32]),
         ..small_opts()
@@ -163,8 +157,7 @@ fn wrong_digest_fails_and_leaves_the_head_unwritten() {
 fn source_errors_propagate_and_head_stays_unwritten() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("out.img");
-    let f = std::fs::File::create(&p).expect("create");
-    let mut sink = FileSink::new(f, "out.img").expect("sink");
+    let mut sink = file_sink(&p, &[]);
     let mut src = sample();
     src.fail_at = Some(6 << 20);
     let err = run(Box::new(src), &mut sink, &small_opts(), &Silent).expect_err("must fail");
@@ -177,8 +170,7 @@ fn source_errors_propagate_and_head_stays_unwritten() {
 #[test]
 fn cancel_reports_interrupted() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let f = rw(&dir.path().join("o"));
-    let mut sink = FileSink::new(f, "o").expect("sink");
+    let mut sink = file_sink(&dir.path().join("o"), &[]);
     let opts = small_opts();
     opts.cancel.store(true, Ordering::Relaxed);
     let err = run(Box::new(sample()), &mut sink, &opts, &Silent).expect_err("must fail");
@@ -189,25 +181,14 @@ fn cancel_reports_interrupted() {
 fn read_back_names_the_first_bad_range() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("out.img");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&p)
-        .expect("create");
-    let mut sink = FileSink::new(f, "out.img").expect("sink");
+    let mut sink = file_sink(&p, &[]);
     let opts = WriteOptions {
         verify: true,
         ..small_opts()
     };
     let rep = run(Box::new(sample()), &mut sink, &opts, &Silent).expect("write");
     // Corrupt one byte inside the second data run (at 6 MiB).
-    let fw = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&p)
-        .expect("open");
-    std::os::unix::fs::FileExt::write_at(&fw, &[0xEE], (6 << 20) + 5).expect("corrupt");
+    corrupt(&p, &[(6 << 20) + 5]);
     let err = read_back(&mut sink, &rep.ranges, &opts, &Silent).expect_err("mismatch");
     match err {
         WriteError::Mismatch { offset, len, .. } => {
@@ -236,8 +217,7 @@ fn range_digests_stay_few_for_fragmented_images() {
         runs.push((ExtentKind::Zero, vec![0; 4096]));
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let f = rw(&dir.path().join("o"));
-    let mut sink = FileSink::new(f, "o").expect("sink");
+    let mut sink = file_sink(&dir.path().join("o"), &[]);
     let rep = run(
         Box::new(MemSource::new(runs)),
         &mut sink,
@@ -248,56 +228,36 @@ fn range_digests_stay_few_for_fragmented_images() {
     assert!(rep.ranges.len() <= 5, "{} ranges", rep.ranges.len());
 }
 
-fn rw(p: &std::path::Path) -> std::fs::File {
-    std::fs::OpenOptions::new()
+/// A sink over the file `p` (named by its file name), created holding just `prefill`:
+/// garbage the write must replace, or zeros that tell written from unwritten.
+fn file_sink(p: &std::path::Path, prefill: &[u8]) -> FileSink {
+    std::fs::write(p, prefill).expect("prefill");
+    let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
-        .create(true)
-        .truncate(true)
         .open(p)
-        .expect("create")
+        .expect("open");
+    let name = p.file_name().expect("file name").to_string_lossy();
+    FileSink::new(f, name).expect("sink")
 }
 
-/// A bmap (format 2.0, sha256) mapping `ranges` (block numbers, 4 KiB blocks) of `img`.
-fn bmap_of(img: &[u8], ranges: &[(u64, u64)]) -> crate::image::Bmap {
-    use crate::image::bmap::{BmapRange, ChecksumKind};
-    use sha2::Digest as _;
-    let size = img.len() as u64;
-    let ranges: Vec<BmapRange> = ranges
-        .iter()
-        .map(|&(a, b)| {
-            let (start, end) = (a * 4096, ((b + 1) * 4096).min(size));
-            BmapRange {
-                first_block: a,
-                last_block: b,
-                start,
-                end,
-                checksum: Some(hex::encode(sha2::Sha256::digest(
-                    &img[start as usize..end as usize],
-                ))),
-            }
-        })
-        .collect();
-    crate::image::Bmap {
-        path: "t.bmap".into(),
-        version: "2.0".into(),
-        image_size: size,
-        block_size: 4096,
-        blocks_count: size.div_ceil(4096),
-        mapped_blocks: ranges
-            .iter()
-            .map(|r| r.last_block - r.first_block + 1)
-            .sum(),
-        checksum: ChecksumKind::Sha256,
-        ranges,
+/// Flips the byte at each of `offsets` in the written file to 0xEE, behind the sink's back.
+fn corrupt(p: &std::path::Path, offsets: &[u64]) {
+    let fw = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p)
+        .expect("open");
+    for &at in offsets {
+        std::os::unix::fs::FileExt::write_at(&fw, &[0xEE], at).expect("corrupt");
     }
+    fw.sync_all().expect("sync");
 }
 
 /// 12 MiB: data, a zero MiB inside the second mapped range, unmapped tails.
 fn bmapped_image() -> (Vec<u8>, crate::image::Bmap) {
     let mut img = pattern(12 << 20, 9);
     img[(5 << 20)..(6 << 20)].fill(0);
-    let bmap = bmap_of(&img, &[(0, 511), (1024, 2047), (2560, 2815)]);
+    let bmap = bmap_for(&img, &[(0, 511), (1024, 2047), (2560, 2815)]);
     (img, bmap)
 }
 
@@ -314,11 +274,7 @@ fn stream_source(img: Vec<u8>, bmap: crate::image::Bmap) -> Box<dyn ExtentSource
 #[test]
 fn lent_buffers_and_off_thread_range_checks_write_the_mapped_image() {
     let (img, bmap) = bmapped_image();
-    let mut masked = vec![0u8; img.len()];
-    for r in &bmap.ranges {
-        let (a, b) = (r.start as usize, r.end as usize);
-        masked[a..b].copy_from_slice(&img[a..b]);
-    }
+    let masked = mapped_only(&img, &bmap);
     let mut src = stream_source(img.clone(), bmap.clone());
     assert!(src.shares_buffers());
     assert!(
@@ -327,7 +283,7 @@ fn lent_buffers_and_off_thread_range_checks_write_the_mapped_image() {
     );
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("out.img");
-    let mut sink = FileSink::new(rw(&p), "out.img").expect("sink");
+    let mut sink = file_sink(&p, &[]);
     let opts = WriteOptions {
         expected_blake3: Some(*blake3::hash(&masked).as_bytes()),
         ..Default::default()
@@ -354,13 +310,7 @@ fn bad_bmap_range_checksum_off_thread_fails_and_never_writes_the_head() {
 
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("out.img");
-    std::fs::write(&p, vec![0u8; 12 << 20]).expect("prefill");
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&p)
-        .expect("open");
-    let mut sink = FileSink::new(f, "out.img").expect("sink");
+    let mut sink = file_sink(&p, &vec![0u8; 12 << 20]);
     let err = run(stream_source(img, bmap), &mut sink, &small_opts(), &Silent)
         .expect_err("bad range must fail");
     let msg = err.to_string();
@@ -379,7 +329,7 @@ fn bad_bmap_range_checksum_off_thread_fails_and_never_writes_the_head() {
 fn parallel_read_back_reports_the_lowest_bad_range() {
     let dir = tempfile::tempdir().expect("tempdir");
     let p = dir.path().join("out.img");
-    let mut sink = FileSink::new(rw(&p), "out.img").expect("sink");
+    let mut sink = file_sink(&p, &[]);
     let opts = small_opts();
     let rep = run(Box::new(sample()), &mut sink, &opts, &Silent).expect("write");
     assert!(
@@ -388,15 +338,8 @@ fn parallel_read_back_reports_the_lowest_bad_range() {
         rep.ranges.len()
     );
     assert!(sink.medium_reader().is_some());
-    let fw = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&p)
-        .expect("open");
     // Two bad ranges, the later one corrupted first: the lower offset must be reported.
-    for at in [(13 << 20) + 77, (7 << 20) + 3] {
-        std::os::unix::fs::FileExt::write_at(&fw, &[0xEE], at).expect("corrupt");
-    }
-    fw.sync_all().expect("sync");
+    corrupt(&p, &[(13 << 20) + 77, (7 << 20) + 3]);
     for _ in 0..5 {
         match read_back(&mut sink, &rep.ranges, &opts, &Silent).expect_err("mismatch") {
             WriteError::Mismatch { offset, len, .. } => {

@@ -237,15 +237,7 @@ pub fn compare_with_image(
 ) -> Result<CompareReport, WriteError> {
     let target = sink.name().to_string();
     let size_hint = source.size_hint();
-    if let (Some(sz), Some(cap)) = (size_hint, sink.capacity()) {
-        if sz > cap {
-            return Err(WriteError::TooLarge {
-                target,
-                end: sz,
-                capacity: cap,
-            });
-        }
-    }
+    super::fits(size_hint, sink)?;
     reporter.report(Event::Start {
         job: opts.job.clone(),
         phase: "verify".into(),
