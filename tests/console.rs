@@ -13,6 +13,7 @@ use std::collections::VecDeque;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sbcflash::console::expect::Expect;
@@ -21,6 +22,7 @@ use sbcflash::console::serial::Link;
 use sbcflash::console::session::Session;
 use sbcflash::console::uboot::{self, Gadget, Interrupt, InterruptKey, ResetWatch, UBootConfig};
 use sbcflash::console::{CommandOutput, ConsoleError, Machine, Stage, Step};
+use sbcflash::usb::sim::{SimBus, SimDevice};
 
 fn data(name: &str) -> Vec<u8> {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -41,6 +43,8 @@ struct Replay {
     keyed: bool,
     seed: u64,
     chunk: usize,
+    /// Release the next segment whenever the machine waits with nothing left to read.
+    release_when_idle: bool,
     stages: Vec<Stage>,
     sent: Vec<u8>,
 }
@@ -55,6 +59,7 @@ impl Replay {
             keyed: false,
             seed: seed | 1,
             chunk,
+            release_when_idle: false,
             stages: Vec::new(),
             sent: Vec::new(),
         }
@@ -137,12 +142,25 @@ fn drive<M: Machine>(
                 if let Some(c) = r.next_chunk() {
                     *now += Duration::from_micros(300);
                     ex.feed(&c, *now);
+                } else if r.release_when_idle && !r.segs.is_empty() {
+                    r.release();
                 } else {
                     *now = until.max(*now + Duration::from_micros(1));
                 }
             }
         }
     }
+}
+
+/// Runs a machine against replay `r` with a line buffer of its own; returns its result and
+/// the replay (what was sent, the stages seen).
+fn play<M: Machine>(
+    m: &mut M,
+    mut r: Replay,
+    now: &mut Instant,
+) -> (Result<M::Output, ConsoleError>, Replay) {
+    let res = drive(m, &mut Expect::new(), &mut r, now);
+    (res, r)
 }
 
 /// Noise a real console adds: escape sequences anywhere (not inside CR LF), CR LF turned
@@ -185,14 +203,25 @@ fn cfg() -> UBootConfig {
     }
 }
 
+/// The autoboot interrupt, the first machine of every U-Boot session.
+fn interrupt(c: &UBootConfig) -> Interrupt {
+    Interrupt::new(c, ResetWatch::default(), 1)
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 /// Interrupt + the recorded commands; returns the command outputs.
 fn uboot_replay(segs: Vec<Vec<u8>>, chunk: usize, seed: u64, cmds: &[&str]) -> Vec<CommandOutput> {
     let mut r = Replay::new(segs, chunk, seed);
     let mut ex = Expect::new();
     let mut now = Instant::now();
     let c = cfg();
-    let mut m = Interrupt::new(&c, ResetWatch::default(), 1);
-    drive(&mut m, &mut ex, &mut r, &mut now).expect("interrupt");
+    drive(&mut interrupt(&c), &mut ex, &mut r, &mut now).expect("interrupt");
     assert!(r.stages.contains(&Stage::UBootPrompt), "{:?}", r.stages);
     // Keys stop at the prompt; the line is cleaned with Ctrl-C, never a bare Enter.
     assert!(!r.sent.windows(2).any(|w| w == b"\r\r"));
@@ -281,24 +310,9 @@ fn command_output_is_the_same_for_every_split_point() {
         );
         // the `\r` of the command releases the first part; feed the second after it
         r.keyed = true;
-        let out = loop {
-            match m.step(&mut ex, now) {
-                Step::Send(b) => r.input(&b),
-                Step::Done(o) => break o,
-                Step::Fail(e) => panic!("split {split}: {e}"),
-                Step::Stage(_) => {}
-                Step::Wait(until) => {
-                    if let Some(ch) = r.next_chunk() {
-                        now += Duration::from_micros(100);
-                        ex.feed(&ch, now);
-                    } else if !r.segs.is_empty() {
-                        r.release();
-                    } else {
-                        now = until.max(now + Duration::from_micros(1));
-                    }
-                }
-            }
-        };
+        r.release_when_idle = true;
+        let out = drive(&mut m, &mut ex, &mut r, &mut now)
+            .unwrap_or_else(|e| panic!("split {split}: {e}"));
         match &reference {
             None => reference = Some(out),
             Some(want) => assert_eq!(&out, want, "split at byte {split}"),
@@ -347,15 +361,17 @@ fn linux_follower_reaches_login_on_the_recorded_boot() {
         } else {
             noisy(&log[start..end], seed)
         };
-        let mut r = Replay::new(vec![body], chunk, seed);
-        let mut ex = Expect::new();
-        let mut now = Instant::now();
         let lc = LinuxConfig {
             ip_marker: Some(marker.clone()),
             ..LinuxConfig::default()
         };
         let mut m = Follow::new(&lc, ResetWatch::default());
-        let (arrival, ip) = drive(&mut m, &mut ex, &mut r, &mut now).expect("follow");
+        let (res, r) = play(
+            &mut m,
+            Replay::new(vec![body], chunk, seed),
+            &mut Instant::now(),
+        );
+        let (arrival, ip) = res.expect("follow");
         assert_eq!(arrival, Arrival::Login);
         assert_eq!(ip, None, "the recording has no network (\"none\")");
         assert!(r.stages.contains(&Stage::StartingKernel), "{:?}", r.stages);
@@ -377,11 +393,9 @@ fn linux_follower_reports_panic_and_emergency() {
         ("Linux version 6.1\r\n<<< NixOS Stage 1 >>>\r\nAn error occurred in stage 1 of the boot process, which must mount the root filesystem\r\n", "emergency"),
         ("U-Boot 2023.01 (x)\r\nLinux version 6.1\r\nU-Boot 2023.01 (x)\r\n", "reset"),
     ] {
-        let mut r = Replay::new(vec![text.as_bytes().to_vec()], 5, 9);
-        let mut ex = Expect::new();
-        let mut now = Instant::now();
         let mut m = Follow::new(&LinuxConfig::default(), ResetWatch::default());
-        let err = drive(&mut m, &mut ex, &mut r, &mut now).expect_err(want).to_string();
+        let r = Replay::new(vec![text.as_bytes().to_vec()], 5, 9);
+        let err = play(&mut m, r, &mut Instant::now()).0.expect_err(want).to_string();
         assert!(err.to_lowercase().contains(want), "{err}");
         assert!(err.contains("last console lines"), "{err}");
     }
@@ -389,15 +403,13 @@ fn linux_follower_reports_panic_and_emergency() {
 
 #[test]
 fn board_that_never_answers_gets_a_clear_error() {
-    let mut r = Replay::new(vec![], 1, 1);
-    let mut ex = Expect::new();
     let mut now = Instant::now();
     let c = UBootConfig {
         timeout: Duration::from_secs(20),
         ..UBootConfig::default()
     };
-    let mut m = Interrupt::new(&c, ResetWatch::default(), 1);
-    let err = drive(&mut m, &mut ex, &mut r, &mut now).expect_err("silent board");
+    let (res, r) = play(&mut interrupt(&c), Replay::new(vec![], 1, 1), &mut now);
+    let err = res.expect_err("silent board");
     let msg = err.to_string();
     assert!(matches!(err, ConsoleError::Silent { .. }), "{msg}");
     assert!(
@@ -412,14 +424,13 @@ fn board_that_never_answers_gets_a_clear_error() {
     );
 
     // A board that talks but never shows a prompt: timeout naming the stage, last lines.
-    let mut r = Replay::new(
+    let r = Replay::new(
         vec![b"U-Boot SPL 2023.01\r\nTrying to boot from MMC1\r\n".to_vec()],
         8,
         1,
     );
-    let mut ex = Expect::new();
-    let mut m = Interrupt::new(&c, ResetWatch::default(), 1);
-    let msg = drive(&mut m, &mut ex, &mut r, &mut now)
+    let msg = play(&mut interrupt(&c), r, &mut now)
+        .0
         .expect_err("no prompt")
         .to_string();
     assert!(
@@ -432,20 +443,16 @@ fn board_that_never_answers_gets_a_clear_error() {
 fn second_banner_and_fatal_errors_fail_at_once() {
     let c = cfg();
     let reset = b"U-Boot SPL 2023.01\r\nU-Boot 2023.01 (x)\r\nDRAM: 1 GiB\r\nresetting ...\r\nU-Boot SPL 2023.01\r\n".to_vec();
-    let mut r = Replay::new(vec![reset], 7, 1);
-    let mut ex = Expect::new();
     let mut now = Instant::now();
     let t0 = now;
-    let mut m = Interrupt::new(&c, ResetWatch::default(), 1);
-    let err = drive(&mut m, &mut ex, &mut r, &mut now).expect_err("reset");
+    let r = Replay::new(vec![reset], 7, 1);
+    let err = play(&mut interrupt(&c), r, &mut now).0.expect_err("reset");
     assert!(matches!(err, ConsoleError::UnexpectedReset { .. }), "{err}");
     assert!(now - t0 < Duration::from_secs(1), "not at once");
 
     let abort = b"U-Boot 2023.01 (x)\r\n\"Synchronous Abort\" handler, esr 0x96000004\r\n".to_vec();
-    let mut r = Replay::new(vec![abort], 64, 1);
-    let mut ex = Expect::new();
-    let mut m = Interrupt::new(&c, ResetWatch::default(), 1);
-    let err = drive(&mut m, &mut ex, &mut r, &mut now).expect_err("abort");
+    let r = Replay::new(vec![abort], 64, 1);
+    let err = play(&mut interrupt(&c), r, &mut now).0.expect_err("abort");
     assert!(matches!(err, ConsoleError::UBootError { .. }), "{err}");
 
     // Autoboot not caught: the extlinux menu is reached; no key is sent to it.
@@ -456,19 +463,13 @@ fn second_banner_and_fatal_errors_fail_at_once() {
     missed.extend_from_slice(&log[boot_start..find(&log, b"Enter choice: ").unwrap() + 14]);
     let mut r = Replay::new(vec![missed], 4096, 1);
     r.keyed = true; // this board ignores keys
-    let mut ex = Expect::new();
-    let mut m = Interrupt::new(&c, ResetWatch::default(), 1);
-    let err = drive(&mut m, &mut ex, &mut r, &mut now).expect_err("missed");
+    let err = play(&mut interrupt(&c), r, &mut now).0.expect_err("missed");
     assert!(matches!(err, ConsoleError::MissedAutoboot { .. }), "{err}");
 }
 
 #[test]
 fn garbage_on_the_line_hints_at_the_baud_rate() {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    rt.block_on(async {
+    runtime().block_on(async {
         let (board, host) = tokio::io::duplex(1 << 16);
         let mut s = Session::new(Link::stream(Box::new(host), 1_500_000));
         let writer = tokio::spawn(async move {
@@ -481,11 +482,7 @@ fn garbage_on_the_line_hints_at_the_baud_rate() {
             board.write_all(&junk).await.unwrap();
             tokio::time::sleep(Duration::from_secs(5)).await;
         });
-        let c = cfg();
-        let err = s
-            .run(&mut Interrupt::new(&c, ResetWatch::default(), 1))
-            .await
-            .expect_err("garbage");
+        let err = s.run(&mut interrupt(&cfg())).await.expect_err("garbage");
         let msg = err.to_string();
         assert!(
             msg.contains("wrong baud rate? the descriptor says 1500000"),
@@ -515,15 +512,19 @@ struct Target {
 }
 
 impl Target {
+    /// `uboot-target.sh <action> --state <this target's state dir>`.
+    fn script(state: &Path, action: &str) -> Command {
+        let mut c = Command::new(harness().join("uboot-target.sh"));
+        c.arg(action).arg("--state").arg(state);
+        c
+    }
+
     fn start(args: &[&str]) -> Target {
         let state = tempfile::Builder::new()
             .prefix("sbcflash-qemu-")
             .tempdir()
             .expect("state dir");
-        let out = Command::new(harness().join("uboot-target.sh"))
-            .arg("start")
-            .arg("--state")
-            .arg(state.path())
+        let out = Self::script(state.path(), "start")
             .arg("--paused")
             .args(args)
             .output()
@@ -554,19 +555,12 @@ impl Target {
     fn cont(&self) -> std::thread::JoinHandle<()> {
         let st = self.state.path().to_path_buf();
         std::thread::spawn(move || {
-            let _ = Command::new(harness().join("uboot-target.sh"))
-                .arg("cont")
-                .arg("--state")
-                .arg(st)
-                .status();
+            let _ = Self::script(&st, "cont").status();
         })
     }
 
     fn stop(&self) {
-        let _ = Command::new(harness().join("uboot-target.sh"))
-            .arg("stop")
-            .arg("--state")
-            .arg(self.state.path())
+        let _ = Self::script(self.state.path(), "stop")
             .stdout(Stdio::null())
             .status();
     }
@@ -627,56 +621,67 @@ fn boot_image() -> PathBuf {
     img
 }
 
-fn open_session(rt: &tokio::runtime::Runtime, t: &Target) -> Session {
-    let _e = rt.enter();
-    Session::new(Link::serial(&t.tty(), 115_200).expect("open the pty"))
+/// A session on a QEMU target's console at U-Boot's prompt: autoboot interrupted as the
+/// target resumes. Commands are numbered in the order they run.
+struct UBootConsole {
+    // before `rt`: the serial link is dropped while its runtime still runs
+    s: Session,
+    rt: tokio::runtime::Runtime,
+    c: UBootConfig,
+    next: u32,
+}
+
+impl UBootConsole {
+    fn attach(t: &Target) -> UBootConsole {
+        let rt = runtime();
+        let mut s = {
+            let _e = rt.enter();
+            Session::new(Link::serial(&t.tty(), 115_200).expect("open the pty"))
+        };
+        let c = cfg();
+        let h = t.cont();
+        rt.block_on(s.run(&mut interrupt(&c)))
+            .expect("interrupt autoboot");
+        h.join().unwrap();
+        UBootConsole { s, rt, c, next: 2 }
+    }
+
+    fn run<M: Machine>(&mut self, m: &mut M) -> Result<M::Output, ConsoleError> {
+        self.rt.block_on(self.s.run(m))
+    }
+
+    fn cmd(&mut self, line: &str) -> CommandOutput {
+        let mut m = uboot::command(&self.c, line, self.next);
+        self.next += 1;
+        self.run(&mut m)
+            .unwrap_or_else(|e| panic!("U-Boot `{line}`: {e}"))
+    }
 }
 
 fn run_uboot_commands(arch: &str) {
     let t = Target::start(&["--arch", arch]);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let mut s = open_session(&rt, &t);
-    let h = t.cont();
-    let c = cfg();
-    rt.block_on(async {
-        s.run(&mut Interrupt::new(&c, ResetWatch::default(), 1))
-            .await
-            .expect("interrupt autoboot");
-        let v = s.run(&mut uboot::command(&c, "version", 2)).await.unwrap();
-        assert_eq!(v.status, 0);
-        assert!(v.lines[0].starts_with("U-Boot 20"), "{v:?}");
-        assert!(
-            v.text().contains(&format!("{arch}-linux-gnu-gcc"))
-                || v.text().contains("linux-gnu-gcc")
-        );
-        let e = s
-            .run(&mut uboot::command(&c, "echo one; echo two", 3))
-            .await
-            .unwrap();
-        assert_eq!(e.lines, vec!["one".to_string(), "two".to_string()]);
-        let f = s.run(&mut uboot::command(&c, "false", 4)).await.unwrap();
-        assert_eq!(f.status, 1);
-        let u = s
-            .run(&mut uboot::command(&c, "nosuchcommand", 5))
-            .await
-            .unwrap();
-        assert_eq!(u.status, 1);
-        assert!(u.text().contains("Unknown command"), "{u:?}");
-        // --flash-via on a U-Boot without the gadget: a clear error at once.
-        let g = s
-            .run(&mut Gadget::new(
-                "ums 0 virtio 0",
-                "=> ",
-                Duration::from_secs(2),
-            ))
-            .await
-            .expect_err("no ums in QEMU's U-Boot");
-        assert!(g.to_string().contains("Unknown command 'ums'"), "{g}");
-    });
-    h.join().unwrap();
+    let mut u = UBootConsole::attach(&t);
+    let v = u.cmd("version");
+    assert_eq!(v.status, 0);
+    assert!(v.lines[0].starts_with("U-Boot 20"), "{v:?}");
+    assert!(
+        v.text().contains(&format!("{arch}-linux-gnu-gcc")) || v.text().contains("linux-gnu-gcc")
+    );
+    let e = u.cmd("echo one; echo two");
+    assert_eq!(e.lines, vec!["one".to_string(), "two".to_string()]);
+    assert_eq!(u.cmd("false").status, 1);
+    let unknown = u.cmd("nosuchcommand");
+    assert_eq!(unknown.status, 1);
+    assert!(unknown.text().contains("Unknown command"), "{unknown:?}");
+    // --flash-via on a U-Boot without the gadget: a clear error at once.
+    let g = u
+        .run(&mut Gadget::new(
+            "ums 0 virtio 0",
+            "=> ",
+            Duration::from_secs(2),
+        ))
+        .expect_err("no ums in QEMU's U-Boot");
+    assert!(g.to_string().contains("Unknown command 'ums'"), "{g}");
 }
 
 #[test]
@@ -703,46 +708,17 @@ fn qemu_uboot_bootdelay_zero_from_persistent_env_is_still_caught() {
     let dir = tempfile::tempdir().unwrap();
     let env = dir.path().join("envflash.img");
     let envs = env.to_str().unwrap();
-    let c = cfg();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
     {
         let t = Target::start(&["--env-flash", envs]);
-        let mut s = open_session(&rt, &t);
-        let h = t.cont();
-        rt.block_on(async {
-            s.run(&mut Interrupt::new(&c, ResetWatch::default(), 1))
-                .await
-                .unwrap();
-            s.run(&mut uboot::command(&c, "setenv bootdelay 0", 2))
-                .await
-                .unwrap()
-                .ok()
-                .unwrap();
-            s.run(&mut uboot::command(&c, "saveenv", 3))
-                .await
-                .unwrap()
-                .ok()
-                .unwrap();
-        });
-        h.join().unwrap();
+        let mut u = UBootConsole::attach(&t);
+        u.cmd("setenv bootdelay 0").ok().unwrap();
+        u.cmd("saveenv").ok().unwrap();
     }
     let t = Target::start(&["--env-flash", envs]);
-    let mut s = open_session(&rt, &t);
-    let h = t.cont();
-    rt.block_on(async {
-        s.run(&mut Interrupt::new(&c, ResetWatch::default(), 1))
-            .await
-            .expect("bootdelay=0 still interrupted");
-        let o = s
-            .run(&mut uboot::command(&c, "printenv bootdelay", 2))
-            .await
-            .unwrap();
-        assert_eq!(o.lines, vec!["bootdelay=0".to_string()]);
-    });
-    h.join().unwrap();
+    // bootdelay=0 is still interrupted
+    let mut u = UBootConsole::attach(&t);
+    let o = u.cmd("printenv bootdelay");
+    assert_eq!(o.lines, vec!["bootdelay=0".to_string()]);
     assert!(t.serial_log().contains("Hit any key to stop autoboot:  0"));
 }
 
@@ -772,6 +748,47 @@ impl Drop for Child {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Starts `cmd` with `stdin` and piped stdout and stderr (read by [`wait_child`]).
+fn spawn(cmd: &mut Command, stdin: Stdio) -> Child {
+    let c = cmd
+        .stdin(stdin)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    Child(c)
+}
+
+/// Bytes gathered by a thread of their own (what a peer received, a child's output).
+type Gathered = Arc<Mutex<Vec<u8>>>;
+
+/// Everything `r` yields from now on, gathered by a thread until it ends.
+fn gather(mut r: impl Read + Send + 'static) -> Gathered {
+    let got = Gathered::default();
+    let g = got.clone();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        while let Ok(n) = r.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            g.lock().unwrap().extend_from_slice(&buf[..n]);
+        }
+    });
+    got
+}
+
+/// Waits until every one of `paths` exists (a pty link socat makes).
+fn wait_exists(paths: &[&Path]) {
+    for _ in 0..100 {
+        if paths.iter().all(|p| p.exists()) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("never appeared: {paths:?}");
 }
 
 fn wait_child(c: &mut Child, secs: u64) -> (i32, String, String) {
@@ -847,7 +864,8 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         "-i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR -o ConnectTimeout=20",
         key.display()
     );
-    let child = common::sbcflash()
+    let mut child = common::sbcflash();
+    child
         .args(["bootstrap", "--board", "qemu-aarch64", "--port"])
         .arg(t.tty())
         .args([
@@ -869,13 +887,8 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         .arg(&transcript)
         .env("NIX_SSHOPTS", &sshopts)
         .env("STANDIN_LOG", &log)
-        .env("STANDIN_EXIT", "42")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Child(child);
+        .env("STANDIN_EXIT", "42");
+    let mut child = spawn(&mut child, Stdio::null());
     wait_until_open(child.0.id(), &t.tty());
     let h = t.cont();
     let (code, out, err) = wait_child(&mut child, 240);
@@ -938,21 +951,18 @@ fn qemu_serial_load_ymodem_crc32_then_virtio_write() {
     std::fs::write(&file, &payload).unwrap();
     let blocks = payload.len().div_ceil(512);
     let t = Target::start(&["--disk", disk.to_str().unwrap()]);
-    let child = common::sbcflash()
-        .args(["serial-load", "--port"])
-        .arg(t.tty())
-        .arg(&file)
-        .args(["--then", "virtio scan"])
-        .args([
-            "--then",
-            &format!("virtio write ${{loadaddr}} 0x800 0x{blocks:x}"),
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Child(child);
+    let mut child = spawn(
+        common::sbcflash()
+            .args(["serial-load", "--port"])
+            .arg(t.tty())
+            .arg(&file)
+            .args(["--then", "virtio scan"])
+            .args([
+                "--then",
+                &format!("virtio write ${{loadaddr}} 0x800 0x{blocks:x}"),
+            ]),
+        Stdio::null(),
+    );
     wait_until_open(child.0.id(), &t.tty());
     let h = t.cont();
     let (code, out, err) = wait_child(&mut child, 240);
@@ -981,6 +991,11 @@ fn linux_ip_parsing_from_busybox_and_iproute2() {
 
 // ------------------------------------------------------------------ `console` on a real pty pair
 
+/// Tests on a pty pair need socat and stty.
+fn need_ptys() -> bool {
+    common::require(false, &["socat", "stty"])
+}
+
 /// `socat` linking two ptys: sbcflash opens one end, the test plays the board on the other.
 struct PtyPair {
     _socat: Child,
@@ -999,22 +1014,17 @@ impl PtyPair {
             .stderr(Stdio::null())
             .spawn()
             .expect("socat");
-        for _ in 0..100 {
-            if a.exists() && b.exists() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        assert!(a.exists() && b.exists(), "socat made no ptys");
+        let socat = Child(child);
+        wait_exists(&[&a, &b]);
         PtyPair {
-            _socat: Child(child),
+            _socat: socat,
             a,
             b,
         }
     }
 
     /// The board's end, opened raw, for a peer that reads it itself.
-    fn board_raw(&self) -> (std::fs::File, ()) {
+    fn board_raw(&self) -> std::fs::File {
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -1026,38 +1036,18 @@ impl PtyPair {
                 .arg(&self.b)
                 .args(["raw", "-echo"]),
         );
-        (f, ())
+        f
     }
 
-    /// The board's end: a writer, and a thread collecting what sbcflash sends.
-    fn board(&self) -> (std::fs::File, std::sync::Arc<std::sync::Mutex<Vec<u8>>>) {
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&self.b)
-            .expect("open board end");
-        common::run(
-            Command::new("stty")
-                .arg("-F")
-                .arg(&self.b)
-                .args(["raw", "-echo"]),
-        );
-        let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let (mut r, g) = (f.try_clone().unwrap(), got.clone());
-        std::thread::spawn(move || {
-            let mut buf = [0u8; 256];
-            while let Ok(n) = r.read(&mut buf) {
-                if n == 0 {
-                    break;
-                }
-                g.lock().unwrap().extend_from_slice(&buf[..n]);
-            }
-        });
+    /// The board's end: a writer, and what sbcflash sends, gathered.
+    fn board(&self) -> (std::fs::File, Gathered) {
+        let f = self.board_raw();
+        let got = gather(f.try_clone().expect("clone board end"));
         (f, got)
     }
 }
 
-fn wait_for(got: &std::sync::Mutex<Vec<u8>>, want: &[u8]) {
+fn wait_for(got: &Mutex<Vec<u8>>, want: &[u8]) {
     for _ in 0..200 {
         if find(&got.lock().unwrap(), want).is_some() {
             return;
@@ -1073,24 +1063,21 @@ fn wait_for(got: &std::sync::Mutex<Vec<u8>>, want: &[u8]) {
 
 #[test]
 fn console_terminal_relays_both_ways_survives_a_replug_and_leaves_on_ctrl_bracket_q() {
-    if !common::require(false, &["socat", "stty"]) {
+    if !need_ptys() {
         return;
     }
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
     let pair = PtyPair::start(dir.path());
     let transcript = dir.path().join("console.log");
-    let child = common::sbcflash()
-        .args(["console", "--reopen-secs", "20", "--port"])
-        .arg(&pair.a)
-        .arg("--transcript")
-        .arg(&transcript)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Child(child);
+    let mut child = spawn(
+        common::sbcflash()
+            .args(["console", "--reopen-secs", "20", "--port"])
+            .arg(&pair.a)
+            .arg("--transcript")
+            .arg(&transcript),
+        Stdio::piped(),
+    );
     wait_until_open(child.0.id(), &pair.a);
     let (mut board, got) = pair.board();
     board.write_all(b"U-Boot 2023.01\r\n=> ").unwrap();
@@ -1150,18 +1137,16 @@ type GadgetHook = Box<dyn FnMut(GadgetEvent) + Send>;
 /// `$?`, `reset` with a fresh banner, kernel and NixOS stage lines, `login:`, a root shell
 /// answering `ip -4 -j addr show`. What stands in for the USB side is `hook`: for `ums` it
 /// attaches a loop device (a real udev event fires), for rockusb/fastboot it puts a simulated
-/// USB device on the simulated bus. Returns the thread and everything sbcflash sent.
-fn scripted_board(
-    f: std::fs::File,
-    mut hook: GadgetHook,
-) -> (
-    std::thread::JoinHandle<()>,
-    std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
-) {
+/// USB device on the simulated bus. It runs on the board end of a fresh pty pair in `dir`
+/// (sbcflash opens `pair.a`) until the pair goes; returns the pair and everything sbcflash
+/// sent.
+fn scripted_board(dir: &Path, mut hook: GadgetHook) -> (PtyPair, Gathered) {
     use std::io::Write;
-    let got = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let pair = PtyPair::start(dir);
+    let f = pair.board_raw();
+    let got = Gathered::default();
     let g = got.clone();
-    let h = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         #[derive(PartialEq)]
         enum St {
             Countdown,
@@ -1291,88 +1276,55 @@ fn scripted_board(
             }
         }
     });
-    (h, got)
+    (pair, got)
 }
 
 /// Tests that watch udev run one at a time (nextest's `udevd` group; this lock under plain
 /// `cargo test`): each one's new disk would otherwise be another's.
-static UDEVD_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+static UDEVD_TESTS: Mutex<()> = Mutex::new(());
 
-/// systemd-udevd for the test: started unless one already answers, stopped by its PID.
-struct Udevd(Option<std::process::Child>);
-
-impl Udevd {
-    fn ping() -> bool {
-        Command::new("udevadm")
-            .args(["control", "--ping", "--timeout=2"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .map(|s| s.success())
-            .unwrap_or(false)
-    }
-    fn start() -> Udevd {
-        if Self::ping() {
-            return Udevd(None);
-        }
-        let c = Command::new("/lib/systemd/systemd-udevd")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn systemd-udevd");
-        let u = Udevd(Some(c));
-        for _ in 0..100 {
-            if Self::ping() {
-                return u;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("systemd-udevd did not answer `udevadm control --ping`");
-    }
+/// A test's turn with udev: a running udevd, and no other udev test of this binary at once.
+struct UdevTurn {
+    // dropped in this order: udevd stopped, then the next test's turn
+    _udevd: common::Udevd,
+    _turn: std::sync::MutexGuard<'static, ()>,
 }
 
-impl Drop for Udevd {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.0 {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
+fn udev_turn() -> UdevTurn {
+    let turn = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    UdevTurn {
+        _udevd: common::Udevd::start(),
+        _turn: turn,
     }
 }
 
 /// A udev rule that makes the loop device over `backing` look like U-Boot's UMS gadget on
 /// a Rockchip board (ID_BUS=usb, 2207:350b), so sbcflash's default match is what finds it.
-/// Removed (and udevd reloaded) on drop.
-struct GadgetRule(PathBuf);
-
-impl GadgetRule {
-    fn install(backing: &Path) -> GadgetRule {
-        let dir = Path::new("/run/udev/rules.d");
-        std::fs::create_dir_all(dir).unwrap();
-        let p = dir.join(format!("61-sbcflash-test-ums-{}.rules", std::process::id()));
-        std::fs::write(
-            &p,
-            format!(
-                "SUBSYSTEM==\"block\", KERNEL==\"loop*\", ATTR{{loop/backing_file}}==\"{}\", ENV{{ID_BUS}}=\"usb\", ENV{{ID_VENDOR_ID}}=\"2207\", ENV{{ID_MODEL_ID}}=\"350b\", ENV{{ID_USB_DRIVER}}=\"usb-storage\"\n",
-                backing.display()
-            ),
-        )
-        .unwrap();
-        common::run(Command::new("udevadm").args(["control", "--reload"]));
-        GadgetRule(p)
-    }
+fn gadget_rule(backing: &Path) -> common::UdevRule {
+    common::UdevRule::install(
+        "ums",
+        &format!(
+            "SUBSYSTEM==\"block\", KERNEL==\"loop*\", ATTR{{loop/backing_file}}==\"{}\", ENV{{ID_BUS}}=\"usb\", ENV{{ID_VENDOR_ID}}=\"2207\", ENV{{ID_MODEL_ID}}=\"350b\", ENV{{ID_USB_DRIVER}}=\"usb-storage\"\n",
+            backing.display()
+        ),
+    )
 }
 
-impl Drop for GadgetRule {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-        let _ = Command::new("udevadm")
-            .args(["control", "--reload"])
-            .status();
-    }
+/// `sbcflash bootstrap --flash-via ums --yes --no-handoff` of `img` through `port`, with a
+/// transcript in `dir` and `extra` options.
+fn bootstrap_ums(port: &Path, img: &Path, dir: &Path, extra: &[&str]) -> Child {
+    spawn(
+        common::sbcflash()
+            .args(["bootstrap", "--flash-via", "ums", "--yes", "--no-handoff"])
+            .arg("--port")
+            .arg(port)
+            .arg("--image")
+            .arg(img)
+            .arg("--transcript")
+            .arg(dir.join("bootstrap.log"))
+            .args(extra),
+        Stdio::null(),
+    )
 }
 
 /// `bootstrap --flash-via ums`, all of it: U-Boot interrupted, `ums 0 mmc 0` typed, the board's
@@ -1384,15 +1336,10 @@ fn udevd_bootstrap_flash_via_ums_writes_the_disk_the_gadget_exposes() {
     if !common::require(
         true,
         &[
-            "socat",
-            "stty",
-            "losetup",
-            "udevadm",
-            "sfdisk",
-            "mkfs.vfat",
-            "mkfs.ext4",
-            "mcopy",
-        ],
+            common::IMAGE_TOOLS,
+            &["socat", "stty", "losetup", "udevadm"],
+        ]
+        .concat(),
     ) {
         return;
     }
@@ -1401,14 +1348,11 @@ fn udevd_bootstrap_flash_via_ums_writes_the_disk_the_gadget_exposes() {
     let emmc = dir.path().join("board-emmc.bin");
     common::sh(&format!("head -c 48M /dev/urandom > '{}'", emmc.display()));
     let emmc = std::fs::canonicalize(&emmc).unwrap();
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let _udevd = Udevd::start();
-    let _rule = GadgetRule::install(&emmc);
+    let _turn = udev_turn();
+    let _rule = gadget_rule(&emmc);
     common::run(Command::new("udevadm").args(["settle", "--timeout=30"]));
-    let pair = PtyPair::start(dir.path());
-    let (board, _) = pair.board_raw();
-    let attached: std::sync::Arc<std::sync::Mutex<Vec<common::LoopDev>>> = Default::default();
-    let events = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let attached: Arc<Mutex<Vec<common::LoopDev>>> = Default::default();
+    let events: Arc<Mutex<Vec<String>>> = Default::default();
     let (a2, e2, backing) = (attached.clone(), events.clone(), emmc.clone());
     let hook: GadgetHook = Box::new(move |ev| match ev {
         GadgetEvent::Start(c) => {
@@ -1423,30 +1367,20 @@ fn udevd_bootstrap_flash_via_ums_writes_the_disk_the_gadget_exposes() {
             a2.lock().unwrap().clear();
         }
     });
-    let (_h, got) = scripted_board(board, hook);
-    let transcript = dir.path().join("bootstrap.log");
-    let child = common::sbcflash()
-        .args(["bootstrap", "--flash-via", "ums", "--yes", "--no-handoff"])
-        .arg("--port")
-        .arg(&pair.a)
-        .arg("--image")
-        .arg(&img)
-        .arg("--transcript")
-        .arg(&transcript)
-        .args([
+    let (pair, got) = scripted_board(dir.path(), hook);
+    let mut child = bootstrap_ums(
+        &pair.a,
+        &img,
+        dir.path(),
+        &[
             "--uboot-timeout",
             "60",
             "--boot-timeout",
             "60",
             "--flash-timeout",
             "60",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Child(child);
+        ],
+    );
     let (code, out, err) = wait_child(&mut child, 240);
     assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
     assert_eq!(out.trim(), "10.0.2.15", "stderr: {err}");
@@ -1468,7 +1402,7 @@ fn udevd_bootstrap_flash_via_ums_writes_the_disk_the_gadget_exposes() {
     );
     let len = std::fs::metadata(&img).unwrap().len();
     common::assert_same_prefix(&img, &emmc, len);
-    let tr = std::fs::read_to_string(&transcript).unwrap();
+    let tr = std::fs::read_to_string(dir.path().join("bootstrap.log")).unwrap();
     assert!(
         tr.contains("UMS: LUN 0") && tr.contains("NixOS Stage 2"),
         "{tr}"
@@ -1485,26 +1419,9 @@ fn udevd_bootstrap_flash_via_ums_times_out_when_no_disk_appears() {
     let dir = tempfile::tempdir().unwrap();
     let img = dir.path().join("small.img");
     std::fs::write(&img, vec![0x5a; 1 << 20]).unwrap();
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let _udevd = Udevd::start();
-    let pair = PtyPair::start(dir.path());
-    let (board, _) = pair.board_raw();
-    let (_h, got) = scripted_board(board, Box::new(|_| {}));
-    let child = common::sbcflash()
-        .args(["bootstrap", "--flash-via", "ums", "--yes", "--no-handoff"])
-        .arg("--port")
-        .arg(&pair.a)
-        .arg("--image")
-        .arg(&img)
-        .arg("--transcript")
-        .arg(dir.path().join("t.log"))
-        .args(["--flash-timeout", "2"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Child(child);
+    let _turn = udev_turn();
+    let (pair, got) = scripted_board(dir.path(), Box::new(|_| {}));
+    let mut child = bootstrap_ums(&pair.a, &img, dir.path(), &["--flash-timeout", "2"]);
     let (code, out, err) = wait_child(&mut child, 120);
     assert_eq!(code, 7, "stdout: {out}\nstderr: {err}");
     assert!(
@@ -1517,31 +1434,46 @@ fn udevd_bootstrap_flash_via_ums_times_out_when_no_disk_appears() {
     assert!(!sent.contains("reset\r"), "{sent:?}");
 }
 
-/// Runs `bootstrap::run` in-process against the scripted board, with the gadget's USB side
-/// on a simulated bus (there is no USB here; the simulated devices speak rockusb/fastboot
-/// byte for byte behind the same Transport trait as libusb).
+/// What one in-process `bootstrap --flash-via` did: its result, the writer's summaries,
+/// everything typed at the board, and the image it was given.
+struct SimRun {
+    result: Result<sbcflash::console::bootstrap::Reached, ConsoleError>,
+    written: Vec<String>,
+    sent: String,
+    image: Vec<u8>,
+}
+
+impl SimRun {
+    fn reached(&self) -> &sbcflash::console::bootstrap::Reached {
+        match &self.result {
+            Ok(r) => r,
+            Err(e) => panic!("{e}\nsent: {:?}", self.sent),
+        }
+    }
+}
+
+/// Runs `bootstrap::run` in-process against the scripted board with a 3 MiB image (data, a
+/// zero run and a tail that is not a sector multiple of 1 MiB), with the gadget's USB side on
+/// a simulated bus (there is no USB here; the simulated devices speak rockusb/fastboot byte
+/// for byte behind the same Transport trait as libusb).
 fn bootstrap_over_sim_bus(
     via: sbcflash::console::bootstrap::FlashVia,
     cmd: &str,
-    bus: sbcflash::usb::sim::SimBus,
+    bus: SimBus,
     hook: GadgetHook,
-    image: &Path,
     partition: Option<&str>,
-) -> (
-    Result<sbcflash::console::bootstrap::Reached, ConsoleError>,
-    Vec<String>,
-    String,
-) {
+) -> SimRun {
     use sbcflash::console::bootstrap::{self, Plan};
     use sbcflash::console::gadget::HostFlash;
     let dir = tempfile::tempdir().unwrap();
-    let pair = PtyPair::start(dir.path());
-    let (board, _) = pair.board_raw();
-    let (_h, got) = scripted_board(board, hook);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let mut image: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    image[1 << 20..(1 << 20) + 300_000].fill(0);
+    let img = dir.path().join("patterned.img");
+    std::fs::write(&img, &image).unwrap();
+    let (pair, got) = scripted_board(dir.path(), hook);
+    let rt = runtime();
     let _e = rt.enter();
     let mut s = Session::new(Link::serial(&pair.a, 115_200).unwrap());
     let plan = Plan {
@@ -1556,53 +1488,43 @@ fn bootstrap_over_sim_bus(
         flash_via: Some((via, cmd.to_string())),
         find_ip: true,
     };
-    let mut f = HostFlash::new(
-        image.to_path_buf(),
-        Box::new(bus),
-        Box::new(sbcflash::progress::Silent),
-    );
+    let mut f = HostFlash::new(img, Box::new(bus), Box::new(sbcflash::progress::Silent));
     f.partition = partition.map(str::to_string);
-    let r = rt.block_on(bootstrap::run(
+    let result = rt.block_on(bootstrap::run(
         &mut s,
         &plan,
         Some(&mut f as &mut dyn bootstrap::Flasher),
     ));
     let sent = String::from_utf8_lossy(&got.lock().unwrap()).into_owned();
-    (r, f.written, sent)
+    SimRun {
+        result,
+        written: f.written,
+        sent,
+        image,
+    }
 }
 
-/// A 3 MiB image with data, a zero run and a tail that is not a sector multiple of 1 MiB.
-fn patterned_image(dir: &Path) -> (PathBuf, Vec<u8>) {
-    let mut data: Vec<u8> = (0..3u32 << 20)
-        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
-    data[1 << 20..(1 << 20) + 300_000].fill(0);
-    let p = dir.join("patterned.img");
-    std::fs::write(&p, &data).unwrap();
-    (p, data)
+/// `dev`, shared, on a simulated bus of its own.
+fn on_sim_bus<D: SimDevice + 'static>(dev: D) -> (Arc<Mutex<D>>, SimBus) {
+    let dev = Arc::new(Mutex::new(dev));
+    let mut bus = SimBus::new();
+    bus.attach(dev.clone());
+    (dev, bus)
 }
 
 #[test]
 fn bootstrap_flash_via_rockusb_writes_the_simulated_gadget_then_boots() {
     use sbcflash::console::bootstrap::FlashVia;
     use sbcflash::usb::sim::rockusb::{RkMode, RockchipBoard, EMMC};
-    use sbcflash::usb::sim::SimBus;
-    if !common::require(false, &["socat", "stty"]) {
+    if !need_ptys() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (img, data) = patterned_image(dir.path());
     let mut rk = RockchipBoard::rk3588(8 << 20);
     rk.mode = RkMode::Off; // not on USB until U-Boot starts the gadget
     rk.no_flash_info = true; // mainline U-Boot's rockusb
-    let rk = std::sync::Arc::new(std::sync::Mutex::new(rk));
-    let mut bus = SimBus::new();
-    bus.attach(rk.clone());
-    let (r2, events) = (
-        rk.clone(),
-        std::sync::Arc::new(std::sync::Mutex::new(Vec::new())),
-    );
-    let e2 = events.clone();
+    let (rk, bus) = on_sim_bus(rk);
+    let events: Arc<Mutex<Vec<String>>> = Default::default();
+    let (r2, e2) = (rk.clone(), events.clone());
     let hook: GadgetHook = Box::new(move |ev| {
         let mut b = r2.lock().unwrap();
         match ev {
@@ -1613,11 +1535,10 @@ fn bootstrap_flash_via_rockusb_writes_the_simulated_gadget_then_boots() {
             GadgetEvent::Stop => b.mode = RkMode::Off,
         }
     });
-    let (r, written, sent) =
-        bootstrap_over_sim_bus(FlashVia::Rockusb, "rockusb 0 mmc 0", bus, hook, &img, None);
-    let reached = r.unwrap_or_else(|e| panic!("{e}\nsent: {sent:?}"));
-    assert_eq!(reached.ip, Some("10.0.2.15".parse().unwrap()));
+    let run = bootstrap_over_sim_bus(FlashVia::Rockusb, "rockusb 0 mmc 0", bus, hook, None);
+    assert_eq!(run.reached().ip, Some("10.0.2.15".parse().unwrap()));
     assert_eq!(*events.lock().unwrap(), vec!["rockusb 0 mmc 0".to_string()]);
+    let (written, sent, data) = (&run.written, &run.sent, &run.image);
     assert_eq!(written.len(), 1);
     assert!(
         written[0].contains("verified by reading back"),
@@ -1640,36 +1561,33 @@ fn bootstrap_flash_via_rockusb_writes_the_simulated_gadget_then_boots() {
 fn bootstrap_flash_via_fastboot_writes_the_simulated_gadget_then_boots() {
     use sbcflash::console::bootstrap::FlashVia;
     use sbcflash::usb::sim::fastboot::FastbootDevice;
-    use sbcflash::usb::sim::SimBus;
-    if !common::require(false, &["socat", "stty"]) {
+    if !need_ptys() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (img, data) = patterned_image(dir.path());
     // A download buffer smaller than the image: the writer must split it (sparse pieces).
     let mut fb = FastbootDevice::uboot(1 << 20, &[("mmc0", 8 << 20)]);
     fb.present = false;
-    let fb = std::sync::Arc::new(std::sync::Mutex::new(fb));
-    let mut bus = SimBus::new();
-    bus.attach(fb.clone());
+    let (fb, bus) = on_sim_bus(fb);
     let f2 = fb.clone();
     let hook: GadgetHook = Box::new(move |ev| {
         f2.lock().unwrap().present = matches!(ev, GadgetEvent::Start(_));
     });
-    let (r, written, sent) = bootstrap_over_sim_bus(
+    let run = bootstrap_over_sim_bus(
         FlashVia::Fastboot,
         "fastboot usb 0",
         bus,
         hook,
-        &img,
         Some("mmc0"),
     );
-    let reached = r.unwrap_or_else(|e| panic!("{e}\nsent: {sent:?}"));
-    assert_eq!(reached.ip, Some("10.0.2.15".parse().unwrap()));
-    assert!(written[0].contains("not read back"), "{written:?}");
+    assert_eq!(run.reached().ip, Some("10.0.2.15".parse().unwrap()));
+    assert!(
+        run.written[0].contains("not read back"),
+        "{:?}",
+        run.written
+    );
     let d = fb.lock().unwrap();
     assert!(
-        d.partitions["mmc0"][..data.len()] == data[..],
+        d.partitions["mmc0"][..run.image.len()] == run.image[..],
         "mmc0 differs"
     );
     assert!(
@@ -1684,22 +1602,19 @@ fn bootstrap_flash_via_fastboot_writes_the_simulated_gadget_then_boots() {
 #[test]
 fn bootstrap_flash_via_fastboot_without_partition_is_refused_first() {
     use sbcflash::console::bootstrap::FlashVia;
-    if !common::require(false, &["socat", "stty"]) {
+    if !need_ptys() {
         return;
     }
-    let dir = tempfile::tempdir().unwrap();
-    let (img, _) = patterned_image(dir.path());
-    let (r, _, sent) = bootstrap_over_sim_bus(
+    let run = bootstrap_over_sim_bus(
         FlashVia::Fastboot,
         "fastboot usb 0",
-        sbcflash::usb::sim::SimBus::new(),
+        SimBus::new(),
         Box::new(|_| panic!("no gadget may start")),
-        &img,
         None,
     );
-    let e = r.unwrap_err();
+    let e = run.result.as_ref().unwrap_err();
     assert!(e.to_string().contains("--flash-partition"), "{e}");
-    assert!(!sent.contains("fastboot usb 0"), "{sent:?}");
+    assert!(!run.sent.contains("fastboot usb 0"), "{:?}", run.sent);
 }
 
 // ------------------------------------------- no --port and several USB serial adapters
@@ -1709,7 +1624,7 @@ fn bootstrap_flash_via_fastboot_without_partition_is_refused_first() {
 /// them. There is no USB bus here, so no real adapter can appear; this rule is the only
 /// stand-in. The rule is removed and the devices re-triggered on drop.
 struct FakeAdapters {
-    rule: PathBuf,
+    rule: common::UdevRule,
     syspaths: Vec<String>,
     pub nodes: Vec<PathBuf>,
 }
@@ -1737,20 +1652,13 @@ impl FakeAdapters {
             .map(|n| format!("tty{n}"))
             .collect();
         assert_eq!(pick.len(), 2, "need two tty devices in /sys/class/tty");
-        let dir = Path::new("/run/udev/rules.d");
-        std::fs::create_dir_all(dir).unwrap();
-        let rule = dir.join(format!(
-            "61-sbcflash-test-serial-{}.rules",
-            std::process::id()
-        ));
-        std::fs::write(
-            &rule,
-            format!(
+        let rule = common::UdevRule::install(
+            "serial",
+            &format!(
                 "SUBSYSTEM==\"tty\", KERNEL==\"{}|{}\", ENV{{ID_BUS}}=\"usb\", ENV{{ID_SERIAL}}=\"FTDI_FT232R_USB_UART_TEST%k\", ENV{{ID_PATH}}=\"pci-0000:00:14.0-usb-0:%n\"\n",
                 pick[0], pick[1]
             ),
-        )
-        .unwrap();
+        );
         let syspaths: Vec<String> = pick.iter().map(|k| format!("/sys/class/tty/{k}")).collect();
         let a = FakeAdapters {
             rule,
@@ -1805,7 +1713,7 @@ impl FakeAdapters {
 
 impl Drop for FakeAdapters {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.rule);
+        self.rule.remove();
         self.retrigger();
     }
 }
@@ -1815,8 +1723,7 @@ fn udevd_several_serial_adapters_without_a_terminal_are_listed_as_bad_input() {
     if !common::require(true, &["udevadm"]) {
         return;
     }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let _udevd = Udevd::start();
+    let _turn = udev_turn();
     let fake = FakeAdapters::install();
     let dir = tempfile::tempdir().unwrap();
     let o = common::sbcflash()
@@ -1848,8 +1755,7 @@ fn udevd_several_serial_adapters_on_a_terminal_asks_which_one() {
     }
     use std::io::Write;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let _udevd = Udevd::start();
+    let _turn = udev_turn();
     let fake = FakeAdapters::install();
     let dir = tempfile::tempdir().unwrap();
     let pair = PtyPair::start(dir.path());
@@ -1877,34 +1783,9 @@ fn udevd_several_serial_adapters_on_a_terminal_asks_which_one() {
         .unwrap();
     let mut child = Child(child);
     drop(pty.slave);
-    let stdout = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    {
-        let (mut r, s) = (child.0.stdout.take().unwrap(), stdout.clone());
-        std::thread::spawn(move || {
-            let mut b = [0u8; 512];
-            while let Ok(n) = r.read(&mut b) {
-                if n == 0 {
-                    break;
-                }
-                s.lock().unwrap().extend_from_slice(&b[..n]);
-            }
-        });
-    }
-    let master = std::fs::File::from(pty.master);
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    {
-        let (mut r, s) = (master.try_clone().unwrap(), seen.clone());
-        std::thread::spawn(move || {
-            let mut b = [0u8; 512];
-            while let Ok(n) = r.read(&mut b) {
-                if n == 0 {
-                    break;
-                }
-                s.lock().unwrap().extend_from_slice(&b[..n]);
-            }
-        });
-    }
-    let mut w = master;
+    let stdout = gather(child.0.stdout.take().unwrap());
+    let mut w = std::fs::File::from(pty.master);
+    let seen = gather(w.try_clone().unwrap());
     wait_for(&seen, b"which one? [1-");
     let shown = String::from_utf8_lossy(&seen.lock().unwrap()).into_owned();
     assert!(
@@ -1972,30 +1853,42 @@ fn send_to_lrzsz(protocol: &str, data: &[u8], receiver: &str) -> (tempfile::Temp
         .spawn()
         .unwrap();
     let mut socat = Child(socat);
-    for _ in 0..100 {
-        if host.exists() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let child = common::sbcflash()
-        .args(["serial-load", "--raw", "--protocol", protocol, "--port"])
-        .arg(&host)
-        .arg("--transcript")
-        .arg(dir.path().join("t.log"))
-        .arg(&file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut child = Child(child);
+    wait_exists(&[&host]);
+    let mut child = spawn(
+        common::sbcflash()
+            .args(["serial-load", "--raw", "--protocol", protocol, "--port"])
+            .arg(&host)
+            .arg("--transcript")
+            .arg(dir.path().join("t.log"))
+            .arg(&file),
+        Stdio::null(),
+    );
     let (code, out, err) = wait_child(&mut child, 120);
     assert_eq!(code, 0, "sbcflash: {out}\n{err}");
     // socat ends when the receiver does.
     let (scode, _, serr) = wait_child(&mut socat, 60);
     assert_eq!(scode, 0, "socat/{receiver}: {serr}");
     (dir, out)
+}
+
+/// What an lrzsz receiver got, what was sent, and sbcflash's stdout.
+struct Received {
+    data: Vec<u8>,
+    got: Vec<u8>,
+    stdout: String,
+}
+
+/// [`transfer_payload`] of `len` bytes sent with `protocol` to `receiver` (a command line),
+/// read back from `received` in its directory. `None` (skip) without socat or the receiver.
+fn lrzsz_receives(protocol: &str, len: usize, receiver: &str, received: &str) -> Option<Received> {
+    let tool = receiver.split_whitespace().next().unwrap_or_default();
+    if !common::require(false, &["socat", tool]) {
+        return None;
+    }
+    let data = transfer_payload(len);
+    let (dir, stdout) = send_to_lrzsz(protocol, &data, receiver);
+    let got = std::fs::read(dir.path().join("recv").join(received)).unwrap();
+    Some(Received { data, got, stdout })
 }
 
 fn assert_xmodem_file(got: &[u8], data: &[u8]) {
@@ -2018,57 +1911,46 @@ fn assert_padded(got: &[u8], data: &[u8], len: usize) {
 /// Plain XMODEM with the 8-bit checksum: `rx` without `-c` starts with NAK.
 #[test]
 fn xmodem_checksum_to_lrzsz_rx_arrives_byte_for_byte() {
-    if !common::require(false, &["socat", "rx"]) {
+    let Some(r) = lrzsz_receives("xmodem", 100_001, "rx -b out.bin", "out.bin") else {
         return;
-    }
-    let data = transfer_payload(100_001);
-    let (dir, out) = send_to_lrzsz("xmodem", &data, "rx -b out.bin");
-    let got = std::fs::read(dir.path().join("recv/out.bin")).unwrap();
-    assert_xmodem_file(&got, &data);
-    assert!(out.contains("100001 bytes"), "{out}");
+    };
+    assert_xmodem_file(&r.got, &r.data);
+    assert!(r.stdout.contains("100001 bytes"), "{}", r.stdout);
 }
 
 /// XMODEM-CRC (what the VisionFive 2's UART recovery asks for): `rx -c` starts with `C`.
 #[test]
 fn xmodem_crc_to_lrzsz_rx_arrives_byte_for_byte() {
-    if !common::require(false, &["socat", "rx"]) {
+    let Some(r) = lrzsz_receives("xmodem", 65_536, "rx -b -c out.bin", "out.bin") else {
         return;
-    }
-    let data = transfer_payload(65_536);
-    let (dir, _) = send_to_lrzsz("xmodem", &data, "rx -b -c out.bin");
-    let got = std::fs::read(dir.path().join("recv/out.bin")).unwrap();
-    assert_xmodem_file(&got, &data);
+    };
+    assert_xmodem_file(&r.got, &r.data);
 }
 
 /// XMODEM-1K: 1024-byte STX blocks while more than 128 bytes remain, then a 128-byte block;
 /// `rx` accepts both and keeps the SUB padding.
 #[test]
 fn xmodem_1k_to_lrzsz_rx_arrives_byte_for_byte() {
-    if !common::require(false, &["socat", "rx"]) {
-        return;
-    }
     // 64 full 1K blocks, then 300 bytes (a padded 1K block), then nothing: 66560 bytes.
-    let data = transfer_payload(65_536 + 300);
-    let (dir, _) = send_to_lrzsz("xmodem1k", &data, "rx -b -c out.bin");
-    let got = std::fs::read(dir.path().join("recv/out.bin")).unwrap();
+    let Some(r) = lrzsz_receives("xmodem1k", 65_536 + 300, "rx -b -c out.bin", "out.bin") else {
+        return;
+    };
     // The 300-byte tail went in one padded 1K block.
-    assert_padded(&got, &data, 65_536 + 1024);
+    assert_padded(&r.got, &r.data, 65_536 + 1024);
 }
 
 /// YMODEM (U-Boot's `loady`): 1024-byte blocks, block 0 with name and size so that `rb`
 /// truncates the padding, and the closing empty block 0.
 #[test]
 fn ymodem_1k_blocks_to_lrzsz_rb_arrives_byte_for_byte() {
-    if !common::require(false, &["socat", "rb"]) {
+    // rb names the file as block 0 announced it
+    let Some(r) = lrzsz_receives("ymodem", 300 * 1024 + 77, "rb -b", "payload.bin") else {
         return;
-    }
-    let data = transfer_payload(300 * 1024 + 77);
-    let (dir, _) = send_to_lrzsz("ymodem", &data, "rb -b");
-    let got = std::fs::read(dir.path().join("recv/payload.bin")).unwrap();
+    };
     assert_eq!(
-        got.len(),
-        data.len(),
+        r.got.len(),
+        r.data.len(),
         "rb did not truncate to the announced size"
     );
-    assert!(got == data, "received bytes differ from the file");
+    assert!(r.got == r.data, "received bytes differ from the file");
 }

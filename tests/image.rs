@@ -10,19 +10,6 @@ use sbcflash::image::{
 };
 use std::path::{Path, PathBuf};
 
-const TOOLS: &[&str] = &[
-    "sfdisk",
-    "mkfs.vfat",
-    "mkfs.ext4",
-    "mcopy",
-    "zstd",
-    "xz",
-    "gzip",
-    "bzip2",
-    "bmaptool",
-    "img2simg",
-];
-
 #[derive(Default, Debug)]
 struct Expanded {
     bytes: Vec<u8>,
@@ -94,7 +81,7 @@ struct Fixture {
 
 /// A 48 MiB NixOS-like image with its bmap (`x.bmap`, found through the `x.img` name).
 fn fixture() -> Option<Fixture> {
-    if !common::require(false, TOOLS) {
+    if !common::require(false, &[common::IMAGE_TOOLS, common::FORMAT_TOOLS].concat()) {
         return None;
     }
     let d = tempfile::tempdir().unwrap();

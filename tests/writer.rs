@@ -104,19 +104,7 @@ impl Drop for Mounted {
 fn image_tools() -> bool {
     common::require(
         true,
-        &[
-            "losetup",
-            "sfdisk",
-            "mkfs.vfat",
-            "mkfs.ext4",
-            "mcopy",
-            "zstd",
-            "xz",
-            "gzip",
-            "bzip2",
-            "bmaptool",
-            "img2simg",
-        ],
+        &[&["losetup"], common::IMAGE_TOOLS, common::FORMAT_TOOLS].concat(),
     )
 }
 

@@ -200,3 +200,91 @@ pub fn assert_same_prefix(a: &Path, b: &Path, len: u64) {
         off += n as u64;
     }
 }
+
+/// The tools [`make_nixos_like_image`] runs, for a test's [`require`] list.
+pub const IMAGE_TOOLS: &[&str] = &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"];
+
+/// The tools that make every input format from a raw image (compressors, bmap, Android sparse).
+pub const FORMAT_TOOLS: &[&str] = &["zstd", "xz", "gzip", "bzip2", "bmaptool", "img2simg"];
+
+/// Does a systemd-udevd answer?
+pub fn udevd_answers() -> bool {
+    Command::new("udevadm")
+        .args(["control", "--ping", "--timeout=2"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+/// systemd-udevd for a test: started unless one already answers, stopped by its own PID on
+/// drop (one that was already running is left alone).
+pub struct Udevd(Option<std::process::Child>);
+
+impl Udevd {
+    pub fn start() -> Udevd {
+        if udevd_answers() {
+            return Udevd(None);
+        }
+        let c = Command::new("/lib/systemd/systemd-udevd")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn systemd-udevd");
+        let u = Udevd(Some(c));
+        for _ in 0..100 {
+            if udevd_answers() {
+                return u;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        panic!("systemd-udevd did not answer `udevadm control --ping`");
+    }
+}
+
+impl Drop for Udevd {
+    fn drop(&mut self) {
+        if let Some(c) = &mut self.0 {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(c.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A udev rule file of this test process in /run/udev/rules.d (udevd reloaded); removed, and
+/// udevd reloaded, on drop or [`UdevRule::remove`].
+pub struct UdevRule(Option<PathBuf>);
+
+impl UdevRule {
+    /// Installs `text` as `61-sbcflash-test-<name>-<pid>.rules`.
+    pub fn install(name: &str, text: &str) -> UdevRule {
+        let dir = Path::new("/run/udev/rules.d");
+        std::fs::create_dir_all(dir).expect("create /run/udev/rules.d");
+        let p = dir.join(format!(
+            "61-sbcflash-test-{name}-{}.rules",
+            std::process::id()
+        ));
+        std::fs::write(&p, text).unwrap_or_else(|e| panic!("write {}: {e}", p.display()));
+        run(Command::new("udevadm").args(["control", "--reload"]));
+        UdevRule(Some(p))
+    }
+
+    pub fn remove(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = std::fs::remove_file(&p);
+            let _ = Command::new("udevadm")
+                .args(["control", "--reload"])
+                .status();
+        }
+    }
+}
+
+impl Drop for UdevRule {
+    fn drop(&mut self) {
+        self.remove();
+    }
+}
