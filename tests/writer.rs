@@ -43,6 +43,47 @@ fn text(o: &Output) -> String {
     )
 }
 
+/// Fails the test with everything sbcflash printed unless it exited with `want`.
+fn assert_exit(out: &Output, want: i32) {
+    assert_eq!(code(out), want, "{}", text(out));
+}
+
+/// Fails the test unless `out`'s stdout mentions `what` exactly when `said`.
+fn assert_stdout_says(out: &Output, what: &str, said: bool) {
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).contains(what),
+        said,
+        "stdout {} {what:?}\n{}",
+        if said { "lacks" } else { "has" },
+        text(out)
+    );
+}
+
+/// The first MiB of `dev` (the partition tables) is still all zero: the write failed before
+/// writing its held-back head.
+fn assert_head_unwritten(dev: &Path, why: &str) {
+    let mut head = vec![0u8; 1 << 20];
+    std::fs::File::open(dev)
+        .expect("open")
+        .read_exact_at(&mut head, 0)
+        .expect("read");
+    assert!(head.iter().all(|&b| b == 0), "{why}");
+}
+
+/// Needs root, losetup and the tools that make the test image, plus `extra`.
+fn loop_tools(extra: &[&str]) -> bool {
+    common::require(true, &[&["losetup"], common::IMAGE_TOOLS, extra].concat())
+}
+
+fn verify_cmd(image: &Path, target: &Path) -> Output {
+    sbcflash()
+        .arg("verify")
+        .arg(image)
+        .arg(target)
+        .output()
+        .expect("run sbcflash verify")
+}
+
 fn write_cmd(image: &Path, target: &Path, extra: &[&str]) -> Output {
     sbcflash()
         .arg("write")
@@ -102,10 +143,7 @@ impl Drop for Mounted {
 }
 
 fn image_tools() -> bool {
-    common::require(
-        true,
-        &[&["losetup"], common::IMAGE_TOOLS, common::FORMAT_TOOLS].concat(),
-    )
+    loop_tools(common::FORMAT_TOOLS)
 }
 
 #[test]
@@ -206,7 +244,7 @@ fn stale_target_is_cleaned_without_discard_and_backup_gpt_is_cleared() {
 
     // --no-discard: old data stays in unmapped ranges, so only what the image maps is equal.
     let out = write_cmd(&img, lo.path(), &["--no-discard"]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_exit(&out, 0);
     std::fs::File::open(lo.path())
         .expect("open")
         .read_exact_at(&mut tail, dev_size - 512)
@@ -216,13 +254,8 @@ fn stale_target_is_cleaned_without_discard_and_backup_gpt_is_cleared() {
         "stale backup GPT left at the end"
     );
     // Mapped ranges equal: `sbcflash verify` compares every mapped range.
-    let out = sbcflash()
-        .arg("verify")
-        .arg(&img)
-        .arg(lo.path())
-        .output()
-        .expect("verify");
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    let out = verify_cmd(&img, lo.path());
+    assert_exit(&out, 0);
     // The partition table is the image's (sfdisk reads the primary GPT).
     let dump = run(Command::new("sfdisk").arg("-d").arg(lo.path()));
     assert!(
@@ -232,16 +265,13 @@ fn stale_target_is_cleaned_without_discard_and_backup_gpt_is_cleared() {
     );
     // With discard (the default) the loop device punches holes: the whole image is equal.
     let out = write_cmd(&img, lo.path(), &[]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_exit(&out, 0);
     common::assert_same_prefix(&img, lo.path(), size);
 }
 
 #[test]
 fn mounted_loop_device_is_refused_and_untouched() {
-    if !common::require(
-        true,
-        &["losetup", "mkfs.ext4", "sfdisk", "mkfs.vfat", "mcopy"],
-    ) {
+    if !loop_tools(&[]) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -261,7 +291,7 @@ fn mounted_loop_device_is_refused_and_untouched() {
     run(&mut Command::new("sync"));
     let before = blake3_of(lo.path(), 80 << 20);
     let out = write_cmd(&img, lo.path(), &[]);
-    assert_eq!(code(&out), 4, "{}", text(&out));
+    assert_exit(&out, 4);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("mounted at") && err.contains(&*mnt.to_string_lossy()),
@@ -269,16 +299,13 @@ fn mounted_loop_device_is_refused_and_untouched() {
     );
     // --force does not override the mount rule.
     let out = write_cmd(&img, lo.path(), &["--force"]);
-    assert_eq!(code(&out), 4, "{}", text(&out));
+    assert_exit(&out, 4);
     assert_eq!(blake3_of(lo.path(), 80 << 20), before, "device changed");
 }
 
 #[test]
 fn too_small_loop_device_is_refused_and_untouched() {
-    if !common::require(
-        true,
-        &["losetup", "sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"],
-    ) {
+    if !loop_tools(&[]) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -288,7 +315,7 @@ fn too_small_loop_device_is_refused_and_untouched() {
     let lo = LoopDev::attach(&backing, &[]);
     let before = blake3_of(lo.path(), 32 << 20);
     let out = write_cmd(&img, lo.path(), &[]);
-    assert_eq!(code(&out), 4, "{}", text(&out));
+    assert_exit(&out, 4);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("larger than the target"),
         "{}",
@@ -299,10 +326,7 @@ fn too_small_loop_device_is_refused_and_untouched() {
 
 #[test]
 fn wrong_blake3_fails_verification_and_leaves_no_partition_table() {
-    if !common::require(
-        true,
-        &["losetup", "sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"],
-    ) {
+    if !loop_tools(&[]) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -311,28 +335,16 @@ fn wrong_blake3_fails_verification_and_leaves_no_partition_table() {
     let lo = LoopDev::new_sparse(d, "t.backing", IMG_MIB << 20);
     let wrong = "00".repeat(32);
     let out = write_cmd(&img, lo.path(), &["--blake3", &wrong]);
-    assert_eq!(code(&out), 6, "{}", text(&out));
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("wrote"),
-        "{}",
-        text(&out)
-    );
-    let mut head = vec![0u8; 1 << 20];
-    std::fs::File::open(lo.path())
-        .expect("open")
-        .read_exact_at(&mut head, 0)
-        .expect("read");
-    assert!(
-        head.iter().all(|&b| b == 0),
-        "partition table written despite mismatch"
-    );
+    assert_exit(&out, 6);
+    assert_stdout_says(&out, "wrote", false);
+    assert_head_unwritten(lo.path(), "partition table written despite mismatch");
     // A right digest, from a sidecar written by `sbcflash hash --write-sidecar`, passes.
     let out = sbcflash()
         .args(["hash", "--write-sidecar"])
         .arg(&img)
         .output()
         .expect("hash");
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_exit(&out, 0);
     let want = blake3_of(&img, size_of(&img));
     assert!(
         String::from_utf8_lossy(&out.stdout).starts_with(&want),
@@ -340,27 +352,13 @@ fn wrong_blake3_fails_verification_and_leaves_no_partition_table() {
         text(&out)
     );
     let out = write_cmd(&img, lo.path(), &[]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("digest verified"),
-        "{}",
-        text(&out)
-    );
+    assert_exit(&out, 0);
+    assert_stdout_says(&out, "digest verified", true);
 }
 
 #[test]
 fn truncated_compressed_image_fails_without_success() {
-    if !common::require(
-        true,
-        &[
-            "losetup",
-            "zstd",
-            "sfdisk",
-            "mkfs.vfat",
-            "mkfs.ext4",
-            "mcopy",
-        ],
-    ) {
+    if !loop_tools(&["zstd"]) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -381,34 +379,19 @@ fn truncated_compressed_image_fails_without_success() {
         .expect("truncate");
     let lo = LoopDev::new_sparse(d, "t.backing", IMG_MIB << 20);
     let out = write_cmd(&zst, lo.path(), &[]);
-    assert_eq!(code(&out), 3, "{}", text(&out));
+    assert_exit(&out, 3);
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("t.img.zst"),
         "{}",
         text(&out)
     );
-    assert!(
-        !String::from_utf8_lossy(&out.stdout).contains("wrote"),
-        "{}",
-        text(&out)
-    );
-    let mut head = vec![0u8; 1 << 20];
-    std::fs::File::open(lo.path())
-        .expect("open")
-        .read_exact_at(&mut head, 0)
-        .expect("read");
-    assert!(
-        head.iter().all(|&b| b == 0),
-        "partition table written from a broken image"
-    );
+    assert_stdout_says(&out, "wrote", false);
+    assert_head_unwritten(lo.path(), "partition table written from a broken image");
 }
 
 #[test]
 fn sigint_mid_write_exits_130_and_leaves_no_partition_table() {
-    if !common::require(
-        true,
-        &["losetup", "sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"],
-    ) {
+    if !loop_tools(&[]) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -468,15 +451,7 @@ fn sigint_mid_write_exits_130_and_leaves_no_partition_table() {
         "stderr: {stderr}\nstdout: {rest}"
     );
     assert!(stderr.contains("INCOMPLETE"), "{stderr}");
-    let mut head = vec![0u8; 1 << 20];
-    std::fs::File::open(lo.path())
-        .expect("open")
-        .read_exact_at(&mut head, 0)
-        .expect("read");
-    assert!(
-        head.iter().all(|&b| b == 0),
-        "partition table written on interrupt"
-    );
+    assert_head_unwritten(lo.path(), "partition table written on interrupt");
 }
 
 #[test]
@@ -515,10 +490,7 @@ fn loop_on_full_tmpfs_fails_with_offset_and_never_succeeds() {
 
 #[test]
 fn verify_reports_the_offset_of_a_corrupted_range() {
-    if !common::require(
-        true,
-        &["losetup", "sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"],
-    ) {
+    if !loop_tools(&[]) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
@@ -526,19 +498,10 @@ fn verify_reports_the_offset_of_a_corrupted_range() {
     let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Mbr);
     let lo = LoopDev::new_sparse(d, "t.backing", IMG_MIB << 20);
     let out = write_cmd(&img, lo.path(), &["--no-verify"]);
-    assert_eq!(code(&out), 0, "{}", text(&out));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("NOT read back"),
-        "{}",
-        text(&out)
-    );
-    let out = sbcflash()
-        .arg("verify")
-        .arg(&img)
-        .arg(lo.path())
-        .output()
-        .expect("verify");
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_exit(&out, 0);
+    assert_stdout_says(&out, "NOT read back", true);
+    let out = verify_cmd(&img, lo.path());
+    assert_exit(&out, 0);
     // Corrupt the FAT boot sector (8 MiB) in the backing file behind the loop device.
     let bad_at = (8u64 << 20) + 3;
     std::fs::OpenOptions::new()
@@ -547,13 +510,8 @@ fn verify_reports_the_offset_of_a_corrupted_range() {
         .expect("open backing")
         .write_all_at(b"XYZ", bad_at)
         .expect("corrupt");
-    let out = sbcflash()
-        .arg("verify")
-        .arg(&img)
-        .arg(lo.path())
-        .output()
-        .expect("verify");
-    assert_eq!(code(&out), 6, "{}", text(&out));
+    let out = verify_cmd(&img, lo.path());
+    assert_exit(&out, 6);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains(&format!("offset {}", 8u64 << 20)),
@@ -563,19 +521,19 @@ fn verify_reports_the_offset_of_a_corrupted_range() {
 
 #[test]
 fn regular_file_image_written_to_itself_or_to_a_fifo_is_refused() {
-    if !common::require(false, &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy"]) {
+    if !common::require(false, common::IMAGE_TOOLS) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let img = make_nixos_like_image(dir.path(), "n.img", 40, Table::Mbr);
     let before = blake3_of(&img, size_of(&img));
     let out = write_cmd(&img, &img, &[]);
-    assert_eq!(code(&out), 4, "{}", text(&out));
+    assert_exit(&out, 4);
     assert_eq!(blake3_of(&img, size_of(&img)), before);
     let fifo = dir.path().join("f");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
     let out = write_cmd(&img, &fifo, &[]);
-    assert_eq!(code(&out), 4, "{}", text(&out));
+    assert_exit(&out, 4);
     assert!(String::from_utf8_lossy(&out.stderr).contains("neither a block device"));
 }
 
@@ -590,7 +548,7 @@ fn list_json_describes_disks() {
         .args(["list", "--all", "--json"])
         .output()
         .expect("list");
-    assert_eq!(code(&out), 0, "{}", text(&out));
+    assert_exit(&out, 0);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let disks = v["disks"].as_array().expect("disks");
     let name = lo
