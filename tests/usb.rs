@@ -244,9 +244,10 @@ fn cbw_and_csw_layouts() {
 
 // ---------------------------------------------------------------- Rockchip sessions
 
-fn rk_bus(board: &Arc<Mutex<RockchipBoard>>) -> SimBus {
+/// A simulated bus with just `dev` on it.
+fn bus_of<D: sbcflash::usb::sim::SimDevice + 'static>(dev: &Arc<Mutex<D>>) -> SimBus {
     let mut bus = SimBus::new();
-    bus.attach(board.clone());
+    bus.attach(dev.clone());
     bus
 }
 
@@ -279,7 +280,7 @@ fn rockusb_full_session_maskrom_to_written_flash() {
         return;
     };
     let board = shared(RockchipBoard::rk3588(64 << 20));
-    let bus = rk_bus(&board);
+    let bus = bus_of(&board);
     let rec = Recorder(Mutex::new(Vec::new()));
     let src = open_real(&img);
     let out = flash::write_via(
@@ -377,14 +378,8 @@ fn rockusb_skips_unmapped_ranges() {
     board.mode = RkMode::Loader;
     let before = board.storage(EMMC).to_vec();
     let board = shared(board);
-    let bus = rk_bus(&board);
-    let out = flash::write_via(
-        &bus,
-        &rk_opts(Via::Usb, vec![]),
-        src,
-        &sbcflash::progress::Silent,
-    )
-    .unwrap();
+    let bus = bus_of(&board);
+    let out = write_silently(&bus, &rk_opts(Via::Usb, vec![]), src).unwrap();
     let b = lock(&board);
     let f = b.storage(EMMC);
     assert!(f[..mib as usize].iter().all(|&x| x == 0x77));
@@ -408,11 +403,11 @@ fn rockusb_spi_nor_storage_is_selected_and_checked() {
     board.mode = RkMode::Loader;
     board.add_storage(SPI_NOR, 1 << 20);
     let board = shared(board);
-    let bus = rk_bus(&board);
+    let bus = bus_of(&board);
     let mut o = rk_opts(Via::Usb, vec![]);
     o.storage = Some(StorageIndex::MtdBlkSpiNor);
     let src = mem("spi.bin", pattern(300_000, 9));
-    flash::write_via(&bus, &o, src, &sbcflash::progress::Silent).unwrap();
+    write_silently(&bus, &o, src).unwrap();
     assert_eq!(
         &lock(&board).storage(SPI_NOR)[..300_000],
         &pattern(300_000, 9)[..]
@@ -421,13 +416,7 @@ fn rockusb_spi_nor_storage_is_selected_and_checked() {
     let mut o = rk_opts(Via::Usb, vec![]);
     o.storage = Some(StorageIndex::Sd0);
     lock(&board).mode = RkMode::Loader;
-    let e = flash::write_via(
-        &bus,
-        &o,
-        mem("x", vec![1; 512]),
-        &sbcflash::progress::Silent,
-    )
-    .unwrap_err();
+    let e = write_silently(&bus, &o, mem("x", vec![1; 512])).unwrap_err();
     assert!(
         e.to_string().contains("did not switch to storage 'sd0'"),
         "{e}"
@@ -442,22 +431,20 @@ fn rockusb_loader_mode_when_maskrom_needed_and_the_reverse() {
     let mut b = RockchipBoard::rk3588(4 << 20);
     b.mode = RkMode::Loader;
     let board = shared(b);
-    let e = flash::write_via(
-        &rk_bus(&board),
+    let e = write_silently(
+        &bus_of(&board),
         &rk_opts(Via::Maskrom, vec![loader.clone()]),
         mem("x", vec![1; 4096]),
-        &sbcflash::progress::Silent,
     )
     .unwrap_err();
     assert!(e.to_string().contains("already in loader mode"), "{e}");
     assert_eq!(e.exit(), Exit::Refused);
     // A board in maskrom with no loader to give it.
     let board = shared(RockchipBoard::rk3588(4 << 20));
-    let e = flash::write_via(
-        &rk_bus(&board),
+    let e = write_silently(
+        &bus_of(&board),
         &rk_opts(Via::Usb, vec![]),
         mem("x", vec![1; 4096]),
-        &sbcflash::progress::Silent,
     )
     .unwrap_err();
     assert!(
@@ -485,19 +472,13 @@ fn rockusb_bcd_heuristic_is_confirmed_by_probe() {
     b.mode = RkMode::Loader;
     b.loader_bcd = 0x0200;
     let board = shared(b);
-    let bus = rk_bus(&board);
+    let bus = bus_of(&board);
     assert_eq!(
         bus.list().unwrap()[0].mode,
         sbcflash::usb::discovery::Mode::Maskrom
     );
     let src = mem("x", pattern(8192, 4));
-    flash::write_via(
-        &bus,
-        &rk_opts(Via::Usb, vec![]),
-        src,
-        &sbcflash::progress::Silent,
-    )
-    .unwrap();
+    write_silently(&bus, &rk_opts(Via::Usb, vec![]), src).unwrap();
     assert!(
         lock(&board).downloads.is_empty(),
         "no loader download to a running loader"
@@ -509,11 +490,10 @@ fn rockusb_bad_loader_files() {
     let dir = TmpDir(tmpdir("rk-badloader"));
     let board = shared(RockchipBoard::rk3588(4 << 20));
     let run = |files: Vec<PathBuf>| {
-        flash::write_via(
-            &rk_bus(&board),
+        write_silently(
+            &bus_of(&board),
             &rk_opts(Via::Maskrom, files),
             mem("x", vec![1; 512]),
-            &sbcflash::progress::Silent,
         )
         .unwrap_err()
     };
@@ -557,13 +537,7 @@ fn rockusb_raw_471_472_pair_is_accepted() {
     std::fs::write(&b, pattern(20_000, 2)).unwrap();
     let board = shared(RockchipBoard::rk3588(4 << 20));
     let src = mem("x", pattern(4096, 3));
-    flash::write_via(
-        &rk_bus(&board),
-        &rk_opts(Via::Maskrom, vec![a, b]),
-        src,
-        &sbcflash::progress::Silent,
-    )
-    .unwrap();
+    write_silently(&bus_of(&board), &rk_opts(Via::Maskrom, vec![a, b]), src).unwrap();
     let bd = lock(&board);
     assert_eq!(bd.downloads[1].payload, pattern(20_000, 2));
     assert_eq!(&bd.storage(EMMC)[..4096], &pattern(4096, 3)[..]);
@@ -577,13 +551,7 @@ fn rockusb_device_not_coming_back_after_loader() {
     let board = shared(b);
     let mut o = rk_opts(Via::Maskrom, vec![merged_loader(&dir.0)]);
     o.reenumerate_timeout = Duration::from_millis(300);
-    let e = flash::write_via(
-        &rk_bus(&board),
-        &o,
-        mem("x", vec![1; 512]),
-        &sbcflash::progress::Silent,
-    )
-    .unwrap_err();
+    let e = write_silently(&bus_of(&board), &o, mem("x", vec![1; 512])).unwrap_err();
     assert!(matches!(e, Error::Timeout { .. }), "{e}");
     assert!(e.to_string().contains("come back in loader mode"), "{e}");
     assert_eq!(e.exit(), Exit::Timeout);
@@ -595,11 +563,10 @@ fn rockusb_write_past_end_of_storage_is_refused() {
     b.mode = RkMode::Loader;
     let before = b.storage(EMMC).to_vec();
     let board = shared(b);
-    let e = flash::write_via(
-        &rk_bus(&board),
+    let e = write_silently(
+        &bus_of(&board),
         &rk_opts(Via::Usb, vec![]),
         mem("big.img", pattern(2 << 20, 1)),
-        &sbcflash::progress::Silent,
     )
     .unwrap_err();
     assert!(e.to_string().contains("does not fit"), "{e}");
@@ -617,7 +584,7 @@ fn rockusb_mainline_uboot_without_flash_info() {
     let mut o = rk_opts(Via::Usb, vec![]);
     o.storage = None;
     let src = mem("x", pattern(100_000, 5));
-    flash::write_via(&rk_bus(&board), &o, src, &sbcflash::progress::Silent).unwrap();
+    write_silently(&bus_of(&board), &o, src).unwrap();
     assert_eq!(
         &lock(&board).storage(EMMC)[..100_000],
         &pattern(100_000, 5)[..]
@@ -633,24 +600,31 @@ fn loader_board_with(fault: Fault) -> Arc<Mutex<RockchipBoard>> {
     board
 }
 
+/// `flash::write_via` without progress output.
+fn write_silently(
+    bus: &SimBus,
+    o: &ViaOptions,
+    src: Box<dyn sbcflash::image::ExtentSource>,
+) -> Result<Outcome, Error> {
+    flash::write_via(bus, o, src, &sbcflash::progress::Silent)
+}
+
+/// A loader-mode board with `kind` armed at `at`, and the error a 4 MiB write to it ends in.
+fn write_4mib_with_fault(at: Trigger, kind: FaultKind) -> (Arc<Mutex<RockchipBoard>>, Error) {
+    let board = loader_board_with(Fault { at, kind });
+    let e = write_4mib(&board).expect_err("the fault must fail the write");
+    (board, e)
+}
+
 fn write_4mib(board: &Arc<Mutex<RockchipBoard>>) -> Result<Outcome, Error> {
     let mut o = rk_opts(Via::Usb, vec![]);
     o.storage = None;
-    flash::write_via(
-        &rk_bus(board),
-        &o,
-        mem("img", pattern(4 << 20, 0x33)),
-        &sbcflash::progress::Silent,
-    )
+    write_silently(&bus_of(board), &o, mem("img", pattern(4 << 20, 0x33)))
 }
 
 #[test]
 fn rockusb_fault_cable_drop_mid_write_says_how_far() {
-    let board = loader_board_with(Fault {
-        at: Trigger::AfterBulkOut(1 << 20),
-        kind: FaultKind::Vanish,
-    });
-    let e = write_4mib(&board).unwrap_err();
+    let (board, e) = write_4mib_with_fault(Trigger::AfterBulkOut(1 << 20), FaultKind::Vanish);
     let msg = e.to_string();
     assert!(msg.contains("WRITE_LBA failed at offset"), "{msg}");
     assert!(msg.contains("device disconnected"), "{msg}");
@@ -664,28 +638,16 @@ fn rockusb_fault_cable_drop_mid_write_says_how_far() {
 
 #[test]
 fn rockusb_fault_csw_failed_status() {
-    let board = loader_board_with(Fault {
-        at: Trigger::AfterBulkOut(2 << 20),
-        kind: FaultKind::FailStatus,
-    });
-    let e = write_4mib(&board).unwrap_err();
+    let (_, e) = write_4mib_with_fault(Trigger::AfterBulkOut(2 << 20), FaultKind::FailStatus);
     assert!(e.to_string().contains("CSW status FAILED"), "{e}");
     assert!(e.to_string().contains("failed at offset"), "{e}");
 }
 
 #[test]
 fn rockusb_fault_stall_and_timeout() {
-    let board = loader_board_with(Fault {
-        at: Trigger::AfterBulkOut(512 << 10),
-        kind: FaultKind::Stall,
-    });
-    let e = write_4mib(&board).unwrap_err();
+    let (_, e) = write_4mib_with_fault(Trigger::AfterBulkOut(512 << 10), FaultKind::Stall);
     assert!(e.to_string().contains("stalled"), "{e}");
-    let board = loader_board_with(Fault {
-        at: Trigger::AfterBulkOut(3 << 20),
-        kind: FaultKind::Timeout,
-    });
-    let e = write_4mib(&board).unwrap_err();
+    let (_, e) = write_4mib_with_fault(Trigger::AfterBulkOut(3 << 20), FaultKind::Timeout);
     assert!(e.to_string().contains("timed out"), "{e}");
     assert_eq!(
         e.exit(),
@@ -696,11 +658,7 @@ fn rockusb_fault_stall_and_timeout() {
 
 #[test]
 fn rockusb_fault_short_read_during_verify() {
-    let board = loader_board_with(Fault {
-        at: Trigger::AfterBulkIn(1 << 20),
-        kind: FaultKind::ShortRead,
-    });
-    let e = write_4mib(&board).unwrap_err();
+    let (_, e) = write_4mib_with_fault(Trigger::AfterBulkIn(1 << 20), FaultKind::ShortRead);
     let msg = e.to_string();
     assert!(
         msg.contains("READ_LBA failed") && msg.contains("short read"),
@@ -721,12 +679,6 @@ fn rockusb_verify_catches_a_lying_flash() {
 }
 
 // ---------------------------------------------------------------- fastboot
-
-fn fb_bus(dev: &Arc<Mutex<FastbootDevice>>) -> SimBus {
-    let mut bus = SimBus::new();
-    bus.attach(dev.clone());
-    bus
-}
 
 #[test]
 fn fastboot_replies_info_fail_data() {
@@ -797,16 +749,10 @@ fn fastboot_full_session_sparse_pieces() {
         max,
         &[("root", 64 << 20), ("boot", 1 << 20)],
     ));
-    let bus = fb_bus(&dev);
+    let bus = bus_of(&dev);
     let mut o = ViaOptions::new(Via::Fastboot);
     o.partition = Some("root".into());
-    let out = flash::write_via(
-        &bus,
-        &o,
-        mem("nixos.img", raw.clone()),
-        &sbcflash::progress::Silent,
-    )
-    .unwrap();
+    let out = write_silently(&bus, &o, mem("nixos.img", raw.clone())).unwrap();
     let d = lock(&dev);
     assert!(
         d.partitions["root"][..raw.len()] == raw[..],
@@ -830,13 +776,7 @@ fn fastboot_limits_and_faults() {
     let dev = shared(FastbootDevice::uboot(2000, &[("root", 1 << 20)]));
     let mut o = ViaOptions::new(Via::Fastboot);
     o.partition = Some("root".into());
-    let e = flash::write_via(
-        &fb_bus(&dev),
-        &o,
-        mem("x", pattern(8192, 1)),
-        &sbcflash::progress::Silent,
-    )
-    .unwrap_err();
+    let e = write_silently(&bus_of(&dev), &o, mem("x", pattern(8192, 1))).unwrap_err();
     assert!(
         e.to_string()
             .contains("max-download-size is 2000 bytes, too small"),
@@ -844,13 +784,7 @@ fn fastboot_limits_and_faults() {
     );
     // Partition smaller than the image.
     let dev = shared(FastbootDevice::uboot(1 << 20, &[("root", 4096)]));
-    let e = flash::write_via(
-        &fb_bus(&dev),
-        &o,
-        mem("x", pattern(8192, 1)),
-        &sbcflash::progress::Silent,
-    )
-    .unwrap_err();
+    let e = write_silently(&bus_of(&dev), &o, mem("x", pattern(8192, 1))).unwrap_err();
     assert!(
         e.to_string().contains("partition 'root' holds 4096 bytes"),
         "{e}"
@@ -864,13 +798,7 @@ fn fastboot_limits_and_faults() {
             kind: FaultKind::Vanish,
         });
     }
-    let e = flash::write_via(
-        &fb_bus(&dev),
-        &o,
-        mem("x", pattern(4 << 20, 2)),
-        &sbcflash::progress::Silent,
-    )
-    .unwrap_err();
+    let e = write_silently(&bus_of(&dev), &o, mem("x", pattern(4 << 20, 2))).unwrap_err();
     assert!(matches!(e, Error::Interrupted { .. }), "{e}");
     assert!(e.to_string().contains("sparse piece 2"), "{e}");
     // FAIL reply from flash.
@@ -879,13 +807,7 @@ fn fastboot_limits_and_faults() {
         use sbcflash::usb::sim::SimDevice;
         lock(&dev).fail_next_status();
     }
-    let e = flash::write_via(
-        &fb_bus(&dev),
-        &o,
-        mem("x", pattern(4096, 2)),
-        &sbcflash::progress::Silent,
-    )
-    .unwrap_err();
+    let e = write_silently(&bus_of(&dev), &o, mem("x", pattern(4096, 2))).unwrap_err();
     assert!(e.to_string().contains("injected failure"), "{e}");
 }
 
@@ -907,22 +829,16 @@ fn fastboot_th1520_ram_then_uboot_session() {
         d.partitions.insert("root".into(), vec![0xee; 48 << 20]);
     }));
     let dev = shared(rom);
-    let bus = fb_bus(&dev);
+    let bus = bus_of(&dev);
     let mut o = ViaOptions::new(Via::Fastboot);
     o.partition = Some("ram".into());
-    flash::write_via(
-        &bus,
-        &o,
-        mem("u-boot-with-spl.bin", uboot_bin.clone()),
-        &sbcflash::progress::Silent,
-    )
-    .unwrap();
+    write_silently(&bus, &o, mem("u-boot-with-spl.bin", uboot_bin.clone())).unwrap();
     // The ROM got raw bytes (no sparse header) since it fits one download.
     assert_eq!(&lock(&dev).partitions["ram"][..700_000], &uboot_bin[..]);
     for (part, data) in [("uboot", uboot_bin.clone()), ("root", raw.clone())] {
         o.partition = Some(part.into());
         o.reset = part == "root";
-        flash::write_via(&bus, &o, mem(part, data), &sbcflash::progress::Silent).unwrap();
+        write_silently(&bus, &o, mem(part, data)).unwrap();
     }
     let d = lock(&dev);
     assert_eq!(&d.partitions["uboot"][..700_000], &uboot_bin[..]);
@@ -957,8 +873,7 @@ fn usbboot_full_session_rom_file_server_mass_storage() {
     let mut o = ViaOptions::new(Via::Usbboot);
     o.usbboot_dir = Some(d.clone());
     o.reenumerate_timeout = Duration::from_secs(5);
-    let out =
-        flash::write_via(&bus, &o, mem("unused", vec![]), &sbcflash::progress::Silent).unwrap();
+    let out = write_silently(&bus, &o, mem("unused", vec![])).unwrap();
     assert_eq!(
         out,
         Outcome::BlockDevice {
@@ -1002,12 +917,6 @@ fn usbboot_rom_rejection_and_wire_format() {
 }
 
 // ---------------------------------------------------------------- FEL
-
-fn fel_bus(dev: &Arc<Mutex<FelDevice>>) -> SimBus {
-    let mut bus = SimBus::new();
-    bus.attach(dev.clone());
-    bus
-}
 
 #[test]
 fn fel_version_write_read_exec() {
@@ -1067,7 +976,7 @@ fn fel_faults() {
 fn fel_cli_against_simulated_bus() {
     use clap::Parser;
     let dev = shared(FelDevice::d1(1 << 20));
-    let bus = fel_bus(&dev);
+    let bus = bus_of(&dev);
     let cli = sbcflash::cli::Cli::try_parse_from([
         "sbcflash", "fel", "--board", "nezha", "read", "0", "16",
     ])
@@ -1231,8 +1140,7 @@ fn usbboot_then_block_writer_on_a_loop_device() {
     let mut o = ViaOptions::new(Via::Usbboot);
     o.usbboot_dir = Some(d.clone());
     o.reenumerate_timeout = Duration::from_secs(5);
-    let out =
-        flash::write_via(&bus, &o, mem("unused", vec![]), &sbcflash::progress::Silent).unwrap();
+    let out = write_silently(&bus, &o, mem("unused", vec![])).unwrap();
     let Outcome::BlockDevice { path, .. } = out else {
         panic!("usbboot must hand back a block device, got {out:?}");
     };
