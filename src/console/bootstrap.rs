@@ -91,6 +91,24 @@ pub struct Reached {
     pub arrival: Arrival,
 }
 
+/// Runs U-Boot command `c`, which must succeed, and notes it with its last output line.
+pub(crate) async fn uboot_command_ok(
+    s: &mut Session,
+    cfg: &UBootConfig,
+    c: &str,
+) -> Result<(), ConsoleError> {
+    let n = s.next_n();
+    let out = s.run(&mut uboot::command(cfg, c, n)).await?.ok()?;
+    s.stage(&Stage::Note(format!(
+        "U-Boot `{c}`: ok{}",
+        out.lines
+            .last()
+            .map(|l| format!(" ({})", l.trim()))
+            .unwrap_or_default()
+    )));
+    Ok(())
+}
+
 /// Runs the plan. `flasher` is needed when the plan has `flash_via`.
 pub async fn run(
     s: &mut Session,
@@ -103,15 +121,7 @@ pub async fn run(
         let mut m = Interrupt::new(&plan.uboot, resets, n);
         resets = s.run(&mut m).await?;
         for c in &plan.uboot_cmds {
-            let n = s.next_n();
-            let out = s.run(&mut uboot::command(&plan.uboot, c, n)).await?.ok()?;
-            s.stage(&Stage::Note(format!(
-                "U-Boot `{c}`: ok{}",
-                out.lines
-                    .last()
-                    .map(|l| format!(" ({l})"))
-                    .unwrap_or_default()
-            )));
+            uboot_command_ok(s, &plan.uboot, c).await?;
         }
         if let Some((via, cmd)) = &plan.flash_via {
             let via = *via;

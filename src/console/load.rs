@@ -255,15 +255,7 @@ pub async fn run(
     }
     s.stage(&Stage::Note(format!("crc32 {crc:08x} matches")));
     for c in &plan.then {
-        let n = s.next_n();
-        let out = s.run(&mut uboot::command(&plan.uboot, c, n)).await?.ok()?;
-        s.stage(&Stage::Note(format!(
-            "U-Boot `{c}`: ok{}",
-            out.lines
-                .last()
-                .map(|l| format!(" ({})", l.trim()))
-                .unwrap_or_default()
-        )));
+        super::bootstrap::uboot_command_ok(s, &plan.uboot, c).await?;
     }
     Ok(Loaded {
         addr: Some(addr),

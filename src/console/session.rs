@@ -172,16 +172,12 @@ impl Session {
         until: Instant,
         buf: &mut [u8],
     ) -> Result<usize, ConsoleError> {
-        let r = tokio::time::timeout_at(until.into(), self.link.read(buf)).await;
-        self.flush_notes();
-        match r {
-            Err(_) => Ok(0),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(n)) => {
-                let now = Instant::now();
-                self.received(&buf[..n], now);
+        match self.read_by(until, buf).await? {
+            Some(n) => {
+                self.received(&buf[..n], Instant::now());
                 Ok(n)
             }
+            None => Ok(0),
         }
     }
 
@@ -191,12 +187,21 @@ impl Session {
         until: Instant,
         buf: &mut [u8],
     ) -> Result<usize, ConsoleError> {
+        Ok(self.read_by(until, buf).await?.unwrap_or(0))
+    }
+
+    /// One read from the link, `None` when `until` passes first; the link's notes become
+    /// stages either way.
+    async fn read_by(
+        &mut self,
+        until: Instant,
+        buf: &mut [u8],
+    ) -> Result<Option<usize>, ConsoleError> {
         let r = tokio::time::timeout_at(until.into(), self.link.read(buf)).await;
         self.flush_notes();
         match r {
-            Err(_) => Ok(0),
-            Ok(Err(e)) => Err(e),
-            Ok(Ok(n)) => Ok(n),
+            Err(_) => Ok(None),
+            Ok(r) => r.map(Some),
         }
     }
 
