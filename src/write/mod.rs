@@ -150,7 +150,17 @@ pub fn parse_blake3_hex(s: &str) -> Option<[u8; 32]> {
     v.try_into().ok()
 }
 
+/// What the reader hands the writer.
 enum Item {
+    Piece(Piece),
+    End,
+    Err(ImageError),
+}
+
+/// One piece of the logical image, in order. The writer writes it and hands the same piece
+/// (the lent buffer slice, no copy) to the blake3 and range-check threads.
+#[derive(Clone)]
+enum Piece {
     /// `buf[start..start + len]` holds the bytes at `offset`.
     Data {
         offset: u64,
@@ -158,21 +168,7 @@ enum Item {
         buf: Shared,
         start: usize,
     },
-    Gap(Extent),
-    End,
-    Err(ImageError),
-}
-
-/// What the writer hands the blake3 and range-check threads: the same lent buffer slices
-/// it writes (no copy), and the gaps between them.
-#[derive(Clone)]
-enum HashItem {
-    Data {
-        offset: u64,
-        len: usize,
-        buf: Shared,
-        start: usize,
-    },
+    /// A zero or skip extent.
     Gap(Extent),
 }
 
@@ -197,19 +193,21 @@ fn spawn_reader(
                 if lend {
                     // The source's own buffers, lent: no copy into the pool's.
                     let item = match source.next_shared() {
-                        Ok(Some((ext, Some(d)))) if ext.kind == ExtentKind::Data => Item::Data {
-                            offset: ext.offset,
-                            len: ext.len as usize,
-                            buf: d.buf,
-                            start: d.start,
-                        },
+                        Ok(Some((ext, Some(d)))) if ext.kind == ExtentKind::Data => {
+                            Item::Piece(Piece::Data {
+                                offset: ext.offset,
+                                len: ext.len as usize,
+                                buf: d.buf,
+                                start: d.start,
+                            })
+                        }
                         Ok(Some((ext, _))) if ext.kind == ExtentKind::Data => {
                             Item::Err(ImageError::Invalid {
                                 path: source.describe(),
                                 msg: format!("data extent at {} came without its bytes", ext.offset),
                             })
                         }
-                        Ok(Some((ext, _))) => Item::Gap(ext),
+                        Ok(Some((ext, _))) => Item::Piece(Piece::Gap(ext)),
                         Ok(None) => Item::End,
                         Err(e) => Item::Err(e),
                     };
@@ -239,17 +237,17 @@ fn spawn_reader(
                                 ),
                             })
                         } else {
-                            Item::Data {
+                            Item::Piece(Piece::Data {
                                 offset: ext.offset,
                                 len: ext.len as usize,
                                 buf: Arc::new(buf),
                                 start: 0,
-                            }
+                            })
                         }
                     }
                     Ok(Some(ext)) => {
                         spare = Some(buf);
-                        Item::Gap(ext)
+                        Item::Piece(Piece::Gap(ext))
                     }
                     Ok(None) => Item::End,
                     Err(e) => Item::Err(e),
@@ -328,15 +326,15 @@ struct HashResult {
     ranges: Vec<RangeDigest>,
 }
 
-/// The loop both hashing threads run: each item in order as its extent and, for data, its
+/// The loop both hashing threads run: each piece in order as its extent and, for data, its
 /// bytes (`None` for a zero or skip gap); stops at the first error `f` returns.
 fn consume<E>(
-    rx: Receiver<HashItem>,
+    rx: Receiver<Piece>,
     mut f: impl FnMut(&Extent, Option<&[u8]>) -> Result<(), E>,
 ) -> Result<(), E> {
     for item in rx {
         match item {
-            HashItem::Data {
+            Piece::Data {
                 offset,
                 len,
                 buf,
@@ -349,7 +347,7 @@ fn consume<E>(
                 };
                 f(&ext, Some(&buf[start..start + len]))?;
             }
-            HashItem::Gap(ext) => f(&ext, None)?,
+            Piece::Gap(ext) => f(&ext, None)?,
         }
     }
     Ok(())
@@ -358,7 +356,7 @@ fn consume<E>(
 /// The blake3 thread: the digest of the logical image ([`LogicalHasher`], the same hasher
 /// `sbcflash hash` uses) and, for read-back, per-range digests.
 fn spawn_hasher(
-    rx: Receiver<HashItem>,
+    rx: Receiver<Piece>,
     ranges: bool,
     max_range: u64,
 ) -> std::thread::JoinHandle<HashResult> {
@@ -401,7 +399,7 @@ fn spawn_hasher(
 /// neither the reader nor the blake3 thread waits for it. It stops at the first bad range;
 /// the writer notices (its sends fail) and fails the write before the head is written.
 fn spawn_checker(
-    rx: Receiver<HashItem>,
+    rx: Receiver<Piece>,
     mut checker: RangeChecker,
 ) -> std::thread::JoinHandle<Result<(), ImageError>> {
     std::thread::Builder::new()
@@ -513,17 +511,17 @@ fn write_inner(
     let (tx, rx) = crossbeam_channel::bounded::<Item>(opts.buffers.max(2) * 2);
     let checks = source.take_range_checker();
     let reader = spawn_reader(source, pool, tx, stop.clone());
-    let (htx, hrx) = crossbeam_channel::unbounded::<HashItem>();
+    let (htx, hrx) = crossbeam_channel::unbounded::<Piece>();
     let hasher = spawn_hasher(hrx, opts.verify, buffer_size as u64);
     let (mut ctx, mut checker) = match checks {
         Some(c) => {
-            let (ctx, crx) = crossbeam_channel::unbounded::<HashItem>();
+            let (ctx, crx) = crossbeam_channel::unbounded::<Piece>();
             (Some(ctx), Some(spawn_checker(crx, c)))
         }
         None => (None, None),
     };
     // Send to the range checker; a failed send means it stopped at a bad range: its error.
-    let mut to_checker = |item: HashItem| -> Result<(), WriteError> {
+    let mut to_checker = |item: Piece| -> Result<(), WriteError> {
         if let Some(tx) = &ctx {
             if tx.send(item).is_err() {
                 ctx = None;
@@ -570,27 +568,30 @@ fn write_inner(
                 ))
             }
         };
-        match item {
-            Item::Data {
+        let piece = match item {
+            Item::Piece(p) => p,
+            Item::End => break,
+            Item::Err(e) => return Err(e.into()),
+        };
+        let (offset, what) = match &piece {
+            Piece::Data { offset, .. } => (*offset, "data extent"),
+            Piece::Gap(ext) => (ext.offset, "extent"),
+        };
+        if offset != pos {
+            return Err(stream_err(
+                offset,
+                format!("{what} starts at {offset}, expected {pos}"),
+            ));
+        }
+        to_checker(piece.clone())?;
+        let _ = htx.send(piece.clone());
+        match piece {
+            Piece::Data {
                 offset,
                 len,
                 buf,
                 start,
             } => {
-                if offset != pos {
-                    return Err(stream_err(
-                        offset,
-                        format!("data extent starts at {offset}, expected {pos}"),
-                    ));
-                }
-                let item = HashItem::Data {
-                    offset,
-                    len,
-                    buf: buf.clone(),
-                    start,
-                };
-                to_checker(item.clone())?;
-                let _ = htx.send(item);
                 let data = &buf[start..start + len];
                 let end = offset + len as u64;
                 let mut from = offset;
@@ -606,15 +607,7 @@ fn write_inner(
                 written += len as u64;
                 pos = end;
             }
-            Item::Gap(ext) => {
-                if ext.offset != pos {
-                    return Err(stream_err(
-                        ext.offset,
-                        format!("extent starts at {}, expected {pos}", ext.offset),
-                    ));
-                }
-                to_checker(HashItem::Gap(ext))?;
-                let _ = htx.send(HashItem::Gap(ext));
+            Piece::Gap(ext) => {
                 let from = ext.offset.max(hold);
                 if from < ext.end() {
                     match ext.kind {
@@ -628,8 +621,6 @@ fn write_inner(
                 }
                 pos = ext.end();
             }
-            Item::End => break,
-            Item::Err(e) => return Err(e.into()),
         }
         reporter.report(Event::Progress {
             job: opts.job.clone(),
