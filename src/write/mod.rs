@@ -172,6 +172,28 @@ enum Piece {
     Gap(Extent),
 }
 
+impl Piece {
+    /// The piece as an extent and, for data, its bytes (`None` for a gap).
+    fn parts(&self) -> (Extent, Option<&[u8]>) {
+        match self {
+            Piece::Data {
+                offset,
+                len,
+                buf,
+                start,
+            } => (
+                Extent {
+                    offset: *offset,
+                    len: *len as u64,
+                    kind: ExtentKind::Data,
+                },
+                Some(&buf[*start..*start + *len]),
+            ),
+            Piece::Gap(ext) => (*ext, None),
+        }
+    }
+}
+
 const POLL: Duration = Duration::from_millis(100);
 
 /// Spawn the reader: pulls extents into pooled buffers until the end, an error or `stop`.
@@ -332,23 +354,9 @@ fn consume<E>(
     rx: Receiver<Piece>,
     mut f: impl FnMut(&Extent, Option<&[u8]>) -> Result<(), E>,
 ) -> Result<(), E> {
-    for item in rx {
-        match item {
-            Piece::Data {
-                offset,
-                len,
-                buf,
-                start,
-            } => {
-                let ext = Extent {
-                    offset,
-                    len: len as u64,
-                    kind: ExtentKind::Data,
-                };
-                f(&ext, Some(&buf[start..start + len]))?;
-            }
-            Piece::Gap(ext) => f(&ext, None)?,
-        }
+    for piece in rx {
+        let (ext, bytes) = piece.parts();
+        f(&ext, bytes)?;
     }
     Ok(())
 }
@@ -573,26 +581,23 @@ fn write_inner(
             Item::End => break,
             Item::Err(e) => return Err(e.into()),
         };
-        let (offset, what) = match &piece {
-            Piece::Data { offset, .. } => (*offset, "data extent"),
-            Piece::Gap(ext) => (ext.offset, "extent"),
-        };
-        if offset != pos {
+        let (ext, bytes) = piece.parts();
+        if ext.offset != pos {
+            let what = if bytes.is_some() {
+                "data extent"
+            } else {
+                "extent"
+            };
             return Err(stream_err(
-                offset,
-                format!("{what} starts at {offset}, expected {pos}"),
+                ext.offset,
+                format!("{what} starts at {}, expected {pos}", ext.offset),
             ));
         }
         to_checker(piece.clone())?;
         let _ = htx.send(piece.clone());
-        match piece {
-            Piece::Data {
-                offset,
-                len,
-                buf,
-                start,
-            } => {
-                let data = &buf[start..start + len];
+        match bytes {
+            Some(data) => {
+                let (offset, len) = (ext.offset, data.len());
                 let end = offset + len as u64;
                 let mut from = offset;
                 if offset < hold {
@@ -607,7 +612,7 @@ fn write_inner(
                 written += len as u64;
                 pos = end;
             }
-            Piece::Gap(ext) => {
+            None => {
                 let from = ext.offset.max(hold);
                 if from < ext.end() {
                     match ext.kind {
