@@ -75,6 +75,21 @@ fn loop_tools(extra: &[&str]) -> bool {
     common::require(true, &[&["losetup"], common::IMAGE_TOOLS, extra].concat())
 }
 
+/// For tests on loop devices: skips (`None`) without root, losetup, the image tools or
+/// `extra`; else a temp dir holding a NixOS-like `n.img` of `mib` MiB.
+fn image_for_loop_tests(
+    extra: &[&str],
+    mib: u64,
+    table: Table,
+) -> Option<(tempfile::TempDir, PathBuf)> {
+    if !loop_tools(extra) {
+        return None;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let img = make_nixos_like_image(dir.path(), "n.img", mib, table);
+    Some((dir, img))
+}
+
 fn verify_cmd(image: &Path, target: &Path) -> Output {
     sbcflash()
         .arg("verify")
@@ -271,12 +286,10 @@ fn stale_target_is_cleaned_without_discard_and_backup_gpt_is_cleared() {
 
 #[test]
 fn mounted_loop_device_is_refused_and_untouched() {
-    if !loop_tools(&[]) {
+    let Some((dir, img)) = image_for_loop_tests(&[], 40, Table::Mbr) else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let d = dir.path();
-    let img = make_nixos_like_image(d, "n.img", 40, Table::Mbr);
     let lo = LoopDev::new_sparse(d, "m.backing", 80 << 20);
     // No lazy init: ext4lazyinit would write inode tables after mount and change the device
     // under the test's feet.
@@ -305,12 +318,10 @@ fn mounted_loop_device_is_refused_and_untouched() {
 
 #[test]
 fn too_small_loop_device_is_refused_and_untouched() {
-    if !loop_tools(&[]) {
+    let Some((dir, img)) = image_for_loop_tests(&[], IMG_MIB, Table::Mbr) else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let d = dir.path();
-    let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Mbr);
     let backing = garbage_backing(d, "small.backing", 32);
     let lo = LoopDev::attach(&backing, &[]);
     let before = blake3_of(lo.path(), 32 << 20);
@@ -326,12 +337,10 @@ fn too_small_loop_device_is_refused_and_untouched() {
 
 #[test]
 fn wrong_blake3_fails_verification_and_leaves_no_partition_table() {
-    if !loop_tools(&[]) {
+    let Some((dir, img)) = image_for_loop_tests(&[], IMG_MIB, Table::Mbr) else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let d = dir.path();
-    let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Mbr);
     let lo = LoopDev::new_sparse(d, "t.backing", IMG_MIB << 20);
     let wrong = "00".repeat(32);
     let out = write_cmd(&img, lo.path(), &["--blake3", &wrong]);
@@ -358,12 +367,10 @@ fn wrong_blake3_fails_verification_and_leaves_no_partition_table() {
 
 #[test]
 fn truncated_compressed_image_fails_without_success() {
-    if !loop_tools(&["zstd"]) {
+    let Some((dir, img)) = image_for_loop_tests(&["zstd"], IMG_MIB, Table::Mbr) else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let d = dir.path();
-    let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Mbr);
     run(Command::new("zstd")
         .arg("-q")
         .arg(&img)
@@ -391,12 +398,10 @@ fn truncated_compressed_image_fails_without_success() {
 
 #[test]
 fn sigint_mid_write_exits_130_and_leaves_no_partition_table() {
-    if !loop_tools(&[]) {
+    let Some((dir, img)) = image_for_loop_tests(&[], IMG_MIB, Table::Mbr) else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let d = dir.path();
-    let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Mbr);
     let fifo = d.join("image.fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).expect("mkfifo");
     let lo = LoopDev::new_sparse(d, "t.backing", IMG_MIB << 20);
@@ -490,12 +495,10 @@ fn loop_on_full_tmpfs_fails_with_offset_and_never_succeeds() {
 
 #[test]
 fn verify_reports_the_offset_of_a_corrupted_range() {
-    if !loop_tools(&[]) {
+    let Some((dir, img)) = image_for_loop_tests(&[], IMG_MIB, Table::Mbr) else {
         return;
-    }
-    let dir = tempfile::tempdir().expect("tempdir");
+    };
     let d = dir.path();
-    let img = make_nixos_like_image(d, "n.img", IMG_MIB, Table::Mbr);
     let lo = LoopDev::new_sparse(d, "t.backing", IMG_MIB << 20);
     let out = write_cmd(&img, lo.path(), &["--no-verify"]);
     assert_exit(&out, 0);
