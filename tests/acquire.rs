@@ -999,6 +999,27 @@ fn bench_stream_vs_curl_vs_local_file() {
     let url = srv.url("/bench.img.zst");
     let lo = common::LoopDev::new_sparse(d.path(), "disk.img", logical + (16 << 20));
     let dev = lo.path().to_path_buf();
+    // BENCH_WRITE_MIBS=90: the timed runs' writes to the loop device are throttled to that many
+    // MiB/s by the block cgroup, like an SD card; the untimed settling writes are not.
+    let throttle = std::env::var("BENCH_WRITE_MIBS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+        .map(|mibs| WriteThrottle::new(&dev, mibs << 20));
+    let sbc = || match &throttle {
+        None => common::sbcflash(),
+        Some(t) => {
+            let mut c = std::process::Command::new("sh");
+            c.arg("-c")
+                .arg("echo $$ > \"$0\" && exec \"$@\"")
+                .arg(&t.procs)
+                .arg(env!("CARGO_BIN_EXE_sbcflash"));
+            c
+        }
+    };
+    let join = throttle
+        .as_ref()
+        .map(|t| format!("echo $$ > {}; ", t.procs.display()))
+        .unwrap_or_default();
     // Wall time and the CPU time (user + system) of the child processes: on a shared machine
     // the CPU column is the steadier one.
     let cpu_of = |who: i32| {
@@ -1029,10 +1050,25 @@ fn bench_stream_vs_curl_vs_local_file() {
     // Outside the timed runs: the digest the stream is pinned to.
     let pin = b3(&zst);
     let mut rows = Vec::new();
+    // Every timed run starts with the backing file in the same state: an untimed sbcflash
+    // write first (the sparse backing file allocates its blocks on the first write, which
+    // would slow whichever run came first) and again after dd, which writes the zeroes too:
+    // the next run's discard would otherwise free 4 times the blocks.
+    let settle = || {
+        common::run(
+            common::sbcflash()
+                .arg("write")
+                .arg(&zstp)
+                .arg(&dev)
+                .args(["--yes", "--no-verify"]),
+        );
+        common::sh("sync");
+    };
+    settle();
     for rep in 0..reps {
         let stream = |verify: bool| {
             time(&|| {
-                let o = common::sbcflash()
+                let o = sbc()
                     .arg("write")
                     .arg(&url)
                     .arg(&dev)
@@ -1048,7 +1084,7 @@ fn bench_stream_vs_curl_vs_local_file() {
         };
         let local = |verify: bool| {
             time(&|| {
-                let o = common::sbcflash()
+                let o = sbc()
                     .arg("write")
                     .arg(&zstp)
                     .arg(&dev)
@@ -1063,12 +1099,13 @@ fn bench_stream_vs_curl_vs_local_file() {
         common::assert_same_prefix(&rawp, &dev, logical);
         let c = time(&|| {
             common::sh(&format!(
-                "curl -sf --cacert {} {url} | zstd -dc | dd of={} bs=4M oflag=direct conv=fsync status=none",
+                "{join}curl -sf --cacert {} {url} | zstd -dc | dd of={} bs=4M oflag=direct conv=fsync status=none",
                 srv.ca_file.display(),
                 dev.display()
             ));
         });
         common::assert_same_prefix(&rawp, &dev, logical);
+        settle();
         let l = local(false);
         common::assert_same_prefix(&rawp, &dev, logical);
         // The default (with the read-back verify) both ways: what a user sees.
@@ -1098,12 +1135,61 @@ fn bench_stream_vs_curl_vs_local_file() {
         );
     }
     println!("(CPU: user + system time of the client processes; server: of the test process, whose HTTPS server shares the machine's cores)");
+    if let Some(t) = &throttle {
+        println!("target writes throttled to {} MiB/s", t.bps >> 20);
+    }
     println!(
         "image: {} ({:.1} MiB logical, {:.1} MiB zstd)",
         zstp.display(),
         logical as f64 / (1 << 20) as f64,
         zst.len() as f64 / (1 << 20) as f64
     );
+}
+
+/// A block cgroup that limits writes to one device (cgroup v2 `io.max`, else v1 blkio
+/// throttle), for benchmarking at the speed of a real card. Removed on drop.
+struct WriteThrottle {
+    dir: PathBuf,
+    procs: PathBuf,
+    bps: u64,
+}
+
+impl WriteThrottle {
+    fn new(dev: &Path, bps: u64) -> WriteThrottle {
+        use std::os::unix::fs::MetadataExt;
+        let rdev = std::fs::metadata(dev).unwrap().rdev();
+        let (maj, min) = (libc::major(rdev), libc::minor(rdev));
+        let name = format!("sbcflash-bench-{}", std::process::id());
+        let dir = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+            // Best effort: the io controller may already be enabled for children.
+            let _ = std::fs::write("/sys/fs/cgroup/cgroup.subtree_control", "+io");
+            let dir = Path::new("/sys/fs/cgroup").join(&name);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(dir.join("io.max"), format!("{maj}:{min} wbps={bps}")).unwrap();
+            dir
+        } else {
+            let dir = Path::new("/sys/fs/cgroup/blkio").join(&name);
+            std::fs::create_dir(&dir).unwrap();
+            std::fs::write(
+                dir.join("blkio.throttle.write_bps_device"),
+                format!("{maj}:{min} {bps}"),
+            )
+            .unwrap();
+            dir
+        };
+        WriteThrottle {
+            procs: dir.join("cgroup.procs"),
+            dir,
+            bps,
+        }
+    }
+}
+
+impl Drop for WriteThrottle {
+    fn drop(&mut self) {
+        // Its processes have exited: the (empty) cgroup can go.
+        let _ = std::fs::remove_dir(&self.dir);
+    }
 }
 
 /// The config file's `[[mirrors]]`: a matching mirror is tried first; when it serves, the
