@@ -31,7 +31,6 @@ pub struct HeadPeek {
     inner: Box<dyn ExtentSource>,
     /// Extents already pulled from `inner`, with their data for `Data` ones.
     queue: std::collections::VecDeque<(Extent, Held)>,
-    lends: bool,
 }
 
 impl HeadPeek {
@@ -79,14 +78,7 @@ impl HeadPeek {
             }
             queue.push_back((e, held));
         }
-        Ok((
-            HeadPeek {
-                inner,
-                queue,
-                lends,
-            },
-            head,
-        ))
+        Ok((HeadPeek { inner, queue }, head))
     }
 }
 
@@ -129,7 +121,7 @@ impl ExtentSource for HeadPeek {
     }
 
     fn shares_buffers(&self) -> bool {
-        self.lends
+        self.inner.shares_buffers()
     }
 
     fn next_shared(&mut self) -> Result<Option<(Extent, Option<SharedData>)>, ImageError> {

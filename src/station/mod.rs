@@ -95,6 +95,59 @@ pub struct Plan {
     pub outside: Vec<String>,
 }
 
+/// `--dry-run`'s line for a board found in a recovery mode on a USB slot.
+fn usb_dry_run_verdict(
+    f: &crate::usb::discovery::Found,
+    station: &config::Station,
+    flash_present: bool,
+) -> String {
+    use crate::usb::discovery::Protocol;
+    let left_alone = |what: &str| {
+        format!("{what}: present at start, left alone (pass --flash-present to flash it)")
+    };
+    let soc = f.soc.as_deref().unwrap_or("unknown SoC");
+    match f.protocol {
+        Protocol::Rockusb => {
+            let what = format!("{} ({soc}) in {} mode on port {}", f.id(), f.mode, f.port_path);
+            if flash_present {
+                format!("would be flashed now over rockusb: {what}")
+            } else {
+                left_alone(&what)
+            }
+        }
+        Protocol::Usbboot => {
+            let what = format!(
+                "{} ({soc}) in usbboot {} mode on port {}",
+                f.id(),
+                f.mode,
+                f.port_path
+            );
+            match (&station.usb.usbboot_dir, flash_present) {
+                (None, _) => format!("{what}: would FAIL, no `usbboot-dir` in [usb]"),
+                (Some(d), true) => format!(
+                    "would be flashed now: rpiboot from {}, then its storage as a block device",
+                    d.display()
+                ),
+                (Some(_), false) => left_alone(&what),
+            }
+        }
+        Protocol::MassStorage => {
+            let what = format!("{} already in mass-storage mode on port {}", f.id(), f.port_path);
+            if flash_present {
+                format!("would be flashed now: {what}, its disk on that port as a block device")
+            } else {
+                left_alone(&what)
+            }
+        }
+        _ => format!(
+            "{} ({:?} in {} mode): would FAIL, station USB slots flash Rockchip boards and Raspberry Pi boards (usbboot or mass-storage) only",
+            f.id(),
+            f.protocol,
+            f.mode
+        ),
+    }
+}
+
 /// Works out what the station would do now, touching nothing (no ledger lock, no writes).
 pub fn plan(
     station: &config::Station,
@@ -134,55 +187,7 @@ pub fn plan(
             [d] if d.is_usb_device() => {
                 claimed.insert(d.syspath.clone());
                 let verdict = match usbslot::recovery_device(d) {
-                    Some(f) if f.protocol == crate::usb::discovery::Protocol::Rockusb => {
-                        let what = format!(
-                            "{} ({}) in {} mode on port {}",
-                            f.id(),
-                            f.soc.as_deref().unwrap_or("unknown SoC"),
-                            f.mode,
-                            f.port_path
-                        );
-                        if flash_present {
-                            format!("would be flashed now over rockusb: {what}")
-                        } else {
-                            format!("{what}: present at start, left alone (pass --flash-present to flash it)")
-                        }
-                    }
-                    Some(f) if f.protocol == crate::usb::discovery::Protocol::Usbboot => {
-                        let what = format!(
-                            "{} ({}) in usbboot {} mode on port {}",
-                            f.id(),
-                            f.soc.as_deref().unwrap_or("unknown SoC"),
-                            f.mode,
-                            f.port_path
-                        );
-                        match (&station.usb.usbboot_dir, flash_present) {
-                            (None, _) => format!("{what}: would FAIL, no `usbboot-dir` in [usb]"),
-                            (Some(d), true) => format!(
-                                "would be flashed now: rpiboot from {}, then its storage as a block device",
-                                d.display()
-                            ),
-                            (Some(_), false) => format!("{what}: present at start, left alone (pass --flash-present to flash it)"),
-                        }
-                    }
-                    Some(f) if f.protocol == crate::usb::discovery::Protocol::MassStorage => {
-                        let what = format!(
-                            "{} already in mass-storage mode on port {}",
-                            f.id(),
-                            f.port_path
-                        );
-                        if flash_present {
-                            format!("would be flashed now: {what}, its disk on that port as a block device")
-                        } else {
-                            format!("{what}: present at start, left alone (pass --flash-present to flash it)")
-                        }
-                    }
-                    Some(f) => format!(
-                        "{} ({:?} in {} mode): would FAIL, station USB slots flash Rockchip boards and Raspberry Pi boards (usbboot or mass-storage) only",
-                        f.id(),
-                        f.protocol,
-                        f.mode
-                    ),
+                    Some(f) => usb_dry_run_verdict(&f, station, flash_present),
                     None => "not in a recovery mode".to_string(),
                 };
                 (Some(format!("usb:{}", usbslot::port_of(d))), None, verdict)
