@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{make_nixos_like_image, require, run, sbcflash, LoopDev, Table};
+use common::{make_nixos_like_image, require, run, sbcflash, LoopDev, Table, Udevd};
 use serde_json::Value;
 use std::io::{BufRead, Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::MetadataExt;
@@ -42,55 +42,6 @@ const TOOLS: &[&str] = &[
 
 fn udevd_present() -> bool {
     Path::new("/lib/systemd/systemd-udevd").exists()
-}
-
-fn ping_udevd() -> bool {
-    Command::new("udevadm")
-        .args(["control", "--ping", "--timeout=2"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map(|s| s.success())
-        .unwrap_or(false)
-}
-
-/// systemd-udevd for the test: started in the foreground unless one already runs, stopped
-/// by its own PID on drop.
-struct Udevd {
-    child: Option<Child>,
-}
-
-impl Udevd {
-    fn start() -> Udevd {
-        if ping_udevd() {
-            return Udevd { child: None };
-        }
-        let child = Command::new("/lib/systemd/systemd-udevd")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn systemd-udevd");
-        let u = Udevd { child: Some(child) };
-        for _ in 0..100 {
-            if ping_udevd() {
-                return u;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        panic!("systemd-udevd did not answer `udevadm control --ping`");
-    }
-}
-
-impl Drop for Udevd {
-    fn drop(&mut self) {
-        if let Some(c) = &mut self.child {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(c.id() as i32),
-                nix::sys::signal::Signal::SIGTERM,
-            );
-            let _ = c.wait();
-        }
-    }
 }
 
 /// A tmpfs of `size` mounted on a fresh directory; unmounted (by its path) on drop.
