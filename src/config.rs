@@ -46,6 +46,9 @@ pub enum ConfigError {
         col: usize,
         msg: String,
     },
+    /// A value from an environment variable that cannot be used.
+    #[error("${var}: {msg}")]
+    InvalidEnv { var: String, msg: String },
 }
 
 impl ConfigError {
@@ -318,6 +321,7 @@ impl Config {
 
         // default_board
         let mut default_board = Sourced::default(None, "not set");
+        let default_board_span = file_cfg.default_board.as_ref().map(|v| v.span());
         if let Some(v) = file_cfg.default_board {
             let span = v.span();
             default_board = Sourced {
@@ -347,12 +351,22 @@ impl Config {
         if let Some(v) = file_cfg.boards_dirs {
             let span = v.span();
             let base = file_used.as_ref().map(|f| f.0.as_path());
+            let dirs: Vec<PathBuf> = v
+                .into_inner()
+                .into_iter()
+                .map(|p| resolve_relative(base, p))
+                .collect();
+            if let (Some((p, text)), Some(bad)) = (&file_used, dirs.iter().find(|d| !d.is_dir())) {
+                let (line, col) = line_col(text, span.start);
+                return Err(ConfigError::Invalid {
+                    path: p.display().to_string(),
+                    line,
+                    col,
+                    msg: format!("boards-dirs: {} is not a directory", bad.display()),
+                });
+            }
             boards_dirs = Sourced {
-                value: v
-                    .into_inner()
-                    .into_iter()
-                    .map(|p| resolve_relative(base, p))
-                    .collect(),
+                value: dirs,
                 source: from_file(span),
             };
         }
@@ -384,6 +398,23 @@ impl Config {
                     col,
                     msg: format!(
                         "mirror entry with an empty prefix or replacement: {:?} -> {:?}",
+                        bad.prefix, bad.replace
+                    ),
+                });
+            }
+            let is_url = |u: &str| u.starts_with("https://") || u.starts_with("http://");
+            if let (Some((p, text)), Some(bad)) = (
+                &file_used,
+                list.iter()
+                    .find(|m| !is_url(&m.prefix) || !is_url(&m.replace)),
+            ) {
+                let (line, col) = line_col(text, span.start);
+                return Err(ConfigError::Invalid {
+                    path: p.display().to_string(),
+                    line,
+                    col,
+                    msg: format!(
+                        "mirrors: prefix and replace must be http(s):// URLs: {:?} -> {:?}",
                         bad.prefix, bad.replace
                     ),
                 });
@@ -445,6 +476,37 @@ impl Config {
                 value: v.into_inner(),
                 source: from_file(span),
             };
+        }
+
+        // The default board must be one the registry knows (with this config's boards-dirs), or
+        // every command that uses it fails later without naming where the name came from.
+        if let Some(name) = &default_board.value {
+            let mut dirs = boards_dirs.value.clone();
+            dirs.reverse();
+            // A registry that does not load is reported by the commands that use it.
+            if let Ok(reg) = crate::board::Registry::load(&dirs) {
+                if let Err(e) = reg.get(name) {
+                    let msg = format!("default-board = {name:?}: {e}");
+                    match (&default_board.source, &file_used, default_board_span) {
+                        (Source::File { .. }, Some((p, text)), Some(span)) => {
+                            let (line, col) = line_col(text, span.start);
+                            return Err(ConfigError::Invalid {
+                                path: p.display().to_string(),
+                                line,
+                                col,
+                                msg,
+                            });
+                        }
+                        (Source::Env { var }, _, _) => {
+                            return Err(ConfigError::InvalidEnv {
+                                var: var.clone(),
+                                msg: format!("{name:?}: {e}"),
+                            });
+                        }
+                        _ => {}
+                    }
+                }
+            }
         }
 
         Ok(Config {

@@ -130,6 +130,7 @@ fn fetch_sha256_pin_records_blake3_and_follows_redirect() {
     );
     assert!(o.status.success(), "{}", text(&o));
     let out = String::from_utf8_lossy(&o.stdout);
+    common::json::assert_documented(&out);
     let fin = out
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
@@ -745,6 +746,7 @@ fn stream_https_to_loop_device_with_resume_and_keep() {
         .unwrap();
     assert!(o.status.success(), "{}", text(&o));
     common::assert_same_prefix(&raw, lo.path(), 64 << 20);
+    common::json::assert_documented(&String::from_utf8_lossy(&o.stdout));
     // One job (the target) with its phases: the download is not a separate job.
     let events: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
         .lines()
@@ -1251,4 +1253,163 @@ fn fetch_tries_config_mirrors_then_the_original() {
         err.contains(&srv.url("/mirror/b.zst")) && err.contains("503"),
         "{err}"
     );
+}
+
+/// A self-signed certificate made by `openssl req -x509` (CA:TRUE, as openssl's defaults
+/// make it) with `san` as its subjectAltName: (certificate PEM, key PEM).
+fn openssl_self_signed(dir: &Path, name: &str, san: &str) -> (Vec<u8>, Vec<u8>) {
+    let (cert, key) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.key")),
+    );
+    common::run(
+        std::process::Command::new("openssl")
+            .args(["req", "-x509", "-newkey", "ec", "-pkeyopt"])
+            .args(["ec_paramgen_curve:prime256v1", "-nodes", "-days", "30"])
+            .arg("-subj")
+            .arg(format!("/CN=sbcflash test mirror {name}"))
+            .arg("-addext")
+            .arg(format!("subjectAltName={san}"))
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap())
+}
+
+/// A self-signed end-entity certificate (no CA flag) made by rcgen for 127.0.0.1, valid over
+/// `validity` (`None`: the default, valid now).
+fn rcgen_self_signed(validity: Option<(i32, i32)>) -> (Vec<u8>, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names
+        .push(rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()));
+    if let Some((from, to)) = validity {
+        p.not_before = rcgen::date_time_ymd(from, 1, 1);
+        p.not_after = rcgen::date_time_ymd(to, 1, 1);
+    }
+    let cert = p.self_signed(&key).unwrap();
+    (cert.pem().into_bytes(), key.serialize_pem().into_bytes())
+}
+
+/// `fetch URL --ca-file CA` against `srv`: (exit code, stderr).
+fn fetch_trusting(srv: &TestServer, ca: &Path, cache: &Path, data: &[u8]) -> (Option<i32>, String) {
+    let o = common::sbcflash()
+        .args(["fetch", &srv.url("/img"), "--sha256", &sha256(data)])
+        .args(["--retries", "0", "--ca-file"])
+        .arg(ca)
+        .arg("--cache-dir")
+        .arg(cache)
+        .env_remove("SBCFLASH_CACHE_DIR")
+        .output()
+        .unwrap();
+    (o.status.code(), text(&o))
+}
+
+/// `--ca-file` holding the server's own self-signed certificate pins it, as `curl --cacert`
+/// does: accepted whether openssl made it a CA (`CaUsedAsEndEntity` to rustls) or not; its
+/// host name and dates are still checked, and every refusal says what is wrong in plain words.
+#[test]
+fn ca_file_with_the_servers_own_self_signed_certificate_pins_it() {
+    if !require_openssl() {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let data = pseudo_random(256 << 10, 9);
+    let serve = |cert: &(Vec<u8>, Vec<u8>), name: &str| {
+        let sub = d.path().join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let srv = TestServer::start_with_cert(&sub, &cert.0, &cert.1);
+        srv.add("/img", Arc::new(data.clone()), Behavior::Normal);
+        srv
+    };
+
+    // Pinned, openssl req -x509 (CA:TRUE) and rcgen (end entity): fetched.
+    let openssl = openssl_self_signed(d.path(), "openssl", "IP:127.0.0.1,DNS:localhost");
+    for (name, cert) in [("openssl", &openssl), ("rcgen", &rcgen_self_signed(None))] {
+        let srv = serve(cert, name);
+        let cache = d.path().join(format!("cache-{name}"));
+        let (code, out) = fetch_trusting(&srv, &srv.ca_file, &cache, &data);
+        assert_eq!(code, Some(0), "{name}: {out}");
+        assert_eq!(blobs(&cache).len(), 1, "{name}: {out}");
+        if common::have_tool("curl") {
+            // The behaviour users compare against.
+            let o = std::process::Command::new("curl")
+                .args(["-sS", "-o", "/dev/null", "--cacert"])
+                .arg(&srv.ca_file)
+                .arg(srv.url("/img"))
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "curl --cacert: {}", text(&o));
+        }
+    }
+
+    // Refusals: exit 5, nothing cached, the reason and the fix in words.
+    let wrong_name = openssl_self_signed(d.path(), "wrong-name", "DNS:mirror.example");
+    let expired = rcgen_self_signed(Some((2020, 2021)));
+    let other = openssl_self_signed(d.path(), "other", "IP:127.0.0.1");
+    let other_file = d.path().join("other-cert.pem");
+    std::fs::write(&other_file, &other.0).unwrap();
+    // (name, the server's certificate and key, --ca-file is that certificate, words wanted)
+    type Case<'a> = (&'a str, &'a (Vec<u8>, Vec<u8>), bool, &'a [&'a str]);
+    let leaf = rcgen_self_signed(None);
+    let cases: [Case; 4] = [
+        (
+            "wrong-name",
+            &wrong_name,
+            true,
+            &["not valid for the name 127.0.0.1", "mirror.example"],
+        ),
+        (
+            "expired",
+            &expired,
+            true,
+            &["expired on 2021-01-01", "renew it on the server"],
+        ),
+        (
+            "unrelated",
+            &leaf,
+            false,
+            &[
+                "issued by no authority this machine trusts",
+                "not the certificate in",
+                "other-cert.pem",
+                "--ca-file",
+            ],
+        ),
+        (
+            "unrelated-ca",
+            &openssl,
+            false,
+            &[
+                "presents a CA certificate as its own",
+                "not the one in",
+                "other-cert.pem",
+                "pass exactly that certificate with --ca-file",
+            ],
+        ),
+    ];
+    for (name, cert, own_cert, want) in cases {
+        let srv = serve(cert, name);
+        let cache = d.path().join(format!("cache-{name}"));
+        let ca = if own_cert {
+            srv.ca_file.clone()
+        } else {
+            other_file.clone()
+        };
+        let (code, out) = fetch_trusting(&srv, &ca, &cache, &data);
+        assert_eq!(code, Some(5), "{name}: {out}");
+        for w in want {
+            assert!(out.contains(w), "{name}: missing {w:?} in {out}");
+        }
+        for rust in ["OtherError", "InvalidCertificate", "CaUsedAsEndEntity"] {
+            assert!(!out.contains(rust), "{name}: Rust error names in {out}");
+        }
+        assert!(blobs(&cache).is_empty(), "{name}");
+    }
+}
+
+fn require_openssl() -> bool {
+    common::require(false, &["openssl"])
 }

@@ -425,6 +425,7 @@ fn cli_boards_json_and_unknown_board() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     assert_eq!(text.lines().count(), 1, "one JSON object per line");
+    common::json::assert_documented(&text);
     let v: serde_json::Value = serde_json::from_str(&text).unwrap();
     let boards = v["boards"].as_array().unwrap();
     assert_eq!(boards.len(), 13);
@@ -438,6 +439,7 @@ fn cli_boards_json_and_unknown_board() {
         .args(["boards", "show", "vf2", "--json"])
         .output()
         .unwrap();
+    common::json::assert_documented(&String::from_utf8_lossy(&out.stdout));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["board"]["uboot"]["prompts"][0], "StarFive # ");
     assert_eq!(v["board"]["soc_facts"]["usb"]["protocol"], "uart-xmodem");

@@ -5,6 +5,7 @@
 
 mod common;
 
+use common::json::{match_row, schema_rows};
 use common::sbcflash;
 use sbcflash::cli::help;
 
@@ -342,80 +343,6 @@ fn errors_go_to_stderr_with_the_documented_exit_code() {
     }
 }
 
-/// One row of the events table in docs/json.md.
-#[derive(Debug)]
-struct SchemaRow {
-    event: String,
-    fields: Vec<String>,
-    optional: Vec<String>,
-    by: String,
-}
-
-fn backticked(cell: &str) -> Vec<String> {
-    cell.split('`')
-        .skip(1)
-        .step_by(2)
-        .map(str::to_string)
-        .collect()
-}
-
-fn schema_rows() -> Vec<SchemaRow> {
-    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/json.md"))
-        .expect("docs/json.md");
-    let (begin, end) = ("<!-- events:begin -->", "<!-- events:end -->");
-    let a = doc.find(begin).expect("events:begin marker") + begin.len();
-    let b = doc.find(end).expect("events:end marker");
-    let rows: Vec<SchemaRow> = doc[a..b]
-        .lines()
-        .filter(|l| l.starts_with("| `"))
-        .map(|l| {
-            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
-            SchemaRow {
-                event: backticked(cells[1]).remove(0),
-                fields: backticked(cells[2]),
-                optional: backticked(cells[3]),
-                by: cells[4].to_string(),
-            }
-        })
-        .collect();
-    assert!(rows.len() > 15, "events table not found: {rows:?}");
-    rows
-}
-
-/// The index of the documented row `line` matches, or why it matches none.
-fn match_row(rows: &[SchemaRow], line: &str) -> Result<usize, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(line).map_err(|e| format!("not JSON ({e}): {line}"))?;
-    let obj = v.as_object().ok_or(format!("not an object: {line}"))?;
-    if obj.get("schema") != Some(&serde_json::json!(sbcflash::progress::JSON_SCHEMA_VERSION)) {
-        return Err(format!("no \"schema\": 1: {line}"));
-    }
-    let event = obj
-        .get("event")
-        .and_then(|e| e.as_str())
-        .ok_or(format!("no \"event\": {line}"))?;
-    let mut why = Vec::new();
-    for (i, r) in rows.iter().enumerate().filter(|(_, r)| r.event == event) {
-        let missing: Vec<&String> = r.fields.iter().filter(|f| !obj.contains_key(*f)).collect();
-        let extra: Vec<&String> = obj
-            .keys()
-            .filter(|k| !["event", "schema"].contains(&k.as_str()))
-            .filter(|k| !r.fields.contains(k) && !r.optional.contains(k))
-            .collect();
-        if missing.is_empty() && extra.is_empty() {
-            return Ok(i);
-        }
-        why.push(format!(
-            "({}) missing {missing:?}, undocumented {extra:?}",
-            r.by
-        ));
-    }
-    if why.is_empty() {
-        return Err(format!("event `{event}` is not documented: {line}"));
-    }
-    Err(format!("{line}\n  {}", why.join("\n  ")))
-}
-
 /// A `Write` whose bytes the test can read after the reporter is done with it.
 #[derive(Clone, Default)]
 struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
@@ -560,9 +487,20 @@ fn json_lines_match_the_documented_schema() {
         l.finish_unit(id, &done).unwrap();
     }
     let ledger = ledger.to_str().unwrap();
+    // A station whose one slot matches no disk: its plan names the next unit.
+    let station_cfg = h.join("station.toml");
+    std::fs::write(
+        &station_cfg,
+        format!(
+            "board = \"rpi4\"\nledger = \"st-ledger.sqlite\"\nimage = \"{img}\"\n[identity]\nserial = \"U-{{seq:05}}\"\nhostname = \"{{serial_lower}}\"\n[[slot]]\nname = \"s1\"\nmatch = {{ \"attr:loop/backing_file\" = \"/nonexistent/card\" }}\n"
+        ),
+    )
+    .unwrap();
+    let station_cfg = station_cfg.to_str().unwrap();
 
     for (args, code) in [
         (&["station", "report", "--ledger", ledger][..], 0),
+        (&["station", "--dry-run", "--config", station_cfg], 0),
         (&["verify", img, out][..], 0),
         (&["hash", img], 0),
         (&["list", "--all"], 0),
@@ -593,13 +531,7 @@ fn json_lines_match_the_documented_schema() {
         .collect();
     // What needs hardware or root (USB devices, a station, a board's serial console) is
     // covered by those suites' own tests of the same lines; everything else is seen here.
-    let need_more = [
-        "bootloader-placed",
-        "fel-version",
-        "serial-load",
-        "dry-run",
-        "result",
-    ];
+    let need_more = ["bootloader-placed", "fel-version", "serial-load", "result"];
     for u in &unseen {
         assert!(
             need_more.iter().any(|n| u.starts_with(&format!("{n} "))),
@@ -631,4 +563,27 @@ fn a_reader_that_closes_stdout_early_is_not_an_error() {
         assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
+}
+
+/// The schema check sees Rust types that serde lets through (`Result`, `Option` wrappers, enum
+/// variants as keys), wherever they are nested; ordinary keys and values pass.
+#[test]
+fn the_schema_check_catches_rust_types_in_json() {
+    for leak in [
+        r#"{"event":"dry-run","example_identity":{"Ok":{"serial":"U-1"}}}"#,
+        r#"{"a":{"Err":"no slot"}}"#,
+        r#"{"a":[{"Some":1}]}"#,
+        r#"{"a":{"None":null}}"#,
+        r#"{"recovery":{"Rockusb":{"vid":8711}}}"#,
+    ] {
+        let v: serde_json::Value = serde_json::from_str(leak).unwrap();
+        assert!(
+            !common::json::rust_type_leaks(&v).is_empty(),
+            "not caught: {leak}"
+        );
+    }
+    let fine: serde_json::Value =
+        serde_json::from_str(r#"{"event":"x","ID_PATH":"p","v":"Ok","k":[{"a1":"Some"}]}"#)
+            .unwrap();
+    assert_eq!(common::json::rust_type_leaks(&fine), Vec::<String>::new());
 }

@@ -175,9 +175,9 @@ fn deb_package_contents_and_maintainer_scripts() {
         .collect();
     let has = |p: &str| files.contains(&p);
     assert!(has("./usr/bin/sbcflash"), "{list}");
-    assert!(has("./usr/share/man/man1/sbcflash.1"), "{list}");
+    assert!(has("./usr/share/man/man1/sbcflash.1.gz"), "{list}");
     for sub in subcommand_paths() {
-        let page = format!("./usr/share/man/man1/sbcflash-{}.1", sub.join("-"));
+        let page = format!("./usr/share/man/man1/sbcflash-{}.1.gz", sub.join("-"));
         assert!(has(&page), "missing {page}");
     }
     assert!(has("./usr/share/bash-completion/completions/sbcflash"));
@@ -210,7 +210,7 @@ fn deb_package_contents_and_maintainer_scripts() {
         let p = ctl.path().join(script);
         let text = std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{script}: {e}"));
         assert!(text.contains("udevadm control --reload-rules"), "{script}");
-        assert!(text.contains("systemctl daemon-reload"), "{script}");
+        assert!(text.contains("daemon-reload"), "{script}");
         assert!(
             !text.contains("#DEBHELPER#"),
             "{script}: token not substituted"
@@ -223,11 +223,51 @@ fn deb_package_contents_and_maintainer_scripts() {
     assert!(control.contains("Package: sbcflash"), "{control}");
     assert!(control.contains("adduser"), "{control}");
 
+    // Stopping the station goes through the debhelper-style guard, never a bare systemctl.
+    let prerm = std::fs::read_to_string(ctl.path().join("prerm")).unwrap();
+    assert!(
+        prerm.contains("deb-systemd-invoke stop 'sbcflash-station.service'"),
+        "{prerm}"
+    );
+
+    lintian_is_clean(&deb);
+
     // The packaged binary runs and knows its version.
     let x = tempfile::tempdir().unwrap();
     out_ok(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(x.path()));
     let o = out_ok(Command::new(x.path().join("usr/bin/sbcflash")).arg("--version"));
     assert!(String::from_utf8_lossy(&o.stdout).contains(env!("CARGO_PKG_VERSION")));
+}
+
+/// Debian's own check of the package: no error and no warning. Overrides are only those in
+/// `packaging/debian/sbcflash.lintian-overrides`, each with the reason beside it.
+fn lintian_is_clean(deb: &std::path::Path) {
+    if !require(false, &["lintian"]) {
+        return;
+    }
+    let o = Command::new("lintian")
+        .args(["--allow-root", "--no-tag-display-limit", "--display-info"])
+        .arg(deb)
+        .output()
+        .expect("run lintian");
+    let report = String::from_utf8_lossy(&o.stdout);
+    let bad: Vec<&str> = report
+        .lines()
+        .filter(|l| l.starts_with("E: ") || l.starts_with("W: "))
+        .collect();
+    assert!(
+        bad.is_empty(),
+        "lintian {}:\n{}\nfull report:\n{report}{}",
+        deb.display(),
+        bad.join("\n"),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // lintian exits non-zero on errors it could not report as tags (a broken package).
+    assert!(
+        o.status.success(),
+        "lintian failed: {report}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }
 
 /// A scratch copy of what the flake needs (a `path:` flake of the checkout would copy the
@@ -454,4 +494,35 @@ fn readme_documents_every_exit_code() {
             "README lacks exit code {code}"
         );
     }
+}
+
+/// No file in the repository names a path of the machine it was built on (the shared reference
+/// folder, a home or work directory): users do not have those; cite public sources instead.
+#[test]
+fn no_build_machine_paths_in_the_repository() {
+    if !require(false, &["git"]) {
+        return;
+    }
+    // Spelled in pieces so this file does not match itself.
+    let before = "(^|[^[:alnum:]_$.}-])";
+    let patterns = [
+        format!("{before}/{}/", "work"),
+        format!("{before}/{}/", "root"),
+        format!("{before}/home/[^/[:space:]]+/(src|work|build|[.]cargo)/"),
+        format!("{}/(reference|bench|harness)", "shared"),
+    ];
+    let mut cmd = Command::new("git");
+    cmd.current_dir(root()).args(["grep", "-n", "-I", "-E"]);
+    for p in &patterns {
+        cmd.arg("-e").arg(p);
+    }
+    let o = cmd.output().expect("git grep");
+    let hits = String::from_utf8_lossy(&o.stdout);
+    // git grep: 0 = matches, 1 = none, anything else = it could not search.
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "paths of a build machine in the repository (cite public sources instead):\n{hits}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 }

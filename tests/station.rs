@@ -148,6 +148,8 @@ struct Station {
     events: crossbeam_channel::Receiver<Value>,
     seen: Vec<Value>,
     stderr: PathBuf,
+    /// Lines off the documented --json schema (checked when the station is dropped).
+    off_schema: std::sync::Arc<Mutex<Vec<String>>>,
 }
 
 impl Station {
@@ -164,9 +166,15 @@ impl Station {
             .expect("spawn station");
         let out = child.stdout.take().unwrap();
         let (tx, rx) = crossbeam_channel::unbounded();
+        let off_schema = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let off = off_schema.clone();
         std::thread::spawn(move || {
+            let rows = common::json::schema_rows();
             for line in std::io::BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
+                if let Err(e) = common::json::match_row(&rows, &line) {
+                    off.lock().unwrap().push(e);
+                }
                 match serde_json::from_str::<Value>(&line) {
                     Ok(v) => {
                         if tx.send(v).is_err() {
@@ -182,6 +190,7 @@ impl Station {
             events: rx,
             seen: Vec::new(),
             stderr,
+            off_schema,
         }
     }
 
@@ -248,6 +257,14 @@ impl Drop for Station {
         if let Ok(None) = self.child.try_wait() {
             let _ = self.child.kill();
             let _ = self.child.wait();
+        }
+        let off = std::mem::take(&mut *self.off_schema.lock().unwrap());
+        if !std::thread::panicking() {
+            assert!(
+                off.is_empty(),
+                "station --json off its schema:\n{}",
+                off.join("\n")
+            );
         }
     }
 }
@@ -979,6 +996,7 @@ fn station_dry_run_shows_plan_and_writes_nothing() {
     let o = run(sbcflash()
         .args(["--json", "station", "--dry-run", "--config"])
         .arg(&cfg));
+    common::json::assert_documented(&String::from_utf8_lossy(&o.stdout));
     let v: Value = String::from_utf8_lossy(&o.stdout)
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
@@ -986,6 +1004,12 @@ fn station_dry_run_shows_plan_and_writes_nothing() {
         .expect("a dry-run line");
     assert_eq!(v["slots"].as_array().unwrap().len(), 3);
     assert_eq!(v["next_seq"], 1);
+    assert!(
+        v["example_identity"]["serial"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("OPI5-")),
+        "{v}"
+    );
 }
 
 #[test]

@@ -1062,6 +1062,7 @@ fn usb_list_real_bus_is_empty_not_an_error() {
         String::from_utf8_lossy(&out.stdout)
     );
     let out = common::run(common::sbcflash().args(["--json", "usb", "list"]));
+    common::json::assert_documented(&String::from_utf8_lossy(&out.stdout));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["devices"], serde_json::json!([]));
     // The library call agrees.

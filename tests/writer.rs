@@ -447,6 +447,7 @@ fn sigint_mid_write_exits_130_and_leaves_no_partition_table() {
     .expect("kill");
     let mut rest = String::new();
     let _ = stdout.read_to_string(&mut rest);
+    common::json::assert_documented(&rest);
     let out = child.wait_with_output().expect("wait");
     drop(w);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -552,6 +553,7 @@ fn list_json_describes_disks() {
         .output()
         .expect("list");
     assert_exit(&out, 0);
+    common::json::assert_documented(&String::from_utf8_lossy(&out.stdout));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
     let disks = v["disks"].as_array().expect("disks");
     let name = lo

@@ -25,6 +25,8 @@ gen="$out_dir/packaging"
 rm -rf "$gen"
 mkdir -p "$gen/man" "$gen/completions"
 "$bin" --quiet man --out-dir "$gen/man"
+# Debian policy 12.3: man pages compressed with gzip -9n (no name or time stamp: reproducible).
+gzip -9n "$gen"/man/*.1
 for shell in bash zsh fish; do
   "$bin" --quiet completions "$shell" --out-dir "$gen/completions"
 done

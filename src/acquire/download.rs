@@ -14,7 +14,7 @@ use super::cache::{Partial, PartialMeta};
 use super::{AcquireError, Result};
 use crate::progress::{Event, Level, Reporter};
 use std::io::{Seek, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -246,24 +246,29 @@ impl Downloader {
             .connect_timeout(opts.connect_timeout)
             .redirect(policy)
             .https_only(!opts.allow_http);
+        let mut pinned = Vec::new();
         if let Some(ca) = &opts.ca_file {
             let pem = std::fs::read(ca).map_err(|e| AcquireError::io(ca, e))?;
-            let certs = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| {
-                AcquireError::BadDigest(format!(
-                    "{}: not a PEM certificate bundle: {e}",
-                    ca.display()
-                ))
-            })?;
-            if certs.is_empty() {
+            pinned = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<std::result::Result<Vec<_>, _>>()
+                .map_err(|e| {
+                    AcquireError::BadDigest(format!(
+                        "{}: not a PEM certificate bundle: {e}",
+                        ca.display()
+                    ))
+                })?;
+            if pinned.is_empty() {
                 return Err(AcquireError::BadDigest(format!(
                     "{}: no certificate found in the file",
                     ca.display()
                 )));
             }
-            for c in certs {
-                b = b.add_root_certificate(c);
-            }
         }
+        let tls = super::tls::client_config(pinned).map_err(|e| AcquireError::Network {
+            url: String::new(),
+            msg: format!("cannot set up TLS: {e}"),
+        })?;
+        b = b.use_preconfigured_tls(tls);
         let client = b.build().map_err(|e| AcquireError::Network {
             url: String::new(),
             msg: format!("cannot set up the HTTP client: {e}"),
@@ -502,7 +507,7 @@ impl Downloader {
                     retry: true,
                 })
             }
-            Ok(Err(e)) => return Err(classify_reqwest(url, &e)),
+            Ok(Err(e)) => return Err(classify_reqwest(url, &e, self.opts.ca_file.as_deref())),
             Ok(Ok(r)) => r,
         };
         let status = resp.status().as_u16();
@@ -616,7 +621,7 @@ impl Downloader {
                     })
                 }
                 Ok(Err(e)) => {
-                    let mut a = classify_reqwest(url, &e);
+                    let mut a = classify_reqwest(url, &e, self.opts.ca_file.as_deref());
                     if let AcquireError::Network { msg, .. } = &mut a.err {
                         *msg = format!("connection lost at byte {}: {msg}", st.offset);
                     }
@@ -692,15 +697,25 @@ fn parse_content_range(v: &str) -> Option<(u64, Option<u64>)> {
     Some((start.parse().ok()?, total))
 }
 
+/// The rustls error in `e`, also when tokio-rustls and hyper wrapped it in (nested) io::Errors,
+/// whose `source()` skips the error they carry.
+fn rustls_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    if let Some(t) = e.downcast_ref::<rustls::Error>() {
+        return Some(t);
+    }
+    let inner = e.downcast_ref::<std::io::Error>()?.get_ref()?;
+    rustls_error(inner)
+}
+
 /// Turns a reqwest error into our error class by walking its causes (reqwest folds DNS, TLS
 /// and refused connections into one "connect" error).
-fn classify_reqwest(url: &str, e: &reqwest::Error) -> AttemptError {
+fn classify_reqwest(url: &str, e: &reqwest::Error, ca_file: Option<&Path>) -> AttemptError {
     let mut chain = Vec::new();
-    let mut tls = false;
+    let mut tls = None;
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(c) = cur {
-        if c.downcast_ref::<rustls::Error>().is_some() {
-            tls = true;
+        if let Some(t) = rustls_error(c) {
+            tls = Some(t);
         }
         let s = c.to_string();
         if !chain.iter().any(|x: &String| x.contains(&s)) {
@@ -724,8 +739,17 @@ fn classify_reqwest(url: &str, e: &reqwest::Error) -> AttemptError {
             retry: false,
         };
     }
-    if tls || all.contains("certificate") || all.contains("tls handshake") {
-        return AcquireError::Tls { url, msg: root }.into();
+    if let Some(t) = tls {
+        let host = reqwest::Url::parse(&url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+            .unwrap_or_default();
+        let msg = super::tls::explain(t, &host, ca_file);
+        return AcquireError::Tls { url, msg }.into();
+    }
+    if all.contains("certificate") || all.contains("tls handshake") {
+        let msg = format!("{root} (for a private mirror, pass its CA certificate with --ca-file)");
+        return AcquireError::Tls { url, msg }.into();
     }
     if e.is_timeout() {
         return AttemptError {

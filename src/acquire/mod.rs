@@ -12,6 +12,7 @@ pub mod nix;
 pub mod remote;
 pub mod source;
 pub mod stream;
+pub mod tls;
 
 pub use cache::{Cache, CacheEntry};
 pub use digest::{Digests, Pin};
@@ -26,7 +27,7 @@ pub enum AcquireError {
     Status { url: String, status: u16 },
     #[error("{url}: cannot resolve host: {msg}")]
     Dns { url: String, msg: String },
-    #[error("{url}: TLS failure: {msg} (for a private mirror, pass its CA with --ca-file)")]
+    #[error("{url}: TLS failure: {msg}")]
     Tls { url: String, msg: String },
     #[error("{url}: cannot connect: {msg}")]
     Connect { url: String, msg: String },
@@ -132,13 +133,12 @@ pub fn board_source(
     board: &str,
 ) -> anyhow::Result<source::SourceSpec> {
     let b = reg.get(board)?;
-    let img = b.desc.images.iter().find(|i| i.url.is_some()).ok_or_else(|| {
-        AcquireError::Usage(format!(
-            "board {}: its descriptor lists no downloadable image; give a URL or build one with `sbcflash build --board {} --flake REF#HOST`",
-            b.id(),
-            b.id()
-        ))
-    })?;
+    let img = b
+        .desc
+        .images
+        .iter()
+        .find(|i| i.url.is_some())
+        .ok_or_else(|| no_default_source(reg, b))?;
     let pin = match (&img.blake3, &img.sha256) {
         (Some(d), _) => Some(Pin::Blake3(d.0)),
         (None, Some(d)) => Some(Pin::Sha256(d.0)),
@@ -148,6 +148,32 @@ pub fn board_source(
         url: img.url.clone().unwrap_or_default(),
         pin,
     })
+}
+
+/// Why a board has no default download, what to do instead, and which boards have one.
+fn no_default_source(reg: &crate::board::Registry, b: &crate::board::Board) -> AcquireError {
+    let id = b.id();
+    let flake = b.desc.images.iter().find_map(|i| i.flake.as_deref());
+    let build = match flake {
+        Some(f) => {
+            format!("build one from {f} with `sbcflash build --board {id} --flake {f}#HOST`")
+        }
+        None => format!("build one with `sbcflash build --board {id} --flake REF#HOST`"),
+    };
+    let with: Vec<&str> = reg
+        .boards()
+        .iter()
+        .filter(|o| o.desc.images.iter().any(|i| i.url.is_some()))
+        .map(|o| o.id())
+        .collect();
+    let others = if with.is_empty() {
+        "no board has a default download".to_string()
+    } else {
+        format!("boards with a default download: {}", with.join(", "))
+    };
+    AcquireError::Usage(format!(
+        "board {id} has no default image to download (its descriptor lists no image URL): give the image (a file or an https:// URL), or {build}; {others}"
+    ))
 }
 
 /// The flake attribute template of a board (`build --board`): the attribute of its first

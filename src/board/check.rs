@@ -471,7 +471,7 @@ mod tests {
 
     #[test]
     fn rc4_keystream_matches_reference_vector() {
-        // usb-boot.md: the Rockchip key's keystream starts 6e262cf3be9f9d51ea3034ce20511f98.
+        // The key rkdeveloptool and xrock use; its keystream starts 6e262cf3be9f9d51ea3034ce20511f98.
         assert_eq!(
             hex::encode(rc4_keystream(&RK_RC4_KEY, 16)),
             "6e262cf3be9f9d51ea3034ce20511f98"

@@ -253,14 +253,19 @@ fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
     }
     println!("image:  {}", plan.image);
     println!("ledger: {}", plan.ledger);
-    match (&plan.example_identity, plan.next_seq) {
-        (Ok(id), seq) => println!(
+    match (&plan.example_identity, &plan.example_identity_error) {
+        (Some(id), _) => println!(
             "next unit: {} (hostname {}){}",
             id.serial,
             id.hostname,
-            seq.map(|s| format!(", counter at {s}")).unwrap_or_default()
+            plan.next_seq
+                .map(|s| format!(", counter at {s}"))
+                .unwrap_or_default()
         ),
-        (Err(e), _) => println!("next unit: cannot be named: {e}"),
+        (None, e) => println!(
+            "next unit: cannot be named: {}",
+            e.as_deref().unwrap_or("unknown")
+        ),
     }
     println!("slots:");
     for s in &plan.slots {

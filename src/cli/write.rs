@@ -122,20 +122,29 @@ fn is_regular_file(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file())
 }
 
-/// The expected digest: `--blake3`, else the `IMAGE.blake3` sidecar, else none.
-fn expected_digest(flag: Option<&str>, image_path: &Path) -> anyhow::Result<Option<[u8; 32]>> {
+/// The expected digest and where it came from: `--blake3`, else the `IMAGE.blake3` sidecar
+/// (named in a mismatch, with how to renew it), else none.
+fn expected_digest(
+    flag: Option<&str>,
+    image_path: &Path,
+) -> anyhow::Result<(Option<[u8; 32]>, Option<String>)> {
     if let Some(h) = flag {
         let d = image::digest::parse_hex(h)
             .map_err(|m| ExitError::new(Exit::Usage, format!("--blake3 {h}: {m}")))?;
-        return Ok(Some(*d.as_bytes()));
+        return Ok((Some(*d.as_bytes()), Some("--blake3".into())));
     }
     let side = image::digest::sidecar_path(image_path);
     if side.exists() {
         let d = image::digest::read_sidecar(&side, image_path)?;
         tracing::info!("expecting blake3 from {}", side.display());
-        return Ok(Some(*d.as_bytes()));
+        let from = format!(
+            "the sidecar {}; if the image was rebuilt since, the sidecar is stale: `sbcflash hash --write-sidecar {}` renews it",
+            side.display(),
+            image_path.display()
+        );
+        return Ok((Some(*d.as_bytes()), Some(from)));
     }
-    Ok(None)
+    Ok((None, None))
 }
 
 /// Ctrl-C/SIGTERM set `cancel`; a second Ctrl-C exits at once.
@@ -271,7 +280,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         }
         None => (a.img.open(&image_path)?, None, image_path.clone()),
     };
-    let expected = expected_digest(a.blake3.as_deref(), &image_path)?;
+    let (expected, expected_from) = expected_digest(a.blake3.as_deref(), &image_path)?;
 
     let (resolved, info) = target::inspect(&target_path)?;
     let mut policy = Policy {
@@ -312,6 +321,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     let opts = WriteOptions {
         verify: !a.no_verify,
         expected_blake3: expected,
+        expected_from,
         cancel,
         job: job.clone(),
         image_name: image_path.display().to_string(),
@@ -430,8 +440,13 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
         detail: Some(opened.description.clone()),
     });
     let mut h = image::LogicalHasher::new();
+    // Ranges the bmap calls unmapped: hashed as zeroes, so checked for data afterwards.
+    let mut skips: Vec<(u64, u64)> = Vec::new();
     let hashed: Result<(), image::ImageError> = (|| {
         while let Some(e) = opened.source.next_extent(&mut buf)? {
+            if e.kind == image::ExtentKind::Skip {
+                skips.push((e.offset, e.len));
+            }
             h.update_extent(&e, &buf);
             reporter.report(Event::Progress {
                 job: job.clone(),
@@ -444,6 +459,34 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
     })();
     // The CLI reports the error itself (one error line, also under --json).
     hashed?;
+    if let Some(bmap) = opened.bmap.as_ref().filter(|_| !skips.is_empty()) {
+        if !is_regular_file(&a.image) {
+            // A pipe cannot be read twice: say what the digest stands for.
+            tracing::warn!(
+                "{}: the digest hashes the {} unmapped bytes of the bmap {} as zeroes; they were not read",
+                a.image.display(),
+                skips.iter().map(|s| s.1).sum::<u64>(),
+                bmap.display()
+            );
+        }
+        let raw = opened.formats == [image::Format::Raw];
+        let found = match is_regular_file(&a.image) {
+            true => image::unmapped::find(&a.image, raw, &skips)?,
+            false => None,
+        };
+        if let Some(u) = found {
+            return Err(image::ImageError::Invalid {
+                path: a.image.display().to_string(),
+                msg: format!(
+                    "the bmap {} does not match the image: it marks as unmapped {} bytes that hold data (the first non-zero byte at offset {}), so a digest through it would leave that data out; recreate the bmap (bmaptool create) or hash every byte with --no-bmap",
+                    bmap.display(),
+                    u.bytes,
+                    u.first
+                ),
+            }
+            .into());
+        }
+    }
     let (hash, len) = (h.finalize(), h.len());
     reporter.report(Event::Finish {
         job,
@@ -486,12 +529,13 @@ pub struct VerifyArgs {
 pub fn run_verify(a: VerifyArgs, g: &Global) -> anyhow::Result<Exit> {
     let reporter = g.reporter();
     let opened = a.img.open(&a.image)?;
-    let expected = expected_digest(a.blake3.as_deref(), &a.image)?;
+    let (expected, expected_from) = expected_digest(a.blake3.as_deref(), &a.image)?;
     let t = target::open_readonly(&a.target)?;
     let job = t.path.display().to_string();
     let mut sink = t.into_sink()?;
     let opts = WriteOptions {
         expected_blake3: expected,
+        expected_from,
         cancel: install_cancel(),
         job: job.clone(),
         image_name: a.image.display().to_string(),

@@ -1,6 +1,6 @@
 //! The U-Boot driver: stop autoboot, confirm the prompt, run commands.
 //!
-//! Rules learnt from the field (see the harness README and board-control.md):
+//! Rules learnt from the field (see the harness README, and labgrid's and tbot's U-Boot drivers):
 //! - Send the interrupt key *repeatedly* until the prompt shows; a single key is lost when
 //!   it comes too early (QEMU's pty, boards that flush their UART), and `bootdelay=0`
 //!   leaves only one `tstc()` check. Keys start when U-Boot proper's banner or the autoboot

@@ -105,6 +105,7 @@ impl RangeHasher {
 /// from [`super::ExtentSource::take_range_checker`]; the source then no longer checks itself.
 pub struct RangeChecker {
     image: String,
+    bmap: String,
     kind: ChecksumKind,
     ranges: Vec<BmapRange>,
     /// Index of the first range not yet finished.
@@ -118,6 +119,7 @@ impl RangeChecker {
     pub fn new(image: &str, bmap: &Bmap) -> Self {
         RangeChecker {
             image: image.to_string(),
+            bmap: bmap.path.display().to_string(),
             kind: bmap.checksum,
             ranges: bmap.ranges.clone(),
             next: 0,
@@ -181,6 +183,7 @@ impl RangeChecker {
                     if *want != got {
                         return Err(ImageError::RangeChecksum {
                             path: self.image.clone(),
+                            bmap: self.bmap.clone(),
                             start: r.start,
                             end: r.end,
                             expected: format!("{want} (blocks {}-{})", r.first_block, r.last_block),

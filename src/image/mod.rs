@@ -11,7 +11,8 @@
 //!
 //! Layout: [`detect`] (magic bytes, decompressors), [`scan`] (raw files and streams, zero
 //! blocks, bmap checks), [`bmap`] (the sidecar), [`sparse`] (Android sparse), [`digest`]
-//! (blake3 and b3sum sidecars), [`open`] (putting it together: [`open_image`]).
+//! (blake3 and b3sum sidecars), [`open`] (putting it together: [`open_image`]), [`unmapped`]
+//! (data a stale bmap would leave out).
 
 pub mod bmap;
 pub mod buffer;
@@ -22,6 +23,7 @@ pub mod open;
 pub mod peek;
 pub mod scan;
 pub mod sparse;
+pub mod unmapped;
 pub mod zero;
 
 pub use bmap::Bmap;
@@ -50,11 +52,14 @@ pub enum ImageError {
     },
     #[error("{path}: {msg}")]
     Invalid { path: String, msg: String },
+    /// The image's bytes in a mapped range are not what the bmap says: the image changed after
+    /// the bmap was made (or the bmap belongs to another image).
     #[error(
-        "{path}: checksum mismatch for range {start}..{end}: expected {expected}, got {actual}"
+        "{path}: the bmap {bmap} does not match the image: checksum mismatch for range {start}..{end}: the bmap says {expected}, the image has {actual}; the image changed after its bmap was made: recreate the bmap (bmaptool create) or write without it (--no-bmap)"
     )]
     RangeChecksum {
         path: String,
+        bmap: String,
         start: u64,
         end: u64,
         expected: String,

@@ -61,15 +61,31 @@ fn resolve_bmap(path: &Path, opts: &OpenOptions) -> Result<Option<Bmap>, ImageEr
     if opts.no_bmap {
         return Ok(None);
     }
-    if let Some(b) = &opts.bmap {
-        return Bmap::load(b).map(Some);
-    }
-    match bmap::find_sidecar(path) {
-        Some(b) => {
+    let b = match (&opts.bmap, bmap::find_sidecar(path)) {
+        (Some(b), _) => b.clone(),
+        (None, Some(b)) => {
             tracing::info!("using bmap {}", b.display());
-            Bmap::load(&b).map(Some)
+            b
         }
-        None => Ok(None),
+        (None, None) => return Ok(None),
+    };
+    warn_if_newer(path, &b);
+    Bmap::load(&b).map(Some)
+}
+
+/// An image modified after its bmap was made may no longer be what the bmap describes: data
+/// written into ranges the bmap calls unmapped would be left out, changed mapped ranges fail
+/// their checksums. Said before anything is written.
+fn warn_if_newer(image: &Path, bmap: &Path) {
+    let mtime = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    if let (Some(i), Some(b)) = (mtime(image), mtime(bmap)) {
+        if i > b {
+            tracing::warn!(
+                "{} was modified after its bmap {} was made: if the image changed, the bmap no longer describes it (recreate it with bmaptool create, or pass --no-bmap)",
+                image.display(),
+                bmap.display()
+            );
+        }
     }
 }
 

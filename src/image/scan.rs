@@ -527,6 +527,7 @@ impl ScanSource {
         match &r.checksum {
             Some(want) if *want != got => Err(ImageError::RangeChecksum {
                 path: self.name.clone(),
+                bmap: bmap.path.display().to_string(),
                 start: r.start,
                 end: r.end,
                 expected: format!("{want} (blocks {}-{})", r.first_block, r.last_block),

@@ -89,7 +89,10 @@ pub struct Plan {
     pub image: String,
     pub ledger: String,
     pub next_seq: Option<u64>,
-    pub example_identity: Result<identity::Identity, String>,
+    /// The identity the next unit would get, or why it cannot be named
+    /// (`example_identity_error`): two plain fields, not a serialized `Result`.
+    pub example_identity: Option<identity::Identity>,
+    pub example_identity_error: Option<String>,
     pub slots: Vec<SlotPlan>,
     /// Whole disks in no slot: never touched.
     pub outside: Vec<String>,
@@ -257,7 +260,8 @@ pub fn plan(
         image: image.describe(),
         ledger: ledger_path.display().to_string(),
         next_seq,
-        example_identity,
+        example_identity_error: example_identity.as_ref().err().cloned(),
+        example_identity: example_identity.ok(),
         slots: slots_out,
         outside,
     })

@@ -2,8 +2,8 @@
 //!
 //! Discovery, the SoC guess in `sbcflash usb`, the RC4 decision for raw Rockchip blobs and the
 //! shipped udev rules ([`super::udev`]) all read these tables, so they cannot drift apart.
-//! Facts from the public tools (rkdeveloptool, xrock, rpiboot, sunxi-tools) as restated in the
-//! project's `usb-boot.md`.
+//! Facts from the public tools' sources: rockchip-linux/rkdeveloptool, xboot/xrock,
+//! raspberrypi/usbboot, linux-sunxi/sunxi-tools, xboot/xfel.
 
 /// Rockchip's vendor ID (maskrom and loader mode share it, and U-Boot gadgets reuse it).
 pub const VID_ROCKCHIP: u16 = 0x2207;

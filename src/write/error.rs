@@ -34,6 +34,7 @@ pub enum WriteError {
     Digest {
         image: String,
         target: String,
+        /// The digest, and where it came from (`--blake3`, a sidecar file) when known.
         expected: String,
         actual: String,
         head_written: bool,

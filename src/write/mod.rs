@@ -53,6 +53,8 @@ pub struct WriteOptions {
     /// Expected blake3 of the logical image; a mismatch fails the write before the partition
     /// table is written.
     pub expected_blake3: Option<[u8; 32]>,
+    /// Where `expected_blake3` came from, for the mismatch message (e.g. the sidecar's path).
+    pub expected_from: Option<String>,
     /// Size of each pooled buffer (a multiple of 4096).
     pub buffer_size: usize,
     /// Number of pooled buffers: the depth of the reader → writer queue.
@@ -72,6 +74,7 @@ impl Default for WriteOptions {
         Self {
             verify: true,
             expected_blake3: None,
+            expected_from: None,
             buffer_size: 4 << 20,
             buffers: 6,
             hold_back: 1 << 20,
@@ -79,6 +82,14 @@ impl Default for WriteOptions {
             job: "write".into(),
             image_name: "image".into(),
         }
+    }
+}
+
+/// The expected digest for a mismatch message, with where it came from.
+pub(crate) fn expected_with_origin(exp: &[u8; 32], opts: &WriteOptions) -> String {
+    match &opts.expected_from {
+        Some(from) => format!("{} (from {from})", hex::encode(exp)),
+        None => hex::encode(exp),
     }
 }
 
@@ -660,7 +671,7 @@ fn write_inner(
             return Err(WriteError::Digest {
                 image: opts.image_name.clone(),
                 target,
-                expected: hex::encode(exp),
+                expected: expected_with_origin(&exp, opts),
                 actual,
                 head_written: false,
             });

@@ -320,7 +320,7 @@ pub fn compare_with_image(
             return Err(WriteError::Digest {
                 image: opts.image_name.clone(),
                 target,
-                expected: hex::encode(exp),
+                expected: super::expected_with_origin(&exp, opts),
                 actual,
                 head_written: true,
             });

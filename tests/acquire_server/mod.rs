@@ -74,16 +74,38 @@ impl TestServer {
         let leaf = leaf_params.signed_by(&leaf_key, &ca, &ca_key).unwrap();
         let ca_file = dir.join("test-ca.pem");
         std::fs::write(&ca_file, ca.pem()).unwrap();
+        Self::serve(
+            vec![leaf.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
+            ca_file,
+        )
+    }
 
+    /// A server presenting `cert_pem` (e.g. a self-signed certificate from `openssl req -x509`)
+    /// with its key; `ca_file` is that certificate, as a user would pass it with --ca-file.
+    pub fn start_with_cert(dir: &Path, cert_pem: &[u8], key_pem: &[u8]) -> TestServer {
+        let certs: Vec<_> = rustls_pemfile::certs(&mut &cert_pem[..])
+            .collect::<Result<_, _>>()
+            .expect("certificate PEM");
+        let key = rustls_pemfile::private_key(&mut &key_pem[..])
+            .expect("key PEM")
+            .expect("a private key");
+        let ca_file = dir.join("server-cert.pem");
+        std::fs::write(&ca_file, cert_pem).unwrap();
+        Self::serve(certs, key, ca_file)
+    }
+
+    fn serve(
+        chain: Vec<rustls::pki_types::CertificateDer<'static>>,
+        key: rustls::pki_types::PrivateKeyDer<'static>,
+        ca_file: PathBuf,
+    ) -> TestServer {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let cfg = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
             .with_no_client_auth()
-            .with_single_cert(
-                vec![leaf.der().clone()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(leaf_key.serialize_der().into()),
-            )
+            .with_single_cert(chain, key)
             .unwrap();
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
 

@@ -4,6 +4,8 @@
 //! under `CI=true` a missing requirement fails the test, so CI never silently skips.
 #![allow(dead_code)]
 
+pub mod json;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
