@@ -246,7 +246,7 @@ fn lintian_is_clean(deb: &std::path::Path) {
         return;
     }
     let o = Command::new("lintian")
-        .args(["--allow-root", "--no-tag-display-limit", "--display-info"])
+        .args(["--allow-root", "--tag-display-limit", "0", "--display-info"])
         .arg(deb)
         .output()
         .expect("run lintian");
