@@ -700,7 +700,7 @@ fn rpi5_check_looks_for_the_fat_file_system_in_the_boot_partition() {
     let s = String::from_utf8_lossy(&out.stdout);
     assert!(!s.contains("looks bootable"), "{s}");
     assert!(
-        s.contains("warning: partition 1 has the FAT type 0x0c but holds no FAT file system (no FAT boot sector at 8 MiB)"),
+        s.contains("warning: partition 1 has a FAT partition type (0x0c) but holds no FAT file system (no FAT boot sector at 8 MiB)"),
         "{s}"
     );
     let out = run(&zeroed, true);

@@ -746,6 +746,19 @@ printf 'Flash this image with dd.\n' > README.txt
         assert!(text(&out).contains(what), "{name} piped: {}", text(&out));
         assert!(untouched(), "{name} piped: the target was written");
     }
+    // A board medium that holds only a bootloader (here the VisionFive 2's SPI flash) takes a
+    // blob without --raw: a bootloader binary has none of a disk image's signatures.
+    let blob = d.join("spl.bin");
+    std::fs::copy(d.join("tree/blob"), &blob).expect("copy");
+    let out = write_cmd(&blob, &d.join("spi.bin"), &["--board", "vf2", "--spi"]);
+    assert_exit(&out, 0);
+    let out = write_cmd(&blob, &d.join("sd.bin"), &["--board", "vf2"]);
+    assert_exit(&out, 3);
+    assert!(
+        text(&out).contains("it is unrecognised data"),
+        "{}",
+        text(&out)
+    );
     let out = write_cmd(&d.join("README.txt"), lo.path(), &["--raw"]);
     assert_exit(&out, 0);
     let mut head = [0u8; 26];

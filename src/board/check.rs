@@ -223,7 +223,7 @@ pub fn check_image(board: &Board, medium: &Medium, head: &[u8]) -> ImageReport {
                             Severity::Warning,
                             "boot-partition-not-fat",
                             format!(
-                                "partition {} has the FAT type {} but holds no FAT file system (no FAT boot sector at {}): the {name} firmware will not find its boot files",
+                                "partition {} has a FAT partition type ({}) but holds no FAT file system (no FAT boot sector at {}): the {name} firmware will not find its boot files",
                                 p.number,
                                 p.kind,
                                 human_offset(at)

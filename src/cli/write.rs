@@ -273,9 +273,9 @@ fn require_image(head: &[u8], what: &str, raw: bool) -> anyhow::Result<()> {
         Sniffed::Other(k) => Err(image::ImageError::Invalid {
             path: what.to_string(),
             msg: format!(
-                "does not look like a disk image: it is {} (no partition table, file system or \
-                 bootloader signature at the start of its contents){}; nothing was written. \
-                 Pass --raw to write it anyway",
+                "does not look like a disk image: it is {}, with no partition table, file system or \
+                 bootloader signature at the start of its contents{}; nothing was written. Pass \
+                 --raw to write it anyway",
                 k.describe(),
                 k.advice().map(|a| format!("; {a}")).unwrap_or_default()
             ),
@@ -304,7 +304,8 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     let via_target = match (&a.usb.via, &a.image, a.paths.as_slice()) {
         (None, ..) => None,
         (Some(_), Some(i), []) | (Some(_), None, [i]) => {
-            if is_regular_file(i) {
+            // A named medium (--spi, --medium) may well be a bootloader flash: blobs are normal.
+            if is_regular_file(i) && !a.board.spi && a.board.medium.is_none() {
                 let head =
                     image::read_logical_prefix(i, &a.img.options(), image::sniff::SNIFF_LEN)?;
                 require_image(&head, &i.display().to_string(), a.raw)?;
@@ -394,25 +395,30 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         .as_deref()
         .map(str::to_string)
         .unwrap_or_else(|| image_path.display().to_string());
-    // Is it a disk image at all? Decided on the logical head, before the target is touched.
-    match (&remote, &peeked) {
-        (Some(r), _) => require_image(r.head(), &what, a.raw)?,
-        (None, Some(head)) => require_image(head, &what, a.raw)?,
-        (None, None) => {
-            let head =
-                image::read_logical_prefix(&image_path, &a.img.options(), image::sniff::SNIFF_LEN)
-                    .map_err(|e| {
-                        still_says_target_state(e.into(), Some(write::TargetState::Untouched))
-                    })?;
-            require_image(&head, &what, a.raw)?
-        }
-    }
     // A streamed image is checked on its head, read from the stream before any write.
     let board_pre = match (&remote, &peeked) {
         (Some(r), _) => super::boards::preflight_head(&a.board, &r.spec.url, r.head(), g)?,
         (None, Some(head)) => super::boards::preflight_head(&a.board, &what, head, g)?,
         (None, None) => board_checks(&a.board, &image_path, g)?,
     };
+    // Is it a disk image at all? Decided on the logical head, before the target is touched.
+    // A board medium that holds only a bootloader (SPI flash, eMMC boot area) takes blobs.
+    let blob_ok = a.raw
+        || board_pre
+            .as_ref()
+            .is_some_and(|p| p.medium.boot == crate::board::schema::BootSource::BootloaderOnly);
+    match (&remote, &peeked) {
+        (Some(r), _) => require_image(r.head(), &what, blob_ok)?,
+        (None, Some(head)) => require_image(head, &what, blob_ok)?,
+        (None, None) => {
+            let head =
+                image::read_logical_prefix(&image_path, &a.img.options(), image::sniff::SNIFF_LEN)
+                    .map_err(|e| {
+                        still_says_target_state(e.into(), Some(write::TargetState::Untouched))
+                    })?;
+            require_image(&head, &what, blob_ok)?
+        }
+    }
     confirm(&info, &opened, a.yes)?;
     // Re-inspects, re-vets, opens O_EXCL and re-checks through the fd.
     let opened_target = target::open(&target_path, &policy)?;

@@ -39,7 +39,7 @@ impl ImageKind {
             ImageKind::Btrfs => "a btrfs file system",
             ImageKind::Squashfs => "a squashfs file system",
             ImageKind::Iso9660 => "an ISO 9660 file system",
-            ImageKind::RockchipIdb => "a Rockchip IDB at sector 64",
+            ImageKind::RockchipIdb => "a Rockchip IDB (sector 64, or 0 in SPI images)",
             ImageKind::Egon => "an Allwinner eGON.BT0 boot header",
             ImageKind::UbootLegacy => "a U-Boot legacy image header",
             ImageKind::Fit => "a U-Boot FIT (flattened device tree)",
@@ -87,9 +87,7 @@ impl OtherKind {
             OtherKind::Html => "an HTML page (a download error page?)".into(),
             OtherKind::Text => "text".into(),
             OtherKind::Zeroes => "all zero bytes at its start".into(),
-            OtherKind::Unknown => {
-                "data with no partition table, file system or bootloader signature".into()
-            }
+            OtherKind::Unknown => "unrecognised data".into(),
         }
     }
 
@@ -161,10 +159,10 @@ pub fn sniff(head: &[u8]) -> Sniffed {
     if at(head, 0x8001, b"CD001") {
         return Sniffed::Image(I::Iso9660);
     }
-    if head
-        .get(32768..32768 + 512)
-        .and_then(rockchip_idb)
-        .is_some()
+    // Sector 64 on SD/eMMC images; sector 0 in SPI flash images (u-boot-rockchip-spi.bin).
+    if [32768usize, 0]
+        .iter()
+        .any(|&o| head.get(o..o + 512).and_then(rockchip_idb).is_some())
     {
         return Sniffed::Image(I::RockchipIdb);
     }
@@ -291,6 +289,9 @@ mod tests {
         let mut idb = vec![0u8; 40 << 10];
         put(&mut idb, 32768, b"RKNS");
         assert_eq!(sniff(&idb), Sniffed::Image(ImageKind::RockchipIdb));
+        let mut spi = vec![0u8; 4096];
+        put(&mut spi, 0, b"RKNS");
+        assert_eq!(sniff(&spi), Sniffed::Image(ImageKind::RockchipIdb));
         let mut egon = vec![0u8; 200 << 10];
         put(&mut egon, (128 << 10) + 4, b"eGON.BT0");
         assert_eq!(sniff(&egon), Sniffed::Image(ImageKind::Egon));
