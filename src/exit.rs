@@ -13,7 +13,9 @@ pub enum Exit {
     Failure = 1,
     /// Command-line usage error (clap uses 2 as well).
     Usage = 2,
-    /// The input (image, bmap, descriptor, config, loader file) is malformed or inconsistent.
+    /// The input (image, bmap, descriptor, config, loader file) is malformed or inconsistent:
+    /// also a source that is not a disk image, and an image that does not fit the board
+    /// (`--strict`).
     BadInput = 3,
     /// The target was refused by a safety rule (mounted, system disk, too small, not removable).
     Refused = 4,
@@ -41,7 +43,7 @@ impl Exit {
         (Exit::Usage, "bad command-line usage"),
         (
             Exit::BadInput,
-            "malformed or inconsistent input (image, bmap, descriptor, config)",
+            "malformed or inconsistent input (image, bmap, descriptor, config); not a disk image (--raw); an image that does not fit the board (--strict)",
         ),
         (
             Exit::Refused,

@@ -500,15 +500,16 @@ const NIX_OFFLINE: &[&str] = &[
     "",
 ];
 
-/// A flake with no inputs whose sd image is built by /bin/sh with the host's coreutils+zstd.
+/// A flake with no inputs whose sd image is built by /bin/sh with the host's coreutils,
+/// mkfs.ext4 and zstd: a bare ext4 file system (no partition table).
 fn write_test_flake(dir: &Path) {
     std::fs::create_dir_all(dir).unwrap();
     let script = r#"
 set -eu
-/usr/bin/mkdir -p "$out/sd-image"
-/usr/bin/truncate -s 12M img
-/usr/bin/printf 'sbcflash nix test image\n' | /usr/bin/dd of=img conv=notrunc status=none
-/usr/bin/head -c 3000000 /dev/urandom | /usr/bin/dd of=img bs=1M seek=2 conv=notrunc status=none
+/usr/bin/mkdir -p "$out/sd-image" tree
+/usr/bin/printf 'sbcflash nix test image\n' > tree/README
+/usr/bin/head -c 3000000 /dev/urandom > tree/blob
+/usr/sbin/mkfs.ext4 -q -d tree img 12M
 /usr/bin/zstd -q img -o "$out/sd-image/nixos-sd-image-test.img.zst"
 echo "built the test image"
 "#;
@@ -530,7 +531,7 @@ echo "built the test image"
 
 #[test]
 fn nix_build_real_flake_then_write_to_loop_device() {
-    if !common::require(true, &["nix", "zstd", "losetup"]) {
+    if !common::require(true, &["nix", "zstd", "losetup", "mkfs.ext4"]) {
         return;
     }
     let d = tempfile::tempdir().unwrap();
@@ -602,7 +603,7 @@ fn nix_build_real_flake_then_write_to_loop_device() {
         "nixosConfigurations.<host>.config.system.build.sdImage",
     ];
     let o = build_to(&[&board[..], &["--strict", "--yes"]].concat());
-    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(text(&o).contains("no MBR or GPT"), "{}", text(&o));
     assert!(untouched(), "--strict refusal wrote to the target");
     // Without --strict: a warning, then written and read back.
@@ -930,9 +931,9 @@ fn stream_is_checked_against_the_board_before_writing() {
             .output()
             .unwrap()
     };
-    // --strict: refused (exit 4) from the stream's head; not one byte reached the target.
+    // --strict: refused (exit 3) from the stream's head; not one byte reached the target.
     let o = write(&["--strict"]);
-    assert_eq!(o.status.code(), Some(4), "{}", text(&o));
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(
         text(&o).contains("inside the Rockchip bootloader area"),
         "{}",
@@ -971,6 +972,7 @@ fn bench_stream_vs_curl_vs_local_file() {
     let srv = TestServer::start(d.path());
     // BENCH_IMAGE=path/x.img.zst benchmarks a real image (its raw sibling x.img is the
     // reference for the byte checks), e.g. the writer benchmark's NixOS-like image.
+    // The synthetic image below has no partition table: the writes pass --raw.
     let (rawp, zstp) = match std::env::var_os("BENCH_IMAGE") {
         Some(z) => {
             // Copied, so that the local write does not pick up a bmap beside it: the stream
@@ -1057,13 +1059,11 @@ fn bench_stream_vs_curl_vs_local_file() {
     // would slow whichever run came first) and again after dd, which writes the zeroes too:
     // the next run's discard would otherwise free 4 times the blocks.
     let settle = || {
-        common::run(
-            common::sbcflash()
-                .arg("write")
-                .arg(&zstp)
-                .arg(&dev)
-                .args(["--yes", "--no-verify"]),
-        );
+        common::run(common::sbcflash().arg("write").arg(&zstp).arg(&dev).args([
+            "--yes",
+            "--raw",
+            "--no-verify",
+        ]));
         common::sh("sync");
     };
     settle();
@@ -1074,7 +1074,7 @@ fn bench_stream_vs_curl_vs_local_file() {
                     .arg("write")
                     .arg(&url)
                     .arg(&dev)
-                    .args(["--yes", "--source-blake3", &pin, "--ca-file"])
+                    .args(["--yes", "--raw", "--source-blake3", &pin, "--ca-file"])
                     .arg(&srv.ca_file)
                     .arg("--cache-dir")
                     .arg(d.path().join("cache"))
@@ -1090,7 +1090,7 @@ fn bench_stream_vs_curl_vs_local_file() {
                     .arg("write")
                     .arg(&zstp)
                     .arg(&dev)
-                    .arg("--yes")
+                    .args(["--yes", "--raw"])
                     .args((!verify).then_some("--no-verify"))
                     .output()
                     .unwrap();

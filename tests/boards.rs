@@ -538,7 +538,7 @@ fn check_rockchip_mbr_at_8mib_was_built_for_another_board() {
         "no U-Boot in the image: the Orange Pi 5 boots it from sd only if its SPI flash holds U-Boot — write U-Boot to the SPI flash first: `sbcflash write --board opi5 --spi u-boot-rockchip-spi.bin`, or add it to the card with `--bootloader u-boot-rockchip.bin`"
     );
     let e = r.into_result(true).unwrap_err();
-    assert_eq!(e.exit(), sbcflash::exit::Exit::Refused);
+    assert_eq!(e.exit(), sbcflash::exit::Exit::BadInput);
 }
 
 #[test]
@@ -651,11 +651,66 @@ fn check_raspberry_pi_and_qemu() {
     assert!(codes(&r, Severity::Warning).is_empty());
     let r = check("rpi5", None, &gpt);
     assert_eq!(codes(&r, Severity::Warning), ["wrong-table"]);
+    assert!(
+        message(&r, "wrong-table").starts_with("the image has a GPT partition table, but"),
+        "{}",
+        message(&r, "wrong-table")
+    );
     // Writing an OS image to the SPI flash of a board is flagged.
     let r = check("opi5", Some(MediumKind::SpiNor), &mbr);
     assert_eq!(
         codes(&r, Severity::Warning),
         ["os-image-on-bootloader-flash"]
+    );
+}
+
+/// Issue 14, item 12: a type-0c first partition is only a boot partition if it holds a FAT
+/// file system; `boards check rpi5` reads its boot sector (at 8 MiB, beyond the first 4 MiB).
+#[test]
+fn rpi5_check_looks_for_the_fat_file_system_in_the_boot_partition() {
+    if !require(false, TOOLS) {
+        return;
+    }
+    let dir = tmp();
+    let good = make_image(
+        dir.path(),
+        "rpi.img",
+        48,
+        "label: dos\nstart=8MiB, size=16MiB, type=c\nstart=24MiB, type=83\n",
+        8,
+    );
+    let zeroed = dir.path().join("zeroed.img");
+    std::fs::copy(&good, &zeroed).unwrap();
+    poke(&zeroed, 8 << 20, &vec![0u8; 1 << 20]);
+    let run = |img: &Path, strict: bool| {
+        sbcflash()
+            .env("XDG_CONFIG_HOME", dir.path())
+            .args(["boards", "check", "rpi5"])
+            .args(strict.then_some("--strict"))
+            .arg(img)
+            .output()
+            .unwrap()
+    };
+    let out = run(&good, false);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{s}");
+    assert!(
+        s.contains("ok: ") && s.contains("looks bootable on the Raspberry Pi 5"),
+        "{s}"
+    );
+    let out = run(&zeroed, false);
+    let s = String::from_utf8_lossy(&out.stdout);
+    assert!(!s.contains("looks bootable"), "{s}");
+    assert!(
+        s.contains("warning: partition 1 has a FAT partition type (0x0c) but holds no FAT file system (no FAT boot sector at 8 MiB)"),
+        "{s}"
+    );
+    let out = run(&zeroed, true);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
 }
 
@@ -815,7 +870,8 @@ fn cli_check_compressed_image_warns_and_strict_refuses() {
         .arg(&zst)
         .output()
         .unwrap();
-    assert_eq!(out.status.code(), Some(4));
+    // An image that does not fit the board is inconsistent input (3), not a target rule (4).
+    assert_eq!(out.status.code(), Some(3));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("image does not fit board `opi5`"), "{err}");
     let out = sbcflash()
@@ -869,7 +925,7 @@ fn write_hooks_check_then_place_bootloader_on_a_loop_device() {
         ..args.clone()
     };
     let e = preflight(&no_bl, &img, &g).unwrap_err();
-    assert_eq!(sbcflash::exit::classify(&e), sbcflash::exit::Exit::Refused);
+    assert_eq!(sbcflash::exit::classify(&e), sbcflash::exit::Exit::BadInput);
     assert!(format!("{e:#}").contains("no U-Boot in the image"), "{e:#}");
 
     let args = BoardWriteArgs {
@@ -925,7 +981,7 @@ fn cli_write_board_strict_refuses_and_bootloader_is_placed() {
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("inside the Rockchip bootloader area"), "{err}");
     assert!(!out_img.exists(), "nothing may be written when refused");
 
@@ -999,7 +1055,7 @@ fn cli_write_from_a_pipe_is_checked_against_the_board() {
     };
     let out = piped_write(&img, &["--strict"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(4), "{err}");
+    assert_eq!(out.status.code(), Some(3), "{err}");
     assert!(err.contains("inside the Rockchip bootloader area"), "{err}");
     assert!(!out_img.exists(), "nothing may be written when refused");
 

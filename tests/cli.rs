@@ -142,9 +142,17 @@ fn has_sgr(s: &str) -> bool {
     regex::Regex::new(r"\x1b\[[0-9;]*m").unwrap().is_match(s)
 }
 
+/// An 8 MiB disk image: an MBR with one FAT32 (0x0c) partition from 1 MiB to the end, filled
+/// with a pattern (the writer refuses sources that are not disk images).
 fn small_image(dir: &std::path::Path) -> std::path::PathBuf {
     let p = dir.join("small.img");
-    let data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    let mut data: Vec<u8> = (0..8u32 << 20).map(|i| (i % 251) as u8).collect();
+    data[..512].fill(0);
+    let entry = &mut data[446..462];
+    entry[4] = 0x0c;
+    entry[8..12].copy_from_slice(&2048u32.to_le_bytes());
+    entry[12..16].copy_from_slice(&(14u32 * 1024).to_le_bytes());
+    data[510..512].copy_from_slice(&[0x55, 0xAA]);
     std::fs::write(&p, data).unwrap();
     p
 }
@@ -251,6 +259,19 @@ fn piped_results_go_to_stdout_alone_and_progress_nowhere() {
         "one summary line: {:?}",
         r.stdout
     );
+    // -q silences progress and notes, never the result on stdout.
+    let out_q = dir.path().join("out-q.img");
+    let r = piped(h, &["-q", "write", img, out_q.to_str().unwrap(), "--yes"]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stderr.is_empty(), "-q: {}", r.stderr);
+    assert!(
+        r.stdout.contains("read back verified"),
+        "-q: {:?}",
+        r.stdout
+    );
+    let r = piped(h, &["-q", "verify", img, out_q.to_str().unwrap()]);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    assert!(r.stdout.contains("matches"), "-q verify: {:?}", r.stdout);
 
     for args in [
         &["boards", "list"][..],

@@ -71,6 +71,13 @@ fn man_pages_exist_and_are_nonempty_for_every_subcommand() {
             text.contains(".SH \"EXIT STATUS\""),
             "{name}: no exit status"
         );
+        // The footer names the program and its version on every page, not the subcommand.
+        let version = format!("\"sbcflash {}\"", env!("CARGO_PKG_VERSION"));
+        let th = text
+            .lines()
+            .find(|l| l.starts_with(".TH"))
+            .unwrap_or_default();
+        assert!(th.contains(&version), "{name}: {th}");
     }
     let o = out_ok(sbcflash().args(["man", "config", "show"]));
     assert!(String::from_utf8_lossy(&o.stdout).contains("sbcflash\\-config\\-show"));

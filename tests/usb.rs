@@ -1075,7 +1075,10 @@ fn usb_list_real_bus_is_empty_not_an_error() {
 fn write_via_cli_errors_without_a_board() {
     let dir = TmpDir(tmpdir("via-cli"));
     let img = dir.0.join("x.img");
-    std::fs::write(&img, vec![1u8; 8192]).unwrap();
+    // A disk image as far as the writer's first look goes: an empty MBR.
+    let mut mbr = vec![0u8; 8192];
+    mbr[510..512].copy_from_slice(&[0x55, 0xAA]);
+    std::fs::write(&img, mbr).unwrap();
     let out = common::sbcflash()
         .args(["write", "--via", "usb"])
         .arg(&img)

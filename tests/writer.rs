@@ -394,6 +394,25 @@ fn truncated_compressed_image_fails_without_success() {
     );
     assert_stdout_says(&out, "wrote", false);
     assert_head_unwritten(lo.path(), "partition table written from a broken image");
+    // Every failed write says what it left on the target, in text and in both JSON errors.
+    let incomplete = "the target is INCOMPLETE (no valid partition table was written)";
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(incomplete),
+        "{}",
+        text(&out)
+    );
+    let out = write_cmd(&zst, lo.path(), &["--json"]);
+    assert_exit(&out, 3);
+    let errors: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["event"] == "error")
+        .collect();
+    assert_eq!(errors.len(), 2, "{}", text(&out));
+    for e in &errors {
+        let m = e["message"].as_str().unwrap_or_default();
+        assert!(m.contains(incomplete), "{e}");
+    }
 }
 
 #[test]
@@ -462,15 +481,15 @@ fn sigint_mid_write_exits_130_and_leaves_no_partition_table() {
 
 #[test]
 fn loop_on_full_tmpfs_fails_with_offset_and_never_succeeds() {
-    if !common::require(true, &["losetup", "mount"]) {
+    if !common::require(true, &["losetup", "mount", "sfdisk"]) {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    // A dense 32 MiB image: random data everywhere, nothing to skip.
+    // A dense 32 MiB disk image: random data everywhere, nothing to skip, a partition table.
     let img = d.join("dense.img");
     sh(&format!(
-        "head -c $((32<<20)) /dev/urandom > '{}'",
+        "head -c $((32<<20)) /dev/urandom > '{0}' && printf 'label: dos\\nstart=1MiB, type=83\\n' | sfdisk -q '{0}'",
         img.display()
     ));
     let tm = TmpfsMount::new(&d.join("tiny"), "8M");
@@ -486,6 +505,7 @@ fn loop_on_full_tmpfs_fails_with_offset_and_never_succeeds() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("at offset"), "{all}");
     assert!(stderr.contains(&*lo.path().to_string_lossy()), "{all}");
+    assert!(stderr.contains("the target is INCOMPLETE"), "{all}");
     assert!(
         !String::from_utf8_lossy(&out.stdout).contains("wrote"),
         "{all}"
@@ -570,4 +590,251 @@ fn list_json_describes_disks() {
     assert_eq!(me["size"], 8u64 << 20);
     // The root disk is listed with --all and flagged as system.
     assert!(disks.iter().any(|d| d["system"] == true), "{v}");
+}
+
+/// Reads a whole file for before/after comparisons.
+fn digest_of_file(p: &Path) -> String {
+    blake3_of(p, size_of(p))
+}
+
+/// Issue 14, item 1: `sbcflash write /dev/loopN precious.img` (the arguments swapped) must not
+/// replace the image with the device's contents, with or without --yes.
+#[test]
+fn swapped_arguments_leave_the_image_file_untouched() {
+    let Some((dir, img)) = image_for_loop_tests(&[], 40, Table::Mbr) else {
+        return;
+    };
+    let d = dir.path();
+    let lo = LoopDev::new_sparse(d, "disk.backing", 48 << 20);
+    let out = write_cmd(&img, lo.path(), &[]);
+    assert_exit(&out, 0);
+    let precious = d.join("precious.img");
+    std::fs::copy(&img, &precious).expect("copy");
+    let before = digest_of_file(&precious);
+    for extra in [&[][..], &["--yes"]] {
+        let out = sbcflash()
+            .arg("write")
+            .arg(lo.path())
+            .arg(&precious)
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run");
+        assert_exit(&out, 4);
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("did you swap IMAGE and TARGET?"),
+            "{}",
+            text(&out)
+        );
+        assert_eq!(
+            digest_of_file(&precious),
+            before,
+            "{extra:?}: image changed"
+        );
+    }
+    // An existing file that is itself an image (here: a compressed one) is refused the same way.
+    run(Command::new("gzip").arg("-k").arg(&precious));
+    let gz = d.join("precious.img.gz");
+    let gz_before = digest_of_file(&gz);
+    let out = write_cmd(&img, &gz, &[]);
+    assert_exit(&out, 4);
+    assert!(
+        text(&out).contains("looks like an image (gzip-compressed"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(digest_of_file(&gz), gz_before);
+    // --force is the override: then the file is written like any target.
+    let out = write_cmd(&img, &precious, &["--force"]);
+    assert_exit(&out, 0);
+    assert_eq!(digest_of_file(&precious), before);
+}
+
+/// Issue 14, item 1: an existing non-empty file is destroyed like a disk: without a terminal
+/// and without --yes it is refused; a new file needs no question.
+#[test]
+fn existing_file_target_needs_yes_and_a_new_one_does_not() {
+    if !common::require(false, common::IMAGE_TOOLS) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    let img = make_nixos_like_image(d, "n.img", 40, Table::Mbr);
+    let notes = d.join("notes.bin");
+    let noise: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&notes, &noise).expect("write");
+    let no_yes = |target: &Path| {
+        sbcflash()
+            .arg("write")
+            .arg(&img)
+            .arg(target)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run")
+    };
+    let out = no_yes(&notes);
+    assert_exit(&out, 4);
+    assert!(text(&out).contains("existing file"), "{}", text(&out));
+    assert!(text(&out).contains("pass --yes"), "{}", text(&out));
+    assert_eq!(std::fs::read(&notes).expect("read"), noise);
+    let out = write_cmd(&img, &notes, &[]);
+    assert_exit(&out, 0);
+    common::assert_same_prefix(&img, &notes, size_of(&img));
+    // A new file, and an empty one: no question.
+    for name in ["new.img", "empty.img"] {
+        let t = d.join(name);
+        if name == "empty.img" {
+            std::fs::write(&t, b"").expect("create");
+        }
+        let out = no_yes(&t);
+        assert_exit(&out, 0);
+        common::assert_same_prefix(&img, &t, size_of(&img));
+    }
+}
+
+/// Issue 14, item 2: a tar.gz, a zip, a text file and an empty file are refused (exit 3, named)
+/// before the target is touched, from a file and from a pipe; --raw writes a blob anyway.
+#[test]
+fn sources_that_are_not_disk_images_are_refused_before_the_target_is_touched() {
+    if !loop_tools(&["tar", "gzip", "python3"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let d = dir.path();
+    sh(&format!(
+        r#"
+cd "{d}"
+mkdir -p tree && printf 'hello\n' > tree/a.txt && head -c 100000 /dev/urandom > tree/blob
+tar czf rootfs.tar.gz tree
+python3 -c 'import zipfile; z = zipfile.ZipFile("image.zip", "w"); z.write("tree/blob"); z.close()'
+printf 'Flash this image with dd.\n' > README.txt
+: > empty.img
+"#,
+        d = d.display()
+    ));
+    let backing = garbage_backing(d, "disk.backing", 8);
+    let lo = LoopDev::attach(&backing, &[]);
+    let untouched = || {
+        std::fs::read(&backing)
+            .expect("read backing")
+            .iter()
+            .all(|&b| b == 0xA5)
+    };
+    for (name, what) in [
+        ("rootfs.tar.gz", "it is a tar archive"),
+        ("image.zip", "it is a zip archive"),
+        ("README.txt", "it is text"),
+        ("empty.img", "it is empty"),
+    ] {
+        let out = write_cmd(&d.join(name), lo.path(), &[]);
+        assert_exit(&out, 3);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("does not look like a disk image") && err.contains(what),
+            "{name}: {err}"
+        );
+        assert!(err.contains("--raw"), "{name}: {err}");
+        assert!(untouched(), "{name}: the target was written");
+        // Streamed: decided on the peeked head of the pipe.
+        let f = std::fs::File::open(d.join(name)).expect("open");
+        let out = sbcflash()
+            .args(["write", "/dev/stdin"])
+            .arg(lo.path())
+            .arg("--yes")
+            .stdin(f)
+            .output()
+            .expect("run");
+        assert_exit(&out, 3);
+        assert!(text(&out).contains(what), "{name} piped: {}", text(&out));
+        assert!(untouched(), "{name} piped: the target was written");
+    }
+    // A board medium that holds only a bootloader (here the VisionFive 2's SPI flash) takes a
+    // blob without --raw: a bootloader binary has none of a disk image's signatures.
+    let blob = d.join("spl.bin");
+    std::fs::copy(d.join("tree/blob"), &blob).expect("copy");
+    let out = write_cmd(&blob, &d.join("spi.bin"), &["--board", "vf2", "--spi"]);
+    assert_exit(&out, 0);
+    let out = write_cmd(&blob, &d.join("sd.bin"), &["--board", "vf2"]);
+    assert_exit(&out, 3);
+    assert!(
+        text(&out).contains("it is unrecognised data"),
+        "{}",
+        text(&out)
+    );
+    let out = write_cmd(&d.join("README.txt"), lo.path(), &["--raw"]);
+    assert_exit(&out, 0);
+    let mut head = [0u8; 26];
+    std::fs::File::open(&backing)
+        .expect("open")
+        .read_exact_at(&mut head, 0)
+        .expect("read");
+    assert_eq!(&head, b"Flash this image with dd.\n");
+}
+
+/// Issue 14, item 4: a user who may not open the device gets exit 8 and the fix (root, or the
+/// group that owns the device), not "Permission denied" and exit 5.
+#[test]
+fn permission_denied_on_the_target_exits_8_and_names_the_group() {
+    let Some((dir, img)) = image_for_loop_tests(&["setpriv", "mknod"], 40, Table::Mbr) else {
+        return;
+    };
+    let d = dir.path();
+    let lo = LoopDev::new_sparse(d, "disk.backing", 48 << 20);
+    // A private node for the loop device, owned by group `disk` like a udev-made /dev/sdX.
+    let md = std::fs::metadata(lo.path()).expect("stat");
+    let node = d.join("node");
+    use std::os::unix::fs::MetadataExt;
+    run(Command::new("mknod")
+        .arg(&node)
+        .arg("b")
+        .arg(libc::major(md.rdev()).to_string())
+        .arg(libc::minor(md.rdev()).to_string()));
+    run(Command::new("chgrp").arg("disk").arg(&node));
+    run(Command::new("chmod").arg("660").arg(&node));
+    run(Command::new("chmod").arg("755").arg(d));
+    run(Command::new("chmod").arg("644").arg(&img));
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_sbcflash"))
+        .arg("write")
+        .arg(&img)
+        .arg(&node)
+        .arg("--yes")
+        .env("HOME", d)
+        .env("XDG_CONFIG_HOME", d)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run as nobody");
+    assert_exit(&out, 8);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("permission denied"), "{err}");
+    assert!(err.contains("root"), "{err}");
+    assert!(err.contains("group `disk`"), "{err}");
+    assert_head_unwritten(lo.path(), "written although permission was denied");
+}
+
+/// Issue 14, item 13: `--eject` powers off USB disks only; on a loop device it is refused
+/// before anything is written, with the reason.
+#[test]
+fn eject_of_a_loop_device_is_refused_before_writing() {
+    let Some((dir, img)) = image_for_loop_tests(&[], 40, Table::Mbr) else {
+        return;
+    };
+    let lo = LoopDev::new_sparse(dir.path(), "disk.backing", 48 << 20);
+    let out = write_cmd(&img, lo.path(), &["--eject"]);
+    assert_exit(&out, 4);
+    assert!(
+        text(&out).contains("--eject: it is a loop device, and only a USB disk can be powered off"),
+        "{}",
+        text(&out)
+    );
+    assert_head_unwritten(lo.path(), "written although --eject was refused");
+    // Without --eject the same write works, and a loop device is not called removable.
+    let out = write_cmd(&img, lo.path(), &[]);
+    assert_exit(&out, 0);
+    assert!(
+        !text(&out).contains("can be removed safely"),
+        "{}",
+        text(&out)
+    );
 }

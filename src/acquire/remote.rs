@@ -128,7 +128,8 @@ fn is_image_error(e: &(dyn std::error::Error + 'static)) -> bool {
     while let Some(c) = cur {
         if c.downcast_ref::<image::ImageError>().is_some()
             || matches!(
-                c.downcast_ref::<crate::write::WriteError>(),
+                c.downcast_ref::<crate::write::WriteError>()
+                    .map(crate::write::WriteError::cause),
                 Some(crate::write::WriteError::Image(_))
             )
         {

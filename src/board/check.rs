@@ -79,6 +79,22 @@ impl ImageReport {
     }
 }
 
+/// The most [`bytes_wanted`] asks for: the first partition's boot sector within 64 MiB.
+pub const MAX_HEAD_LEN: usize = 64 << 20;
+
+/// How much of the image the check wants once `head` (at least [`HEAD_LEN`] bytes, or the
+/// whole image) is known: more when the first partition (whose file system is checked)
+/// starts beyond it, as NixOS's FIRMWARE partition at 8 MiB does.
+pub fn bytes_wanted(head: &[u8]) -> usize {
+    let first = parttable::parse(head)
+        .ok()
+        .and_then(|t| t.first().map(|p| p.start * SECTOR + SECTOR));
+    match first.and_then(|end| usize::try_from(end).ok()) {
+        Some(end) if end > HEAD_LEN && end <= MAX_HEAD_LEN => end,
+        _ => HEAD_LEN,
+    }
+}
+
 /// Read up to [`HEAD_LEN`] bytes of a raw stream (fewer at end of input). For image files in
 /// any supported format use `crate::image::open::read_logical_prefix(path, opts, HEAD_LEN)`.
 pub fn read_head<R: Read>(mut r: R) -> std::io::Result<Vec<u8>> {
@@ -177,7 +193,11 @@ pub fn check_image(board: &Board, medium: &Medium, head: &[u8]) -> ImageReport {
                     Severity::Warning,
                     "wrong-table",
                     format!(
-                        "the image has an {got} partition table, but the {} boot ROM of the {name} expects {want} on {}",
+                        "the image has {} partition table, but the {} boot ROM of the {name} expects {want} on {}",
+                        match got {
+                            TableKind::Mbr => "an MBR",
+                            _ => "a GPT",
+                        },
                         board.soc.vendor, medium.kind
                     ),
                 );
@@ -185,7 +205,32 @@ pub fn check_image(board: &Board, medium: &Medium, head: &[u8]) -> ImageReport {
         }
         if l.first_partition_fat {
             match &first {
-                Some(p) if p.kind.is_fat() => {}
+                Some(p) if p.kind.is_fat() => {
+                    // The type byte is a claim: the firmware needs a FAT file system there.
+                    let at = p.start * SECTOR;
+                    match slice(head, at, SECTOR as usize) {
+                        None => push(
+                            Severity::Info,
+                            "boot-fs-not-read",
+                            format!(
+                                "partition {}'s file system (at {}) lies beyond the bytes checked",
+                                p.number,
+                                human_offset(at)
+                            ),
+                        ),
+                        Some(b) if crate::image::sniff::fat_boot_sector(b) => {}
+                        Some(_) => push(
+                            Severity::Warning,
+                            "boot-partition-not-fat",
+                            format!(
+                                "partition {} has a FAT partition type ({}) but holds no FAT file system (no FAT boot sector at {}): the {name} firmware will not find its boot files",
+                                p.number,
+                                p.kind,
+                                human_offset(at)
+                            ),
+                        ),
+                    }
+                }
                 Some(p) => push(
                     Severity::Warning,
                     "first-partition-not-fat",

@@ -84,7 +84,8 @@ impl BoardError {
             BoardError::Io { .. } => Exit::Io,
             BoardError::Descriptor { .. } => Exit::BadInput,
             BoardError::UnknownBoard { .. } | BoardError::UnknownMedium { .. } => Exit::Usage,
-            BoardError::ImageMismatch { .. } => Exit::Refused,
+            // The image is inconsistent with the board (input), not a target rule (4).
+            BoardError::ImageMismatch { .. } => Exit::BadInput,
             BoardError::Placement(_) => Exit::BadInput,
         }
     }

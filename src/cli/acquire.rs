@@ -512,6 +512,8 @@ pub fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
         no_verify: a.no_verify,
         yes: a.yes,
         force: a.force,
+        raw: false,
+        eject: false,
         no_discard: a.no_discard,
         stream: StreamArgs::local_only(),
         usb: Default::default(),

@@ -375,11 +375,13 @@ fn boot_source(b: board::BootSource) -> &'static str {
 /// (compressed, bmap, Android sparse), via the image module.
 pub fn image_head(path: &Path) -> anyhow::Result<Vec<u8>> {
     let opts = crate::image::open::OpenOptions::default();
-    Ok(crate::image::open::read_logical_prefix(
-        path,
-        &opts,
-        board::check::HEAD_LEN,
-    )?)
+    let head = crate::image::open::read_logical_prefix(path, &opts, board::check::HEAD_LEN)?;
+    // The first partition's file system may start beyond the first MiBs: read up to it.
+    let want = board::check::bytes_wanted(&head);
+    if want > head.len() && head.len() == board::check::HEAD_LEN {
+        return Ok(crate::image::open::read_logical_prefix(path, &opts, want)?);
+    }
+    Ok(head)
 }
 
 /// Print a check report (text or a JSON line).

@@ -91,7 +91,11 @@ pub fn man_pages() -> Vec<(String, clap::Command)> {
 /// clap_mangen's sections, but the help's trailing text split into NOTES and EXAMPLES
 /// (verbatim) and the exit codes as an EXIT STATUS list, where man readers look for them.
 fn render_man(cmd: clap::Command, w: &mut dyn Write) -> std::io::Result<()> {
-    let man = clap_mangen::Man::new(cmd.clone()).manual("sbcflash manual");
+    // Every page's footer names the program and its version (clap_mangen would put the
+    // subcommand's name and its unset version there).
+    let man = clap_mangen::Man::new(cmd.clone())
+        .manual("sbcflash manual")
+        .source(format!("sbcflash {}", env!("CARGO_PKG_VERSION")));
     man.render_title(w)?;
     man.render_name_section(w)?;
     man.render_synopsis_section(w)?;
@@ -204,7 +208,7 @@ fn report_written(g: &Global, what: &str, paths: &[PathBuf]) -> anyhow::Result<(
             "what": what, "files": paths,
         });
         writeln!(out, "{v}")?;
-    } else if !g.quiet {
+    } else {
         for p in paths {
             writeln!(out, "{}", p.display())?;
         }

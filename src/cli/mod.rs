@@ -73,7 +73,7 @@ pub struct Global {
     /// Machine-readable output: one JSON object per line on stdout, each with `event` and `schema` (docs/json.md).
     #[arg(long, global = true)]
     pub json: bool,
-    /// No progress output.
+    /// No progress bars or notes on stderr (results still go to stdout, errors to stderr).
     #[arg(short, long, global = true)]
     pub quiet: bool,
     /// When to use colour (NO_COLOR is honoured by `auto`).

@@ -376,8 +376,8 @@ pub fn write_via(
                     "device": device, "image_size": image_size, "bytes_written": bytes_written,
                     "bytes_skipped": bytes_skipped, "verified": verified});
                 println!("{j}");
-            } else if !g.quiet {
-                // The result line, like `write`'s summary: stdout.
+            } else {
+                // The result line, like `write`'s summary: stdout, also under -q.
                 println!(
                     "{device}: wrote {bytes_written} bytes ({bytes_skipped} skipped) of a {image_size}-byte image; {}",
                     if verified { "read back and verified" } else { "not read back" }

@@ -25,17 +25,20 @@ pub struct ImageFlags {
 }
 
 impl ImageFlags {
+    fn options(&self) -> image::OpenOptions {
+        image::OpenOptions {
+            bmap: self.bmap.clone(),
+            no_bmap: self.no_bmap,
+        }
+    }
+
     fn open(&self, path: &Path) -> anyhow::Result<OpenedImage> {
         let md = std::fs::metadata(path).map_err(|source| image::ImageError::Io {
             path: path.display().to_string(),
             source,
         })?;
         if md.is_file() {
-            let opts = image::OpenOptions {
-                bmap: self.bmap.clone(),
-                no_bmap: self.no_bmap,
-            };
-            return Ok(image::open_image(path, &opts)?);
+            return Ok(image::open_image(path, &self.options())?);
         }
         // A pipe or character device (`<(curl ...)`, a FIFO): stream it, no seeking.
         let name = path.display().to_string();
@@ -92,9 +95,18 @@ pub struct WriteArgs {
     /// Do not ask for confirmation (required when stdin is not a terminal).
     #[arg(short, long)]
     pub yes: bool,
-    /// Allow targets that are not removable USB disks, SD cards or loop devices.
+    /// Allow targets that are not removable USB disks, SD cards or loop devices, and an
+    /// existing file target that looks like an image (or a block device as the source).
     #[arg(long)]
     pub force: bool,
+    /// Write the source even when it does not look like a disk image (no partition table,
+    /// file system or bootloader signature at its start): for raw blobs.
+    #[arg(long)]
+    pub raw: bool,
+    /// After a successful write, flush the disk and power it off (remove its USB device from
+    /// the kernel, as `udisksctl power-off` does), so it can be pulled at once. USB disks only.
+    #[arg(long)]
+    pub eject: bool,
     /// Do not discard the device before writing.
     #[arg(long)]
     pub no_discard: bool,
@@ -157,24 +169,58 @@ fn install_cancel() -> Arc<AtomicBool> {
     cancel
 }
 
-fn confirm(info: &TargetInfo, image: &OpenedImage, yes: bool) -> anyhow::Result<()> {
-    let TargetInfo::Device(d) = info else {
-        return Ok(()); // regular files: like cp/dd, no prompt
-    };
-    if yes {
+/// Whether writing `info` destroys something: a disk, or an existing non-empty file. A new (or
+/// empty) file needs no question, like `cp`.
+fn destroys_contents(info: &TargetInfo) -> bool {
+    match info {
+        TargetInfo::Device(_) => true,
+        TargetInfo::File { exists, size, .. } => *exists && *size > 0,
+    }
+}
+
+/// Without --yes and without a terminal to ask on, a destructive write is refused.
+fn refuse_unconfirmed(info: &TargetInfo, yes: bool) -> anyhow::Result<()> {
+    if yes || !destroys_contents(info) || std::io::stdin().is_terminal() {
         return Ok(());
     }
-    if !std::io::stdin().is_terminal() {
-        return Err(ExitError::new(
-            Exit::Refused,
-            format!(
-                "refusing to write {}: stdin is not a terminal, so there is no one to confirm; pass --yes",
-                d.path.display()
-            ),
-        )
-        .into());
+    let (path, what) = match info {
+        TargetInfo::Device(d) => (d.path.clone(), "a disk"),
+        TargetInfo::File { path, .. } => (
+            path.clone(),
+            "an existing file whose contents would be replaced",
+        ),
+    };
+    Err(ExitError::new(
+        Exit::Refused,
+        format!(
+            "refusing to write {}: it is {what}, and stdin is not a terminal, so there is no one to confirm; pass --yes",
+            path.display()
+        ),
+    )
+    .into())
+}
+
+fn confirm(info: &TargetInfo, image: &OpenedImage, yes: bool) -> anyhow::Result<()> {
+    if yes || !destroys_contents(info) {
+        return Ok(());
     }
+    refuse_unconfirmed(info, yes)?;
     let mut e = std::io::stderr();
+    let d = match info {
+        TargetInfo::Device(d) => d,
+        TargetInfo::File { path, size, .. } => {
+            let _ = writeln!(
+                e,
+                "About to OVERWRITE the existing file {} ({} bytes, {})",
+                path.display(),
+                size,
+                target::human_size(*size)
+            );
+            let _ = writeln!(e, "with {} ({})", image.path.display(), image.description);
+            let _ = write!(e, "Its contents will be lost. Type 'yes' to continue: ");
+            return read_yes(&mut e);
+        }
+    };
     let _ = writeln!(e, "About to OVERWRITE {}", d.describe());
     if let Some(s) = &d.serial {
         let _ = writeln!(e, "  serial: {s}");
@@ -198,6 +244,10 @@ fn confirm(info: &TargetInfo, image: &OpenedImage, yes: bool) -> anyhow::Result<
         "Everything on {} will be lost. Type 'yes' to continue: ",
         d.path.display()
     );
+    read_yes(&mut e)
+}
+
+fn read_yes(e: &mut std::io::Stderr) -> anyhow::Result<()> {
     let _ = e.flush();
     let mut line = String::new();
     std::io::stdin().lock().read_line(&mut line)?;
@@ -205,6 +255,42 @@ fn confirm(info: &TargetInfo, image: &OpenedImage, yes: bool) -> anyhow::Result<
         return Err(ExitError::new(Exit::Refused, "not confirmed; nothing was written").into());
     }
     Ok(())
+}
+
+/// A download failure can replace the writer's error (which said what it left on the
+/// target): say it again.
+fn still_says_target_state(e: anyhow::Error, state: Option<write::TargetState>) -> anyhow::Error {
+    let text = super::error_text(&e);
+    match state {
+        Some(s) if !text.contains(&s.to_string()) => {
+            ExitError::new(crate::exit::classify(&e), format!("{text}; {s}")).into()
+        }
+        _ => e,
+    }
+}
+
+/// Refuses a source whose logical head is not a disk image (a zip, a tar, text, nothing), so
+/// that a wrong file is named before the target is touched; `--raw` writes it anyway.
+fn require_image(head: &[u8], what: &str, raw: bool) -> anyhow::Result<()> {
+    use image::sniff::{sniff, Sniffed};
+    match sniff(head) {
+        Sniffed::Image(k) => {
+            tracing::info!("{what}: starts with {}", k.describe());
+            Ok(())
+        }
+        Sniffed::Other(_) if raw => Ok(()),
+        Sniffed::Other(k) => Err(image::ImageError::Invalid {
+            path: what.to_string(),
+            msg: format!(
+                "does not look like a disk image: it is {}, with no partition table, file system or \
+                 bootloader signature at the start of its contents{}; nothing was written. Pass \
+                 --raw to write it anyway",
+                k.describe(),
+                k.advice().map(|a| format!("; {a}")).unwrap_or_default()
+            ),
+        }
+        .into()),
+    }
 }
 
 /// Early, image-independent target checks for commands that produce the image first
@@ -218,17 +304,8 @@ pub fn precheck_target(target: &Path, force: bool, yes: bool) -> anyhow::Result<
         image_paths: Vec::new(),
     };
     target::vet(&resolved, &info, &policy)?;
-    if matches!(info, TargetInfo::Device(_)) && !yes && !std::io::stdin().is_terminal() {
-        return Err(ExitError::new(
-            Exit::Refused,
-            format!(
-                "refusing to write {}: stdin is not a terminal, so there is no one to confirm; pass --yes",
-                target.display()
-            ),
-        )
-        .into());
-    }
-    Ok(())
+    target::vet_file_target(&info, Path::new(""), force)?;
+    refuse_unconfirmed(&info, yes)
 }
 
 pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
@@ -236,6 +313,12 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     let via_target = match (&a.usb.via, &a.image, a.paths.as_slice()) {
         (None, ..) => None,
         (Some(_), Some(i), []) | (Some(_), None, [i]) => {
+            // A named medium (--spi, --medium) may well be a bootloader flash: blobs are normal.
+            if is_regular_file(i) && !a.board.spi && a.board.medium.is_none() {
+                let head =
+                    image::read_logical_prefix(i, &a.img.options(), image::sniff::SNIFF_LEN)?;
+                require_image(&head, &i.display().to_string(), a.raw)?;
+            }
             let img = a.img.open(i)?;
             match super::usb::write_via(&a.usb, &a.board, img, !a.no_verify, g)? {
                 Some(dev) => Some((i.clone(), dev)),
@@ -290,21 +373,65 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     };
     policy.image_paths.extend(opened.bmap.clone());
     target::vet(&resolved, &info, &policy)?;
-    // A streamed image is checked on its head, read from the stream before any write.
-    let board_pre = match &remote {
-        Some(r) => super::boards::preflight_head(&a.board, &r.spec.url, r.head(), g)?,
-        // A pipe or FIFO cannot be read twice: peek its head through the opened source.
-        None if !is_regular_file(&image_path) && super::boards::board_named(&a.board, g)? => {
-            let (src, head) = image::HeadPeek::new(opened.source, crate::board::check::HEAD_LEN)?;
-            opened.source = Box::new(src);
-            let what = image_path.display().to_string();
-            super::boards::preflight_head(&a.board, &what, &head, g)?
+    target::vet_file_target(&info, &image_path, a.force)?;
+    // --eject that cannot be done is refused now, not after the write.
+    let eject = match (&info, a.eject) {
+        (_, false) => None,
+        (TargetInfo::Device(d), true) => Some(target::eject::plan(d)?),
+        (TargetInfo::File { path, .. }, true) => {
+            return Err(ExitError::new(
+                Exit::Usage,
+                format!("--eject: {} is a regular file, not a disk", path.display()),
+            )
+            .into())
         }
-        None => board_checks(&a.board, &image_path, g)?,
     };
+    // A pipe, FIFO or device cannot be read twice: peek its head through the opened source.
+    let peeked = match &remote {
+        None if !is_regular_file(&image_path) => {
+            let want = if super::boards::board_named(&a.board, g)? {
+                crate::board::check::HEAD_LEN
+            } else {
+                image::sniff::SNIFF_LEN
+            };
+            let (src, head) = image::HeadPeek::new(opened.source, want)?;
+            opened.source = Box::new(src);
+            Some(head)
+        }
+        _ => None,
+    };
+    let what = image_arg
+        .as_deref()
+        .map(str::to_string)
+        .unwrap_or_else(|| image_path.display().to_string());
+    // A streamed image is checked on its head, read from the stream before any write.
+    let board_pre = match (&remote, &peeked) {
+        (Some(r), _) => super::boards::preflight_head(&a.board, &r.spec.url, r.head(), g)?,
+        (None, Some(head)) => super::boards::preflight_head(&a.board, &what, head, g)?,
+        (None, None) => board_checks(&a.board, &image_path, g)?,
+    };
+    // Is it a disk image at all? Decided on the logical head, before the target is touched.
+    // A board medium that holds only a bootloader (SPI flash, eMMC boot area) takes blobs.
+    let blob_ok = a.raw
+        || board_pre
+            .as_ref()
+            .is_some_and(|p| p.medium.boot == crate::board::schema::BootSource::BootloaderOnly);
+    match (&remote, &peeked) {
+        (Some(r), _) => require_image(r.head(), &what, blob_ok)?,
+        (None, Some(head)) => require_image(head, &what, blob_ok)?,
+        (None, None) => {
+            let head =
+                image::read_logical_prefix(&image_path, &a.img.options(), image::sniff::SNIFF_LEN)
+                    .map_err(|e| {
+                        still_says_target_state(e.into(), Some(write::TargetState::Untouched))
+                    })?;
+            require_image(&head, &what, blob_ok)?
+        }
+    }
     confirm(&info, &opened, a.yes)?;
     // Re-inspects, re-vets, opens O_EXCL and re-checks through the fd.
     let opened_target = target::open(&target_path, &policy)?;
+    let opened_path = opened_target.path.clone();
     let cancel = install_cancel();
     let job = opened_target.path.display().to_string();
     let mut sink = opened_target.into_sink_with(!a.no_discard)?;
@@ -328,17 +455,44 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         ..Default::default()
     };
     let result = write::run(opened.source, sink.as_mut(), &opts, reporter.as_ref());
+    let state = match &result {
+        Err(write::WriteError::Failed { state, .. }) => Some(*state),
+        _ => None,
+    };
     // A streamed image is only good once its download's digest checked out.
     let result = match remote {
         Some(check) => check.finish(result),
         None => result.map_err(anyhow::Error::from),
     };
+    let result = result.map_err(|e| still_says_target_state(e, state));
     let report = result.with_context(|| format!("writing {} to {job}", image_path.display()))?;
+    drop(sink);
     if let Some(pre) = &board_pre {
-        drop(sink);
         super::boards::after_write(pre, &target_path, g)?;
     }
-    if !g.json && !g.quiet {
+    // Everything is written, read back and flushed: say when the disk may be pulled.
+    let pulled = match (&info, &eject) {
+        (_, Some(usb)) => {
+            target::eject::eject(&opened_path, usb)?;
+            Some(format!(
+                "{job} was flushed and powered off (USB device {}): remove it now",
+                usb.display()
+            ))
+        }
+        (TargetInfo::Device(d), None) if target::eject::is_pullable(d) => Some(format!(
+            "{job} can be removed safely now: everything was written and flushed"
+        )),
+        _ => None,
+    };
+    if let Some(text) = pulled {
+        reporter.report(Event::Message {
+            job: job.clone(),
+            level: Level::Info,
+            text,
+        });
+    }
+    // The result goes to stdout whatever -q says (-q silences progress and notes only).
+    if !g.json {
         println!("{}", report.summary_line(&job));
     }
     if g.json {
@@ -549,7 +703,7 @@ pub fn run_verify(a: VerifyArgs, g: &Global) -> anyhow::Result<Exit> {
             "job": job, "ok": true, "report": rep,
         });
         println!("{v}");
-    } else if !g.quiet {
+    } else {
         println!(
             "{job}: matches {} ({} bytes compared, {} unmapped bytes not compared); blake3 {}{}",
             a.image.display(),

@@ -11,8 +11,9 @@
 //!
 //! Layout: [`detect`] (magic bytes, decompressors), [`scan`] (raw files and streams, zero
 //! blocks, bmap checks), [`bmap`] (the sidecar), [`sparse`] (Android sparse), [`digest`]
-//! (blake3 and b3sum sidecars), [`open`] (putting it together: [`open_image`]), [`unmapped`]
-//! (data a stale bmap would leave out).
+//! (blake3 and b3sum sidecars), [`open`] (putting it together: [`open_image`]), [`sniff`]
+//! (does the logical image look like a disk image at all?), [`unmapped`] (data a stale bmap
+//! would leave out).
 
 pub mod bmap;
 pub mod buffer;
@@ -22,6 +23,7 @@ mod extent;
 pub mod open;
 pub mod peek;
 pub mod scan;
+pub mod sniff;
 pub mod sparse;
 pub mod unmapped;
 pub mod zero;

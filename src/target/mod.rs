@@ -16,6 +16,8 @@
 //!   USB hard disks (non-removable), dm/md and partitions need `--force`;
 //! - the target must not be the image (same file, or a loop device backed by it).
 
+pub mod eject;
+
 use crate::exit::Exit;
 use crate::write::{BlockDeviceSink, FileSink, Sink, WriteError};
 use serde::Serialize;
@@ -36,6 +38,9 @@ pub enum TargetError {
         #[source]
         source: std::io::Error,
     },
+    /// EACCES/EPERM opening the target: a setup problem with a known fix, not an I/O error.
+    #[error("{path}: permission denied opening it for writing; {fix}")]
+    Permission { path: String, fix: String },
 }
 
 impl TargetError {
@@ -43,6 +48,7 @@ impl TargetError {
         match self {
             TargetError::Refused { .. } => Exit::Refused,
             TargetError::Io { .. } => Exit::Io,
+            TargetError::Permission { .. } => Exit::Environment,
         }
     }
     fn refused(path: &Path, reason: impl Into<String>) -> Self {
@@ -638,6 +644,81 @@ fn vet_file_size(path: &Path, image_size: Option<u64>) -> Result<(), TargetError
     Ok(())
 }
 
+/// What an existing regular file looks like when it is recognisably an image (partition
+/// table, file system or bootloader signature, compression or Android sparse magic, a zip, a
+/// bmap): such a target is more likely the user's image than a scratch file.
+pub fn file_looks_like_image(path: &Path) -> Option<String> {
+    use crate::image::{detect, sniff};
+    use std::io::Read;
+    let mut head = Vec::with_capacity(sniff::SNIFF_LEN);
+    File::open(path)
+        .ok()?
+        .take(sniff::SNIFF_LEN as u64)
+        .read_to_end(&mut head)
+        .ok()?;
+    let outer = detect::detect(&head);
+    if outer == detect::Format::AndroidSparse {
+        return Some("an Android sparse image".into());
+    }
+    if outer.is_compression() {
+        return Some(format!("{}-compressed", outer.name()));
+    }
+    if sniff::is_bmap_xml(&head) {
+        return Some("a bmap file".into());
+    }
+    match sniff::sniff(&head) {
+        sniff::Sniffed::Image(k) => Some(format!("it has {}", k.describe())),
+        sniff::Sniffed::Other(sniff::OtherKind::Zip) => Some("a zip archive".into()),
+        sniff::Sniffed::Other(_) => None,
+    }
+}
+
+/// The rules for an existing regular file as the target, whose contents are destroyed like a
+/// disk's: refused without `force` when the source is a block device (`write /dev/sdb
+/// my.img`: the arguments are swapped) or the file is itself recognisably an image.
+pub fn vet_file_target(info: &TargetInfo, image: &Path, force: bool) -> Result<(), TargetError> {
+    let TargetInfo::File {
+        path,
+        size,
+        exists: true,
+    } = info
+    else {
+        return Ok(());
+    };
+    if force {
+        return Ok(());
+    }
+    let source_is_device = std::fs::metadata(image).is_ok_and(|m| m.file_type().is_block_device());
+    let why = if source_is_device {
+        Some(format!(
+            "{} is a block device and {} an existing file ({})",
+            image.display(),
+            path.display(),
+            human_size(*size)
+        ))
+    } else if *size > 0 {
+        file_looks_like_image(path).map(|what| {
+            format!(
+                "{} is an existing file that looks like an image ({what}, {})",
+                path.display(),
+                human_size(*size)
+            )
+        })
+    } else {
+        None
+    };
+    match why {
+        Some(why) => Err(TargetError::refused(
+            path,
+            format!(
+                "did you swap IMAGE and TARGET? {why}; the order is `sbcflash write IMAGE \
+                 TARGET`. Pass --force to overwrite the file anyway"
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Apply the safety policy to an inspected target. Returns the first reason to refuse.
 pub fn vet(path: &Path, info: &TargetInfo, policy: &Policy) -> Result<(), TargetError> {
     for img in &policy.image_paths {
@@ -807,9 +888,14 @@ fn open_vetted(
                         "{}: O_DIRECT not supported, using buffered I/O",
                         resolved.display()
                     );
-                    (open(false).map_err(|e| open_err(&resolved, e))?, false)
+                    let e = |e| match write {
+                        true => open_err(&resolved, e),
+                        false => TargetError::io(&resolved, "open", e),
+                    };
+                    (open(false).map_err(e)?, false)
                 }
-                Err(e) => return Err(open_err(&resolved, e)),
+                Err(e) if write => return Err(open_err(&resolved, e)),
+                Err(e) => return Err(TargetError::io(&resolved, "open", e)),
             };
             let md = file
                 .metadata()
@@ -835,7 +921,10 @@ fn open_vetted(
                 .truncate(false)
                 .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
                 .open(&resolved)
-                .map_err(|e| TargetError::io(&resolved, "open", e))?;
+                .map_err(|e| match e.raw_os_error() {
+                    Some(libc::EACCES) | Some(libc::EPERM) if write => open_err(&resolved, e),
+                    _ => TargetError::io(&resolved, "open", e),
+                })?;
             let md = file
                 .metadata()
                 .map_err(|e| TargetError::io(&resolved, "fstat", e))?;
@@ -856,6 +945,12 @@ fn open_vetted(
 }
 
 fn open_err(path: &Path, e: std::io::Error) -> TargetError {
+    if matches!(e.raw_os_error(), Some(libc::EACCES) | Some(libc::EPERM)) {
+        return TargetError::Permission {
+            path: path.display().to_string(),
+            fix: permission_fix(path),
+        };
+    }
     if e.raw_os_error() == Some(libc::EBUSY) {
         TargetError::refused(
             path,
@@ -864,6 +959,33 @@ fn open_err(path: &Path, e: std::io::Error) -> TargetError {
     } else {
         TargetError::io(path, "open", e)
     }
+}
+
+/// What to do about EACCES on `path`: run as root, or join the group that may write it.
+fn permission_fix(path: &Path) -> String {
+    let md = std::fs::metadata(path).ok();
+    let group = md.as_ref().and_then(|m| {
+        nix::unistd::Group::from_gid(nix::unistd::Gid::from_raw(m.gid()))
+            .ok()
+            .flatten()
+            .map(|g| g.name)
+    });
+    let group_writes = md.as_ref().is_some_and(|m| m.mode() & 0o020 != 0);
+    let mut fix = "run sbcflash as root (sudo)".to_string();
+    match group {
+        Some(g) if group_writes && g != "root" => fix.push_str(&format!(
+            ", or join the group `{g}` that owns it (sudo usermod -aG {g} $USER, then log in \
+             again)"
+        )),
+        _ => {}
+    }
+    if md.is_some_and(|m| m.file_type().is_block_device()) {
+        fix.push_str(
+            "; boards in USB recovery mode (`write --via`) need the udev rules instead: \
+             sbcflash usb udev-rules | sudo tee /etc/udev/rules.d/70-sbcflash.rules",
+        );
+    }
+    fix
 }
 
 #[cfg(test)]

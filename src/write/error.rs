@@ -20,7 +20,7 @@ pub enum WriteError {
     #[error(transparent)]
     Image(#[from] ImageError),
     /// Ctrl-C or a cancel request. The first MiB (partition table) was not written.
-    #[error("{target}: interrupted after {done} bytes; the target is INCOMPLETE (no valid partition table was written) and must be written again")]
+    #[error("{target}: interrupted after {done} bytes; {INCOMPLETE}")]
     Interrupted { target: String, done: u64 },
     /// Read-back found bytes on the target that differ from what was written.
     #[error("{target}: verification FAILED: range at offset {offset} (length {len}) differs from the image; the target is not good")]
@@ -57,7 +57,48 @@ pub enum WriteError {
     /// A worker thread panicked.
     #[error("internal error: {0}")]
     Internal(String),
+    /// A failure whose own message does not say what it left on the target, with that state:
+    /// every failed write says whether the target can be used.
+    #[error("{source}; {state}")]
+    Failed {
+        #[source]
+        source: Box<WriteError>,
+        state: TargetState,
+    },
 }
+
+/// What a failed write left on the target.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetState {
+    /// Nothing was written or discarded.
+    Untouched,
+    /// Written in part; the held-back first MiB (partition table) was not written.
+    Incomplete,
+    /// The failure came while the first MiB itself was being written.
+    IncompleteHead,
+    /// The whole image was written, but the write did not complete or verify.
+    Unverified,
+}
+
+impl std::fmt::Display for TargetState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TargetState::Untouched => "the target was not changed",
+            TargetState::Incomplete => INCOMPLETE,
+            TargetState::IncompleteHead => {
+                "the target is INCOMPLETE (its partition table may be partly written) and must be written again"
+            }
+            TargetState::Unverified => {
+                "the image was written but not verified: do not trust the target; write it again"
+            }
+        })
+    }
+}
+
+/// The one sentence for a target without its partition table.
+pub const INCOMPLETE: &str =
+    "the target is INCOMPLETE (no valid partition table was written) and must be written again";
 
 impl WriteError {
     pub fn exit(&self) -> Exit {
@@ -72,6 +113,29 @@ impl WriteError {
             WriteError::TooLarge { .. } => Exit::Refused,
             WriteError::Stream { .. } => Exit::BadInput,
             WriteError::Internal(_) => Exit::Failure,
+            WriteError::Failed { source, .. } => source.exit(),
+        }
+    }
+
+    /// The error under a [`WriteError::Failed`] note.
+    pub fn cause(&self) -> &WriteError {
+        match self {
+            WriteError::Failed { source, .. } => source.cause(),
+            e => e,
+        }
+    }
+
+    /// Adds what the failure left on the target, unless the message already says it.
+    pub(crate) fn with_state(self, state: TargetState) -> WriteError {
+        match self {
+            WriteError::Interrupted { .. }
+            | WriteError::Mismatch { .. }
+            | WriteError::Digest { .. }
+            | WriteError::Failed { .. } => self,
+            e => WriteError::Failed {
+                source: Box::new(e),
+                state,
+            },
         }
     }
 

@@ -31,7 +31,7 @@ mod error;
 pub mod sink;
 mod verify;
 
-pub use error::WriteError;
+pub use error::{TargetState, WriteError};
 pub use sink::{BlockDeviceSink, FileSink, Sink};
 pub use verify::{compare_with_image, read_back, CompareReport};
 
@@ -469,8 +469,9 @@ pub fn run(
         });
         e
     };
-    let mut report =
-        write_inner(source, sink, opts, reporter, size_hint).map_err(|e| failed("write", e))?;
+    let mut state = TargetState::Untouched;
+    let mut report = write_inner(source, sink, opts, reporter, size_hint, &mut state)
+        .map_err(|e| failed("write", e.with_state(state)))?;
     reporter.report(Event::Finish {
         job: job.clone(),
         phase: "write".into(),
@@ -485,7 +486,8 @@ pub fn run(
             total: Some(total),
             detail: None,
         });
-        let n = read_back(sink, &report.ranges, opts, reporter).map_err(|e| failed("verify", e))?;
+        let n = read_back(sink, &report.ranges, opts, reporter)
+            .map_err(|e| failed("verify", e.with_state(TargetState::Unverified)))?;
         report.verified_bytes = Some(n);
         report.verify_seconds = Some(t.elapsed().as_secs_f64());
         reporter.report(Event::Finish {
@@ -515,6 +517,7 @@ fn write_inner(
     opts: &WriteOptions,
     reporter: &dyn Reporter,
     size_hint: Option<u64>,
+    state: &mut TargetState,
 ) -> Result<WriteReport, WriteError> {
     let start = Instant::now();
     let target = sink.name().to_string();
@@ -522,6 +525,8 @@ fn write_inner(
     if opts.cancel.load(Ordering::Relaxed) {
         return Err(WriteError::Interrupted { target, done: 0 });
     }
+    // From here on (a discard, a truncation) the old contents are gone.
+    *state = TargetState::Incomplete;
     sink.prepare(size_hint)?;
 
     let buffer_size = opts.buffer_size.max(buffer::ALIGN);
@@ -685,10 +690,12 @@ fn write_inner(
     }
     // Everything else is on the medium: now the partition table area.
     let head_len = hold.min(image_size) as usize;
+    *state = TargetState::IncompleteHead;
     if head_len > 0 {
         sink.write_at(0, &head[..head_len])?;
         sink.sync()?;
     }
+    *state = TargetState::Unverified;
     sink.finalize(image_size)?;
     Ok(WriteReport {
         image_size,

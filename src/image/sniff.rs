@@ -1,0 +1,338 @@
+//! "What does this look like?" from the first bytes of a logical image: a disk image (partition
+//! table, file system, bootloader) or something else (an archive, text, nothing), so that a
+//! `.tar.gz` or a README is refused before a target is touched, and a target file that is
+//! itself an image is noticed before it is overwritten.
+//!
+//! A pure function of a byte head, so it applies to a decoded stream's head as well as to the
+//! inner image of a container.
+
+use crate::board::check::rockchip_idb;
+
+/// How many leading bytes [`sniff`] looks at: covers btrfs's superblock (64 KiB), ISO 9660's
+/// volume descriptor (32 KiB) and Allwinner's eGON at 128 KiB.
+pub const SNIFF_LEN: usize = 192 << 10;
+
+/// Something a disk image starts with (or has at its usual offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImageKind {
+    Mbr,
+    Gpt,
+    Fat,
+    Ext,
+    Btrfs,
+    Squashfs,
+    Iso9660,
+    RockchipIdb,
+    Egon,
+    UbootLegacy,
+    Fit,
+    AndroidBoot,
+}
+
+impl ImageKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            ImageKind::Mbr => "an MBR partition table",
+            ImageKind::Gpt => "a GPT partition table",
+            ImageKind::Fat => "a FAT file system",
+            ImageKind::Ext => "an ext2/3/4 file system",
+            ImageKind::Btrfs => "a btrfs file system",
+            ImageKind::Squashfs => "a squashfs file system",
+            ImageKind::Iso9660 => "an ISO 9660 file system",
+            ImageKind::RockchipIdb => "a Rockchip IDB (sector 64, or 0 in SPI images)",
+            ImageKind::Egon => "an Allwinner eGON.BT0 boot header",
+            ImageKind::UbootLegacy => "a U-Boot legacy image header",
+            ImageKind::Fit => "a U-Boot FIT (flattened device tree)",
+            ImageKind::AndroidBoot => "an Android boot image",
+        }
+    }
+}
+
+/// Something that is not a disk image, named so the user knows what they passed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OtherKind {
+    Empty,
+    Zip,
+    Tar,
+    SevenZip,
+    Rar,
+    /// A compression layer still inside the decoded data (`.gz.gz`, `.tar.xz` decoded once is
+    /// a tar, but a second compression is named as such).
+    Compressed(&'static str),
+    Qcow2,
+    Vmdk,
+    Vhdx,
+    Elf,
+    Pdf,
+    Html,
+    Text,
+    Zeroes,
+    Unknown,
+}
+
+impl OtherKind {
+    pub fn describe(self) -> String {
+        match self {
+            OtherKind::Empty => "empty (0 bytes)".into(),
+            OtherKind::Zip => "a zip archive".into(),
+            OtherKind::Tar => "a tar archive".into(),
+            OtherKind::SevenZip => "a 7-Zip archive".into(),
+            OtherKind::Rar => "a RAR archive".into(),
+            OtherKind::Compressed(c) => format!("{c}-compressed data inside the image"),
+            OtherKind::Qcow2 => "a QEMU qcow2 disk (convert it: qemu-img convert -O raw)".into(),
+            OtherKind::Vmdk => "a VMware VMDK disk (convert it: qemu-img convert -O raw)".into(),
+            OtherKind::Vhdx => "a Hyper-V VHDX disk (convert it: qemu-img convert -O raw)".into(),
+            OtherKind::Elf => "an ELF executable".into(),
+            OtherKind::Pdf => "a PDF document".into(),
+            OtherKind::Html => "an HTML page (a download error page?)".into(),
+            OtherKind::Text => "text".into(),
+            OtherKind::Zeroes => "all zero bytes at its start".into(),
+            OtherKind::Unknown => "unrecognised data".into(),
+        }
+    }
+
+    /// What to do instead, for archives that usually hold the image.
+    pub fn advice(self) -> Option<&'static str> {
+        match self {
+            OtherKind::Zip => Some("extract the image first (unzip) and write that"),
+            OtherKind::Tar | OtherKind::SevenZip | OtherKind::Rar => {
+                Some("extract the image from the archive first and write that")
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The verdict on a head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sniffed {
+    Image(ImageKind),
+    Other(OtherKind),
+}
+
+fn at(head: &[u8], off: usize, magic: &[u8]) -> bool {
+    head.get(off..off + magic.len()) == Some(magic)
+}
+
+fn le16(head: &[u8], off: usize) -> Option<u16> {
+    Some(u16::from_le_bytes(head.get(off..off + 2)?.try_into().ok()?))
+}
+
+/// A FAT boot sector: a jump instruction, a power-of-two sector size and a non-zero FAT count
+/// (the 0x55AA signature alone is an MBR's too).
+pub fn fat_boot_sector(head: &[u8]) -> bool {
+    let jump = matches!(head.first(), Some(0xEB) | Some(0xE9));
+    let bps = le16(head, 11).unwrap_or(0);
+    let fats = head.get(16).copied().unwrap_or(0);
+    jump && matches!(bps, 512 | 1024 | 2048 | 4096)
+        && fats > 0
+        && (at(head, 54, b"FAT") || at(head, 82, b"FAT32"))
+}
+
+/// Classify the start of a logical (decompressed) image.
+pub fn sniff(head: &[u8]) -> Sniffed {
+    use ImageKind as I;
+    use OtherKind as O;
+    if head.is_empty() {
+        return Sniffed::Other(O::Empty);
+    }
+    // File systems and bootloaders at their usual offsets first: a FAT boot sector also ends
+    // with 0x55AA, and a GPT has a protective MBR.
+    if at(head, 512, b"EFI PART") || at(head, 4096, b"EFI PART") {
+        return Sniffed::Image(I::Gpt);
+    }
+    if fat_boot_sector(head) {
+        return Sniffed::Image(I::Fat);
+    }
+    if at(head, 510, &[0x55, 0xAA]) {
+        return Sniffed::Image(I::Mbr);
+    }
+    if at(head, 1024 + 0x38, &[0x53, 0xEF]) {
+        return Sniffed::Image(I::Ext);
+    }
+    if at(head, 0x10040, b"_BHRfS_M") {
+        return Sniffed::Image(I::Btrfs);
+    }
+    if at(head, 0, b"hsqs") {
+        return Sniffed::Image(I::Squashfs);
+    }
+    if at(head, 0x8001, b"CD001") {
+        return Sniffed::Image(I::Iso9660);
+    }
+    // Sector 64 on SD/eMMC images; sector 0 in SPI flash images (u-boot-rockchip-spi.bin).
+    if [32768usize, 0]
+        .iter()
+        .any(|&o| head.get(o..o + 512).and_then(rockchip_idb).is_some())
+    {
+        return Sniffed::Image(I::RockchipIdb);
+    }
+    if [0usize, 8 << 10, 128 << 10]
+        .iter()
+        .any(|o| at(head, o + 4, b"eGON.BT0"))
+    {
+        return Sniffed::Image(I::Egon);
+    }
+    if at(head, 0, &[0x27, 0x05, 0x19, 0x56]) {
+        return Sniffed::Image(I::UbootLegacy);
+    }
+    if at(head, 0, &[0xD0, 0x0D, 0xFE, 0xED]) {
+        return Sniffed::Image(I::Fit);
+    }
+    if at(head, 0, b"ANDROID!") {
+        return Sniffed::Image(I::AndroidBoot);
+    }
+    Sniffed::Other(other(head))
+}
+
+fn other(head: &[u8]) -> OtherKind {
+    use OtherKind as O;
+    if at(head, 0, b"PK\x03\x04") || at(head, 0, b"PK\x05\x06") || at(head, 0, b"PK\x07\x08") {
+        return O::Zip;
+    }
+    if at(head, 257, b"ustar") {
+        return O::Tar;
+    }
+    if at(head, 0, b"7z\xBC\xAF\x27\x1C") {
+        return O::SevenZip;
+    }
+    if at(head, 0, b"Rar!\x1A\x07") {
+        return O::Rar;
+    }
+    let f = super::detect::detect(head);
+    if f != super::Format::Raw {
+        return O::Compressed(f.name());
+    }
+    if at(head, 0, b"QFI\xFB") {
+        return O::Qcow2;
+    }
+    if at(head, 0, b"KDMV") || at(head, 0, b"# Disk DescriptorFile") {
+        return O::Vmdk;
+    }
+    if at(head, 0, b"vhdxfile") {
+        return O::Vhdx;
+    }
+    if at(head, 0, b"\x7FELF") {
+        return O::Elf;
+    }
+    if at(head, 0, b"%PDF-") {
+        return O::Pdf;
+    }
+    if head.iter().all(|&b| b == 0) {
+        return O::Zeroes;
+    }
+    let sample = &head[..head.len().min(8192)];
+    let texty = match std::str::from_utf8(sample) {
+        Ok(s) => s,
+        // A sample cut inside a multi-byte character is still text.
+        Err(e) if e.error_len().is_none() => {
+            std::str::from_utf8(&sample[..e.valid_up_to()]).unwrap_or_default()
+        }
+        Err(_) => return O::Unknown,
+    };
+    if texty
+        .chars()
+        .all(|c| !c.is_control() || matches!(c, '\n' | '\r' | '\t' | '\x0c'))
+    {
+        let lower = texty
+            .trim_start()
+            .get(..64)
+            .unwrap_or(texty)
+            .to_ascii_lowercase();
+        if lower.starts_with("<!doctype html") || lower.starts_with("<html") {
+            return O::Html;
+        }
+        return O::Text;
+    }
+    O::Unknown
+}
+
+/// A bmap file (bmaptool's XML) rather than an image.
+pub fn is_bmap_xml(head: &[u8]) -> bool {
+    let s = String::from_utf8_lossy(&head[..head.len().min(4096)]);
+    s.trim_start().starts_with("<?xml") && s.contains("<bmap")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(v: &mut Vec<u8>, off: usize, b: &[u8]) {
+        if v.len() < off + b.len() {
+            v.resize(off + b.len(), 0);
+        }
+        v[off..off + b.len()].copy_from_slice(b);
+    }
+
+    #[test]
+    fn disk_image_signatures_at_their_offsets() {
+        let mut mbr = vec![0u8; 512];
+        put(&mut mbr, 510, &[0x55, 0xAA]);
+        assert_eq!(sniff(&mbr), Sniffed::Image(ImageKind::Mbr));
+        let mut gpt = mbr.clone();
+        put(&mut gpt, 512, b"EFI PART");
+        assert_eq!(sniff(&gpt), Sniffed::Image(ImageKind::Gpt));
+        let mut fat = mbr.clone();
+        fat[0] = 0xEB;
+        put(&mut fat, 11, &512u16.to_le_bytes());
+        fat[16] = 2;
+        put(&mut fat, 82, b"FAT32   ");
+        assert_eq!(sniff(&fat), Sniffed::Image(ImageKind::Fat));
+        let mut ext = vec![0u8; 2048];
+        put(&mut ext, 1024 + 0x38, &[0x53, 0xEF]);
+        assert_eq!(sniff(&ext), Sniffed::Image(ImageKind::Ext));
+        let mut btrfs = vec![0u8; 0x10100];
+        put(&mut btrfs, 0x10040, b"_BHRfS_M");
+        assert_eq!(sniff(&btrfs), Sniffed::Image(ImageKind::Btrfs));
+        let mut iso = vec![0u8; 0x9000];
+        put(&mut iso, 0x8001, b"CD001");
+        assert_eq!(sniff(&iso), Sniffed::Image(ImageKind::Iso9660));
+        let mut idb = vec![0u8; 40 << 10];
+        put(&mut idb, 32768, b"RKNS");
+        assert_eq!(sniff(&idb), Sniffed::Image(ImageKind::RockchipIdb));
+        let mut spi = vec![0u8; 4096];
+        put(&mut spi, 0, b"RKNS");
+        assert_eq!(sniff(&spi), Sniffed::Image(ImageKind::RockchipIdb));
+        let mut egon = vec![0u8; 200 << 10];
+        put(&mut egon, (128 << 10) + 4, b"eGON.BT0");
+        assert_eq!(sniff(&egon), Sniffed::Image(ImageKind::Egon));
+        for (m, k) in [
+            (&b"hsqs"[..], ImageKind::Squashfs),
+            (&[0x27, 0x05, 0x19, 0x56], ImageKind::UbootLegacy),
+            (&[0xD0, 0x0D, 0xFE, 0xED], ImageKind::Fit),
+            (b"ANDROID!", ImageKind::AndroidBoot),
+        ] {
+            let mut v = m.to_vec();
+            v.resize(4096, 0);
+            assert_eq!(sniff(&v), Sniffed::Image(k), "{k:?}");
+        }
+    }
+
+    #[test]
+    fn non_images_are_named() {
+        assert_eq!(sniff(b""), Sniffed::Other(OtherKind::Empty));
+        assert_eq!(sniff(b"hello\nworld\n"), Sniffed::Other(OtherKind::Text));
+        assert_eq!(
+            sniff(b"<!DOCTYPE html><html>404</html>"),
+            Sniffed::Other(OtherKind::Html)
+        );
+        assert_eq!(sniff(b"PK\x03\x04rest"), Sniffed::Other(OtherKind::Zip));
+        let mut tar = vec![b'a'; 512];
+        put(&mut tar, 257, b"ustar\0");
+        assert_eq!(sniff(&tar), Sniffed::Other(OtherKind::Tar));
+        assert_eq!(sniff(&[0u8; 4096]), Sniffed::Other(OtherKind::Zeroes));
+        assert_eq!(
+            sniff(&[0x1F, 0x8B, 0x08, 0, 0, 0, 1, 2]),
+            Sniffed::Other(OtherKind::Compressed("gzip"))
+        );
+        let noise: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+        assert_eq!(sniff(&noise), Sniffed::Other(OtherKind::Unknown));
+    }
+
+    #[test]
+    fn bmap_files_are_recognised() {
+        assert!(is_bmap_xml(
+            b"<?xml version=\"1.0\" ?>\n<!-- comment -->\n<bmap version=\"2.0\">"
+        ));
+        assert!(!is_bmap_xml(b"<?xml version=\"1.0\"?><svg/>"));
+    }
+}
