@@ -22,6 +22,9 @@ pub struct ImageFlags {
     /// Ignore any bmap: write every byte of the image (zero blocks still zeroed cheaply).
     #[arg(long)]
     pub no_bmap: bool,
+    /// The member of a .zip image to use, when it holds several (the error lists them).
+    #[arg(long, value_name = "NAME")]
+    pub member: Option<String>,
 }
 
 impl ImageFlags {
@@ -34,6 +37,7 @@ impl ImageFlags {
             let opts = image::OpenOptions {
                 bmap: self.bmap.clone(),
                 no_bmap: self.no_bmap,
+                member: self.member.clone(),
             };
             return Ok(image::open_image(path, &opts)?);
         }
@@ -51,7 +55,8 @@ impl ImageFlags {
         let mapped_size = bmap.as_ref().map(|b| b.mapped_bytes());
         let consumed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reader = image::detect::CountingReader::new(file, consumed.clone());
-        let source = image::from_reader(Box::new(reader), &name, None, bmap)?;
+        let source =
+            image::from_reader_member(Box::new(reader), &name, None, bmap, self.member.as_deref())?;
         Ok(OpenedImage {
             description: source.describe(),
             logical_size: source.size_hint(),
@@ -113,9 +118,10 @@ pub struct WriteArgs {
 pub fn board_checks(
     board: &super::boards::BoardWriteArgs,
     image: &Path,
+    member: Option<&str>,
     g: &Global,
 ) -> anyhow::Result<Option<super::boards::BoardPreflight>> {
-    super::boards::preflight(board, image, g)
+    super::boards::preflight_member(board, image, member, g)
 }
 
 fn is_regular_file(p: &Path) -> bool {
@@ -260,6 +266,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         image_arg.as_deref(),
         a.board.board.as_deref(),
         &a.stream,
+        a.img.member.as_deref(),
         g,
         reporter.clone(),
         &job_name.display().to_string(),
@@ -291,7 +298,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
             let what = image_path.display().to_string();
             super::boards::preflight_head(&a.board, &what, &head, g)?
         }
-        None => board_checks(&a.board, &image_path, g)?,
+        None => board_checks(&a.board, &image_path, a.img.member.as_deref(), g)?,
     };
     confirm(&info, &opened, a.yes)?;
     // Re-inspects, re-vets, opens O_EXCL and re-checks through the fd.
