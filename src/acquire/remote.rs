@@ -31,11 +31,12 @@ pub struct RemoteCheck {
 /// Opens `spec` as an extent source (from the cache when its pin is there, else streamed
 /// from the network; with `keep`, a copy is committed to the cache once it verifies).
 /// `job` is the write's job (the target), so progress and events of the download and the
-/// write form one job.
+/// write form one job. `member`: which member of a zip to write (`--member`).
 pub fn open_for_write(
     acq: Acquirer,
     spec: SourceSpec,
     keep: bool,
+    member: Option<&str>,
     job: String,
 ) -> anyhow::Result<(OpenedImage, RemoteCheck)> {
     let (reader, check) = acq.open_stream_as(&spec, keep, job.clone())?;
@@ -51,7 +52,8 @@ pub fn open_for_write(
         Some(f) => anyhow::Error::new(f),
         None => anyhow::Error::new(e),
     };
-    let source = image::from_reader(reader, &name, None, None).map_err(real_cause)?;
+    let source =
+        image::from_reader_member(reader, &name, None, None, member).map_err(real_cause)?;
     // The board check needs the image's head before the first byte reaches the target.
     let (source, head) =
         image::HeadPeek::new(source, crate::board::check::HEAD_LEN).map_err(real_cause)?;

@@ -149,6 +149,7 @@ pub fn remote_image(
     image: Option<&str>,
     board: Option<&str>,
     s: &StreamArgs,
+    member: Option<&str>,
     g: &Global,
     reporter: Arc<dyn Reporter>,
     job: &str,
@@ -175,6 +176,7 @@ pub fn remote_image(
         acq,
         spec,
         s.keep,
+        member,
         job.to_string(),
     )?))
 }
@@ -507,6 +509,7 @@ pub fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
         img: super::write::ImageFlags {
             bmap: None,
             no_bmap: false,
+            member: None,
         },
         blake3: None,
         no_verify: a.no_verify,

@@ -374,7 +374,15 @@ fn boot_source(b: board::BootSource) -> &'static str {
 /// The first [`board::check::HEAD_LEN`] logical bytes of an image in any supported format
 /// (compressed, bmap, Android sparse), via the image module.
 pub fn image_head(path: &Path) -> anyhow::Result<Vec<u8>> {
-    let opts = crate::image::open::OpenOptions::default();
+    image_head_member(path, None)
+}
+
+/// [`image_head`] of the member `member` of a zip image (`--member`).
+pub fn image_head_member(path: &Path, member: Option<&str>) -> anyhow::Result<Vec<u8>> {
+    let opts = crate::image::open::OpenOptions {
+        member: member.map(str::to_string),
+        ..Default::default()
+    };
     let head = crate::image::open::read_logical_prefix(path, &opts, board::check::HEAD_LEN)?;
     // The first partition's file system may start beyond the first MiBs: read up to it.
     let want = board::check::bytes_wanted(&head);
@@ -505,6 +513,16 @@ pub fn preflight(
     image: &Path,
     g: &Global,
 ) -> anyhow::Result<Option<BoardPreflight>> {
+    preflight_member(a, image, None, g)
+}
+
+/// [`preflight`] for the member `member` of a zip image (`--member`).
+pub fn preflight_member(
+    a: &BoardWriteArgs,
+    image: &Path,
+    member: Option<&str>,
+    g: &Global,
+) -> anyhow::Result<Option<BoardPreflight>> {
     let Some(name) = board_name(a, g)? else {
         return Ok(None);
     };
@@ -532,7 +550,7 @@ pub fn preflight(
         }
         return Ok(None);
     }
-    let head = image_head(image)?;
+    let head = image_head_member(image, member)?;
     check_head(a, b, &image.display().to_string(), &head, g)
 }
 

@@ -22,6 +22,9 @@ pub struct ImageFlags {
     /// Ignore any bmap: write every byte of the image (zero blocks still zeroed cheaply).
     #[arg(long)]
     pub no_bmap: bool,
+    /// The member of a .zip image to use, when it holds several (the error lists them).
+    #[arg(long, value_name = "NAME")]
+    pub member: Option<String>,
 }
 
 impl ImageFlags {
@@ -29,6 +32,7 @@ impl ImageFlags {
         image::OpenOptions {
             bmap: self.bmap.clone(),
             no_bmap: self.no_bmap,
+            member: self.member.clone(),
         }
     }
 
@@ -54,7 +58,8 @@ impl ImageFlags {
         let mapped_size = bmap.as_ref().map(|b| b.mapped_bytes());
         let consumed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reader = image::detect::CountingReader::new(file, consumed.clone());
-        let source = image::from_reader(Box::new(reader), &name, None, bmap)?;
+        let source =
+            image::from_reader_member(Box::new(reader), &name, None, bmap, self.member.as_deref())?;
         Ok(OpenedImage {
             description: source.describe(),
             logical_size: source.size_hint(),
@@ -125,9 +130,10 @@ pub struct WriteArgs {
 pub fn board_checks(
     board: &super::boards::BoardWriteArgs,
     image: &Path,
+    member: Option<&str>,
     g: &Global,
 ) -> anyhow::Result<Option<super::boards::BoardPreflight>> {
-    super::boards::preflight(board, image, g)
+    super::boards::preflight_member(board, image, member, g)
 }
 
 fn is_regular_file(p: &Path) -> bool {
@@ -352,6 +358,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         image_arg.as_deref(),
         a.board.board.as_deref(),
         &a.stream,
+        a.img.member.as_deref(),
         g,
         reporter.clone(),
         &job_name.display().to_string(),
@@ -408,7 +415,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     let board_pre = match (&remote, &peeked) {
         (Some(r), _) => super::boards::preflight_head(&a.board, &r.spec.url, r.head(), g)?,
         (None, Some(head)) => super::boards::preflight_head(&a.board, &what, head, g)?,
-        (None, None) => board_checks(&a.board, &image_path, g)?,
+        (None, None) => board_checks(&a.board, &image_path, a.img.member.as_deref(), g)?,
     };
     // Is it a disk image at all? Decided on the logical head, before the target is touched.
     // A board medium that holds only a bootloader (SPI flash, eMMC boot area) takes blobs.

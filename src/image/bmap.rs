@@ -518,7 +518,9 @@ pub fn candidates(image: &Path) -> Vec<PathBuf> {
     let dir = image.parent().unwrap_or(Path::new(""));
     let mut out = vec![dir.join(format!("{name}.bmap"))];
     let mut stem = name.as_str();
-    for suf in [".zst", ".zstd", ".xz", ".gz", ".bz2", ".gzip", ".bzip2"] {
+    for suf in [
+        ".zst", ".zstd", ".xz", ".gz", ".bz2", ".gzip", ".bzip2", ".zip",
+    ] {
         if let Some(s) = stem.strip_suffix(suf) {
             stem = s;
             out.push(dir.join(format!("{stem}.bmap")));

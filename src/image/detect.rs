@@ -12,6 +12,8 @@ pub enum Format {
     Gzip,
     Bzip2,
     AndroidSparse,
+    /// A `.zip` archive: one member is the image (see [`super::zip`]).
+    Zip,
     Raw,
 }
 
@@ -23,6 +25,7 @@ impl Format {
             Format::Gzip => "gzip",
             Format::Bzip2 => "bzip2",
             Format::AndroidSparse => "android-sparse",
+            Format::Zip => "zip",
             Format::Raw => "raw",
         }
     }
@@ -60,6 +63,9 @@ pub fn detect(head: &[u8]) -> Format {
     }
     if head.len() >= 3 && head[..3] == [0x1F, 0x8B, 0x08] {
         return Format::Gzip;
+    }
+    if super::zip::is_zip(head) {
+        return Format::Zip;
     }
     Format::Raw
 }
@@ -129,7 +135,7 @@ pub fn decoder(f: Format, r: Box<dyn Read + Send>) -> io::Result<Box<dyn Read + 
         Format::Bzip2 => Box::new(bzip2::bufread::MultiBzDecoder::new(
             io::BufReader::with_capacity(IN_BUF, r),
         )),
-        Format::AndroidSparse | Format::Raw => r,
+        Format::AndroidSparse | Format::Zip | Format::Raw => r,
     })
 }
 
@@ -218,6 +224,9 @@ mod tests {
             detect(&[0x3A, 0xFF, 0x26, 0xED, 1, 0]),
             Format::AndroidSparse
         );
+        assert_eq!(detect(b"PK\x03\x04\x14\0"), Format::Zip);
+        assert_eq!(detect(b"PK\x05\x06\0\0"), Format::Zip);
+        assert_eq!(detect(b"PK\x01\x02\0\0"), Format::Raw);
         assert_eq!(detect(&[0; 6]), Format::Raw);
         assert_eq!(detect(&[0x1F]), Format::Raw);
         assert_eq!(detect(&[]), Format::Raw);

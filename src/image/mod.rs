@@ -11,9 +11,9 @@
 //!
 //! Layout: [`detect`] (magic bytes, decompressors), [`scan`] (raw files and streams, zero
 //! blocks, bmap checks), [`bmap`] (the sidecar), [`sparse`] (Android sparse), [`digest`]
-//! (blake3 and b3sum sidecars), [`open`] (putting it together: [`open_image`]), [`sniff`]
-//! (does the logical image look like a disk image at all?), [`unmapped`] (data a stale bmap
-//! would leave out).
+//! (blake3 and b3sum sidecars), [`zip`] (one member of a `.zip` as a stream), [`open`] (putting
+//! it together: [`open_image`]), [`sniff`] (does the logical image look like a disk image at
+//! all?), [`unmapped`] (data a stale bmap would leave out).
 
 pub mod bmap;
 pub mod buffer;
@@ -27,13 +27,15 @@ pub mod sniff;
 pub mod sparse;
 pub mod unmapped;
 pub mod zero;
+pub mod zip;
 
 pub use bmap::Bmap;
 pub use detect::Format;
 pub use digest::LogicalHasher;
 pub use extent::{Extent, ExtentKind, ExtentSource, SharedData};
 pub use open::{
-    from_reader, open_image, read_logical_prefix, read_prefix, OpenOptions, OpenedImage,
+    from_reader, from_reader_member, open_image, read_logical_prefix, read_prefix, OpenOptions,
+    OpenedImage,
 };
 pub use peek::HeadPeek;
 

@@ -18,6 +18,8 @@ pub struct OpenOptions {
     pub bmap: Option<PathBuf>,
     /// Ignore any bmap (`--no-bmap`).
     pub no_bmap: bool,
+    /// The member of a `.zip` image to write (`--member`); needed when it has several.
+    pub member: Option<String>,
 }
 
 /// An opened image: the extent stream plus what the UI and the safety checks need.
@@ -109,6 +111,15 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage, ImageE
     let bmap_path = bmap.as_ref().map(|b| b.path.clone());
     let mapped_size = bmap.as_ref().map(|b| b.mapped_bytes());
 
+    if opts.member.is_some() && outer != Format::Zip {
+        return Err(ImageError::Invalid {
+            path: name,
+            msg: format!(
+                "--member applies to .zip images, and this is {} data",
+                outer.name()
+            ),
+        });
+    }
     if outer == Format::Raw && meta.is_file() {
         let src = ScanSource::raw_file(file, &name, bmap, consumed.clone())?;
         let description = src.describe();
@@ -129,16 +140,27 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage, ImageE
         Format::Zstd => detect::zstd_content_size(&file),
         _ => None,
     };
-    let reader: Box<dyn Read + Send> = Box::new(CountingReader::new(file, consumed.clone()));
-    let explicit_bmap = opts.bmap.is_some();
+    // A zip file is read through its central directory: the member is chosen up front.
+    let (reader, zip_member): (Box<dyn Read + Send>, _) = if outer == Format::Zip && meta.is_file()
+    {
+        let (r, size) =
+            super::zip::file_member(file, &name, opts.member.as_deref(), consumed.clone())?;
+        (r, Some(size))
+    } else {
+        (Box::new(CountingReader::new(file, consumed.clone())), None)
+    };
     let (source, formats) = open_stream(
         reader,
-        &name,
-        None,
-        decompressed_size,
-        bmap,
-        explicit_bmap,
-        Some(consumed.clone()),
+        Layers {
+            name: &name,
+            size_hint: None,
+            decompressed_size,
+            bmap,
+            explicit_bmap: opts.bmap.is_some(),
+            consumed: Some(consumed.clone()),
+            member: opts.member.as_deref(),
+            zip_member,
+        },
     )?;
     let mapped_size = if formats.contains(&Format::AndroidSparse) {
         None
@@ -185,8 +207,29 @@ pub fn from_reader(
     size_hint: Option<u64>,
     bmap: Option<Bmap>,
 ) -> Result<Box<dyn ExtentSource>, ImageError> {
-    let explicit = bmap.is_some();
-    open_stream(reader, name, size_hint, None, bmap, explicit, None).map(|(s, _)| s)
+    from_reader_member(reader, name, size_hint, bmap, None)
+}
+
+/// [`from_reader`] taking the member of a zip stream to write (`--member`).
+pub fn from_reader_member(
+    reader: Box<dyn Read + Send>,
+    name: &str,
+    size_hint: Option<u64>,
+    bmap: Option<Bmap>,
+    member: Option<&str>,
+) -> Result<Box<dyn ExtentSource>, ImageError> {
+    let explicit_bmap = bmap.is_some();
+    let layers = Layers {
+        name,
+        size_hint,
+        decompressed_size: None,
+        bmap,
+        explicit_bmap,
+        consumed: None,
+        member,
+        zip_member: None,
+    };
+    open_stream(reader, layers).map(|(s, _)| s)
 }
 
 fn peek(
@@ -195,18 +238,21 @@ fn peek(
     layer: Option<Format>,
 ) -> Result<(Box<dyn Read + Send>, Format), ImageError> {
     let mut head = vec![0u8; MAGIC_LEN];
-    let n = read_full(r.as_mut(), &mut head).map_err(|e| match layer {
-        Some(f) if e.raw_os_error().is_none() => ImageError::Corrupt {
-            path: name.to_string(),
-            offset: 0,
-            msg: format!(
-                "{} data is corrupt or truncated at its start: {e}",
-                f.name()
-            ),
-        },
-        _ => ImageError::Io {
-            path: name.to_string(),
-            source: e,
+    let n = read_full(r.as_mut(), &mut head).map_err(|e| match super::zip::image_error(e) {
+        Ok(ie) => ie,
+        Err(e) => match layer {
+            Some(f) if e.raw_os_error().is_none() => ImageError::Corrupt {
+                path: name.to_string(),
+                offset: 0,
+                msg: format!(
+                    "{} data is corrupt or truncated at its start: {e}",
+                    f.name()
+                ),
+            },
+            _ => ImageError::Io {
+                path: name.to_string(),
+                source: e,
+            },
         },
     })?;
     head.truncate(n);
@@ -214,15 +260,37 @@ fn peek(
     Ok((Box::new(Cursor::new(head).chain(r)), f))
 }
 
-fn open_stream(
-    reader: Box<dyn Read + Send>,
-    name: &str,
+/// What [`open_stream`] knows about a stream besides its bytes.
+struct Layers<'a> {
+    name: &'a str,
+    /// The LOGICAL size, if the caller knows it (checked at the end).
     size_hint: Option<u64>,
+    /// What a compressed file records as its content size (zstd frame headers).
     decompressed_size: Option<u64>,
     bmap: Option<Bmap>,
     explicit_bmap: bool,
+    /// The caller's count of input bytes (else one is made here).
     consumed: Option<Arc<AtomicU64>>,
+    /// `--member`: which member of a zip to write.
+    member: Option<&'a str>,
+    /// The stream already is a zip member (chosen by [`super::zip::file_member`]): its size.
+    zip_member: Option<u64>,
+}
+
+fn open_stream(
+    reader: Box<dyn Read + Send>,
+    l: Layers<'_>,
 ) -> Result<(Box<dyn ExtentSource>, Vec<Format>), ImageError> {
+    let Layers {
+        name,
+        size_hint,
+        decompressed_size,
+        bmap,
+        explicit_bmap,
+        consumed,
+        member,
+        zip_member,
+    } = l;
     // Count the input's bytes unless the caller already does (open_image counts the file).
     let (reader, consumed): (Box<dyn Read + Send>, _) = match consumed {
         Some(c) => (reader, c),
@@ -231,8 +299,31 @@ fn open_stream(
             (Box::new(CountingReader::new(reader, c.clone())), c)
         }
     };
-    let (mut r, outer) = peek(reader, name, None)?;
-    let mut formats = vec![outer];
+    let (mut r, mut outer) = peek(reader, name, None)?;
+    let mut formats = Vec::new();
+    // A zip is a container, not a compression: the member inside has its own layers (an
+    // `.img.xz` member is decoded too). One zip layer only: a zip inside is written as is.
+    let mut member_size = zip_member;
+    if zip_member.is_none() && outer == Format::Zip {
+        let (zr, size) = super::zip::stream_member(r, name, member)?;
+        member_size = size;
+        (r, outer) = peek(zr, name, Some(Format::Zip))?;
+        formats.push(Format::Zip);
+    } else if zip_member.is_some() {
+        formats.push(Format::Zip);
+    } else if member.is_some() {
+        return Err(ImageError::Invalid {
+            path: name.to_string(),
+            msg: format!(
+                "--member applies to .zip images, and this is {} data",
+                outer.name()
+            ),
+        });
+    }
+    if outer == Format::Zip {
+        outer = Format::Raw;
+    }
+    formats.push(outer);
     let mut compressed = None;
     let mut inner = outer;
     if outer.is_compression() {
@@ -252,6 +343,8 @@ fn open_stream(
         };
         formats.push(inner);
         compressed = Some((outer, consumed));
+    } else if formats.contains(&Format::Zip) {
+        compressed = Some((Format::Zip, consumed));
     }
     if inner == Format::AndroidSparse {
         if let Some(b) = &bmap {
@@ -269,12 +362,8 @@ fn open_stream(
                 b.path.display()
             );
         }
-        let outer_desc = if outer.is_compression() {
-            outer.name()
-        } else {
-            ""
-        };
-        let src = SparseSource::new(r, name, outer_desc)?;
+        let outer_desc = layer_names(&formats).join(" → ");
+        let src = SparseSource::new(r, name, &outer_desc)?;
         if let Some(h) = size_hint {
             if src.size_hint() != Some(h) {
                 return Err(ImageError::Invalid {
@@ -290,8 +379,20 @@ fn open_stream(
     }
     // What the compressed file claims its content size is (zstd frame headers) is the raw
     // image's size; it is checked at the end of the stream like a caller's hint.
-    let src = ScanSource::stream(r, name, size_hint.or(decompressed_size), bmap, compressed)?;
+    // A raw zip member's size is the image's (from the central directory or local header).
+    let raw_member_size = member_size.filter(|_| !outer.is_compression());
+    let expected = size_hint.or(decompressed_size).or(raw_member_size);
+    let src = ScanSource::stream(r, name, expected, bmap, compressed)?;
     Ok((Box::new(Described::new(src, &formats)), formats))
+}
+
+/// The container and compression layers, outside in ("zip", "xz").
+fn layer_names(formats: &[Format]) -> Vec<&'static str> {
+    formats
+        .iter()
+        .filter(|f| f.is_compression() || **f == Format::Zip)
+        .map(|f| f.name())
+        .collect()
 }
 
 /// Prefixes a source's description with its compression layers.
@@ -302,11 +403,7 @@ struct Described {
 
 impl Described {
     fn new(inner: ScanSource, formats: &[Format]) -> Self {
-        let layers: Vec<&str> = formats
-            .iter()
-            .filter(|f| f.is_compression())
-            .map(|f| f.name())
-            .collect();
+        let layers = layer_names(formats);
         let d = inner.describe();
         let desc = if layers.is_empty() {
             d

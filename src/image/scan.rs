@@ -263,6 +263,11 @@ impl ScanSource {
     }
 
     fn read_err(&self, e: io::Error, logical: u64) -> ImageError {
+        // A zip member's own error (offset in the zip, CRC, several members) as it is.
+        let e = match super::zip::image_error(e) {
+            Ok(ie) => return ie,
+            Err(e) => e,
+        };
         match &self.input {
             Input::Pipe {
                 compressed: Some((fmt, consumed)),

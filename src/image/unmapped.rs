@@ -64,8 +64,8 @@ pub fn find(path: &Path, raw: bool, skips: &[(u64, u64)]) -> Result<Option<Unmap
     let mut opened = open_image(
         path,
         &OpenOptions {
-            bmap: None,
             no_bmap: true,
+            ..Default::default()
         },
     )?;
     let mut buf = crate::write::buffer::AlignedBuf::new(READ_BUF);
