@@ -426,6 +426,13 @@ fn board_that_never_answers_gets_a_clear_error() {
         "{:?}",
         r.sent
     );
+    // each one said in the stage log
+    assert_eq!(notes(&r).len(), r.sent.len());
+    assert!(
+        notes(&r)[0].contains("pressed Ctrl-C (never Enter)"),
+        "{:?}",
+        notes(&r)
+    );
 
     // A board that talks but never shows a prompt: timeout naming the stage, last lines.
     let r = Replay::new(
@@ -2364,5 +2371,64 @@ fn linux_waits_replay_a_recorded_noisy_boot_login_and_ip_query() {
             notes(&r)
         );
         assert!(ex.kernel_lines() > 20, "{}", ex.kernel_lines());
+    }
+}
+
+/// A shell whose first answer to `ip -4 addr show` has its end marker rewritten by a `\r`
+/// (and a kernel line in its output): the query is asked again and the second, clean
+/// answer is used; an answer that never reads cleanly gives no address, not a guess.
+#[test]
+fn a_query_whose_answer_is_not_clean_is_asked_again() {
+    for (garbled, want) in [(1usize, Some([10u8, 0, 2, 15].into())), (3, None)] {
+        runtime().block_on(async {
+            let (board, host) = tokio::io::duplex(1 << 16);
+            let mut s = Session::new(Link::stream(Box::new(host), 115_200));
+            let shell = tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let (mut rd, mut wr) = tokio::io::split(board);
+                let mut typed = Vec::new();
+                let mut answered = 0;
+                let mut buf = [0u8; 256];
+                while let Ok(n) = rd.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    typed.extend_from_slice(&buf[..n]);
+                    while let Some(i) = typed.iter().position(|&b| b == b'\r') {
+                        let line = String::from_utf8_lossy(&typed[..i]).into_owned();
+                        typed.drain(..=i);
+                        let n = line
+                            .split("SY\"\"NC-")
+                            .nth(1)
+                            .and_then(|r| r.split(';').next())
+                            .unwrap_or("0")
+                            .to_string();
+                        answered += 1;
+                        let end = if answered <= garbled {
+                            format!("RC-{n}-\r0")
+                        } else {
+                            format!("RC-{n}-0")
+                        };
+                        let out = format!(
+                            "{line}\r\nSYNC-{n}\r\n    inet 10.0.[   42.000001] usb 1-1: reset\r\n2.15/24 scope global eth0\r\n{end}\r\n~ # "
+                        );
+                        wr.write_all(out.as_bytes()).await.unwrap();
+                    }
+                }
+                answered
+            });
+            let got = sbcflash::console::bootstrap::ask(
+                &mut s,
+                &LinuxConfig::default(),
+                "ip -4 addr show",
+                linux::parse_ip_text,
+            )
+            .await
+            .expect("ask");
+            assert_eq!(got.flatten(), want, "garbled {garbled}");
+            drop(s);
+            let asked = shell.await.unwrap();
+            assert_eq!(asked, garbled.min(2) + 1, "asked {asked} times");
+        });
     }
 }

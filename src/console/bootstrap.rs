@@ -115,7 +115,7 @@ const ASKS: u32 = 3;
 /// Runs query `cmd` and parses its output with `parse`; an answer that does not parse
 /// cleanly (a garbled end marker, an address that is not one) is asked again, never
 /// guessed. `None`: the command failed (not available here) or never answered cleanly.
-async fn ask<T>(
+pub async fn ask<T>(
     s: &mut Session,
     cfg: &LinuxConfig,
     cmd: &str,

@@ -20,6 +20,8 @@ pub struct Transcript {
     start: Instant,
     /// Also print received lines to stderr (`--show-console`).
     pub echo: bool,
+    /// Print the kernel lines the engine set aside to stderr (`-v`).
+    pub echo_kernel: bool,
 }
 
 impl Transcript {
@@ -35,6 +37,7 @@ impl Transcript {
             lines: Expect::new(),
             start,
             echo: false,
+            echo_kernel: false,
         })
     }
 
@@ -59,7 +62,7 @@ impl Transcript {
                 Event::Kernel(l) => ("k| ", l),
             };
             let _ = writeln!(self.file, "{s} {mark}{l}");
-            if self.echo {
+            if self.echo || (self.echo_kernel && !mark.is_empty()) {
                 eprintln!("  |{} {l}", if mark.is_empty() { "" } else { "k" });
             }
         }
