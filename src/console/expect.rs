@@ -68,8 +68,11 @@ pub struct Expect {
     partial: Vec<u8>,
     /// Complete lines not yet taken by the driver.
     pending: VecDeque<Event>,
-    /// Last complete lines (kernel lines marked), for error messages.
-    history: VecDeque<String>,
+    /// Last complete text lines and, apart, last kernel lines (marked), each with its
+    /// number among all lines: a noisy kernel does not push the last text out.
+    history: VecDeque<(u64, String)>,
+    kernel_history: VecDeque<(u64, String)>,
+    lines_seen: u64,
     last_rx: Option<Instant>,
     /// Last time console text (not kernel lines) arrived.
     last_text: Option<Instant>,
@@ -99,6 +102,8 @@ impl Expect {
             partial: Vec::new(),
             pending: VecDeque::new(),
             history: VecDeque::new(),
+            kernel_history: VecDeque::new(),
+            lines_seen: 0,
             last_rx: None,
             last_text: None,
             text_len: 0,
@@ -230,16 +235,18 @@ impl Expect {
     }
 
     fn push(&mut self, e: Event) {
-        if self.history.len() == HISTORY {
-            self.history.pop_front();
-        }
-        self.history.push_back(match &e {
-            Event::Line(l) => l.clone(),
+        let (h, text) = match &e {
+            Event::Line(l) => (&mut self.history, l.clone()),
             Event::Kernel(k) => {
                 self.kernel_lines += 1;
-                format!("{KERNEL_MARK}{k}")
+                (&mut self.kernel_history, format!("{KERNEL_MARK}{k}"))
             }
-        });
+        };
+        if h.len() == HISTORY {
+            h.pop_front();
+        }
+        h.push_back((self.lines_seen, text));
+        self.lines_seen += 1;
         self.pending.push_back(e);
     }
 
@@ -329,19 +336,38 @@ impl Expect {
         self.total_bytes
     }
 
-    /// The last complete lines plus the partial one, for error messages.
+    /// The last complete lines plus the partial one, for error messages: at most half of
+    /// them kernel lines (marked), so that the last console text shows even on a noisy
+    /// console, with a count of the kernel lines left out.
     pub fn tail(&self, n: usize) -> Vec<String> {
-        let mut v: Vec<String> = self
+        let kernel = self.kernel_history.len().min((n / 2).max(1));
+        let text = self.history.len().min(n.saturating_sub(kernel));
+        let mut v: Vec<&(u64, String)> = self
             .history
             .iter()
-            .skip(self.history.len().saturating_sub(n))
-            .cloned()
+            .skip(self.history.len() - text)
+            .chain(
+                self.kernel_history
+                    .iter()
+                    .skip(self.kernel_history.len() - kernel),
+            )
             .collect();
+        v.sort_by_key(|(seq, _)| *seq);
+        let mut out: Vec<String> = v.iter().map(|(_, l)| l.clone()).collect();
+        // every text line after the first one shown is shown; the rest were kernel lines
+        if let Some((first, _)) = v.first() {
+            let left_out = (self.lines_seen - first - 1) - (v.len() as u64 - 1);
+            if left_out > 0 {
+                out.push(format!(
+                    "{KERNEL_MARK}... {left_out} more kernel lines in between (see the transcript)"
+                ));
+            }
+        }
         let p = self.raw_partial();
         if !p.is_empty() {
-            v.push(p);
+            out.push(p);
         }
-        v
+        out
     }
 
     /// Share of non-printable bytes in the recent window, once enough bytes arrived.
@@ -573,6 +599,34 @@ mod tests {
         // next_line skips kernel lines
         e.feed(b"a\r\n[    5.000000] k\r\nb\r\n", t);
         assert_eq!(lines(&mut e), ["a", "b"]);
+    }
+
+    #[test]
+    fn the_tail_keeps_the_last_text_on_a_noisy_console() {
+        let mut e = Expect::new();
+        let t = Instant::now();
+        e.feed(b"SBCFLASH-TEST-READY\r\nlast words\r\n", t);
+        for i in 0..100 {
+            e.feed(format!("[ {i:>4}.000000] usb 1-1: reset\r\n").as_bytes(), t);
+        }
+        e.feed(b"~ # ", t);
+        let tail = e.tail(6);
+        assert_eq!(
+            tail,
+            [
+                "SBCFLASH-TEST-READY".to_string(),
+                "last words".into(),
+                format!("{KERNEL_MARK}[   97.000000] usb 1-1: reset"),
+                format!("{KERNEL_MARK}[   98.000000] usb 1-1: reset"),
+                format!("{KERNEL_MARK}[   99.000000] usb 1-1: reset"),
+                format!("{KERNEL_MARK}... 97 more kernel lines in between (see the transcript)"),
+                "~ # ".into(),
+            ]
+        );
+        // a quiet console: just the last lines
+        let mut q = Expect::new();
+        q.feed(b"a\r\nb\r\nc\r\n", t);
+        assert_eq!(q.tail(2), ["b", "c"]);
     }
 
     #[test]
