@@ -2134,11 +2134,10 @@ fn linux_follower_presses_enter_for_a_board_sitting_at_its_prompt() {
     }
 }
 
-#[test]
-fn linux_follower_nudges_are_bounded_and_the_timeout_says_what_it_saw() {
-    // Kernel lines keep coming (every 200 ms), no console text: they are no prompt and they
-    // do not count as activity; three newlines, then the boot timeout names them.
-    let mut noise = String::from("Linux version 6.1.0 (x)\r\n");
+/// Follows `text` followed by kernel lines every 200 ms (virtual clock) until the boot
+/// timeout; returns what was typed, the notes and the error.
+fn follow_through_kernel_noise(text: &str) -> (Vec<u8>, Vec<String>, ConsoleError) {
+    let mut noise = String::from(text);
     for i in 0..600 {
         noise.push_str(&klog(
             1.0 + i as f32 * 0.2,
@@ -2152,7 +2151,6 @@ fn linux_follower_nudges_are_bounded_and_the_timeout_says_what_it_saw() {
     let mut r = Replay::new(vec![noise.into_bytes()], 64, 5);
     let mut now = Instant::now();
     let mut ex = Expect::new();
-    // Feed the noise in real time: one line per 200 ms of the virtual clock.
     let mut m = Follow::new(&lc, ResetWatch::default());
     let err = loop {
         match m.step(&mut ex, now) {
@@ -2165,6 +2163,7 @@ fn linux_follower_nudges_are_bounded_and_the_timeout_says_what_it_saw() {
             Step::Done(x) => panic!("done: {x:?}"),
             Step::Fail(e) => break e,
             Step::Wait(until) => {
+                // about one kernel line per 200 ms
                 let next = now + Duration::from_millis(50);
                 if let Some(c) = r.next_chunk() {
                     ex.feed(&c, next.min(until.max(now)));
@@ -2173,18 +2172,36 @@ fn linux_follower_nudges_are_bounded_and_the_timeout_says_what_it_saw() {
             }
         }
     };
-    assert_eq!(r.sent, b"\r\r\r", "three newlines, no more");
-    assert_eq!(notes(&r).len(), 3);
-    assert!(notes(&r)[2].ends_with("pressed Enter (3/3)"));
+    let n = notes(&r);
+    (r.sent, n, err)
+}
+
+#[test]
+fn linux_follower_nudges_are_bounded_and_the_timeout_says_what_it_saw() {
+    // Userspace printed, then only kernel lines: they are no prompt and no activity; three
+    // newlines, then the boot timeout names them and shows the last text.
+    let (sent, notes, err) =
+        follow_through_kernel_noise("Linux version 6.1.0 (x)\r\nSBCFLASH-TEST-READY\r\n");
+    assert_eq!(sent, b"\r\r\r", "three newlines, no more");
+    assert_eq!(notes.len(), 3);
+    assert!(notes[2].ends_with("pressed Enter (3/3)"));
     let msg = err.to_string();
     assert!(matches!(err, ConsoleError::Timeout { .. }), "{msg}");
     assert!(
         msg.contains("stage \"kernel boot\"")
             && msg.contains("the kernel, NixOS and a login prompt (pressed Enter 3 times)")
+            && msg.contains("| SBCFLASH-TEST-READY")
             && msg.contains("| (kernel) [")
-            && msg.contains("device descriptor read/64"),
+            && msg.contains("device descriptor read/64")
+            && msg.contains("more kernel lines in between"),
         "{msg}"
     );
+    // While the kernel boots (banner, no userspace text yet) nobody reads the console.
+    let (sent, notes, _) = follow_through_kernel_noise("Linux version 6.1.0 (x)\r\n");
+    assert!(sent.is_empty() && notes.is_empty(), "{notes:?}");
+    // Attached to a running Linux (kernel lines, no banner seen): Enter is safe.
+    let (sent, _, _) = follow_through_kernel_noise("");
+    assert_eq!(sent, b"\r\r\r");
 }
 
 #[test]

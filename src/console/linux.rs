@@ -71,11 +71,15 @@ pub struct Follow {
     stage1: bool,
     stage2: bool,
     starting: bool,
-    /// Newlines sent so far, and when the last one went out.
+    /// Newlines sent so far, those since the console last printed a line of text, and when
+    /// the last one went out.
     nudged: u32,
+    spell_nudges: u32,
     last_nudge: Option<Instant>,
-    /// A kernel line or banner was seen: Linux runs, so Enter cannot reach U-Boot.
+    /// A kernel line was seen: Linux runs, so Enter cannot reach U-Boot.
     linux_seen: bool,
+    /// Console text after the kernel banner: userspace runs and may read the console.
+    userspace: bool,
     /// IP address seen in a console marker line.
     pub ip_from_console: Option<Ipv4Addr>,
 }
@@ -91,8 +95,10 @@ impl Follow {
             stage2: false,
             starting: false,
             nudged: 0,
+            spell_nudges: 0,
             last_nudge: None,
             linux_seen: false,
+            userspace: false,
             ip_from_console: None,
         }
     }
@@ -182,6 +188,11 @@ impl Machine for Follow {
                 self.linux_seen = true;
                 continue;
             }
+            if !line.trim().is_empty() {
+                // the board moved on: a new quiet spell gets its own nudges
+                self.spell_nudges = 0;
+                self.userspace |= self.kernel;
+            }
             if !self.stage1 && line.contains("<<< NixOS Stage 1 >>>") {
                 self.stage1 = true;
                 return Step::Stage(Stage::NixosStage1);
@@ -210,7 +221,7 @@ impl Machine for Follow {
         let at_login = partial.trim_end().ends_with("login:");
         // A prompt that answered a nudge is Linux's even when the boot was not seen (the
         // board had booted before the port was opened).
-        let linux = self.kernel || self.nudged > 0;
+        let linux = self.kernel || self.linux_seen || self.nudged > 0;
         if linux && at_login && quiet {
             return Step::Done((Arrival::Login, self.ip_from_console));
         }
@@ -221,25 +232,28 @@ impl Machine for Follow {
         {
             return Step::Done((Arrival::Shell, self.ip_from_console));
         }
-        // Press Enter when Linux runs (its banner or kernel lines were seen) or nothing ever
-        // came (a board sitting at its prompt), and the console text has been quiet: never
-        // while U-Boot may be counting down or showing its menu, never past the budget.
-        let may_nudge =
-            (self.kernel || self.linux_seen || ex.total_bytes() == 0 || self.nudged > 0)
-                && !partial.contains("Enter choice:")
-                && !partial.trim_end().ends_with("=>");
-        if may_nudge && self.nudged < self.cfg.nudges {
+        // Press Enter when the console text has been quiet and someone may read it:
+        // userspace printed after the kernel banner, or Linux was already running when the
+        // port was opened (kernel lines without a banner), or nothing ever came (a board
+        // sitting at its prompt). Never while U-Boot may be counting down or showing its
+        // menu or prompt, nor while the kernel boots; at most `nudges` per quiet spell.
+        let reader = self.userspace || (self.linux_seen && !self.kernel) || ex.total_bytes() == 0;
+        let may_nudge = (reader || self.nudged > 0)
+            && !partial.contains("Enter choice:")
+            && !partial.trim_end().ends_with("=>");
+        if may_nudge && self.spell_nudges < self.cfg.nudges {
             let since = ex
                 .last_text()
                 .unwrap_or(dl.started)
                 .max(self.last_nudge.unwrap_or(dl.started));
             if now.saturating_duration_since(since) >= self.cfg.nudge_after {
                 self.nudged += 1;
+                self.spell_nudges += 1;
                 self.last_nudge = Some(now);
                 return nudge(
                     "a login prompt or shell",
                     self.cfg.nudge_after,
-                    self.nudged,
+                    self.spell_nudges,
                     self.cfg.nudges,
                 );
             }
