@@ -956,7 +956,12 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         tr.contains("sbcflash-test login:") && tr.contains(">> "),
         "transcript has both directions"
     );
-    assert_noise_was_set_aside(&t.serial_log(), &tr);
+    let log = t.serial_log();
+    assert!(
+        log.contains("sbcflash-test login: ["),
+        "a kernel line landed on the login prompt's line (the issue's console)\n{log}"
+    );
+    assert_noise_was_set_aside(&log, &tr);
 }
 
 /// The noise really happened where it hurts (on the board's side: `serial.log`) and every

@@ -395,13 +395,9 @@ pub fn is_printk(line: &str) -> bool {
 /// fraction digits), or the `<N>` log-level prefix right before it.
 pub fn printk_start(line: &str) -> Option<usize> {
     let b = line.as_bytes();
-    (0..b.len()).find_map(|i| {
-        let n = stamp_len(&b[i..], false)?;
-        if n == 0 {
-            return None;
-        }
-        Some(level_prefix_start(b, i))
-    })
+    (0..b.len())
+        .find(|&i| stamp_len(&b[i..], false).is_some())
+        .map(|i| level_prefix_start(b, i))
 }
 
 /// `i` moved back over a `<N>` directly before it.
@@ -419,7 +415,7 @@ fn level_prefix_start(b: &[u8], i: usize) -> usize {
 }
 
 /// Length of a complete printk stamp at the start of `b`; with `partial`, a stamp that the
-/// end of `b` cut short counts too (its length is then `b.len()`). `Some(0)` never.
+/// end of `b` cut short counts too (its length is then `b.len()`).
 fn stamp_len(b: &[u8], partial: bool) -> Option<usize> {
     if b.first() != Some(&b'[') {
         return None;
