@@ -2335,7 +2335,22 @@ fn command_output_with_kernel_lines_mid_line_parses_and_a_garbled_marker_is_not_
 #[test]
 fn linux_waits_replay_a_recorded_noisy_boot_login_and_ip_query() {
     let log = data("qemu-aarch64-noisy-boot-to-ip.log");
-    let body = &log[find(&log, b"=> boot\r\n").expect("boot in recording")..];
+    let boot = find(&log, b"=> boot\r\n").expect("boot in recording");
+    // The U-Boot waits of the same run (U-Boot itself prints no kernel lines; `noisy` adds
+    // some between its lines anyway): interrupt, `printenv bootcmd`.
+    for (chunk, seed) in [(4096usize, 1u64), (1, 2), (5, 3)] {
+        for segs in [
+            uboot_segments(&log[..boot + 3]),
+            uboot_segments(&log[..boot + 3])
+                .iter()
+                .map(|seg| noisy(seg, seed))
+                .collect(),
+        ] {
+            let outs = uboot_replay(segs, chunk, seed, &["printenv bootcmd"]);
+            assert_eq!(outs[0].lines, ["bootcmd=run distro_bootcmd"], "{outs:?}");
+        }
+    }
+    let body = &log[boot..];
     let login = find(body, b"sbcflash-test login: ").expect("login prompt");
     assert!(
         body[login..].starts_with(b"sbcflash-test login: ["),
