@@ -203,9 +203,14 @@ pub async fn run(
     // Keep kernel messages off the console from here on (fewer of them interleave with
     // output; boards booted with `ignore_loglevel` keep printing, which the engine handles).
     let n = s.next_n();
-    let _ = s
+    match s
         .run(&mut linux::command(&plan.linux, "dmesg -n 1", n))
-        .await?;
+        .await
+    {
+        // Nothing is read from its answer: a garbled one is no reason to stop.
+        Ok(_) | Err(ConsoleError::Garbled { .. }) => {}
+        Err(e) => return Err(e),
+    }
     let mut ip = None;
     if plan.find_ip {
         let mut from = String::new();
