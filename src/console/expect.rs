@@ -18,9 +18,11 @@
 //! Kernel lines are not output: a printk line (`[    1.680927] usb 1-1.2: ...`, optionally
 //! with a `<N>` log-level prefix) is set aside as [`Event::Kernel`], also when it starts in
 //! the middle of a line because the kernel wrote over a prompt or a command's output. The text
-//! before it is put back as the current line, so `login: [ 1.6] usb ...` leaves `login: `
-//! waiting and `inet 10.0.[ 1.6] ...` + `2.15/24` joins to `inet 10.0.2.15/24`. The console
-//! kernel writes each record whole (under the port lock), so one split per line suffices.
+//! before it is put back as the current line, so `login: [    1.680927] usb ...` leaves
+//! `login: ` waiting and `inet 10.0.[    4.718896] eth0: ...` + `2.15/24` joins to
+//! `inet 10.0.2.15/24`. The kernel writes each console record whole (under the port lock),
+//! so one split per line suffices. A stamp needs three or more fraction digits; a command's
+//! own output that looks like one (`dmesg`) is set aside too.
 //! Quiet spells ([`Expect::quiet_for`]) count console text only: kernel lines arriving every
 //! 200 ms do not keep a prompt from being "quiet".
 
