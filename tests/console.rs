@@ -135,6 +135,10 @@ fn drive<M: Machine>(
         assert!(*now < limit, "virtual clock ran away");
         match m.step(ex, *now) {
             Step::Send(b) => r.input(&b),
+            Step::Nudge { bytes, note } => {
+                r.stages.push(Stage::Note(note));
+                r.input(&bytes);
+            }
             Step::Stage(s) => r.stages.push(s),
             Step::Done(x) => return Ok(x),
             Step::Fail(e) => return Err(e),
@@ -422,6 +426,13 @@ fn board_that_never_answers_gets_a_clear_error() {
         "{:?}",
         r.sent
     );
+    // each one said in the stage log
+    assert_eq!(notes(&r).len(), r.sent.len());
+    assert!(
+        notes(&r)[0].contains("pressed Ctrl-C (never Enter)"),
+        "{:?}",
+        notes(&r)
+    );
 
     // A board that talks but never shows a prompt: timeout naming the stage, last lines.
     let r = Replay::new(
@@ -633,10 +644,14 @@ struct UBootConsole {
 
 impl UBootConsole {
     fn attach(t: &Target) -> UBootConsole {
+        Self::attach_at(t, 115_200)
+    }
+
+    fn attach_at(t: &Target, baud: u32) -> UBootConsole {
         let rt = runtime();
         let mut s = {
             let _e = rt.enter();
-            Session::new(Link::serial(&t.tty(), 115_200).expect("open the pty"))
+            Session::new(Link::serial(&t.tty(), baud).expect("open the pty"))
         };
         let c = cfg();
         let h = t.cont();
@@ -658,9 +673,9 @@ impl UBootConsole {
     }
 }
 
-fn run_uboot_commands(arch: &str) {
+fn run_uboot_commands(arch: &str, baud: u32) {
     let t = Target::start(&["--arch", arch]);
-    let mut u = UBootConsole::attach(&t);
+    let mut u = UBootConsole::attach_at(&t, baud);
     let v = u.cmd("version");
     assert_eq!(v.status, 0);
     assert!(v.lines[0].starts_with("U-Boot 20"), "{v:?}");
@@ -689,7 +704,7 @@ fn qemu_uboot_aarch64_interrupt_and_commands() {
     if !need_qemu("aarch64") {
         return;
     }
-    run_uboot_commands("aarch64");
+    run_uboot_commands("aarch64", 115_200);
 }
 
 #[test]
@@ -697,7 +712,8 @@ fn qemu_uboot_riscv64_interrupt_and_commands() {
     if !need_qemu("riscv64") {
         return;
     }
-    run_uboot_commands("riscv64");
+    // The baud variant of riscv64 (the pty carries any rate; this checks the settings path).
+    run_uboot_commands("riscv64", 1_500_000);
 }
 
 #[test]
@@ -853,7 +869,16 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
     assert!(w.status.success(), "sbcflash write: {werr}");
     common::assert_same_prefix(&img, &disk, std::fs::metadata(&img).unwrap().len());
 
-    let t = Target::start(&["--disk", disk.to_str().unwrap(), "--ssh-port", "0"]);
+    // A noisy console (see make-boot-image.sh): kernel lines from early userspace on, a
+    // burst that lands on the login prompt's line, and one inside every line `ip` prints.
+    let t = Target::start(&[
+        "--disk",
+        disk.to_str().unwrap(),
+        "--ssh-port",
+        "0",
+        "--noise",
+        "rate=5 login-burst=100 ip-burst=1",
+    ]);
     let port = t.ssh_port();
     let standin = dir.path().join("nixos-rebuild-standin");
     std::fs::write(&standin, STANDIN).unwrap();
@@ -903,7 +928,8 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         "kernel: Linux version 6.1",
         "login prompt",
         "shell on the console",
-        "board IP address 10.0.2.15",
+        // parsed from `ip` despite a kernel line in the middle of each of its lines
+        "board IP address 10.0.2.15 (from `ip -4 addr show`)",
         "SSH answers on 127.0.0.1",
         "host keys",
         "SHA256:",
@@ -930,6 +956,118 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         tr.contains("sbcflash-test login:") && tr.contains(">> "),
         "transcript has both directions"
     );
+    let log = t.serial_log();
+    assert!(
+        log.contains("sbcflash-test login: ["),
+        "a kernel line landed on the login prompt's line (the issue's console)\n{log}"
+    );
+    assert_noise_was_set_aside(&log, &tr);
+}
+
+/// The noise really happened where it hurts (on the board's side: `serial.log`) and every
+/// kernel line is in the transcript, marked as set aside.
+fn assert_noise_was_set_aside(log: &str, tr: &str) {
+    let mid_line = |needle: &str| {
+        log.lines().any(|l| {
+            l.find(needle)
+                .and_then(|i| l[..i].rfind('['))
+                .is_some_and(|b| !l[..b].trim().is_empty())
+        })
+    };
+    assert!(
+        mid_line("(noise 1001)"),
+        "a kernel line inside `ip`'s output\n{log}"
+    );
+    let noise_on_board = log.matches("(noise ").count();
+    let marked: Vec<&str> = tr.lines().filter(|l| l.contains("] k| [")).collect();
+    assert!(
+        marked
+            .iter()
+            .any(|l| l.contains("eth0: link is not ready (noise 100")),
+        "kernel lines from inside `ip`'s output are marked in the transcript\n{tr}"
+    );
+    // every noise line the board printed while sbcflash listened is in the transcript, marked
+    let in_tr = marked.iter().filter(|l| l.contains("(noise ")).count();
+    assert!(
+        in_tr > 10 && in_tr <= noise_on_board,
+        "{in_tr} of {noise_on_board}"
+    );
+    assert!(
+        !tr.lines()
+            .any(|l| !l.contains("] k| ") && !l.contains(" >> ") && l.contains("(noise ")),
+        "a kernel line in the transcript is not marked\n{tr}"
+    );
+}
+
+/// A board that booted before the port was opened sits at its login prompt, with kernel
+/// lines (20/s) going on: the prompt never shows again until someone presses Enter. At
+/// 1500000 baud on both sides.
+#[test]
+fn qemu_bootstrap_noisy_board_already_at_login_is_nudged_at_1500000_baud() {
+    if !need_qemu("aarch64") || !common::require(false, &["apt-get", "mkfs.ext4", "mcopy"]) {
+        return;
+    }
+    let img = boot_image();
+    let t = Target::start(&[
+        "--disk",
+        img.to_str().unwrap(),
+        "--snapshot",
+        "--net",
+        "--noise",
+        "rate=20 ip-burst=1 baud=1500000",
+    ]);
+    t.cont().join().unwrap();
+    let w = Command::new(harness().join("uboot-target.sh"))
+        .args([
+            "wait-for",
+            "sbcflash-test login: ",
+            "--timeout",
+            "120",
+            "--state",
+        ])
+        .arg(t.state.path())
+        .output()
+        .unwrap();
+    assert!(
+        w.status.success(),
+        "no login prompt in serial.log: {}",
+        String::from_utf8_lossy(&w.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let transcript = dir.path().join("transcript.log");
+    let mut child = common::sbcflash();
+    child
+        .args([
+            "bootstrap",
+            "--board",
+            "qemu-aarch64",
+            "--baud",
+            "1500000",
+            "--port",
+        ])
+        .arg(t.tty())
+        .args(["--no-handoff", "--boot-timeout", "60", "--transcript"])
+        .arg(&transcript);
+    let mut child = spawn(&mut child, Stdio::null());
+    let (code, out, err) = wait_child(&mut child, 180);
+    let tr = std::fs::read_to_string(&transcript).unwrap_or_default();
+    let ctx = format!("exit {code}\nstdout:\n{out}\nstderr:\n{err}\ntranscript:\n{tr}");
+    assert_eq!(code, 0, "{ctx}");
+    assert_eq!(out.trim(), "10.0.2.15", "{ctx}");
+    for stage in [
+        "at 1500000 baud",
+        "waited 5s of quiet console for a login prompt or shell: pressed Enter (1/3)",
+        "login prompt",
+        "shell on the console",
+        "board IP address 10.0.2.15 (from `ip -4 addr show`)",
+    ] {
+        assert!(err.contains(stage), "missing {stage:?}\n{ctx}");
+    }
+    assert!(
+        tr.contains("pressed Enter (1/3)"),
+        "the nudge is in the transcript\n{ctx}"
+    );
+    assert_noise_was_set_aside(&t.serial_log(), &tr);
 }
 
 #[test]
@@ -1953,4 +2091,381 @@ fn ymodem_1k_blocks_to_lrzsz_rb_arrives_byte_for_byte() {
         "rb did not truncate to the announced size"
     );
     assert!(r.got == r.data, "received bytes differ from the file");
+}
+
+// ------------------------------------------------------------------ noise, nudges, re-asking
+
+/// A kernel line as the console shows it.
+fn klog(t: f32, msg: &str) -> String {
+    format!("[{t:>12.6}] {msg}\r\n")
+}
+
+fn notes(r: &Replay) -> Vec<String> {
+    r.stages
+        .iter()
+        .filter_map(|s| match s {
+            Stage::Note(n) => Some(n.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn linux_follower_presses_enter_for_a_board_sitting_at_its_prompt() {
+    // Nothing comes (the prompt was printed before the port was opened); Enter brings it.
+    for first in [
+        String::new(),
+        klog(812.5, "usb 1-1.2: device descriptor read/64, error -71"),
+    ] {
+        let segs = vec![
+            first.clone().into_bytes(),
+            format!(
+                "\r\n{}sbcflash-test login: ",
+                klog(813.0, "random: crng init done")
+            )
+            .into_bytes(),
+        ];
+        let mut m = Follow::new(&LinuxConfig::default(), ResetWatch::default());
+        let mut now = Instant::now();
+        let t0 = now;
+        let (res, r) = play(&mut m, Replay::new(segs, 7, 3), &mut now);
+        assert_eq!(res.expect("login").0, Arrival::Login);
+        assert_eq!(r.sent, b"\r");
+        assert_eq!(
+            notes(&r),
+            ["waited 5s of quiet console for a login prompt or shell: pressed Enter (1/3)"]
+        );
+        assert!(now - t0 >= Duration::from_secs(5));
+    }
+}
+
+/// Follows `text` followed by kernel lines every 200 ms (virtual clock) until the boot
+/// timeout; returns what was typed, the notes and the error.
+fn follow_through_kernel_noise(text: &str) -> (Vec<u8>, Vec<String>, ConsoleError) {
+    let mut noise = String::from(text);
+    for i in 0..600 {
+        noise.push_str(&klog(
+            1.0 + i as f32 * 0.2,
+            "usb 1-1.2: device descriptor read/64, error -71",
+        ));
+    }
+    let lc = LinuxConfig {
+        boot_timeout: Duration::from_secs(60),
+        ..LinuxConfig::default()
+    };
+    let mut r = Replay::new(vec![noise.into_bytes()], 64, 5);
+    let mut now = Instant::now();
+    let mut ex = Expect::new();
+    let mut m = Follow::new(&lc, ResetWatch::default());
+    let err = loop {
+        match m.step(&mut ex, now) {
+            Step::Nudge { bytes, note } => {
+                r.sent.extend_from_slice(&bytes);
+                r.stages.push(Stage::Note(note));
+            }
+            Step::Send(b) => r.sent.extend_from_slice(&b),
+            Step::Stage(s) => r.stages.push(s),
+            Step::Done(x) => panic!("done: {x:?}"),
+            Step::Fail(e) => break e,
+            Step::Wait(until) => {
+                // about one kernel line per 200 ms
+                let next = now + Duration::from_millis(50);
+                if let Some(c) = r.next_chunk() {
+                    ex.feed(&c, next.min(until.max(now)));
+                }
+                now = next.min(until.max(now + Duration::from_millis(1)));
+            }
+        }
+    };
+    let n = notes(&r);
+    (r.sent, n, err)
+}
+
+#[test]
+fn linux_follower_nudges_are_bounded_and_the_timeout_says_what_it_saw() {
+    // Userspace printed, then only kernel lines: they are no prompt and no activity; three
+    // newlines, then the boot timeout names them and shows the last text.
+    let (sent, notes, err) =
+        follow_through_kernel_noise("Linux version 6.1.0 (x)\r\nSBCFLASH-TEST-READY\r\n");
+    assert_eq!(sent, b"\r\r\r", "three newlines, no more");
+    assert_eq!(notes.len(), 3);
+    assert!(notes[2].ends_with("pressed Enter (3/3)"));
+    let msg = err.to_string();
+    assert!(matches!(err, ConsoleError::Timeout { .. }), "{msg}");
+    assert!(
+        msg.contains("stage \"kernel boot\"")
+            && msg.contains("the kernel, NixOS and a login prompt (pressed Enter 3 times)")
+            && msg.contains("| SBCFLASH-TEST-READY")
+            && msg.contains("| (kernel) [")
+            && msg.contains("device descriptor read/64")
+            && msg.contains("more kernel lines in between"),
+        "{msg}"
+    );
+    // While the kernel boots (banner, no userspace text yet) nobody reads the console.
+    let (sent, notes, _) = follow_through_kernel_noise("Linux version 6.1.0 (x)\r\n");
+    assert!(sent.is_empty() && notes.is_empty(), "{notes:?}");
+    // Attached to a running Linux (kernel lines, no banner seen): Enter is safe.
+    let (sent, _, _) = follow_through_kernel_noise("");
+    assert_eq!(sent, b"\r\r\r");
+}
+
+#[test]
+fn no_newline_into_uboot_countdown_menu_or_prompt() {
+    // Before the kernel, a quiet console is U-Boot's: Enter would stop the countdown, pick
+    // a menu entry or repeat the last command. The follower waits instead.
+    for text in [
+        "U-Boot 2023.01 (x)\r\nHit any key to stop autoboot:  2 ",
+        "U-Boot 2023.01 (x)\r\nEnter choice: ",
+        "U-Boot 2023.01 (x)\r\n=> ",
+    ] {
+        let lc = LinuxConfig {
+            boot_timeout: Duration::from_secs(30),
+            ..LinuxConfig::default()
+        };
+        let mut m = Follow::new(&lc, ResetWatch::default());
+        let r = Replay::new(vec![text.as_bytes().to_vec()], 5, 1);
+        let (res, r) = play(&mut m, r, &mut Instant::now());
+        let msg = res.expect_err(text).to_string();
+        assert!(r.sent.is_empty(), "{text:?}: sent {:?}", r.sent);
+        assert!(
+            msg.contains("U-Boot boot") && !msg.contains("pressed Enter"),
+            "{msg}"
+        );
+    }
+}
+
+fn login_cfg() -> LinuxConfig {
+    LinuxConfig {
+        login_timeout: Duration::from_secs(60),
+        ..LinuxConfig::default()
+    }
+}
+
+#[test]
+fn login_through_kernel_lines_in_the_echo_and_the_prompt() {
+    let k = |t| klog(t, "mmc1: Timeout waiting for hardware interrupt.");
+    let segs = vec![
+        String::new(),
+        // user name echo split by a kernel line, prompt followed by one
+        format!("ro{}ot\r\n~ # {}", k(5.1), k(5.2)),
+        format!("echo SY\"\"NC-2{}\r\nSYN{}C-2\r\n~ # ", k(5.3), k(5.4)),
+    ];
+    let mut r = Replay::new(segs.into_iter().map(String::into_bytes).collect(), 3, 11);
+    r.keyed = true; // spaces in typed text release nothing
+    let mut m = linux::Login::new(&login_cfg(), Arrival::Login, 2);
+    let (res, r) = play(&mut m, r, &mut Instant::now());
+    res.expect("login");
+    assert_eq!(r.sent, b"root\recho SY\"\"NC-2\r");
+    assert!(notes(&r).is_empty());
+}
+
+#[test]
+fn login_presses_enter_when_the_user_name_was_lost_and_reads_the_prompt_again() {
+    // getty flushed the typed name: nothing comes. Enter shows the prompt again, the name
+    // is typed again (not the marker: that would become a user name).
+    let segs = vec![
+        String::new(),
+        String::new(),
+        format!(
+            "\r\n{}sbcflash-test login: ",
+            klog(9.0, "random: crng init done")
+        ),
+        "root\r\n~ # ".to_string(),
+        "echo SY\"\"NC-4\r\nSYNC-4\r\n~ # ".to_string(),
+    ];
+    let lc = LinuxConfig {
+        nudge_after: Duration::from_secs(3),
+        ..login_cfg()
+    };
+    let mut m = linux::Login::new(&lc, Arrival::Login, 4);
+    let mut r = Replay::new(segs.into_iter().map(String::into_bytes).collect(), 5, 2);
+    r.keyed = true; // spaces in typed text release nothing
+    let (res, r) = play(&mut m, r, &mut Instant::now());
+    res.expect("login");
+    // root (no echo), (3 s quiet) Enter, root again, (700 ms quiet) marker
+    assert_eq!(
+        String::from_utf8_lossy(&r.sent),
+        "root\r\rroot\recho SY\"\"NC-4\r"
+    );
+    assert_eq!(
+        notes(&r),
+        ["waited 3s of quiet console for answer to the login: pressed Enter (1/3)"]
+    );
+}
+
+#[test]
+fn command_output_with_kernel_lines_mid_line_parses_and_a_garbled_marker_is_not_guessed() {
+    let k = |t| klog(t, "eth0: link is not ready");
+    let body = format!(
+        "echo SY\"\"NC-7; ip -4 addr show; echo RC\"\"-7-$?\r\nSY{}NC-7\r\n    inet 10.0.{}2.15/24 brd 10.0.2.255 scope global eth0\r\nRC-7{}-0\r\n~ # ",
+        k(1.0),
+        k(1.1),
+        k(1.2)
+    );
+    let mut m = linux::command(&login_cfg(), "ip -4 addr show", 7);
+    let mut r = Replay::new(vec![Vec::new(), body.into_bytes()], 4, 3);
+    r.keyed = true;
+    let (res, _) = play(&mut m, r, &mut Instant::now());
+    let out = res.expect("ip");
+    assert_eq!(out.status, 0);
+    assert_eq!(
+        linux::parse_ip_text(&out.text()),
+        Ok(Some([10, 0, 2, 15].into()))
+    );
+
+    // A `\r` rewrote the end marker: the answer is garbled, the caller asks again.
+    let body = "echo SY\"\"NC-8; ip -4 addr show; echo RC\"\"-8-$?\r\nSYNC-8\r\n    inet 10.0.2.15/24\r\nRC-8-\r0\r\n~ # ";
+    let mut m = linux::command(&login_cfg(), "ip -4 addr show", 8);
+    let mut r = Replay::new(vec![Vec::new(), body.as_bytes().to_vec()], 4, 3);
+    r.keyed = true;
+    let err = play(&mut m, r, &mut Instant::now()).0.expect_err("garbled");
+    assert!(matches!(err, ConsoleError::Garbled { .. }), "{err}");
+    assert!(err.to_string().contains("\"RC-8-\""), "{err}");
+    // Unclean text answers are errors, not a first guess.
+    assert!(linux::parse_ip_text("    inet 10.0.2/24 scope global eth0").is_err());
+    assert!(linux::parse_ip_json("[{\"ifname\": \"eth0\", \"addr_in").is_err());
+    assert_eq!(linux::parse_ip_text("2: eth0: <UP>"), Ok(None));
+}
+
+/// Every Linux wait of `bootstrap` (boot to login, login, `dmesg -n 1`, both IP queries)
+/// on a recorded noisy console: the raw bytes of a QEMU boot with
+/// `--noise "rate=5 login-burst=100 ip-burst=1"` (kernel lines on the login prompt's line,
+/// inside the echo of typed text and inside every line `ip` printed). Each segment is
+/// released by what the machines type, at several read sizes.
+#[test]
+fn linux_waits_replay_a_recorded_noisy_boot_login_and_ip_query() {
+    let log = data("qemu-aarch64-noisy-boot-to-ip.log");
+    let boot = find(&log, b"=> boot\r\n").expect("boot in recording");
+    // The U-Boot waits of the same run (U-Boot itself prints no kernel lines; `noisy` adds
+    // some between its lines anyway): interrupt, `printenv bootcmd`.
+    for (chunk, seed) in [(4096usize, 1u64), (1, 2), (5, 3)] {
+        for segs in [
+            uboot_segments(&log[..boot + 3]),
+            uboot_segments(&log[..boot + 3])
+                .iter()
+                .map(|seg| noisy(seg, seed))
+                .collect(),
+        ] {
+            let outs = uboot_replay(segs, chunk, seed, &["printenv bootcmd"]);
+            assert_eq!(outs[0].lines, ["bootcmd=run distro_bootcmd"], "{outs:?}");
+        }
+    }
+    let body = &log[boot..];
+    let login = find(body, b"sbcflash-test login: ").expect("login prompt");
+    assert!(
+        body[login..].starts_with(b"sbcflash-test login: ["),
+        "the recording has a kernel line on the prompt's line"
+    );
+    // Cut before the echo of each thing bootstrap typed.
+    // (The tty may echo a command typed ahead once more when the shell reads it.)
+    let mut cuts = vec![login + find(&body[login..], b"root\r\n").expect("user echo")];
+    for n in 3..=6 {
+        let echo = format!("echo SY\"\"NC-{n}");
+        let at = *cuts.last().unwrap();
+        cuts.push(at + find(&body[at..], echo.as_bytes()).expect("echo in recording"));
+    }
+    let mut segs = vec![body[..cuts[0]].to_vec()];
+    for w in cuts.windows(2) {
+        segs.push(body[w[0]..w[1]].to_vec());
+    }
+    segs.push(body[cuts[4]..].to_vec());
+    let lc = LinuxConfig {
+        ip_marker: Some(regex::Regex::new(r"SBCFLASH-TEST-IP: (\S+)").unwrap()),
+        ..LinuxConfig::default()
+    };
+    for (chunk, seed) in [(4096usize, 1u64), (1, 2), (3, 3), (61, 4)] {
+        let mut r = Replay::new(segs.clone(), chunk, seed);
+        r.keyed = true; // spaces in typed text release nothing
+        let mut ex = Expect::new();
+        let mut now = Instant::now();
+        let mut follow = Follow::new(&lc, ResetWatch::default());
+        let (arrival, ip) = drive(&mut follow, &mut ex, &mut r, &mut now).expect("follow");
+        assert_eq!(arrival, Arrival::Login);
+        assert_eq!(ip, Some([10, 0, 2, 15].into()));
+        let mut login = linux::Login::new(&lc, arrival, 3);
+        drive(&mut login, &mut ex, &mut r, &mut now).expect("login");
+        let run = |cmd: &str, n: u32, ex: &mut Expect, r: &mut Replay, now: &mut Instant| {
+            drive(&mut linux::command(&lc, cmd, n), ex, r, now).expect(cmd)
+        };
+        assert_eq!(run("dmesg -n 1", 4, &mut ex, &mut r, &mut now).status, 0);
+        let j = run("ip -4 -j addr show", 5, &mut ex, &mut r, &mut now);
+        assert_eq!(j.status, 1, "busybox ip has no -j: {j:?}");
+        assert!(j.text().contains("BusyBox v1.35.0"), "{j:?}");
+        let t = run("ip -4 addr show", 6, &mut ex, &mut r, &mut now);
+        assert_eq!(t.status, 0);
+        assert!(
+            t.lines.iter().all(|l| !l.contains("noise")),
+            "kernel lines left in the output: {t:?}"
+        );
+        assert_eq!(
+            linux::parse_ip_text(&t.text()),
+            Ok(Some([10, 0, 2, 15].into())),
+            "{t:?}"
+        );
+        assert!(
+            !notes(&r).iter().any(|n| n.contains("pressed Enter")),
+            "no nudge was needed: {:?}",
+            notes(&r)
+        );
+        assert!(ex.kernel_lines() > 20, "{}", ex.kernel_lines());
+    }
+}
+
+/// A shell whose first answer to `ip -4 addr show` has its end marker rewritten by a `\r`
+/// (and a kernel line in its output): the query is asked again and the second, clean
+/// answer is used; an answer that never reads cleanly gives no address, not a guess.
+#[test]
+fn a_query_whose_answer_is_not_clean_is_asked_again() {
+    for (garbled, want) in [(1usize, Some([10u8, 0, 2, 15].into())), (3, None)] {
+        runtime().block_on(async {
+            let (board, host) = tokio::io::duplex(1 << 16);
+            let mut s = Session::new(Link::stream(Box::new(host), 115_200));
+            let shell = tokio::spawn(async move {
+                use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                let (mut rd, mut wr) = tokio::io::split(board);
+                let mut typed = Vec::new();
+                let mut answered = 0;
+                let mut buf = [0u8; 256];
+                while let Ok(n) = rd.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    typed.extend_from_slice(&buf[..n]);
+                    while let Some(i) = typed.iter().position(|&b| b == b'\r') {
+                        let line = String::from_utf8_lossy(&typed[..i]).into_owned();
+                        typed.drain(..=i);
+                        let n = line
+                            .split("SY\"\"NC-")
+                            .nth(1)
+                            .and_then(|r| r.split(';').next())
+                            .unwrap_or("0")
+                            .to_string();
+                        answered += 1;
+                        let end = if answered <= garbled {
+                            format!("RC-{n}-\r0")
+                        } else {
+                            format!("RC-{n}-0")
+                        };
+                        let out = format!(
+                            "{line}\r\nSYNC-{n}\r\n    inet 10.0.[   42.000001] usb 1-1: reset\r\n2.15/24 scope global eth0\r\n{end}\r\n~ # "
+                        );
+                        wr.write_all(out.as_bytes()).await.unwrap();
+                    }
+                }
+                answered
+            });
+            let got = sbcflash::console::bootstrap::ask(
+                &mut s,
+                &LinuxConfig::default(),
+                "ip -4 addr show",
+                linux::parse_ip_text,
+            )
+            .await
+            .expect("ask");
+            assert_eq!(got.flatten(), want, "garbled {garbled}");
+            drop(s);
+            let asked = shell.await.unwrap();
+            assert_eq!(asked, garbled.min(2) + 1, "asked {asked} times");
+        });
+    }
 }

@@ -380,8 +380,9 @@ fn open_session(
     link.set_reopen_for(Duration::from_secs(p.reopen_secs));
     let mut s = Session::new(link);
     let tp = transcript_path(p, what);
-    let tr = Transcript::create(&tp, Instant::now())
+    let mut tr = Transcript::create(&tp, Instant::now())
         .with_context(|| format!("create transcript {}", tp.display()))?;
+    tr.echo_kernel = g.verbose > 0 && !g.json;
     s.transcript = Some(tr);
     let reporter = g.reporter();
     let json = g.json;

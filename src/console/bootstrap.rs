@@ -109,6 +109,41 @@ pub(crate) async fn uboot_command_ok(
     Ok(())
 }
 
+/// How often a query whose answer could not be read cleanly is asked.
+const ASKS: u32 = 3;
+
+/// Runs query `cmd` and parses its output with `parse`; an answer that does not parse
+/// cleanly (a garbled end marker, an address that is not one) is asked again, never
+/// guessed. `None`: the command failed (not available here) or never answered cleanly.
+pub async fn ask<T>(
+    s: &mut Session,
+    cfg: &LinuxConfig,
+    cmd: &str,
+    parse: fn(&str) -> Result<T, String>,
+) -> Result<Option<T>, ConsoleError> {
+    for attempt in 1..=ASKS {
+        let n = s.next_n();
+        let why = match s.run(&mut linux::command(cfg, cmd, n)).await {
+            Ok(out) if out.status != 0 => return Ok(None),
+            Ok(out) => match parse(&out.text()) {
+                Ok(v) => return Ok(Some(v)),
+                Err(e) => e,
+            },
+            Err(ConsoleError::Garbled { line, .. }) => format!("end marker {line:?}"),
+            Err(e) => return Err(e),
+        };
+        s.stage(&Stage::Note(format!(
+            "`{cmd}`: answer not clean ({why}){}",
+            if attempt < ASKS {
+                format!(", asking again ({}/{ASKS})", attempt + 1)
+            } else {
+                format!("; gave up after {ASKS} tries")
+            }
+        )));
+    }
+    Ok(None)
+}
+
 /// Runs the plan. `flasher` is needed when the plan has `flash_via`.
 pub async fn run(
     s: &mut Session,
@@ -165,34 +200,39 @@ pub async fn run(
     s.run(&mut Login::new(&plan.linux, arrival.clone(), n))
         .await?;
     s.stage(&Stage::LoggedIn);
-    // Keep kernel messages off the console from here on (they interleave with output).
+    // Keep kernel messages off the console from here on (fewer of them interleave with
+    // output; boards booted with `ignore_loglevel` keep printing, which the engine handles).
     let n = s.next_n();
-    let _ = s
+    match s
         .run(&mut linux::command(&plan.linux, "dmesg -n 1", n))
-        .await?;
+        .await
+    {
+        // Nothing is read from its answer: a garbled one is no reason to stop.
+        Ok(_) | Err(ConsoleError::Garbled { .. }) => {}
+        Err(e) => return Err(e),
+    }
     let mut ip = None;
     if plan.find_ip {
-        let n = s.next_n();
-        let j = s
-            .run(&mut linux::command(&plan.linux, "ip -4 -j addr show", n))
-            .await?;
-        if j.status == 0 {
-            ip = linux::ip_from_json(&j.text());
-        }
-        if ip.is_none() {
-            let n = s.next_n();
-            let t = s
-                .run(&mut linux::command(&plan.linux, "ip -4 addr show", n))
-                .await?;
-            if t.status == 0 {
-                ip = linux::ip_from_text(&t.text());
+        let mut from = String::new();
+        for (cmd, parse) in [
+            (
+                "ip -4 -j addr show",
+                linux::parse_ip_json as linux::IpParser,
+            ),
+            ("ip -4 addr show", linux::parse_ip_text),
+        ] {
+            if let Some(Some(a)) = ask(s, &plan.linux, cmd, parse).await? {
+                ip = Some(a);
+                from = format!("`{cmd}`");
+                break;
             }
         }
         if ip.is_none() {
             ip = console_ip;
+            from = "the console marker".into();
         }
         if let Some(a) = ip {
-            s.stage(&Stage::Note(format!("board IP address {a}")));
+            s.stage(&Stage::Note(format!("board IP address {a} (from {from})")));
         }
     }
     Ok(Reached { ip, arrival })

@@ -6,7 +6,7 @@ use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use super::command::Command;
-use super::expect::{is_printk, Expect};
+use super::expect::{is_printk, Event, Expect};
 use super::uboot::{fatal_line, Banner, ResetWatch};
 use super::{begin_marker, ConsoleError, Deadline, Machine, Stage, Step, Tail};
 
@@ -22,6 +22,11 @@ pub struct LinuxConfig {
     /// A console line carrying the IP address, e.g. `SBCFLASH-TEST-IP: (\S+)` or NixOS
     /// units that print it; the first capture group is the address.
     pub ip_marker: Option<regex::Regex>,
+    /// Console text quiet for this long while a prompt is expected: press Enter, as a
+    /// person at the terminal would.
+    pub nudge_after: Duration,
+    /// At most this many newlines per wait.
+    pub nudges: u32,
 }
 
 impl Default for LinuxConfig {
@@ -33,6 +38,8 @@ impl Default for LinuxConfig {
             login_timeout: Duration::from_secs(30),
             command_timeout: Duration::from_secs(30),
             ip_marker: None,
+            nudge_after: Duration::from_secs(5),
+            nudges: 3,
         }
     }
 }
@@ -64,8 +71,15 @@ pub struct Follow {
     stage1: bool,
     stage2: bool,
     starting: bool,
-    /// A `login:` prompt that a kernel message was appended to (`login: [  3.3] eth0: ...`).
-    login_in_line: bool,
+    /// Newlines sent so far, those since the console last printed a line of text, and when
+    /// the last one went out.
+    nudged: u32,
+    spell_nudges: u32,
+    last_nudge: Option<Instant>,
+    /// A kernel line was seen: Linux runs, so Enter cannot reach U-Boot.
+    linux_seen: bool,
+    /// Console text after the kernel banner: userspace runs and may read the console.
+    userspace: bool,
     /// IP address seen in a console marker line.
     pub ip_from_console: Option<Ipv4Addr>,
 }
@@ -80,7 +94,11 @@ impl Follow {
             stage1: false,
             stage2: false,
             starting: false,
-            login_in_line: false,
+            nudged: 0,
+            spell_nudges: 0,
+            last_nudge: None,
+            linux_seen: false,
+            userspace: false,
             ip_from_console: None,
         }
     }
@@ -106,8 +124,12 @@ impl Machine for Follow {
                 )
             })
             .clone();
-        while let Some(line) = ex.next_line() {
+        while let Some(ev) = ex.next_event() {
             let tail = || Tail(ex.tail(20));
+            let (line, kernel_line) = match ev {
+                Event::Line(l) => (l, false),
+                Event::Kernel(l) => (l, true),
+            };
             if line.contains("Kernel panic") {
                 return Step::Fail(ConsoleError::KernelPanic {
                     line: line.trim().to_string(),
@@ -162,12 +184,14 @@ impl Machine for Follow {
                     return Step::Stage(Stage::KernelBanner(v));
                 }
             }
-            if self.kernel {
-                if let Some(i) = line.find("login: ") {
-                    if is_printk(&line[i + 7..]) {
-                        self.login_in_line = true;
-                    }
-                }
+            if kernel_line {
+                self.linux_seen = true;
+                continue;
+            }
+            if !line.trim().is_empty() {
+                // the board moved on: a new quiet spell gets its own nudges
+                self.spell_nudges = 0;
+                self.userspace |= self.kernel;
             }
             if !self.stage1 && line.contains("<<< NixOS Stage 1 >>>") {
                 self.stage1 = true;
@@ -194,17 +218,45 @@ impl Machine for Follow {
         }
         let partial = ex.partial();
         let quiet = ex.quiet_for(Duration::from_millis(300), now);
-        let at_login = partial.trim_end().ends_with("login:")
-            || (self.login_in_line && partial.trim().is_empty());
-        if self.kernel && at_login && quiet {
+        let at_login = partial.trim_end().ends_with("login:");
+        // A prompt that answered a nudge is Linux's even when the boot was not seen (the
+        // board had booted before the port was opened).
+        let linux = self.kernel || self.linux_seen || self.nudged > 0;
+        if linux && at_login && quiet {
             return Step::Done((Arrival::Login, self.ip_from_console));
         }
-        if self.kernel
+        if linux
             && !is_printk(&partial)
             && looks_like_shell_prompt(&partial)
             && ex.quiet_for(Duration::from_secs(2), now)
         {
             return Step::Done((Arrival::Shell, self.ip_from_console));
+        }
+        // Press Enter when the console text has been quiet and someone may read it:
+        // userspace printed after the kernel banner, or Linux was already running when the
+        // port was opened (kernel lines without a banner), or nothing ever came (a board
+        // sitting at its prompt). Never while U-Boot may be counting down or showing its
+        // menu or prompt, nor while the kernel boots; at most `nudges` per quiet spell.
+        let reader = self.userspace || (self.linux_seen && !self.kernel) || ex.total_bytes() == 0;
+        let may_nudge = (reader || self.nudged > 0)
+            && !partial.contains("Enter choice:")
+            && !partial.trim_end().ends_with("=>");
+        if may_nudge && self.spell_nudges < self.cfg.nudges {
+            let since = ex
+                .last_text()
+                .unwrap_or(dl.started)
+                .max(self.last_nudge.unwrap_or(dl.started));
+            if now.saturating_duration_since(since) >= self.cfg.nudge_after {
+                self.nudged += 1;
+                self.spell_nudges += 1;
+                self.last_nudge = Some(now);
+                return nudge(
+                    "a login prompt or shell",
+                    self.cfg.nudge_after,
+                    self.spell_nudges,
+                    self.cfg.nudges,
+                );
+            }
         }
         if dl.passed(now) {
             let stage = if self.stage2 {
@@ -227,26 +279,48 @@ impl Machine for Follow {
             }
             let mut d = dl.clone();
             d.stage = stage.into();
+            if self.nudged > 0 {
+                d.expected = format!("{} (pressed Enter {} times)", d.expected, self.nudged);
+            }
             return Step::Fail(d.error(ex));
         }
         Step::Wait(dl.min(now + Duration::from_millis(100)))
     }
 }
 
+/// A newline for a prompt that did not come, with the words for the stage log. The machine
+/// returns it as one `Send`; the note goes with it so that the log says why.
+fn nudge<T>(what: &str, after: Duration, n: u32, max: u32) -> Step<T> {
+    Step::Nudge {
+        bytes: b"\r".to_vec(),
+        note: format!(
+            "waited {}s of quiet console for {what}: pressed Enter ({n}/{max})",
+            after.as_secs_f32()
+        ),
+    }
+}
+
 /// Logs in at a `login:` prompt (or just confirms an autologin shell) and ends with a
-/// shell that answered a framed marker.
+/// shell that answered a framed marker. A prompt that does not come within a quiet spell
+/// gets a newline (bounded by `nudges`); after one, the machine looks at what the console
+/// shows again (login, password or shell prompt) instead of assuming.
 pub struct Login {
     cfg: LinuxConfig,
     arrival: Arrival,
     sync_n: u32,
     state: LState,
     deadline: Option<Deadline>,
-    user_sent_at: Option<Instant>,
+    /// When the last thing was typed (user, password, marker, newline).
+    typed_at: Option<Instant>,
+    user_sent: bool,
+    nudged: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum LState {
     Start,
+    /// After a nudge: read the prompt the console shows now.
+    Look,
     UserSent,
     PasswordSent,
     SyncSent,
@@ -260,13 +334,31 @@ impl Login {
             sync_n,
             state: LState::Start,
             deadline: None,
-            user_sent_at: None,
+            typed_at: None,
+            user_sent: false,
+            nudged: 0,
         }
     }
 
-    fn sync(&mut self) -> Step<()> {
+    fn sync(&mut self, ex: &mut Expect, now: Instant) -> Step<()> {
+        ex.discard_pending();
         self.state = LState::SyncSent;
+        self.typed_at = Some(now);
         Step::Send(format!("echo SY\"\"NC-{}\r", self.sync_n).into_bytes())
+    }
+
+    fn user(&mut self, ex: &mut Expect, now: Instant) -> Step<()> {
+        ex.clear_partial();
+        self.state = LState::UserSent;
+        self.user_sent = true;
+        self.typed_at = Some(now);
+        Step::Send(format!("{}\r", self.cfg.login_user).into_bytes())
+    }
+
+    fn since_typed(&self, now: Instant) -> Duration {
+        self.typed_at
+            .map(|t| now.saturating_duration_since(t))
+            .unwrap_or_default()
     }
 }
 
@@ -283,12 +375,9 @@ impl Machine for Login {
             ));
             ex.discard_pending();
             if self.arrival == Arrival::Shell {
-                return self.sync();
+                return self.sync(ex, now);
             }
-            ex.clear_partial();
-            self.state = LState::UserSent;
-            self.user_sent_at = Some(now);
-            return Step::Send(format!("{}\r", self.cfg.login_user).into_bytes());
+            return self.user(ex, now);
         }
         while let Some(line) = ex.next_line() {
             if line.contains("Login incorrect") {
@@ -302,7 +391,9 @@ impl Machine for Login {
             }
         }
         let partial = ex.partial();
-        if self.state == LState::UserSent && partial.trim_end().ends_with("assword:") {
+        let settled = ex.quiet_for(Duration::from_millis(300), now);
+        let password = partial.trim_end().ends_with("assword:");
+        if password && matches!(self.state, LState::UserSent | LState::Look) && self.user_sent {
             let Some(pw) = self.cfg.login_password.clone() else {
                 return Step::Fail(ConsoleError::Login {
                     reason: format!(
@@ -314,21 +405,57 @@ impl Machine for Login {
             };
             ex.clear_partial();
             self.state = LState::PasswordSent;
+            self.typed_at = Some(now);
             return Step::Send(format!("{pw}\r").into_bytes());
         }
+        if self.state == LState::Look && settled {
+            if partial.trim_end().ends_with("login:") {
+                return self.user(ex, now);
+            }
+            if looks_like_shell_prompt(&partial) {
+                return self.sync(ex, now);
+            }
+        }
+        // The answer to what was typed came and settled: ask the shell. Nothing at all came
+        // (not even the echo: getty flushed the name)? Then the marker would become a user
+        // name; the nudge below shows the prompt again instead.
+        let answered = ex
+            .last_text()
+            .zip(self.typed_at)
+            .is_some_and(|(r, t)| r > t);
         if matches!(self.state, LState::UserSent | LState::PasswordSent)
+            && answered
             && ex.quiet_for(Duration::from_millis(700), now)
-            && self
-                .user_sent_at
-                .is_some_and(|t| now >= t + Duration::from_millis(700))
+            && self.since_typed(now) >= Duration::from_millis(700)
         {
-            return self.sync();
+            return self.sync(ex, now);
+        }
+        // Nothing we can act on for a quiet spell: press Enter and look again.
+        if self.nudged < self.cfg.nudges
+            && ex.quiet_for(self.cfg.nudge_after, now)
+            && self.since_typed(now) >= self.cfg.nudge_after
+        {
+            self.nudged += 1;
+            ex.clear_partial();
+            ex.discard_pending();
+            self.state = LState::Look;
+            self.typed_at = Some(now);
+            return nudge(
+                "answer to the login",
+                self.cfg.nudge_after,
+                self.nudged,
+                self.cfg.nudges,
+            );
         }
         let Some(dl) = self.deadline.clone() else {
             return Step::Wait(now);
         };
         if dl.passed(now) {
-            return Step::Fail(dl.error(ex));
+            let mut d = dl;
+            if self.nudged > 0 {
+                d.expected = format!("{} (pressed Enter {} times)", d.expected, self.nudged);
+            }
+            return Step::Fail(d.error(ex));
         }
         Step::Wait(dl.min(now + Duration::from_millis(100)))
     }
@@ -366,6 +493,33 @@ pub fn ip_from_json(text: &str) -> Option<Ipv4Addr> {
         }
     }
     None
+}
+
+/// Reads a query's answer: `Err` for an unclean one (asked again), `Ok(None)` for no address.
+pub type IpParser = fn(&str) -> Result<Option<Ipv4Addr>, String>;
+
+/// [`ip_from_json`] for a query: output that is not the JSON `ip -j` prints is an unclean
+/// answer (`Err`), no global address is `Ok(None)`.
+pub fn parse_ip_json(text: &str) -> Result<Option<Ipv4Addr>, String> {
+    serde_json::from_str::<serde_json::Value>(text.trim())
+        .map_err(|e| format!("not JSON: {e}"))?
+        .as_array()
+        .ok_or("not a JSON list of interfaces")?;
+    Ok(ip_from_json(text))
+}
+
+/// [`ip_from_text`] for a query: every `inet` line must carry an address, else the answer
+/// is unclean (`Err`).
+pub fn parse_ip_text(text: &str) -> Result<Option<Ipv4Addr>, String> {
+    for l in text.lines() {
+        if let Some(rest) = l.trim_start().strip_prefix("inet ") {
+            let addr = rest.split(['/', ' ']).next().unwrap_or("");
+            if addr.parse::<Ipv4Addr>().is_err() || !rest.contains('/') {
+                return Err(format!("unreadable line {:?}", l.trim()));
+            }
+        }
+    }
+    Ok(ip_from_text(text))
 }
 
 /// The first non-loopback address in plain `ip -4 addr` output (busybox `ip` has no `-j`).

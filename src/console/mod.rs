@@ -35,6 +35,9 @@ use crate::exit::{Classify, Exit};
 pub enum Step<T> {
     /// Write these bytes to the board.
     Send(Vec<u8>),
+    /// A prompt did not come: write these bytes (a newline, Ctrl-C) and say so in the
+    /// stage log (`note`), so that every nudge is visible.
+    Nudge { bytes: Vec<u8>, note: String },
     /// A stage was reached (printed with its time by the executor); ask again right away.
     Stage(Stage),
     /// Nothing to do until more bytes arrive or this instant passes.
@@ -142,6 +145,12 @@ pub enum ConsoleError {
         cmd: String,
         status: i32,
         output: Vec<String>,
+    },
+    #[error("command `{cmd}`: its answer could not be read cleanly ({line:?}){tail}")]
+    Garbled {
+        cmd: String,
+        line: String,
+        tail: Tail,
     },
     #[error("console login failed: {reason}{tail}")]
     Login { reason: String, tail: Tail },

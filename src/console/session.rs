@@ -7,12 +7,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use super::expect::Expect;
+use super::expect::{Event, Expect};
 use super::serial::Link;
 use super::{ConsoleError, Machine, Stage, Step, Tail};
 
 /// Timestamped transcript: every received line and every sent chunk, with the time since
-/// the session started. Written as it goes, so it survives a crash.
+/// the session started (kernel lines marked `k|`). Written as it goes, so it survives a crash.
 pub struct Transcript {
     file: File,
     path: PathBuf,
@@ -20,6 +20,8 @@ pub struct Transcript {
     start: Instant,
     /// Also print received lines to stderr (`--show-console`).
     pub echo: bool,
+    /// Print the kernel lines the engine set aside to stderr (`-v`).
+    pub echo_kernel: bool,
 }
 
 impl Transcript {
@@ -35,6 +37,7 @@ impl Transcript {
             lines: Expect::new(),
             start,
             echo: false,
+            echo_kernel: false,
         })
     }
 
@@ -51,11 +54,16 @@ impl Transcript {
 
     pub fn received(&mut self, bytes: &[u8], now: Instant) {
         self.lines.feed(bytes, now);
-        while let Some(l) = self.lines.next_line() {
+        // Kernel lines set aside by the engine are kept, marked `k|`.
+        while let Some(e) = self.lines.next_event() {
             let s = self.stamp(now);
-            let _ = writeln!(self.file, "{s} {l}");
-            if self.echo {
-                eprintln!("  | {l}");
+            let (mark, l) = match &e {
+                Event::Line(l) => ("", l),
+                Event::Kernel(l) => ("k| ", l),
+            };
+            let _ = writeln!(self.file, "{s} {mark}{l}");
+            if self.echo || (self.echo_kernel && !mark.is_empty()) {
+                eprintln!("  |{} {l}", if mark.is_empty() { "" } else { "k" });
             }
         }
     }
@@ -72,7 +80,7 @@ impl Transcript {
 
     /// Write out the incomplete last line too (at the end of a run).
     pub fn finish(&mut self) {
-        let p = self.lines.partial();
+        let p = self.lines.raw_partial();
         if !p.is_empty() {
             let _ = writeln!(self.file, "{} {p}", self.stamp(Instant::now()));
         }
@@ -149,6 +157,10 @@ impl Session {
             }
             match m.step(&mut self.ex, now) {
                 Step::Send(b) => self.send(&b).await?,
+                Step::Nudge { bytes, note } => {
+                    self.stage(&Stage::Note(note));
+                    self.send(&bytes).await?;
+                }
                 Step::Stage(s) => self.stage(&s),
                 Step::Done(x) => return Ok(x),
                 Step::Fail(ConsoleError::Silent { stage, waited, .. }) => {

@@ -15,7 +15,7 @@
 use std::time::{Duration, Instant};
 
 use super::command::Command;
-use super::expect::Expect;
+use super::expect::{Event, Expect};
 use super::{ConsoleError, Deadline, Machine, Stage, Step, Tail};
 
 /// How a board's U-Boot wants its autoboot interrupted.
@@ -221,6 +221,7 @@ pub struct Interrupt {
     last_nudge: Option<Instant>,
     saw_autoboot: bool,
     keys_sent: u32,
+    nudges: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,6 +254,7 @@ impl Interrupt {
             last_nudge: None,
             saw_autoboot: false,
             keys_sent: 0,
+            nudges: 0,
         }
     }
 
@@ -296,7 +298,16 @@ impl Machine for Interrupt {
             self.state = IState::Catch;
         }
         // Whole lines first: banners, errors, signs that the boot went on without us.
-        while let Some(line) = ex.next_line() {
+        while let Some(ev) = ex.next_event() {
+            let line = match ev {
+                Event::Line(l) => l,
+                Event::Kernel(k) => {
+                    if k.contains("Linux version") {
+                        return Step::Fail(self.missed("U-Boot went on to start the kernel", ex));
+                    }
+                    continue;
+                }
+            };
             match self.resets.check(&line) {
                 Err(l) => {
                     return Step::Fail(ConsoleError::UnexpectedReset {
@@ -400,7 +411,15 @@ impl Machine for Interrupt {
                 .max(self.last_nudge.unwrap_or(dl.started));
             if !self.spamming && now.saturating_duration_since(idle_since) >= self.cfg.idle_nudge {
                 self.last_nudge = Some(now);
-                return Step::Send(vec![0x03]);
+                self.nudges += 1;
+                return Step::Nudge {
+                    bytes: vec![0x03],
+                    note: format!(
+                        "no U-Boot output for {}s: pressed Ctrl-C (never Enter) in case it sits at its prompt ({})",
+                        self.cfg.idle_nudge.as_secs_f32(),
+                        self.nudges
+                    ),
+                };
             }
             if self.spamming && self.next_key.is_none_or(|t| now >= t) {
                 self.next_key = Some(now + self.cfg.key_interval);

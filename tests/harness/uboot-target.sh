@@ -31,6 +31,9 @@
 #   --env-flash FILE         aarch64 only: persistent U-Boot environment (pflash unit 1,
 #                            created as 64 MiB if missing), so `saveenv` survives, e.g.
 #                            `setenv bootdelay 0; saveenv` to mimic boards without delay
+#   --noise "SPEC"           console noise for the image's /init (fw_cfg opt/sbcflash/noise;
+#                            e.g. "rate=5 login-burst=60 ip-burst=1 baud=1500000", see
+#                            make-boot-image.sh); no commas
 #
 # STATE holds: qemu.pid, tty (symlink), pty (path as text), qmp.sock,
 # serial.log (every byte the guest wrote, even while nobody reads the pty),
@@ -51,6 +54,7 @@ SMP=1
 CPU=cortex-a57
 NOREBOOT=0
 ENVFLASH=""
+NOISE=""
 TIMEOUT=60
 SETTLE=1.2
 CMD=""
@@ -76,6 +80,7 @@ while [ $# -gt 0 ]; do
         --cpu) CPU="$2"; shift 2 ;;
         --no-reboot) NOREBOOT=1; shift ;;
         --env-flash) ENVFLASH="$2"; shift 2 ;;
+        --noise) NOISE="$2"; shift 2 ;;
         --timeout) TIMEOUT="$2"; shift 2 ;;
         --settle) SETTLE="$2"; shift 2 ;;
         -h|--help) awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; exit 0 ;;
@@ -214,6 +219,10 @@ if [ -n "$ENVFLASH" ]; then
     [ -f "$ENVFLASH" ] || truncate -s 64M "$ENVFLASH"
     ENVFLASH="$(cd "$(dirname "$ENVFLASH")" && pwd)/$(basename "$ENVFLASH")"
     Q+=(-drive "if=pflash,unit=1,format=raw,file=$ENVFLASH")
+fi
+if [ -n "$NOISE" ]; then
+    case "$NOISE" in *,*) die "--noise: no commas in the spec" ;; esac
+    Q+=(-fw_cfg "name=opt/sbcflash/noise,string=$NOISE")
 fi
 [ "$PAUSED" = 1 ] && Q+=(-S)
 [ "$NOREBOOT" = 1 ] && Q+=(-no-reboot)
