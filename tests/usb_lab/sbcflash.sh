@@ -49,7 +49,7 @@ then ok "sbcflash usb --json lists the three models with mode and SoC"; else no 
 # ---- Rockchip: maskrom → loader download → re-enumeration followed without udevd → rockusb
 # write of a 24 MiB image with holes, read back, reset
 t "write --via maskrom (no udevd: re-enumeration still followed)" 0 \
-  'wrote 25165824 bytes .*read back and verified' \
+  'wrote 25165824 bytes \(0 skipped\) of a 25165824-byte image; read back and verified' \
   "$SBC" write --via maskrom --loader "$W/loader.bin" --storage emmc "$W/img.raw"
 grep -E 'wrote' /tmp/t.out | sed 's/^/    /'
 sleep 1
@@ -57,7 +57,7 @@ stop rk
 same "rockusb eMMC == image (holes written as zeroes), rest untouched" /tmp/rk.emmc "$W/rk.expected"
 
 # ---- fastboot: sparse pieces under max-download-size
-t "write --via fastboot --partition mmc" 0 'wrote .* bytes' \
+t "write --via fastboot --partition mmc: holes not sent, counted as skipped" 0 'wrote 16777216 bytes \(8388608 skipped\) of a 25165824-byte image' \
   "$SBC" write --via fastboot --partition mmc "$W/img.raw"
 grep -E 'wrote' /tmp/t.out | sed 's/^/    /'
 sleep 1
@@ -78,10 +78,37 @@ same "FEL DRAM == garbage + file at 1 MiB" /tmp/fel.dram "$W/fel.expected"
 cp "$W/rk.emmc" /tmp/rk2.emmc
 lab_unbind rk 2>/dev/null
 serve rk 0x2207 0x350b RK0001 rockusb /tmp/rk2.emmc --fault unplug@o8388608
-t "unplug mid-write: exit 5 naming how far it got" 5 'failed after [0-9]+ of 25165824 bytes|disconnected' \
+t "unplug mid-write: exit 5, says where and that the board disconnected" 5 'WRITE_LBA failed at offset [0-9]+ .*device disconnected' \
   "$SBC" write --via maskrom --loader "$W/loader.bin" --storage emmc "$W/img.raw"
 sed "s/^/    /" /tmp/t.out | tail -4
 grep -q "wrote 25165824" /tmp/t.out && no "unplugged write reported as written" || ok "unplugged write not reported as written"
+
+# ---- a stalled bulk endpoint: fastboot's 5th bulk transfer (the download command) halts
+cp "$W/fb.mmc" /tmp/fb2.mmc
+lab_unbind fb 2>/dev/null
+serve fb 0x2345 0x7654 FB0001 fastboot /tmp/fb2.mmc --max-download 4194304 --fault stall@t4
+t "stalled endpoint: exit 5 naming the stall" 5 'stalled' \
+  "$SBC" write --via fastboot --partition mmc "$W/img.raw"
+
+# ---- mass storage: a USB disk gadget (usb-storage on the host side), seen through a real udevd
+lab_udevd > /dev/null 2>&1
+truncate -s 64M /tmp/card.img
+lab_ums card 0x0bda 0x0129 /tmp/card.img CARD0001
+disk=$(lab_disk card)
+"$SBC" --json list > /tmp/list.json 2>&1
+if python3 - /tmp/list.json "$disk" <<'PY'
+import json, sys
+ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+disks = [d for e in ev if e.get("event") == "list" for d in e["disks"]]
+d = [d for d in disks if d["path"] == sys.argv[2]]
+assert d and d[0]["bus"] == "usb" and d[0]["removable"] is True, disks
+PY
+then ok "list shows the USB disk gadget as removable on the usb bus"; else no "list: USB disk"; cat /tmp/list.json; fi
+t "write IMAGE to the USB disk" 0 'read back' "$SBC" write "$W/img.raw" "$disk" --yes
+sync
+if cmp -n 25165824 /tmp/card.img "$W/img.raw" >/dev/null; then ok "USB disk backing file == image"; else no "USB disk backing file differs"; fi
+t "verify IMAGE against the USB disk" 0 '' "$SBC" verify "$W/img.raw" "$disk"
+lab_unbind card
 
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]
