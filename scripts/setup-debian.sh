@@ -21,3 +21,7 @@ fi
 if [ -x "$(dirname "$0")/../tests/harness/install-deps.sh" ]; then
   bash "$(dirname "$0")/../tests/harness/install-deps.sh"
 fi
+# USB lab: QEMU guest with a real USB stack (dummy_hcd, configfs gadgets, FunctionFS), its
+# kernel in /var/tmp/usb-lab, and the real host tools it cross-checks against (fastboot,
+# rkdeveloptool, sunxi-fel); see tests/harness/usb-lab/README.md. Idempotent.
+bash "$(dirname "$0")/../tests/harness/usb-lab/install-deps.sh"

@@ -281,6 +281,21 @@ impl RusbBus {
         let Some(ctx) = &self.ctx else {
             return Vec::new();
         };
+        // libusb keeps a context's device list current from udevd's events. Without a running
+        // udevd (containers, minimal systems) a long-lived context never sees a board that
+        // re-enumerated (maskrom → loader): a fresh context enumerates sysfs as it is now.
+        let fresh;
+        let ctx = if udevd_running() {
+            ctx
+        } else {
+            match rusb::Context::new() {
+                Ok(c) => {
+                    fresh = c;
+                    &fresh
+                }
+                Err(_) => ctx,
+            }
+        };
         match ctx.devices() {
             Ok(list) => list.iter().collect(),
             Err(e) => {
@@ -332,6 +347,11 @@ impl Bus for RusbBus {
         let root = PathBuf::from("/sys/bus/usb/devices").join(port_path);
         find_block(&root, 6).map(|name| PathBuf::from("/dev").join(name))
     }
+}
+
+/// udevd's control socket exists while it runs (the same test as `udevadm`'s).
+fn udevd_running() -> bool {
+    std::path::Path::new("/run/udev/control").exists()
 }
 
 /// Depth-limited search for a `block/<name>` directory under a USB device's sysfs node.

@@ -220,6 +220,8 @@ pub struct Piece {
     pub bytes: Vec<u8>,
     /// Output byte range whose data the piece carries.
     pub covers: std::ops::Range<u64>,
+    /// Image bytes sent in RAW chunks (what was written; headers, FILL and DONT_CARE are not).
+    pub data_bytes: u64,
 }
 
 impl SparseEncoder {
@@ -344,9 +346,18 @@ impl SparseEncoder {
             bytes.extend_from_slice(d);
         }
         let covers = self.piece_start as u64 * BLOCK as u64..self.block as u64 * BLOCK as u64;
+        let data_bytes = chunks
+            .iter()
+            .filter(|(h, _)| h.chunk_type == ChunkType::Raw)
+            .map(|(_, d)| d.len() as u64)
+            .sum();
         self.piece_start = self.block;
         self.size = 0;
-        Piece { bytes, covers }
+        Piece {
+            bytes,
+            covers,
+            data_bytes,
+        }
     }
 
     /// Feed bytes of one kind at the current position (extents arrive in order).

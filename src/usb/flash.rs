@@ -364,7 +364,10 @@ fn rockchip(
     Ok(Outcome::Written {
         device: label,
         image_size: report.image_size,
-        bytes_written: report.bytes_written,
+        // rockusb cannot leave a range unwritten and trust it to read as zeroes: known-zero
+        // ranges went over the cable as zeroes, so they count as written, not as skipped (as
+        // fastboot's FILL chunks are). written + skipped = image size on every protocol.
+        bytes_written: report.bytes_written + report.bytes_zeroed,
         bytes_skipped: report.bytes_skipped,
         verified: report.verified_bytes.is_some(),
     })
@@ -459,7 +462,9 @@ pub fn flash_partition(
                 source: Box::new(e),
             })?;
         pieces += 1;
-        written += piece.bytes.len() as u64;
+        // Image bytes, not the piece's size: its sparse headers are no part of the image (the
+        // lab showed 520 header bytes counted as written and missing from skipped).
+        written += piece.data_bytes;
         p.at_("write", piece.covers.end, size);
         Ok(())
     })?;

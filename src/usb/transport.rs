@@ -149,6 +149,25 @@ impl RusbTransport {
     }
 }
 
+impl RusbTransport {
+    /// An unplug in the middle of a transfer reaches libusb as a failed transfer
+    /// (`LIBUSB_ERROR_IO`); only later calls say `NO_DEVICE` (seen through the USB lab's real
+    /// stack). Ask the device whether it is still there, so the user hears "disconnected".
+    fn error(&self, e: rusb::Error) -> TransportError {
+        if e == rusb::Error::Io {
+            // The host's disconnect handling runs after the failed transfer: give it a moment.
+            for _ in 0..10 {
+                match self.handle.active_configuration() {
+                    Err(rusb::Error::NoDevice) => return TransportError::Gone,
+                    Err(_) => break,
+                    Ok(_) => std::thread::sleep(Duration::from_millis(50)),
+                }
+            }
+        }
+        e.into()
+    }
+}
+
 impl Drop for RusbTransport {
     fn drop(&mut self) {
         let _ = self.handle.release_interface(self.interface);
@@ -165,9 +184,9 @@ impl Transport for RusbTransport {
         data: &[u8],
         timeout: Duration,
     ) -> Result<usize, TransportError> {
-        Ok(self
-            .handle
-            .write_control(rt, req, value, index, data, timeout)?)
+        self.handle
+            .write_control(rt, req, value, index, data, timeout)
+            .map_err(|e| self.error(e))
     }
     fn control_in(
         &mut self,
@@ -178,20 +197,24 @@ impl Transport for RusbTransport {
         buf: &mut [u8],
         timeout: Duration,
     ) -> Result<usize, TransportError> {
-        Ok(self
-            .handle
-            .read_control(rt, req, value, index, buf, timeout)?)
+        self.handle
+            .read_control(rt, req, value, index, buf, timeout)
+            .map_err(|e| self.error(e))
     }
     fn bulk_out(&mut self, data: &[u8], timeout: Duration) -> Result<usize, TransportError> {
         let ep = self
             .ep_out
             .ok_or_else(|| TransportError::Other("interface has no bulk OUT endpoint".into()))?;
-        Ok(self.handle.write_bulk(ep, data, timeout)?)
+        self.handle
+            .write_bulk(ep, data, timeout)
+            .map_err(|e| self.error(e))
     }
     fn bulk_in(&mut self, buf: &mut [u8], timeout: Duration) -> Result<usize, TransportError> {
         let ep = self
             .ep_in
             .ok_or_else(|| TransportError::Other("interface has no bulk IN endpoint".into()))?;
-        Ok(self.handle.read_bulk(ep, buf, timeout)?)
+        self.handle
+            .read_bulk(ep, buf, timeout)
+            .map_err(|e| self.error(e))
     }
 }

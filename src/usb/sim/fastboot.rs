@@ -241,6 +241,16 @@ impl SimDevice for FastbootDevice {
         self.command(&cmd);
         Ok(data.len())
     }
+    fn wire_out_len(&self) -> usize {
+        match &self.download {
+            _ if !self.present || !self.replies.is_empty() => 0,
+            Some((want, buf)) => (want - buf.len()).min(1 << 20),
+            None => 4096,
+        }
+    }
+    fn wire_in_len(&self) -> Option<usize> {
+        self.replies.front().map(Vec::len)
+    }
     fn bulk_in(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         let Some(r) = self.replies.pop_front() else {
             return Err(TransportError::Timeout);

@@ -197,6 +197,21 @@ impl SimDevice for FelDevice {
         }
     }
 
+    fn wire_out_len(&self) -> usize {
+        match self.usb {
+            _ if !self.acks.is_empty() => 0,
+            Usb::Awuc => 32,
+            Usb::Out(len) => len,
+            Usb::In(_) => 0,
+        }
+    }
+    fn wire_in_len(&self) -> Option<usize> {
+        match self.usb {
+            Usb::In(len) => Some(len),
+            _ => self.acks.front().map(Vec::len),
+        }
+    }
+
     fn bulk_in(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         if let Usb::In(len) = self.usb {
             if buf.len() != len {

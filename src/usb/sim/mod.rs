@@ -90,7 +90,8 @@ impl Faults {
         Some(f.kind)
     }
 
-    fn count(&mut self, x: Xfer, n: usize) {
+    /// Account `n` bytes moved by transfer kind `x` (for the byte-count triggers).
+    pub fn count(&mut self, x: Xfer, n: usize) {
         match x {
             Xfer::BulkOut => self.bulk_out += n as u64,
             Xfer::BulkIn => self.bulk_in += n as u64,
@@ -133,6 +134,20 @@ pub trait SimDevice: Send {
     }
     fn bulk_out(&mut self, data: &[u8]) -> Result<usize, TransportError>;
     fn bulk_in(&mut self, buf: &mut [u8]) -> Result<usize, TransportError>;
+
+    // On a real bus (the usb-lab device program, FunctionFS) the device cannot wait to be
+    // asked: it must size each bulk OUT read so it never waits for bytes the host will not
+    // send, and push each IN reply when it has one. These two say what the protocol state
+    // expects now; in-process tests never need them.
+
+    /// The most bytes the next bulk OUT may carry; 0 while the device expects none.
+    fn wire_out_len(&self) -> usize {
+        0
+    }
+    /// The length of the bulk IN reply the device has ready, if any.
+    fn wire_in_len(&self) -> Option<usize> {
+        None
+    }
 }
 
 /// A simulated board shared between the bus and the handles opened on it.

@@ -383,6 +383,22 @@ impl SimDevice for RockchipBoard {
         Ok(data.len())
     }
 
+    fn wire_out_len(&self) -> usize {
+        match (&self.state, self.mode) {
+            (_, RkMode::Maskrom | RkMode::Off) => 0,
+            (_, RkMode::Loader) if !self.replies.is_empty() => 0,
+            (BulkState::Idle, RkMode::Loader) => 31,
+            (BulkState::DataOut { cbw, buf }, RkMode::Loader) => {
+                (cbw.len as usize - buf.len()).min(1 << 20)
+            }
+        }
+    }
+    fn wire_in_len(&self) -> Option<usize> {
+        (self.mode == RkMode::Loader)
+            .then(|| self.replies.front().map(Vec::len))
+            .flatten()
+    }
+
     fn bulk_in(&mut self, buf: &mut [u8]) -> Result<usize, TransportError> {
         if self.mode != RkMode::Loader {
             return Err(TransportError::Stall);

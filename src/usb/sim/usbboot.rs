@@ -240,6 +240,12 @@ impl SimDevice for RpiBoard {
         Ok(data.len())
     }
 
+    fn wire_out_len(&self) -> usize {
+        self.bulk
+            .as_ref()
+            .map_or(0, |(want, buf)| (want - buf.len()).min(16 * 1024))
+    }
+
     fn bulk_in(&mut self, _buf: &mut [u8]) -> Result<usize, TransportError> {
         Err(TransportError::Stall)
     }

@@ -1,0 +1,472 @@
+//! Test-only: serves one of sbcflash's simulated boards (`sbcflash::usb::sim`) as a real USB
+//! device through Linux FunctionFS, in the USB lab guest (tests/harness/usb-lab). The same
+//! model code that answers the in-process unit tests then answers real host tools
+//! (rkdeveloptool, fastboot, sunxi-fel) and sbcflash's own rusb transport over a kernel USB
+//! stack.
+//!
+//! An example, not a `[[bin]]`: `cargo build --release`, `cargo install` and the .deb (whose
+//! assets name `target/release/sbcflash` only) never build or ship it; `cargo test` and
+//! nextest build it next to the test binaries (`target/<profile>/examples/`).
+//!
+//! ```text
+//! usb_lab_device PROTOCOL FFS_DIR GADGET BACKING [--max-download N] [--fault KIND@WHEN]...
+//!   PROTOCOL  rockusb (RK3588 maskrom, then loader) | fastboot (partition "mmc") | fel (D1,
+//!             DRAM at 0x40000000)
+//!   FFS_DIR   the mounted FunctionFS instance (lab_ffs NAME → /dev/ffs-NAME)
+//!   GADGET    the configfs gadget name, for re-enumeration and unplug (its UDC file)
+//!   BACKING   the storage (eMMC, partition, DRAM): loaded at start, written back on SIGTERM
+//!   KIND      stall | nak (never answers) | short (half an IN reply) | unplug | fail
+//!   WHEN      tN: the N-th bulk transfer (0-based); oN: after N bulk OUT bytes
+//! ```
+//! Prints `READY` once the descriptors are in (then `lab_bind GADGET`).
+
+use sbcflash::usb::sim::fastboot::FastbootDevice;
+use sbcflash::usb::sim::fel::FelDevice;
+use sbcflash::usb::sim::rockusb::{RockchipBoard, EMMC};
+use sbcflash::usb::sim::{lock, Fault, FaultKind, Faults, SimDevice, Trigger, Xfer};
+use sbcflash::usb::TransportError;
+use std::fs::{File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+type Model = Arc<Mutex<dyn SimDevice>>;
+/// Copies the model's storage out, for the backing file, with a summary of what it saw.
+type Storage = Box<dyn Fn() -> (Vec<u8>, String) + Send>;
+
+const HAS_FS: u32 = 1;
+const HAS_HS: u32 = 2;
+const ALL_CTRL_RECIP: u32 = 64;
+const EVENT_SETUP: u8 = 4;
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("usb_lab_device: {e}");
+        std::process::exit(2);
+    }
+}
+
+struct Args {
+    protocol: String,
+    ffs: PathBuf,
+    gadget: String,
+    backing: PathBuf,
+    max_download: u32,
+    faults: Vec<Fault>,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let v: Vec<String> = std::env::args().skip(1).collect();
+    if v.len() < 4 {
+        return Err("usage: usb_lab_device PROTOCOL FFS_DIR GADGET BACKING [--max-download N] [--fault KIND@WHEN]...".into());
+    }
+    let mut a = Args {
+        protocol: v[0].clone(),
+        ffs: v[1].clone().into(),
+        gadget: v[2].clone(),
+        backing: v[3].clone().into(),
+        max_download: 4 << 20,
+        faults: Vec::new(),
+    };
+    let mut rest = v[4..].iter();
+    while let Some(o) = rest.next() {
+        let val = rest.next().ok_or(format!("{o} needs a value"))?;
+        match o.as_str() {
+            "--max-download" => {
+                a.max_download = val.parse().map_err(|e| format!("--max-download: {e}"))?
+            }
+            "--fault" => a.faults.push(parse_fault(val)?),
+            _ => return Err(format!("unknown option {o}")),
+        }
+    }
+    Ok(a)
+}
+
+fn parse_fault(s: &str) -> Result<Fault, String> {
+    let (kind, when) = s
+        .split_once('@')
+        .ok_or(format!("fault {s}: want KIND@WHEN"))?;
+    let kind = match kind {
+        "stall" => FaultKind::Stall,
+        "nak" => FaultKind::Timeout,
+        "short" => FaultKind::ShortRead,
+        "unplug" => FaultKind::Vanish,
+        "fail" => FaultKind::FailStatus,
+        k => return Err(format!("fault kind {k}: want stall|nak|short|unplug|fail")),
+    };
+    let num = |t: &str| t.parse::<u64>().map_err(|e| format!("fault {s}: {e}"));
+    let at = if let Some(n) = when.strip_prefix('t') {
+        Trigger::Transfer(num(n)? as usize)
+    } else if let Some(n) = when.strip_prefix('o') {
+        Trigger::AfterBulkOut(num(n)?)
+    } else {
+        return Err(format!("fault {s}: WHEN is tN or oN"));
+    };
+    Ok(Fault { at, kind })
+}
+
+fn run() -> Result<(), String> {
+    let a = parse_args()?;
+    let data = std::fs::read(&a.backing).map_err(|e| format!("{}: {e}", a.backing.display()))?;
+    let (model, storage): (Model, Storage) = match a.protocol.as_str() {
+        "rockusb" => {
+            let mut b = RockchipBoard::rk3588(0);
+            b.storages.insert(EMMC, data);
+            let b = Arc::new(Mutex::new(b));
+            let s = b.clone();
+            (
+                b,
+                Box::new(move || {
+                    let b = lock(&s);
+                    let downloads: Vec<(u16, usize, bool)> = b
+                        .downloads
+                        .iter()
+                        .map(|d| (d.area, d.payload.len(), d.crc_ok))
+                        .collect();
+                    let summary = format!("downloads: {downloads:?} resets: {:?}", b.resets);
+                    (b.storage(EMMC).to_vec(), summary)
+                }),
+            )
+        }
+        "fastboot" => {
+            let mut d = FastbootDevice::uboot(a.max_download, &[]);
+            d.partitions.insert("mmc".into(), data);
+            let d = Arc::new(Mutex::new(d));
+            let s = d.clone();
+            (
+                d,
+                Box::new(move || {
+                    let d = lock(&s);
+                    let summary =
+                        format!("commands: {:?} downloads: {:?}", d.commands, d.downloads);
+                    (
+                        d.partitions.get("mmc").cloned().unwrap_or_default(),
+                        summary,
+                    )
+                }),
+            )
+        }
+        "fel" => {
+            let mut d = FelDevice::d1(0);
+            d.dram = data;
+            let d = Arc::new(Mutex::new(d));
+            let s = d.clone();
+            (
+                d,
+                Box::new(move || {
+                    let d = lock(&s);
+                    (d.dram.clone(), format!("executed: {:?}", d.executed))
+                }),
+            )
+        }
+        p => return Err(format!("protocol {p}: want rockusb|fastboot|fel")),
+    };
+    save_on_sigterm(a.backing.clone(), storage)?;
+
+    let desc = lock(&model)
+        .descriptor()
+        .ok_or("the model starts off the bus")?;
+    let iface = desc.interfaces.first().ok_or("model has no interface")?;
+    let mut ep0 = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(a.ffs.join("ep0"))
+        .map_err(|e| format!("{}/ep0: {e}", a.ffs.display()))?;
+    // Vendor requests to the device (the Rockchip ROM's 0x40/0x0c) reach us only with
+    // ALL_CTRL_RECIP.
+    ep0.write_all(&descriptors(
+        (iface.class, iface.subclass, iface.protocol),
+        ALL_CTRL_RECIP,
+    ))
+    .and_then(|_| ep0.write_all(&strings()))
+    .map_err(|e| format!("writing descriptors: {e}"))?;
+    let ep_in = open_ep(&a.ffs, "ep1")?;
+    let ep_out = open_ep(&a.ffs, "ep2")?;
+    println!("READY");
+
+    let gadget = Gadget::new(&a.gadget);
+    let m = model.clone();
+    let g = gadget.clone();
+    std::thread::spawn(move || control_loop(ep0, m, g));
+    let mut faults = Faults::default();
+    for f in a.faults {
+        faults.add(f);
+    }
+    bulk_loop(ep_in, ep_out, model, gadget, faults);
+    Ok(())
+}
+
+fn open_ep(dir: &Path, name: &str) -> Result<File, String> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join(name))
+        .map_err(|e| format!("{}/{name}: {e}", dir.display()))
+}
+
+fn save_on_sigterm(path: PathBuf, storage: Storage) -> Result<(), String> {
+    let mut sig = signal_hook::iterator::Signals::new([signal_hook::consts::SIGTERM])
+        .map_err(|e| format!("signals: {e}"))?;
+    std::thread::spawn(move || {
+        if sig.forever().next().is_some() {
+            let (bytes, summary) = storage();
+            eprintln!("usb_lab_device: {summary}");
+            let rc = match std::fs::write(&path, bytes) {
+                Ok(()) => 0,
+                Err(e) => {
+                    eprintln!("usb_lab_device: saving {}: {e}", path.display());
+                    1
+                }
+            };
+            std::process::exit(rc);
+        }
+    });
+    Ok(())
+}
+
+/// FunctionFS v2 descriptors: one interface (the model's class triple), bulk IN 0x81 + OUT 0x02
+/// at full and high speed.
+fn descriptors(class: (u8, u8, u8), flags: u32) -> Vec<u8> {
+    let intf = [9, 4, 0, 0, 2, class.0, class.1, class.2, 1];
+    let bulk = |addr: u8, mps: u16| {
+        let m = mps.to_le_bytes();
+        [7u8, 5, addr, 2, m[0], m[1], 0]
+    };
+    let mut body = Vec::new();
+    body.extend_from_slice(&3u32.to_le_bytes());
+    body.extend_from_slice(&3u32.to_le_bytes());
+    for mps in [64, 512] {
+        body.extend_from_slice(&intf);
+        body.extend_from_slice(&bulk(0x81, mps));
+        body.extend_from_slice(&bulk(0x02, mps));
+    }
+    let mut out = Vec::new();
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&(12 + body.len() as u32).to_le_bytes());
+    out.extend_from_slice(&(HAS_FS | HAS_HS | flags).to_le_bytes());
+    out.extend_from_slice(&body);
+    out
+}
+
+fn strings() -> Vec<u8> {
+    let s = b"sbcflash sim\0";
+    let mut out = Vec::new();
+    out.extend_from_slice(&2u32.to_le_bytes());
+    out.extend_from_slice(&(16 + 2 + s.len() as u32).to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&1u32.to_le_bytes());
+    out.extend_from_slice(&0x0409u16.to_le_bytes());
+    out.extend_from_slice(s);
+    out
+}
+
+/// The gadget's configfs UDC file: how the model leaves and re-joins the bus.
+#[derive(Clone)]
+struct Gadget {
+    udc_file: PathBuf,
+    udc: Arc<Mutex<Option<String>>>,
+}
+
+impl Gadget {
+    fn new(name: &str) -> Self {
+        Self {
+            udc_file: Path::new("/sys/kernel/config/usb_gadget")
+                .join(name)
+                .join("UDC"),
+            udc: Arc::new(Mutex::new(None)),
+        }
+    }
+    fn unplug(&self) {
+        if let Ok(u) = std::fs::read_to_string(&self.udc_file) {
+            if !u.trim().is_empty() {
+                *lock(&self.udc) = Some(u.trim().to_string());
+            }
+        }
+        if let Err(e) = std::fs::write(&self.udc_file, "\n") {
+            eprintln!("usb_lab_device: unplug: {e}");
+        }
+    }
+    fn plug(&self) {
+        let udc = lock(&self.udc).clone();
+        if let Some(u) = udc {
+            if let Err(e) = std::fs::write(&self.udc_file, u) {
+                eprintln!("usb_lab_device: plug: {e}");
+            }
+        }
+    }
+    /// The board re-enumerates (ROM → loader, reboot): off the bus, then back on the same port.
+    fn reenumerate(&self, back: bool) {
+        let g = self.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            g.unplug();
+            if back {
+                std::thread::sleep(Duration::from_millis(300));
+                g.plug();
+            }
+        });
+    }
+}
+
+/// After a transfer: follow the model off the bus or through a re-enumeration.
+fn follow(model: &Model, gen_before: u32, gadget: &Gadget) {
+    let d = lock(model);
+    if d.generation() != gen_before || d.descriptor().is_none() {
+        let back = d.descriptor().is_some();
+        eprintln!("usb_lab_device: re-enumerating (back on the bus: {back})");
+        gadget.reenumerate(back);
+    }
+}
+
+fn control_loop(mut ep0: File, model: Model, gadget: Gadget) {
+    let mut buf = [0u8; 12 * 4];
+    loop {
+        let n = match ep0.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                eprintln!("usb_lab_device: ep0: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        for ev in buf[..n].chunks_exact(12) {
+            if ev[8] != EVENT_SETUP {
+                continue;
+            }
+            let (rt, req) = (ev[0], ev[1]);
+            let value = u16::from_le_bytes([ev[2], ev[3]]);
+            let index = u16::from_le_bytes([ev[4], ev[5]]);
+            let len = u16::from_le_bytes([ev[6], ev[7]]) as usize;
+            let gen = lock(&model).generation();
+            if rt & 0x80 != 0 {
+                let mut data = vec![0u8; len];
+                let r = lock(&model).control_in(rt, req, value, index, &mut data);
+                match r {
+                    Ok(k) => {
+                        let _ = ep0.write(&data[..k]);
+                    }
+                    // Reading on an IN request halts ep0: the stall.
+                    Err(_) => {
+                        let _ = ep0.read(&mut []);
+                    }
+                }
+            } else {
+                let mut data = vec![0u8; len];
+                let got = if len == 0 {
+                    ep0.read(&mut []).map(|_| 0)
+                } else {
+                    ep0.read(&mut data)
+                };
+                match got {
+                    Ok(k) => {
+                        if let Err(e) = lock(&model).control_out(rt, req, value, index, &data[..k])
+                        {
+                            eprintln!(
+                                "usb_lab_device: control OUT {rt:#04x}/{req:#04x} idx {index:#x}: {e} (data already taken)"
+                            );
+                        }
+                    }
+                    Err(e) => eprintln!("usb_lab_device: ep0 data: {e}"),
+                }
+            }
+            follow(&model, gen, &gadget);
+        }
+    }
+}
+
+fn bulk_loop(mut ep_in: File, mut ep_out: File, model: Model, gadget: Gadget, mut faults: Faults) {
+    loop {
+        let (want_in, want_out, gen) = {
+            let d = lock(&model);
+            (d.wire_in_len(), d.wire_out_len(), d.generation())
+        };
+        if let Some(n) = want_in {
+            let fault = faults.check(Xfer::BulkIn);
+            if apply_common(fault, &model, &gadget) {
+                continue;
+            }
+            let mut buf = vec![0u8; n];
+            let r = lock(&model).bulk_in(&mut buf);
+            match r {
+                Ok(mut k) => {
+                    if fault == Some(FaultKind::ShortRead) {
+                        k /= 2;
+                    }
+                    if fault == Some(FaultKind::Stall) {
+                        let _ = ep_in.read(&mut []);
+                    } else if let Err(e) = ep_in.write_all(&buf[..k]) {
+                        eprintln!("usb_lab_device: bulk IN: {e}");
+                    }
+                    faults.count(Xfer::BulkIn, k);
+                }
+                Err(TransportError::Stall) => {
+                    let _ = ep_in.read(&mut []);
+                }
+                Err(e) => eprintln!("usb_lab_device: model bulk IN: {e}"),
+            }
+            follow(&model, gen, &gadget);
+            continue;
+        }
+        if want_out == 0 {
+            std::thread::sleep(Duration::from_millis(2));
+            continue;
+        }
+        let fault = faults.check(Xfer::BulkOut);
+        if apply_common(fault, &model, &gadget) {
+            continue;
+        }
+        if fault == Some(FaultKind::Stall) {
+            // Writing on an OUT endpoint halts it: the host's transfer stalls.
+            let _ = ep_out.write(&[]);
+            continue;
+        }
+        let mut buf = vec![0u8; want_out];
+        let n = match ep_out.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) => {
+                // Unbound (re-enumeration, unplug): wait for the host to come back.
+                eprintln!("usb_lab_device: bulk OUT: {e}");
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            }
+        };
+        if n == 0 {
+            continue;
+        }
+        faults.count(Xfer::BulkOut, n);
+        let r = lock(&model).bulk_out(&buf[..n]);
+        if let Err(e) = r {
+            eprintln!("usb_lab_device: model rejected a {n}-byte bulk OUT: {e}");
+            if e == TransportError::Stall {
+                let _ = ep_out.write(&[]);
+            }
+        }
+        follow(&model, gen, &gadget);
+    }
+}
+
+/// Faults that do not depend on the direction. Returns true when the transfer must not happen.
+fn apply_common(fault: Option<FaultKind>, model: &Model, gadget: &Gadget) -> bool {
+    match fault {
+        Some(FaultKind::Timeout) => {
+            eprintln!("usb_lab_device: fault: never answering again");
+            loop {
+                std::thread::park();
+            }
+        }
+        Some(FaultKind::Vanish) => {
+            eprintln!("usb_lab_device: fault: unplugged");
+            lock(model).vanish();
+            gadget.unplug();
+            loop {
+                std::thread::park();
+            }
+        }
+        Some(FaultKind::FailStatus) => {
+            lock(model).fail_next_status();
+            false
+        }
+        _ => false,
+    }
+}

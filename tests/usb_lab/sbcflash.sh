@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Runs in the USB lab guest (tests/usb_lab.rs): sbcflash itself, through libusb/rusb and the
+# kernel's USB stack, against its device models (examples/usb_lab_device.rs over FunctionFS)
+# and a mass-storage gadget. Prints `ok NAME` / `FAIL NAME`, then a count.
+#   sbcflash.sh WORKDIR DEVICE_PROGRAM SBCFLASH
+set -uo pipefail
+W=$1 DEV=$2 SBC=$3
+source "$USB_LAB_LIB"
+pass=0; fail=0
+ok() { echo "ok   $1"; pass=$((pass+1)); }
+no() { echo "FAIL $1"; fail=$((fail+1)); }
+# t NAME WANT_EXIT EXPECT CMD...: CMD exits WANT_EXIT and its output matches the regex EXPECT
+t() {
+  local name=$1 want_rc=$2 want=$3 rc; shift 3
+  timeout 120 "$@" > /tmp/t.out 2>&1; rc=$?
+  if [ "$rc" = "$want_rc" ] && { [ -z "$want" ] || grep -Eq -- "$want" /tmp/t.out; }; then ok "$name"; else
+    no "$name (exit $rc, want $want_rc)"; sed 's/^/    | /' /tmp/t.out | tail -15; fi
+}
+serve() {
+  local name=$1 vid=$2 pid=$3 serial=$4 i; shift 4
+  [ -d "/sys/kernel/config/usb_gadget/$name" ] || lab_ffs "$name" "$vid" "$pid" "$serial" || return 1
+  "$DEV" "$1" "/dev/ffs-$name" "$name" "${@:2}" > "/tmp/$name.log" 2>&1 &
+  echo $! > "/tmp/$name.pid"
+  for i in $(seq 200); do grep -q READY "/tmp/$name.log" && break; sleep 0.05; done
+  lab_bind "$name"
+}
+stop() { local p; p=$(cat "/tmp/$1.pid"); kill -TERM "$p"; wait "$p"; }
+same() { if cmp "$2" "$3" >/dev/null; then ok "$1"; else no "$1: $(cmp "$2" "$3" 2>&1 | head -1)"; fi; }
+lab_init
+
+# ---- every model on the bus at once: `sbcflash usb --json` (no udevd running yet)
+cp "$W/rk.emmc" /tmp/rk.emmc; cp "$W/fb.mmc" /tmp/fb.mmc; cp "$W/fel.dram" /tmp/fel.dram
+serve rk 0x2207 0x350b RK0001 rockusb /tmp/rk.emmc
+serve fb 0x2345 0x7654 FB0001 fastboot /tmp/fb.mmc --max-download 4194304
+serve fel 0x1f3a 0xefe8 FEL0001 fel /tmp/fel.dram
+"$SBC" --json usb > /tmp/usb.json 2>&1
+if python3 - /tmp/usb.json <<'PY'
+import json, sys
+devs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")][0]["devices"]
+got = sorted((d["vid"], d["pid"], d["protocol"], d["mode"], d["soc"]) for d in devs)
+want = sorted([("2207", "350b", "rockusb", "maskrom", "RK3588"),
+               ("2345", "7654", "fastboot", "fastboot", "TH1520"),
+               ("1f3a", "efe8", "fel", "fel", None)])
+assert got == want, got
+assert len({d["port_path"] for d in devs}) == 3
+PY
+then ok "sbcflash usb --json lists the three models with mode and SoC"; else no "sbcflash usb --json"; cat /tmp/usb.json; fi
+
+# ---- Rockchip: maskrom → loader download → re-enumeration followed without udevd → rockusb
+# write of a 24 MiB image with holes, read back, reset
+t "write --via maskrom (no udevd: re-enumeration still followed)" 0 \
+  'wrote 25165824 bytes \(0 skipped\) of a 25165824-byte image; read back and verified' \
+  "$SBC" write --via maskrom --loader "$W/loader.bin" --storage emmc "$W/img.raw"
+grep -E 'wrote' /tmp/t.out | sed 's/^/    /'
+sleep 1
+stop rk
+same "rockusb eMMC == image (holes written as zeroes), rest untouched" /tmp/rk.emmc "$W/rk.expected"
+
+# ---- fastboot: sparse pieces under max-download-size
+t "write --via fastboot --partition mmc: holes not sent, counted as skipped" 0 'wrote 16777216 bytes \(8388608 skipped\) of a 25165824-byte image' \
+  "$SBC" write --via fastboot --partition mmc "$W/img.raw"
+grep -E 'wrote' /tmp/t.out | sed 's/^/    /'
+sleep 1
+stop fb
+same "fastboot partition == image, rest untouched" /tmp/fb.mmc "$W/fb.expected"
+
+# ---- FEL
+t "fel version" 0 'D1' "$SBC" fel version
+t "fel write 0x40100000" 0 '' "$SBC" fel write 0x40100000 "$W/fel.bin"
+t "fel read 0x40100000 -o" 0 '' "$SBC" fel read 0x40100000 "$(stat -c %s "$W/fel.bin")" -o /tmp/fel.read
+same "fel read == fel write" /tmp/fel.read "$W/fel.bin"
+t "fel exec 0x40100000" 0 '' "$SBC" fel exec 0x40100000
+stop fel
+grep -q 'executed: \[1074790400\]' /tmp/fel.log && ok "model ran exec at 0x40100000" || no "model did not record exec"
+same "FEL DRAM == garbage + file at 1 MiB" /tmp/fel.dram "$W/fel.expected"
+
+# ---- unplug mid-write: the board leaves the bus after 8 MiB of rockusb data
+cp "$W/rk.emmc" /tmp/rk2.emmc
+lab_unbind rk 2>/dev/null
+serve rk 0x2207 0x350b RK0001 rockusb /tmp/rk2.emmc --fault unplug@o8388608
+t "unplug mid-write: exit 5, says where and that the board disconnected" 5 'WRITE_LBA failed at offset [0-9]+ .*device disconnected' \
+  "$SBC" write --via maskrom --loader "$W/loader.bin" --storage emmc "$W/img.raw"
+sed "s/^/    /" /tmp/t.out | tail -4
+grep -q "wrote 25165824" /tmp/t.out && no "unplugged write reported as written" || ok "unplugged write not reported as written"
+
+# ---- a stalled bulk endpoint: fastboot's 5th bulk transfer (the download command) halts
+cp "$W/fb.mmc" /tmp/fb2.mmc
+lab_unbind fb 2>/dev/null
+serve fb 0x2345 0x7654 FB0001 fastboot /tmp/fb2.mmc --max-download 4194304 --fault stall@t4
+t "stalled endpoint: exit 5 naming the stall" 5 'stalled' \
+  "$SBC" write --via fastboot --partition mmc "$W/img.raw"
+
+# ---- mass storage: a USB disk gadget (usb-storage on the host side), seen through a real udevd
+lab_udevd > /dev/null 2>&1
+truncate -s 64M /tmp/card.img
+lab_ums card 0x0bda 0x0129 /tmp/card.img CARD0001
+disk=$(lab_disk card)
+"$SBC" --json list > /tmp/list.json 2>&1
+if python3 - /tmp/list.json "$disk" <<'PY'
+import json, sys
+ev = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+disks = [d for e in ev if e.get("event") == "list" for d in e["disks"]]
+d = [d for d in disks if d["path"] == sys.argv[2]]
+assert d and d[0]["bus"] == "usb" and d[0]["removable"] is True, disks
+PY
+then ok "list shows the USB disk gadget as removable on the usb bus"; else no "list: USB disk"; cat /tmp/list.json; fi
+t "write IMAGE to the USB disk" 0 'read back' "$SBC" write "$W/img.raw" "$disk" --yes
+sync
+if cmp -n 25165824 /tmp/card.img "$W/img.raw" >/dev/null; then ok "USB disk backing file == image"; else no "USB disk backing file differs"; fi
+t "verify IMAGE against the USB disk" 0 '' "$SBC" verify "$W/img.raw" "$disk"
+lab_unbind card
+
+echo "$pass passed, $fail failed"
+[ $fail = 0 ]
