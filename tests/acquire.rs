@@ -955,6 +955,45 @@ fn stream_is_checked_against_the_board_before_writing() {
     common::assert_same_prefix(&raw, lo.path(), 40 << 20);
 }
 
+/// Issue 14, item 2, streamed: a `.tar.gz` served over HTTPS is decoded (gzip) and refused on
+/// the peeked head of the stream as a tar archive, before a byte reaches the target.
+#[test]
+fn stream_of_a_tar_gz_is_refused_before_the_target_is_touched() {
+    if !common::require(true, &["losetup", "tar", "gzip"]) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    common::sh(&format!(
+        "cd '{}' && mkdir -p rootfs/etc && printf 'nixos\\n' > rootfs/etc/hostname && \
+         head -c 300000 /dev/urandom > rootfs/blob && tar czf rootfs.tar.gz rootfs",
+        d.path().display()
+    ));
+    let tgz = Arc::new(std::fs::read(d.path().join("rootfs.tar.gz")).unwrap());
+    srv.add("/rootfs.tar.gz", tgz.clone(), Behavior::Normal);
+    let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 16 << 20);
+    let o = common::sbcflash()
+        .arg("write")
+        .arg(srv.url("/rootfs.tar.gz"))
+        .arg(lo.path())
+        .args(["--yes", "--source-blake3", &b3(&tgz), "--ca-file"])
+        .arg(&srv.ca_file)
+        .arg("--cache-dir")
+        .arg(d.path().join("cache"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{}", text(&o));
+    assert!(
+        text(&o).contains("does not look like a disk image: it is a tar archive"),
+        "{}",
+        text(&o)
+    );
+    assert!(
+        std::fs::read(&lo.backing).unwrap().iter().all(|b| *b == 0),
+        "a refused stream wrote to the target"
+    );
+}
+
 /// Benchmark for BENCHMARKS.md (not part of CI): the same zstd image written to a loop device
 /// by streaming from the loopback HTTPS server, by `curl | zstd -dc | dd`, and from a local
 /// file. Run: `cargo test --release --test acquire bench_stream -- --ignored --nocapture`.

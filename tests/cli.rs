@@ -183,6 +183,19 @@ fn on_a_terminal_progress_shows_and_colour_follows_no_color_and_color_flag() {
     assert!(!has_sgr(&write(2, &[], &["--color", "never"])));
     assert!(!has_sgr(&write(3, &[], &["--color=never"])));
 
+    // An existing non-empty file is destroyed like a disk: on a terminal it is shown and the
+    // user asked (no answer here: refused, the file unchanged).
+    let notes = dir.path().join("notes.bin");
+    let noise: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&notes, &noise).unwrap();
+    let (text, code) = on_pty(dir.path(), &[], &["write", img, notes.to_str().unwrap()]);
+    assert_eq!(code, 4, "{text}");
+    assert!(
+        text.contains("About to OVERWRITE the existing file") && text.contains("Type 'yes'"),
+        "{text}"
+    );
+    assert_eq!(std::fs::read(&notes).unwrap(), noise);
+
     let (help, _) = on_pty(dir.path(), &[], &["cache", "list", "--help"]);
     assert!(has_sgr(&help), "clap styles help on a terminal: {help:?}");
     for (env, args) in [

@@ -38,7 +38,7 @@ pub enum BoardsCmd {
         /// Medium the image is for (default: the board's default medium).
         #[arg(long, value_name = "MEDIUM")]
         medium: Option<MediumKind>,
-        /// Exit non-zero when the check finds problems.
+        /// Exit 3 (inconsistent input) when the check finds problems.
         #[arg(long)]
         strict: bool,
     },
@@ -456,7 +456,7 @@ pub struct BoardWriteArgs {
     /// Shorthand for `--medium spi-nor`: the target is the board's SPI flash.
     #[arg(long, conflicts_with = "medium")]
     pub spi: bool,
-    /// Refuse to write when the image check finds problems (default: warn).
+    /// Refuse to write when the image check finds problems (default: warn); exit 3.
     #[arg(long)]
     pub strict: bool,
     /// Bootloader file(s) to place at the board's offsets after the image (repeatable), e.g.

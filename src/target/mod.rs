@@ -14,7 +14,12 @@
 //!   overwrites its backing file, and tests need them; a loop device that is mounted, holds
 //!   `/` or swap, or is backed by the image itself is still refused. eMMC, NVMe, SATA, virtio,
 //!   USB hard disks (non-removable), dm/md and partitions need `--force`;
-//! - the target must not be the image (same file, or a loop device backed by it).
+//! - the target must not be the image (same file, or a loop device backed by it);
+//! - an existing regular file is destroyed like a disk ([`vet_file_target`]): without `--force`
+//!   it is refused when the source is a block device or the file itself looks like an image
+//!   (the arguments were swapped); the CLI confirms it like a disk.
+//!
+//! Permission denied opening the target is [`TargetError::Permission`] (exit 8), with the fix.
 
 pub mod eject;
 
