@@ -105,6 +105,11 @@ t "stalled endpoint: exit 5 naming the stall" 5 'stalled' \
   "$SBC" write --via fastboot --partition mmc "$W/img.raw"
 
 # ---- mass storage: a USB disk gadget (usb-storage on the host side), seen through a real udevd
+# The shipped udev rules go into the guest's udevd before it starts; their `sbcflash` group is
+# added to a private copy of /etc/group (the guest sees the host's /etc read-only).
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+cp /etc/group /tmp/group; echo "sbcflash:x:4242:" >> /tmp/group; mount --bind /tmp/group /etc/group
+mkdir -p /run/udev/rules.d; cp "$REPO/udev-rules/70-sbcflash.rules" /run/udev/rules.d/
 lab_udevd > /dev/null 2>&1
 truncate -s 64M /tmp/card.img
 lab_ums card 0x0bda 0x0129 /tmp/card.img CARD0001
@@ -123,6 +128,25 @@ sync
 if cmp -n 25165824 /tmp/card.img "$W/img.raw" >/dev/null; then ok "USB disk backing file == image"; else no "USB disk backing file differs"; fi
 t "verify IMAGE against the USB disk" 0 '' "$SBC" verify "$W/img.raw" "$disk"
 lab_unbind card
+
+# ---- udev rules for real: a recovery-mode board gets the rule's group and mode, and a non-root
+# user in that group lists and flashes it; without the group: exit 8 with the udev hint
+cp "$W/fel.dram" /tmp/fel3.dram
+serve fel 0x1f3a 0xefe8 FEL0001 fel /tmp/fel3.dram
+udevadm settle --timeout=10
+node=$(lsusb -d 1f3a:efe8 | awk '{printf "/dev/bus/usb/%s/%s", $2, substr($4, 1, 3)}')
+perm=$(stat -c '%G %a' "$node" 2>&1)
+[ "$perm" = "sbcflash 660" ] && ok "udev rule: $node is group sbcflash, mode 660" || {
+  no "udev rule: $node is '$perm'"; getent group sbcflash; findmnt /etc/group; }
+AS="env HOME=/tmp setpriv --reuid=65534 --regid=65534"
+t "non-root user in group sbcflash: usb lists the FEL board" 0 '"protocol":"fel"' \
+  $AS --groups=4242 "$SBC" --json usb
+t "non-root user in group sbcflash: fel write" 0 '' \
+  $AS --groups=4242 "$SBC" fel write 0x40100000 "$W/fel.bin"
+t "non-root user without the group: exit 8, permission denied and the udev hint" 8 'permission denied.*udev rules' \
+  $AS --clear-groups "$SBC" fel version
+stop fel
+cmp -s -n 1048576 -i 1048576:0 /tmp/fel3.dram "$W/fel.bin" && ok "the non-root fel write reached the board" || no "non-root fel write not in DRAM"
 
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]
