@@ -286,5 +286,5 @@ fn qemu_usb_lab_sbcflash_through_a_real_usb_stack() {
     fel_expected[mib..2 * mib].copy_from_slice(&bin);
     write(&w, "fel.expected", &fel_expected);
 
-    run_in_guest("sbcflash.sh", &w, &[&dev, &sbc], 26);
+    run_in_guest("sbcflash.sh", &w, &[&dev, &sbc], 28);
 }

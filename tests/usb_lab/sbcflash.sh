@@ -104,6 +104,16 @@ serve fb 0x2345 0x7654 FB0001 fastboot /tmp/fb2.mmc --max-download 4194304 --fau
 t "stalled endpoint: exit 5 naming the stall" 5 'stalled' \
   "$SBC" write --via fastboot --partition mmc "$W/img.raw"
 
+# ---- a short read: the FEL ROM sends half of the 32-byte VERSION reply (5th bulk transfer)
+cp "$W/fel.dram" /tmp/fel2.dram
+serve fel 0x1f3a 0xefe8 FEL0001 fel /tmp/fel2.dram --fault short@t4
+t "short read: exit 5 naming it" 5 'short FEL read: device sent 16 of 32 bytes' "$SBC" fel version
+stop fel
+# ---- NAK forever: the FEL ROM never sends its first AWUS ack (3rd bulk transfer)
+serve fel 0x1f3a 0xefe8 FEL0001 fel /tmp/fel2.dram --fault nak@t2
+t "NAK forever: exit 7 after the transfer timeout" 7 'timed out' "$SBC" fel version
+stop fel
+
 # ---- mass storage: a USB disk gadget (usb-storage on the host side), seen through a real udevd
 # The shipped udev rules go into the guest's udevd before it starts; their `sbcflash` group is
 # added to a private copy of /etc/group (the guest sees the host's /etc read-only).
