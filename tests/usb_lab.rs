@@ -108,6 +108,8 @@ fn run_in_guest(script: &str, work: &Path, args: &[&Path], want_passed: usize) -
         script.display(),
         out.status
     );
+    // Inputs and backing files are tens of MiB each: kept only when a run fails.
+    let _ = std::fs::remove_dir_all(work);
     text
 }
 
