@@ -628,13 +628,17 @@ fn check_head(
     }))
 }
 
-/// After the image is written and verified: write the planned bootloader files to `target`
-/// (file or block device) at their offsets, read them back, and fsync.
-pub fn after_write(p: &BoardPreflight, target: &Path, g: &Global) -> anyhow::Result<()> {
+/// After the image is written and verified: write the planned bootloader files through the
+/// job's claimed target at their offsets, sync, and read them back from the medium.
+pub fn after_write(
+    p: &BoardPreflight,
+    target: &mut crate::job::BlockJob,
+    g: &Global,
+) -> anyhow::Result<()> {
     if p.placements.is_empty() {
         return Ok(());
     }
-    board::place::write_placed_to_path(target, &p.placements)?;
+    target.place(&p.placements)?;
     for f in &p.placements {
         let msg = format!(
             "placed {} ({} bytes) at {} for the {}",

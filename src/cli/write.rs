@@ -4,6 +4,7 @@
 use super::Global;
 use crate::exit::{Exit, ExitError};
 use crate::image::{self, OpenedImage};
+use crate::job::BlockJob;
 use crate::progress::{Event, Level};
 use crate::target::{self, Policy, TargetInfo};
 use crate::write::{self, WriteOptions};
@@ -437,11 +438,10 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     }
     confirm(&info, &opened, a.yes)?;
     // Re-inspects, re-vets, opens O_EXCL and re-checks through the fd.
-    let opened_target = target::open(&target_path, &policy)?;
-    let opened_path = opened_target.path.clone();
+    let mut claimed = BlockJob::claim(&target_path, &policy, !a.no_discard)?;
+    let opened_path = claimed.path.clone();
     let cancel = install_cancel();
-    let job = opened_target.path.display().to_string();
-    let mut sink = opened_target.into_sink_with(!a.no_discard)?;
+    let job = claimed.name();
     reporter.report(Event::Message {
         job: job.clone(),
         level: Level::Info,
@@ -461,7 +461,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         image_name: image_path.display().to_string(),
         ..Default::default()
     };
-    let result = write::run(opened.source, sink.as_mut(), &opts, reporter.as_ref());
+    let result = claimed.write(opened.source, &opts, reporter.as_ref());
     let state = match &result {
         Err(write::WriteError::Failed { state, .. }) => Some(*state),
         _ => None,
@@ -473,10 +473,11 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     };
     let result = result.map_err(|e| still_says_target_state(e, state));
     let report = result.with_context(|| format!("writing {} to {job}", image_path.display()))?;
-    drop(sink);
+    // Bootloader files go through the same claimed descriptor, read back from the medium.
     if let Some(pre) = &board_pre {
-        super::boards::after_write(pre, &target_path, g)?;
+        super::boards::after_write(pre, &mut claimed, g)?;
     }
+    drop(claimed);
     // Everything is written, read back and flushed: say when the disk may be pulled.
     let pulled = match (&info, &eject) {
         (_, Some(usb)) => {
