@@ -9,7 +9,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use crate::board::{BoardError, PlacedFile};
-use crate::image::ExtentSource;
+use crate::image::{ExtentSource, OpenedImage};
 use crate::progress::Reporter;
 use crate::target::{OpenTarget, Policy, TargetError, TargetInfo};
 use crate::write::{self, Sink, WriteError, WriteOptions, WriteReport};
@@ -24,6 +24,18 @@ pub struct BlockJob {
     pub direct: bool,
     file: File,
     sink: Box<dyn Sink>,
+}
+
+/// The safety policy for writing `opened` (opened from `image`): its logical size must fit
+/// the target, and neither the image nor its bmap may be the target.
+pub fn policy_for(image: &Path, opened: &OpenedImage, force: bool) -> Policy {
+    let mut image_paths = vec![image.to_path_buf()];
+    image_paths.extend(opened.bmap.clone());
+    Policy {
+        image_size: opened.logical_size,
+        force,
+        image_paths,
+    }
 }
 
 impl BlockJob {

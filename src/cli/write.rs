@@ -460,12 +460,7 @@ pub fn run_plan(p: WritePlan, g: &Global) -> anyhow::Result<Exit> {
     let (expected, expected_from) = expected_digest(p.blake3, &image_path)?;
 
     let (resolved, info) = target::inspect(&target_path)?;
-    let mut policy = Policy {
-        image_size: opened.logical_size,
-        force: p.checks.force,
-        image_paths: vec![image_path.clone()],
-    };
-    policy.image_paths.extend(opened.bmap.clone());
+    let policy = crate::job::policy_for(&image_path, &opened, p.checks.force);
     target::vet(&resolved, &info, &policy)?;
     target::vet_file_target(&info, &image_path, p.checks.force)?;
     // --eject that cannot be done is refused now, not after the write.

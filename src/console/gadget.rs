@@ -308,12 +308,7 @@ impl HostFlash {
                 None
             }
         };
-        let mut policy = crate::target::Policy {
-            image_size: opened.logical_size,
-            force: self.force,
-            image_paths: vec![self.image.clone()],
-        };
-        policy.image_paths.extend(opened.bmap.clone());
+        let policy = crate::job::policy_for(&self.image, &opened, self.force);
         let mut target = crate::job::BlockJob::claim(dev, &policy, true)
             .map_err(|e| flash_err(via, e.to_string(), e.exit()))?;
         let job = target.name();
