@@ -662,6 +662,12 @@ pub fn after_write(
         return Ok(());
     }
     target.place(&p.placements)?;
+    say_placed(p, g);
+    Ok(())
+}
+
+/// One line (or JSON event) per placed bootloader file.
+pub fn say_placed(p: &BoardPreflight, g: &Global) {
     for f in &p.placements {
         let msg = format!(
             "placed {} ({} bytes) at {} for the {}",
@@ -680,5 +686,4 @@ pub fn after_write(
             eprintln!("{msg}");
         }
     }
-    Ok(())
 }

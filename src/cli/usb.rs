@@ -289,6 +289,14 @@ impl ViaPlan {
         g: &Global,
     ) -> anyhow::Result<ViaPlan> {
         use crate::usb::flash::{self, Via, ViaOptions};
+        if via == Via::Fastboot && !board_args.bootloader.is_empty() {
+            return Err(ExitError::new(
+                Exit::Usage,
+                "--bootloader with --via fastboot: fastboot cannot read the files back; \
+                 write them with --via maskrom/usb or to the block device",
+            )
+            .into());
+        }
         let board = board_args.board.as_deref();
         let medium = board_args.medium_kind();
         let mut o = ViaOptions::new(via);
@@ -366,11 +374,13 @@ pub fn write_via(
     p: &ViaPlan,
     image: crate::image::open::OpenedImage,
     verify: bool,
+    placements: Vec<crate::board::PlacedFile>,
     g: &Global,
 ) -> anyhow::Result<Option<PathBuf>> {
     use crate::usb::flash::{self, Outcome};
     let mut o = p.options.clone();
     o.verify = verify;
+    o.placements = placements;
     let reporter = g.reporter();
     let out = flash::write_via(&RusbBus::new(), &o, image.source, &*reporter)?;
     match out {

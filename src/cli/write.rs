@@ -7,6 +7,7 @@ use crate::image::{self, OpenedImage};
 use crate::job::BlockJob;
 use crate::progress::{Event, Level};
 use crate::target::{self, Policy, TargetInfo};
+use crate::usb::flash::Via;
 use crate::write::{self, WriteOptions};
 use anyhow::Context;
 use std::io::{BufRead, IsTerminal, Write};
@@ -375,7 +376,7 @@ impl WritePlan {
             .usb
             .via
             .is_some_and(|v| v != crate::usb::flash::Via::Usbboot);
-        let board = match direct_usb {
+        let board = match direct_usb && a.board.bootloader.is_empty() {
             true => None,
             false => a.board.plan(g)?,
         };
@@ -419,8 +420,25 @@ fn via_first(p: &WritePlan, g: &Global) -> anyhow::Result<Option<(PathBuf, PathB
                     image::read_logical_prefix(i, &p.img.options(), image::sniff::SNIFF_LEN)?;
                 require_image(&head, &i.display().to_string(), p.checks.raw)?;
             }
+            // `--bootloader` over rockusb: checked and planned on the image like a block
+            // write, placed through the same session after the image.
+            let pre = match via.options.via {
+                Via::Usbboot => None,
+                _ if p.board.as_ref().is_some_and(|b| !b.bootloader.is_empty()) => {
+                    board_checks(p.board.as_ref(), i, p.img.member.as_deref(), g)?
+                }
+                _ => None,
+            };
             let img = p.img.open(i)?;
-            super::usb::write_via(via, img, p.checks.verify, g)?.map(|dev| (i.clone(), dev))
+            let placements = pre
+                .as_ref()
+                .map(|b| b.placements.clone())
+                .unwrap_or_default();
+            let dev = super::usb::write_via(via, img, p.checks.verify, placements, g)?;
+            if let Some(pre) = &pre {
+                super::boards::say_placed(pre, g);
+            }
+            dev.map(|dev| (i.clone(), dev))
         }
         (_, i, Some(t)) => Some((i.clone().unwrap_or_default(), t.clone())),
         _ => return Err(ExitError::new(Exit::Usage, "give IMAGE and TARGET").into()),
