@@ -163,7 +163,7 @@ fn loader_4094() -> Vec<u8> {
 
 /// An image with data, zero runs and holes.
 fn image_with_holes(len: usize, seed: u32) -> Vec<u8> {
-    let mut v = garbage(len, seed);
+    let mut v = disk_image(garbage(len, seed));
     let mib = 1 << 20;
     for (i, chunk) in v.chunks_mut(mib).enumerate() {
         if i % 3 == 1 {
@@ -171,6 +171,13 @@ fn image_with_holes(len: usize, seed: u32) -> Vec<u8> {
         }
     }
     v
+}
+
+/// `bytes` with an MBR's 0x55AA signature, so sbcflash takes it as a disk image (it refuses
+/// data with no partition table, file system or bootloader signature without `--raw`).
+fn disk_image(mut bytes: Vec<u8>) -> Vec<u8> {
+    bytes[510..512].copy_from_slice(&[0x55, 0xAA]);
+    bytes
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
@@ -272,7 +279,7 @@ fn qemu_usb_lab_sbcflash_through_a_real_usb_stack() {
     write(&w, "rk.expected", &rk_expected);
     write(&w, "loader.bin", &loader_with_flash_boot().0);
     write(&w, "loader4094.bin", &loader_4094());
-    write(&w, "small.img", &garbage(mib, 0x94));
+    write(&w, "small.img", &disk_image(garbage(mib, 0x94)));
 
     let mmc = garbage(32 * mib, 0xfb);
     write(&w, "fb.mmc", &mmc);
