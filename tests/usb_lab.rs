@@ -288,5 +288,24 @@ fn qemu_usb_lab_sbcflash_through_a_real_usb_stack() {
     fel_expected[mib..2 * mib].copy_from_slice(&bin);
     write(&w, "fel.expected", &fel_expected);
 
-    run_in_guest("sbcflash.sh", &w, &[&dev, &sbc], 28);
+    run_in_guest("sbcflash.sh", &w, &[&dev, &sbc], 35);
+}
+
+/// USB card readers for real (mass-storage gadgets with a removable LUN): `write --eject`
+/// ejects the medium (the reader stays) or powers a plain USB disk off; the station with four
+/// card-reader slots matched by ID_PATH, one card pulled mid-write, the others ejected after
+/// PASS; the ledger rows; `bootstrap --flash-via ums` whose U-Boot plugs in a real gadget.
+#[test]
+fn qemu_usb_lab_usb_disks_eject_station_and_ums_bootstrap() {
+    if !lab_ready(&["python3", "blockdev", "udevadm", "od"]) {
+        return;
+    }
+    let sbc = PathBuf::from(env!("CARGO_BIN_EXE_sbcflash"));
+    let w = work_dir("usb-lab-disks");
+    // 32 MiB with holes and an MBR signature (a disk image for `write`'s sniffing); the
+    // station writes its first MiB last, so a pulled card has no 0x55AA.
+    let mut img = image_with_holes(32 << 20, 0x57a7);
+    img[510..512].copy_from_slice(&[0x55, 0xaa]);
+    write(&w, "img.raw", &img);
+    run_in_guest("usb-disks.sh", &w, &[&sbc], 27);
 }

@@ -108,8 +108,9 @@ pub struct WriteArgs {
     /// file system or bootloader signature at its start): for raw blobs.
     #[arg(long)]
     pub raw: bool,
-    /// After a successful write, flush the disk and power it off (remove its USB device from
-    /// the kernel, as `udisksctl power-off` does), so it can be pulled at once. USB disks only.
+    /// After a successful write, flush the disk and eject it so it can be pulled at once: a
+    /// card reader's (removable) medium is ejected, as `eject` does; a plain USB disk is
+    /// powered off (its USB device removed from the kernel, as `udisksctl power-off`).
     #[arg(long)]
     pub eject: bool,
     /// Do not discard the device before writing.
@@ -479,12 +480,9 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     }
     // Everything is written, read back and flushed: say when the disk may be pulled.
     let pulled = match (&info, &eject) {
-        (_, Some(usb)) => {
-            target::eject::eject(&opened_path, usb)?;
-            Some(format!(
-                "{job} was flushed and powered off (USB device {}): remove it now",
-                usb.display()
-            ))
+        (_, Some(plan)) => {
+            target::eject::eject(&opened_path, plan)?;
+            Some(plan.done(&job))
         }
         (TargetInfo::Device(d), None) if target::eject::is_pullable(d) => Some(format!(
             "{job} can be removed safely now: everything was written and flushed"
