@@ -161,9 +161,10 @@ fn loader_4094() -> Vec<u8> {
     f
 }
 
-/// An image with data, zero runs and holes.
+/// An image with data, zero runs and holes; it ends its first sector with the MBR signature,
+/// so `write` takes it as a disk image.
 fn image_with_holes(len: usize, seed: u32) -> Vec<u8> {
-    let mut v = garbage(len, seed);
+    let mut v = signed(garbage(len, seed));
     let mib = 1 << 20;
     for (i, chunk) in v.chunks_mut(mib).enumerate() {
         if i % 3 == 1 {
@@ -237,6 +238,12 @@ fn qemu_usb_lab_real_host_tools_against_the_models() {
     run_in_guest("real-tools.sh", &w, &[&dev], 30);
 }
 
+/// `v` with the MBR signature at 510 (what `write` checks before taking a source as an image).
+fn signed(mut v: Vec<u8>) -> Vec<u8> {
+    v[510..512].copy_from_slice(&[0x55, 0xaa]);
+    v
+}
+
 /// A file with real holes (SEEK_HOLE sees them): data MiBs, and every third MiB left unwritten.
 fn sparse_file(dir: &Path, name: &str, len: usize, seed: u32) -> (PathBuf, Vec<u8>) {
     use std::os::unix::fs::FileExt;
@@ -272,7 +279,7 @@ fn qemu_usb_lab_sbcflash_through_a_real_usb_stack() {
     write(&w, "rk.expected", &rk_expected);
     write(&w, "loader.bin", &loader_with_flash_boot().0);
     write(&w, "loader4094.bin", &loader_4094());
-    write(&w, "small.img", &garbage(mib, 0x94));
+    write(&w, "small.img", &signed(garbage(mib, 0x94)));
 
     let mmc = garbage(32 * mib, 0xfb);
     write(&w, "fb.mmc", &mmc);
@@ -302,10 +309,8 @@ fn qemu_usb_lab_usb_disks_eject_station_and_ums_bootstrap() {
     }
     let sbc = PathBuf::from(env!("CARGO_BIN_EXE_sbcflash"));
     let w = work_dir("usb-lab-disks");
-    // 32 MiB with holes and an MBR signature (a disk image for `write`'s sniffing); the
-    // station writes its first MiB last, so a pulled card has no 0x55AA.
-    let mut img = image_with_holes(32 << 20, 0x57a7);
-    img[510..512].copy_from_slice(&[0x55, 0xaa]);
-    write(&w, "img.raw", &img);
+    // 32 MiB with holes and an MBR signature; the station writes its first MiB last, so a
+    // pulled card has no 0x55AA.
+    write(&w, "img.raw", &image_with_holes(32 << 20, 0x57a7));
     run_in_guest("usb-disks.sh", &w, &[&sbc], 27);
 }
