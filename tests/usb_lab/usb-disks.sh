@@ -129,7 +129,7 @@ head -c 48M /dev/urandom > /tmp/emmc.bin
 python3 "$HERE/uboot_board.py" /tmp/board-tty /tmp/emmc.bin /tmp/board.events > /tmp/board.log 2>&1 &
 board=$!
 for i in $(seq 100); do [ -e /tmp/board-tty ] && break; sleep 0.05; done
-timeout 300 "$SBC" bootstrap --flash-via ums --yes --no-handoff --port /tmp/board-tty --image "$IMG" \
+timeout 200 "$SBC" bootstrap --flash-via ums --yes --no-handoff --port /tmp/board-tty --image "$IMG" \
   --transcript /tmp/bootstrap.log --uboot-timeout 120 --boot-timeout 120 --flash-timeout 120 \
   > /tmp/bs.out 2> /tmp/bs.err; rc=$?
 kill "$board"; wait "$board" 2>/dev/null
