@@ -312,5 +312,5 @@ fn qemu_usb_lab_usb_disks_eject_station_and_ums_bootstrap() {
     // 32 MiB with holes and an MBR signature; the station writes its first MiB last, so a
     // pulled card has no 0x55AA.
     write(&w, "img.raw", &image_with_holes(32 << 20, 0x57a7));
-    run_in_guest("usb-disks.sh", &w, &[&sbc], 27);
+    run_in_guest("usb-disks.sh", &w, &[&sbc], 28);
 }

@@ -123,6 +123,19 @@ PY
 then ok "station report --json: 3 pass, C fail, each row with its slot's ID_PATH, reader and serial"; else
   no "station report rows"; cat /tmp/st/report.json; fi
 
+# ---- `eject = false`: the station leaves the card in (a new card in reader A)
+lab_unbind rdA
+truncate -s 0 /tmp/st/A.card; truncate -s 64M /tmp/st/A.card
+echo /tmp/st/A.card > "$G/rdA/functions/mass_storage.0/lun.0/file"
+sed -i '1i eject = false' /tmp/st/station.toml
+"$SBC" --json station --config /tmp/st/station.toml --exit-after 1 > /tmp/st/out2.json 2> /tmp/st/err2 &
+st=$!
+for i in $(seq 300); do grep -q 'station ready' /tmp/st/out2.json && break; sleep 0.1; done
+lab_bind rdA
+wait "$st"; rc=$?
+[ "$rc" = 0 ] && [ -n "$(lun rdA)" ] && cmp -n "$SIZE" /tmp/st/A.card "$IMG" > /dev/null \
+  && ok "eject = false: slot A PASS, the card stays in" || { no "eject = false: exit $rc, LUN '$(lun rdA)'"; tail -5 /tmp/st/out2.json; }
+
 # ---- bootstrap --flash-via ums: U-Boot's `ums 0 mmc 0` makes a real USB disk appear
 HERE=$(cd "$(dirname "$0")" && pwd)
 head -c 48M /dev/urandom > /tmp/emmc.bin
