@@ -161,9 +161,10 @@ fn loader_4094() -> Vec<u8> {
     f
 }
 
-/// An image with data, zero runs and holes.
+/// An image with data, zero runs and holes; it ends its first sector with the MBR signature,
+/// so `write` takes it as a disk image.
 fn image_with_holes(len: usize, seed: u32) -> Vec<u8> {
-    let mut v = disk_image(garbage(len, seed));
+    let mut v = signed(garbage(len, seed));
     let mib = 1 << 20;
     for (i, chunk) in v.chunks_mut(mib).enumerate() {
         if i % 3 == 1 {
@@ -171,13 +172,6 @@ fn image_with_holes(len: usize, seed: u32) -> Vec<u8> {
         }
     }
     v
-}
-
-/// `bytes` with an MBR's 0x55AA signature, so sbcflash takes it as a disk image (it refuses
-/// data with no partition table, file system or bootloader signature without `--raw`).
-fn disk_image(mut bytes: Vec<u8>) -> Vec<u8> {
-    bytes[510..512].copy_from_slice(&[0x55, 0xAA]);
-    bytes
 }
 
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
@@ -244,6 +238,12 @@ fn qemu_usb_lab_real_host_tools_against_the_models() {
     run_in_guest("real-tools.sh", &w, &[&dev], 30);
 }
 
+/// `v` with the MBR signature at 510 (what `write` checks before taking a source as an image).
+fn signed(mut v: Vec<u8>) -> Vec<u8> {
+    v[510..512].copy_from_slice(&[0x55, 0xaa]);
+    v
+}
+
 /// A file with real holes (SEEK_HOLE sees them): data MiBs, and every third MiB left unwritten.
 fn sparse_file(dir: &Path, name: &str, len: usize, seed: u32) -> (PathBuf, Vec<u8>) {
     use std::os::unix::fs::FileExt;
@@ -279,7 +279,7 @@ fn qemu_usb_lab_sbcflash_through_a_real_usb_stack() {
     write(&w, "rk.expected", &rk_expected);
     write(&w, "loader.bin", &loader_with_flash_boot().0);
     write(&w, "loader4094.bin", &loader_4094());
-    write(&w, "small.img", &disk_image(garbage(mib, 0x94)));
+    write(&w, "small.img", &signed(garbage(mib, 0x94)));
 
     let mmc = garbage(32 * mib, 0xfb);
     write(&w, "fb.mmc", &mmc);
@@ -295,5 +295,22 @@ fn qemu_usb_lab_sbcflash_through_a_real_usb_stack() {
     fel_expected[mib..2 * mib].copy_from_slice(&bin);
     write(&w, "fel.expected", &fel_expected);
 
-    run_in_guest("sbcflash.sh", &w, &[&dev, &sbc], 28);
+    run_in_guest("sbcflash.sh", &w, &[&dev, &sbc], 35);
+}
+
+/// USB card readers for real (mass-storage gadgets with a removable LUN): `write --eject`
+/// ejects the medium (the reader stays) or powers a plain USB disk off; the station with four
+/// card-reader slots matched by ID_PATH, one card pulled mid-write, the others ejected after
+/// PASS; the ledger rows; `bootstrap --flash-via ums` whose U-Boot plugs in a real gadget.
+#[test]
+fn qemu_usb_lab_usb_disks_eject_station_and_ums_bootstrap() {
+    if !lab_ready(&["python3", "blockdev", "udevadm", "od"]) {
+        return;
+    }
+    let sbc = PathBuf::from(env!("CARGO_BIN_EXE_sbcflash"));
+    let w = work_dir("usb-lab-disks");
+    // 32 MiB with holes and an MBR signature; the station writes its first MiB last, so a
+    // pulled card has no 0x55AA.
+    write(&w, "img.raw", &image_with_holes(32 << 20, 0x57a7));
+    run_in_guest("usb-disks.sh", &w, &[&sbc], 28);
 }

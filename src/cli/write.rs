@@ -110,8 +110,9 @@ pub struct WriteArgs {
     /// file system or bootloader signature at its start): for raw blobs.
     #[arg(long)]
     pub raw: bool,
-    /// After a successful write, flush the disk and power it off (remove its USB device from
-    /// the kernel, as `udisksctl power-off` does), so it can be pulled at once. USB disks only.
+    /// After a successful write, flush the disk and eject it so it can be pulled at once: a
+    /// card reader's (removable) medium is ejected, as `eject` does; a plain USB disk is
+    /// powered off (its USB device removed from the kernel, as `udisksctl power-off`).
     #[arg(long)]
     pub eject: bool,
     /// Do not discard the device before writing.
@@ -581,7 +582,7 @@ pub fn run_plan(p: WritePlan, g: &Global) -> anyhow::Result<Exit> {
         &job,
         &opened_path,
         &info,
-        eject.as_deref(),
+        eject.as_ref(),
         &report,
         reporter.as_ref(),
         g,
@@ -595,19 +596,16 @@ fn finish(
     job: &str,
     opened_path: &Path,
     info: &TargetInfo,
-    eject: Option<&Path>,
+    eject: Option<&target::eject::Plan>,
     report: &write::WriteReport,
     reporter: &dyn crate::progress::Reporter,
     g: &Global,
 ) -> anyhow::Result<()> {
     // Everything is written, read back and flushed: say when the disk may be pulled.
     let pulled = match (info, eject) {
-        (_, Some(usb)) => {
-            target::eject::eject(opened_path, usb)?;
-            Some(format!(
-                "{job} was flushed and powered off (USB device {}): remove it now",
-                usb.display()
-            ))
+        (_, Some(plan)) => {
+            target::eject::eject(opened_path, plan)?;
+            Some(plan.done(job))
         }
         (TargetInfo::Device(d), None) if target::eject::is_pullable(d) => Some(format!(
             "{job} can be removed safely now: everything was written and flushed"

@@ -37,6 +37,11 @@ pub struct StationConfig {
     /// Read back and compare after writing (default true; turning it off is recorded).
     #[serde(default = "yes")]
     pub verify: bool,
+    /// After a PASS on a block slot whose disk is a USB card reader (removable media), eject
+    /// the card (SCSI START STOP UNIT) so it can be pulled at once; the reader, and so the
+    /// slot, stays. Default true.
+    #[serde(default = "yes")]
+    pub eject: bool,
     /// `[[slot]]` tables (`slots = [...]` also accepted).
     #[serde(rename = "slot", alias = "slots", default)]
     pub slots: Vec<SlotConfig>,
@@ -223,6 +228,7 @@ pub struct Station {
     pub ui: UiConfig,
     pub usb: UsbConfig,
     pub verify: bool,
+    pub eject: bool,
     pub slots: Vec<SlotMatcher>,
 }
 
@@ -424,6 +430,7 @@ impl Station {
             ui: raw.ui,
             usb: usb_config(&raw.usb, &resolve, &bad)?,
             verify: raw.verify,
+            eject: raw.eject,
             slots,
         })
     }
@@ -479,6 +486,9 @@ match = { "attr:loop/backing_file" = "/tmp/*/s2.img" }
         );
         assert_eq!(s.slots.len(), 2);
         assert_eq!(s.files[0].0, "sbcflash/identity.json");
+        assert!(s.eject, "card readers eject after PASS unless turned off");
+        let off = Station::parse(Path::new("/x.toml"), &format!("eject = false\n{GOOD}")).unwrap();
+        assert!(!off.eject);
     }
 
     #[test]

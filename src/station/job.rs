@@ -270,6 +270,9 @@ pub fn spawn(
                 serial: None,
                 reason: Some(format!("job thread panicked: {}", panic_text(p.as_ref()))),
             });
+            if d.pass && ctx.station.eject && !dev.is_usb_device() {
+                eject_card(&ctx, &slot, &dev);
+            }
             let _ = done.send(d);
         });
     let thread = match thread {
@@ -286,6 +289,27 @@ pub fn spawn(
         }
     };
     Handle { cancel, thread }
+}
+
+/// After a PASS (the row is final): eject the card of a USB card reader, so it can be pulled
+/// at once while the reader and its slot stay. Only the medium the job wrote (its DISKSEQ).
+fn eject_card(ctx: &Context, slot: &str, dev: &DeviceInfo) {
+    let Some(node) = dev.devnode.as_deref() else {
+        return;
+    };
+    let seq = dev.prop("DISKSEQ").and_then(|s| s.parse().ok());
+    let (level, text) = match crate::target::eject::eject_card(std::path::Path::new(node), seq) {
+        Ok(true) => (
+            crate::progress::Level::Info,
+            format!("{slot}: {node}: card ejected; pull it"),
+        ),
+        Ok(false) => return,
+        Err(e) => (
+            crate::progress::Level::Warn,
+            format!("{slot}: {node}: the card was written but could not be ejected: {e}"),
+        ),
+    };
+    ctx.ui.say(level, text);
 }
 
 /// The message of a caught panic (`panic!` payloads are `&str` or `String`).

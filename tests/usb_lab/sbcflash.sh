@@ -158,5 +158,37 @@ t "non-root user without the group: exit 8, permission denied and the udev hint"
 stop fel
 cmp -s -n 1048576 -i 1048576:0 /tmp/fel3.dram "$W/fel.bin" && ok "the non-root fel write reached the board" || no "non-root fel write not in DRAM"
 
+# ---- udev rules for rockusb (maskrom, then the loader it re-enumerates as) and fastboot: the
+# rule's group and mode, and the non-root user lists both and flashes each
+kill -TERM "$(cat /tmp/fb.pid)" 2>/dev/null; wait "$(cat /tmp/fb.pid)" 2>/dev/null
+lab_unbind fb 2>/dev/null; lab_unbind rk 2>/dev/null
+cp "$W/rk.emmc" /tmp/rk4.emmc; cp "$W/fb.mmc" /tmp/fb4.mmc
+serve rk 0x2207 0x350b RK0001 rockusb /tmp/rk4.emmc
+serve fb 0x2345 0x7654 FB0001 fastboot /tmp/fb4.mmc --max-download 4194304
+udevadm settle --timeout=10
+for id in 2207:350b 2345:7654; do
+  node=$(lsusb -d "$id" | awk '{printf "/dev/bus/usb/%s/%s", $2, substr($4, 1, 3)}')
+  perm=$(stat -c '%G %a' "$node" 2>&1)
+  [ "$perm" = "sbcflash 660" ] && ok "udev rule: $id ($node) is group sbcflash, mode 660" || no "udev rule: $id $node is '$perm'"
+done
+$AS --groups=4242 "$SBC" --json usb > /tmp/usb-user.json 2>&1
+if python3 - /tmp/usb-user.json <<'PY'
+import json, sys
+devs = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")][0]["devices"]
+got = sorted((d["protocol"], d["mode"]) for d in devs)
+assert got == [("fastboot", "fastboot"), ("rockusb", "maskrom")], got
+PY
+then ok "non-root user in group sbcflash: usb lists the maskrom and fastboot boards"; else no "non-root usb --json"; cat /tmp/usb-user.json; fi
+t "non-root user: write --via maskrom (loader download, re-enumeration, rockusb write)" 0 'read back and verified' \
+  $AS --groups=4242 "$SBC" write --via maskrom --loader "$W/loader.bin" --storage emmc "$W/small.img"
+sleep 1
+stop rk
+cmp -s -n 1048576 /tmp/rk4.emmc "$W/small.img" && ok "the non-root rockusb write reached the eMMC" || no "non-root rockusb write not on the eMMC"
+t "non-root user: write --via fastboot" 0 'wrote 16777216 bytes' \
+  $AS --groups=4242 "$SBC" write --via fastboot --partition mmc "$W/img.raw"
+sleep 1
+stop fb
+same "the non-root fastboot write: partition == image, rest untouched" /tmp/fb4.mmc "$W/fb.expected"
+
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]
