@@ -20,7 +20,7 @@ fn drive<M: Machine>(m: &mut M, data: &[u8]) {
         ex.feed(c, now);
         for _ in 0..8 {
             match m.step(&mut ex, now) {
-                Step::Send(_) | Step::Stage(_) => continue,
+                Step::Send(_) | Step::Stage(_) | Step::Nudge { .. } => continue,
                 Step::Wait(_) => break,
                 Step::Done(_) | Step::Fail(_) => return,
             }
