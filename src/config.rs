@@ -51,8 +51,8 @@ pub enum ConfigError {
     InvalidEnv { var: String, msg: String },
 }
 
-impl ConfigError {
-    pub fn exit(&self) -> crate::exit::Exit {
+impl crate::exit::Classify for ConfigError {
+    fn exit(&self) -> crate::exit::Exit {
         match self {
             ConfigError::Io { .. } => crate::exit::Exit::Io,
             _ => crate::exit::Exit::BadInput,
@@ -766,7 +766,7 @@ mod tests {
         let s = e.to_string();
         assert!(s.starts_with(&format!("{}:4:3:", p.display())), "{s}");
         assert!(s.contains("ledgr"), "{s}");
-        assert_eq!(e.exit(), crate::exit::Exit::BadInput);
+        assert_eq!(crate::exit::Classify::exit(&e), crate::exit::Exit::BadInput);
     }
 
     #[test]

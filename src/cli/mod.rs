@@ -4,17 +4,20 @@
 use clap::{FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
-use crate::exit::{classify, Exit};
+use crate::exit::Exit;
 use crate::progress;
 
 pub mod acquire;
 pub mod boards;
+pub mod classify;
 pub mod console;
 pub mod help;
 pub mod meta;
 pub mod station;
 pub mod usb;
 pub mod write;
+
+pub use classify::classify;
 
 const AFTER_HELP: &str = "\
 Examples:

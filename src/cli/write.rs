@@ -269,7 +269,7 @@ fn still_says_target_state(e: anyhow::Error, state: Option<write::TargetState>) 
     let text = super::error_text(&e);
     match state {
         Some(s) if !text.contains(&s.to_string()) => {
-            ExitError::new(crate::exit::classify(&e), format!("{text}; {s}")).into()
+            ExitError::new(crate::cli::classify(&e), format!("{text}; {s}")).into()
         }
         _ => e,
     }

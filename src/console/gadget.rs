@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use super::bootstrap::{FlashVia, Flasher};
 use super::ConsoleError;
-use crate::exit::Exit;
+use crate::exit::{Classify, Exit};
 use crate::progress::Reporter;
 use crate::usb::discovery::{Bus, Found, Mode, Protocol};
 use crate::usb::flash::{self, Outcome, Via, ViaOptions};

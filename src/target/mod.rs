@@ -23,7 +23,7 @@
 
 pub mod eject;
 
-use crate::exit::Exit;
+use crate::exit::{Classify, Exit};
 use crate::write::{BlockDeviceSink, FileSink, Sink, WriteError};
 use serde::Serialize;
 use std::collections::BTreeSet;
@@ -48,14 +48,17 @@ pub enum TargetError {
     Permission { path: String, fix: String },
 }
 
-impl TargetError {
-    pub fn exit(&self) -> Exit {
+impl Classify for TargetError {
+    fn exit(&self) -> Exit {
         match self {
             TargetError::Refused { .. } => Exit::Refused,
             TargetError::Io { .. } => Exit::Io,
             TargetError::Permission { .. } => Exit::Environment,
         }
     }
+}
+
+impl TargetError {
     fn refused(path: &Path, reason: impl Into<String>) -> Self {
         TargetError::Refused {
             path: path.display().to_string(),

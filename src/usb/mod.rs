@@ -19,7 +19,7 @@ pub mod transport;
 pub mod udev;
 pub mod usbboot;
 
-use crate::exit::Exit;
+use crate::exit::{Classify, Exit};
 pub use transport::{Transport, TransportError};
 
 /// The install hint shown whenever a device exists but cannot be opened.
@@ -83,19 +83,13 @@ impl Error {
             source,
         }
     }
+}
 
-    /// Exit class for the CLI (registered in `exit::classify_dyn`).
-    pub fn exit(&self) -> Exit {
+impl Classify for Error {
+    fn exit(&self) -> Exit {
         match self {
-            Error::Transport {
-                source: TransportError::Timeout,
-                ..
-            } => Exit::Timeout,
-            Error::Transport {
-                source: TransportError::Access,
-                ..
-            } => Exit::Environment,
-            Error::Transport { .. } | Error::DeviceFailed(_) | Error::Protocol(_) => Exit::Io,
+            Error::Transport { source, .. } => source.exit(),
+            Error::DeviceFailed(_) | Error::Protocol(_) => Exit::Io,
             Error::Interrupted { source, .. } => match source.exit() {
                 Exit::Timeout => Exit::Timeout,
                 _ => Exit::Io,
@@ -110,11 +104,5 @@ impl Error {
             Error::Image(e) => e.exit(),
             Error::Write(e) => e.exit(),
         }
-    }
-}
-
-impl crate::exit::Classify for Error {
-    fn exit(&self) -> Exit {
-        Error::exit(self)
     }
 }
