@@ -299,7 +299,7 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
                 for e in &entries {
                     row(
                         &e.blake3,
-                        &human_size(e.size),
+                        &crate::target::human_size(e.size),
                         &when(&e.last_used),
                         e.origin.as_deref().or(e.name.as_deref()).unwrap_or("-"),
                     );
@@ -318,7 +318,7 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
                     };
                     row(
                         &d.source_blake3,
-                        &human_size(d.disk_bytes),
+                        &crate::target::human_size(d.disk_bytes),
                         &when(&d.last_used),
                         state,
                     );
@@ -423,9 +423,9 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
                 println!(
                     "removed {} item(s), freed {}; {} entries ({}) kept",
                     rep.removed.len(),
-                    human_size(rep.freed_bytes),
+                    crate::target::human_size(rep.freed_bytes),
                     rep.kept,
-                    human_size(rep.kept_bytes)
+                    crate::target::human_size(rep.kept_bytes)
                 );
             }
             Ok(Exit::Ok)
@@ -614,19 +614,4 @@ pub fn build_image(
         }),
     });
     Ok((entry, img))
-}
-
-fn human_size(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
 }

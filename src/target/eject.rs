@@ -45,7 +45,7 @@ pub fn plan(d: &Disk) -> Result<PathBuf, TargetError> {
             d.bus
         ));
     }
-    let sys = super::sysfs_dir(d.devnum)
+    let sys = super::disk::sysfs_dir(d.devnum)
         .canonicalize()
         .map_err(|e| TargetError::Io {
             path: d.path.display().to_string(),
