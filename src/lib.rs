@@ -13,5 +13,6 @@ pub mod image;
 pub mod progress;
 pub mod station;
 pub mod target;
+pub mod uevent;
 pub mod usb;
 pub mod write;
