@@ -77,8 +77,7 @@ pub fn registry(g: &Global) -> anyhow::Result<Registry> {
 
 pub fn run(a: BoardsArgs, g: &Global) -> anyhow::Result<Exit> {
     let reg = registry(g)?;
-    let out = std::io::stdout();
-    let mut out = out.lock();
+    let mut out = super::out::stdout();
     let r = match a.cmd.unwrap_or(BoardsCmd::List) {
         BoardsCmd::List => list(&reg, g, &mut out),
         BoardsCmd::Show { board } => show(reg.get(&board)?, g, &mut out),
@@ -89,7 +88,7 @@ pub fn run(a: BoardsArgs, g: &Global) -> anyhow::Result<Exit> {
             strict,
         } => check(reg.get(&board)?, &image, medium, strict, g, &mut out),
     };
-    super::quiet_pipe(r)
+    r
 }
 
 /// How the board is usually flashed, for the list.
@@ -615,7 +614,7 @@ fn check_head(
         }
     }
     if g.json {
-        print_report(&report, g, &mut std::io::stdout().lock())?;
+        print_report(&report, g, &mut super::out::stdout())?;
     } else if !g.quiet || report.has_warnings() {
         print_report(&report, g, &mut std::io::stderr().lock())?;
     }
@@ -648,7 +647,7 @@ pub fn after_write(p: &BoardPreflight, target: &Path, g: &Global) -> anyhow::Res
                 "event": "bootloader-placed", "schema": crate::progress::JSON_SCHEMA_VERSION,
                 "path": f.path, "offset": f.offset, "len": f.len, "board": p.board.id(),
             });
-            println!("{v}");
+            outln!("{v}");
         } else if !g.quiet {
             eprintln!("{msg}");
         }

@@ -248,13 +248,13 @@ fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
             o.insert("event".into(), "dry-run".into());
             o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
         }
-        println!("{v}");
+        outln!("{v}");
         return Ok(());
     }
-    println!("image:  {}", plan.image);
-    println!("ledger: {}", plan.ledger);
+    outln!("image:  {}", plan.image);
+    outln!("ledger: {}", plan.ledger);
     match (&plan.example_identity, &plan.example_identity_error) {
-        (Some(id), _) => println!(
+        (Some(id), _) => outln!(
             "next unit: {} (hostname {}){}",
             id.serial,
             id.hostname,
@@ -262,14 +262,14 @@ fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
                 .map(|s| format!(", counter at {s}"))
                 .unwrap_or_default()
         ),
-        (None, e) => println!(
+        (None, e) => outln!(
             "next unit: cannot be named: {}",
             e.as_deref().unwrap_or("unknown")
         ),
     }
-    println!("slots:");
+    outln!("slots:");
     for s in &plan.slots {
-        println!(
+        outln!(
             "  {:<10} [{}]\n             {}: {}",
             s.slot,
             s.rules,
@@ -278,11 +278,11 @@ fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
         );
     }
     if plan.outside.is_empty() {
-        println!("no other disks");
+        outln!("no other disks");
     } else {
-        println!("never touched (in no slot): {}", plan.outside.join(", "));
+        outln!("never touched (in no slot): {}", plan.outside.join(", "));
     }
-    println!("(dry run: nothing was written)");
+    outln!("(dry run: nothing was written)");
     Ok(())
 }
 
@@ -295,7 +295,7 @@ fn run_report(r: ReportArgs, json_lines: bool) -> anyhow::Result<Exit> {
     let path = ledger_path(&r.ledger, st.as_ref(), &cfg);
     let since = r.since.as_deref().map(parse_since).transpose()?;
     let rows = ledger::report(&path, since.as_deref())?;
-    let mut out = std::io::stdout().lock();
+    let mut out = super::out::stdout();
     use std::io::Write;
     if json_lines {
         // The global --json: the rows as the other commands' JSON lines (docs/json.md).

@@ -28,7 +28,7 @@ pub fn run_usb(a: UsbArgs, g: &Global) -> anyhow::Result<Exit> {
     match a.cmd.unwrap_or(UsbCmd::List) {
         UsbCmd::List => list(&RusbBus::new(), g),
         UsbCmd::UdevRules => {
-            print!("{}", udev::render());
+            out!("{}", udev::render());
             Ok(Exit::Ok)
         }
     }
@@ -37,7 +37,7 @@ pub fn run_usb(a: UsbArgs, g: &Global) -> anyhow::Result<Exit> {
 /// An empty bus is an empty list, not an error.
 pub fn list(bus: &dyn Bus, g: &Global) -> anyhow::Result<Exit> {
     let found = bus.list()?;
-    let mut out = std::io::stdout().lock();
+    let mut out = super::out::stdout();
     if g.json {
         let v = serde_json::json!({
             "event": "usb-devices", "schema": crate::progress::JSON_SCHEMA_VERSION,
@@ -162,7 +162,7 @@ pub fn run_fel_on(bus: &dyn Bus, a: FelArgs, g: &Global) -> anyhow::Result<Exit>
         };
     let mut t = bus.open(&dev)?;
     let t = &mut *t;
-    let mut out = std::io::stdout().lock();
+    let mut out = super::out::stdout();
     match a.cmd {
         FelCmd::Version => {
             let v = fel::version(t)?;
@@ -375,10 +375,10 @@ pub fn write_via(
                 let j = serde_json::json!({"event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
                     "device": device, "image_size": image_size, "bytes_written": bytes_written,
                     "bytes_skipped": bytes_skipped, "verified": verified});
-                println!("{j}");
+                outln!("{j}");
             } else {
                 // The result line, like `write`'s summary: stdout, also under -q.
-                println!(
+                outln!(
                     "{device}: wrote {bytes_written} bytes ({bytes_skipped} skipped) of a {image_size}-byte image; {}",
                     if verified { "read back and verified" } else { "not read back" }
                 );

@@ -500,14 +500,14 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     }
     // The result goes to stdout whatever -q says (-q silences progress and notes only).
     if !g.json {
-        println!("{}", report.summary_line(&job));
+        outln!("{}", report.summary_line(&job));
     }
     if g.json {
         let v = serde_json::json!({
             "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "job": job, "ok": true, "report": report,
         });
-        println!("{v}");
+        outln!("{v}");
     }
     Ok(Exit::Ok)
 }
@@ -528,7 +528,7 @@ pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
         let v = serde_json::json!({
             "event": "list", "schema": crate::progress::JSON_SCHEMA_VERSION, "disks": disks,
         });
-        println!("{v}");
+        outln!("{v}");
         return Ok(Exit::Ok);
     }
     if disks.is_empty() {
@@ -542,9 +542,13 @@ pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
         );
         return Ok(Exit::Ok);
     }
-    println!(
+    outln!(
         "{:<16} {:>10} {:<7} {:<9} {:<28} MOUNTED",
-        "DEVICE", "SIZE", "BUS", "REMOVABLE", "MODEL"
+        "DEVICE",
+        "SIZE",
+        "BUS",
+        "REMOVABLE",
+        "MODEL"
     );
     for d in &disks {
         let model = [d.vendor.as_deref(), d.model.as_deref()]
@@ -561,7 +565,7 @@ pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
         } else {
             "no".to_string()
         };
-        println!(
+        outln!(
             "{:<16} {:>10} {:<7} {:<9} {:<28} {}",
             d.path.display(),
             target::human_size(d.size),
@@ -664,9 +668,9 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
             "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "image": a.image, "blake3": hash.to_hex().to_string(), "logical_size": len,
         });
-        println!("{v}");
+        outln!("{v}");
     } else {
-        print!("{}", image::digest::sidecar_line(&hash, &a.image));
+        out!("{}", image::digest::sidecar_line(&hash, &a.image));
     }
     Ok(Exit::Ok)
 }
@@ -709,9 +713,9 @@ pub fn run_verify(a: VerifyArgs, g: &Global) -> anyhow::Result<Exit> {
             "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "job": job, "ok": true, "report": rep,
         });
-        println!("{v}");
+        outln!("{v}");
     } else {
-        println!(
+        outln!(
             "{job}: matches {} ({} bytes compared, {} unmapped bytes not compared); blake3 {}{}",
             a.image.display(),
             rep.bytes_compared,

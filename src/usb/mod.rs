@@ -1,9 +1,11 @@
 //! Flashing boards over their USB recovery protocols.
 //!
 //! Layout: [`transport`] is the one seam to hardware (rusb, or a simulated device);
-//! [`discovery`] finds devices by interface class and ID tables ([`ids`]); each protocol is a
-//! sans-IO core plus a thin driver over the transport: [`rockusb`] (Rockchip maskrom + loader,
-//! loader files in [`rkloader`]), [`usbboot`] (Raspberry Pi), [`fastboot`], [`fel`] (Allwinner).
+//! [`discovery`] finds devices by interface class and ID tables ([`ids`]). [`rockusb`] (Rockchip
+//! maskrom + loader, loader files in [`rkloader`]) drives the `rockusb` crate's sans-IO
+//! operations over the transport; [`usbboot`] (Raspberry Pi; it also reads the boot files),
+//! [`fastboot`] and [`fel`] (Allwinner) are drivers that call the transport directly. All are
+//! tested against the simulated devices through the same trait.
 //! [`flash`] runs a whole `write --via` session; [`udev`] renders the shipped rules from the
 //! same ID tables; [`sim`] holds the simulated devices the tests drive.
 
