@@ -135,11 +135,10 @@ fn run_station(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
         ui::Style::Stream
     };
     // On a terminal the station draws its own slot lines (see `ui::StationBars`).
-    let reporter: Arc<dyn Reporter> = match style {
-        ui::Style::Bars => Arc::new(ui::StationBars::default()),
-        ui::Style::Stream => reporter,
-    };
-    let ui = Arc::new(ui::Ui::new(reporter, style, st.ui.bell, st.ui.flash));
+    let ui = Arc::new(match style {
+        ui::Style::Bars => ui::Ui::bars(st.ui.bell, st.ui.flash),
+        ui::Style::Stream => ui::Ui::new(reporter, style, st.ui.bell, st.ui.flash),
+    });
     if stale > 0 {
         ui.say(
             Level::Warn,

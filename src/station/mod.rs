@@ -440,7 +440,7 @@ pub fn run_with(
                 format!("stopping: cancelling {} running job(s)", running.len()),
             );
             for h in running.values() {
-                h.cancel("station stopped by signal");
+                h.cancel(job::CancelReason::Stopped);
             }
         }
         let batch_done = opts.exit_after.is_some_and(|n| ended >= n);
