@@ -10,6 +10,20 @@ use std::time::{Duration, Instant};
 /// Version of the `--json` event schema; bump on any incompatible change.
 pub const JSON_SCHEMA_VERSION: u32 = 1;
 
+/// The one writer of `--json` lines: `fields` (an object) with `event` and `schema` set, on
+/// one line. Renderers and the CLI's result lines all go through it.
+pub fn json_line<W: Write + ?Sized>(
+    w: &mut W,
+    event: &str,
+    mut fields: serde_json::Value,
+) -> std::io::Result<()> {
+    if let Some(o) = fields.as_object_mut() {
+        o.insert("event".into(), event.into());
+        o.insert("schema".into(), JSON_SCHEMA_VERSION.into());
+    }
+    writeln!(w, "{fields}")
+}
+
 /// What an operation reports. `job` names the unit of work (a slot, a device path) so that
 /// one stream can carry several jobs at once.
 #[derive(Debug, Clone, Serialize)]
@@ -121,11 +135,12 @@ impl Reporter for JsonLines {
             Ok(v) => v,
             Err(_) => return,
         };
+        let event = v["event"].as_str().unwrap_or_default().to_string();
         if let Some(obj) = v.as_object_mut() {
-            obj.insert("schema".into(), JSON_SCHEMA_VERSION.into());
             obj.insert("ts".into(), chrono::Utc::now().to_rfc3339().into());
         }
-        let _ = writeln!(st.out, "{v}");
+        // A reader that went away must not stop the operation; the result line says it.
+        let _ = json_line(&mut st.out, &event, v);
         let _ = st.out.flush();
     }
 }

@@ -275,15 +275,10 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
                             event: &str,
                             path: Option<String>|
                  -> std::io::Result<()> {
-                    if let Some(o) = v.as_object_mut() {
-                        o.insert("event".into(), event.into());
-                        o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
-                        if let Some(p) = path {
-                            o.insert("path".into(), p.into());
-                        }
+                    if let (Some(o), Some(p)) = (v.as_object_mut(), path) {
+                        o.insert("path".into(), p.into());
                     }
-                    outln!("{v}");
-                    Ok(())
+                    crate::progress::json_line(&mut super::out::stdout(), event, v)
                 };
                 for e in &entries {
                     let path = e.path.display().to_string();

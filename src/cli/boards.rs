@@ -126,9 +126,9 @@ fn list(reg: &Registry, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit
             })
             .collect();
         let v = serde_json::json!({
-            "event": "boards", "schema": crate::progress::JSON_SCHEMA_VERSION, "boards": boards,
+            "boards": boards,
         });
-        writeln!(out, "{v}")?;
+        crate::progress::json_line(out, "boards", v)?;
         return Ok(Exit::Ok);
     }
     let rows: Vec<[String; 7]> = reg
@@ -183,9 +183,9 @@ fn list(reg: &Registry, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit
 fn show(b: &Board, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit> {
     if g.json {
         let v = serde_json::json!({
-            "event": "board", "schema": crate::progress::JSON_SCHEMA_VERSION, "board": b,
+            "board": b,
         });
-        writeln!(out, "{v}")?;
+        crate::progress::json_line(out, "board", v)?;
         return Ok(Exit::Ok);
     }
     let d = &b.desc;
@@ -399,10 +399,9 @@ pub fn print_report(
 ) -> std::io::Result<()> {
     if g.json {
         let v = serde_json::json!({
-            "event": "image-check", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "report": report,
         });
-        return writeln!(out, "{v}");
+        return crate::progress::json_line(out, "image-check", v);
     }
     for f in &report.findings {
         let tag = match f.severity {
@@ -644,10 +643,9 @@ pub fn after_write(p: &BoardPreflight, target: &Path, g: &Global) -> anyhow::Res
         );
         if g.json {
             let v = serde_json::json!({
-                "event": "bootloader-placed", "schema": crate::progress::JSON_SCHEMA_VERSION,
                 "path": f.path, "offset": f.offset, "len": f.len, "board": p.board.id(),
             });
-            outln!("{v}");
+            crate::progress::json_line(&mut super::out::stdout(), "bootloader-placed", v)?;
         } else if !g.quiet {
             eprintln!("{msg}");
         }

@@ -635,10 +635,11 @@ pub fn run_serial_load(a: SerialLoadArgs, g: &Global) -> anyhow::Result<Exit> {
     let l = with_transcript(&mut s, r)?;
     let rate = l.bytes as f64 / l.seconds.max(0.001) / 1024.0;
     if g.json {
-        outln!(
-            "{}",
-            serde_json::json!({"event":"serial-load","schema":crate::progress::JSON_SCHEMA_VERSION,"bytes":l.bytes,"crc32":format!("{:08x}", l.crc32),"addr":l.addr.map(|x| format!("0x{x:x}")),"seconds":l.seconds})
-        );
+        let v = serde_json::json!({
+            "bytes": l.bytes, "crc32": format!("{:08x}", l.crc32),
+            "addr": l.addr.map(|x| format!("0x{x:x}")), "seconds": l.seconds,
+        });
+        crate::progress::json_line(&mut super::out::stdout(), "serial-load", v)?;
     } else {
         outln!(
             "sent {} ({} bytes, crc32 {:08x}){} in {:.1}s ({rate:.1} KiB/s)",

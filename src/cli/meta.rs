@@ -204,10 +204,9 @@ fn report_written(g: &Global, what: &str, paths: &[PathBuf]) -> anyhow::Result<(
     let mut out = super::out::stdout();
     if g.json {
         let v = serde_json::json!({
-            "event": "written", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "what": what, "files": paths,
         });
-        writeln!(out, "{v}")?;
+        crate::progress::json_line(&mut out, "written", v)?;
     } else {
         for p in paths {
             writeln!(out, "{}", p.display())?;
@@ -304,10 +303,9 @@ fn config(a: ConfigArgs, g: &Global) -> anyhow::Result<Exit> {
             })?;
             if g.json {
                 let v = serde_json::json!({
-                    "event": "config-path", "schema": crate::progress::JSON_SCHEMA_VERSION,
                     "path": path, "exists": path.exists(),
                 });
-                writeln!(out, "{v}")?;
+                crate::progress::json_line(&mut out, "config-path", v)?;
             } else {
                 writeln!(out, "{}", path.display())?;
             }
@@ -316,10 +314,9 @@ fn config(a: ConfigArgs, g: &Global) -> anyhow::Result<Exit> {
             let cfg = Config::load(&s.flags.to_flags(g))?;
             if g.json {
                 let v = serde_json::json!({
-                    "event": "config", "schema": crate::progress::JSON_SCHEMA_VERSION,
                     "config": cfg,
                 });
-                writeln!(out, "{v}")?;
+                crate::progress::json_line(&mut out, "config", v)?;
             } else {
                 write_show(&mut out, &cfg)?;
             }

@@ -2,7 +2,6 @@
 //! file named after it, and call into the library modules that do the work.
 
 use clap::{FromArgMatches, Parser, Subcommand};
-use std::io::Write;
 use std::process::ExitCode;
 
 use crate::exit::Exit;
@@ -184,12 +183,9 @@ pub fn main() -> ExitCode {
             let code = classify(&err);
             let message = error_text(&err);
             if json {
-                let ev = serde_json::json!({
-                    "event": "error", "schema": progress::JSON_SCHEMA_VERSION,
-                    "message": message, "exit_code": code.code(),
-                });
+                let ev = serde_json::json!({ "message": message, "exit_code": code.code() });
                 // Best effort: the message goes to stderr below in any case.
-                let _ = writeln!(out::stdout(), "{ev}");
+                let _ = progress::json_line(&mut out::stdout(), "error", ev);
             }
             eprintln!("error: {message}");
             ExitCode::from(code.code())

@@ -242,12 +242,8 @@ fn resolve_image(
 fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
     if json {
         // One more JSON line in the event stream, tagged like the events.
-        let mut v = serde_json::to_value(plan)?;
-        if let Some(o) = v.as_object_mut() {
-            o.insert("event".into(), "dry-run".into());
-            o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
-        }
-        outln!("{v}");
+        let v = serde_json::to_value(plan)?;
+        crate::progress::json_line(&mut super::out::stdout(), "dry-run", v)?;
         return Ok(());
     }
     outln!("image:  {}", plan.image);
@@ -299,12 +295,7 @@ fn run_report(r: ReportArgs, json_lines: bool) -> anyhow::Result<Exit> {
     if json_lines {
         // The global --json: the rows as the other commands' JSON lines (docs/json.md).
         for row in &rows {
-            let mut v = serde_json::to_value(row)?;
-            if let Some(o) = v.as_object_mut() {
-                o.insert("event".into(), "ledger-row".into());
-                o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
-            }
-            writeln!(out, "{v}")?;
+            crate::progress::json_line(&mut out, "ledger-row", serde_json::to_value(row)?)?;
         }
         return Ok(Exit::Ok);
     }

@@ -40,10 +40,9 @@ pub fn list(bus: &dyn Bus, g: &Global) -> anyhow::Result<Exit> {
     let mut out = super::out::stdout();
     if g.json {
         let v = serde_json::json!({
-            "event": "usb-devices", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "devices": found,
         });
-        writeln!(out, "{v}")?;
+        crate::progress::json_line(&mut out, "usb-devices", v)?;
         return Ok(Exit::Ok);
     }
     if found.is_empty() {
@@ -168,9 +167,8 @@ pub fn run_fel_on(bus: &dyn Bus, a: FelArgs, g: &Global) -> anyhow::Result<Exit>
             let v = fel::version(t)?;
             let soc = fel::soc_name(t, &v)?;
             if g.json {
-                let j = serde_json::json!({"event": "fel-version", "schema": crate::progress::JSON_SCHEMA_VERSION,
-                    "port": dev.port_path, "soc": soc, "version": v});
-                writeln!(out, "{j}")?;
+                let j = serde_json::json!({"port": dev.port_path, "soc": soc, "version": v});
+                crate::progress::json_line(&mut out, "fel-version", j)?;
             } else {
                 writeln!(
                     out,
@@ -372,10 +370,9 @@ pub fn write_via(
             verified,
         } => {
             if g.json {
-                let j = serde_json::json!({"event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
-                    "device": device, "image_size": image_size, "bytes_written": bytes_written,
+                let j = serde_json::json!({"device": device, "image_size": image_size, "bytes_written": bytes_written,
                     "bytes_skipped": bytes_skipped, "verified": verified});
-                outln!("{j}");
+                crate::progress::json_line(&mut super::out::stdout(), "result", j)?;
             } else {
                 // The result line, like `write`'s summary: stdout, also under -q.
                 outln!(

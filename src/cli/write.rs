@@ -504,10 +504,9 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     }
     if g.json {
         let v = serde_json::json!({
-            "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "job": job, "ok": true, "report": report,
         });
-        outln!("{v}");
+        crate::progress::json_line(&mut super::out::stdout(), "result", v)?;
     }
     Ok(Exit::Ok)
 }
@@ -526,9 +525,9 @@ pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
     let disks = target::list_disks(a.all)?;
     if g.json {
         let v = serde_json::json!({
-            "event": "list", "schema": crate::progress::JSON_SCHEMA_VERSION, "disks": disks,
+            "disks": disks,
         });
-        outln!("{v}");
+        crate::progress::json_line(&mut super::out::stdout(), "list", v)?;
         return Ok(Exit::Ok);
     }
     if disks.is_empty() {
@@ -665,10 +664,9 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
     }
     if g.json {
         let v = serde_json::json!({
-            "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "image": a.image, "blake3": hash.to_hex().to_string(), "logical_size": len,
         });
-        outln!("{v}");
+        crate::progress::json_line(&mut super::out::stdout(), "result", v)?;
     } else {
         out!("{}", image::digest::sidecar_line(&hash, &a.image));
     }
@@ -710,10 +708,9 @@ pub fn run_verify(a: VerifyArgs, g: &Global) -> anyhow::Result<Exit> {
         .with_context(|| format!("verifying {job} against {}", a.image.display()))?;
     if g.json {
         let v = serde_json::json!({
-            "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "job": job, "ok": true, "report": rep,
         });
-        outln!("{v}");
+        crate::progress::json_line(&mut super::out::stdout(), "result", v)?;
     } else {
         outln!(
             "{job}: matches {} ({} bytes compared, {} unmapped bytes not compared); blake3 {}{}",
