@@ -187,6 +187,30 @@ fn bar_style(known_total: bool) -> indicatif::ProgressStyle {
     }
 }
 
+/// What every bar renderer (these bars, the station's slot lines) does with the events that
+/// do not start a line: move a bar, print a note above the bars, end a line.
+pub(crate) mod bar {
+    use super::Level;
+
+    pub(crate) fn advance(pb: &indicatif::ProgressBar, done: u64, total: Option<u64>) {
+        if let Some(t) = total {
+            pb.set_length(t);
+        }
+        pb.set_position(done);
+    }
+
+    pub(crate) fn note(level: Level, text: String) -> String {
+        match level {
+            Level::Info => text,
+            Level::Warn => format!("warning: {text}"),
+        }
+    }
+
+    pub(crate) fn failed(pb: indicatif::ProgressBar, message: &str) {
+        pb.abandon_with_message(format!("FAILED: {message}"));
+    }
+}
+
 impl Reporter for Bars {
     fn report(&self, ev: Event) {
         let Ok(mut bars) = self.bars.lock() else {
@@ -221,17 +245,11 @@ impl Reporter for Bars {
                 total,
             } => {
                 if let Some(pb) = bars.get(&(job, phase)) {
-                    if let Some(t) = total {
-                        pb.set_length(t);
-                    }
-                    pb.set_position(done);
+                    bar::advance(pb, done, total);
                 }
             }
             Event::Message { job, level, text } => {
-                let line = match level {
-                    Level::Info => text,
-                    Level::Warn => format!("warning: {text}"),
-                };
+                let line = bar::note(level, text);
                 match bars.iter().find(|((j, _), _)| *j == job) {
                     Some((_, pb)) => pb.println(line),
                     None => {
@@ -251,7 +269,7 @@ impl Reporter for Bars {
                 ..
             } => {
                 if let Some(pb) = bars.remove(&(job, phase)) {
-                    pb.abandon_with_message(format!("FAILED: {message}"));
+                    bar::failed(pb, &message);
                 }
             }
         }

@@ -239,18 +239,11 @@ impl Reporter for StationBars {
                 job, done, total, ..
             } => {
                 if let Some(pb) = bars.get(&job) {
-                    if let Some(t) = total {
-                        pb.set_length(t);
-                    }
-                    pb.set_position(done);
+                    crate::progress::bar::advance(pb, done, total);
                 }
             }
             Event::Message { level, text, .. } => {
-                let line = match level {
-                    Level::Info => text,
-                    Level::Warn => format!("warning: {text}"),
-                };
-                let _ = self.multi.println(line);
+                let _ = self.multi.println(crate::progress::bar::note(level, text));
             }
             Event::Finish { job, .. } => {
                 if let Some(pb) = bars.remove(&job) {
@@ -259,7 +252,7 @@ impl Reporter for StationBars {
             }
             Event::Error { job, message, .. } => {
                 if let Some(pb) = bars.remove(&job) {
-                    pb.abandon_with_message(format!("FAILED: {message}"));
+                    crate::progress::bar::failed(pb, &message);
                 }
             }
         }
