@@ -28,6 +28,7 @@ use sbcflash::usb::TransportError;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -266,6 +267,10 @@ fn strings() -> Vec<u8> {
 struct Gadget {
     udc_file: PathBuf,
     udc: Arc<Mutex<Option<String>>>,
+    /// Set from the model's re-enumeration until the gadget is back: a real ROM stops
+    /// answering at once, while unplugging the gadget takes a moment (in-process, a handle
+    /// opened before a re-enumeration sees the device gone at once, too).
+    off: Arc<AtomicBool>,
 }
 
 impl Gadget {
@@ -275,6 +280,7 @@ impl Gadget {
                 .join(name)
                 .join("UDC"),
             udc: Arc::new(Mutex::new(None)),
+            off: Arc::new(AtomicBool::new(false)),
         }
     }
     fn unplug(&self) {
@@ -297,21 +303,24 @@ impl Gadget {
     }
     /// The board re-enumerates (ROM → loader, reboot): off the bus, then back on the same port.
     fn reenumerate(&self, back: bool) {
+        self.off.store(true, Ordering::SeqCst);
         let g = self.clone();
         std::thread::spawn(move || {
+            // Let the host finish the transfer that made the board go (its status stage).
             std::thread::sleep(Duration::from_millis(100));
             g.unplug();
             if back {
                 std::thread::sleep(Duration::from_millis(300));
                 g.plug();
+                g.off.store(false, Ordering::SeqCst);
             }
         });
     }
 }
 
-/// After a transfer: follow the model off the bus or through a re-enumeration.
-fn follow(model: &Model, gen_before: u32, gadget: &Gadget) {
-    let d = lock(model);
+/// After a transfer (with the model still locked, so the bulk loop cannot answer for the board
+/// in between): follow the model off the bus or through a re-enumeration.
+fn follow<D: SimDevice + ?Sized>(d: &D, gen_before: u32, gadget: &Gadget) {
     if d.generation() != gen_before || d.descriptor().is_none() {
         let back = d.descriptor().is_some();
         eprintln!("usb_lab_device: re-enumerating (back on the bus: {back})");
@@ -341,7 +350,12 @@ fn control_loop(mut ep0: File, model: Model, gadget: Gadget) {
             let gen = lock(&model).generation();
             if rt & 0x80 != 0 {
                 let mut data = vec![0u8; len];
-                let r = lock(&model).control_in(rt, req, value, index, &mut data);
+                let r = {
+                    let mut d = lock(&model);
+                    let r = d.control_in(rt, req, value, index, &mut data);
+                    follow(&*d, gen, &gadget);
+                    r
+                };
                 match r {
                     Ok(k) => {
                         let _ = ep0.write(&data[..k]);
@@ -360,17 +374,17 @@ fn control_loop(mut ep0: File, model: Model, gadget: Gadget) {
                 };
                 match got {
                     Ok(k) => {
-                        if let Err(e) = lock(&model).control_out(rt, req, value, index, &data[..k])
-                        {
+                        let mut d = lock(&model);
+                        if let Err(e) = d.control_out(rt, req, value, index, &data[..k]) {
                             eprintln!(
                                 "usb_lab_device: control OUT {rt:#04x}/{req:#04x} idx {index:#x}: {e} (data already taken)"
                             );
                         }
+                        follow(&*d, gen, &gadget);
                     }
                     Err(e) => eprintln!("usb_lab_device: ep0 data: {e}"),
                 }
             }
-            follow(&model, gen, &gadget);
         }
     }
 }
@@ -379,7 +393,11 @@ fn bulk_loop(mut ep_in: File, mut ep_out: File, model: Model, gadget: Gadget, mu
     loop {
         let (want_in, want_out, gen) = {
             let d = lock(&model);
-            (d.wire_in_len(), d.wire_out_len(), d.generation())
+            if gadget.off.load(Ordering::SeqCst) {
+                (None, 0, 0)
+            } else {
+                (d.wire_in_len(), d.wire_out_len(), d.generation())
+            }
         };
         if let Some(n) = want_in {
             let fault = faults.check(Xfer::BulkIn);
@@ -387,7 +405,12 @@ fn bulk_loop(mut ep_in: File, mut ep_out: File, model: Model, gadget: Gadget, mu
                 continue;
             }
             let mut buf = vec![0u8; n];
-            let r = lock(&model).bulk_in(&mut buf);
+            let r = {
+                let mut d = lock(&model);
+                let r = d.bulk_in(&mut buf);
+                follow(&*d, gen, &gadget);
+                r
+            };
             match r {
                 Ok(mut k) => {
                     if fault == Some(FaultKind::ShortRead) {
@@ -405,7 +428,6 @@ fn bulk_loop(mut ep_in: File, mut ep_out: File, model: Model, gadget: Gadget, mu
                 }
                 Err(e) => eprintln!("usb_lab_device: model bulk IN: {e}"),
             }
-            follow(&model, gen, &gadget);
             continue;
         }
         if want_out == 0 {
@@ -435,14 +457,18 @@ fn bulk_loop(mut ep_in: File, mut ep_out: File, model: Model, gadget: Gadget, mu
             continue;
         }
         faults.count(Xfer::BulkOut, n);
-        let r = lock(&model).bulk_out(&buf[..n]);
+        let r = {
+            let mut d = lock(&model);
+            let r = d.bulk_out(&buf[..n]);
+            follow(&*d, gen, &gadget);
+            r
+        };
         if let Err(e) = r {
             eprintln!("usb_lab_device: model rejected a {n}-byte bulk OUT: {e}");
             if e == TransportError::Stall {
                 let _ = ep_out.write(&[]);
             }
         }
-        follow(&model, gen, &gadget);
     }
 }
 

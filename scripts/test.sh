@@ -13,6 +13,9 @@ bash scripts/install-cargo-tools.sh
 cargo deny check bans licenses sources
 # Every parser of untrusted input under libFuzzer for a bounded time (FUZZ_SECONDS, default 15).
 bash scripts/fuzz.sh
+# The USB lab's device program (tests/usb_lab.rs serves the usb::sim models with it); nextest
+# does not build examples.
+cargo build --example usb_lab_device
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --profile ci "$@"
 else

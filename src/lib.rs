@@ -10,6 +10,7 @@ pub mod config;
 pub mod console;
 pub mod exit;
 pub mod image;
+pub mod job;
 pub mod progress;
 pub mod station;
 pub mod target;

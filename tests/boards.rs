@@ -774,7 +774,14 @@ fn place_rockchip_bootloader_after_the_image() {
             .collect::<Vec<_>>(),
         [("idbloader.img", 32768), ("u-boot.itb", 8 << 20)]
     );
-    place::write_placed_to_path(&img, &plan).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&img)
+        .unwrap();
+    let mut sink = sbcflash::write::FileSink::new(file, img.display().to_string()).unwrap();
+    place::write_placed(&mut sink, &plan).unwrap();
+    drop(sink);
     let bytes = std::fs::read(&img).unwrap();
     assert_eq!(
         &bytes[32768..32768 + 200 * 1024],
@@ -945,7 +952,14 @@ fn write_hooks_check_then_place_bootloader_on_a_loop_device() {
         img.display(),
         target.path().display()
     ));
-    after_write(&pre, target.path(), &g).unwrap();
+    let policy = sbcflash::target::Policy {
+        image_size: None,
+        force: false,
+        image_paths: vec![],
+    };
+    let mut job = sbcflash::job::BlockJob::claim(target.path(), &policy, false).unwrap();
+    after_write(&pre, &mut job, &g).unwrap();
+    drop(job);
     let dev = std::fs::read(target.path()).unwrap();
     assert_eq!(
         &dev[32768..32768 + 100 * 1024],
@@ -966,6 +980,104 @@ fn write_hooks_check_then_place_bootloader_on_a_loop_device() {
     assert!(preflight(&BoardWriteArgs::default(), &img, &g)
         .unwrap()
         .is_none());
+}
+
+/// `--bootloader` placement runs on the writer's own claim: the target is opened once, with
+/// O_EXCL (never reopened without it), and the bootloader files are written and read back with
+/// O_DIRECT, so the medium answers the read-back, not the page cache. The page cache is looked
+/// at with mincore(2) through a descriptor this test holds open during the write (so the
+/// kernel keeps the device's cache after sbcflash closes it): buffered placement would leave
+/// the placed pages cached; O_DIRECT leaves none. Failed before the placement moved onto the
+/// claimed sink (plain O_RDWR reopen, cached pages).
+#[test]
+fn cli_bootloader_placement_uses_the_o_excl_claim_and_bypasses_the_page_cache() {
+    use std::os::fd::AsRawFd;
+    if !require(true, &[TOOLS, &["losetup", "strace"]].concat()) {
+        return;
+    }
+    let dir = tmp();
+    let img = make_image(dir.path(), "rk.img", 64, MBR_32, 32);
+    let idb = random_file(dir.path(), "idbloader.img", 100 * 1024, b"RKNS");
+    let itb = random_file(dir.path(), "u-boot.itb", 300 * 1024, b"\xd0\x0d\xfe\xed");
+    let card = common::LoopDev::new_sparse(dir.path(), "card.img", 64 << 20);
+    let dev = card.path().to_path_buf();
+    let watch = std::fs::File::open(&dev).unwrap();
+    let trace = dir.path().join("trace");
+    let out = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-e", "trace=open,openat", "-o"])
+        .arg(&trace)
+        .arg(env!("CARGO_BIN_EXE_sbcflash"))
+        .env("XDG_CONFIG_HOME", dir.path())
+        .args(["write", "--board", "opi5", "--yes", "--no-verify"])
+        .arg("--bootloader")
+        .arg(&idb)
+        .arg("--bootloader")
+        .arg(&itb)
+        .arg(&img)
+        .arg(&dev)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("placed "), "{err}");
+
+    let quoted = format!("\"{}\"", dev.display());
+    let trace = std::fs::read_to_string(&trace).unwrap();
+    let writable: Vec<&str> = trace
+        .lines()
+        .filter(|l| l.contains(&quoted) && (l.contains("O_RDWR") || l.contains("O_WRONLY")))
+        .collect();
+    assert_eq!(
+        writable.len(),
+        1,
+        "one writable open of {quoted}: {writable:#?}"
+    );
+    assert!(
+        writable[0].contains("O_EXCL") && writable[0].contains("O_DIRECT"),
+        "{}",
+        writable[0]
+    );
+
+    // Not one page of the placed ranges is in the device's page cache.
+    let page = 4096usize;
+    for (off, len) in [(32768usize, 100 * 1024usize), (8 << 20, 300 * 1024)] {
+        let pages = len.div_ceil(page);
+        // SAFETY: a read-only shared mapping of an open block device, unmapped below.
+        let map = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages * page,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                watch.as_raw_fd(),
+                off as libc::off_t,
+            )
+        };
+        assert_ne!(map, libc::MAP_FAILED, "{}", std::io::Error::last_os_error());
+        let mut resident = vec![0u8; pages];
+        // SAFETY: `resident` holds one byte per page of the mapping.
+        let r = unsafe { libc::mincore(map, pages * page, resident.as_mut_ptr()) };
+        let e = std::io::Error::last_os_error();
+        // SAFETY: the mapping made above.
+        unsafe { libc::munmap(map, pages * page) };
+        assert_eq!(r, 0, "{e}");
+        let cached = resident.iter().filter(|b| **b & 1 == 1).count();
+        assert_eq!(
+            cached, 0,
+            "{cached} page(s) at offset {off} came from the page cache"
+        );
+    }
+    // And the medium holds them.
+    let bytes = std::fs::read(&card.backing).unwrap();
+    assert_eq!(
+        &bytes[32768..32768 + 100 * 1024],
+        &std::fs::read(&idb).unwrap()[..]
+    );
+    assert_eq!(
+        &bytes[8 << 20..(8 << 20) + 300 * 1024],
+        &std::fs::read(&itb).unwrap()[..]
+    );
+    drop(watch);
 }
 
 #[test]

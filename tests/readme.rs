@@ -1,7 +1,7 @@
 //! The README is true: every `sbcflash` command it shows is run here, as written, against real
 //! things (a NixOS-like image made by sfdisk/mkfs/zstd, a loop device for `/dev/sdX`, an HTTPS
 //! server on 127.0.0.1 for downloads, a pseudo-terminal that answers the question), or is listed
-//! with the hardware it needs. A README command this file does not know fails the test.
+//! with the hardware it needs. Every other command must succeed as written, a new one included.
 
 mod acquire_server;
 mod common;

@@ -1192,3 +1192,49 @@ fn usbboot_then_block_writer_on_a_loop_device() {
     let on_disk = std::fs::read(&emmc.backing).unwrap();
     assert!(on_disk[..img.len()] == img[..], "eMMC holds the image");
 }
+
+/// `--bootloader` over rockusb: the placed files go through the same session after the image
+/// (the claimed `Sink`), are read back over READ_LBA, and the board is reset only after them.
+/// An unaligned length exercises the sector read-modify-write at both ends.
+#[test]
+fn rockusb_places_bootloader_files_after_the_image_in_the_same_session() {
+    let dir = TmpDir(tmpdir("rk-place"));
+    let mut b = RockchipBoard::rk3588(16 << 20);
+    b.mode = RkMode::Loader;
+    let board = shared(b);
+    let idb = pattern(100_001, 0x51);
+    let itb = pattern(300 * 1024, 0x52);
+    let (pi, pt) = (dir.0.join("idbloader.img"), dir.0.join("u-boot.itb"));
+    std::fs::write(&pi, &idb).unwrap();
+    std::fs::write(&pt, &itb).unwrap();
+    let mut o = rk_opts(Via::Usb, vec![]);
+    o.storage = None;
+    o.placements = vec![
+        sbcflash::board::PlacedFile {
+            path: pi,
+            offset: 2 << 20,
+            len: idb.len() as u64,
+            slot: "idbloader.img".into(),
+        },
+        sbcflash::board::PlacedFile {
+            path: pt,
+            offset: 8 << 20,
+            len: itb.len() as u64,
+            slot: "u-boot.itb".into(),
+        },
+    ];
+    let image = pattern(1 << 20, 0x33);
+    write_silently(&bus_of(&board), &o, mem("img", image.clone())).unwrap();
+    let b = lock(&board);
+    let flash = b.storage(EMMC);
+    assert!(flash[..image.len()] == image[..], "image");
+    assert!(
+        flash[2 << 20..(2 << 20) + idb.len()] == idb[..],
+        "idbloader"
+    );
+    assert!(
+        flash[8 << 20..(8 << 20) + itb.len()] == itb[..],
+        "u-boot.itb"
+    );
+    assert_eq!(b.resets.len(), 1, "one reset, at the end");
+}

@@ -403,6 +403,7 @@ fn truncated_compressed_image_fails_without_success() {
     );
     let out = write_cmd(&zst, lo.path(), &["--json"]);
     assert_exit(&out, 3);
+    common::json::assert_documented(&String::from_utf8_lossy(&out.stdout));
     let errors: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -69,6 +69,10 @@ xz -k -T0 -1 nixos.img
 zip -q -j -0 xz-inside.zip nixos.img.xz
 printf 'release notes\n' > notes.txt
 zip -q -j several.zip nixos.img notes.txt
+# As macOS's Archive Utility makes it: a folder entry and resource forks beside the image.
+mkdir -p dist __MACOSX/dist && ln nixos.img dist/nixos.img && printf 'fork' > __MACOSX/dist/._nixos.img
+zip -q -r macos.zip dist __MACOSX
+rm -r dist __MACOSX
 "#
     ));
     py_zip(dir, "py64-stored.zip", "stored", "nixos.img", "nixos.img");
@@ -125,6 +129,7 @@ fn zips_of_every_kind_from_a_file_and_a_pipe_write_byte_exact() {
         "py64-stored.zip",
         "pipe-py64-deflate.zip",
         "pipe-py-stored.zip",
+        "macos.zip",
     ] {
         let zip = d.path().join(name);
         let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 64 * MIB);
@@ -248,6 +253,7 @@ fn zip_over_https() {
         "xz-inside.zip",
         "several.zip",
         "pipe-py-stored.zip",
+        "macos.zip",
     ] {
         srv.add(&format!("/{n}"), body(n), Behavior::Normal);
     }
@@ -270,6 +276,7 @@ fn zip_over_https() {
         "py64-stored.zip",
         "pipe-py64-deflate.zip",
         "xz-inside.zip",
+        "macos.zip",
     ] {
         let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 64 * MIB);
         let pin = blake3::hash(&body(n)).to_hex().to_string();

@@ -215,50 +215,38 @@ pub fn explain(e: &Error, host: &str, ca_file: Option<&Path>) -> String {
     match c {
         CertificateError::UnknownIssuer => match &ca {
             Some(ca) => format!(
-                "the certificate of {host} was issued by no authority this machine trusts: not by a certificate in {ca}, nor by a public one, and it is not the certificate in {ca} either; pass the CA certificate that issued it, or the server's own certificate, with --ca-file"
+                "the server's certificate was issued by no authority this machine trusts: not by a certificate in {ca}, nor by a public one, and it is not the certificate in {ca} either; pass the CA certificate that issued it, or the server's own certificate, with --ca-file"
             ),
-            None => format!(
-                "the certificate of {host} was issued by no authority this machine trusts; for a private mirror, pass its CA certificate (or the server's own self-signed certificate) with --ca-file"
-            ),
+            None => "the server's certificate was issued by no authority this machine trusts; for a private mirror, pass its CA certificate (or the server's own self-signed certificate) with --ca-file".to_string(),
         },
         CertificateError::NotValidForName => format!(
-            "the certificate of {host} is not valid for the name {host}; use the host name the certificate was made for, or reissue it with {host} in its subjectAltName"
+            "the server's certificate is not valid for the name {host}; use the host name the certificate was made for, or reissue it with {host} in its subjectAltName"
         ),
         CertificateError::NotValidForNameContext { presented, .. } => format!(
-            "the certificate of {host} is not valid for the name {host} (it names {}); use a name it lists, or reissue it with {host} in its subjectAltName",
+            "the server's certificate is not valid for the name {host} (it names {}); use a name it lists, or reissue it with {host} in its subjectAltName",
             if presented.is_empty() {
                 "nothing usable".to_string()
             } else {
                 presented.iter().map(|p| unwrap_name(p)).collect::<Vec<_>>().join(", ")
             }
         ),
-        CertificateError::Expired => format!(
-            "the certificate of {host} has expired; renew it on the server (or check this machine's clock)"
-        ),
+        CertificateError::Expired => "the server's certificate has expired; renew it on the server (or check this machine's clock)".to_string(),
         CertificateError::ExpiredContext { time, not_after } => format!(
-            "the certificate of {host} expired on {} (it is now {}); renew it on the server (or check this machine's clock)",
+            "the server's certificate expired on {} (it is now {}); renew it on the server (or check this machine's clock)",
             date(not_after),
             date(time)
         ),
-        CertificateError::NotValidYet => format!(
-            "the certificate of {host} is not valid yet; check this machine's clock, or the certificate's start date"
-        ),
+        CertificateError::NotValidYet => "the server's certificate is not valid yet; check this machine's clock, or the certificate's start date".to_string(),
         CertificateError::NotValidYetContext { time, not_before } => format!(
-            "the certificate of {host} is only valid from {} (it is now {}); check this machine's clock, or the certificate's start date",
+            "the server's certificate is only valid from {} (it is now {}); check this machine's clock, or the certificate's start date",
             date(not_before),
             date(time)
         ),
-        CertificateError::BadSignature => format!(
-            "the certificate of {host} has a signature that does not verify; the certificate or its issuer's is damaged or forged"
-        ),
+        CertificateError::BadSignature => "the server's certificate has a signature that does not verify; the certificate or its issuer's is damaged or forged".to_string(),
         CertificateError::InvalidPurpose | CertificateError::InvalidPurposeContext { .. } => {
-            format!(
-                "the certificate of {host} is not made for TLS servers (extended key usage); reissue it with serverAuth"
-            )
+            "the server's certificate is not made for TLS servers (extended key usage); reissue it with serverAuth".to_string()
         }
-        CertificateError::Revoked => format!(
-            "the certificate of {host} has been revoked by its issuer; the server needs a new one"
-        ),
+        CertificateError::Revoked => "the server's certificate has been revoked by its issuer; the server needs a new one".to_string(),
         CertificateError::Other(o) if format!("{o:?}").contains("CaUsedAsEndEntity") => {
             format!(
                 "{host} presents a CA certificate as its own certificate{}; pass exactly that certificate with --ca-file to pin it, or give the server a certificate issued by that CA",
@@ -268,7 +256,7 @@ pub fn explain(e: &Error, host: &str, ca_file: Option<&Path>) -> String {
                 }
             )
         }
-        other => format!("the certificate of {host} was refused: {other:?}"),
+        other => format!("the server's certificate was refused: {other:?}"),
     }
 }
 

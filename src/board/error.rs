@@ -65,6 +65,9 @@ pub enum BoardError {
     /// A bootloader cannot be placed as asked.
     #[error("bootloader placement: {0}")]
     Placement(String),
+    /// Writing or reading back a placed file on the target failed.
+    #[error("bootloader placement: {0}")]
+    Target(#[from] crate::write::WriteError),
 }
 
 fn suggest(s: &[String]) -> String {
@@ -87,6 +90,7 @@ impl Classify for BoardError {
             // The image is inconsistent with the board (input), not a target rule (4).
             BoardError::ImageMismatch { .. } => Exit::BadInput,
             BoardError::Placement(_) => Exit::BadInput,
+            BoardError::Target(e) => e.exit(),
         }
     }
 }

@@ -5,14 +5,15 @@
 //! placement that would overwrite the partition table or any partition of the image is an
 //! error, never a silent corruption.
 
-use std::io::{Read, Seek, SeekFrom, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::check::human_offset;
 use super::error::BoardError;
 use super::parttable::PartitionTable;
 use super::registry::Board;
 use super::schema::*;
+use crate::write::buffer::AlignedBuf;
+use crate::write::sink::Sink;
 
 /// One file to write at one byte offset of the target.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -186,28 +187,39 @@ fn check_overlaps(
     Ok(())
 }
 
-/// Write the planned files into `target` and read them back. Call after the image is written.
-pub fn write_placed<T: Read + Write + Seek>(
-    target: &mut T,
-    files: &[PlacedFile],
-) -> Result<(), BoardError> {
+/// Write the planned files through `sink` (the target's own claimed sink: O_EXCL and O_DIRECT
+/// on a block device, LBAs over rockusb) and read each back from the medium. Call after the
+/// image is written. The read-back goes through the sink's medium reader where it has one
+/// (O_DIRECT on a device or a file that allows it), so the page cache cannot answer for the
+/// medium; a sink without one (rockusb) reads its LBAs back.
+pub fn write_placed(sink: &mut dyn Sink, files: &[PlacedFile]) -> Result<(), BoardError> {
     for f in files {
-        let io = |source| BoardError::Io {
+        let data = std::fs::read(&f.path).map_err(|source| BoardError::Io {
             path: f.path.display().to_string(),
             source,
-        };
-        let data = std::fs::read(&f.path).map_err(io)?;
-        let tio = |source| BoardError::Io {
-            path: format!("target at offset {}", f.offset),
+        })?;
+        sink.write_at(f.offset, &data)?;
+    }
+    sink.sync()?;
+    let reader = sink.medium_reader();
+    for f in files {
+        let data = std::fs::read(&f.path).map_err(|source| BoardError::Io {
+            path: f.path.display().to_string(),
             source,
+        })?;
+        let same = match &reader {
+            Some(r) => {
+                let mut buf = AlignedBuf::new(data.len() + r.slack());
+                let at = r.read_range(f.offset, data.len(), &mut buf)?;
+                buf[at..at + data.len()] == data[..]
+            }
+            None => {
+                let mut buf = AlignedBuf::new(data.len());
+                sink.read_at(f.offset, &mut buf[..data.len()])?;
+                buf[..data.len()] == data[..]
+            }
         };
-        target.seek(SeekFrom::Start(f.offset)).map_err(tio)?;
-        target.write_all(&data).map_err(tio)?;
-        target.flush().map_err(tio)?;
-        target.seek(SeekFrom::Start(f.offset)).map_err(tio)?;
-        let mut back = vec![0u8; data.len()];
-        target.read_exact(&mut back).map_err(tio)?;
-        if back != data {
+        if !same {
             return Err(BoardError::Placement(format!(
                 "{}: read-back at {} differs from the file",
                 f.path.display(),
@@ -215,21 +227,5 @@ pub fn write_placed<T: Read + Write + Seek>(
             )));
         }
     }
-    Ok(())
-}
-
-/// [`write_placed`] on a file or block device path, with an fsync at the end.
-pub fn write_placed_to_path(target: &Path, files: &[PlacedFile]) -> Result<(), BoardError> {
-    let io = |source| BoardError::Io {
-        path: target.display().to_string(),
-        source,
-    };
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(target)
-        .map_err(io)?;
-    write_placed(&mut f, files)?;
-    f.sync_all().map_err(io)?;
     Ok(())
 }

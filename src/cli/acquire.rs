@@ -28,7 +28,9 @@ pub struct AcquireOpts {
     /// Cache directory (default: the config file's cache-dir, else $XDG_CACHE_HOME/sbcflash).
     #[arg(long, value_name = "DIR", env = "SBCFLASH_CACHE_DIR")]
     pub cache_dir: Option<PathBuf>,
-    /// Extra CA certificate(s) (PEM) to trust, for a private mirror.
+    /// Extra CA certificate(s) (PEM) to trust, for a private mirror; the server's own
+    /// self-signed certificate given here is pinned (name and dates still checked), as with
+    /// `curl --cacert`.
     #[arg(long, value_name = "PEM")]
     pub ca_file: Option<PathBuf>,
     /// Give up on a connection after this many seconds without data (then retry).

@@ -498,9 +498,47 @@ fn board_name(a: &BoardWriteArgs, g: &Global) -> anyhow::Result<Option<String>> 
     Ok(name)
 }
 
-/// True when a board is named (flag or config), i.e. the image will be checked against it.
-pub fn board_named(a: &BoardWriteArgs, g: &Global) -> anyhow::Result<bool> {
-    Ok(board_name(a, g)?.is_some())
+/// The board side of a write, resolved once from the flags and the config: which board,
+/// which of its media, and what to do with the check's findings and bootloader files.
+#[derive(Debug, Clone)]
+pub struct BoardPlan {
+    pub board: Board,
+    pub medium: board::Medium,
+    /// `--medium`/`--spi` named the medium (a bootloader flash may take a raw blob).
+    pub medium_named: bool,
+    pub strict: bool,
+    pub bootloader: Vec<PathBuf>,
+}
+
+impl BoardWriteArgs {
+    /// `--spi` is `--medium spi-nor`.
+    pub fn medium_kind(&self) -> Option<MediumKind> {
+        if self.spi {
+            Some(MediumKind::SpiNor)
+        } else {
+            self.medium
+        }
+    }
+
+    /// Resolve the board (`--board`, else the config's default board) and its medium once.
+    /// `None` when no board was given or configured.
+    pub fn plan(&self, g: &Global) -> anyhow::Result<Option<BoardPlan>> {
+        let Some(name) = board_name(self, g)? else {
+            return Ok(None);
+        };
+        let b = registry(g)?.get(&name)?.clone();
+        let medium = match self.medium_kind() {
+            Some(k) => b.medium(k)?.clone(),
+            None => b.default_medium().clone(),
+        };
+        Ok(Some(BoardPlan {
+            board: b,
+            medium,
+            medium_named: self.medium_kind().is_some(),
+            strict: self.strict,
+            bootloader: self.bootloader.clone(),
+        }))
+    }
 }
 
 /// Before a byte is written: resolve the board, check the image against it (warnings printed to
@@ -511,30 +549,28 @@ pub fn preflight(
     image: &Path,
     g: &Global,
 ) -> anyhow::Result<Option<BoardPreflight>> {
-    preflight_member(a, image, None, g)
+    check_file(a.plan(g)?.as_ref(), image, None, g)
 }
 
-/// [`preflight`] for the member `member` of a zip image (`--member`).
-pub fn preflight_member(
-    a: &BoardWriteArgs,
+/// [`preflight`] with a resolved plan, for the member `member` of a zip image (`--member`).
+pub fn check_file(
+    plan: Option<&BoardPlan>,
     image: &Path,
     member: Option<&str>,
     g: &Global,
 ) -> anyhow::Result<Option<BoardPreflight>> {
-    let Some(name) = board_name(a, g)? else {
+    let Some(p) = plan else {
         return Ok(None);
     };
-    let reg = registry(g)?;
-    let b = reg.get(&name)?.clone();
     if !std::fs::metadata(image).is_ok_and(|m| m.is_file()) {
         // Reading a pipe's head here would steal it from the writer.
-        if a.strict || !a.bootloader.is_empty() {
+        if p.strict || !p.bootloader.is_empty() {
             return Err(crate::exit::ExitError::new(
                 Exit::Usage,
                 format!(
                     "{}: not a regular file, so it cannot be checked against board `{}` (--strict/--bootloader need a file)",
                     image.display(),
-                    b.id()
+                    p.board.id()
                 ),
             )
             .into());
@@ -543,56 +579,43 @@ pub fn preflight_member(
             eprintln!(
                 "warning: {} is not a regular file: not checked against board `{}`",
                 image.display(),
-                b.id()
+                p.board.id()
             );
         }
         return Ok(None);
     }
     let head = image_head_member(image, member)?;
-    check_head(a, b, &image.display().to_string(), &head, g)
+    check_head(p, &image.display().to_string(), &head, g).map(Some)
 }
 
-/// [`preflight`] for an image that is streamed (`write URL`, `write --board X` from the
-/// board's source): `head` is the start of the logical image, taken from the stream before
-/// any byte was written. `what` names the image in messages.
-pub fn preflight_head(
-    a: &BoardWriteArgs,
+/// [`check_file`] for an image that is streamed (`write URL`, `write --board X` from the
+/// board's source, a pipe): `head` is the start of the logical image, taken from the stream
+/// before any byte was written. `what` names the image in messages.
+pub fn check_stream(
+    plan: Option<&BoardPlan>,
     what: &str,
     head: &[u8],
     g: &Global,
 ) -> anyhow::Result<Option<BoardPreflight>> {
-    let Some(name) = board_name(a, g)? else {
-        return Ok(None);
-    };
-    let b = registry(g)?.get(&name)?.clone();
-    check_head(a, b, what, head, g)
+    plan.map(|p| check_head(p, what, head, g)).transpose()
 }
 
 fn check_head(
-    a: &BoardWriteArgs,
-    b: Board,
+    p: &BoardPlan,
     what: &str,
     head: &[u8],
     g: &Global,
-) -> anyhow::Result<Option<BoardPreflight>> {
-    let kind = if a.spi {
-        Some(MediumKind::SpiNor)
-    } else {
-        a.medium
-    };
-    let medium = match kind {
-        Some(k) => b.medium(k)?.clone(),
-        None => b.default_medium().clone(),
-    };
-    let mut report = board::check_image(&b, &medium, head);
-    let placements = if a.bootloader.is_empty() {
+) -> anyhow::Result<BoardPreflight> {
+    let (b, medium) = (&p.board, &p.medium);
+    let mut report = board::check_image(b, medium, head);
+    let placements = if p.bootloader.is_empty() {
         Vec::new()
     } else {
         // A bad table was already reported; placing files blind would be worse.
         let table = board::parttable::parse(head).map_err(|m| {
             board::BoardError::Placement(format!("{what}: cannot place a bootloader: {m}"))
         })?;
-        board::place::plan(&b, &medium, &table, &a.bootloader)?
+        board::place::plan(b, medium, &table, &p.bootloader)?
     };
     if !placements.is_empty() {
         // The bootloader the image lacks is about to be added: no longer a problem.
@@ -617,22 +640,32 @@ fn check_head(
     } else if !g.quiet || report.has_warnings() {
         print_report(&report, g, &mut std::io::stderr().lock())?;
     }
-    let report = report.into_result(a.strict)?;
-    Ok(Some(BoardPreflight {
-        board: b,
-        medium,
+    let report = report.into_result(p.strict)?;
+    Ok(BoardPreflight {
+        board: b.clone(),
+        medium: medium.clone(),
         report,
         placements,
-    }))
+    })
 }
 
-/// After the image is written and verified: write the planned bootloader files to `target`
-/// (file or block device) at their offsets, read them back, and fsync.
-pub fn after_write(p: &BoardPreflight, target: &Path, g: &Global) -> anyhow::Result<()> {
+/// After the image is written and verified: write the planned bootloader files through the
+/// job's claimed target at their offsets, sync, and read them back from the medium.
+pub fn after_write(
+    p: &BoardPreflight,
+    target: &mut crate::job::BlockJob,
+    g: &Global,
+) -> anyhow::Result<()> {
     if p.placements.is_empty() {
         return Ok(());
     }
-    board::place::write_placed_to_path(target, &p.placements)?;
+    target.place(&p.placements)?;
+    say_placed(p, g)?;
+    Ok(())
+}
+
+/// One line (or JSON event) per placed bootloader file.
+pub fn say_placed(p: &BoardPreflight, g: &Global) -> std::io::Result<()> {
     for f in &p.placements {
         let msg = format!(
             "placed {} ({} bytes) at {} for the {}",

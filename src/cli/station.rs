@@ -111,22 +111,47 @@ fn ledger_path(
         .unwrap_or_else(|| cfg.station.ledger.value.clone())
 }
 
+/// `station`'s flags, the user config and the station config, resolved once: after
+/// [`StationPlan::new`] nothing reads the flags again.
+struct StationPlan {
+    cfg: crate::config::Config,
+    station: Station,
+    /// Flag > station config > user config.
+    ledger: PathBuf,
+    flash_present: bool,
+    dry_run: bool,
+    exit_after: Option<u64>,
+}
+
+impl StationPlan {
+    fn new(a: StationArgs) -> anyhow::Result<StationPlan> {
+        let cfg = user_config(&a.config, &a.ledger)?;
+        let station = load_station(&cfg)?;
+        Ok(StationPlan {
+            ledger: ledger_path(&a.ledger, Some(&station), &cfg),
+            flash_present: a.flash_present || cfg.station.flash_present.value,
+            dry_run: a.dry_run,
+            exit_after: a.exit_after,
+            cfg,
+            station,
+        })
+    }
+}
+
 fn run_station(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
-    let cfg = user_config(&a.config, &a.ledger)?;
-    let st = load_station(&cfg)?;
-    let ledger_path = ledger_path(&a.ledger, Some(&st), &cfg);
-    let flash_present = a.flash_present || cfg.station.flash_present.value;
+    let p = StationPlan::new(a)?;
+    let (cfg, st, ledger_path, flash_present) = (&p.cfg, &p.station, &p.ledger, p.flash_present);
     let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
     // A dry run only hashes the image; decoding it into the cache is left to a real start.
-    let image = Arc::new(resolve_image(&st, &cfg, reporter.clone(), !a.dry_run)?);
+    let image = Arc::new(resolve_image(st, cfg, reporter.clone(), !p.dry_run)?);
 
-    if a.dry_run {
-        let plan = station::plan(&st, &image, &ledger_path, flash_present)?;
+    if p.dry_run {
+        let plan = station::plan(st, &image, ledger_path, flash_present)?;
         print_plan(&plan, g.json)?;
         return Ok(Exit::Ok);
     }
 
-    let (ledger, stale) = ledger::Ledger::open(&ledger_path)?;
+    let (ledger, stale) = ledger::Ledger::open(ledger_path)?;
     let style = if g.progress_mode() == crate::progress::Mode::Auto
         && std::io::IsTerminal::is_terminal(&std::io::stderr())
     {
@@ -148,13 +173,13 @@ fn run_station(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
         );
     }
     let totals = station::run(
-        &st,
+        st,
         image,
         ledger,
         ui,
         &station::RunOptions {
             flash_present,
-            exit_after: a.exit_after,
+            exit_after: p.exit_after,
         },
     )?;
     Ok(if totals.fail == 0 { Exit::Ok } else { Exit::Io })

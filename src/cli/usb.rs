@@ -244,14 +244,6 @@ pub struct ViaArgs {
     pub no_reset: bool,
 }
 
-fn medium_of(b: &super::boards::BoardWriteArgs) -> Option<crate::board::schema::MediumKind> {
-    if b.spi {
-        Some(crate::board::schema::MediumKind::SpiNor)
-    } else {
-        b.medium
-    }
-}
-
 /// `--spi`/`--medium` name the board's medium; over rockusb that picks the loader's storage
 /// (an explicit `--storage` wins). usbboot and fastboot only reach block storage.
 fn storage_for_medium(
@@ -278,86 +270,115 @@ fn storage_for_medium(
     })
 }
 
-/// Run the USB part of `write --via`. Returns the block device to continue with (usbboot),
-/// or `None` when the image is already on the board.
-pub fn write_via(
-    a: &ViaArgs,
-    board_args: &super::boards::BoardWriteArgs,
-    image: crate::image::open::OpenedImage,
-    verify: bool,
-    g: &Global,
-) -> anyhow::Result<Option<PathBuf>> {
-    use crate::usb::flash::{self, Outcome, Via, ViaOptions};
-    let Some(via) = a.via else {
-        return Ok(None);
-    };
-    let board = board_args.board.as_deref();
-    let mut o = ViaOptions::new(via);
-    o.loader = a.loader.clone();
-    o.storage = a.storage.as_deref().map(flash::storage_index).transpose()?;
-    if o.storage.is_none() {
-        o.storage = storage_for_medium(via, medium_of(board_args))?;
-    }
-    o.usbboot_dir = a.usbboot_dir.clone();
-    o.partition = a.partition.clone();
-    o.port = a.usb_port.clone();
-    o.verify = verify;
-    o.reset = !a.no_reset;
-    if let Some(b) = board {
-        let reg = super::boards::registry(g)?;
-        let board = reg.get(b)?;
-        if let Some(usb) = board.usb_recovery() {
-            use crate::board::schema::RecoveryProtocol as P;
-            let fits = matches!(
-                (via, usb.protocol),
-                (Via::Maskrom | Via::Usb, P::Rockusb)
-                    | (Via::Usbboot, P::Rpiboot)
-                    | (Via::Fastboot, P::Fastboot)
-            );
-            if !fits {
+/// `write --via`'s part of the [`super::write::WritePlan`]: the recovery options, checked
+/// against the board named with `--board` (its protocol, its USB ID, its loader).
+#[derive(Debug)]
+pub struct ViaPlan {
+    pub options: crate::usb::flash::ViaOptions,
+    /// `--medium`/`--spi` as given (a bootloader flash takes raw blobs).
+    pub medium: Option<crate::board::schema::MediumKind>,
+}
+
+impl ViaPlan {
+    pub fn new(
+        via: crate::usb::flash::Via,
+        a: ViaArgs,
+        board_args: &super::boards::BoardWriteArgs,
+        g: &Global,
+    ) -> anyhow::Result<ViaPlan> {
+        use crate::usb::flash::{self, Via, ViaOptions};
+        if via == Via::Fastboot && !board_args.bootloader.is_empty() {
+            return Err(ExitError::new(
+                Exit::Usage,
+                "--bootloader with --via fastboot: fastboot cannot read the files back; \
+                 write them with --via maskrom/usb or to the block device",
+            )
+            .into());
+        }
+        let board = board_args.board.as_deref();
+        let medium = board_args.medium_kind();
+        let mut o = ViaOptions::new(via);
+        o.loader = a.loader;
+        o.storage = a.storage.as_deref().map(flash::storage_index).transpose()?;
+        if o.storage.is_none() {
+            o.storage = storage_for_medium(via, medium)?;
+        }
+        o.usbboot_dir = a.usbboot_dir;
+        o.partition = a.partition;
+        o.port = a.usb_port;
+        o.reset = !a.no_reset;
+        if let Some(b) = board {
+            let reg = super::boards::registry(g)?;
+            let board = reg.get(b)?;
+            if let Some(usb) = board.usb_recovery() {
+                use crate::board::schema::RecoveryProtocol as P;
+                let fits = matches!(
+                    (via, usb.protocol),
+                    (Via::Maskrom | Via::Usb, P::Rockusb)
+                        | (Via::Usbboot, P::Rpiboot)
+                        | (Via::Fastboot, P::Fastboot)
+                );
+                if !fits {
+                    return Err(ExitError::new(
+                        Exit::Usage,
+                        format!(
+                            "board {b} recovers over {} over USB, not --via {}",
+                            usb.protocol,
+                            format!("{via:?}").to_lowercase()
+                        ),
+                    )
+                    .into());
+                }
+                // Gadgets (fastboot in U-Boot) may use other IDs than the ROM: only pin the ROM's.
+                if via != Via::Fastboot {
+                    o.id = usb.vid.zip(usb.pid);
+                }
+            }
+            if via == Via::Maskrom && o.loader.is_empty() {
+                let names: Vec<String> = board
+                    .recovery()
+                    .map(|r| {
+                        r.loaders
+                            .iter()
+                            .filter(|l| l.role == "usb-loader")
+                            .map(|l| match &l.source {
+                                Some(s) => format!("{} ({s})", l.file),
+                                None => l.file.clone(),
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
                 return Err(ExitError::new(
                     Exit::Usage,
                     format!(
-                        "board {b} recovers over {} over USB, not --via {}",
-                        usb.protocol,
-                        format!("{via:?}").to_lowercase()
+                        "--via maskrom needs --loader FILE; sbcflash does not ship loaders. For {b}: {}",
+                        if names.is_empty() {
+                            "see the board's documentation".to_string()
+                        } else {
+                            names.join(" or ")
+                        }
                     ),
                 )
                 .into());
             }
-            // Gadgets (fastboot in U-Boot) may use other IDs than the ROM: only pin the ROM's.
-            if via != Via::Fastboot {
-                o.id = usb.vid.zip(usb.pid);
-            }
         }
-        if via == Via::Maskrom && o.loader.is_empty() {
-            let names: Vec<String> = board
-                .recovery()
-                .map(|r| {
-                    r.loaders
-                        .iter()
-                        .filter(|l| l.role == "usb-loader")
-                        .map(|l| match &l.source {
-                            Some(s) => format!("{} ({s})", l.file),
-                            None => l.file.clone(),
-                        })
-                        .collect()
-                })
-                .unwrap_or_default();
-            return Err(ExitError::new(
-                Exit::Usage,
-                format!(
-                    "--via maskrom needs --loader FILE; sbcflash does not ship loaders. For {b}: {}",
-                    if names.is_empty() {
-                        "see the board's documentation".to_string()
-                    } else {
-                        names.join(" or ")
-                    }
-                ),
-            )
-            .into());
-        }
+        Ok(ViaPlan { options: o, medium })
     }
+}
+
+/// Run the USB part of `write --via`. Returns the block device to continue with (usbboot),
+/// or `None` when the image is already on the board.
+pub fn write_via(
+    p: &ViaPlan,
+    image: crate::image::open::OpenedImage,
+    verify: bool,
+    placements: Vec<crate::board::PlacedFile>,
+    g: &Global,
+) -> anyhow::Result<Option<PathBuf>> {
+    use crate::usb::flash::{self, Outcome};
+    let mut o = p.options.clone();
+    o.verify = verify;
+    o.placements = placements;
     let reporter = g.reporter();
     let out = flash::write_via(&RusbBus::new(), &o, image.source, &*reporter)?;
     match out {

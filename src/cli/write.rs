@@ -4,8 +4,10 @@
 use super::Global;
 use crate::exit::{Exit, ExitError};
 use crate::image::{self, OpenedImage};
+use crate::job::BlockJob;
 use crate::progress::{Event, Level};
 use crate::target::{self, Policy, TargetInfo};
+use crate::usb::flash::Via;
 use crate::write::{self, WriteOptions};
 use anyhow::Context;
 use std::io::{BufRead, IsTerminal, Write};
@@ -128,28 +130,34 @@ pub struct WriteArgs {
 /// or anything is written. The image head is read from a fresh open of the file (pipes are
 /// checked on their peeked head in `run_write` instead).
 pub fn board_checks(
-    board: &super::boards::BoardWriteArgs,
+    board: Option<&super::boards::BoardPlan>,
     image: &Path,
     member: Option<&str>,
     g: &Global,
 ) -> anyhow::Result<Option<super::boards::BoardPreflight>> {
-    super::boards::preflight_member(board, image, member, g)
+    super::boards::check_file(board, image, member, g)
 }
 
 fn is_regular_file(p: &Path) -> bool {
     std::fs::metadata(p).is_ok_and(|m| m.is_file())
 }
 
+/// `--blake3 HEX`, parsed (a usage error names the flag).
+fn blake3_flag(flag: Option<&str>) -> anyhow::Result<Option<[u8; 32]>> {
+    let Some(h) = flag else { return Ok(None) };
+    let d = image::digest::parse_hex(h)
+        .map_err(|m| ExitError::new(Exit::Usage, format!("--blake3 {h}: {m}")))?;
+    Ok(Some(*d.as_bytes()))
+}
+
 /// The expected digest and where it came from: `--blake3`, else the `IMAGE.blake3` sidecar
 /// (named in a mismatch, with how to renew it), else none.
 fn expected_digest(
-    flag: Option<&str>,
+    flag: Option<[u8; 32]>,
     image_path: &Path,
 ) -> anyhow::Result<(Option<[u8; 32]>, Option<String>)> {
-    if let Some(h) = flag {
-        let d = image::digest::parse_hex(h)
-            .map_err(|m| ExitError::new(Exit::Usage, format!("--blake3 {h}: {m}")))?;
-        return Ok((Some(*d.as_bytes()), Some("--blake3".into())));
+    if let Some(d) = flag {
+        return Ok((Some(d), Some("--blake3".into())));
     }
     let side = image::digest::sidecar_path(image_path);
     if side.exists() {
@@ -314,37 +322,134 @@ pub fn precheck_target(target: &Path, force: bool, yes: bool) -> anyhow::Result<
     refuse_unconfirmed(&info, yes)
 }
 
+/// `write`'s flags and config, resolved and validated once (ripgrep's `LowArgs` → `HiArgs`):
+/// after [`WritePlan::new`] nothing reads the clap struct again. `build TARGET` makes one too.
+#[derive(Debug)]
+pub struct WritePlan {
+    /// The image as given: a file, a pipe, an https:// URL; `None` for the default source of
+    /// the board named with `--board`.
+    pub image: Option<PathBuf>,
+    /// The target; `None` with `--via` (the board itself, or what usbboot exposes).
+    pub target: Option<PathBuf>,
+    pub img: ImageFlags,
+    /// The board checked against (`--board`, else the config's default board) and its medium.
+    pub board: Option<super::boards::BoardPlan>,
+    /// `--board` as given: only a named board supplies a default image source.
+    pub board_flag: Option<String>,
+    /// `--blake3`, parsed (else the sidecar is looked for next to the image).
+    pub blake3: Option<[u8; 32]>,
+    pub checks: Checks,
+    pub stream: super::acquire::StreamArgs,
+    pub via: Option<super::usb::ViaPlan>,
+}
+
+/// What `write` checks and does around the pipeline.
+#[derive(Debug, Clone, Copy)]
+pub struct Checks {
+    pub verify: bool,
+    pub yes: bool,
+    pub force: bool,
+    pub raw: bool,
+    pub eject: bool,
+    pub discard: bool,
+}
+
+impl WritePlan {
+    /// Validate the flag combinations and resolve the board, medium, digest and `--via`.
+    pub fn new(a: WriteArgs, g: &Global) -> anyhow::Result<WritePlan> {
+        let usage = |m: &str| -> anyhow::Error { ExitError::new(Exit::Usage, m).into() };
+        let (image, target) = match (&a.usb.via, a.image, a.paths.as_slice()) {
+            (Some(_), Some(i), []) => (Some(i), None),
+            (Some(_), None, [i]) => (Some(i.clone()), None),
+            (Some(_), ..) => return Err(usage("with --via, give only the IMAGE")),
+            (None, Some(i), [t]) => (Some(i), Some(t.clone())),
+            (None, None, [i, t]) => (Some(i.clone()), Some(t.clone())),
+            // Only TARGET with --board: the board's default image source, streamed.
+            (None, None, [t]) if a.board.board.is_some() => (None, Some(t.clone())),
+            (None, Some(_), _) => return Err(usage("with --image, give only the TARGET")),
+            (None, None, _) => return Err(usage("give IMAGE and TARGET")),
+        };
+        let blake3 = blake3_flag(a.blake3.as_deref())?;
+        // A USB recovery write that ends on the board checks nothing against a configured
+        // board; usbboot continues as a block write, which does.
+        let direct_usb = a
+            .usb
+            .via
+            .is_some_and(|v| v != crate::usb::flash::Via::Usbboot);
+        let board = match direct_usb && a.board.bootloader.is_empty() {
+            true => None,
+            false => a.board.plan(g)?,
+        };
+        let via = match a.usb.via {
+            Some(v) => Some(super::usb::ViaPlan::new(v, a.usb, &a.board, g)?),
+            None => None,
+        };
+        Ok(WritePlan {
+            image,
+            target,
+            img: a.img,
+            board,
+            board_flag: a.board.board,
+            blake3,
+            checks: Checks {
+                verify: !a.no_verify,
+                yes: a.yes,
+                force: a.force,
+                raw: a.raw,
+                eject: a.eject,
+                discard: !a.no_discard,
+            },
+            stream: a.stream,
+            via,
+        })
+    }
+}
+
 pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
-    // `--via`: the USB recovery path (helper "usb"); usbboot hands back a block device.
-    let via_target = match (&a.usb.via, &a.image, a.paths.as_slice()) {
-        (None, ..) => None,
-        (Some(_), Some(i), []) | (Some(_), None, [i]) => {
+    run_plan(WritePlan::new(a, g)?, g)
+}
+
+/// `--via`: the USB recovery path runs first; usbboot hands back a block device to write,
+/// the others finish on the board (`None`). Without `--via`: the plan's image and target.
+fn via_first(p: &WritePlan, g: &Global) -> anyhow::Result<Option<(PathBuf, PathBuf)>> {
+    Ok(match (&p.via, &p.image, &p.target) {
+        (Some(via), Some(i), _) => {
             // A named medium (--spi, --medium) may well be a bootloader flash: blobs are normal.
-            if is_regular_file(i) && !a.board.spi && a.board.medium.is_none() {
+            if is_regular_file(i) && via.medium.is_none() {
                 let head =
-                    image::read_logical_prefix(i, &a.img.options(), image::sniff::SNIFF_LEN)?;
-                require_image(&head, &i.display().to_string(), a.raw)?;
+                    image::read_logical_prefix(i, &p.img.options(), image::sniff::SNIFF_LEN)?;
+                require_image(&head, &i.display().to_string(), p.checks.raw)?;
             }
-            let img = a.img.open(i)?;
-            match super::usb::write_via(&a.usb, &a.board, img, !a.no_verify, g)? {
-                Some(dev) => Some((i.clone(), dev)),
-                None => return Ok(Exit::Ok),
+            // `--bootloader` over rockusb: checked and planned on the image like a block
+            // write, placed through the same session after the image.
+            let pre = match via.options.via {
+                Via::Usbboot => None,
+                _ if p.board.as_ref().is_some_and(|b| !b.bootloader.is_empty()) => {
+                    board_checks(p.board.as_ref(), i, p.img.member.as_deref(), g)?
+                }
+                _ => None,
+            };
+            let img = p.img.open(i)?;
+            let placements = pre
+                .as_ref()
+                .map(|b| b.placements.clone())
+                .unwrap_or_default();
+            let dev = super::usb::write_via(via, img, p.checks.verify, placements, g)?;
+            if let Some(pre) = &pre {
+                super::boards::say_placed(pre, g)?;
             }
+            dev.map(|dev| (i.clone(), dev))
         }
-        (Some(_), ..) => {
-            return Err(ExitError::new(Exit::Usage, "with --via, give only the IMAGE").into())
-        }
-    };
-    let (image_path, target_path) = match (&a.image, a.paths.as_slice()) {
-        _ if via_target.is_some() => via_target.unwrap_or_default(),
-        (Some(i), [t]) => (i.clone(), t.clone()),
-        (None, [i, t]) => (i.clone(), t.clone()),
-        // Only TARGET with --board: the board's default image source, streamed.
-        (None, [t]) if a.board.board.is_some() => (PathBuf::new(), t.clone()),
-        (Some(_), _) => {
-            return Err(ExitError::new(Exit::Usage, "with --image, give only the TARGET").into())
-        }
-        (None, _) => return Err(ExitError::new(Exit::Usage, "give IMAGE and TARGET").into()),
+        (_, i, Some(t)) => Some((i.clone().unwrap_or_default(), t.clone())),
+        _ => return Err(ExitError::new(Exit::Usage, "give IMAGE and TARGET").into()),
+    })
+}
+
+/// Run a [`WritePlan`]: `--via` first (its USB part), then the image (file, pipe or stream)
+/// checked against the target and the board, confirmation, the [`BlockJob`], the result.
+pub fn run_plan(p: WritePlan, g: &Global) -> anyhow::Result<Exit> {
+    let Some((image_path, target_path)) = via_first(&p, g)? else {
+        return Ok(Exit::Ok);
     };
     // One reporter for the whole run: a streamed image's download and its write show as one
     // job (the target) with two phases, in one group of progress lines.
@@ -356,9 +461,9 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     let image_arg = (!image_path.as_os_str().is_empty()).then(|| image_path.to_string_lossy());
     let remote = super::acquire::remote_image(
         image_arg.as_deref(),
-        a.board.board.as_deref(),
-        &a.stream,
-        a.img.member.as_deref(),
+        p.board_flag.as_deref(),
+        &p.stream,
+        p.img.member.as_deref(),
         g,
         reporter.clone(),
         &job_name.display().to_string(),
@@ -368,21 +473,16 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
             let p = o.path.clone();
             (o, Some(check), p)
         }
-        None => (a.img.open(&image_path)?, None, image_path.clone()),
+        None => (p.img.open(&image_path)?, None, image_path.clone()),
     };
-    let (expected, expected_from) = expected_digest(a.blake3.as_deref(), &image_path)?;
+    let (expected, expected_from) = expected_digest(p.blake3, &image_path)?;
 
     let (resolved, info) = target::inspect(&target_path)?;
-    let mut policy = Policy {
-        image_size: opened.logical_size,
-        force: a.force,
-        image_paths: vec![image_path.clone()],
-    };
-    policy.image_paths.extend(opened.bmap.clone());
+    let policy = crate::job::policy_for(&image_path, &opened, p.checks.force);
     target::vet(&resolved, &info, &policy)?;
-    target::vet_file_target(&info, &image_path, a.force)?;
+    target::vet_file_target(&info, &image_path, p.checks.force)?;
     // --eject that cannot be done is refused now, not after the write.
-    let eject = match (&info, a.eject) {
+    let eject = match (&info, p.checks.eject) {
         (_, false) => None,
         (TargetInfo::Device(d), true) => Some(target::eject::plan(d)?),
         (TargetInfo::File { path, .. }, true) => {
@@ -396,7 +496,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     // A pipe, FIFO or device cannot be read twice: peek its head through the opened source.
     let peeked = match &remote {
         None if !is_regular_file(&image_path) => {
-            let want = if super::boards::board_named(&a.board, g)? {
+            let want = if p.board.is_some() {
                 crate::board::check::HEAD_LEN
             } else {
                 image::sniff::SNIFF_LEN
@@ -413,13 +513,13 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         .unwrap_or_else(|| image_path.display().to_string());
     // A streamed image is checked on its head, read from the stream before any write.
     let board_pre = match (&remote, &peeked) {
-        (Some(r), _) => super::boards::preflight_head(&a.board, &r.spec.url, r.head(), g)?,
-        (None, Some(head)) => super::boards::preflight_head(&a.board, &what, head, g)?,
-        (None, None) => board_checks(&a.board, &image_path, a.img.member.as_deref(), g)?,
+        (Some(r), _) => super::boards::check_stream(p.board.as_ref(), &r.spec.url, r.head(), g)?,
+        (None, Some(head)) => super::boards::check_stream(p.board.as_ref(), &what, head, g)?,
+        (None, None) => board_checks(p.board.as_ref(), &image_path, p.img.member.as_deref(), g)?,
     };
     // Is it a disk image at all? Decided on the logical head, before the target is touched.
     // A board medium that holds only a bootloader (SPI flash, eMMC boot area) takes blobs.
-    let blob_ok = a.raw
+    let blob_ok = p.checks.raw
         || board_pre
             .as_ref()
             .is_some_and(|p| p.medium.boot == crate::board::schema::BootSource::BootloaderOnly);
@@ -428,20 +528,19 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         (None, Some(head)) => require_image(head, &what, blob_ok)?,
         (None, None) => {
             let head =
-                image::read_logical_prefix(&image_path, &a.img.options(), image::sniff::SNIFF_LEN)
+                image::read_logical_prefix(&image_path, &p.img.options(), image::sniff::SNIFF_LEN)
                     .map_err(|e| {
                         still_says_target_state(e.into(), Some(write::TargetState::Untouched))
                     })?;
             require_image(&head, &what, blob_ok)?
         }
     }
-    confirm(&info, &opened, a.yes)?;
+    confirm(&info, &opened, p.checks.yes)?;
     // Re-inspects, re-vets, opens O_EXCL and re-checks through the fd.
-    let opened_target = target::open(&target_path, &policy)?;
-    let opened_path = opened_target.path.clone();
+    let mut claimed = BlockJob::claim(&target_path, &policy, p.checks.discard)?;
+    let opened_path = claimed.path.clone();
     let cancel = install_cancel();
-    let job = opened_target.path.display().to_string();
-    let mut sink = opened_target.into_sink_with(!a.no_discard)?;
+    let job = claimed.name();
     reporter.report(Event::Message {
         job: job.clone(),
         level: Level::Info,
@@ -453,7 +552,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         ),
     });
     let opts = WriteOptions {
-        verify: !a.no_verify,
+        verify: p.checks.verify,
         expected_blake3: expected,
         expected_from,
         cancel,
@@ -461,7 +560,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         image_name: image_path.display().to_string(),
         ..Default::default()
     };
-    let result = write::run(opened.source, sink.as_mut(), &opts, reporter.as_ref());
+    let result = claimed.write(opened.source, &opts, reporter.as_ref());
     let state = match &result {
         Err(write::WriteError::Failed { state, .. }) => Some(*state),
         _ => None,
@@ -473,14 +572,38 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     };
     let result = result.map_err(|e| still_says_target_state(e, state));
     let report = result.with_context(|| format!("writing {} to {job}", image_path.display()))?;
-    drop(sink);
+    // Bootloader files go through the same claimed descriptor, read back from the medium.
     if let Some(pre) = &board_pre {
-        super::boards::after_write(pre, &target_path, g)?;
+        super::boards::after_write(pre, &mut claimed, g)?;
     }
+    drop(claimed);
+    finish(
+        &job,
+        &opened_path,
+        &info,
+        eject.as_deref(),
+        &report,
+        reporter.as_ref(),
+        g,
+    )?;
+    Ok(Exit::Ok)
+}
+
+/// After the write (and any placement): eject or say the disk may be pulled, then the result
+/// line (stdout whatever -q says; -q silences progress and notes only).
+fn finish(
+    job: &str,
+    opened_path: &Path,
+    info: &TargetInfo,
+    eject: Option<&Path>,
+    report: &write::WriteReport,
+    reporter: &dyn crate::progress::Reporter,
+    g: &Global,
+) -> anyhow::Result<()> {
     // Everything is written, read back and flushed: say when the disk may be pulled.
-    let pulled = match (&info, &eject) {
+    let pulled = match (info, eject) {
         (_, Some(usb)) => {
-            target::eject::eject(&opened_path, usb)?;
+            target::eject::eject(opened_path, usb)?;
             Some(format!(
                 "{job} was flushed and powered off (USB device {}): remove it now",
                 usb.display()
@@ -493,14 +616,13 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     };
     if let Some(text) = pulled {
         reporter.report(Event::Message {
-            job: job.clone(),
+            job: job.to_string(),
             level: Level::Info,
             text,
         });
     }
-    // The result goes to stdout whatever -q says (-q silences progress and notes only).
     if !g.json {
-        outln!("{}", report.summary_line(&job));
+        outln!("{}", report.summary_line(job));
     }
     if g.json {
         let v = serde_json::json!({
@@ -508,7 +630,7 @@ pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
         });
         crate::progress::json_line(&mut super::out::stdout(), "result", v)?;
     }
-    Ok(Exit::Ok)
+    Ok(())
 }
 
 #[derive(Debug, clap::Args)]
@@ -692,7 +814,7 @@ pub struct VerifyArgs {
 pub fn run_verify(a: VerifyArgs, g: &Global) -> anyhow::Result<Exit> {
     let reporter = g.reporter();
     let opened = a.img.open(&a.image)?;
-    let (expected, expected_from) = expected_digest(a.blake3.as_deref(), &a.image)?;
+    let (expected, expected_from) = expected_digest(blake3_flag(a.blake3.as_deref())?, &a.image)?;
     let t = target::open_readonly(&a.target)?;
     let job = t.path.display().to_string();
     let mut sink = t.into_sink()?;

@@ -301,18 +301,10 @@ impl HostFlash {
                 None
             }
         };
-        let mut policy = crate::target::Policy {
-            image_size: opened.logical_size,
-            force: self.force,
-            image_paths: vec![self.image.clone()],
-        };
-        policy.image_paths.extend(opened.bmap.clone());
-        let target = crate::target::open(dev, &policy)
+        let policy = crate::job::policy_for(&self.image, &opened, self.force);
+        let mut target = crate::job::BlockJob::claim(dev, &policy, true)
             .map_err(|e| flash_err(via, e.to_string(), e.exit()))?;
-        let job = target.path.display().to_string();
-        let mut sink = target
-            .into_sink()
-            .map_err(|e| flash_err(via, e.to_string(), e.exit()))?;
+        let job = target.name();
         let opts = crate::write::WriteOptions {
             verify: self.verify,
             expected_blake3: expected,
@@ -320,7 +312,8 @@ impl HostFlash {
             image_name: self.image.display().to_string(),
             ..Default::default()
         };
-        let report = crate::write::run(opened.source, sink.as_mut(), &opts, &*self.reporter)
+        let report = target
+            .write(opened.source, &opts, &*self.reporter)
             .map_err(|e| flash_err(via, format!("writing {job}: {e}"), e.exit()))?;
         Ok(report.summary_line(&job))
     }

@@ -61,8 +61,10 @@ struct Entry {
 }
 
 impl Entry {
-    fn is_dir(&self) -> bool {
-        self.name.ends_with('/')
+    /// Not a candidate image: a directory, or the resource forks macOS's archiver adds
+    /// (`__MACOSX/._image.img`).
+    fn ignored(&self) -> bool {
+        self.name.ends_with('/') || self.name.starts_with("__MACOSX/")
     }
 }
 
@@ -435,7 +437,7 @@ impl MemberReader {
     fn check_last(&mut self) -> Result<(), ImageError> {
         let mut others = Vec::new();
         while let Some(e) = self.zs.next_entry()? {
-            if !e.is_dir() {
+            if !e.ignored() {
                 others.push(e.name.clone());
             }
             self.zs.skip(&e)?;
@@ -486,7 +488,7 @@ pub fn stream_member(
     };
     let mut seen = Vec::new();
     while let Some(e) = zs.next_entry()? {
-        if e.is_dir() {
+        if e.ignored() {
             zs.skip(&e)?;
             continue;
         }
@@ -563,7 +565,7 @@ pub fn file_member(
         ));
     }
     drop(ar);
-    let files: Vec<_> = members.iter().filter(|m| !m.0.is_dir()).collect();
+    let files: Vec<_> = members.iter().filter(|m| !m.0.ignored()).collect();
     let names: Vec<String> = files.iter().map(|m| m.0.name.clone()).collect();
     let pick = match want {
         Some(w) => files.iter().find(|m| m.0.name == w),

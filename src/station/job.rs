@@ -579,15 +579,9 @@ pub(super) fn write_block(
         force: false,
         image_paths: ctx.image.all_paths(),
     };
-    let target = crate::target::open(devnode, &policy)?;
-    // A second descriptor on the same open file keeps the O_EXCL claim after the sink is
-    // dropped, through identity injection and its read-back.
-    let held = target
-        .file
-        .try_clone()
-        .with_context(|| format!("{}: duplicate descriptor", devnode.display()))?;
+    // The claim (O_EXCL) holds through identity injection and its read-back.
+    let mut target = crate::job::BlockJob::claim(devnode, &policy, true)?;
     let direct = target.direct;
-    let mut sink = target.into_sink()?;
     let source = ctx.image.open()?;
     let opts = crate::write::WriteOptions {
         verify: ctx.station.verify,
@@ -603,8 +597,8 @@ pub(super) fn write_block(
         inner: rep.clone(),
         set,
     };
-    let report = crate::write::run(source, sink.as_mut(), &opts, &follow)?;
-    drop(sink);
+    let report = target.write(source, &opts, &follow)?;
+    let held = target.file();
     if cancel.is_set() {
         anyhow::bail!("cancelled");
     }
@@ -614,9 +608,9 @@ pub(super) fn write_block(
     };
     if !files.is_empty() {
         set(Step::Identity);
-        fatinject::set_direct(&held, false)
+        fatinject::set_direct(held, false)
             .with_context(|| format!("{}: switch to buffered I/O", devnode.display()))?;
-        let part = fatinject::inject(&held, devnode, ctx.station.fat_partition, files)?;
+        let part = fatinject::inject(held, devnode, ctx.station.fat_partition, files)?;
         rep.info(format!(
             "wrote {} identity file(s) into FAT partition {}",
             files.len(),
@@ -628,19 +622,19 @@ pub(super) fn write_block(
         if ctx.station.verify {
             set(Step::IdentityVerify);
             if direct {
-                fatinject::set_direct(&held, true)
+                fatinject::set_direct(held, true)
                     .with_context(|| format!("{}: switch to O_DIRECT", devnode.display()))?;
             } else {
                 // Without O_DIRECT only BLKFLSBUF keeps the page cache from answering for the
                 // card, and it needs CAP_SYS_ADMIN: refuse rather than verify the cache.
-                crate::write::sink::flush_buffers(&held).with_context(|| {
+                crate::write::sink::flush_buffers(held).with_context(|| {
                     format!(
                         "{}: no O_DIRECT and cannot drop the page cache to read back",
                         devnode.display()
                     )
                 })?;
             }
-            fatinject::verify(&held, devnode, &part, files)?;
+            fatinject::verify(held, devnode, &part, files)?;
             rep.info("identity files read back and match");
         }
     }

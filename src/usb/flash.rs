@@ -66,6 +66,9 @@ pub struct ViaOptions {
     pub timeouts: Timeouts,
     /// Name of the job in progress events.
     pub job: String,
+    /// Bootloader files placed after the image through the same rockusb session and read
+    /// back (`write --via maskrom|usb --bootloader`); rockusb only.
+    pub placements: Vec<crate::board::PlacedFile>,
 }
 
 impl ViaOptions {
@@ -84,6 +87,7 @@ impl ViaOptions {
             partition: None,
             timeouts: Timeouts::default(),
             job: "usb".into(),
+            placements: Vec::new(),
         }
     }
 }
@@ -359,6 +363,14 @@ fn rockchip(
         ..Default::default()
     };
     let report = crate::write::run(src, &mut sink, &wopts, p.rep)?;
+    if !opts.placements.is_empty() {
+        use crate::board::BoardError as B;
+        crate::board::place::write_placed(&mut sink, &opts.placements).map_err(|e| match e {
+            B::Target(w) => Error::Write(w),
+            B::Placement(m) => Error::Verify(m),
+            other => Error::Input(other.to_string()),
+        })?;
+    }
     if opts.reset {
         sink.reset()?;
     }

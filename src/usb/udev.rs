@@ -20,8 +20,11 @@ pub fn render() -> String {
          # TAG+=\"uaccess\" grants the user logged in at the seat; members of the optional\n\
          # `sbcflash` group (groupadd -r sbcflash) get access on headless stations.\n\
          # Autosuspend is turned off where long erases and loader downloads stall otherwise.\n\
+         # Every action but remove: the kernel's \"bind\" event after \"add\" re-applies node\n\
+         # permissions, and rules of other packages (sunxi-tools, rkdeveloptool) set their group\n\
+         # on it; skipping it left the node in their group (seen in the USB lab).\n\
          \n\
-         ACTION!=\"add|change\", GOTO=\"sbcflash_end\"\n\
+         ACTION==\"remove\", GOTO=\"sbcflash_end\"\n\
          SUBSYSTEM!=\"usb\", GOTO=\"sbcflash_end\"\n\
          ENV{DEVTYPE}!=\"usb_device\", GOTO=\"sbcflash_end\"\n\n",
     );

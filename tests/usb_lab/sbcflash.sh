@@ -14,7 +14,7 @@ t() {
   local name=$1 want_rc=$2 want=$3 rc; shift 3
   timeout 120 "$@" > /tmp/t.out 2>&1; rc=$?
   if [ "$rc" = "$want_rc" ] && { [ -z "$want" ] || grep -Eq -- "$want" /tmp/t.out; }; then ok "$name"; else
-    no "$name (exit $rc, want $want_rc)"; sed 's/^/    | /' /tmp/t.out | tail -15; fi
+    no "$name (exit $rc, want $want_rc)"; sed 's/^/    | /' /tmp/t.out | tail -40; dmesg | tail -8 | sed 's/^/    dmesg| /'; fi
 }
 serve() {
   local name=$1 vid=$2 pid=$3 serial=$4 i; shift 4
@@ -22,7 +22,10 @@ serve() {
   "$DEV" "$1" "/dev/ffs-$name" "$name" "${@:2}" > "/tmp/$name.log" 2>&1 &
   echo $! > "/tmp/$name.pid"
   for i in $(seq 200); do grep -q READY "/tmp/$name.log" && break; sleep 0.05; done
-  lab_bind "$name"
+  lab_bind "$name" || return 1
+  # enumerated (under load the host may retry enumeration at a new address before it settles)
+  for i in $(seq 100); do lsusb -d "${vid#0x}:${pid#0x}" >/dev/null 2>&1 && break; sleep 0.1; done
+  sleep 0.5
 }
 stop() { local p; p=$(cat "/tmp/$1.pid"); kill -TERM "$p"; wait "$p"; }
 same() { if cmp "$2" "$3" >/dev/null; then ok "$1"; else no "$1: $(cmp "$2" "$3" 2>&1 | head -1)"; fi; }
@@ -82,6 +85,17 @@ t "unplug mid-write: exit 5, says where and that the board disconnected" 5 'WRIT
   "$SBC" write --via maskrom --loader "$W/loader.bin" --storage emmc "$W/img.raw"
 sed "s/^/    /" /tmp/t.out | tail -4
 grep -q "wrote 25165824" /tmp/t.out && no "unplugged write reported as written" || ok "unplugged write not reported as written"
+stop rk
+
+# ---- the 4094-byte loader entry rkdeveloptool fails on (real-tools.sh): sbcflash sends the
+# 1-byte pend transfer and counts it right
+cp "$W/rk.emmc" /tmp/rk3.emmc
+serve rk 0x2207 0x350b RK0001 rockusb /tmp/rk3.emmc
+t "write --via maskrom with a 4094-byte loader entry" 0 'read back and verified' \
+  "$SBC" write --via maskrom --loader "$W/loader4094.bin" --storage emmc "$W/small.img"
+sleep 1
+stop rk
+grep -q 'downloads: \[(1137, 4094, true), (1138, ' /tmp/rk.log && ok "ROM model: 0x471 got 4094 bytes, good CRC; then 0x472" || { no "ROM model downloads"; tail -3 /tmp/rk.log; }
 
 # ---- a stalled bulk endpoint: fastboot's 5th bulk transfer (the download command) halts
 cp "$W/fb.mmc" /tmp/fb2.mmc
@@ -90,7 +104,22 @@ serve fb 0x2345 0x7654 FB0001 fastboot /tmp/fb2.mmc --max-download 4194304 --fau
 t "stalled endpoint: exit 5 naming the stall" 5 'stalled' \
   "$SBC" write --via fastboot --partition mmc "$W/img.raw"
 
+# ---- a short read: the FEL ROM sends half of the 32-byte VERSION reply (5th bulk transfer)
+cp "$W/fel.dram" /tmp/fel2.dram
+serve fel 0x1f3a 0xefe8 FEL0001 fel /tmp/fel2.dram --fault short@t4
+t "short read: exit 5 naming it" 5 'short FEL read: device sent 16 of 32 bytes' "$SBC" fel version
+stop fel
+# ---- NAK forever: the FEL ROM never sends its first AWUS ack (3rd bulk transfer)
+serve fel 0x1f3a 0xefe8 FEL0001 fel /tmp/fel2.dram --fault nak@t2
+t "NAK forever: exit 7 after the transfer timeout" 7 'timed out' "$SBC" fel version
+stop fel
+
 # ---- mass storage: a USB disk gadget (usb-storage on the host side), seen through a real udevd
+# The shipped udev rules go into the guest's udevd before it starts; their `sbcflash` group is
+# added to a private copy of /etc/group (the guest sees the host's /etc read-only).
+REPO=$(cd "$(dirname "$0")/../.." && pwd)
+cp /etc/group /tmp/group; echo "sbcflash:x:4242:" >> /tmp/group; mount --bind /tmp/group /etc/group
+mkdir -p /run/udev/rules.d; cp "$REPO/udev-rules/70-sbcflash.rules" /run/udev/rules.d/
 lab_udevd > /dev/null 2>&1
 truncate -s 64M /tmp/card.img
 lab_ums card 0x0bda 0x0129 /tmp/card.img CARD0001
@@ -109,6 +138,25 @@ sync
 if cmp -n 25165824 /tmp/card.img "$W/img.raw" >/dev/null; then ok "USB disk backing file == image"; else no "USB disk backing file differs"; fi
 t "verify IMAGE against the USB disk" 0 '' "$SBC" verify "$W/img.raw" "$disk"
 lab_unbind card
+
+# ---- udev rules for real: a recovery-mode board gets the rule's group and mode, and a non-root
+# user in that group lists and flashes it; without the group: exit 8 with the udev hint
+cp "$W/fel.dram" /tmp/fel3.dram
+serve fel 0x1f3a 0xefe8 FEL0001 fel /tmp/fel3.dram
+udevadm settle --timeout=10
+node=$(lsusb -d 1f3a:efe8 | awk '{printf "/dev/bus/usb/%s/%s", $2, substr($4, 1, 3)}')
+perm=$(stat -c '%G %a' "$node" 2>&1)
+[ "$perm" = "sbcflash 660" ] && ok "udev rule: $node is group sbcflash, mode 660" || {
+  no "udev rule: $node is '$perm'"; getent group sbcflash; findmnt /etc/group; }
+AS="env HOME=/tmp setpriv --reuid=65534 --regid=65534"
+t "non-root user in group sbcflash: usb lists the FEL board" 0 '"protocol":"fel"' \
+  $AS --groups=4242 "$SBC" --json usb
+t "non-root user in group sbcflash: fel write" 0 '' \
+  $AS --groups=4242 "$SBC" fel write 0x40100000 "$W/fel.bin"
+t "non-root user without the group: exit 8, permission denied and the udev hint" 8 'permission denied.*udev rules' \
+  $AS --clear-groups "$SBC" fel version
+stop fel
+cmp -s -n 1048576 -i 1048576:0 /tmp/fel3.dram "$W/fel.bin" && ok "the non-root fel write reached the board" || no "non-root fel write not in DRAM"
 
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]
