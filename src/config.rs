@@ -51,8 +51,8 @@ pub enum ConfigError {
     InvalidEnv { var: String, msg: String },
 }
 
-impl ConfigError {
-    pub fn exit(&self) -> crate::exit::Exit {
+impl crate::exit::Classify for ConfigError {
+    fn exit(&self) -> crate::exit::Exit {
         match self {
             ConfigError::Io { .. } => crate::exit::Exit::Io,
             _ => crate::exit::Exit::BadInput,
@@ -97,6 +97,67 @@ impl<T> Sourced<T> {
         Self {
             value,
             source: Source::Default { how: how.into() },
+        }
+    }
+}
+
+impl<T> Sourced<T> {
+    /// The value of a higher layer, when that layer sets one.
+    fn over(self, layer: Option<(T, Source)>) -> Self {
+        match layer {
+            Some((value, source)) => Sourced { value, source },
+            None => self,
+        }
+    }
+}
+
+/// The layers above the defaults, lowest first: file < environment < flag. Each setting is
+/// `Sourced::default(..).over(file).over(env).over(flag)`.
+struct Layers<'a> {
+    /// The file that was read, and its text (for line numbers).
+    file: Option<&'a (PathBuf, String)>,
+    env: &'a dyn Fn(&str) -> Option<OsString>,
+}
+
+impl Layers<'_> {
+    /// A key of the config file, converted, with its line.
+    fn file<X, T>(&self, v: Option<Spanned<X>>, f: impl FnOnce(X) -> T) -> Option<(T, Source)> {
+        let v = v?;
+        let span = v.span();
+        let source = match self.file {
+            Some((path, text)) => Source::File {
+                path: path.clone(),
+                line: line_col(text, span.start).0,
+            },
+            None => Source::Default { how: String::new() },
+        };
+        Some((f(v.into_inner()), source))
+    }
+
+    /// An environment variable set to a non-empty value, converted.
+    fn env<T>(&self, var: &str, f: impl FnOnce(OsString) -> T) -> Option<(T, Source)> {
+        let v = (self.env)(var).filter(|v| !v.is_empty())?;
+        Some((f(v), Source::Env { var: var.into() }))
+    }
+
+    /// A command-line flag that was given.
+    fn flag<T: Clone>(v: &Option<T>, flag: &str) -> Option<(T, Source)> {
+        let v = v.clone()?;
+        Some((v, Source::Flag { flag: flag.into() }))
+    }
+
+    /// A bad value in the config file, at the key's line and column.
+    fn invalid(&self, span: std::ops::Range<usize>, msg: String) -> ConfigError {
+        let (path, text) = match self.file {
+            Some((p, t)) => (p.display().to_string(), t.as_str()),
+            None => (String::new(), ""),
+        };
+        let (line, col) = line_col(text, span.start);
+        ConfigError::Invalid {
+            path,
+            line,
+            col,
+            msg,
         }
     }
 }
@@ -276,175 +337,91 @@ impl Config {
                 }
             }
         }
-        let from_file = |span: std::ops::Range<usize>| -> Source {
-            match &file_used {
-                Some((p, text)) => Source::File {
-                    path: p.clone(),
-                    line: line_col(text, span.start).0,
-                },
-                None => Source::Default { how: String::new() },
-            }
+        let layers = Layers {
+            file: file_used.as_ref(),
+            env,
         };
+        let base = file_used.as_ref().map(|f| f.0.as_path());
 
-        // cache_dir
-        let mut cache_dir = match xdg_dir(env, "XDG_CACHE_HOME", ".cache") {
+        let cache_dir = match xdg_dir(env, "XDG_CACHE_HOME", ".cache") {
             Some((d, how)) => Sourced::default(d.join("sbcflash"), format!("{how}/sbcflash")),
             None => Sourced::default(
                 std::env::temp_dir().join("sbcflash-cache"),
                 "no $HOME: temporary directory",
             ),
-        };
-        if let Some(v) = file_cfg.cache_dir {
-            let span = v.span();
-            let rel = v.into_inner();
-            cache_dir = Sourced {
-                value: resolve_relative(file_used.as_ref().map(|f| f.0.as_path()), rel),
-                source: from_file(span),
-            };
         }
-        if let Some(v) = env(ENV_CACHE_DIR).filter(|v| !v.is_empty()) {
-            cache_dir = Sourced {
-                value: PathBuf::from(v),
-                source: Source::Env {
-                    var: ENV_CACHE_DIR.into(),
-                },
-            };
-        }
-        if let Some(v) = &flags.cache_dir {
-            cache_dir = Sourced {
-                value: v.clone(),
-                source: Source::Flag {
-                    flag: "--cache-dir".into(),
-                },
-            };
-        }
+        .over(layers.file(file_cfg.cache_dir, |p| resolve_relative(base, p)))
+        .over(layers.env(ENV_CACHE_DIR, PathBuf::from))
+        .over(Layers::flag(&flags.cache_dir, "--cache-dir"));
 
-        // default_board
-        let mut default_board = Sourced::default(None, "not set");
         let default_board_span = file_cfg.default_board.as_ref().map(|v| v.span());
-        if let Some(v) = file_cfg.default_board {
-            let span = v.span();
-            default_board = Sourced {
-                value: Some(v.into_inner()),
-                source: from_file(span),
-            };
-        }
-        if let Some(v) = env(ENV_BOARD).filter(|v| !v.is_empty()) {
-            default_board = Sourced {
-                value: Some(v.to_string_lossy().into_owned()),
-                source: Source::Env {
-                    var: ENV_BOARD.into(),
-                },
-            };
-        }
-        if let Some(v) = &flags.board {
-            default_board = Sourced {
-                value: Some(v.clone()),
-                source: Source::Flag {
-                    flag: "--board".into(),
-                },
-            };
-        }
+        let default_board = Sourced::default(None, "not set")
+            .over(layers.file(file_cfg.default_board, Some))
+            .over(layers.env(ENV_BOARD, |v| Some(v.to_string_lossy().into_owned())))
+            .over(Layers::flag(&flags.board.clone().map(Some), "--board"));
 
         // boards_dirs: flags add to (and take precedence over) the file's list.
-        let mut boards_dirs = Sourced::default(Vec::new(), "not set");
-        if let Some(v) = file_cfg.boards_dirs {
-            let span = v.span();
-            let base = file_used.as_ref().map(|f| f.0.as_path());
-            let dirs: Vec<PathBuf> = v
-                .into_inner()
-                .into_iter()
-                .map(|p| resolve_relative(base, p))
-                .collect();
-            if let (Some((p, text)), Some(bad)) = (&file_used, dirs.iter().find(|d| !d.is_dir())) {
-                let (line, col) = line_col(text, span.start);
-                return Err(ConfigError::Invalid {
-                    path: p.display().to_string(),
-                    line,
-                    col,
-                    msg: format!("boards-dirs: {} is not a directory", bad.display()),
-                });
+        if let Some(v) = &file_cfg.boards_dirs {
+            let bad = v
+                .get_ref()
+                .iter()
+                .map(|p| resolve_relative(base, p.clone()))
+                .find(|d| !d.is_dir());
+            if let Some(bad) = bad {
+                let msg = format!("boards-dirs: {} is not a directory", bad.display());
+                return Err(layers.invalid(v.span(), msg));
             }
-            boards_dirs = Sourced {
-                value: dirs,
-                source: from_file(span),
-            };
         }
+        let mut boards_dirs = Sourced::default(Vec::new(), "not set").over(layers.file(
+            file_cfg.boards_dirs,
+            |dirs| {
+                dirs.into_iter()
+                    .map(|p| resolve_relative(base, p))
+                    .collect()
+            },
+        ));
         if !flags.boards_dirs.is_empty() {
             let mut v = flags.boards_dirs.clone();
-            v.extend(boards_dirs.value);
-            boards_dirs = Sourced {
-                value: v,
-                source: Source::Flag {
-                    flag: "--boards-dir".into(),
-                },
-            };
+            v.extend(std::mem::take(&mut boards_dirs.value));
+            boards_dirs = boards_dirs.over(Layers::flag(&Some(v), "--boards-dir"));
         }
 
-        // mirrors
-        let mut mirrors = Sourced::default(Vec::new(), "not set");
-        if let Some(v) = file_cfg.mirrors {
-            let span = v.span();
-            let list = v.into_inner();
-            if let (Some((p, text)), Some(bad)) = (
-                &file_used,
-                list.iter()
-                    .find(|m| m.prefix.is_empty() || m.replace.is_empty()),
-            ) {
-                let (line, col) = line_col(text, span.start);
-                return Err(ConfigError::Invalid {
-                    path: p.display().to_string(),
-                    line,
-                    col,
-                    msg: format!(
-                        "mirror entry with an empty prefix or replacement: {:?} -> {:?}",
-                        bad.prefix, bad.replace
-                    ),
-                });
-            }
+        if let Some(v) = &file_cfg.mirrors {
             let is_url = |u: &str| u.starts_with("https://") || u.starts_with("http://");
-            if let (Some((p, text)), Some(bad)) = (
-                &file_used,
+            let list = v.get_ref();
+            let msg = if let Some(bad) = list
+                .iter()
+                .find(|m| m.prefix.is_empty() || m.replace.is_empty())
+            {
+                Some(format!(
+                    "mirror entry with an empty prefix or replacement: {:?} -> {:?}",
+                    bad.prefix, bad.replace
+                ))
+            } else {
                 list.iter()
-                    .find(|m| !is_url(&m.prefix) || !is_url(&m.replace)),
-            ) {
-                let (line, col) = line_col(text, span.start);
-                return Err(ConfigError::Invalid {
-                    path: p.display().to_string(),
-                    line,
-                    col,
-                    msg: format!(
-                        "mirrors: prefix and replace must be http(s):// URLs: {:?} -> {:?}",
-                        bad.prefix, bad.replace
-                    ),
-                });
+                    .find(|m| !is_url(&m.prefix) || !is_url(&m.replace))
+                    .map(|bad| {
+                        format!(
+                            "mirrors: prefix and replace must be http(s):// URLs: {:?} -> {:?}",
+                            bad.prefix, bad.replace
+                        )
+                    })
+            };
+            if let Some(msg) = msg {
+                return Err(layers.invalid(v.span(), msg));
             }
-            mirrors = Sourced {
-                value: list,
-                source: from_file(span),
-            };
         }
+        let mirrors =
+            Sourced::default(Vec::new(), "not set").over(layers.file(file_cfg.mirrors, |m| m));
 
-        // station
         let fs = file_cfg.station.unwrap_or_default();
-        let base = file_used.as_ref().map(|f| f.0.as_path());
-        let mut st_config = Sourced::default(None, "not set: pass --config");
-        if let Some(v) = fs.config {
-            let span = v.span();
-            st_config = Sourced {
-                value: Some(resolve_relative(base, v.into_inner())),
-                source: from_file(span),
-            };
-        }
-        if let Some(v) = &flags.station_config {
-            st_config = Sourced {
-                value: Some(v.clone()),
-                source: Source::Flag {
-                    flag: "--config".into(),
-                },
-            };
-        }
-        let mut ledger = match xdg_dir(env, "XDG_STATE_HOME", ".local/state") {
+        let st_config = Sourced::default(None, "not set: pass --config")
+            .over(layers.file(fs.config, |p| Some(resolve_relative(base, p))))
+            .over(Layers::flag(
+                &flags.station_config.clone().map(Some),
+                "--config",
+            ));
+        let ledger = match xdg_dir(env, "XDG_STATE_HOME", ".local/state") {
             Some((d, how)) => Sourced::default(
                 d.join("sbcflash").join("ledger.sqlite"),
                 format!("{how}/sbcflash/ledger.sqlite"),
@@ -453,30 +430,11 @@ impl Config {
                 PathBuf::from("/var/lib/sbcflash/ledger.sqlite"),
                 "no $HOME: system state directory",
             ),
-        };
-        if let Some(v) = fs.ledger {
-            let span = v.span();
-            ledger = Sourced {
-                value: resolve_relative(base, v.into_inner()),
-                source: from_file(span),
-            };
         }
-        if let Some(v) = &flags.ledger {
-            ledger = Sourced {
-                value: v.clone(),
-                source: Source::Flag {
-                    flag: "--ledger".into(),
-                },
-            };
-        }
-        let mut flash_present = Sourced::default(false, "false");
-        if let Some(v) = fs.flash_present {
-            let span = v.span();
-            flash_present = Sourced {
-                value: v.into_inner(),
-                source: from_file(span),
-            };
-        }
+        .over(layers.file(fs.ledger, |p| resolve_relative(base, p)))
+        .over(Layers::flag(&flags.ledger, "--ledger"));
+        let flash_present =
+            Sourced::default(false, "false").over(layers.file(fs.flash_present, |b| b));
 
         // The default board must be one the registry knows (with this config's boards-dirs), or
         // every command that uses it fails later without naming where the name came from.
@@ -486,18 +444,13 @@ impl Config {
             // A registry that does not load is reported by the commands that use it.
             if let Ok(reg) = crate::board::Registry::load(&dirs) {
                 if let Err(e) = reg.get(name) {
-                    let msg = format!("default-board = {name:?}: {e}");
-                    match (&default_board.source, &file_used, default_board_span) {
-                        (Source::File { .. }, Some((p, text)), Some(span)) => {
-                            let (line, col) = line_col(text, span.start);
-                            return Err(ConfigError::Invalid {
-                                path: p.display().to_string(),
-                                line,
-                                col,
-                                msg,
-                            });
+                    match (&default_board.source, default_board_span) {
+                        (Source::File { .. }, Some(span)) => {
+                            return Err(
+                                layers.invalid(span, format!("default-board = {name:?}: {e}"))
+                            );
                         }
-                        (Source::Env { var }, _, _) => {
+                        (Source::Env { var }, _) => {
                             return Err(ConfigError::InvalidEnv {
                                 var: var.clone(),
                                 msg: format!("{name:?}: {e}"),
@@ -766,7 +719,7 @@ mod tests {
         let s = e.to_string();
         assert!(s.starts_with(&format!("{}:4:3:", p.display())), "{s}");
         assert!(s.contains("ledgr"), "{s}");
-        assert_eq!(e.exit(), crate::exit::Exit::BadInput);
+        assert_eq!(crate::exit::Classify::exit(&e), crate::exit::Exit::BadInput);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! Process exit codes: one per class of failure, so scripts and stations can react without
-//! parsing messages. Documented in the README and in `--help`.
+//! parsing messages. Documented in the README and in `--help`. A leaf: it imports no other
+//! module of the crate.
 
 use std::fmt;
 
@@ -84,64 +85,11 @@ impl fmt::Display for Exit {
     }
 }
 
-/// Implemented by library error types so the CLI can pick an exit code without string matching.
+/// Implemented by each library error type where it is defined, so the CLI can pick an exit
+/// code without string matching. The CLI's `cli::classify` lists the types it looks for; this
+/// module imports no other, so every module can depend on it without a cycle.
 pub trait Classify {
     fn exit(&self) -> Exit;
-}
-
-/// Find the most specific exit class in an anyhow chain: the first error in the chain that a
-/// module registered through [`classify_dyn`] wins.
-pub fn classify(err: &anyhow::Error) -> Exit {
-    for cause in err.chain() {
-        if let Some(e) = classify_dyn(cause) {
-            return e;
-        }
-    }
-    Exit::Failure
-}
-
-/// Each library error type is listed here once; adding a module error means adding a line.
-fn classify_dyn(e: &(dyn std::error::Error + 'static)) -> Option<Exit> {
-    if let Some(x) = e.downcast_ref::<ExitError>() {
-        return Some(x.exit);
-    }
-    if let Some(x) = e.downcast_ref::<crate::image::ImageError>() {
-        return Some(x.exit());
-    }
-    if let Some(x) = e.downcast_ref::<crate::config::ConfigError>() {
-        return Some(x.exit());
-    }
-    if let Some(x) = e.downcast_ref::<crate::board::BoardError>() {
-        return Some(x.exit());
-    }
-    if let Some(x) = e.downcast_ref::<crate::write::WriteError>() {
-        return Some(x.exit());
-    }
-    if let Some(x) = e.downcast_ref::<crate::target::TargetError>() {
-        return Some(x.exit());
-    }
-    if let Some(x) = e.downcast_ref::<crate::acquire::AcquireError>() {
-        return Some(x.exit());
-    }
-    if let Some(x) = e.downcast_ref::<crate::console::ConsoleError>() {
-        return Some(x.exit());
-    }
-    if let Some(x) = e.downcast_ref::<crate::station::StationError>() {
-        return Some(x.exit());
-    }
-    if let Some(x) = e.downcast_ref::<crate::station::fatinject::FatError>() {
-        return Some(x.exit());
-    }
-    if let Some(x) = e.downcast_ref::<crate::usb::Error>() {
-        return Some(x.exit());
-    }
-    if let Some(x) = e.downcast_ref::<std::io::Error>() {
-        if x.kind() == std::io::ErrorKind::Interrupted {
-            return Some(Exit::Interrupted);
-        }
-        return Some(Exit::Io);
-    }
-    None
 }
 
 /// An error that carries its exit class explicitly; for the CLI edges.
@@ -158,5 +106,11 @@ impl ExitError {
             exit,
             msg: msg.into(),
         }
+    }
+}
+
+impl Classify for ExitError {
+    fn exit(&self) -> Exit {
+        self.exit
     }
 }

@@ -14,5 +14,6 @@ pub mod job;
 pub mod progress;
 pub mod station;
 pub mod target;
+pub mod uevent;
 pub mod usb;
 pub mod write;

@@ -10,6 +10,20 @@ use std::time::{Duration, Instant};
 /// Version of the `--json` event schema; bump on any incompatible change.
 pub const JSON_SCHEMA_VERSION: u32 = 1;
 
+/// The one writer of `--json` lines: `fields` (an object) with `event` and `schema` set, on
+/// one line. Renderers and the CLI's result lines all go through it.
+pub fn json_line<W: Write + ?Sized>(
+    w: &mut W,
+    event: &str,
+    mut fields: serde_json::Value,
+) -> std::io::Result<()> {
+    if let Some(o) = fields.as_object_mut() {
+        o.insert("event".into(), event.into());
+        o.insert("schema".into(), JSON_SCHEMA_VERSION.into());
+    }
+    writeln!(w, "{fields}")
+}
+
 /// What an operation reports. `job` names the unit of work (a slot, a device path) so that
 /// one stream can carry several jobs at once.
 #[derive(Debug, Clone, Serialize)]
@@ -121,11 +135,12 @@ impl Reporter for JsonLines {
             Ok(v) => v,
             Err(_) => return,
         };
+        let event = v["event"].as_str().unwrap_or_default().to_string();
         if let Some(obj) = v.as_object_mut() {
-            obj.insert("schema".into(), JSON_SCHEMA_VERSION.into());
             obj.insert("ts".into(), chrono::Utc::now().to_rfc3339().into());
         }
-        let _ = writeln!(st.out, "{v}");
+        // A reader that went away must not stop the operation; the result line says it.
+        let _ = json_line(&mut st.out, &event, v);
         let _ = st.out.flush();
     }
 }
@@ -172,6 +187,30 @@ fn bar_style(known_total: bool) -> indicatif::ProgressStyle {
     }
 }
 
+/// What every bar renderer (these bars, the station's slot lines) does with the events that
+/// do not start a line: move a bar, print a note above the bars, end a line.
+pub(crate) mod bar {
+    use super::Level;
+
+    pub(crate) fn advance(pb: &indicatif::ProgressBar, done: u64, total: Option<u64>) {
+        if let Some(t) = total {
+            pb.set_length(t);
+        }
+        pb.set_position(done);
+    }
+
+    pub(crate) fn note(level: Level, text: String) -> String {
+        match level {
+            Level::Info => text,
+            Level::Warn => format!("warning: {text}"),
+        }
+    }
+
+    pub(crate) fn failed(pb: indicatif::ProgressBar, message: &str) {
+        pb.abandon_with_message(format!("FAILED: {message}"));
+    }
+}
+
 impl Reporter for Bars {
     fn report(&self, ev: Event) {
         let Ok(mut bars) = self.bars.lock() else {
@@ -206,17 +245,11 @@ impl Reporter for Bars {
                 total,
             } => {
                 if let Some(pb) = bars.get(&(job, phase)) {
-                    if let Some(t) = total {
-                        pb.set_length(t);
-                    }
-                    pb.set_position(done);
+                    bar::advance(pb, done, total);
                 }
             }
             Event::Message { job, level, text } => {
-                let line = match level {
-                    Level::Info => text,
-                    Level::Warn => format!("warning: {text}"),
-                };
+                let line = bar::note(level, text);
                 match bars.iter().find(|((j, _), _)| *j == job) {
                     Some((_, pb)) => pb.println(line),
                     None => {
@@ -236,7 +269,7 @@ impl Reporter for Bars {
                 ..
             } => {
                 if let Some(pb) = bars.remove(&(job, phase)) {
-                    pb.abandon_with_message(format!("FAILED: {message}"));
+                    bar::failed(pb, &message);
                 }
             }
         }

@@ -538,7 +538,10 @@ fn check_rockchip_mbr_at_8mib_was_built_for_another_board() {
         "no U-Boot in the image: the Orange Pi 5 boots it from sd only if its SPI flash holds U-Boot — write U-Boot to the SPI flash first: `sbcflash write --board opi5 --spi u-boot-rockchip-spi.bin`, or add it to the card with `--bootloader u-boot-rockchip.bin`"
     );
     let e = r.into_result(true).unwrap_err();
-    assert_eq!(e.exit(), sbcflash::exit::Exit::BadInput);
+    assert_eq!(
+        sbcflash::exit::Classify::exit(&e),
+        sbcflash::exit::Exit::BadInput
+    );
 }
 
 #[test]
@@ -932,7 +935,7 @@ fn write_hooks_check_then_place_bootloader_on_a_loop_device() {
         ..args.clone()
     };
     let e = preflight(&no_bl, &img, &g).unwrap_err();
-    assert_eq!(sbcflash::exit::classify(&e), sbcflash::exit::Exit::BadInput);
+    assert_eq!(sbcflash::cli::classify(&e), sbcflash::exit::Exit::BadInput);
     assert!(format!("{e:#}").contains("no U-Boot in the image"), "{e:#}");
 
     let args = BoardWriteArgs {

@@ -579,10 +579,19 @@ fn json_lines_match_the_documented_schema() {
 fn a_reader_that_closes_stdout_early_is_not_an_error() {
     use std::process::Stdio;
     let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("small.img");
+    std::fs::write(&img, vec![0u8; 4096]).unwrap();
+    let img = img.to_str().unwrap();
     for args in [
         &["usb", "udev-rules"][..],
         &["boards", "list"],
+        &["boards", "list", "--json"],
         &["config", "example"],
+        &["--help"],
+        &["man"],
+        &["completions", "bash"],
+        &["hash", img],
+        &["hash", "--json", img],
     ] {
         // A pipe whose read end is closed before the tool writes: every write is EPIPE.
         let (r, w) = nix::unistd::pipe().unwrap();

@@ -459,7 +459,11 @@ fn symlink_to_a_mounted_loop_disk_is_refused_and_the_disk_is_untouched() {
             Ok(_) => panic!("{}: a symlink to a mounted disk was opened", l.display()),
             Err(e) => e,
         };
-        assert_eq!(e.exit(), sbcflash::exit::Exit::Refused, "{e}");
+        assert_eq!(
+            sbcflash::exit::Classify::exit(&e),
+            sbcflash::exit::Exit::Refused,
+            "{e}"
+        );
         let s = e.to_string();
         assert!(s.contains("mounted"), "{s}");
         assert!(

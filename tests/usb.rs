@@ -4,7 +4,7 @@
 
 mod common;
 
-use sbcflash::exit::Exit;
+use sbcflash::exit::{Classify, Exit};
 use sbcflash::progress::{Event, Recorder};
 use sbcflash::usb::discovery::Bus;
 use sbcflash::usb::fastboot::{self, Fastboot};
@@ -1010,7 +1010,7 @@ fn fel_cli_against_simulated_bus() {
         e.to_string().contains("no Allwinner board in FEL mode"),
         "{e}"
     );
-    assert_eq!(sbcflash::exit::classify(&e), Exit::Environment);
+    assert_eq!(sbcflash::cli::classify(&e), Exit::Environment);
 }
 
 // ---------------------------------------------------------------- discovery, udev, CLI

@@ -732,9 +732,17 @@ pub(crate) fn lock_file(p: &Path, exclusive: bool) -> Result<LockGuard> {
 /// The exclusive flock on `p` if nobody holds it now (never waits).
 pub(crate) fn try_lock_file(p: &Path) -> Option<LockGuard> {
     let f = open_lock(p).ok()?;
-    Flock::lock(f, FlockArg::LockExclusiveNonblock)
-        .ok()
-        .map(|l| LockGuard { _lock: l })
+    try_flock(f).ok()?.map(|l| LockGuard { _lock: l })
+}
+
+/// The exclusive flock on an open file, if nobody holds it now (never waits): `Ok(None)` when
+/// another process does. The one non-blocking flock of the crate (cache entries, the ledger).
+pub(crate) fn try_flock(f: File) -> std::io::Result<Option<Flock<File>>> {
+    match Flock::lock(f, FlockArg::LockExclusiveNonblock) {
+        Ok(l) => Ok(Some(l)),
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => Ok(None),
+        Err((_, e)) => Err(e.into()),
+    }
 }
 
 /// Parses `20G`, `512M`, `1.5T`, `300K`, `123` (bytes; binary multiples, `GiB` also accepted).

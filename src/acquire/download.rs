@@ -12,6 +12,7 @@
 
 use super::cache::{Partial, PartialMeta};
 use super::{AcquireError, Result};
+use crate::exit::Classify;
 use crate::progress::{Event, Level, Reporter};
 use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};

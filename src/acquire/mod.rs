@@ -18,7 +18,7 @@ pub use cache::{Cache, CacheEntry};
 pub use digest::{Digests, Pin};
 pub use download::{DownloadOptions, Downloader};
 
-use crate::exit::Exit;
+use crate::exit::{Classify, Exit};
 
 /// Errors of this module; each names the URL, file or command it is about.
 #[derive(Debug, thiserror::Error)]
@@ -92,8 +92,8 @@ fn hint_for_status(status: u16) -> &'static str {
     }
 }
 
-impl AcquireError {
-    pub fn exit(&self) -> Exit {
+impl Classify for AcquireError {
+    fn exit(&self) -> Exit {
         use AcquireError::*;
         match self {
             Status { .. } | Dns { .. } | Tls { .. } | Connect { .. } | Network { .. } => Exit::Io,
@@ -113,7 +113,9 @@ impl AcquireError {
             Usage(_) => Exit::Usage,
         }
     }
+}
 
+impl AcquireError {
     pub(crate) fn io(path: impl AsRef<std::path::Path>, source: std::io::Error) -> Self {
         AcquireError::Io {
             path: path.as_ref().display().to_string(),

@@ -342,6 +342,6 @@ mod tests {
         std::io::copy(&mut r, &mut std::io::sink()).unwrap();
         let e = c.finish(true).unwrap_err();
         assert!(matches!(e, AcquireError::BadImageWritten { .. }));
-        assert_eq!(e.exit(), crate::exit::Exit::Verify);
+        assert_eq!(crate::exit::Classify::exit(&e), crate::exit::Exit::Verify);
     }
 }

@@ -1,7 +1,7 @@
 //! Errors of the board module. Descriptor errors always carry `file:line:col` so the user can
 //! jump to the offending key.
 
-use crate::exit::Exit;
+use crate::exit::{Classify, Exit};
 use std::fmt;
 
 /// A position in a descriptor file (1-based line and column).
@@ -78,8 +78,8 @@ fn suggest(s: &[String]) -> String {
     }
 }
 
-impl BoardError {
-    pub fn exit(&self) -> Exit {
+impl Classify for BoardError {
+    fn exit(&self) -> Exit {
         match self {
             BoardError::Io { source, .. } if source.kind() == std::io::ErrorKind::Interrupted => {
                 Exit::Interrupted

@@ -225,7 +225,7 @@ pub fn run_fetch(a: FetchArgs, g: &Global) -> anyhow::Result<Exit> {
         }),
     });
     if !g.json {
-        println!("{}  {}", f.entry.blake3, f.entry.path.display());
+        outln!("{}  {}", f.entry.blake3, f.entry.path.display());
     }
     Ok(Exit::Ok)
 }
@@ -273,44 +273,45 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
             let decoded = crate::station::decoded::list(&decoded_dir)?;
             if g.json {
                 // One JSON line an item: `event` says which kind.
-                let emit = |mut v: serde_json::Value, event: &str, path: Option<String>| {
-                    if let Some(o) = v.as_object_mut() {
-                        o.insert("event".into(), event.into());
-                        o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
-                        if let Some(p) = path {
-                            o.insert("path".into(), p.into());
-                        }
+                let emit = |mut v: serde_json::Value,
+                            event: &str,
+                            path: Option<String>|
+                 -> std::io::Result<()> {
+                    if let (Some(o), Some(p)) = (v.as_object_mut(), path) {
+                        o.insert("path".into(), p.into());
                     }
-                    println!("{v}");
+                    crate::progress::json_line(&mut super::out::stdout(), event, v)
                 };
                 for e in &entries {
                     let path = e.path.display().to_string();
-                    emit(serde_json::to_value(e)?, "cache-entry", Some(path));
+                    emit(serde_json::to_value(e)?, "cache-entry", Some(path))?;
                 }
                 for d in &decoded {
-                    emit(serde_json::to_value(d)?, "cache-decoded", None);
+                    emit(serde_json::to_value(d)?, "cache-decoded", None)?;
                 }
             } else if entries.is_empty() && decoded.is_empty() {
                 eprintln!("cache {} is empty", dir.display());
             } else {
-                let row =
-                    |a: &str, b: &str, c: &str, d: &str| println!("{a:<64}  {b:>10}  {c:<16}  {d}");
+                let row = |a: &str, b: &str, c: &str, d: &str| -> std::io::Result<()> {
+                    outln!("{a:<64}  {b:>10}  {c:<16}  {d}");
+                    Ok(())
+                };
                 let when =
                     |t: &chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M").to_string();
-                row("BLAKE3", "SIZE", "LAST USED", "SOURCE");
+                row("BLAKE3", "SIZE", "LAST USED", "SOURCE")?;
                 for e in &entries {
                     row(
                         &e.blake3,
-                        &human_size(e.size),
+                        &crate::target::human_size(e.size),
                         &when(&e.last_used),
                         e.origin.as_deref().or(e.name.as_deref()).unwrap_or("-"),
-                    );
+                    )?;
                 }
                 if !decoded.is_empty() {
-                    println!(
+                    outln!(
                         "\nDecoded by the station (derived from the source file named; safe to prune):"
                     );
-                    row("SOURCE BLAKE3", "ON DISK", "LAST USED", "STATE");
+                    row("SOURCE BLAKE3", "ON DISK", "LAST USED", "STATE")?;
                 }
                 for d in &decoded {
                     let state = match (d.in_use, d.size) {
@@ -320,10 +321,10 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
                     };
                     row(
                         &d.source_blake3,
-                        &human_size(d.disk_bytes),
+                        &crate::target::human_size(d.disk_bytes),
                         &when(&d.last_used),
                         state,
-                    );
+                    )?;
                 }
             }
             Ok(Exit::Ok)
@@ -364,7 +365,7 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
                 summary: serde_json::json!({ "ok": ok, "problems": problems }),
             });
             if !g.json {
-                println!(
+                outln!(
                     "{ok} entries ok, {} problem(s) found and removed",
                     problems.len()
                 );
@@ -422,12 +423,12 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
                 summary: serde_json::to_value(&rep)?,
             });
             if !g.json {
-                println!(
+                outln!(
                     "removed {} item(s), freed {}; {} entries ({}) kept",
                     rep.removed.len(),
-                    human_size(rep.freed_bytes),
+                    crate::target::human_size(rep.freed_bytes),
                     rep.kept,
-                    human_size(rep.kept_bytes)
+                    crate::target::human_size(rep.kept_bytes)
                 );
             }
             Ok(Exit::Ok)
@@ -491,7 +492,7 @@ pub fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
     let Some(target) = a.target.clone() else {
         let (entry, _) = build_image(&a, g, &reporter)?;
         if !g.json {
-            println!("{}  {}", entry.blake3, entry.path.display());
+            outln!("{}  {}", entry.blake3, entry.path.display());
         }
         return Ok(Exit::Ok);
     };
@@ -616,19 +617,4 @@ pub fn build_image(
         }),
     });
     Ok((entry, img))
-}
-
-fn human_size(n: u64) -> String {
-    const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut i = 0;
-    while v >= 1024.0 && i < U.len() - 1 {
-        v /= 1024.0;
-        i += 1;
-    }
-    if i == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", U[i])
-    }
 }

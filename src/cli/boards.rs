@@ -77,8 +77,7 @@ pub fn registry(g: &Global) -> anyhow::Result<Registry> {
 
 pub fn run(a: BoardsArgs, g: &Global) -> anyhow::Result<Exit> {
     let reg = registry(g)?;
-    let out = std::io::stdout();
-    let mut out = out.lock();
+    let mut out = super::out::stdout();
     let r = match a.cmd.unwrap_or(BoardsCmd::List) {
         BoardsCmd::List => list(&reg, g, &mut out),
         BoardsCmd::Show { board } => show(reg.get(&board)?, g, &mut out),
@@ -89,7 +88,7 @@ pub fn run(a: BoardsArgs, g: &Global) -> anyhow::Result<Exit> {
             strict,
         } => check(reg.get(&board)?, &image, medium, strict, g, &mut out),
     };
-    super::quiet_pipe(r)
+    r
 }
 
 /// How the board is usually flashed, for the list.
@@ -127,9 +126,9 @@ fn list(reg: &Registry, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit
             })
             .collect();
         let v = serde_json::json!({
-            "event": "boards", "schema": crate::progress::JSON_SCHEMA_VERSION, "boards": boards,
+            "boards": boards,
         });
-        writeln!(out, "{v}")?;
+        crate::progress::json_line(out, "boards", v)?;
         return Ok(Exit::Ok);
     }
     let rows: Vec<[String; 7]> = reg
@@ -184,9 +183,9 @@ fn list(reg: &Registry, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit
 fn show(b: &Board, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit> {
     if g.json {
         let v = serde_json::json!({
-            "event": "board", "schema": crate::progress::JSON_SCHEMA_VERSION, "board": b,
+            "board": b,
         });
-        writeln!(out, "{v}")?;
+        crate::progress::json_line(out, "board", v)?;
         return Ok(Exit::Ok);
     }
     let d = &b.desc;
@@ -400,10 +399,9 @@ pub fn print_report(
 ) -> std::io::Result<()> {
     if g.json {
         let v = serde_json::json!({
-            "event": "image-check", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "report": report,
         });
-        return writeln!(out, "{v}");
+        return crate::progress::json_line(out, "image-check", v);
     }
     for f in &report.findings {
         let tag = match f.severity {
@@ -638,7 +636,7 @@ fn check_head(
         }
     }
     if g.json {
-        print_report(&report, g, &mut std::io::stdout().lock())?;
+        print_report(&report, g, &mut super::out::stdout())?;
     } else if !g.quiet || report.has_warnings() {
         print_report(&report, g, &mut std::io::stderr().lock())?;
     }
@@ -662,12 +660,12 @@ pub fn after_write(
         return Ok(());
     }
     target.place(&p.placements)?;
-    say_placed(p, g);
+    say_placed(p, g)?;
     Ok(())
 }
 
 /// One line (or JSON event) per placed bootloader file.
-pub fn say_placed(p: &BoardPreflight, g: &Global) {
+pub fn say_placed(p: &BoardPreflight, g: &Global) -> std::io::Result<()> {
     for f in &p.placements {
         let msg = format!(
             "placed {} ({} bytes) at {} for the {}",
@@ -678,12 +676,12 @@ pub fn say_placed(p: &BoardPreflight, g: &Global) {
         );
         if g.json {
             let v = serde_json::json!({
-                "event": "bootloader-placed", "schema": crate::progress::JSON_SCHEMA_VERSION,
                 "path": f.path, "offset": f.offset, "len": f.len, "board": p.board.id(),
             });
-            println!("{v}");
+            crate::progress::json_line(&mut super::out::stdout(), "bootloader-placed", v)?;
         } else if !g.quiet {
             eprintln!("{msg}");
         }
     }
+    Ok(())
 }

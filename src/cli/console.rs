@@ -548,7 +548,7 @@ pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
     drop(s);
     if a.no_handoff {
         if let Some(ip) = reached.ip {
-            println!("{ip}");
+            outln!("{ip}");
         }
         return Ok(Exit::Ok);
     }
@@ -589,7 +589,7 @@ pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
         env_sshopts: env_opts.as_deref(),
     })?;
     if a.dry_run {
-        println!("{}", rebuild.display());
+        outln!("{}", rebuild.display());
         return Ok(Exit::Ok);
     }
     eprintln!("running: {}", rebuild.display());
@@ -635,12 +635,13 @@ pub fn run_serial_load(a: SerialLoadArgs, g: &Global) -> anyhow::Result<Exit> {
     let l = with_transcript(&mut s, r)?;
     let rate = l.bytes as f64 / l.seconds.max(0.001) / 1024.0;
     if g.json {
-        println!(
-            "{}",
-            serde_json::json!({"event":"serial-load","schema":crate::progress::JSON_SCHEMA_VERSION,"bytes":l.bytes,"crc32":format!("{:08x}", l.crc32),"addr":l.addr.map(|x| format!("0x{x:x}")),"seconds":l.seconds})
-        );
+        let v = serde_json::json!({
+            "bytes": l.bytes, "crc32": format!("{:08x}", l.crc32),
+            "addr": l.addr.map(|x| format!("0x{x:x}")), "seconds": l.seconds,
+        });
+        crate::progress::json_line(&mut super::out::stdout(), "serial-load", v)?;
     } else {
-        println!(
+        outln!(
             "sent {} ({} bytes, crc32 {:08x}){} in {:.1}s ({rate:.1} KiB/s)",
             a.file.display(),
             l.bytes,

@@ -6,7 +6,7 @@ use clap_complete::Shell;
 use std::io::Write;
 use std::path::PathBuf;
 
-use super::{quiet_pipe, Global};
+use super::Global;
 use crate::config::{Config, Flags};
 use crate::exit::{Exit, ExitError};
 
@@ -26,7 +26,7 @@ pub struct CompletionsArgs {
 }
 
 pub fn run_completions(a: CompletionsArgs, g: &Global) -> anyhow::Result<Exit> {
-    quiet_pipe(completions(a, g))
+    completions(a, g)
 }
 
 fn completions(a: CompletionsArgs, g: &Global) -> anyhow::Result<Exit> {
@@ -42,7 +42,7 @@ fn completions(a: CompletionsArgs, g: &Global) -> anyhow::Result<Exit> {
             // Generated into memory first: clap_complete panics on write errors (`| head`).
             let mut buf = Vec::new();
             clap_complete::generate(a.shell, &mut cmd, "sbcflash", &mut buf);
-            let mut out = std::io::stdout().lock();
+            let mut out = super::out::stdout();
             out.write_all(&buf)?;
             out.flush()?;
         }
@@ -159,7 +159,7 @@ fn roff_lines(text: &str) -> String {
 }
 
 pub fn run_man(a: ManArgs, g: &Global) -> anyhow::Result<Exit> {
-    quiet_pipe(man(a, g))
+    man(a, g)
 }
 
 fn man(a: ManArgs, g: &Global) -> anyhow::Result<Exit> {
@@ -194,20 +194,19 @@ fn man(a: ManArgs, g: &Global) -> anyhow::Result<Exit> {
             }
         };
     }
-    let mut out = std::io::stdout().lock();
+    let mut out = super::out::stdout();
     render_man(cmd, &mut out)?;
     out.flush()?;
     Ok(Exit::Ok)
 }
 
 fn report_written(g: &Global, what: &str, paths: &[PathBuf]) -> anyhow::Result<()> {
-    let mut out = std::io::stdout().lock();
+    let mut out = super::out::stdout();
     if g.json {
         let v = serde_json::json!({
-            "event": "written", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "what": what, "files": paths,
         });
-        writeln!(out, "{v}")?;
+        crate::progress::json_line(&mut out, "written", v)?;
     } else {
         for p in paths {
             writeln!(out, "{}", p.display())?;
@@ -282,11 +281,11 @@ pub struct PathArgs {
 }
 
 pub fn run_config(a: ConfigArgs, g: &Global) -> anyhow::Result<Exit> {
-    quiet_pipe(config(a, g))
+    config(a, g)
 }
 
 fn config(a: ConfigArgs, g: &Global) -> anyhow::Result<Exit> {
-    let mut out = std::io::stdout().lock();
+    let mut out = super::out::stdout();
     match a.action {
         ConfigAction::Example => {
             out.write_all(crate::config::EXAMPLE.as_bytes())?;
@@ -304,10 +303,9 @@ fn config(a: ConfigArgs, g: &Global) -> anyhow::Result<Exit> {
             })?;
             if g.json {
                 let v = serde_json::json!({
-                    "event": "config-path", "schema": crate::progress::JSON_SCHEMA_VERSION,
                     "path": path, "exists": path.exists(),
                 });
-                writeln!(out, "{v}")?;
+                crate::progress::json_line(&mut out, "config-path", v)?;
             } else {
                 writeln!(out, "{}", path.display())?;
             }
@@ -316,10 +314,9 @@ fn config(a: ConfigArgs, g: &Global) -> anyhow::Result<Exit> {
             let cfg = Config::load(&s.flags.to_flags(g))?;
             if g.json {
                 let v = serde_json::json!({
-                    "event": "config", "schema": crate::progress::JSON_SCHEMA_VERSION,
                     "config": cfg,
                 });
-                writeln!(out, "{v}")?;
+                crate::progress::json_line(&mut out, "config", v)?;
             } else {
                 write_show(&mut out, &cfg)?;
             }

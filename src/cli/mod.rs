@@ -4,17 +4,24 @@
 use clap::{FromArgMatches, Parser, Subcommand};
 use std::process::ExitCode;
 
-use crate::exit::{classify, Exit};
+use crate::exit::Exit;
 use crate::progress;
+
+// First, so its `outln!`/`out!` macros are in scope in every other CLI module.
+#[macro_use]
+pub mod out;
 
 pub mod acquire;
 pub mod boards;
+pub mod classify;
 pub mod console;
 pub mod help;
 pub mod meta;
 pub mod station;
 pub mod usb;
 pub mod write;
+
+pub use classify::classify;
 
 const AFTER_HELP: &str = "\
 Examples:
@@ -168,69 +175,21 @@ pub fn main() -> ExitCode {
     cli.global.apply_color();
     init_logging(&cli.global);
     let json = cli.global.json;
-    let result = match quiet_stdout_panics(|| run(cli)) {
-        Some(r) => r,
-        // The reader of stdout went away (`| head`): it got what it wanted.
-        None => return ExitCode::SUCCESS,
-    };
-    match result {
+    match run(cli) {
         Ok(code) => ExitCode::from(code.code()),
+        // The reader of stdout went away (`| head`): it got what it wanted.
+        Err(err) if out::is_stdout_closed(&err) => ExitCode::SUCCESS,
         Err(err) => {
             let code = classify(&err);
             let message = error_text(&err);
             if json {
-                let ev = serde_json::json!({
-                    "event": "error", "schema": progress::JSON_SCHEMA_VERSION,
-                    "message": message, "exit_code": code.code(),
-                });
-                println!("{ev}");
+                let ev = serde_json::json!({ "message": message, "exit_code": code.code() });
+                // Best effort: the message goes to stderr below in any case.
+                let _ = progress::json_line(&mut out::stdout(), "error", ev);
             }
             eprintln!("error: {message}");
             ExitCode::from(code.code())
         }
-    }
-}
-
-/// `println!` panics when stdout's reader has closed the pipe. Runs `f` so that such a panic
-/// unwinds quietly (destructors run, no panic message) and yields `None`; any other panic
-/// goes on as before.
-fn quiet_stdout_panics<T>(f: impl FnOnce() -> T) -> Option<T> {
-    fn is_broken_stdout(msg: &str) -> bool {
-        msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe")
-    }
-    fn message(p: &(dyn std::any::Any + Send)) -> &str {
-        p.downcast_ref::<String>()
-            .map(String::as_str)
-            .or_else(|| p.downcast_ref::<&str>().copied())
-            .unwrap_or("")
-    }
-    let default = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        if !is_broken_stdout(message(info.payload())) {
-            default(info)
-        }
-    }));
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
-        Ok(v) => Some(v),
-        Err(p) if is_broken_stdout(message(p.as_ref())) => None,
-        Err(p) => std::panic::resume_unwind(p),
-    }
-}
-
-/// For commands whose only output is stdout: a reader that closed the pipe (`| head`) got
-/// what it wanted, so that is not an error. (Not global: a broken pipe to a child process
-/// or inside a download is a real failure.)
-pub(crate) fn quiet_pipe(r: anyhow::Result<Exit>) -> anyhow::Result<Exit> {
-    match r {
-        Err(e)
-            if e.chain().any(|c| {
-                c.downcast_ref::<std::io::Error>()
-                    .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
-            }) =>
-        {
-            Ok(Exit::Ok)
-        }
-        r => r,
     }
 }
 

@@ -160,11 +160,10 @@ fn run_station(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
         ui::Style::Stream
     };
     // On a terminal the station draws its own slot lines (see `ui::StationBars`).
-    let reporter: Arc<dyn Reporter> = match style {
-        ui::Style::Bars => Arc::new(ui::StationBars::default()),
-        ui::Style::Stream => reporter,
-    };
-    let ui = Arc::new(ui::Ui::new(reporter, style, st.ui.bell, st.ui.flash));
+    let ui = Arc::new(match style {
+        ui::Style::Bars => ui::Ui::bars(st.ui.bell, st.ui.flash),
+        ui::Style::Stream => ui::Ui::new(reporter, style, st.ui.bell, st.ui.flash),
+    });
     if stale > 0 {
         ui.say(
             Level::Warn,
@@ -268,18 +267,14 @@ fn resolve_image(
 fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
     if json {
         // One more JSON line in the event stream, tagged like the events.
-        let mut v = serde_json::to_value(plan)?;
-        if let Some(o) = v.as_object_mut() {
-            o.insert("event".into(), "dry-run".into());
-            o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
-        }
-        println!("{v}");
+        let v = serde_json::to_value(plan)?;
+        crate::progress::json_line(&mut super::out::stdout(), "dry-run", v)?;
         return Ok(());
     }
-    println!("image:  {}", plan.image);
-    println!("ledger: {}", plan.ledger);
+    outln!("image:  {}", plan.image);
+    outln!("ledger: {}", plan.ledger);
     match (&plan.example_identity, &plan.example_identity_error) {
-        (Some(id), _) => println!(
+        (Some(id), _) => outln!(
             "next unit: {} (hostname {}){}",
             id.serial,
             id.hostname,
@@ -287,14 +282,14 @@ fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
                 .map(|s| format!(", counter at {s}"))
                 .unwrap_or_default()
         ),
-        (None, e) => println!(
+        (None, e) => outln!(
             "next unit: cannot be named: {}",
             e.as_deref().unwrap_or("unknown")
         ),
     }
-    println!("slots:");
+    outln!("slots:");
     for s in &plan.slots {
-        println!(
+        outln!(
             "  {:<10} [{}]\n             {}: {}",
             s.slot,
             s.rules,
@@ -303,11 +298,11 @@ fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
         );
     }
     if plan.outside.is_empty() {
-        println!("no other disks");
+        outln!("no other disks");
     } else {
-        println!("never touched (in no slot): {}", plan.outside.join(", "));
+        outln!("never touched (in no slot): {}", plan.outside.join(", "));
     }
-    println!("(dry run: nothing was written)");
+    outln!("(dry run: nothing was written)");
     Ok(())
 }
 
@@ -320,17 +315,12 @@ fn run_report(r: ReportArgs, json_lines: bool) -> anyhow::Result<Exit> {
     let path = ledger_path(&r.ledger, st.as_ref(), &cfg);
     let since = r.since.as_deref().map(parse_since).transpose()?;
     let rows = ledger::report(&path, since.as_deref())?;
-    let mut out = std::io::stdout().lock();
+    let mut out = super::out::stdout();
     use std::io::Write;
     if json_lines {
         // The global --json: the rows as the other commands' JSON lines (docs/json.md).
         for row in &rows {
-            let mut v = serde_json::to_value(row)?;
-            if let Some(o) = v.as_object_mut() {
-                o.insert("event".into(), "ledger-row".into());
-                o.insert("schema".into(), crate::progress::JSON_SCHEMA_VERSION.into());
-            }
-            writeln!(out, "{v}")?;
+            crate::progress::json_line(&mut out, "ledger-row", serde_json::to_value(row)?)?;
         }
         return Ok(Exit::Ok);
     }

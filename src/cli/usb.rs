@@ -28,7 +28,7 @@ pub fn run_usb(a: UsbArgs, g: &Global) -> anyhow::Result<Exit> {
     match a.cmd.unwrap_or(UsbCmd::List) {
         UsbCmd::List => list(&RusbBus::new(), g),
         UsbCmd::UdevRules => {
-            print!("{}", udev::render());
+            out!("{}", udev::render());
             Ok(Exit::Ok)
         }
     }
@@ -37,13 +37,12 @@ pub fn run_usb(a: UsbArgs, g: &Global) -> anyhow::Result<Exit> {
 /// An empty bus is an empty list, not an error.
 pub fn list(bus: &dyn Bus, g: &Global) -> anyhow::Result<Exit> {
     let found = bus.list()?;
-    let mut out = std::io::stdout().lock();
+    let mut out = super::out::stdout();
     if g.json {
         let v = serde_json::json!({
-            "event": "usb-devices", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "devices": found,
         });
-        writeln!(out, "{v}")?;
+        crate::progress::json_line(&mut out, "usb-devices", v)?;
         return Ok(Exit::Ok);
     }
     if found.is_empty() {
@@ -162,15 +161,14 @@ pub fn run_fel_on(bus: &dyn Bus, a: FelArgs, g: &Global) -> anyhow::Result<Exit>
         };
     let mut t = bus.open(&dev)?;
     let t = &mut *t;
-    let mut out = std::io::stdout().lock();
+    let mut out = super::out::stdout();
     match a.cmd {
         FelCmd::Version => {
             let v = fel::version(t)?;
             let soc = fel::soc_name(t, &v)?;
             if g.json {
-                let j = serde_json::json!({"event": "fel-version", "schema": crate::progress::JSON_SCHEMA_VERSION,
-                    "port": dev.port_path, "soc": soc, "version": v});
-                writeln!(out, "{j}")?;
+                let j = serde_json::json!({"port": dev.port_path, "soc": soc, "version": v});
+                crate::progress::json_line(&mut out, "fel-version", j)?;
             } else {
                 writeln!(
                     out,
@@ -393,13 +391,12 @@ pub fn write_via(
             verified,
         } => {
             if g.json {
-                let j = serde_json::json!({"event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
-                    "device": device, "image_size": image_size, "bytes_written": bytes_written,
+                let j = serde_json::json!({"device": device, "image_size": image_size, "bytes_written": bytes_written,
                     "bytes_skipped": bytes_skipped, "verified": verified});
-                println!("{j}");
+                crate::progress::json_line(&mut super::out::stdout(), "result", j)?;
             } else {
                 // The result line, like `write`'s summary: stdout, also under -q.
-                println!(
+                outln!(
                     "{device}: wrote {bytes_written} bytes ({bytes_skipped} skipped) of a {image_size}-byte image; {}",
                     if verified { "read back and verified" } else { "not read back" }
                 );

@@ -278,7 +278,7 @@ fn still_says_target_state(e: anyhow::Error, state: Option<write::TargetState>) 
     let text = super::error_text(&e);
     match state {
         Some(s) if !text.contains(&s.to_string()) => {
-            ExitError::new(crate::exit::classify(&e), format!("{text}; {s}")).into()
+            ExitError::new(crate::cli::classify(&e), format!("{text}; {s}")).into()
         }
         _ => e,
     }
@@ -437,7 +437,7 @@ fn via_first(p: &WritePlan, g: &Global) -> anyhow::Result<Option<(PathBuf, PathB
                 .unwrap_or_default();
             let dev = super::usb::write_via(via, img, p.checks.verify, placements, g)?;
             if let Some(pre) = &pre {
-                super::boards::say_placed(pre, g);
+                super::boards::say_placed(pre, g)?;
             }
             dev.map(|dev| (i.clone(), dev))
         }
@@ -620,14 +620,13 @@ fn finish(
         });
     }
     if !g.json {
-        println!("{}", report.summary_line(job));
+        outln!("{}", report.summary_line(job));
     }
     if g.json {
         let v = serde_json::json!({
-            "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "job": job, "ok": true, "report": report,
         });
-        println!("{v}");
+        crate::progress::json_line(&mut super::out::stdout(), "result", v)?;
     }
     Ok(())
 }
@@ -646,9 +645,9 @@ pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
     let disks = target::list_disks(a.all)?;
     if g.json {
         let v = serde_json::json!({
-            "event": "list", "schema": crate::progress::JSON_SCHEMA_VERSION, "disks": disks,
+            "disks": disks,
         });
-        println!("{v}");
+        crate::progress::json_line(&mut super::out::stdout(), "list", v)?;
         return Ok(Exit::Ok);
     }
     if disks.is_empty() {
@@ -662,9 +661,13 @@ pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
         );
         return Ok(Exit::Ok);
     }
-    println!(
+    outln!(
         "{:<16} {:>10} {:<7} {:<9} {:<28} MOUNTED",
-        "DEVICE", "SIZE", "BUS", "REMOVABLE", "MODEL"
+        "DEVICE",
+        "SIZE",
+        "BUS",
+        "REMOVABLE",
+        "MODEL"
     );
     for d in &disks {
         let model = [d.vendor.as_deref(), d.model.as_deref()]
@@ -681,7 +684,7 @@ pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
         } else {
             "no".to_string()
         };
-        println!(
+        outln!(
             "{:<16} {:>10} {:<7} {:<9} {:<28} {}",
             d.path.display(),
             target::human_size(d.size),
@@ -781,12 +784,11 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
     }
     if g.json {
         let v = serde_json::json!({
-            "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "image": a.image, "blake3": hash.to_hex().to_string(), "logical_size": len,
         });
-        println!("{v}");
+        crate::progress::json_line(&mut super::out::stdout(), "result", v)?;
     } else {
-        print!("{}", image::digest::sidecar_line(&hash, &a.image));
+        out!("{}", image::digest::sidecar_line(&hash, &a.image));
     }
     Ok(Exit::Ok)
 }
@@ -826,12 +828,11 @@ pub fn run_verify(a: VerifyArgs, g: &Global) -> anyhow::Result<Exit> {
         .with_context(|| format!("verifying {job} against {}", a.image.display()))?;
     if g.json {
         let v = serde_json::json!({
-            "event": "result", "schema": crate::progress::JSON_SCHEMA_VERSION,
             "job": job, "ok": true, "report": rep,
         });
-        println!("{v}");
+        crate::progress::json_line(&mut super::out::stdout(), "result", v)?;
     } else {
-        println!(
+        outln!(
             "{job}: matches {} ({} bytes compared, {} unmapped bytes not compared); blake3 {}{}",
             a.image.display(),
             rep.bytes_compared,

@@ -14,13 +14,12 @@
 //! ([`super::bootstrap`]).
 
 use std::collections::HashSet;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::bootstrap::{FlashVia, Flasher};
 use super::ConsoleError;
-use crate::exit::Exit;
+use crate::exit::{Classify, Exit};
 use crate::progress::Reporter;
 use crate::usb::discovery::{Bus, Found, Mode, Protocol};
 use crate::usb::flash::{self, Outcome, Via, ViaOptions};
@@ -172,7 +171,7 @@ fn is_disk_with_media(d: &udev::Device) -> bool {
 
 /// Watches udev for the UMS gadget's disk. Open it before the gadget command is sent.
 pub struct UmsWatch {
-    socket: udev::MonitorSocket,
+    socket: crate::uevent::Monitor,
     before: HashSet<PathBuf>,
     m: UmsMatch,
 }
@@ -186,17 +185,15 @@ impl UmsWatch {
                 Exit::Environment,
             )
         };
-        if !Path::new("/run/udev/control").exists() {
-            return Err(flash_err(
-                FlashVia::Ums,
-                "systemd-udevd is not running (/run/udev/control missing): the new USB disk cannot be noticed",
-                Exit::Environment,
-            ));
-        }
-        let socket = udev::MonitorBuilder::new()
-            .and_then(|b| b.match_subsystem("block"))
-            .and_then(|b| b.listen())
-            .map_err(env)?;
+        let socket = crate::uevent::Monitor::open(&["block"]).map_err(|e| {
+            let msg = match e {
+                crate::uevent::MonitorError::NoUdevd => {
+                    format!("{e}: the new USB disk cannot be noticed")
+                }
+                crate::uevent::MonitorError::Io(_) => e.to_string(),
+            };
+            flash_err(FlashVia::Ums, msg, Exit::Environment)
+        })?;
         // Matching disks already here are not the board's (another board, a stale gadget).
         let mut en = udev::Enumerator::new().map_err(env)?;
         en.match_subsystem("block").map_err(env)?;
@@ -213,7 +210,7 @@ impl UmsWatch {
     pub fn wait(&mut self, timeout: Duration) -> Result<PathBuf, ConsoleError> {
         let deadline = Instant::now() + timeout;
         loop {
-            for ev in self.socket.iter() {
+            for ev in self.socket.events() {
                 let action = ev.action().map(|a| a.to_string_lossy().into_owned());
                 if !matches!(action.as_deref(), Some("add" | "change")) {
                     continue;
@@ -241,14 +238,10 @@ impl UmsWatch {
                     Exit::Timeout,
                 ));
             }
-            let mut pfd = libc::pollfd {
-                fd: self.socket.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = (deadline - now).as_millis().min(1000) as i32;
-            // SAFETY: one valid pollfd for the duration of the call.
-            let _ = unsafe { libc::poll(&mut pfd, 1, ms) };
+            // A failed wait only means looking again; the deadline still ends the loop.
+            let _ = self
+                .socket
+                .wait((deadline - now).min(Duration::from_secs(1)));
         }
     }
 }

@@ -77,8 +77,8 @@ pub enum ImageError {
     },
 }
 
-impl ImageError {
-    pub fn exit(&self) -> crate::exit::Exit {
+impl crate::exit::Classify for ImageError {
+    fn exit(&self) -> crate::exit::Exit {
         use crate::exit::Exit;
         match self {
             ImageError::Io { source, .. } if source.kind() == std::io::ErrorKind::Interrupted => {

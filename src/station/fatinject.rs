@@ -31,8 +31,8 @@ pub enum FatError {
     },
 }
 
-impl FatError {
-    pub fn exit(&self) -> crate::exit::Exit {
+impl crate::exit::Classify for FatError {
+    fn exit(&self) -> crate::exit::Exit {
         use crate::exit::Exit;
         match self {
             FatError::Layout { .. } => Exit::BadInput,

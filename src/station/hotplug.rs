@@ -8,7 +8,6 @@
 //! new medium, or the device no longer matching its slot.
 
 use std::collections::{BTreeMap, HashSet};
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use super::slots::{slot_of, DeviceInfo, SlotMatcher};
@@ -295,7 +294,7 @@ impl EventSource for Monitor {
 
 /// The udev side: a monitor socket on `block` and `usb`, and enumeration of what is present.
 pub struct Monitor {
-    socket: udev::MonitorSocket,
+    socket: crate::uevent::Monitor,
     attr_keys: Vec<String>,
 }
 
@@ -303,17 +302,13 @@ impl Monitor {
     /// Starts listening. Must be called before [`Monitor::enumerate`] so nothing plugged in
     /// between is missed (duplicates are harmless: media are keyed).
     pub fn open(attr_keys: Vec<String>) -> Result<Self, StationError> {
-        if !std::path::Path::new("/run/udev/control").exists() {
-            return Err(StationError::Environment(
-                "systemd-udevd is not running (/run/udev/control missing): the station needs udev events".into(),
-            ));
-        }
-        let udev_err = |e: std::io::Error| StationError::Environment(format!("udev monitor: {e}"));
-        let socket = udev::MonitorBuilder::new()
-            .and_then(|b| b.match_subsystem("block"))
-            .and_then(|b| b.match_subsystem("usb"))
-            .and_then(|b| b.listen())
-            .map_err(udev_err)?;
+        use crate::uevent::MonitorError;
+        let socket = crate::uevent::Monitor::open(&["block", "usb"]).map_err(|e| match e {
+            MonitorError::NoUdevd => {
+                StationError::Environment(format!("{e}: the station needs udev events"))
+            }
+            MonitorError::Io(_) => StationError::Environment(e.to_string()),
+        })?;
         Ok(Monitor { socket, attr_keys })
     }
 
@@ -324,26 +319,13 @@ impl Monitor {
 
     /// Waits up to `timeout` for events and returns all that are queued.
     pub fn poll(&mut self, timeout: Duration) -> Result<Vec<(Action, DeviceInfo)>, StationError> {
-        let mut pfd = libc::pollfd {
-            fd: self.socket.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
-        // SAFETY: one valid pollfd for the duration of the call.
-        let n = unsafe { libc::poll(&mut pfd, 1, ms) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                return Ok(Vec::new());
-            }
-            return Err(StationError::Environment(format!(
-                "poll on udev monitor: {e}"
-            )));
-        }
+        let ready = self
+            .socket
+            .wait(timeout)
+            .map_err(|e| StationError::Environment(format!("poll on udev monitor: {e}")))?;
         let mut out = Vec::new();
-        if n > 0 {
-            for ev in self.socket.iter() {
+        if ready {
+            for ev in self.socket.events() {
                 let Some(action) = ev
                     .action()
                     .and_then(|a| Action::from_udev(&a.to_string_lossy()))

@@ -154,11 +154,29 @@ pub struct Context {
 #[derive(Default)]
 pub struct Cancel {
     flag: Arc<AtomicBool>,
-    reason: Mutex<Option<String>>,
+    reason: Mutex<Option<CancelReason>>,
     /// USB jobs: the bus address of the board the job is talking to now.
     usb_address: Mutex<Option<(u8, u8)>>,
     /// USB jobs: the board is expected to leave the bus (loader start, final reset).
     usb_leaving: AtomicBool,
+}
+
+/// Why a job was cancelled. The text is what the ledger and the slot's line show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelReason {
+    /// The station is shutting down (a signal): the unit is stopped, not pulled.
+    Stopped,
+    /// The medium or board left the slot (`what` names the event and the device).
+    Removed(String),
+}
+
+impl std::fmt::Display for CancelReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CancelReason::Stopped => f.write_str("station stopped by signal"),
+            CancelReason::Removed(what) => f.write_str(what),
+        }
+    }
 }
 
 /// What a udev removal on a slot means for its running job.
@@ -173,16 +191,16 @@ pub enum Removal {
 }
 
 impl Cancel {
-    pub fn cancel(&self, reason: &str) {
+    pub fn cancel(&self, reason: CancelReason) {
         if let Ok(mut r) = self.reason.lock() {
-            r.get_or_insert_with(|| reason.to_string());
+            r.get_or_insert(reason);
         }
         self.flag.store(true, Ordering::SeqCst);
     }
     pub fn is_set(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }
-    pub fn reason(&self) -> Option<String> {
+    pub fn reason(&self) -> Option<CancelReason> {
         self.reason.lock().ok().and_then(|r| r.clone())
     }
     pub fn flag(&self) -> Arc<AtomicBool> {
@@ -208,7 +226,7 @@ impl Cancel {
                 return Removal::Stale;
             }
         }
-        self.cancel(reason);
+        self.cancel(CancelReason::Removed(reason.to_string()));
         Removal::Cancelled
     }
 }
@@ -220,7 +238,7 @@ pub struct Handle {
 }
 
 impl Handle {
-    pub fn cancel(&self, reason: &str) {
+    pub fn cancel(&self, reason: CancelReason) {
         self.cancel.cancel(reason);
     }
     pub fn removed(&self, address: Option<(u8, u8)>, reason: &str) -> Removal {
@@ -470,10 +488,12 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
     };
     // A pulled card is never PASS, even if the last write happened to land.
     let result = match (result, cancel.reason()) {
-        (_, Some(why)) if why.starts_with("station stopped") => {
+        (_, Some(why @ CancelReason::Stopped)) => {
             Err(format!("stopped mid-{} ({why})", step.name()))
         }
-        (_, Some(why)) => Err(format!("removed mid-{} ({why})", step.name())),
+        (_, Some(why @ CancelReason::Removed(_))) => {
+            Err(format!("removed mid-{} ({why})", step.name()))
+        }
         (Ok(s), None) => Ok(s),
         (Err(e), None) => Err(format!("{} failed: {e:#}", step.name())),
     };
@@ -695,7 +715,16 @@ mod tests {
             Removal::Cancelled
         );
         assert!(c.is_set());
-        assert_eq!(c.reason().as_deref(), Some("device removed"));
+        assert_eq!(
+            c.reason(),
+            Some(CancelReason::Removed("device removed".into()))
+        );
+        // The first reason stays: a stop after an unplug is still an unplug.
+        c.cancel(CancelReason::Stopped);
+        assert_eq!(
+            c.reason().map(|r| r.to_string()).as_deref(),
+            Some("device removed")
+        );
         // Block devices: any removal is an unplug.
         let b = Cancel::default();
         assert_eq!(b.removed(None, "medium removed"), Removal::Cancelled);

@@ -10,7 +10,6 @@
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension};
 use serde::Serialize;
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use super::StationError;
@@ -142,7 +141,7 @@ pub struct Ledger {
     path: PathBuf,
     conn: Connection,
     /// Holds the exclusive flock for as long as the ledger is open.
-    _lock: File,
+    _lock: nix::fcntl::Flock<File>,
 }
 
 fn db_err(path: &Path) -> impl Fn(rusqlite::Error) -> StationError + '_ {
@@ -184,20 +183,20 @@ impl Ledger {
             })?;
         // SQLite locks with fcntl; flock is a separate lock on Linux, used only between
         // station processes.
-        // SAFETY: flock on a file descriptor we own.
-        let rc = unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-        if rc != 0 {
-            let e = std::io::Error::last_os_error();
-            if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        let lock = match crate::acquire::cache::try_flock(lock) {
+            Ok(Some(l)) => l,
+            Ok(None) => {
                 return Err(StationError::LedgerBusy {
                     path: path.display().to_string(),
-                });
+                })
             }
-            return Err(StationError::Ledger {
-                path: path.display().to_string(),
-                msg: format!("lock: {e}"),
-            });
-        }
+            Err(e) => {
+                return Err(StationError::Ledger {
+                    path: path.display().to_string(),
+                    msg: format!("lock: {e}"),
+                })
+            }
+        };
         let mut conn = Connection::open(path).map_err(&err)?;
         conn.busy_timeout(std::time::Duration::from_secs(10))
             .map_err(&err)?;

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::exit::Exit;
+use crate::exit::{Classify, Exit};
 use crate::progress::Level;
 use hotplug::{Action, Decision};
 
@@ -43,8 +43,8 @@ pub enum StationError {
     Fat(#[from] fatinject::FatError),
 }
 
-impl StationError {
-    pub fn exit(&self) -> Exit {
+impl Classify for StationError {
+    fn exit(&self) -> Exit {
         match self {
             StationError::Config { .. } => Exit::BadInput,
             StationError::Ledger { .. } => Exit::Io,
@@ -440,7 +440,7 @@ pub fn run_with(
                 format!("stopping: cancelling {} running job(s)", running.len()),
             );
             for h in running.values() {
-                h.cancel("station stopped by signal");
+                h.cancel(job::CancelReason::Stopped);
             }
         }
         let batch_done = opts.exit_after.is_some_and(|n| ended >= n);

@@ -26,6 +26,8 @@ pub enum Style {
 pub struct Ui {
     pub reporter: Arc<dyn Reporter>,
     pub style: Style,
+    /// The terminal view ([`Ui::bars`]): slot lines (idle, PASS, FAIL) are drawn typed.
+    bars: Option<Arc<StationBars>>,
     pub bell: bool,
     pub flash: bool,
     pass: AtomicU64,
@@ -42,12 +44,22 @@ impl Ui {
         Ui {
             reporter,
             style,
+            bars: None,
             bell,
             flash,
             pass: AtomicU64::new(0),
             fail: AtomicU64::new(0),
             running: AtomicU64::new(0),
             alert: Mutex::new(()),
+        }
+    }
+
+    /// The terminal view: one line per slot drawn by [`StationBars`].
+    pub fn bars(bell: bool, flash: bool) -> Self {
+        let bars = Arc::new(StationBars::default());
+        Ui {
+            bars: Some(bars.clone()),
+            ..Ui::new(bars, Style::Bars, bell, flash)
         }
     }
 
@@ -62,16 +74,11 @@ impl Ui {
     /// Gives each slot its line at start, in configuration order, so a slot is always in the
     /// same place on screen (bars only; streams show events, not a screen).
     pub fn show_slots<'a>(&self, slots: impl Iterator<Item = (&'a str, &'a str)>) {
-        if self.style != Style::Bars {
+        let Some(bars) = &self.bars else {
             return;
-        }
+        };
         for (slot, waiting) in slots {
-            self.reporter.report(Event::Start {
-                job: slot.to_string(),
-                phase: format!("{slot} idle"),
-                total: None,
-                detail: Some(waiting.to_string()),
-            });
+            bars.slot_line(slot, SlotLine::Idle, waiting);
         }
     }
 
@@ -139,16 +146,73 @@ pub struct StationBars {
     bars: Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
 }
 
-fn slot_style(total: bool, phase: &str) -> indicatif::ProgressStyle {
+/// A slot's standing line between jobs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SlotLine {
+    Idle,
+    Pass,
+    Fail,
+}
+
+impl SlotLine {
+    fn word(self) -> &'static str {
+        match self {
+            SlotLine::Idle => "idle",
+            SlotLine::Pass => "PASS",
+            SlotLine::Fail => "FAIL",
+        }
+    }
+    fn style(self) -> indicatif::ProgressStyle {
+        use crate::progress::style;
+        match self {
+            SlotLine::Idle => style("{prefix:>12.bold} {wide_msg}"),
+            SlotLine::Pass => style("{prefix:>12.bold.green} {wide_msg}"),
+            SlotLine::Fail => style("{prefix:>12.bold.red} {wide_msg:.red}"),
+        }
+    }
+}
+
+fn phase_style(total: bool) -> indicatif::ProgressStyle {
     use crate::progress::{style, BYTES_BAR};
     if total {
         style(&format!("{BYTES_BAR} {{wide_msg}}"))
-    } else if phase.ends_with(" FAIL") {
-        style("{prefix:>12.bold.red} {wide_msg:.red}")
-    } else if phase.ends_with(" PASS") {
-        style("{prefix:>12.bold.green} {wide_msg}")
     } else {
         style("{prefix:>12.bold} {wide_msg}")
+    }
+}
+
+impl StationBars {
+    /// A new line for `job`, in the place of its previous one: a slot keeps its place on
+    /// screen.
+    fn replace(
+        &self,
+        bars: &mut std::collections::HashMap<String, indicatif::ProgressBar>,
+        job: &str,
+        total: Option<u64>,
+    ) -> indicatif::ProgressBar {
+        let new = indicatif::ProgressBar::new(total.unwrap_or(0));
+        match bars.remove(job) {
+            Some(old) => {
+                let pb = self.multi.insert_after(&old, new);
+                old.finish_and_clear();
+                self.multi.remove(&old);
+                pb
+            }
+            None => self.multi.add(new),
+        }
+    }
+
+    /// Shows a slot's standing line (idle, PASS, FAIL) with `text`.
+    pub fn slot_line(&self, slot: &str, line: SlotLine, text: &str) {
+        let Ok(mut bars) = self.bars.lock() else {
+            return;
+        };
+        let pb = self.replace(&mut bars, slot, None);
+        pb.set_style(line.style());
+        pb.set_prefix(format!("{slot} {}", line.word()));
+        pb.set_message(text.to_string());
+        pb.tick();
+        bars.insert(slot.to_string(), pb);
     }
 }
 
@@ -164,22 +228,8 @@ impl Reporter for StationBars {
                 total,
                 detail,
             } => {
-                let style = slot_style(total.is_some(), &phase);
-                // A slot keeps its place on screen: its next phase replaces its line.
-                let pb = match bars.remove(&job) {
-                    Some(old) => {
-                        let pb = self
-                            .multi
-                            .insert_after(&old, indicatif::ProgressBar::new(total.unwrap_or(0)));
-                        old.finish_and_clear();
-                        self.multi.remove(&old);
-                        pb
-                    }
-                    None => self
-                        .multi
-                        .add(indicatif::ProgressBar::new(total.unwrap_or(0))),
-                };
-                pb.set_style(style);
+                let pb = self.replace(&mut bars, &job, total);
+                pb.set_style(phase_style(total.is_some()));
                 pb.set_prefix(phase);
                 pb.set_message(detail.unwrap_or_default());
                 pb.tick();
@@ -189,18 +239,11 @@ impl Reporter for StationBars {
                 job, done, total, ..
             } => {
                 if let Some(pb) = bars.get(&job) {
-                    if let Some(t) = total {
-                        pb.set_length(t);
-                    }
-                    pb.set_position(done);
+                    crate::progress::bar::advance(pb, done, total);
                 }
             }
             Event::Message { level, text, .. } => {
-                let line = match level {
-                    Level::Info => text,
-                    Level::Warn => format!("warning: {text}"),
-                };
-                let _ = self.multi.println(line);
+                let _ = self.multi.println(crate::progress::bar::note(level, text));
             }
             Event::Finish { job, .. } => {
                 if let Some(pb) = bars.remove(&job) {
@@ -209,7 +252,7 @@ impl Reporter for StationBars {
             }
             Event::Error { job, message, .. } => {
                 if let Some(pb) = bars.remove(&job) {
-                    pb.abandon_with_message(format!("FAILED: {message}"));
+                    crate::progress::bar::failed(pb, &message);
                 }
             }
         }
@@ -278,9 +321,10 @@ impl SlotReporter {
 
     /// Shows the unit's final state on the slot's line and in the stream.
     pub fn result(&self, pass: bool, text: &str) {
-        let word = if pass { "PASS" } else { "FAIL" };
+        let line = if pass { SlotLine::Pass } else { SlotLine::Fail };
+        let word = line.word();
         self.log(&format!("{word}: {text}"));
-        if self.ui.style == Style::Bars {
+        if let Some(bars) = &self.ui.bars {
             if !pass {
                 // The slot's line is cut to the terminal's width; the whole reason scrolls
                 // above the bars.
@@ -291,12 +335,7 @@ impl SlotReporter {
                 });
             }
             // A bar-less line that stays until the slot's next unit replaces it.
-            self.ui.reporter.report(Event::Start {
-                job: self.slot.clone(),
-                phase: format!("{} {word}", self.slot),
-                total: None,
-                detail: Some(text.to_string()),
-            });
+            bars.slot_line(&self.slot, line, text);
         } else {
             self.ui.reporter.report(Event::Message {
                 job: self.slot.clone(),

@@ -74,7 +74,7 @@ pub fn plan(d: &Disk) -> Result<Plan, TargetError> {
     if d.removable {
         return Ok(Plan::Medium);
     }
-    let sys = super::sysfs_dir(d.devnum)
+    let sys = super::disk::sysfs_dir(d.devnum)
         .canonicalize()
         .map_err(|e| TargetError::Io {
             path: d.path.display().to_string(),

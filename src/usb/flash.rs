@@ -10,6 +10,7 @@ use super::rkloader::Loader;
 use super::rockusb::{self, RockusbSink, StorageIndex, Timeouts};
 use super::usbboot::{self, DirProvider};
 use super::{ids, Error};
+use crate::exit::Classify;
 use crate::image::{Extent, ExtentKind, ExtentSource, ImageError};
 use crate::progress::{Event, Level, Reporter};
 use std::path::PathBuf;

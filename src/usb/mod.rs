@@ -1,9 +1,11 @@
 //! Flashing boards over their USB recovery protocols.
 //!
 //! Layout: [`transport`] is the one seam to hardware (rusb, or a simulated device);
-//! [`discovery`] finds devices by interface class and ID tables ([`ids`]); each protocol is a
-//! sans-IO core plus a thin driver over the transport: [`rockusb`] (Rockchip maskrom + loader,
-//! loader files in [`rkloader`]), [`usbboot`] (Raspberry Pi), [`fastboot`], [`fel`] (Allwinner).
+//! [`discovery`] finds devices by interface class and ID tables ([`ids`]). [`rockusb`] (Rockchip
+//! maskrom + loader, loader files in [`rkloader`]) drives the `rockusb` crate's sans-IO
+//! operations over the transport; [`usbboot`] (Raspberry Pi; it also reads the boot files),
+//! [`fastboot`] and [`fel`] (Allwinner) are drivers that call the transport directly. All are
+//! tested against the simulated devices through the same trait.
 //! [`flash`] runs a whole `write --via` session; [`udev`] renders the shipped rules from the
 //! same ID tables; [`sim`] holds the simulated devices the tests drive.
 
@@ -19,7 +21,7 @@ pub mod transport;
 pub mod udev;
 pub mod usbboot;
 
-use crate::exit::Exit;
+use crate::exit::{Classify, Exit};
 pub use transport::{Transport, TransportError};
 
 /// The install hint shown whenever a device exists but cannot be opened.
@@ -83,19 +85,13 @@ impl Error {
             source,
         }
     }
+}
 
-    /// Exit class for the CLI (registered in `exit::classify_dyn`).
-    pub fn exit(&self) -> Exit {
+impl Classify for Error {
+    fn exit(&self) -> Exit {
         match self {
-            Error::Transport {
-                source: TransportError::Timeout,
-                ..
-            } => Exit::Timeout,
-            Error::Transport {
-                source: TransportError::Access,
-                ..
-            } => Exit::Environment,
-            Error::Transport { .. } | Error::DeviceFailed(_) | Error::Protocol(_) => Exit::Io,
+            Error::Transport { source, .. } => source.exit(),
+            Error::DeviceFailed(_) | Error::Protocol(_) => Exit::Io,
             Error::Interrupted { source, .. } => match source.exit() {
                 Exit::Timeout => Exit::Timeout,
                 _ => Exit::Io,
@@ -110,11 +106,5 @@ impl Error {
             Error::Image(e) => e.exit(),
             Error::Write(e) => e.exit(),
         }
-    }
-}
-
-impl crate::exit::Classify for Error {
-    fn exit(&self) -> Exit {
-        Error::exit(self)
     }
 }

@@ -10,7 +10,7 @@
 
 use super::rkloader::Loader;
 use super::{Error, Transport, TransportError};
-use crate::exit::Exit;
+use crate::exit::{Classify, Exit};
 use crate::write::{Sink, WriteError};
 use rockusb::operation::{self, OperationSteps, UsbOperationError, UsbStep};
 pub use rockusb::protocol::StorageIndex;

@@ -26,6 +26,17 @@ pub enum TransportError {
     Other(String),
 }
 
+impl crate::exit::Classify for TransportError {
+    fn exit(&self) -> crate::exit::Exit {
+        use crate::exit::Exit;
+        match self {
+            TransportError::Timeout => Exit::Timeout,
+            TransportError::Access => Exit::Environment,
+            _ => Exit::Io,
+        }
+    }
+}
+
 /// The transfers a recovery protocol needs. Implementations own one claimed interface and its
 /// bulk endpoint pair; control transfers go to the device (recipient device, vendor type is in
 /// `request_type`).

@@ -1,7 +1,7 @@
 //! The write pipeline's error type: every variant names the target (or image) and, where it
 //! applies, the byte offset, so a user can tell a bad card from a bad image.
 
-use crate::exit::Exit;
+use crate::exit::{Classify, Exit};
 use crate::image::ImageError;
 
 #[derive(Debug, thiserror::Error)]
@@ -100,8 +100,8 @@ impl std::fmt::Display for TargetState {
 pub const INCOMPLETE: &str =
     "the target is INCOMPLETE (no valid partition table was written) and must be written again";
 
-impl WriteError {
-    pub fn exit(&self) -> Exit {
+impl Classify for WriteError {
+    fn exit(&self) -> Exit {
         match self {
             WriteError::Io { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
                 Exit::Timeout
@@ -116,7 +116,9 @@ impl WriteError {
             WriteError::Failed { source, .. } => source.exit(),
         }
     }
+}
 
+impl WriteError {
     /// The error under a [`WriteError::Failed`] note.
     pub fn cause(&self) -> &WriteError {
         match self {

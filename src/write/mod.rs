@@ -35,6 +35,7 @@ pub use error::{TargetState, WriteError};
 pub use sink::{BlockDeviceSink, FileSink, Sink};
 pub use verify::{compare_with_image, read_back, CompareReport};
 
+use crate::exit::Classify;
 use crate::image::bmap::RangeChecker;
 use crate::image::zero::ZEROS;
 use crate::image::{Extent, ExtentKind, ExtentSource, ImageError, LogicalHasher};
