@@ -1144,6 +1144,8 @@ mod usb_slots {
         unplug_on_change: bool,
         /// Panics in a bulk OUT transfer once this many bytes were written (a transport bug).
         panic_at: Option<u64>,
+        /// The largest bulk OUT data phase seen (CBWs of 31 bytes left out).
+        max_out: usize,
     }
 
     impl<B: SimDevice> Wired<B> {
@@ -1159,6 +1161,7 @@ mod usb_slots {
                 gate: None,
                 unplug_on_change: false,
                 panic_at: None,
+                max_out: 0,
             }
         }
         fn sync(&mut self) {
@@ -1239,6 +1242,9 @@ mod usb_slots {
                     self.last = None;
                     return Err(TransportError::Gone);
                 }
+            }
+            if data.len() != 31 {
+                self.max_out = self.max_out.max(data.len());
             }
             let r = self.board.bulk_out(data);
             if let Ok(n) = r {
@@ -1553,6 +1559,60 @@ mod usb_slots {
         let flash = dir.path().join("p2.emmc");
         std::fs::write(&flash, lock(&good).board.storage(EMMC)).unwrap();
         check_contents(&img, &flash, &p2.unit_serial, "p2");
+    }
+
+    /// `[usb] sectors-per-command` reaches the rockusb writer as it does for `write --via`:
+    /// no WRITE_LBA data phase is larger than 32 sectors (the station used to keep the
+    /// default 128 whatever was configured), and the unit still passes with its image.
+    #[test]
+    fn station_usb_slots_write_with_the_configured_sectors_per_command() {
+        if !require(
+            false,
+            &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "mdir"],
+        ) {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let img = make_nixos_like_image(dir.path(), "usb.img", IMG_MIB, Table::Mbr);
+        let station = usb_station(
+            dir.path(),
+            &img,
+            "storage = \"emmc\"\nsectors-per-command = 32",
+            "1-2",
+            &[("c1", "2.1")],
+        );
+        let rec = Arc::new(Recorder::default());
+        let (tx, rx) = crossbeam_channel::unbounded();
+        let b = Arc::new(Mutex::new(Wired::new(
+            board(RkMode::Loader, 1, 5),
+            tx.clone(),
+            rec.clone(),
+        )));
+        let mut bus = SimBus::new();
+        bus.attach(b.clone());
+        let present = vec![usbslot::udev_event_for(&lock(&b).descriptor().unwrap(), "")];
+        let ledger_path = dir.path().join("ledger.sqlite");
+        let station_thread = start_station(
+            station,
+            &img,
+            &ledger_path,
+            rec.clone(),
+            bus,
+            present,
+            rx,
+            st::RunOptions {
+                flash_present: true,
+                exit_after: Some(1),
+            },
+        );
+        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 0));
+        let c1 = &rows["c1"];
+        assert_eq!(c1.result, "pass", "{c1:#?}\n{said}");
+        let w = lock(&b);
+        assert_eq!(w.max_out, 32 * 512, "largest WRITE_LBA data phase");
+        let flash = dir.path().join("c1.emmc");
+        std::fs::write(&flash, w.board.storage(EMMC)).unwrap();
+        check_contents(&img, &flash, &c1.unit_serial, "c1");
     }
 
     /// The CM4 tests' start (root, loop devices and the image tools): a directory and the

@@ -323,8 +323,7 @@ impl HostFlash {
             FlashVia::Rockusb => (Protocol::Rockusb, &[Mode::Loader, Mode::Maskrom]),
             _ => (Protocol::Fastboot, &[Mode::Fastboot]),
         };
-        let deadline = Instant::now() + self.appear_timeout;
-        loop {
+        let waited = flash::wait_until(self.appear_timeout, &|| false, || {
             let all = self
                 .bus
                 .list()
@@ -334,39 +333,35 @@ impl HostFlash {
                 .filter(|f| f.protocol == protocol && modes.contains(&f.mode))
                 .filter(|f| self.usb_id.is_none_or(|(v, p)| f.vid == v && f.pid == p))
                 .collect();
-            match hits.len() {
-                0 => {}
-                1 => return Ok(hits.remove(0)),
-                _ => {
-                    let v: Vec<String> = hits
-                        .iter()
-                        .map(|f| format!("{} at {}", f.id(), f.port_path))
-                        .collect();
-                    return Err(flash_err(
-                        via,
-                        format!(
-                            "several {} devices are attached ({}); cannot tell which is this board",
-                            via.name(),
-                            v.join(", ")
-                        ),
-                        Exit::BadInput,
-                    ));
-                }
-            }
-            if Instant::now() >= deadline {
+            if hits.len() > 1 {
+                let v: Vec<String> = hits
+                    .iter()
+                    .map(|f| format!("{} at {}", f.id(), f.port_path))
+                    .collect();
                 return Err(flash_err(
                     via,
                     format!(
-                        "no {} device appeared on USB within {}s; is the board's USB device port \
-                         (OTG) connected to this host?",
+                        "several {} devices are attached ({}); cannot tell which is this board",
                         via.name(),
-                        self.appear_timeout.as_secs()
+                        v.join(", ")
                     ),
-                    Exit::Timeout,
+                    Exit::BadInput,
                 ));
             }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+            Ok(hits.pop())
+        })?;
+        waited.map_err(|_| {
+            flash_err(
+                via,
+                format!(
+                    "no {} device appeared on USB within {}s; is the board's USB device port \
+                     (OTG) connected to this host?",
+                    via.name(),
+                    self.appear_timeout.as_secs()
+                ),
+                Exit::Timeout,
+            )
+        })
     }
 
     fn write_usb(&mut self, via: FlashVia) -> Result<String, ConsoleError> {

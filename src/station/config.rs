@@ -164,6 +164,14 @@ pub struct UsbConfig {
     /// `<dir>/<file>`); relative to the config file.
     #[serde(default, alias = "usbboot-dir")]
     pub usbboot_dir: Option<PathBuf>,
+    /// Rockchip: sectors per WRITE_LBA/READ_LBA command (rkdeveloptool's 128 by default;
+    /// fewer for loaders or hubs that stall on 64 KiB transfers), as `write --via` uses.
+    #[serde(default = "default_spc", alias = "sectors-per-command")]
+    pub sectors_per_command: u16,
+}
+
+fn default_spc() -> u16 {
+    crate::usb::rockusb::DEFAULT_SECTORS_PER_COMMAND
 }
 
 fn emmc() -> String {
@@ -181,6 +189,7 @@ impl Default for UsbConfig {
             reset: true,
             reenumerate_timeout_secs: 15,
             usbboot_dir: None,
+            sectors_per_command: default_spc(),
         }
     }
 }
@@ -443,6 +452,9 @@ fn usb_config(
     bad: &dyn Fn(String) -> StationError,
 ) -> Result<UsbConfig, StationError> {
     crate::usb::flash::storage_index(&u.storage).map_err(|e| bad(format!("[usb] storage: {e}")))?;
+    if u.sectors_per_command == 0 {
+        return Err(bad("[usb] sectors_per_command: must be at least 1".into()));
+    }
     Ok(UsbConfig {
         loader: u.loader.iter().map(|p| resolve(p)).collect(),
         usbboot_dir: u.usbboot_dir.as_deref().map(resolve),

@@ -4,8 +4,8 @@
 //! The udev side is the same as for card readers (a `usb_device` event on the slot's port);
 //! [`recovery_device`] reads the recovery mode out of the event with the same ID tables and
 //! classifier as `sbcflash usb`. The job drives the board through a [`Bus`] (libusb, or the
-//! simulated boards in tests): Rockchip maskrom → loader download → re-enumeration on the same
-//! port → [`RockusbSink`] through the writer pipeline (hashing, read-back) → identity files
+//! simulated boards in tests), brought up by the same [`bring_up`] as `write --via`: Rockchip maskrom → loader download → re-enumeration on the same
+//! port → [`RockusbSink`](crate::usb::rockusb::RockusbSink) through the writer pipeline (hashing, read-back) → identity files
 //! into the FAT partition through the same sink → read back → reset. Raspberry Pi CM4/CM5
 //! in usbboot: rpiboot (the boot files of `[usb] usbboot-dir`) → the mass-storage gadget's
 //! disk on the same port ([`Bus::block_device`]) → the block job ([`super::job::write_block`]).
@@ -21,18 +21,17 @@ use std::collections::BTreeMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context as _};
 
 use super::job::{Cancel, Context, PhaseFollower, Step, WriteStats};
 use super::slots::DeviceInfo;
 use super::ui::SlotReporter;
-use crate::progress::{Event, Reporter};
 use crate::usb::discovery::{classify, Bus, Descriptor, Found, InterfaceClass, Protocol};
-use crate::usb::rkloader::Loader;
-use crate::usb::rockusb::{self, RockusbSink, Timeouts};
-use crate::usb::{flash::storage_index, ids};
+use crate::usb::flash::{
+    bring_up, storage_index, wait_until, Follow, Ready, Via, ViaOptions, WaitEnd,
+};
 use crate::write::Sink;
 
 /// The port path (`1-2.1`) of a USB device: its sysfs name, the same as libusb's port path.
@@ -198,6 +197,39 @@ struct UsbJob<'a> {
     set: &'a (dyn Fn(Step) + Sync),
 }
 
+/// The job's side of a bring-up: the bus address in use and the expected re-enumerations go
+/// to [`Cancel`] (so a removal of that address at any other time is an unplug), a cancelled
+/// unit stops the waits, and the step shown moves to `on_leaving` when the board leaves.
+struct Tracked<'a> {
+    cancel: &'a Cancel,
+    set: &'a (dyn Fn(Step) + Sync),
+    on_leaving: Option<Step>,
+}
+
+impl Follow for Tracked<'_> {
+    fn cancelled(&self) -> bool {
+        self.cancel.is_set()
+    }
+    fn device(&self, now: &Found) {
+        self.cancel.set_usb_address(now.bus, now.address);
+    }
+    fn leaving(&self, yes: bool) {
+        if let Some(step) = self.on_leaving.filter(|_| yes) {
+            (self.set)(step);
+        }
+        self.cancel.usb_leaving(yes);
+    }
+}
+
+/// The session options `write --via` would use for the board on `port`, from `[usb]`.
+fn via_options(ctx: &Context, port: &str, via: Via) -> ViaOptions {
+    let mut opts = ViaOptions::new(via);
+    opts.port = Some(port.to_string());
+    opts.reenumerate_timeout = Duration::from_secs(ctx.station.usb.reenumerate_timeout_secs);
+    opts.job = String::new();
+    opts
+}
+
 /// Flash the board `dev` (a recovery-mode `usb_device` on a USB slot). Updates `set` as it
 /// goes, so a FAIL names the step.
 pub(super) fn provision(
@@ -241,97 +273,27 @@ pub(super) fn provision(
             seen.mode
         );
     }
-    let timeouts = Timeouts::default();
-    let now = on_port(bus, &port, Protocol::Rockusb)?
-        .ok_or_else(|| anyhow!("port {port}: the board is no longer on the bus"))?;
-    cancel.set_usb_address(now.bus, now.address);
-    // bcdUSB is only a hint: ask the device.
-    let in_loader = {
-        let mut t = bus.open(&now)?;
-        rockusb::probe_loader(&mut *t, &timeouts)
-    };
-    rep.info(format!(
-        "{} ({}) in {} mode on port {port}",
-        now.id(),
-        now.soc.as_deref().unwrap_or("unknown SoC"),
-        if in_loader { "loader" } else { "maskrom" }
+    let mut opts = via_options(ctx, &port, Via::Usb);
+    opts.loader = cfg.loader.clone();
+    opts.loader_hint = Some(format!(
+        "set `loader` in [usb] of {}",
+        ctx.station.path.display()
     ));
-    let now = if in_loader {
-        now
-    } else {
-        if cfg.loader.is_empty() {
-            bail!(
-                "the board on port {port} is in maskrom and needs a loader: set `loader` in [usb] of {}",
-                ctx.station.path.display()
-            );
-        }
-        let rc4 = ids::rockchip_soc(now.pid).is_some_and(|s| s.rc4);
-        let loader = Loader::from_files(&cfg.loader, rc4)?;
-        if let (Some(lc), Some(soc)) = (&loader.chip, ids::rockchip_soc(now.pid)) {
-            if !soc.name.contains(lc.trim_start_matches("RK")) {
-                bail!(
-                    "{}: loader is for {lc} but the board on port {port} is {}",
-                    loader.origin,
-                    soc.name
-                );
-            }
-        }
-        set(Step::Loader);
-        let total: u64 = loader.entries.iter().map(|e| e.data.len() as u64).sum();
-        rep.report(Event::Start {
-            job: String::new(),
-            phase: "loader".into(),
-            total: Some(total),
-            detail: Some(loader.origin.clone()),
-        });
-        // The ROM leaves the bus and the loader enumerates at a new address: that removal
-        // is expected, not an unplug.
-        cancel.usb_leaving(true);
-        {
-            let mut t = bus.open(&now)?;
-            rockusb::download_loader(&mut *t, &loader, &timeouts, &mut |d, t| {
-                rep.report(Event::Progress {
-                    job: String::new(),
-                    phase: "loader".into(),
-                    done: d,
-                    total: Some(t),
-                })
-            })?;
-        }
-        let deadline = Instant::now() + Duration::from_secs(cfg.reenumerate_timeout_secs);
-        let back = loop {
-            if cancel.is_set() {
-                bail!("cancelled");
-            }
-            if let Some(f) = on_port(bus, &port, Protocol::Rockusb)? {
-                if let Ok(mut t) = bus.open(&f) {
-                    if rockusb::probe_loader(&mut *t, &timeouts) {
-                        break f;
-                    }
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the board on port {port} did not come back in loader mode within {} s \
-                     after the loader download (wrong loader, or a flaky cable/port)",
-                    cfg.reenumerate_timeout_secs
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        };
-        cancel.set_usb_address(back.bus, back.address);
-        cancel.usb_leaving(false);
-        rep.report(Event::Finish {
-            job: String::new(),
-            phase: "loader".into(),
-            summary: serde_json::json!({ "bytes": total }),
-        });
-        back
+    opts.storage = Some(storage_index(&cfg.storage)?);
+    opts.sectors_per_command = cfg.sectors_per_command;
+    let follow = Tracked {
+        cancel,
+        set,
+        on_leaving: Some(Step::Loader),
+    };
+    let (label, mut sink) = match bring_up(bus, &opts, rep.as_ref(), &follow)? {
+        Ready::Rockusb { label, sink } => (label, sink),
+        Ready::Block { path, .. } => bail!(
+            "port {port}: the board became the block device {} instead of a rockusb loader",
+            path.display()
+        ),
     };
     set(Step::Write);
-    let label = format!("{} on port {port}", now.id());
-    let storage = storage_index(&cfg.storage)?;
-    let mut sink = RockusbSink::open(bus.open(&now)?, label.clone(), timeouts, Some(storage))?;
     rep.info(format!(
         "loader running; {} storage {}",
         cfg.storage,
@@ -409,7 +371,6 @@ fn provision_rpi(job: &UsbJob, seen: &Found) -> anyhow::Result<WriteStats> {
         set,
         ..
     } = *job;
-    use crate::usb::flash::{write_via, MemSource, Outcome, Via, ViaOptions};
     let cfg = &ctx.station.usb;
     let dir = cfg.usbboot_dir.clone().ok_or_else(|| {
         anyhow!(
@@ -430,14 +391,14 @@ fn provision_rpi(job: &UsbJob, seen: &Found) -> anyhow::Result<WriteStats> {
     cancel.set_usb_address(seen.bus, seen.address);
     // ROM → second stage → mass-storage gadget: the board leaves the bus twice on its own.
     cancel.usb_leaving(true);
-    let mut opts = ViaOptions::new(Via::Usbboot);
-    opts.port = Some(port.to_string());
+    let mut opts = via_options(ctx, port, Via::Usbboot);
     opts.usbboot_dir = Some(dir);
-    opts.reenumerate_timeout = Duration::from_secs(cfg.reenumerate_timeout_secs);
-    opts.job = String::new();
-    // The rpiboot stage never reads the image; the block job below does.
-    let unused = Box::new(MemSource::new("unused", Vec::new()));
-    let out = match write_via(bus, &opts, unused, rep.as_ref()) {
+    let follow = Tracked {
+        cancel,
+        set,
+        on_leaving: None,
+    };
+    let out = match bring_up(bus, &opts, rep.as_ref(), &follow) {
         Ok(out) => out,
         // Its re-enumerations are expected, so an unplug during rpiboot shows up as a lost
         // or late device: say so when nothing is left on the port.
@@ -446,8 +407,8 @@ fn provision_rpi(job: &UsbJob, seen: &Found) -> anyhow::Result<WriteStats> {
         }
         Err(e) => return Err(e.into()),
     };
-    let Outcome::BlockDevice { path, .. } = out else {
-        bail!("port {port}: rpiboot did not hand back a block device ({out:?})");
+    let Ready::Block { path, .. } = out else {
+        bail!("port {port}: rpiboot did not hand back a block device");
     };
     let gadget = on_port(bus, port, Protocol::MassStorage)?
         .ok_or_else(|| anyhow!("port {port}: the board left the bus after rpiboot"))?;
@@ -468,22 +429,18 @@ fn provision_gadget(job: &UsbJob, seen: &Found) -> anyhow::Result<WriteStats> {
     cancel.set_usb_address(seen.bus, seen.address);
     cancel.usb_leaving(false);
     let secs = job.ctx.station.usb.reenumerate_timeout_secs;
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    let path = loop {
-        if cancel.is_set() {
-            bail!("cancelled");
-        }
-        if let Some(p) = job.bus.block_device(port) {
-            break p;
-        }
-        if Instant::now() >= deadline {
-            bail!(
-                "{} in mass-storage mode on port {port}: no disk appeared for it within {secs} s \
-                 (no medium behind the gadget, or it is not a disk)",
-                seen.id()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
+    let waited = wait_until(Duration::from_secs(secs), &|| cancel.is_set(), || {
+        Ok::<_, std::convert::Infallible>(job.bus.block_device(port))
+    });
+    let path = match waited {
+        Ok(Ok(p)) => p,
+        Ok(Err(WaitEnd::Cancelled)) => bail!("cancelled"),
+        Ok(Err(WaitEnd::TimedOut)) => bail!(
+            "{} in mass-storage mode on port {port}: no disk appeared for it within {secs} s \
+             (no medium behind the gadget, or it is not a disk)",
+            seen.id()
+        ),
+        Err(never) => match never {},
     };
     write_gadget_disk(job, seen, &path)
 }

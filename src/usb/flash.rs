@@ -69,6 +69,9 @@ pub struct ViaOptions {
     /// Bootloader files placed after the image through the same rockusb session and read
     /// back (`write --via maskrom|usb --bootloader`); rockusb only.
     pub placements: Vec<crate::board::PlacedFile>,
+    /// What to do when a board in maskrom needs a loader and none is given (the station
+    /// names its config); `None`: the CLI's flags.
+    pub loader_hint: Option<String>,
 }
 
 impl ViaOptions {
@@ -88,6 +91,7 @@ impl ViaOptions {
             timeouts: Timeouts::default(),
             job: "usb".into(),
             placements: Vec::new(),
+            loader_hint: None,
         }
     }
 }
@@ -219,25 +223,103 @@ fn require_one(
     }
 }
 
-/// Poll the bus until `check` accepts a device on `port`, or time out.
-fn wait_for<T>(
-    bus: &dyn Bus,
+/// How a [`wait_until`] ended without its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitEnd {
+    TimedOut,
+    Cancelled,
+}
+
+/// The one deadline poll of every USB bring-up (re-enumeration, a gadget appearing, a disk
+/// on a port): ask `check` every 100 ms until it answers, `timeout` passes or `cancelled`
+/// says stop. `check`'s own errors end the wait; each caller words the timeout itself.
+pub fn wait_until<T, E>(
     timeout: Duration,
-    what: &str,
-    mut check: impl FnMut(&dyn Bus) -> Result<Option<T>, Error>,
-) -> Result<T, Error> {
+    cancelled: &dyn Fn() -> bool,
+    mut check: impl FnMut() -> Result<Option<T>, E>,
+) -> Result<Result<T, WaitEnd>, E> {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Some(f) = check(bus)? {
-            return Ok(f);
+        if cancelled() {
+            return Ok(Err(WaitEnd::Cancelled));
+        }
+        if let Some(f) = check()? {
+            return Ok(Ok(f));
         }
         if Instant::now() >= deadline {
-            return Err(Error::Timeout {
-                what: what.into(),
-                secs: timeout.as_secs().max(1),
-            });
+            return Ok(Err(WaitEnd::TimedOut));
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// [`wait_until`] for the bus, with the timeout as [`Error::Timeout`] naming `what`.
+fn wait_for<T>(
+    timeout: Duration,
+    what: &str,
+    follow: &dyn Follow,
+    check: impl FnMut() -> Result<Option<T>, Error>,
+) -> Result<T, Error> {
+    match wait_until(timeout, &|| follow.cancelled(), check)? {
+        Ok(t) => Ok(t),
+        Err(WaitEnd::Cancelled) => Err(Error::Cancelled),
+        Err(WaitEnd::TimedOut) => Err(Error::Timeout {
+            what: what.into(),
+            secs: timeout.as_secs().max(1),
+        }),
+    }
+}
+
+/// What a caller that tracks the board while it is brought up (the station, which must tell
+/// an unplug from a re-enumeration) learns, and how it stops a wait. `write --via` tracks
+/// nothing: [`Untracked`].
+pub trait Follow {
+    /// Stop waiting (the unit was cancelled): the bring-up ends with [`Error::Cancelled`].
+    fn cancelled(&self) -> bool {
+        false
+    }
+    /// The board is at this bus address now.
+    fn device(&self, _now: &Found) {}
+    /// The board is about to leave the bus on purpose (`true`: loader start, rpiboot stages)
+    /// or is back for good (`false`).
+    fn leaving(&self, _yes: bool) {}
+}
+
+/// Follows nothing, never cancelled.
+pub struct Untracked;
+impl Follow for Untracked {}
+
+/// A board in recovery mode made ready to take an image.
+pub enum Ready {
+    /// A Rockchip board running a loader: its storage as a writer sink ("VID:PID at PORT").
+    Rockusb { label: String, sink: RockusbSink },
+    /// The board's storage is this block device on the same port (rpiboot's gadget).
+    Block { label: String, path: PathBuf },
+}
+
+/// Bring the board `opts` names (by `port`/`id`) from its recovery mode to [`Ready`]:
+/// Rockchip maskrom → loader download → re-enumeration → rockusb sink (storage selected,
+/// `sectors_per_command` set); Raspberry Pi usbboot → rpiboot → its mass-storage disk. Shared
+/// by `write --via`, `bootstrap --flash-via rockusb` and the station's USB slots.
+pub fn bring_up(
+    bus: &dyn Bus,
+    opts: &ViaOptions,
+    rep: &dyn Reporter,
+    follow: &dyn Follow,
+) -> Result<Ready, Error> {
+    let p = Progress {
+        rep,
+        job: opts.job.clone(),
+    };
+    match opts.via {
+        Via::Maskrom | Via::Usb => rockchip_ready(bus, opts, &p, follow)
+            .map(|(label, sink)| Ready::Rockusb { label, sink }),
+        Via::Usbboot => {
+            rpiboot(bus, opts, &p, follow).map(|(label, path)| Ready::Block { label, path })
+        }
+        Via::Fastboot => Err(Error::Input(
+            "fastboot needs no bring-up: the device is written as it is".into(),
+        )),
     }
 }
 
@@ -254,12 +336,14 @@ pub fn write_via(
         job: opts.job.clone(),
     };
     let r = match opts.via {
-        Via::Maskrom | Via::Usb => rockchip(bus, opts, src, &p),
+        Via::Maskrom | Via::Usb => rockchip_ready(bus, opts, &p, &Untracked)
+            .and_then(|(label, sink)| write_rockusb(opts, label, sink, src, &p)),
         Via::Fastboot => {
             let mut src = src;
             fastboot(bus, opts, &mut *src, &p)
         }
-        Via::Usbboot => rpiboot(bus, opts, &p),
+        Via::Usbboot => rpiboot(bus, opts, &p, &Untracked)
+            .map(|(device, path)| Outcome::BlockDevice { device, path }),
     };
     if let Err(e) = &r {
         p.fail("usb", e);
@@ -267,12 +351,12 @@ pub fn write_via(
     r
 }
 
-fn rockchip(
+fn rockchip_ready(
     bus: &dyn Bus,
     opts: &ViaOptions,
-    src: Box<dyn ExtentSource>,
     p: &Progress<'_>,
-) -> Result<Outcome, Error> {
+    follow: &dyn Follow,
+) -> Result<(String, RockusbSink), Error> {
     let dev = require_one(
         bus,
         opts,
@@ -280,6 +364,7 @@ fn rockchip(
         &[Mode::Maskrom, Mode::Loader],
         "Rockchip board in maskrom or loader mode",
     )?;
+    follow.device(&dev);
     let label = format!("{} at {}", dev.id(), dev.port_path);
     // bcdUSB is only a hint: ask the device.
     let in_loader = {
@@ -303,53 +388,87 @@ fn rockchip(
         }
         dev
     } else {
-        if opts.loader.is_empty() {
-            return Err(Error::WrongMode(format!(
-                "{label} is in maskrom: it needs a loader first (give --loader FILE, a boot_merger \
-                 .bin or the raw 0x471/0x472 pair, or a board whose descriptor names one)"
-            )));
-        }
-        let rc4 = ids::rockchip_soc(dev.pid).is_some_and(|s| s.rc4);
-        let loader = Loader::from_files(&opts.loader, rc4)?;
-        if let (Some(lc), Some(soc)) = (&loader.chip, ids::rockchip_soc(dev.pid)) {
-            if !soc.name.contains(lc.trim_start_matches("RK")) {
-                return Err(Error::BadLoader {
-                    path: loader.origin.clone(),
-                    msg: format!("loader is for {lc} but the board is {}", soc.name),
-                });
-            }
-        }
-        let total: u64 = loader.entries.iter().map(|e| e.data.len() as u64).sum();
-        p.start("loader", Some(total), Some(loader.origin.clone()));
-        {
-            let mut t = bus.open(&dev)?;
-            rockusb::download_loader(&mut *t, &loader, &opts.timeouts, &mut |d, t| {
-                p.at("loader", d, Some(t))
-            })?;
-        }
-        p.finish("loader", serde_json::json!({ "bytes": total }));
-        let port = dev.port_path.clone();
-        wait_for(
-            bus,
-            opts.reenumerate_timeout,
-            &format!(
-                "the board on port {port} to come back in loader mode after the loader download \
-                 (wrong loader for this SoC, a loader that does not start USB, or a flaky cable/port)"
-            ),
-            |b| {
-                let Some(f) = find_one(b, opts, Protocol::Rockusb, &[Mode::Maskrom, Mode::Loader], Some(&port))? else {
-                    return Ok(None);
-                };
-                let Ok(mut t) = b.open(&f) else {
-                    return Ok(None);
-                };
-                Ok(rockusb::probe_loader(&mut *t, &opts.timeouts).then_some(f))
-            },
-        )?
+        start_loader(bus, opts, dev, &label, p, follow)?
     };
     let t = bus.open(&dev)?;
     let mut sink = RockusbSink::open(t, label.clone(), opts.timeouts, opts.storage)?;
     sink.sectors_per_command = opts.sectors_per_command;
+    Ok((label, sink))
+}
+
+/// Download the loader to a board in maskrom and wait until it answers as a loader on the
+/// same port; returns it at its new address.
+fn start_loader(
+    bus: &dyn Bus,
+    opts: &ViaOptions,
+    dev: Found,
+    label: &str,
+    p: &Progress<'_>,
+    follow: &dyn Follow,
+) -> Result<Found, Error> {
+    if opts.loader.is_empty() {
+        return Err(Error::WrongMode(match &opts.loader_hint {
+            Some(hint) => format!("{label} is in maskrom and needs a loader: {hint}"),
+            None => format!(
+                "{label} is in maskrom: it needs a loader first (give --loader FILE, a \
+                 boot_merger .bin or the raw 0x471/0x472 pair, or a board whose descriptor \
+                 names one)"
+            ),
+        }));
+    }
+    let rc4 = ids::rockchip_soc(dev.pid).is_some_and(|s| s.rc4);
+    let loader = Loader::from_files(&opts.loader, rc4)?;
+    if let (Some(lc), Some(soc)) = (&loader.chip, ids::rockchip_soc(dev.pid)) {
+        if !soc.name.contains(lc.trim_start_matches("RK")) {
+            return Err(Error::BadLoader {
+                path: loader.origin.clone(),
+                msg: format!("loader is for {lc} but the board is {}", soc.name),
+            });
+        }
+    }
+    // The ROM leaves the bus and the loader enumerates at a new address.
+    follow.leaving(true);
+    let total: u64 = loader.entries.iter().map(|e| e.data.len() as u64).sum();
+    p.start("loader", Some(total), Some(loader.origin.clone()));
+    {
+        let mut t = bus.open(&dev)?;
+        rockusb::download_loader(&mut *t, &loader, &opts.timeouts, &mut |d, t| {
+            p.at("loader", d, Some(t))
+        })?;
+    }
+    p.finish("loader", serde_json::json!({ "bytes": total }));
+    let port = dev.port_path.clone();
+    let back = wait_for(
+        opts.reenumerate_timeout,
+        &format!(
+            "the board on port {port} to come back in loader mode after the loader download \
+             (wrong loader for this SoC, a loader that does not start USB, or a flaky cable/port)"
+        ),
+        follow,
+        || {
+            let modes = [Mode::Maskrom, Mode::Loader];
+            let Some(f) = find_one(bus, opts, Protocol::Rockusb, &modes, Some(&port))? else {
+                return Ok(None);
+            };
+            let Ok(mut t) = bus.open(&f) else {
+                return Ok(None);
+            };
+            Ok(rockusb::probe_loader(&mut *t, &opts.timeouts).then_some(f))
+        },
+    )?;
+    follow.device(&back);
+    follow.leaving(false);
+    Ok(back)
+}
+
+/// The image through the writer pipeline onto a ready rockusb sink, then reset.
+fn write_rockusb(
+    opts: &ViaOptions,
+    label: String,
+    mut sink: RockusbSink,
+    src: Box<dyn ExtentSource>,
+    p: &Progress<'_>,
+) -> Result<Outcome, Error> {
     p.note(format!(
         "loader running; storage {}",
         crate::write::Sink::capacity(&sink)
@@ -515,7 +634,12 @@ impl ProgressLike for NoProgress {
     fn note_(&self, _: String) {}
 }
 
-fn rpiboot(bus: &dyn Bus, opts: &ViaOptions, p: &Progress<'_>) -> Result<Outcome, Error> {
+fn rpiboot(
+    bus: &dyn Bus,
+    opts: &ViaOptions,
+    p: &Progress<'_>,
+    follow: &dyn Follow,
+) -> Result<(String, PathBuf), Error> {
     let dir = opts.usbboot_dir.clone().ok_or_else(|| {
         Error::Input(
             "--via usbboot needs the boot files: --usbboot-dir DIR (e.g. \
@@ -558,10 +682,18 @@ fn rpiboot(bus: &dyn Bus, opts: &ViaOptions, p: &Progress<'_>) -> Result<Outcome
             usbboot::boot_rom(&mut *t, &blob)?;
         }
         wait_for(
-            bus,
             opts.reenumerate_timeout,
             &format!("the Raspberry Pi on port {port} to start its second stage"),
-            |b| find_one(b, opts, Protocol::Usbboot, &[Mode::FileServer], Some(&port)),
+            follow,
+            || {
+                find_one(
+                    bus,
+                    opts,
+                    Protocol::Usbboot,
+                    &[Mode::FileServer],
+                    Some(&port),
+                )
+            },
         )?
     } else {
         dev
@@ -578,19 +710,16 @@ fn rpiboot(bus: &dyn Bus, opts: &ViaOptions, p: &Progress<'_>) -> Result<Outcome
         serde_json::json!({ "files": served.files.iter().map(|(n, s)| serde_json::json!({"name": n, "bytes": s})).collect::<Vec<_>>() }),
     );
     let path = wait_for(
-        bus,
         opts.reenumerate_timeout,
         &format!(
             "the mass-storage gadget on port {port} (the boot files may not be \
              mass-storage-gadget64, or the board's eMMC is not reachable)"
         ),
-        |b| Ok(b.block_device(&port)),
+        follow,
+        || Ok(bus.block_device(&port)),
     )?;
     p.note(format!("the board's storage is now {}", path.display()));
-    Ok(Outcome::BlockDevice {
-        device: label,
-        path,
-    })
+    Ok((label, path))
 }
 
 /// An in-memory image as an extent stream (data in 1 MiB extents, all-zero blocks as `Zero`).
@@ -651,5 +780,48 @@ impl ExtentSource for MemSource {
     }
     fn describe(&self) -> String {
         format!("{} (in memory)", self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn wait_until_answers_stops_on_cancel_times_out_and_passes_errors_on() {
+        let calls = Cell::new(0);
+        let got = wait_until(Duration::from_secs(60), &|| false, || {
+            calls.set(calls.get() + 1);
+            Ok::<_, String>((calls.get() == 3).then_some("here"))
+        });
+        assert_eq!(got, Ok(Ok("here")));
+        assert_eq!(calls.get(), 3);
+        // Cancelled before the check runs: the bus is not asked again.
+        let got = wait_until::<(), String>(Duration::from_secs(60), &|| true, || {
+            panic!("checked after cancel")
+        });
+        assert_eq!(got, Ok(Err(WaitEnd::Cancelled)));
+        let got = wait_until(Duration::ZERO, &|| false, || Ok::<Option<()>, String>(None));
+        assert_eq!(got, Ok(Err(WaitEnd::TimedOut)));
+        let got = wait_until(Duration::from_secs(60), &|| false, || {
+            Err::<Option<()>, _>("bus gone".to_string())
+        });
+        assert_eq!(got, Err("bus gone".to_string()));
+    }
+
+    /// The station's view: a cancelled unit ends a bring-up wait with `Error::Cancelled`.
+    #[test]
+    fn wait_for_maps_cancel_and_timeout_to_usb_errors() {
+        struct Stopped;
+        impl Follow for Stopped {
+            fn cancelled(&self) -> bool {
+                true
+            }
+        }
+        let e = wait_for(Duration::from_secs(60), "x", &Stopped, || Ok(None::<()>)).unwrap_err();
+        assert!(matches!(e, Error::Cancelled), "{e}");
+        let e = wait_for(Duration::ZERO, "the board", &Untracked, || Ok(None::<()>)).unwrap_err();
+        assert_eq!(e.to_string(), "timed out after 1 s waiting for the board");
     }
 }

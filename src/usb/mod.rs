@@ -65,6 +65,9 @@ pub enum Error {
     DeviceFailed(String),
     #[error("timed out after {secs} s waiting for {what}")]
     Timeout { what: String, secs: u64 },
+    /// A wait was stopped by its caller (the station cancelled the unit).
+    #[error("cancelled")]
+    Cancelled,
     #[error("{0}")]
     TooLarge(String),
     #[error("read-back mismatch: {0}")]
@@ -101,6 +104,7 @@ impl Classify for Error {
             Error::WrongMode(_) => Exit::Refused,
             Error::BadLoader { .. } | Error::Input(_) => Exit::BadInput,
             Error::Timeout { .. } => Exit::Timeout,
+            Error::Cancelled => Exit::Interrupted,
             Error::TooLarge(_) => Exit::Refused,
             Error::Verify(_) => Exit::Verify,
             Error::Image(e) => e.exit(),
