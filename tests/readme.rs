@@ -247,6 +247,29 @@ fn every_readme_command_that_needs_no_hardware_works_as_shown() {
                 assert_eq!(String::from_utf8_lossy(&o.stdout), shipped, "{cmd}");
                 o
             }
+            // A reader that closes the pipe early (the README's `boards | head -1`): a real
+            // shell pipe; with pipefail the status is sbcflash's, and it must say nothing.
+            [sub @ .., "|", "head", "-1"] => {
+                let line = std::iter::once(env!("CARGO_BIN_EXE_sbcflash"))
+                    .chain(sub.iter().copied())
+                    .map(|w| format!("'{}'", w.replace('\'', r"'\''")))
+                    .collect::<Vec<_>>()
+                    .join(" ");
+                let o = ctx
+                    .command("bash")
+                    .args(["-o", "pipefail", "-c", &format!("{line} | head -1")])
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("run bash");
+                assert!(o.stderr.is_empty(), "{}", show(cmd, &o));
+                assert_eq!(
+                    String::from_utf8_lossy(&o.stdout).lines().count(),
+                    1,
+                    "{}",
+                    show(cmd, &o)
+                );
+                o
+            }
             ["completions", shells] => {
                 for shell in shells.split('|') {
                     let o = ctx.run(&["completions".to_string(), shell.to_string()]);
