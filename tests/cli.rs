@@ -501,25 +501,7 @@ fn json_lines_match_the_documented_schema() {
     let missing = missing.to_str().unwrap();
     // A station ledger with one finished unit.
     let ledger = h.join("ledger.sqlite");
-    {
-        use sbcflash::station::ledger::{Ledger, NewUnit, Outcome};
-        let (mut l, _) = Ledger::open(&ledger).unwrap();
-        let unit = NewUnit {
-            slot: "s1".into(),
-            ..Default::default()
-        };
-        let (id, ()) = l
-            .start_unit(&unit, true, 1, |seq| {
-                Ok((format!("U{seq:?}"), "h1".into(), "{}".into(), ()))
-            })
-            .unwrap()
-            .unwrap();
-        let done = Outcome {
-            pass: true,
-            ..Default::default()
-        };
-        l.finish_unit(id, &done).unwrap();
-    }
+    common::ledger_with_one_passed_unit(&ledger);
     let ledger = ledger.to_str().unwrap();
     // A station whose one slot matches no disk: its plan names the next unit.
     let station_cfg = h.join("station.toml");

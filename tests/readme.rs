@@ -184,25 +184,9 @@ fn every_readme_command_that_needs_no_hardware_works_as_shown() {
     // What a station run leaves for `station report`: a ledger at the default place with one
     // finished unit (the station itself needs card readers; tests/station.rs runs it).
     {
-        use sbcflash::station::ledger::{Ledger, NewUnit, Outcome};
         let path = dir.join("home/.local/state/sbcflash/ledger.sqlite");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        let (mut l, _) = Ledger::open(&path).unwrap();
-        let unit = NewUnit {
-            slot: "s1".into(),
-            ..Default::default()
-        };
-        let (id, ()) = l
-            .start_unit(&unit, true, 1, |seq| {
-                Ok((format!("U{seq:?}"), "h1".into(), "{}".into(), ()))
-            })
-            .unwrap()
-            .unwrap();
-        let done = Outcome {
-            pass: true,
-            ..Default::default()
-        };
-        l.finish_unit(id, &done).unwrap();
+        common::ledger_with_one_passed_unit(&path);
     }
     let ctx = Ctx {
         dev: lo.path().display().to_string(),

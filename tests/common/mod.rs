@@ -290,3 +290,25 @@ impl Drop for UdevRule {
         self.remove();
     }
 }
+
+/// A station ledger at `path` with one finished, passed unit (slot `s1`): what `station report`
+/// reads, without running a station.
+pub fn ledger_with_one_passed_unit(path: &Path) {
+    use sbcflash::station::ledger::{Ledger, NewUnit, Outcome};
+    let (mut l, _) = Ledger::open(path).expect("open ledger");
+    let unit = NewUnit {
+        slot: "s1".into(),
+        ..Default::default()
+    };
+    let (id, ()) = l
+        .start_unit(&unit, true, 1, |seq| {
+            Ok((format!("U{seq:?}"), "h1".into(), "{}".into(), ()))
+        })
+        .expect("start unit")
+        .expect("unit started");
+    let done = Outcome {
+        pass: true,
+        ..Default::default()
+    };
+    l.finish_unit(id, &done).expect("finish unit");
+}
