@@ -885,6 +885,11 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
     common::run(Command::new("chmod").arg("755").arg(&standin));
     let log = dir.path().join("standin.log");
     let transcript = dir.path().join("transcript.log");
+    // --known-hosts appends to the user's file and keeps what it held.
+    let user_kh = dir.path().join("user_known_hosts");
+    std::fs::write(&user_kh, "other.example ssh-ed25519 AAAAold\n").unwrap();
+    // The user's own options say "trust anything"; the proven keys' options come first,
+    // and ssh takes the first value of an option: the handoff is strict all the same.
     let sshopts = format!(
         "-i {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR -o ConnectTimeout=20",
         key.display()
@@ -910,6 +915,8 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         .arg(&standin)
         .arg("--transcript")
         .arg(&transcript)
+        .arg("--known-hosts")
+        .arg(&user_kh)
         .env("NIX_SSHOPTS", &sshopts)
         .env("STANDIN_LOG", &log)
         .env("STANDIN_EXIT", "42");
@@ -931,12 +938,26 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         // parsed from `ip` despite a kernel line in the middle of each of its lines
         "board IP address 10.0.2.15 (from `ip -4 addr show`)",
         "SSH answers on 127.0.0.1",
-        "host keys",
-        "SHA256:",
+        "host key proven over the console (the network offers it): SHA256:",
+        "known_hosts of this run:",
         "running: NIX_SSHOPTS=",
     ] {
         assert!(err.contains(stage), "missing {stage:?}\n{ctx}");
     }
+    // The run's known_hosts holds the board's keys as dropbear shows them on the console.
+    let run_kh = transcript.with_extension("known_hosts");
+    let kh = std::fs::read_to_string(&run_kh).unwrap_or_default();
+    let host_field = format!("[127.0.0.1]:{port} ");
+    assert!(
+        !kh.is_empty() && kh.lines().all(|l| l.starts_with(&host_field)),
+        "{kh}\n{ctx}"
+    );
+    assert!(kh.contains(" ssh-ed25519 AAAA"), "{kh}\n{ctx}");
+    let user = std::fs::read_to_string(&user_kh).unwrap();
+    assert!(
+        user.starts_with("other.example ssh-ed25519 AAAAold\n") && user.ends_with(&kh),
+        "{user}"
+    );
     assert!(
         rec.contains(
             "args: switch --flake /nonexistent/flake#lab-board --target-host root@127.0.0.1"
@@ -944,7 +965,10 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         "{ctx}"
     );
     assert!(
-        rec.contains(&format!("NIX_SSHOPTS: {sshopts} -p {port}")),
+        rec.contains(&format!(
+            "NIX_SSHOPTS: -o StrictHostKeyChecking=yes -o UserKnownHostsFile={} -o GlobalKnownHostsFile=/dev/null {sshopts} -p {port}",
+            run_kh.display()
+        )),
         "{ctx}"
     );
     assert!(
@@ -962,6 +986,167 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         "a kernel line landed on the login prompt's line (the issue's console)\n{log}"
     );
     assert_noise_was_set_aside(&log, &tr);
+}
+
+/// A second SSH server (Debian's dropbear, its own host key) on 127.0.0.1, standing where
+/// the handoff goes: a man in the middle. Killed by its PID on drop.
+struct Mitm {
+    _child: Child,
+    port: u16,
+    fingerprint: String,
+}
+
+fn start_mitm(dir: &Path) -> Mitm {
+    let key = dir.join("mitm_ed25519");
+    common::run(
+        Command::new("dropbearkey")
+            .args(["-t", "ed25519", "-f"])
+            .arg(&key),
+    );
+    let public = Command::new("dropbearkey")
+        .arg("-y")
+        .arg("-f")
+        .arg(&key)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&public.stdout).to_string();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("ssh-ed25519 "))
+        .unwrap_or_else(|| panic!("dropbearkey -y: {text}"));
+    let pubfile = dir.join("mitm.pub");
+    std::fs::write(&pubfile, format!("{line}\n")).unwrap();
+    let fp = Command::new("ssh-keygen")
+        .arg("-lf")
+        .arg(&pubfile)
+        .output()
+        .unwrap();
+    let fingerprint = String::from_utf8_lossy(&fp.stdout)
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("ssh-keygen -lf {}", pubfile.display()))
+        .to_string();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Child(
+        Command::new("dropbear")
+            .args(["-F", "-E", "-s", "-r"])
+            .arg(&key)
+            .arg("-P")
+            .arg(dir.join("mitm.pid"))
+            .args(["-p", &format!("127.0.0.1:{port}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start dropbear"),
+    );
+    Mitm {
+        _child: child,
+        port,
+        fingerprint,
+    }
+}
+
+#[test]
+fn qemu_bootstrap_refuses_a_man_in_the_middle_on_the_handoff_port() {
+    if !need_qemu("aarch64")
+        || !common::require(
+            false,
+            &[
+                "ssh-keyscan",
+                "ssh-keygen",
+                "dropbear",
+                "dropbearkey",
+                "apt-get",
+                "mkfs.ext4",
+                "mcopy",
+            ],
+        )
+    {
+        return;
+    }
+    let img = boot_image();
+    let dir = tempfile::tempdir().unwrap();
+    let t = Target::start(&[
+        "--disk",
+        img.to_str().unwrap(),
+        "--snapshot",
+        "--ssh-port",
+        "0",
+    ]);
+    // The board's own SSH is forwarded to t.ssh_port(); the handoff is pointed at the
+    // other server instead, as a hijacked address on a lab network would be.
+    let mitm = start_mitm(dir.path());
+    let standin = dir.path().join("nixos-rebuild-standin");
+    std::fs::write(&standin, STANDIN).unwrap();
+    common::run(Command::new("chmod").arg("755").arg(&standin));
+    let log = dir.path().join("standin.log");
+    let user_kh = dir.path().join("user_known_hosts");
+    let transcript = dir.path().join("transcript.log");
+    let mut child = common::sbcflash();
+    child
+        .args(["bootstrap", "--board", "qemu-aarch64", "--port"])
+        .arg(t.tty())
+        .args(["--flake", "/nonexistent/flake#lab-board"])
+        .args([
+            "--ssh-host",
+            "127.0.0.1",
+            "--ssh-port",
+            &mitm.port.to_string(),
+        ])
+        .args([
+            "--ip-marker",
+            r"SBCFLASH-TEST-IP: (\S+)",
+            "--boot-timeout",
+            "120",
+        ])
+        .arg("--rebuild-cmd")
+        .arg(&standin)
+        .arg("--transcript")
+        .arg(&transcript)
+        .arg("--known-hosts")
+        .arg(&user_kh)
+        .env(
+            "NIX_SSHOPTS",
+            "-o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null",
+        )
+        .env("STANDIN_LOG", &log);
+    let mut child = spawn(&mut child, Stdio::null());
+    wait_until_open(child.0.id(), &t.tty());
+    let h = t.cont();
+    let (code, out, err) = wait_child(&mut child, 240);
+    h.join().unwrap();
+    let ctx = format!("exit {code}\nstdout:\n{out}\nstderr:\n{err}");
+    assert_eq!(code, 4, "refused (exit 4)\n{ctx}");
+    assert!(
+        err.contains(&format!(
+            "SSH host key mismatch on 127.0.0.1:{}: the network answers with\n  {} (ssh-ed25519)",
+            mitm.port, mitm.fingerprint
+        )),
+        "{ctx}"
+    );
+    // the board's key, as its console shows it, is named too (and is another one)
+    let board = err
+        .split("but the board's console shows\n  ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no console fingerprint\n{ctx}"));
+    assert!(
+        board.starts_with("SHA256:") && board != mitm.fingerprint,
+        "{ctx}"
+    );
+    assert!(!log.exists(), "the deployer never ran\n{ctx}");
+    assert!(
+        !user_kh.exists(),
+        "nothing was appended to --known-hosts\n{ctx}"
+    );
+    assert!(
+        !transcript.with_extension("known_hosts").exists(),
+        "no known_hosts of this run\n{ctx}"
+    );
 }
 
 /// The noise really happened where it hurts (on the board's side: `serial.log`) and every

@@ -11,13 +11,14 @@ use crate::board::{Board, MediumKind, UBootCommands};
 use crate::console::bootstrap::{self, FlashVia, Plan};
 use crate::console::gadget::{HostFlash, UmsMatch};
 use crate::console::handoff::{self, Rebuild, RebuildPlan};
+use crate::console::hostkeys::{self, HostKey, ProofWait};
 use crate::console::linux::LinuxConfig;
 use crate::console::load::{self, LoadPlan};
 use crate::console::serial::{self, Link};
 use crate::console::session::{Session, Transcript};
 use crate::console::uboot::{InterruptKey, UBootConfig};
 use crate::console::ymodem::Protocol;
-use crate::console::ConsoleError;
+use crate::console::{ConsoleError, Stage};
 use crate::exit::{Exit, ExitError};
 use crate::progress::{Event, Level};
 use crate::usb::discovery::RusbBus;
@@ -205,9 +206,13 @@ pub struct BootstrapOpts {
     /// SSH port (passed to nixos-rebuild as NIX_SSHOPTS="-p PORT").
     #[arg(long, default_value_t = 22)]
     pub ssh_port: u16,
-    /// Seconds to wait for SSH to answer.
+    /// Seconds to wait for SSH to answer (and again for the board's console to show the
+    /// host keys the network offers).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
     pub ssh_timeout: u64,
+    /// Also append the host keys proven over the console to this known_hosts file.
+    #[arg(long, value_name = "FILE")]
+    pub known_hosts: Option<PathBuf>,
     /// The deployer (program and leading arguments).
     #[arg(long, default_value = "nixos-rebuild", value_name = "CMD")]
     pub rebuild_cmd: String,
@@ -485,6 +490,62 @@ fn host_flash(
     Ok(f)
 }
 
+/// Finds SSH on the network, scans its host keys and proves them against the console
+/// (the session is still logged in), then writes the run's known_hosts file `kh` (and
+/// appends to `--known-hosts`). Returns the SSH address and the proven keys.
+fn handoff_proof(
+    rt: &tokio::runtime::Runtime,
+    s: &mut Session,
+    a: &BootstrapOpts,
+    linux: &LinuxConfig,
+    reached: &bootstrap::Reached,
+    kh: &std::path::Path,
+) -> Result<(String, Vec<HostKey>), ConsoleError> {
+    let host = match (&a.ssh_host, reached.ip) {
+        (Some(h), _) => h.clone(),
+        (None, Some(ip)) => ip.to_string(),
+        (None, None) => {
+            return Err(ConsoleError::Handoff(
+                "could not find the board's IP address (no `ip` answer, no --ip-marker match); pass --ssh-host".into(),
+            ))
+        }
+    };
+    let t = Instant::now();
+    let banner = handoff::wait_for_ssh(&host, a.ssh_port, Duration::from_secs(a.ssh_timeout))?;
+    s.stage(&Stage::Note(format!(
+        "SSH answers on {host}:{} ({banner}) after {:.1}s",
+        a.ssh_port,
+        t.elapsed().as_secs_f64()
+    )));
+    let scanned = handoff::keyscan(&host, a.ssh_port)?;
+    let network = hostkeys::parse_keyscan(&scanned.lines).map_err(ConsoleError::Handoff)?;
+    let addr = format!("{host}:{}", a.ssh_port);
+    let wait = ProofWait::new(Duration::from_secs(a.ssh_timeout), Duration::from_secs(2));
+    let keys = rt.block_on(bootstrap::prove_host_keys(s, linux, &addr, &network, wait))?;
+    for k in &keys {
+        let how = if network.contains(k) {
+            "proven over the console (the network offers it)"
+        } else {
+            "shown on the console"
+        };
+        s.stage(&Stage::Note(format!("host key {how}: {}", k.describe())));
+    }
+    let lines = hostkeys::known_hosts_lines(&host, a.ssh_port, &keys);
+    handoff::write_known_hosts(kh, &lines)?;
+    s.stage(&Stage::Note(format!(
+        "known_hosts of this run: {}",
+        kh.display()
+    )));
+    if let Some(user) = &a.known_hosts {
+        let n = handoff::append_known_hosts(user, &lines)?;
+        s.stage(&Stage::Note(format!(
+            "{n} key(s) appended to {}",
+            user.display()
+        )));
+    }
+    Ok((host, keys))
+}
+
 pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
     let a = *a.opts;
     if !a.no_handoff && a.flake.is_none() {
@@ -544,39 +605,27 @@ pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
         &plan,
         flasher.as_mut().map(|f| f as &mut dyn bootstrap::Flasher),
     ));
-    let reached = with_transcript(&mut s, r)?;
+    let r = match r {
+        Ok(reached) if !a.no_handoff => {
+            let kh = s
+                .transcript
+                .as_ref()
+                .map(|t| t.path().with_extension("known_hosts"))
+                .unwrap_or_else(|| std::env::temp_dir().join("sbcflash-bootstrap.known_hosts"));
+            handoff_proof(&rt, &mut s, &a, &plan.linux, &reached, &kh)
+                .map(|(host, _)| (reached, Some((host, kh))))
+        }
+        Ok(reached) => Ok((reached, None)),
+        Err(e) => Err(e),
+    };
+    let (reached, proven) = with_transcript(&mut s, r)?;
     drop(s);
-    if a.no_handoff {
+    let Some((host, known_hosts)) = proven else {
         if let Some(ip) = reached.ip {
             outln!("{ip}");
         }
         return Ok(Exit::Ok);
-    }
-    let host = match (&a.ssh_host, reached.ip) {
-        (Some(h), _) => h.clone(),
-        (None, Some(ip)) => ip.to_string(),
-        (None, None) => {
-            return Err(ConsoleError::Handoff(
-                "could not find the board's IP address (no `ip` answer, no --ip-marker match); pass --ssh-host".into(),
-            )
-            .into())
-        }
     };
-    let t = Instant::now();
-    let banner = handoff::wait_for_ssh(&host, a.ssh_port, Duration::from_secs(a.ssh_timeout))?;
-    eprintln!(
-        "SSH answers on {host}:{} ({banner}) after {:.1}s",
-        a.ssh_port,
-        t.elapsed().as_secs_f64()
-    );
-    let keys = handoff::keyscan(&host, a.ssh_port)?;
-    eprintln!("host keys (pin them in known_hosts):");
-    for l in &keys.lines {
-        eprintln!("  {l}");
-    }
-    for f in &keys.fingerprints {
-        eprintln!("  {f}");
-    }
     let env_opts = std::env::var("NIX_SSHOPTS").ok();
     let flake = a.flake.clone().unwrap_or_default();
     let rebuild = Rebuild::plan(&RebuildPlan {
@@ -587,6 +636,7 @@ pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
         ssh_host: &host,
         ssh_port: a.ssh_port,
         env_sshopts: env_opts.as_deref(),
+        known_hosts: Some(&known_hosts),
     })?;
     if a.dry_run {
         outln!("{}", rebuild.display());

@@ -6,6 +6,7 @@
 use std::net::Ipv4Addr;
 use std::time::Duration;
 
+use super::hostkeys::{self, HostKey, Next, ProofWait};
 use super::linux::{self, Arrival, Follow, LinuxConfig, Login};
 use super::session::Session;
 use super::uboot::{self, Fire, Gadget, Interrupt, ResetWatch, UBootConfig};
@@ -236,4 +237,60 @@ pub async fn run(
         }
     }
     Ok(Reached { ip, arrival })
+}
+
+/// The board's SSH host keys as its console shows them ([`hostkeys::CONSOLE_QUERY`]); an
+/// unclean answer is asked again, a failed query is no keys.
+pub async fn console_host_keys(
+    s: &mut Session,
+    cfg: &LinuxConfig,
+) -> Result<Vec<HostKey>, ConsoleError> {
+    Ok(
+        ask(s, cfg, hostkeys::CONSOLE_QUERY, hostkeys::parse_console)
+            .await?
+            .unwrap_or_default(),
+    )
+}
+
+/// Proves the keys the network offered at `addr` against the console: asks the console
+/// until it shows keys of every offered algorithm (first boot: sshd may still be making
+/// them) or `wait` runs out; a different key is refused at once.
+pub async fn prove_host_keys(
+    s: &mut Session,
+    cfg: &LinuxConfig,
+    addr: &str,
+    network: &[HostKey],
+    mut wait: ProofWait,
+) -> Result<Vec<HostKey>, ConsoleError> {
+    loop {
+        let console = console_host_keys(s, cfg).await?;
+        let v = hostkeys::compare(&console, network);
+        let waiting_for = match &v {
+            hostkeys::Verdict::NotYet(m) => m.join(", "),
+            _ => String::new(),
+        };
+        match wait.next(v, tokio::time::Instant::now().into_std()) {
+            Next::Trust(k) => return Ok(k),
+            Next::Refuse { network, console } => {
+                return Err(ConsoleError::HostKeyMismatch {
+                    addr: addr.to_string(),
+                    network: network.iter().map(HostKey::describe).collect(),
+                    console: console.iter().map(HostKey::describe).collect(),
+                })
+            }
+            Next::GiveUp(missing) => {
+                return Err(ConsoleError::HostKeyUnproven {
+                    addr: addr.to_string(),
+                    missing: missing.join(", "),
+                    waited: wait.timeout(),
+                })
+            }
+            Next::AskAt(t) => {
+                s.stage(&Stage::Note(format!(
+                    "no SSH host key on the console yet for {waiting_for}: asking again"
+                )));
+                tokio::time::sleep_until(tokio::time::Instant::from_std(t)).await;
+            }
+        }
+    }
 }

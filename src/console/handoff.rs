@@ -126,8 +126,12 @@ pub struct RebuildPlan<'a> {
     /// Address SSH goes to (the board's IP, or `--ssh-host`).
     pub ssh_host: &'a str,
     pub ssh_port: u16,
-    /// The user's own `NIX_SSHOPTS`, kept in front of ours.
+    /// The user's own `NIX_SSHOPTS`, kept (after the host key options, so that ssh, which
+    /// takes the first value of an option, checks the proven keys whatever the user set).
     pub env_sshopts: Option<&'a str>,
+    /// The known_hosts file of the keys proven over the console: strict checking against it
+    /// (and nothing else).
+    pub known_hosts: Option<&'a std::path::Path>,
 }
 
 impl Rebuild {
@@ -158,16 +162,29 @@ impl Rebuild {
         if p.ssh_user != "root" {
             args.push("--use-remote-sudo".into());
         }
-        let nix_sshopts = if p.ssh_port != 22 {
-            let mut s = p.env_sshopts.unwrap_or("").trim().to_string();
-            if !s.is_empty() {
-                s.push(' ');
+        let mut opts: Vec<String> = Vec::new();
+        if let Some(k) = p.known_hosts {
+            let k = k.to_str().filter(|k| !k.contains(char::is_whitespace)).ok_or_else(|| {
+                ConsoleError::Handoff(format!(
+                    "the known_hosts file {} has a space or non-UTF-8 in its path, which NIX_SSHOPTS cannot carry; pass --transcript with a plain path (the file is written next to it)",
+                    k.display()
+                ))
+            })?;
+            opts.extend([
+                "-o StrictHostKeyChecking=yes".to_string(),
+                format!("-o UserKnownHostsFile={k}"),
+                "-o GlobalKnownHostsFile=/dev/null".to_string(),
+            ]);
+        }
+        if let Some(e) = p.env_sshopts.map(str::trim).filter(|e| !e.is_empty()) {
+            if !opts.is_empty() || p.ssh_port != 22 {
+                opts.push(e.to_string());
             }
-            s.push_str(&format!("-p {}", p.ssh_port));
-            Some(s)
-        } else {
-            None
-        };
+        }
+        if p.ssh_port != 22 {
+            opts.push(format!("-p {}", p.ssh_port));
+        }
+        let nix_sshopts = (!opts.is_empty()).then(|| opts.join(" "));
         Ok(Rebuild {
             program,
             args,
@@ -204,6 +221,54 @@ impl Rebuild {
     }
 }
 
+/// Writes the known_hosts file of this run (only the proven keys).
+pub fn write_known_hosts(path: &std::path::Path, lines: &[String]) -> Result<(), ConsoleError> {
+    let mut text = lines.join("\n");
+    text.push('\n');
+    std::fs::write(path, text).map_err(|e| {
+        ConsoleError::Handoff(format!("cannot write known_hosts {}: {e}", path.display()))
+    })
+}
+
+/// Appends the lines `path` does not hold yet (`--known-hosts`); creates the file if needed.
+pub fn append_known_hosts(path: &std::path::Path, lines: &[String]) -> Result<usize, ConsoleError> {
+    let err = |e: std::io::Error| {
+        ConsoleError::Handoff(format!(
+            "cannot append to known_hosts {}: {e}",
+            path.display()
+        ))
+    };
+    let old = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(err(e)),
+    };
+    let have: std::collections::HashSet<&str> = old.lines().map(str::trim).collect();
+    let new: Vec<&String> = lines
+        .iter()
+        .filter(|l| !have.contains(l.as_str()))
+        .collect();
+    if new.is_empty() {
+        return Ok(0);
+    }
+    let mut text = String::new();
+    if !old.is_empty() && !old.ends_with('\n') {
+        text.push('\n');
+    }
+    for l in &new {
+        text.push_str(l);
+        text.push('\n');
+    }
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .map_err(err)?;
+    Ok(new.len())
+}
+
 /// Quotes a word for a POSIX shell if it needs it.
 pub fn shell_quote(s: &str) -> String {
     if !s.is_empty()
@@ -233,6 +298,7 @@ mod tests {
             ssh_host: "10.0.0.5",
             ssh_port: port,
             env_sshopts: Some("-i key"),
+            known_hosts: None,
         })
     }
 
@@ -249,5 +315,34 @@ mod tests {
             "NIX_SSHOPTS='-i key -p 2222' nixos-rebuild switch --flake .#b1 --target-host nixos@10.0.0.5 --use-remote-sudo"
         );
         assert!(plan("root", 22, ".", None).is_err());
+    }
+
+    #[test]
+    fn proven_keys_come_first_in_nix_sshopts() {
+        let kh = std::path::Path::new("/run/b/known_hosts");
+        let p = |port, env| RebuildPlan {
+            rebuild_cmd: "nixos-rebuild",
+            flake: ".#b1",
+            host: None,
+            ssh_user: "root",
+            ssh_host: "10.0.0.5",
+            ssh_port: port,
+            env_sshopts: env,
+            known_hosts: Some(kh),
+        };
+        let r = Rebuild::plan(&p(2222, Some("-o StrictHostKeyChecking=no -i key"))).unwrap();
+        assert_eq!(
+            r.nix_sshopts.as_deref(),
+            Some("-o StrictHostKeyChecking=yes -o UserKnownHostsFile=/run/b/known_hosts -o GlobalKnownHostsFile=/dev/null -o StrictHostKeyChecking=no -i key -p 2222")
+        );
+        let r = Rebuild::plan(&p(22, None)).unwrap();
+        assert_eq!(
+            r.nix_sshopts.as_deref(),
+            Some("-o StrictHostKeyChecking=yes -o UserKnownHostsFile=/run/b/known_hosts -o GlobalKnownHostsFile=/dev/null")
+        );
+        let spaced = std::path::Path::new("/tmp/a b/known_hosts");
+        let mut q = p(22, None);
+        q.known_hosts = Some(spaced);
+        assert!(Rebuild::plan(&q).is_err());
     }
 }

@@ -18,6 +18,7 @@ pub mod command;
 pub mod expect;
 pub mod gadget;
 pub mod handoff;
+pub mod hostkeys;
 pub mod linux;
 pub mod load;
 pub mod serial;
@@ -174,6 +175,18 @@ pub enum ConsoleError {
     CrcMismatch { board: u32, file: u32 },
     #[error("{0}")]
     Handoff(String),
+    #[error("SSH host key mismatch on {addr}: the network answers with{} but the board's console shows{}; refusing the handoff (someone else answers on the network, or the board's keys changed)", fingerprint_block(network), fingerprint_block(console))]
+    HostKeyMismatch {
+        addr: String,
+        network: Vec<String>,
+        console: Vec<String>,
+    },
+    #[error("the board's console showed no SSH host key of {missing} (offered on {addr}) within {}s, so the key cannot be proven; is sshd running and are its keys in /etc/ssh or /etc/dropbear?", waited.as_secs())]
+    HostKeyUnproven {
+        addr: String,
+        missing: String,
+        waited: Duration,
+    },
     #[error("flashing through U-Boot's {via} gadget: {msg}")]
     Flash {
         via: String,
@@ -182,6 +195,13 @@ pub enum ConsoleError {
     },
     #[error("console I/O: {0}")]
     Io(#[from] std::io::Error),
+}
+
+fn fingerprint_block(fps: &[String]) -> String {
+    if fps.is_empty() {
+        return " no key".into();
+    }
+    fps.iter().map(|f| format!("\n  {f}")).collect::<String>() + "\n"
 }
 
 fn output_block(lines: &[String]) -> String {
@@ -209,6 +229,8 @@ impl Classify for ConsoleError {
             ConsoleError::CrcMismatch { .. } => Exit::Verify,
             ConsoleError::Transfer(_) => Exit::Io,
             ConsoleError::Flash { exit, .. } => *exit,
+            ConsoleError::HostKeyMismatch { .. } => Exit::Refused,
+            ConsoleError::HostKeyUnproven { .. } => Exit::Timeout,
             _ => Exit::Failure,
         }
     }
