@@ -2654,3 +2654,226 @@ fn a_query_whose_answer_is_not_clean_is_asked_again() {
         });
     }
 }
+
+/// Every file under `dir` (ledger, its WAL, slot logs), read whole.
+fn files_under(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in std::fs::read_dir(&d).unwrap().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                todo.push(p);
+            } else if let Ok(b) = std::fs::read(&p) {
+                out.push((p, b));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn qemu_station_host_key_boots_and_strict_ssh_with_the_exported_known_hosts_works() {
+    if !need_qemu("aarch64")
+        || !common::require(
+            true,
+            &[
+                "ssh",
+                "ssh-keygen",
+                "losetup",
+                "udevadm",
+                "mtype",
+                "apt-get",
+                "mkfs.ext4",
+            ],
+        )
+    {
+        return;
+    }
+    let img = boot_image();
+    let key = img.with_file_name("id_ed25519");
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    // The station's state (ledger, logs) in its own directory: everything in it is searched
+    // for the private key below.
+    let state = dir.join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    let card = dir.join("card.img");
+    std::fs::File::create(&card)
+        .unwrap()
+        .set_len(128 << 20)
+        .unwrap();
+    let cfg = state.join("station.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"board = "qemu-aarch64"
+ledger = "ledger.sqlite"
+log_dir = "logs"
+image = "{}"
+[identity]
+serial = "QEMU-{{seq:03}}"
+hostname = "{{serial_lower}}"
+host_key = "sbcflash/ssh_host_ed25519_key"
+[[slot]]
+name = "s1"
+match = {{ "attr:loop/backing_file" = "{}" }}
+"#,
+            img.display(),
+            card.display()
+        ),
+    )
+    .unwrap();
+    let station = {
+        let _udevd = common::Udevd::start();
+        let _card = common::LoopDev::attach(&card, &[]);
+        common::run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+        let mut c = common::sbcflash();
+        c.env("SBCFLASH_CACHE_DIR", dir.join("cache"))
+            .args(["station", "--json", "--config"])
+            .arg(&cfg)
+            .args(["--flash-present", "--exit-after", "1"]);
+        let mut child = spawn(&mut c, Stdio::null());
+        let (code, out, err) = wait_child(&mut child, 300);
+        assert_eq!(code, 0, "station\nstdout:\n{out}\nstderr:\n{err}");
+        format!("{out}\n{err}")
+    };
+    // What the station put on the card's FAT partition (p1 at 8 MiB).
+    let mtype = |p: &str| {
+        let o = Command::new("mtype")
+            .arg("-i")
+            .arg(format!("{}@@8M", card.display()))
+            .arg(format!("::{p}"))
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stdout).to_string(),
+        )
+    };
+    let (ok, private) = mtype("sbcflash/ssh_host_ed25519_key");
+    assert!(
+        ok && private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----"),
+        "{private}"
+    );
+    let body: Vec<&str> = private
+        .lines()
+        .filter(|l| !l.starts_with("-----") && l.len() > 16)
+        .collect();
+    assert!(!body.is_empty());
+
+    let report = |args: &[&str]| {
+        let o = common::run(
+            common::sbcflash()
+                .args(["station", "report", "--config"])
+                .arg(&cfg)
+                .args(args),
+        );
+        String::from_utf8_lossy(&o.stdout).to_string()
+    };
+    let kh_text = report(&["--known-hosts"]);
+    let rows: serde_json::Value = serde_json::from_str(&report(&["--format", "json"])).unwrap();
+    let row = &rows[0];
+    let host = row["hostname"].as_str().unwrap().to_string();
+    let public = row["host_key"].as_str().unwrap().to_string();
+    assert_eq!(row["result"], "pass", "{rows}");
+    assert_eq!(
+        kh_text,
+        format!("{host} {public} {}\n", row["unit_serial"].as_str().unwrap())
+    );
+    // the ledger's fingerprint is OpenSSH's for the key on the card
+    let (_, pubfile) = mtype("sbcflash/ssh_host_ed25519_key.pub");
+    std::fs::write(dir.join("unit.pub"), &pubfile).unwrap();
+    let fp = common::run(
+        Command::new("ssh-keygen")
+            .arg("-lf")
+            .arg(dir.join("unit.pub")),
+    );
+    assert!(
+        String::from_utf8_lossy(&fp.stdout).contains(row["host_key_fingerprint"].as_str().unwrap()),
+        "{rows}"
+    );
+    // The private key is on the card only: not in the ledger, its WAL, the logs, the
+    // station's output or the reports.
+    let csv = report(&[]);
+    let mut searched = files_under(&state);
+    searched.push(("station output".into(), station.into_bytes()));
+    searched.push(("report csv".into(), csv.into_bytes()));
+    searched.push(("report json".into(), rows.to_string().into_bytes()));
+    assert!(searched
+        .iter()
+        .any(|(_, b)| String::from_utf8_lossy(b).contains(&public)));
+    for (p, b) in &searched {
+        let text = String::from_utf8_lossy(b);
+        for l in &body {
+            assert!(!text.contains(l), "{} holds private key text", p.display());
+        }
+    }
+
+    let t = Target::start(&["--disk", card.to_str().unwrap(), "--ssh-port", "0"]);
+    t.cont().join().unwrap();
+    // (wait-for takes its regex first)
+    let w = Command::new(harness().join("uboot-target.sh"))
+        .args([
+            "wait-for",
+            "SBCFLASH-TEST-READY",
+            "--timeout",
+            "180",
+            "--state",
+        ])
+        .arg(t.state.path())
+        .output()
+        .unwrap();
+    assert!(
+        w.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&w.stderr),
+        t.serial_log()
+    );
+    assert!(
+        t.serial_log()
+            .contains("SBCFLASH-TEST-HOSTKEY: installed from the FAT partition"),
+        "{}",
+        t.serial_log()
+    );
+    let exported = dir.join("exported_known_hosts");
+    std::fs::write(&exported, &kh_text).unwrap();
+    let ssh = |known: &Path| {
+        Command::new("ssh")
+            .arg("-i")
+            .arg(&key)
+            .args(["-p", &t.ssh_port().to_string()])
+            .args(["-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes"])
+            .arg("-o")
+            .arg(format!("UserKnownHostsFile={}", known.display()))
+            .args(["-o", "GlobalKnownHostsFile=/dev/null"])
+            .arg("-o")
+            .arg(format!("HostKeyAlias={host}"))
+            .args(["-o", "ConnectTimeout=30", "root@127.0.0.1", "hostname"])
+            .output()
+            .unwrap()
+    };
+    let o = ssh(&exported);
+    assert!(
+        o.status.success(),
+        "strict ssh with the exported known_hosts: {}\n{}",
+        String::from_utf8_lossy(&o.stderr),
+        t.serial_log()
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "sbcflash-test");
+    // Control: the same strict ssh with another key under that name is refused, so the
+    // success above is the exported key's doing.
+    let other = dir.join("other_known_hosts");
+    let (k, _, _) = sbcflash::station::identity::make_host_key("x").unwrap();
+    std::fs::write(&other, format!("{host} {}\n", k.public)).unwrap();
+    let o = ssh(&other);
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("REMOTE HOST IDENTIFICATION HAS CHANGED"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    t.stop();
+    // The key left the FAT partition on first boot.
+    assert!(!mtype("sbcflash/ssh_host_ed25519_key").0);
+}

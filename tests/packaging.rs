@@ -533,3 +533,124 @@ fn no_build_machine_paths_in_the_repository() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+/// The host key module, evaluated with a minimal `lib`/`pkgs` (nixpkgs is not available
+/// offline, so NixOS itself never runs it here): it orders a oneshot before sshd that mounts
+/// the FAT partition and runs `sbcflash-host-key.sh` with the configured path into /etc/ssh.
+#[test]
+fn nix_host_key_module_evaluates_to_a_oneshot_before_sshd() {
+    if !require(false, &["nix-instantiate"]) {
+        return;
+    }
+    let module = root().join("packaging/nix/sbcflash-host-key.nix");
+    let expr = format!(
+        r#"
+      let
+        lib = {{
+          mkEnableOption = d: {{ type = "bool"; description = d; }};
+          mkOption = o: o;
+          mkIf = c: v: if c then v else {{ }};
+          types.str = "str";
+          escapeShellArg = s: "'" + s + "'";
+        }};
+        pkgs = {{ openssh = "openssh"; util-linux = "util-linux"; coreutils = "coreutils"; runtimeShell = "/bin/sh"; }};
+        m = enable: import {} {{
+          inherit lib pkgs;
+          config.services.sbcflash-host-key = {{ inherit enable; device = "/dev/vda1"; path = "sbcflash/k"; }};
+        }};
+      in {{
+        options = builtins.attrNames (m true).options.services.sbcflash-host-key;
+        svc = (m true).config.systemd.services.sbcflash-host-key;
+        off = (m false).config;
+      }}
+    "#,
+        module.display()
+    );
+    let o = out_ok(Command::new("nix-instantiate").args([
+        "--eval",
+        "--strict",
+        "--json",
+        "--readonly-mode",
+        "--expr",
+        &expr,
+    ]));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["options"],
+        serde_json::json!(["device", "enable", "path"])
+    );
+    assert_eq!(v["off"], serde_json::json!({}));
+    let svc = &v["svc"];
+    assert_eq!(svc["serviceConfig"]["Type"], "oneshot", "{v}");
+    assert!(svc["before"]
+        .as_array()
+        .unwrap()
+        .contains(&serde_json::json!("sshd.service")));
+    let script = svc["script"].as_str().unwrap();
+    assert!(
+        script.contains("mount -t vfat '/dev/vda1' \"$mnt\""),
+        "{script}"
+    );
+    assert!(
+        script.contains("-sbcflash-host-key.sh \"$mnt\" 'sbcflash/k' /etc/ssh"),
+        "{script}"
+    );
+}
+
+/// The module's script, run by a real shell on a key the station's code made: the key lands
+/// in the ssh directory (0600, a .pub that OpenSSH derives from it) and leaves the FAT copy;
+/// a second run has nothing to do; an existing key is never replaced.
+#[test]
+fn host_key_script_moves_the_station_key_once() {
+    if !require(false, &["ssh-keygen"]) {
+        return;
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let d = tempfile::tempdir().unwrap();
+    let fat = d.path().join("fat");
+    let ssh = d.path().join("etc-ssh");
+    std::fs::create_dir_all(fat.join("sbcflash")).unwrap();
+    let (k, private, public) = sbcflash::station::identity::make_host_key("root@unit-1").unwrap();
+    let src = fat.join("sbcflash/ssh_host_ed25519_key");
+    std::fs::write(&src, &private).unwrap();
+    std::fs::write(fat.join("sbcflash/ssh_host_ed25519_key.pub"), &public).unwrap();
+    let script = root().join("packaging/nix/sbcflash-host-key.sh");
+    let run = || {
+        out_ok(
+            Command::new("sh")
+                .arg(&script)
+                .arg(&fat)
+                .arg("sbcflash/ssh_host_ed25519_key")
+                .arg(&ssh),
+        )
+    };
+    let o = run();
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains(&k.fingerprint),
+        "{o:?}"
+    );
+    let dst = ssh.join("ssh_host_ed25519_key");
+    assert_eq!(std::fs::read(&dst).unwrap(), private);
+    assert_eq!(
+        std::fs::metadata(&dst).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let pubtext = std::fs::read_to_string(ssh.join("ssh_host_ed25519_key.pub")).unwrap();
+    assert!(pubtext.starts_with(&k.public), "{pubtext}");
+    assert!(std::fs::read_dir(fat.join("sbcflash"))
+        .unwrap()
+        .next()
+        .is_none());
+    run();
+    assert_eq!(std::fs::read(&dst).unwrap(), private);
+    // another station key arriving later never replaces the installed one
+    let (_, other, _) = sbcflash::station::identity::make_host_key("root@unit-2").unwrap();
+    std::fs::write(&src, &other).unwrap();
+    let o = run();
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("exists"),
+        "{o:?}"
+    );
+    assert_eq!(std::fs::read(&dst).unwrap(), private);
+    assert!(!src.exists());
+}

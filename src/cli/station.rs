@@ -13,6 +13,7 @@ const EXAMPLES: &str = "Examples:
   sbcflash station --config /etc/sbcflash/station.toml
   sbcflash station --config station.toml --flash-present --exit-after 4 --json
   sbcflash station report --config station.toml --since 2026-11-01 --format csv
+  sbcflash station report --config station.toml --known-hosts >> ~/.ssh/known_hosts
 
 A compressed or sparse image is decoded once into the cache (`decoded/`) for all slots. At
 start the station removes decoded images of other sources used before its own, unless another
@@ -63,6 +64,10 @@ pub struct ReportArgs {
     /// The ledger file to read (overrides the configuration).
     #[arg(long, value_name = "FILE")]
     pub ledger: Option<PathBuf>,
+    /// Print a known_hosts file instead: each passed unit's station-made SSH host key under
+    /// its hostname, the serial as the comment (the latest row per hostname).
+    #[arg(long, conflicts_with = "format")]
+    pub known_hosts: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -317,6 +322,12 @@ fn run_report(r: ReportArgs, json_lines: bool) -> anyhow::Result<Exit> {
     let rows = ledger::report(&path, since.as_deref())?;
     let mut out = super::out::stdout();
     use std::io::Write;
+    if r.known_hosts {
+        for l in ledger::known_hosts(&rows) {
+            writeln!(out, "{l}")?;
+        }
+        return Ok(Exit::Ok);
+    }
     if json_lines {
         // The global --json: the rows as the other commands' JSON lines (docs/json.md).
         for row in &rows {

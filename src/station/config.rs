@@ -89,6 +89,10 @@ pub struct IdentityConfig {
     /// 1-based partition number of the FAT partition; default: the first FAT partition.
     #[serde(default)]
     pub fat_partition: Option<u32>,
+    /// Path inside the FAT partition for a per-unit ed25519 SSH host key made by the station
+    /// (OpenSSH format, `.pub` beside it), e.g. `sbcflash/ssh_host_ed25519_key`; none: no key.
+    #[serde(default)]
+    pub host_key: Option<String>,
     #[serde(rename = "file", default)]
     pub files: Vec<IdentityFile>,
 }
@@ -110,6 +114,7 @@ impl Default for IdentityConfig {
             hostname: default_hostname(),
             seq_start: 1,
             fat_partition: None,
+            host_key: None,
             files: Vec::new(),
         }
     }
@@ -234,6 +239,8 @@ pub struct Station {
     pub seq_start: u64,
     pub fat_partition: Option<u32>,
     pub files: Vec<(String, Template)>,
+    /// Where each unit's station-made SSH host key goes in the FAT partition.
+    pub host_key: Option<String>,
     pub ui: UiConfig,
     pub usb: UsbConfig,
     pub verify: bool,
@@ -268,6 +275,7 @@ impl Station {
             serial: self.serial.clone(),
             hostname: self.hostname.clone(),
             files: self.files.clone(),
+            host_key: self.host_key.clone(),
         }
     }
 
@@ -393,9 +401,26 @@ impl Station {
         if hostname.uses("hostname") {
             return Err(bad("[identity] hostname: cannot refer to itself".into()));
         }
+        let plain = |p: &str| !p.is_empty() && !p.split('/').any(|c| c == ".." || c == ".");
+        if let Some(k) = &id.host_key {
+            if !plain(k) || k.ends_with('/') {
+                return Err(bad(format!(
+                    "[identity] host_key {k:?}: must be a plain relative file path"
+                )));
+            }
+            let pubp = format!("{}.pub", k.trim_start_matches('/'));
+            if let Some(f) = id.files.iter().find(|f| {
+                [k.trim_start_matches('/'), pubp.as_str()].contains(&f.path.trim_start_matches('/'))
+            }) {
+                return Err(bad(format!(
+                    "[[identity.file]] {}: is where [identity] host_key goes",
+                    f.path
+                )));
+            }
+        }
         let mut files = Vec::new();
         for f in &id.files {
-            if f.path.is_empty() || f.path.split('/').any(|c| c == ".." || c == ".") {
+            if !plain(&f.path) {
                 return Err(bad(format!(
                     "[[identity.file]] path {:?}: must be a plain relative path",
                     f.path
@@ -436,6 +461,10 @@ impl Station {
             seq_start: id.seq_start,
             fat_partition: id.fat_partition,
             files,
+            host_key: id
+                .host_key
+                .as_deref()
+                .map(|k| k.trim_start_matches('/').to_string()),
             ui: raw.ui,
             usb: usb_config(&raw.usb, &resolve, &bad)?,
             verify: raw.verify,

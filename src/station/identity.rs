@@ -162,14 +162,74 @@ pub struct UnitFacts {
 }
 
 /// A unit's identity, as recorded in the ledger and written to its FAT partition.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Identity {
     pub serial: String,
     pub hostname: String,
     pub seq: Option<u64>,
-    /// (path inside the FAT partition, contents)
+    /// The public half of the unit's station-made SSH host key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_key: Option<UnitHostKey>,
+    /// (path inside the FAT partition, contents); may hold a private host key, so it is
+    /// never serialized and its Debug shows paths and sizes only.
     #[serde(skip)]
     pub files: Vec<(String, Vec<u8>)>,
+}
+
+impl fmt::Debug for Identity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Identity")
+            .field("serial", &self.serial)
+            .field("hostname", &self.hostname)
+            .field("seq", &self.seq)
+            .field("host_key", &self.host_key)
+            .field(
+                "files",
+                &self
+                    .files
+                    .iter()
+                    .map(|(p, b)| format!("{p} ({} bytes)", b.len()))
+                    .collect::<Vec<_>>(),
+            )
+            .finish()
+    }
+}
+
+/// A station-made host key as the ledger records it: never the private half.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UnitHostKey {
+    /// `ssh-ed25519 BASE64` (no comment).
+    pub public: String,
+    /// `SHA256:...`, as `ssh-keygen -l` prints it.
+    pub fingerprint: String,
+}
+
+/// Makes an ed25519 host key in-process (no `ssh-keygen` per unit): the private key in
+/// OpenSSH format (what sshd and `dropbearconvert` read) and the public line, both with
+/// `comment`.
+pub fn make_host_key(comment: &str) -> Result<(UnitHostKey, Vec<u8>, String), String> {
+    use ssh_key::{rand_core::OsRng, Algorithm, HashAlg, LineEnding, PrivateKey};
+    let mut k =
+        PrivateKey::random(&mut OsRng, Algorithm::Ed25519).map_err(|e| format!("host key: {e}"))?;
+    k.set_comment(comment);
+    let private = k
+        .to_openssh(LineEnding::LF)
+        .map_err(|e| format!("host key: {e}"))?;
+    let public = k.public_key();
+    let line = public.to_openssh().map_err(|e| format!("host key: {e}"))?;
+    let bare = line
+        .split_whitespace()
+        .take(2)
+        .collect::<Vec<_>>()
+        .join(" ");
+    Ok((
+        UnitHostKey {
+            public: bare,
+            fingerprint: public.fingerprint(HashAlg::Sha256).to_string(),
+        },
+        private.as_bytes().to_vec(),
+        format!("{line}\n"),
+    ))
 }
 
 impl fmt::Display for Identity {
@@ -184,6 +244,8 @@ pub struct Scheme {
     pub serial: Template,
     pub hostname: Template,
     pub files: Vec<(String, Template)>,
+    /// FAT path of a per-unit SSH host key ([`make_host_key`]), if the station makes them.
+    pub host_key: Option<String>,
 }
 
 impl Scheme {
@@ -228,10 +290,20 @@ impl Scheme {
             let body = t.render(&vars).map_err(|e| format!("file {path}: {e}"))?;
             files.push((path.clone(), body.into_bytes()));
         }
+        let host_key = match &self.host_key {
+            Some(path) => {
+                let (k, private, public) = make_host_key(&format!("root@{hostname}"))?;
+                files.push((path.clone(), private));
+                files.push((format!("{path}.pub"), public.into_bytes()));
+                Some(k)
+            }
+            None => None,
+        };
         Ok(Identity {
             serial,
             hostname,
             seq,
+            host_key,
             files,
         })
     }
@@ -292,6 +364,7 @@ mod tests {
             serial: Template::parse("OPI5-{date}-{seq:05}").unwrap(),
             hostname: Template::parse("{serial_lower}").unwrap(),
             files: vec![],
+            host_key: None,
         };
         assert!(s.needs_seq());
         let id = s.derive(&facts(), Some(42)).unwrap();
@@ -318,6 +391,7 @@ mod tests {
             serial: Template::parse("{card_serial}").unwrap(),
             hostname: Template::parse("{serial_lower}").unwrap(),
             files: vec![],
+            host_key: None,
         };
         assert!(s
             .derive(&facts(), None)
@@ -326,11 +400,51 @@ mod tests {
     }
 
     #[test]
+    fn host_keys_are_per_unit_and_the_private_half_stays_in_the_files() {
+        let s = Scheme {
+            serial: Template::parse("U{seq}").unwrap(),
+            hostname: Template::parse("{serial_lower}").unwrap(),
+            files: vec![],
+            host_key: Some("sbcflash/ssh_host_ed25519_key".into()),
+        };
+        let a = s.derive(&facts(), Some(1)).unwrap();
+        let b = s.derive(&facts(), Some(2)).unwrap();
+        let (ka, kb) = (a.host_key.clone().unwrap(), b.host_key.clone().unwrap());
+        assert_ne!(ka, kb);
+        assert!(ka.public.starts_with("ssh-ed25519 AAAA") && ka.fingerprint.starts_with("SHA256:"));
+        let private = String::from_utf8(a.files[0].1.clone()).unwrap();
+        assert_eq!(a.files[0].0, "sbcflash/ssh_host_ed25519_key");
+        assert!(private.starts_with("-----BEGIN OPENSSH PRIVATE KEY-----\n"));
+        // the private key parses back to the recorded public key
+        let back = ssh_key::PrivateKey::from_openssh(&private).unwrap();
+        assert_eq!(
+            back.public_key().to_openssh().unwrap(),
+            format!("{} root@u1", ka.public)
+        );
+        assert_eq!(
+            a.files[1].1,
+            format!("{} root@u1\n", ka.public).into_bytes()
+        );
+        // neither the ledger's JSON nor Debug carries it
+        let body: String = private
+            .lines()
+            .filter(|l| !l.starts_with("-----"))
+            .collect();
+        let json = serde_json::to_string(&a).unwrap();
+        let dbg = format!("{a:?}");
+        for l in private.lines().filter(|l| !l.starts_with("-----")) {
+            assert!(!json.contains(l) && !dbg.contains(l), "{l}");
+        }
+        assert!(!body.is_empty() && json.contains(&ka.public));
+    }
+
+    #[test]
     fn bad_hostname_is_refused() {
         let s = Scheme {
             serial: Template::parse("OPI5_{seq}").unwrap(),
             hostname: Template::parse("{serial}").unwrap(),
             files: vec![],
+            host_key: None,
         };
         assert!(s
             .derive(&facts(), Some(1))

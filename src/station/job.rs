@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use super::config::Station;
 use super::fatinject;
-use super::identity::{Scheme, UnitFacts};
+use super::identity::UnitFacts;
 use super::ledger::{Ledger, NewUnit, Outcome};
 use super::slots::DeviceInfo;
 use super::ui::{SlotReporter, Ui};
@@ -387,11 +387,7 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
         }),
     );
     ctx.ui.job_started();
-    let scheme = Scheme {
-        serial: st.serial.clone(),
-        hostname: st.hostname.clone(),
-        files: st.files.clone(),
-    };
+    let scheme = st.scheme();
     let facts = UnitFacts {
         slot: slot.to_string(),
         board: st.board.clone(),
@@ -458,6 +454,30 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
         id.hostname,
         ctx.image.describe()
     ));
+    if let Some(k) = &id.host_key {
+        // Recorded before the key goes to the unit; the private half only ever goes there.
+        let r = match ctx.ledger.lock() {
+            Ok(mut l) => l.record_host_key(row, &k.public, &k.fingerprint),
+            Err(p) => p
+                .into_inner()
+                .record_host_key(row, &k.public, &k.fingerprint),
+        };
+        if let Err(e) = r {
+            return end(
+                ctx,
+                &rep,
+                slot,
+                Some(row),
+                Some(&id.serial),
+                Err(format!("ledger: {e}")),
+                None,
+            );
+        }
+        rep.info(format!(
+            "{devnode}: SSH host key {} (ed25519)",
+            k.fingerprint
+        ));
+    }
 
     let t0 = Instant::now();
     let step = Mutex::new(Step::Open);

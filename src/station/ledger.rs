@@ -51,6 +51,11 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     );
     "#,
+    // 2: the public half of a station-made SSH host key (never the private one).
+    r#"
+    ALTER TABLE units ADD COLUMN host_key TEXT;
+    ALTER TABLE units ADD COLUMN host_key_fingerprint TEXT;
+    "#,
 ];
 
 /// Name of the serial counter row.
@@ -106,6 +111,9 @@ pub struct Row {
     pub tool_version: String,
     pub station_host: Option<String>,
     pub station_pid: Option<i64>,
+    /// `ssh-ed25519 BASE64` of the unit's station-made host key.
+    pub host_key: Option<String>,
+    pub host_key_fingerprint: Option<String>,
 }
 
 /// Column names in report order (CSV header).
@@ -134,6 +142,8 @@ pub const COLUMNS: &[&str] = &[
     "tool_version",
     "station_host",
     "station_pid",
+    "host_key",
+    "host_key_fingerprint",
 ];
 
 /// An open, locked ledger (the station's writer).
@@ -337,6 +347,23 @@ impl Ledger {
         Ok(Ok((id, extra)))
     }
 
+    /// Records the public half of the unit's station-made host key, before the key goes to
+    /// the unit (a row without it never had one written).
+    pub fn record_host_key(
+        &mut self,
+        id: i64,
+        public: &str,
+        fingerprint: &str,
+    ) -> Result<(), StationError> {
+        self.conn
+            .execute(
+                "UPDATE units SET host_key=?2, host_key_fingerprint=?3 WHERE id=?1",
+                params![id, public, fingerprint],
+            )
+            .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
     /// Records how a unit's job ended.
     pub fn finish_unit(&mut self, id: i64, o: &Outcome) -> Result<(), StationError> {
         self.conn
@@ -454,6 +481,8 @@ pub fn report(path: &Path, since: Option<&str>) -> Result<Vec<Row>, StationError
                 tool_version: r.get(21)?,
                 station_host: r.get(22)?,
                 station_pid: r.get(23)?,
+                host_key: r.get(24)?,
+                host_key_fingerprint: r.get(25)?,
             })
         })
         .map_err(&err)?
@@ -514,8 +543,33 @@ impl Row {
             self.tool_version.clone(),
             o(&self.station_host),
             i(self.station_pid),
+            o(&self.host_key),
+            o(&self.host_key_fingerprint),
         ]
     }
+}
+
+/// `known_hosts` lines for the units that passed with a station-made host key: the latest
+/// such row per hostname, the serial as the comment.
+pub fn known_hosts(rows: &[Row]) -> Vec<String> {
+    let mut latest: std::collections::BTreeMap<&str, &Row> = std::collections::BTreeMap::new();
+    for r in rows.iter().filter(|r| r.result == "pass") {
+        if let (Some(h), Some(_)) = (&r.hostname, &r.host_key) {
+            latest.insert(h.as_str(), r);
+        }
+    }
+    let mut v: Vec<&Row> = latest.into_values().collect();
+    v.sort_by_key(|r| r.id);
+    v.iter()
+        .filter_map(|r| {
+            Some(format!(
+                "{} {} {}",
+                r.hostname.as_deref()?,
+                r.host_key.as_deref()?,
+                r.unit_serial
+            ))
+        })
+        .collect()
 }
 
 /// RFC 4180 quoting: fields with a comma, quote or line break are quoted, quotes doubled.
@@ -551,6 +605,56 @@ mod tests {
         })
         .unwrap()
         .unwrap()
+    }
+
+    #[test]
+    fn host_keys_are_recorded_and_exported_for_passed_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.sqlite");
+        let (mut l, _) = Ledger::open(&p).unwrap();
+        let pass = Outcome {
+            pass: true,
+            ..Default::default()
+        };
+        let (a, _) = start(&mut l, "s1");
+        l.record_host_key(a, "ssh-ed25519 AAAAold", "SHA256:old")
+            .unwrap();
+        l.finish_unit(a, &pass).unwrap();
+        let (b, _) = start(&mut l, "s2");
+        l.record_host_key(b, "ssh-ed25519 AAAAfail", "SHA256:fail")
+            .unwrap();
+        l.finish_unit(b, &Outcome::default()).unwrap();
+        let (c, _) = start(&mut l, "s3");
+        l.finish_unit(c, &pass).unwrap();
+        let rows = report(&p, None).unwrap();
+        assert_eq!(rows[0].host_key_fingerprint.as_deref(), Some("SHA256:old"));
+        assert_eq!(rows[2].host_key, None);
+        assert_eq!(rows[0].csv_fields().len(), COLUMNS.len());
+        // failed units and units without a key are not exported
+        assert_eq!(known_hosts(&rows), vec!["u100 ssh-ed25519 AAAAold U100"]);
+    }
+
+    #[test]
+    fn a_version_1_ledger_gains_the_host_key_columns_and_keeps_its_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.sqlite");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO units(unit_serial, attempt, slot, started_at, result, tool_version)
+                 VALUES ('OLD-1', 1, 's1', '2026-01-01T00:00:00Z', 'pass', '0.1')",
+                [],
+            )
+            .unwrap();
+        }
+        let (mut l, _) = Ledger::open(&p).unwrap();
+        l.record_host_key(1, "ssh-ed25519 AAAAx", "SHA256:x")
+            .unwrap();
+        let rows = report(&p, None).unwrap();
+        assert_eq!(rows[0].unit_serial, "OLD-1");
+        assert_eq!(rows[0].host_key.as_deref(), Some("ssh-ed25519 AAAAx"));
     }
 
     #[test]
