@@ -515,6 +515,36 @@ match = { "attr:loop/backing_file" = "/tmp/*/s2.img" }
 "#;
 
     #[test]
+    fn host_key_path_is_checked() {
+        let with = |k: &str| {
+            Station::parse(
+                Path::new("/etc/sbcflash/station.toml"),
+                &GOOD.replace(
+                    "[[identity.file]]",
+                    &format!("host_key = {k:?}\n[[identity.file]]"),
+                ),
+            )
+        };
+        let s = with("sbcflash/ssh_host_ed25519_key").unwrap();
+        assert_eq!(s.host_key.as_deref(), Some("sbcflash/ssh_host_ed25519_key"));
+        assert!(s.scheme().host_key.is_some());
+        assert!(Station::parse(Path::new("/s.toml"), GOOD)
+            .unwrap()
+            .host_key
+            .is_none());
+        for bad in ["../k", "a/./k", "", "dir/"] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(
+                e.contains("host_key") && e.contains("/etc/sbcflash/station.toml"),
+                "{e}"
+            );
+        }
+        // an identity file in the key's place would overwrite it
+        let e = with("sbcflash/identity.json").unwrap_err().to_string();
+        assert!(e.contains("is where [identity] host_key goes"), "{e}");
+    }
+
+    #[test]
     fn parses_and_resolves_relative_paths() {
         let s = Station::parse(Path::new("/etc/sbcflash/station.toml"), GOOD).unwrap();
         assert_eq!(
