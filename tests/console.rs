@@ -1123,14 +1123,14 @@ fn qemu_bootstrap_refuses_a_man_in_the_middle_on_the_handoff_port() {
     assert_eq!(code, 4, "refused (exit 4)\n{ctx}");
     assert!(
         err.contains(&format!(
-            "SSH host key mismatch on 127.0.0.1:{}: the network answers with\n  {} (ssh-ed25519)",
+            "SSH host key mismatch on 127.0.0.1:{}: refusing the handoff (someone else answers on the network, or the board's keys changed)\n  the network offers:\n    {} (ssh-ed25519)\n  the board's console shows:\n    SHA256:",
             mitm.port, mitm.fingerprint
         )),
         "{ctx}"
     );
     // the board's key, as its console shows it, is named too (and is another one)
     let board = err
-        .split("but the board's console shows\n  ")
+        .split("the board's console shows:\n    ")
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
         .unwrap_or_else(|| panic!("no console fingerprint\n{ctx}"));
@@ -2876,4 +2876,97 @@ match = {{ "attr:loop/backing_file" = "{}" }}
     t.stop();
     // The key left the FAT partition on first boot.
     assert!(!mtype("sbcflash/ssh_host_ed25519_key").0);
+}
+
+/// A scripted shell on a duplex link: answers the n-th framed command with `answers[n]`
+/// (the last one again after that). Returns how many commands it answered.
+fn scripted_shell(
+    board: tokio::io::DuplexStream,
+    answers: Vec<String>,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut rd, mut wr) = tokio::io::split(board);
+        let mut typed = Vec::new();
+        let mut answered = 0;
+        let mut buf = [0u8; 1024];
+        while let Ok(n) = rd.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            typed.extend_from_slice(&buf[..n]);
+            while let Some(i) = typed.iter().position(|&b| b == b'\r') {
+                let line = String::from_utf8_lossy(&typed[..i]).into_owned();
+                typed.drain(..=i);
+                let n = line
+                    .split("SY\"\"NC-")
+                    .nth(1)
+                    .and_then(|r| r.split(';').next())
+                    .unwrap_or("0")
+                    .to_string();
+                let a = &answers[answered.min(answers.len() - 1)];
+                answered += 1;
+                let out = format!("{line}\r\nSYNC-{n}\r\n{a}RC-{n}-0\r\n~ # ");
+                wr.write_all(out.as_bytes()).await.unwrap();
+            }
+        }
+        answered
+    })
+}
+
+#[test]
+fn host_keys_not_on_the_console_yet_are_asked_for_again_until_the_deadline() {
+    use sbcflash::console::hostkeys::{HostKey, ProofWait};
+    let (k, _, public) = sbcflash::station::identity::make_host_key("root@b").unwrap();
+    let key = HostKey::parse(&public).unwrap();
+    let network = vec![key.clone()];
+    // dropbearkey's answer, with a kernel message in the middle of the key line
+    let (head, tail) = k.public.split_at(30);
+    let shown = format!(
+        "Public key portion is:\r\n{head}[   42.000001] usb 1-1: reset\r\n{tail} root@b\r\nFingerprint: {}\r\n",
+        k.fingerprint
+    );
+    runtime().block_on(async {
+        // no key on the first two asks (sshd still making it), then the key
+        let (board, host) = tokio::io::duplex(1 << 16);
+        let mut s = Session::new(Link::stream(Box::new(host), 115_200));
+        let shell = scripted_shell(board, vec![String::new(), String::new(), shown.clone()]);
+        let wait = ProofWait::new(Duration::from_secs(120), Duration::from_millis(10));
+        let got = sbcflash::console::bootstrap::prove_host_keys(
+            &mut s,
+            &LinuxConfig::default(),
+            "10.0.0.5:22",
+            &network,
+            wait,
+        )
+        .await
+        .expect("proven");
+        assert_eq!(got, network);
+        drop(s);
+        assert_eq!(shell.await.unwrap(), 3);
+
+        // never a key: the deadline ends it, as a timeout naming the key type
+        let (board, host) = tokio::io::duplex(1 << 16);
+        let mut s = Session::new(Link::stream(Box::new(host), 115_200));
+        let shell = scripted_shell(board, vec![String::new()]);
+        let wait = ProofWait::new(Duration::from_millis(200), Duration::from_millis(10));
+        let e = sbcflash::console::bootstrap::prove_host_keys(
+            &mut s,
+            &LinuxConfig::default(),
+            "10.0.0.5:22",
+            &network,
+            wait,
+        )
+        .await
+        .expect_err("never shown");
+        assert!(matches!(e, ConsoleError::HostKeyUnproven { .. }), "{e}");
+        assert!(
+            e.to_string().contains("no SSH host key of ssh-ed25519"),
+            "{e}"
+        );
+        use sbcflash::exit::Classify;
+        assert_eq!(e.exit(), sbcflash::exit::Exit::Timeout);
+        drop(s);
+        assert!(shell.await.unwrap() >= 2);
+    });
 }

@@ -175,7 +175,7 @@ pub enum ConsoleError {
     CrcMismatch { board: u32, file: u32 },
     #[error("{0}")]
     Handoff(String),
-    #[error("SSH host key mismatch on {addr}: the network answers with{} but the board's console shows{}; refusing the handoff (someone else answers on the network, or the board's keys changed)", fingerprint_block(network), fingerprint_block(console))]
+    #[error("SSH host key mismatch on {addr}: refusing the handoff (someone else answers on the network, or the board's keys changed)\n  the network offers:{}\n  the board's console shows:{}", fingerprint_block(network), fingerprint_block(console))]
     HostKeyMismatch {
         addr: String,
         network: Vec<String>,
@@ -201,7 +201,7 @@ fn fingerprint_block(fps: &[String]) -> String {
     if fps.is_empty() {
         return " no key".into();
     }
-    fps.iter().map(|f| format!("\n  {f}")).collect::<String>() + "\n"
+    fps.iter().map(|f| format!("\n    {f}")).collect()
 }
 
 fn output_block(lines: &[String]) -> String {
