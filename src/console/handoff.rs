@@ -318,6 +318,23 @@ mod tests {
     }
 
     #[test]
+    fn known_hosts_appends_only_new_lines_and_keeps_the_old_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("kh");
+        std::fs::write(&f, "old ssh-ed25519 AAAAold").unwrap(); // no final newline
+        let lines = vec!["[b]:2222 ssh-ed25519 AAAAb".to_string()];
+        assert_eq!(append_known_hosts(&f, &lines).unwrap(), 1);
+        assert_eq!(append_known_hosts(&f, &lines).unwrap(), 0);
+        assert_eq!(
+            std::fs::read_to_string(&f).unwrap(),
+            "old ssh-ed25519 AAAAold\n[b]:2222 ssh-ed25519 AAAAb\n"
+        );
+        let new = d.path().join("new");
+        assert_eq!(append_known_hosts(&new, &lines).unwrap(), 1);
+        assert!(append_known_hosts(&d.path().join("no/such/dir"), &lines).is_err());
+    }
+
+    #[test]
     fn proven_keys_come_first_in_nix_sshopts() {
         let kh = std::path::Path::new("/run/b/known_hosts");
         let p = |port, env| RebuildPlan {
