@@ -25,9 +25,15 @@ use std::time::Instant;
 pub const PROBE: u64 = 4096;
 const MAGIC: &[u8; 16] = b"SBCFLASH-CHECK\0\x01";
 
+/// Probes by default: 4 MiB written and read, seconds on a card.
+pub const DEFAULT_PROBES: usize = 1024;
+
 pub struct Options {
     /// At most this many probes (spread over the claimed size).
     pub probes: usize,
+    /// A block device opened without O_DIRECT: drop its buffer cache (BLKFLSBUF) before
+    /// reading back, so the cache cannot answer for the card.
+    pub flush_cache: bool,
     pub cancel: Arc<AtomicBool>,
     pub job: String,
 }
@@ -58,15 +64,6 @@ pub enum Problem {
 }
 
 impl Problem {
-    /// The offset that is bad: for an alias the higher one, the lower block is real.
-    pub fn bad_offset(&self) -> u64 {
-        match self {
-            Problem::Alias { written_at, .. } => *written_at,
-            Problem::Different { offset, .. }
-            | Problem::ReadError { offset, .. }
-            | Problem::WriteError { offset, .. } => *offset,
-        }
-    }
     pub fn describe(&self) -> String {
         match self {
             Problem::Alias { offset, written_at } => format!(
@@ -78,6 +75,15 @@ impl Problem {
             }
             Problem::ReadError { offset, error } => format!("reading byte {offset}: {error}"),
             Problem::WriteError { offset, error } => format!("writing byte {offset}: {error}"),
+        }
+    }
+    /// The block that was read (or written).
+    pub fn offset(&self) -> u64 {
+        match self {
+            Problem::Alias { offset, .. }
+            | Problem::Different { offset, .. }
+            | Problem::ReadError { offset, .. }
+            | Problem::WriteError { offset, .. } => *offset,
         }
     }
     fn is_io(&self) -> bool {
@@ -111,8 +117,7 @@ impl Report {
         }
         let first = self
             .problems
-            .iter()
-            .min_by_key(|p| p.bad_offset())
+            .first()
             .map(Problem::describe)
             .unwrap_or_default();
         let fake = self
@@ -159,6 +164,44 @@ impl Classify for CheckError {
             CheckError::Interrupted { .. } => Exit::Interrupted,
         }
     }
+}
+
+/// The lowest offset that is not real storage. Probes that alias each other share one
+/// physical block: in each such class only the lowest offset is real (several higher probes
+/// may land on one block, and the block then holds the last one written). Any other problem
+/// is bad at its own offset.
+pub fn usable_below(problems: &[Problem], size: u64) -> u64 {
+    let mut class: std::collections::BTreeMap<u64, u64> = Default::default();
+    fn root(c: &std::collections::BTreeMap<u64, u64>, mut x: u64) -> u64 {
+        while let Some(&p) = c.get(&x) {
+            if p == x {
+                break;
+            }
+            x = p;
+        }
+        x
+    }
+    let mut bad = size;
+    for p in problems {
+        match p {
+            Problem::Alias { offset, written_at } => {
+                for x in [*offset, *written_at] {
+                    class.entry(x).or_insert(x);
+                }
+                let (a, b) = (root(&class, *offset), root(&class, *written_at));
+                // The lower root stays the class's representative (its lowest member).
+                let (lo, hi) = (a.min(b), a.max(b));
+                class.insert(hi, lo);
+            }
+            other => bad = bad.min(other.offset()),
+        }
+    }
+    for (&x, _) in class.iter() {
+        if root(&class, x) != x {
+            bad = bad.min(x);
+        }
+    }
+    bad
 }
 
 /// Probe offsets: multiples of a power-of-two stride below `size`, and the last block.
@@ -311,6 +354,12 @@ pub fn check(
             error: format!("flush: {e}"),
         });
     }
+    if opts.flush_cache {
+        crate::write::sink::flush_buffers(file).map_err(|e| CheckError::Unusable {
+            device: device.into(),
+            msg: format!("no O_DIRECT and the buffer cache cannot be dropped to read back: {e}"),
+        })?;
+    }
     // 2. Read back.
     for &off in &offsets {
         if opts.cancel.load(Ordering::Relaxed) {
@@ -345,8 +394,8 @@ pub fn check(
         done,
         total: Some(total),
     });
-    problems.sort_by_key(Problem::bad_offset);
-    let usable_size = problems.first().map_or(size, Problem::bad_offset);
+    problems.sort_by_key(Problem::offset);
+    let usable_size = usable_below(&problems, size);
     let report = Report {
         device: device.into(),
         claimed_size: size,
@@ -459,6 +508,14 @@ mod tests {
         );
         signature(&nonce, 0, &mut got);
         assert_eq!(classify_block(&nonce, 0, &got, &mut scratch), None);
+        // A card of 1 MiB claiming 4: offsets 1, 2 and 3 MiB all land on 0, which holds 3's.
+        let alias = |o: u64, w: u64| Problem::Alias {
+            offset: o << 20,
+            written_at: w << 20,
+        };
+        let ps = [alias(0, 3), alias(1, 3), alias(2, 3)];
+        assert_eq!(usable_below(&ps, 4 << 20), 1 << 20);
+        assert_eq!(usable_below(&[], 4 << 20), 4 << 20);
         let p = classify_block(&nonce, 0, &vec![0; PROBE as usize], &mut scratch);
         assert!(matches!(p, Some(Problem::Different { .. })));
     }

@@ -191,7 +191,7 @@ pub struct CheckCardArgs {
     #[arg(long)]
     pub force: bool,
     /// How many probe blocks to spread over the claimed size (at most).
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(2..=1_000_000), value_name = "N")]
+    #[arg(long, default_value_t = cardcheck::DEFAULT_PROBES as u32, value_parser = clap::value_parser!(u32).range(2..=1_000_000), value_name = "N")]
     pub probes: u32,
 }
 
@@ -256,6 +256,8 @@ pub fn run_check_card(a: CheckCardArgs, g: &Global) -> anyhow::Result<Exit> {
     let job = t.path.display().to_string();
     let opts = cardcheck::Options {
         probes: a.probes as usize,
+        // Only a device has a medium the cache could answer for.
+        flush_cache: !t.direct && matches!(t.info, TargetInfo::Device(_)),
         cancel: install_cancel(),
         job: job.clone(),
     };
@@ -270,8 +272,15 @@ pub fn run_check_card(a: CheckCardArgs, g: &Global) -> anyhow::Result<Exit> {
         crate::progress::json_line(&mut super::out::stdout(), "result", v)?;
     } else {
         outln!("{job}: {}", report.reason());
-        for p in &report.problems {
+        const SHOWN: usize = 10;
+        for p in report.problems.iter().take(SHOWN) {
             outln!("  {}", p.describe());
+        }
+        if report.problems.len() > SHOWN {
+            outln!(
+                "  ... and {} more (--json lists all)",
+                report.problems.len() - SHOWN
+            );
         }
         if !report.restored {
             outln!("  not every probed block's old contents could be written back");
