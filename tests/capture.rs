@@ -234,6 +234,41 @@ fn read_maps_a_bare_file_system_and_copies_unknown_partitions_whole() {
     let _ = std::fs::remove_dir_all(&w);
 }
 
+/// A FAT32 file system on a whole disk ("superfloppy", no partition table: its boot sector
+/// also ends in 0x55AA) is mapped by its FAT, and the capture passes `fsck.vfat`. Its boot code
+/// (in the boot sector and its backup) holds bytes that read as a partition entry beyond the
+/// disk, as other formatters' boot code can: they are not taken for a partition table.
+#[test]
+fn read_maps_a_superfloppy_fat32() {
+    if !common::require(false, &["mkfs.vfat", "mcopy", "fsck.vfat"]) {
+        return;
+    }
+    let w = work_dir("capture-fat32");
+    sh(&format!(
+        "cd {} && truncate -s 128M fat.img && mkfs.vfat -F 32 fat.img >/dev/null && \
+         for at in 446 3518; do printf '\\x80\\x01\\x01\\x00\\x83\\xfe\\xff\\xff\\x00\\x08\\x00\\x00\\x00\\x00\\x80\\x00' | \
+           dd of=fat.img bs=1 seek=$at conv=notrunc status=none; done && \
+         head -c 3000000 /dev/urandom > a && mcopy -i fat.img a ::a && \
+         head -c 20000000 /dev/urandom > junk && mcopy -i fat.img junk ::junk && mdel -i fat.img ::junk",
+        w.display()
+    ));
+    let o = run(sbcflash()
+        .args(["--json", "read", "--raw"])
+        .arg(w.join("fat.img"))
+        .arg(w.join("cap")));
+    let rep = &json_result(&o)["report"];
+    assert_eq!(rep["plan"]["table"], "none", "{rep}");
+    assert_eq!(rep["plan"]["partitions"][0]["fs"], "FAT32", "{rep}");
+    let mapped = rep["mapped_bytes"].as_u64().unwrap();
+    assert!((3 * MIB..8 * MIB).contains(&mapped), "{rep}");
+    run(Command::new("fsck.vfat").arg("-n").arg(w.join("cap.img")));
+    sh(&format!(
+        "cd {} && mcopy -n -i cap.img ::a a.back && cmp a a.back",
+        w.display()
+    ));
+    let _ = std::fs::remove_dir_all(&w);
+}
+
 /// A mounted disk is not read (exit 4, nothing written); `--force` reads it anyway.
 #[test]
 fn read_refuses_a_mounted_disk() {

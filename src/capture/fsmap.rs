@@ -264,6 +264,14 @@ fn ext(r: &mut dyn ReadAt, size: u64, sb: &[u8]) -> std::io::Result<FsMap> {
     })
 }
 
+/// A FAT boot sector (not an MBR): a jump, and the file-system type label where FAT12/16
+/// or FAT32 put it. GRUB's MBR starts with a jump too, but has no label.
+pub fn is_fat_boot_sector(b: &[u8]) -> bool {
+    b.len() >= 512
+        && matches!(b[0], 0xEB | 0xE9)
+        && (b[54..57] == *b"FAT" || b[82..87] == *b"FAT32")
+}
+
 /// FAT12/16/32: reserved sectors, the FATs and the root directory, then every cluster whose
 /// FAT entry is not free. `None` if the boot sector is not a FAT one.
 fn fat(r: &mut dyn ReadAt, size: u64, bs: &[u8]) -> std::io::Result<Option<FsMap>> {

@@ -178,8 +178,14 @@ pub fn plan(src: &Source) -> Result<Plan, CaptureError> {
     let head_len = (1u64 << 20).min(src.size / 512 * 512);
     let mut head = AlignedBuf::new(head_len as usize);
     src.read_aligned(&mut head[..head_len as usize], 0)?;
-    let table = parttable::parse(&head[..head_len as usize])
-        .map_err(|m| layout(format!("partition table: {m}")))?;
+    // A FAT boot sector also ends in 0x55AA: a disk formatted without a partition table
+    // ("superfloppy") must not have its boot code read as partition entries.
+    let table = if fsmap::is_fat_boot_sector(&head[..512]) {
+        PartitionTable::None
+    } else {
+        parttable::parse(&head[..head_len as usize])
+            .map_err(|m| layout(format!("partition table: {m}")))?
+    };
     let mut parts: Vec<(usize, u64, u64, bool)> = table
         .partitions()
         .iter()
