@@ -269,6 +269,53 @@ fn read_maps_a_superfloppy_fat32() {
     let _ = std::fs::remove_dir_all(&w);
 }
 
+/// A GPT disk larger than its image (the image written to a bigger card): the capture ends
+/// after the last partition with a rebuilt backup table, so it is a valid GPT disk of its own
+/// (`sfdisk --verify` finds no error, while the source has its backup in the middle), its file
+/// system is clean, and `bmaptool copy` reproduces it.
+#[test]
+fn read_trims_a_gpt_disk_and_rebuilds_its_backup_table() {
+    let mut tools = IMAGE_TOOLS.to_vec();
+    tools.extend(["e2fsck", "bmaptool"]);
+    if !common::require(false, &tools) {
+        return;
+    }
+    let w = work_dir("capture-gpt");
+    // (make_nixos_like_image's GPT file system is 1 MiB larger than its partition.)
+    let img = w.join("gpt.img");
+    sh(&format!(
+        "cd {} && truncate -s 96M gpt.img && printf 'label: gpt\\nstart=8MiB, size=16MiB, \
+         type=EBD0A0A2-B9E5-4433-87C0-68B6B72699C7\\nstart=24MiB, size=71MiB, \
+         type=0FC63DAF-8483-4772-8E79-3D69D8477DE4\\n' | sfdisk -q gpt.img && \
+         mkfs.ext4 -q -E offset=$((24*1024*1024)) gpt.img 71M && truncate -s 160M gpt.img",
+        w.display()
+    ));
+    let o = run(sbcflash()
+        .args(["--json", "read", "--raw"])
+        .arg(&img)
+        .arg(w.join("cap")));
+    let rep = &json_result(&o)["report"];
+    assert_eq!(rep["plan"]["table"], "GPT", "{rep}");
+    // Partition 2 ends at 95 MiB; then 32 sectors of entries and the backup header.
+    assert_eq!(rep["image_size"], 95 * MIB + 33 * 512, "{rep}");
+    assert_eq!(rep["plan"]["partitions"][1]["fs"], "ext2/3/4", "{rep}");
+    assert!(
+        rep["plan"]["partitions"][1]["whole_because"].is_null(),
+        "{rep}"
+    );
+    let v = sh(&format!("cd {} && sfdisk --verify cap.img", w.display()));
+    assert!(
+        String::from_utf8_lossy(&v.stdout).contains("No errors detected"),
+        "{v:?}"
+    );
+    sh(&format!(
+        "cd {} && dd if=cap.img of=root.img bs=1M skip=24 count=71 status=none && e2fsck -fn root.img && \
+         bmaptool copy cap.img copy.img && cmp cap.img copy.img",
+        w.display()
+    ));
+    let _ = std::fs::remove_dir_all(&w);
+}
+
 /// A mounted disk is not read (exit 4, nothing written); `--force` reads it anyway.
 #[test]
 fn read_refuses_a_mounted_disk() {

@@ -11,6 +11,7 @@
 
 pub mod bmapout;
 pub mod fsmap;
+pub mod gpt;
 
 use crate::board::parttable::{self, PartitionTable};
 use crate::exit::{Classify, Exit};
@@ -162,6 +163,10 @@ pub struct Plan {
     #[serde(skip)]
     pub mapped: Vec<Range<u64>>,
     pub mapped_bytes: u64,
+    /// GPT: the backup table was rebuilt after the last partition (primary header and
+    /// protective MBR patched to match).
+    #[serde(skip)]
+    pub patches: Vec<gpt::Patch>,
 }
 
 /// MBR extended containers: their logical partitions are not parsed, so they are copied whole.
@@ -259,7 +264,15 @@ pub fn plan(src: &Source) -> Result<Plan, CaptureError> {
         });
         cursor = end;
     }
-    let image_size = cursor.max(min_end);
+    let (image_size, patches) = match table {
+        PartitionTable::Gpt { .. } if !whole_disk => {
+            let (size, patches) = gpt::rebuild(&head[..head_len as usize], cursor)
+                .map_err(|m| layout(format!("partition table: {m}")))?;
+            mapped.extend(patches.iter().map(gpt::Patch::range));
+            (size, patches)
+        }
+        _ => (cursor.max(min_end), Vec::new()),
+    };
     // Whole blocks of the bmap's size, clipped to the image's end.
     let mapped: Vec<Range<u64>> = fsmap::merge(
         mapped
@@ -282,6 +295,7 @@ pub fn plan(src: &Source) -> Result<Plan, CaptureError> {
         partitions: reports,
         mapped,
         mapped_bytes,
+        patches,
     })
 }
 
@@ -502,7 +516,9 @@ fn capture_into(
                     let Ok(mut buf) = free_rx.recv() else { return };
                     let len = ((r.end - off) as usize).min(CHUNK);
                     // O_DIRECT: read whole sectors; the image end is sector-aligned.
-                    let rlen = (len.div_ceil(512) * 512).min((src.size - off) as usize);
+                    // A rebuilt GPT backup may lie past the source's end: zeros there.
+                    let rlen = (len.div_ceil(512) * 512).min(src.size.saturating_sub(off) as usize);
+                    buf[rlen..len.max(rlen)].fill(0);
                     let msg = src
                         .read_aligned(&mut buf[..rlen], off)
                         .map(|_| (off, len, buf));
@@ -519,7 +535,8 @@ fn capture_into(
         let mut sha = Sha256::new();
         let result = (|| {
             for msg in rx.iter() {
-                let (off, len, buf) = msg?;
+                let (off, len, mut buf) = msg?;
+                gpt::apply(&plan.patches, off, &mut buf[..len]);
                 if off > pos {
                     zeros(&mut sink, &mut hasher, off - pos).map_err(werr)?;
                 }
