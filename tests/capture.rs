@@ -231,6 +231,28 @@ fn read_maps_a_bare_file_system_and_copies_unknown_partitions_whole() {
         w.display(),
         9 * MIB
     ));
+
+    // A partition table that points past the end of the disk: exit 3, named, nothing written.
+    sh(&format!("truncate -s 5M {}", w.join("unk.img").display()));
+    let o = sbcflash()
+        .args(["read"])
+        .arg(w.join("unk.img"))
+        .arg(w.join("cut"))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(3), "{o:?}");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(
+            "unk.img: partition 1 ends at byte 9437184, beyond the end of the disk (5242880 bytes)"
+        ),
+        "{err}"
+    );
+    assert!(std::fs::read_dir(&w).unwrap().all(|e| !e
+        .unwrap()
+        .file_name()
+        .to_string_lossy()
+        .starts_with("cut")));
     let _ = std::fs::remove_dir_all(&w);
 }
 
