@@ -151,12 +151,12 @@ fn ext(r: &mut dyn ReadAt, size: u64, sb: &[u8]) -> std::io::Result<FsMap> {
     if per_group == 0 || per_group > bs * 8 || blocks <= first_data {
         return Ok(whole(fs, "inconsistent superblock (blocks per group)"));
     }
-    if blocks * bs > size {
+    if blocks.checked_mul(bs).is_none_or(|b| b > size) {
         return Ok(whole(
             fs,
             &format!(
-                "the file system ({} bytes) is larger than its partition ({size} bytes)",
-                blocks * bs
+                "the file system ({blocks} blocks of {bs} bytes) is larger than its partition \
+                 ({size} bytes)"
             ),
         ));
     }
@@ -165,6 +165,12 @@ fn ext(r: &mut dyn ReadAt, size: u64, sb: &[u8]) -> std::io::Result<FsMap> {
     } else {
         32
     };
+    if !(desc_size.is_power_of_two() && (32..=1024).contains(&desc_size)) {
+        return Ok(whole(
+            fs,
+            &format!("implausible group descriptor size {desc_size}"),
+        ));
+    }
     let groups = (blocks - first_data).div_ceil(per_group);
     let gdt_bytes = groups * desc_size;
     let gdt_blocks = gdt_bytes.div_ceil(bs);
@@ -385,6 +391,21 @@ mod tests {
     fn unknown_contents_are_copied_whole() {
         let m = map(&mut Mem(vec![0xAB; 1 << 20]), 1 << 20).unwrap();
         assert!(matches!(m, FsMap::Whole { fs: "unknown", .. }), "{m:?}");
+    }
+
+    /// A superblock claiming 2^63 blocks (64bit feature, high word set) is copied whole, not
+    /// a panic or a giant read.
+    #[test]
+    fn a_hostile_ext_superblock_is_copied_whole() {
+        let mut d = vec![0u8; 1 << 20];
+        let sb = 1024;
+        d[sb + 56..sb + 58].copy_from_slice(&0xEF53u16.to_le_bytes());
+        d[sb + 4..sb + 8].copy_from_slice(&1000u32.to_le_bytes());
+        d[sb + 32..sb + 36].copy_from_slice(&8192u32.to_le_bytes());
+        d[sb + 96..sb + 100].copy_from_slice(&0x80u32.to_le_bytes());
+        d[sb + 0x150..sb + 0x154].copy_from_slice(&0x8000_0000u32.to_le_bytes());
+        let m = map(&mut Mem(d), 1 << 20).unwrap();
+        assert!(matches!(m, FsMap::Whole { fs: "ext2/3/4", .. }), "{m:?}");
     }
 
     #[test]

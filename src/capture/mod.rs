@@ -197,8 +197,8 @@ pub fn plan(src: &Source) -> Result<Plan, CaptureError> {
         .map(|p| {
             (
                 p.number,
-                p.start * 512,
-                p.sectors * 512,
+                p.start.saturating_mul(512),
+                p.sectors.saturating_mul(512),
                 is_extended(&p.kind),
             )
         })
@@ -217,7 +217,7 @@ pub fn plan(src: &Source) -> Result<Plan, CaptureError> {
         _ => 512,
     };
     for (number, start, size, extended) in parts {
-        let end = start + size;
+        let end = start.saturating_add(size);
         if end > src.size {
             return Err(layout(format!(
                 "partition {number} ends at byte {end}, beyond the end of the disk ({} bytes)",
