@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  sbcflash read /dev/sdX card          # card.img.zst + card.img.bmap + card.img.blake3\n  sbcflash read --raw /dev/sdX card    # card.img, a sparse file\n  sbcflash write card.img.zst /dev/sdY # put it on another card"
+    after_help = "Examples:\n  sbcflash read /dev/sdX card          # card.img.zst + card.img.bmap + card.img.blake3\n  sbcflash read --raw /dev/sdX card    # card.img, a sparse file\n  sbcflash read --json /dev/sdX card   # then: sbcflash write card.img.zst /dev/sdY"
 )]
 pub struct ReadArgs {
     /// The disk (or image file) to capture; it is only read.
