@@ -347,7 +347,7 @@ fn read_refuses_a_mounted_disk() {
     let w = work_dir("capture-mounted");
     let a = LoopDev::new_sparse(&w, "fs.bin", 32 * MIB);
     run(Command::new("mkfs.ext4").arg("-q").arg(a.path()));
-    let _m = Mount::new(a.path(), 0, 0, &w.join("m"), false);
+    let m = Mount::new(a.path(), 0, 0, &w.join("m"), false);
     let o = sbcflash()
         .args(["read"])
         .arg(a.path())
@@ -365,6 +365,9 @@ fn read_refuses_a_mounted_disk() {
         .arg(a.path())
         .arg(w.join("cap")));
     assert!(w.join("cap.img.zst").exists());
+    drop(m);
+    drop(a);
+    let _ = std::fs::remove_dir_all(&w);
 }
 
 /// A good card passes, and the probed blocks keep their contents.
