@@ -11,6 +11,8 @@ BUILD_PKGS="pkg-config libudev-dev libusb-1.0-0-dev build-essential"
 TEST_PKGS="lintian bmap-tools android-sdk-libsparse-utils zstd xz-utils bzip2 gzip e2fsprogs dosfstools mtools fdisk udev nix-bin socat expect cpio kmod openssh-client util-linux bsdutils lrzsz zip unzip"
 # SSH host keys (tests/console.rs): a man-in-the-middle dropbear, dropbearkey/dropbearconvert
 TEST_PKGS="$TEST_PKGS dropbear-bin"
+# check-card's fault devices in the USB lab guest (dm-linear, dm-error, dm-flakey tables).
+TEST_PKGS="$TEST_PKGS dmsetup"
 missing=""
 for p in $BUILD_PKGS $TEST_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

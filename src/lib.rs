@@ -5,6 +5,8 @@
 
 pub mod acquire;
 pub mod board;
+pub mod capture;
+pub mod cardcheck;
 pub mod cli;
 pub mod config;
 pub mod console;

@@ -499,6 +499,8 @@ fn json_lines_match_the_documented_schema() {
     let man_dir = man_dir.to_str().unwrap();
     let missing = h.join("missing.img");
     let missing = missing.to_str().unwrap();
+    let capture = h.join("capture");
+    let capture = capture.to_str().unwrap();
     // A station ledger with one finished unit.
     let ledger = h.join("ledger.sqlite");
     common::ledger_with_one_passed_unit(&ledger);
@@ -529,6 +531,8 @@ fn json_lines_match_the_documented_schema() {
         (&["man", "--out-dir", man_dir], 0),
         (&["usb", "list"], 0),
         (&["hash", missing], 5),
+        (&["read", out, capture], 0),
+        (&["check-card", "--yes", "--probes", "16", out], 0),
     ] {
         let mut a = vec!["--json"];
         a.extend_from_slice(args);

@@ -220,6 +220,17 @@ fn every_readme_command_that_needs_no_hardware_works_as_shown() {
                 );
                 o
             }
+            // The card check writes probe blocks: it asks first, like write.
+            ["check-card", ..] => {
+                let o = ctx.run_answering_yes(&words);
+                let text = String::from_utf8_lossy(&o.stdout);
+                assert!(
+                    text.contains("Type 'yes'") && text.contains("read back as written"),
+                    "{}",
+                    show(cmd, &o)
+                );
+                o
+            }
             // The pipe into `sudo tee /etc/...` installs what this prints: the shipped rules.
             ["usb", "udev-rules", "|", ..] => {
                 let o = ctx.run(&words[..2]);

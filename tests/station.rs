@@ -2011,3 +2011,64 @@ fn station_udevd_bell_and_flash_on_fail_reach_the_terminal() {
         assert_eq!(unit_row(&rows, "good")["result"], "pass");
     }
 }
+
+/// `check_card = true`: each card is checked before it is written. A card that claims 64 MiB
+/// but holds 1 MiB (its loop device's backing file sits on a 1 MiB tmpfs, so probe writes past
+/// that fail with real I/O errors) is FAIL with the check's reason in the ledger and never
+/// written; a good card in the other slot is checked, then written as usual.
+#[test]
+fn station_udevd_check_card_fails_a_card_that_cannot_hold_its_size() {
+    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+        return;
+    }
+    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
+    let tiny = Tmpfs::mount(&dir.join("tiny"), "1M");
+    let b_good = backing(dir, "good.card", 64 * MIB);
+    let b_small = backing(&tiny.dir, "small.card", 64 * MIB);
+    let cfg = write_config(
+        dir,
+        &img,
+        &[("good", &b_good), ("small", &b_small)],
+        "check_card = true",
+    );
+    let _udevd = Udevd::start();
+    let d_good = LoopDev::attach(&b_good, &[]);
+    let d_small = LoopDev::attach(&b_small, &[]);
+    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "2"]);
+    let status = st.wait_exit();
+    assert_eq!(status.code(), Some(5), "{}\n{}", st.dump(), st.stderr());
+    let rows = report(&cfg);
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    let good = unit_row(&rows, "good");
+    assert_eq!(good["result"], "pass", "{good:#}");
+    check_unit(
+        &img,
+        d_good.path(),
+        good["unit_serial"].as_str().unwrap(),
+        "good",
+    );
+    let small = unit_row(&rows, "small");
+    assert_eq!(small["result"], "fail", "{small:#}");
+    let why = small["failure_reason"].as_str().unwrap();
+    assert!(
+        why.starts_with("card-check failed")
+            && why.contains("card failed the check: usable")
+            && why.contains("writing byte"),
+        "{why}"
+    );
+    assert_eq!(small["bytes_written"], 0, "{small:#}");
+    let head = read_range(d_small.path(), 0, 512);
+    assert!(
+        head[510] != 0x55 || head[511] != 0xaa,
+        "the failed card was written anyway"
+    );
+    assert!(
+        st.dump().contains("card check: ") && st.dump().contains("read back as written"),
+        "the good card's check is reported: {}",
+        st.dump()
+    );
+}

@@ -314,3 +314,17 @@ fn qemu_usb_lab_usb_disks_eject_station_and_ums_bootstrap() {
     write(&w, "img.raw", &image_with_holes(32 << 20, 0x57a7));
     run_in_guest("usb-disks.sh", &w, &[&sbc], 28);
 }
+
+/// `check-card` against the kernel's fault devices in the guest: a good card behind a real USB
+/// mass-storage gadget (passes, data kept), scsi_debug `virtual_gb` (claims 1 GiB, wraps at
+/// 64 MiB) and a scsi_debug medium error, dm-linear upper half onto lower half, dm-error and
+/// dm-flakey `drop_writes` ranges.
+#[test]
+fn qemu_usb_lab_check_card_finds_fake_and_failing_cards() {
+    if !lab_ready(&["dmsetup", "losetup", "md5sum"]) {
+        return;
+    }
+    let sbc = PathBuf::from(env!("CARGO_BIN_EXE_sbcflash"));
+    let w = work_dir("usb-lab-card-check");
+    run_in_guest("card-check.sh", &w, &[&sbc], 8);
+}

@@ -13,6 +13,7 @@ pub mod out;
 
 pub mod acquire;
 pub mod boards;
+pub mod capture;
 pub mod classify;
 pub mod console;
 pub mod help;
@@ -167,6 +168,10 @@ pub enum Command {
     Man(meta::ManArgs),
     /// Show the merged configuration.
     Config(meta::ConfigArgs),
+    /// Capture a disk as an image: partition table and used blocks only, zstd + bmap + blake3.
+    Read(capture::ReadArgs),
+    /// Check a card for fake capacity and blocks that do not read back (writes test blocks).
+    CheckCard(capture::CheckCardArgs),
 }
 
 /// Entry point used by `main.rs`.
@@ -230,6 +235,8 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Completions(a) => meta::run_completions(a, g),
         Command::Man(a) => meta::run_man(a, g),
         Command::Config(a) => meta::run_config(a, g),
+        Command::Read(a) => capture::run_read(a, g),
+        Command::CheckCard(a) => capture::run_check_card(a, g),
     }
 }
 

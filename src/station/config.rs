@@ -42,6 +42,10 @@ pub struct StationConfig {
     /// slot, stays. Default true.
     #[serde(default = "yes")]
     pub eject: bool,
+    /// Before writing each unit, check the card for fake capacity and blocks that do not read
+    /// back (`sbcflash check-card`); a card that fails is FAIL with the reason. Default false.
+    #[serde(default)]
+    pub check_card: bool,
     /// `[[slot]]` tables (`slots = [...]` also accepted).
     #[serde(rename = "slot", alias = "slots", default)]
     pub slots: Vec<SlotConfig>,
@@ -245,6 +249,7 @@ pub struct Station {
     pub usb: UsbConfig,
     pub verify: bool,
     pub eject: bool,
+    pub check_card: bool,
     pub slots: Vec<SlotMatcher>,
 }
 
@@ -469,6 +474,7 @@ impl Station {
             usb: usb_config(&raw.usb, &resolve, &bad)?,
             verify: raw.verify,
             eject: raw.eject,
+            check_card: raw.check_card,
             slots,
         })
     }

@@ -342,6 +342,7 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Step {
     Open,
+    CardCheck,
     Loader,
     Usbboot,
     Write,
@@ -355,6 +356,7 @@ impl Step {
     fn name(self) -> &'static str {
         match self {
             Step::Open => "open",
+            Step::CardCheck => "card-check",
             Step::Loader => "loader",
             Step::Usbboot => "usbboot",
             Step::Reset => "reset",
@@ -626,6 +628,25 @@ pub(super) fn write_block(
     // The claim (O_EXCL) holds through identity injection and its read-back.
     let mut target = crate::job::BlockJob::claim(devnode, &policy, true)?;
     let direct = target.direct;
+    if ctx.station.check_card {
+        set(Step::CardCheck);
+        let size = match &target.info {
+            crate::target::TargetInfo::Device(d) => d.size,
+            crate::target::TargetInfo::File { size, .. } => *size,
+        };
+        let opts = crate::cardcheck::Options {
+            probes: crate::cardcheck::DEFAULT_PROBES,
+            cancel: cancel.flag(),
+            job: devnode.display().to_string(),
+            flush_cache: !direct,
+        };
+        let name = devnode.display().to_string();
+        let r = crate::cardcheck::check(target.file(), &name, size, &opts, rep.as_ref())?;
+        rep.info(format!("card check: {}", r.reason()));
+        if cancel.is_set() {
+            anyhow::bail!("cancelled");
+        }
+    }
     let source = ctx.image.open()?;
     let opts = crate::write::WriteOptions {
         verify: ctx.station.verify,
