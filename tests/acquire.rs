@@ -1645,12 +1645,12 @@ fn nix_build_on_remote_ssh_builder() {
     write_builder_flake(&flake, "one");
     let cache = d.path().join("cache");
     let flake_ref = format!("path:{}#testhost", flake.display());
-    let build = |json: bool, b: &SshBuilder| {
+    let build = |json: bool, jobs: &str, b: &SshBuilder| {
         let mut c = common::sbcflash();
         if json {
             c.arg("--json");
         }
-        c.args(["build", "--flake", &flake_ref, "--max-jobs", "0"])
+        c.args(["build", "--flake", &flake_ref, "--max-jobs", jobs])
             .arg("--builders")
             .arg(b.spec())
             .args(NIX_OFFLINE)
@@ -1661,8 +1661,18 @@ fn nix_build_on_remote_ssh_builder() {
         c.output().unwrap()
     };
 
-    // No local build slots: it can only have been built on the builder, and sbcflash says so.
-    let o = build(true, &builder);
+    // No local build slots: it can only have been built on the builder, and sbcflash says so
+    // (on stderr; the result line on stdout stays `<blake3>  <path>`).
+    let o = build(false, "0", &builder);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("built nixos-sd-image-test on ssh://root@127.0.0.1"),
+        "{err}"
+    );
+    fetched(&o);
+    write_builder_flake(&flake, "json");
+    let o = build(true, "0", &builder);
     assert!(o.status.success(), "{}", text(&o));
     let stdout = String::from_utf8_lossy(&o.stdout).to_string();
     common::json::assert_documented(&stdout);
@@ -1696,13 +1706,13 @@ fn nix_build_on_remote_ssh_builder() {
     );
     let commands = std::fs::read_to_string(&builder.commands).unwrap();
     assert!(commands.contains("nix-store --serve --write"), "{commands}");
-    assert_eq!(blobs(&cache).len(), 1);
+    assert_eq!(blobs(&cache).len(), 2);
 
     // The builder is down: a new derivation cannot be built anywhere; the error names the
     // builder and why (exit 5), and nothing is cached.
     builder.stop();
     write_builder_flake(&flake, "two");
-    let o = build(false, &builder);
+    let o = build(false, "0", &builder);
     assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -1710,5 +1720,21 @@ fn nix_build_on_remote_ssh_builder() {
             && err.contains("Connection refused"),
         "{err}"
     );
-    assert_eq!(blobs(&cache).len(), 1);
+    assert_eq!(blobs(&cache).len(), 2);
+
+    // With a local slot, Nix builds it here instead: it works, and the dead builder is a warning.
+    let o = build(false, "1", &builder);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning: remote builder ssh://root@127.0.0.1 could not be used")
+            && !err.contains("built nixos-sd-image-test on"),
+        "{err}"
+    );
+    let (_, cached) = fetched(&o);
+    assert_eq!(
+        std::fs::read_to_string(cached).unwrap(),
+        "sbcflash remote build two\n"
+    );
+    assert_eq!(blobs(&cache).len(), 3);
 }
