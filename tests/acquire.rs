@@ -1536,6 +1536,9 @@ impl SshBuilder {
             format!("[127.0.0.1]:{port} {} {}\n", host_pub[0], host_pub[1]),
         )
         .unwrap();
+        // Its privilege-separation directory, made by the service unit on a booted system but
+        // missing in a fresh container.
+        std::fs::create_dir_all("/run/sshd").unwrap();
         // sshd re-executes itself, so it must be started by its absolute path.
         let sshd = common::sh("command -v sshd");
         let sshd = String::from_utf8_lossy(&sshd.stdout).trim().to_string();
