@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 # C code (sqlite, zstd, lzma, bzip2, ring, blake3's assembly).
 BUILD_PKGS="pkg-config libudev-dev libusb-1.0-0-dev build-essential"
 # Tests: real tools that make and check real inputs, and real peers.
-TEST_PKGS="lintian bmap-tools android-sdk-libsparse-utils zstd xz-utils bzip2 gzip e2fsprogs dosfstools mtools fdisk udev nix-bin socat expect cpio kmod openssh-client util-linux bsdutils lrzsz zip unzip"
+TEST_PKGS="lintian bmap-tools android-sdk-libsparse-utils zstd xz-utils bzip2 gzip e2fsprogs dosfstools mtools fdisk udev nix-bin socat expect cpio kmod openssh-client openssh-server util-linux bsdutils lrzsz zip unzip"
 # SSH host keys (tests/console.rs): a man-in-the-middle dropbear, dropbearkey/dropbearconvert
 TEST_PKGS="$TEST_PKGS dropbear-bin"
 # check-card's fault devices in the USB lab guest (dm-linear, dm-error, dm-flakey tables).

@@ -1452,3 +1452,292 @@ fn ca_file_with_the_servers_own_self_signed_certificate_pins_it() {
 fn require_openssl() -> bool {
     common::require(false, &["openssl"])
 }
+
+/// An OpenSSH server on 127.0.0.1 acting as a Nix remote builder with its OWN store: its forced
+/// command runs the requested `nix-store --serve` in a private mount namespace where the test
+/// store's path is a bind mount of the builder's directory, with the builder's own state, so
+/// what it builds lands there and must be copied back. Killed by PID on drop.
+struct SshBuilder {
+    child: Option<std::process::Child>,
+    port: u16,
+    /// The builder's physical store directory.
+    store: PathBuf,
+    /// One line per ssh command the builder ran.
+    commands: PathBuf,
+    user_key: PathBuf,
+    known_hosts: PathBuf,
+}
+
+impl SshBuilder {
+    fn start(dir: &Path, local_store: &Path) -> SshBuilder {
+        let b = dir.join("builder");
+        let store = b.join("builder-store");
+        std::fs::create_dir_all(&store).unwrap();
+        std::fs::create_dir_all(b.join("etc")).unwrap();
+        std::fs::create_dir_all(local_store).unwrap();
+        std::fs::write(
+            b.join("etc/nix.conf"),
+            "sandbox = false\nbuild-users-group =\nsubstituters =\n",
+        )
+        .unwrap();
+        for k in ["host_key", "user_key"] {
+            common::run(
+                std::process::Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", "", "-f"])
+                    .arg(b.join(k)),
+            );
+        }
+        let commands = b.join("commands.log");
+        let forced = b.join("forced.sh");
+        let inner = format!(
+            "mount --bind {store} {local} && NIX_STORE_DIR={local} NIX_STATE_DIR={b}/state \
+             NIX_LOG_DIR={b}/log NIX_CONF_DIR={b}/etc HOME={b} exec $SSH_ORIGINAL_COMMAND",
+            store = store.display(),
+            local = local_store.display(),
+            b = b.display()
+        );
+        std::fs::write(
+            &forced,
+            format!(
+                "#!/bin/sh\necho \"$SSH_ORIGINAL_COMMAND\" >> {}\nexec unshare -m sh -c '{inner}'\n",
+                commands.display()
+            ),
+        )
+        .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&forced, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let user_pub = std::fs::read_to_string(b.join("user_key.pub")).unwrap();
+        std::fs::write(
+            b.join("authorized_keys"),
+            format!("command=\"{}\",restrict {user_pub}", forced.display()),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(
+            b.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {b}/host_key\n\
+                 AuthorizedKeysFile {b}/authorized_keys\nPasswordAuthentication no\n\
+                 KbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
+                 StrictModes no\nUsePAM no\nPidFile none\n",
+                b = b.display()
+            ),
+        )
+        .unwrap();
+        let host_pub = std::fs::read_to_string(b.join("host_key.pub")).unwrap();
+        let host_pub = host_pub.split_whitespace().take(2).collect::<Vec<_>>();
+        let known_hosts = b.join("known_hosts");
+        std::fs::write(
+            &known_hosts,
+            format!("[127.0.0.1]:{port} {} {}\n", host_pub[0], host_pub[1]),
+        )
+        .unwrap();
+        // Its privilege-separation directory, made by the service unit on a booted system but
+        // missing in a fresh container.
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        // sshd re-executes itself, so it must be started by its absolute path.
+        let sshd = common::sh("command -v sshd");
+        let sshd = String::from_utf8_lossy(&sshd.stdout).trim().to_string();
+        let child = std::process::Command::new(&sshd)
+            .args(["-D", "-e", "-f"])
+            .arg(b.join("sshd_config"))
+            .stderr(std::fs::File::create(b.join("sshd.log")).unwrap())
+            .spawn()
+            .unwrap();
+        let mut me = SshBuilder {
+            child: Some(child),
+            port,
+            store,
+            commands,
+            user_key: b.join("user_key"),
+            known_hosts,
+        };
+        // Ready when it accepts a connection (it listens before serving; bounded wait).
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return me;
+            }
+            if let Some(Ok(Some(_))) = me.child.as_mut().map(|c| c.try_wait()) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!(
+            "sshd did not listen on 127.0.0.1:{port}: {}",
+            std::fs::read_to_string(b.join("sshd.log")).unwrap_or_default()
+        );
+    }
+
+    /// NIX_SSHOPTS for reaching it: the port and its host key (user-facing, see README).
+    fn sshopts(&self) -> String {
+        format!(
+            "-p {} -o UserKnownHostsFile={} -o BatchMode=yes",
+            self.port,
+            self.known_hosts.display()
+        )
+    }
+
+    /// The `--builders` spec: URI, system, identity file, max jobs.
+    fn spec(&self) -> String {
+        format!(
+            "ssh://root@127.0.0.1 x86_64-linux {} 1",
+            self.user_key.display()
+        )
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for SshBuilder {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A flake whose derivation records where it ran: the mount table line of a store that is the
+/// builder's bind mount exists only in the builder's namespace.
+fn write_builder_flake(dir: &Path, salt: &str) {
+    std::fs::create_dir_all(dir).unwrap();
+    let script = format!(
+        r#"
+set -eu
+/usr/bin/mkdir -p "$out/sd-image"
+/usr/bin/printf 'sbcflash remote build {salt}\n' > "$out/sd-image/nixos-sd-image-test.img"
+/usr/bin/grep -F builder-store /proc/self/mountinfo > "$out/where" || echo local > "$out/where"
+echo "built the test image"
+"#
+    );
+    std::fs::write(dir.join("build.sh"), script).unwrap();
+    std::fs::write(
+        dir.join("flake.nix"),
+        r#"{
+  outputs = { self }: {
+    nixosConfigurations.testhost.config.system.build.sdImage = derivation {
+      name = "nixos-sd-image-test";
+      system = "x86_64-linux";
+      builder = "/bin/sh";
+      args = [ ./build.sh ];
+    };
+  };
+}
+"#,
+    )
+    .unwrap();
+}
+
+#[test]
+fn nix_build_on_remote_ssh_builder() {
+    if !common::require(
+        true,
+        &["nix", "nix-store", "sshd", "ssh", "ssh-keygen", "unshare"],
+    ) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let mut builder = SshBuilder::start(d.path(), &d.path().join("store"));
+    let flake = d.path().join("flake");
+    write_builder_flake(&flake, "one");
+    let cache = d.path().join("cache");
+    let flake_ref = format!("path:{}#testhost", flake.display());
+    let build = |json: bool, jobs: &str, b: &SshBuilder| {
+        let mut c = common::sbcflash();
+        if json {
+            c.arg("--json");
+        }
+        c.args(["build", "--flake", &flake_ref, "--max-jobs", jobs])
+            .arg("--builders")
+            .arg(b.spec())
+            .args(NIX_OFFLINE)
+            .arg("--cache-dir")
+            .arg(&cache);
+        nix_env(&mut c, d.path());
+        c.env("NIX_SSHOPTS", b.sshopts());
+        c.output().unwrap()
+    };
+
+    // No local build slots: it can only have been built on the builder, and sbcflash says so
+    // (on stderr; the result line on stdout stays `<blake3>  <path>`).
+    let o = build(false, "0", &builder);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("built nixos-sd-image-test on ssh://root@127.0.0.1"),
+        "{err}"
+    );
+    fetched(&o);
+    write_builder_flake(&flake, "json");
+    let o = build(true, "0", &builder);
+    assert!(o.status.success(), "{}", text(&o));
+    let stdout = String::from_utf8_lossy(&o.stdout).to_string();
+    common::json::assert_documented(&stdout);
+    assert!(
+        stdout.contains("built nixos-sd-image-test on ssh://root@127.0.0.1"),
+        "{stdout}"
+    );
+    let finish: serde_json::Value = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "finish" && v["phase"] == "build")
+        .expect("build finish event");
+    let on = &finish["summary"]["built_on"];
+    assert_eq!(on.as_array().map(Vec::len), Some(1), "{finish}");
+    assert_eq!(on[0]["machine"], "ssh://root@127.0.0.1", "{finish}");
+    let drv = on[0]["drv"].as_str().unwrap();
+    assert!(drv.ends_with("-nixos-sd-image-test.drv"), "{drv}");
+    // The image came back into the local store from the builder's own store, where the build
+    // saw the builder's bind mount: proof it ran there.
+    let image = PathBuf::from(finish["summary"]["image"].as_str().unwrap());
+    let out = image.parent().unwrap().parent().unwrap().to_path_buf();
+    let where_ = std::fs::read_to_string(out.join("where")).unwrap();
+    assert!(
+        where_.contains("builder-store") && where_.contains(&*d.path().to_string_lossy()),
+        "the derivation did not run on the builder: {where_}"
+    );
+    let remote_out = builder.store.join(out.file_name().unwrap());
+    assert_eq!(
+        std::fs::read(remote_out.join("sd-image/nixos-sd-image-test.img")).unwrap(),
+        std::fs::read(&image).unwrap()
+    );
+    let commands = std::fs::read_to_string(&builder.commands).unwrap();
+    assert!(commands.contains("nix-store --serve --write"), "{commands}");
+    assert_eq!(blobs(&cache).len(), 2);
+
+    // The builder is down: a new derivation cannot be built anywhere; the error names the
+    // builder and why (exit 5), and nothing is cached.
+    builder.stop();
+    write_builder_flake(&flake, "two");
+    let o = build(false, "0", &builder);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("remote builder ssh://root@127.0.0.1 could not be used")
+            && err.contains("Connection refused"),
+        "{err}"
+    );
+    assert_eq!(blobs(&cache).len(), 2);
+
+    // With a local slot, Nix builds it here instead: it works, and the dead builder is a warning.
+    let o = build(false, "1", &builder);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("warning: remote builder ssh://root@127.0.0.1 could not be used")
+            && !err.contains("built nixos-sd-image-test on"),
+        "{err}"
+    );
+    let (_, cached) = fetched(&o);
+    assert_eq!(
+        std::fs::read_to_string(cached).unwrap(),
+        "sbcflash remote build two\n"
+    );
+    assert_eq!(blobs(&cache).len(), 3);
+}

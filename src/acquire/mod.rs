@@ -75,6 +75,13 @@ pub enum AcquireError {
         status: String,
         log: String,
     },
+    #[error("nix build {installable}: remote builder {machines} could not be used, and no other machine may build:\n{reasons}\nlast lines of Nix's log:\n{log}")]
+    NixBuilderDown {
+        installable: String,
+        machines: String,
+        reasons: String,
+        log: String,
+    },
     #[error("{path}: no image found in the build output (looked for sd-image/*.img, sd-image/*.img.zst, *.img, *.img.zst, nixos.img)")]
     NoImageInOutput { path: String },
     #[error("{0}")]
@@ -110,6 +117,7 @@ impl Classify for AcquireError {
             Io { .. } => Exit::Io,
             NixMissing => Exit::Environment,
             NixFailed { .. } => Exit::Failure,
+            NixBuilderDown { .. } => Exit::Io,
             Usage(_) => Exit::Usage,
         }
     }

@@ -3,7 +3,8 @@
 //! Uses only what Nix 2.8 (Debian's nix-bin) has: `nix build --json --no-link` (the out
 //! path comes from the JSON; `--print-out-paths` is newer). Remote/distributed builders and
 //! cross or emulated systems are the user's Nix setup; we pass `--builders`, `--max-jobs`,
-//! `--system` and `--option K V` through unchanged.
+//! `--system` and `--option K V` through unchanged, and read Nix's log to say which machine
+//! built what and which builder could not be reached.
 
 use super::{AcquireError, Result};
 use std::collections::VecDeque;
@@ -28,6 +29,43 @@ pub struct NixBuild {
     pub options: Vec<(String, String)>,
     /// The `nix` binary (default: `nix` on PATH).
     pub nix: Option<PathBuf>,
+}
+
+/// What a successful build produced, and where it ran.
+#[derive(Debug, Clone, Default)]
+pub struct Built {
+    /// Out paths from `nix build --json`.
+    pub outs: Vec<PathBuf>,
+    /// Derivations Nix built on a remote builder: `(drv path, machine URI)`.
+    pub remote: Vec<(String, String)>,
+    /// Builders Nix could not use (then it built elsewhere): `(machine URI, Nix's reason)`.
+    pub unusable: Vec<(String, String)>,
+}
+
+/// `building '/nix/store/…drv' on 'ssh://host'...` → `(drv, machine)`.
+pub fn parse_remote_build(line: &str) -> Option<(String, String)> {
+    let rest = line.strip_prefix("building '")?;
+    let (drv, rest) = rest.split_once("' on '")?;
+    let (machine, _) = rest.split_once('\'')?;
+    Some((drv.to_string(), machine.to_string()))
+}
+
+/// `cannot build on 'ssh://host': error: …` → `(machine, reason)`.
+pub fn parse_builder_failure(line: &str) -> Option<(String, String)> {
+    let rest = line.strip_prefix("cannot build on '")?;
+    let (machine, reason) = rest.split_once("': ")?;
+    let reason = reason.strip_prefix("error: ").unwrap_or(reason);
+    Some((machine.to_string(), reason.trim().to_string()))
+}
+
+/// The store name of a derivation path, for messages: `/nix/store/abc-name.drv` → `name`.
+pub fn drv_name(drv: &str) -> &str {
+    let base = drv.rsplit('/').next().unwrap_or(drv);
+    let base = base.strip_suffix(".drv").unwrap_or(base);
+    match base.split_once('-') {
+        Some((hash, name)) if hash.len() == 32 => name,
+        _ => base,
+    }
 }
 
 /// Turns `REF#host` into `REF#<attr path>` using the board's template; a fragment that already
@@ -94,8 +132,8 @@ impl NixBuild {
             .join(" ")
     }
 
-    /// Runs the build; each log line goes to `on_line` as it arrives. Returns the out paths.
-    pub fn run(&self, on_line: &mut dyn FnMut(&str)) -> Result<Vec<PathBuf>> {
+    /// Runs the build; each log line goes to `on_line` as it arrives.
+    pub fn run(&self, on_line: &mut dyn FnMut(&str)) -> Result<Built> {
         let mut child = match self
             .command()
             .stdin(Stdio::null())
@@ -117,6 +155,8 @@ impl NixBuild {
         let ansi = regex::Regex::new(r"\x1b\[[0-9;?]*[A-Za-z]").expect("static regex");
         let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
         let mut all_errors = String::new();
+        let mut built = Built::default();
+        let mut no_machine = false;
         if let Some(err) = child.stderr.take() {
             for line in BufReader::new(err).split(b'\n') {
                 let Ok(line) = line else { break };
@@ -125,6 +165,18 @@ impl NixBuild {
                     .replace_all(line.trim_end_matches('\r'), "")
                     .to_string();
                 on_line(&line);
+                if let Some(r) = parse_remote_build(&line) {
+                    if !built.remote.contains(&r) {
+                        built.remote.push(r);
+                    }
+                }
+                if let Some(f) = parse_builder_failure(&line) {
+                    if !built.unusable.iter().any(|(m, _)| *m == f.0) {
+                        built.unusable.push(f);
+                    }
+                }
+                no_machine |= line.contains("Failed to find a machine for remote build")
+                    || line.contains("unable to start any build");
                 if line.starts_with("error") || !all_errors.is_empty() {
                     all_errors.push_str(&line);
                     all_errors.push('\n');
@@ -151,6 +203,26 @@ impl NixBuild {
                     log,
                 });
             }
+            // Nix found no machine for a derivation after a builder failed: that builder is
+            // the cause, whatever Nix's closing line says.
+            if no_machine && !built.unusable.is_empty() {
+                return Err(AcquireError::NixBuilderDown {
+                    installable: self.installable.clone(),
+                    machines: built
+                        .unusable
+                        .iter()
+                        .map(|(m, _)| m.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                    reasons: built
+                        .unusable
+                        .iter()
+                        .map(|(m, r)| format!("  {m}: {r}"))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    log,
+                });
+            }
             return Err(AcquireError::NixFailed {
                 installable: self.installable.clone(),
                 status: status.to_string(),
@@ -165,7 +237,8 @@ impl NixBuild {
                 log: format!("{log}\nstdout: {stdout}"),
             });
         }
-        Ok(outs)
+        built.outs = outs;
+        Ok(built)
     }
 }
 
@@ -254,6 +327,26 @@ mod tests {
         let s = r#"[{"drvPath":"/nix/store/a.drv","outputs":{"out":"/nix/store/b-img"}}]"#;
         assert_eq!(parse_build_json(s), vec![PathBuf::from("/nix/store/b-img")]);
         assert!(parse_build_json("garbage").is_empty());
+    }
+
+    #[test]
+    fn builder_lines() {
+        let on = "building '/nix/store/vidq9zvqqx7hb44f0d35dr5aj4rf3y6q-nixos-sd-image-test.drv' on 'ssh://root@127.0.0.1'...";
+        let (drv, m) = parse_remote_build(on).unwrap();
+        assert_eq!(m, "ssh://root@127.0.0.1");
+        assert_eq!(drv_name(&drv), "nixos-sd-image-test");
+        // A local build names no machine.
+        assert!(parse_remote_build("building '/nix/store/x-a.drv'...").is_none());
+        let down = "cannot build on 'ssh://b1': error: cannot connect to 'b1': ssh: connect to host b1 port 22: Connection refused";
+        assert_eq!(
+            parse_builder_failure(down).unwrap(),
+            (
+                "ssh://b1".to_string(),
+                "cannot connect to 'b1': ssh: connect to host b1 port 22: Connection refused"
+                    .to_string()
+            )
+        );
+        assert!(parse_builder_failure("building foo").is_none());
     }
 
     #[test]

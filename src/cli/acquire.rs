@@ -467,7 +467,8 @@ pub struct BuildArgs {
     /// Attribute template overriding the board's; `<host>` is replaced.
     #[arg(long, value_name = "TEMPLATE")]
     pub attr_template: Option<String>,
-    /// Passed to nix: remote builders (as in nix.buildMachines).
+    /// Passed to nix: remote builders (as in nix.buildMachines); which one built what is
+    /// reported, and an unreachable one is named (exit 5). ssh options: NIX_SSHOPTS.
     #[arg(long, value_name = "SPEC")]
     pub builders: Option<String>,
     /// Passed to nix: local build jobs (0 = only remote builders).
@@ -566,7 +567,7 @@ pub fn build_image(
     tracing::info!("running {}", nb.describe());
     let verbose = g.verbose > 0;
     let json = g.json;
-    let outs = nb.run(&mut |line| {
+    let built = nb.run(&mut |line| {
         if verbose && !json {
             eprintln!("    {line}");
         } else if verbose {
@@ -577,9 +578,28 @@ pub fn build_image(
             });
         }
     })?;
+    for (m, why) in &built.unusable {
+        reporter.report(Event::Message {
+            job: job.clone(),
+            level: Level::Warn,
+            text: format!("remote builder {m} could not be used: {why}"),
+        });
+    }
+    for (drv, m) in &built.remote {
+        reporter.report(Event::Message {
+            job: job.clone(),
+            level: Level::Info,
+            text: format!("built {} on {m}", crate::acquire::nix::drv_name(drv)),
+        });
+    }
+    let built_on: Vec<serde_json::Value> = built
+        .remote
+        .iter()
+        .map(|(drv, m)| serde_json::json!({"drv": drv, "machine": m}))
+        .collect();
     let mut found = None;
     let mut last_err = None;
-    for o in &outs {
+    for o in &built.outs {
         match find_image(o) {
             Ok(p) => {
                 found = Some(p);
@@ -614,6 +634,7 @@ pub fn build_image(
             "path": entry.path,
             "blake3": entry.blake3,
             "bytes": entry.size,
+            "built_on": built_on,
         }),
     });
     Ok((entry, img))
