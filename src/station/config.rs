@@ -42,6 +42,10 @@ pub struct StationConfig {
     /// slot, stays. Default true.
     #[serde(default = "yes")]
     pub eject: bool,
+    /// Refuse to start unless a trusted key signed the image, its manifest or its bmap
+    /// (`[[image.trust]]`, see README "Trust"); checked before any unit is touched.
+    #[serde(default)]
+    pub require_signature: bool,
     /// `[[slot]]` tables (`slots = [...]` also accepted).
     #[serde(rename = "slot", alias = "slots", default)]
     pub slots: Vec<SlotConfig>,
@@ -71,6 +75,15 @@ pub struct ImageConfig {
     /// Expected blake3 of the logical image (hex). Checked while writing every unit.
     #[serde(default)]
     pub blake3: Option<String>,
+    /// A signed manifest of the image (its blake3 is then checked before any unit).
+    #[serde(default)]
+    pub manifest: Option<PathBuf>,
+    /// The detached signature of the manifest or image (default: beside it).
+    #[serde(default)]
+    pub signature: Option<PathBuf>,
+    /// `[[image.trust]]`: keys trusted to sign the image.
+    #[serde(default)]
+    pub trust: Vec<crate::trust::TrustEntry>,
 }
 
 /// How units are named and what is written into their FAT partition.
@@ -238,6 +251,7 @@ pub struct Station {
     pub usb: UsbConfig,
     pub verify: bool,
     pub eject: bool,
+    pub require_signature: bool,
     pub slots: Vec<SlotMatcher>,
 }
 
@@ -292,7 +306,7 @@ impl Station {
             // serde's untagged-enum message does not say what was wrong; say what is allowed.
             bad(msg.replace(
                 "data did not match any variant of untagged enum ImageSpec",
-                "`image` must be a path string or a table with only `path`, `url`, `blake3`",
+                "`image` must be a path string or a table with only `path`, `url`, `blake3`, `manifest`, `signature`, `[[image.trust]]`",
             ))
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -310,6 +324,9 @@ impl Station {
                 path: Some(p.clone()),
                 url: None,
                 blake3: None,
+                manifest: None,
+                signature: None,
+                trust: Vec::new(),
             },
         };
         let img = &img;
@@ -340,6 +357,16 @@ impl Station {
             path: img.path.as_deref().map(resolve),
             url: img.url.clone(),
             blake3: img.blake3.as_ref().map(|s| s.to_ascii_lowercase()),
+            manifest: img.manifest.as_deref().map(resolve),
+            signature: img.signature.as_deref().map(resolve),
+            trust: img
+                .trust
+                .iter()
+                .map(|t| crate::trust::TrustEntry {
+                    key_file: t.key_file.as_deref().map(resolve),
+                    ..t.clone()
+                })
+                .collect(),
         };
 
         if raw.slots.is_empty() {
@@ -440,6 +467,7 @@ impl Station {
             usb: usb_config(&raw.usb, &resolve, &bad)?,
             verify: raw.verify,
             eject: raw.eject,
+            require_signature: raw.require_signature,
             slots,
         })
     }

@@ -51,6 +51,12 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     );
     "#,
+    // 2: the digest chain (issue #16): who signed the image, and the image's blake3 as read
+    // back from the unit (before its identity files were added).
+    r#"
+    ALTER TABLE units ADD COLUMN signature_key_id TEXT;
+    ALTER TABLE units ADD COLUMN readback_blake3 TEXT;
+    "#,
 ];
 
 /// Name of the serial counter row.
@@ -67,6 +73,9 @@ pub struct NewUnit {
     pub board: Option<String>,
     pub image: Option<String>,
     pub image_blake3: Option<String>,
+    /// The key that signed the image, its manifest or its bmap (`minisign:ID`, `ssh:SHA256:…`,
+    /// `openpgp:FINGERPRINT`).
+    pub signature_key_id: Option<String>,
 }
 
 /// How a job ended.
@@ -77,6 +86,8 @@ pub struct Outcome {
     pub bytes_written: u64,
     pub bytes_skipped: u64,
     pub throughput_bps: Option<f64>,
+    /// blake3 of the logical image as read back from the unit after the write.
+    pub readback_blake3: Option<String>,
 }
 
 /// A ledger row, for reports.
@@ -106,6 +117,8 @@ pub struct Row {
     pub tool_version: String,
     pub station_host: Option<String>,
     pub station_pid: Option<i64>,
+    pub signature_key_id: Option<String>,
+    pub readback_blake3: Option<String>,
 }
 
 /// Column names in report order (CSV header).
@@ -134,6 +147,8 @@ pub const COLUMNS: &[&str] = &[
     "tool_version",
     "station_host",
     "station_pid",
+    "signature_key_id",
+    "readback_blake3",
 ];
 
 /// An open, locked ledger (the station's writer).
@@ -333,6 +348,11 @@ impl Ledger {
         )
         .map_err(&err)?;
         let id = tx.last_insert_rowid();
+        tx.execute(
+            "UPDATE units SET signature_key_id=?2 WHERE id=?1",
+            params![id, unit.signature_key_id],
+        )
+        .map_err(&err)?;
         tx.commit().map_err(&err)?;
         Ok(Ok((id, extra)))
     }
@@ -354,6 +374,14 @@ impl Ledger {
                 ],
             )
             .map_err(db_err(&self.path))?;
+        if o.readback_blake3.is_some() {
+            self.conn
+                .execute(
+                    "UPDATE units SET readback_blake3=?2 WHERE id=?1",
+                    params![id, o.readback_blake3],
+                )
+                .map_err(db_err(&self.path))?;
+        }
         Ok(())
     }
 
@@ -454,6 +482,8 @@ pub fn report(path: &Path, since: Option<&str>) -> Result<Vec<Row>, StationError
                 tool_version: r.get(21)?,
                 station_host: r.get(22)?,
                 station_pid: r.get(23)?,
+                signature_key_id: r.get(24)?,
+                readback_blake3: r.get(25)?,
             })
         })
         .map_err(&err)?
@@ -514,6 +544,8 @@ impl Row {
             self.tool_version.clone(),
             o(&self.station_host),
             i(self.station_pid),
+            o(&self.signature_key_id),
+            o(&self.readback_blake3),
         ]
     }
 }
