@@ -618,6 +618,28 @@ fn gpg_signed_bmap() {
     fx.written(&fx.img, &["--trusted-key", &k, "--require-signature"]);
     truncate_half(&sig);
     fx.refused(&fx.img, &["--trusted-key", &k], 6, &["BAD signature for"]);
+    // An OpenPGP signature on the image file itself, checked as it streams past.
+    std::fs::remove_file(&sig).unwrap();
+    let isig = fx.p("nixos.img.sig");
+    signer.run(&[
+        "--detach-sign",
+        "-o",
+        &isig.display().to_string(),
+        &fx.img.display().to_string(),
+    ]);
+    let r = fx.written(
+        &fx.img,
+        &["--trusted-key", &k, "--require-signature", "--no-bmap"],
+    );
+    assert_eq!(r["signature"]["file"], fx.img.display().to_string(), "{r}");
+    assert_eq!(r["signature"]["key_id"], format!("openpgp:{fpr}"), "{r}");
+    tamper(&fx.img, 30 << 20);
+    fx.refused(
+        &fx.img,
+        &["--trusted-key", &k, "--no-bmap"],
+        6,
+        &["BAD signature for", "OpenPGP signature does not verify"],
+    );
 }
 
 #[test]

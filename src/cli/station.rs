@@ -304,10 +304,12 @@ fn check_trust(
         manifest: st.image.manifest.clone(),
     };
     let name = path.display().to_string();
+    // The bmap the station's open uses (beside the image), for bmaptool-style signatures.
+    let bmap = crate::image::open_image(path, &crate::image::OpenOptions::default())?.bmap;
     let verdict = trust.check(crate::trust::Input {
         file: Some(path),
         name: &name,
-        bmap: None,
+        bmap: bmap.as_deref(),
         board: st.board.as_deref(),
     })?;
     super::trust::report(&verdict, ui::STATION_JOB, reporter);

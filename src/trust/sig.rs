@@ -206,47 +206,71 @@ impl Signature {
                 Ok(done("ssh", key))
             }
             Signature::OpenPgp(s) => {
-                let mut all = Vec::new();
-                data.read_to_end(&mut all).map_err(read_err)?;
-                for k in keys {
+                // The trusted key (primary or subkey) the signature names as its issuer.
+                let named = |fp: &pgp::types::Fingerprint, id: &pgp::types::KeyId| {
+                    s.signature.issuer_fingerprint().contains(&fp)
+                        || s.signature.issuer().contains(&id)
+                };
+                let found = keys.iter().find_map(|k| {
                     let TrustedKey::Pgp { key, .. } = k else {
-                        continue;
+                        return None;
                     };
-                    let ids =
-                        std::iter::once((key.primary_key.fingerprint(), key.primary_key.key_id()))
-                            .chain(
-                                key.public_subkeys
-                                    .iter()
-                                    .map(|sk| (sk.key.fingerprint(), sk.key.key_id())),
-                            );
-                    for (fp, id) in ids {
-                        let named = s.signature.issuer_fingerprint().contains(&&fp)
-                            || s.signature.issuer().contains(&&id);
-                        if !named {
-                            continue;
-                        }
-                        let res = if fp == key.primary_key.fingerprint() {
-                            s.verify(&key.primary_key, &all)
-                        } else {
-                            let sub = key
-                                .public_subkeys
-                                .iter()
-                                .find(|sk| sk.key.fingerprint() == fp)
-                                .map(|sk| s.verify(&sk.key, &all));
-                            sub.unwrap_or_else(|| s.verify(&key.primary_key, &all))
-                        };
-                        if res.is_ok() {
-                            return Ok(done("openpgp", k));
-                        }
-                        return Err(bad(format!(
-                            "OpenPGP signature does not verify with {} (the file was changed after it was signed, or the signature was)",
-                            k.id()
-                        )));
+                    let p = &key.primary_key;
+                    if named(&p.fingerprint(), &p.key_id()) {
+                        return Some((k, None));
                     }
+                    key.public_subkeys
+                        .iter()
+                        .find(|sk| named(&sk.key.fingerprint(), &sk.key.key_id()))
+                        .map(|sk| (k, Some(&sk.key)))
+                });
+                let Some((k, sub)) = found else {
+                    return Err(untrusted());
+                };
+                let TrustedKey::Pgp { key, .. } = k else {
+                    return Err(untrusted());
+                };
+                // Streamed: an image's own OpenPGP signature never holds the image in memory.
+                let mut data = ReadErr::new(data);
+                let res = match sub {
+                    Some(sk) => s.signature.verify(sk, &mut data),
+                    None => s.signature.verify(&key.primary_key, &mut data),
+                };
+                if let Some(e) = data.err.take() {
+                    return Err(read_err(e));
                 }
-                Err(untrusted())
+                res.map_err(|e| {
+                    bad(format!(
+                        "OpenPGP signature does not verify with {} ({e}; the file was changed after it was signed, or the signature was)",
+                        k.id()
+                    ))
+                })?;
+                Ok(done("openpgp", k))
             }
         }
+    }
+}
+
+/// A reader that keeps its first I/O error, so a read failure is reported as one and not as
+/// a bad signature.
+struct ReadErr<R> {
+    inner: R,
+    err: Option<std::io::Error>,
+}
+
+impl<R> ReadErr<R> {
+    fn new(inner: R) -> Self {
+        ReadErr { inner, err: None }
+    }
+}
+
+impl<R: Read> Read for ReadErr<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.inner.read(buf).inspect_err(|e| {
+            if self.err.is_none() {
+                self.err = Some(std::io::Error::new(e.kind(), e.to_string()));
+            }
+        })
     }
 }
 
