@@ -13,6 +13,8 @@ TEST_PKGS="lintian bmap-tools android-sdk-libsparse-utils zstd xz-utils bzip2 gz
 TEST_PKGS="$TEST_PKGS dropbear-bin"
 # check-card's fault devices in the USB lab guest (dm-linear, dm-error, dm-flakey tables).
 TEST_PKGS="$TEST_PKGS dmsetup"
+# Signed images (tests/trust.rs): real minisign and gpg signatures.
+TEST_PKGS="$TEST_PKGS minisign gnupg"
 missing=""
 for p in $BUILD_PKGS $TEST_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

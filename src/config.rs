@@ -213,6 +213,9 @@ pub struct Config {
     /// URL prefix rewrites for downloads.
     pub mirrors: Sourced<Vec<Mirror>>,
     pub station: StationDefaults,
+    /// `[image]`: trusted signing keys and `require-signature` (key files relative to the file).
+    #[serde(skip)]
+    pub image: ImageTrust,
 }
 
 /// Values given on the command line; `None`/empty means "not given".
@@ -236,6 +239,17 @@ struct FileConfig {
     boards_dirs: Option<Spanned<Vec<PathBuf>>>,
     mirrors: Option<Spanned<Vec<Mirror>>>,
     station: Option<FileStation>,
+    image: Option<ImageTrust>,
+}
+
+/// `[image]`: who may sign images (`[[image.trust]]`) and whether a signature is required.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ImageTrust {
+    #[serde(default)]
+    pub trust: Vec<crate::trust::TrustEntry>,
+    #[serde(default, alias = "require_signature")]
+    pub require_signature: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -462,7 +476,12 @@ impl Config {
             }
         }
 
+        let mut image = file_cfg.image.unwrap_or_default();
+        for e in &mut image.trust {
+            e.key_file = e.key_file.take().map(|p| resolve_relative(base, p));
+        }
         Ok(Config {
+            image,
             file: file_used.map(|f| f.0),
             cache_dir,
             default_board,
@@ -605,6 +624,13 @@ pub const EXAMPLE: &str = r#"# sbcflash defaults: $XDG_CONFIG_HOME/sbcflash/conf
 # ledger = "/var/lib/sbcflash-station/ledger.sqlite"
 # Flash cards that are already inserted when the station starts.
 # flash-present = false
+
+# Who may sign images (README "Trust"); `write --trusted-key` adds more.
+# [image]
+# require-signature = true
+# [[image.trust]]
+# name = "release"
+# key-file = "release.pub"          # minisign/SSH .pub, OpenPGP key or keyring; or key = "RW..."
 "#;
 
 #[cfg(test)]

@@ -48,12 +48,12 @@ impl Exit {
         ),
         (
             Exit::Refused,
-            "target refused by a safety rule (use --force/--yes only if you mean it)",
+            "target refused by a safety rule (use --force/--yes only if you mean it); an image no trusted key signed, under --require-signature",
         ),
         (Exit::Io, "I/O error on target, source, device or network"),
         (
             Exit::Verify,
-            "verification failed: the target does not hold the image",
+            "verification failed: the target does not hold the image; a signature or signed digest does not match the image, manifest or bmap",
         ),
         (
             Exit::Timeout,

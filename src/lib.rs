@@ -16,6 +16,7 @@ pub mod job;
 pub mod progress;
 pub mod station;
 pub mod target;
+pub mod trust;
 pub mod uevent;
 pub mod usb;
 pub mod write;

@@ -153,7 +153,7 @@ fn show(cmd: &str, o: &Output) -> String {
 
 #[test]
 fn every_readme_command_that_needs_no_hardware_works_as_shown() {
-    let mut tools = vec!["losetup", "zstd", "script"];
+    let mut tools = vec!["losetup", "zstd", "script", "minisign"];
     tools.extend_from_slice(common::IMAGE_TOOLS);
     if !require(true, &tools) {
         return;
@@ -164,6 +164,11 @@ fn every_readme_command_that_needs_no_hardware_works_as_shown() {
     let img = common::make_nixos_like_image(&dir, "nixos-sd-image.img", 64, common::Table::Mbr);
     common::run(Command::new("zstd").args(["-q", "-f"]).arg(&img));
     let zst = std::fs::read(dir.join("nixos-sd-image.img.zst")).unwrap();
+    // The README's "Trust" section: the publisher's minisign key and signature, as it shows.
+    common::sh(&format!(
+        "cd '{}' && minisign -G -W -p minisign.pub -s minisign.key >/dev/null && minisign -S -s minisign.key -m nixos-sd-image.img.zst >/dev/null",
+        dir.display()
+    ));
     let lo = LoopDev::new_sparse(&dir, "card.img", 128 << 20);
 
     // The boards' default download (hydra.nixos.org) and an https:// image, both served on

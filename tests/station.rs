@@ -1282,6 +1282,7 @@ mod usb_slots {
             size: bytes.len() as u64,
             format: "raw".into(),
             decoded: None,
+            signed_by: None,
         }
     }
 

@@ -559,6 +559,10 @@ pub struct ImageSource {
     pub sha256: Option<Digest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// Keys trusted to sign this source's images (`[[image.trust]]`); trusted for any write
+    /// with this board.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trust: Vec<crate::trust::TrustEntry>,
 }
 
 impl ImageSource {

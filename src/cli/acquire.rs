@@ -516,6 +516,7 @@ pub fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
             member: None,
         },
         blake3: None,
+        trust: Default::default(),
         no_verify: a.no_verify,
         yes: a.yes,
         force: a.force,

@@ -19,6 +19,7 @@ pub mod console;
 pub mod help;
 pub mod meta;
 pub mod station;
+pub mod trust;
 pub mod usb;
 pub mod write;
 
@@ -135,7 +136,7 @@ impl Global {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Write an image to a card, disk, file or a board in USB recovery mode.
-    Write(write::WriteArgs),
+    Write(Box<write::WriteArgs>),
     /// List candidate target disks (removable first).
     List(write::ListArgs),
     /// Print the blake3 digest of an image's logical contents.
@@ -218,7 +219,7 @@ pub fn error_text(err: &anyhow::Error) -> String {
 fn run(cli: Cli) -> anyhow::Result<Exit> {
     let g = &cli.global;
     match cli.command {
-        Command::Write(a) => write::run_write(a, g),
+        Command::Write(a) => write::run_write(*a, g),
         Command::List(a) => write::run_list(a, g),
         Command::Hash(a) => write::run_hash(a, g),
         Command::Verify(a) => write::run_verify(a, g),

@@ -262,11 +262,76 @@ fn resolve_image(
             st.path.display()
         ),
     };
-    Ok(ImagePlan::prepare(
+    let mut plan = ImagePlan::prepare(
         &path,
         decode_once.then_some(cfg.cache_dir.value.as_path()),
         reporter.as_ref(),
-    )?)
+    )?;
+    plan.signed_by = check_trust(st, cfg, &path, &plan, reporter.as_ref())?;
+    Ok(plan)
+}
+
+/// The station's trust rules, checked once at start before any unit: keys from the station
+/// config's and the user config's `[[image.trust]]` (and the board's image sources), a signed
+/// manifest's digest against the image's (hashed at start in full), `require_signature`.
+fn check_trust(
+    st: &Station,
+    cfg: &crate::config::Config,
+    path: &std::path::Path,
+    plan: &ImagePlan,
+    reporter: &dyn Reporter,
+) -> anyhow::Result<Option<String>> {
+    let origin = format!("[[image.trust]] in {}", st.path.display());
+    let mut keys = Vec::new();
+    for e in &st.image.trust {
+        keys.extend(e.load(&origin)?);
+    }
+    for e in &cfg.image.trust {
+        keys.extend(e.load("[[image.trust]] in the user config")?);
+    }
+    if let Some(b) = &st.board {
+        let mut dirs = cfg.boards_dirs.value.clone();
+        dirs.reverse();
+        if let Ok(reg) = crate::board::Registry::load(&dirs) {
+            if let Ok(board) = reg.get(b) {
+                for src in &board.desc.images {
+                    for e in &src.trust {
+                        keys.extend(e.load(&format!("[[image.trust]] of board {b}"))?);
+                    }
+                }
+            }
+        }
+    }
+    let trust = crate::trust::TrustPlan {
+        keys,
+        require: st.require_signature || cfg.image.require_signature,
+        signature: st.image.signature.clone(),
+        manifest: st.image.manifest.clone(),
+    };
+    let name = path.display().to_string();
+    // The bmap the station's open uses (beside the image), for bmaptool-style signatures.
+    let bmap = crate::image::open_image(path, &crate::image::OpenOptions::default())?.bmap;
+    let verdict = trust.check(crate::trust::Input {
+        file: Some(path),
+        name: &name,
+        bmap: bmap.as_deref(),
+        board: st.board.as_deref(),
+    })?;
+    super::trust::report(&verdict, ui::STATION_JOB, reporter);
+    if let Some((want, from)) = &verdict.expected_blake3 {
+        if hex::encode(want) != plan.blake3 {
+            return Err(crate::trust::TrustError::Mismatch {
+                what: name,
+                msg: format!(
+                    "blake3 of the image is {}, but {from} gives {}; no unit was touched",
+                    plan.blake3,
+                    hex::encode(want)
+                ),
+            }
+            .into());
+        }
+    }
+    Ok(verdict.signed.map(|s| s.key_id))
 }
 
 fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {

@@ -124,6 +124,9 @@ pub struct WriteArgs {
     pub stream: super::acquire::StreamArgs,
     #[command(flatten)]
     pub usb: super::usb::ViaArgs,
+    /// --trusted-key/--signature/--manifest/--require-signature: who must have signed it.
+    #[command(flatten)]
+    pub trust: super::trust::TrustArgs,
 }
 
 /// Image-vs-board checks by the board module: may refuse (`--strict`), and plans the
@@ -342,6 +345,8 @@ pub struct WritePlan {
     pub checks: Checks,
     pub stream: super::acquire::StreamArgs,
     pub via: Option<super::usb::ViaPlan>,
+    /// Trusted keys and whether a signature is required (checked before the target is touched).
+    pub trust: crate::trust::TrustPlan,
 }
 
 /// What `write` checks and does around the pipeline.
@@ -381,6 +386,7 @@ impl WritePlan {
             true => None,
             false => a.board.plan(g)?,
         };
+        let trust = super::trust::plan(&a.trust, board.as_ref().map(|b| &b.board), g)?;
         let via = match a.usb.via {
             Some(v) => Some(super::usb::ViaPlan::new(v, a.usb, &a.board, g)?),
             None => None,
@@ -402,6 +408,7 @@ impl WritePlan {
             },
             stream: a.stream,
             via,
+            trust,
         })
     }
 }
@@ -431,6 +438,22 @@ fn via_first(p: &WritePlan, g: &Global) -> anyhow::Result<Option<(PathBuf, PathB
                 _ => None,
             };
             let img = p.img.open(i)?;
+            let name = i.display().to_string();
+            let verdict = p.trust.check(crate::trust::Input {
+                file: is_regular_file(i).then_some(i.as_path()),
+                name: &name,
+                bmap: img.bmap.as_deref(),
+                board: p.board.as_ref().map(|b| b.board.id()),
+            })?;
+            if verdict.expected_blake3.is_some() {
+                // The USB writers take no expected digest: a manifest's digest would go unchecked.
+                return Err(ExitError::new(
+                    Exit::Usage,
+                    "--manifest is not supported with --via yet: write through a block device, or sign the image file itself",
+                )
+                .into());
+            }
+            super::trust::report(&verdict, &name, g.reporter().as_ref());
             let placements = pre
                 .as_ref()
                 .map(|b| b.placements.clone())
@@ -477,6 +500,34 @@ pub fn run_plan(p: WritePlan, g: &Global) -> anyhow::Result<Exit> {
         None => (p.img.open(&image_path)?, None, image_path.clone()),
     };
     let (expected, expected_from) = expected_digest(p.blake3, &image_path)?;
+    // Signatures and a signed manifest, before the target is looked at.
+    let trust_name = image_arg
+        .as_deref()
+        .map(str::to_string)
+        .unwrap_or_else(|| image_path.display().to_string());
+    let verdict = p.trust.check(crate::trust::Input {
+        file: (remote.is_none() && is_regular_file(&image_path)).then_some(image_path.as_path()),
+        name: &trust_name,
+        bmap: opened.bmap.as_deref(),
+        board: p.board.as_ref().map(|b| b.board.id()),
+    })?;
+    super::trust::report(&verdict, &job_name.display().to_string(), reporter.as_ref());
+    let (expected, expected_from) = match (&verdict.expected_blake3, expected) {
+        (Some((m, from)), Some(e)) if *m != e => {
+            return Err(crate::trust::TrustError::Mismatch {
+                what: trust_name.clone(),
+                msg: format!(
+                    "{from} gives blake3 {}, but {} gives {}",
+                    hex::encode(m),
+                    expected_from.unwrap_or_default(),
+                    hex::encode(e)
+                ),
+            }
+            .into())
+        }
+        (Some((m, from)), _) => (Some(*m), Some(from.clone())),
+        (None, e) => (e, expected_from),
+    };
 
     let (resolved, info) = target::inspect(&target_path)?;
     let policy = crate::job::policy_for(&image_path, &opened, p.checks.force);
@@ -583,11 +634,20 @@ pub fn run_plan(p: WritePlan, g: &Global) -> anyhow::Result<Exit> {
         &opened_path,
         &info,
         eject.as_ref(),
-        &report,
+        Done {
+            report: &report,
+            signed: verdict.signed.as_ref(),
+        },
         reporter.as_ref(),
         g,
     )?;
     Ok(Exit::Ok)
+}
+
+/// What a finished write reports: the pipeline's report and who signed the image.
+struct Done<'a> {
+    report: &'a write::WriteReport,
+    signed: Option<&'a crate::trust::Verified>,
 }
 
 /// After the write (and any placement): eject or say the disk may be pulled, then the result
@@ -597,10 +657,11 @@ fn finish(
     opened_path: &Path,
     info: &TargetInfo,
     eject: Option<&target::eject::Plan>,
-    report: &write::WriteReport,
+    done: Done<'_>,
     reporter: &dyn crate::progress::Reporter,
     g: &Global,
 ) -> anyhow::Result<()> {
+    let Done { report, signed } = done;
     // Everything is written, read back and flushed: say when the disk may be pulled.
     let pulled = match (info, eject) {
         (_, Some(plan)) => {
@@ -623,9 +684,12 @@ fn finish(
         outln!("{}", report.summary_line(job));
     }
     if g.json {
-        let v = serde_json::json!({
+        let mut v = serde_json::json!({
             "job": job, "ok": true, "report": report,
         });
+        if let Some(s) = signed {
+            v["signature"] = serde_json::json!(s);
+        }
         crate::progress::json_line(&mut super::out::stdout(), "result", v)?;
     }
     Ok(())

@@ -46,6 +46,10 @@ pub struct StationConfig {
     /// back (`sbcflash check-card`); a card that fails is FAIL with the reason. Default false.
     #[serde(default)]
     pub check_card: bool,
+    /// Refuse to start unless a trusted key signed the image, its manifest or its bmap
+    /// (`[[image.trust]]`, see README "Trust"); checked before any unit is touched.
+    #[serde(default)]
+    pub require_signature: bool,
     /// `[[slot]]` tables (`slots = [...]` also accepted).
     #[serde(rename = "slot", alias = "slots", default)]
     pub slots: Vec<SlotConfig>,
@@ -75,6 +79,15 @@ pub struct ImageConfig {
     /// Expected blake3 of the logical image (hex). Checked while writing every unit.
     #[serde(default)]
     pub blake3: Option<String>,
+    /// A signed manifest of the image (its blake3 is then checked before any unit).
+    #[serde(default)]
+    pub manifest: Option<PathBuf>,
+    /// The detached signature of the manifest or image (default: beside it).
+    #[serde(default)]
+    pub signature: Option<PathBuf>,
+    /// `[[image.trust]]`: keys trusted to sign the image.
+    #[serde(default)]
+    pub trust: Vec<crate::trust::TrustEntry>,
 }
 
 /// How units are named and what is written into their FAT partition.
@@ -250,6 +263,7 @@ pub struct Station {
     pub verify: bool,
     pub eject: bool,
     pub check_card: bool,
+    pub require_signature: bool,
     pub slots: Vec<SlotMatcher>,
 }
 
@@ -305,7 +319,7 @@ impl Station {
             // serde's untagged-enum message does not say what was wrong; say what is allowed.
             bad(msg.replace(
                 "data did not match any variant of untagged enum ImageSpec",
-                "`image` must be a path string or a table with only `path`, `url`, `blake3`",
+                "`image` must be a path string or a table with only `path`, `url`, `blake3`, `manifest`, `signature`, `[[image.trust]]`",
             ))
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
@@ -323,6 +337,9 @@ impl Station {
                 path: Some(p.clone()),
                 url: None,
                 blake3: None,
+                manifest: None,
+                signature: None,
+                trust: Vec::new(),
             },
         };
         let img = &img;
@@ -353,6 +370,16 @@ impl Station {
             path: img.path.as_deref().map(resolve),
             url: img.url.clone(),
             blake3: img.blake3.as_ref().map(|s| s.to_ascii_lowercase()),
+            manifest: img.manifest.as_deref().map(resolve),
+            signature: img.signature.as_deref().map(resolve),
+            trust: img
+                .trust
+                .iter()
+                .map(|t| crate::trust::TrustEntry {
+                    key_file: t.key_file.as_deref().map(resolve),
+                    ..t.clone()
+                })
+                .collect(),
         };
 
         if raw.slots.is_empty() {
@@ -475,6 +502,7 @@ impl Station {
             verify: raw.verify,
             eject: raw.eject,
             check_card: raw.check_card,
+            require_signature: raw.require_signature,
             slots,
         })
     }

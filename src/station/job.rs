@@ -29,6 +29,8 @@ pub struct ImagePlan {
     /// A compressed or sparse image decoded once at start (see [`super::decoded`]); None for
     /// raw images, which jobs read directly.
     pub decoded: Option<super::decoded::Decoded>,
+    /// The key that signed the image, its manifest or its bmap (checked at start), for the ledger.
+    pub signed_by: Option<String>,
 }
 
 impl ImagePlan {
@@ -74,6 +76,7 @@ impl ImagePlan {
             size: len,
             format: opened.description,
             decoded: None,
+            signed_by: None,
         })
     }
 
@@ -117,6 +120,7 @@ impl ImagePlan {
             size: d.size,
             format: opened.description,
             decoded: Some(d),
+            signed_by: None,
         })
     }
 
@@ -373,6 +377,8 @@ impl Step {
 pub struct WriteStats {
     pub bytes_written: u64,
     pub bytes_skipped: u64,
+    /// blake3 of the image as read back from the unit (with read-back on).
+    pub readback_blake3: Option<[u8; 32]>,
 }
 
 fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) -> Done {
@@ -412,6 +418,7 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
         board: st.board.clone(),
         image: Some(ctx.image.path.display().to_string()),
         image_blake3: Some(ctx.image.blake3.clone()),
+        signature_key_id: ctx.image.signed_by.clone(),
     };
     // The row (and the serial) exist before the device is touched.
     let started = {
@@ -558,6 +565,7 @@ fn end(
             bytes_written: stats.bytes_written,
             bytes_skipped: stats.bytes_skipped,
             throughput_bps: throughput,
+            readback_blake3: stats.readback_blake3.map(hex::encode),
         };
         if let Err(e) = l.finish_unit(row, &o) {
             rep.log(&format!("could not record the result: {e}"));
@@ -654,6 +662,7 @@ pub(super) fn write_block(
         cancel: cancel.flag(),
         job: devnode.display().to_string(),
         image_name: ctx.image.path.display().to_string(),
+        readback_digest: true,
         ..Default::default()
     };
     set(Step::Write);
@@ -670,6 +679,10 @@ pub(super) fn write_block(
     let stats = WriteStats {
         bytes_written: report.bytes_written,
         bytes_skipped: report.bytes_skipped + report.bytes_zeroed,
+        readback_blake3: report
+            .readback_blake3
+            .as_deref()
+            .and_then(crate::write::parse_blake3_hex),
     };
     if !files.is_empty() {
         set(Step::Identity);

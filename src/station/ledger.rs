@@ -56,6 +56,12 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE units ADD COLUMN host_key TEXT;
     ALTER TABLE units ADD COLUMN host_key_fingerprint TEXT;
     "#,
+    // 3: the digest chain (issue #16): who signed the image, and the image's blake3 as read
+    // back from the unit (before its identity files were added).
+    r#"
+    ALTER TABLE units ADD COLUMN signature_key_id TEXT;
+    ALTER TABLE units ADD COLUMN readback_blake3 TEXT;
+    "#,
 ];
 
 /// Name of the serial counter row.
@@ -72,6 +78,9 @@ pub struct NewUnit {
     pub board: Option<String>,
     pub image: Option<String>,
     pub image_blake3: Option<String>,
+    /// The key that signed the image, its manifest or its bmap (`minisign:ID`, `ssh:SHA256:…`,
+    /// `openpgp:FINGERPRINT`).
+    pub signature_key_id: Option<String>,
 }
 
 /// How a job ended.
@@ -82,6 +91,8 @@ pub struct Outcome {
     pub bytes_written: u64,
     pub bytes_skipped: u64,
     pub throughput_bps: Option<f64>,
+    /// blake3 of the logical image as read back from the unit after the write.
+    pub readback_blake3: Option<String>,
 }
 
 /// A ledger row, for reports.
@@ -114,6 +125,8 @@ pub struct Row {
     /// `ssh-ed25519 BASE64` of the unit's station-made host key.
     pub host_key: Option<String>,
     pub host_key_fingerprint: Option<String>,
+    pub signature_key_id: Option<String>,
+    pub readback_blake3: Option<String>,
 }
 
 /// Column names in report order (CSV header).
@@ -144,6 +157,8 @@ pub const COLUMNS: &[&str] = &[
     "station_pid",
     "host_key",
     "host_key_fingerprint",
+    "signature_key_id",
+    "readback_blake3",
 ];
 
 /// An open, locked ledger (the station's writer).
@@ -343,6 +358,11 @@ impl Ledger {
         )
         .map_err(&err)?;
         let id = tx.last_insert_rowid();
+        tx.execute(
+            "UPDATE units SET signature_key_id=?2 WHERE id=?1",
+            params![id, unit.signature_key_id],
+        )
+        .map_err(&err)?;
         tx.commit().map_err(&err)?;
         Ok(Ok((id, extra)))
     }
@@ -381,6 +401,14 @@ impl Ledger {
                 ],
             )
             .map_err(db_err(&self.path))?;
+        if o.readback_blake3.is_some() {
+            self.conn
+                .execute(
+                    "UPDATE units SET readback_blake3=?2 WHERE id=?1",
+                    params![id, o.readback_blake3],
+                )
+                .map_err(db_err(&self.path))?;
+        }
         Ok(())
     }
 
@@ -483,6 +511,8 @@ pub fn report(path: &Path, since: Option<&str>) -> Result<Vec<Row>, StationError
                 station_pid: r.get(23)?,
                 host_key: r.get(24)?,
                 host_key_fingerprint: r.get(25)?,
+                signature_key_id: r.get(26)?,
+                readback_blake3: r.get(27)?,
             })
         })
         .map_err(&err)?
@@ -545,6 +575,8 @@ impl Row {
             i(self.station_pid),
             o(&self.host_key),
             o(&self.host_key_fingerprint),
+            o(&self.signature_key_id),
+            o(&self.readback_blake3),
         ]
     }
 }

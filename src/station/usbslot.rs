@@ -307,6 +307,7 @@ pub(super) fn provision(
         cancel: cancel.flag(),
         job: label.clone(),
         image_name: ctx.image.path.display().to_string(),
+        readback_digest: true,
         ..Default::default()
     };
     let follow = PhaseFollower {
@@ -320,6 +321,10 @@ pub(super) fn provision(
     let stats = WriteStats {
         bytes_written: report.bytes_written,
         bytes_skipped: report.bytes_skipped + report.bytes_zeroed,
+        readback_blake3: report
+            .readback_blake3
+            .as_deref()
+            .and_then(crate::write::parse_blake3_hex),
     };
     if !files.is_empty() {
         set(Step::Identity);

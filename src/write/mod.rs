@@ -68,6 +68,9 @@ pub struct WriteOptions {
     pub job: String,
     /// Name of the image for messages.
     pub image_name: String,
+    /// Also compute the blake3 of the logical image as read back (`WriteReport::readback_blake3`,
+    /// for the station's ledger); costs hashing the gaps as zeroes.
+    pub readback_digest: bool,
 }
 
 impl Default for WriteOptions {
@@ -82,6 +85,7 @@ impl Default for WriteOptions {
             cancel: Arc::new(AtomicBool::new(false)),
             job: "write".into(),
             image_name: "image".into(),
+            readback_digest: false,
         }
     }
 }
@@ -121,6 +125,9 @@ pub struct WriteReport {
     pub verified_bytes: Option<u64>,
     pub write_seconds: f64,
     pub verify_seconds: Option<f64>,
+    /// blake3 of the logical image as read back from the medium (with `readback_digest`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub readback_blake3: Option<String>,
     #[serde(skip)]
     pub ranges: Vec<RangeDigest>,
 }
@@ -487,9 +494,11 @@ pub fn run(
             total: Some(total),
             detail: None,
         });
-        let n = read_back(sink, &report.ranges, opts, reporter)
+        let size = opts.readback_digest.then_some(report.image_size);
+        let (n, back) = verify::read_back_digest(sink, &report.ranges, opts, reporter, size)
             .map_err(|e| failed("verify", e.with_state(TargetState::Unverified)))?;
         report.verified_bytes = Some(n);
+        report.readback_blake3 = back.map(hex::encode);
         report.verify_seconds = Some(t.elapsed().as_secs_f64());
         reporter.report(Event::Finish {
             job: job.clone(),
@@ -708,6 +717,7 @@ fn write_inner(
         verified_bytes: None,
         write_seconds: start.elapsed().as_secs_f64(),
         verify_seconds: None,
+        readback_blake3: None,
         ranges: hashed.ranges,
     })
 }

@@ -32,9 +32,89 @@ pub fn read_back(
     opts: &WriteOptions,
     reporter: &dyn Reporter,
 ) -> Result<u64, WriteError> {
-    match sink.medium_reader() {
-        Some(reader) => read_back_parallel(&reader, sink.name(), ranges, opts, reporter),
-        None => read_back_serial(sink, ranges, opts, reporter),
+    read_back_digest(sink, ranges, opts, reporter, None).map(|(n, _)| n)
+}
+
+/// [`read_back`], and with `image_size` also the blake3 of the logical image as read back from
+/// the medium: the data ranges as read, the gaps (`Zero`/`Skip`) hashed as zeroes, as the image
+/// digest defines them. It equals the image's blake3 exactly when every range came back equal;
+/// the ledger records it beside the image digest that was verified.
+pub fn read_back_digest(
+    sink: &mut dyn Sink,
+    ranges: &[RangeDigest],
+    opts: &WriteOptions,
+    reporter: &dyn Reporter,
+    image_size: Option<u64>,
+) -> Result<(u64, Option<[u8; 32]>), WriteError> {
+    let chain = image_size.map(|_| Chain::default());
+    let n = match sink.medium_reader() {
+        Some(reader) => {
+            read_back_parallel(&reader, sink.name(), ranges, opts, reporter, chain.as_ref())?
+        }
+        None => read_back_serial(sink, ranges, opts, reporter, chain.as_ref())?,
+    };
+    let digest = match (chain, image_size) {
+        (Some(c), Some(size)) => Some(c.finish(size)),
+        _ => None,
+    };
+    Ok((n, digest))
+}
+
+/// The read-back digest, fed range by range in image order while reads stay in flight: a
+/// worker that read range `i` waits (holding its buffer) until ranges before it are fed.
+#[derive(Default)]
+struct Chain {
+    state: Mutex<ChainState>,
+    fed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct ChainState {
+    hasher: blake3::Hasher,
+    /// Logical offset hashed so far.
+    pos: u64,
+    /// Index of the next range to feed.
+    next: usize,
+}
+
+fn hash_zeros(h: &mut blake3::Hasher, mut n: u64) {
+    use crate::image::zero::ZEROS;
+    while n > 0 {
+        let k = n.min(ZEROS.len() as u64) as usize;
+        h.update(&ZEROS[..k]);
+        n -= k as u64;
+    }
+}
+
+impl Chain {
+    /// Feed range `i` (`data` read back at `r.offset`) once every earlier range is fed; gives
+    /// up (false) when `stop` is set meanwhile.
+    fn feed(&self, i: usize, r: &RangeDigest, data: &[u8], stop: &AtomicBool) -> bool {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        while st.next != i {
+            if stop.load(Ordering::Relaxed) {
+                return false;
+            }
+            st = self
+                .fed
+                .wait_timeout(st, Duration::from_millis(50))
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+        let gap = r.offset.saturating_sub(st.pos);
+        hash_zeros(&mut st.hasher, gap);
+        st.hasher.update(data);
+        st.pos = r.offset + r.len;
+        st.next += 1;
+        self.fed.notify_all();
+        true
+    }
+
+    fn finish(self, size: u64) -> [u8; 32] {
+        let mut st = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
+        let tail = size.saturating_sub(st.pos);
+        hash_zeros(&mut st.hasher, tail);
+        *st.hasher.finalize().as_bytes()
     }
 }
 
@@ -44,6 +124,7 @@ fn read_back_parallel(
     ranges: &[RangeDigest],
     opts: &WriteOptions,
     reporter: &dyn Reporter,
+    chain: Option<&Chain>,
 ) -> Result<u64, WriteError> {
     let max = ranges.iter().map(|r| r.len).max().unwrap_or(0) as usize;
     if max == 0 {
@@ -78,6 +159,10 @@ fn read_back_parallel(
                                     let mut b = bad.lock().unwrap_or_else(|p| p.into_inner());
                                     *b = Some(b.map_or(i, |j| j.min(i)));
                                     stop.store(true, Ordering::Relaxed);
+                                } else if let Some(c) = chain {
+                                    if !c.feed(i, r, &buf[at..at + len], stop) {
+                                        break;
+                                    }
                                 }
                             }
                             Err(e) => {
@@ -137,6 +222,7 @@ fn read_back_serial(
     ranges: &[RangeDigest],
     opts: &WriteOptions,
     reporter: &dyn Reporter,
+    chain: Option<&Chain>,
 ) -> Result<u64, WriteError> {
     let target = sink.name().to_string();
     let max = ranges.iter().map(|r| r.len).max().unwrap_or(0) as usize;
@@ -185,6 +271,10 @@ fn read_back_serial(
         if let Err(e) = sink.read_at(r.offset, &mut buf[..r.len as usize]) {
             read_err = Some(e);
             break;
+        }
+        if let Some(c) = chain {
+            // Fed in order on this thread; a mismatch the checker finds fails the whole read-back.
+            c.feed(i, r, &buf[..r.len as usize], &AtomicBool::new(false));
         }
         if tx.send((i, buf)).is_err() {
             break;
