@@ -14,6 +14,7 @@ pub mod job;
 pub mod progress;
 pub mod station;
 pub mod target;
+pub mod tryboot;
 pub mod uevent;
 pub mod usb;
 pub mod write;

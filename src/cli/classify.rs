@@ -29,6 +29,7 @@ fn classify_dyn(e: &(dyn std::error::Error + 'static)) -> Option<Exit> {
         .or_else(|| class::<crate::station::fatinject::FatError>(e))
         .or_else(|| class::<crate::usb::Error>(e))
         .or_else(|| class::<crate::usb::TransportError>(e))
+        .or_else(|| class::<crate::tryboot::TryError>(e))
         .or_else(|| {
             e.downcast_ref::<std::io::Error>().map(|x| match x.kind() {
                 std::io::ErrorKind::Interrupted => Exit::Interrupted,
