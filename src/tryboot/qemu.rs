@@ -144,7 +144,18 @@ impl Qemu {
             "virtio-net-pci,netdev=net0,romfile=".into(),
         ]);
         args.extend(spec.extra.iter().cloned());
-        let mut child = Command::new(&bin)
+        let mut cmd = Command::new(&bin);
+        // QEMU must not outlive sbcflash (killed, Ctrl-C): the kernel kills it with us.
+        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
             .args(&args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -1,0 +1,329 @@
+//! `sbcflash try` against the real thing: Debian's U-Boot (and OpenSBI) in qemu-system-aarch64
+//! / -riscv64 booting harness images (tests/harness/make-boot-image.sh) with real Debian
+//! kernels, followed on the pty by sbcflash's console engine. Broken images are built by the
+//! harness script too (a root= that does not exist without an initrd, an init that cannot
+//! run); nothing on the console is scripted. Tests that start QEMU have `qemu` in their name
+//! (nextest runs at most 2 at once); `try` stops its QEMU by PID itself, and QEMU dies with it.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+fn harness() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/harness")
+}
+
+fn need(arch: &str) -> bool {
+    let q = format!("qemu-system-{arch}");
+    common::require(
+        false,
+        &[
+            q.as_str(),
+            "qemu-img",
+            "debugfs",
+            "mtype",
+            "apt-get",
+            "mkfs.ext4",
+            "mcopy",
+        ],
+    )
+}
+
+/// A harness image built with `args`, once per (script, args) and shared by the tests of a
+/// run (a lock keeps parallel tests from building it twice).
+fn image(args: &[&str]) -> PathBuf {
+    let script = harness().join("make-boot-image.sh");
+    let mut text = std::fs::read(&script).expect("read make-boot-image.sh");
+    text.extend(args.join("\0").as_bytes());
+    let key = &blake3::hash(&text).to_hex()[..16];
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sbcflash-harness");
+    std::fs::create_dir_all(&root).expect("harness cache dir");
+    let lock = std::fs::File::create(root.join("build.lock")).expect("lock file");
+    let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("flock");
+    let out = root.join(format!("try-{key}"));
+    let img = out.join("sdcard.img");
+    if !img.exists() {
+        let st = Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .arg("--out")
+            .arg(&out)
+            .arg("--cache")
+            .arg(root.join("debs"))
+            .status()
+            .expect("run make-boot-image.sh");
+        assert!(st.success(), "make-boot-image.sh {args:?} failed");
+    }
+    img
+}
+
+fn b3(p: &Path) -> String {
+    blake3::hash(&std::fs::read(p).expect("read image"))
+        .to_hex()
+        .to_string()
+}
+
+fn try_image(img: &Path, extra: &[&str]) -> (Output, String, String) {
+    let out = common::sbcflash()
+        .arg("try")
+        .arg(img)
+        .args(["--timeout", "240"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run sbcflash try");
+    let so = String::from_utf8_lossy(&out.stdout).into_owned();
+    let se = String::from_utf8_lossy(&out.stderr).into_owned();
+    (out, so, se)
+}
+
+/// A compressed image (decoded to a temporary raw file first) boots to its login prompt on a
+/// noisy console, the check runs in the shell, every stage is named with its time, the JSON
+/// lines are the documented ones, and the image file is untouched.
+#[test]
+fn qemu_try_compressed_image_boots_to_login_and_check_on_a_noisy_console() {
+    if !need("aarch64") || !common::require(false, &["zstd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(&[]);
+    let zst = dir.path().join("sdcard.img.zst");
+    common::run(Command::new("zstd").arg("-q").arg(&img).arg("-o").arg(&zst));
+    let before = (b3(&img), b3(&zst));
+    let tr = dir.path().join("boot.log");
+    let (out, so, se) = try_image(
+        &zst,
+        &[
+            "--json",
+            "--check",
+            "grep sbcflash-test /etc/hostname",
+            "--transcript",
+            tr.to_str().unwrap(),
+            "--qemu-arg=-fw_cfg",
+            "--qemu-arg=name=opt/sbcflash/noise,string=rate=5 login-burst=60",
+        ],
+    );
+    let ctx = format!("stdout:\n{so}\nstderr:\n{se}");
+    assert!(out.status.success(), "{ctx}");
+    common::json::assert_documented(&so);
+    let result: serde_json::Value = so
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] == "result")
+        .unwrap_or_else(|| panic!("no result line\n{ctx}"));
+    assert_eq!(result["ok"], true, "{ctx}");
+    assert_eq!(result["arch"], "aarch64");
+    assert_eq!(result["failed_stage"], serde_json::Value::Null);
+    let stages: Vec<&str> = result["stages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        stages,
+        ["firmware", "U-Boot", "kernel", "initrd", "login", "check"],
+        "{ctx}"
+    );
+    for m in [
+        "kernel runs /init",
+        "kernel: Linux version 6.1",
+        "login prompt",
+    ] {
+        assert!(so.contains(m), "stage message {m:?} missing\n{ctx}");
+    }
+    let t = std::fs::read_to_string(&tr).expect("transcript kept");
+    assert!(
+        t.contains("SBCFLASH-TEST-NOISE: rate=5"),
+        "the console was noisy"
+    );
+    assert!(
+        t.contains("k| ") && t.contains("(noise "),
+        "noise set aside"
+    );
+    assert!(t.contains("sbcflash-test login:") && t.contains(">> "));
+    assert_eq!((b3(&img), b3(&zst)), before, "the image was not modified");
+}
+
+/// Human output: PASS with the stage times on stdout; the raw image is used in place
+/// (copy-on-write overlay) and stays byte-for-byte the same.
+#[test]
+fn qemu_try_raw_image_passes_and_is_not_modified() {
+    if !need("aarch64") {
+        return;
+    }
+    let img = image(&[]);
+    let before = b3(&img);
+    let (out, so, se) = try_image(&img, &[]);
+    assert!(out.status.success(), "stdout:\n{so}\nstderr:\n{se}");
+    assert!(so.starts_with("PASS "), "{so}");
+    for s in ["firmware", "U-Boot", "kernel", "initrd", "login"] {
+        assert!(so.contains(&format!("{s} ")), "{s} in {so}");
+    }
+    assert!(se.contains("booting on QEMU virt through U-Boot's distro boot"));
+    assert_eq!(b3(&img), before, "the image was not modified");
+}
+
+#[test]
+fn qemu_try_broken_root_fails_in_the_kernel_stage() {
+    if !need("aarch64") {
+        return;
+    }
+    let img = image(&[
+        "--no-initrd",
+        "--append",
+        "console=ttyAMA0,115200n8 root=/dev/vdz9 panic=-1",
+    ]);
+    let (out, so, se) = try_image(&img, &[]);
+    let ctx = format!("stdout:\n{so}\nstderr:\n{se}");
+    assert_eq!(out.status.code(), Some(1), "{ctx}");
+    assert!(so.is_empty(), "no PASS line\n{ctx}");
+    assert!(
+        se.contains("the boot failed in stage \"kernel\"")
+            && se.contains("check root= on the kernel command line")
+            && se.contains("VFS: Unable to mount root fs"),
+        "{ctx}"
+    );
+    assert!(
+        se.contains("last console lines:") && se.contains("Starting kernel"),
+        "{ctx}"
+    );
+    assert!(se.contains("stages reached: firmware"), "{ctx}");
+}
+
+#[test]
+fn qemu_try_missing_init_fails_in_the_initrd_stage() {
+    if !need("aarch64") {
+        return;
+    }
+    let img = image(&["--broken-init"]);
+    let (out, so, se) = try_image(&img, &["--json"]);
+    let ctx = format!("stdout:\n{so}\nstderr:\n{se}");
+    assert_eq!(out.status.code(), Some(1), "{ctx}");
+    common::json::assert_documented(&so);
+    assert!(
+        se.contains("the boot failed in stage \"initrd\"")
+            && se.contains("No working init found")
+            && se.contains("check init= and the initrd's /init"),
+        "{ctx}"
+    );
+    assert!(
+        so.contains("\"failed_stage\":\"initrd\"") && so.contains("\"ok\":false"),
+        "{ctx}"
+    );
+}
+
+#[test]
+fn qemu_try_failing_check_fails_in_the_check_stage() {
+    if !need("aarch64") {
+        return;
+    }
+    let img = image(&[]);
+    let (out, so, se) = try_image(
+        &img,
+        &[
+            "--check",
+            "cat /etc/sbcflash-provisioned && echo provisioned",
+        ],
+    );
+    let ctx = format!("stdout:\n{so}\nstderr:\n{se}");
+    assert_eq!(out.status.code(), Some(1), "{ctx}");
+    assert!(
+        se.contains("stage \"check\" failed: `cat /etc/sbcflash-provisioned && echo provisioned` exited with status 1")
+            && se.contains("No such file or directory"),
+        "the check's own output is shown\n{ctx}"
+    );
+    assert!(
+        se.contains("stages reached: firmware") && se.contains("login"),
+        "{ctx}"
+    );
+}
+
+/// riscv64: OpenSBI, U-Boot (S-mode) and a Debian 13 riscv64 kernel.
+#[test]
+fn qemu_try_riscv64_image_boots_to_login_and_check() {
+    if !need("riscv64") {
+        return;
+    }
+    let img = image(&["--arch", "riscv64"]);
+    let (out, so, se) = try_image(&img, &["--check", "uname -m | grep -x riscv64"]);
+    let ctx = format!("stdout:\n{so}\nstderr:\n{se}");
+    assert!(out.status.success(), "{ctx}");
+    assert!(so.starts_with("PASS ") && so.contains("check "), "{ctx}");
+    assert!(se.contains("riscv64, extlinux entry"), "{ctx}");
+    assert!(se.contains("kernel: Linux version 6.12"), "{ctx}");
+}
+
+/// A Rockchip-style image (idbloader at sector 64) gets the plain refusal, as does a board
+/// whose boot ROM virt cannot run; `--kernel-only` then boots its generic extlinux entry.
+#[test]
+fn qemu_try_board_specific_image_is_refused_then_boots_kernel_only() {
+    if !need("aarch64") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("rockchip.img");
+    common::run(
+        Command::new("cp")
+            .arg("--sparse=always")
+            .arg(image(&[]))
+            .arg(&img),
+    );
+    common::sh(&format!(
+        "printf 'RKNS\\0\\0\\0\\0' | dd of={} bs=512 seek=64 conv=notrunc status=none",
+        img.display()
+    ));
+    let (out, so, se) = try_image(&img, &[]);
+    assert_eq!(out.status.code(), Some(3), "{se}");
+    assert!(so.is_empty());
+    assert!(
+        se.contains("carries a Rockchip")
+            && se.contains("QEMU's virt machine cannot run")
+            && se.contains("--kernel-only"),
+        "{se}"
+    );
+    let (out, _, se) = try_image(&img, &["--board", "opi5"]);
+    assert_eq!(out.status.code(), Some(3), "{se}");
+    assert!(
+        se.contains("Orange Pi 5 (rk3588) boots through its own boot ROM"),
+        "{se}"
+    );
+    let (out, so, se) = try_image(&img, &["--board", "opi5", "--kernel-only"]);
+    assert!(out.status.success(), "stdout:\n{so}\nstderr:\n{se}");
+    assert!(
+        se.contains("--kernel-only: not the board's own bootloader"),
+        "{se}"
+    );
+}
+
+/// Bad input is named before any QEMU starts.
+#[test]
+fn try_refuses_what_it_cannot_boot() {
+    if !common::require(false, &["debugfs", "mtype"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let blank = dir.path().join("blank.img");
+    std::fs::File::create(&blank)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let (out, _, se) = try_image(&blank, &[]);
+    assert_eq!(out.status.code(), Some(3), "{se}");
+    assert!(
+        se.contains("blank.img: cannot tell the architecture") && se.contains("--arch"),
+        "{se}"
+    );
+    let (out, _, se) = try_image(&blank, &["--kernel-only"]);
+    assert_eq!(out.status.code(), Some(3), "{se}");
+    assert!(
+        se.contains("--kernel-only needs a generic extlinux entry"),
+        "{se}"
+    );
+    let (out, _, se) = try_image(&dir.path().join("missing.img"), &[]);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(se.contains("missing.img"), "{se}");
+}
