@@ -10,54 +10,14 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
-fn harness() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/harness")
-}
-
 fn need(arch: &str) -> bool {
-    let q = format!("qemu-system-{arch}");
-    common::require(
-        false,
-        &[
-            q.as_str(),
-            "qemu-img",
-            "debugfs",
-            "mtype",
-            "apt-get",
-            "mkfs.ext4",
-            "mcopy",
-        ],
-    )
+    let tools = common::try_tools(arch);
+    let t: Vec<&str> = tools.iter().map(String::as_str).collect();
+    common::require(false, &t)
 }
 
-/// A harness image built with `args`, once per (script, args) and shared by the tests of a
-/// run (a lock keeps parallel tests from building it twice).
 fn image(args: &[&str]) -> PathBuf {
-    let script = harness().join("make-boot-image.sh");
-    let mut text = std::fs::read(&script).expect("read make-boot-image.sh");
-    text.extend(args.join("\0").as_bytes());
-    let key = &blake3::hash(&text).to_hex()[..16];
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sbcflash-harness");
-    std::fs::create_dir_all(&root).expect("harness cache dir");
-    let lock = std::fs::File::create(root.join("build.lock")).expect("lock file");
-    let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .expect("flock");
-    let out = root.join(format!("try-{key}"));
-    let img = out.join("sdcard.img");
-    if !img.exists() {
-        let st = Command::new("bash")
-            .arg(&script)
-            .args(args)
-            .arg("--out")
-            .arg(&out)
-            .arg("--cache")
-            .arg(root.join("debs"))
-            .status()
-            .expect("run make-boot-image.sh");
-        assert!(st.success(), "make-boot-image.sh {args:?} failed");
-    }
-    img
+    common::harness_image(Path::new(env!("CARGO_TARGET_TMPDIR")), args)
 }
 
 fn b3(p: &Path) -> String {
