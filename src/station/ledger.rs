@@ -51,6 +51,14 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     );
     "#,
+    // 2: boot acceptance (`[slot.boot]`): result, stage, time to login, console transcript.
+    r#"
+    ALTER TABLE units ADD COLUMN boot_result TEXT;
+    ALTER TABLE units ADD COLUMN boot_stage TEXT;
+    ALTER TABLE units ADD COLUMN boot_login_seconds REAL;
+    ALTER TABLE units ADD COLUMN boot_transcript TEXT;
+    ALTER TABLE units ADD COLUMN boot_transcript_blake3 TEXT;
+    "#,
 ];
 
 /// Name of the serial counter row.
@@ -106,6 +114,12 @@ pub struct Row {
     pub tool_version: String,
     pub station_host: Option<String>,
     pub station_pid: Option<i64>,
+    /// Boot acceptance: `pass`/`fail`, null when the slot has none.
+    pub boot_result: Option<String>,
+    pub boot_stage: Option<String>,
+    pub boot_login_seconds: Option<f64>,
+    pub boot_transcript: Option<String>,
+    pub boot_transcript_blake3: Option<String>,
 }
 
 /// Column names in report order (CSV header).
@@ -134,6 +148,11 @@ pub const COLUMNS: &[&str] = &[
     "tool_version",
     "station_host",
     "station_pid",
+    "boot_result",
+    "boot_stage",
+    "boot_login_seconds",
+    "boot_transcript",
+    "boot_transcript_blake3",
 ];
 
 /// An open, locked ledger (the station's writer).
@@ -357,6 +376,29 @@ impl Ledger {
         Ok(())
     }
 
+    /// Records a unit's boot acceptance (before [`Ledger::finish_unit`]).
+    pub fn record_boot(
+        &mut self,
+        id: i64,
+        b: &super::boot::BootRecord,
+    ) -> Result<(), StationError> {
+        self.conn
+            .execute(
+                "UPDATE units SET boot_result=?2, boot_stage=?3, boot_login_seconds=?4,
+                   boot_transcript=?5, boot_transcript_blake3=?6 WHERE id=?1",
+                params![
+                    id,
+                    if b.pass { "pass" } else { "fail" },
+                    b.stage,
+                    b.login_seconds,
+                    b.transcript.display().to_string(),
+                    b.transcript_blake3,
+                ],
+            )
+            .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
     /// Counts by result (for the running count after a restart).
     pub fn counts(&self) -> Result<(u64, u64), StationError> {
         self.conn
@@ -454,6 +496,11 @@ pub fn report(path: &Path, since: Option<&str>) -> Result<Vec<Row>, StationError
                 tool_version: r.get(21)?,
                 station_host: r.get(22)?,
                 station_pid: r.get(23)?,
+                boot_result: r.get(24)?,
+                boot_stage: r.get(25)?,
+                boot_login_seconds: r.get(26)?,
+                boot_transcript: r.get(27)?,
+                boot_transcript_blake3: r.get(28)?,
             })
         })
         .map_err(&err)?
@@ -514,6 +561,13 @@ impl Row {
             self.tool_version.clone(),
             o(&self.station_host),
             i(self.station_pid),
+            o(&self.boot_result),
+            o(&self.boot_stage),
+            self.boot_login_seconds
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_default(),
+            o(&self.boot_transcript),
+            o(&self.boot_transcript_blake3),
         ]
     }
 }
