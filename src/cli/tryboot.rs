@@ -320,3 +320,30 @@ pub fn run_try(a: TryArgs, g: &Global) -> anyhow::Result<Exit> {
         }
     }
 }
+
+/// `build --try`: the built image through `try` with its defaults (and the build's board).
+pub fn try_built(image: &std::path::Path, board: Option<String>, g: &Global) -> anyhow::Result<()> {
+    let a = TryArgs {
+        image: image.to_path_buf(),
+        img: super::write::ImageFlags {
+            bmap: None,
+            no_bmap: false,
+            member: None,
+        },
+        arch: None,
+        board,
+        kernel_only: false,
+        expect: None,
+        check: None,
+        no_check: false,
+        login_user: "root".into(),
+        login_password: None,
+        timeout: 300,
+        check_timeout: 300,
+        mem: 1024,
+        transcript: None,
+        show_console: false,
+        qemu_arg: Vec::new(),
+    };
+    run_try(a, g).map(|_| ())
+}
