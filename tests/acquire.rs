@@ -1541,3 +1541,181 @@ fn qemu_build_image_variant_try_then_write_only_if_it_boots() {
     );
     assert!(!card2.exists(), "nothing was written");
 }
+
+/// Debian's sshd on 127.0.0.1 as a Nix remote builder with its own store (same store dir,
+/// separate real directory, database and logs); killed by its PID on drop.
+struct Builder {
+    child: std::process::Child,
+    port: u16,
+    key: PathBuf,
+    real: PathBuf,
+    state: PathBuf,
+}
+
+impl Builder {
+    fn start(dir: &Path, store_dir: &Path) -> Builder {
+        let b = dir.join("builder");
+        std::fs::create_dir_all(b.join("etc")).unwrap();
+        let key = dir.join("builder-user-key");
+        for k in [&key, &b.join("hostkey")] {
+            common::run(
+                std::process::Command::new("ssh-keygen")
+                    .args(["-q", "-t", "ed25519", "-N", ""])
+                    .arg("-f")
+                    .arg(k),
+            );
+        }
+        // The builder's Nix: no build users, no substituters; its builds run in the chroot
+        // of its own store with the host's /bin, /usr and libraries mapped in.
+        std::fs::write(
+            b.join("etc/nix.conf"),
+            "build-users-group =\nsubstituters =\nextra-sandbox-paths = /bin /usr /lib /lib64\n",
+        )
+        .unwrap();
+        let (real, state, logs) = (b.join("store"), b.join("state"), b.join("log"));
+        let pubkey = std::fs::read_to_string(key.with_extension("pub")).unwrap();
+        std::fs::write(
+            b.join("authorized_keys"),
+            format!(
+                "environment=\"NIX_REMOTE=local?store={}&real={}&state={}&log={}\",environment=\"NIX_CONF_DIR={}\" {pubkey}",
+                store_dir.display(),
+                real.display(),
+                state.display(),
+                logs.display(),
+                b.join("etc").display()
+            ),
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        std::fs::write(
+            b.join("sshd_config"),
+            format!(
+                "Port {port}\nListenAddress 127.0.0.1\nHostKey {}\nAuthorizedKeysFile {}\nPermitRootLogin prohibit-password\nPasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitUserEnvironment yes\nStrictModes no\nUsePAM no\nPidFile none\n",
+                b.join("hostkey").display(),
+                b.join("authorized_keys").display()
+            ),
+        )
+        .unwrap();
+        std::fs::create_dir_all("/run/sshd").unwrap();
+        let child = std::process::Command::new("/usr/sbin/sshd")
+            .args(["-D", "-f"])
+            .arg(b.join("sshd_config"))
+            .arg("-E")
+            .arg(b.join("sshd.log"))
+            .spawn()
+            .expect("start sshd");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Builder {
+            child,
+            port,
+            key,
+            real,
+            state,
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Builder {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// `build --max-jobs 0 --builders ssh://…`: the derivation runs on a real remote builder
+/// (sshd on 127.0.0.1 with its own store), sbcflash says which builder built it, and a builder
+/// that is down is named in a clear error (exit 5) instead of Nix's "remote machines may not
+/// have all required system features".
+#[test]
+fn nix_build_on_a_remote_builder_over_ssh_then_builder_down() {
+    if !common::require(
+        true,
+        &[
+            "nix",
+            "zstd",
+            "mkfs.ext4",
+            "ssh",
+            "ssh-keygen",
+            "/usr/sbin/sshd",
+        ],
+    ) {
+        return;
+    }
+    let d = tempfile::tempdir().unwrap();
+    let flake = d.path().join("flake");
+    write_test_flake(&flake);
+    let store_dir = d.path().join("store");
+    let mut builder = Builder::start(d.path(), &store_dir);
+    let build = |b: &Builder| {
+        let mut c = common::sbcflash();
+        c.args([
+            "build",
+            "--flake",
+            &format!("path:{}#testhost", flake.display()),
+            "--max-jobs",
+            "0",
+            "--builders",
+            &format!("ssh://root@127.0.0.1 x86_64-linux {} 1 1", b.key.display()),
+        ])
+        .args(NIX_OFFLINE)
+        .arg("--cache-dir")
+        .arg(d.path().join("cache"))
+        .env(
+            "NIX_SSHOPTS",
+            format!(
+                "-p {} -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o BatchMode=yes -o LogLevel=ERROR -o ConnectTimeout=10",
+                b.port
+            ),
+        );
+        nix_env(&mut c, d.path());
+        c.output().unwrap()
+    };
+    let o = build(&builder);
+    assert!(o.status.success(), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("built on the remote builder ssh://root@127.0.0.1"),
+        "{}",
+        text(&o)
+    );
+    // Provably built there: the output is in the builder's own store, with its build log.
+    let built: Vec<String> = std::fs::read_dir(&builder.real)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(
+        built.iter().any(|n| n.ends_with("-nixos-sd-image-test")),
+        "{built:?}"
+    );
+    assert!(
+        builder.state.join("db/db.sqlite").exists(),
+        "the builder's own Nix database"
+    );
+
+    // The builder goes down; a changed derivation needs it again.
+    builder.stop();
+    let script = std::fs::read_to_string(flake.join("build.sh")).unwrap();
+    std::fs::write(flake.join("build.sh"), format!("{script}echo again\n")).unwrap();
+    let o = build(&builder);
+    assert_eq!(o.status.code(), Some(5), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("the remote builder ssh://root@127.0.0.1 could not be used")
+            && err.contains("Connection refused"),
+        "{}",
+        text(&o)
+    );
+}

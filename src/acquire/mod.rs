@@ -75,6 +75,13 @@ pub enum AcquireError {
         status: String,
         log: String,
     },
+    #[error("nix build {installable}: the remote builder {builder} could not be used: {why}; last lines of Nix's log:\n{log}")]
+    NixBuilder {
+        installable: String,
+        builder: String,
+        why: String,
+        log: String,
+    },
     #[error("{path}: no image found in the build output (looked for sd-image/*.img, sd-image/*.img.zst, *.img, *.img.zst, nixos.img)")]
     NoImageInOutput { path: String },
     #[error("{0}")]
@@ -110,6 +117,8 @@ impl Classify for AcquireError {
             Io { .. } => Exit::Io,
             NixMissing => Exit::Environment,
             NixFailed { .. } => Exit::Failure,
+            // A peer that does not answer, like a download server.
+            NixBuilder { .. } => Exit::Io,
             Usage(_) => Exit::Usage,
         }
     }

@@ -94,8 +94,9 @@ impl NixBuild {
             .join(" ")
     }
 
-    /// Runs the build; each log line goes to `on_line` as it arrives. Returns the out paths.
-    pub fn run(&self, on_line: &mut dyn FnMut(&str)) -> Result<Vec<PathBuf>> {
+    /// Runs the build; each log line goes to `on_line` as it arrives. Returns the out paths
+    /// and the remote builders Nix built on (none: built here).
+    pub fn run(&self, on_line: &mut dyn FnMut(&str)) -> Result<Built> {
         let mut child = match self
             .command()
             .stdin(Stdio::null())
@@ -117,6 +118,8 @@ impl NixBuild {
         let ansi = regex::Regex::new(r"\x1b\[[0-9;?]*[A-Za-z]").expect("static regex");
         let mut tail: VecDeque<String> = VecDeque::with_capacity(TAIL_LINES);
         let mut all_errors = String::new();
+        let mut built_on: Vec<String> = Vec::new();
+        let mut unusable: Vec<(String, String)> = Vec::new();
         if let Some(err) = child.stderr.take() {
             for line in BufReader::new(err).split(b'\n') {
                 let Ok(line) = line else { break };
@@ -125,6 +128,14 @@ impl NixBuild {
                     .replace_all(line.trim_end_matches('\r'), "")
                     .to_string();
                 on_line(&line);
+                if let Some(b) = remote_builder(&line) {
+                    if !built_on.iter().any(|x| x == b) {
+                        built_on.push(b.to_string());
+                    }
+                }
+                if let Some((b, why)) = builder_failure(&line) {
+                    unusable.push((b.to_string(), why.to_string()));
+                }
                 if line.starts_with("error") || !all_errors.is_empty() {
                     all_errors.push_str(&line);
                     all_errors.push('\n');
@@ -143,6 +154,16 @@ impl NixBuild {
             .unwrap_or_default();
         let log = tail.iter().cloned().collect::<Vec<_>>().join("\n");
         if !status.success() {
+            // Nix ends with "unable to start any build; remote machines may not have all
+            // required system features" even when a builder simply did not answer: name it.
+            if let Some((builder, why)) = unusable.into_iter().next() {
+                return Err(AcquireError::NixBuilder {
+                    installable: self.installable.clone(),
+                    builder,
+                    why,
+                    log,
+                });
+            }
             let missing = all_errors.contains("does not provide attribute")
                 || (all_errors.contains("attribute '") && all_errors.contains("missing"));
             if missing {
@@ -165,8 +186,30 @@ impl NixBuild {
                 log: format!("{log}\nstdout: {stdout}"),
             });
         }
-        Ok(outs)
+        Ok(Built { outs, built_on })
     }
+}
+
+/// A finished build.
+#[derive(Debug, Clone)]
+pub struct Built {
+    pub outs: Vec<PathBuf>,
+    /// Remote builders (store URIs as Nix names them) that built derivations.
+    pub built_on: Vec<String>,
+}
+
+/// The builder in Nix's `building '/nix/store/…drv' on 'ssh://host'...` line.
+pub fn remote_builder(line: &str) -> Option<&str> {
+    let rest = line.strip_prefix("building '")?;
+    let (_, on) = rest.split_once("' on '")?;
+    on.split_once('\'').map(|(b, _)| b)
+}
+
+/// Nix's `cannot build on 'ssh://host': error: …` (a builder it could not use).
+pub fn builder_failure(line: &str) -> Option<(&str, &str)> {
+    let rest = line.strip_prefix("cannot build on '")?;
+    let (b, why) = rest.split_once("': ")?;
+    Some((b, why.strip_prefix("error: ").unwrap_or(why)))
 }
 
 /// Out paths from `nix build --json`: `[{"drvPath": …, "outputs": {"out": "/nix/store/…"}}]`.
@@ -229,6 +272,19 @@ pub fn find_image(out: &Path) -> Result<PathBuf> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn builder_lines() {
+        assert_eq!(
+            remote_builder("building '/s/l3sy-x.drv' on 'ssh://root@127.0.0.1'..."),
+            Some("ssh://root@127.0.0.1")
+        );
+        assert_eq!(remote_builder("building '/s/l3sy-x.drv'..."), None);
+        assert_eq!(
+            builder_failure("cannot build on 'ssh://b1': error: cannot connect to 'b1': refused"),
+            Some(("ssh://b1", "cannot connect to 'b1': refused"))
+        );
+    }
 
     #[test]
     fn installables() {

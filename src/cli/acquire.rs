@@ -587,7 +587,7 @@ pub fn build_image(
     tracing::info!("running {}", nb.describe());
     let verbose = g.verbose > 0;
     let json = g.json;
-    let outs = nb.run(&mut |line| {
+    let built = nb.run(&mut |line| {
         if verbose && !json {
             eprintln!("    {line}");
         } else if verbose {
@@ -598,9 +598,16 @@ pub fn build_image(
             });
         }
     })?;
+    for b in &built.built_on {
+        reporter.report(Event::Message {
+            job: job.clone(),
+            level: Level::Info,
+            text: format!("built on the remote builder {b}"),
+        });
+    }
     let mut found = None;
     let mut last_err = None;
-    for o in &outs {
+    for o in &built.outs {
         match find_image(o) {
             Ok(p) => {
                 found = Some(p);
@@ -630,6 +637,7 @@ pub fn build_image(
         job,
         phase: "build".into(),
         summary: serde_json::json!({
+            "built_on": built.built_on,
             "installable": inst,
             "image": img,
             "path": entry.path,
