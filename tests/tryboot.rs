@@ -5,6 +5,7 @@
 //! run); nothing on the console is scripted. Tests that start QEMU have `qemu` in their name
 //! (nextest runs at most 2 at once); `try` stops its QEMU by PID itself, and QEMU dies with it.
 
+mod acquire_server;
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -30,7 +31,7 @@ fn try_image(img: &Path, extra: &[&str]) -> (Output, String, String) {
     let out = common::sbcflash()
         .arg("try")
         .arg(img)
-        .args(["--timeout", "240"])
+        .args(["--boot-timeout", "240"])
         .args(extra)
         .stdin(Stdio::null())
         .output()
@@ -286,4 +287,51 @@ fn try_refuses_what_it_cannot_boot() {
     let (out, _, se) = try_image(&dir.path().join("missing.img"), &[]);
     assert_ne!(out.status.code(), Some(0));
     assert!(se.contains("missing.img"), "{se}");
+}
+
+/// An https:// image (zstd, served on 127.0.0.1) is downloaded into the cache, its published
+/// blake3 checked, then booted; a wrong digest stops before any QEMU starts.
+#[test]
+fn qemu_try_url_is_fetched_checked_and_booted() {
+    if !need("aarch64") || !common::require(false, &["zstd"]) {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(&[]);
+    let zst = dir.path().join("sdcard.img.zst");
+    common::run(Command::new("zstd").arg("-q").arg(&img).arg("-o").arg(&zst));
+    let body = std::fs::read(&zst).unwrap();
+    let digest = blake3::hash(&body).to_hex().to_string();
+    let srv = acquire_server::TestServer::start(dir.path());
+    srv.add(
+        "/sdcard.img.zst",
+        std::sync::Arc::new(body),
+        acquire_server::Behavior::Normal,
+    );
+    let url = srv.url("/sdcard.img.zst");
+    let cache = dir.path().join("cache");
+    let run = |pin: &str| {
+        common::sbcflash()
+            .args(["try", &url, "--boot-timeout", "240", "--source-blake3", pin])
+            .arg("--ca-file")
+            .arg(&srv.ca_file)
+            .env("SBCFLASH_CACHE_DIR", &cache)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let o = run(&"0".repeat(64));
+    let se = String::from_utf8_lossy(&o.stderr);
+    assert_ne!(o.status.code(), Some(0), "{se}");
+    assert!(
+        !se.contains("first console output"),
+        "no boot on a bad digest: {se}"
+    );
+    let o = run(&digest);
+    let (so, se) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "stdout:\n{so}\nstderr:\n{se}");
+    assert!(so.starts_with("PASS ") && so.contains("login"), "{so}");
 }

@@ -22,12 +22,15 @@ use crate::tryboot::{self, Plan, Reached, TryError, TryStage};
     after_help = "Examples:\n  sbcflash try nixos-sd-image.img.zst\n  sbcflash try image.img --check 'systemctl is-active sshd'\n  sbcflash try --board opi5 --kernel-only nixos-opi5.img.zst\n  sbcflash try image.img --expect 'Reached target Multi-User' --transcript boot.log\n\nExit status 0 only when every stage passed (boot, login or --expect, --check)."
 )]
 pub struct TryArgs {
-    /// The image, in any form `write` takes from a file: raw, compressed, with a bmap,
-    /// Android sparse, .zip, or a pipe (fetch a URL into the cache first: `sbcflash fetch`).
+    /// The image, in any form `write` takes: raw, compressed, with a bmap, Android sparse,
+    /// .zip, a pipe, or an https:// URL (downloaded into the cache first, checked against
+    /// --source-blake3/--source-sha256 when given).
     #[arg(value_name = "IMAGE")]
     pub image: PathBuf,
     #[command(flatten)]
     pub img: super::write::ImageFlags,
+    #[command(flatten)]
+    pub stream: super::acquire::StreamArgs,
     /// Architecture of the virt machine (default: from the image's kernel, else --board).
     #[arg(long, value_parser = parse_arch)]
     pub arch: Option<Arch>,
@@ -57,7 +60,7 @@ pub struct TryArgs {
     pub login_password: Option<String>,
     /// Seconds from power-on to the login prompt (or --expect line).
     #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub timeout: u64,
+    pub boot_timeout: u64,
     /// Seconds for the check.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
     pub check_timeout: u64,
@@ -177,7 +180,23 @@ pub fn run_try(a: TryArgs, g: &Global) -> anyhow::Result<Exit> {
         .prefix("sbcflash-try-")
         .tempdir()
         .context("create a work directory for the overlay")?;
-    let mut opened = a.img.open(&a.image)?;
+    let url = a.image.to_string_lossy().into_owned();
+    let local = if crate::acquire::remote::is_url(&url) {
+        // Booting needs the whole image at once: into the cache, digest checked, then boot it.
+        let spec = crate::acquire::source::SourceSpec {
+            url: url.clone(),
+            pin: super::acquire::PinArgs {
+                blake3: a.stream.source_blake3.clone(),
+                sha256: a.stream.source_sha256.clone(),
+            }
+            .pin()?,
+        };
+        let acq = a.stream.opts.acquirer(std::sync::Arc::from(g.reporter()))?;
+        acq.fetch(&spec)?.entry.path
+    } else {
+        a.image.clone()
+    };
+    let mut opened = a.img.open(&local)?;
     let raw = if is_plain_raw(&opened) {
         opened.path.clone()
     } else {
@@ -250,7 +269,7 @@ pub fn run_try(a: TryArgs, g: &Global) -> anyhow::Result<Exit> {
     }
     let plan = Plan {
         linux: LinuxConfig {
-            boot_timeout: Duration::from_secs(a.timeout),
+            boot_timeout: Duration::from_secs(a.boot_timeout),
             login_user: a.login_user.clone(),
             login_password: a.login_password.clone(),
             until: expect,
@@ -338,12 +357,13 @@ pub fn try_built(image: &std::path::Path, board: Option<String>, g: &Global) -> 
         no_check: false,
         login_user: "root".into(),
         login_password: None,
-        timeout: 300,
+        boot_timeout: 300,
         check_timeout: 300,
         mem: 1024,
         transcript: None,
         show_console: false,
         qemu_arg: Vec::new(),
+        stream: super::acquire::StreamArgs::local_only(),
     };
     run_try(a, g).map(|_| ())
 }
