@@ -274,6 +274,13 @@ mod tests {
         assert_eq!(resolve("/boot/extlinux", &e.kernel), "/boot/nixos/k-Image");
         assert_eq!(e.initrd.as_deref(), Some("../nixos/k-initrd"));
         assert!(e.append.starts_with("init=/nix/store/"));
+        let info = ImageInfo {
+            extlinux: Some((2, "/boot/extlinux/extlinux.conf".into())),
+            entry: Some(e),
+            arch: None,
+            vendor_loader: None,
+        };
+        assert!(info.is_nixos(), "NixOS: the default check is systemd's");
         assert_eq!(parse_extlinux("LABEL x\n"), None);
     }
 

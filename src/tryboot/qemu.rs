@@ -122,7 +122,8 @@ impl Qemu {
             "none".into(),
             "-monitor".into(),
             "none".into(),
-            "-no-reboot".into(),
+            // No -no-reboot: QEMU would exit on a kernel's panic reboot and close the pty
+            // before the panic line was read; a rebooting board is what the engine expects.
             "-S".into(),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp.display()),
