@@ -335,3 +335,25 @@ fn qemu_try_url_is_fetched_checked_and_booted() {
     assert!(o.status.success(), "stdout:\n{so}\nstderr:\n{se}");
     assert!(so.starts_with("PASS ") && so.contains("login"), "{so}");
 }
+
+/// `--expect`: a console line (here the initramfs' ready marker, before any login prompt)
+/// is the goal; the stage list ends at "login" with that line named.
+#[test]
+fn qemu_try_expect_line_passes_without_a_login() {
+    if !need("aarch64") {
+        return;
+    }
+    let img = image(&[]);
+    let (out, so, se) = try_image(&img, &["--expect", r"^SBCFLASH-TEST-READY \(console"]);
+    let ctx = format!("stdout:\n{so}\nstderr:\n{se}");
+    assert!(out.status.success(), "{ctx}");
+    assert!(so.contains("booted to the expected line"), "{ctx}");
+    assert!(
+        se.contains("expected line: SBCFLASH-TEST-READY (console"),
+        "{ctx}"
+    );
+    assert!(
+        !se.contains("login prompt"),
+        "stopped at the line, before getty\n{ctx}"
+    );
+}
