@@ -357,3 +357,29 @@ fn qemu_try_expect_line_passes_without_a_login() {
         "stopped at the line, before getty\n{ctx}"
     );
 }
+
+/// An image without extlinux.conf whose kernel is the FAT partition's EFI removable-media
+/// boot file: the architecture comes from that file, U-Boot boots it through EFI, and with no
+/// initrd or root= it stops in the kernel stage.
+#[test]
+fn qemu_try_efi_only_image_is_detected_and_booted_through_efi() {
+    if !need("aarch64") {
+        return;
+    }
+    let img = image(&["--efi-only"]);
+    let (out, so, se) = try_image(&img, &[]);
+    let ctx = format!("stdout:\n{so}\nstderr:\n{se}");
+    assert_eq!(out.status.code(), Some(1), "{ctx}");
+    assert!(
+        se.contains(
+            "aarch64 (EFI boot file /EFI/BOOT/BOOTAA64.EFI on partition 1, no extlinux entry)"
+        ),
+        "{ctx}"
+    );
+    assert!(se.contains("kernel: Linux version 6.1"), "{ctx}");
+    assert!(
+        se.contains("the boot failed in stage \"kernel\"")
+            && se.contains("Unable to mount root fs"),
+        "{ctx}"
+    );
+}

@@ -228,6 +228,12 @@ pub fn run_try(a: TryArgs, g: &Global) -> anyhow::Result<Exit> {
             if a.kernel_only { " (--kernel-only: not the board's own bootloader)" } else { "" }
         ));
     }
+    if let (None, Some(efi)) = (&info.entry, &info.efi) {
+        say(format!(
+            "{}: {arch} (EFI boot file {efi}, no extlinux entry), booting on QEMU virt through U-Boot's distro boot",
+            a.image.display()
+        ));
+    }
     let spec = MachineSpec {
         arch,
         image: raw.clone(),

@@ -36,6 +36,8 @@ pub struct ImageInfo {
     pub arch: Option<Arch>,
     /// A board-specific first-stage loader found on the image (named).
     pub vendor_loader: Option<String>,
+    /// The EFI removable-media boot file the architecture came from (no extlinux entry).
+    pub efi: Option<String>,
 }
 
 impl ImageInfo {
@@ -229,6 +231,7 @@ pub fn inspect(img: &Path) -> Result<ImageInfo, TryError> {
         entry: None,
         arch: None,
         vendor_loader: vendor_loader(&head, table.as_ref()),
+        efi: None,
     };
     let Some(table) = table else {
         return Ok(info);
@@ -259,6 +262,20 @@ pub fn inspect(img: &Path) -> Result<ImageInfo, TryError> {
             return Ok(info);
         }
     }
+    // No extlinux entry: U-Boot's distro boot falls back to the EFI removable-media path.
+    for p in table.partitions() {
+        let start = p.start * SECTOR;
+        if !looks_fat(&mut f, start) {
+            continue;
+        }
+        for efi in ["/EFI/BOOT/BOOTAA64.EFI", "/EFI/BOOT/BOOTRISCV64.EFI"] {
+            if let Some(bytes) = read_file(img, start, true, efi)? {
+                info.arch = kernel_arch(&bytes);
+                info.efi = Some(format!("{efi} on partition {}", p.number));
+                return Ok(info);
+            }
+        }
+    }
     Ok(info)
 }
 
@@ -279,6 +296,7 @@ mod tests {
             entry: Some(e),
             arch: None,
             vendor_loader: None,
+            efi: None,
         };
         assert!(info.is_nixos(), "NixOS: the default check is systemd's");
         assert_eq!(parse_extlinux("LABEL x\n"), None);
