@@ -17,6 +17,7 @@ pub mod progress;
 pub mod station;
 pub mod target;
 pub mod trust;
+pub mod tryboot;
 pub mod uevent;
 pub mod usb;
 pub mod write;

@@ -1741,3 +1741,92 @@ fn nix_build_on_remote_ssh_builder() {
     );
     assert_eq!(blobs(&cache).len(), 3);
 }
+
+/// `build --image-variant sd-card --try TARGET`: a NixOS 25.05-style image output
+/// (`system.build.images.sd-card`, `sd-image/nixos-image-sd-card-*.img.zst`) is built by the
+/// real nix, boot-tested in QEMU, and written only if it booted. The image that does not
+/// boot (its init cannot run) leaves the target uncreated.
+#[test]
+fn qemu_build_image_variant_try_then_write_only_if_it_boots() {
+    let tools = common::try_tools("aarch64");
+    let mut need: Vec<&str> = tools.iter().map(String::as_str).collect();
+    need.extend(["nix", "zstd"]);
+    if !common::require(false, &need) {
+        return;
+    }
+    let tmpdir = Path::new(env!("CARGO_TARGET_TMPDIR"));
+    let good = common::harness_image(tmpdir, &[]);
+    let bad = common::harness_image(tmpdir, &["--broken-init"]);
+    let d = tempfile::tempdir().unwrap();
+    let flake = d.path().join("flake");
+    std::fs::create_dir_all(&flake).unwrap();
+    for (name, img) in [("good", &good), ("bad", &bad)] {
+        std::fs::write(
+            flake.join(format!("{name}.sh")),
+            format!(
+                "set -eu\n/usr/bin/mkdir -p \"$out/sd-image\"\n/usr/bin/zstd -q {} -o \"$out/sd-image/nixos-image-sd-card-25.05.test-aarch64-linux.img.zst\"\n",
+                img.display()
+            ),
+        )
+        .unwrap();
+    }
+    std::fs::write(
+        flake.join("flake.nix"),
+        r#"{
+  outputs = { self }: let
+    image = name: derivation {
+      inherit name;
+      system = "x86_64-linux";
+      builder = "/bin/sh";
+      args = [ (./. + "/${name}.sh") ];
+    };
+  in {
+    nixosConfigurations.good.config.system.build.images.sd-card = image "good";
+    nixosConfigurations.bad.config.system.build.images.sd-card = image "bad";
+  };
+}
+"#,
+    )
+    .unwrap();
+    let run = |host: &str, target: &Path| {
+        let mut c = common::sbcflash();
+        c.args([
+            "build",
+            "--image-variant",
+            "sd-card",
+            "--try",
+            "--flake",
+            &format!("path:{}#{host}", flake.display()),
+        ])
+        .args(NIX_OFFLINE)
+        .arg("--cache-dir")
+        .arg(d.path().join("cache"))
+        .arg(target)
+        .arg("--yes")
+        .stdin(std::process::Stdio::null());
+        nix_env(&mut c, d.path());
+        c.output().unwrap()
+    };
+    let card = d.path().join("card.img");
+    let o = run("good", &card);
+    assert!(o.status.success(), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains("PASS ") && out.contains("login"),
+        "{}",
+        text(&o)
+    );
+    common::assert_same_prefix(&good, &card, std::fs::metadata(&good).unwrap().len());
+
+    let card2 = d.path().join("card2.img");
+    let o = run("bad", &card2);
+    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("did not pass `try`; the target was not changed")
+            && err.contains("stage \"initrd\""),
+        "{}",
+        text(&o)
+    );
+    assert!(!card2.exists(), "nothing was written");
+}

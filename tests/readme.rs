@@ -73,6 +73,7 @@ struct Ctx {
     config: PathBuf,
     ca_file: PathBuf,
     url: String,
+    boot_image: PathBuf,
 }
 
 impl Ctx {
@@ -86,6 +87,8 @@ impl Ctx {
                 "ID" => "rpi4".to_string(),
                 "DIR" => self.dir.join("man").display().to_string(),
                 "https://…/image.img.zst" => self.url.clone(),
+                // `try`'s example: the harness's bootable image (real U-Boot, kernel, busybox).
+                "sdcard.img" => self.boot_image.display().to_string(),
                 w => w.to_string(),
             })
             .collect()
@@ -155,6 +158,8 @@ fn show(cmd: &str, o: &Output) -> String {
 fn every_readme_command_that_needs_no_hardware_works_as_shown() {
     let mut tools = vec!["losetup", "zstd", "script", "minisign"];
     tools.extend_from_slice(common::IMAGE_TOOLS);
+    let try_tools = common::try_tools("aarch64");
+    tools.extend(try_tools.iter().map(String::as_str));
     if !require(true, &tools) {
         return;
     }
@@ -199,6 +204,7 @@ fn every_readme_command_that_needs_no_hardware_works_as_shown() {
         ca_file: srv.ca_file.clone(),
         config,
         dir,
+        boot_image: common::harness_image(std::path::Path::new(env!("CARGO_TARGET_TMPDIR")), &[]),
     };
 
     let cmds = readme_commands();

@@ -2073,3 +2073,156 @@ fn station_udevd_check_card_fails_a_card_that_cannot_hold_its_size() {
         st.dump()
     );
 }
+
+/// QEMU "boards" of the boot acceptance test, stopped by the PID in each state dir on drop.
+struct Boards(Vec<PathBuf>);
+
+impl Drop for Boards {
+    fn drop(&mut self) {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/harness/uboot-target.sh");
+        for s in &self.0 {
+            let _ = Command::new(&script)
+                .arg("stop")
+                .arg("--state")
+                .arg(s)
+                .stdout(Stdio::null())
+                .status();
+        }
+    }
+}
+
+/// Boot acceptance, concurrently on three slots: each slot's reset command starts a QEMU
+/// board (Debian's U-Boot) on the slot's freshly written loop device, its console is the
+/// board's pty. Two boards are aarch64 and boot to the login and the check; the third is a
+/// riscv64 board, on which the aarch64 image cannot boot: that unit FAILs naming U-Boot's
+/// stage while the others PASS, and the ledger has each boot result, time to login and the
+/// blake3 of each transcript.
+#[test]
+fn station_udevd_qemu_boot_acceptance_fails_the_unit_that_does_not_boot() {
+    let tools = common::try_tools("riscv64");
+    let mut need: Vec<&str> = TOOLS.to_vec();
+    need.extend(tools.iter().map(String::as_str));
+    need.extend(["qemu-system-aarch64", "socat"]);
+    if !require(true, &need) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+        return;
+    }
+    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let img = common::harness_image(Path::new(env!("CARGO_TARGET_TMPDIR")), &[]);
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/harness/uboot-target.sh");
+    let names = ["b1", "b2", "b3"];
+    let backs: Vec<PathBuf> = names
+        .iter()
+        .map(|n| backing(dir, &format!("{n}.card"), 128 * MIB))
+        .collect();
+    let states: Vec<PathBuf> = names
+        .iter()
+        .map(|n| dir.join(format!("qemu-{n}")))
+        .collect();
+    let _boards = Boards(states.clone());
+    let mut t = format!(
+        "ledger = \"ledger.sqlite\"\nlog_dir = \"logs\"\nimage = \"{}\"\n[identity]\nserial = \"T-{{seq:03}}\"\nhostname = \"{{serial_lower}}\"\n",
+        img.display()
+    );
+    for ((n, b), s) in names.iter().zip(&backs).zip(&states) {
+        let arch = if *n == "b3" { "riscv64" } else { "aarch64" };
+        // b1's console is noisy: kernel messages from early userspace on, a burst on the
+        // login prompt's line.
+        let noise = if *n == "b1" {
+            " --noise 'rate=5 login-burst=60'"
+        } else {
+            ""
+        };
+        let sc = script.display();
+        let sd = s.display();
+        t.push_str(&format!(
+            r#"[[slot]]
+name = "{n}"
+match = {{ "attr:loop/backing_file" = "{}" }}
+[slot.boot]
+reset = "{sc} start --state {sd} --arch {arch}{noise} --disk $SBCFLASH_DEVICE --paused >/dev/null && ({sc} cont --state {sd} >/dev/null 2>&1 &)"
+console = "{sd}/tty"
+check = "uname -m"
+timeout = 240
+off = "{sc} stop --state {sd}"
+"#,
+            b.display()
+        ));
+    }
+    let cfg = dir.join("station.toml");
+    std::fs::write(&cfg, t).unwrap();
+
+    let _udevd = Udevd::start();
+    let devs: Vec<LoopDev> = backs.iter().map(|b| LoopDev::attach(b, &[])).collect();
+    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "3"]);
+    let status = st.wait_exit();
+    let ctx = format!("{}\n{}", st.dump(), st.stderr());
+    assert_eq!(status.code(), Some(5), "one unit failed: exit 5\n{ctx}");
+    // Concurrently: every board was reset before any unit ended.
+    let last_reset = names
+        .iter()
+        .map(|n| {
+            st.seen
+                .iter()
+                .position(|v| is_msg(v, n, "resetting the unit"))
+                .unwrap_or_else(|| panic!("{n} was not reset\n{ctx}"))
+        })
+        .max()
+        .unwrap();
+    let first_end = st
+        .seen
+        .iter()
+        .position(|v| {
+            names
+                .iter()
+                .any(|n| is_msg(v, n, "PASS") || is_msg(v, n, "FAIL"))
+        })
+        .unwrap_or_else(|| panic!("no unit ended\n{ctx}"));
+    assert!(
+        last_reset < first_end,
+        "boards ran one after another\n{ctx}"
+    );
+
+    let rows = report(&cfg);
+    for n in ["b1", "b2"] {
+        let r = unit_row(&rows, n);
+        assert_eq!(r["result"], "pass", "{r:#}\n{ctx}");
+        assert_eq!(r["boot_result"], "pass", "{r:#}");
+        assert_eq!(r["boot_stage"], "check", "{r:#}");
+        assert!(r["boot_login_seconds"].as_f64().unwrap() > 0.0, "{r:#}");
+        let tr = PathBuf::from(r["boot_transcript"].as_str().unwrap());
+        let text = std::fs::read(&tr).unwrap();
+        assert_eq!(
+            r["boot_transcript_blake3"],
+            blake3::hash(&text).to_hex().to_string()
+        );
+        let text = String::from_utf8_lossy(&text);
+        assert!(
+            text.contains("sbcflash-test login:") && text.contains("aarch64"),
+            "{text}"
+        );
+    }
+    let r = unit_row(&rows, "b3");
+    assert_eq!(r["result"], "fail", "{r:#}");
+    assert_eq!(r["boot_result"], "fail", "{r:#}");
+    assert_eq!(r["boot_stage"], "U-Boot", "{r:#}");
+    assert_eq!(r["boot_login_seconds"], Value::Null);
+    let reason = r["failure_reason"].as_str().unwrap();
+    assert!(
+        reason.contains("boot failed in stage \"U-Boot\"")
+            && reason.contains("Bad Linux RISCV Image magic"),
+        "{reason}"
+    );
+    assert!(r["boot_transcript_blake3"].is_string());
+    // The boards were powered off by each slot's `off` command.
+    for s in &states {
+        assert!(
+            !s.join("qemu.pid").exists(),
+            "{} still running",
+            s.display()
+        );
+    }
+    drop(devs);
+}

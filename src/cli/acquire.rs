@@ -465,8 +465,17 @@ pub struct BuildArgs {
     #[arg(long, requires = "target")]
     pub no_discard: bool,
     /// Attribute template overriding the board's; `<host>` is replaced.
-    #[arg(long, value_name = "TEMPLATE")]
+    #[arg(long, value_name = "TEMPLATE", conflicts_with = "image_variant")]
     pub attr_template: Option<String>,
+    /// Build a NixOS 25.05+ image variant (`system.build.images.<NAME>`, as
+    /// `nixos-rebuild build-image --image-variant NAME`), e.g. `sd-card`, instead of
+    /// `system.build.sdImage`.
+    #[arg(long, value_name = "NAME")]
+    pub image_variant: Option<String>,
+    /// Boot-test the built image first (`sbcflash try`: QEMU virt, U-Boot distro boot, login,
+    /// the check); the TARGET is written only if it passed.
+    #[arg(long = "try")]
+    pub try_boot: bool,
     /// Passed to nix: remote builders (as in nix.buildMachines); which one built what is
     /// reported, and an unreachable one is named (exit 5). ssh options: NIX_SSHOPTS.
     #[arg(long, value_name = "SPEC")]
@@ -491,7 +500,10 @@ pub struct BuildArgs {
 pub fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
     let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
     let Some(target) = a.target.clone() else {
-        let (entry, _) = build_image(&a, g, &reporter)?;
+        let (entry, img) = build_image(&a, g, &reporter)?;
+        if a.try_boot {
+            super::tryboot::try_built(&img, a.board.board.clone(), g)?;
+        }
         if !g.json {
             outln!("{}  {}", entry.blake3, entry.path.display());
         }
@@ -500,6 +512,11 @@ pub fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
     // A build can take hours: refuse a target that can never be written before starting it.
     super::write::precheck_target(&target, a.force, a.yes)?;
     let (entry, img) = build_image(&a, g, &reporter)?;
+    if a.try_boot {
+        // Nothing is written unless the image booted.
+        super::tryboot::try_built(&img, a.board.board.clone(), g)
+            .context("the built image did not pass `try`; the target was not changed")?;
+    }
     tracing::info!(
         "built {} (cached as {})",
         img.display(),
@@ -538,6 +555,10 @@ pub fn build_image(
 ) -> anyhow::Result<(crate::acquire::CacheEntry, PathBuf)> {
     let template = match (&a.attr_template, &a.board.board) {
         (Some(t), _) => Some(t.clone()),
+        (None, _) if a.image_variant.is_some() => Some(format!(
+            "nixosConfigurations.<host>.config.system.build.images.{}",
+            a.image_variant.as_deref().unwrap_or_default()
+        )),
         (None, Some(b)) => Some(crate::acquire::board_flake_template(
             &super::boards::registry(g)?,
             b,

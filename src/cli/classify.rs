@@ -32,6 +32,7 @@ fn classify_dyn(e: &(dyn std::error::Error + 'static)) -> Option<Exit> {
         .or_else(|| class::<crate::capture::CaptureError>(e))
         .or_else(|| class::<crate::cardcheck::CheckError>(e))
         .or_else(|| class::<crate::trust::TrustError>(e))
+        .or_else(|| class::<crate::tryboot::TryError>(e))
         .or_else(|| {
             e.downcast_ref::<std::io::Error>().map(|x| match x.kind() {
                 std::io::ErrorKind::Interrupted => Exit::Interrupted,

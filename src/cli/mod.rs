@@ -20,6 +20,7 @@ pub mod help;
 pub mod meta;
 pub mod station;
 pub mod trust;
+pub mod tryboot;
 pub mod usb;
 pub mod write;
 
@@ -163,6 +164,8 @@ pub enum Command {
     Fel(usb::FelArgs),
     /// Factory provisioning station.
     Station(station::StationArgs),
+    /// Boot an image on QEMU's virt machine through U-Boot and check that it comes up.
+    Try(tryboot::TryArgs),
     /// Print shell completions.
     Completions(meta::CompletionsArgs),
     /// Print the man page (roff).
@@ -233,6 +236,7 @@ fn run(cli: Cli) -> anyhow::Result<Exit> {
         Command::Usb(a) => usb::run_usb(a, g),
         Command::Fel(a) => usb::run_fel(a, g),
         Command::Station(a) => station::run(a, g),
+        Command::Try(a) => tryboot::run_try(a, g),
         Command::Completions(a) => meta::run_completions(a, g),
         Command::Man(a) => meta::run_man(a, g),
         Command::Config(a) => meta::run_config(a, g),

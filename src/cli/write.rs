@@ -38,7 +38,7 @@ impl ImageFlags {
         }
     }
 
-    fn open(&self, path: &Path) -> anyhow::Result<OpenedImage> {
+    pub(crate) fn open(&self, path: &Path) -> anyhow::Result<OpenedImage> {
         let md = std::fs::metadata(path).map_err(|source| image::ImageError::Io {
             path: path.display().to_string(),
             source,

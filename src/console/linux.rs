@@ -27,6 +27,9 @@ pub struct LinuxConfig {
     pub nudge_after: Duration,
     /// At most this many newlines per wait.
     pub nudges: u32,
+    /// Stop following when a console line (kernel lines included) matches: the boot reached
+    /// what the caller waits for (`try --expect`), login prompt or not.
+    pub until: Option<regex::Regex>,
 }
 
 impl Default for LinuxConfig {
@@ -40,6 +43,7 @@ impl Default for LinuxConfig {
             ip_marker: None,
             nudge_after: Duration::from_secs(5),
             nudges: 3,
+            until: None,
         }
     }
 }
@@ -51,6 +55,8 @@ pub enum Arrival {
     Login,
     /// The console went quiet at something that looks like a shell prompt (autologin).
     Shell,
+    /// A line matched [`LinuxConfig::until`] (the line).
+    Matched(String),
 }
 
 const EMERGENCY: &[&str] = &[
@@ -70,6 +76,7 @@ pub struct Follow {
     kernel: bool,
     stage1: bool,
     stage2: bool,
+    init: bool,
     starting: bool,
     /// Newlines sent so far, those since the console last printed a line of text, and when
     /// the last one went out.
@@ -93,6 +100,7 @@ impl Follow {
             kernel: false,
             stage1: false,
             stage2: false,
+            init: false,
             starting: false,
             nudged: 0,
             spell_nudges: 0,
@@ -102,6 +110,13 @@ impl Follow {
             ip_from_console: None,
         }
     }
+}
+
+/// The program in the kernel's `Run /init as init process` line.
+fn init_program(line: &str) -> Option<String> {
+    let rest = line.split("] Run ").nth(1)?;
+    let prog = rest.strip_suffix(" as init process")?.trim();
+    (!prog.is_empty()).then(|| prog.to_string())
 }
 
 fn looks_like_shell_prompt(p: &str) -> bool {
@@ -130,6 +145,14 @@ impl Machine for Follow {
                 Event::Line(l) => (l, false),
                 Event::Kernel(l) => (l, true),
             };
+            if let Some(re) = &self.cfg.until {
+                if re.is_match(&line) {
+                    return Step::Done((
+                        Arrival::Matched(line.trim().to_string()),
+                        self.ip_from_console,
+                    ));
+                }
+            }
             if line.contains("Kernel panic") {
                 return Step::Fail(ConsoleError::KernelPanic {
                     line: line.trim().to_string(),
@@ -186,6 +209,12 @@ impl Machine for Follow {
             }
             if kernel_line {
                 self.linux_seen = true;
+                if !self.init {
+                    if let Some(prog) = init_program(&line) {
+                        self.init = true;
+                        return Step::Stage(Stage::Init(prog));
+                    }
+                }
                 continue;
             }
             if !line.trim().is_empty() {
@@ -547,6 +576,15 @@ mod tests {
     fn ip_text() {
         let t = "1: lo: <LOOPBACK,UP> mtu 65536\n    inet 127.0.0.1/8 scope host lo\n2: eth0: <UP>\n    inet 10.0.2.15/24 brd 10.0.2.255 scope global eth0\n";
         assert_eq!(ip_from_text(t), Some(Ipv4Addr::new(10, 0, 2, 15)));
+    }
+
+    #[test]
+    fn init_line() {
+        assert_eq!(
+            init_program("[    4.420000] Run /init as init process").as_deref(),
+            Some("/init")
+        );
+        assert_eq!(init_program("[    4.42] Run it"), None);
     }
 
     #[test]

@@ -65,6 +65,9 @@ pub enum Stage {
     UBootPrompt,
     StartingKernel,
     KernelBanner(String),
+    /// The kernel runs the first userspace program (`Run /init as init process`): the
+    /// initrd (or the root file system) was found.
+    Init(String),
     NixosStage1,
     NixosStage2,
     LoginPrompt,
@@ -81,6 +84,7 @@ impl fmt::Display for Stage {
             Stage::UBootPrompt => write!(f, "U-Boot prompt (autoboot stopped)"),
             Stage::StartingKernel => write!(f, "U-Boot is starting the kernel"),
             Stage::KernelBanner(s) => write!(f, "kernel: {s}"),
+            Stage::Init(s) => write!(f, "kernel runs {s}"),
             Stage::NixosStage1 => write!(f, "NixOS stage 1"),
             Stage::NixosStage2 => write!(f, "NixOS stage 2"),
             Stage::LoginPrompt => write!(f, "login prompt"),

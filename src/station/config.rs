@@ -240,6 +240,9 @@ pub struct SlotConfig {
     pub kind: SlotKind,
     #[serde(rename = "match")]
     pub match_: BTreeMap<String, String>,
+    /// `[slot.boot]`: after the write, reset the unit and check that it boots.
+    #[serde(default)]
+    pub boot: Option<super::boot::BootConfig>,
 }
 
 /// A validated configuration: templates compiled, paths resolved, slots checked.
@@ -265,6 +268,8 @@ pub struct Station {
     pub check_card: bool,
     pub require_signature: bool,
     pub slots: Vec<SlotMatcher>,
+    /// Boot acceptance per slot name (slots without `[slot.boot]` have none).
+    pub boot: BTreeMap<String, super::boot::Acceptance>,
 }
 
 impl Station {
@@ -388,6 +393,7 @@ impl Station {
             ));
         }
         let mut slots = Vec::new();
+        let mut boot = BTreeMap::new();
         for (i, s) in raw.slots.iter().enumerate() {
             if s.name.is_empty()
                 || !s
@@ -403,6 +409,11 @@ impl Station {
             }
             if slots.iter().any(|m: &SlotMatcher| m.name == s.name) {
                 return Err(bad(format!("slot name {:?} used twice", s.name)));
+            }
+            if let Some(b) = &s.boot {
+                let a = super::boot::Acceptance::new(b.clone())
+                    .map_err(|e| bad(format!("slot {:?} [slot.boot]: {e}", s.name)))?;
+                boot.insert(s.name.clone(), a);
             }
             let m = SlotMatcher::new(&s.name, &s.match_)
                 .map_err(|e| bad(format!("slot {:?}: {e}", s.name)))?
@@ -504,6 +515,7 @@ impl Station {
             check_card: raw.check_card,
             require_signature: raw.require_signature,
             slots,
+            boot,
         })
     }
 }

@@ -526,6 +526,13 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
         (Ok(s), None) => Ok(s),
         (Err(e), None) => Err(format!("{} failed: {e:#}", step.name())),
     };
+    // Boot acceptance: only a written, identified unit is reset and followed.
+    let result = match (result, st.boot.get(slot)) {
+        (Ok(stats), Some(acc)) => {
+            boot_unit(ctx, acc, slot, &devnode, &id.serial, row, &rep).map(|()| stats)
+        }
+        (r, _) => r,
+    };
     end(
         ctx,
         &rep,
@@ -535,6 +542,65 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
         result,
         Some(secs),
     )
+}
+
+/// Resets the unit and follows its console to the check; records the result in the row.
+fn boot_unit(
+    ctx: &Context,
+    acc: &super::boot::Acceptance,
+    slot: &str,
+    devnode: &str,
+    serial: &str,
+    row: i64,
+    rep: &Arc<SlotReporter>,
+) -> Result<(), String> {
+    let dir = match &ctx.station.log_dir {
+        Some(d) => d.clone(),
+        None => {
+            let l = match ctx.ledger.lock() {
+                Ok(l) => l,
+                Err(p) => p.into_inner(),
+            };
+            l.path()
+                .parent()
+                .map(std::path::Path::to_path_buf)
+                .unwrap_or_default()
+        }
+    };
+    let transcript = dir.join("boot").join(format!("{serial}.log"));
+    rep.info(format!("resetting the unit: {}", acc.cfg.reset));
+    let r2 = rep.clone();
+    let unit = super::boot::Unit {
+        slot,
+        device: devnode,
+        serial,
+    };
+    let rec = super::boot::accept(acc, &unit, &transcript, move |l| r2.info(l));
+    {
+        let mut l = match ctx.ledger.lock() {
+            Ok(l) => l,
+            Err(p) => p.into_inner(),
+        };
+        if let Err(e) = l.record_boot(row, &rec) {
+            rep.log(&format!("could not record the boot result: {e}"));
+        }
+    }
+    match (&rec.failure, rec.pass) {
+        (None, true) => {
+            rep.info(format!(
+                "booted: login after {:.1} s (transcript {})",
+                rec.login_seconds.unwrap_or_default(),
+                transcript.display()
+            ));
+            Ok(())
+        }
+        (f, _) => Err(format!(
+            "boot failed in stage \"{}\": {} (transcript {})",
+            rec.stage,
+            f.as_deref().unwrap_or("unknown"),
+            transcript.display()
+        )),
+    }
 }
 
 fn end(

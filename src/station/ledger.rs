@@ -62,6 +62,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE units ADD COLUMN signature_key_id TEXT;
     ALTER TABLE units ADD COLUMN readback_blake3 TEXT;
     "#,
+    // 4: boot acceptance (`[slot.boot]`): result, stage, time to login, console transcript.
+    r#"
+    ALTER TABLE units ADD COLUMN boot_result TEXT;
+    ALTER TABLE units ADD COLUMN boot_stage TEXT;
+    ALTER TABLE units ADD COLUMN boot_login_seconds REAL;
+    ALTER TABLE units ADD COLUMN boot_transcript TEXT;
+    ALTER TABLE units ADD COLUMN boot_transcript_blake3 TEXT;
+    "#,
 ];
 
 /// Name of the serial counter row.
@@ -127,6 +135,12 @@ pub struct Row {
     pub host_key_fingerprint: Option<String>,
     pub signature_key_id: Option<String>,
     pub readback_blake3: Option<String>,
+    /// Boot acceptance: `pass`/`fail`, null when the slot has none.
+    pub boot_result: Option<String>,
+    pub boot_stage: Option<String>,
+    pub boot_login_seconds: Option<f64>,
+    pub boot_transcript: Option<String>,
+    pub boot_transcript_blake3: Option<String>,
 }
 
 /// Column names in report order (CSV header).
@@ -159,6 +173,11 @@ pub const COLUMNS: &[&str] = &[
     "host_key_fingerprint",
     "signature_key_id",
     "readback_blake3",
+    "boot_result",
+    "boot_stage",
+    "boot_login_seconds",
+    "boot_transcript",
+    "boot_transcript_blake3",
 ];
 
 /// An open, locked ledger (the station's writer).
@@ -412,6 +431,29 @@ impl Ledger {
         Ok(())
     }
 
+    /// Records a unit's boot acceptance (before [`Ledger::finish_unit`]).
+    pub fn record_boot(
+        &mut self,
+        id: i64,
+        b: &super::boot::BootRecord,
+    ) -> Result<(), StationError> {
+        self.conn
+            .execute(
+                "UPDATE units SET boot_result=?2, boot_stage=?3, boot_login_seconds=?4,
+                   boot_transcript=?5, boot_transcript_blake3=?6 WHERE id=?1",
+                params![
+                    id,
+                    if b.pass { "pass" } else { "fail" },
+                    b.stage,
+                    b.login_seconds,
+                    b.transcript.display().to_string(),
+                    b.transcript_blake3,
+                ],
+            )
+            .map_err(db_err(&self.path))?;
+        Ok(())
+    }
+
     /// Counts by result (for the running count after a restart).
     pub fn counts(&self) -> Result<(u64, u64), StationError> {
         self.conn
@@ -513,6 +555,11 @@ pub fn report(path: &Path, since: Option<&str>) -> Result<Vec<Row>, StationError
                 host_key_fingerprint: r.get(25)?,
                 signature_key_id: r.get(26)?,
                 readback_blake3: r.get(27)?,
+                boot_result: r.get(28)?,
+                boot_stage: r.get(29)?,
+                boot_login_seconds: r.get(30)?,
+                boot_transcript: r.get(31)?,
+                boot_transcript_blake3: r.get(32)?,
             })
         })
         .map_err(&err)?
@@ -577,6 +624,13 @@ impl Row {
             o(&self.host_key_fingerprint),
             o(&self.signature_key_id),
             o(&self.readback_blake3),
+            o(&self.boot_result),
+            o(&self.boot_stage),
+            self.boot_login_seconds
+                .map(|v| format!("{v:.2}"))
+                .unwrap_or_default(),
+            o(&self.boot_transcript),
+            o(&self.boot_transcript_blake3),
         ]
     }
 }

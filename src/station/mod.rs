@@ -6,6 +6,7 @@
 //! → [`ui`] (one line per slot, running count). Nothing outside a configured slot is touched,
 //! and every target still goes through `target`'s safety checks.
 
+pub mod boot;
 pub mod config;
 pub mod decoded;
 pub mod fatinject;

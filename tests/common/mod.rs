@@ -312,3 +312,48 @@ pub fn ledger_with_one_passed_unit(path: &Path) {
     };
     l.finish_unit(id, &done).expect("finish unit");
 }
+
+/// A boot image from tests/harness/make-boot-image.sh built with `args` (`--arch riscv64`,
+/// `--no-initrd`, ...), once per (script, args) for the whole test run under
+/// `$CARGO_TARGET_TMPDIR` (a lock keeps parallel tests from building it twice).
+pub fn harness_image(tmpdir: &Path, args: &[&str]) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/harness/make-boot-image.sh");
+    let mut text = std::fs::read(&script).expect("read make-boot-image.sh");
+    text.extend(args.join("\0").as_bytes());
+    let key = &blake3::hash(&text).to_hex()[..16];
+    let root = tmpdir.join("sbcflash-harness");
+    std::fs::create_dir_all(&root).expect("harness cache dir");
+    let lock = std::fs::File::create(root.join("build.lock")).expect("lock file");
+    let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| e)
+        .expect("flock");
+    let out = root.join(format!("try-{key}"));
+    let img = out.join("sdcard.img");
+    if !img.exists() {
+        let st = Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .arg("--out")
+            .arg(&out)
+            .arg("--cache")
+            .arg(root.join("debs"))
+            .status()
+            .expect("run make-boot-image.sh");
+        assert!(st.success(), "make-boot-image.sh {args:?} failed");
+    }
+    img
+}
+
+/// What `sbcflash try` needs besides QEMU for `arch`.
+pub fn try_tools(arch: &str) -> Vec<String> {
+    [
+        format!("qemu-system-{arch}"),
+        "qemu-img".into(),
+        "debugfs".into(),
+        "mtype".into(),
+        "apt-get".into(),
+        "mkfs.ext4".into(),
+        "mcopy".into(),
+    ]
+    .to_vec()
+}
