@@ -6,13 +6,16 @@
 //! → [`ui`] (one line per slot, running count). Nothing outside a configured slot is touched,
 //! and every target still goes through `target`'s safety checks.
 
+pub mod central;
 pub mod config;
+pub mod courier;
 pub mod decoded;
 pub mod fatinject;
 pub mod hotplug;
 pub mod identity;
 pub mod job;
 pub mod ledger;
+pub mod outbox;
 pub mod slots;
 pub mod ui;
 pub mod usbslot;
@@ -39,6 +42,14 @@ pub enum StationError {
     LedgerBusy { path: String },
     #[error("{0}")]
     Environment(String),
+    /// The line's PostgreSQL ledger: `exit` says whether it is setup (credentials, trust,
+    /// privileges: 8), bad configuration (3) or the network (5).
+    #[error("ledger {url}: {msg}")]
+    Central {
+        url: String,
+        msg: String,
+        exit: Exit,
+    },
     #[error(transparent)]
     Fat(#[from] fatinject::FatError),
 }
@@ -50,6 +61,7 @@ impl Classify for StationError {
             StationError::Ledger { .. } => Exit::Io,
             StationError::LedgerBusy { .. } => Exit::Refused,
             StationError::Environment(_) => Exit::Environment,
+            StationError::Central { exit, .. } => *exit,
             StationError::Fat(e) => e.exit(),
         }
     }
