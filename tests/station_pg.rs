@@ -511,6 +511,20 @@ fn station_pg_udevd_three_stations_thirty_units_through_a_database_outage() {
     for l in String::from_utf8_lossy(&o.stdout).lines() {
         common::json::match_row(&rows, l).unwrap();
     }
+    // The same rows as --json lines, as docs/json.md documents them.
+    let o = run(sbcflash()
+        .env("SBCFLASH_LEDGER_PASSWORD", PASSWORD)
+        .args(["--json", "station", "report", "--ledger", &url, "--ca-file"])
+        .arg(&pg.cert));
+    let lines: Vec<String> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(lines.len(), 30);
+    for l in &lines {
+        let i = common::json::match_row(&rows, l).unwrap();
+        assert!(rows[i].fields.iter().any(|f| f == "station"), "{l}");
+    }
     // CSV: the station ledger's columns, then the station's.
     let o = run(sbcflash()
         .env("SBCFLASH_LEDGER_PASSWORD", PASSWORD)

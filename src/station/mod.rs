@@ -338,16 +338,6 @@ pub fn run_with(
     let mut ended = 0u64;
     let mut totals = Totals::default();
 
-    ui.say(
-        Level::Info,
-        format!(
-            "station ready: {} slot(s), ledger {}, image {}",
-            station.slots.len(),
-            ledger_path.display(),
-            ctx.image.describe()
-        ),
-    );
-
     ui.show_slots(station.slots.iter().map(|s| {
         (
             s.name.as_str(),
@@ -423,6 +413,17 @@ pub fn run_with(
             handle(d, &mut running, &mut pending);
         }
     }
+    // Ready once the disks present at start are sorted out: a medium inserted from now on
+    // arrives as an event, never half-seen by the enumeration.
+    ui.say(
+        Level::Info,
+        format!(
+            "station ready: {} slot(s), ledger {}, image {}",
+            station.slots.len(),
+            ledger_path.display(),
+            ctx.image.describe()
+        ),
+    );
 
     let mut stopping = false;
     loop {
