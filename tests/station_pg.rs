@@ -624,6 +624,31 @@ fn station_pg_udevd_kill9_mid_unit_interrupted_centrally_lease_abandoned() {
         ),
         "0"
     );
+    // The clean stop returned the unused tail of its block; the next lease anywhere takes it
+    // (and the station took nothing else).
+    assert_eq!(
+        pg.psql(
+            "line",
+            "SELECT COUNT(*) FROM serial_leases WHERE state='leased'"
+        ),
+        "0"
+    );
+    let pw = dir.join("password");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let db = sbcflash::station::central::Db::new(&url, Some(&pg.cert), Some(&pw)).unwrap();
+    let mut c = db.connect().unwrap();
+    let next = sbcflash::station::central::lease(&db, &mut c, "other", 20, 1).unwrap();
+    assert_eq!(next.first as i64, new_seq + 1, "{next:?}");
+    assert_eq!(
+        pg.psql(
+            "line",
+            &format!(
+                "SELECT station, state FROM serial_leases WHERE id={}",
+                next.id
+            )
+        ),
+        "other|leased"
+    );
     check_unit(&img, dev.path(), new["unit_serial"].as_str().unwrap(), "k1");
     // The outbox holds the same two rows, all delivered.
     let local = run(sbcflash()

@@ -13,6 +13,8 @@ const EXAMPLES: &str = "Examples:
   sbcflash station --config /etc/sbcflash/station.toml
   sbcflash station --config station.toml --flash-present --exit-after 4 --json
   sbcflash station report --config station.toml --since 2026-11-01 --format csv
+  sbcflash station report --ledger postgresql://station@db.lan/line --station line1-a
+  sbcflash station status --ledger postgresql://station@db.lan/line
 
 A compressed or sparse image is decoded once into the cache (`decoded/`) for all slots. At
 start the station removes decoded images of other sources used before its own, unless another
