@@ -133,3 +133,93 @@ pub fn mark_delivered(c: &mut Connection, rows: &[OutRow]) -> rusqlite::Result<(
     }
     tx.commit()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::ledger::{Ledger, NewUnit, Outcome};
+    use super::*;
+
+    fn start(l: &mut Ledger) -> Result<(i64, u64), String> {
+        let unit = NewUnit {
+            slot: "s1".into(),
+            ..Default::default()
+        };
+        l.start_unit(&unit, true, 1, |seq| {
+            let s = seq.unwrap();
+            Ok((format!("U{s}"), format!("u{s}"), "{}".into(), s))
+        })
+        .unwrap()
+    }
+
+    /// Serials come from the leased blocks in order, a refill is asked for when none is left,
+    /// and a unit that gets none is recorded as FAIL without a serial; every change is a new
+    /// revision to deliver, and a delivered revision is not pending again.
+    #[test]
+    fn leased_serials_refill_and_revisions() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("outbox.sqlite");
+        let (mut l, _) = Ledger::open(&p).unwrap();
+        let c = open(&p).unwrap();
+        add_lease(
+            &c,
+            Lease {
+                id: 7,
+                first: 41,
+                last: 42,
+            },
+        )
+        .unwrap();
+        let refills = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let (p2, n) = (p.clone(), refills.clone());
+        l.use_leased_serials(Box::new(move || {
+            let k = n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if k > 0 {
+                return Err("database unreachable".into());
+            }
+            add_lease(
+                &open(&p2).unwrap(),
+                Lease {
+                    id: 9,
+                    first: 81,
+                    last: 81,
+                },
+            )
+            .map_err(|e| e.to_string())
+        }));
+        let (a, sa) = start(&mut l).unwrap();
+        let (_, sb) = start(&mut l).unwrap();
+        assert_eq!((sa, sb), (41, 42));
+        assert_eq!(free_serials(&c).unwrap(), 0);
+        let (_, sc) = start(&mut l).unwrap();
+        assert_eq!(sc, 81, "refilled from the new block");
+        let e = start(&mut l).unwrap_err();
+        assert!(
+            e.contains("no serial number") && e.contains("database unreachable"),
+            "{e}"
+        );
+        assert_eq!(refills.load(std::sync::atomic::Ordering::Relaxed), 2);
+
+        let mut c = open(&p).unwrap();
+        let rows = pending(&c, 100).unwrap();
+        assert_eq!(rows.len(), 4);
+        assert!(rows.iter().all(|r| r.uid.len() == 32));
+        assert_eq!(rows[3].row.result, "fail");
+        assert_eq!(rows[3].row.unit_serial, "-");
+        mark_delivered(&mut c, &rows).unwrap();
+        assert_eq!(backlog(&c).unwrap(), 0);
+        l.finish_unit(
+            a,
+            &Outcome {
+                pass: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let again = pending(&c, 100).unwrap();
+        assert_eq!(again.len(), 1);
+        assert_eq!((again[0].row.id, again[0].rev), (a, 2));
+        assert_eq!(active_leases(&c).unwrap().len(), 2);
+        assert_eq!(abandon_all(&c).unwrap(), 2);
+        assert!(active_leases(&c).unwrap().is_empty());
+    }
+}
