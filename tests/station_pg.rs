@@ -769,6 +769,31 @@ fn station_pg_wrong_password_wrong_ca_refused_migration_flash_nothing() {
             assert!(v.is_empty(), "{name}: {v:#?}");
         }
     }
+    // A dry run names the central ledger and touches nothing (no connection needed).
+    let sdir = dir.join("dry");
+    let card = backing(&dir, "dry.card", 64 * MIB);
+    let extra = format!("ledger_ca_file = \"{}\"", pg.cert.display());
+    let cfg = write_config(
+        &sdir,
+        &img,
+        &pg.url("station", "line"),
+        "dry",
+        &extra,
+        &[("d1".into(), card)],
+    );
+    let o = run(sbcflash()
+        .env("SBCFLASH_CACHE_DIR", sdir.join("cache"))
+        .args(["station", "--dry-run", "--config"])
+        .arg(&cfg));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!(
+            "ledger: {} (station \"dry\"",
+            pg.url("station", "line")
+        )) && out.contains("serials leased from it at start")
+            && out.contains("next unit: LINE-00001"),
+        "{out}"
+    );
     // The refused migration left no table behind.
     assert_eq!(
         pg.psql(

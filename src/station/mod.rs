@@ -171,11 +171,15 @@ pub fn plan(
     flash_present: bool,
 ) -> Result<Plan, StationError> {
     let scheme = station.scheme();
-    let next_seq = if scheme.needs_seq() {
+    // With a central ledger the serials come from its leases at start: not known offline, so
+    // the example shows the format with the first counter value.
+    let next_seq = if scheme.needs_seq() && station.central.is_none() {
         Some(ledger::peek_seq_readonly(ledger_path, station.seq_start)?)
     } else {
         None
     };
+    let example_seq =
+        next_seq.or((scheme.needs_seq() && station.central.is_some()).then_some(station.seq_start));
     let devs = hotplug::enumerate(&station.attr_keys())?;
     let mut slots_out = Vec::new();
     let mut claimed = std::collections::BTreeSet::new();
@@ -189,7 +193,7 @@ pub fn plan(
                 image_blake3: Some(image.blake3.clone()),
                 now: chrono::Utc::now(),
             },
-            next_seq,
+            example_seq,
         )
     };
     let mut example_identity = Err("no slot".to_string());
@@ -270,7 +274,15 @@ pub fn plan(
         .collect();
     Ok(Plan {
         image: image.describe(),
-        ledger: ledger_path.display().to_string(),
+        ledger: match &station.central {
+            Some(c) => format!(
+                "{} (station {:?}, outbox {}; serials leased from it at start)",
+                central::redact(&c.url),
+                c.station,
+                ledger_path.display()
+            ),
+            None => ledger_path.display().to_string(),
+        },
         next_seq,
         example_identity_error: example_identity.as_ref().err().cloned(),
         example_identity: example_identity.ok(),
