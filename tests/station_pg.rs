@@ -771,7 +771,7 @@ fn station_pg_wrong_password_wrong_ca_refused_migration_flash_nothing() {
     }
     // A dry run names the central ledger and touches nothing (no connection needed).
     let sdir = dir.join("dry");
-    let card = backing(&dir, "dry.card", 64 * MIB);
+    let card = backing(dir, "dry.card", 64 * MIB);
     let extra = format!("ledger_ca_file = \"{}\"", pg.cert.display());
     let cfg = write_config(
         &sdir,
