@@ -15,6 +15,8 @@ TEST_PKGS="$TEST_PKGS dropbear-bin"
 TEST_PKGS="$TEST_PKGS dmsetup"
 # Signed images (tests/trust.rs): real minisign and gpg signatures.
 TEST_PKGS="$TEST_PKGS minisign gnupg"
+# A line's central ledger (tests/station_pg.rs): a real PostgreSQL server.
+TEST_PKGS="$TEST_PKGS postgresql"
 missing=""
 for p in $BUILD_PKGS $TEST_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -551,7 +551,16 @@ fn json_lines_match_the_documented_schema() {
         .collect();
     // What needs hardware or root (USB devices, a station, a board's serial console) is
     // covered by those suites' own tests of the same lines; everything else is seen here.
-    let need_more = ["bootloader-placed", "fel-version", "serial-load", "result"];
+    // A central ledger's rows and `station status` need a PostgreSQL server (tests/station_pg.rs
+    // checks those lines against this table).
+    let need_more = [
+        "bootloader-placed",
+        "fel-version",
+        "serial-load",
+        "result",
+        "ledger-row",
+        "station-status",
+    ];
     for u in &unseen {
         assert!(
             need_more.iter().any(|n| u.starts_with(&format!("{n} "))),

@@ -19,6 +19,8 @@ let
   cfg = config.services.sbcflash-station;
   settingsFormat = pkgs.formats.toml { };
   stateDir = "/var/lib/sbcflash-station";
+  # A line's central PostgreSQL ledger: the service waits for the network.
+  central = lib.hasPrefix "postgres" (toString (cfg.settings.ledger or ""));
 in
 {
   options.services.sbcflash-station = {
@@ -67,6 +69,17 @@ in
       description = "Extra command-line arguments for `sbcflash station`.";
     };
 
+    ledgerPasswordFile = lib.mkOption {
+      type = lib.types.nullOr lib.types.path;
+      default = null;
+      example = "/run/secrets/sbcflash-ledger-password";
+      description = ''
+        For a central PostgreSQL ledger (`settings.ledger = "postgresql://..."`): a file with the
+        database role's password, passed to the service as the systemd credential
+        `ledger-password` (never copied into the Nix store or the configuration).
+      '';
+    };
+
     user = lib.mkOption {
       type = lib.types.str;
       default = "sbcflash-station";
@@ -106,8 +119,9 @@ in
       after = [
         "systemd-udevd.service"
         "local-fs.target"
-      ];
-      wants = [ "systemd-udevd.service" ];
+      ]
+      ++ lib.optional central "network-online.target";
+      wants = [ "systemd-udevd.service" ] ++ lib.optional central "network-online.target";
       environment = {
         # Ledger and cache under systemd-managed directories (StateDirectory, CacheDirectory).
         XDG_STATE_HOME = stateDir;
@@ -132,6 +146,9 @@ in
           "dialout"
           "sbcflash"
         ];
+        LoadCredential = lib.optional (
+          cfg.ledgerPasswordFile != null
+        ) "ledger-password:${toString cfg.ledgerPasswordFile}";
         StateDirectory = "sbcflash-station";
         StateDirectoryMode = "0750";
         CacheDirectory = "sbcflash-station";

@@ -14,6 +14,8 @@ const EXAMPLES: &str = "Examples:
   sbcflash station --config station.toml --flash-present --exit-after 4 --json
   sbcflash station report --config station.toml --since 2026-11-01 --format csv
   sbcflash station report --config station.toml --known-hosts >> ~/.ssh/known_hosts
+  sbcflash station report --ledger postgresql://station@db.lan/line --station line1-a
+  sbcflash station status --ledger postgresql://station@db.lan/line
 
 A compressed or sparse image is decoded once into the cache (`decoded/`) for all slots. At
 start the station removes decoded images of other sources used before its own, unless another
@@ -46,8 +48,37 @@ pub struct StationArgs {
 
 #[derive(Debug, clap::Subcommand)]
 pub enum StationCommand {
-    /// Export the ledger (one row per unit and attempt).
+    /// Export the ledger (one row per unit and attempt); a central ledger's report covers
+    /// every station of the line.
     Report(ReportArgs),
+    /// Each station of a line's central ledger: last heartbeat, units today, PASS/FAIL,
+    /// rows waiting in its outbox.
+    Status(StatusArgs),
+}
+
+/// How to reach a central ledger from the command line (report, status).
+#[derive(Debug, clap::Args)]
+pub struct CentralArgs {
+    /// Certificates trusted for the central ledger's TLS, besides the web PKI roots (default:
+    /// the station config's `ledger_ca_file`).
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// The file with the database role's password (default: the station config's
+    /// `ledger_password_file`, the `ledger-password` credential, SBCFLASH_LEDGER_PASSWORD).
+    #[arg(long, value_name = "FILE")]
+    pub password_file: Option<PathBuf>,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct StatusArgs {
+    /// The station configuration whose central ledger to read.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// The central ledger, `postgresql://user@host/db` (overrides the configuration).
+    #[arg(long, value_name = "URL")]
+    pub ledger: Option<PathBuf>,
+    #[command(flatten)]
+    pub central: CentralArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -61,13 +92,19 @@ pub struct ReportArgs {
     /// The station configuration whose ledger to read.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-    /// The ledger file to read (overrides the configuration).
-    #[arg(long, value_name = "FILE")]
+    /// The ledger file to read, or a line's central ledger `postgresql://user@host/db`
+    /// (overrides the configuration).
+    #[arg(long, value_name = "FILE|URL")]
     pub ledger: Option<PathBuf>,
     /// Print a known_hosts file instead: each passed unit's station-made SSH host key under
     /// its hostname, the serial as the comment (the latest row per hostname).
     #[arg(long, conflicts_with = "format")]
     pub known_hosts: bool,
+    /// Central ledger only: this station's rows only.
+    #[arg(long, value_name = "NAME")]
+    pub station: Option<String>,
+    #[command(flatten)]
+    pub central: CentralArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -79,6 +116,7 @@ pub enum ReportFormat {
 pub fn run(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
     match a.command {
         Some(StationCommand::Report(r)) => run_report(r, g.json),
+        Some(StationCommand::Status(s)) => run_status(s, g.json),
         None => run_station(a, g),
     }
 }
@@ -156,7 +194,14 @@ fn run_station(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
         return Ok(Exit::Ok);
     }
 
-    let (ledger, stale) = ledger::Ledger::open(ledger_path)?;
+    if a_ledger_is_url(ledger_path) {
+        return Err(ExitError::new(
+            Exit::Usage,
+            "--ledger: a station takes its central ledger from the station config (`ledger = \"postgresql://...\"`); --ledger names the local file",
+        )
+        .into());
+    }
+    let (mut ledger, stale) = ledger::Ledger::open(ledger_path)?;
     let style = if g.progress_mode() == crate::progress::Mode::Auto
         && std::io::IsTerminal::is_terminal(&std::io::stderr())
     {
@@ -177,16 +222,63 @@ fn run_station(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
             ),
         );
     }
+    let courier = match &st.central {
+        Some(c) => {
+            let (courier, started) = station::courier::Courier::start(
+                c,
+                ledger_path,
+                st.seq_start,
+                st.scheme().needs_seq(),
+                ui.clone(),
+            )?;
+            ledger.use_leased_serials(courier.refill());
+            ui.say(
+                Level::Info,
+                format!(
+                    "central ledger {} (schema {}), station {:?}, outbox {}: {} row(s) delivered at start{}",
+                    station::central::redact(&c.url),
+                    started.schema_version,
+                    c.station,
+                    ledger_path.display(),
+                    started.delivered,
+                    if started.abandoned > 0 {
+                        format!(
+                            ", {} serial block(s) of an earlier run abandoned (never reused)",
+                            started.abandoned
+                        )
+                    } else {
+                        String::new()
+                    }
+                ),
+            );
+            Some(courier)
+        }
+        None => None,
+    };
     let totals = station::run(
         st,
         image,
         ledger,
-        ui,
+        ui.clone(),
         &station::RunOptions {
             flash_present,
             exit_after: p.exit_after,
         },
-    )?;
+    );
+    if let Some(courier) = courier {
+        match courier.shutdown() {
+            Ok(0) => ui.say(Level::Info, "central ledger: every row delivered, unused serials returned"),
+            Ok(n) => ui.say(
+                Level::Warn,
+                format!("central ledger: {n} row(s) still in the outbox; delivered at the next start"),
+            ),
+            Err(e) => ui.say(
+                Level::Warn,
+                format!("{e}; the outbox is delivered and the leased serials abandoned at the next start"),
+            ),
+        }
+    }
+    let totals = totals?;
     Ok(if totals.fail == 0 { Exit::Ok } else { Exit::Io })
 }
 
@@ -376,44 +468,170 @@ fn print_plan(plan: &station::Plan, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The central ledger named by `--ledger URL` or the station config, connected; None for a
+/// SQLite ledger.
+fn central_db(
+    flag: &Option<PathBuf>,
+    config: &Option<PathBuf>,
+    a: &CentralArgs,
+) -> anyhow::Result<Option<(station::central::Db, postgres::Client)>> {
+    let url_flag = flag
+        .as_deref()
+        .and_then(|p| p.to_str())
+        .filter(|s| station::central::is_url(s));
+    let from_config = match (flag, config) {
+        (None, Some(_)) => {
+            let cfg = user_config(config, flag)?;
+            load_station(&cfg)?.central
+        }
+        _ => None,
+    };
+    let (url, ca, pw) = match (url_flag, &from_config) {
+        (Some(u), c) => (
+            u.to_string(),
+            a.ca_file
+                .clone()
+                .or(c.as_ref().and_then(|c| c.ca_file.clone())),
+            a.password_file
+                .clone()
+                .or(c.as_ref().and_then(|c| c.password_file.clone())),
+        ),
+        (None, Some(c)) => (
+            c.url.clone(),
+            a.ca_file.clone().or(c.ca_file.clone()),
+            a.password_file.clone().or(c.password_file.clone()),
+        ),
+        (None, None) => return Ok(None),
+    };
+    let db = station::central::Db::new(&url, ca.as_deref(), pw.as_deref())?;
+    let client = db.connect()?;
+    Ok(Some((db, client)))
+}
+
+fn run_status(s: StatusArgs, json_lines: bool) -> anyhow::Result<Exit> {
+    let Some((db, mut c)) = central_db(&s.ledger, &s.config, &s.central)? else {
+        return Err(ExitError::new(
+            Exit::Usage,
+            "station status needs a central ledger: --ledger postgresql://... or a station config with one",
+        )
+        .into());
+    };
+    let rows = station::central::status(&db, &mut c)?;
+    let mut out = super::out::stdout();
+    use std::io::Write;
+    if json_lines {
+        for r in &rows {
+            crate::progress::json_line(&mut out, "station-status", serde_json::to_value(r)?)?;
+        }
+        return Ok(Exit::Ok);
+    }
+    writeln!(
+        out,
+        "{:<16} {:<8} {:<21} {:>9} {:>6} {:>6} {:>6} {:>8}",
+        "STATION", "STATE", "LAST HEARTBEAT", "AGE", "TODAY", "PASS", "FAIL", "BACKLOG"
+    )?;
+    for r in &rows {
+        writeln!(
+            out,
+            "{:<16} {:<8} {:<21} {:>8.0}s {:>6} {:>6} {:>6} {:>8}",
+            r.station,
+            r.state,
+            r.last_heartbeat,
+            r.heartbeat_age_secs,
+            r.units_today,
+            r.pass_today,
+            r.fail_today,
+            r.backlog
+        )?;
+    }
+    Ok(Exit::Ok)
+}
+
 fn run_report(r: ReportArgs, json_lines: bool) -> anyhow::Result<Exit> {
+    let since = r.since.as_deref().map(parse_since).transpose()?;
+    if let Some((db, mut c)) = central_db(&r.ledger, &r.config, &r.central)? {
+        let rows = station::central::report(&db, &mut c, since.as_deref(), r.station.as_deref())?;
+        if r.known_hosts {
+            let units: Vec<ledger::Row> = rows.into_iter().map(|l| l.row).collect();
+            return print_known_hosts(&units);
+        }
+        return print_rows(&rows, json_lines, r.format, true, |row| row.csv_fields());
+    }
+    if r.station.is_some() {
+        return Err(ExitError::new(
+            Exit::Usage,
+            "--station filters a central ledger's report (a SQLite ledger holds one station)",
+        )
+        .into());
+    }
     let cfg = user_config(&r.config, &r.ledger)?;
     let st = match (&r.ledger, &cfg.station.config.value) {
         (None, Some(_)) => Some(load_station(&cfg)?),
         _ => None,
     };
     let path = ledger_path(&r.ledger, st.as_ref(), &cfg);
-    let since = r.since.as_deref().map(parse_since).transpose()?;
     let rows = ledger::report(&path, since.as_deref())?;
+    if r.known_hosts {
+        return print_known_hosts(&rows);
+    }
+    print_rows(&rows, json_lines, r.format, false, |row| row.csv_fields())
+}
+
+/// `--known-hosts`: each passed unit's station-made host key under its hostname.
+fn print_known_hosts(rows: &[ledger::Row]) -> anyhow::Result<Exit> {
+    use std::io::Write;
+    let mut out = super::out::stdout();
+    for l in ledger::known_hosts(rows) {
+        writeln!(out, "{l}")?;
+    }
+    Ok(Exit::Ok)
+}
+
+/// A report's rows as `ledger-row` JSON lines, one JSON array, or CSV (the central ledger's
+/// with the station's columns last).
+fn print_rows<R: serde::Serialize>(
+    rows: &[R],
+    json_lines: bool,
+    format: ReportFormat,
+    line: bool,
+    fields: impl Fn(&R) -> Vec<String>,
+) -> anyhow::Result<Exit> {
     let mut out = super::out::stdout();
     use std::io::Write;
-    if r.known_hosts {
-        for l in ledger::known_hosts(&rows) {
-            writeln!(out, "{l}")?;
-        }
-        return Ok(Exit::Ok);
-    }
     if json_lines {
         // The global --json: the rows as the other commands' JSON lines (docs/json.md).
-        for row in &rows {
+        for row in rows {
             crate::progress::json_line(&mut out, "ledger-row", serde_json::to_value(row)?)?;
         }
         return Ok(Exit::Ok);
     }
-    match r.format {
+    match format {
         ReportFormat::Json => {
             serde_json::to_writer_pretty(&mut out, &rows)?;
             writeln!(out)?;
         }
         ReportFormat::Csv => {
-            let header: Vec<String> = ledger::COLUMNS.iter().map(|c| c.to_string()).collect();
+            let extra = if line {
+                station::central::LINE_COLUMNS
+            } else {
+                &[]
+            };
+            let header: Vec<String> = ledger::COLUMNS
+                .iter()
+                .chain(extra)
+                .map(|c| c.to_string())
+                .collect();
             writeln!(out, "{}", ledger::csv_line(&header))?;
-            for row in &rows {
-                writeln!(out, "{}", ledger::csv_line(&row.csv_fields()))?;
+            for row in rows {
+                writeln!(out, "{}", ledger::csv_line(&fields(row)))?;
             }
         }
     }
     Ok(Exit::Ok)
+}
+
+fn a_ledger_is_url(p: &std::path::Path) -> bool {
+    p.to_str().is_some_and(station::central::is_url)
 }
 
 /// `YYYY-MM-DD` (UTC midnight) or RFC 3339, as the ledger's UTC timestamp prefix.

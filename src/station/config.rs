@@ -19,9 +19,29 @@ pub struct StationConfig {
     #[serde(default)]
     pub board: Option<String>,
     /// The SQLite ledger; relative paths are relative to the config file. Default: the user
-    /// config's `station.ledger` (see `sbcflash config show`).
+    /// config's `station.ledger` (see `sbcflash config show`). Or a line's central ledger,
+    /// `postgresql://user@host/db?sslmode=require`, with the local SQLite ledger (`outbox`) as
+    /// its outbox.
     #[serde(default)]
-    pub ledger: Option<PathBuf>,
+    pub ledger: Option<String>,
+    /// Central ledger only: the local SQLite ledger that is its outbox (default: as `ledger`
+    /// would be for a station without one).
+    #[serde(default)]
+    pub outbox: Option<PathBuf>,
+    /// Central ledger only: this station's name in the line (default: the host name).
+    #[serde(default)]
+    pub station_name: Option<String>,
+    /// Central ledger only: serials leased per block (default 20): how many units a station
+    /// can flash while the database is away.
+    #[serde(default)]
+    pub serial_lease: Option<u64>,
+    /// Central ledger only: certificates trusted for its TLS, besides the web PKI roots.
+    #[serde(default)]
+    pub ledger_ca_file: Option<PathBuf>,
+    /// Central ledger only: the file with the role's password (else the systemd credential
+    /// `ledger-password`, else SBCFLASH_LEDGER_PASSWORD). Never in this file.
+    #[serde(default)]
+    pub ledger_password_file: Option<PathBuf>,
     /// Directory for one log file per slot; none if unset.
     #[serde(default)]
     pub log_dir: Option<PathBuf>,
@@ -250,8 +270,10 @@ pub struct SlotConfig {
 pub struct Station {
     pub path: PathBuf,
     pub board: Option<String>,
-    /// None: use the user config's default ledger.
+    /// None: use the user config's default ledger. With a central ledger: its outbox.
     pub ledger: Option<PathBuf>,
+    /// The line's PostgreSQL ledger, if any.
+    pub central: Option<super::central::CentralConfig>,
     pub log_dir: Option<PathBuf>,
     pub image: ImageConfig,
     pub serial: Template,
@@ -493,10 +515,12 @@ impl Station {
             files.push((f.path.trim_start_matches('/').to_string(), t));
         }
 
+        let (ledger, central) = central_config(&raw, &resolve, &bad)?;
         Ok(Station {
             path: path.to_path_buf(),
             board: raw.board,
-            ledger: raw.ledger.as_deref().map(resolve),
+            ledger,
+            central,
             log_dir: raw.log_dir.as_deref().map(resolve),
             image,
             serial,
@@ -518,6 +542,53 @@ impl Station {
             boot,
         })
     }
+}
+
+/// `ledger`: a SQLite path, or a PostgreSQL URL with its outbox, name, lease and secrets.
+#[allow(clippy::type_complexity)]
+fn central_config(
+    raw: &StationConfig,
+    resolve: &dyn Fn(&Path) -> PathBuf,
+    bad: &dyn Fn(String) -> StationError,
+) -> Result<(Option<PathBuf>, Option<super::central::CentralConfig>), StationError> {
+    let url = raw.ledger.as_deref().filter(|l| super::central::is_url(l));
+    let Some(url) = url else {
+        let only_central = [
+            ("outbox", raw.outbox.is_some()),
+            ("station_name", raw.station_name.is_some()),
+            ("serial_lease", raw.serial_lease.is_some()),
+            ("ledger_ca_file", raw.ledger_ca_file.is_some()),
+            ("ledger_password_file", raw.ledger_password_file.is_some()),
+        ];
+        if let Some((k, _)) = only_central.iter().find(|(_, set)| *set) {
+            return Err(bad(format!(
+                "`{k}` is for a central ledger (`ledger = \"postgresql://...\"`)"
+            )));
+        }
+        return Ok((raw.ledger.as_deref().map(|l| resolve(Path::new(l))), None));
+    };
+    if raw.serial_lease == Some(0) {
+        return Err(bad("serial_lease: must be at least 1".into()));
+    }
+    // Checked here so a typo or a password in the URL stops the station at start.
+    super::central::Db::new(url, None, None).map_err(|e| match e {
+        StationError::Central { msg, .. } => bad(format!("ledger: {msg}")),
+        e => e,
+    })?;
+    let station = match raw.station_name.clone().or_else(super::identity::host_name) {
+        Some(s) if !s.is_empty() => s,
+        _ => return Err(bad("station_name: not set and the host has no name".into())),
+    };
+    Ok((
+        raw.outbox.as_deref().map(resolve),
+        Some(super::central::CentralConfig {
+            url: url.to_string(),
+            ca_file: raw.ledger_ca_file.as_deref().map(resolve),
+            password_file: raw.ledger_password_file.as_deref().map(resolve),
+            station,
+            serial_lease: raw.serial_lease.unwrap_or(20),
+        }),
+    ))
 }
 
 /// Resolves loader paths and checks the storage name, so a typo stops the station at start.

@@ -218,6 +218,16 @@ pub fn device_info(d: &udev::Device, attr_keys: &[String]) -> DeviceInfo {
         .attribute_value("size")
         .and_then(|v| v.to_string_lossy().trim().parse::<u64>().ok())
         .map_or(0, |sectors| sectors * 512);
+    // The size is read now, so the medium key must be too: an `add` event handled after the
+    // device was already attached again carries an older DISKSEQ than the medium in it (a
+    // fresh loop device: `add` at creation, `change` at attach), and keying that medium by the
+    // event's number would see the `change` that follows as a new medium and cancel its job.
+    if let Some(seq) = d.attribute_value("diskseq") {
+        let seq = seq.to_string_lossy().trim().to_string();
+        if !seq.is_empty() {
+            props.insert("DISKSEQ".to_string(), seq);
+        }
+    }
     DeviceInfo {
         syspath: d.syspath().to_string_lossy().into_owned(),
         devnode: d.devnode().map(|p| p.to_string_lossy().into_owned()),

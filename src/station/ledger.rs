@@ -70,6 +70,23 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE units ADD COLUMN boot_transcript TEXT;
     ALTER TABLE units ADD COLUMN boot_transcript_blake3 TEXT;
     "#,
+    // 5: the outbox for a central ledger: a unit id made here, a revision per change and the
+    // revision delivered; the blocks of serials leased from the central ledger.
+    r#"
+    ALTER TABLE units ADD COLUMN uid TEXT;
+    ALTER TABLE units ADD COLUMN rev INTEGER NOT NULL DEFAULT 1;
+    ALTER TABLE units ADD COLUMN delivered_rev INTEGER NOT NULL DEFAULT 0;
+    UPDATE units SET uid = lower(hex(randomblob(16))) WHERE uid IS NULL;
+    CREATE UNIQUE INDEX units_uid ON units(uid);
+    CREATE INDEX units_undelivered ON units(id) WHERE rev > delivered_rev;
+    CREATE TABLE serial_leases (
+        id     INTEGER PRIMARY KEY,
+        first  INTEGER NOT NULL,
+        last   INTEGER NOT NULL,
+        next   INTEGER NOT NULL,
+        state  TEXT NOT NULL CHECK (state IN ('active','returned','abandoned'))
+    );
+    "#,
 ];
 
 /// Name of the serial counter row.
@@ -180,10 +197,15 @@ pub const COLUMNS: &[&str] = &[
     "boot_transcript_blake3",
 ];
 
+/// Asked for more serials when the leased ones ran out (the central ledger's lease).
+pub type Refill = Box<dyn FnMut() -> Result<(), String> + Send>;
+
 /// An open, locked ledger (the station's writer).
 pub struct Ledger {
     path: PathBuf,
     conn: Connection,
+    /// Serials come from leased blocks (a central ledger), not the local counter.
+    leased: Option<Refill>,
     /// Holds the exclusive flock for as long as the ledger is open.
     _lock: nix::fcntl::Flock<File>,
 }
@@ -259,7 +281,7 @@ impl Ledger {
         migrate(&mut conn, path)?;
         let stale = conn
             .execute(
-                "UPDATE units SET result='interrupted', failure_reason=
+                "UPDATE units SET result='interrupted', rev=rev+1, failure_reason=
                    'station stopped before the job ended (crash, kill or power loss); the unit is not done'
                  WHERE result='started'",
                 [],
@@ -269,6 +291,7 @@ impl Ledger {
             Ledger {
                 path: path.to_path_buf(),
                 conn,
+                leased: None,
                 _lock: lock,
             },
             stale,
@@ -277,6 +300,46 @@ impl Ledger {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Takes serials from leased blocks from now on (a central ledger); `refill` leases
+    /// another block when none is left.
+    pub fn use_leased_serials(&mut self, refill: Refill) {
+        self.leased = Some(refill);
+    }
+
+    /// Serials left in active leases.
+    pub fn free_serials(&self) -> Result<u64, StationError> {
+        super::outbox::free_serials(&self.conn).map_err(db_err(&self.path))
+    }
+
+    /// Records a unit that was not flashed (no name, no serial), as FAIL with the reason.
+    fn record_unnamed(&self, unit: &NewUnit, reason: &str) -> Result<(), StationError> {
+        self.conn
+            .execute(
+                "INSERT INTO units(unit_serial, attempt, slot, devnode, id_serial, id_path,
+                   diskseq, board, image, image_blake3, started_at, ended_at, result,
+                   failure_reason, tool_version, station_host, station_pid, uid)
+                 VALUES ('-',1,?1,?2,?3,?4,?5,?6,?7,?8,?9,?9,'fail',?10,?11,?12,?13,
+                   lower(hex(randomblob(16))))",
+                params![
+                    unit.slot,
+                    unit.devnode,
+                    unit.id_serial,
+                    unit.id_path,
+                    unit.diskseq,
+                    unit.board,
+                    unit.image,
+                    unit.image_blake3,
+                    now(),
+                    reason,
+                    env!("CARGO_PKG_VERSION"),
+                    station_host(),
+                    std::process::id() as i64,
+                ],
+            )
+            .map_err(db_err(&self.path))?;
+        Ok(())
     }
 
     /// The next counter value (without taking it), for `--dry-run`.
@@ -294,12 +357,38 @@ impl Ledger {
         seq_start: u64,
         identity: impl FnOnce(Option<u64>) -> Result<(String, String, String, T), String>,
     ) -> Result<Result<(i64, T), String>, StationError> {
+        if needs_seq && self.leased.is_some() && self.free_serials()? == 0 {
+            let refilled = match self.leased.as_mut() {
+                Some(refill) => refill(),
+                None => Ok(()),
+            };
+            if let Err(why) = refilled {
+                let reason = format!(
+                    "no serial number: none left from the central ledger's leases and none could be leased ({why}); the unit was not flashed"
+                );
+                self.record_unnamed(unit, &reason)?;
+                return Ok(Err(reason));
+            }
+        }
         let err = db_err(&self.path);
+        let leased = self.leased.is_some();
         let tx = self
             .conn
             .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
             .map_err(&err)?;
-        let seq = if needs_seq {
+        let seq = if needs_seq && leased {
+            match super::outbox::take_serial(&tx).map_err(&err)? {
+                Some(s) => Some(s),
+                None => {
+                    drop(tx);
+                    let reason =
+                        "no serial number: the leased serials ran out; the unit was not flashed"
+                            .to_string();
+                    self.record_unnamed(unit, &reason)?;
+                    return Ok(Err(reason));
+                }
+            }
+        } else if needs_seq {
             let next = peek_seq(&tx, seq_start).map_err(&err)?;
             tx.execute(
                 "INSERT INTO counters(name, value) VALUES (?1, ?2)
@@ -317,29 +406,7 @@ impl Ledger {
                 // A unit that cannot be named is still recorded (as failed, with the reason);
                 // the counter value is not consumed.
                 drop(tx);
-                self.conn
-                    .execute(
-                        "INSERT INTO units(unit_serial, attempt, slot, devnode, id_serial, id_path,
-                           diskseq, board, image, image_blake3, started_at, ended_at, result,
-                           failure_reason, tool_version, station_host, station_pid)
-                         VALUES ('-',1,?1,?2,?3,?4,?5,?6,?7,?8,?9,?9,'fail',?10,?11,?12,?13)",
-                        params![
-                            unit.slot,
-                            unit.devnode,
-                            unit.id_serial,
-                            unit.id_path,
-                            unit.diskseq,
-                            unit.board,
-                            unit.image,
-                            unit.image_blake3,
-                            now(),
-                            format!("identity: {reason}"),
-                            env!("CARGO_PKG_VERSION"),
-                            station_host(),
-                            std::process::id() as i64,
-                        ],
-                    )
-                    .map_err(&err)?;
+                self.record_unnamed(unit, &format!("identity: {reason}"))?;
                 return Ok(Err(reason));
             }
         };
@@ -353,8 +420,9 @@ impl Ledger {
         tx.execute(
             "INSERT INTO units(unit_serial, attempt, slot, devnode, id_serial, id_path, diskseq,
                board, image, image_blake3, seq, hostname, identity_json, started_at, result,
-               tool_version, station_host, station_pid)
-             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,'started',?15,?16,?17)",
+               tool_version, station_host, station_pid, uid)
+             VALUES (?1,?2,?3,?4,?5,?6,?7,?8,?9,?10,?11,?12,?13,?14,'started',?15,?16,?17,
+               lower(hex(randomblob(16))))",
             params![
                 serial,
                 attempt + 1,
@@ -408,7 +476,7 @@ impl Ledger {
         self.conn
             .execute(
                 "UPDATE units SET ended_at=?2, result=?3, failure_reason=?4, bytes_written=?5,
-                   bytes_skipped=?6, throughput_bps=?7 WHERE id=?1",
+                   bytes_skipped=?6, throughput_bps=?7, rev=rev+1 WHERE id=?1",
                 params![
                     id,
                     now(),
@@ -525,47 +593,50 @@ pub fn report(path: &Path, since: Option<&str>) -> Result<Vec<Row>, StationError
     );
     let mut st = conn.prepare(&sql).map_err(&err)?;
     let rows = st
-        .query_map([since.unwrap_or("")], |r| {
-            Ok(Row {
-                id: r.get(0)?,
-                unit_serial: r.get(1)?,
-                attempt: r.get(2)?,
-                slot: r.get(3)?,
-                devnode: r.get(4)?,
-                id_serial: r.get(5)?,
-                id_path: r.get(6)?,
-                diskseq: r.get(7)?,
-                board: r.get(8)?,
-                image: r.get(9)?,
-                image_blake3: r.get(10)?,
-                seq: r.get(11)?,
-                hostname: r.get(12)?,
-                identity_json: r.get(13)?,
-                started_at: r.get(14)?,
-                ended_at: r.get(15)?,
-                bytes_written: r.get(16)?,
-                bytes_skipped: r.get(17)?,
-                throughput_bps: r.get(18)?,
-                result: r.get(19)?,
-                failure_reason: r.get(20)?,
-                tool_version: r.get(21)?,
-                station_host: r.get(22)?,
-                station_pid: r.get(23)?,
-                host_key: r.get(24)?,
-                host_key_fingerprint: r.get(25)?,
-                signature_key_id: r.get(26)?,
-                readback_blake3: r.get(27)?,
-                boot_result: r.get(28)?,
-                boot_stage: r.get(29)?,
-                boot_login_seconds: r.get(30)?,
-                boot_transcript: r.get(31)?,
-                boot_transcript_blake3: r.get(32)?,
-            })
-        })
+        .query_map([since.unwrap_or("")], row_from)
         .map_err(&err)?
         .collect::<Result<Vec<_>, _>>()
         .map_err(&err)?;
     Ok(rows)
+}
+
+/// A `units` row selected as [`COLUMNS`] (first), as a report row.
+pub(super) fn row_from(r: &rusqlite::Row) -> rusqlite::Result<Row> {
+    Ok(Row {
+        id: r.get(0)?,
+        unit_serial: r.get(1)?,
+        attempt: r.get(2)?,
+        slot: r.get(3)?,
+        devnode: r.get(4)?,
+        id_serial: r.get(5)?,
+        id_path: r.get(6)?,
+        diskseq: r.get(7)?,
+        board: r.get(8)?,
+        image: r.get(9)?,
+        image_blake3: r.get(10)?,
+        seq: r.get(11)?,
+        hostname: r.get(12)?,
+        identity_json: r.get(13)?,
+        started_at: r.get(14)?,
+        ended_at: r.get(15)?,
+        bytes_written: r.get(16)?,
+        bytes_skipped: r.get(17)?,
+        throughput_bps: r.get(18)?,
+        result: r.get(19)?,
+        failure_reason: r.get(20)?,
+        tool_version: r.get(21)?,
+        station_host: r.get(22)?,
+        station_pid: r.get(23)?,
+        host_key: r.get(24)?,
+        host_key_fingerprint: r.get(25)?,
+        signature_key_id: r.get(26)?,
+        readback_blake3: r.get(27)?,
+        boot_result: r.get(28)?,
+        boot_stage: r.get(29)?,
+        boot_login_seconds: r.get(30)?,
+        boot_transcript: r.get(31)?,
+        boot_transcript_blake3: r.get(32)?,
+    })
 }
 
 /// The next serial counter value, read without locking (for `--dry-run`).

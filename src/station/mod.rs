@@ -7,13 +7,16 @@
 //! and every target still goes through `target`'s safety checks.
 
 pub mod boot;
+pub mod central;
 pub mod config;
+pub mod courier;
 pub mod decoded;
 pub mod fatinject;
 pub mod hotplug;
 pub mod identity;
 pub mod job;
 pub mod ledger;
+pub mod outbox;
 pub mod slots;
 pub mod ui;
 pub mod usbslot;
@@ -40,6 +43,14 @@ pub enum StationError {
     LedgerBusy { path: String },
     #[error("{0}")]
     Environment(String),
+    /// The line's PostgreSQL ledger: `exit` says whether it is setup (credentials, trust,
+    /// privileges: 8), bad configuration (3) or the network (5).
+    #[error("ledger {url}: {msg}")]
+    Central {
+        url: String,
+        msg: String,
+        exit: Exit,
+    },
     #[error(transparent)]
     Fat(#[from] fatinject::FatError),
 }
@@ -51,6 +62,7 @@ impl Classify for StationError {
             StationError::Ledger { .. } => Exit::Io,
             StationError::LedgerBusy { .. } => Exit::Refused,
             StationError::Environment(_) => Exit::Environment,
+            StationError::Central { exit, .. } => *exit,
             StationError::Fat(e) => e.exit(),
         }
     }
@@ -160,11 +172,15 @@ pub fn plan(
     flash_present: bool,
 ) -> Result<Plan, StationError> {
     let scheme = station.scheme();
-    let next_seq = if scheme.needs_seq() {
+    // With a central ledger the serials come from its leases at start: not known offline, so
+    // the example shows the format with the first counter value.
+    let next_seq = if scheme.needs_seq() && station.central.is_none() {
         Some(ledger::peek_seq_readonly(ledger_path, station.seq_start)?)
     } else {
         None
     };
+    let example_seq =
+        next_seq.or((scheme.needs_seq() && station.central.is_some()).then_some(station.seq_start));
     let devs = hotplug::enumerate(&station.attr_keys())?;
     let mut slots_out = Vec::new();
     let mut claimed = std::collections::BTreeSet::new();
@@ -178,7 +194,7 @@ pub fn plan(
                 image_blake3: Some(image.blake3.clone()),
                 now: chrono::Utc::now(),
             },
-            next_seq,
+            example_seq,
         )
     };
     let mut example_identity = Err("no slot".to_string());
@@ -259,7 +275,15 @@ pub fn plan(
         .collect();
     Ok(Plan {
         image: image.describe(),
-        ledger: ledger_path.display().to_string(),
+        ledger: match &station.central {
+            Some(c) => format!(
+                "{} (station {:?}, outbox {}; serials leased from it at start)",
+                central::redact(&c.url),
+                c.station,
+                ledger_path.display()
+            ),
+            None => ledger_path.display().to_string(),
+        },
         next_seq,
         example_identity_error: example_identity.as_ref().err().cloned(),
         example_identity: example_identity.ok(),
@@ -326,16 +350,6 @@ pub fn run_with(
     let mut pending: BTreeMap<String, slots::DeviceInfo> = BTreeMap::new();
     let mut ended = 0u64;
     let mut totals = Totals::default();
-
-    ui.say(
-        Level::Info,
-        format!(
-            "station ready: {} slot(s), ledger {}, image {}",
-            station.slots.len(),
-            ledger_path.display(),
-            ctx.image.describe()
-        ),
-    );
 
     ui.show_slots(station.slots.iter().map(|s| {
         (
@@ -412,6 +426,17 @@ pub fn run_with(
             handle(d, &mut running, &mut pending);
         }
     }
+    // Ready once the disks present at start are sorted out: a medium inserted from now on
+    // arrives as an event, never half-seen by the enumeration.
+    ui.say(
+        Level::Info,
+        format!(
+            "station ready: {} slot(s), ledger {}, image {}",
+            station.slots.len(),
+            ledger_path.display(),
+            ctx.image.describe()
+        ),
+    );
 
     let mut stopping = false;
     loop {

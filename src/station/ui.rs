@@ -33,6 +33,8 @@ pub struct Ui {
     pass: AtomicU64,
     fail: AtomicU64,
     running: AtomicU64,
+    /// Central ledger only: rows waiting in the outbox, and whether the database answers.
+    central: Mutex<Option<(u64, bool)>>,
     alert: Mutex<()>,
 }
 
@@ -50,6 +52,7 @@ impl Ui {
             pass: AtomicU64::new(0),
             fail: AtomicU64::new(0),
             running: AtomicU64::new(0),
+            central: Mutex::new(None),
             alert: Mutex::new(()),
         }
     }
@@ -113,7 +116,19 @@ impl Ui {
 
     pub fn count_line(&self) -> String {
         let (p, f, r) = self.counts();
-        format!("count: {p} PASS, {f} FAIL, {r} running")
+        let central = match self.central.lock().map(|g| *g) {
+            Ok(Some((n, true))) => format!(", backlog {n}"),
+            Ok(Some((n, false))) => format!(", backlog {n} (database unreachable)"),
+            _ => String::new(),
+        };
+        format!("count: {p} PASS, {f} FAIL, {r} running{central}")
+    }
+
+    /// The outbox's backlog and whether the central ledger answered last time.
+    pub fn set_backlog(&self, rows: u64, reachable: bool) {
+        if let Ok(mut g) = self.central.lock() {
+            *g = Some((rows, reachable));
+        }
     }
 
     /// Bell and/or a short reverse-video flash, on stderr (never in the JSON stream).

@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod json;
+pub mod pg;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
