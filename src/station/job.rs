@@ -338,6 +338,40 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".to_string())
 }
 
+/// A pulled card makes the write fail (ENOSPC once the kernel has zeroed the disk's capacity,
+/// EIO) before udev's removal event reaches the station: a failed block job first looks at its
+/// disk and gives that event a moment, so the unit reads "removed", not "No space left on
+/// device". Only the failure path waits.
+fn pulled(cancel: &Cancel, devnode: &str) -> Option<String> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        if let Some(CancelReason::Removed(why)) = cancel.reason() {
+            return Some(why);
+        }
+        if let Some(what) = block_gone(devnode) {
+            return Some(format!("{what}: {devnode}"));
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// "device removed" when the disk has left sysfs, "medium removed" when its capacity is 0.
+pub(super) fn block_gone(devnode: &str) -> Option<&'static str> {
+    let name = std::path::Path::new(devnode).file_name()?;
+    match std::fs::read_to_string(
+        std::path::Path::new("/sys/class/block")
+            .join(name)
+            .join("size"),
+    ) {
+        Err(_) => Some("device removed"),
+        Ok(s) if s.trim() == "0" => Some("medium removed"),
+        Ok(_) => None,
+    }
+}
+
 /// Steps of a job, named in FAIL reasons ("removed mid-write").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Step {
@@ -495,7 +529,10 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
             Err(format!("removed mid-{} ({why})", step.name()))
         }
         (Ok(s), None) => Ok(s),
-        (Err(e), None) => Err(format!("{} failed: {e:#}", step.name())),
+        (Err(e), None) => match (usb, pulled(cancel, &devnode)) {
+            (false, Some(why)) => Err(format!("removed mid-{} ({why})", step.name())),
+            _ => Err(format!("{} failed: {e:#}", step.name())),
+        },
     };
     end(
         ctx,
