@@ -260,7 +260,9 @@ fn sparse_file(dir: &Path, name: &str, len: usize, seed: u32) -> (PathBuf, Vec<u
     (p, img)
 }
 
-/// sbcflash through rusb: `usb --json`, `write --via maskrom|fastboot`, `fel`, unplug.
+/// sbcflash through rusb: `usb --json`, `write --via maskrom|fastboot|usbboot`, `fel`, unplug;
+/// the CM4 (usbboot, then its eMMC as a USB disk on the same port) on a station slot; the
+/// udev rules for every model and Raspberry Pi boot ROM id (tests/usb_lab/usbboot.sh).
 #[test]
 fn qemu_usb_lab_sbcflash_through_a_real_usb_stack() {
     if !lab_ready(&["python3"]) {
@@ -295,7 +297,7 @@ fn qemu_usb_lab_sbcflash_through_a_real_usb_stack() {
     fel_expected[mib..2 * mib].copy_from_slice(&bin);
     write(&w, "fel.expected", &fel_expected);
 
-    run_in_guest("sbcflash.sh", &w, &[&dev, &sbc], 35);
+    run_in_guest("sbcflash.sh", &w, &[&dev, &sbc], 50);
 }
 
 /// USB card readers for real (mass-storage gadgets with a removable LUN): `write --eject`

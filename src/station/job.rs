@@ -619,12 +619,14 @@ fn provision(
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("{} has no device node", dev.syspath))?,
     );
-    write_block(ctx, &devnode, files, cancel, rep, &set)
+    write_block(ctx, &devnode, files, cancel, rep, &set, false)
 }
 
 /// The block job on `devnode` (a card in a reader, or a board's storage exposed as a
 /// mass-storage gadget): `target::open` with every safety rule, the writer pipeline with
-/// read-back, identity files into the FAT partition, their read-back.
+/// read-back, identity files into the FAT partition, their read-back. `board_disk`: the disk
+/// is the one that appeared on a USB slot's port after the job booted the board there (its
+/// storage by construction), so the removable-class rule does not apply to it.
 pub(super) fn write_block(
     ctx: &Context,
     devnode: &std::path::Path,
@@ -632,12 +634,14 @@ pub(super) fn write_block(
     cancel: &Arc<Cancel>,
     rep: &Arc<SlotReporter>,
     set: &(dyn Fn(Step) + Sync),
+    board_disk: bool,
 ) -> anyhow::Result<WriteStats> {
     use anyhow::Context as _;
-    // The writer's safety rules, unchanged: never --force from the station.
+    // The writer's safety rules, unchanged: never --force from the station, except the
+    // removable-class rule for a board's own disk (a gadget's LUN need not be removable).
     let policy = crate::target::Policy {
         image_size: Some(ctx.image.size),
-        force: false,
+        force: board_disk,
         image_paths: ctx.image.all_paths(),
     };
     // The claim (O_EXCL) holds through identity injection and its read-back.
