@@ -49,11 +49,10 @@ perm=$(stat -c '%G %a' "$node" 2>&1)
 [ "$perm" = "sbcflash 660" ] && ok "udev rule: 0a5c:2711 ($node) is group sbcflash, mode 660" || no "udev rule: 0a5c:2711 $node is '$perm'"
 t "write --via usbboot: bootcode4.bin from bootfiles.bin, the file server, then the eMMC disk on the same port" 0 \
   'read back' \
-  "$SBC" write --via usbboot --usbboot-dir /tmp/rpi "$W/img.raw" --yes
+  "$SBC" write --via usbboot --usbboot-dir /tmp/rpi "$W/small.img" --yes
 grep -E 'bootcode4|served|storage is now|asked for' /tmp/t.out | sed 's/^/    | /'
 stop cm4
-SIZE=$(stat -c %s "$W/img.raw")
-cmp -n "$SIZE" /tmp/cm4.emmc "$W/img.raw" >/dev/null && ok "usbboot: the CM4's eMMC (mass-storage stage) == image" || no "usbboot: eMMC != image"
+cmp -n 1048576 /tmp/cm4.emmc "$W/small.img" >/dev/null && ok "usbboot: the CM4's eMMC (mass-storage stage) == image" || no "usbboot: eMMC != image"
 same "usbboot: the ROM got bootcode4.bin (2711/ in bootfiles.bin) byte for byte" /tmp/cm4.emmc.files/SECOND_STAGE /tmp/rpi-loose/2711/bootcode4.bin
 same "usbboot: config.txt came from bootfiles.bin's 2711/" /tmp/cm4.emmc.files/config.txt /tmp/rpi-loose/2711/config.txt
 same "usbboot: boot.img (3 MiB, 16 KiB bulk pieces) from the top level" /tmp/cm4.emmc.files/boot.img /tmp/rpi/boot.img
