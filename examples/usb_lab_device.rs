@@ -471,6 +471,14 @@ fn control_loop(mut ep0: File, model: Model, gadget: Gadget) {
             let value = u16::from_le_bytes([ev[2], ev[3]]);
             let index = u16::from_le_bytes([ev[4], ev[5]]);
             let len = u16::from_le_bytes([ev[6], ev[7]]) as usize;
+            // rpiboot's ReadFile data may still sit in the bulk thread when its next request
+            // arrives: let it reach the model first (bounded: a host that gave up goes on).
+            for _ in 0..2000 {
+                if !lock(&model).bulk_due() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
             let gen = lock(&model).generation();
             if rt & 0x80 != 0 {
                 let mut data = vec![0u8; len];

@@ -96,6 +96,8 @@ cm4 cm4 /tmp/cm4c.emmc --files config.txt,boot.img,@short,@boot
 wait "$st"; rc=$?
 [ "$rc" = 0 ] && ok "station: the CM4 slot PASS (exit 0)" || { no "station (CM4) exit $rc"; tail -n 20 /tmp/st-rpi/out.json /tmp/st-rpi/err; }
 stop cm4
+grep -q 'stage: MassStorage .*files: \[("boot.img", Some(3145728)), ("config.txt", Some(15))\]' /tmp/cm4.log \
+  && ok "station: short file requests, no Done: both files served, then mass storage" || { no "station: CM4 model summary"; tail -3 /tmp/cm4.log; }
 cmp -n 1048576 /tmp/cm4c.emmc "$W/small.img" >/dev/null && ok "station: the CM4's eMMC == image" || no "station: CM4 eMMC != image"
 HOME=/tmp "$SBC" station report --format json --config /tmp/st-rpi/station.toml > /tmp/st-rpi/report.json 2>&1
 python3 - /tmp/st-rpi/report.json <<'PY' && ok "station report: one CM4 row, pass, serial CM4-001" || { no "station report (CM4)"; cat /tmp/st-rpi/report.json; }

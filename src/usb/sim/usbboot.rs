@@ -264,6 +264,10 @@ impl SimDevice for RpiBoard {
             .map_or(0, |(want, buf)| (want - buf.len()).min(16 * 1024))
     }
 
+    fn bulk_due(&self) -> bool {
+        self.bulk.is_some()
+    }
+
     fn bulk_in(&mut self, _buf: &mut [u8]) -> Result<usize, TransportError> {
         Err(TransportError::Stall)
     }
