@@ -86,7 +86,7 @@ fn run_in_guest(script: &str, work: &Path, args: &[&Path], want_passed: usize) -
         .join("tests/usb_lab")
         .join(script);
     let out = Command::new(lab_dir().join("usb-lab.sh"))
-        .args(["run", "--timeout", "480", "--mem", "1024", "--rw"])
+        .args(["run", "--timeout", "600", "--mem", "1024", "--rw"])
         .arg(work)
         .arg("--")
         .arg("bash")
