@@ -10,31 +10,45 @@
 //!
 //! ```text
 //! usb_lab_device PROTOCOL FFS_DIR GADGET BACKING [--max-download N] [--fault KIND@WHEN]...
+//!                [--usbip VUDC:PORT] [--then-ums GADGET] [--files A,B,...]
 //!   PROTOCOL  rockusb (RK3588 maskrom, then loader) | fastboot (partition "mmc") | fel (D1,
-//!             DRAM at 0x40000000)
+//!             DRAM at 0x40000000) | usbboot (CM4 boot ROM, then the file server asking for
+//!             --files, then mass storage: BACKING.files/ gets what it was sent; `@short` in
+//!             --files: short request replies, `@boot`: no Done, the board just boots on)
 //!   FFS_DIR   the mounted FunctionFS instance (lab_ffs NAME → /dev/ffs-NAME)
 //!   GADGET    the configfs gadget name, for re-enumeration and unplug (its UDC file)
 //!   BACKING   the storage (eMMC, partition, DRAM): loaded at start, written back on SIGTERM
 //!   KIND      stall | nak (never answers) | short (half an IN reply) | unplug | fail
 //!   WHEN      tN: the N-th bulk transfer (0-based); oN: after N bulk OUT bytes
+//!   --usbip   plug in through USB/IP instead of dummy_hcd: the gadget binds to usbip-vudc.N
+//!             and is attached to vhci_hcd.0's port PORT through a relay that sets the device
+//!             descriptor's iSerialNumber to the model's (rpiboot tells the ROM from its second
+//!             stage by that index; configfs only ever gives 0 or 3)
+//!   --then-ums once the model becomes a mass-storage device, GADGET (a configfs mass-storage
+//!             gadget, not bound) takes its place on the same port
 //! ```
 //! Prints `READY` once the descriptors are in (then `lab_bind GADGET`).
 
 use sbcflash::usb::sim::fastboot::FastbootDevice;
 use sbcflash::usb::sim::fel::FelDevice;
 use sbcflash::usb::sim::rockusb::{RockchipBoard, EMMC};
+use sbcflash::usb::sim::usbboot::RpiBoard;
 use sbcflash::usb::sim::{lock, Fault, FaultKind, Faults, SimDevice, Trigger, Xfer};
 use sbcflash::usb::TransportError;
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 type Model = Arc<Mutex<dyn SimDevice>>;
-/// Copies the model's storage out, for the backing file, with a summary of what it saw.
-type Storage = Box<dyn Fn() -> (Vec<u8>, String) + Send>;
+/// Copies the model's storage out, for the backing file (None: leave it), with a summary of
+/// what it saw.
+type Storage = Box<dyn Fn() -> (Option<Vec<u8>>, String) + Send>;
 
 const HAS_FS: u32 = 1;
 const HAS_HS: u32 = 2;
@@ -55,6 +69,9 @@ struct Args {
     backing: PathBuf,
     max_download: u32,
     faults: Vec<Fault>,
+    usbip: Option<(String, u32)>,
+    then_ums: Option<String>,
+    files: Vec<String>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -69,6 +86,9 @@ fn parse_args() -> Result<Args, String> {
         backing: v[3].clone().into(),
         max_download: 4 << 20,
         faults: Vec::new(),
+        usbip: None,
+        then_ums: None,
+        files: Vec::new(),
     };
     let mut rest = v[4..].iter();
     while let Some(o) = rest.next() {
@@ -78,6 +98,15 @@ fn parse_args() -> Result<Args, String> {
                 a.max_download = val.parse().map_err(|e| format!("--max-download: {e}"))?
             }
             "--fault" => a.faults.push(parse_fault(val)?),
+            "--usbip" => {
+                let (vudc, port) = val
+                    .split_once(':')
+                    .ok_or(format!("--usbip {val}: want VUDC:PORT"))?;
+                let port = port.parse().map_err(|e| format!("--usbip {val}: {e}"))?;
+                a.usbip = Some((vudc.to_string(), port));
+            }
+            "--then-ums" => a.then_ums = Some(val.clone()),
+            "--files" => a.files = val.split(',').map(str::to_string).collect(),
             _ => return Err(format!("unknown option {o}")),
         }
     }
@@ -126,7 +155,7 @@ fn run() -> Result<(), String> {
                         .map(|d| (d.area, d.payload.len(), d.crc_ok))
                         .collect();
                     let summary = format!("downloads: {downloads:?} resets: {:?}", b.resets);
-                    (b.storage(EMMC).to_vec(), summary)
+                    (Some(b.storage(EMMC).to_vec()), summary)
                 }),
             )
         }
@@ -142,7 +171,7 @@ fn run() -> Result<(), String> {
                     let summary =
                         format!("commands: {:?} downloads: {:?}", d.commands, d.downloads);
                     (
-                        d.partitions.get("mmc").cloned().unwrap_or_default(),
+                        Some(d.partitions.get("mmc").cloned().unwrap_or_default()),
                         summary,
                     )
                 }),
@@ -157,11 +186,56 @@ fn run() -> Result<(), String> {
                 d,
                 Box::new(move || {
                     let d = lock(&s);
-                    (d.dram.clone(), format!("executed: {:?}", d.executed))
+                    (Some(d.dram.clone()), format!("executed: {:?}", d.executed))
                 }),
             )
         }
-        p => return Err(format!("protocol {p}: want rockusb|fastboot|fel")),
+        "usbboot" => {
+            // `@short`: short file requests; `@boot`: boot on without Done (see RpiBoard).
+            let names: Vec<&str> = a
+                .files
+                .iter()
+                .map(String::as_str)
+                .filter(|n| !n.starts_with('@'))
+                .collect();
+            let mut b = RpiBoard::cm4(&names);
+            b.short_requests = a.files.iter().any(|f| f == "@short");
+            if a.files.iter().any(|f| f == "@boot") {
+                b.boot_without_done();
+            }
+            let d = Arc::new(Mutex::new(b));
+            let s = d.clone();
+            let out = PathBuf::from(format!("{}.files", a.backing.display()));
+            (
+                d,
+                Box::new(move || {
+                    let d = lock(&s);
+                    // What the host sent, for the script to compare with the boot files.
+                    let _ = std::fs::create_dir_all(&out);
+                    if let Some(b) = &d.second_stage {
+                        let _ = std::fs::write(out.join("SECOND_STAGE"), b);
+                    }
+                    for (name, data) in &d.files {
+                        if let Some(b) = data {
+                            let _ = std::fs::write(out.join(name.replace('/', "_")), b);
+                        }
+                    }
+                    let got: Vec<(&String, Option<usize>)> = d
+                        .files
+                        .iter()
+                        .map(|(n, b)| (n, b.as_ref().map(Vec::len)))
+                        .collect();
+                    let summary = format!(
+                        "stage: {:?} second stage: {:?} sizes: {:?} files: {got:?}",
+                        d.stage,
+                        d.second_stage.as_ref().map(Vec::len),
+                        d.sizes
+                    );
+                    (None, summary)
+                }),
+            )
+        }
+        p => return Err(format!("protocol {p}: want rockusb|fastboot|fel|usbboot")),
     };
     save_on_sigterm(a.backing.clone(), storage)?;
 
@@ -186,7 +260,14 @@ fn run() -> Result<(), String> {
     let ep_out = open_ep(&a.ffs, "ep2")?;
     println!("READY");
 
-    let gadget = Gadget::new(&a.gadget);
+    let gadget = Gadget::new(&a.gadget, a.usbip.clone(), a.then_ums.clone());
+    gadget.set_serial(desc.serial_index);
+    if a.usbip.is_some() {
+        // Over USB/IP the program plugs itself in (no lab_bind): wait for the descriptors
+        // to be taken, then bind to the virtual UDC and attach.
+        std::thread::sleep(Duration::from_millis(200));
+        gadget.plug();
+    }
     let m = model.clone();
     let g = gadget.clone();
     std::thread::spawn(move || control_loop(ep0, m, g));
@@ -213,6 +294,9 @@ fn save_on_sigterm(path: PathBuf, storage: Storage) -> Result<(), String> {
         if sig.forever().next().is_some() {
             let (bytes, summary) = storage();
             eprintln!("usb_lab_device: {summary}");
+            let Some(bytes) = bytes else {
+                std::process::exit(0);
+            };
             let rc = match std::fs::write(&path, bytes) {
                 Ok(()) => 0,
                 Err(e) => {
@@ -271,19 +355,43 @@ struct Gadget {
     /// answering at once, while unplugging the gadget takes a moment (in-process, a handle
     /// opened before a re-enumeration sees the device gone at once, too).
     off: Arc<AtomicBool>,
+    /// (usbip-vudc.N, vhci_hcd.0 port): plugged in through USB/IP.
+    usbip: Option<(String, u32)>,
+    /// The mass-storage gadget that takes over once the model is a USB disk.
+    then_ums: Option<String>,
+    /// The model's iSerialNumber index, for the USB/IP relay.
+    serial: Arc<AtomicU8>,
 }
 
+const VHCI: &str = "/sys/devices/platform/vhci_hcd.0";
+
 impl Gadget {
-    fn new(name: &str) -> Self {
+    fn new(name: &str, usbip: Option<(String, u32)>, then_ums: Option<String>) -> Self {
         Self {
-            udc_file: Path::new("/sys/kernel/config/usb_gadget")
-                .join(name)
-                .join("UDC"),
-            udc: Arc::new(Mutex::new(None)),
+            udc_file: udc_file(name),
+            udc: Arc::new(Mutex::new(usbip.as_ref().map(|(v, _)| v.clone()))),
             off: Arc::new(AtomicBool::new(false)),
+            usbip,
+            then_ums,
+            serial: Arc::new(AtomicU8::new(0)),
+        }
+    }
+    fn set_serial(&self, index: u8) {
+        self.serial.store(index, Ordering::SeqCst);
+    }
+    /// The model became a USB disk: from now on the mass-storage gadget is plugged.
+    fn become_ums(&mut self) {
+        if let Some(g) = self.then_ums.take() {
+            eprintln!("usb_lab_device: {g} takes the port (mass storage)");
+            self.udc_file = udc_file(&g);
         }
     }
     fn unplug(&self) {
+        if let Some((_, port)) = &self.usbip {
+            if let Err(e) = std::fs::write(Path::new(VHCI).join("detach"), port.to_string()) {
+                eprintln!("usb_lab_device: vhci detach: {e}");
+            }
+        }
         if let Ok(u) = std::fs::read_to_string(&self.udc_file) {
             if !u.trim().is_empty() {
                 *lock(&self.udc) = Some(u.trim().to_string());
@@ -296,19 +404,28 @@ impl Gadget {
     fn plug(&self) {
         let udc = lock(&self.udc).clone();
         if let Some(u) = udc {
-            if let Err(e) = std::fs::write(&self.udc_file, u) {
+            if let Err(e) = std::fs::write(&self.udc_file, &u) {
                 eprintln!("usb_lab_device: plug: {e}");
             }
         }
+        if let Some((vudc, port)) = &self.usbip {
+            if let Err(e) = usbip_attach(vudc, *port, self.serial.clone()) {
+                eprintln!("usb_lab_device: usbip attach: {e}");
+            }
+        }
     }
-    /// The board re-enumerates (ROM → loader, reboot): off the bus, then back on the same port.
-    fn reenumerate(&self, back: bool) {
+    /// The board re-enumerates (ROM → loader, reboot): off the bus, then back on the same port
+    /// (as the mass-storage gadget when `to_ums`).
+    fn reenumerate(&self, back: bool, to_ums: bool) {
         self.off.store(true, Ordering::SeqCst);
-        let g = self.clone();
+        let mut g = self.clone();
         std::thread::spawn(move || {
             // Let the host finish the transfer that made the board go (its status stage).
             std::thread::sleep(Duration::from_millis(100));
             g.unplug();
+            if to_ums {
+                g.become_ums();
+            }
             if back {
                 std::thread::sleep(Duration::from_millis(300));
                 g.plug();
@@ -322,9 +439,16 @@ impl Gadget {
 /// in between): follow the model off the bus or through a re-enumeration.
 fn follow<D: SimDevice + ?Sized>(d: &D, gen_before: u32, gadget: &Gadget) {
     if d.generation() != gen_before || d.descriptor().is_none() {
-        let back = d.descriptor().is_some();
+        let desc = d.descriptor();
+        let back = desc.is_some();
         eprintln!("usb_lab_device: re-enumerating (back on the bus: {back})");
-        gadget.reenumerate(back);
+        if let Some(d) = &desc {
+            gadget.set_serial(d.serial_index);
+        }
+        let to_ums = desc
+            .and_then(|d| d.interfaces.first().map(|i| i.class == 0x08))
+            .unwrap_or(false);
+        gadget.reenumerate(back, to_ums);
     }
 }
 
@@ -347,6 +471,14 @@ fn control_loop(mut ep0: File, model: Model, gadget: Gadget) {
             let value = u16::from_le_bytes([ev[2], ev[3]]);
             let index = u16::from_le_bytes([ev[4], ev[5]]);
             let len = u16::from_le_bytes([ev[6], ev[7]]) as usize;
+            // rpiboot's ReadFile data may still sit in the bulk thread when its next request
+            // arrives: let it reach the model first (bounded: a host that gave up goes on).
+            for _ in 0..2000 {
+                if !lock(&model).bulk_due() {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
             let gen = lock(&model).generation();
             if rt & 0x80 != 0 {
                 let mut data = vec![0u8; len];
@@ -495,4 +627,128 @@ fn apply_common(fault: Option<FaultKind>, model: &Model, gadget: &Gadget) -> boo
         }
         _ => false,
     }
+}
+
+fn udc_file(gadget: &str) -> PathBuf {
+    Path::new("/sys/kernel/config/usb_gadget")
+        .join(gadget)
+        .join("UDC")
+}
+
+/// Export the gadget bound to `vudc` over USB/IP and attach it to vhci_hcd.0's `port`, with a
+/// relay in between that sets the device descriptor's iSerialNumber to `serial` (the only
+/// change: every other byte passes as the gadget sent it).
+fn usbip_attach(vudc: &str, port: u32, serial: Arc<AtomicU8>) -> Result<(), String> {
+    let (dev_side, relay_dev) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let (relay_host, host_side) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let sockfd = Path::new("/sys/devices/platform")
+        .join(vudc)
+        .join("usbip_sockfd");
+    // After an unplug the vUDC takes a moment to become available again.
+    let mut tries = 0;
+    while let Err(e) = std::fs::write(&sockfd, dev_side.as_raw_fd().to_string()) {
+        tries += 1;
+        if tries > 100 {
+            return Err(format!("{}: {e}", sockfd.display()));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // port, socket, devid (bus 1, device port+2: any unique value), high speed
+    let line = format!(
+        "{port} {} {} 3",
+        host_side.as_raw_fd(),
+        (1 << 16) | (port + 2)
+    );
+    std::fs::write(Path::new(VHCI).join("attach"), &line)
+        .map_err(|e| format!("{VHCI}/attach {line}: {e}"))?;
+    // The kernel holds its own references to the two outer ends now.
+    drop((dev_side, host_side));
+    let pending: Arc<Mutex<HashMap<u32, (bool, bool)>>> = Arc::default();
+    let (h_in, d_out) = (
+        relay_host.try_clone().map_err(|e| e.to_string())?,
+        relay_dev.try_clone().map_err(|e| e.to_string())?,
+    );
+    let p = pending.clone();
+    std::thread::spawn(move || {
+        let r = relay_commands(h_in, d_out, &p);
+        eprintln!("usb_lab_device: usbip relay host→device ended: {r:?}");
+    });
+    std::thread::spawn(move || {
+        let r = relay_replies(relay_dev, relay_host, &pending, &serial);
+        eprintln!("usb_lab_device: usbip relay device→host ended: {r:?}");
+    });
+    Ok(())
+}
+
+fn be32(b: &[u8], at: usize) -> u32 {
+    u32::from_be_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]])
+}
+
+/// Bytes of ISO packet descriptors after a header (none for control and bulk transfers).
+fn iso_len(h: &[u8]) -> usize {
+    let n = be32(h, 32);
+    if n == 0 || n == u32::MAX {
+        0
+    } else {
+        n as usize * 16
+    }
+}
+
+const CMD_SUBMIT: u32 = 1;
+const RET_SUBMIT: u32 = 3;
+
+/// vhci → gadget: USBIP_CMD_SUBMIT (48-byte header, OUT data) and CMD_UNLINK (header).
+fn relay_commands(
+    mut from: UnixStream,
+    mut to: UnixStream,
+    pending: &Mutex<HashMap<u32, (bool, bool)>>,
+) -> std::io::Result<()> {
+    let r = (|| loop {
+        let mut h = [0u8; 48];
+        from.read_exact(&mut h)?;
+        let mut msg = h.to_vec();
+        if be32(&h, 0) == CMD_SUBMIT {
+            let is_in = be32(&h, 12) == 1;
+            // GET_DESCRIPTOR(DEVICE) on ep0
+            let dev_desc = be32(&h, 16) == 0 && h[40..44] == [0x80, 0x06, 0x00, 0x01];
+            lock(pending).insert(be32(&h, 4), (is_in, dev_desc));
+            let data = if is_in { 0 } else { be32(&h, 24) as usize };
+            let mut rest = vec![0u8; data + iso_len(&h)];
+            from.read_exact(&mut rest)?;
+            msg.extend_from_slice(&rest);
+        }
+        to.write_all(&msg)?;
+    })();
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    r
+}
+
+/// gadget → vhci: USBIP_RET_SUBMIT (header, IN data) and RET_UNLINK (header); the device
+/// descriptor gets the model's iSerialNumber.
+fn relay_replies(
+    mut from: UnixStream,
+    mut to: UnixStream,
+    pending: &Mutex<HashMap<u32, (bool, bool)>>,
+    serial: &AtomicU8,
+) -> std::io::Result<()> {
+    let r = (|| loop {
+        let mut h = [0u8; 48];
+        from.read_exact(&mut h)?;
+        let mut msg = h.to_vec();
+        if be32(&h, 0) == RET_SUBMIT {
+            let (is_in, dev_desc) = lock(pending).remove(&be32(&h, 4)).unwrap_or((false, false));
+            let data = if is_in { be32(&h, 24) as usize } else { 0 };
+            let mut rest = vec![0u8; data + iso_len(&h)];
+            from.read_exact(&mut rest)?;
+            if dev_desc && data > 16 {
+                rest[16] = serial.load(Ordering::SeqCst);
+            }
+            msg.extend_from_slice(&rest);
+        }
+        to.write_all(&msg)?;
+    })();
+    let _ = to.shutdown(std::net::Shutdown::Both);
+    let _ = from.shutdown(std::net::Shutdown::Both);
+    r
 }

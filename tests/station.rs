@@ -624,6 +624,72 @@ fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
     assert_eq!(String::from_utf8(o.stdout).unwrap().lines().count(), 1);
 }
 
+/// A card pulled from its reader makes the write fail (ENOSPC: the kernel has zeroed the
+/// disk's capacity) before udev's event says the medium went. The unit must read "removed",
+/// not "No space left on device". Here the capacity drops (`losetup -c` on an emptied backing
+/// file) while udev holds the change event back (a rule's RUN waits for a flag file, set only
+/// after the station has ended), so the ENOSPC always comes first.
+#[test]
+fn station_udevd_card_gone_before_its_event_reads_removed() {
+    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+        return;
+    }
+    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
+    let b = backing(dir, "gone.card", 64 * MIB);
+    let cfg = write_config(dir, &img, &[("gone", &b)], "");
+    let _udevd = Udevd::start();
+    let d = LoopDev::attach(&b, &[]);
+    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    let flag = dir.join("release-events");
+    let name = d.path().file_name().unwrap().to_string_lossy().to_string();
+    let _rule = common::UdevRule::install(
+        "hold-change",
+        &format!(
+            "ACTION==\"change\", KERNEL==\"{name}\", RUN+=\"/bin/sh -c 'while [ ! -e {} ]; do sleep 0.1; done'\"\n",
+            flag.display()
+        ),
+    );
+    // The held events go on however the test ends (udevd would otherwise keep a worker busy).
+    struct Release(PathBuf);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            let _ = std::fs::write(&self.0, b"");
+        }
+    }
+    let release = Release(flag);
+    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
+    throttle.limit_writes(d.path(), 2 * MIB);
+    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "1"]);
+    throttle.add(st.child.id());
+    st.wait_for("gone starts writing", |v| is_start(v, "gone", "write"));
+    // The card goes: no medium behind the disk, its capacity 0.
+    std::fs::File::options()
+        .write(true)
+        .open(&b)
+        .and_then(|f| f.set_len(0))
+        .expect("empty the backing file");
+    run(Command::new("losetup").arg("-c").arg(d.path()));
+    let status = st.wait_exit();
+    drop(release);
+    assert_eq!(status.code(), Some(5), "{}\n{}", st.dump(), st.stderr());
+    let rows = report(&cfg);
+    let why = unit_row(&rows, "gone")["failure_reason"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let node = d.path().display().to_string();
+    assert_eq!(
+        why,
+        format!("removed mid-write (medium removed: {node})"),
+        "{}",
+        st.dump()
+    );
+    drop(throttle);
+}
+
 #[test]
 fn station_udevd_faults_mid_write_fail_alone() {
     if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {

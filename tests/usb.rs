@@ -912,6 +912,35 @@ fn usbboot_full_session_rom_file_server_mass_storage() {
     assert!(b.sizes.contains(&("missing.bin".into(), 0)));
 }
 
+/// rpiboot takes a file request of any length (it ignores the count libusb returns) and ends
+/// the file server when the device leaves the bus: a second stage that boots on without Done.
+#[test]
+fn usbboot_short_requests_and_a_second_stage_that_boots_on_without_done() {
+    let dir = TmpDir(tmpdir("rpi-short"));
+    let d = &dir.0;
+    std::fs::create_dir_all(d.join("2711")).unwrap();
+    std::fs::write(d.join("2711/bootcode4.bin"), pattern(52_000, 1)).unwrap();
+    std::fs::write(d.join("boot.img"), pattern(100_000, 3)).unwrap();
+    let mut board = RpiBoard::cm4(&["boot.img"]);
+    board.short_requests = true;
+    board.boot_without_done();
+    let board = shared(board);
+    let mut bus = SimBus::new();
+    bus.attach(board.clone());
+    bus.map_block("1-1.3", PathBuf::from("/dev/sim-emmc"));
+    let mut o = ViaOptions::new(Via::Usbboot);
+    o.usbboot_dir = Some(d.clone());
+    o.reenumerate_timeout = Duration::from_secs(5);
+    let out = write_silently(&bus, &o, mem("unused", vec![])).unwrap();
+    assert!(matches!(out, Outcome::BlockDevice { .. }), "{out:?}");
+    let b = lock(&board);
+    assert_eq!(b.stage, Stage::MassStorage);
+    assert_eq!(
+        b.files["boot.img"].as_deref(),
+        Some(&pattern(100_000, 3)[..])
+    );
+}
+
 #[test]
 fn usbboot_rom_rejection_and_wire_format() {
     let board = shared(RpiBoard::cm4(&[]));

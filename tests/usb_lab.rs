@@ -59,8 +59,9 @@ fn device_program() -> PathBuf {
         .and_then(Path::parent)
         .expect("target/<profile>/deps");
     let p = profile_dir.join("examples/usb_lab_device");
-    if !p.exists() {
-        // `cargo test --test usb_lab` alone does not build examples.
+    {
+        // `cargo test --test usb_lab` alone does not build examples, and would otherwise run a
+        // stale one left from an earlier build (a no-op when it is fresh).
         common::run(
             Command::new(env!("CARGO"))
                 .args(["build", "--example", "usb_lab_device"])
@@ -85,7 +86,7 @@ fn run_in_guest(script: &str, work: &Path, args: &[&Path], want_passed: usize) -
         .join("tests/usb_lab")
         .join(script);
     let out = Command::new(lab_dir().join("usb-lab.sh"))
-        .args(["run", "--timeout", "300", "--mem", "1024", "--rw"])
+        .args(["run", "--timeout", "600", "--mem", "1024", "--rw"])
         .arg(work)
         .arg("--")
         .arg("bash")
@@ -260,7 +261,9 @@ fn sparse_file(dir: &Path, name: &str, len: usize, seed: u32) -> (PathBuf, Vec<u
     (p, img)
 }
 
-/// sbcflash through rusb: `usb --json`, `write --via maskrom|fastboot`, `fel`, unplug.
+/// sbcflash through rusb: `usb --json`, `write --via maskrom|fastboot|usbboot`, `fel`, unplug;
+/// the CM4 (usbboot, then its eMMC as a USB disk on the same port) on a station slot; the
+/// udev rules for every model and Raspberry Pi boot ROM id (tests/usb_lab/usbboot.sh).
 #[test]
 fn qemu_usb_lab_sbcflash_through_a_real_usb_stack() {
     if !lab_ready(&["python3"]) {
@@ -295,7 +298,7 @@ fn qemu_usb_lab_sbcflash_through_a_real_usb_stack() {
     fel_expected[mib..2 * mib].copy_from_slice(&bin);
     write(&w, "fel.expected", &fel_expected);
 
-    run_in_guest("sbcflash.sh", &w, &[&dev, &sbc], 35);
+    run_in_guest("sbcflash.sh", &w, &[&dev, &sbc], 51);
 }
 
 /// USB card readers for real (mass-storage gadgets with a removable LUN): `write --eject`

@@ -530,7 +530,12 @@ pub fn run_plan(p: WritePlan, g: &Global) -> anyhow::Result<Exit> {
     };
 
     let (resolved, info) = target::inspect(&target_path)?;
-    let policy = crate::job::policy_for(&image_path, &opened, p.checks.force);
+    // With --via usbboot the target is the disk that appeared on the board's own USB port
+    // after our boot files ran: the board's storage by construction, so the removable-class
+    // rule (which keeps a host's internal disks safe) does not apply; every other rule does.
+    // Seen through a real USB stack: a mass-storage gadget's LUN need not be removable.
+    let board_disk = p.via.is_some();
+    let policy = crate::job::policy_for(&image_path, &opened, p.checks.force || board_disk);
     target::vet(&resolved, &info, &policy)?;
     target::vet_file_target(&info, &image_path, p.checks.force)?;
     // --eject that cannot be done is refused now, not after the write.

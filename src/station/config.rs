@@ -202,8 +202,9 @@ pub struct UsbConfig {
     #[serde(default = "fifteen")]
     pub reenumerate_timeout_secs: u64,
     /// Raspberry Pi (CM4/CM5 in usbboot): the rpiboot boot files served to the board, e.g.
-    /// usbboot's `mass-storage-gadget64` (`<dir>/<2711|2712>/<file>` first, then
-    /// `<dir>/<file>`); relative to the config file.
+    /// usbboot's `mass-storage-gadget64` (`<dir>/<2710|2711|2712>/<file>` first, then that
+    /// path inside `<dir>/bootfiles.bin`, then `<dir>/<file>`, as rpiboot looks them up);
+    /// relative to the config file.
     #[serde(default, alias = "usbboot-dir")]
     pub usbboot_dir: Option<PathBuf>,
     /// Rockchip: sectors per WRITE_LBA/READ_LBA command (rkdeveloptool's 128 by default;

@@ -342,6 +342,40 @@ fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "(no message)".to_string())
 }
 
+/// A pulled card makes the write fail (ENOSPC once the kernel has zeroed the disk's capacity,
+/// EIO) before udev's removal event reaches the station: a failed block job first looks at its
+/// disk and gives that event a moment, so the unit reads "removed", not "No space left on
+/// device". Only the failure path waits.
+fn pulled(cancel: &Cancel, devnode: &str) -> Option<String> {
+    let deadline = Instant::now() + std::time::Duration::from_secs(3);
+    loop {
+        if let Some(CancelReason::Removed(why)) = cancel.reason() {
+            return Some(why);
+        }
+        if let Some(what) = block_gone(devnode) {
+            return Some(format!("{what}: {devnode}"));
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// "device removed" when the disk has left sysfs, "medium removed" when its capacity is 0.
+pub(super) fn block_gone(devnode: &str) -> Option<&'static str> {
+    let name = std::path::Path::new(devnode).file_name()?;
+    match std::fs::read_to_string(
+        std::path::Path::new("/sys/class/block")
+            .join(name)
+            .join("size"),
+    ) {
+        Err(_) => Some("device removed"),
+        Ok(s) if s.trim() == "0" => Some("medium removed"),
+        Ok(_) => None,
+    }
+}
+
 /// Steps of a job, named in FAIL reasons ("removed mid-write").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Step {
@@ -524,7 +558,10 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
             Err(format!("removed mid-{} ({why})", step.name()))
         }
         (Ok(s), None) => Ok(s),
-        (Err(e), None) => Err(format!("{} failed: {e:#}", step.name())),
+        (Err(e), None) => match (usb, pulled(cancel, &devnode)) {
+            (false, Some(why)) => Err(format!("removed mid-{} ({why})", step.name())),
+            _ => Err(format!("{} failed: {e:#}", step.name())),
+        },
     };
     // Boot acceptance: only a written, identified unit is reset and followed.
     let result = match (result, st.boot.get(slot)) {
@@ -678,12 +715,14 @@ fn provision(
             .as_deref()
             .ok_or_else(|| anyhow::anyhow!("{} has no device node", dev.syspath))?,
     );
-    write_block(ctx, &devnode, files, cancel, rep, &set)
+    write_block(ctx, &devnode, files, cancel, rep, &set, false)
 }
 
 /// The block job on `devnode` (a card in a reader, or a board's storage exposed as a
 /// mass-storage gadget): `target::open` with every safety rule, the writer pipeline with
-/// read-back, identity files into the FAT partition, their read-back.
+/// read-back, identity files into the FAT partition, their read-back. `board_disk`: the disk
+/// is the one that appeared on a USB slot's port after the job booted the board there (its
+/// storage by construction), so the removable-class rule does not apply to it.
 pub(super) fn write_block(
     ctx: &Context,
     devnode: &std::path::Path,
@@ -691,12 +730,14 @@ pub(super) fn write_block(
     cancel: &Arc<Cancel>,
     rep: &Arc<SlotReporter>,
     set: &(dyn Fn(Step) + Sync),
+    board_disk: bool,
 ) -> anyhow::Result<WriteStats> {
     use anyhow::Context as _;
-    // The writer's safety rules, unchanged: never --force from the station.
+    // The writer's safety rules, unchanged: never --force from the station, except the
+    // removable-class rule for a board's own disk (a gadget's LUN need not be removable).
     let policy = crate::target::Policy {
         image_size: Some(ctx.image.size),
-        force: false,
+        force: board_disk,
         image_paths: ctx.image.all_paths(),
     };
     // The claim (O_EXCL) holds through identity injection and its read-back.

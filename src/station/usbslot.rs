@@ -463,7 +463,7 @@ fn write_gadget_disk(job: &UsbJob, gadget: &Found, path: &Path) -> anyhow::Resul
         "the board's storage on port {port} is {}",
         path.display()
     ));
-    super::job::write_block(job.ctx, path, job.files, cancel, job.rep, job.set)
+    super::job::write_block(job.ctx, path, job.files, cancel, job.rep, job.set, true)
 }
 
 /// `Read + Write + Seek` over a writer [`Sink`] (its `read_at`/`write_at`), so `fatfs` can

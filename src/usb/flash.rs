@@ -656,7 +656,7 @@ fn rpiboot(
     )?;
     let port = dev.port_path.clone();
     let label = format!("{} at {}", dev.id(), port);
-    let soc_dir = format!("{:04x}", dev.pid);
+    let soc_dir = usbboot::soc_prefix(dev.pid).to_string();
     let files = DirProvider {
         dir: dir.clone(),
         soc_dir: Some(soc_dir),

@@ -95,22 +95,71 @@ pub trait FileProvider {
     fn get(&self, name: &str) -> Option<Vec<u8>>;
 }
 
-/// rpiboot's lookup: `<dir>/<soc>/<name>`, then `<dir>/<name>`.
+/// rpiboot's per-SoC subdirectory (and `bootfiles.bin` prefix): "2712", "2711", and "2710" for
+/// every older ROM (2763/2764), as rpiboot's `check_file` names them.
+pub fn soc_prefix(pid: u16) -> &'static str {
+    match pid {
+        0x2712 => "2712",
+        0x2711 => "2711",
+        _ => "2710",
+    }
+}
+
+/// rpiboot's lookup: `<dir>/<soc>/<name>`, then `<soc>/<name>` inside `<dir>/bootfiles.bin`
+/// (the tar archive usbboot's `mass-storage-gadget64` ships instead of loose files), then
+/// `<dir>/<name>`.
 pub struct DirProvider {
     pub dir: PathBuf,
-    /// "2711" or "2712": the per-SoC subdirectory of a bootfiles tree.
+    /// "2710", "2711" or "2712" ([`soc_prefix`]).
     pub soc_dir: Option<String>,
 }
 
 impl FileProvider for DirProvider {
     fn get(&self, name: &str) -> Option<Vec<u8>> {
-        let mut tries = Vec::new();
         if let Some(s) = &self.soc_dir {
-            tries.push(self.dir.join(s).join(name));
+            if let Ok(b) = std::fs::read(self.dir.join(s).join(name)) {
+                return Some(b);
+            }
+            let archive = self.dir.join("bootfiles.bin");
+            if let Ok(tar) = std::fs::read(&archive) {
+                match tar_member(&tar, &format!("{s}/{name}")) {
+                    Ok(Some(b)) => return Some(b.to_vec()),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!("{}: {e}", archive.display()),
+                }
+            }
         }
-        tries.push(self.dir.join(name));
-        tries.into_iter().find_map(|p| std::fs::read(p).ok())
+        std::fs::read(self.dir.join(name)).ok()
     }
+}
+
+/// A member of a ustar archive by name (case-insensitive, as rpiboot matches it).
+fn tar_member<'a>(tar: &'a [u8], want: &str) -> Result<Option<&'a [u8]>, String> {
+    let mut at = 0usize;
+    while at + 512 <= tar.len() {
+        let h = &tar[at..at + 512];
+        if h.iter().all(|&b| b == 0) {
+            break;
+        }
+        let name_end = h[..100].iter().position(|&b| b == 0).unwrap_or(100);
+        let name = String::from_utf8_lossy(&h[..name_end]);
+        let size_field = String::from_utf8_lossy(&h[124..136]);
+        let size_text = size_field.trim_matches(|c: char| c == '\0' || c == ' ');
+        let size = usize::from_str_radix(size_text, 8)
+            .map_err(|_| format!("bad tar header at offset {at}: size {size_text:?}"))?;
+        let data = at + 512;
+        let end = data
+            .checked_add(size)
+            .filter(|&e| e <= tar.len())
+            .ok_or(format!(
+                "tar member {name} at offset {at} runs past the end ({size} bytes)"
+            ))?;
+        if name.eq_ignore_ascii_case(want) {
+            return Ok(Some(&tar[data..end]));
+        }
+        at = data + size.div_ceil(512) * 512;
+    }
+    Ok(None)
 }
 
 /// What the second stage asked for.
@@ -127,30 +176,58 @@ fn safe_name(name: &str) -> bool {
     !name.contains("..") && !Path::new(name).is_absolute()
 }
 
-/// Second stage: answer file requests until the device says it is done.
+/// One `{command, fname[256]}` request of the second stage. rpiboot takes any reply length
+/// (it ignores the count libusb returns); the rest of the message reads as zeros here.
+fn read_request(t: &mut dyn Transport) -> Result<Option<(i32, String)>, Error> {
+    let mut req = [0u8; 260];
+    let mut tries = 0;
+    let n = loop {
+        match t.control_in(0xc0, 0, req.len() as u16, 0, &mut req, T_READ) {
+            Ok(n) => break n,
+            // rpiboot ends the file server when the device goes (NO_DEVICE, IO): the second
+            // stage may boot on without a Done message. A wrong boot ends in the wait for the
+            // mass-storage disk, which says so.
+            Err(super::TransportError::Gone) => return Ok(None),
+            // Anything else rpiboot retries after a second.
+            Err(e) if tries < 3 => {
+                tracing::debug!("file-server request read failed ({e}); retrying");
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => {
+                return Err(Error::transport(
+                    "reading a file request from the Raspberry Pi",
+                    e,
+                ))
+            }
+        }
+    };
+    if n < 4 {
+        return Err(Error::Protocol(format!(
+            "file-server request of {n} bytes from the Raspberry Pi (want at least the 4-byte command)"
+        )));
+    }
+    req[n..].fill(0);
+    let cmd = i32::from_le_bytes([req[0], req[1], req[2], req[3]]);
+    let raw = &req[4..];
+    let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
+    Ok(Some((
+        cmd,
+        String::from_utf8_lossy(&raw[..end]).to_string(),
+    )))
+}
+
+/// Second stage: answer file requests until the device says it is done (or leaves the bus).
+/// As rpiboot: GetFileSize opens the file and ReadFile sends the file it opened (a ReadFile
+/// with nothing open gets an empty answer); a missing file's size is answered as 0.
 pub fn file_server(
     t: &mut dyn Transport,
     files: &dyn FileProvider,
     mut on_file: impl FnMut(&str, Option<usize>),
 ) -> Result<Served, Error> {
     let mut served = Served::default();
-    loop {
-        let mut req = [0u8; 260];
-        // rpiboot retries a request read that fails for any reason but a lost device.
-        let mut tries = 0;
-        loop {
-            match ep_read(t, &mut req) {
-                Err(Error::Transport {
-                    source: super::TransportError::Timeout,
-                    ..
-                }) if tries < 3 => tries += 1,
-                r => break r?,
-            }
-        }
-        let cmd = i32::from_le_bytes([req[0], req[1], req[2], req[3]]);
-        let raw = &req[4..];
-        let end = raw.iter().position(|&b| b == 0).unwrap_or(raw.len());
-        let name = String::from_utf8_lossy(&raw[..end]).to_string();
+    let mut open: Option<(String, Vec<u8>)> = None;
+    while let Some((cmd, name)) = read_request(t)? {
         if name.is_empty() {
             ep_write(t, &[])?;
             break;
@@ -163,15 +240,21 @@ pub fn file_server(
                 continue;
             }
         }
-        let content = if safe_name(&name) {
-            files.get(&name)
-        } else {
-            tracing::warn!("refusing file request with a path outside the directory: {name}");
-            None
-        };
         match cmd {
             0 => {
-                let size = content.as_ref().map_or(0, |c| c.len()) as u32;
+                let content = if safe_name(&name) {
+                    files.get(&name)
+                } else {
+                    tracing::warn!(
+                        "refusing file request with a path outside the directory: {name}"
+                    );
+                    None
+                };
+                let size = match &content {
+                    Some(c) => u32::try_from(c.len())
+                        .map_err(|_| Error::TooLarge(format!("{name}: over 4 GiB for rpiboot")))?,
+                    None => 0,
+                };
                 t.control_out(
                     0x40,
                     0,
@@ -181,13 +264,20 @@ pub fn file_server(
                     T_CONTROL,
                 )
                 .map_err(|e| Error::transport(format!("answering the size of {name}"), e))?;
+                if content.is_none() {
+                    on_file(&name, None);
+                    served.files.push((name.clone(), None));
+                }
+                open = content.map(|c| (name, c));
             }
-            1 => {
-                let sent = content.as_ref().map(|c| c.len());
-                ep_write(t, content.as_deref().unwrap_or(&[]))?;
-                on_file(&name, sent);
-                served.files.push((name, sent));
-            }
+            1 => match open.take() {
+                Some((opened, content)) => {
+                    ep_write(t, &content)?;
+                    on_file(&opened, Some(content.len()));
+                    served.files.push((opened, Some(content.len())));
+                }
+                None => ep_write(t, &[])?,
+            },
             2 => break,
             other => {
                 return Err(Error::Protocol(format!(
@@ -197,4 +287,62 @@ pub fn file_server(
         }
     }
     Ok(served)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ustar(members: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for (name, data) in members {
+            let mut h = [0u8; 512];
+            h[..name.len()].copy_from_slice(name.as_bytes());
+            let size = format!("{:011o}\0", data.len());
+            h[124..136].copy_from_slice(size.as_bytes());
+            out.extend_from_slice(&h);
+            out.extend_from_slice(data);
+            out.resize(out.len().div_ceil(512) * 512, 0);
+        }
+        out.resize(out.len() + 1024, 0);
+        out
+    }
+
+    #[test]
+    fn soc_prefix_is_rpiboots() {
+        assert_eq!(soc_prefix(0x2763), "2710");
+        assert_eq!(soc_prefix(0x2764), "2710");
+        assert_eq!(soc_prefix(0x2711), "2711");
+        assert_eq!(soc_prefix(0x2712), "2712");
+    }
+
+    #[test]
+    fn bootfiles_bin_between_the_soc_dir_and_the_top_level() {
+        let d = tempfile::tempdir().unwrap();
+        let tar = ustar(&[
+            ("2712/bootcode5.bin", b"five"),
+            ("2711/BOOTCODE4.BIN", b"four from the archive"),
+            ("2711/config.txt", b"archive config"),
+        ]);
+        std::fs::write(d.path().join("bootfiles.bin"), &tar).unwrap();
+        std::fs::create_dir(d.path().join("2711")).unwrap();
+        std::fs::write(d.path().join("2711/config.txt"), b"overlay config").unwrap();
+        std::fs::write(d.path().join("boot.img"), b"top").unwrap();
+        let p = DirProvider {
+            dir: d.path().into(),
+            soc_dir: Some("2711".into()),
+        };
+        assert_eq!(
+            p.get("bootcode4.bin").as_deref(),
+            Some(&b"four from the archive"[..])
+        );
+        assert_eq!(p.get("config.txt").as_deref(), Some(&b"overlay config"[..]));
+        assert_eq!(p.get("boot.img").as_deref(), Some(&b"top"[..]));
+        assert_eq!(p.get("bootcode5.bin"), None, "another SoC's member");
+        let mut cut = tar.clone();
+        cut.truncate(514);
+        assert!(tar_member(&cut, "x")
+            .unwrap_err()
+            .contains("runs past the end"));
+    }
 }

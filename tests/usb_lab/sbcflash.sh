@@ -190,5 +190,8 @@ sleep 1
 stop fb
 same "the non-root fastboot write: partition == image, rest untouched" /tmp/fb4.mmc "$W/fb.expected"
 
+# ---- Raspberry Pi usbboot (over USB/IP), the CM4 on a station slot, the RPi udev rule ids
+source "$(dirname "$0")/usbboot.sh"
+
 echo "$pass passed, $fail failed"
 [ $fail = 0 ]

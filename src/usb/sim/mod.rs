@@ -148,6 +148,12 @@ pub trait SimDevice: Send {
     fn wire_in_len(&self) -> Option<usize> {
         None
     }
+    /// A message's bulk OUT data is still due. A control request arriving now comes from a host
+    /// that has sent it (its transfers are sequential) before the program handed it over: the
+    /// program lets the bulk data in first.
+    fn bulk_due(&self) -> bool {
+        false
+    }
 }
 
 /// A simulated board shared between the bus and the handles opened on it.

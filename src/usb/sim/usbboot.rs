@@ -15,7 +15,9 @@ pub enum Stage {
     Off,
 }
 
-/// What the second stage asks for: (command, name). 0 = size, 1 = read, 2 = done.
+/// What the second stage asks for: (command, name). 0 = size, 1 = read, 2 = done; -1 is not
+/// a message: the second stage boots on and leaves the bus without one (rpiboot takes a device
+/// gone from the file server as its end).
 pub type Request = (i32, String);
 
 pub struct RpiBoard {
@@ -35,6 +37,9 @@ pub struct RpiBoard {
     pub sizes: Vec<(String, u32)>,
     /// Files received with ReadFile (None = host said it has no such file).
     pub files: BTreeMap<String, Option<Vec<u8>>>,
+    /// Answer a file request with only `command` and the NUL-terminated name (rpiboot
+    /// ignores the length of the reply), not all 260 bytes.
+    pub short_requests: bool,
     awaiting: Option<Request>,
     bulk: Option<(usize, Vec<u8>)>,
     rom_messages: usize,
@@ -63,9 +68,17 @@ impl RpiBoard {
             second_stage: None,
             sizes: Vec::new(),
             files: BTreeMap::new(),
+            short_requests: false,
             awaiting: None,
             bulk: None,
             rom_messages: 0,
+        }
+    }
+
+    /// End the file server by booting on (off the bus into mass storage) instead of Done.
+    pub fn boot_without_done(&mut self) {
+        if let Some(last) = self.script.back_mut() {
+            *last = (-1, String::new());
         }
     }
 
@@ -207,10 +220,15 @@ impl SimDevice for RpiBoard {
                 let Some((cmd, name)) = self.script.pop_front() else {
                     return Err(TransportError::Timeout);
                 };
+                if cmd == -1 {
+                    self.reenumerate(Stage::MassStorage);
+                    return Err(TransportError::Gone);
+                }
                 buf.fill(0);
                 buf[..4].copy_from_slice(&cmd.to_le_bytes());
                 let n = name.len().min(255);
                 buf[4..4 + n].copy_from_slice(&name.as_bytes()[..n]);
+                let sent = if self.short_requests { 4 + n + 1 } else { 260 };
                 if cmd == 2 && !name.is_empty() {
                     // "Done" with a name: the host stops without answering.
                     self.reenumerate(Stage::MassStorage);
@@ -218,7 +236,7 @@ impl SimDevice for RpiBoard {
                     // An empty name also means done, but rpiboot acknowledges it first.
                     self.awaiting = Some((cmd, name));
                 }
-                Ok(260)
+                Ok(sent)
             }
             _ => Err(TransportError::Stall),
         }
@@ -244,6 +262,10 @@ impl SimDevice for RpiBoard {
         self.bulk
             .as_ref()
             .map_or(0, |(want, buf)| (want - buf.len()).min(16 * 1024))
+    }
+
+    fn bulk_due(&self) -> bool {
+        self.bulk.is_some()
     }
 
     fn bulk_in(&mut self, _buf: &mut [u8]) -> Result<usize, TransportError> {
