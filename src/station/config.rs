@@ -42,6 +42,14 @@ pub struct StationConfig {
     /// slot, stays. Default true.
     #[serde(default = "yes")]
     pub eject: bool,
+    /// Write only what differs from a card's current contents (`write --delta`): for
+    /// re-flashing cards that already hold an earlier build. Default false.
+    #[serde(default)]
+    pub delta: bool,
+    /// Rewrites of a range that reads back wrong before the unit fails (`write --rewrites`);
+    /// each rewritten range is counted in the ledger's `retried_ranges`. Default 1.
+    #[serde(default = "one_retry")]
+    pub rewrites: u32,
     /// `[[slot]]` tables (`slots = [...]` also accepted).
     #[serde(rename = "slot", alias = "slots", default)]
     pub slots: Vec<SlotConfig>,
@@ -57,6 +65,10 @@ pub enum ImageSpec {
 
 fn yes() -> bool {
     true
+}
+
+fn one_retry() -> u32 {
+    1
 }
 
 /// Where the image comes from. Exactly one of `path`, `url` (with `blake3`) or a bare
@@ -238,6 +250,8 @@ pub struct Station {
     pub usb: UsbConfig,
     pub verify: bool,
     pub eject: bool,
+    pub delta: bool,
+    pub retries: u32,
     pub slots: Vec<SlotMatcher>,
 }
 
@@ -440,6 +454,8 @@ impl Station {
             usb: usb_config(&raw.usb, &resolve, &bad)?,
             verify: raw.verify,
             eject: raw.eject,
+            delta: raw.delta,
+            retries: raw.rewrites,
             slots,
         })
     }

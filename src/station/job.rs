@@ -371,6 +371,8 @@ impl Step {
 pub struct WriteStats {
     pub bytes_written: u64,
     pub bytes_skipped: u64,
+    /// Ranges written again after reading back wrong (`retries`).
+    pub retried_ranges: u64,
 }
 
 fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) -> Done {
@@ -536,6 +538,7 @@ fn end(
             bytes_written: stats.bytes_written,
             bytes_skipped: stats.bytes_skipped,
             throughput_bps: throughput,
+            retried_ranges: stats.retried_ranges,
         };
         if let Err(e) = l.finish_unit(row, &o) {
             rep.log(&format!("could not record the result: {e}"));
@@ -607,12 +610,16 @@ pub(super) fn write_block(
     let mut target = crate::job::BlockJob::claim(devnode, &policy, true)?;
     let direct = target.direct;
     let source = ctx.image.open()?;
+    let image = ctx.image.clone();
     let opts = crate::write::WriteOptions {
         verify: ctx.station.verify,
         expected_blake3: crate::write::parse_blake3_hex(&ctx.image.blake3),
         cancel: cancel.flag(),
         job: devnode.display().to_string(),
         image_name: ctx.image.path.display().to_string(),
+        delta: ctx.station.delta,
+        retries: ctx.station.retries,
+        reopen: Some(Arc::new(move || image.open())),
         ..Default::default()
     };
     set(Step::Write);
@@ -629,6 +636,7 @@ pub(super) fn write_block(
     let stats = WriteStats {
         bytes_written: report.bytes_written,
         bytes_skipped: report.bytes_skipped + report.bytes_zeroed,
+        retried_ranges: report.retried_ranges,
     };
     if !files.is_empty() {
         set(Step::Identity);

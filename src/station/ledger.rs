@@ -51,6 +51,10 @@ const MIGRATIONS: &[&str] = &[
         value INTEGER NOT NULL
     );
     "#,
+    // 2: ranges that read back wrong and were written again (`retries`).
+    r#"
+    ALTER TABLE units ADD COLUMN retried_ranges INTEGER;
+    "#,
 ];
 
 /// Name of the serial counter row.
@@ -77,6 +81,8 @@ pub struct Outcome {
     pub bytes_written: u64,
     pub bytes_skipped: u64,
     pub throughput_bps: Option<f64>,
+    /// Ranges written again after reading back wrong.
+    pub retried_ranges: u64,
 }
 
 /// A ledger row, for reports.
@@ -106,6 +112,7 @@ pub struct Row {
     pub tool_version: String,
     pub station_host: Option<String>,
     pub station_pid: Option<i64>,
+    pub retried_ranges: Option<i64>,
 }
 
 /// Column names in report order (CSV header).
@@ -134,6 +141,7 @@ pub const COLUMNS: &[&str] = &[
     "tool_version",
     "station_host",
     "station_pid",
+    "retried_ranges",
 ];
 
 /// An open, locked ledger (the station's writer).
@@ -342,7 +350,7 @@ impl Ledger {
         self.conn
             .execute(
                 "UPDATE units SET ended_at=?2, result=?3, failure_reason=?4, bytes_written=?5,
-                   bytes_skipped=?6, throughput_bps=?7 WHERE id=?1",
+                   bytes_skipped=?6, throughput_bps=?7, retried_ranges=?8 WHERE id=?1",
                 params![
                     id,
                     now(),
@@ -351,6 +359,7 @@ impl Ledger {
                     o.bytes_written as i64,
                     o.bytes_skipped as i64,
                     o.throughput_bps,
+                    o.retried_ranges as i64,
                 ],
             )
             .map_err(db_err(&self.path))?;
@@ -454,6 +463,7 @@ pub fn report(path: &Path, since: Option<&str>) -> Result<Vec<Row>, StationError
                 tool_version: r.get(21)?,
                 station_host: r.get(22)?,
                 station_pid: r.get(23)?,
+                retried_ranges: r.get(24)?,
             })
         })
         .map_err(&err)?
@@ -514,6 +524,7 @@ impl Row {
             self.tool_version.clone(),
             o(&self.station_host),
             i(self.station_pid),
+            i(self.retried_ranges),
         ]
     }
 }

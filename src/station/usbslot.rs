@@ -307,6 +307,12 @@ pub(super) fn provision(
         cancel: cancel.flag(),
         job: label.clone(),
         image_name: ctx.image.path.display().to_string(),
+        delta: ctx.station.delta,
+        retries: ctx.station.retries,
+        reopen: Some({
+            let image = ctx.image.clone();
+            Arc::new(move || image.open())
+        }),
         ..Default::default()
     };
     let follow = PhaseFollower {
@@ -320,6 +326,7 @@ pub(super) fn provision(
     let stats = WriteStats {
         bytes_written: report.bytes_written,
         bytes_skipped: report.bytes_skipped + report.bytes_zeroed,
+        retried_ranges: report.retried_ranges,
     };
     if !files.is_empty() {
         set(Step::Identity);

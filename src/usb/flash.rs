@@ -72,6 +72,8 @@ pub struct ViaOptions {
     /// What to do when a board in maskrom needs a loader and none is given (the station
     /// names its config); `None`: the CLI's flags.
     pub loader_hint: Option<String>,
+    /// `write --delta` over rockusb: read the board's storage first, write what differs.
+    pub delta: bool,
 }
 
 impl ViaOptions {
@@ -92,6 +94,7 @@ impl ViaOptions {
             job: "usb".into(),
             placements: Vec::new(),
             loader_hint: None,
+            delta: false,
         }
     }
 }
@@ -477,6 +480,7 @@ fn write_rockusb(
     // The block writer's pipeline: hashing, partition table written last, read-back.
     let wopts = crate::write::WriteOptions {
         verify: opts.verify,
+        delta: opts.delta,
         job: opts.job.clone(),
         image_name: src.describe(),
         ..Default::default()

@@ -32,9 +32,140 @@ pub fn read_back(
     opts: &WriteOptions,
     reporter: &dyn Reporter,
 ) -> Result<u64, WriteError> {
+    let (n, bad) = read_back_some(sink, ranges, opts, reporter, 1)?;
+    match bad.first() {
+        Some(&i) => Err(mismatch(sink.name(), &ranges[i])),
+        None => Ok(n),
+    }
+}
+
+/// Most ranges rewritten in one pass (4 MiB each by default): more bad ranges than this
+/// mean a failing medium, and rewriting them would hold too much of the image in memory.
+pub const MAX_REWRITE: usize = 8;
+
+/// [`read_back`] with `opts.retries`: ranges that read back wrong are written again from a
+/// fresh stream of the image (`opts.reopen`), synced, and read back again, up to
+/// `opts.retries` times. Returns the bytes read back and how many ranges were rewritten.
+pub fn read_back_retrying(
+    sink: &mut dyn Sink,
+    ranges: &[RangeDigest],
+    opts: &WriteOptions,
+    reporter: &dyn Reporter,
+) -> Result<(u64, u64), WriteError> {
+    let can = opts.retries > 0 && opts.reopen.is_some();
+    let limit = if can { MAX_REWRITE + 1 } else { 1 };
+    let (verified, mut bad) = read_back_some(sink, ranges, opts, reporter, limit)?;
+    let mut check: Vec<RangeDigest> = ranges.to_vec();
+    let mut retried = 0u64;
+    let mut attempt = 0u32;
+    while let Some(&first) = bad.first() {
+        let lowest = check[first];
+        let (Some(reopen), true, true) = (
+            &opts.reopen,
+            attempt < opts.retries,
+            bad.len() <= MAX_REWRITE,
+        ) else {
+            if retried > 0 {
+                tracing::warn!(
+                    target = sink.name(),
+                    "{retried} range(s) were written again and still read back wrong"
+                );
+            }
+            return Err(mismatch(sink.name(), &lowest));
+        };
+        attempt += 1;
+        let todo: Vec<RangeDigest> = bad.iter().map(|&i| check[i]).collect();
+        reporter.report(Event::Message {
+            job: opts.job.clone(),
+            level: crate::progress::Level::Warn,
+            text: format!(
+                "{}: {} range(s) read back wrong (first at offset {}); writing them again (attempt {attempt} of {})",
+                sink.name(),
+                todo.len(),
+                lowest.offset,
+                opts.retries
+            ),
+        });
+        rewrite(sink, reopen, &todo, opts)?;
+        retried += todo.len() as u64;
+        let (_, again) = read_back_some(sink, &todo, opts, reporter, limit)?;
+        bad = again;
+        check = todo;
+    }
+    Ok((verified, retried))
+}
+
+/// Write `todo` again with the image's bytes, taken from a fresh stream of the image and
+/// checked against the ranges' digests first (the image file may have changed since).
+fn rewrite(
+    sink: &mut dyn Sink,
+    reopen: &super::Reopen,
+    todo: &[RangeDigest],
+    opts: &WriteOptions,
+) -> Result<(), WriteError> {
+    let mut source = reopen()?;
+    let bs = opts.buffer_size.max(super::buffer::ALIGN);
+    let mut img = AlignedBuf::new(bs);
+    let mut bufs: Vec<AlignedBuf> = todo
+        .iter()
+        .map(|r| AlignedBuf::new(r.len as usize))
+        .collect();
+    let last = todo.iter().map(|r| r.offset + r.len).max().unwrap_or(0);
+    while let Some(ext) = source.next_extent(&mut img)? {
+        if ext.kind == ExtentKind::Data {
+            for (r, buf) in todo.iter().zip(bufs.iter_mut()) {
+                let lo = ext.offset.max(r.offset);
+                let hi = ext.end().min(r.offset + r.len);
+                if lo < hi {
+                    buf[(lo - r.offset) as usize..(hi - r.offset) as usize].copy_from_slice(
+                        &img[(lo - ext.offset) as usize..(hi - ext.offset) as usize],
+                    );
+                }
+            }
+        }
+        // Zero and skip pieces stay zero in the fresh buffers, as they were hashed.
+        if ext.end() >= last {
+            break;
+        }
+    }
+    for (r, buf) in todo.iter().zip(&bufs) {
+        if blake3::hash(buf).as_bytes() != &r.digest {
+            return Err(WriteError::Stream {
+                image: opts.image_name.clone(),
+                offset: r.offset,
+                msg: format!(
+                    "the range of {} bytes to write again differs from what was written: the image changed during the write",
+                    r.len
+                ),
+            });
+        }
+        sink.write_at(r.offset, buf)?;
+    }
+    sink.sync()
+}
+
+fn mismatch(target: &str, r: &RangeDigest) -> WriteError {
+    WriteError::Mismatch {
+        target: target.to_string(),
+        offset: r.offset,
+        len: r.len,
+    }
+}
+
+/// [`read_back`] that goes on after a mismatch until `limit` bad ranges are found: returns
+/// the bytes read back and the indices of the bad ranges, lowest first (every range below
+/// the last one returned was checked).
+pub(super) fn read_back_some(
+    sink: &mut dyn Sink,
+    ranges: &[RangeDigest],
+    opts: &WriteOptions,
+    reporter: &dyn Reporter,
+    limit: usize,
+) -> Result<(u64, Vec<usize>), WriteError> {
+    let limit = limit.max(1);
     match sink.medium_reader() {
-        Some(reader) => read_back_parallel(&reader, sink.name(), ranges, opts, reporter),
-        None => read_back_serial(sink, ranges, opts, reporter),
+        Some(reader) => read_back_parallel(&reader, sink.name(), ranges, opts, reporter, limit),
+        None => read_back_serial(sink, ranges, opts, reporter, limit),
     }
 }
 
@@ -44,10 +175,11 @@ fn read_back_parallel(
     ranges: &[RangeDigest],
     opts: &WriteOptions,
     reporter: &dyn Reporter,
-) -> Result<u64, WriteError> {
+    limit: usize,
+) -> Result<(u64, Vec<usize>), WriteError> {
     let max = ranges.iter().map(|r| r.len).max().unwrap_or(0) as usize;
     if max == 0 {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
     if let Some(why) = &reader.buffered_reason {
         tracing::info!(target, "read-back without O_DIRECT: {why}");
@@ -56,8 +188,8 @@ fn read_back_parallel(
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let done = AtomicU64::new(0);
-    // Lowest bad range, lowest failed read (index, error).
-    let bad = Mutex::new(None::<usize>);
+    // Bad ranges found, lowest failed read (index, error).
+    let bad = Mutex::new(Vec::<usize>::new());
     let failed = Mutex::new(None::<(usize, WriteError)>);
     let workers = READ_BACK_DEPTH.min(ranges.len());
     std::thread::scope(|scope| {
@@ -76,8 +208,10 @@ fn read_back_parallel(
                             Ok(at) => {
                                 if blake3::hash(&buf[at..at + len]).as_bytes() != &r.digest {
                                     let mut b = bad.lock().unwrap_or_else(|p| p.into_inner());
-                                    *b = Some(b.map_or(i, |j| j.min(i)));
-                                    stop.store(true, Ordering::Relaxed);
+                                    b.push(i);
+                                    if b.len() >= limit {
+                                        stop.store(true, Ordering::Relaxed);
+                                    }
                                 }
                             }
                             Err(e) => {
@@ -111,22 +245,22 @@ fn read_back_parallel(
             });
         }
     });
-    let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    bad.sort_unstable();
+    // Workers finish the range they hold after a stop: keep the lowest `limit`, so that
+    // every range below the last one kept was checked.
+    bad.truncate(limit);
     let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
-    match (bad, failed) {
-        // A failed read below the first bad range comes first; otherwise the mismatch.
-        (Some(i), Some((j, e))) if j < i => Err(e),
-        (Some(i), _) => Err(WriteError::Mismatch {
-            target: target.to_string(),
-            offset: ranges[i].offset,
-            len: ranges[i].len,
-        }),
+    match (bad.first(), failed) {
+        // A failed read below the first bad range comes first; otherwise the mismatches.
+        (Some(&i), Some((j, e))) if j < i => Err(e),
+        (Some(_), _) => Ok((done.load(Ordering::Relaxed).min(total), bad)),
         (None, Some((_, e))) => Err(e),
         (None, None) if done.load(Ordering::Relaxed) < total => Err(WriteError::Interrupted {
             target: target.to_string(),
             done: done.load(Ordering::Relaxed),
         }),
-        (None, None) => Ok(total),
+        (None, None) => Ok((total, bad)),
     }
 }
 
@@ -137,11 +271,11 @@ fn read_back_serial(
     ranges: &[RangeDigest],
     opts: &WriteOptions,
     reporter: &dyn Reporter,
-) -> Result<u64, WriteError> {
-    let target = sink.name().to_string();
+    limit: usize,
+) -> Result<(u64, Vec<usize>), WriteError> {
     let max = ranges.iter().map(|r| r.len).max().unwrap_or(0) as usize;
     if max == 0 {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
     let pool = Pool::new(opts.buffers.clamp(2, 4), max);
     let (tx, rx) = crossbeam_channel::bounded::<(usize, Pooled)>(4);
@@ -149,14 +283,18 @@ fn read_back_serial(
         .name("sbcflash-verify".into())
         .spawn({
             let ranges = ranges.to_vec();
-            move || -> Option<usize> {
+            move || -> Vec<usize> {
+                let mut bad = Vec::new();
                 for (i, buf) in rx {
                     let r = &ranges[i];
                     if blake3::hash(&buf[..r.len as usize]).as_bytes() != &r.digest {
-                        return Some(i);
+                        bad.push(i);
+                        if bad.len() >= limit {
+                            break;
+                        }
                     }
                 }
-                None
+                bad
             }
         })
         .expect("spawn verify thread");
@@ -166,7 +304,7 @@ fn read_back_serial(
     for (i, r) in ranges.iter().enumerate() {
         if opts.cancel.load(Ordering::Relaxed) {
             read_err = Some(WriteError::Interrupted {
-                target: target.clone(),
+                target: sink.name().to_string(),
                 done,
             });
             break;
@@ -201,17 +339,11 @@ fn read_back_serial(
     let bad = checker
         .join()
         .map_err(|_| WriteError::Internal("verify thread panicked".into()))?;
-    if let Some(i) = bad {
-        return Err(WriteError::Mismatch {
-            target,
-            offset: ranges[i].offset,
-            len: ranges[i].len,
-        });
+    match (bad.first(), read_err) {
+        (Some(_), _) => Ok((done, bad)),
+        (None, Some(e)) => Err(e),
+        (None, None) => Ok((total, bad)),
     }
-    if let Some(e) = read_err {
-        return Err(e);
-    }
-    Ok(total)
 }
 
 /// Result of comparing a target with an image without writing.
