@@ -8,7 +8,7 @@ export DEBIAN_FRONTEND=noninteractive
 # C code (sqlite, zstd, lzma, bzip2, ring, blake3's assembly).
 BUILD_PKGS="pkg-config libudev-dev libusb-1.0-0-dev build-essential"
 # Tests: real tools that make and check real inputs, and real peers.
-TEST_PKGS="lintian bmap-tools android-sdk-libsparse-utils zstd xz-utils bzip2 gzip e2fsprogs dosfstools mtools fdisk udev nix-bin socat expect cpio kmod openssh-client util-linux bsdutils lrzsz zip unzip"
+TEST_PKGS="lintian bmap-tools android-sdk-libsparse-utils zstd xz-utils bzip2 gzip e2fsprogs dosfstools mtools fdisk udev nix-bin socat expect cpio kmod openssh-client util-linux bsdutils lrzsz zip unzip dmsetup"
 missing=""
 for p in $BUILD_PKGS $TEST_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

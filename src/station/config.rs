@@ -520,6 +520,17 @@ match = { "attr:loop/backing_file" = "/tmp/*/s2.img" }
     }
 
     #[test]
+    fn delta_and_rewrites_default_off_and_one_and_are_read() {
+        let s = Station::parse(Path::new("/x.toml"), GOOD).unwrap();
+        assert!(!s.delta);
+        assert_eq!(s.retries, 1);
+        let t = format!("delta = true\nrewrites = 3\n{GOOD}");
+        let s = Station::parse(Path::new("/x.toml"), &t).unwrap();
+        assert!(s.delta);
+        assert_eq!(s.retries, 3);
+    }
+
+    #[test]
     fn unknown_key_is_an_error_naming_the_file() {
         let e = Station::parse(Path::new("x.toml"), &format!("{GOOD}\nbogus = 1\n"))
             .unwrap_err()

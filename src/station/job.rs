@@ -635,7 +635,7 @@ pub(super) fn write_block(
     }
     let stats = WriteStats {
         bytes_written: report.bytes_written,
-        bytes_skipped: report.bytes_skipped + report.bytes_zeroed,
+        bytes_skipped: report.bytes_skipped + report.bytes_zeroed + report.bytes_unchanged(),
         retried_ranges: report.retried_ranges,
     };
     if !files.is_empty() {

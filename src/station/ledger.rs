@@ -603,6 +603,40 @@ mod tests {
         assert_eq!(peek_seq_readonly(&p, 1).unwrap(), 103);
     }
 
+    /// A ledger from before `retried_ranges` (schema 1, one finished row) gains the column:
+    /// the old row reads null, a new row records its rewritten ranges.
+    #[test]
+    fn schema_1_ledger_gains_retried_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.sqlite");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO units (unit_serial, attempt, slot, started_at, result, tool_version)
+                 VALUES ('OLD', 1, 's', '2026-01-01T00:00:00Z', 'pass', 'old')",
+                [],
+            )
+            .unwrap();
+        }
+        let (mut l, _) = Ledger::open(&p).unwrap();
+        let (id, _) = start(&mut l, "s");
+        l.finish_unit(
+            id,
+            &Outcome {
+                pass: true,
+                retried_ranges: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let rows = report(&p, None).unwrap();
+        assert_eq!(rows[0].retried_ranges, None);
+        assert_eq!(rows[1].retried_ranges, Some(2));
+        assert_eq!(rows[1].csv_fields().last().map(String::as_str), Some("2"));
+    }
+
     #[test]
     fn failed_identity_is_recorded_without_using_the_counter() {
         let dir = tempfile::tempdir().unwrap();

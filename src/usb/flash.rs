@@ -503,8 +503,9 @@ fn write_rockusb(
         // rockusb cannot leave a range unwritten and trust it to read as zeroes: known-zero
         // ranges went over the cable as zeroes, so they count as written, not as skipped (as
         // fastboot's FILL chunks are). written + skipped = image size on every protocol.
+        // With --delta, what was found unchanged was skipped too.
         bytes_written: report.bytes_written + report.bytes_zeroed,
-        bytes_skipped: report.bytes_skipped,
+        bytes_skipped: report.bytes_skipped + report.bytes_unchanged(),
         verified: report.verified_bytes.is_some(),
     })
 }

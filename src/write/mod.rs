@@ -149,6 +149,12 @@ pub struct WriteReport {
 }
 
 impl WriteReport {
+    /// Bytes `--delta` found equal on the target and did not write (0 without `--delta`):
+    /// with them, written + zeroed + skipped + unchanged is the image size.
+    pub fn bytes_unchanged(&self) -> u64 {
+        self.delta.as_ref().map_or(0, |d| d.unchanged)
+    }
+
     /// One-line human summary.
     pub fn summary_line(&self, target: &str) -> String {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
