@@ -318,7 +318,8 @@ fn qemu_usb_lab_usb_disks_eject_station_and_ums_bootstrap() {
 /// `write --rewrites` against a real kernel fault: a dm-flakey segment that drops every write
 /// (over a loop device holding garbage) fails the write at once with `--rewrites 0`, after
 /// exactly N rewrites with `--rewrites N` while the fault lasts, and succeeds, counting the
-/// retried range, when the fault ends during the read-back.
+/// retried range, when the fault ends during the read-back; `--delta` reads back the unit it
+/// wrote into the faulty segment and fails.
 #[test]
 fn qemu_usb_lab_retries_rewrite_ranges_a_dm_flakey_device_dropped() {
     if !lab_ready(&["dmsetup", "losetup", "blockdev"]) {
@@ -327,5 +328,5 @@ fn qemu_usb_lab_retries_rewrite_ranges_a_dm_flakey_device_dropped() {
     let sbc = PathBuf::from(env!("CARGO_BIN_EXE_sbcflash"));
     let w = work_dir("usb-lab-retries");
     write(&w, "img.raw", &image_with_holes(48 << 20, 0x2e7));
-    run_in_guest("retries.sh", &w, &[&sbc], 10);
+    run_in_guest("retries.sh", &w, &[&sbc], 11);
 }

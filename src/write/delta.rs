@@ -8,6 +8,10 @@
 //! digests differ. A unit of image zeroes is checked for zeroes on the target instead of
 //! hashed on both sides. `Skip` ranges have no defined contents and are left alone.
 //!
+//! Read-back after a delta write covers the units written (against their image-side
+//! digests) and the first MiB when it was rewritten; units found unchanged were read from the
+//! medium with O_DIRECT and matched their digests already, so they are not read twice.
+//!
 //! When every unit differs (a different image), comparing would only add reads: after a run
 //! of differing units the next ones are written without comparing, for a stretch that
 //! doubles with each further differing unit and ends at the first unit found unchanged.
@@ -18,7 +22,7 @@
 
 use super::buffer::AlignedBuf;
 use super::sink::MediumReader;
-use super::{Piece, Sink, WriteError};
+use super::{Piece, RangeDigest, Sink, WriteError};
 use crate::image::zero::ZEROS;
 use crate::image::{Extent, ExtentKind};
 use crossbeam_channel::{Receiver, Sender};
@@ -79,8 +83,8 @@ enum Verdict {
     },
     /// Compared on the writer's thread through [`Sink::read_at`] (image side hashed ahead).
     Serial { img: Option<Receiver<[u8; 32]>> },
-    /// Written without comparing.
-    Blind,
+    /// Written without comparing (the image side is still hashed, for the read-back).
+    Blind { img: Option<Receiver<[u8; 32]>> },
     /// A `Skip` piece: nothing to do.
     Leave,
 }
@@ -110,6 +114,9 @@ pub(super) struct Delta {
     blind: u64,
     scratch: Option<AlignedBuf>,
     pub report: DeltaReport,
+    /// Units written, with their image digests: what read-back must check. Units found
+    /// unchanged were read from the medium (O_DIRECT) and matched already.
+    pub written: Vec<RangeDigest>,
 }
 
 fn spawn_img(rx: Receiver<ImgJob>) -> std::io::Result<JoinHandle<()>> {
@@ -235,6 +242,7 @@ impl Delta {
                 unit,
                 ..Default::default()
             },
+            written: Vec::new(),
         })
     }
 
@@ -297,17 +305,17 @@ impl Delta {
         let Some((pieces, offset, len, zero)) = self.building.take() else {
             return;
         };
+        let img = (!zero).then(|| {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            if let Some(itx) = &self.img_tx {
+                let _ = itx.send((pieces.clone(), tx));
+            }
+            rx
+        });
         let verdict = if self.blind > 0 {
             self.blind -= 1;
-            Verdict::Blind
+            Verdict::Blind { img }
         } else {
-            let img = (!zero).then(|| {
-                let (tx, rx) = crossbeam_channel::bounded(1);
-                if let Some(itx) = &self.img_tx {
-                    let _ = itx.send((pieces.clone(), tx));
-                }
-                rx
-            });
             match &self.dev_tx {
                 Some(dtx) => {
                     let (tx, dev) = crossbeam_channel::bounded(1);
@@ -354,8 +362,10 @@ impl Delta {
                     write: false,
                 }))
             }
-            Verdict::Blind => {
+            Verdict::Blind { img } => {
+                let img = img.map(|r| r.recv().map_err(|_| lost())).transpose()?;
                 self.report.written_uncompared += u.len;
+                self.written.push(range_digest(u.offset, u.len, img));
                 return Ok(Some(Ready {
                     pieces: u.pieces,
                     write: true,
@@ -364,7 +374,7 @@ impl Delta {
             Verdict::Threads { img, dev } => {
                 let dev = dev.recv().map_err(|_| lost())?;
                 let img = img.map(|r| r.recv().map_err(|_| lost())).transpose()?;
-                matches(img, dev)
+                (matches(img, &dev), img)
             }
             Verdict::Serial { img } => {
                 let mut scratch = self
@@ -385,9 +395,10 @@ impl Delta {
                 );
                 self.scratch = Some(scratch);
                 let img = img.map(|r| r.recv().map_err(|_| lost())).transpose()?;
-                matches(img, dev)
+                (matches(img, &dev), img)
             }
         };
+        let (same, img) = same;
         self.report.compared += u.len;
         self.report.units_compared += 1;
         if same {
@@ -395,6 +406,7 @@ impl Delta {
             self.streak = 0;
             self.blind = 0;
         } else {
+            self.written.push(range_digest(u.offset, u.len, img));
             self.report.rewritten += u.len;
             self.report.units_rewritten += 1;
             self.streak += 1;
@@ -419,10 +431,24 @@ impl Delta {
     }
 }
 
-fn matches(img: Option<[u8; 32]>, dev: DevSide) -> bool {
+/// The read-back digest of a written unit: its image-side digest, or that of zeroes.
+fn range_digest(offset: u64, len: u64, img: Option<[u8; 32]>) -> RangeDigest {
+    let digest = img.unwrap_or_else(|| {
+        let mut h = blake3::Hasher::new();
+        feed_zeroes(&mut h, len);
+        *h.finalize().as_bytes()
+    });
+    RangeDigest {
+        offset,
+        len,
+        digest,
+    }
+}
+
+fn matches(img: Option<[u8; 32]>, dev: &DevSide) -> bool {
     match (img, dev) {
-        (Some(i), DevSide::Digest(d)) => i == d,
-        (None, DevSide::Zero(z)) => z,
+        (Some(i), DevSide::Digest(d)) => i == *d,
+        (None, DevSide::Zero(z)) => *z,
         _ => false,
     }
 }

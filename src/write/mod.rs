@@ -597,7 +597,8 @@ fn write_inner(
     let checks = source.take_range_checker();
     let reader = spawn_reader(source, pool, tx, stop.clone());
     let (htx, hrx) = crossbeam_channel::unbounded::<Piece>();
-    let hasher = spawn_hasher(hrx, opts.verify, buffer_size as u64);
+    // With --delta the read-back ranges are the units written, digested by `delta`.
+    let hasher = spawn_hasher(hrx, opts.verify && !opts.delta, buffer_size as u64);
     let (mut ctx, mut checker) = match checks {
         Some(c) => {
             let (ctx, crx) = crossbeam_channel::unbounded::<Piece>();
@@ -811,11 +812,15 @@ fn write_inner(
     written += counts.0;
     zeroed += counts.1;
     skipped += counts.2;
-    let delta_report = delta.map(|d| {
-        let r = d.report.clone();
-        d.finish();
-        r
-    });
+    let (delta_report, delta_ranges) = match delta {
+        Some(mut d) => {
+            let ranges = std::mem::take(&mut d.written);
+            let r = d.report.clone();
+            d.finish();
+            (Some(r), Some(ranges))
+        }
+        None => (None, None),
+    };
     drop(htx);
     drop(ctx);
     let _ = reader.join();
@@ -867,6 +872,20 @@ fn write_inner(
         *state = TargetState::Unverified;
     }
     sink.finalize(image_size)?;
+    let ranges = match delta_ranges {
+        Some(mut written) => {
+            if !unchanged && head_len > 0 {
+                written.push(RangeDigest {
+                    offset: 0,
+                    len: head_len as u64,
+                    digest: *blake3::hash(&head[..head_len]).as_bytes(),
+                });
+                written.sort_by_key(|r| r.offset);
+            }
+            written
+        }
+        None => hashed.ranges,
+    };
     Ok(WriteReport {
         image_size,
         bytes_written: written,
@@ -879,7 +898,7 @@ fn write_inner(
         verify_seconds: None,
         delta: delta_report,
         retried_ranges: 0,
-        ranges: hashed.ranges,
+        ranges,
     })
 }
 

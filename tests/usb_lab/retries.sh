@@ -64,5 +64,13 @@ blockdev --flushbufs "$DEV"
 dd if="$DEV" of=/tmp/back.img bs=1M iflag=direct status=none
 cmp -n "$SIZE" "$IMG" /tmp/back.img > /dev/null && ok "the device holds the image" || no "device != image"
 
+# --delta reads back what it wrote: a changed range inside the faulty segment is compared,
+# found different, written (and dropped), and the read-back fails.
+cp "$IMG" /tmp/img2.raw
+dd if=/dev/urandom of=/tmp/img2.raw bs=4096 seek=$((8 * 256 + 3)) count=4 conv=notrunc status=none
+dmsetup suspend flaky; faulty_table | dmsetup load flaky; dmsetup resume flaky
+t "--delta: a changed unit that is dropped fails the read-back" 6 'verification FAILED: range at offset' \
+  "$SBC" write /tmp/img2.raw "$DEV" --yes --force --delta --rewrites 0
+
 dmsetup remove flaky; losetup -d "$L"
 echo "$pass passed, $fail failed"
