@@ -30,8 +30,10 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-/// Units whose comparison runs ahead of the writer (besides the one being filled).
-const AHEAD: usize = 2;
+/// Units queued ahead of the writer besides the oldest (and the one being filled): with the
+/// oldest, one per reader in flight. Each holds up to two of the source's pooled buffers, so
+/// more would starve the reader (6-8 buffers).
+const AHEAD: usize = 1;
 /// Target reads in flight.
 const READERS: usize = 2;
 /// Differing units in a row after which comparing pauses.
