@@ -27,6 +27,7 @@ IMG=$D/image.img; SZ=$(stat -c %s "$IMG"); BF=$D/.delta-target.img
 T=$(mktemp -d); DEV=""
 cleanup() { [ -n "$DEV" ] && losetup -d "$DEV" 2>/dev/null; rm -f "$BF"; rm -rf "$T"; }
 trap cleanup EXIT
+trap 'exit 130' INT TERM
 [ "$(id -u)" = 0 ] || { echo "needs root (losetup)" >&2; exit 1; }
 
 # Changed images, made once.
@@ -85,25 +86,24 @@ t = open(sys.argv[1]).read()
 for m in re.finditer(r"<Range[^>]*>\s*(\d+)(?:-(\d+))?\s*</Range>", t):
     a = int(m.group(1)); b = int(m.group(2) or a); print(a, b - a + 1)
 EOF
-  echo "while read a n; do dd if='$IMG' of=\$DEV bs=4096 skip=\$a seek=\$a count=\$n oflag=direct conv=notrunc status=none; done < '$T/ranges'"
+  echo "while read a n; do dd if='$IMG' of=\$DEV bs=4M iflag=skip_bytes,count_bytes oflag=seek_bytes,direct skip=\$((a * 4096)) seek=\$((a * 4096)) count=\$((n * 4096)) conv=notrunc status=none; done < '$T/ranges'"
 }
 
-# Per-thread CPU of a running sbcflash: the last sample of /proc/PID/task/*/stat before exit.
-threads_cpu() {   # threads_cpu PID -> "name=user+sys s ..."
-  local pid=$1 last=""
+# Per-thread CPU of a running sbcflash: each thread's last sample of /proc/PID/task/TID/stat
+# (user + system ticks, 100 per second), by thread name.
+threads_cpu() {   # threads_cpu PID -> "name=ticks ..."
+  local pid=$1 t line name
+  declare -A tick=() tname=()
   while kill -0 "$pid" 2>/dev/null; do
-    local now=""
     for t in /proc/"$pid"/task/*; do
-      [ -r "$t/stat" ] || continue
-      read -r line < "$t/stat" 2>/dev/null || continue
-      name=$(cat "$t/comm" 2>/dev/null || echo '?')
+      { read -r line < "$t/stat"; } 2>/dev/null || continue
+      name=$(cat "$t/comm" 2>/dev/null) || continue
       set -- ${line##*) }
-      now="$now $name=$(( ${12} + ${13} ))"
+      tick[${t##*/}]=$(( ${12} + ${13} )); tname[${t##*/}]=$name
     done
-    [ -n "$now" ] && last=$now
-    sleep 0.05
+    sleep 0.02
   done
-  echo "$last"
+  for t in "${!tick[@]}"; do printf '%s=%s ' "${tname[$t]}" "${tick[$t]}"; done
 }
 
 TSV=$D/delta-runs.tsv
@@ -140,9 +140,11 @@ for rep in $(seq "$REPS"); do
   done
 done
 # Medians per case, and the ratios of issue 19.
-awk -F'\t' 'NR > 1 { v[$2] = v[$2] " " $3 } END {
-  for (c in v) { n = split(v[c], a, " "); asort(a); m[c] = a[int((n + 1) / 2)]; printf "%-9s median %.2f s (%d runs)\n", c, m[c], n }
-  if (m["full5"] > 0) printf "delta 5 %% / full write: %.2f (bar <= 0.35)\n", m["delta5"] / m["full5"]
-  if (m["fullall"] > 0) printf "delta all changed / full write: %.2f (bar <= 1.1)\n", m["deltaall"] / m["fullall"]
-  if (m["dd"] > 0) printf "write --no-verify / dd oflag=direct of the mapped ranges: %.2f (bar <= 1.2)\n", m["noverify"] / m["dd"]
-}' "$TSV"
+med() { awk -F'\t' -v c="$1" 'NR > 1 && $2 == c { print $3 }' "$TSV" | sort -n | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)]; else print 0 }'; }
+for c in full5 delta5 fullall deltaall dd noverify; do printf '%-9s median %s s\n' "$c" "$(med $c)"; done
+awk -v f5="$(med full5)" -v d5="$(med delta5)" -v fa="$(med fullall)" -v da="$(med deltaall)" \
+    -v dd="$(med dd)" -v nv="$(med noverify)" 'BEGIN {
+  if (f5 > 0) printf "delta 5 %% / full write: %.2f (bar <= 0.35)\n", d5 / f5
+  if (fa > 0) printf "delta all changed / full write: %.2f (bar <= 1.1)\n", da / fa
+  if (dd > 0) printf "write --no-verify / dd oflag=direct of the mapped ranges: %.2f (bar <= 1.2)\n", nv / dd
+}'
