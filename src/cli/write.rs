@@ -78,7 +78,7 @@ impl ImageFlags {
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  sbcflash write nixos-sd-image.img.zst /dev/sdb\n  sbcflash write --board opi5 --image nixos.img.zst /dev/sdb --yes\n  sbcflash write image.img out.img            # a regular file target stays sparse"
+    after_help = "Examples:\n  sbcflash write nixos-sd-image.img.zst /dev/sdb\n  sbcflash write --board opi5 --image nixos.img.zst /dev/sdb --yes\n  sbcflash write image.img out.img            # a regular file target stays sparse\n  sbcflash write --delta new-build.img.zst /dev/sdb   # re-flash: only what differs is written"
 )]
 pub struct WriteArgs {
     /// IMAGE TARGET (or only TARGET with --image).
