@@ -1267,3 +1267,59 @@ fn rockusb_places_bootloader_files_after_the_image_in_the_same_session() {
     );
     assert_eq!(b.resets.len(), 1, "one reset, at the end");
 }
+
+/// `write --via usb --delta`: the board's storage is read over rockusb (READ_LBA) and only
+/// the 4 MiB unit that differs goes over the cable (plus the first MiB, cleared first and
+/// written last); the same image again sends no WRITE_LBA at all.
+#[test]
+fn rockusb_delta_sends_only_what_differs() {
+    let mib = 1usize << 20;
+    let mut a = pattern(12 * mib, 3);
+    a[510] = 0x55;
+    a[511] = 0xAA;
+    let mut b = a.clone();
+    b[9 * mib..9 * mib + 4096].fill(0xEE);
+    let mut board = RockchipBoard::rk3588(16 << 20);
+    board.mode = RkMode::Loader;
+    let board = shared(board);
+    let bus = bus_of(&board);
+    let mut o = rk_opts(Via::Usb, vec![]);
+    o.reset = false;
+    write_silently(&bus, &o, mem("a.img", a)).unwrap();
+    o.delta = true;
+    let writes = |board: &Arc<Mutex<RockchipBoard>>| {
+        lock(board).commands.iter().filter(|&&c| c == 0x15).count()
+    };
+    lock(&board).commands.clear();
+    let out = write_silently(&bus, &o, mem("b.img", b.clone())).unwrap();
+    assert_eq!(
+        &lock(&board).storage(EMMC)[..b.len()],
+        &b[..],
+        "storage != b"
+    );
+    assert!(
+        matches!(out, Outcome::Written { bytes_written, bytes_skipped, verified: true, .. }
+            if bytes_written <= 4 * mib as u64 + 2 * mib as u64 && bytes_written > 0
+                && bytes_skipped >= 7 * mib as u64),
+        "{out:?}"
+    );
+    let sent = writes(&board);
+    assert!(sent > 0, "nothing written");
+    lock(&board).commands.clear();
+    let out = write_silently(&bus, &o, mem("b.img", b.clone())).unwrap();
+    assert_eq!(writes(&board), 0, "an unchanged board was written: {out:?}");
+    assert!(
+        lock(&board).commands.contains(&0x14),
+        "the storage was not read"
+    );
+    assert!(
+        matches!(
+            out,
+            Outcome::Written {
+                bytes_written: 0,
+                ..
+            }
+        ),
+        "{out:?}"
+    );
+}

@@ -331,3 +331,19 @@ fn qemu_usb_lab_check_card_finds_fake_and_failing_cards() {
     let w = work_dir("usb-lab-card-check");
     run_in_guest("card-check.sh", &w, &[&sbc], 8);
 }
+
+/// `write --rewrites` against a real kernel fault: a dm-flakey segment that drops every write
+/// (over a loop device holding garbage) fails the write at once with `--rewrites 0`, after
+/// exactly N rewrites with `--rewrites N` while the fault lasts, and succeeds, counting the
+/// retried range, when the fault ends during the read-back; `--delta` reads back the unit it
+/// wrote into the faulty segment and fails.
+#[test]
+fn qemu_usb_lab_retries_rewrite_ranges_a_dm_flakey_device_dropped() {
+    if !lab_ready(&["dmsetup", "losetup", "blockdev"]) {
+        return;
+    }
+    let sbc = PathBuf::from(env!("CARGO_BIN_EXE_sbcflash"));
+    let w = work_dir("usb-lab-retries");
+    write(&w, "img.raw", &image_with_holes(48 << 20, 0x2e7));
+    run_in_guest("retries.sh", &w, &[&sbc], 11);
+}

@@ -540,6 +540,8 @@ pub fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
         raw: false,
         eject: false,
         no_discard: a.no_discard,
+        delta: false,
+        rewrites: 1,
         stream: StreamArgs::local_only(),
         usb: Default::default(),
     };

@@ -372,12 +372,14 @@ pub fn write_via(
     p: &ViaPlan,
     image: crate::image::open::OpenedImage,
     verify: bool,
+    delta: bool,
     placements: Vec<crate::board::PlacedFile>,
     g: &Global,
 ) -> anyhow::Result<Option<PathBuf>> {
     use crate::usb::flash::{self, Outcome};
     let mut o = p.options.clone();
     o.verify = verify;
+    o.delta = delta;
     o.placements = placements;
     let reporter = g.reporter();
     let out = flash::write_via(&RusbBus::new(), &o, image.source, &*reporter)?;

@@ -78,7 +78,7 @@ impl ImageFlags {
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  sbcflash write nixos-sd-image.img.zst /dev/sdb\n  sbcflash write --board opi5 --image nixos.img.zst /dev/sdb --yes\n  sbcflash write image.img out.img            # a regular file target stays sparse"
+    after_help = "Examples:\n  sbcflash write nixos-sd-image.img.zst /dev/sdb\n  sbcflash write --board opi5 --image nixos.img.zst /dev/sdb --yes\n  sbcflash write image.img out.img            # a regular file target stays sparse\n  sbcflash write --delta new-build.img.zst /dev/sdb   # re-flash: only what differs is written"
 )]
 pub struct WriteArgs {
     /// IMAGE TARGET (or only TARGET with --image).
@@ -118,6 +118,16 @@ pub struct WriteArgs {
     /// Do not discard the device before writing.
     #[arg(long)]
     pub no_discard: bool,
+    /// Re-flash in proportion to the change: read the target first (4 MiB at a time, in
+    /// parallel with the image) and write only what differs; verified as usual. Implies
+    /// --no-discard.
+    #[arg(long)]
+    pub delta: bool,
+    /// A range that reads back wrong is written again up to N times before the write fails
+    /// (the image must be a file that can be read again); 0 fails at once. (`--retries` is
+    /// the download's.)
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub rewrites: u32,
     /// IMAGE may be an https:// URL (or absent with --board: the board's default source):
     /// it is downloaded, decompressed and written in one pass.
     #[command(flatten)]
@@ -358,6 +368,10 @@ pub struct Checks {
     pub raw: bool,
     pub eject: bool,
     pub discard: bool,
+    /// `--delta`: write only what differs from the target's contents.
+    pub delta: bool,
+    /// `--rewrites`: rewrites of a range that reads back wrong.
+    pub retries: u32,
 }
 
 impl WritePlan {
@@ -404,7 +418,9 @@ impl WritePlan {
                 force: a.force,
                 raw: a.raw,
                 eject: a.eject,
-                discard: !a.no_discard,
+                discard: !a.no_discard && !a.delta,
+                delta: a.delta,
+                retries: a.rewrites,
             },
             stream: a.stream,
             via,
@@ -458,7 +474,8 @@ fn via_first(p: &WritePlan, g: &Global) -> anyhow::Result<Option<(PathBuf, PathB
                 .as_ref()
                 .map(|b| b.placements.clone())
                 .unwrap_or_default();
-            let dev = super::usb::write_via(via, img, p.checks.verify, placements, g)?;
+            let dev =
+                super::usb::write_via(via, img, p.checks.verify, p.checks.delta, placements, g)?;
             if let Some(pre) = &pre {
                 super::boards::say_placed(pre, g)?;
             }
@@ -608,6 +625,16 @@ pub fn run_plan(p: WritePlan, g: &Global) -> anyhow::Result<Exit> {
             info.describe()
         ),
     });
+    // A file can be read again for --rewrites; a stream cannot.
+    let reopen: Option<write::Reopen> = match (&remote, is_regular_file(&image_path)) {
+        (None, true) => {
+            let (path, options) = (image_path.clone(), p.img.options());
+            Some(Arc::new(move || {
+                image::open_image(&path, &options).map(|o| o.source)
+            }))
+        }
+        _ => None,
+    };
     let opts = WriteOptions {
         verify: p.checks.verify,
         expected_blake3: expected,
@@ -615,6 +642,9 @@ pub fn run_plan(p: WritePlan, g: &Global) -> anyhow::Result<Exit> {
         cancel,
         job: job.clone(),
         image_name: image_path.display().to_string(),
+        delta: p.checks.delta,
+        retries: p.checks.retries,
+        reopen,
         ..Default::default()
     };
     let result = claimed.write(opened.source, &opts, reporter.as_ref());

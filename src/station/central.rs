@@ -90,6 +90,7 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE units ADD COLUMN boot_login_seconds DOUBLE PRECISION;
     ALTER TABLE units ADD COLUMN boot_transcript TEXT;
     ALTER TABLE units ADD COLUMN boot_transcript_blake3 TEXT;
+    ALTER TABLE units ADD COLUMN retried_ranges BIGINT;
     "#,
 ];
 
@@ -548,9 +549,9 @@ pub fn deliver(
                identity_json, started_at, ended_at, bytes_written, bytes_skipped, throughput_bps,
                result, failure_reason, tool_version, station_host, station_pid, host_key,
                host_key_fingerprint, signature_key_id, readback_blake3, boot_result, boot_stage,
-               boot_login_seconds, boot_transcript, boot_transcript_blake3)
+               boot_login_seconds, boot_transcript, boot_transcript_blake3, retried_ranges)
              VALUES ($1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12,$13,$14,$15,$16,$17,$18,$19,$20,$21,
-               $22,$23,$24,$25,$26,$27,$28,$29,$30,$31,$32,$33,$34,$35,$36)
+               $22,$23,$24,$25,$26,$27,$28,$29,$30,$31,$32,$33,$34,$35,$36,$37)
              ON CONFLICT (uid) DO UPDATE SET rev=excluded.rev, ended_at=excluded.ended_at,
                bytes_written=excluded.bytes_written, bytes_skipped=excluded.bytes_skipped,
                throughput_bps=excluded.throughput_bps, result=excluded.result,
@@ -560,7 +561,8 @@ pub fn deliver(
                readback_blake3=excluded.readback_blake3, boot_result=excluded.boot_result,
                boot_stage=excluded.boot_stage, boot_login_seconds=excluded.boot_login_seconds,
                boot_transcript=excluded.boot_transcript,
-               boot_transcript_blake3=excluded.boot_transcript_blake3
+               boot_transcript_blake3=excluded.boot_transcript_blake3,
+               retried_ranges=excluded.retried_ranges
              WHERE units.rev < excluded.rev",
         )
         .map_err(e)?;
@@ -605,6 +607,7 @@ pub fn deliver(
                 &r.boot_login_seconds,
                 &r.boot_transcript,
                 &r.boot_transcript_blake3,
+                &r.retried_ranges,
             ],
         )
         .map_err(e)?;
@@ -685,9 +688,10 @@ pub fn report(
                     boot_login_seconds: r.try_get(30)?,
                     boot_transcript: r.try_get(31)?,
                     boot_transcript_blake3: r.try_get(32)?,
+                    retried_ranges: r.try_get(33)?,
                 },
-                station: r.try_get(33)?,
-                uid: r.try_get(34)?,
+                station: r.try_get(34)?,
+                uid: r.try_get(35)?,
             })
         })
         .collect::<Result<Vec<_>, postgres::Error>>()

@@ -70,6 +70,14 @@ pub struct StationConfig {
     /// (`[[image.trust]]`, see README "Trust"); checked before any unit is touched.
     #[serde(default)]
     pub require_signature: bool,
+    /// Write only what differs from a card's current contents (`write --delta`): for
+    /// re-flashing cards that already hold an earlier build. Default false.
+    #[serde(default)]
+    pub delta: bool,
+    /// Rewrites of a range that reads back wrong before the unit fails (`write --rewrites`);
+    /// each rewritten range is counted in the ledger's `retried_ranges`. Default 1.
+    #[serde(default = "one_retry")]
+    pub rewrites: u32,
     /// `[[slot]]` tables (`slots = [...]` also accepted).
     #[serde(rename = "slot", alias = "slots", default)]
     pub slots: Vec<SlotConfig>,
@@ -85,6 +93,10 @@ pub enum ImageSpec {
 
 fn yes() -> bool {
     true
+}
+
+fn one_retry() -> u32 {
+    1
 }
 
 /// Where the image comes from. Exactly one of `path`, `url` (with `blake3`) or a bare
@@ -290,6 +302,8 @@ pub struct Station {
     pub eject: bool,
     pub check_card: bool,
     pub require_signature: bool,
+    pub delta: bool,
+    pub retries: u32,
     pub slots: Vec<SlotMatcher>,
     /// Boot acceptance per slot name (slots without `[slot.boot]` have none).
     pub boot: BTreeMap<String, super::boot::Acceptance>,
@@ -539,6 +553,8 @@ impl Station {
             eject: raw.eject,
             check_card: raw.check_card,
             require_signature: raw.require_signature,
+            delta: raw.delta,
+            retries: raw.rewrites,
             slots,
             boot,
         })
@@ -678,6 +694,17 @@ match = { "attr:loop/backing_file" = "/tmp/*/s2.img" }
         assert!(s.eject, "card readers eject after PASS unless turned off");
         let off = Station::parse(Path::new("/x.toml"), &format!("eject = false\n{GOOD}")).unwrap();
         assert!(!off.eject);
+    }
+
+    #[test]
+    fn delta_and_rewrites_default_off_and_one_and_are_read() {
+        let s = Station::parse(Path::new("/x.toml"), GOOD).unwrap();
+        assert!(!s.delta);
+        assert_eq!(s.retries, 1);
+        let t = format!("delta = true\nrewrites = 3\n{GOOD}");
+        let s = Station::parse(Path::new("/x.toml"), &t).unwrap();
+        assert!(s.delta);
+        assert_eq!(s.retries, 3);
     }
 
     #[test]

@@ -413,6 +413,8 @@ pub struct WriteStats {
     pub bytes_skipped: u64,
     /// blake3 of the image as read back from the unit (with read-back on).
     pub readback_blake3: Option<[u8; 32]>,
+    /// Ranges written again after reading back wrong (`retries`).
+    pub retried_ranges: u64,
 }
 
 fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) -> Done {
@@ -669,6 +671,7 @@ fn end(
             bytes_skipped: stats.bytes_skipped,
             throughput_bps: throughput,
             readback_blake3: stats.readback_blake3.map(hex::encode),
+            retried_ranges: stats.retried_ranges,
         };
         if let Err(e) = l.finish_unit(row, &o) {
             rep.log(&format!("could not record the result: {e}"));
@@ -763,6 +766,7 @@ pub(super) fn write_block(
         }
     }
     let source = ctx.image.open()?;
+    let image = ctx.image.clone();
     let opts = crate::write::WriteOptions {
         verify: ctx.station.verify,
         expected_blake3: crate::write::parse_blake3_hex(&ctx.image.blake3),
@@ -770,6 +774,9 @@ pub(super) fn write_block(
         job: devnode.display().to_string(),
         image_name: ctx.image.path.display().to_string(),
         readback_digest: true,
+        delta: ctx.station.delta,
+        retries: ctx.station.retries,
+        reopen: Some(Arc::new(move || image.open())),
         ..Default::default()
     };
     set(Step::Write);
@@ -785,11 +792,12 @@ pub(super) fn write_block(
     }
     let stats = WriteStats {
         bytes_written: report.bytes_written,
-        bytes_skipped: report.bytes_skipped + report.bytes_zeroed,
+        bytes_skipped: report.bytes_skipped + report.bytes_zeroed + report.bytes_unchanged(),
         readback_blake3: report
             .readback_blake3
             .as_deref()
             .and_then(crate::write::parse_blake3_hex),
+        retried_ranges: report.retried_ranges,
     };
     if !files.is_empty() {
         set(Step::Identity);

@@ -87,6 +87,10 @@ const MIGRATIONS: &[&str] = &[
         state  TEXT NOT NULL CHECK (state IN ('active','returned','abandoned'))
     );
     "#,
+    // 6: ranges written again after reading back wrong (`rewrites`).
+    r#"
+    ALTER TABLE units ADD COLUMN retried_ranges INTEGER;
+    "#,
 ];
 
 /// Name of the serial counter row.
@@ -118,6 +122,8 @@ pub struct Outcome {
     pub throughput_bps: Option<f64>,
     /// blake3 of the logical image as read back from the unit after the write.
     pub readback_blake3: Option<String>,
+    /// Ranges written again after reading back wrong.
+    pub retried_ranges: u64,
 }
 
 /// A ledger row, for reports.
@@ -158,6 +164,7 @@ pub struct Row {
     pub boot_login_seconds: Option<f64>,
     pub boot_transcript: Option<String>,
     pub boot_transcript_blake3: Option<String>,
+    pub retried_ranges: Option<i64>,
 }
 
 /// Column names in report order (CSV header).
@@ -195,6 +202,7 @@ pub const COLUMNS: &[&str] = &[
     "boot_login_seconds",
     "boot_transcript",
     "boot_transcript_blake3",
+    "retried_ranges",
 ];
 
 /// Asked for more serials when the leased ones ran out (the central ledger's lease).
@@ -446,7 +454,7 @@ impl Ledger {
         .map_err(&err)?;
         let id = tx.last_insert_rowid();
         tx.execute(
-            "UPDATE units SET signature_key_id=?2 WHERE id=?1",
+            "UPDATE units SET signature_key_id=?2, rev=rev+1 WHERE id=?1",
             params![id, unit.signature_key_id],
         )
         .map_err(&err)?;
@@ -464,7 +472,7 @@ impl Ledger {
     ) -> Result<(), StationError> {
         self.conn
             .execute(
-                "UPDATE units SET host_key=?2, host_key_fingerprint=?3 WHERE id=?1",
+                "UPDATE units SET host_key=?2, host_key_fingerprint=?3, rev=rev+1 WHERE id=?1",
                 params![id, public, fingerprint],
             )
             .map_err(db_err(&self.path))?;
@@ -476,7 +484,7 @@ impl Ledger {
         self.conn
             .execute(
                 "UPDATE units SET ended_at=?2, result=?3, failure_reason=?4, bytes_written=?5,
-                   bytes_skipped=?6, throughput_bps=?7, rev=rev+1 WHERE id=?1",
+                   bytes_skipped=?6, throughput_bps=?7, retried_ranges=?8, rev=rev+1 WHERE id=?1",
                 params![
                     id,
                     now(),
@@ -485,13 +493,14 @@ impl Ledger {
                     o.bytes_written as i64,
                     o.bytes_skipped as i64,
                     o.throughput_bps,
+                    o.retried_ranges as i64,
                 ],
             )
             .map_err(db_err(&self.path))?;
         if o.readback_blake3.is_some() {
             self.conn
                 .execute(
-                    "UPDATE units SET readback_blake3=?2 WHERE id=?1",
+                    "UPDATE units SET readback_blake3=?2, rev=rev+1 WHERE id=?1",
                     params![id, o.readback_blake3],
                 )
                 .map_err(db_err(&self.path))?;
@@ -508,7 +517,7 @@ impl Ledger {
         self.conn
             .execute(
                 "UPDATE units SET boot_result=?2, boot_stage=?3, boot_login_seconds=?4,
-                   boot_transcript=?5, boot_transcript_blake3=?6 WHERE id=?1",
+                   boot_transcript=?5, boot_transcript_blake3=?6, rev=rev+1 WHERE id=?1",
                 params![
                     id,
                     if b.pass { "pass" } else { "fail" },
@@ -636,6 +645,7 @@ pub(super) fn row_from(r: &rusqlite::Row) -> rusqlite::Result<Row> {
         boot_login_seconds: r.get(30)?,
         boot_transcript: r.get(31)?,
         boot_transcript_blake3: r.get(32)?,
+        retried_ranges: r.get(33)?,
     })
 }
 
@@ -702,6 +712,7 @@ impl Row {
                 .unwrap_or_default(),
             o(&self.boot_transcript),
             o(&self.boot_transcript_blake3),
+            i(self.retried_ranges),
         ]
     }
 }
@@ -851,6 +862,40 @@ mod tests {
         let (_, sc) = start(&mut l, "s1");
         assert_eq!(sc, 102, "counter never repeats");
         assert_eq!(peek_seq_readonly(&p, 1).unwrap(), 103);
+    }
+
+    /// A ledger from before `retried_ranges` (schema 1, one finished row) gains the column:
+    /// the old row reads null, a new row records its rewritten ranges.
+    #[test]
+    fn schema_1_ledger_gains_retried_ranges() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("l.sqlite");
+        {
+            let c = Connection::open(&p).unwrap();
+            c.execute_batch(MIGRATIONS[0]).unwrap();
+            c.pragma_update(None, "user_version", 1).unwrap();
+            c.execute(
+                "INSERT INTO units (unit_serial, attempt, slot, started_at, result, tool_version)
+                 VALUES ('OLD', 1, 's', '2026-01-01T00:00:00Z', 'pass', 'old')",
+                [],
+            )
+            .unwrap();
+        }
+        let (mut l, _) = Ledger::open(&p).unwrap();
+        let (id, _) = start(&mut l, "s");
+        l.finish_unit(
+            id,
+            &Outcome {
+                pass: true,
+                retried_ranges: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        let rows = report(&p, None).unwrap();
+        assert_eq!(rows[0].retried_ranges, None);
+        assert_eq!(rows[1].retried_ranges, Some(2));
+        assert_eq!(rows[1].csv_fields().last().map(String::as_str), Some("2"));
     }
 
     #[test]

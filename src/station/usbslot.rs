@@ -308,6 +308,12 @@ pub(super) fn provision(
         job: label.clone(),
         image_name: ctx.image.path.display().to_string(),
         readback_digest: true,
+        delta: ctx.station.delta,
+        retries: ctx.station.retries,
+        reopen: Some({
+            let image = ctx.image.clone();
+            Arc::new(move || image.open())
+        }),
         ..Default::default()
     };
     let follow = PhaseFollower {
@@ -320,11 +326,12 @@ pub(super) fn provision(
     }
     let stats = WriteStats {
         bytes_written: report.bytes_written,
-        bytes_skipped: report.bytes_skipped + report.bytes_zeroed,
+        bytes_skipped: report.bytes_skipped + report.bytes_zeroed + report.bytes_unchanged(),
         readback_blake3: report
             .readback_blake3
             .as_deref()
             .and_then(crate::write::parse_blake3_hex),
+        retried_ranges: report.retried_ranges,
     };
     if !files.is_empty() {
         set(Step::Identity);

@@ -72,6 +72,8 @@ pub struct ViaOptions {
     /// What to do when a board in maskrom needs a loader and none is given (the station
     /// names its config); `None`: the CLI's flags.
     pub loader_hint: Option<String>,
+    /// `write --delta` over rockusb: read the board's storage first, write what differs.
+    pub delta: bool,
 }
 
 impl ViaOptions {
@@ -92,6 +94,7 @@ impl ViaOptions {
             job: "usb".into(),
             placements: Vec::new(),
             loader_hint: None,
+            delta: false,
         }
     }
 }
@@ -477,6 +480,7 @@ fn write_rockusb(
     // The block writer's pipeline: hashing, partition table written last, read-back.
     let wopts = crate::write::WriteOptions {
         verify: opts.verify,
+        delta: opts.delta,
         job: opts.job.clone(),
         image_name: src.describe(),
         ..Default::default()
@@ -499,8 +503,9 @@ fn write_rockusb(
         // rockusb cannot leave a range unwritten and trust it to read as zeroes: known-zero
         // ranges went over the cable as zeroes, so they count as written, not as skipped (as
         // fastboot's FILL chunks are). written + skipped = image size on every protocol.
+        // With --delta, what was found unchanged was skipped too.
         bytes_written: report.bytes_written + report.bytes_zeroed,
-        bytes_skipped: report.bytes_skipped,
+        bytes_skipped: report.bytes_skipped + report.bytes_unchanged(),
         verified: report.verified_bytes.is_some(),
     })
 }

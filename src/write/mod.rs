@@ -27,10 +27,12 @@
 
 /// The pooled aligned buffers live with the image sources, which fill them directly.
 pub use crate::image::buffer;
+mod delta;
 mod error;
 pub mod sink;
 mod verify;
 
+pub use delta::DeltaReport;
 pub use error::{TargetState, WriteError};
 pub use sink::{BlockDeviceSink, FileSink, Sink};
 pub use verify::{compare_with_image, read_back, CompareReport};
@@ -71,7 +73,19 @@ pub struct WriteOptions {
     /// Also compute the blake3 of the logical image as read back (`WriteReport::readback_blake3`,
     /// for the station's ledger); costs hashing the gaps as zeroes.
     pub readback_digest: bool,
+    /// `--delta`: read the target first and write only the units that differ
+    /// ([`delta`]); the target is not discarded.
+    pub delta: bool,
+    /// `--rewrites`: read-back ranges that differ are written again (from a fresh stream of
+    /// the image, [`WriteOptions::reopen`]) up to this many times before the write fails.
+    pub retries: u32,
+    /// Opens the image again, for rewriting ranges that read back wrong; `None` (a pipe, a
+    /// download) fails at the first mismatch, as without retries.
+    pub reopen: Option<Reopen>,
 }
+
+/// Opens a fresh stream of the image being written.
+pub type Reopen = Arc<dyn Fn() -> Result<Box<dyn ExtentSource>, ImageError> + Send + Sync>;
 
 impl Default for WriteOptions {
     fn default() -> Self {
@@ -86,6 +100,9 @@ impl Default for WriteOptions {
             job: "write".into(),
             image_name: "image".into(),
             readback_digest: false,
+            delta: false,
+            retries: 1,
+            reopen: None,
         }
     }
 }
@@ -128,11 +145,23 @@ pub struct WriteReport {
     /// blake3 of the logical image as read back from the medium (with `readback_digest`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub readback_blake3: Option<String>,
+    /// With `--delta`: what was compared, left unchanged and written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub delta: Option<DeltaReport>,
+    /// Ranges that read back wrong and were written again (`--rewrites`); a number above 0
+    /// means a flaky card or reader.
+    pub retried_ranges: u64,
     #[serde(skip)]
     pub ranges: Vec<RangeDigest>,
 }
 
 impl WriteReport {
+    /// Bytes `--delta` found equal on the target and did not write (0 without `--delta`):
+    /// with them, written + zeroed + skipped + unchanged is the image size.
+    pub fn bytes_unchanged(&self) -> u64 {
+        self.delta.as_ref().map_or(0, |d| d.unchanged)
+    }
+
     /// One-line human summary.
     pub fn summary_line(&self, target: &str) -> String {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
@@ -147,8 +176,25 @@ impl WriteReport {
             (None, true) => "digest verified, not read back",
             (None, false) => "NOT read back (--no-verify)",
         };
+        let delta = self
+            .delta
+            .as_ref()
+            .map(|d| {
+                format!(
+                    " (delta: compared {:.1} MiB, {:.1} MiB unchanged and not written, {:.1} MiB differed, {:.1} MiB written without comparing)",
+                    mib(d.compared),
+                    mib(d.unchanged),
+                    mib(d.rewritten),
+                    mib(d.written_uncompared)
+                )
+            })
+            .unwrap_or_default();
+        let retried = match self.retried_ranges {
+            0 => String::new(),
+            n => format!("; {n} range(s) read back wrong and were written again"),
+        };
         format!(
-            "{target}: wrote {:.1} MiB, zeroed {:.1} MiB, skipped {:.1} MiB of {:.1} MiB in {:.2} s ({:.0} MiB/s){}; {verified}; blake3 {}",
+            "{target}: wrote {:.1} MiB, zeroed {:.1} MiB, skipped {:.1} MiB of {:.1} MiB in {:.2} s ({:.0} MiB/s){}{delta}; {verified}{retried}; blake3 {}",
             mib(self.bytes_written),
             mib(self.bytes_zeroed),
             mib(self.bytes_skipped),
@@ -495,15 +541,16 @@ pub fn run(
             detail: None,
         });
         let size = opts.readback_digest.then_some(report.image_size);
-        let (n, back) = verify::read_back_digest(sink, &report.ranges, opts, reporter, size)
+        let back = verify::read_back_retrying(sink, &report.ranges, opts, reporter, size)
             .map_err(|e| failed("verify", e.with_state(TargetState::Unverified)))?;
-        report.verified_bytes = Some(n);
-        report.readback_blake3 = back.map(hex::encode);
+        report.verified_bytes = Some(back.verified);
+        report.retried_ranges = back.retried;
+        report.readback_blake3 = back.digest.map(hex::encode);
         report.verify_seconds = Some(t.elapsed().as_secs_f64());
         reporter.report(Event::Finish {
             job: job.clone(),
             phase: "verify".into(),
-            summary: serde_json::json!({ "bytes": n, "seconds": t.elapsed().as_secs_f64() }),
+            summary: serde_json::json!({ "bytes": back.verified, "seconds": t.elapsed().as_secs_f64() }),
         });
     }
     Ok(report)
@@ -535,9 +582,22 @@ fn write_inner(
     if opts.cancel.load(Ordering::Relaxed) {
         return Err(WriteError::Interrupted { target, done: 0 });
     }
-    // From here on (a discard, a truncation) the old contents are gone.
-    *state = TargetState::Incomplete;
-    sink.prepare(size_hint)?;
+    let mut delta = match opts.delta {
+        // Nothing is discarded or written until a unit differs: the target stays as it was.
+        true => {
+            sink.prepare_keeping(size_hint)?;
+            Some(delta::Delta::new(
+                sink.medium_reader(),
+                opts.buffer_size.max(buffer::ALIGN) as u64,
+            )?)
+        }
+        false => {
+            // From here on (a discard, a truncation) the old contents are gone.
+            *state = TargetState::Incomplete;
+            sink.prepare(size_hint)?;
+            None
+        }
+    };
 
     let buffer_size = opts.buffer_size.max(buffer::ALIGN);
     let pool = Pool::new(opts.buffers.max(2), buffer_size);
@@ -546,7 +606,8 @@ fn write_inner(
     let checks = source.take_range_checker();
     let reader = spawn_reader(source, pool, tx, stop.clone());
     let (htx, hrx) = crossbeam_channel::unbounded::<Piece>();
-    let hasher = spawn_hasher(hrx, opts.verify, buffer_size as u64);
+    // With --delta the read-back ranges are the units written, digested by `delta`.
+    let hasher = spawn_hasher(hrx, opts.verify && !opts.delta, buffer_size as u64);
     let (mut ctx, mut checker) = match checks {
         Some(c) => {
             let (ctx, crx) = crossbeam_channel::unbounded::<Piece>();
@@ -588,6 +649,72 @@ fn write_inner(
         msg,
     };
 
+    // With --delta (units written through `put`), the head is cleared before the first
+    // differing unit is written, and written last: an interrupted delta write leaves no
+    // valid partition table either.
+    let mut head_cleared = false;
+    let mut put = |sink: &mut dyn Sink,
+                   state: &mut TargetState,
+                   pieces: &[Piece]|
+     -> Result<(u64, u64), WriteError> {
+        if !head_cleared {
+            let n = size_hint.unwrap_or(hold).min(hold);
+            *state = TargetState::Incomplete;
+            sink.zero_range(0, n)?;
+            sink.sync()?;
+            head_cleared = true;
+        }
+        let (mut data, mut zero) = (0, 0);
+        for p in pieces {
+            let (ext, bytes) = p.parts();
+            let from = ext.offset.max(hold);
+            match bytes {
+                Some(bytes) => {
+                    if from < ext.end() {
+                        sink.write_at(from, &bytes[(from - ext.offset) as usize..])?;
+                    }
+                    data += ext.len;
+                }
+                None if from < ext.end() => match ext.kind {
+                    ExtentKind::Zero => {
+                        sink.zero_range(from, ext.end() - from)?;
+                        zero += ext.len;
+                    }
+                    _ => sink.skip_range(from, ext.end() - from)?,
+                },
+                None if ext.kind == ExtentKind::Zero => zero += ext.len,
+                None => {}
+            }
+        }
+        Ok((data, zero))
+    };
+    // Takes compared units off the delta queue: `all` at the end, else while it is full.
+    let mut drain = |delta: &mut Option<delta::Delta>,
+                     sink: &mut dyn Sink,
+                     state: &mut TargetState,
+                     all: bool,
+                     counts: &mut (u64, u64, u64)|
+     -> Result<(), WriteError> {
+        let Some(d) = delta else { return Ok(()) };
+        while (all && d.queued() > 0) || d.full() {
+            let Some(ready) = d.next(sink)? else { break };
+            if ready.write {
+                let (w, z) = put(sink, state, &ready.pieces)?;
+                counts.0 += w;
+                counts.1 += z;
+            } else {
+                for p in &ready.pieces {
+                    if let (ext, None) = p.parts() {
+                        if ext.kind == ExtentKind::Skip {
+                            counts.2 += ext.len;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    };
+    let mut counts = (0u64, 0u64, 0u64);
     loop {
         if opts.cancel.load(Ordering::Relaxed) {
             let _ = sink.sync();
@@ -595,7 +722,14 @@ fn write_inner(
         }
         let item = match rx.recv_timeout(POLL) {
             Ok(i) => i,
-            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Timeout) => {
+                // The reader may wait for buffers the queued units hold: hand them on.
+                if let Some(d) = &mut delta {
+                    d.close();
+                }
+                drain(&mut delta, sink, state, true, &mut counts)?;
+                continue;
+            }
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(WriteError::Internal(
                     "reader thread ended unexpectedly".into(),
@@ -621,6 +755,26 @@ fn write_inner(
         }
         to_checker(piece.clone())?;
         let _ = htx.send(piece.clone());
+        if let Some(d) = &mut delta {
+            // The head is kept whatever the verdict: written last if anything differed.
+            if let Some(data) = bytes {
+                if ext.offset < hold {
+                    let h_end = ext.end().min(hold);
+                    head[ext.offset as usize..h_end as usize]
+                        .copy_from_slice(&data[..(h_end - ext.offset) as usize]);
+                }
+            }
+            pos = ext.end();
+            d.push(piece);
+            drain(&mut delta, sink, state, false, &mut counts)?;
+            reporter.report(Event::Progress {
+                job: opts.job.clone(),
+                phase: "write".into(),
+                done: pos,
+                total: size_hint,
+            });
+            continue;
+        }
         match bytes {
             Some(data) => {
                 let (offset, len) = (ext.offset, data.len());
@@ -660,6 +814,22 @@ fn write_inner(
             total: size_hint,
         });
     }
+    if let Some(d) = &mut delta {
+        d.close();
+    }
+    drain(&mut delta, sink, state, true, &mut counts)?;
+    written += counts.0;
+    zeroed += counts.1;
+    skipped += counts.2;
+    let (delta_report, delta_ranges) = match delta {
+        Some(mut d) => {
+            let ranges = std::mem::take(&mut d.written);
+            let r = d.report.clone();
+            d.finish();
+            (Some(r), Some(ranges))
+        }
+        None => (None, None),
+    };
     drop(htx);
     drop(ctx);
     let _ = reader.join();
@@ -698,15 +868,33 @@ fn write_inner(
             done: image_size,
         });
     }
-    // Everything else is on the medium: now the partition table area.
+    // Everything else is on the medium: now the partition table area (with --delta, only
+    // when something differed and the head was cleared for it).
     let head_len = hold.min(image_size) as usize;
-    *state = TargetState::IncompleteHead;
-    if head_len > 0 {
-        sink.write_at(0, &head[..head_len])?;
-        sink.sync()?;
+    let unchanged = delta_report.is_some() && *state == TargetState::Untouched;
+    if !unchanged {
+        *state = TargetState::IncompleteHead;
+        if head_len > 0 {
+            sink.write_at(0, &head[..head_len])?;
+            sink.sync()?;
+        }
+        *state = TargetState::Unverified;
     }
-    *state = TargetState::Unverified;
     sink.finalize(image_size)?;
+    let ranges = match delta_ranges {
+        Some(mut written) => {
+            if !unchanged && head_len > 0 {
+                written.push(RangeDigest {
+                    offset: 0,
+                    len: head_len as u64,
+                    digest: *blake3::hash(&head[..head_len]).as_bytes(),
+                });
+                written.sort_by_key(|r| r.offset);
+            }
+            written
+        }
+        None => hashed.ranges,
+    };
     Ok(WriteReport {
         image_size,
         bytes_written: written,
@@ -718,7 +906,9 @@ fn write_inner(
         write_seconds: start.elapsed().as_secs_f64(),
         verify_seconds: None,
         readback_blake3: None,
-        ranges: hashed.ranges,
+        delta: delta_report,
+        retried_ranges: 0,
+        ranges,
     })
 }
 

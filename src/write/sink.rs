@@ -40,6 +40,12 @@ pub trait Sink: Send {
     /// devices discard themselves here and clear a stale backup GPT beyond the image.
     fn prepare(&mut self, image_size: Option<u64>) -> Result<(), WriteError>;
 
+    /// [`Sink::prepare`] for `--delta`: the old contents stay (no discard); only what
+    /// differs will be written.
+    fn prepare_keeping(&mut self, image_size: Option<u64>) -> Result<(), WriteError> {
+        self.prepare(image_size)
+    }
+
     /// Write `data` at `offset`. Errors name the offset that failed.
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), WriteError>;
 
@@ -443,6 +449,13 @@ impl Sink for BlockDeviceSink {
             }
         }
         Ok(())
+    }
+
+    fn prepare_keeping(&mut self, image_size: Option<u64>) -> Result<(), WriteError> {
+        let discard = std::mem::replace(&mut self.discard, false);
+        let r = self.prepare(image_size);
+        self.discard = discard;
+        r
     }
 
     fn write_at(&mut self, offset: u64, data: &[u8]) -> Result<(), WriteError> {

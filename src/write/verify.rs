@@ -32,36 +32,105 @@ pub fn read_back(
     opts: &WriteOptions,
     reporter: &dyn Reporter,
 ) -> Result<u64, WriteError> {
-    read_back_digest(sink, ranges, opts, reporter, None).map(|(n, _)| n)
+    let (n, bad) = read_back_some(sink, ranges, opts, reporter, 1, None)?;
+    match bad.first() {
+        Some(&i) => Err(mismatch(sink.name(), &ranges[i])),
+        None => Ok(n),
+    }
 }
 
-/// [`read_back`], and with `image_size` also the blake3 of the logical image as read back from
-/// the medium: the data ranges as read, the gaps (`Zero`/`Skip`) hashed as zeroes, as the image
-/// digest defines them. It equals the image's blake3 exactly when every range came back equal;
-/// the ledger records it beside the image digest that was verified.
-pub fn read_back_digest(
+/// Most ranges rewritten in one pass (4 MiB each by default): more bad ranges than this
+/// mean a failing medium, and rewriting them would hold too much of the image in memory.
+pub const MAX_REWRITE: usize = 8;
+
+/// What a read-back found: bytes read back, ranges written again, and (when asked for) the
+/// blake3 of the logical image as read back from the medium.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadBack {
+    pub verified: u64,
+    pub retried: u64,
+    pub digest: Option<[u8; 32]>,
+}
+
+/// [`read_back`] with `opts.retries`: ranges that read back wrong are written again from a
+/// fresh stream of the image (`opts.reopen`), synced, and read back again, up to
+/// `opts.retries` times.
+///
+/// With `image_size`, also the blake3 of the logical image as read back: the data ranges as
+/// read, the gaps (`Zero`/`Skip`) hashed as zeroes, as the image digest defines them. It equals
+/// the image's blake3 exactly when every range came back equal; the ledger records it beside
+/// the image digest that was verified. After a rewrite the first pass's digest covered bad
+/// bytes, so the whole image is read back once more for it.
+pub fn read_back_retrying(
     sink: &mut dyn Sink,
     ranges: &[RangeDigest],
     opts: &WriteOptions,
     reporter: &dyn Reporter,
     image_size: Option<u64>,
-) -> Result<(u64, Option<[u8; 32]>), WriteError> {
+) -> Result<ReadBack, WriteError> {
+    let can = opts.retries > 0 && opts.reopen.is_some();
+    let limit = if can { MAX_REWRITE + 1 } else { 1 };
     let chain = image_size.map(|_| Chain::default());
-    let n = match sink.medium_reader() {
-        Some(reader) => {
-            read_back_parallel(&reader, sink.name(), ranges, opts, reporter, chain.as_ref())?
-        }
-        None => read_back_serial(sink, ranges, opts, reporter, chain.as_ref())?,
-    };
+    let (verified, mut bad) = read_back_some(sink, ranges, opts, reporter, limit, chain.as_ref())?;
+    let mut check: Vec<RangeDigest> = ranges.to_vec();
+    let mut retried = 0u64;
+    let mut attempt = 0u32;
+    while let Some(&first) = bad.first() {
+        let lowest = check[first];
+        let (Some(reopen), true, true) = (
+            &opts.reopen,
+            attempt < opts.retries,
+            bad.len() <= MAX_REWRITE,
+        ) else {
+            if retried > 0 {
+                tracing::warn!(
+                    target = sink.name(),
+                    "{retried} range(s) were written again and still read back wrong"
+                );
+            }
+            return Err(mismatch(sink.name(), &lowest));
+        };
+        attempt += 1;
+        let todo: Vec<RangeDigest> = bad.iter().map(|&i| check[i]).collect();
+        reporter.report(Event::Message {
+            job: opts.job.clone(),
+            level: crate::progress::Level::Warn,
+            text: format!(
+                "{}: {} range(s) read back wrong (first at offset {}); writing them again (attempt {attempt} of {})",
+                sink.name(),
+                todo.len(),
+                lowest.offset,
+                opts.retries
+            ),
+        });
+        rewrite(sink, reopen, &todo, opts)?;
+        retried += todo.len() as u64;
+        let (_, again) = read_back_some(sink, &todo, opts, reporter, limit, None)?;
+        bad = again;
+        check = todo;
+    }
     let digest = match (chain, image_size) {
-        (Some(c), Some(size)) => Some(c.finish(size)),
+        (Some(c), Some(size)) if retried == 0 => Some(c.finish(size)),
+        (Some(_), Some(size)) => {
+            let again = Chain::default();
+            let (_, bad) = read_back_some(sink, ranges, opts, reporter, 1, Some(&again))?;
+            if let Some(&i) = bad.first() {
+                return Err(mismatch(sink.name(), &ranges[i]));
+            }
+            Some(again.finish(size))
+        }
         _ => None,
     };
-    Ok((n, digest))
+    Ok(ReadBack {
+        verified,
+        retried,
+        digest,
+    })
 }
 
 /// The read-back digest, fed range by range in image order while reads stay in flight: a
-/// worker that read range `i` waits (holding its buffer) until ranges before it are fed.
+/// worker that read range `i` waits (holding its buffer) until ranges before it are fed. A
+/// range that read back wrong is passed over (`skip`), which spoils the digest.
 #[derive(Default)]
 struct Chain {
     state: Mutex<ChainState>,
@@ -75,6 +144,8 @@ struct ChainState {
     pos: u64,
     /// Index of the next range to feed.
     next: usize,
+    /// A range was passed over: the digest is not the medium's.
+    spoilt: bool,
 }
 
 fn hash_zeros(h: &mut blake3::Hasher, mut n: u64) {
@@ -87,9 +158,9 @@ fn hash_zeros(h: &mut blake3::Hasher, mut n: u64) {
 }
 
 impl Chain {
-    /// Feed range `i` (`data` read back at `r.offset`) once every earlier range is fed; gives
-    /// up (false) when `stop` is set meanwhile.
-    fn feed(&self, i: usize, r: &RangeDigest, data: &[u8], stop: &AtomicBool) -> bool {
+    /// Feed range `i` (`data` read back at `r.offset`, or `None` for a range that read back
+    /// wrong) once every earlier range is fed; gives up (false) when `stop` is set meanwhile.
+    fn feed(&self, i: usize, r: &RangeDigest, data: Option<&[u8]>, stop: &AtomicBool) -> bool {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
         while st.next != i {
             if stop.load(Ordering::Relaxed) {
@@ -101,10 +172,15 @@ impl Chain {
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
         }
-        let gap = r.offset.saturating_sub(st.pos);
-        hash_zeros(&mut st.hasher, gap);
-        st.hasher.update(data);
-        st.pos = r.offset + r.len;
+        match data {
+            Some(data) => {
+                let gap = r.offset.saturating_sub(st.pos);
+                hash_zeros(&mut st.hasher, gap);
+                st.hasher.update(data);
+                st.pos = r.offset + r.len;
+            }
+            None => st.spoilt = true,
+        }
         st.next += 1;
         self.fed.notify_all();
         true
@@ -112,9 +188,87 @@ impl Chain {
 
     fn finish(self, size: u64) -> [u8; 32] {
         let mut st = self.state.into_inner().unwrap_or_else(|p| p.into_inner());
+        debug_assert!(!st.spoilt, "a spoilt read-back digest is never finished");
         let tail = size.saturating_sub(st.pos);
         hash_zeros(&mut st.hasher, tail);
         *st.hasher.finalize().as_bytes()
+    }
+}
+
+/// Write `todo` again with the image's bytes, taken from a fresh stream of the image and
+/// checked against the ranges' digests first (the image file may have changed since).
+fn rewrite(
+    sink: &mut dyn Sink,
+    reopen: &super::Reopen,
+    todo: &[RangeDigest],
+    opts: &WriteOptions,
+) -> Result<(), WriteError> {
+    let mut source = reopen()?;
+    let bs = opts.buffer_size.max(super::buffer::ALIGN);
+    let mut img = AlignedBuf::new(bs);
+    let mut bufs: Vec<AlignedBuf> = todo
+        .iter()
+        .map(|r| AlignedBuf::new(r.len as usize))
+        .collect();
+    let last = todo.iter().map(|r| r.offset + r.len).max().unwrap_or(0);
+    while let Some(ext) = source.next_extent(&mut img)? {
+        if ext.kind == ExtentKind::Data {
+            for (r, buf) in todo.iter().zip(bufs.iter_mut()) {
+                let lo = ext.offset.max(r.offset);
+                let hi = ext.end().min(r.offset + r.len);
+                if lo < hi {
+                    buf[(lo - r.offset) as usize..(hi - r.offset) as usize].copy_from_slice(
+                        &img[(lo - ext.offset) as usize..(hi - ext.offset) as usize],
+                    );
+                }
+            }
+        }
+        // Zero and skip pieces stay zero in the fresh buffers, as they were hashed.
+        if ext.end() >= last {
+            break;
+        }
+    }
+    for (r, buf) in todo.iter().zip(&bufs) {
+        if blake3::hash(buf).as_bytes() != &r.digest {
+            return Err(WriteError::Stream {
+                image: opts.image_name.clone(),
+                offset: r.offset,
+                msg: format!(
+                    "the range of {} bytes to write again differs from what was written: the image changed during the write",
+                    r.len
+                ),
+            });
+        }
+        sink.write_at(r.offset, buf)?;
+    }
+    sink.sync()
+}
+
+fn mismatch(target: &str, r: &RangeDigest) -> WriteError {
+    WriteError::Mismatch {
+        target: target.to_string(),
+        offset: r.offset,
+        len: r.len,
+    }
+}
+
+/// [`read_back`] that goes on after a mismatch until `limit` bad ranges are found: returns
+/// the bytes read back and the indices of the bad ranges, lowest first (every range below
+/// the last one returned was checked).
+fn read_back_some(
+    sink: &mut dyn Sink,
+    ranges: &[RangeDigest],
+    opts: &WriteOptions,
+    reporter: &dyn Reporter,
+    limit: usize,
+    chain: Option<&Chain>,
+) -> Result<(u64, Vec<usize>), WriteError> {
+    let limit = limit.max(1);
+    match sink.medium_reader() {
+        Some(reader) => {
+            read_back_parallel(&reader, sink.name(), ranges, opts, reporter, limit, chain)
+        }
+        None => read_back_serial(sink, ranges, opts, reporter, limit, chain),
     }
 }
 
@@ -124,11 +278,12 @@ fn read_back_parallel(
     ranges: &[RangeDigest],
     opts: &WriteOptions,
     reporter: &dyn Reporter,
+    limit: usize,
     chain: Option<&Chain>,
-) -> Result<u64, WriteError> {
+) -> Result<(u64, Vec<usize>), WriteError> {
     let max = ranges.iter().map(|r| r.len).max().unwrap_or(0) as usize;
     if max == 0 {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
     if let Some(why) = &reader.buffered_reason {
         tracing::info!(target, "read-back without O_DIRECT: {why}");
@@ -137,8 +292,8 @@ fn read_back_parallel(
     let next = AtomicUsize::new(0);
     let stop = AtomicBool::new(false);
     let done = AtomicU64::new(0);
-    // Lowest bad range, lowest failed read (index, error).
-    let bad = Mutex::new(None::<usize>);
+    // Bad ranges found, lowest failed read (index, error).
+    let bad = Mutex::new(Vec::<usize>::new());
     let failed = Mutex::new(None::<(usize, WriteError)>);
     let workers = READ_BACK_DEPTH.min(ranges.len());
     std::thread::scope(|scope| {
@@ -155,12 +310,17 @@ fn read_back_parallel(
                         let len = r.len as usize;
                         match reader.read_range(r.offset, len, &mut buf) {
                             Ok(at) => {
-                                if blake3::hash(&buf[at..at + len]).as_bytes() != &r.digest {
+                                let good = blake3::hash(&buf[at..at + len]).as_bytes() == &r.digest;
+                                if !good {
                                     let mut b = bad.lock().unwrap_or_else(|p| p.into_inner());
-                                    *b = Some(b.map_or(i, |j| j.min(i)));
-                                    stop.store(true, Ordering::Relaxed);
-                                } else if let Some(c) = chain {
-                                    if !c.feed(i, r, &buf[at..at + len], stop) {
+                                    b.push(i);
+                                    if b.len() >= limit {
+                                        stop.store(true, Ordering::Relaxed);
+                                    }
+                                }
+                                if let Some(c) = chain {
+                                    let data = good.then_some(&buf[at..at + len]);
+                                    if !c.feed(i, r, data, stop) {
                                         break;
                                     }
                                 }
@@ -196,22 +356,22 @@ fn read_back_parallel(
             });
         }
     });
-    let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
+    bad.sort_unstable();
+    // Workers finish the range they hold after a stop: keep the lowest `limit`, so that
+    // every range below the last one kept was checked.
+    bad.truncate(limit);
     let failed = failed.into_inner().unwrap_or_else(|p| p.into_inner());
-    match (bad, failed) {
-        // A failed read below the first bad range comes first; otherwise the mismatch.
-        (Some(i), Some((j, e))) if j < i => Err(e),
-        (Some(i), _) => Err(WriteError::Mismatch {
-            target: target.to_string(),
-            offset: ranges[i].offset,
-            len: ranges[i].len,
-        }),
+    match (bad.first(), failed) {
+        // A failed read below the first bad range comes first; otherwise the mismatches.
+        (Some(&i), Some((j, e))) if j < i => Err(e),
+        (Some(_), _) => Ok((done.load(Ordering::Relaxed).min(total), bad)),
         (None, Some((_, e))) => Err(e),
         (None, None) if done.load(Ordering::Relaxed) < total => Err(WriteError::Interrupted {
             target: target.to_string(),
             done: done.load(Ordering::Relaxed),
         }),
-        (None, None) => Ok(total),
+        (None, None) => Ok((total, bad)),
     }
 }
 
@@ -222,12 +382,12 @@ fn read_back_serial(
     ranges: &[RangeDigest],
     opts: &WriteOptions,
     reporter: &dyn Reporter,
+    limit: usize,
     chain: Option<&Chain>,
-) -> Result<u64, WriteError> {
-    let target = sink.name().to_string();
+) -> Result<(u64, Vec<usize>), WriteError> {
     let max = ranges.iter().map(|r| r.len).max().unwrap_or(0) as usize;
     if max == 0 {
-        return Ok(0);
+        return Ok((0, Vec::new()));
     }
     let pool = Pool::new(opts.buffers.clamp(2, 4), max);
     let (tx, rx) = crossbeam_channel::bounded::<(usize, Pooled)>(4);
@@ -235,14 +395,18 @@ fn read_back_serial(
         .name("sbcflash-verify".into())
         .spawn({
             let ranges = ranges.to_vec();
-            move || -> Option<usize> {
+            move || -> Vec<usize> {
+                let mut bad = Vec::new();
                 for (i, buf) in rx {
                     let r = &ranges[i];
                     if blake3::hash(&buf[..r.len as usize]).as_bytes() != &r.digest {
-                        return Some(i);
+                        bad.push(i);
+                        if bad.len() >= limit {
+                            break;
+                        }
                     }
                 }
-                None
+                bad
             }
         })
         .expect("spawn verify thread");
@@ -252,7 +416,7 @@ fn read_back_serial(
     for (i, r) in ranges.iter().enumerate() {
         if opts.cancel.load(Ordering::Relaxed) {
             read_err = Some(WriteError::Interrupted {
-                target: target.clone(),
+                target: sink.name().to_string(),
                 done,
             });
             break;
@@ -273,8 +437,10 @@ fn read_back_serial(
             break;
         }
         if let Some(c) = chain {
-            // Fed in order on this thread; a mismatch the checker finds fails the whole read-back.
-            c.feed(i, r, &buf[..r.len as usize], &AtomicBool::new(false));
+            // Fed in order on this thread, before the checker has judged the range: a range
+            // that reads back wrong fails the read-back or is rewritten, and after a rewrite
+            // the digest is taken again (`read_back_retrying`).
+            c.feed(i, r, Some(&buf[..r.len as usize]), &AtomicBool::new(false));
         }
         if tx.send((i, buf)).is_err() {
             break;
@@ -291,17 +457,11 @@ fn read_back_serial(
     let bad = checker
         .join()
         .map_err(|_| WriteError::Internal("verify thread panicked".into()))?;
-    if let Some(i) = bad {
-        return Err(WriteError::Mismatch {
-            target,
-            offset: ranges[i].offset,
-            len: ranges[i].len,
-        });
+    match (bad.first(), read_err) {
+        (Some(_), _) => Ok((done, bad)),
+        (None, Some(e)) => Err(e),
+        (None, None) => Ok((total, bad)),
     }
-    if let Some(e) = read_err {
-        return Err(e);
-    }
-    Ok(total)
 }
 
 /// Result of comparing a target with an image without writing.
