@@ -454,7 +454,7 @@ impl Ledger {
         .map_err(&err)?;
         let id = tx.last_insert_rowid();
         tx.execute(
-            "UPDATE units SET signature_key_id=?2, rev=rev+1 WHERE id=?1",
+            "UPDATE units SET signature_key_id=?2 WHERE id=?1",
             params![id, unit.signature_key_id],
         )
         .map_err(&err)?;
@@ -484,7 +484,8 @@ impl Ledger {
         self.conn
             .execute(
                 "UPDATE units SET ended_at=?2, result=?3, failure_reason=?4, bytes_written=?5,
-                   bytes_skipped=?6, throughput_bps=?7, retried_ranges=?8, rev=rev+1 WHERE id=?1",
+                   bytes_skipped=?6, throughput_bps=?7, retried_ranges=?8,
+                   readback_blake3=COALESCE(?9, readback_blake3), rev=rev+1 WHERE id=?1",
                 params![
                     id,
                     now(),
@@ -494,17 +495,10 @@ impl Ledger {
                     o.bytes_skipped as i64,
                     o.throughput_bps,
                     o.retried_ranges as i64,
+                    o.readback_blake3,
                 ],
             )
             .map_err(db_err(&self.path))?;
-        if o.readback_blake3.is_some() {
-            self.conn
-                .execute(
-                    "UPDATE units SET readback_blake3=?2, rev=rev+1 WHERE id=?1",
-                    params![id, o.readback_blake3],
-                )
-                .map_err(db_err(&self.path))?;
-        }
         Ok(())
     }
 
