@@ -106,22 +106,6 @@ pub struct PartialMeta {
 }
 
 impl Cache {
-    /// The cache directory: `explicit`, else `$SBCFLASH_CACHE_DIR`, else `$XDG_CACHE_HOME/sbcflash`.
-    pub fn default_dir(explicit: Option<&Path>) -> Result<PathBuf> {
-        if let Some(p) = explicit {
-            return Ok(p.to_path_buf());
-        }
-        if let Some(p) = std::env::var_os(CACHE_DIR_ENV).filter(|p| !p.is_empty()) {
-            return Ok(PathBuf::from(p));
-        }
-        dirs::cache_dir()
-            .map(|d| d.join("sbcflash"))
-            .ok_or_else(|| AcquireError::Cache {
-                path: "$XDG_CACHE_HOME".into(),
-                msg: "no cache directory (set XDG_CACHE_HOME or --cache-dir)".into(),
-            })
-    }
-
     /// Opens (creating if needed) the cache at `root`.
     pub fn open(root: &Path) -> Result<Cache> {
         std::fs::create_dir_all(root).map_err(|e| AcquireError::io(root, e))?;

@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{self, Cursor, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Default)]
@@ -39,16 +39,6 @@ pub struct OpenedImage {
     /// bytes for compressed input): progress while the logical size is unknown.
     pub input_size: u64,
     pub input_consumed: Arc<AtomicU64>,
-}
-
-impl OpenedImage {
-    /// Fraction of the input file consumed, 0.0..=1.0.
-    pub fn input_fraction(&self) -> f64 {
-        if self.input_size == 0 {
-            return 1.0;
-        }
-        (self.input_consumed.load(Ordering::Relaxed) as f64 / self.input_size as f64).min(1.0)
-    }
 }
 
 fn io_err(path: &Path, source: io::Error) -> ImageError {

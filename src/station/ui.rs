@@ -82,11 +82,6 @@ impl Ui {
         }
     }
 
-    pub fn set_counts(&self, pass: u64, fail: u64) {
-        self.pass.store(pass, Ordering::Relaxed);
-        self.fail.store(fail, Ordering::Relaxed);
-    }
-
     pub fn job_started(&self) {
         self.running.fetch_add(1, Ordering::Relaxed);
     }

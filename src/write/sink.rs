@@ -87,10 +87,6 @@ pub struct MediumReader {
 }
 
 impl MediumReader {
-    pub fn is_direct(&self) -> bool {
-        self.direct
-    }
-
     /// Room a buffer needs beyond a range's length for [`MediumReader::read_range`].
     pub fn slack(&self) -> usize {
         if self.direct {
