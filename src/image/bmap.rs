@@ -3,11 +3,11 @@
 //! Why not `bmap-parser` (0.2.3): it only knows format 2.x with sha256, so 1.3 files (sha1
 //! range checksums, `BmapFileSHA1`) and 1.0–1.2 files (no checksums) are rejected; it
 //! panics (`unwrap()`, `unimplemented!`, integer underflow) on a malformed range or a range
-//! past `ImageSize`, which a tool reading untrusted downloads must not do; and it does not
-//! verify the bmap file's own checksum. This parser follows bmaptool 3.6 (`BmapCopy.py`):
-//! 1.0–1.2 no checksums, 1.3 `sha1` attributes + `BmapFileSHA1`, 1.4/2.x `ChecksumType` +
-//! `chksum` attributes + `BmapFileChecksum`; the file checksum is computed over the file with
-//! the checksum text replaced by as many `0` characters.
+//! past `ImageSize`, which a tool reading untrusted downloads must not do; it does not verify
+//! the bmap file's own checksum; and its errors name no line. This parser follows bmaptool 3.6
+//! (`BmapCopy.py`): 1.0–1.2 no checksums, 1.3 `sha1` attributes + `BmapFileSHA1`, 1.4/2.x
+//! `ChecksumType` + `chksum` attributes + `BmapFileChecksum`; the file checksum is computed over
+//! the file with the checksum text replaced by as many `0` characters.
 
 use super::ImageError;
 use quick_xml::events::Event;

@@ -2,7 +2,7 @@
 //! write storage, stream the image, verify, reset.
 //!
 //! Everything goes through a [`Bus`], so the same code runs against libusb and against the
-//! simulated boards in [`super::sim`].
+//! simulated boards in `super::sim`.
 
 use super::discovery::{Bus, Found, Mode, Protocol};
 use super::fastboot::{Fastboot, SparseEncoder};
