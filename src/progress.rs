@@ -24,6 +24,62 @@ pub fn json_line<W: Write + ?Sized>(
     writeln!(w, "{fields}")
 }
 
+/// The steps a job reports, named in `--json` as today's strings (`source-verify`, ...; the
+/// table in docs/json.md). Bars show the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Download,
+    Hash,
+    SourceVerify,
+    Write,
+    Verify,
+    Decode,
+    Fetch,
+    CacheVerify,
+    CachePrune,
+    Build,
+    /// A Rockchip loader sent to a board in maskrom.
+    Loader,
+    /// A USB session as a whole (its failure, before a finer phase started).
+    Usb,
+    /// Boot files served to a Raspberry Pi in usbboot.
+    Usbboot,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Download => "download",
+            Phase::Hash => "hash",
+            Phase::SourceVerify => "source-verify",
+            Phase::Write => "write",
+            Phase::Verify => "verify",
+            Phase::Decode => "decode",
+            Phase::Fetch => "fetch",
+            Phase::CacheVerify => "cache-verify",
+            Phase::CachePrune => "cache-prune",
+            Phase::Build => "build",
+            Phase::Loader => "loader",
+            Phase::Usb => "usb",
+            Phase::Usbboot => "usbboot",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Tests and followers compare a phase with its name.
+impl PartialEq<&str> for Phase {
+    fn eq(&self, other: &&str) -> bool {
+        self.name() == *other
+    }
+}
+
 /// What an operation reports. `job` names the unit of work (a slot, a device path) so that
 /// one stream can carry several jobs at once.
 #[derive(Debug, Clone, Serialize)]
@@ -32,14 +88,14 @@ pub enum Event {
     /// A phase begins (`write`, `verify`, `download`, `hash`, ...). `total` in bytes if known.
     Start {
         job: String,
-        phase: String,
+        phase: Phase,
         total: Option<u64>,
         detail: Option<String>,
     },
     /// Bytes done so far in the current phase.
     Progress {
         job: String,
-        phase: String,
+        phase: Phase,
         done: u64,
         total: Option<u64>,
     },
@@ -52,13 +108,13 @@ pub enum Event {
     /// The phase ended successfully; `summary` is free-form structured data.
     Finish {
         job: String,
-        phase: String,
+        phase: Phase,
         summary: serde_json::Value,
     },
     /// The phase failed.
     Error {
         job: String,
-        phase: String,
+        phase: Phase,
         message: String,
         exit_code: u8,
     },
@@ -89,7 +145,7 @@ pub struct JsonLines {
 }
 
 struct JsonState {
-    last: std::collections::HashMap<(String, String), Instant>,
+    last: std::collections::HashMap<(String, Phase), Instant>,
     out: Box<dyn Write + Send>,
 }
 
@@ -121,7 +177,7 @@ impl Reporter for JsonLines {
             total,
         } = &ev
         {
-            let key = (job.clone(), phase.clone());
+            let key = (job.clone(), *phase);
             let now = Instant::now();
             let last_done = total.is_some_and(|t| *done >= t);
             if let Some(t) = st.last.get(&key) {
@@ -150,7 +206,7 @@ impl Reporter for JsonLines {
 /// and writes together), so bars are keyed by job and phase.
 pub struct Bars {
     multi: indicatif::MultiProgress,
-    bars: Mutex<std::collections::HashMap<(String, String), indicatif::ProgressBar>>,
+    bars: Mutex<std::collections::HashMap<(String, Phase), indicatif::ProgressBar>>,
 }
 
 impl Default for Bars {
@@ -230,7 +286,7 @@ impl Reporter for Bars {
                     None => self.multi.add(new),
                 };
                 pb.set_style(bar_style(total.is_some()));
-                pb.set_prefix(phase.clone());
+                pb.set_prefix(phase.name());
                 if let Some(d) = detail {
                     pb.set_message(d);
                 }
@@ -280,10 +336,10 @@ impl Reporter for Bars {
 mod bar_tests {
     use super::*;
 
-    fn start(job: &str, phase: &str) -> Event {
+    fn start(job: &str, phase: Phase) -> Event {
         Event::Start {
             job: job.into(),
-            phase: phase.into(),
+            phase,
             total: Some(100),
             detail: None,
         }
@@ -294,17 +350,17 @@ mod bar_tests {
         let b = Bars::new();
         b.multi
             .set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        b.report(start("/dev/loop7", "download"));
-        b.report(start("/dev/loop7", "write"));
+        b.report(start("/dev/loop7", Phase::Download));
+        b.report(start("/dev/loop7", Phase::Write));
         b.report(Event::Progress {
             job: "/dev/loop7".into(),
-            phase: "download".into(),
+            phase: Phase::Download,
             done: 60,
             total: Some(100),
         });
         b.report(Event::Progress {
             job: "/dev/loop7".into(),
-            phase: "write".into(),
+            phase: Phase::Write,
             done: 10,
             total: Some(100),
         });
@@ -315,17 +371,17 @@ mod bar_tests {
                 2,
                 "the write did not replace the download's line"
             );
-            let pos = |p: &str| bars[&("/dev/loop7".to_string(), p.to_string())].position();
-            assert_eq!((pos("download"), pos("write")), (60, 10));
+            let pos = |p: Phase| bars[&("/dev/loop7".to_string(), p)].position();
+            assert_eq!((pos(Phase::Download), pos(Phase::Write)), (60, 10));
         }
         b.report(Event::Finish {
             job: "/dev/loop7".into(),
-            phase: "download".into(),
+            phase: Phase::Download,
             summary: serde_json::Value::Null,
         });
         let bars = b.bars.lock().unwrap();
         assert_eq!(bars.len(), 1);
-        assert!(bars.contains_key(&("/dev/loop7".to_string(), "write".to_string())));
+        assert!(bars.contains_key(&("/dev/loop7".to_string(), Phase::Write)));
     }
 }
 

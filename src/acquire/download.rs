@@ -13,6 +13,7 @@
 use super::cache::{Partial, PartialMeta};
 use super::{AcquireError, Result};
 use crate::exit::Classify;
+use crate::progress::Phase;
 use crate::progress::{Event, Level, Reporter};
 use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
@@ -374,7 +375,7 @@ impl Downloader {
         check_scheme(url, self.opts.allow_http)?;
         reporter.report(Event::Start {
             job: job.into(),
-            phase: "download".into(),
+            phase: Phase::Download,
             total: st.total,
             detail: Some(url.to_string()),
         });
@@ -413,7 +414,7 @@ impl Downloader {
         }
         reporter.report(Event::Finish {
             job: job.into(),
-            phase: "download".into(),
+            phase: Phase::Download,
             summary,
         });
         Ok(())
@@ -448,7 +449,7 @@ impl Downloader {
                         if report_error {
                             reporter.report(Event::Error {
                                 job: job.into(),
-                                phase: "download".into(),
+                                phase: Phase::Download,
                                 message: a.err.to_string(),
                                 exit_code: a.err.exit().code(),
                             });
@@ -644,7 +645,7 @@ impl Downloader {
                 st.offset += n;
                 reporter.report(Event::Progress {
                     job: job.into(),
-                    phase: "download".into(),
+                    phase: Phase::Download,
                     done: st.offset,
                     total: st.total,
                 });

@@ -7,6 +7,7 @@ use super::digest::{hash_reader, Pin};
 use super::download::{check_scheme, DownloadOptions, Downloader};
 use super::stream::{StreamCheck, VerifyingReader};
 use super::{AcquireError, Result};
+use crate::progress::Phase;
 use crate::progress::{Event, Level, Reporter};
 use std::sync::Arc;
 
@@ -118,7 +119,7 @@ impl Acquirer {
         let with_sha = matches!(src.pin, Some(Pin::Sha256(_)));
         self.reporter.report(Event::Start {
             job: job.clone(),
-            phase: "hash".into(),
+            phase: Phase::Hash,
             total: f.metadata().ok().map(|m| m.len()),
             detail: None,
         });
@@ -143,7 +144,7 @@ impl Acquirer {
         partial.discard();
         self.reporter.report(Event::Finish {
             job: job.clone(),
-            phase: "hash".into(),
+            phase: Phase::Hash,
             summary: serde_json::json!({ "blake3": entry.blake3, "bytes": entry.size }),
         });
         if src.pin.is_none() {
@@ -223,7 +224,7 @@ impl Acquirer {
         }
         self.reporter.report(Event::Finish {
             job,
-            phase: "source-verify".into(),
+            phase: Phase::SourceVerify,
             summary: serde_json::json!({
                 "url": src.url,
                 "blake3": b3,

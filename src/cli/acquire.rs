@@ -6,6 +6,7 @@ use crate::acquire::nix::{find_image, installable, NixBuild};
 use crate::acquire::source::{Acquirer, SourceSpec};
 use crate::acquire::{AcquireError, DownloadOptions, Pin};
 use crate::exit::{Exit, ExitError};
+use crate::progress::Phase;
 use crate::progress::{Event, Level, Reporter};
 use anyhow::Context as _;
 use std::path::PathBuf;
@@ -214,7 +215,7 @@ pub fn run_fetch(a: FetchArgs, g: &Global) -> anyhow::Result<Exit> {
     let f = acq.fetch(&src)?;
     reporter.report(Event::Finish {
         job: src.url.clone(),
-        phase: "fetch".into(),
+        phase: Phase::Fetch,
         summary: serde_json::json!({
             "path": f.entry.path,
             "blake3": f.entry.blake3,
@@ -333,7 +334,7 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
             let mut started = |name: &str, size| {
                 reporter.report(Event::Start {
                     job: name.to_string(),
-                    phase: "cache-verify".into(),
+                    phase: Phase::CacheVerify,
                     total: Some(size),
                     detail: None,
                 });
@@ -361,7 +362,7 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
             }
             reporter.report(Event::Finish {
                 job: "cache".into(),
-                phase: "cache-verify".into(),
+                phase: Phase::CacheVerify,
                 summary: serde_json::json!({ "ok": ok, "problems": problems }),
             });
             if !g.json {
@@ -419,7 +420,7 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
             rep.kept_bytes += dec.kept_bytes;
             reporter.report(Event::Finish {
                 job: "cache".into(),
-                phase: "cache-prune".into(),
+                phase: Phase::CachePrune,
                 summary: serde_json::to_value(&rep)?,
             });
             if !g.json {
@@ -559,7 +560,7 @@ pub fn build_image(
     let job = "nix-build".to_string();
     reporter.report(Event::Start {
         job: job.clone(),
-        phase: "build".into(),
+        phase: Phase::Build,
         total: None,
         detail: Some(inst.clone()),
     });
@@ -607,7 +608,7 @@ pub fn build_image(
     )?;
     reporter.report(Event::Finish {
         job,
-        phase: "build".into(),
+        phase: Phase::Build,
         summary: serde_json::json!({
             "installable": inst,
             "image": img,

@@ -5,6 +5,7 @@ use super::Global;
 use crate::exit::{Exit, ExitError};
 use crate::image::{self, OpenedImage};
 use crate::job::BlockJob;
+use crate::progress::Phase;
 use crate::progress::{Event, Level};
 use crate::target::{self, Policy, TargetInfo};
 use crate::usb::flash::Via;
@@ -719,7 +720,7 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
     let job = a.image.display().to_string();
     reporter.report(Event::Start {
         job: job.clone(),
-        phase: "hash".into(),
+        phase: Phase::Hash,
         total: opened.logical_size,
         detail: Some(opened.description.clone()),
     });
@@ -734,7 +735,7 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
             h.update_extent(&e, &buf);
             reporter.report(Event::Progress {
                 job: job.clone(),
-                phase: "hash".into(),
+                phase: Phase::Hash,
                 done: h.len(),
                 total: opened.logical_size,
             });
@@ -774,7 +775,7 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
     let (hash, len) = (h.finalize(), h.len());
     reporter.report(Event::Finish {
         job,
-        phase: "hash".into(),
+        phase: Phase::Hash,
         summary: serde_json::json!({ "blake3": hash.to_hex().to_string(), "bytes": len }),
     });
     drop(reporter);

@@ -5,6 +5,7 @@
 //! between buffers (it is the writer's cancel flag) and between steps; whatever happens, a cancelled
 //! unit ends as FAIL with the reason, never as PASS.
 
+use crate::progress::Phase;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -57,7 +58,7 @@ impl ImagePlan {
         let job = super::ui::STATION_JOB;
         rep.report(Event::Start {
             job: job.into(),
-            phase: "hash".into(),
+            phase: Phase::Hash,
             total: opened.logical_size,
             detail: Some(format!("{}: {}", path.display(), opened.description)),
         });
@@ -65,7 +66,7 @@ impl ImagePlan {
         let (hash, len) = crate::image::digest::hash_source(opened.source.as_mut(), &mut buf)?;
         rep.report(Event::Finish {
             job: job.into(),
-            phase: "hash".into(),
+            phase: Phase::Hash,
             summary: serde_json::json!({ "blake3": hash.to_hex().to_string(), "bytes": len }),
         });
         Ok(ImagePlan {
@@ -674,9 +675,9 @@ pub(super) struct PhaseFollower<'a> {
 impl crate::progress::Reporter for PhaseFollower<'_> {
     fn report(&self, ev: crate::progress::Event) {
         if let crate::progress::Event::Start { phase, .. } = &ev {
-            match phase.as_str() {
-                "write" => (self.set)(Step::Write),
-                "verify" => (self.set)(Step::Verify),
+            match phase {
+                Phase::Write => (self.set)(Step::Write),
+                Phase::Verify => (self.set)(Step::Verify),
                 _ => {}
             }
         }

@@ -39,6 +39,7 @@ use crate::exit::Classify;
 use crate::image::bmap::RangeChecker;
 use crate::image::zero::ZEROS;
 use crate::image::{Extent, ExtentKind, ExtentSource, ImageError, LogicalHasher};
+use crate::progress::Phase;
 use crate::progress::{Event, Reporter};
 use buffer::{AlignedBuf, Pool, Shared};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -456,15 +457,15 @@ pub fn run(
     let detail = source.describe();
     reporter.report(Event::Start {
         job: job.clone(),
-        phase: "write".into(),
+        phase: Phase::Write,
         total: size_hint,
         detail: Some(detail),
     });
     // Every failure is also an `Error` event of the phase it ended.
-    let failed = |phase: &str, e: WriteError| {
+    let failed = |phase: Phase, e: WriteError| {
         reporter.report(Event::Error {
             job: job.clone(),
-            phase: phase.into(),
+            phase,
             message: e.to_string(),
             exit_code: e.exit().code(),
         });
@@ -472,10 +473,10 @@ pub fn run(
     };
     let mut state = TargetState::Untouched;
     let mut report = write_inner(source, sink, opts, reporter, size_hint, &mut state)
-        .map_err(|e| failed("write", e.with_state(state)))?;
+        .map_err(|e| failed(Phase::Write, e.with_state(state)))?;
     reporter.report(Event::Finish {
         job: job.clone(),
-        phase: "write".into(),
+        phase: Phase::Write,
         summary: serde_json::to_value(&report).unwrap_or_default(),
     });
     if opts.verify {
@@ -483,17 +484,17 @@ pub fn run(
         let total: u64 = report.ranges.iter().map(|r| r.len).sum();
         reporter.report(Event::Start {
             job: job.clone(),
-            phase: "verify".into(),
+            phase: Phase::Verify,
             total: Some(total),
             detail: None,
         });
         let n = read_back(sink, &report.ranges, opts, reporter)
-            .map_err(|e| failed("verify", e.with_state(TargetState::Unverified)))?;
+            .map_err(|e| failed(Phase::Verify, e.with_state(TargetState::Unverified)))?;
         report.verified_bytes = Some(n);
         report.verify_seconds = Some(t.elapsed().as_secs_f64());
         reporter.report(Event::Finish {
             job: job.clone(),
-            phase: "verify".into(),
+            phase: Phase::Verify,
             summary: serde_json::json!({ "bytes": n, "seconds": t.elapsed().as_secs_f64() }),
         });
     }
@@ -646,7 +647,7 @@ fn write_inner(
         }
         reporter.report(Event::Progress {
             job: opts.job.clone(),
-            phase: "write".into(),
+            phase: Phase::Write,
             done: pos,
             total: size_hint,
         });

@@ -8,6 +8,7 @@ use super::buffer::{AlignedBuf, Pool, Pooled};
 use super::sink::MediumReader;
 use super::{RangeDigest, Sink, WriteError, WriteOptions, POLL};
 use crate::image::{ExtentKind, ExtentSource, LogicalHasher};
+use crate::progress::Phase;
 use crate::progress::{Event, Reporter};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -105,7 +106,7 @@ fn read_back_parallel(
             std::thread::sleep(Duration::from_millis(50));
             reporter.report(Event::Progress {
                 job: opts.job.clone(),
-                phase: "verify".into(),
+                phase: Phase::Verify,
                 done: done.load(Ordering::Relaxed).min(total),
                 total: Some(total),
             });
@@ -192,7 +193,7 @@ fn read_back_serial(
         done += r.len;
         reporter.report(Event::Progress {
             job: opts.job.clone(),
-            phase: "verify".into(),
+            phase: Phase::Verify,
             done,
             total: Some(total),
         });
@@ -240,7 +241,7 @@ pub fn compare_with_image(
     super::fits(size_hint, sink)?;
     reporter.report(Event::Start {
         job: opts.job.clone(),
-        phase: "verify".into(),
+        phase: Phase::Verify,
         total: size_hint,
         detail: Some(source.describe()),
     });
@@ -308,7 +309,7 @@ pub fn compare_with_image(
         pos = ext.end();
         reporter.report(Event::Progress {
             job: opts.job.clone(),
-            phase: "verify".into(),
+            phase: Phase::Verify,
             done: pos,
             total: size_hint,
         });
@@ -334,7 +335,7 @@ pub fn compare_with_image(
     };
     reporter.report(Event::Finish {
         job: opts.job.clone(),
-        phase: "verify".into(),
+        phase: Phase::Verify,
         summary: serde_json::to_value(&report).unwrap_or_default(),
     });
     Ok(report)
