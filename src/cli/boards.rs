@@ -213,6 +213,38 @@ fn show(b: &Board, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit> {
     for n in d.notes.iter().chain(&s.notes) {
         writeln!(out, "  note:      {n}")?;
     }
+    show_storage(b, out)?;
+    show_boot(b, out)?;
+    for i in &d.images {
+        let what = i.url.as_deref().or(i.flake.as_deref()).unwrap_or_default();
+        let pin = if i.is_unpinned() {
+            "unpinned"
+        } else {
+            "pinned"
+        };
+        writeln!(out, "image:     {} {what} ({pin})", i.name)?;
+        if let Some(n) = &i.note {
+            writeln!(out, "           {n}")?;
+        }
+    }
+    writeln!(
+        out,
+        "handoff:   ssh {}@…, flake attribute {}",
+        d.handoff.ssh_user, d.handoff.flake_attr
+    )?;
+    if !d.unverified.is_empty() {
+        writeln!(
+            out,
+            "unverified (override in your own descriptor if wrong): {}",
+            d.unverified.join(", ")
+        )?;
+    }
+    Ok(Exit::Ok)
+}
+
+/// The storage media: bootloader source, size, layout and placements.
+fn show_storage(b: &Board, out: &mut impl Write) -> std::io::Result<()> {
+    let d = &b.desc;
     writeln!(out, "storage:")?;
     for m in &d.storage {
         let mut extra = Vec::new();
@@ -262,6 +294,12 @@ fn show(b: &Board, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit> {
             writeln!(out, "           {n}")?;
         }
     }
+    Ok(())
+}
+
+/// How the board boots and is reached: console, U-Boot, USB recovery.
+fn show_boot(b: &Board, out: &mut impl Write) -> std::io::Result<()> {
+    let d = &b.desc;
     let c = &d.console;
     writeln!(
         out,
@@ -332,31 +370,7 @@ fn show(b: &Board, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit> {
             writeln!(out, "           {}: {}{src}", l.role, l.file)?;
         }
     }
-    for i in &d.images {
-        let what = i.url.as_deref().or(i.flake.as_deref()).unwrap_or_default();
-        let pin = if i.is_unpinned() {
-            "unpinned"
-        } else {
-            "pinned"
-        };
-        writeln!(out, "image:     {} {what} ({pin})", i.name)?;
-        if let Some(n) = &i.note {
-            writeln!(out, "           {n}")?;
-        }
-    }
-    writeln!(
-        out,
-        "handoff:   ssh {}@…, flake attribute {}",
-        d.handoff.ssh_user, d.handoff.flake_attr
-    )?;
-    if !d.unverified.is_empty() {
-        writeln!(
-            out,
-            "unverified (override in your own descriptor if wrong): {}",
-            d.unverified.join(", ")
-        )?;
-    }
-    Ok(Exit::Ok)
+    Ok(())
 }
 
 fn boot_source(b: board::BootSource) -> &'static str {
