@@ -307,6 +307,8 @@ impl Config {
     }
 
     /// Load with an injected environment (tests pass a map).
+    // Longer than 150 lines on purpose: one short block per setting, each the same
+    // default < file < env < flag layering through `Layers`, read top to bottom.
     pub fn load_with(
         flags: &Flags,
         env: &dyn Fn(&str) -> Option<OsString>,

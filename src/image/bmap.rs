@@ -230,6 +230,9 @@ impl Bmap {
     }
 
     /// Parse bmap XML; `path` is only used in messages.
+    // Longer than 150 lines on purpose: one pass over the XML events with the element
+    // being read as local state, then the checks of what was read; the format versions
+    // differ only in a few branches of that pass.
     pub fn parse(bytes: &[u8], path: &Path) -> Result<Bmap, ImageError> {
         let name = path.display().to_string();
         let text = std::str::from_utf8(bytes).map_err(|e| ImageError::Corrupt {

@@ -513,6 +513,8 @@ fn fits(size_hint: Option<u64>, sink: &dyn Sink) -> Result<(), WriteError> {
     }
 }
 
+// Longer than 150 lines on purpose: the order of a write is its safety (target state
+// changes, range checks before the head, the head last), and it reads top to bottom here.
 fn write_inner(
     mut source: Box<dyn ExtentSource>,
     sink: &mut dyn Sink,
