@@ -614,15 +614,7 @@ impl Partial {
 
     /// Opens the partial data for appending (created if absent), never through a symlink.
     pub fn open_data(&self) -> Result<File> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&self.data)
-            .map_err(|e| AcquireError::io(&self.data, e))?;
+        let f = open_rw_nofollow(&self.data)?;
         if regular_size(&f).is_none() {
             return Err(AcquireError::Cache {
                 path: self.data.display().to_string(),
@@ -689,7 +681,9 @@ fn fsync_dir(p: &Path) -> Result<()> {
     d.sync_all().map_err(|e| AcquireError::io(p, e))
 }
 
-fn open_lock(p: &Path) -> Result<File> {
+/// Opens `p` read-write, created if absent (mode 0644, not truncated), never through a
+/// symlink: partial downloads and lock files.
+fn open_rw_nofollow(p: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -703,7 +697,7 @@ fn open_lock(p: &Path) -> Result<File> {
 
 /// Blocks until `p` (created if absent) is flocked, shared or exclusive.
 pub(crate) fn lock_file(p: &Path, exclusive: bool) -> Result<LockGuard> {
-    let f = open_lock(p)?;
+    let f = open_rw_nofollow(p)?;
     let arg = if exclusive {
         FlockArg::LockExclusive
     } else {
@@ -715,7 +709,7 @@ pub(crate) fn lock_file(p: &Path, exclusive: bool) -> Result<LockGuard> {
 
 /// The exclusive flock on `p` if nobody holds it now (never waits).
 pub(crate) fn try_lock_file(p: &Path) -> Option<LockGuard> {
-    let f = open_lock(p).ok()?;
+    let f = open_rw_nofollow(p).ok()?;
     try_flock(f).ok()?.map(|l| LockGuard { _lock: l })
 }
 

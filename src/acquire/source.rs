@@ -75,6 +75,22 @@ impl Acquirer {
         }
     }
 
+    /// The pinned file `src` names, if the cache has it already (its last use is now).
+    fn cached(&self, src: &SourceSpec) -> Result<Option<Fetched>> {
+        let Some(pin) = &src.pin else {
+            return Ok(None);
+        };
+        let Some(entry) = self.lookup(pin)? else {
+            return Ok(None);
+        };
+        self.cache.touch(&entry.blake3)?;
+        Ok(Some(Fetched {
+            entry,
+            from_cache: true,
+            pinned: true,
+        }))
+    }
+
     fn warn_unpinned(&self, job: &str, url: &str, b3: &str) {
         self.reporter.report(Event::Message {
             job: job.into(),
@@ -89,28 +105,14 @@ impl Acquirer {
     pub fn fetch(&self, src: &SourceSpec) -> Result<Fetched> {
         self.check_policy(src)?;
         let job = Self::job(src);
-        if let Some(pin) = &src.pin {
-            if let Some(e) = self.lookup(pin)? {
-                self.cache.touch(&e.blake3)?;
-                return Ok(Fetched {
-                    entry: e,
-                    from_cache: true,
-                    pinned: true,
-                });
-            }
+        if let Some(f) = self.cached(src)? {
+            return Ok(f);
         }
         let partial = self.cache.partial(&src.url);
         let _dl_lock = partial.lock()?;
         // Another process may have finished the same download while we waited for the lock.
-        if let Some(pin) = &src.pin {
-            if let Some(e) = self.lookup(pin)? {
-                self.cache.touch(&e.blake3)?;
-                return Ok(Fetched {
-                    entry: e,
-                    from_cache: true,
-                    pinned: true,
-                });
-            }
+        if let Some(f) = self.cached(src)? {
+            return Ok(f);
         }
         let dl = self.downloader(src)?;
         dl.download_to_partial(&src.url, &partial, &*self.reporter, &job)?;

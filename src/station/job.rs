@@ -428,30 +428,14 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
             Ok((id.serial.clone(), id.hostname.clone(), json, id))
         })
     };
-    let (row, id) = match started {
-        Ok(Ok(v)) => v,
-        Ok(Err(reason)) => {
-            return end(
-                ctx,
-                &rep,
-                slot,
-                None,
-                None,
-                Err(format!("identity: {reason}")),
-                None,
-            )
-        }
-        Err(e) => {
-            return end(
-                ctx,
-                &rep,
-                slot,
-                None,
-                None,
-                Err(format!("ledger: {e}")),
-                None,
-            );
-        }
+    let unit_row = match started {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(reason)) => Err(format!("identity: {reason}")),
+        Err(e) => Err(format!("ledger: {e}")),
+    };
+    let (row, id) = match unit_row {
+        Ok(v) => v,
+        Err(reason) => return end(ctx, &rep, slot, None, None, Err(reason), None),
     };
     rep.info(format!(
         "{devnode}: unit {} (hostname {}), {}",
