@@ -243,78 +243,63 @@ fn bar_style(known_total: bool) -> indicatif::ProgressStyle {
     }
 }
 
-/// What every bar renderer (these bars, the station's slot lines) does with the events that
-/// do not start a line: move a bar, print a note above the bars, end a line.
+/// The one bar renderer: what every bar view (these bars, the station's slot lines) does with
+/// an event. A view says only how its lines are keyed, how a line starts and where a note goes.
 pub(crate) mod bar {
-    use super::Level;
+    use super::{Event, Level, Phase};
+    use std::collections::HashMap;
 
-    pub(crate) fn advance(pb: &indicatif::ProgressBar, done: u64, total: Option<u64>) {
-        if let Some(t) = total {
-            pb.set_length(t);
-        }
-        pb.set_position(done);
+    /// A terminal view of progress lines, drawn by [`render`].
+    pub(crate) trait View {
+        /// Which line an event belongs to.
+        type Key: Eq + std::hash::Hash;
+        fn key(job: String, phase: Phase) -> Self::Key;
+        /// A phase starts: a new line for it (replacing the key's old one, if any).
+        fn start(
+            &self,
+            lines: &mut HashMap<Self::Key, indicatif::ProgressBar>,
+            job: String,
+            phase: Phase,
+            total: Option<u64>,
+            detail: Option<String>,
+        );
+        /// A note (already worded by [`note`]) for `job`, above the bars.
+        fn message(
+            &self,
+            lines: &HashMap<Self::Key, indicatif::ProgressBar>,
+            job: &str,
+            line: String,
+        );
     }
 
-    pub(crate) fn note(level: Level, text: String) -> String {
-        match level {
-            Level::Info => text,
-            Level::Warn => format!("warning: {text}"),
-        }
-    }
-
-    pub(crate) fn failed(pb: indicatif::ProgressBar, message: &str) {
-        pb.abandon_with_message(format!("FAILED: {message}"));
-    }
-}
-
-impl Reporter for Bars {
-    fn report(&self, ev: Event) {
-        let Ok(mut bars) = self.bars.lock() else {
-            return;
-        };
+    pub(crate) fn render<V: View>(
+        view: &V,
+        lines: &mut HashMap<V::Key, indicatif::ProgressBar>,
+        ev: Event,
+    ) {
         match ev {
             Event::Start {
                 job,
                 phase,
                 total,
                 detail,
-            } => {
-                let new = indicatif::ProgressBar::new(total.unwrap_or(0));
-                // Below the job's other running line, if it has one: one group per job.
-                let pb = match bars.iter().find(|((j, _), _)| *j == job) {
-                    Some((_, sibling)) => self.multi.insert_after(sibling, new),
-                    None => self.multi.add(new),
-                };
-                pb.set_style(bar_style(total.is_some()));
-                pb.set_prefix(phase.name());
-                if let Some(d) = detail {
-                    pb.set_message(d);
-                }
-                if let Some(old) = bars.insert((job, phase), pb) {
-                    old.finish_and_clear();
-                }
-            }
+            } => view.start(lines, job, phase, total, detail),
             Event::Progress {
                 job,
                 phase,
                 done,
                 total,
             } => {
-                if let Some(pb) = bars.get(&(job, phase)) {
-                    bar::advance(pb, done, total);
-                }
-            }
-            Event::Message { job, level, text } => {
-                let line = bar::note(level, text);
-                match bars.iter().find(|((j, _), _)| *j == job) {
-                    Some((_, pb)) => pb.println(line),
-                    None => {
-                        let _ = self.multi.println(line);
+                if let Some(pb) = lines.get(&V::key(job, phase)) {
+                    if let Some(t) = total {
+                        pb.set_length(t);
                     }
+                    pb.set_position(done);
                 }
             }
+            Event::Message { job, level, text } => view.message(lines, &job, note(level, text)),
             Event::Finish { job, phase, .. } => {
-                if let Some(pb) = bars.remove(&(job, phase)) {
+                if let Some(pb) = lines.remove(&V::key(job, phase)) {
                     pb.finish();
                 }
             }
@@ -324,10 +309,69 @@ impl Reporter for Bars {
                 message,
                 ..
             } => {
-                if let Some(pb) = bars.remove(&(job, phase)) {
-                    bar::failed(pb, &message);
+                if let Some(pb) = lines.remove(&V::key(job, phase)) {
+                    pb.abandon_with_message(format!("FAILED: {message}"));
                 }
             }
+        }
+    }
+
+    fn note(level: Level, text: String) -> String {
+        match level {
+            Level::Info => text,
+            Level::Warn => format!("warning: {text}"),
+        }
+    }
+}
+
+impl bar::View for Bars {
+    /// A job can run phases at once (download and write): a line per job and phase.
+    type Key = (String, Phase);
+    fn key(job: String, phase: Phase) -> Self::Key {
+        (job, phase)
+    }
+    fn start(
+        &self,
+        bars: &mut std::collections::HashMap<Self::Key, indicatif::ProgressBar>,
+        job: String,
+        phase: Phase,
+        total: Option<u64>,
+        detail: Option<String>,
+    ) {
+        let new = indicatif::ProgressBar::new(total.unwrap_or(0));
+        // Below the job's other running line, if it has one: one group per job.
+        let pb = match bars.iter().find(|((j, _), _)| *j == job) {
+            Some((_, sibling)) => self.multi.insert_after(sibling, new),
+            None => self.multi.add(new),
+        };
+        pb.set_style(bar_style(total.is_some()));
+        pb.set_prefix(phase.name());
+        if let Some(d) = detail {
+            pb.set_message(d);
+        }
+        if let Some(old) = bars.insert((job, phase), pb) {
+            old.finish_and_clear();
+        }
+    }
+    fn message(
+        &self,
+        bars: &std::collections::HashMap<Self::Key, indicatif::ProgressBar>,
+        job: &str,
+        line: String,
+    ) {
+        match bars.iter().find(|((j, _), _)| j == job) {
+            Some((_, pb)) => pb.println(line),
+            None => {
+                let _ = self.multi.println(line);
+            }
+        }
+    }
+}
+
+impl Reporter for Bars {
+    fn report(&self, ev: Event) {
+        if let Ok(mut bars) = self.bars.lock() {
+            bar::render(self, &mut bars, ev);
         }
     }
 }

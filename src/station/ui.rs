@@ -243,38 +243,36 @@ impl StationBars {
     }
 }
 
+/// A slot keeps one line whatever it runs: lines are keyed by job (the slot) alone.
+impl crate::progress::bar::View for StationBars {
+    type Key = String;
+    fn key(job: String, _: Phase) -> String {
+        job
+    }
+    fn start(
+        &self,
+        bars: &mut std::collections::HashMap<String, indicatif::ProgressBar>,
+        job: String,
+        phase: Phase,
+        total: Option<u64>,
+        detail: Option<String>,
+    ) {
+        self.phase_line(bars, job, phase.name(), total, detail)
+    }
+    fn message(
+        &self,
+        _: &std::collections::HashMap<String, indicatif::ProgressBar>,
+        _: &str,
+        line: String,
+    ) {
+        let _ = self.multi.println(line);
+    }
+}
+
 impl Reporter for StationBars {
     fn report(&self, ev: Event) {
-        let Ok(mut bars) = self.bars.lock() else {
-            return;
-        };
-        match ev {
-            Event::Start {
-                job,
-                phase,
-                total,
-                detail,
-            } => self.phase_line(&mut bars, job, phase.name(), total, detail),
-            Event::Progress {
-                job, done, total, ..
-            } => {
-                if let Some(pb) = bars.get(&job) {
-                    crate::progress::bar::advance(pb, done, total);
-                }
-            }
-            Event::Message { level, text, .. } => {
-                let _ = self.multi.println(crate::progress::bar::note(level, text));
-            }
-            Event::Finish { job, .. } => {
-                if let Some(pb) = bars.remove(&job) {
-                    pb.finish();
-                }
-            }
-            Event::Error { job, message, .. } => {
-                if let Some(pb) = bars.remove(&job) {
-                    crate::progress::bar::failed(pb, &message);
-                }
-            }
+        if let Ok(mut bars) = self.bars.lock() {
+            crate::progress::bar::render(self, &mut bars, ev);
         }
     }
 }
