@@ -184,38 +184,44 @@ pub fn sniff(head: &[u8]) -> Sniffed {
     Sniffed::Other(other(head))
 }
 
+/// Archive signatures (offset, magic), tried before a compression layer.
+const ARCHIVES: &[(usize, &[u8], OtherKind)] = &[
+    (0, b"PK\x03\x04", OtherKind::Zip),
+    (0, b"PK\x05\x06", OtherKind::Zip),
+    (0, b"PK\x07\x08", OtherKind::Zip),
+    (257, b"ustar", OtherKind::Tar),
+    (0, b"7z\xBC\xAF\x27\x1C", OtherKind::SevenZip),
+    (0, b"Rar!\x1A\x07", OtherKind::Rar),
+];
+
+/// Virtual disks and other files, tried after a compression layer.
+const OTHERS: &[(usize, &[u8], OtherKind)] = &[
+    (0, b"QFI\xFB", OtherKind::Qcow2),
+    (0, b"KDMV", OtherKind::Vmdk),
+    (0, b"# Disk DescriptorFile", OtherKind::Vmdk),
+    (0, b"vhdxfile", OtherKind::Vhdx),
+    (0, b"\x7FELF", OtherKind::Elf),
+    (0, b"%PDF-", OtherKind::Pdf),
+];
+
+fn magic(head: &[u8], table: &[(usize, &[u8], OtherKind)]) -> Option<OtherKind> {
+    table
+        .iter()
+        .find(|(off, m, _)| at(head, *off, m))
+        .map(|(_, _, k)| *k)
+}
+
 fn other(head: &[u8]) -> OtherKind {
     use OtherKind as O;
-    if at(head, 0, b"PK\x03\x04") || at(head, 0, b"PK\x05\x06") || at(head, 0, b"PK\x07\x08") {
-        return O::Zip;
-    }
-    if at(head, 257, b"ustar") {
-        return O::Tar;
-    }
-    if at(head, 0, b"7z\xBC\xAF\x27\x1C") {
-        return O::SevenZip;
-    }
-    if at(head, 0, b"Rar!\x1A\x07") {
-        return O::Rar;
+    if let Some(k) = magic(head, ARCHIVES) {
+        return k;
     }
     let f = super::detect::detect(head);
     if f != super::Format::Raw {
         return O::Compressed(f.name());
     }
-    if at(head, 0, b"QFI\xFB") {
-        return O::Qcow2;
-    }
-    if at(head, 0, b"KDMV") || at(head, 0, b"# Disk DescriptorFile") {
-        return O::Vmdk;
-    }
-    if at(head, 0, b"vhdxfile") {
-        return O::Vhdx;
-    }
-    if at(head, 0, b"\x7FELF") {
-        return O::Elf;
-    }
-    if at(head, 0, b"%PDF-") {
-        return O::Pdf;
+    if let Some(k) = magic(head, OTHERS) {
+        return k;
     }
     if head.iter().all(|&b| b == 0) {
         return O::Zeroes;

@@ -71,6 +71,18 @@ pub struct WriteOptions {
     pub image_name: String,
 }
 
+impl WriteOptions {
+    /// A progress event of this job's `phase`.
+    fn progress(&self, phase: Phase, done: u64, total: Option<u64>) -> Event {
+        Event::Progress {
+            job: self.job.clone(),
+            phase,
+            done,
+            total,
+        }
+    }
+}
+
 impl Default for WriteOptions {
     fn default() -> Self {
         Self {
@@ -647,12 +659,7 @@ fn write_inner(
                 pos = ext.end();
             }
         }
-        reporter.report(Event::Progress {
-            job: opts.job.clone(),
-            phase: Phase::Write,
-            done: pos,
-            total: size_hint,
-        });
+        reporter.report(opts.progress(Phase::Write, pos, size_hint));
     }
     drop(htx);
     drop(ctx);

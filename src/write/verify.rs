@@ -104,12 +104,11 @@ fn read_back_parallel(
         }
         while !handles.iter().all(|h| h.is_finished()) {
             std::thread::sleep(Duration::from_millis(50));
-            reporter.report(Event::Progress {
-                job: opts.job.clone(),
-                phase: Phase::Verify,
-                done: done.load(Ordering::Relaxed).min(total),
-                total: Some(total),
-            });
+            reporter.report(opts.progress(
+                Phase::Verify,
+                done.load(Ordering::Relaxed).min(total),
+                Some(total),
+            ));
         }
     });
     let bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -191,12 +190,7 @@ fn read_back_serial(
             break;
         }
         done += r.len;
-        reporter.report(Event::Progress {
-            job: opts.job.clone(),
-            phase: Phase::Verify,
-            done,
-            total: Some(total),
-        });
+        reporter.report(opts.progress(Phase::Verify, done, Some(total)));
     }
     drop(tx);
     let bad = checker
@@ -307,12 +301,7 @@ pub fn compare_with_image(
             }
         }
         pos = ext.end();
-        reporter.report(Event::Progress {
-            job: opts.job.clone(),
-            phase: Phase::Verify,
-            done: pos,
-            total: size_hint,
-        });
+        reporter.report(opts.progress(Phase::Verify, pos, size_hint));
     }
     let digest = *logical.finalize().as_bytes();
     let actual = hex::encode(digest);
