@@ -479,6 +479,7 @@ impl Config {
     }
 
     /// The URLs to try for `url`, in order: every matching mirror rewrite, then the original.
+    #[cfg(test)] // only the unit tests use it
     pub fn mirror_candidates(&self, url: &str) -> Vec<String> {
         mirror_candidates(&self.mirrors.value, url)
     }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::board::{BoardError, PlacedFile};
 use crate::image::{ExtentSource, OpenedImage};
 use crate::progress::Reporter;
-use crate::target::{OpenTarget, Policy, TargetError, TargetInfo};
+use crate::target::{OpenTarget, Policy, TargetError};
 use crate::write::{self, Sink, WriteError, WriteOptions, WriteReport};
 
 /// A claimed target: the sink the image goes to and a second descriptor on the same open
@@ -19,7 +19,6 @@ use crate::write::{self, Sink, WriteError, WriteOptions, WriteReport};
 pub struct BlockJob {
     /// The resolved target path (the job name in progress events).
     pub path: PathBuf,
-    pub info: TargetInfo,
     /// The target was opened with O_DIRECT.
     pub direct: bool,
     file: File,
@@ -53,7 +52,7 @@ impl BlockJob {
             source,
         };
         let file = t.file.try_clone().map_err(io)?;
-        let (path, info, direct) = (t.path.clone(), t.info.clone(), t.direct);
+        let (path, direct) = (t.path.clone(), t.direct);
         // Setting up the sink only asks the descriptor its size and type: an open error.
         let path_text = t.path.display().to_string();
         let sink = t.into_sink_with(discard).map_err(|e| match e {
@@ -70,7 +69,6 @@ impl BlockJob {
         })?;
         Ok(BlockJob {
             path,
-            info,
             direct,
             file,
             sink,

@@ -19,9 +19,6 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Environment variable that overrides the cache location (tests, CI).
-pub const CACHE_DIR_ENV: &str = "SBCFLASH_CACHE_DIR";
-
 /// What the cache knows about one entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheEntry {
@@ -138,10 +135,6 @@ impl Cache {
         Ok(Cache {
             root: root.to_path_buf(),
         })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     pub fn tmp_dir(&self) -> PathBuf {

@@ -278,10 +278,6 @@ impl Downloader {
         Ok(Downloader { client, opts })
     }
 
-    pub fn options(&self) -> &DownloadOptions {
-        &self.opts
-    }
-
     /// Downloads `url` into `partial.data`, resuming what an earlier run left there when the
     /// remembered validator still applies. Blocking; the caller holds the partial's lock.
     pub fn download_to_partial(

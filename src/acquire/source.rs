@@ -159,17 +159,6 @@ impl Acquirer {
         })
     }
 
-    /// A one-pass stream of the source's bytes: from the cache when the pin is there, else
-    /// from the network (optionally tee'd into the cache). Call [`StreamCheck::finish`] after
-    /// the consumer is done; until then nothing has been verified.
-    pub fn open_stream(
-        &self,
-        src: &SourceSpec,
-        tee: bool,
-    ) -> Result<(VerifyingReader, StreamCheck)> {
-        self.open_stream_as(src, tee, Self::job(src))
-    }
-
     /// [`Self::open_stream`] reporting its download under `job` (a streamed write uses the
     /// target's job, so the download and the write are one job with two phases).
     pub fn open_stream_as(
@@ -206,11 +195,6 @@ impl Acquirer {
             )?;
         }
         Ok((r, c))
-    }
-
-    /// Reports the outcome of a finished stream (the unpinned warning, the digest).
-    pub fn report_stream(&self, src: &SourceSpec, res: &super::stream::StreamResult) {
-        self.report_stream_as(src, res, Self::job(src))
     }
 
     /// [`Self::report_stream`] under the job the stream was opened with.

@@ -456,6 +456,7 @@ pub enum Interrupt {
 
 impl Interrupt {
     /// Bytes to send on the serial line.
+    #[cfg(test)] // only the unit tests use it
     pub fn bytes(&self) -> Vec<u8> {
         match self {
             // A space is harmless if it lands at the prompt afterwards.
@@ -624,6 +625,7 @@ impl Default for Handoff {
 
 impl Handoff {
     /// The flake attribute for `host`.
+    #[cfg(test)] // only the unit tests use it
     pub fn flake_attr_for(&self, host: &str) -> String {
         self.flake_attr.replace("<host>", host)
     }

@@ -482,7 +482,6 @@ pub struct BoardWriteArgs {
 pub struct BoardPreflight {
     pub board: Board,
     pub medium: board::Medium,
-    pub report: board::ImageReport,
     /// Bootloader files and their offsets, already checked against the image's partitions.
     pub placements: Vec<board::PlacedFile>,
 }
@@ -518,8 +517,6 @@ fn board_name(a: &BoardWriteArgs, g: &Global) -> anyhow::Result<Option<String>> 
 pub struct BoardPlan {
     pub board: Board,
     pub medium: board::Medium,
-    /// `--medium`/`--spi` named the medium (a bootloader flash may take a raw blob).
-    pub medium_named: bool,
     pub strict: bool,
     pub bootloader: Vec<PathBuf>,
 }
@@ -548,7 +545,6 @@ impl BoardWriteArgs {
         Ok(Some(BoardPlan {
             board: b,
             medium,
-            medium_named: self.medium_kind().is_some(),
             strict: self.strict,
             bootloader: self.bootloader.clone(),
         }))
@@ -654,11 +650,10 @@ fn check_head(
     } else if !g.quiet || report.has_warnings() {
         print_report(&report, g, &mut std::io::stderr().lock())?;
     }
-    let report = report.into_result(p.strict)?;
+    report.into_result(p.strict)?;
     Ok(BoardPreflight {
         board: b.clone(),
         medium: medium.clone(),
-        report,
         placements,
     })
 }

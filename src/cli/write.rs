@@ -58,7 +58,6 @@ impl ImageFlags {
             _ => None,
         };
         let bmap_path = bmap.as_ref().map(|b| b.path.clone());
-        let mapped_size = bmap.as_ref().map(|b| b.mapped_bytes());
         let consumed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reader = image::detect::CountingReader::new(file, consumed.clone());
         let source =
@@ -70,8 +69,6 @@ impl ImageFlags {
             path: path.to_path_buf(),
             formats: Vec::new(),
             bmap: bmap_path,
-            mapped_size,
-            input_size: 0,
             input_consumed: consumed,
         })
     }

@@ -88,7 +88,6 @@ impl Plan {
 #[derive(Debug, Clone)]
 pub struct Reached {
     pub ip: Option<Ipv4Addr>,
-    pub arrival: Arrival,
 }
 
 /// Runs U-Boot command `c`, which must succeed, and notes it with its last output line.
@@ -235,5 +234,5 @@ pub async fn run(
             s.stage(&Stage::Note(format!("board IP address {a} (from {from})")));
         }
     }
-    Ok(Reached { ip, arrival })
+    Ok(Reached { ip })
 }

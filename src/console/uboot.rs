@@ -258,11 +258,6 @@ impl Interrupt {
         }
     }
 
-    /// The banner history, to hand to the next machine.
-    pub fn resets(&self) -> ResetWatch {
-        self.resets.clone()
-    }
-
     fn at_prompt(&self, s: &str) -> bool {
         let p = self.cfg.prompt.trim_end();
         !p.is_empty() && s.trim_start().starts_with(p)

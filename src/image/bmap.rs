@@ -58,9 +58,6 @@ pub struct Bmap {
     pub path: PathBuf,
     pub version: String,
     pub image_size: u64,
-    pub block_size: u64,
-    pub blocks_count: u64,
-    pub mapped_blocks: u64,
     pub checksum: ChecksumKind,
     pub ranges: Vec<BmapRange>,
 }
@@ -465,9 +462,6 @@ impl Bmap {
             path: path.to_path_buf(),
             version,
             image_size,
-            block_size,
-            blocks_count,
-            mapped_blocks,
             checksum: kind,
             ranges,
         })

@@ -260,8 +260,6 @@ impl Handle {
 pub struct Done {
     pub slot: String,
     pub pass: bool,
-    pub serial: Option<String>,
-    pub reason: Option<String>,
 }
 
 /// Starts the job for `dev` on `slot`.
@@ -283,11 +281,9 @@ pub fn spawn(
             let d = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run_job(&ctx, &slot, &dev, &c)
             }))
-            .unwrap_or_else(|p| Done {
+            .unwrap_or_else(|_| Done {
                 slot: slot.clone(),
                 pass: false,
-                serial: None,
-                reason: Some(format!("job thread panicked: {}", panic_text(p.as_ref()))),
             });
             if d.pass && ctx.station.eject && !dev.is_usb_device() {
                 eject_card(&ctx, &slot, &dev);
@@ -296,13 +292,11 @@ pub fn spawn(
         });
     let thread = match thread {
         Ok(t) => Some(t),
-        Err(e) => {
+        Err(_) => {
             // The host is out of threads: nothing was touched and no row was written.
             let _ = done2.send(Done {
                 slot: slot2,
                 pass: false,
-                serial: None,
-                reason: Some(format!("cannot start a job thread: {e}")),
             });
             None
         }
@@ -543,8 +537,6 @@ fn end(
     Done {
         slot: slot.to_string(),
         pass,
-        serial: serial.map(str::to_string),
-        reason,
     }
 }
 

@@ -295,7 +295,7 @@ pub enum Ready {
     /// A Rockchip board running a loader: its storage as a writer sink ("VID:PID at PORT").
     Rockusb { label: String, sink: RockusbSink },
     /// The board's storage is this block device on the same port (rpiboot's gadget).
-    Block { label: String, path: PathBuf },
+    Block { path: PathBuf },
 }
 
 /// Bring the board `opts` names (by `port`/`id`) from its recovery mode to [`Ready`]:
@@ -315,9 +315,7 @@ pub fn bring_up(
     match opts.via {
         Via::Maskrom | Via::Usb => rockchip_ready(bus, opts, &p, follow)
             .map(|(label, sink)| Ready::Rockusb { label, sink }),
-        Via::Usbboot => {
-            rpiboot(bus, opts, &p, follow).map(|(label, path)| Ready::Block { label, path })
-        }
+        Via::Usbboot => rpiboot(bus, opts, &p, follow).map(|(_, path)| Ready::Block { path }),
         Via::Fastboot => Err(Error::Input(
             "fastboot needs no bring-up: the device is written as it is".into(),
         )),
@@ -629,14 +627,6 @@ impl ProgressLike for Progress<'_> {
     fn note_(&self, text: String) {
         self.note(text)
     }
-}
-
-/// No progress output.
-pub struct NoProgress;
-impl ProgressLike for NoProgress {
-    fn start_(&self, _: Phase, _: Option<u64>, _: Option<String>) {}
-    fn at_(&self, _: Phase, _: u64, _: Option<u64>) {}
-    fn note_(&self, _: String) {}
 }
 
 fn rpiboot(

@@ -312,19 +312,6 @@ impl BlockDeviceSink {
         })
     }
 
-    pub fn limits(&self) -> QueueLimits {
-        self.limits
-    }
-    pub fn zero_mode(&self) -> ZeroMode {
-        self.zero_mode
-    }
-    pub fn block_size(&self) -> u64 {
-        self.block
-    }
-    pub fn file(&self) -> &File {
-        &self.file
-    }
-
     fn aligned(&self, off: u64, data: &[u8]) -> bool {
         !self.direct
             || (off % self.block == 0
