@@ -296,7 +296,7 @@ pub fn check(
     let job = opts.job.clone();
     reporter.report(Event::Start {
         job: job.clone(),
-        phase: "check-card".into(),
+        phase: crate::progress::Phase::CheckCard,
         total: Some(total),
         detail: Some(format!(
             "{n} probes of {PROBE} bytes every {} up to {size} bytes",
@@ -308,7 +308,7 @@ pub fn check(
         *done += PROBE;
         reporter.report(Event::Progress {
             job: job.clone(),
-            phase: "check-card".into(),
+            phase: crate::progress::Phase::CheckCard,
             done: *done,
             total: Some(total),
         });
@@ -390,7 +390,7 @@ pub fn check(
     done = total;
     reporter.report(Event::Progress {
         job: job.clone(),
-        phase: "check-card".into(),
+        phase: crate::progress::Phase::CheckCard,
         done,
         total: Some(total),
     });
@@ -411,7 +411,7 @@ pub fn check(
         let io = report.problems.first().is_some_and(Problem::is_io);
         reporter.report(Event::Error {
             job,
-            phase: "check-card".into(),
+            phase: crate::progress::Phase::CheckCard,
             message: report.reason(),
             exit_code: if io { Exit::Io } else { Exit::Verify }.code(),
         });
@@ -424,7 +424,7 @@ pub fn check(
     }
     reporter.report(Event::Finish {
         job,
-        phase: "check-card".into(),
+        phase: crate::progress::Phase::CheckCard,
         summary: serde_json::json!({
             "claimed_size": report.claimed_size,
             "usable_size": report.usable_size,

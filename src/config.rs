@@ -321,6 +321,8 @@ impl Config {
     }
 
     /// Load with an injected environment (tests pass a map).
+    // Longer than 150 lines on purpose: one short block per setting, each the same
+    // default < file < env < flag layering through `Layers`, read top to bottom.
     pub fn load_with(
         flags: &Flags,
         env: &dyn Fn(&str) -> Option<OsString>,
@@ -496,6 +498,7 @@ impl Config {
     }
 
     /// The URLs to try for `url`, in order: every matching mirror rewrite, then the original.
+    #[cfg(test)] // only the unit tests use it
     pub fn mirror_candidates(&self, url: &str) -> Vec<String> {
         mirror_candidates(&self.mirrors.value, url)
     }

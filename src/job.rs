@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use crate::board::{BoardError, PlacedFile};
 use crate::image::{ExtentSource, OpenedImage};
 use crate::progress::Reporter;
-use crate::target::{OpenTarget, Policy, TargetError, TargetInfo};
+use crate::target::{OpenTarget, Policy, TargetError};
 use crate::write::{self, Sink, WriteError, WriteOptions, WriteReport};
 
 /// A claimed target: the sink the image goes to and a second descriptor on the same open
@@ -19,9 +19,10 @@ use crate::write::{self, Sink, WriteError, WriteOptions, WriteReport};
 pub struct BlockJob {
     /// The resolved target path (the job name in progress events).
     pub path: PathBuf,
-    pub info: TargetInfo,
     /// The target was opened with O_DIRECT.
     pub direct: bool,
+    /// What was opened (its size: the station's card check probes up to it).
+    pub info: crate::target::TargetInfo,
     file: File,
     sink: Box<dyn Sink>,
 }
@@ -70,8 +71,8 @@ impl BlockJob {
         })?;
         Ok(BlockJob {
             path,
-            info,
             direct,
+            info,
             file,
             sink,
         })

@@ -24,6 +24,68 @@ pub fn json_line<W: Write + ?Sized>(
     writeln!(w, "{fields}")
 }
 
+/// The steps a job reports, named in `--json` as today's strings (`source-verify`, ...; the
+/// table in docs/json.md). Bars show the same name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Phase {
+    Download,
+    Hash,
+    SourceVerify,
+    Write,
+    Verify,
+    Decode,
+    Fetch,
+    CacheVerify,
+    CachePrune,
+    Build,
+    /// A Rockchip loader sent to a board in maskrom.
+    Loader,
+    /// A USB session as a whole (its failure, before a finer phase started).
+    Usb,
+    /// Boot files served to a Raspberry Pi in usbboot.
+    Usbboot,
+    /// A disk captured as an image (`sbcflash read`).
+    Read,
+    /// A card probed for fake capacity and bad blocks (`sbcflash check-card`).
+    CheckCard,
+}
+
+impl Phase {
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Download => "download",
+            Phase::Hash => "hash",
+            Phase::SourceVerify => "source-verify",
+            Phase::Write => "write",
+            Phase::Verify => "verify",
+            Phase::Decode => "decode",
+            Phase::Fetch => "fetch",
+            Phase::CacheVerify => "cache-verify",
+            Phase::CachePrune => "cache-prune",
+            Phase::Build => "build",
+            Phase::Loader => "loader",
+            Phase::Usb => "usb",
+            Phase::Usbboot => "usbboot",
+            Phase::Read => "read",
+            Phase::CheckCard => "check-card",
+        }
+    }
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Tests and followers compare a phase with its name.
+impl PartialEq<&str> for Phase {
+    fn eq(&self, other: &&str) -> bool {
+        self.name() == *other
+    }
+}
+
 /// What an operation reports. `job` names the unit of work (a slot, a device path) so that
 /// one stream can carry several jobs at once.
 #[derive(Debug, Clone, Serialize)]
@@ -32,14 +94,14 @@ pub enum Event {
     /// A phase begins (`write`, `verify`, `download`, `hash`, ...). `total` in bytes if known.
     Start {
         job: String,
-        phase: String,
+        phase: Phase,
         total: Option<u64>,
         detail: Option<String>,
     },
     /// Bytes done so far in the current phase.
     Progress {
         job: String,
-        phase: String,
+        phase: Phase,
         done: u64,
         total: Option<u64>,
     },
@@ -52,13 +114,13 @@ pub enum Event {
     /// The phase ended successfully; `summary` is free-form structured data.
     Finish {
         job: String,
-        phase: String,
+        phase: Phase,
         summary: serde_json::Value,
     },
     /// The phase failed.
     Error {
         job: String,
-        phase: String,
+        phase: Phase,
         message: String,
         exit_code: u8,
     },
@@ -89,7 +151,7 @@ pub struct JsonLines {
 }
 
 struct JsonState {
-    last: std::collections::HashMap<(String, String), Instant>,
+    last: std::collections::HashMap<(String, Phase), Instant>,
     out: Box<dyn Write + Send>,
 }
 
@@ -121,7 +183,7 @@ impl Reporter for JsonLines {
             total,
         } = &ev
         {
-            let key = (job.clone(), phase.clone());
+            let key = (job.clone(), *phase);
             let now = Instant::now();
             let last_done = total.is_some_and(|t| *done >= t);
             if let Some(t) = st.last.get(&key) {
@@ -150,7 +212,7 @@ impl Reporter for JsonLines {
 /// and writes together), so bars are keyed by job and phase.
 pub struct Bars {
     multi: indicatif::MultiProgress,
-    bars: Mutex<std::collections::HashMap<(String, String), indicatif::ProgressBar>>,
+    bars: Mutex<std::collections::HashMap<(String, Phase), indicatif::ProgressBar>>,
 }
 
 impl Default for Bars {
@@ -187,78 +249,63 @@ fn bar_style(known_total: bool) -> indicatif::ProgressStyle {
     }
 }
 
-/// What every bar renderer (these bars, the station's slot lines) does with the events that
-/// do not start a line: move a bar, print a note above the bars, end a line.
+/// The one bar renderer: what every bar view (these bars, the station's slot lines) does with
+/// an event. A view says only how its lines are keyed, how a line starts and where a note goes.
 pub(crate) mod bar {
-    use super::Level;
+    use super::{Event, Level, Phase};
+    use std::collections::HashMap;
 
-    pub(crate) fn advance(pb: &indicatif::ProgressBar, done: u64, total: Option<u64>) {
-        if let Some(t) = total {
-            pb.set_length(t);
-        }
-        pb.set_position(done);
+    /// A terminal view of progress lines, drawn by [`render`].
+    pub(crate) trait View {
+        /// Which line an event belongs to.
+        type Key: Eq + std::hash::Hash;
+        fn key(job: String, phase: Phase) -> Self::Key;
+        /// A phase starts: a new line for it (replacing the key's old one, if any).
+        fn start(
+            &self,
+            lines: &mut HashMap<Self::Key, indicatif::ProgressBar>,
+            job: String,
+            phase: Phase,
+            total: Option<u64>,
+            detail: Option<String>,
+        );
+        /// A note (already worded by [`note`]) for `job`, above the bars.
+        fn message(
+            &self,
+            lines: &HashMap<Self::Key, indicatif::ProgressBar>,
+            job: &str,
+            line: String,
+        );
     }
 
-    pub(crate) fn note(level: Level, text: String) -> String {
-        match level {
-            Level::Info => text,
-            Level::Warn => format!("warning: {text}"),
-        }
-    }
-
-    pub(crate) fn failed(pb: indicatif::ProgressBar, message: &str) {
-        pb.abandon_with_message(format!("FAILED: {message}"));
-    }
-}
-
-impl Reporter for Bars {
-    fn report(&self, ev: Event) {
-        let Ok(mut bars) = self.bars.lock() else {
-            return;
-        };
+    pub(crate) fn render<V: View>(
+        view: &V,
+        lines: &mut HashMap<V::Key, indicatif::ProgressBar>,
+        ev: Event,
+    ) {
         match ev {
             Event::Start {
                 job,
                 phase,
                 total,
                 detail,
-            } => {
-                let new = indicatif::ProgressBar::new(total.unwrap_or(0));
-                // Below the job's other running line, if it has one: one group per job.
-                let pb = match bars.iter().find(|((j, _), _)| *j == job) {
-                    Some((_, sibling)) => self.multi.insert_after(sibling, new),
-                    None => self.multi.add(new),
-                };
-                pb.set_style(bar_style(total.is_some()));
-                pb.set_prefix(phase.clone());
-                if let Some(d) = detail {
-                    pb.set_message(d);
-                }
-                if let Some(old) = bars.insert((job, phase), pb) {
-                    old.finish_and_clear();
-                }
-            }
+            } => view.start(lines, job, phase, total, detail),
             Event::Progress {
                 job,
                 phase,
                 done,
                 total,
             } => {
-                if let Some(pb) = bars.get(&(job, phase)) {
-                    bar::advance(pb, done, total);
-                }
-            }
-            Event::Message { job, level, text } => {
-                let line = bar::note(level, text);
-                match bars.iter().find(|((j, _), _)| *j == job) {
-                    Some((_, pb)) => pb.println(line),
-                    None => {
-                        let _ = self.multi.println(line);
+                if let Some(pb) = lines.get(&V::key(job, phase)) {
+                    if let Some(t) = total {
+                        pb.set_length(t);
                     }
+                    pb.set_position(done);
                 }
             }
+            Event::Message { job, level, text } => view.message(lines, &job, note(level, text)),
             Event::Finish { job, phase, .. } => {
-                if let Some(pb) = bars.remove(&(job, phase)) {
+                if let Some(pb) = lines.remove(&V::key(job, phase)) {
                     pb.finish();
                 }
             }
@@ -268,10 +315,69 @@ impl Reporter for Bars {
                 message,
                 ..
             } => {
-                if let Some(pb) = bars.remove(&(job, phase)) {
-                    bar::failed(pb, &message);
+                if let Some(pb) = lines.remove(&V::key(job, phase)) {
+                    pb.abandon_with_message(format!("FAILED: {message}"));
                 }
             }
+        }
+    }
+
+    fn note(level: Level, text: String) -> String {
+        match level {
+            Level::Info => text,
+            Level::Warn => format!("warning: {text}"),
+        }
+    }
+}
+
+impl bar::View for Bars {
+    /// A job can run phases at once (download and write): a line per job and phase.
+    type Key = (String, Phase);
+    fn key(job: String, phase: Phase) -> Self::Key {
+        (job, phase)
+    }
+    fn start(
+        &self,
+        bars: &mut std::collections::HashMap<Self::Key, indicatif::ProgressBar>,
+        job: String,
+        phase: Phase,
+        total: Option<u64>,
+        detail: Option<String>,
+    ) {
+        let new = indicatif::ProgressBar::new(total.unwrap_or(0));
+        // Below the job's other running line, if it has one: one group per job.
+        let pb = match bars.iter().find(|((j, _), _)| *j == job) {
+            Some((_, sibling)) => self.multi.insert_after(sibling, new),
+            None => self.multi.add(new),
+        };
+        pb.set_style(bar_style(total.is_some()));
+        pb.set_prefix(phase.name());
+        if let Some(d) = detail {
+            pb.set_message(d);
+        }
+        if let Some(old) = bars.insert((job, phase), pb) {
+            old.finish_and_clear();
+        }
+    }
+    fn message(
+        &self,
+        bars: &std::collections::HashMap<Self::Key, indicatif::ProgressBar>,
+        job: &str,
+        line: String,
+    ) {
+        match bars.iter().find(|((j, _), _)| j == job) {
+            Some((_, pb)) => pb.println(line),
+            None => {
+                let _ = self.multi.println(line);
+            }
+        }
+    }
+}
+
+impl Reporter for Bars {
+    fn report(&self, ev: Event) {
+        if let Ok(mut bars) = self.bars.lock() {
+            bar::render(self, &mut bars, ev);
         }
     }
 }
@@ -280,10 +386,10 @@ impl Reporter for Bars {
 mod bar_tests {
     use super::*;
 
-    fn start(job: &str, phase: &str) -> Event {
+    fn start(job: &str, phase: Phase) -> Event {
         Event::Start {
             job: job.into(),
-            phase: phase.into(),
+            phase,
             total: Some(100),
             detail: None,
         }
@@ -294,17 +400,17 @@ mod bar_tests {
         let b = Bars::new();
         b.multi
             .set_draw_target(indicatif::ProgressDrawTarget::hidden());
-        b.report(start("/dev/loop7", "download"));
-        b.report(start("/dev/loop7", "write"));
+        b.report(start("/dev/loop7", Phase::Download));
+        b.report(start("/dev/loop7", Phase::Write));
         b.report(Event::Progress {
             job: "/dev/loop7".into(),
-            phase: "download".into(),
+            phase: Phase::Download,
             done: 60,
             total: Some(100),
         });
         b.report(Event::Progress {
             job: "/dev/loop7".into(),
-            phase: "write".into(),
+            phase: Phase::Write,
             done: 10,
             total: Some(100),
         });
@@ -315,17 +421,17 @@ mod bar_tests {
                 2,
                 "the write did not replace the download's line"
             );
-            let pos = |p: &str| bars[&("/dev/loop7".to_string(), p.to_string())].position();
-            assert_eq!((pos("download"), pos("write")), (60, 10));
+            let pos = |p: Phase| bars[&("/dev/loop7".to_string(), p)].position();
+            assert_eq!((pos(Phase::Download), pos(Phase::Write)), (60, 10));
         }
         b.report(Event::Finish {
             job: "/dev/loop7".into(),
-            phase: "download".into(),
+            phase: Phase::Download,
             summary: serde_json::Value::Null,
         });
         let bars = b.bars.lock().unwrap();
         assert_eq!(bars.len(), 1);
-        assert!(bars.contains_key(&("/dev/loop7".to_string(), "write".to_string())));
+        assert!(bars.contains_key(&("/dev/loop7".to_string(), Phase::Write)));
     }
 }
 

@@ -392,18 +392,18 @@ impl std::io::Write for Shared {
 
 /// One of every progress event; the match makes a new variant a compile error here.
 fn every_progress_event() -> Vec<sbcflash::progress::Event> {
-    use sbcflash::progress::{Event, Level};
-    let (job, phase) = ("/dev/sdz".to_string(), "write".to_string());
+    use sbcflash::progress::{Event, Level, Phase};
+    let (job, phase) = ("/dev/sdz".to_string(), Phase::Write);
     let all = vec![
         Event::Start {
             job: job.clone(),
-            phase: phase.clone(),
+            phase,
             total: Some(1 << 20),
             detail: None,
         },
         Event::Progress {
             job: job.clone(),
-            phase: phase.clone(),
+            phase,
             done: 1 << 20,
             total: Some(1 << 20),
         },
@@ -414,7 +414,7 @@ fn every_progress_event() -> Vec<sbcflash::progress::Event> {
         },
         Event::Finish {
             job: job.clone(),
-            phase: phase.clone(),
+            phase,
             summary: serde_json::json!({"bytes": 1}),
         },
         Event::Error {

@@ -1739,7 +1739,7 @@ mod usb_slots {
 
     impl sbcflash::progress::Reporter for WriteGate {
         fn report(&self, ev: Event) {
-            if matches!(&ev, Event::Start { job, phase, .. } if job == self.slot && phase == "write")
+            if matches!(&ev, Event::Start { job, phase, .. } if job == self.slot && *phase == "write")
             {
                 let _ = self.reached.send(());
                 let _ = self.release.recv();

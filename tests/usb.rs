@@ -321,7 +321,7 @@ fn rockusb_full_session_maskrom_to_written_flash() {
     let phases: Vec<String> = ev
         .iter()
         .filter_map(|e| match e {
-            Event::Finish { phase, .. } => Some(phase.clone()),
+            Event::Finish { phase, .. } => Some(phase.to_string()),
             _ => None,
         })
         .collect();

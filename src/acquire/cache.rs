@@ -19,9 +19,6 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// Environment variable that overrides the cache location (tests, CI).
-pub const CACHE_DIR_ENV: &str = "SBCFLASH_CACHE_DIR";
-
 /// What the cache knows about one entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CacheEntry {
@@ -106,22 +103,6 @@ pub struct PartialMeta {
 }
 
 impl Cache {
-    /// The cache directory: `explicit`, else `$SBCFLASH_CACHE_DIR`, else `$XDG_CACHE_HOME/sbcflash`.
-    pub fn default_dir(explicit: Option<&Path>) -> Result<PathBuf> {
-        if let Some(p) = explicit {
-            return Ok(p.to_path_buf());
-        }
-        if let Some(p) = std::env::var_os(CACHE_DIR_ENV).filter(|p| !p.is_empty()) {
-            return Ok(PathBuf::from(p));
-        }
-        dirs::cache_dir()
-            .map(|d| d.join("sbcflash"))
-            .ok_or_else(|| AcquireError::Cache {
-                path: "$XDG_CACHE_HOME".into(),
-                msg: "no cache directory (set XDG_CACHE_HOME or --cache-dir)".into(),
-            })
-    }
-
     /// Opens (creating if needed) the cache at `root`.
     pub fn open(root: &Path) -> Result<Cache> {
         std::fs::create_dir_all(root).map_err(|e| AcquireError::io(root, e))?;
@@ -154,10 +135,6 @@ impl Cache {
         Ok(Cache {
             root: root.to_path_buf(),
         })
-    }
-
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     pub fn tmp_dir(&self) -> PathBuf {
@@ -630,15 +607,7 @@ impl Partial {
 
     /// Opens the partial data for appending (created if absent), never through a symlink.
     pub fn open_data(&self) -> Result<File> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&self.data)
-            .map_err(|e| AcquireError::io(&self.data, e))?;
+        let f = open_rw_nofollow(&self.data)?;
         if regular_size(&f).is_none() {
             return Err(AcquireError::Cache {
                 path: self.data.display().to_string(),
@@ -705,7 +674,9 @@ fn fsync_dir(p: &Path) -> Result<()> {
     d.sync_all().map_err(|e| AcquireError::io(p, e))
 }
 
-fn open_lock(p: &Path) -> Result<File> {
+/// Opens `p` read-write, created if absent (mode 0644, not truncated), never through a
+/// symlink: partial downloads and lock files.
+fn open_rw_nofollow(p: &Path) -> Result<File> {
     OpenOptions::new()
         .read(true)
         .write(true)
@@ -719,7 +690,7 @@ fn open_lock(p: &Path) -> Result<File> {
 
 /// Blocks until `p` (created if absent) is flocked, shared or exclusive.
 pub(crate) fn lock_file(p: &Path, exclusive: bool) -> Result<LockGuard> {
-    let f = open_lock(p)?;
+    let f = open_rw_nofollow(p)?;
     let arg = if exclusive {
         FlockArg::LockExclusive
     } else {
@@ -731,7 +702,7 @@ pub(crate) fn lock_file(p: &Path, exclusive: bool) -> Result<LockGuard> {
 
 /// The exclusive flock on `p` if nobody holds it now (never waits).
 pub(crate) fn try_lock_file(p: &Path) -> Option<LockGuard> {
-    let f = open_lock(p).ok()?;
+    let f = open_rw_nofollow(p).ok()?;
     try_flock(f).ok()?.map(|l| LockGuard { _lock: l })
 }
 

@@ -16,6 +16,7 @@ pub enum Pin {
 
 impl Pin {
     /// Parses `blake3:HEX`, `sha256:HEX`, or bare hex with the algorithm given separately.
+    #[cfg(test)] // only the unit tests use it
     pub fn parse(s: &str) -> Result<Pin> {
         let s = s.trim();
         let (algo, hex) = match s.split_once(':') {

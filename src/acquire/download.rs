@@ -13,6 +13,7 @@
 use super::cache::{Partial, PartialMeta};
 use super::{AcquireError, Result};
 use crate::exit::Classify;
+use crate::progress::Phase;
 use crate::progress::{Event, Level, Reporter};
 use std::io::{Seek, Write};
 use std::path::{Path, PathBuf};
@@ -277,10 +278,6 @@ impl Downloader {
         Ok(Downloader { client, opts })
     }
 
-    pub fn options(&self) -> &DownloadOptions {
-        &self.opts
-    }
-
     /// Downloads `url` into `partial.data`, resuming what an earlier run left there when the
     /// remembered validator still applies. Blocking; the caller holds the partial's lock.
     pub fn download_to_partial(
@@ -374,7 +371,7 @@ impl Downloader {
         check_scheme(url, self.opts.allow_http)?;
         reporter.report(Event::Start {
             job: job.into(),
-            phase: "download".into(),
+            phase: Phase::Download,
             total: st.total,
             detail: Some(url.to_string()),
         });
@@ -413,7 +410,7 @@ impl Downloader {
         }
         reporter.report(Event::Finish {
             job: job.into(),
-            phase: "download".into(),
+            phase: Phase::Download,
             summary,
         });
         Ok(())
@@ -448,7 +445,7 @@ impl Downloader {
                         if report_error {
                             reporter.report(Event::Error {
                                 job: job.into(),
-                                phase: "download".into(),
+                                phase: Phase::Download,
                                 message: a.err.to_string(),
                                 exit_code: a.err.exit().code(),
                             });
@@ -486,7 +483,7 @@ impl Downloader {
         reporter: &dyn Reporter,
         job: &str,
     ) -> std::result::Result<(), AttemptError> {
-        use reqwest::header::{CONTENT_RANGE, ETAG, IF_RANGE, LAST_MODIFIED, RANGE};
+        use reqwest::header::{IF_RANGE, RANGE};
         let mut req = self.client.get(url);
         if st.offset > 0 {
             req = req.header(RANGE, format!("bytes={}-", st.offset));
@@ -511,94 +508,7 @@ impl Downloader {
             Ok(Err(e)) => return Err(classify_reqwest(url, &e, self.opts.ca_file.as_deref())),
             Ok(Ok(r)) => r,
         };
-        let status = resp.status().as_u16();
-        let header = |n: reqwest::header::HeaderName| {
-            resp.headers()
-                .get(n)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let etag = header(ETAG);
-        let last_modified = header(LAST_MODIFIED);
-        let mut skip = 0u64;
-        match status {
-            206 => {
-                let cr = header(CONTENT_RANGE).unwrap_or_default();
-                let (start, total) =
-                    parse_content_range(&cr).ok_or_else(|| AcquireError::Network {
-                        url: url.into(),
-                        msg: format!("206 with an unusable Content-Range {cr:?}"),
-                    })?;
-                if start != st.offset {
-                    return Err(AcquireError::Network {
-                        url: url.into(),
-                        msg: format!(
-                            "asked to resume at byte {}, server sent from {start}",
-                            st.offset
-                        ),
-                    }
-                    .into());
-                }
-                st.total = total.or(st.total);
-            }
-            200 => {
-                let same = st.offset > 0
-                    && (etag.is_some() || last_modified.is_some())
-                    && etag == st.etag
-                    && last_modified == st.last_modified;
-                if st.offset > 0 {
-                    if sink.restart()? {
-                        st.offset = 0;
-                    } else if same {
-                        skip = st.offset;
-                    } else {
-                        return Err(AcquireError::Network {
-                            url: url.into(),
-                            msg: "the file changed on the server while it was being streamed (or the server cannot resume); the stream is incomplete".into(),
-                        }
-                        .into());
-                    }
-                }
-                st.etag = etag;
-                st.last_modified = last_modified;
-                st.total = resp.content_length();
-            }
-            416 if st.offset > 0 => {
-                // Our partial is not a prefix of what is there now.
-                if sink.restart()? {
-                    st.offset = 0;
-                    st.total = None;
-                    return Err(AttemptError {
-                        err: AcquireError::Status {
-                            url: url.into(),
-                            status,
-                        },
-                        retry: true,
-                    });
-                }
-                return Err(AcquireError::Status {
-                    url: url.into(),
-                    status,
-                }
-                .into());
-            }
-            408 | 429 | 500..=599 => {
-                return Err(AttemptError {
-                    err: AcquireError::Status {
-                        url: url.into(),
-                        status,
-                    },
-                    retry: true,
-                })
-            }
-            _ => {
-                return Err(AcquireError::Status {
-                    url: url.into(),
-                    status,
-                }
-                .into())
-            }
-        }
+        let mut skip = accept_status(url, &resp, sink, st)?;
         sink.remember(&PartialMeta {
             url: url.into(),
             etag: st.etag.clone(),
@@ -644,7 +554,7 @@ impl Downloader {
                 st.offset += n;
                 reporter.report(Event::Progress {
                     job: job.into(),
-                    phase: "download".into(),
+                    phase: Phase::Download,
                     done: st.offset,
                     total: st.total,
                 });
@@ -663,6 +573,106 @@ impl Downloader {
         }
         Ok(())
     }
+}
+
+/// What a response's status means for the resume state `st`: how many bytes of the body to
+/// skip (a 200 to a resumed request, for the same file), or why this attempt ends and whether
+/// another may follow.
+fn accept_status(
+    url: &str,
+    resp: &reqwest::Response,
+    sink: &mut Sink<'_>,
+    st: &mut ResumeState,
+) -> std::result::Result<u64, AttemptError> {
+    use reqwest::header::{CONTENT_RANGE, ETAG, LAST_MODIFIED};
+    let status = resp.status().as_u16();
+    let header = |n: reqwest::header::HeaderName| {
+        resp.headers()
+            .get(n)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    let etag = header(ETAG);
+    let last_modified = header(LAST_MODIFIED);
+    let mut skip = 0u64;
+    match status {
+        206 => {
+            let cr = header(CONTENT_RANGE).unwrap_or_default();
+            let (start, total) = parse_content_range(&cr).ok_or_else(|| AcquireError::Network {
+                url: url.into(),
+                msg: format!("206 with an unusable Content-Range {cr:?}"),
+            })?;
+            if start != st.offset {
+                return Err(AcquireError::Network {
+                    url: url.into(),
+                    msg: format!(
+                        "asked to resume at byte {}, server sent from {start}",
+                        st.offset
+                    ),
+                }
+                .into());
+            }
+            st.total = total.or(st.total);
+        }
+        200 => {
+            let same = st.offset > 0
+                && (etag.is_some() || last_modified.is_some())
+                && etag == st.etag
+                && last_modified == st.last_modified;
+            if st.offset > 0 {
+                if sink.restart()? {
+                    st.offset = 0;
+                } else if same {
+                    skip = st.offset;
+                } else {
+                    return Err(AcquireError::Network {
+                        url: url.into(),
+                        msg: "the file changed on the server while it was being streamed (or the server cannot resume); the stream is incomplete".into(),
+                    }
+                    .into());
+                }
+            }
+            st.etag = etag;
+            st.last_modified = last_modified;
+            st.total = resp.content_length();
+        }
+        416 if st.offset > 0 => {
+            // Our partial is not a prefix of what is there now.
+            if sink.restart()? {
+                st.offset = 0;
+                st.total = None;
+                return Err(AttemptError {
+                    err: AcquireError::Status {
+                        url: url.into(),
+                        status,
+                    },
+                    retry: true,
+                });
+            }
+            return Err(AcquireError::Status {
+                url: url.into(),
+                status,
+            }
+            .into());
+        }
+        408 | 429 | 500..=599 => {
+            return Err(AttemptError {
+                err: AcquireError::Status {
+                    url: url.into(),
+                    status,
+                },
+                retry: true,
+            })
+        }
+        _ => {
+            return Err(AcquireError::Status {
+                url: url.into(),
+                status,
+            }
+            .into())
+        }
+    }
+    Ok(skip)
 }
 
 pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {

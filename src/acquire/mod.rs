@@ -16,7 +16,7 @@ pub mod tls;
 
 pub use cache::{Cache, CacheEntry};
 pub use digest::{Digests, Pin};
-pub use download::{DownloadOptions, Downloader};
+pub use download::DownloadOptions;
 
 use crate::exit::{Classify, Exit};
 

@@ -65,8 +65,6 @@ pub fn open_for_write(
         path: PathBuf::from(&spec.url),
         formats: Vec::new(),
         bmap: None,
-        mapped_size: None,
-        input_size: 0,
         input_consumed: consumed,
     };
     Ok((

@@ -7,6 +7,7 @@ use super::digest::{hash_reader, Pin};
 use super::download::{check_scheme, DownloadOptions, Downloader};
 use super::stream::{StreamCheck, VerifyingReader};
 use super::{AcquireError, Result};
+use crate::progress::Phase;
 use crate::progress::{Event, Level, Reporter};
 use std::sync::Arc;
 
@@ -74,6 +75,22 @@ impl Acquirer {
         }
     }
 
+    /// The pinned file `src` names, if the cache has it already (its last use is now).
+    fn cached(&self, src: &SourceSpec) -> Result<Option<Fetched>> {
+        let Some(pin) = &src.pin else {
+            return Ok(None);
+        };
+        let Some(entry) = self.lookup(pin)? else {
+            return Ok(None);
+        };
+        self.cache.touch(&entry.blake3)?;
+        Ok(Some(Fetched {
+            entry,
+            from_cache: true,
+            pinned: true,
+        }))
+    }
+
     fn warn_unpinned(&self, job: &str, url: &str, b3: &str) {
         self.reporter.report(Event::Message {
             job: job.into(),
@@ -88,28 +105,14 @@ impl Acquirer {
     pub fn fetch(&self, src: &SourceSpec) -> Result<Fetched> {
         self.check_policy(src)?;
         let job = Self::job(src);
-        if let Some(pin) = &src.pin {
-            if let Some(e) = self.lookup(pin)? {
-                self.cache.touch(&e.blake3)?;
-                return Ok(Fetched {
-                    entry: e,
-                    from_cache: true,
-                    pinned: true,
-                });
-            }
+        if let Some(f) = self.cached(src)? {
+            return Ok(f);
         }
         let partial = self.cache.partial(&src.url);
         let _dl_lock = partial.lock()?;
         // Another process may have finished the same download while we waited for the lock.
-        if let Some(pin) = &src.pin {
-            if let Some(e) = self.lookup(pin)? {
-                self.cache.touch(&e.blake3)?;
-                return Ok(Fetched {
-                    entry: e,
-                    from_cache: true,
-                    pinned: true,
-                });
-            }
+        if let Some(f) = self.cached(src)? {
+            return Ok(f);
         }
         let dl = self.downloader(src)?;
         dl.download_to_partial(&src.url, &partial, &*self.reporter, &job)?;
@@ -118,7 +121,7 @@ impl Acquirer {
         let with_sha = matches!(src.pin, Some(Pin::Sha256(_)));
         self.reporter.report(Event::Start {
             job: job.clone(),
-            phase: "hash".into(),
+            phase: Phase::Hash,
             total: f.metadata().ok().map(|m| m.len()),
             detail: None,
         });
@@ -143,7 +146,7 @@ impl Acquirer {
         partial.discard();
         self.reporter.report(Event::Finish {
             job: job.clone(),
-            phase: "hash".into(),
+            phase: Phase::Hash,
             summary: serde_json::json!({ "blake3": entry.blake3, "bytes": entry.size }),
         });
         if src.pin.is_none() {
@@ -154,17 +157,6 @@ impl Acquirer {
             from_cache: false,
             pinned: src.pin.is_some(),
         })
-    }
-
-    /// A one-pass stream of the source's bytes: from the cache when the pin is there, else
-    /// from the network (optionally tee'd into the cache). Call [`StreamCheck::finish`] after
-    /// the consumer is done; until then nothing has been verified.
-    pub fn open_stream(
-        &self,
-        src: &SourceSpec,
-        tee: bool,
-    ) -> Result<(VerifyingReader, StreamCheck)> {
-        self.open_stream_as(src, tee, Self::job(src))
     }
 
     /// [`Self::open_stream`] reporting its download under `job` (a streamed write uses the
@@ -205,11 +197,6 @@ impl Acquirer {
         Ok((r, c))
     }
 
-    /// Reports the outcome of a finished stream (the unpinned warning, the digest).
-    pub fn report_stream(&self, src: &SourceSpec, res: &super::stream::StreamResult) {
-        self.report_stream_as(src, res, Self::job(src))
-    }
-
     /// [`Self::report_stream`] under the job the stream was opened with.
     pub fn report_stream_as(
         &self,
@@ -223,7 +210,7 @@ impl Acquirer {
         }
         self.reporter.report(Event::Finish {
             job,
-            phase: "source-verify".into(),
+            phase: Phase::SourceVerify,
             summary: serde_json::json!({
                 "url": src.url,
                 "blake3": b3,

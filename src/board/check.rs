@@ -15,6 +15,7 @@ use super::error::BoardError;
 use super::parttable::{self, PartitionTable};
 use super::registry::Board;
 use super::schema::*;
+use crate::image::sniff::rockchip_idb;
 
 /// How many bytes of the logical image the check wants: covers GPT entries, the Rockchip IDB at
 /// 32 KiB, Allwinner eGON at 128 KiB, and the start of a partition at 1 MiB.
@@ -104,6 +105,9 @@ pub fn read_head<R: Read>(mut r: R) -> std::io::Result<Vec<u8>> {
 }
 
 /// Check the image head against `board` booting from `medium`.
+// Longer than 150 lines on purpose: one check after another against the same head, layout
+// and findings list, in the order a reader of the report expects; split, each piece would
+// take all of them as arguments.
 pub fn check_image(board: &Board, medium: &Medium, head: &[u8]) -> ImageReport {
     let mut findings = Vec::new();
     let mut push = |severity, code, message: String| {
@@ -457,87 +461,9 @@ fn slice(head: &[u8], at: u64, len: usize) -> Option<&[u8]> {
     head.get(at..at.checked_add(len)?)
 }
 
-/// Rockchip's fixed RC4 key for IDBlock sectors and legacy 471/472 payloads.
-const RK_RC4_KEY: [u8; 16] = [
-    0x7c, 0x4e, 0x03, 0x04, 0x55, 0x05, 0x09, 0x07, 0x2d, 0x2c, 0x7b, 0x38, 0x17, 0x0d, 0x17, 0x11,
-];
-
-/// Legacy IDBlock tag (little-endian u32 at the start of the header sector).
-const IDB_TAG: u32 = 0x0FF0_AA55;
-
-/// Recognise an IDBlock header sector: RK35xx `RKNS`, or the legacy tag in plain text (RC4 off)
-/// or RC4-scrambled (each 512-byte sector is scrambled with a fresh keystream).
-pub fn rockchip_idb(sector: &[u8]) -> Option<&'static str> {
-    if sector.len() < 4 {
-        return None;
-    }
-    if &sector[0..4] == b"RKNS" {
-        return Some("IDB (RKNS header)");
-    }
-    let tag = u32::from_le_bytes([sector[0], sector[1], sector[2], sector[3]]);
-    if tag == IDB_TAG {
-        return Some("IDB (legacy header, RC4 off)");
-    }
-    let ks = rc4_keystream(&RK_RC4_KEY, 4);
-    let dec = [
-        sector[0] ^ ks[0],
-        sector[1] ^ ks[1],
-        sector[2] ^ ks[2],
-        sector[3] ^ ks[3],
-    ];
-    if u32::from_le_bytes(dec) == IDB_TAG {
-        return Some("IDB (legacy header, RC4)");
-    }
-    None
-}
-
-/// Plain RC4 keystream (KSA + PRGA); tiny, and not worth a dependency for 4 bytes.
-pub fn rc4_keystream(key: &[u8], n: usize) -> Vec<u8> {
-    let mut s: [u8; 256] = std::array::from_fn(|i| i as u8);
-    let mut j: u8 = 0;
-    for i in 0..256 {
-        j = j.wrapping_add(s[i]).wrapping_add(key[i % key.len()]);
-        s.swap(i, j as usize);
-    }
-    let (mut i, mut j) = (0u8, 0u8);
-    (0..n)
-        .map(|_| {
-            i = i.wrapping_add(1);
-            j = j.wrapping_add(s[i as usize]);
-            s.swap(i as usize, j as usize);
-            s[(s[i as usize].wrapping_add(s[j as usize])) as usize]
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn rc4_keystream_matches_reference_vector() {
-        // The key rkdeveloptool and xrock use; its keystream starts 6e262cf3be9f9d51ea3034ce20511f98.
-        assert_eq!(
-            hex::encode(rc4_keystream(&RK_RC4_KEY, 16)),
-            "6e262cf3be9f9d51ea3034ce20511f98"
-        );
-    }
-
-    #[test]
-    fn idb_variants_recognised() {
-        let mut s = [0u8; 512];
-        assert_eq!(rockchip_idb(&s), None);
-        s[0..4].copy_from_slice(b"RKNS");
-        assert_eq!(rockchip_idb(&s), Some("IDB (RKNS header)"));
-        s[0..4].copy_from_slice(&IDB_TAG.to_le_bytes());
-        assert_eq!(rockchip_idb(&s), Some("IDB (legacy header, RC4 off)"));
-        let ks = rc4_keystream(&RK_RC4_KEY, 4);
-        for i in 0..4 {
-            s[i] ^= ks[i];
-        }
-        assert_eq!(&s[0..4], &[0x3b, 0x8c, 0xdc, 0xfc]);
-        assert_eq!(rockchip_idb(&s), Some("IDB (legacy header, RC4)"));
-    }
 
     #[test]
     fn human_offsets() {

@@ -164,7 +164,6 @@ impl Board {
 #[derive(Debug, Clone, Default)]
 pub struct Registry {
     boards: Vec<Board>,
-    socs: BTreeMap<String, Soc>,
 }
 
 /// One descriptor file's text and origin, before parsing.
@@ -205,15 +204,6 @@ impl Registry {
     /// All boards, sorted by id.
     pub fn boards(&self) -> &[Board] {
         &self.boards
-    }
-
-    /// A SoC by id.
-    pub fn soc(&self, id: &str) -> Option<&Soc> {
-        self.socs.get(id)
-    }
-
-    pub fn socs(&self) -> impl Iterator<Item = &Soc> {
-        self.socs.values()
     }
 
     /// Find a board by id or alias (case-insensitive); an unknown name gets suggestions.
@@ -387,7 +377,6 @@ impl Registry {
 
         Ok(Registry {
             boards: boards.into_values().map(|(b, _, _)| b).collect(),
-            socs,
         })
     }
 }

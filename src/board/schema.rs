@@ -32,18 +32,6 @@ pub enum Arch {
     X86_64,
 }
 
-impl Arch {
-    /// The Nix system double for this architecture (`aarch64-linux`, ...).
-    pub fn nix_system(self) -> &'static str {
-        match self {
-            Arch::Aarch64 => "aarch64-linux",
-            Arch::Riscv64 => "riscv64-linux",
-            Arch::Armv7l => "armv7l-linux",
-            Arch::X86_64 => "x86_64-linux",
-        }
-    }
-}
-
 impl std::fmt::Display for Arch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
@@ -468,6 +456,7 @@ pub enum Interrupt {
 
 impl Interrupt {
     /// Bytes to send on the serial line.
+    #[cfg(test)] // only the unit tests use it
     pub fn bytes(&self) -> Vec<u8> {
         match self {
             // A space is harmless if it lands at the prompt afterwards.
@@ -640,6 +629,7 @@ impl Default for Handoff {
 
 impl Handoff {
     /// The flake attribute for `host`.
+    #[cfg(test)] // only the unit tests use it
     pub fn flake_attr_for(&self, host: &str) -> String {
         self.flake_attr.replace("<host>", host)
     }

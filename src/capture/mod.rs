@@ -432,7 +432,7 @@ pub fn capture(
     };
     reporter.report(Event::Finish {
         job: opts.job.clone(),
-        phase: "read".into(),
+        phase: crate::progress::Phase::Read,
         summary: serde_json::json!({
             "blake3": report.blake3,
             "image_size": report.image_size,
@@ -484,7 +484,7 @@ fn capture_into(
     };
     reporter.report(Event::Start {
         job: opts.job.clone(),
-        phase: "read".into(),
+        phase: crate::progress::Phase::Read,
         total: Some(plan.mapped_bytes),
         detail: Some(format!(
             "{} of {} ({} table, {} partitions)",
@@ -560,7 +560,7 @@ fn capture_into(
                 done += len as u64;
                 reporter.report(Event::Progress {
                     job: opts.job.clone(),
-                    phase: "read".into(),
+                    phase: crate::progress::Phase::Read,
                     done,
                     total: Some(plan.mapped_bytes),
                 });

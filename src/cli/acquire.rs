@@ -6,9 +6,10 @@ use crate::acquire::nix::{find_image, installable, NixBuild};
 use crate::acquire::source::{Acquirer, SourceSpec};
 use crate::acquire::{AcquireError, DownloadOptions, Pin};
 use crate::exit::{Exit, ExitError};
+use crate::progress::Phase;
 use crate::progress::{Event, Level, Reporter};
 use anyhow::Context as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -214,7 +215,7 @@ pub fn run_fetch(a: FetchArgs, g: &Global) -> anyhow::Result<Exit> {
     let f = acq.fetch(&src)?;
     reporter.report(Event::Finish {
         job: src.url.clone(),
-        phase: "fetch".into(),
+        phase: Phase::Fetch,
         summary: serde_json::json!({
             "path": f.entry.path,
             "blake3": f.entry.blake3,
@@ -266,174 +267,184 @@ pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
     let cache = Cache::open(&dir)?;
     // The station's decoded images (derived data) live in the cache too.
     let decoded_dir = dir.join(crate::acquire::cache::DECODED_SUBDIR);
-    let reporter = g.reporter();
     match a.cmd {
-        CacheCmd::List => {
-            let entries = cache.list()?;
-            let decoded = crate::station::decoded::list(&decoded_dir)?;
-            if g.json {
-                // One JSON line an item: `event` says which kind.
-                let emit = |mut v: serde_json::Value,
-                            event: &str,
-                            path: Option<String>|
-                 -> std::io::Result<()> {
-                    if let (Some(o), Some(p)) = (v.as_object_mut(), path) {
-                        o.insert("path".into(), p.into());
-                    }
-                    crate::progress::json_line(&mut super::out::stdout(), event, v)
-                };
-                for e in &entries {
-                    let path = e.path.display().to_string();
-                    emit(serde_json::to_value(e)?, "cache-entry", Some(path))?;
-                }
-                for d in &decoded {
-                    emit(serde_json::to_value(d)?, "cache-decoded", None)?;
-                }
-            } else if entries.is_empty() && decoded.is_empty() {
-                eprintln!("cache {} is empty", dir.display());
-            } else {
-                let row = |a: &str, b: &str, c: &str, d: &str| -> std::io::Result<()> {
-                    outln!("{a:<64}  {b:>10}  {c:<16}  {d}");
-                    Ok(())
-                };
-                let when =
-                    |t: &chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M").to_string();
-                row("BLAKE3", "SIZE", "LAST USED", "SOURCE")?;
-                for e in &entries {
-                    row(
-                        &e.blake3,
-                        &crate::target::human_size(e.size),
-                        &when(&e.last_used),
-                        e.origin.as_deref().or(e.name.as_deref()).unwrap_or("-"),
-                    )?;
-                }
-                if !decoded.is_empty() {
-                    outln!(
-                        "\nDecoded by the station (derived from the source file named; safe to prune):"
-                    );
-                    row("SOURCE BLAKE3", "ON DISK", "LAST USED", "STATE")?;
-                }
-                for d in &decoded {
-                    let state = match (d.in_use, d.size) {
-                        (true, _) => "in use by a running station",
-                        (false, None) => "incomplete",
-                        (false, Some(_)) => "idle",
-                    };
-                    row(
-                        &d.source_blake3,
-                        &crate::target::human_size(d.disk_bytes),
-                        &when(&d.last_used),
-                        state,
-                    )?;
-                }
-            }
-            Ok(Exit::Ok)
-        }
-        CacheCmd::Verify => {
-            let mut started = |name: &str, size| {
-                reporter.report(Event::Start {
-                    job: name.to_string(),
-                    phase: "cache-verify".into(),
-                    total: Some(size),
-                    detail: None,
-                });
-            };
-            let (ok, mut problems) = cache.verify(&mut started)?;
-            let (dec_ok, dec_problems) =
-                crate::station::decoded::verify(&decoded_dir, &mut started)?;
-            let ok = ok + dec_ok;
-            problems.extend(dec_problems);
-            for p in &problems {
-                reporter.report(Event::Message {
-                    job: p.entry.clone(),
-                    level: Level::Warn,
-                    text: format!(
-                        "{}: {}; {}",
-                        p.entry,
-                        p.problem,
-                        if p.removed {
-                            "removed"
-                        } else {
-                            "could NOT be removed"
-                        }
-                    ),
-                });
-            }
-            reporter.report(Event::Finish {
-                job: "cache".into(),
-                phase: "cache-verify".into(),
-                summary: serde_json::json!({ "ok": ok, "problems": problems }),
-            });
-            if !g.json {
-                outln!(
-                    "{ok} entries ok, {} problem(s) found and removed",
-                    problems.len()
-                );
-            }
-            if problems.is_empty() {
-                Ok(Exit::Ok)
-            } else {
-                Err(ExitError::new(
-                    Exit::Verify,
-                    format!(
-                        "cache {}: {} corrupted or foreign entr{} found and removed",
-                        dir.display(),
-                        problems.len(),
-                        if problems.len() == 1 { "y" } else { "ies" }
-                    ),
-                )
-                .into())
-            }
-        }
+        CacheCmd::List => cache_list(&cache, &dir, &decoded_dir, g),
+        CacheCmd::Verify => cache_verify(&cache, &dir, &decoded_dir, g),
         CacheCmd::Prune {
             older_than,
             max_size,
-        } => {
-            if older_than.is_none() && max_size.is_none() {
-                return Err(ExitError::new(
-                    Exit::Usage,
-                    "cache prune: give --older-than and/or --max-size",
-                )
-                .into());
-            }
-            let max = max_size.as_deref().map(parse_size).transpose()?;
-            let older_than: Option<std::time::Duration> = older_than.map(Into::into);
-            // Age first for both kinds; then the size budget is spent on source images
-            // before decoded ones (derived data, cheaper to rebuild than to download).
-            let mut rep = cache.prune(older_than, None)?;
-            let dec = crate::station::decoded::prune(
-                &decoded_dir,
-                older_than,
-                max.map(|m| m.saturating_sub(rep.kept_bytes)),
+        } => cache_prune(&cache, &decoded_dir, older_than, max_size, g),
+    }
+}
+
+/// `cache list`: source images, then the station's decoded images.
+fn cache_list(cache: &Cache, dir: &Path, decoded_dir: &Path, g: &Global) -> anyhow::Result<Exit> {
+    let entries = cache.list()?;
+    let decoded = crate::station::decoded::list(decoded_dir)?;
+    if g.json {
+        // One JSON line an item: `event` says which kind.
+        let emit =
+            |mut v: serde_json::Value, event: &str, path: Option<String>| -> std::io::Result<()> {
+                if let (Some(o), Some(p)) = (v.as_object_mut(), path) {
+                    o.insert("path".into(), p.into());
+                }
+                crate::progress::json_line(&mut super::out::stdout(), event, v)
+            };
+        for e in &entries {
+            let path = e.path.display().to_string();
+            emit(serde_json::to_value(e)?, "cache-entry", Some(path))?;
+        }
+        for d in &decoded {
+            emit(serde_json::to_value(d)?, "cache-decoded", None)?;
+        }
+    } else if entries.is_empty() && decoded.is_empty() {
+        eprintln!("cache {} is empty", dir.display());
+    } else {
+        let row = |a: &str, b: &str, c: &str, d: &str| -> std::io::Result<()> {
+            outln!("{a:<64}  {b:>10}  {c:<16}  {d}");
+            Ok(())
+        };
+        let when = |t: &chrono::DateTime<chrono::Utc>| t.format("%Y-%m-%d %H:%M").to_string();
+        row("BLAKE3", "SIZE", "LAST USED", "SOURCE")?;
+        for e in &entries {
+            row(
+                &e.blake3,
+                &crate::target::human_size(e.size),
+                &when(&e.last_used),
+                e.origin.as_deref().or(e.name.as_deref()).unwrap_or("-"),
             )?;
-            if let Some(m) = max {
-                let sized = cache.prune(None, Some(m.saturating_sub(dec.kept_bytes)))?;
-                rep.removed.extend(sized.removed);
-                rep.freed_bytes += sized.freed_bytes;
-                rep.kept = sized.kept;
-                rep.kept_bytes = sized.kept_bytes;
-            }
-            rep.removed.extend(dec.removed);
-            rep.freed_bytes += dec.freed_bytes;
-            rep.kept += dec.kept;
-            rep.kept_bytes += dec.kept_bytes;
-            reporter.report(Event::Finish {
-                job: "cache".into(),
-                phase: "cache-prune".into(),
-                summary: serde_json::to_value(&rep)?,
-            });
-            if !g.json {
-                outln!(
-                    "removed {} item(s), freed {}; {} entries ({}) kept",
-                    rep.removed.len(),
-                    crate::target::human_size(rep.freed_bytes),
-                    rep.kept,
-                    crate::target::human_size(rep.kept_bytes)
-                );
-            }
-            Ok(Exit::Ok)
+        }
+        if !decoded.is_empty() {
+            outln!("\nDecoded by the station (derived from the source file named; safe to prune):");
+            row("SOURCE BLAKE3", "ON DISK", "LAST USED", "STATE")?;
+        }
+        for d in &decoded {
+            let state = match (d.in_use, d.size) {
+                (true, _) => "in use by a running station",
+                (false, None) => "incomplete",
+                (false, Some(_)) => "idle",
+            };
+            row(
+                &d.source_blake3,
+                &crate::target::human_size(d.disk_bytes),
+                &when(&d.last_used),
+                state,
+            )?;
         }
     }
+    Ok(Exit::Ok)
+}
+
+/// `cache verify`: rehash every entry, remove the bad ones.
+fn cache_verify(cache: &Cache, dir: &Path, decoded_dir: &Path, g: &Global) -> anyhow::Result<Exit> {
+    let reporter = g.reporter();
+    let mut started = |name: &str, size| {
+        reporter.report(Event::Start {
+            job: name.to_string(),
+            phase: Phase::CacheVerify,
+            total: Some(size),
+            detail: None,
+        });
+    };
+    let (ok, mut problems) = cache.verify(&mut started)?;
+    let (dec_ok, dec_problems) = crate::station::decoded::verify(decoded_dir, &mut started)?;
+    let ok = ok + dec_ok;
+    problems.extend(dec_problems);
+    for p in &problems {
+        reporter.report(Event::Message {
+            job: p.entry.clone(),
+            level: Level::Warn,
+            text: format!(
+                "{}: {}; {}",
+                p.entry,
+                p.problem,
+                if p.removed {
+                    "removed"
+                } else {
+                    "could NOT be removed"
+                }
+            ),
+        });
+    }
+    reporter.report(Event::Finish {
+        job: "cache".into(),
+        phase: Phase::CacheVerify,
+        summary: serde_json::json!({ "ok": ok, "problems": problems }),
+    });
+    if !g.json {
+        outln!(
+            "{ok} entries ok, {} problem(s) found and removed",
+            problems.len()
+        );
+    }
+    if problems.is_empty() {
+        Ok(Exit::Ok)
+    } else {
+        Err(ExitError::new(
+            Exit::Verify,
+            format!(
+                "cache {}: {} corrupted or foreign entr{} found and removed",
+                dir.display(),
+                problems.len(),
+                if problems.len() == 1 { "y" } else { "ies" }
+            ),
+        )
+        .into())
+    }
+}
+
+/// `cache prune`: by age, then by size (source images before decoded ones).
+fn cache_prune(
+    cache: &Cache,
+    decoded_dir: &Path,
+    older_than: Option<humantime::Duration>,
+    max_size: Option<String>,
+    g: &Global,
+) -> anyhow::Result<Exit> {
+    let reporter = g.reporter();
+    if older_than.is_none() && max_size.is_none() {
+        return Err(ExitError::new(
+            Exit::Usage,
+            "cache prune: give --older-than and/or --max-size",
+        )
+        .into());
+    }
+    let max = max_size.as_deref().map(parse_size).transpose()?;
+    let older_than: Option<std::time::Duration> = older_than.map(Into::into);
+    // Age first for both kinds; then the size budget is spent on source images
+    // before decoded ones (derived data, cheaper to rebuild than to download).
+    let mut rep = cache.prune(older_than, None)?;
+    let dec = crate::station::decoded::prune(
+        decoded_dir,
+        older_than,
+        max.map(|m| m.saturating_sub(rep.kept_bytes)),
+    )?;
+    if let Some(m) = max {
+        let sized = cache.prune(None, Some(m.saturating_sub(dec.kept_bytes)))?;
+        rep.removed.extend(sized.removed);
+        rep.freed_bytes += sized.freed_bytes;
+        rep.kept = sized.kept;
+        rep.kept_bytes = sized.kept_bytes;
+    }
+    rep.removed.extend(dec.removed);
+    rep.freed_bytes += dec.freed_bytes;
+    rep.kept += dec.kept;
+    rep.kept_bytes += dec.kept_bytes;
+    reporter.report(Event::Finish {
+        job: "cache".into(),
+        phase: Phase::CachePrune,
+        summary: serde_json::to_value(&rep)?,
+    });
+    if !g.json {
+        outln!(
+            "removed {} item(s), freed {}; {} entries ({}) kept",
+            rep.removed.len(),
+            crate::target::human_size(rep.freed_bytes),
+            rep.kept,
+            crate::target::human_size(rep.kept_bytes)
+        );
+    }
+    Ok(Exit::Ok)
 }
 
 #[derive(Debug, clap::Args)]
@@ -584,7 +595,7 @@ pub fn build_image(
     let job = "nix-build".to_string();
     reporter.report(Event::Start {
         job: job.clone(),
-        phase: "build".into(),
+        phase: Phase::Build,
         total: None,
         detail: Some(inst.clone()),
     });
@@ -651,7 +662,7 @@ pub fn build_image(
     )?;
     reporter.report(Event::Finish {
         job,
-        phase: "build".into(),
+        phase: Phase::Build,
         summary: serde_json::json!({
             "installable": inst,
             "image": img,

@@ -213,6 +213,38 @@ fn show(b: &Board, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit> {
     for n in d.notes.iter().chain(&s.notes) {
         writeln!(out, "  note:      {n}")?;
     }
+    show_storage(b, out)?;
+    show_boot(b, out)?;
+    for i in &d.images {
+        let what = i.url.as_deref().or(i.flake.as_deref()).unwrap_or_default();
+        let pin = if i.is_unpinned() {
+            "unpinned"
+        } else {
+            "pinned"
+        };
+        writeln!(out, "image:     {} {what} ({pin})", i.name)?;
+        if let Some(n) = &i.note {
+            writeln!(out, "           {n}")?;
+        }
+    }
+    writeln!(
+        out,
+        "handoff:   ssh {}@…, flake attribute {}",
+        d.handoff.ssh_user, d.handoff.flake_attr
+    )?;
+    if !d.unverified.is_empty() {
+        writeln!(
+            out,
+            "unverified (override in your own descriptor if wrong): {}",
+            d.unverified.join(", ")
+        )?;
+    }
+    Ok(Exit::Ok)
+}
+
+/// The storage media: bootloader source, size, layout and placements.
+fn show_storage(b: &Board, out: &mut impl Write) -> std::io::Result<()> {
+    let d = &b.desc;
     writeln!(out, "storage:")?;
     for m in &d.storage {
         let mut extra = Vec::new();
@@ -262,6 +294,12 @@ fn show(b: &Board, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit> {
             writeln!(out, "           {n}")?;
         }
     }
+    Ok(())
+}
+
+/// How the board boots and is reached: console, U-Boot, USB recovery.
+fn show_boot(b: &Board, out: &mut impl Write) -> std::io::Result<()> {
+    let d = &b.desc;
     let c = &d.console;
     writeln!(
         out,
@@ -332,31 +370,7 @@ fn show(b: &Board, g: &Global, out: &mut impl Write) -> anyhow::Result<Exit> {
             writeln!(out, "           {}: {}{src}", l.role, l.file)?;
         }
     }
-    for i in &d.images {
-        let what = i.url.as_deref().or(i.flake.as_deref()).unwrap_or_default();
-        let pin = if i.is_unpinned() {
-            "unpinned"
-        } else {
-            "pinned"
-        };
-        writeln!(out, "image:     {} {what} ({pin})", i.name)?;
-        if let Some(n) = &i.note {
-            writeln!(out, "           {n}")?;
-        }
-    }
-    writeln!(
-        out,
-        "handoff:   ssh {}@…, flake attribute {}",
-        d.handoff.ssh_user, d.handoff.flake_attr
-    )?;
-    if !d.unverified.is_empty() {
-        writeln!(
-            out,
-            "unverified (override in your own descriptor if wrong): {}",
-            d.unverified.join(", ")
-        )?;
-    }
-    Ok(Exit::Ok)
+    Ok(())
 }
 
 fn boot_source(b: board::BootSource) -> &'static str {
@@ -468,7 +482,6 @@ pub struct BoardWriteArgs {
 pub struct BoardPreflight {
     pub board: Board,
     pub medium: board::Medium,
-    pub report: board::ImageReport,
     /// Bootloader files and their offsets, already checked against the image's partitions.
     pub placements: Vec<board::PlacedFile>,
 }
@@ -504,8 +517,6 @@ fn board_name(a: &BoardWriteArgs, g: &Global) -> anyhow::Result<Option<String>> 
 pub struct BoardPlan {
     pub board: Board,
     pub medium: board::Medium,
-    /// `--medium`/`--spi` named the medium (a bootloader flash may take a raw blob).
-    pub medium_named: bool,
     pub strict: bool,
     pub bootloader: Vec<PathBuf>,
 }
@@ -534,7 +545,6 @@ impl BoardWriteArgs {
         Ok(Some(BoardPlan {
             board: b,
             medium,
-            medium_named: self.medium_kind().is_some(),
             strict: self.strict,
             bootloader: self.bootloader.clone(),
         }))
@@ -640,11 +650,10 @@ fn check_head(
     } else if !g.quiet || report.has_warnings() {
         print_report(&report, g, &mut std::io::stderr().lock())?;
     }
-    let report = report.into_result(p.strict)?;
+    report.into_result(p.strict)?;
     Ok(BoardPreflight {
         board: b.clone(),
         medium: medium.clone(),
-        report,
         placements,
     })
 }

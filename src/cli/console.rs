@@ -496,13 +496,13 @@ fn host_flash(
 fn handoff_proof(
     rt: &tokio::runtime::Runtime,
     s: &mut Session,
-    a: &BootstrapOpts,
+    h: &Handoff,
     linux: &LinuxConfig,
     reached: &bootstrap::Reached,
     kh: &std::path::Path,
 ) -> Result<(String, Vec<HostKey>), ConsoleError> {
-    let host = match (&a.ssh_host, reached.ip) {
-        (Some(h), _) => h.clone(),
+    let host = match (&h.ssh_host, reached.ip) {
+        (Some(host), _) => host.clone(),
         (None, Some(ip)) => ip.to_string(),
         (None, None) => {
             return Err(ConsoleError::Handoff(
@@ -511,16 +511,16 @@ fn handoff_proof(
         }
     };
     let t = Instant::now();
-    let banner = handoff::wait_for_ssh(&host, a.ssh_port, Duration::from_secs(a.ssh_timeout))?;
+    let banner = handoff::wait_for_ssh(&host, h.ssh_port, h.ssh_timeout)?;
     s.stage(&Stage::Note(format!(
         "SSH answers on {host}:{} ({banner}) after {:.1}s",
-        a.ssh_port,
+        h.ssh_port,
         t.elapsed().as_secs_f64()
     )));
-    let scanned = handoff::keyscan(&host, a.ssh_port)?;
+    let scanned = handoff::keyscan(&host, h.ssh_port)?;
     let network = hostkeys::parse_keyscan(&scanned.lines).map_err(ConsoleError::Handoff)?;
-    let addr = format!("{host}:{}", a.ssh_port);
-    let wait = ProofWait::new(Duration::from_secs(a.ssh_timeout), Duration::from_secs(2));
+    let addr = format!("{host}:{}", h.ssh_port);
+    let wait = ProofWait::new(h.ssh_timeout, Duration::from_secs(2));
     let keys = rt.block_on(bootstrap::prove_host_keys(s, linux, &addr, &network, wait))?;
     for k in &keys {
         let how = if network.contains(k) {
@@ -530,13 +530,13 @@ fn handoff_proof(
         };
         s.stage(&Stage::Note(format!("host key {how}: {}", k.describe())));
     }
-    let lines = hostkeys::known_hosts_lines(&host, a.ssh_port, &keys);
+    let lines = hostkeys::known_hosts_lines(&host, h.ssh_port, &keys);
     handoff::write_known_hosts(kh, &lines)?;
     s.stage(&Stage::Note(format!(
         "known_hosts of this run: {}",
         kh.display()
     )));
-    if let Some(user) = &a.known_hosts {
+    if let Some(user) = &h.known_hosts {
         let n = handoff::append_known_hosts(user, &lines)?;
         s.stage(&Stage::Note(format!(
             "{n} key(s) appended to {}",
@@ -546,99 +546,160 @@ fn handoff_proof(
     Ok((host, keys))
 }
 
-pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
-    let a = *a.opts;
-    if !a.no_handoff && a.flake.is_none() {
-        return Err(ExitError::new(
-            Exit::Usage,
-            "--flake REF#HOST is needed for the handoff (or pass --no-handoff)",
-        )
-        .into());
+/// `bootstrap`'s flags, the board descriptor and the operator's confirmation, resolved once:
+/// after [`BootstrapPlan::new`] nothing reads the flags again.
+struct BootstrapPlan {
+    /// The serial session: port, baud, transcript.
+    port: PortArgs,
+    board: Option<Board>,
+    /// What the console cores do: U-Boot, the gadget, Linux up to its IP address.
+    console: Plan,
+    /// The host side of `--flash-via` (already confirmed).
+    flasher: Option<HostFlash>,
+    show_console: bool,
+    tx_chunk: usize,
+    tx_delay: Duration,
+    /// `None` with `--no-handoff`: stop at the IP address.
+    handoff: Option<Handoff>,
+}
+
+/// SSH and `nixos-rebuild` once the board is up.
+struct Handoff {
+    flake: String,
+    host: Option<String>,
+    ssh_user: String,
+    /// `--ssh-host`, else the address the console found.
+    ssh_host: Option<String>,
+    ssh_port: u16,
+    ssh_timeout: Duration,
+    rebuild_cmd: String,
+    dry_run: bool,
+    /// `--known-hosts`: the user's file the proven keys are appended to.
+    known_hosts: Option<std::path::PathBuf>,
+}
+
+impl BootstrapPlan {
+    fn new(a: BootstrapOpts, g: &Global) -> anyhow::Result<BootstrapPlan> {
+        let flake = match (&a.flake, a.no_handoff) {
+            (_, true) => None,
+            (Some(f), false) => Some(f.clone()),
+            (None, false) => {
+                return Err(ExitError::new(
+                    Exit::Usage,
+                    "--flake REF#HOST is needed for the handoff (or pass --no-handoff)",
+                )
+                .into())
+            }
+        };
+        let ip_marker = match &a.ip_marker {
+            Some(r) => Some(
+                regex::Regex::new(r)
+                    .map_err(|e| ExitError::new(Exit::Usage, format!("--ip-marker: {e}")))?,
+            ),
+            None => None,
+        };
+        let board = load_board(&a.port, g)?;
+        let b = board.as_ref();
+        let flash_via = match a.flash_via {
+            Some(v) => Some((v, gadget_command(&a, v, b)?)),
+            None => None,
+        };
+        let ssh_user = a
+            .ssh_user
+            .clone()
+            .or_else(|| b.map(|b| b.handoff().ssh_user.clone()))
+            .unwrap_or_else(|| "root".into());
+        let console = Plan {
+            uboot: a.uboot.config(b),
+            linux: LinuxConfig {
+                boot_timeout: Duration::from_secs(a.boot_timeout),
+                login_user: a.login_user.clone(),
+                login_password: a.login_password.clone(),
+                ip_marker,
+                ..LinuxConfig::default()
+            },
+            force_interrupt: a.interrupt_autoboot,
+            uboot_cmds: a.uboot_cmd.clone(),
+            boot_cmd: a.boot_cmd.clone(),
+            flash_via,
+            find_ip: true,
+        };
+        let flasher = match a.flash_via {
+            Some(via) => Some(host_flash(&a, via, b, g)?),
+            None => None,
+        };
+        let handoff = flake.map(|flake| Handoff {
+            flake,
+            host: a.host.clone(),
+            ssh_user,
+            ssh_host: a.ssh_host.clone(),
+            ssh_port: a.ssh_port,
+            ssh_timeout: Duration::from_secs(a.ssh_timeout),
+            rebuild_cmd: a.rebuild_cmd.clone(),
+            dry_run: a.dry_run,
+            known_hosts: a.known_hosts.clone(),
+        });
+        Ok(BootstrapPlan {
+            show_console: a.show_console,
+            tx_chunk: a.uboot.tx_chunk,
+            tx_delay: Duration::from_millis(a.uboot.tx_delay_ms),
+            port: a.port,
+            board,
+            console,
+            flasher,
+            handoff,
+        })
     }
-    let ip_marker = match &a.ip_marker {
-        Some(r) => Some(
-            regex::Regex::new(r)
-                .map_err(|e| ExitError::new(Exit::Usage, format!("--ip-marker: {e}")))?,
-        ),
-        None => None,
-    };
-    let board = load_board(&a.port, g)?;
-    let board = board.as_ref();
-    let flash_via = match a.flash_via {
-        Some(v) => Some((v, gadget_command(&a, v, board)?)),
-        None => None,
-    };
-    let ssh_user = a
-        .ssh_user
-        .clone()
-        .or_else(|| board.map(|b| b.handoff().ssh_user.clone()))
-        .unwrap_or_else(|| "root".into());
-    let plan = Plan {
-        uboot: a.uboot.config(board),
-        linux: LinuxConfig {
-            boot_timeout: Duration::from_secs(a.boot_timeout),
-            login_user: a.login_user.clone(),
-            login_password: a.login_password.clone(),
-            ip_marker,
-            ..LinuxConfig::default()
-        },
-        force_interrupt: a.interrupt_autoboot,
-        uboot_cmds: a.uboot_cmd.clone(),
-        boot_cmd: a.boot_cmd.clone(),
-        flash_via,
-        find_ip: true,
-    };
-    let mut flasher = match a.flash_via {
-        Some(via) => Some(host_flash(&a, via, board, g)?),
-        None => None,
-    };
+}
+
+pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
+    let mut p = BootstrapPlan::new(*a.opts, g)?;
     let rt = runtime()?;
     let _enter = rt.enter(); // the serial port registers with the runtime's reactor
-    let mut s = open_session(&a.port, board, "bootstrap", g)?;
+    let mut s = open_session(&p.port, p.board.as_ref(), "bootstrap", g)?;
     if let Some(t) = s.transcript.as_mut() {
-        t.echo = a.show_console;
+        t.echo = p.show_console;
     }
-    s.tx_chunk = a.uboot.tx_chunk;
-    s.tx_delay = Duration::from_millis(a.uboot.tx_delay_ms);
+    s.tx_chunk = p.tx_chunk;
+    s.tx_delay = p.tx_delay;
     let r = rt.block_on(bootstrap::run(
         &mut s,
-        &plan,
-        flasher.as_mut().map(|f| f as &mut dyn bootstrap::Flasher),
+        &p.console,
+        p.flasher.as_mut().map(|f| f as &mut dyn bootstrap::Flasher),
     ));
-    let r = match r {
-        Ok(reached) if !a.no_handoff => {
+    let r = match (r, p.handoff.as_ref()) {
+        (Ok(reached), Some(h)) => {
             let kh = s
                 .transcript
                 .as_ref()
                 .map(|t| t.path().with_extension("known_hosts"))
                 .unwrap_or_else(|| std::env::temp_dir().join("sbcflash-bootstrap.known_hosts"));
-            handoff_proof(&rt, &mut s, &a, &plan.linux, &reached, &kh)
+            handoff_proof(&rt, &mut s, h, &p.console.linux, &reached, &kh)
                 .map(|(host, _)| (reached, Some((host, kh))))
         }
-        Ok(reached) => Ok((reached, None)),
-        Err(e) => Err(e),
+        (Ok(reached), None) => Ok((reached, None)),
+        (Err(e), _) => Err(e),
     };
     let (reached, proven) = with_transcript(&mut s, r)?;
     drop(s);
-    let Some((host, known_hosts)) = proven else {
+    let (Some(h), Some((host, known_hosts))) = (p.handoff, proven) else {
         if let Some(ip) = reached.ip {
             outln!("{ip}");
         }
         return Ok(Exit::Ok);
     };
     let env_opts = std::env::var("NIX_SSHOPTS").ok();
-    let flake = a.flake.clone().unwrap_or_default();
     let rebuild = Rebuild::plan(&RebuildPlan {
-        rebuild_cmd: &a.rebuild_cmd,
-        flake: &flake,
-        host: a.host.as_deref(),
-        ssh_user: &ssh_user,
+        rebuild_cmd: &h.rebuild_cmd,
+        flake: &h.flake,
+        host: h.host.as_deref(),
+        ssh_user: &h.ssh_user,
         ssh_host: &host,
-        ssh_port: a.ssh_port,
+        ssh_port: h.ssh_port,
         env_sshopts: env_opts.as_deref(),
         known_hosts: Some(&known_hosts),
     })?;
-    if a.dry_run {
+    if h.dry_run {
         outln!("{}", rebuild.display());
         return Ok(Exit::Ok);
     }

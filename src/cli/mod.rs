@@ -262,13 +262,3 @@ fn init_logging(g: &Global) {
         .with_ansi(ansi)
         .try_init();
 }
-
-/// Placeholder result for a subcommand whose issue has not landed yet; says so plainly.
-#[allow(dead_code)] // every subcommand is implemented now; kept for future stubs
-pub(crate) fn not_yet(what: &str) -> anyhow::Result<Exit> {
-    Err(crate::exit::ExitError::new(
-        Exit::Failure,
-        format!("`sbcflash {what}` is not implemented in this build yet"),
-    )
-    .into())
-}

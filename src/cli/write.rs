@@ -5,6 +5,7 @@ use super::Global;
 use crate::exit::{Exit, ExitError};
 use crate::image::{self, OpenedImage};
 use crate::job::BlockJob;
+use crate::progress::Phase;
 use crate::progress::{Event, Level};
 use crate::target::{self, Policy, TargetInfo};
 use crate::usb::flash::Via;
@@ -57,7 +58,6 @@ impl ImageFlags {
             _ => None,
         };
         let bmap_path = bmap.as_ref().map(|b| b.path.clone());
-        let mapped_size = bmap.as_ref().map(|b| b.mapped_bytes());
         let consumed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let reader = image::detect::CountingReader::new(file, consumed.clone());
         let source =
@@ -69,8 +69,6 @@ impl ImageFlags {
             path: path.to_path_buf(),
             formats: Vec::new(),
             bmap: bmap_path,
-            mapped_size,
-            input_size: 0,
             input_consumed: consumed,
         })
     }
@@ -818,7 +816,7 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
     let job = a.image.display().to_string();
     reporter.report(Event::Start {
         job: job.clone(),
-        phase: "hash".into(),
+        phase: Phase::Hash,
         total: opened.logical_size,
         detail: Some(opened.description.clone()),
     });
@@ -833,7 +831,7 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
             h.update_extent(&e, &buf);
             reporter.report(Event::Progress {
                 job: job.clone(),
-                phase: "hash".into(),
+                phase: Phase::Hash,
                 done: h.len(),
                 total: opened.logical_size,
             });
@@ -873,7 +871,7 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
     let (hash, len) = (h.finalize(), h.len());
     reporter.report(Event::Finish {
         job,
-        phase: "hash".into(),
+        phase: Phase::Hash,
         summary: serde_json::json!({ "blake3": hash.to_hex().to_string(), "bytes": len }),
     });
     drop(reporter);

@@ -89,7 +89,6 @@ impl Plan {
 #[derive(Debug, Clone)]
 pub struct Reached {
     pub ip: Option<Ipv4Addr>,
-    pub arrival: Arrival,
 }
 
 /// Runs U-Boot command `c`, which must succeed, and notes it with its last output line.
@@ -236,7 +235,7 @@ pub async fn run(
             s.stage(&Stage::Note(format!("board IP address {a} (from {from})")));
         }
     }
-    Ok(Reached { ip, arrival })
+    Ok(Reached { ip })
 }
 
 /// The board's SSH host keys as its console shows them ([`hostkeys::CONSOLE_QUERY`]); an

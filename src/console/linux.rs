@@ -127,6 +127,8 @@ fn looks_like_shell_prompt(p: &str) -> bool {
 impl Machine for Follow {
     type Output = (Arrival, Option<Ipv4Addr>);
 
+    // Longer than 150 lines on purpose: the follower's whole state machine (boot, login,
+    // shell, IP address) in one match, as in the other console cores.
     fn step(&mut self, ex: &mut Expect, now: Instant) -> Step<Self::Output> {
         let dl = self
             .deadline

@@ -193,11 +193,6 @@ pub fn usb_port_list() -> Result<Vec<PortInfo>, ConsoleError> {
     Ok(v)
 }
 
-/// USB serial adapters present now, as device nodes.
-pub fn usb_ports() -> Result<Vec<PathBuf>, ConsoleError> {
-    Ok(usb_port_list()?.into_iter().map(|p| p.path).collect())
-}
-
 /// `--port` if given, else the single USB serial adapter present; several are an error
 /// listing them (the CLI asks instead when it has a terminal).
 pub fn pick_port(port: Option<&Path>) -> Result<PathBuf, ConsoleError> {

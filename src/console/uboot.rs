@@ -258,17 +258,6 @@ impl Interrupt {
         }
     }
 
-    /// Start sending keys right away (the board is known to be powering on now).
-    pub fn spam_from_start(mut self) -> Interrupt {
-        self.spamming = true;
-        self
-    }
-
-    /// The banner history, to hand to the next machine.
-    pub fn resets(&self) -> ResetWatch {
-        self.resets.clone()
-    }
-
     fn at_prompt(&self, s: &str) -> bool {
         let p = self.cfg.prompt.trim_end();
         !p.is_empty() && s.trim_start().starts_with(p)

@@ -311,10 +311,6 @@ impl Sender {
         let st = self.st;
         self.send(st, bytes, now, self.block_timeout)
     }
-
-    pub fn done(&self) -> bool {
-        self.st == St::Done
-    }
 }
 
 #[cfg(test)]

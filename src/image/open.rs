@@ -9,7 +9,7 @@ use std::fs::File;
 use std::io::{self, Cursor, Read};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Default)]
@@ -34,21 +34,7 @@ pub struct OpenedImage {
     pub logical_size: Option<u64>,
     /// The bmap in use, and how many bytes it maps.
     pub bmap: Option<PathBuf>,
-    pub mapped_size: Option<u64>,
-    /// Size of the file on disk, and a live count of its bytes consumed so far (compressed
-    /// bytes for compressed input): progress while the logical size is unknown.
-    pub input_size: u64,
     pub input_consumed: Arc<AtomicU64>,
-}
-
-impl OpenedImage {
-    /// Fraction of the input file consumed, 0.0..=1.0.
-    pub fn input_fraction(&self) -> f64 {
-        if self.input_size == 0 {
-            return 1.0;
-        }
-        (self.input_consumed.load(Ordering::Relaxed) as f64 / self.input_size as f64).min(1.0)
-    }
 }
 
 fn io_err(path: &Path, source: io::Error) -> ImageError {
@@ -101,7 +87,6 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage, ImageE
             msg: "is a directory, not an image".into(),
         });
     }
-    let input_size = meta.len();
     let name = path.display().to_string();
     let consumed = Arc::new(AtomicU64::new(0));
     let mut head = [0u8; MAGIC_LEN];
@@ -109,7 +94,6 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage, ImageE
     let outer = detect::detect(&head[..n]);
     let bmap = resolve_bmap(path, opts)?;
     let bmap_path = bmap.as_ref().map(|b| b.path.clone());
-    let mapped_size = bmap.as_ref().map(|b| b.mapped_bytes());
 
     if opts.member.is_some() && outer != Format::Zip {
         return Err(ImageError::Invalid {
@@ -131,8 +115,6 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage, ImageE
             description,
             logical_size,
             bmap: bmap_path,
-            mapped_size,
-            input_size,
             input_consumed: consumed,
         });
     }
@@ -162,11 +144,6 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage, ImageE
             zip_member,
         },
     )?;
-    let mapped_size = if formats.contains(&Format::AndroidSparse) {
-        None
-    } else {
-        mapped_size
-    };
     let bmap_path = if formats.contains(&Format::AndroidSparse) {
         None
     } else {
@@ -179,8 +156,6 @@ pub fn open_image(path: &Path, opts: &OpenOptions) -> Result<OpenedImage, ImageE
         path: path.to_path_buf(),
         formats,
         bmap: bmap_path,
-        mapped_size,
-        input_size,
         input_consumed: consumed,
     })
 }

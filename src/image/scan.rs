@@ -853,12 +853,6 @@ pub(crate) mod tests {
             path: "t.bmap".into(),
             version: "2.0".into(),
             image_size: size,
-            block_size: bs,
-            blocks_count: size.div_ceil(bs),
-            mapped_blocks: ranges
-                .iter()
-                .map(|r| r.last_block - r.first_block + 1)
-                .sum(),
             checksum: ChecksumKind::Sha256,
             ranges,
         }

@@ -6,8 +6,6 @@
 //! A pure function of a byte head, so it applies to a decoded stream's head as well as to the
 //! inner image of a container.
 
-use crate::board::check::rockchip_idb;
-
 /// How many leading bytes [`sniff`] looks at: covers btrfs's superblock (64 KiB), ISO 9660's
 /// volume descriptor (32 KiB) and Allwinner's eGON at 128 KiB.
 pub const SNIFF_LEN: usize = 192 << 10;
@@ -184,38 +182,44 @@ pub fn sniff(head: &[u8]) -> Sniffed {
     Sniffed::Other(other(head))
 }
 
+/// Archive signatures (offset, magic), tried before a compression layer.
+const ARCHIVES: &[(usize, &[u8], OtherKind)] = &[
+    (0, b"PK\x03\x04", OtherKind::Zip),
+    (0, b"PK\x05\x06", OtherKind::Zip),
+    (0, b"PK\x07\x08", OtherKind::Zip),
+    (257, b"ustar", OtherKind::Tar),
+    (0, b"7z\xBC\xAF\x27\x1C", OtherKind::SevenZip),
+    (0, b"Rar!\x1A\x07", OtherKind::Rar),
+];
+
+/// Virtual disks and other files, tried after a compression layer.
+const OTHERS: &[(usize, &[u8], OtherKind)] = &[
+    (0, b"QFI\xFB", OtherKind::Qcow2),
+    (0, b"KDMV", OtherKind::Vmdk),
+    (0, b"# Disk DescriptorFile", OtherKind::Vmdk),
+    (0, b"vhdxfile", OtherKind::Vhdx),
+    (0, b"\x7FELF", OtherKind::Elf),
+    (0, b"%PDF-", OtherKind::Pdf),
+];
+
+fn magic(head: &[u8], table: &[(usize, &[u8], OtherKind)]) -> Option<OtherKind> {
+    table
+        .iter()
+        .find(|(off, m, _)| at(head, *off, m))
+        .map(|(_, _, k)| *k)
+}
+
 fn other(head: &[u8]) -> OtherKind {
     use OtherKind as O;
-    if at(head, 0, b"PK\x03\x04") || at(head, 0, b"PK\x05\x06") || at(head, 0, b"PK\x07\x08") {
-        return O::Zip;
-    }
-    if at(head, 257, b"ustar") {
-        return O::Tar;
-    }
-    if at(head, 0, b"7z\xBC\xAF\x27\x1C") {
-        return O::SevenZip;
-    }
-    if at(head, 0, b"Rar!\x1A\x07") {
-        return O::Rar;
+    if let Some(k) = magic(head, ARCHIVES) {
+        return k;
     }
     let f = super::detect::detect(head);
     if f != super::Format::Raw {
         return O::Compressed(f.name());
     }
-    if at(head, 0, b"QFI\xFB") {
-        return O::Qcow2;
-    }
-    if at(head, 0, b"KDMV") || at(head, 0, b"# Disk DescriptorFile") {
-        return O::Vmdk;
-    }
-    if at(head, 0, b"vhdxfile") {
-        return O::Vhdx;
-    }
-    if at(head, 0, b"\x7FELF") {
-        return O::Elf;
-    }
-    if at(head, 0, b"%PDF-") {
-        return O::Pdf;
+    if let Some(k) = magic(head, OTHERS) {
+        return k;
     }
     if head.iter().all(|&b| b == 0) {
         return O::Zeroes;
@@ -252,9 +256,87 @@ pub fn is_bmap_xml(head: &[u8]) -> bool {
     s.trim_start().starts_with("<?xml") && s.contains("<bmap")
 }
 
+/// Rockchip's fixed RC4 key for IDBlock sectors and legacy 471/472 payloads.
+const RK_RC4_KEY: [u8; 16] = [
+    0x7c, 0x4e, 0x03, 0x04, 0x55, 0x05, 0x09, 0x07, 0x2d, 0x2c, 0x7b, 0x38, 0x17, 0x0d, 0x17, 0x11,
+];
+
+/// Legacy IDBlock tag (little-endian u32 at the start of the header sector).
+const IDB_TAG: u32 = 0x0FF0_AA55;
+
+/// Recognise an IDBlock header sector: RK35xx `RKNS`, or the legacy tag in plain text (RC4 off)
+/// or RC4-scrambled (each 512-byte sector is scrambled with a fresh keystream).
+pub fn rockchip_idb(sector: &[u8]) -> Option<&'static str> {
+    if sector.len() < 4 {
+        return None;
+    }
+    if &sector[0..4] == b"RKNS" {
+        return Some("IDB (RKNS header)");
+    }
+    let tag = u32::from_le_bytes([sector[0], sector[1], sector[2], sector[3]]);
+    if tag == IDB_TAG {
+        return Some("IDB (legacy header, RC4 off)");
+    }
+    let ks = rc4_keystream(&RK_RC4_KEY, 4);
+    let dec = [
+        sector[0] ^ ks[0],
+        sector[1] ^ ks[1],
+        sector[2] ^ ks[2],
+        sector[3] ^ ks[3],
+    ];
+    if u32::from_le_bytes(dec) == IDB_TAG {
+        return Some("IDB (legacy header, RC4)");
+    }
+    None
+}
+
+/// Plain RC4 keystream (KSA + PRGA); tiny, and not worth a dependency for 4 bytes.
+pub fn rc4_keystream(key: &[u8], n: usize) -> Vec<u8> {
+    let mut s: [u8; 256] = std::array::from_fn(|i| i as u8);
+    let mut j: u8 = 0;
+    for i in 0..256 {
+        j = j.wrapping_add(s[i]).wrapping_add(key[i % key.len()]);
+        s.swap(i, j as usize);
+    }
+    let (mut i, mut j) = (0u8, 0u8);
+    (0..n)
+        .map(|_| {
+            i = i.wrapping_add(1);
+            j = j.wrapping_add(s[i as usize]);
+            s.swap(i as usize, j as usize);
+            s[(s[i as usize].wrapping_add(s[j as usize])) as usize]
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rc4_keystream_matches_reference_vector() {
+        // The key rkdeveloptool and xrock use; its keystream starts 6e262cf3be9f9d51ea3034ce20511f98.
+        assert_eq!(
+            hex::encode(rc4_keystream(&RK_RC4_KEY, 16)),
+            "6e262cf3be9f9d51ea3034ce20511f98"
+        );
+    }
+
+    #[test]
+    fn idb_variants_recognised() {
+        let mut s = [0u8; 512];
+        assert_eq!(rockchip_idb(&s), None);
+        s[0..4].copy_from_slice(b"RKNS");
+        assert_eq!(rockchip_idb(&s), Some("IDB (RKNS header)"));
+        s[0..4].copy_from_slice(&IDB_TAG.to_le_bytes());
+        assert_eq!(rockchip_idb(&s), Some("IDB (legacy header, RC4 off)"));
+        let ks = rc4_keystream(&RK_RC4_KEY, 4);
+        for i in 0..4 {
+            s[i] ^= ks[i];
+        }
+        assert_eq!(&s[0..4], &[0x3b, 0x8c, 0xdc, 0xfc]);
+        assert_eq!(rockchip_idb(&s), Some("IDB (legacy header, RC4)"));
+    }
 
     fn put(v: &mut Vec<u8>, off: usize, b: &[u8]) {
         if v.len() < off + b.len() {

@@ -113,6 +113,18 @@ impl SparseSource {
         self.crc = h.finalize();
     }
 
+    /// `data` (just read or filled) is the next extent: checksummed, and the position moves on.
+    fn data_extent(&mut self, data: &[u8]) -> Extent {
+        self.crc_data(data);
+        let e = Extent {
+            offset: self.pos,
+            len: data.len() as u64,
+            kind: ExtentKind::Data,
+        };
+        self.pos += e.len;
+        e
+    }
+
     /// Read the next chunk header; returns a gap extent for FILL-zero / DONT_CARE chunks.
     fn next_chunk(&mut self) -> Result<Option<Extent>, ImageError> {
         if self.chunks_left == 0 {
@@ -274,13 +286,7 @@ impl ExtentSource for SparseSource {
                 Some(Current::Raw { left }) => {
                     let n = left.min(buf.len() as u64) as usize;
                     self.read_exact_at(&mut buf[..n], "RAW chunk data")?;
-                    self.crc_data(&buf[..n]);
-                    let e = Extent {
-                        offset: self.pos,
-                        len: n as u64,
-                        kind: ExtentKind::Data,
-                    };
-                    self.pos += n as u64;
+                    let e = self.data_extent(&buf[..n]);
                     if left > n as u64 {
                         self.cur = Some(Current::Raw {
                             left: left - n as u64,
@@ -296,13 +302,7 @@ impl ExtentSource for SparseSource {
                     for (i, b) in buf[..n].iter_mut().enumerate() {
                         *b = pattern[i & 3];
                     }
-                    self.crc_data(&buf[..n]);
-                    let e = Extent {
-                        offset: self.pos,
-                        len: n as u64,
-                        kind: ExtentKind::Data,
-                    };
-                    self.pos += n as u64;
+                    let e = self.data_extent(&buf[..n]);
                     if left > n as u64 {
                         self.cur = Some(Current::Fill {
                             pattern,

@@ -68,7 +68,7 @@ pub fn find(path: &Path, raw: bool, skips: &[(u64, u64)]) -> Result<Option<Unmap
             ..Default::default()
         },
     )?;
-    let mut buf = crate::write::buffer::AlignedBuf::new(READ_BUF);
+    let mut buf = super::buffer::AlignedBuf::new(READ_BUF);
     let mut i = 0;
     while let Some(e) = opened.source.next_extent(&mut buf)? {
         if e.kind != ExtentKind::Data {

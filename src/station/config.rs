@@ -351,6 +351,8 @@ impl Station {
         Self::parse(&path, &text)
     }
 
+    // Longer than 150 lines on purpose: one section of the station file after another,
+    // each validated where it is read so that an error names its section and key.
     pub fn parse(path: &Path, text: &str) -> Result<Self, StationError> {
         let bad = |msg: String| StationError::Config {
             path: path.display().to_string(),

@@ -18,6 +18,7 @@
 //! image: it removes those of other sources last used before its own ([`remove_older`]),
 //! unless another running station holds them.
 
+use crate::progress::Phase;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -208,7 +209,7 @@ fn decode_into(
     let total = src.size_hint();
     rep.report(Event::Start {
         job: job.into(),
-        phase: "decode".into(),
+        phase: Phase::Decode,
         total,
         detail: Some(format!(
             "{} → {} (once for all slots)",
@@ -243,7 +244,7 @@ fn decode_into(
             end = e.end();
             rep.report(Event::Progress {
                 job: job.into(),
-                phase: "decode".into(),
+                phase: Phase::Decode,
                 done: end,
                 total,
             });
@@ -282,7 +283,7 @@ fn decode_into(
     }
     rep.report(Event::Finish {
         job: job.into(),
-        phase: "decode".into(),
+        phase: Phase::Decode,
         summary: serde_json::json!({ "blake3": blake3, "bytes": size, "extents": extents.len() }),
     });
     Ok(())

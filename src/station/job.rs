@@ -5,6 +5,7 @@
 //! between buffers (it is the writer's cancel flag) and between steps; whatever happens, a cancelled
 //! unit ends as FAIL with the reason, never as PASS.
 
+use crate::progress::Phase;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,7 +60,7 @@ impl ImagePlan {
         let job = super::ui::STATION_JOB;
         rep.report(Event::Start {
             job: job.into(),
-            phase: "hash".into(),
+            phase: Phase::Hash,
             total: opened.logical_size,
             detail: Some(format!("{}: {}", path.display(), opened.description)),
         });
@@ -67,7 +68,7 @@ impl ImagePlan {
         let (hash, len) = crate::image::digest::hash_source(opened.source.as_mut(), &mut buf)?;
         rep.report(Event::Finish {
             job: job.into(),
-            phase: "hash".into(),
+            phase: Phase::Hash,
             summary: serde_json::json!({ "blake3": hash.to_hex().to_string(), "bytes": len }),
         });
         Ok(ImagePlan {
@@ -263,8 +264,6 @@ impl Handle {
 pub struct Done {
     pub slot: String,
     pub pass: bool,
-    pub serial: Option<String>,
-    pub reason: Option<String>,
 }
 
 /// Starts the job for `dev` on `slot`.
@@ -286,11 +285,9 @@ pub fn spawn(
             let d = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 run_job(&ctx, &slot, &dev, &c)
             }))
-            .unwrap_or_else(|p| Done {
+            .unwrap_or_else(|_| Done {
                 slot: slot.clone(),
                 pass: false,
-                serial: None,
-                reason: Some(format!("job thread panicked: {}", panic_text(p.as_ref()))),
             });
             if d.pass && ctx.station.eject && !dev.is_usb_device() {
                 eject_card(&ctx, &slot, &dev);
@@ -299,13 +296,11 @@ pub fn spawn(
         });
     let thread = match thread {
         Ok(t) => Some(t),
-        Err(e) => {
+        Err(_) => {
             // The host is out of threads: nothing was touched and no row was written.
             let _ = done2.send(Done {
                 slot: slot2,
                 pass: false,
-                serial: None,
-                reason: Some(format!("cannot start a job thread: {e}")),
             });
             None
         }
@@ -468,30 +463,14 @@ fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) ->
             Ok((id.serial.clone(), id.hostname.clone(), json, id))
         })
     };
-    let (row, id) = match started {
-        Ok(Ok(v)) => v,
-        Ok(Err(reason)) => {
-            return end(
-                ctx,
-                &rep,
-                slot,
-                None,
-                None,
-                Err(format!("identity: {reason}")),
-                None,
-            )
-        }
-        Err(e) => {
-            return end(
-                ctx,
-                &rep,
-                slot,
-                None,
-                None,
-                Err(format!("ledger: {e}")),
-                None,
-            );
-        }
+    let unit_row = match started {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(reason)) => Err(format!("identity: {reason}")),
+        Err(e) => Err(format!("ledger: {e}")),
+    };
+    let (row, id) = match unit_row {
+        Ok(v) => v,
+        Err(reason) => return end(ctx, &rep, slot, None, None, Err(reason), None),
     };
     rep.info(format!(
         "{devnode}: unit {} (hostname {}), {}",
@@ -694,8 +673,6 @@ fn end(
     Done {
         slot: slot.to_string(),
         pass,
-        serial: serial.map(str::to_string),
-        reason,
     }
 }
 
@@ -843,9 +820,9 @@ pub(super) struct PhaseFollower<'a> {
 impl crate::progress::Reporter for PhaseFollower<'_> {
     fn report(&self, ev: crate::progress::Event) {
         if let crate::progress::Event::Start { phase, .. } = &ev {
-            match phase.as_str() {
-                "write" => (self.set)(Step::Write),
-                "verify" => (self.set)(Step::Verify),
+            match phase {
+                Phase::Write => (self.set)(Step::Write),
+                Phase::Verify => (self.set)(Step::Verify),
                 _ => {}
             }
         }

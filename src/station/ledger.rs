@@ -351,6 +351,7 @@ impl Ledger {
     }
 
     /// The next counter value (without taking it), for `--dry-run`.
+    #[cfg(test)] // only the unit tests use it
     pub fn peek_seq(&self, start: u64) -> Result<u64, StationError> {
         peek_seq(&self.conn, start).map_err(db_err(&self.path))
     }
@@ -523,17 +524,6 @@ impl Ledger {
             )
             .map_err(db_err(&self.path))?;
         Ok(())
-    }
-
-    /// Counts by result (for the running count after a restart).
-    pub fn counts(&self) -> Result<(u64, u64), StationError> {
-        self.conn
-            .query_row(
-                "SELECT COALESCE(SUM(result='pass'),0), COALESCE(SUM(result IN ('fail','interrupted')),0) FROM units",
-                [],
-                |r| Ok((r.get::<_, i64>(0)? as u64, r.get::<_, i64>(1)? as u64)),
-            )
-            .map_err(db_err(&self.path))
     }
 }
 

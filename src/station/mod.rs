@@ -325,6 +325,8 @@ pub fn run(
 /// [`run`]; udev-shaped events and simulated boards in tests). Stops when `stop` is set
 /// (jobs are cancelled and recorded) or after `exit_after` units.
 #[allow(clippy::too_many_arguments)]
+// Longer than 150 lines on purpose: the station's event loop (one arm per hotplug decision,
+// then the wait for events, finished jobs and stop), sharing the slots, jobs and ledger it owns.
 pub fn run_with(
     station: &config::Station,
     image: Arc<job::ImagePlan>,

@@ -4,6 +4,7 @@
 //! Jobs report through a [`SlotReporter`], which names every event after its slot, copies it
 //! to the slot's log, and forwards it to the station's reporter.
 
+use crate::progress::Phase;
 use std::fs::File;
 use std::io::Write;
 use std::path::Path;
@@ -83,11 +84,6 @@ impl Ui {
         for (slot, waiting) in slots {
             bars.slot_line(slot, SlotLine::Idle, waiting);
         }
-    }
-
-    pub fn set_counts(&self, pass: u64, fail: u64) {
-        self.pass.store(pass, Ordering::Relaxed);
-        self.fail.store(fail, Ordering::Relaxed);
     }
 
     pub fn job_started(&self) {
@@ -217,6 +213,37 @@ impl StationBars {
         }
     }
 
+    /// A running phase's line for `job`, in the job's place, titled `prefix`.
+    fn phase_line(
+        &self,
+        bars: &mut std::collections::HashMap<String, indicatif::ProgressBar>,
+        job: String,
+        prefix: &str,
+        total: Option<u64>,
+        detail: Option<String>,
+    ) {
+        let pb = self.replace(bars, &job, total);
+        pb.set_style(phase_style(total.is_some()));
+        pb.set_prefix(prefix.to_string());
+        pb.set_message(detail.unwrap_or_default());
+        pb.tick();
+        bars.insert(job, pb);
+    }
+
+    /// A slot's phase starts: its line names the slot and the phase.
+    fn slot_phase(&self, slot: &str, phase: Phase, total: Option<u64>, detail: Option<String>) {
+        let Ok(mut bars) = self.bars.lock() else {
+            return;
+        };
+        self.phase_line(
+            &mut bars,
+            slot.to_string(),
+            &format!("{slot} {phase}"),
+            total,
+            detail,
+        );
+    }
+
     /// Shows a slot's standing line (idle, PASS, FAIL) with `text`.
     pub fn slot_line(&self, slot: &str, line: SlotLine, text: &str) {
         let Ok(mut bars) = self.bars.lock() else {
@@ -231,45 +258,36 @@ impl StationBars {
     }
 }
 
+/// A slot keeps one line whatever it runs: lines are keyed by job (the slot) alone.
+impl crate::progress::bar::View for StationBars {
+    type Key = String;
+    fn key(job: String, _: Phase) -> String {
+        job
+    }
+    fn start(
+        &self,
+        bars: &mut std::collections::HashMap<String, indicatif::ProgressBar>,
+        job: String,
+        phase: Phase,
+        total: Option<u64>,
+        detail: Option<String>,
+    ) {
+        self.phase_line(bars, job, phase.name(), total, detail)
+    }
+    fn message(
+        &self,
+        _: &std::collections::HashMap<String, indicatif::ProgressBar>,
+        _: &str,
+        line: String,
+    ) {
+        let _ = self.multi.println(line);
+    }
+}
+
 impl Reporter for StationBars {
     fn report(&self, ev: Event) {
-        let Ok(mut bars) = self.bars.lock() else {
-            return;
-        };
-        match ev {
-            Event::Start {
-                job,
-                phase,
-                total,
-                detail,
-            } => {
-                let pb = self.replace(&mut bars, &job, total);
-                pb.set_style(phase_style(total.is_some()));
-                pb.set_prefix(phase);
-                pb.set_message(detail.unwrap_or_default());
-                pb.tick();
-                bars.insert(job, pb);
-            }
-            Event::Progress {
-                job, done, total, ..
-            } => {
-                if let Some(pb) = bars.get(&job) {
-                    crate::progress::bar::advance(pb, done, total);
-                }
-            }
-            Event::Message { level, text, .. } => {
-                let _ = self.multi.println(crate::progress::bar::note(level, text));
-            }
-            Event::Finish { job, .. } => {
-                if let Some(pb) = bars.remove(&job) {
-                    pb.finish();
-                }
-            }
-            Event::Error { job, message, .. } => {
-                if let Some(pb) = bars.remove(&job) {
-                    crate::progress::bar::failed(pb, &message);
-                }
-            }
+        if let Ok(mut bars) = self.bars.lock() {
+            crate::progress::bar::render(self, &mut bars, ev);
         }
     }
 }
@@ -280,7 +298,7 @@ pub struct SlotReporter {
     ui: Arc<Ui>,
     log: Option<Mutex<File>>,
     /// Last logged progress decile per phase, so the log gets 10 % steps, not a flood.
-    last_decile: Mutex<(String, u64)>,
+    last_decile: Mutex<(Option<Phase>, u64)>,
 }
 
 impl SlotReporter {
@@ -302,7 +320,7 @@ impl SlotReporter {
             slot: slot.to_string(),
             ui,
             log,
-            last_decile: Mutex::new((String::new(), u64::MAX)),
+            last_decile: Mutex::new((None, u64::MAX)),
         })
     }
 
@@ -312,7 +330,7 @@ impl SlotReporter {
             slot: slot.to_string(),
             ui,
             log: None,
-            last_decile: Mutex::new((String::new(), u64::MAX)),
+            last_decile: Mutex::new((None, u64::MAX)),
         }
     }
 
@@ -366,16 +384,20 @@ impl Reporter for SlotReporter {
         let slot = self.slot.clone();
         match &mut ev {
             Event::Start {
-                job, phase, total, ..
+                job,
+                phase,
+                total,
+                detail,
             } => {
                 *job = slot.clone();
                 self.log(&format!(
                     "start {phase}{}",
                     total.map(|t| format!(" ({t} bytes)")).unwrap_or_default()
                 ));
-                if self.ui.style == Style::Bars {
-                    // The bar's prefix is the phase: name the slot in it too.
-                    *phase = format!("{slot} {phase}");
+                if let Some(bars) = &self.ui.bars {
+                    // The bar's prefix names the slot and the phase.
+                    bars.slot_phase(&slot, *phase, *total, detail.take());
+                    return;
                 }
             }
             Event::Progress {
@@ -388,8 +410,8 @@ impl Reporter for SlotReporter {
                 if let Some(t) = total.filter(|t| *t > 0) {
                     let decile = (*done).min(t) * 10 / t;
                     if let Ok(mut last) = self.last_decile.lock() {
-                        if last.0 != *phase || last.1 != decile {
-                            *last = (phase.clone(), decile);
+                        if last.0 != Some(*phase) || last.1 != decile {
+                            *last = (Some(*phase), decile);
                             self.log(&format!("{phase} {}%", decile * 10));
                         }
                     }
@@ -441,14 +463,14 @@ mod tests {
         let r = SlotReporter::new("s1", ui.clone(), Some(dir.path())).unwrap();
         r.report(Event::Start {
             job: "/dev/loop0".into(),
-            phase: "write".into(),
+            phase: Phase::Write,
             total: Some(100),
             detail: None,
         });
         for d in [5, 50, 55, 100] {
             r.report(Event::Progress {
                 job: "/dev/loop0".into(),
-                phase: "write".into(),
+                phase: Phase::Write,
                 done: d,
                 total: Some(100),
             });

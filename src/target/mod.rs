@@ -30,9 +30,7 @@ pub mod eject;
 mod open;
 mod policy;
 
-pub use disk::{
-    human_size, inspect_devnum, list_disks, parse_mountinfo, Bus, Disk, Partition, Usage,
-};
+pub(crate) use disk::{human_size, list_disks, Bus, Disk};
 pub use open::{open, open_readonly, OpenTarget};
 pub use policy::{file_looks_like_image, inspect, vet, vet_file_target, Policy, TargetInfo};
 

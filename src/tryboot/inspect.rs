@@ -9,10 +9,10 @@ use std::io::Read;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use crate::board::check::rockchip_idb;
 use crate::board::parttable::{self, PartType, PartitionTable};
 use crate::board::schema::Arch;
 use crate::board::schema::SECTOR;
+use crate::image::sniff::rockchip_idb;
 
 use super::TryError;
 

@@ -179,11 +179,6 @@ impl<'t> Fastboot<'t> {
         self.okay(&cmd, self.long_timeout).map(|_| ())
     }
 
-    pub fn erase(&mut self, part: &str) -> Result<(), Error> {
-        let cmd = FastBootCommand::Erase(part).to_string();
-        self.okay(&cmd, self.long_timeout).map(|_| ())
-    }
-
     /// `reboot`; the device leaves the bus after OKAY (a missing OKAY is tolerated).
     pub fn reboot(&mut self) -> Result<(), Error> {
         let cmd = FastBootCommand::<&str>::Reboot.to_string();

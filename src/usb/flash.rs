@@ -2,7 +2,7 @@
 //! write storage, stream the image, verify, reset.
 //!
 //! Everything goes through a [`Bus`], so the same code runs against libusb and against the
-//! simulated boards in [`super::sim`].
+//! simulated boards in `super::sim`.
 
 use super::discovery::{Bus, Found, Mode, Protocol};
 use super::fastboot::{Fastboot, SparseEncoder};
@@ -12,6 +12,7 @@ use super::usbboot::{self, DirProvider};
 use super::{ids, Error};
 use crate::exit::Classify;
 use crate::image::{Extent, ExtentKind, ExtentSource, ImageError};
+use crate::progress::Phase;
 use crate::progress::{Event, Level, Reporter};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -121,26 +122,26 @@ struct Progress<'a> {
 }
 
 impl Progress<'_> {
-    fn start(&self, phase: &str, total: Option<u64>, detail: Option<String>) {
+    fn start(&self, phase: Phase, total: Option<u64>, detail: Option<String>) {
         self.rep.report(Event::Start {
             job: self.job.clone(),
-            phase: phase.into(),
+            phase,
             total,
             detail,
         });
     }
-    fn at(&self, phase: &str, done: u64, total: Option<u64>) {
+    fn at(&self, phase: Phase, done: u64, total: Option<u64>) {
         self.rep.report(Event::Progress {
             job: self.job.clone(),
-            phase: phase.into(),
+            phase,
             done,
             total,
         });
     }
-    fn finish(&self, phase: &str, summary: serde_json::Value) {
+    fn finish(&self, phase: Phase, summary: serde_json::Value) {
         self.rep.report(Event::Finish {
             job: self.job.clone(),
-            phase: phase.into(),
+            phase,
             summary,
         });
     }
@@ -151,10 +152,10 @@ impl Progress<'_> {
             text,
         });
     }
-    fn fail(&self, phase: &str, e: &Error) {
+    fn fail(&self, phase: Phase, e: &Error) {
         self.rep.report(Event::Error {
             job: self.job.clone(),
-            phase: phase.into(),
+            phase,
             message: e.to_string(),
             exit_code: e.exit().code(),
         });
@@ -297,7 +298,7 @@ pub enum Ready {
     /// A Rockchip board running a loader: its storage as a writer sink ("VID:PID at PORT").
     Rockusb { label: String, sink: RockusbSink },
     /// The board's storage is this block device on the same port (rpiboot's gadget).
-    Block { label: String, path: PathBuf },
+    Block { path: PathBuf },
 }
 
 /// Bring the board `opts` names (by `port`/`id`) from its recovery mode to [`Ready`]:
@@ -317,9 +318,7 @@ pub fn bring_up(
     match opts.via {
         Via::Maskrom | Via::Usb => rockchip_ready(bus, opts, &p, follow)
             .map(|(label, sink)| Ready::Rockusb { label, sink }),
-        Via::Usbboot => {
-            rpiboot(bus, opts, &p, follow).map(|(label, path)| Ready::Block { label, path })
-        }
+        Via::Usbboot => rpiboot(bus, opts, &p, follow).map(|(_, path)| Ready::Block { path }),
         Via::Fastboot => Err(Error::Input(
             "fastboot needs no bring-up: the device is written as it is".into(),
         )),
@@ -349,7 +348,7 @@ pub fn write_via(
             .map(|(device, path)| Outcome::BlockDevice { device, path }),
     };
     if let Err(e) = &r {
-        p.fail("usb", e);
+        p.fail(Phase::Usb, e);
     }
     r
 }
@@ -432,14 +431,14 @@ fn start_loader(
     // The ROM leaves the bus and the loader enumerates at a new address.
     follow.leaving(true);
     let total: u64 = loader.entries.iter().map(|e| e.data.len() as u64).sum();
-    p.start("loader", Some(total), Some(loader.origin.clone()));
+    p.start(Phase::Loader, Some(total), Some(loader.origin.clone()));
     {
         let mut t = bus.open(&dev)?;
         rockusb::download_loader(&mut *t, &loader, &opts.timeouts, &mut |d, t| {
-            p.at("loader", d, Some(t))
+            p.at(Phase::Loader, d, Some(t))
         })?;
     }
-    p.finish("loader", serde_json::json!({ "bytes": total }));
+    p.finish(Phase::Loader, serde_json::json!({ "bytes": total }));
     let port = dev.port_path.clone();
     let back = wait_for(
         opts.reenumerate_timeout,
@@ -566,7 +565,11 @@ pub fn flash_partition(
             )));
         }
     }
-    p.start_("write", size, Some(format!("fastboot partition '{part}'")));
+    p.start_(
+        Phase::Write,
+        size,
+        Some(format!("fastboot partition '{part}'")),
+    );
     let mut written = 0u64;
     let mut skipped = 0u64;
     if let Some(n) = size.filter(|&n| n <= max as u64) {
@@ -584,7 +587,7 @@ pub fn flash_partition(
         }
         fb.download(&img, &mut |_| {})?;
         fb.flash(part)?;
-        p.at_("write", n, size);
+        p.at_(Phase::Write, n, size);
         return Ok((n, written, skipped));
     }
     let enc = SparseEncoder::new(max, size)?;
@@ -602,7 +605,7 @@ pub fn flash_partition(
         // Image bytes, not the piece's size: its sparse headers are no part of the image (the
         // lab showed 520 header bytes counted as written and missing from skipped).
         written += piece.data_bytes;
-        p.at_("write", piece.covers.end, size);
+        p.at_(Phase::Write, piece.covers.end, size);
         Ok(())
     })?;
     p.note_(format!(
@@ -614,29 +617,21 @@ pub fn flash_partition(
 
 /// Progress sink for [`flash_partition`], so callers without a full session can use it.
 pub trait ProgressLike {
-    fn start_(&self, phase: &str, total: Option<u64>, detail: Option<String>);
-    fn at_(&self, phase: &str, done: u64, total: Option<u64>);
+    fn start_(&self, phase: Phase, total: Option<u64>, detail: Option<String>);
+    fn at_(&self, phase: Phase, done: u64, total: Option<u64>);
     fn note_(&self, text: String);
 }
 
 impl ProgressLike for Progress<'_> {
-    fn start_(&self, phase: &str, total: Option<u64>, detail: Option<String>) {
+    fn start_(&self, phase: Phase, total: Option<u64>, detail: Option<String>) {
         self.start(phase, total, detail)
     }
-    fn at_(&self, phase: &str, done: u64, total: Option<u64>) {
+    fn at_(&self, phase: Phase, done: u64, total: Option<u64>) {
         self.at(phase, done, total)
     }
     fn note_(&self, text: String) {
         self.note(text)
     }
-}
-
-/// No progress output.
-pub struct NoProgress;
-impl ProgressLike for NoProgress {
-    fn start_(&self, _: &str, _: Option<u64>, _: Option<String>) {}
-    fn at_(&self, _: &str, _: u64, _: Option<u64>) {}
-    fn note_(&self, _: String) {}
 }
 
 fn rpiboot(
@@ -711,7 +706,7 @@ fn rpiboot(
         })?
     };
     p.finish(
-        "usbboot",
+        Phase::Usbboot,
         serde_json::json!({ "files": served.files.iter().map(|(n, s)| serde_json::json!({"name": n, "bytes": s})).collect::<Vec<_>>() }),
     );
     let path = wait_for(

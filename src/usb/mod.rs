@@ -7,7 +7,8 @@
 //! [`fastboot`] and [`fel`] (Allwinner) are drivers that call the transport directly. All are
 //! tested against the simulated devices through the same trait.
 //! [`flash`] runs a whole `write --via` session; [`udev`] renders the shipped rules from the
-//! same ID tables; [`sim`] holds the simulated devices the tests drive.
+//! same ID tables; `sim` holds the simulated devices the tests drive (only with the `sim`
+//! feature, which the crate's own tests and examples turn on: not part of the library's API).
 
 pub mod discovery;
 pub mod fastboot;
@@ -16,6 +17,7 @@ pub mod flash;
 pub mod ids;
 pub mod rkloader;
 pub mod rockusb;
+#[cfg(feature = "sim")]
 pub mod sim;
 pub mod transport;
 pub mod udev;

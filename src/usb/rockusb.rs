@@ -158,7 +158,6 @@ pub fn probe_loader(t: &mut dyn Transport, timeouts: &Timeouts) -> bool {
 pub struct LoaderSession<'t> {
     t: &'t mut dyn Transport,
     pub timeouts: Timeouts,
-    pub sectors_per_command: u16,
     /// Storage size in bytes, when the loader reports it (mainline U-Boot's rockusb does not).
     pub capacity: Option<u64>,
     pub chip: Option<String>,
@@ -186,7 +185,6 @@ impl<'t> LoaderSession<'t> {
         let mut s = Self {
             t,
             timeouts,
-            sectors_per_command: DEFAULT_SECTORS_PER_COMMAND,
             capacity: None,
             chip,
         };
@@ -340,7 +338,6 @@ impl RockusbSink {
         LoaderSession {
             t: &mut *self.t,
             timeouts: self.timeouts,
-            sectors_per_command: self.sectors_per_command,
             capacity: self.capacity,
             chip: None,
         }

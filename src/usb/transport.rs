@@ -2,7 +2,7 @@
 //!
 //! Every protocol in [`super`] is written against [`Transport`]: four transfer kinds with
 //! explicit timeouts, nothing else. The rusb implementation below is the only code that touches
-//! libusb; the simulated devices in [`super::sim`] implement the same trait from the device side,
+//! libusb; the simulated devices in `super::sim` implement the same trait from the device side,
 //! which is how all protocols are tested without a USB bus.
 
 use std::time::Duration;

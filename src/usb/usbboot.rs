@@ -16,10 +16,9 @@ const T_CONTROL: Duration = Duration::from_secs(1);
 const T_BULK: Duration = Duration::from_secs(5);
 const T_READ: Duration = Duration::from_secs(20);
 
-/// Host → device message.
-pub fn ep_write(t: &mut dyn Transport, data: &[u8]) -> Result<(), Error> {
-    let len = u32::try_from(data.len())
-        .map_err(|_| Error::TooLarge("file over 4 GiB for rpiboot".into()))?;
+/// A length in a vendor control request (low half in wValue, high half in wIndex): what
+/// comes next in a transfer, or the size of a requested file.
+fn send_len(t: &mut dyn Transport, len: u32) -> Result<usize, crate::usb::TransportError> {
     t.control_out(
         0x40,
         0,
@@ -28,7 +27,13 @@ pub fn ep_write(t: &mut dyn Transport, data: &[u8]) -> Result<(), Error> {
         &[],
         T_CONTROL,
     )
-    .map_err(|e| Error::transport("announcing a transfer to the boot ROM", e))?;
+}
+
+/// Host → device message.
+pub fn ep_write(t: &mut dyn Transport, data: &[u8]) -> Result<(), Error> {
+    let len = u32::try_from(data.len())
+        .map_err(|_| Error::TooLarge("file over 4 GiB for rpiboot".into()))?;
+    send_len(t, len).map_err(|e| Error::transport("announcing a transfer to the boot ROM", e))?;
     let mut sent = 0usize;
     for chunk in data.chunks(BULK_CHUNK) {
         let n = t.bulk_out(chunk, T_BULK).map_err(|e| Error::Interrupted {
@@ -255,15 +260,8 @@ pub fn file_server(
                         .map_err(|_| Error::TooLarge(format!("{name}: over 4 GiB for rpiboot")))?,
                     None => 0,
                 };
-                t.control_out(
-                    0x40,
-                    0,
-                    (size & 0xffff) as u16,
-                    (size >> 16) as u16,
-                    &[],
-                    T_CONTROL,
-                )
-                .map_err(|e| Error::transport(format!("answering the size of {name}"), e))?;
+                send_len(t, size)
+                    .map_err(|e| Error::transport(format!("answering the size of {name}"), e))?;
                 if content.is_none() {
                     on_file(&name, None);
                     served.files.push((name.clone(), None));

@@ -41,6 +41,7 @@ use crate::exit::Classify;
 use crate::image::bmap::RangeChecker;
 use crate::image::zero::ZEROS;
 use crate::image::{Extent, ExtentKind, ExtentSource, ImageError, LogicalHasher};
+use crate::progress::Phase;
 use crate::progress::{Event, Reporter};
 use buffer::{AlignedBuf, Pool, Shared};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
@@ -86,6 +87,18 @@ pub struct WriteOptions {
 
 /// Opens a fresh stream of the image being written.
 pub type Reopen = Arc<dyn Fn() -> Result<Box<dyn ExtentSource>, ImageError> + Send + Sync>;
+
+impl WriteOptions {
+    /// A progress event of this job's `phase`.
+    fn progress(&self, phase: Phase, done: u64, total: Option<u64>) -> Event {
+        Event::Progress {
+            job: self.job.clone(),
+            phase,
+            done,
+            total,
+        }
+    }
+}
 
 impl Default for WriteOptions {
     fn default() -> Self {
@@ -509,15 +522,15 @@ pub fn run(
     let detail = source.describe();
     reporter.report(Event::Start {
         job: job.clone(),
-        phase: "write".into(),
+        phase: Phase::Write,
         total: size_hint,
         detail: Some(detail),
     });
     // Every failure is also an `Error` event of the phase it ended.
-    let failed = |phase: &str, e: WriteError| {
+    let failed = |phase: Phase, e: WriteError| {
         reporter.report(Event::Error {
             job: job.clone(),
-            phase: phase.into(),
+            phase,
             message: e.to_string(),
             exit_code: e.exit().code(),
         });
@@ -525,10 +538,10 @@ pub fn run(
     };
     let mut state = TargetState::Untouched;
     let mut report = write_inner(source, sink, opts, reporter, size_hint, &mut state)
-        .map_err(|e| failed("write", e.with_state(state)))?;
+        .map_err(|e| failed(Phase::Write, e.with_state(state)))?;
     reporter.report(Event::Finish {
         job: job.clone(),
-        phase: "write".into(),
+        phase: Phase::Write,
         summary: serde_json::to_value(&report).unwrap_or_default(),
     });
     if opts.verify {
@@ -536,20 +549,20 @@ pub fn run(
         let total: u64 = report.ranges.iter().map(|r| r.len).sum();
         reporter.report(Event::Start {
             job: job.clone(),
-            phase: "verify".into(),
+            phase: Phase::Verify,
             total: Some(total),
             detail: None,
         });
         let size = opts.readback_digest.then_some(report.image_size);
         let back = verify::read_back_retrying(sink, &report.ranges, opts, reporter, size)
-            .map_err(|e| failed("verify", e.with_state(TargetState::Unverified)))?;
+            .map_err(|e| failed(Phase::Verify, e.with_state(TargetState::Unverified)))?;
         report.verified_bytes = Some(back.verified);
         report.retried_ranges = back.retried;
         report.readback_blake3 = back.digest.map(hex::encode);
         report.verify_seconds = Some(t.elapsed().as_secs_f64());
         reporter.report(Event::Finish {
             job: job.clone(),
-            phase: "verify".into(),
+            phase: Phase::Verify,
             summary: serde_json::json!({ "bytes": back.verified, "seconds": t.elapsed().as_secs_f64() }),
         });
     }
@@ -568,6 +581,8 @@ fn fits(size_hint: Option<u64>, sink: &dyn Sink) -> Result<(), WriteError> {
     }
 }
 
+// Longer than 150 lines on purpose: the order of a write is its safety (target state
+// changes, range checks before the head, the head last), and it reads top to bottom here.
 fn write_inner(
     mut source: Box<dyn ExtentSource>,
     sink: &mut dyn Sink,
@@ -769,7 +784,7 @@ fn write_inner(
             drain(&mut delta, sink, state, false, &mut counts)?;
             reporter.report(Event::Progress {
                 job: opts.job.clone(),
-                phase: "write".into(),
+                phase: crate::progress::Phase::Write,
                 done: pos,
                 total: size_hint,
             });
@@ -807,12 +822,7 @@ fn write_inner(
                 pos = ext.end();
             }
         }
-        reporter.report(Event::Progress {
-            job: opts.job.clone(),
-            phase: "write".into(),
-            done: pos,
-            total: size_hint,
-        });
+        reporter.report(opts.progress(Phase::Write, pos, size_hint));
     }
     if let Some(d) = &mut delta {
         d.close();

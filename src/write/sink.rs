@@ -93,10 +93,6 @@ pub struct MediumReader {
 }
 
 impl MediumReader {
-    pub fn is_direct(&self) -> bool {
-        self.direct
-    }
-
     /// Room a buffer needs beyond a range's length for [`MediumReader::read_range`].
     pub fn slack(&self) -> usize {
         if self.direct {
@@ -320,19 +316,6 @@ impl BlockDeviceSink {
             scratch: None,
             zeroes: None,
         })
-    }
-
-    pub fn limits(&self) -> QueueLimits {
-        self.limits
-    }
-    pub fn zero_mode(&self) -> ZeroMode {
-        self.zero_mode
-    }
-    pub fn block_size(&self) -> u64 {
-        self.block
-    }
-    pub fn file(&self) -> &File {
-        &self.file
     }
 
     fn aligned(&self, off: u64, data: &[u8]) -> bool {

@@ -8,6 +8,7 @@ use super::buffer::{AlignedBuf, Pool, Pooled};
 use super::sink::MediumReader;
 use super::{RangeDigest, Sink, WriteError, WriteOptions, POLL};
 use crate::image::{ExtentKind, ExtentSource, LogicalHasher};
+use crate::progress::Phase;
 use crate::progress::{Event, Reporter};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -348,12 +349,11 @@ fn read_back_parallel(
         }
         while !handles.iter().all(|h| h.is_finished()) {
             std::thread::sleep(Duration::from_millis(50));
-            reporter.report(Event::Progress {
-                job: opts.job.clone(),
-                phase: "verify".into(),
-                done: done.load(Ordering::Relaxed).min(total),
-                total: Some(total),
-            });
+            reporter.report(opts.progress(
+                Phase::Verify,
+                done.load(Ordering::Relaxed).min(total),
+                Some(total),
+            ));
         }
     });
     let mut bad = bad.into_inner().unwrap_or_else(|p| p.into_inner());
@@ -446,12 +446,7 @@ fn read_back_serial(
             break;
         }
         done += r.len;
-        reporter.report(Event::Progress {
-            job: opts.job.clone(),
-            phase: "verify".into(),
-            done,
-            total: Some(total),
-        });
+        reporter.report(opts.progress(Phase::Verify, done, Some(total)));
     }
     drop(tx);
     let bad = checker
@@ -490,7 +485,7 @@ pub fn compare_with_image(
     super::fits(size_hint, sink)?;
     reporter.report(Event::Start {
         job: opts.job.clone(),
-        phase: "verify".into(),
+        phase: Phase::Verify,
         total: size_hint,
         detail: Some(source.describe()),
     });
@@ -556,12 +551,7 @@ pub fn compare_with_image(
             }
         }
         pos = ext.end();
-        reporter.report(Event::Progress {
-            job: opts.job.clone(),
-            phase: "verify".into(),
-            done: pos,
-            total: size_hint,
-        });
+        reporter.report(opts.progress(Phase::Verify, pos, size_hint));
     }
     let digest = *logical.finalize().as_bytes();
     let actual = hex::encode(digest);
@@ -584,7 +574,7 @@ pub fn compare_with_image(
     };
     reporter.report(Event::Finish {
         job: opts.job.clone(),
-        phase: "verify".into(),
+        phase: Phase::Verify,
         summary: serde_json::to_value(&report).unwrap_or_default(),
     });
     Ok(report)
