@@ -22,26 +22,26 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Size of one probe (and its alignment): a page, valid for O_DIRECT on every device.
-pub const PROBE: u64 = 4096;
+pub(crate) const PROBE: u64 = 4096;
 const MAGIC: &[u8; 16] = b"SBCFLASH-CHECK\0\x01";
 
 /// Probes by default: 4 MiB written and read, seconds on a card.
-pub const DEFAULT_PROBES: usize = 1024;
+pub(crate) const DEFAULT_PROBES: usize = 1024;
 
-pub struct Options {
+pub(crate) struct Options {
     /// At most this many probes (spread over the claimed size).
-    pub probes: usize,
+    pub(crate) probes: usize,
     /// A block device opened without O_DIRECT: drop its buffer cache (BLKFLSBUF) before
     /// reading back, so the cache cannot answer for the card.
-    pub flush_cache: bool,
-    pub cancel: Arc<AtomicBool>,
-    pub job: String,
+    pub(crate) flush_cache: bool,
+    pub(crate) cancel: Arc<AtomicBool>,
+    pub(crate) job: String,
 }
 
 /// What a probe found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Problem {
+pub(crate) enum Problem {
     /// The block at `offset` holds what was written at `written_at` (a higher offset): the
     /// card wraps, and `written_at` is beyond its real capacity.
     Alias {
@@ -64,7 +64,7 @@ pub enum Problem {
 }
 
 impl Problem {
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             Problem::Alias { offset, written_at } => format!(
                 "the block at byte {offset} holds the data written at byte {written_at}: the card \
@@ -78,7 +78,7 @@ impl Problem {
         }
     }
     /// The block that was read (or written).
-    pub fn offset(&self) -> u64 {
+    pub(crate) fn offset(&self) -> u64 {
         match self {
             Problem::Alias { offset, .. }
             | Problem::Different { offset, .. }
@@ -92,23 +92,23 @@ impl Problem {
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub device: String,
-    pub claimed_size: u64,
-    pub probes: usize,
-    pub stride: u64,
+pub(crate) struct Report {
+    pub(crate) device: String,
+    pub(crate) claimed_size: u64,
+    pub(crate) probes: usize,
+    pub(crate) stride: u64,
     /// Every probe below this offset gave back what was written (the claimed size if all did).
-    pub usable_size: u64,
-    pub ok: bool,
-    pub problems: Vec<Problem>,
+    pub(crate) usable_size: u64,
+    pub(crate) ok: bool,
+    pub(crate) problems: Vec<Problem>,
     /// Whether every probed block's old contents were written back.
-    pub restored: bool,
-    pub seconds: f64,
+    pub(crate) restored: bool,
+    pub(crate) seconds: f64,
 }
 
 impl Report {
     /// One line for people and the ledger.
-    pub fn reason(&self) -> String {
+    pub(crate) fn reason(&self) -> String {
         if self.ok {
             return format!(
                 "{} probes up to {} bytes read back as written",
@@ -141,7 +141,7 @@ impl Report {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum CheckError {
+pub(crate) enum CheckError {
     #[error("{device}: {reason}")]
     Failed {
         device: String,
@@ -170,7 +170,7 @@ impl Classify for CheckError {
 /// physical block: in each such class only the lowest offset is real (several higher probes
 /// may land on one block, and the block then holds the last one written). Any other problem
 /// is bad at its own offset.
-pub fn usable_below(problems: &[Problem], size: u64) -> u64 {
+pub(crate) fn usable_below(problems: &[Problem], size: u64) -> u64 {
     let mut class: std::collections::BTreeMap<u64, u64> = Default::default();
     fn root(c: &std::collections::BTreeMap<u64, u64>, mut x: u64) -> u64 {
         while let Some(&p) = c.get(&x) {
@@ -205,7 +205,7 @@ pub fn usable_below(problems: &[Problem], size: u64) -> u64 {
 }
 
 /// Probe offsets: multiples of a power-of-two stride below `size`, and the last block.
-pub fn probe_offsets(size: u64, max: usize) -> (u64, Vec<u64>) {
+pub(crate) fn probe_offsets(size: u64, max: usize) -> (u64, Vec<u64>) {
     let last = size / PROBE * PROBE - PROBE;
     let want = (max.max(2) - 1) as u64;
     let stride = size.div_ceil(want).next_power_of_two().max(PROBE);
@@ -266,7 +266,7 @@ fn classify_block(
 }
 
 /// Run the check on an opened device or file (O_DIRECT where possible) of `size` bytes.
-pub fn check(
+pub(crate) fn check(
     file: &File,
     device: &str,
     size: u64,

@@ -16,11 +16,11 @@ use std::path::{Path, PathBuf};
 use toml::Spanned;
 
 /// Environment variable naming an explicit config file (overrides the XDG location).
-pub const ENV_CONFIG: &str = "SBCFLASH_CONFIG";
+pub(crate) const ENV_CONFIG: &str = "SBCFLASH_CONFIG";
 /// Environment override for the cache directory.
-pub const ENV_CACHE_DIR: &str = "SBCFLASH_CACHE_DIR";
+pub(crate) const ENV_CACHE_DIR: &str = "SBCFLASH_CACHE_DIR";
 /// Environment override for the default board.
-pub const ENV_BOARD: &str = "SBCFLASH_BOARD";
+pub(crate) const ENV_BOARD: &str = "SBCFLASH_BOARD";
 
 /// Errors reading the config file. Each names the file and, for syntax/schema errors, the
 /// line and column.
@@ -63,7 +63,7 @@ impl crate::exit::Classify for ConfigError {
 /// Where a value came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "kebab-case")]
-pub enum Source {
+pub(crate) enum Source {
     /// Built in; `how` says how the default was derived (e.g. `$XDG_CACHE_HOME/sbcflash`).
     Default { how: String },
     /// The config file, at this line.
@@ -87,9 +87,9 @@ impl fmt::Display for Source {
 
 /// A value and where it came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Sourced<T> {
-    pub value: T,
-    pub source: Source,
+pub(crate) struct Sourced<T> {
+    pub(crate) value: T,
+    pub(crate) source: Source,
 }
 
 impl<T> Sourced<T> {
@@ -167,13 +167,13 @@ impl Layers<'_> {
 /// editing board descriptors.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Mirror {
-    pub prefix: String,
-    pub replace: String,
+pub(crate) struct Mirror {
+    pub(crate) prefix: String,
+    pub(crate) replace: String,
 }
 
 /// The URLs to try for `url`, in order: every matching rewrite in `mirrors`, then `url`.
-pub fn mirror_candidates(mirrors: &[Mirror], url: &str) -> Vec<String> {
+pub(crate) fn mirror_candidates(mirrors: &[Mirror], url: &str) -> Vec<String> {
     let mut out: Vec<String> = mirrors
         .iter()
         .filter_map(|m| {
@@ -189,45 +189,45 @@ pub fn mirror_candidates(mirrors: &[Mirror], url: &str) -> Vec<String> {
 /// Defaults for `sbcflash station`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub struct StationDefaults {
+pub(crate) struct StationDefaults {
     /// The station's own configuration (slots, image, identity), used when `--config` is absent.
-    pub config: Sourced<Option<PathBuf>>,
+    pub(crate) config: Sourced<Option<PathBuf>>,
     /// The SQLite ledger file.
-    pub ledger: Sourced<PathBuf>,
+    pub(crate) ledger: Sourced<PathBuf>,
     /// Flash devices that are already present when the station starts.
-    pub flash_present: Sourced<bool>,
+    pub(crate) flash_present: Sourced<bool>,
 }
 
 /// The merged configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub struct Config {
+pub(crate) struct Config {
     /// The config file that was read, if any.
-    pub file: Option<PathBuf>,
+    pub(crate) file: Option<PathBuf>,
     /// Content-addressed image cache.
-    pub cache_dir: Sourced<PathBuf>,
+    pub(crate) cache_dir: Sourced<PathBuf>,
     /// Board used when `--board` is not given.
-    pub default_board: Sourced<Option<String>>,
+    pub(crate) default_board: Sourced<Option<String>>,
     /// Extra directories of board descriptors (after the shipped and `$XDG_CONFIG_HOME` ones).
-    pub boards_dirs: Sourced<Vec<PathBuf>>,
+    pub(crate) boards_dirs: Sourced<Vec<PathBuf>>,
     /// URL prefix rewrites for downloads.
-    pub mirrors: Sourced<Vec<Mirror>>,
-    pub station: StationDefaults,
+    pub(crate) mirrors: Sourced<Vec<Mirror>>,
+    pub(crate) station: StationDefaults,
     /// `[image]`: trusted signing keys and `require-signature` (key files relative to the file).
     #[serde(skip)]
-    pub image: ImageTrust,
+    pub(crate) image: ImageTrust,
 }
 
 /// Values given on the command line; `None`/empty means "not given".
 #[derive(Debug, Clone, Default)]
-pub struct Flags {
+pub(crate) struct Flags {
     /// An explicit config file (`--config`): must exist.
-    pub config_file: Option<PathBuf>,
-    pub cache_dir: Option<PathBuf>,
-    pub board: Option<String>,
-    pub boards_dirs: Vec<PathBuf>,
-    pub station_config: Option<PathBuf>,
-    pub ledger: Option<PathBuf>,
+    pub(crate) config_file: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
+    pub(crate) board: Option<String>,
+    pub(crate) boards_dirs: Vec<PathBuf>,
+    pub(crate) station_config: Option<PathBuf>,
+    pub(crate) ledger: Option<PathBuf>,
 }
 
 // The file's schema. Every key is optional; unknown keys are errors.
@@ -245,11 +245,11 @@ struct FileConfig {
 /// `[image]`: who may sign images (`[[image.trust]]`) and whether a signature is required.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct ImageTrust {
+pub(crate) struct ImageTrust {
     #[serde(default)]
-    pub trust: Vec<crate::trust::TrustEntry>,
+    pub(crate) trust: Vec<crate::trust::TrustEntry>,
     #[serde(default, alias = "require_signature")]
-    pub require_signature: bool,
+    pub(crate) require_signature: bool,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -279,7 +279,7 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// Where the config file is looked for: `$SBCFLASH_CONFIG`, else
 /// `$XDG_CONFIG_HOME/sbcflash/config.toml`, else `$HOME/.config/sbcflash/config.toml`.
-pub fn default_path(env: &dyn Fn(&str) -> Option<OsString>) -> Option<(PathBuf, Source)> {
+pub(crate) fn default_path(env: &dyn Fn(&str) -> Option<OsString>) -> Option<(PathBuf, Source)> {
     if let Some(p) = env(ENV_CONFIG).filter(|v| !v.is_empty()) {
         return Some((
             PathBuf::from(p),
@@ -316,14 +316,14 @@ fn xdg_dir(
 
 impl Config {
     /// Load with the process environment.
-    pub fn load(flags: &Flags) -> Result<Config, ConfigError> {
+    pub(crate) fn load(flags: &Flags) -> Result<Config, ConfigError> {
         Self::load_with(flags, &|k| std::env::var_os(k))
     }
 
     /// Load with an injected environment (tests pass a map).
     // Longer than 150 lines on purpose: one short block per setting, each the same
     // default < file < env < flag layering through `Layers`, read top to bottom.
-    pub fn load_with(
+    pub(crate) fn load_with(
         flags: &Flags,
         env: &dyn Fn(&str) -> Option<OsString>,
     ) -> Result<Config, ConfigError> {
@@ -499,12 +499,12 @@ impl Config {
 
     /// The URLs to try for `url`, in order: every matching mirror rewrite, then the original.
     #[cfg(test)] // only the unit tests use it
-    pub fn mirror_candidates(&self, url: &str) -> Vec<String> {
+    pub(crate) fn mirror_candidates(&self, url: &str) -> Vec<String> {
         mirror_candidates(&self.mirrors.value, url)
     }
 
     /// `(key, value as TOML, source)` rows for `config show`, in file order.
-    pub fn rows(&self) -> Vec<(&'static str, String, &Source)> {
+    pub(crate) fn rows(&self) -> Vec<(&'static str, String, &Source)> {
         fn tv<T: Serialize + ?Sized>(v: &T) -> String {
             toml::Value::try_from(v)
                 .map(|v| v.to_string())

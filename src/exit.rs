@@ -70,7 +70,7 @@ impl Exit {
     ];
 
     /// Text block appended to `--help`.
-    pub fn help_text() -> String {
+    pub(crate) fn help_text() -> String {
         let mut s = String::from("Exit codes:\n");
         for (e, what) in Self::TABLE {
             s.push_str(&format!("  {:>3}  {what}\n", e.code()));
@@ -95,13 +95,13 @@ pub trait Classify {
 /// An error that carries its exit class explicitly; for the CLI edges.
 #[derive(Debug, thiserror::Error)]
 #[error("{msg}")]
-pub struct ExitError {
-    pub exit: Exit,
-    pub msg: String,
+pub(crate) struct ExitError {
+    pub(crate) exit: Exit,
+    pub(crate) msg: String,
 }
 
 impl ExitError {
-    pub fn new(exit: Exit, msg: impl Into<String>) -> Self {
+    pub(crate) fn new(exit: Exit, msg: impl Into<String>) -> Self {
         Self {
             exit,
             msg: msg.into(),

@@ -18,18 +18,18 @@ use crate::write::{self, Sink, WriteError, WriteOptions, WriteReport};
 /// file (same O_EXCL claim, same O_DIRECT flag) for steps that need a [`File`].
 pub struct BlockJob {
     /// The resolved target path (the job name in progress events).
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// The target was opened with O_DIRECT.
-    pub direct: bool,
+    pub(crate) direct: bool,
     /// What was opened (its size: the station's card check probes up to it).
-    pub info: crate::target::TargetInfo,
+    pub(crate) info: crate::target::TargetInfo,
     file: File,
     sink: Box<dyn Sink>,
 }
 
 /// The safety policy for writing `opened` (opened from `image`): its logical size must fit
 /// the target, and neither the image nor its bmap may be the target.
-pub fn policy_for(image: &Path, opened: &OpenedImage, force: bool) -> Policy {
+pub(crate) fn policy_for(image: &Path, opened: &OpenedImage, force: bool) -> Policy {
     let mut image_paths = vec![image.to_path_buf()];
     image_paths.extend(opened.bmap.clone());
     Policy {
@@ -47,7 +47,7 @@ impl BlockJob {
     }
 
     /// [`BlockJob::claim`] on a target the caller already opened.
-    pub fn from_open(t: OpenTarget, discard: bool) -> Result<BlockJob, TargetError> {
+    pub(crate) fn from_open(t: OpenTarget, discard: bool) -> Result<BlockJob, TargetError> {
         let io = |source| TargetError::Io {
             path: t.path.display().to_string(),
             op: "duplicate descriptor",
@@ -79,12 +79,12 @@ impl BlockJob {
     }
 
     /// The target's name in progress events and messages.
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.path.display().to_string()
     }
 
     /// Write `source` with the pipeline (and read it back when `opts.verify`).
-    pub fn write(
+    pub(crate) fn write(
         &mut self,
         source: Box<dyn ExtentSource>,
         opts: &WriteOptions,
@@ -95,7 +95,7 @@ impl BlockJob {
 
     /// Post-write: the `--bootloader` files at their offsets, through the claimed sink, read
     /// back from the medium ([`crate::board::place::write_placed`]).
-    pub fn place(&mut self, files: &[PlacedFile]) -> Result<(), BoardError> {
+    pub(crate) fn place(&mut self, files: &[PlacedFile]) -> Result<(), BoardError> {
         if files.is_empty() {
             return Ok(());
         }
@@ -103,7 +103,7 @@ impl BlockJob {
     }
 
     /// The claimed descriptor, for post-write steps that work on a [`File`] (FAT identity).
-    pub fn file(&self) -> &File {
+    pub(crate) fn file(&self) -> &File {
         &self.file
     }
 }

@@ -5,8 +5,8 @@
 
 pub mod acquire;
 pub mod board;
-pub mod capture;
-pub mod cardcheck;
+pub(crate) mod capture;
+pub(crate) mod cardcheck;
 pub mod cli;
 pub mod config;
 pub mod console;
@@ -16,8 +16,8 @@ pub mod job;
 pub mod progress;
 pub mod station;
 pub mod target;
-pub mod trust;
-pub mod tryboot;
-pub mod uevent;
+pub(crate) mod trust;
+pub(crate) mod tryboot;
+pub(crate) mod uevent;
 pub mod usb;
 pub mod write;

@@ -12,7 +12,7 @@ pub const JSON_SCHEMA_VERSION: u32 = 1;
 
 /// The one writer of `--json` lines: `fields` (an object) with `event` and `schema` set, on
 /// one line. Renderers and the CLI's result lines all go through it.
-pub fn json_line<W: Write + ?Sized>(
+pub(crate) fn json_line<W: Write + ?Sized>(
     w: &mut W,
     event: &str,
     mut fields: serde_json::Value,
@@ -52,7 +52,7 @@ pub enum Phase {
 }
 
 impl Phase {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Phase::Download => "download",
             Phase::Hash => "hash",
@@ -156,7 +156,7 @@ struct JsonState {
 }
 
 impl JsonLines {
-    pub fn stdout() -> Self {
+    pub(crate) fn stdout() -> Self {
         Self::new(Box::new(std::io::stdout()))
     }
     pub fn new(out: Box<dyn Write + Send>) -> Self {
@@ -210,7 +210,7 @@ impl Reporter for JsonLines {
 /// indicatif bars on stderr (a MultiProgress, so station slots stack): one line per running
 /// phase, a job's lines kept together. A job can run phases at once (a streamed write downloads
 /// and writes together), so bars are keyed by job and phase.
-pub struct Bars {
+pub(crate) struct Bars {
     multi: indicatif::MultiProgress,
     bars: Mutex<std::collections::HashMap<(String, Phase), indicatif::ProgressBar>>,
 }
@@ -222,7 +222,7 @@ impl Default for Bars {
 }
 
 impl Bars {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             multi: indicatif::MultiProgress::new(),
             bars: Mutex::new(Default::default()),
@@ -436,7 +436,7 @@ mod bar_tests {
 }
 
 /// Plain text for a non-TTY without `--json`: messages and finishes only, nothing animated.
-pub struct Plain;
+pub(crate) struct Plain;
 impl Reporter for Plain {
     fn report(&self, ev: Event) {
         match ev {
@@ -453,14 +453,14 @@ impl Reporter for Plain {
 
 /// How the user asked for output.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
+pub(crate) enum Mode {
     Json,
     Quiet,
     Auto,
 }
 
 /// Pick the reporter: JSON if asked, bars only when stderr is a terminal.
-pub fn reporter(mode: Mode) -> Box<dyn Reporter> {
+pub(crate) fn reporter(mode: Mode) -> Box<dyn Reporter> {
     match mode {
         Mode::Json => Box::new(JsonLines::stdout()),
         Mode::Quiet => Box::new(Silent),

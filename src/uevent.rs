@@ -6,7 +6,7 @@ use std::time::Duration;
 
 /// Why a monitor could not be opened or waited on.
 #[derive(Debug, thiserror::Error)]
-pub enum MonitorError {
+pub(crate) enum MonitorError {
     #[error("systemd-udevd is not running (/run/udev/control missing)")]
     NoUdevd,
     #[error("udev monitor: {0}")]
@@ -14,14 +14,14 @@ pub enum MonitorError {
 }
 
 /// A listening udev monitor socket.
-pub struct Monitor {
+pub(crate) struct Monitor {
     socket: udev::MonitorSocket,
 }
 
 impl Monitor {
     /// Listens on `subsystems`. Open before enumerating what is present, so nothing plugged
     /// in between is missed.
-    pub fn open(subsystems: &[&str]) -> Result<Monitor, MonitorError> {
+    pub(crate) fn open(subsystems: &[&str]) -> Result<Monitor, MonitorError> {
         if !std::path::Path::new("/run/udev/control").exists() {
             return Err(MonitorError::NoUdevd);
         }
@@ -36,7 +36,7 @@ impl Monitor {
 
     /// Waits up to `timeout` for events: `Ok(true)` when some are queued; a signal counts as
     /// a timeout (`Ok(false)`).
-    pub fn wait(&self, timeout: Duration) -> std::io::Result<bool> {
+    pub(crate) fn wait(&self, timeout: Duration) -> std::io::Result<bool> {
         let mut pfd = libc::pollfd {
             fd: self.socket.as_raw_fd(),
             events: libc::POLLIN,
@@ -56,7 +56,7 @@ impl Monitor {
     }
 
     /// The events queued now (never blocks).
-    pub fn events(&self) -> impl Iterator<Item = udev::Event> + '_ {
+    pub(crate) fn events(&self) -> impl Iterator<Item = udev::Event> + '_ {
         self.socket.iter()
     }
 }

@@ -24,19 +24,19 @@ use std::time::Duration;
 pub struct CacheEntry {
     pub blake3: String,
     #[serde(default)]
-    pub sha256: Option<String>,
-    pub size: u64,
+    pub(crate) sha256: Option<String>,
+    pub(crate) size: u64,
     /// File name as published (`nixos-sd-image-….img.zst`), for display only.
     #[serde(default)]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
     /// Where it came from: a URL or a flake installable.
     #[serde(default)]
-    pub origin: Option<String>,
+    pub(crate) origin: Option<String>,
     /// The published digest that was checked when it entered, if any (`sha256:…`).
     #[serde(default)]
-    pub pinned: Option<String>,
-    pub added: DateTime<Utc>,
-    pub last_used: DateTime<Utc>,
+    pub(crate) pinned: Option<String>,
+    pub(crate) added: DateTime<Utc>,
+    pub(crate) last_used: DateTime<Utc>,
     /// Absolute path of the blob; not stored.
     #[serde(skip)]
     pub path: PathBuf,
@@ -45,25 +45,25 @@ pub struct CacheEntry {
 /// Where an entry came from, recorded when it is committed.
 #[derive(Debug, Clone, Default)]
 pub struct Origin {
-    pub name: Option<String>,
-    pub origin: Option<String>,
-    pub pinned: Option<String>,
+    pub(crate) name: Option<String>,
+    pub(crate) origin: Option<String>,
+    pub(crate) pinned: Option<String>,
 }
 
 /// One problem `verify` found (and fixed by removing the entry).
 #[derive(Debug, Clone, Serialize)]
 pub struct Problem {
-    pub entry: String,
-    pub problem: String,
-    pub removed: bool,
+    pub(crate) entry: String,
+    pub(crate) problem: String,
+    pub(crate) removed: bool,
 }
 
 #[derive(Debug, Clone, Default, Serialize)]
-pub struct PruneReport {
-    pub removed: Vec<String>,
-    pub freed_bytes: u64,
-    pub kept: usize,
-    pub kept_bytes: u64,
+pub(crate) struct PruneReport {
+    pub(crate) removed: Vec<String>,
+    pub(crate) freed_bytes: u64,
+    pub(crate) kept: usize,
+    pub(crate) kept_bytes: u64,
 }
 
 pub struct Cache {
@@ -71,7 +71,7 @@ pub struct Cache {
 }
 
 /// An exclusive or shared hold on a lock file; released on drop.
-pub struct LockGuard {
+pub(crate) struct LockGuard {
     _lock: Flock<File>,
 }
 
@@ -84,22 +84,22 @@ impl LockGuard {
 
 /// Where the station keeps images it decoded once for all slots (`station::decoded`):
 /// derived data, listed, verified and pruned with the cache.
-pub const DECODED_SUBDIR: &str = "decoded";
+pub(crate) const DECODED_SUBDIR: &str = "decoded";
 
 /// Paths used to resume one URL's download across runs.
-pub struct Partial {
-    pub data: PathBuf,
-    pub meta: PathBuf,
-    pub lock: PathBuf,
+pub(crate) struct Partial {
+    pub(crate) data: PathBuf,
+    pub(crate) meta: PathBuf,
+    pub(crate) lock: PathBuf,
 }
 
 /// Validator and size remembered next to a partial download (for If-Range).
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
-pub struct PartialMeta {
-    pub url: String,
-    pub etag: Option<String>,
-    pub last_modified: Option<String>,
-    pub total: Option<u64>,
+pub(crate) struct PartialMeta {
+    pub(crate) url: String,
+    pub(crate) etag: Option<String>,
+    pub(crate) last_modified: Option<String>,
+    pub(crate) total: Option<u64>,
 }
 
 impl Cache {
@@ -137,7 +137,7 @@ impl Cache {
         })
     }
 
-    pub fn tmp_dir(&self) -> PathBuf {
+    pub(crate) fn tmp_dir(&self) -> PathBuf {
         self.root.join("tmp")
     }
 
@@ -150,7 +150,7 @@ impl Cache {
     }
 
     /// Exclusive lock for mutations of `blobs/` and `meta/`.
-    pub fn lock(&self) -> Result<LockGuard> {
+    pub(crate) fn lock(&self) -> Result<LockGuard> {
         lock_file(&self.root.join("lock"), true)
     }
 
@@ -190,7 +190,7 @@ impl Cache {
     }
 
     /// The entry whose recorded sha256 is `sha` (sources that publish only sha256).
-    pub fn find_sha256(&self, sha: &str) -> Result<Option<CacheEntry>> {
+    pub(crate) fn find_sha256(&self, sha: &str) -> Result<Option<CacheEntry>> {
         let sha = sha.to_ascii_lowercase();
         let _l = self.lock_shared()?;
         for e in self.list_locked()? {
@@ -214,7 +214,7 @@ impl Cache {
     }
 
     /// Records that an entry was used now (for `prune --max-size`, least recently used first).
-    pub fn touch(&self, b3: &str) -> Result<()> {
+    pub(crate) fn touch(&self, b3: &str) -> Result<()> {
         let _l = self.lock()?;
         if let Some(mut m) = self.read_meta(b3) {
             m.last_used = Utc::now();
@@ -224,7 +224,7 @@ impl Cache {
     }
 
     /// A new exclusive temporary file under `tmp/`, for a download or a copy on its way in.
-    pub fn new_tmp(&self, prefix: &str) -> Result<(PathBuf, File)> {
+    pub(crate) fn new_tmp(&self, prefix: &str) -> Result<(PathBuf, File)> {
         for i in 0..100u32 {
             let p = self.tmp_dir().join(format!(
                 "{prefix}-{}-{}-{i}",
@@ -252,7 +252,7 @@ impl Cache {
 
     /// Moves a temporary file whose digests were computed by the caller into the cache.
     /// The caller must have checked the pin; this re-hashes nothing but does fsync + rename.
-    pub fn commit(&self, tmp: &Path, d: &Digests, origin: Origin) -> Result<CacheEntry> {
+    pub(crate) fn commit(&self, tmp: &Path, d: &Digests, origin: Origin) -> Result<CacheEntry> {
         let b3 = d.blake3_hex();
         let f = open_nofollow(tmp).map_err(|e| AcquireError::io(tmp, e))?;
         let size = regular_size(&f).ok_or_else(|| AcquireError::Cache {
@@ -354,7 +354,7 @@ impl Cache {
     }
 
     /// All entries with their metadata, most recently used first.
-    pub fn list(&self) -> Result<Vec<CacheEntry>> {
+    pub(crate) fn list(&self) -> Result<Vec<CacheEntry>> {
         let _l = self.lock_shared()?;
         self.list_locked()
     }
@@ -489,7 +489,7 @@ impl Cache {
 
     /// Removes entries not used within `older_than`, then least recently used ones until the
     /// total is at most `max_size`; also abandoned partial downloads older than `older_than`.
-    pub fn prune(
+    pub(crate) fn prune(
         &self,
         older_than: Option<Duration>,
         max_size: Option<u64>,
@@ -564,7 +564,7 @@ impl Cache {
     }
 
     /// Where a download of `url` keeps its partial data between attempts and runs.
-    pub fn partial(&self, url: &str) -> Partial {
+    pub(crate) fn partial(&self, url: &str) -> Partial {
         let key = &blake3::hash(url.as_bytes()).to_hex()[..32];
         let t = self.tmp_dir();
         Partial {
@@ -577,12 +577,12 @@ impl Cache {
 
 impl Partial {
     /// Blocks until no other process downloads the same URL.
-    pub fn lock(&self) -> Result<LockGuard> {
+    pub(crate) fn lock(&self) -> Result<LockGuard> {
         lock_file(&self.lock, true)
     }
 
     /// The remembered validator, if it belongs to `url`.
-    pub fn read_meta(&self, url: &str) -> Option<PartialMeta> {
+    pub(crate) fn read_meta(&self, url: &str) -> Option<PartialMeta> {
         let mut f = open_nofollow(&self.meta).ok()?;
         regular_size(&f)?;
         let mut s = String::new();
@@ -591,7 +591,7 @@ impl Partial {
         (m.url == url).then_some(m)
     }
 
-    pub fn write_meta(&self, m: &PartialMeta) -> Result<()> {
+    pub(crate) fn write_meta(&self, m: &PartialMeta) -> Result<()> {
         let tmp = self.meta.with_extension("json.new");
         let _ = std::fs::remove_file(&tmp);
         let body = serde_json::to_vec(m).unwrap_or_default();
@@ -606,7 +606,7 @@ impl Partial {
     }
 
     /// Opens the partial data for appending (created if absent), never through a symlink.
-    pub fn open_data(&self) -> Result<File> {
+    pub(crate) fn open_data(&self) -> Result<File> {
         let f = open_rw_nofollow(&self.data)?;
         if regular_size(&f).is_none() {
             return Err(AcquireError::Cache {
@@ -617,7 +617,7 @@ impl Partial {
         Ok(f)
     }
 
-    pub fn discard(&self) {
+    pub(crate) fn discard(&self) {
         remove_quiet(&self.data);
         remove_quiet(&self.meta);
     }
@@ -717,7 +717,7 @@ pub(crate) fn try_flock(f: File) -> std::io::Result<Option<Flock<File>>> {
 }
 
 /// Parses `20G`, `512M`, `1.5T`, `300K`, `123` (bytes; binary multiples, `GiB` also accepted).
-pub fn parse_size(s: &str) -> Result<u64> {
+pub(crate) fn parse_size(s: &str) -> Result<u64> {
     let t = s.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))

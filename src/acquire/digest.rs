@@ -9,7 +9,7 @@ use std::io::Read;
 
 /// A digest published for a source: what its bytes must hash to.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Pin {
+pub(crate) enum Pin {
     Blake3([u8; 32]),
     Sha256([u8; 32]),
 }
@@ -17,7 +17,7 @@ pub enum Pin {
 impl Pin {
     /// Parses `blake3:HEX`, `sha256:HEX`, or bare hex with the algorithm given separately.
     #[cfg(test)] // only the unit tests use it
-    pub fn parse(s: &str) -> Result<Pin> {
+    pub(crate) fn parse(s: &str) -> Result<Pin> {
         let s = s.trim();
         let (algo, hex) = match s.split_once(':') {
             Some((a, h)) => (a.to_ascii_lowercase(), h),
@@ -30,7 +30,7 @@ impl Pin {
         Self::from_parts(&algo, hex)
     }
 
-    pub fn from_parts(algo: &str, hex: &str) -> Result<Pin> {
+    pub(crate) fn from_parts(algo: &str, hex: &str) -> Result<Pin> {
         let bytes = parse_hex32(hex).ok_or_else(|| {
             AcquireError::BadDigest(format!(
                 "{algo} digest {hex:?}: expected 64 hexadecimal characters"
@@ -45,28 +45,28 @@ impl Pin {
         }
     }
 
-    pub fn algo(&self) -> &'static str {
+    pub(crate) fn algo(&self) -> &'static str {
         match self {
             Pin::Blake3(_) => "blake3",
             Pin::Sha256(_) => "sha256",
         }
     }
 
-    pub fn hex(&self) -> String {
+    pub(crate) fn hex(&self) -> String {
         match self {
             Pin::Blake3(b) | Pin::Sha256(b) => hex::encode(b),
         }
     }
 
     /// The value the same algorithm produced over the actual bytes.
-    pub fn actual_hex(&self, d: &Digests) -> String {
+    pub(crate) fn actual_hex(&self, d: &Digests) -> String {
         match self {
             Pin::Blake3(_) => d.blake3_hex(),
             Pin::Sha256(_) => d.sha256.map(hex::encode).unwrap_or_default(),
         }
     }
 
-    pub fn matches(&self, d: &Digests) -> bool {
+    pub(crate) fn matches(&self, d: &Digests) -> bool {
         match self {
             Pin::Blake3(b) => *b == d.blake3,
             Pin::Sha256(b) => Some(*b) == d.sha256,
@@ -74,7 +74,7 @@ impl Pin {
     }
 
     /// The mismatch error for a downloaded file (nothing cached).
-    pub fn check(&self, what: &str, d: &Digests) -> Result<()> {
+    pub(crate) fn check(&self, what: &str, d: &Digests) -> Result<()> {
         if self.matches(d) {
             return Ok(());
         }
@@ -101,19 +101,19 @@ fn parse_hex32(s: &str) -> Option<[u8; 32]> {
 /// Digests of one byte stream. blake3 always (it is the cache key); sha256 when a pin needs it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Digests {
-    pub blake3: [u8; 32],
-    pub sha256: Option<[u8; 32]>,
-    pub len: u64,
+    pub(crate) blake3: [u8; 32],
+    pub(crate) sha256: Option<[u8; 32]>,
+    pub(crate) len: u64,
 }
 
 impl Digests {
-    pub fn blake3_hex(&self) -> String {
+    pub(crate) fn blake3_hex(&self) -> String {
         hex::encode(self.blake3)
     }
 }
 
 /// Incremental hashing of a stream: blake3 plus sha256 only when asked for.
-pub struct Hasher {
+pub(crate) struct Hasher {
     b3: blake3::Hasher,
     sha: Option<sha2::Sha256>,
     len: u64,
@@ -128,7 +128,7 @@ pub struct Hasher {
 const B3_BLOCK: usize = 64 << 10;
 
 impl Hasher {
-    pub fn new(with_sha256: bool) -> Self {
+    pub(crate) fn new(with_sha256: bool) -> Self {
         Self {
             b3: blake3::Hasher::new(),
             sha: with_sha256.then(sha2::Sha256::new),
@@ -155,11 +155,11 @@ impl Hasher {
         self.stage.extend_from_slice(&buf[whole..]);
     }
 
-    pub fn for_pin(pin: Option<&Pin>) -> Self {
+    pub(crate) fn for_pin(pin: Option<&Pin>) -> Self {
         Self::new(matches!(pin, Some(Pin::Sha256(_))))
     }
 
-    pub fn update(&mut self, buf: &[u8]) {
+    pub(crate) fn update(&mut self, buf: &[u8]) {
         // blake3 is much faster than one stream of network bytes; multi-threading it would only
         // pay for local files, which `hash_file` handles.
         self.update_b3(buf);
@@ -169,7 +169,7 @@ impl Hasher {
         self.len += buf.len() as u64;
     }
 
-    pub fn finish(mut self) -> Digests {
+    pub(crate) fn finish(mut self) -> Digests {
         self.b3.update(&self.stage);
         Digests {
             blake3: *self.b3.finalize().as_bytes(),
@@ -180,7 +180,7 @@ impl Hasher {
 }
 
 /// Hashes a whole reader (a cache file, a partial download) with 1 MiB reads.
-pub fn hash_reader(r: &mut dyn Read, with_sha256: bool) -> std::io::Result<Digests> {
+pub(crate) fn hash_reader(r: &mut dyn Read, with_sha256: bool) -> std::io::Result<Digests> {
     let mut h = Hasher::new(with_sha256);
     let mut buf = vec![0u8; 1 << 20];
     loop {

@@ -21,25 +21,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Debug, Clone)]
-pub struct DownloadOptions {
+pub(crate) struct DownloadOptions {
     /// Extra trusted CA certificates (PEM) for private mirrors, on top of the web PKI roots.
-    pub ca_file: Option<PathBuf>,
-    pub connect_timeout: Duration,
+    pub(crate) ca_file: Option<PathBuf>,
+    pub(crate) connect_timeout: Duration,
     /// No byte received for this long fails the attempt (then it is retried).
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// Retries after failed attempts; an attempt that moved 1 MiB or more resets the count.
-    pub retries: u32,
+    pub(crate) retries: u32,
     /// First backoff; doubles per consecutive failure, at most 10 s.
-    pub backoff: Duration,
+    pub(crate) backoff: Duration,
     /// Plain HTTP (and redirects to it) allowed: only when the source's digest is pinned.
-    pub allow_http: bool,
+    pub(crate) allow_http: bool,
     /// URL prefix rewrites from the config file, tried in order before the original URL.
-    pub mirrors: Vec<crate::config::Mirror>,
+    pub(crate) mirrors: Vec<crate::config::Mirror>,
 }
 
 impl DownloadOptions {
     /// The URLs to try for `url`: each matching mirror's rewrite, then `url` itself.
-    pub fn candidates(&self, url: &str) -> Vec<String> {
+    pub(crate) fn candidates(&self, url: &str) -> Vec<String> {
         crate::config::mirror_candidates(&self.mirrors, url)
     }
 }
@@ -194,10 +194,10 @@ impl Sink<'_> {
 /// Position and validator of a transfer, carried across attempts.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct ResumeState {
-    pub offset: u64,
-    pub etag: Option<String>,
-    pub last_modified: Option<String>,
-    pub total: Option<u64>,
+    pub(crate) offset: u64,
+    pub(crate) etag: Option<String>,
+    pub(crate) last_modified: Option<String>,
+    pub(crate) total: Option<u64>,
 }
 
 impl ResumeState {
@@ -223,13 +223,13 @@ impl From<AcquireError> for AttemptError {
 }
 
 #[derive(Clone)]
-pub struct Downloader {
+pub(crate) struct Downloader {
     client: reqwest::Client,
     opts: DownloadOptions,
 }
 
 impl Downloader {
-    pub fn new(opts: DownloadOptions) -> Result<Downloader> {
+    pub(crate) fn new(opts: DownloadOptions) -> Result<Downloader> {
         let allow_http = opts.allow_http;
         let policy = reqwest::redirect::Policy::custom(move |attempt| {
             if attempt.previous().len() >= 10 {
@@ -280,7 +280,7 @@ impl Downloader {
 
     /// Downloads `url` into `partial.data`, resuming what an earlier run left there when the
     /// remembered validator still applies. Blocking; the caller holds the partial's lock.
-    pub fn download_to_partial(
+    pub(crate) fn download_to_partial(
         &self,
         url: &str,
         partial: &Partial,
@@ -683,7 +683,7 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 /// HTTPS always; plain HTTP only when the digest is pinned (it is then checked end to end).
-pub fn check_scheme(url: &str, allow_http: bool) -> Result<()> {
+pub(crate) fn check_scheme(url: &str, allow_http: bool) -> Result<()> {
     let u = reqwest::Url::parse(url)
         .map_err(|e| AcquireError::Usage(format!("{url}: not a valid URL: {e}")))?;
     match u.scheme() {

@@ -6,17 +6,17 @@
 //! and the user is told plainly that nothing was checked. Digests are never invented.
 
 pub mod cache;
-pub mod digest;
-pub mod download;
-pub mod nix;
-pub mod remote;
-pub mod source;
-pub mod stream;
-pub mod tls;
+pub(crate) mod digest;
+pub(crate) mod download;
+pub(crate) mod nix;
+pub(crate) mod remote;
+pub(crate) mod source;
+pub(crate) mod stream;
+pub(crate) mod tls;
 
-pub use cache::{Cache, CacheEntry};
-pub use digest::{Digests, Pin};
-pub use download::DownloadOptions;
+pub(crate) use cache::{Cache, CacheEntry};
+pub(crate) use digest::{Digests, Pin};
+pub(crate) use download::DownloadOptions;
 
 use crate::exit::{Classify, Exit};
 
@@ -132,13 +132,13 @@ impl AcquireError {
     }
 }
 
-pub type Result<T, E = AcquireError> = std::result::Result<T, E>;
+pub(crate) type Result<T, E = AcquireError> = std::result::Result<T, E>;
 
 /// The default image source of a board (`fetch --board`, `write --board` without an image):
 /// its first `[[image]]` with a URL, with the digest the descriptor publishes (if any).
 /// `reg` is the CLI's registry (shipped boards, config-file dirs, `--boards-dir`), so a board
 /// resolves here exactly as in `sbcflash boards`.
-pub fn board_source(
+pub(crate) fn board_source(
     reg: &crate::board::Registry,
     board: &str,
 ) -> anyhow::Result<source::SourceSpec> {
@@ -188,7 +188,10 @@ fn no_default_source(reg: &crate::board::Registry, b: &crate::board::Board) -> A
 
 /// The flake attribute template of a board (`build --board`): the attribute of its first
 /// flake `[[image]]` if it names one, else its handoff template.
-pub fn board_flake_template(reg: &crate::board::Registry, board: &str) -> anyhow::Result<String> {
+pub(crate) fn board_flake_template(
+    reg: &crate::board::Registry,
+    board: &str,
+) -> anyhow::Result<String> {
     let b = reg.get(board)?;
     let from_image = b
         .desc

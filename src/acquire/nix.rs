@@ -13,37 +13,38 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 /// Default attribute path under a flake for a host; `<host>` is replaced.
-pub const DEFAULT_ATTR_TEMPLATE: &str = "nixosConfigurations.<host>.config.system.build.sdImage";
+pub(crate) const DEFAULT_ATTR_TEMPLATE: &str =
+    "nixosConfigurations.<host>.config.system.build.sdImage";
 
 /// Lines of Nix's log kept for the error message of a failed build.
 const TAIL_LINES: usize = 25;
 
 /// What to build and how to reach builders.
 #[derive(Debug, Clone, Default)]
-pub struct NixBuild {
+pub(crate) struct NixBuild {
     /// `flakeref#attr.path`.
-    pub installable: String,
-    pub builders: Option<String>,
-    pub max_jobs: Option<String>,
-    pub system: Option<String>,
-    pub options: Vec<(String, String)>,
+    pub(crate) installable: String,
+    pub(crate) builders: Option<String>,
+    pub(crate) max_jobs: Option<String>,
+    pub(crate) system: Option<String>,
+    pub(crate) options: Vec<(String, String)>,
     /// The `nix` binary (default: `nix` on PATH).
-    pub nix: Option<PathBuf>,
+    pub(crate) nix: Option<PathBuf>,
 }
 
 /// What a successful build produced, and where it ran.
 #[derive(Debug, Clone, Default)]
-pub struct Built {
+pub(crate) struct Built {
     /// Out paths from `nix build --json`.
-    pub outs: Vec<PathBuf>,
+    pub(crate) outs: Vec<PathBuf>,
     /// Derivations Nix built on a remote builder: `(drv path, machine URI)`.
-    pub remote: Vec<(String, String)>,
+    pub(crate) remote: Vec<(String, String)>,
     /// Builders Nix could not use (then it built elsewhere): `(machine URI, Nix's reason)`.
-    pub unusable: Vec<(String, String)>,
+    pub(crate) unusable: Vec<(String, String)>,
 }
 
 /// `building '/nix/store/…drv' on 'ssh://host'...` → `(drv, machine)`.
-pub fn parse_remote_build(line: &str) -> Option<(String, String)> {
+pub(crate) fn parse_remote_build(line: &str) -> Option<(String, String)> {
     let rest = line.strip_prefix("building '")?;
     let (drv, rest) = rest.split_once("' on '")?;
     let (machine, _) = rest.split_once('\'')?;
@@ -51,7 +52,7 @@ pub fn parse_remote_build(line: &str) -> Option<(String, String)> {
 }
 
 /// `cannot build on 'ssh://host': error: …` → `(machine, reason)`.
-pub fn parse_builder_failure(line: &str) -> Option<(String, String)> {
+pub(crate) fn parse_builder_failure(line: &str) -> Option<(String, String)> {
     let rest = line.strip_prefix("cannot build on '")?;
     let (machine, reason) = rest.split_once("': ")?;
     let reason = reason.strip_prefix("error: ").unwrap_or(reason);
@@ -59,7 +60,7 @@ pub fn parse_builder_failure(line: &str) -> Option<(String, String)> {
 }
 
 /// The store name of a derivation path, for messages: `/nix/store/abc-name.drv` → `name`.
-pub fn drv_name(drv: &str) -> &str {
+pub(crate) fn drv_name(drv: &str) -> &str {
     let base = drv.rsplit('/').next().unwrap_or(drv);
     let base = base.strip_suffix(".drv").unwrap_or(base);
     match base.split_once('-') {
@@ -70,7 +71,7 @@ pub fn drv_name(drv: &str) -> &str {
 
 /// Turns `REF#host` into `REF#<attr path>` using the board's template; a fragment that already
 /// is an attribute path (contains a dot) is used as given.
-pub fn installable(flake: &str, template: Option<&str>) -> Result<String> {
+pub(crate) fn installable(flake: &str, template: Option<&str>) -> Result<String> {
     let (reference, frag) = flake.rsplit_once('#').ok_or_else(|| {
         AcquireError::Usage(format!(
             "--flake {flake:?}: expected FLAKEREF#HOST (e.g. github:me/nixos-config#opi5 or .#opi5)"
@@ -116,7 +117,7 @@ impl NixBuild {
     }
 
     /// The command line, for messages and `-v`.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let c = self.command();
         std::iter::once(c.get_program())
             .chain(c.get_args())
@@ -133,7 +134,7 @@ impl NixBuild {
     }
 
     /// Runs the build; each log line goes to `on_line` as it arrives.
-    pub fn run(&self, on_line: &mut dyn FnMut(&str)) -> Result<Built> {
+    pub(crate) fn run(&self, on_line: &mut dyn FnMut(&str)) -> Result<Built> {
         let mut child = match self
             .command()
             .stdin(Stdio::null())
@@ -243,7 +244,7 @@ impl NixBuild {
 }
 
 /// Out paths from `nix build --json`: `[{"drvPath": …, "outputs": {"out": "/nix/store/…"}}]`.
-pub fn parse_build_json(s: &str) -> Vec<PathBuf> {
+pub(crate) fn parse_build_json(s: &str) -> Vec<PathBuf> {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(s) else {
         return Vec::new();
     };
@@ -266,7 +267,7 @@ pub fn parse_build_json(s: &str) -> Vec<PathBuf> {
 /// Finds the image in a build output: `sd-image/*.img[.zst|.xz]` (nixos sd-image), then
 /// `*.img[.zst|.xz]` or `nixos.img` at the top (make-disk-image), or the out path itself if
 /// it is a file.
-pub fn find_image(out: &Path) -> Result<PathBuf> {
+pub(crate) fn find_image(out: &Path) -> Result<PathBuf> {
     if out.is_file() {
         return Ok(out.to_path_buf());
     }

@@ -15,13 +15,13 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 /// Does this IMAGE argument name a remote source rather than a local file?
-pub fn is_url(arg: &str) -> bool {
+pub(crate) fn is_url(arg: &str) -> bool {
     arg.starts_with("https://") || arg.starts_with("http://")
 }
 
 /// What must be checked after writing a remote image.
-pub struct RemoteCheck {
-    pub spec: SourceSpec,
+pub(crate) struct RemoteCheck {
+    pub(crate) spec: SourceSpec,
     check: StreamCheck,
     acq: Acquirer,
     head: Vec<u8>,
@@ -32,7 +32,7 @@ pub struct RemoteCheck {
 /// from the network; with `keep`, a copy is committed to the cache once it verifies).
 /// `job` is the write's job (the target), so progress and events of the download and the
 /// write form one job. `member`: which member of a zip to write (`--member`).
-pub fn open_for_write(
+pub(crate) fn open_for_write(
     acq: Acquirer,
     spec: SourceSpec,
     keep: bool,
@@ -82,14 +82,14 @@ pub fn open_for_write(
 impl RemoteCheck {
     /// The first [`crate::board::check::HEAD_LEN`] bytes of the logical (decompressed) image,
     /// read before anything was written, for the image-vs-board check.
-    pub fn head(&self) -> &[u8] {
+    pub(crate) fn head(&self) -> &[u8] {
         &self.head
     }
 
     /// Call with the write pipeline's result: a transfer failure or a digest mismatch replaces
     /// the pipeline's generic read error with the real cause; a successful write is only
     /// reported as such once the source digest checked out.
-    pub fn finish<T, E>(self, write_result: Result<T, E>) -> anyhow::Result<T>
+    pub(crate) fn finish<T, E>(self, write_result: Result<T, E>) -> anyhow::Result<T>
     where
         E: std::error::Error + Send + Sync + 'static,
     {

@@ -13,14 +13,14 @@ use std::sync::Arc;
 
 /// Something to download: where, and what it must hash to if that is published.
 #[derive(Debug, Clone)]
-pub struct SourceSpec {
-    pub url: String,
-    pub pin: Option<Pin>,
+pub(crate) struct SourceSpec {
+    pub(crate) url: String,
+    pub(crate) pin: Option<Pin>,
 }
 
 impl SourceSpec {
     /// The file name as published, for display and the cache's metadata.
-    pub fn file_name(&self) -> Option<String> {
+    pub(crate) fn file_name(&self) -> Option<String> {
         let u = reqwest::Url::parse(&self.url).ok()?;
         u.path_segments()?
             .next_back()
@@ -30,20 +30,20 @@ impl SourceSpec {
 }
 
 /// Everything a fetch or stream needs, built once by the CLI.
-pub struct Acquirer {
-    pub cache: Arc<Cache>,
-    pub opts: DownloadOptions,
-    pub require_pinned: bool,
-    pub reporter: Arc<dyn Reporter>,
+pub(crate) struct Acquirer {
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) opts: DownloadOptions,
+    pub(crate) require_pinned: bool,
+    pub(crate) reporter: Arc<dyn Reporter>,
 }
 
 /// A fetched file, in the cache.
 #[derive(Debug, Clone)]
-pub struct Fetched {
-    pub entry: CacheEntry,
+pub(crate) struct Fetched {
+    pub(crate) entry: CacheEntry,
     /// It was already in the cache: nothing was downloaded.
-    pub from_cache: bool,
-    pub pinned: bool,
+    pub(crate) from_cache: bool,
+    pub(crate) pinned: bool,
 }
 
 impl Acquirer {
@@ -68,7 +68,7 @@ impl Acquirer {
     }
 
     /// The cache entry for a pin, if present.
-    pub fn lookup(&self, pin: &Pin) -> Result<Option<CacheEntry>> {
+    pub(crate) fn lookup(&self, pin: &Pin) -> Result<Option<CacheEntry>> {
         match pin {
             Pin::Blake3(b) => self.cache.get(&hex::encode(b)),
             Pin::Sha256(s) => self.cache.find_sha256(&hex::encode(s)),
@@ -102,7 +102,7 @@ impl Acquirer {
     }
 
     /// Downloads into the cache (resuming a partial one), checks the pin, commits.
-    pub fn fetch(&self, src: &SourceSpec) -> Result<Fetched> {
+    pub(crate) fn fetch(&self, src: &SourceSpec) -> Result<Fetched> {
         self.check_policy(src)?;
         let job = Self::job(src);
         if let Some(f) = self.cached(src)? {
@@ -161,7 +161,7 @@ impl Acquirer {
 
     /// [`Self::open_stream`] reporting its download under `job` (a streamed write uses the
     /// target's job, so the download and the write are one job with two phases).
-    pub fn open_stream_as(
+    pub(crate) fn open_stream_as(
         &self,
         src: &SourceSpec,
         tee: bool,
@@ -198,7 +198,7 @@ impl Acquirer {
     }
 
     /// [`Self::report_stream`] under the job the stream was opened with.
-    pub fn report_stream_as(
+    pub(crate) fn report_stream_as(
         &self,
         src: &SourceSpec,
         res: &super::stream::StreamResult,

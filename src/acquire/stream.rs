@@ -42,23 +42,23 @@ struct Tee {
 }
 
 /// The `Read` half handed to the image layer.
-pub struct VerifyingReader {
+pub(crate) struct VerifyingReader {
     inner: Arc<Mutex<Inner>>,
 }
 
 /// The checking half kept by the caller.
-pub struct StreamCheck {
+pub(crate) struct StreamCheck {
     inner: Arc<Mutex<Inner>>,
     pin: Option<Pin>,
 }
 
 /// Result of a completed stream.
 #[derive(Debug, Clone)]
-pub struct StreamResult {
-    pub digests: Digests,
-    pub pinned: Option<Pin>,
+pub(crate) struct StreamResult {
+    pub(crate) digests: Digests,
+    pub(crate) pinned: Option<Pin>,
     /// The cache entry made from the tee, if teeing was on.
-    pub cached: Option<super::CacheEntry>,
+    pub(crate) cached: Option<super::CacheEntry>,
 }
 
 impl VerifyingReader {
@@ -82,7 +82,7 @@ impl VerifyingReader {
         (r, c)
     }
 
-    pub fn from_reader(
+    pub(crate) fn from_reader(
         what: String,
         r: Box<dyn Read + Send>,
         pin: Option<Pin>,
@@ -117,7 +117,7 @@ impl StreamCheck {
         }
     }
 
-    pub fn has_pin(&self) -> bool {
+    pub(crate) fn has_pin(&self) -> bool {
         self.pin.is_some()
     }
 
@@ -144,7 +144,7 @@ impl StreamCheck {
     }
 
     /// Also keep a copy in the cache (committed only if the digest checks out).
-    pub fn tee_into(&self, cache: Arc<Cache>, origin: Origin) -> Result<()> {
+    pub(crate) fn tee_into(&self, cache: Arc<Cache>, origin: Origin) -> Result<()> {
         let (path, f) = cache.new_tmp("stream")?;
         let mut g = lock(&self.inner);
         g.tee = Some(Tee {
@@ -158,13 +158,13 @@ impl StreamCheck {
     }
 
     /// The transfer error, if the stream ended because of one (for a failed write).
-    pub fn take_failure(&self) -> Option<AcquireError> {
+    pub(crate) fn take_failure(&self) -> Option<AcquireError> {
         lock(&self.inner).failed.take()
     }
 
     /// Reads whatever is left, then checks the digest. `written` says whether a target was
     /// written from the stream (a mismatch is then reported as a bad target).
-    pub fn finish(self, written: bool) -> Result<StreamResult> {
+    pub(crate) fn finish(self, written: bool) -> Result<StreamResult> {
         let mut g = lock(&self.inner);
         let mut buf = vec![0u8; 1 << 20];
         while g.digests.is_none() {

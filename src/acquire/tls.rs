@@ -16,7 +16,9 @@ use std::sync::Arc;
 
 /// The client configuration for downloads: web PKI roots, the `--ca-file` certificates as extra
 /// roots and as pins, HTTP/2 and HTTP/1.1 offered by ALPN (as reqwest's own configuration).
-pub fn client_config(pinned: Vec<CertificateDer<'static>>) -> Result<rustls::ClientConfig, Error> {
+pub(crate) fn client_config(
+    pinned: Vec<CertificateDer<'static>>,
+) -> Result<rustls::ClientConfig, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
@@ -201,7 +203,7 @@ fn unwrap_name(p: &str) -> &str {
 }
 
 /// A refused TLS connection in plain words, with what to do about it.
-pub fn explain(e: &Error, host: &str, ca_file: Option<&Path>) -> String {
+pub(crate) fn explain(e: &Error, host: &str, ca_file: Option<&Path>) -> String {
     let ca = ca_file.map(|p| p.display().to_string());
     let date = |t: &UnixTime| {
         humantime::format_rfc3339_seconds(

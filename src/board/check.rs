@@ -42,8 +42,8 @@ pub struct Finding {
 /// The result of checking one image against one board medium.
 #[derive(Debug, Clone, Serialize)]
 pub struct ImageReport {
-    pub board: String,
-    pub medium: MediumKind,
+    pub(crate) board: String,
+    pub(crate) medium: MediumKind,
     /// `MBR`, `GPT` or `no partition table`.
     pub table: &'static str,
     /// First partition start in sectors, if any.
@@ -54,13 +54,13 @@ pub struct ImageReport {
 }
 
 impl ImageReport {
-    pub fn warnings(&self) -> impl Iterator<Item = &Finding> {
+    pub(crate) fn warnings(&self) -> impl Iterator<Item = &Finding> {
         self.findings
             .iter()
             .filter(|f| f.severity == Severity::Warning)
     }
 
-    pub fn has_warnings(&self) -> bool {
+    pub(crate) fn has_warnings(&self) -> bool {
         self.warnings().next().is_some()
     }
 
@@ -81,12 +81,12 @@ impl ImageReport {
 }
 
 /// The most [`bytes_wanted`] asks for: the first partition's boot sector within 64 MiB.
-pub const MAX_HEAD_LEN: usize = 64 << 20;
+pub(crate) const MAX_HEAD_LEN: usize = 64 << 20;
 
 /// How much of the image the check wants once `head` (at least [`HEAD_LEN`] bytes, or the
 /// whole image) is known: more when the first partition (whose file system is checked)
 /// starts beyond it, as NixOS's FIRMWARE partition at 8 MiB does.
-pub fn bytes_wanted(head: &[u8]) -> usize {
+pub(crate) fn bytes_wanted(head: &[u8]) -> usize {
     let first = parttable::parse(head)
         .ok()
         .and_then(|t| t.first().map(|p| p.start * SECTOR + SECTOR));
@@ -384,7 +384,7 @@ fn describe_signatures(l: &Layout) -> String {
 }
 
 /// "8 MiB", "128 KiB", "1536 bytes".
-pub fn human_offset(bytes: u64) -> String {
+pub(crate) fn human_offset(bytes: u64) -> String {
     if bytes == 0 {
         "offset 0".to_string()
     } else if bytes % (1 << 20) == 0 {

@@ -7,14 +7,14 @@ use std::fmt;
 /// A position in a descriptor file (1-based line and column).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Location {
-    pub file: String,
-    pub line: usize,
-    pub col: usize,
+    pub(crate) file: String,
+    pub(crate) line: usize,
+    pub(crate) col: usize,
 }
 
 impl Location {
     /// Line/column of byte offset `at` in `text`.
-    pub fn at(file: &str, text: &str, at: usize) -> Location {
+    pub(crate) fn at(file: &str, text: &str, at: usize) -> Location {
         let at = at.min(text.len());
         let before = &text[..at];
         let line = before.matches('\n').count() + 1;

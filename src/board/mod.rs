@@ -24,7 +24,7 @@ pub mod error;
 pub mod parttable;
 pub mod place;
 pub mod registry;
-pub mod schema;
+pub(crate) mod schema;
 mod spans;
 
 pub use check::{check_image, Finding, ImageReport, Severity};

@@ -38,11 +38,11 @@ impl std::fmt::Display for PartType {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Partition {
     /// 1-based partition number as Linux names it.
-    pub number: usize,
+    pub(crate) number: usize,
     /// First sector.
     pub start: u64,
     /// Length in sectors.
-    pub sectors: u64,
+    pub(crate) sectors: u64,
     pub kind: PartType,
     /// GPT partition name (UTF-16 on disk).
     pub name: Option<String>,
@@ -76,7 +76,7 @@ impl PartitionTable {
     }
 
     /// The partition with the lowest start sector.
-    pub fn first(&self) -> Option<&Partition> {
+    pub(crate) fn first(&self) -> Option<&Partition> {
         self.partitions().iter().min_by_key(|p| p.start)
     }
 
@@ -209,7 +209,7 @@ fn parse_gpt(head: &[u8]) -> Result<Vec<Partition>, String> {
 }
 
 /// Parse a textual GUID into on-disk byte order (first three fields little-endian).
-pub fn parse_guid(s: &str) -> Option<[u8; 16]> {
+pub(crate) fn parse_guid(s: &str) -> Option<[u8; 16]> {
     let parts: Vec<&str> = s.split('-').collect();
     if parts.len() != 5
         || [8, 4, 4, 4, 12] != [0, 1, 2, 3, 4].map(|i| parts[i].len())
@@ -227,7 +227,7 @@ pub fn parse_guid(s: &str) -> Option<[u8; 16]> {
 }
 
 /// Inverse of [`parse_guid`], upper case.
-pub fn format_guid(g: &[u8; 16]) -> String {
+pub(crate) fn format_guid(g: &[u8; 16]) -> String {
     let mut b = *g;
     b[0..4].reverse();
     b[4..6].reverse();

@@ -57,8 +57,8 @@ impl Origin {
 #[derive(Debug, Clone, Serialize)]
 pub struct Soc {
     #[serde(flatten)]
-    pub desc: SocDesc,
-    pub origin: Origin,
+    pub(crate) desc: SocDesc,
+    pub(crate) origin: Origin,
 }
 
 /// A resolved board: its descriptor, its SoC's facts, and provenance.
@@ -94,10 +94,10 @@ impl Board {
         self.soc.usb.as_ref()
     }
     /// Board-specific recovery steps and loader files.
-    pub fn recovery(&self) -> Option<&Recovery> {
+    pub(crate) fn recovery(&self) -> Option<&Recovery> {
         self.desc.recovery.as_ref()
     }
-    pub fn handoff(&self) -> &Handoff {
+    pub(crate) fn handoff(&self) -> &Handoff {
         &self.desc.handoff
     }
 
@@ -137,7 +137,7 @@ impl Board {
     }
 
     /// The on-board flash that can hold U-Boot (SPI NOR/NAND or eMMC used as bootloader-only).
-    pub fn bootloader_flash(&self) -> Option<&Medium> {
+    pub(crate) fn bootloader_flash(&self) -> Option<&Medium> {
         self.desc
             .storage
             .iter()
@@ -190,7 +190,7 @@ impl Registry {
 
     /// What the CLI uses: built-in, then the user's config dir (if it exists), then `extra`
     /// (`--boards-dir`, which must exist).
-    pub fn load(extra: &[PathBuf]) -> Result<Registry, BoardError> {
+    pub(crate) fn load(extra: &[PathBuf]) -> Result<Registry, BoardError> {
         let mut layers = vec![builtin_layer()];
         if let Some(u) = user_dir() {
             layers.push(dir_layer(&u, false)?);
@@ -224,7 +224,7 @@ impl Registry {
 
     /// Up to three ids/aliases closest to `name` (Jaro-Winkler, plus substring matches), each
     /// formatted for a message: "`opi5`" or "`orangepi-5` (alias of `opi5`)".
-    pub fn suggest(&self, name: &str) -> Vec<String> {
+    pub(crate) fn suggest(&self, name: &str) -> Vec<String> {
         let mut scored: Vec<(f64, String)> = Vec::new();
         for b in &self.boards {
             let mut best: Option<(f64, &str)> = None;
@@ -382,7 +382,7 @@ impl Registry {
 }
 
 /// `$XDG_CONFIG_HOME/sbcflash/boards` (or the platform config dir).
-pub fn user_dir() -> Option<PathBuf> {
+pub(crate) fn user_dir() -> Option<PathBuf> {
     std::env::var_os("XDG_CONFIG_HOME")
         .filter(|v| !v.is_empty())
         .map(PathBuf::from)

@@ -17,10 +17,10 @@
 use serde::{Deserialize, Deserializer, Serialize};
 
 /// The only schema version this build reads.
-pub const SCHEMA_VERSION: u32 = 1;
+pub(crate) const SCHEMA_VERSION: u32 = 1;
 
 /// Sector size used by every offset expressed in sectors.
-pub const SECTOR: u64 = 512;
+pub(crate) const SECTOR: u64 = 512;
 
 /// CPU architecture of a board (what `nix build` must target).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -52,25 +52,25 @@ impl std::fmt::Display for Arch {
 #[serde(deny_unknown_fields)]
 pub struct SocDesc {
     /// Must be [`SCHEMA_VERSION`].
-    pub schema: u32,
+    pub(crate) schema: u32,
     /// Key boards use in their `soc = "..."` field, e.g. `rk3588`.
-    pub id: String,
+    pub(crate) id: String,
     /// Human names covered by this file ("RK3588", "RK3588S").
     pub names: Vec<String>,
     pub vendor: String,
     pub arch: Arch,
     /// The boot ROM's USB recovery mode, if it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub usb: Option<SocUsb>,
+    pub(crate) usb: Option<SocUsb>,
     /// Layout the boot ROM expects on SD/eMMC (block media it boots from directly).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub block: Option<Layout>,
+    pub(crate) block: Option<Layout>,
     /// Layout of the SoC's SPI/QSPI boot flash, when it boots from one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub spi: Option<Layout>,
+    pub(crate) spi: Option<Layout>,
     /// Free-form remarks shown by `sbcflash boards show`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// USB recovery protocol spoken by a ROM (or by a vendor loader that replaces it).
@@ -114,25 +114,25 @@ pub struct SocUsb {
     pub pid: Option<u16>,
     /// Interface class/subclass/protocol that identifies the protocol (PIDs are shared).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interface: Option<InterfaceClass>,
+    pub(crate) interface: Option<InterfaceClass>,
     /// Rockchip only: the ROM expects RC4-scrambled raw 471/472 payloads.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rc4: Option<bool>,
     /// Allwinner FEL only: SoC id reported by the VERSION request.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fel_soc_id: Option<u32>,
+    pub(crate) fel_soc_id: Option<u32>,
     /// rpiboot only: file names the ROM stage asks for, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub stage_files: Vec<String>,
+    pub(crate) stage_files: Vec<String>,
     /// UART recovery only: baud rate of the ROM's XMODEM receiver.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub baud: Option<u32>,
+    pub(crate) baud: Option<u32>,
 }
 
 /// USB interface class triple.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct InterfaceClass {
+pub(crate) struct InterfaceClass {
     pub class: u8,
     pub subclass: u8,
     pub protocol: u8,
@@ -141,7 +141,7 @@ pub struct InterfaceClass {
 /// Partition table kind an image uses or a layout requires.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
-pub enum TableKind {
+pub(crate) enum TableKind {
     Mbr,
     Gpt,
     /// Either is fine.
@@ -164,22 +164,22 @@ impl std::fmt::Display for TableKind {
 pub struct Layout {
     /// Partition table the ROM/SPL can use.
     #[serde(default = "any_table")]
-    pub table: TableKind,
+    pub(crate) table: TableKind,
     /// Sectors the bootloader occupies; no partition may overlap them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reserved: Option<SectorRange>,
     /// How a bootloader already in the image is recognised (any one match = present).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub signatures: Vec<Signature>,
+    pub(crate) signatures: Vec<Signature>,
     /// Where bootloader files go when written outside the image (`--bootloader`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placements: Vec<Placement>,
     /// The first partition must be FAT (Raspberry Pi firmware partition).
     #[serde(default, skip_serializing_if = "is_false")]
-    pub first_partition_fat: bool,
+    pub(crate) first_partition_fat: bool,
     /// Human summary of the layout for `boards show`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
+    pub(crate) note: Option<String>,
 }
 
 fn any_table() -> TableKind {
@@ -199,7 +199,7 @@ pub struct SectorRange {
 }
 
 impl SectorRange {
-    pub fn overlaps(&self, start: u64, end: u64) -> bool {
+    pub(crate) fn overlaps(&self, start: u64, end: u64) -> bool {
         start < self.end && self.start < end
     }
 }
@@ -213,7 +213,7 @@ impl std::fmt::Display for SectorRange {
 /// A way to recognise a bootloader inside an image.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Signature {
+pub(crate) enum Signature {
     /// Rockchip IDBlock at `sector`: `RKNS` (RK35xx) or the legacy `0x0FF0AA55` tag, plain or
     /// RC4-scrambled.
     RockchipIdb { sector: u64 },
@@ -233,16 +233,16 @@ pub struct Placement {
     pub file: String,
     /// Offset in 512-byte sectors (exactly one of `sector`/`offset`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sector: Option<u64>,
+    pub(crate) sector: Option<u64>,
     /// Offset in bytes (exactly one of `sector`/`offset`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub offset: Option<u64>,
+    pub(crate) offset: Option<u64>,
     /// Only applies to images with this partition table (sunxi: 8 KiB clashes with GPT).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub table: Option<TableKind>,
+    pub(crate) table: Option<TableKind>,
     /// This one file replaces the others in its layout (e.g. `u-boot-rockchip.bin`).
     #[serde(default, skip_serializing_if = "is_false")]
-    pub combined: bool,
+    pub(crate) combined: bool,
 }
 
 impl Placement {
@@ -265,41 +265,41 @@ impl Placement {
 #[serde(deny_unknown_fields)]
 pub struct BoardDesc {
     /// Must be [`SCHEMA_VERSION`].
-    pub schema: u32,
+    pub(crate) schema: u32,
     /// Primary id used on the command line (`--board opi5`): lowercase, digits, `-`.
     pub id: String,
     /// Other accepted ids (`orangepi5`, `orange-pi-5`).
     #[serde(default)]
     pub aliases: Vec<String>,
-    pub name: String,
-    pub vendor: String,
+    pub(crate) name: String,
+    pub(crate) vendor: String,
     /// Id of a SoC descriptor in `boards/soc/`.
-    pub soc: String,
+    pub(crate) soc: String,
     pub arch: Arch,
     /// This board is a variant of another (shown by `boards`; no inheritance of fields).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub variant_of: Option<String>,
+    pub(crate) variant_of: Option<String>,
     /// Storage media, in the order the user most likely wants them.
     pub storage: Vec<Medium>,
     /// Serial console.
-    pub console: Console,
+    pub(crate) console: Console,
     /// U-Boot behaviour on the console (absent when the board boots without U-Boot).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uboot: Option<UBoot>,
+    pub(crate) uboot: Option<UBoot>,
     /// Board-specific recovery facts (the SoC file has the USB ids).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub recovery: Option<Recovery>,
+    pub(crate) recovery: Option<Recovery>,
     /// Known image sources (prebuilt downloads or flakes).
     #[serde(default, rename = "image", skip_serializing_if = "Vec::is_empty")]
     pub images: Vec<ImageSource>,
     /// How the board is handed to `nixos-rebuild` after first boot.
     #[serde(default)]
-    pub handoff: Handoff,
+    pub(crate) handoff: Handoff,
     /// Dotted keys whose values are not confirmed from a primary source (`[hedge]`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub unverified: Vec<String>,
+    pub(crate) unverified: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// Kind of storage medium.
@@ -318,13 +318,13 @@ pub enum MediumKind {
 
 impl MediumKind {
     /// Block media the ROM reads with the SoC's `block` layout.
-    pub fn is_block_boot(self) -> bool {
+    pub(crate) fn is_block_boot(self) -> bool {
         matches!(self, MediumKind::Sd | MediumKind::Emmc)
     }
-    pub fn is_spi(self) -> bool {
+    pub(crate) fn is_spi(self) -> bool {
         matches!(self, MediumKind::SpiNor | MediumKind::SpiNand)
     }
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             MediumKind::Sd => "sd",
             MediumKind::Emmc => "emmc",
@@ -366,7 +366,7 @@ impl std::str::FromStr for MediumKind {
 /// Where the board gets its bootloader when the OS is on this medium.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum BootSource {
+pub(crate) enum BootSource {
     /// The ROM reads the bootloader from this medium: the image (or `--bootloader`) must carry it.
     Image,
     /// The board's own flash (SPI NOR, eMMC boot0) may hold U-Boot, which then loads the OS
@@ -388,10 +388,10 @@ pub struct Medium {
     /// The medium `--board X` writes to when none is named.
     #[serde(default, skip_serializing_if = "is_false")]
     pub default: bool,
-    pub boot: BootSource,
+    pub(crate) boot: BootSource,
     /// Size when fixed on the board (SPI flash).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub size_mib: Option<u64>,
+    pub(crate) size_mib: Option<u64>,
     /// U-Boot device for `ums`/`load` (`mmc 1`, `virtio 0`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uboot_dev: Option<String>,
@@ -400,12 +400,12 @@ pub struct Medium {
     pub rockusb_index: Option<u32>,
     /// Replaces the SoC's layout for this medium.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub layout: Option<Layout>,
+    pub(crate) layout: Option<Layout>,
     /// What to tell the user when the image lacks a bootloader this medium needs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bootloader_hint: Option<String>,
+    pub(crate) bootloader_hint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
+    pub(crate) note: Option<String>,
 }
 
 /// Serial console facts.
@@ -414,14 +414,14 @@ pub struct Medium {
 pub struct Console {
     /// SoC UART name (`UART2`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub uart: Option<String>,
+    pub(crate) uart: Option<String>,
     /// Baud rate used by ROM/U-Boot/Linux (8N1 assumed).
     pub baud: u32,
     /// Linux console device name without `/dev/` (`ttyS2`), for `console=` and the follower.
     pub linux: String,
     /// Where the pins are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pins: Option<String>,
+    pub(crate) pins: Option<String>,
 }
 
 /// How U-Boot behaves on the console.
@@ -431,21 +431,21 @@ pub struct UBoot {
     /// Prompt strings, any of which means "at the prompt" (`=> `, `U-Boot> `).
     pub prompts: Vec<String>,
     /// Autoboot countdown messages (prefixes; the countdown digit follows).
-    pub autoboot: Vec<String>,
+    pub(crate) autoboot: Vec<String>,
     /// How to stop autoboot, in the order to try.
-    pub interrupt: Vec<Interrupt>,
+    pub(crate) interrupt: Vec<Interrupt>,
     /// Default `bootdelay` in seconds, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub bootdelay: Option<u32>,
+    pub(crate) bootdelay: Option<u32>,
     /// Commands for useful gadget modes, templated with `{dev}` = the medium's `uboot_dev`.
     #[serde(default)]
-    pub commands: UBootCommands,
+    pub(crate) commands: UBootCommands,
 }
 
 /// A way to interrupt U-Boot's autoboot.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "kebab-case", deny_unknown_fields)]
-pub enum Interrupt {
+pub(crate) enum Interrupt {
     /// Any key (mainline default).
     AnyKey,
     /// Ctrl-C (vendor Rockchip U-Boot, `CONFIG_AUTOBOOT_KEYED` with ctrl-c).
@@ -457,7 +457,7 @@ pub enum Interrupt {
 impl Interrupt {
     /// Bytes to send on the serial line.
     #[cfg(test)] // only the unit tests use it
-    pub fn bytes(&self) -> Vec<u8> {
+    pub(crate) fn bytes(&self) -> Vec<u8> {
         match self {
             // A space is harmless if it lands at the prompt afterwards.
             Interrupt::AnyKey => b" ".to_vec(),
@@ -470,29 +470,29 @@ impl Interrupt {
 /// U-Boot commands for gadget modes; `None` when the build is not known to have them.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UBootCommands {
+pub(crate) struct UBootCommands {
     /// USB mass storage, e.g. `ums 0 {dev}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub ums: Option<String>,
+    pub(crate) ums: Option<String>,
     /// Rockusb gadget, e.g. `rockusb 0 {dev}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rockusb: Option<String>,
+    pub(crate) rockusb: Option<String>,
     /// Fastboot gadget, e.g. `fastboot usb 0`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fastboot: Option<String>,
+    pub(crate) fastboot: Option<String>,
     /// DFU gadget.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub dfu: Option<String>,
+    pub(crate) dfu: Option<String>,
     /// VID/PID the U-Boot gadget enumerates with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gadget_vid: Option<u16>,
+    pub(crate) gadget_vid: Option<u16>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub gadget_pid: Option<u16>,
+    pub(crate) gadget_pid: Option<u16>,
 }
 
 impl UBootCommands {
     /// Expand `{dev}` in a command template.
-    pub fn render(template: &str, dev: &str) -> String {
+    pub(crate) fn render(template: &str, dev: &str) -> String {
         template.replace("{dev}", dev)
     }
 }
@@ -500,29 +500,29 @@ impl UBootCommands {
 /// Board-specific recovery facts.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Recovery {
+pub(crate) struct Recovery {
     /// Steps for the user to enter the recovery mode.
     #[serde(default)]
-    pub enter: Vec<String>,
+    pub(crate) enter: Vec<String>,
     /// Which connector to plug into the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub port: Option<String>,
+    pub(crate) port: Option<String>,
     /// Loader/payload files the recovery flow needs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub loaders: Vec<LoaderFile>,
+    pub(crate) loaders: Vec<LoaderFile>,
 }
 
 /// A loader file for a recovery flow (the file itself is never shipped with sbcflash).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LoaderFile {
+pub(crate) struct LoaderFile {
     /// What it is for: `usb-loader` (rockusb `db`), `spl`, `uboot`, `xmodem`, ...
-    pub role: String,
+    pub(crate) role: String,
     /// File name or glob as published (`rk3588_spl_loader_v*.bin`).
-    pub file: String,
+    pub(crate) file: String,
     /// Where it comes from (rkbin, a nixpkgs attribute, vendor download).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub source: Option<String>,
+    pub(crate) source: Option<String>,
 }
 
 /// A known image source. Exactly one of `url` / `flake`.
@@ -533,25 +533,25 @@ pub struct ImageSource {
     pub name: String,
     /// Download URL of a prebuilt image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
     /// Flake reference to build from (`github:gnull/nixos-rk3588`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub flake: Option<String>,
+    pub(crate) flake: Option<String>,
     /// Attribute to build within the flake; `<host>` is replaced by the host name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attr: Option<String>,
+    pub(crate) attr: Option<String>,
     /// Published blake3 digest of the (compressed) download; absent = unpinned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blake3: Option<Digest>,
+    pub(crate) blake3: Option<Digest>,
     /// Published sha256 digest of the download; absent = unpinned.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<Digest>,
+    pub(crate) sha256: Option<Digest>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
+    pub(crate) note: Option<String>,
     /// Keys trusted to sign this source's images (`[[image.trust]]`); trusted for any write
     /// with this board.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub trust: Vec<crate::trust::TrustEntry>,
+    pub(crate) trust: Vec<crate::trust::TrustEntry>,
 }
 
 impl ImageSource {
@@ -563,13 +563,13 @@ impl ImageSource {
 
 /// A 32-byte digest written as 64 hex digits; rejected at parse time otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Digest(pub [u8; 32]);
+pub(crate) struct Digest(pub(crate) [u8; 32]);
 
 impl Digest {
-    pub fn to_hex(&self) -> String {
+    pub(crate) fn to_hex(&self) -> String {
         hex::encode(self.0)
     }
-    pub fn parse(s: &str) -> Result<Digest, String> {
+    pub(crate) fn parse(s: &str) -> Result<Digest, String> {
         if s.len() != 64 {
             return Err(format!(
                 "expected 64 hex digits (32-byte digest), got {} characters",
@@ -598,13 +598,13 @@ impl<'de> Deserialize<'de> for Digest {
 /// Handing a booted board over to `nixos-rebuild --target-host`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Handoff {
+pub(crate) struct Handoff {
     /// SSH user on the freshly booted image.
     #[serde(default = "default_ssh_user")]
-    pub ssh_user: String,
+    pub(crate) ssh_user: String,
     /// Flake attribute template for the image; `<host>` is replaced by the host name.
     #[serde(default = "default_flake_attr")]
-    pub flake_attr: String,
+    pub(crate) flake_attr: String,
 }
 
 fn default_ssh_user() -> String {
@@ -612,7 +612,8 @@ fn default_ssh_user() -> String {
 }
 
 /// nixpkgs' sd-image module output, the common case for SBCs.
-pub const DEFAULT_FLAKE_ATTR: &str = "nixosConfigurations.<host>.config.system.build.sdImage";
+pub(crate) const DEFAULT_FLAKE_ATTR: &str =
+    "nixosConfigurations.<host>.config.system.build.sdImage";
 
 fn default_flake_attr() -> String {
     DEFAULT_FLAKE_ATTR.into()
@@ -630,7 +631,7 @@ impl Default for Handoff {
 impl Handoff {
     /// The flake attribute for `host`.
     #[cfg(test)] // only the unit tests use it
-    pub fn flake_attr_for(&self, host: &str) -> String {
+    pub(crate) fn flake_attr_for(&self, host: &str) -> String {
         self.flake_attr.replace("<host>", host)
     }
 }

@@ -4,12 +4,12 @@
 use toml_edit::{ImDocument, Item, Value};
 
 /// A parsed document kept only for span lookups.
-pub struct Spans<'a> {
+pub(crate) struct Spans<'a> {
     doc: Option<ImDocument<&'a str>>,
 }
 
 impl<'a> Spans<'a> {
-    pub fn new(text: &'a str) -> Spans<'a> {
+    pub(crate) fn new(text: &'a str) -> Spans<'a> {
         Spans {
             doc: ImDocument::parse(text).ok(),
         }
@@ -17,7 +17,7 @@ impl<'a> Spans<'a> {
 
     /// Byte offset of the key (or, for array indexes, the element) named by a dotted path such
     /// as `storage.1.layout.placements.0.sector`. Falls back to the deepest prefix found.
-    pub fn locate(&self, path: &str) -> Option<usize> {
+    pub(crate) fn locate(&self, path: &str) -> Option<usize> {
         let doc = self.doc.as_ref()?;
         let mut node = Node::Item(doc.as_item());
         let mut best = None;
@@ -35,7 +35,7 @@ impl<'a> Spans<'a> {
     }
 
     /// Dotted path of the deepest key whose key or value contains byte `offset`.
-    pub fn path_at(&self, offset: usize) -> Option<String> {
+    pub(crate) fn path_at(&self, offset: usize) -> Option<String> {
         let doc = self.doc.as_ref()?;
         let mut path = Vec::new();
         walk(Node::Item(doc.as_item()), offset, &mut path);

@@ -7,16 +7,16 @@ use std::fmt::Write;
 
 /// One mapped range in blocks, inclusive, with the sha256 of its bytes (clipped to the
 /// image size on the last block).
-pub struct MappedRange {
-    pub first: u64,
-    pub last: u64,
-    pub sha256: [u8; 32],
+pub(crate) struct MappedRange {
+    pub(crate) first: u64,
+    pub(crate) last: u64,
+    pub(crate) sha256: [u8; 32],
 }
 
-pub const BLOCK: u64 = 4096;
+pub(crate) const BLOCK: u64 = 4096;
 
 /// The bmap text for an image of `size` bytes.
-pub fn render(size: u64, ranges: &[MappedRange]) -> String {
+pub(crate) fn render(size: u64, ranges: &[MappedRange]) -> String {
     let blocks = size.div_ceil(BLOCK);
     let mapped: u64 = ranges.iter().map(|r| r.last - r.first + 1).sum();
     let zeros = "0".repeat(64);

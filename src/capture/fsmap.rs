@@ -8,13 +8,13 @@
 use std::ops::Range;
 
 /// Reads `len` bytes at a byte offset relative to the partition start.
-pub trait ReadAt {
+pub(crate) trait ReadAt {
     fn read_at(&mut self, offset: u64, len: usize) -> std::io::Result<Vec<u8>>;
 }
 
 /// What was found in a partition and how much of it is in use.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum FsMap {
+pub(crate) enum FsMap {
     /// Used byte ranges, relative to the partition start, sorted and merged.
     Used {
         fs: &'static str,
@@ -26,7 +26,7 @@ pub enum FsMap {
 }
 
 impl FsMap {
-    pub fn fs(&self) -> &'static str {
+    pub(crate) fn fs(&self) -> &'static str {
         match self {
             FsMap::Used { fs, .. } | FsMap::Whole { fs, .. } => fs,
         }
@@ -42,7 +42,7 @@ fn le32(b: &[u8], at: usize) -> u64 {
 
 /// Look at a partition of `size` bytes and map what its file system uses. I/O errors are
 /// returned; a file system that is not recognised or not consistent is `Whole`.
-pub fn map(r: &mut dyn ReadAt, size: u64) -> std::io::Result<FsMap> {
+pub(crate) fn map(r: &mut dyn ReadAt, size: u64) -> std::io::Result<FsMap> {
     if size < 2048 {
         return Ok(whole("unknown", "smaller than a file system header"));
     }
@@ -70,7 +70,7 @@ fn whole(fs: &'static str, why: &str) -> FsMap {
 }
 
 /// Sorted, merged ranges.
-pub fn merge(mut v: Vec<Range<u64>>) -> Vec<Range<u64>> {
+pub(crate) fn merge(mut v: Vec<Range<u64>>) -> Vec<Range<u64>> {
     v.retain(|r| r.start < r.end);
     v.sort_by_key(|r| r.start);
     let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
@@ -272,7 +272,7 @@ fn ext(r: &mut dyn ReadAt, size: u64, sb: &[u8]) -> std::io::Result<FsMap> {
 
 /// A FAT boot sector (not an MBR): a jump, and the file-system type label where FAT12/16
 /// or FAT32 put it. GRUB's MBR starts with a jump too, but has no label.
-pub fn is_fat_boot_sector(b: &[u8]) -> bool {
+pub(crate) fn is_fat_boot_sector(b: &[u8]) -> bool {
     b.len() >= 512
         && matches!(b[0], 0xEB | 0xE9)
         && (b[54..57] == *b"FAT" || b[82..87] == *b"FAT32")

@@ -18,13 +18,13 @@ fn le64(b: &[u8], at: usize) -> u64 {
 
 /// Sectors that replace what the source holds at their offset.
 #[derive(Debug, Clone)]
-pub struct Patch {
-    pub offset: u64,
-    pub data: Vec<u8>,
+pub(crate) struct Patch {
+    pub(crate) offset: u64,
+    pub(crate) data: Vec<u8>,
 }
 
 impl Patch {
-    pub fn range(&self) -> Range<u64> {
+    pub(crate) fn range(&self) -> Range<u64> {
         self.offset..self.offset + self.data.len() as u64
     }
 }
@@ -32,7 +32,7 @@ impl Patch {
 /// Given the disk's first bytes (protective MBR, primary header, entries) and the end of the
 /// last partition, the image size and the patches: protective MBR, primary header, backup
 /// entries and backup header. `Err` says what is wrong with the table.
-pub fn rebuild(head: &[u8], last_end: u64) -> Result<(u64, Vec<Patch>), String> {
+pub(crate) fn rebuild(head: &[u8], last_end: u64) -> Result<(u64, Vec<Patch>), String> {
     let h = SECTOR as usize;
     let hdr = head
         .get(h..2 * h)
@@ -99,7 +99,7 @@ pub fn rebuild(head: &[u8], last_end: u64) -> Result<(u64, Vec<Patch>), String> 
 }
 
 /// Apply the patches that overlap `[off, off + buf.len())`.
-pub fn apply(patches: &[Patch], off: u64, buf: &mut [u8]) {
+pub(crate) fn apply(patches: &[Patch], off: u64, buf: &mut [u8]) {
     let end = off + buf.len() as u64;
     for p in patches {
         let r = p.range();

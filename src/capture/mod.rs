@@ -9,9 +9,9 @@
 //! be mounted meanwhile). A reader thread fills a fixed pool of aligned buffers, the calling
 //! thread hashes and compresses them, so memory stays bounded whatever the disk size.
 
-pub mod bmapout;
-pub mod fsmap;
-pub mod gpt;
+pub(crate) mod bmapout;
+pub(crate) mod fsmap;
+pub(crate) mod gpt;
 
 use crate::board::parttable::{self, PartitionTable};
 use crate::exit::{Classify, Exit};
@@ -32,14 +32,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 /// Size of each read (and of each pool buffer).
-pub const CHUNK: usize = 4 << 20;
+pub(crate) const CHUNK: usize = 4 << 20;
 /// zstd multi-threaded job size (bytes of input per worker job).
 const JOB_SIZE: u32 = 2 << 20;
 /// Buffers in flight between the reader and the consumer.
 const DEPTH: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
-pub enum CaptureError {
+pub(crate) enum CaptureError {
     #[error("{path}: reading at offset {offset}: {source}")]
     Read {
         path: String,
@@ -74,10 +74,10 @@ impl Classify for CaptureError {
 
 /// The source, read at any offset through an aligned bounce buffer (O_DIRECT needs aligned
 /// offsets, lengths and addresses).
-pub struct Source {
-    pub file: File,
-    pub name: String,
-    pub size: u64,
+pub(crate) struct Source {
+    pub(crate) file: File,
+    pub(crate) name: String,
+    pub(crate) size: u64,
 }
 
 impl Source {
@@ -141,32 +141,32 @@ impl ReadAt for PartReader<'_> {
 
 /// One partition and what was taken from it.
 #[derive(Debug, Clone, Serialize)]
-pub struct PartReport {
-    pub number: usize,
+pub(crate) struct PartReport {
+    pub(crate) number: usize,
     /// Byte offset and length on the disk.
-    pub start: u64,
-    pub size: u64,
-    pub fs: &'static str,
+    pub(crate) start: u64,
+    pub(crate) size: u64,
+    pub(crate) fs: &'static str,
     /// Bytes captured from inside it.
-    pub used: u64,
+    pub(crate) used: u64,
     /// Why it was copied whole, if it was.
-    pub whole_because: Option<String>,
+    pub(crate) whole_because: Option<String>,
 }
 
 /// What will be read: the image size (end of the last partition) and the mapped ranges.
 #[derive(Debug, Clone, Serialize)]
-pub struct Plan {
-    pub table: &'static str,
-    pub image_size: u64,
-    pub source_size: u64,
-    pub partitions: Vec<PartReport>,
+pub(crate) struct Plan {
+    pub(crate) table: &'static str,
+    pub(crate) image_size: u64,
+    pub(crate) source_size: u64,
+    pub(crate) partitions: Vec<PartReport>,
     #[serde(skip)]
-    pub mapped: Vec<Range<u64>>,
-    pub mapped_bytes: u64,
+    pub(crate) mapped: Vec<Range<u64>>,
+    pub(crate) mapped_bytes: u64,
     /// GPT: the backup table was rebuilt after the last partition (primary header and
     /// protective MBR patched to match).
     #[serde(skip)]
-    pub patches: Vec<gpt::Patch>,
+    pub(crate) patches: Vec<gpt::Patch>,
 }
 
 /// MBR extended containers: their logical partitions are not parsed, so they are copied whole.
@@ -175,7 +175,7 @@ fn is_extended(t: &parttable::PartType) -> bool {
 }
 
 /// Read the partition table and every file system's allocation map.
-pub fn plan(src: &Source) -> Result<Plan, CaptureError> {
+pub(crate) fn plan(src: &Source) -> Result<Plan, CaptureError> {
     let layout = |msg: String| CaptureError::Layout {
         path: src.name.clone(),
         msg,
@@ -302,15 +302,15 @@ pub fn plan(src: &Source) -> Result<Plan, CaptureError> {
 /// The three files a capture writes, from the `OUT` argument (a trailing `.img` or
 /// `.img.zst` is not doubled).
 #[derive(Debug, Clone, Serialize)]
-pub struct Outputs {
-    pub image: PathBuf,
-    pub bmap: PathBuf,
-    pub blake3: PathBuf,
-    pub raw: bool,
+pub(crate) struct Outputs {
+    pub(crate) image: PathBuf,
+    pub(crate) bmap: PathBuf,
+    pub(crate) blake3: PathBuf,
+    pub(crate) raw: bool,
 }
 
 impl Outputs {
-    pub fn new(out: &Path, raw: bool) -> Self {
+    pub(crate) fn new(out: &Path, raw: bool) -> Self {
         let s = out.as_os_str().to_string_lossy().to_string();
         let base = s
             .strip_suffix(".img.zst")
@@ -335,7 +335,7 @@ impl Outputs {
     }
 
     /// Refuses existing outputs unless `force`.
-    pub fn check(&self, force: bool) -> Result<(), CaptureError> {
+    pub(crate) fn check(&self, force: bool) -> Result<(), CaptureError> {
         if force {
             return Ok(());
         }
@@ -356,24 +356,24 @@ fn part_path(p: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-pub struct Options {
+pub(crate) struct Options {
     /// zstd worker threads (0: one per core).
-    pub threads: u32,
-    pub level: i32,
-    pub cancel: Arc<AtomicBool>,
-    pub job: String,
+    pub(crate) threads: u32,
+    pub(crate) level: i32,
+    pub(crate) cancel: Arc<AtomicBool>,
+    pub(crate) job: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
-pub struct Report {
-    pub source: String,
-    pub blake3: String,
-    pub image_size: u64,
-    pub mapped_bytes: u64,
-    pub output_bytes: u64,
-    pub seconds: f64,
-    pub outputs: Outputs,
-    pub plan: Plan,
+pub(crate) struct Report {
+    pub(crate) source: String,
+    pub(crate) blake3: String,
+    pub(crate) image_size: u64,
+    pub(crate) mapped_bytes: u64,
+    pub(crate) output_bytes: u64,
+    pub(crate) seconds: f64,
+    pub(crate) outputs: Outputs,
+    pub(crate) plan: Plan,
 }
 
 enum Sink {
@@ -383,7 +383,7 @@ enum Sink {
 
 /// Read the plan's ranges from `src` and write the outputs (to `.part` files renamed at the
 /// end, so an interrupted or failed capture leaves nothing that looks finished).
-pub fn capture(
+pub(crate) fn capture(
     src: &Source,
     plan: Plan,
     out: &Outputs,

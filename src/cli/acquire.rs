@@ -15,7 +15,7 @@ use std::time::Duration;
 
 /// The cache directory: `--cache-dir` / $SBCFLASH_CACHE_DIR, else the config file's
 /// `cache-dir`, else $XDG_CACHE_HOME/sbcflash (the config module owns that precedence).
-pub fn cache_dir(explicit: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
+pub(crate) fn cache_dir(explicit: Option<&std::path::Path>) -> anyhow::Result<PathBuf> {
     if let Some(p) = explicit {
         return Ok(p.to_path_buf());
     }
@@ -25,31 +25,31 @@ pub fn cache_dir(explicit: Option<&std::path::Path>) -> anyhow::Result<PathBuf> 
 
 /// Network, cache and trust options shared by everything that acquires an image.
 #[derive(Debug, Clone, clap::Args)]
-pub struct AcquireOpts {
+pub(crate) struct AcquireOpts {
     /// Cache directory (default: the config file's cache-dir, else $XDG_CACHE_HOME/sbcflash).
     #[arg(long, value_name = "DIR", env = "SBCFLASH_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
     /// Extra CA certificate(s) (PEM) to trust, for a private mirror; the server's own
     /// self-signed certificate given here is pinned (name and dates still checked), as with
     /// `curl --cacert`.
     #[arg(long, value_name = "PEM")]
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// Give up on a connection after this many seconds without data (then retry).
     #[arg(long, value_name = "SECS", default_value_t = 30.0)]
-    pub timeout: f64,
+    pub(crate) timeout: f64,
     /// Connect timeout in seconds.
     #[arg(long, value_name = "SECS", default_value_t = 15.0)]
-    pub connect_timeout: f64,
+    pub(crate) connect_timeout: f64,
     /// Retries after a failed attempt (resuming where it stopped); 1 MiB of progress resets the count.
     #[arg(long, value_name = "N", default_value_t = 5)]
-    pub retries: u32,
+    pub(crate) retries: u32,
     /// Refuse sources without a published digest instead of warning.
     #[arg(long)]
-    pub require_pinned: bool,
+    pub(crate) require_pinned: bool,
 }
 
 impl AcquireOpts {
-    pub fn download_options(&self) -> anyhow::Result<DownloadOptions> {
+    pub(crate) fn download_options(&self) -> anyhow::Result<DownloadOptions> {
         let secs = |v: f64, what: &str| {
             if v.is_finite() && v > 0.0 {
                 Ok(Duration::from_secs_f64(v))
@@ -74,12 +74,12 @@ impl AcquireOpts {
         })
     }
 
-    pub fn cache(&self) -> anyhow::Result<Cache> {
+    pub(crate) fn cache(&self) -> anyhow::Result<Cache> {
         let dir = cache_dir(self.cache_dir.as_deref())?;
         Ok(Cache::open(&dir)?)
     }
 
-    pub fn acquirer(&self, reporter: Arc<dyn Reporter>) -> anyhow::Result<Acquirer> {
+    pub(crate) fn acquirer(&self, reporter: Arc<dyn Reporter>) -> anyhow::Result<Acquirer> {
         Ok(Acquirer {
             cache: Arc::new(self.cache()?),
             opts: self.download_options()?,
@@ -91,17 +91,17 @@ impl AcquireOpts {
 
 /// A published digest given on the command line.
 #[derive(Debug, Clone, clap::Args)]
-pub struct PinArgs {
+pub(crate) struct PinArgs {
     /// Published blake3 of the file as downloaded.
     #[arg(long, value_name = "HEX", conflicts_with = "sha256")]
-    pub blake3: Option<String>,
+    pub(crate) blake3: Option<String>,
     /// Published sha256 of the file as downloaded.
     #[arg(long, value_name = "HEX")]
-    pub sha256: Option<String>,
+    pub(crate) sha256: Option<String>,
 }
 
 impl PinArgs {
-    pub fn pin(&self) -> anyhow::Result<Option<Pin>> {
+    pub(crate) fn pin(&self) -> anyhow::Result<Option<Pin>> {
         Ok(match (&self.blake3, &self.sha256) {
             (Some(h), _) => Some(Pin::from_parts("blake3", h)?),
             (None, Some(h)) => Some(Pin::from_parts("sha256", h)?),
@@ -112,23 +112,23 @@ impl PinArgs {
 
 /// What `write` needs to take a URL (or a board's default source) instead of a file.
 #[derive(Debug, Clone, clap::Args)]
-pub struct StreamArgs {
+pub(crate) struct StreamArgs {
     /// Published blake3 of the downloaded file (for `write URL`).
     #[arg(long, value_name = "HEX", conflicts_with = "source_sha256")]
-    pub source_blake3: Option<String>,
+    pub(crate) source_blake3: Option<String>,
     /// Published sha256 of the downloaded file (for `write URL`).
     #[arg(long, value_name = "HEX")]
-    pub source_sha256: Option<String>,
+    pub(crate) source_sha256: Option<String>,
     /// Also keep the downloaded file in the cache (committed only if its digest checks out).
     #[arg(long)]
-    pub keep: bool,
+    pub(crate) keep: bool,
     #[command(flatten)]
-    pub opts: AcquireOpts,
+    pub(crate) opts: AcquireOpts,
 }
 
 impl StreamArgs {
     /// For a write whose image is a local file (`build TARGET`): no source digest, no tee.
-    pub fn local_only() -> StreamArgs {
+    pub(crate) fn local_only() -> StreamArgs {
         StreamArgs {
             source_blake3: None,
             source_sha256: None,
@@ -148,7 +148,7 @@ impl StreamArgs {
 /// For `write`: when IMAGE is a URL, or absent with `--board`, the image is streamed from the
 /// network (or the cache) instead of opened from a file. Returns None for a local file.
 /// After the write, pass its result to [`crate::acquire::remote::RemoteCheck::finish`].
-pub fn remote_image(
+pub(crate) fn remote_image(
     image: Option<&str>,
     board: Option<&str>,
     s: &StreamArgs,
@@ -191,17 +191,17 @@ pub fn remote_image(
 pub struct FetchArgs {
     /// URL to download (https://; http:// only with a pinned digest).
     #[arg(value_name = "URL", required_unless_present = "board")]
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
     /// Fetch the board's default image source.
     #[arg(long, conflicts_with = "url")]
-    pub board: Option<String>,
+    pub(crate) board: Option<String>,
     #[command(flatten)]
-    pub pin: PinArgs,
+    pub(crate) pin: PinArgs,
     #[command(flatten)]
-    pub opts: AcquireOpts,
+    pub(crate) opts: AcquireOpts,
 }
 
-pub fn run_fetch(a: FetchArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_fetch(a: FetchArgs, g: &Global) -> anyhow::Result<Exit> {
     let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
     let src = match (&a.url, &a.board) {
         (Some(url), _) => SourceSpec {
@@ -237,14 +237,14 @@ pub fn run_fetch(a: FetchArgs, g: &Global) -> anyhow::Result<Exit> {
 )]
 pub struct CacheArgs {
     #[command(subcommand)]
-    pub cmd: CacheCmd,
+    pub(crate) cmd: CacheCmd,
     /// Cache directory (default: the config file's cache-dir, else $XDG_CACHE_HOME/sbcflash).
     #[arg(long, value_name = "DIR", env = "SBCFLASH_CACHE_DIR", global = true)]
-    pub cache_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Subcommand)]
-pub enum CacheCmd {
+pub(crate) enum CacheCmd {
     /// List cached images, most recently used first, then the station's decoded images.
     List,
     /// Re-hash every entry (decoded images too); remove corrupted ones (exit code 6 if any
@@ -262,7 +262,7 @@ pub enum CacheCmd {
     },
 }
 
-pub fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_cache(a: CacheArgs, g: &Global) -> anyhow::Result<Exit> {
     let dir = cache_dir(a.cache_dir.as_deref())?;
     let cache = Cache::open(&dir)?;
     // The station's decoded images (derived data) live in the cache too.
@@ -454,61 +454,61 @@ fn cache_prune(
 pub struct BuildArgs {
     /// Where to write the built image (a card, disk or file); without it, only build and cache.
     #[arg(value_name = "TARGET")]
-    pub target: Option<PathBuf>,
+    pub(crate) target: Option<PathBuf>,
     /// FLAKEREF#HOST (attribute path from the board's template) or FLAKEREF#attr.path.
     #[arg(long, value_name = "REF#HOST")]
-    pub flake: String,
+    pub(crate) flake: String,
     /// --board: whose attribute template to use (default template:
     /// nixosConfigurations.<host>.config.system.build.sdImage); with a TARGET, also
     /// --medium/--spi/--strict/--bootloader as for `sbcflash write`.
     #[command(flatten)]
-    pub board: super::boards::BoardWriteArgs,
+    pub(crate) board: super::boards::BoardWriteArgs,
     /// With a TARGET: do not ask for confirmation (required when stdin is not a terminal).
     #[arg(short, long, requires = "target")]
-    pub yes: bool,
+    pub(crate) yes: bool,
     /// With a TARGET: allow targets that are not removable USB disks, SD cards or loop devices.
     #[arg(long, requires = "target")]
-    pub force: bool,
+    pub(crate) force: bool,
     /// With a TARGET: skip reading it back after writing.
     #[arg(long, requires = "target")]
-    pub no_verify: bool,
+    pub(crate) no_verify: bool,
     /// With a TARGET: do not discard the device before writing.
     #[arg(long, requires = "target")]
-    pub no_discard: bool,
+    pub(crate) no_discard: bool,
     /// Attribute template overriding the board's; `<host>` is replaced.
     #[arg(long, value_name = "TEMPLATE", conflicts_with = "image_variant")]
-    pub attr_template: Option<String>,
+    pub(crate) attr_template: Option<String>,
     /// Build a NixOS 25.05+ image variant (`system.build.images.<NAME>`, as
     /// `nixos-rebuild build-image --image-variant NAME`), e.g. `sd-card`, instead of
     /// `system.build.sdImage`.
     #[arg(long, value_name = "NAME")]
-    pub image_variant: Option<String>,
+    pub(crate) image_variant: Option<String>,
     /// Boot-test the built image first (`sbcflash try`: QEMU virt, U-Boot distro boot, login,
     /// the check); the TARGET is written only if it passed.
     #[arg(long = "try")]
-    pub try_boot: bool,
+    pub(crate) try_boot: bool,
     /// Passed to nix: remote builders (as in nix.buildMachines); which one built what is
     /// reported, and an unreachable one is named (exit 5). ssh options: NIX_SSHOPTS.
     #[arg(long, value_name = "SPEC")]
-    pub builders: Option<String>,
+    pub(crate) builders: Option<String>,
     /// Passed to nix: local build jobs (0 = only remote builders).
     #[arg(long, value_name = "N")]
-    pub max_jobs: Option<String>,
+    pub(crate) max_jobs: Option<String>,
     /// Passed to nix: the system to build for (e.g. aarch64-linux via binfmt/emulation).
     #[arg(long, value_name = "SYSTEM")]
-    pub system: Option<String>,
+    pub(crate) system: Option<String>,
     /// Passed to nix as `--option NAME VALUE` (repeatable).
     #[arg(long = "option", value_names = ["NAME", "VALUE"], num_args = 2, action = clap::ArgAction::Append)]
-    pub nix_option: Vec<String>,
+    pub(crate) nix_option: Vec<String>,
     /// The nix binary to run.
     #[arg(long, value_name = "PATH", hide = true)]
-    pub nix: Option<PathBuf>,
+    pub(crate) nix: Option<PathBuf>,
     /// Cache directory (default: the config file's cache-dir, else $XDG_CACHE_HOME/sbcflash).
     #[arg(long, value_name = "DIR", env = "SBCFLASH_CACHE_DIR")]
-    pub cache_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
 }
 
-pub fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
     let reporter: Arc<dyn Reporter> = Arc::from(g.reporter());
     let Some(target) = a.target.clone() else {
         let (entry, img) = build_image(&a, g, &reporter)?;
@@ -561,7 +561,7 @@ pub fn run_build(a: BuildArgs, g: &Global) -> anyhow::Result<Exit> {
 
 /// Runs the build and puts its image in the cache; returns the entry and the image's path in
 /// the Nix store.
-pub fn build_image(
+pub(crate) fn build_image(
     a: &BuildArgs,
     g: &Global,
     reporter: &Arc<dyn Reporter>,

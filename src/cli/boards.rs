@@ -17,11 +17,11 @@ Examples:
   sbcflash --boards-dir ./myboards boards show myboard")]
 pub struct BoardsArgs {
     #[command(subcommand)]
-    pub cmd: Option<BoardsCmd>,
+    pub(crate) cmd: Option<BoardsCmd>,
 }
 
 #[derive(Debug, clap::Subcommand)]
-pub enum BoardsCmd {
+pub(crate) enum BoardsCmd {
     /// List the known boards (the default).
     List,
     /// Print everything the tool knows about one board (id or alias).
@@ -63,7 +63,7 @@ impl clap::ValueEnum for MediumKind {
 
 /// The registry the CLI uses: shipped boards, the user's config dir, then the config file's
 /// `boards-dirs`, then `--boards-dir` (later wins).
-pub fn registry(g: &Global) -> anyhow::Result<Registry> {
+pub(crate) fn registry(g: &Global) -> anyhow::Result<Registry> {
     let flags = crate::config::Flags {
         boards_dirs: g.boards_dir.clone(),
         ..Default::default()
@@ -75,7 +75,7 @@ pub fn registry(g: &Global) -> anyhow::Result<Registry> {
     Ok(Registry::load(&dirs)?)
 }
 
-pub fn run(a: BoardsArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run(a: BoardsArgs, g: &Global) -> anyhow::Result<Exit> {
     let reg = registry(g)?;
     let mut out = super::out::stdout();
     let r = match a.cmd.unwrap_or(BoardsCmd::List) {
@@ -386,12 +386,12 @@ fn boot_source(b: board::BootSource) -> &'static str {
 
 /// The first [`board::check::HEAD_LEN`] logical bytes of an image in any supported format
 /// (compressed, bmap, Android sparse), via the image module.
-pub fn image_head(path: &Path) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn image_head(path: &Path) -> anyhow::Result<Vec<u8>> {
     image_head_member(path, None)
 }
 
 /// [`image_head`] of the member `member` of a zip image (`--member`).
-pub fn image_head_member(path: &Path, member: Option<&str>) -> anyhow::Result<Vec<u8>> {
+pub(crate) fn image_head_member(path: &Path, member: Option<&str>) -> anyhow::Result<Vec<u8>> {
     let opts = crate::image::open::OpenOptions {
         member: member.map(str::to_string),
         ..Default::default()
@@ -406,7 +406,7 @@ pub fn image_head_member(path: &Path, member: Option<&str>) -> anyhow::Result<Ve
 }
 
 /// Print a check report (text or a JSON line).
-pub fn print_report(
+pub(crate) fn print_report(
     report: &board::ImageReport,
     g: &Global,
     out: &mut impl Write,
@@ -514,16 +514,16 @@ fn board_name(a: &BoardWriteArgs, g: &Global) -> anyhow::Result<Option<String>> 
 /// The board side of a write, resolved once from the flags and the config: which board,
 /// which of its media, and what to do with the check's findings and bootloader files.
 #[derive(Debug, Clone)]
-pub struct BoardPlan {
-    pub board: Board,
-    pub medium: board::Medium,
-    pub strict: bool,
-    pub bootloader: Vec<PathBuf>,
+pub(crate) struct BoardPlan {
+    pub(crate) board: Board,
+    pub(crate) medium: board::Medium,
+    pub(crate) strict: bool,
+    pub(crate) bootloader: Vec<PathBuf>,
 }
 
 impl BoardWriteArgs {
     /// `--spi` is `--medium spi-nor`.
-    pub fn medium_kind(&self) -> Option<MediumKind> {
+    pub(crate) fn medium_kind(&self) -> Option<MediumKind> {
         if self.spi {
             Some(MediumKind::SpiNor)
         } else {
@@ -533,7 +533,7 @@ impl BoardWriteArgs {
 
     /// Resolve the board (`--board`, else the config's default board) and its medium once.
     /// `None` when no board was given or configured.
-    pub fn plan(&self, g: &Global) -> anyhow::Result<Option<BoardPlan>> {
+    pub(crate) fn plan(&self, g: &Global) -> anyhow::Result<Option<BoardPlan>> {
         let Some(name) = board_name(self, g)? else {
             return Ok(None);
         };
@@ -563,7 +563,7 @@ pub fn preflight(
 }
 
 /// [`preflight`] with a resolved plan, for the member `member` of a zip image (`--member`).
-pub fn check_file(
+pub(crate) fn check_file(
     plan: Option<&BoardPlan>,
     image: &Path,
     member: Option<&str>,
@@ -601,7 +601,7 @@ pub fn check_file(
 /// [`check_file`] for an image that is streamed (`write URL`, `write --board X` from the
 /// board's source, a pipe): `head` is the start of the logical image, taken from the stream
 /// before any byte was written. `what` names the image in messages.
-pub fn check_stream(
+pub(crate) fn check_stream(
     plan: Option<&BoardPlan>,
     what: &str,
     head: &[u8],
@@ -674,7 +674,7 @@ pub fn after_write(
 }
 
 /// One line (or JSON event) per placed bootloader file.
-pub fn say_placed(p: &BoardPreflight, g: &Global) -> std::io::Result<()> {
+pub(crate) fn say_placed(p: &BoardPreflight, g: &Global) -> std::io::Result<()> {
     for f in &p.placements {
         let msg = format!(
             "placed {} ({} bytes) at {} for the {}",

@@ -20,21 +20,21 @@ use std::sync::Arc;
 )]
 pub struct ReadArgs {
     /// The disk (or image file) to capture; it is only read.
-    pub device: PathBuf,
+    pub(crate) device: PathBuf,
     /// Output name: OUT.img.zst (or OUT.img with --raw), OUT.img.bmap, OUT.img.blake3.
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Write a plain sparse OUT.img instead of OUT.img.zst.
     #[arg(long)]
-    pub raw: bool,
+    pub(crate) raw: bool,
     /// Replace existing outputs; read a mounted disk (its file systems may change meanwhile).
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
     /// zstd compression threads (0: one per core).
     #[arg(long, default_value_t = 0, value_name = "N")]
-    pub threads: u32,
+    pub(crate) threads: u32,
     /// zstd level (1-19).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19), value_name = "N")]
-    pub level: i32,
+    pub(crate) level: i32,
 }
 
 /// Ctrl-C/SIGTERM set the flag; a second one exits at once.
@@ -109,7 +109,7 @@ fn open_source(path: &Path, force: bool) -> anyhow::Result<Source> {
     Ok(Source { file, name, size })
 }
 
-pub fn run_read(a: ReadArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_read(a: ReadArgs, g: &Global) -> anyhow::Result<Exit> {
     let reporter = g.reporter();
     let src = open_source(&a.device, a.force)?;
     let outputs = Outputs::new(&a.out, a.raw);
@@ -183,16 +183,16 @@ pub fn run_read(a: ReadArgs, g: &Global) -> anyhow::Result<Exit> {
 )]
 pub struct CheckCardArgs {
     /// The card (block device) to check; an existing file works too.
-    pub device: PathBuf,
+    pub(crate) device: PathBuf,
     /// Do not ask for confirmation.
     #[arg(long)]
-    pub yes: bool,
+    pub(crate) yes: bool,
     /// Allow non-removable disks and partitions.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
     /// How many probe blocks to spread over the claimed size (at most).
     #[arg(long, default_value_t = cardcheck::DEFAULT_PROBES as u32, value_parser = clap::value_parser!(u32).range(2..=1_000_000), value_name = "N")]
-    pub probes: u32,
+    pub(crate) probes: u32,
 }
 
 fn confirm_check(info: &TargetInfo, yes: bool) -> anyhow::Result<()> {
@@ -227,7 +227,7 @@ fn confirm_check(info: &TargetInfo, yes: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub fn run_check_card(a: CheckCardArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_check_card(a: CheckCardArgs, g: &Global) -> anyhow::Result<Exit> {
     let reporter = g.reporter();
     let (resolved, info) = target::inspect(&a.device)?;
     if let TargetInfo::File {

@@ -25,46 +25,46 @@ use crate::usb::discovery::RusbBus;
 
 /// Port, line settings and transcript, shared by the three commands.
 #[derive(Debug, Clone, clap::Args)]
-pub struct PortArgs {
+pub(crate) struct PortArgs {
     /// Board descriptor name (console baud, U-Boot prompt, interrupt key); flags override it.
     #[arg(long)]
-    pub board: Option<String>,
+    pub(crate) board: Option<String>,
     /// Serial port; default: the only USB serial adapter present (udev ID_BUS=usb).
     #[arg(long, value_name = "DEV")]
-    pub port: Option<PathBuf>,
+    pub(crate) port: Option<PathBuf>,
     /// Line rate (8N1, no flow control). Default: the descriptor's, else 115200.
     #[arg(long)]
-    pub baud: Option<u32>,
+    pub(crate) baud: Option<u32>,
     /// Where to write the timestamped transcript (default: under $XDG_STATE_HOME/sbcflash/console/).
     #[arg(long, value_name = "FILE")]
-    pub transcript: Option<PathBuf>,
+    pub(crate) transcript: Option<PathBuf>,
     /// How long to wait for a vanished USB serial adapter to come back.
     #[arg(long, value_name = "SECS", default_value_t = 10)]
-    pub reopen_secs: u64,
+    pub(crate) reopen_secs: u64,
 }
 
 /// U-Boot settings (descriptor values, overridable).
 #[derive(Debug, Clone, clap::Args)]
-pub struct UBootArgs {
+pub(crate) struct UBootArgs {
     /// U-Boot's prompt (default: the descriptor's, else `=> `).
     #[arg(long)]
-    pub prompt: Option<String>,
+    pub(crate) prompt: Option<String>,
     /// Autoboot interrupt: any (a space), ctrl-c, or string:TEXT (AUTOBOOT_KEYED builds).
     /// Default: the descriptor's first, else any.
     #[arg(long, value_name = "KEY", value_parser = parse_key)]
-    pub interrupt: Option<InterruptKey>,
+    pub(crate) interrupt: Option<InterruptKey>,
     /// Seconds to reach the U-Boot prompt.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
-    pub uboot_timeout: u64,
+    pub(crate) uboot_timeout: u64,
     /// Seconds per U-Boot command.
     #[arg(long, value_name = "SECS", default_value_t = 60)]
-    pub command_timeout: u64,
+    pub(crate) command_timeout: u64,
     /// Type commands in chunks of N bytes (boards that drop characters); 0 = off.
     #[arg(long, value_name = "N", default_value_t = 0)]
-    pub tx_chunk: usize,
+    pub(crate) tx_chunk: usize,
     /// Pause after each chunk, in milliseconds.
     #[arg(long, value_name = "MS", default_value_t = 5)]
-    pub tx_delay_ms: u64,
+    pub(crate) tx_delay_ms: u64,
 }
 
 fn parse_key(s: &str) -> Result<InterruptKey, String> {
@@ -117,7 +117,7 @@ fn load_board(p: &PortArgs, g: &Global) -> anyhow::Result<Option<Board>> {
 )]
 pub struct ConsoleArgs {
     #[command(flatten)]
-    pub port: PortArgs,
+    pub(crate) port: PortArgs,
 }
 
 #[derive(Debug, clap::Args)]
@@ -127,104 +127,104 @@ pub struct ConsoleArgs {
 pub struct BootstrapArgs {
     /// Boxed: this command has many flags, and clap's `Command` enum holds every command's.
     #[command(flatten)]
-    pub opts: Box<BootstrapOpts>,
+    pub(crate) opts: Box<BootstrapOpts>,
 }
 
 #[derive(Debug, clap::Args)]
-pub struct BootstrapOpts {
+pub(crate) struct BootstrapOpts {
     #[command(flatten)]
-    pub port: PortArgs,
+    pub(crate) port: PortArgs,
     #[command(flatten)]
-    pub uboot: UBootArgs,
+    pub(crate) uboot: UBootArgs,
     /// Run this at the U-Boot prompt before booting (repeatable; stops autoboot).
     #[arg(long = "uboot-cmd", value_name = "CMD")]
-    pub uboot_cmd: Vec<String>,
+    pub(crate) uboot_cmd: Vec<String>,
     /// Boot with this U-Boot command (stops autoboot; default when stopped: `boot`).
     #[arg(long, value_name = "CMD")]
-    pub boot_cmd: Option<String>,
+    pub(crate) boot_cmd: Option<String>,
     /// Stop autoboot even with nothing to run, then `boot`.
     #[arg(long)]
-    pub interrupt_autoboot: bool,
+    pub(crate) interrupt_autoboot: bool,
     /// Start a U-Boot USB gadget so that this host can write the board's storage, then reset.
     #[arg(long, value_enum)]
-    pub flash_via: Option<FlashVia>,
+    pub(crate) flash_via: Option<FlashVia>,
     /// The storage the gadget exposes, as U-Boot names it (default: the descriptor's eMMC,
     /// else its default medium, else `mmc 0`).
     #[arg(long, value_name = "DEV")]
-    pub flash_dev: Option<String>,
+    pub(crate) flash_dev: Option<String>,
     /// The exact U-Boot gadget command (overrides the descriptor's).
     #[arg(long, value_name = "CMD")]
-    pub gadget_cmd: Option<String>,
+    pub(crate) gadget_cmd: Option<String>,
     /// The image to write while the gadget runs (needed with --flash-via).
     #[arg(long, value_name = "FILE", requires = "flash_via")]
-    pub image: Option<PathBuf>,
+    pub(crate) image: Option<PathBuf>,
     /// Fastboot partition to flash (`mmc0`: the whole eMMC in U-Boot's fastboot).
     #[arg(long, value_name = "NAME")]
-    pub flash_partition: Option<String>,
+    pub(crate) flash_partition: Option<String>,
     /// Which new USB disk is the board's UMS gadget, replacing the default (ID_BUS=usb and a
     /// U-Boot gadget's USB id): KEY=VALUE (udev property), attr:NAME=VALUE (sysfs attribute),
     /// id:VID:PID (hex, PID may be *). Repeatable; all must hold.
     #[arg(long, value_name = "SPEC")]
-    pub ums_match: Vec<String>,
+    pub(crate) ums_match: Vec<String>,
     /// Seconds for the board to appear on this host's USB after the gadget command.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
-    pub flash_timeout: u64,
+    pub(crate) flash_timeout: u64,
     /// Skip reading the board's storage back after writing.
     #[arg(long)]
-    pub no_verify: bool,
+    pub(crate) no_verify: bool,
     /// Allow a UMS disk that the writer's policy refuses as not removable.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
     /// Do not ask before overwriting the board's storage (required without a terminal).
     #[arg(short, long)]
-    pub yes: bool,
+    pub(crate) yes: bool,
     /// Seconds from the boot command to the login prompt.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub boot_timeout: u64,
+    pub(crate) boot_timeout: u64,
     /// Console login user.
     #[arg(long, default_value = "root")]
-    pub login_user: String,
+    pub(crate) login_user: String,
     /// Console login password (prefer images with console autologin).
     #[arg(long, env = "SBCFLASH_LOGIN_PASSWORD", hide_env_values = true)]
-    pub login_password: Option<String>,
+    pub(crate) login_password: Option<String>,
     /// A regex whose first group is the board's IPv4 address in a console line (fallback).
     #[arg(long, value_name = "REGEX")]
-    pub ip_marker: Option<String>,
+    pub(crate) ip_marker: Option<String>,
     /// Flake reference, `REF#HOST` (or `REF` with --host).
     #[arg(long)]
-    pub flake: Option<String>,
+    pub(crate) flake: Option<String>,
     /// NixOS configuration name in the flake.
     #[arg(long)]
-    pub host: Option<String>,
+    pub(crate) host: Option<String>,
     /// SSH user for nixos-rebuild (`--use-remote-sudo` is added when not root); default:
     /// the descriptor's handoff user, else root.
     #[arg(long)]
-    pub ssh_user: Option<String>,
+    pub(crate) ssh_user: Option<String>,
     /// Address to use for SSH instead of the board's own (NAT'd labs, tests).
     #[arg(long)]
-    pub ssh_host: Option<String>,
+    pub(crate) ssh_host: Option<String>,
     /// SSH port (passed to nixos-rebuild as NIX_SSHOPTS="-p PORT").
     #[arg(long, default_value_t = 22)]
-    pub ssh_port: u16,
+    pub(crate) ssh_port: u16,
     /// Seconds to wait for SSH to answer (and again for the board's console to show the
     /// host keys the network offers).
     #[arg(long, value_name = "SECS", default_value_t = 120)]
-    pub ssh_timeout: u64,
+    pub(crate) ssh_timeout: u64,
     /// Also append the host keys proven over the console to this known_hosts file.
     #[arg(long, value_name = "FILE")]
-    pub known_hosts: Option<PathBuf>,
+    pub(crate) known_hosts: Option<PathBuf>,
     /// The deployer (program and leading arguments).
     #[arg(long, default_value = "nixos-rebuild", value_name = "CMD")]
-    pub rebuild_cmd: String,
+    pub(crate) rebuild_cmd: String,
     /// Print the nixos-rebuild command instead of running it.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Stop after the console login and IP address (no SSH, no handoff).
     #[arg(long)]
-    pub no_handoff: bool,
+    pub(crate) no_handoff: bool,
     /// Also print every console line on stderr.
     #[arg(long)]
-    pub show_console: bool,
+    pub(crate) show_console: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -233,28 +233,28 @@ pub struct BootstrapOpts {
 )]
 pub struct SerialLoadArgs {
     #[command(flatten)]
-    pub port: PortArgs,
+    pub(crate) port: PortArgs,
     #[command(flatten)]
-    pub uboot: UBootArgs,
+    pub(crate) uboot: UBootArgs,
     /// The file to send.
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// Load address (hex); default: U-Boot's $loadaddr.
     #[arg(long, value_parser = parse_addr)]
-    pub addr: Option<u64>,
+    pub(crate) addr: Option<u64>,
     /// ymodem (U-Boot `loady`), xmodem (`loadx`, boot ROM recovery) or xmodem1k (1024-byte
     /// blocks, falls back to 128 when the receiver has no CRC).
     #[arg(long, value_enum, default_value_t = ProtocolArg::Ymodem)]
-    pub protocol: ProtocolArg,
+    pub(crate) protocol: ProtocolArg,
     /// No U-Boot: the receiver (a boot ROM) is already waiting; no crc32 check is possible.
     #[arg(long)]
-    pub raw: bool,
+    pub(crate) raw: bool,
     /// U-Boot command to run after the checked transfer (repeatable).
     #[arg(long, value_name = "CMD")]
-    pub then: Vec<String>,
+    pub(crate) then: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ProtocolArg {
+pub(crate) enum ProtocolArg {
     Ymodem,
     Xmodem,
     Xmodem1k,
@@ -652,7 +652,7 @@ impl BootstrapPlan {
     }
 }
 
-pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
     let mut p = BootstrapPlan::new(*a.opts, g)?;
     let rt = runtime()?;
     let _enter = rt.enter(); // the serial port registers with the runtime's reactor
@@ -714,7 +714,7 @@ pub fn run_bootstrap(a: BootstrapArgs, g: &Global) -> anyhow::Result<Exit> {
     std::process::exit(code);
 }
 
-pub fn run_serial_load(a: SerialLoadArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_serial_load(a: SerialLoadArgs, g: &Global) -> anyhow::Result<Exit> {
     let data = std::fs::read(&a.file).with_context(|| format!("read {}", a.file.display()))?;
     if data.is_empty() {
         return Err(
@@ -800,14 +800,14 @@ impl Drop for RawMode {
 
 /// What the escape-key logic decided for a chunk of keyboard input.
 #[derive(Debug, PartialEq, Eq)]
-pub enum KeyAction {
+pub(crate) enum KeyAction {
     Send(Vec<u8>),
     Quit,
 }
 
 /// picocom-style escape: Ctrl-] then `q` quits, Ctrl-] twice sends one Ctrl-], Ctrl-] then
 /// anything else sends both. `armed` carries the state between chunks.
-pub fn escape_keys(input: &[u8], armed: &mut bool) -> Vec<KeyAction> {
+pub(crate) fn escape_keys(input: &[u8], armed: &mut bool) -> Vec<KeyAction> {
     let mut out = Vec::new();
     let mut cur = Vec::new();
     for &b in input {
@@ -839,7 +839,7 @@ pub fn escape_keys(input: &[u8], armed: &mut bool) -> Vec<KeyAction> {
     out
 }
 
-pub fn run_console(a: ConsoleArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_console(a: ConsoleArgs, g: &Global) -> anyhow::Result<Exit> {
     let board = load_board(&a.port, g)?;
     let baud = baud(&a.port, board.as_ref());
     let rt = runtime()?;

@@ -185,7 +185,7 @@ pub fn example_path(line: &str) -> Option<Vec<String>> {
 
 /// clap's own colouring (help, usage errors) must follow `--color` too, but clap renders
 /// those before our flags are parsed: look for the flag in the raw arguments.
-pub fn clap_color(args: &[std::ffi::OsString]) -> clap::ColorChoice {
+pub(crate) fn clap_color(args: &[std::ffi::OsString]) -> clap::ColorChoice {
     let mut choice = clap::ColorChoice::Auto;
     let mut it = args.iter().skip(1).map(|a| a.to_string_lossy());
     while let Some(a) = it.next() {

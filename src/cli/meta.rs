@@ -19,13 +19,13 @@ Examples:
 pub struct CompletionsArgs {
     /// The shell to generate completions for.
     #[arg(value_enum)]
-    pub shell: Shell,
+    pub(crate) shell: Shell,
     /// Write the file under its conventional name into DIR instead of printing it.
     #[arg(long, value_name = "DIR")]
-    pub out_dir: Option<PathBuf>,
+    pub(crate) out_dir: Option<PathBuf>,
 }
 
-pub fn run_completions(a: CompletionsArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_completions(a: CompletionsArgs, g: &Global) -> anyhow::Result<Exit> {
     completions(a, g)
 }
 
@@ -60,10 +60,10 @@ Examples:
 pub struct ManArgs {
     /// Subcommand path whose page to print (e.g. `write`, `cache list`); none: the top page.
     #[arg(value_name = "SUBCOMMAND")]
-    pub path: Vec<String>,
+    pub(crate) path: Vec<String>,
     /// Write every page (the top command and each subcommand, recursively) into DIR.
     #[arg(long, value_name = "DIR", conflicts_with = "path")]
-    pub out_dir: Option<PathBuf>,
+    pub(crate) out_dir: Option<PathBuf>,
 }
 
 /// The command tree as man pages see it: built (so globals propagate and subcommands get
@@ -75,7 +75,7 @@ pub fn man_command() -> clap::Command {
 }
 
 /// Every page `man --out-dir` writes: (file name, command), top first, depth-first.
-pub fn man_pages() -> Vec<(String, clap::Command)> {
+pub(crate) fn man_pages() -> Vec<(String, clap::Command)> {
     fn walk(cmd: &clap::Command, out: &mut Vec<(String, clap::Command)>) {
         let man = clap_mangen::Man::new(cmd.clone());
         out.push((man.get_filename(), cmd.clone()));
@@ -158,7 +158,7 @@ fn roff_lines(text: &str) -> String {
         .join("\n")
 }
 
-pub fn run_man(a: ManArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_man(a: ManArgs, g: &Global) -> anyhow::Result<Exit> {
     man(a, g)
 }
 
@@ -225,11 +225,11 @@ Examples:
   sbcflash config path")]
 pub struct ConfigArgs {
     #[command(subcommand)]
-    pub action: ConfigAction,
+    pub(crate) action: ConfigAction,
 }
 
 #[derive(Debug, clap::Subcommand)]
-pub enum ConfigAction {
+pub(crate) enum ConfigAction {
     /// Print the merged configuration and the source of every value.
     Show(ShowArgs),
     /// Print the path of the config file that is (or would be) read.
@@ -240,23 +240,23 @@ pub enum ConfigAction {
 
 /// The flags that feed the config merge; the same names other subcommands use.
 #[derive(Debug, Clone, clap::Args)]
-pub struct ConfigFlags {
+pub(crate) struct ConfigFlags {
     /// Read this config file instead of `$XDG_CONFIG_HOME/sbcflash/config.toml` (must exist).
     #[arg(long = "config-file", value_name = "FILE", env = "SBCFLASH_CONFIG")]
-    pub config_file: Option<PathBuf>,
+    pub(crate) config_file: Option<PathBuf>,
     /// Image cache directory.
     #[arg(long, value_name = "DIR")]
-    pub cache_dir: Option<PathBuf>,
+    pub(crate) cache_dir: Option<PathBuf>,
     /// Board to use when a command needs one.
     #[arg(long, value_name = "BOARD")]
-    pub board: Option<String>,
+    pub(crate) board: Option<String>,
     /// Station ledger file.
     #[arg(long, value_name = "FILE")]
-    pub ledger: Option<PathBuf>,
+    pub(crate) ledger: Option<PathBuf>,
 }
 
 impl ConfigFlags {
-    pub fn to_flags(&self, g: &Global) -> Flags {
+    pub(crate) fn to_flags(&self, g: &Global) -> Flags {
         Flags {
             config_file: self.config_file.clone(),
             cache_dir: self.cache_dir.clone(),
@@ -269,18 +269,18 @@ impl ConfigFlags {
 }
 
 #[derive(Debug, clap::Args)]
-pub struct ShowArgs {
+pub(crate) struct ShowArgs {
     #[command(flatten)]
-    pub flags: ConfigFlags,
+    pub(crate) flags: ConfigFlags,
 }
 
 #[derive(Debug, clap::Args)]
-pub struct PathArgs {
+pub(crate) struct PathArgs {
     #[command(flatten)]
-    pub flags: ConfigFlags,
+    pub(crate) flags: ConfigFlags,
 }
 
-pub fn run_config(a: ConfigArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_config(a: ConfigArgs, g: &Global) -> anyhow::Result<Exit> {
     config(a, g)
 }
 

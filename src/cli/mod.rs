@@ -9,20 +9,20 @@ use crate::progress;
 
 // First, so its `outln!`/`out!` macros are in scope in every other CLI module.
 #[macro_use]
-pub mod out;
+pub(crate) mod out;
 
-pub mod acquire;
+pub(crate) mod acquire;
 pub mod boards;
-pub mod capture;
+pub(crate) mod capture;
 pub mod classify;
-pub mod console;
+pub(crate) mod console;
 pub mod help;
 pub mod meta;
-pub mod station;
-pub mod trust;
-pub mod tryboot;
+pub(crate) mod station;
+pub(crate) mod trust;
+pub(crate) mod tryboot;
 pub mod usb;
-pub mod write;
+pub(crate) mod write;
 
 pub use classify::classify;
 
@@ -50,7 +50,7 @@ pub struct Cli {
 impl Cli {
     /// Parse `args` as the binary does: the decorated command tree, clap's colours following
     /// `--color`. Prints help/version or a usage error (exit 2) and exits, like `Cli::parse`.
-    pub fn parse_decorated(args: Vec<std::ffi::OsString>) -> Self {
+    pub(crate) fn parse_decorated(args: Vec<std::ffi::OsString>) -> Self {
         use clap::error::ErrorKind;
         let color = help::clap_color(&args);
         // Decorating walks the whole tree and parses every example: only worth it for help.
@@ -104,7 +104,7 @@ pub enum ColorChoice {
 impl Global {
     /// Whether to colour what goes to a stream: `--color always|never` wins; `auto` colours a
     /// terminal unless `NO_COLOR` is set to anything non-empty (no-color.org).
-    pub fn color_for(&self, is_terminal: bool) -> bool {
+    pub(crate) fn color_for(&self, is_terminal: bool) -> bool {
         match self.color {
             ColorChoice::Always => true,
             ColorChoice::Never => false,
@@ -115,12 +115,12 @@ impl Global {
     }
     /// Applies [`Global::color_for`] to everything that styles text through the `console`
     /// crate (indicatif's bars, station UI).
-    pub fn apply_color(&self) {
+    pub(crate) fn apply_color(&self) {
         use std::io::IsTerminal;
         ::console::set_colors_enabled(self.color_for(std::io::stdout().is_terminal()));
         ::console::set_colors_enabled_stderr(self.color_for(std::io::stderr().is_terminal()));
     }
-    pub fn progress_mode(&self) -> progress::Mode {
+    pub(crate) fn progress_mode(&self) -> progress::Mode {
         if self.json {
             progress::Mode::Json
         } else if self.quiet {
@@ -129,7 +129,7 @@ impl Global {
             progress::Mode::Auto
         }
     }
-    pub fn reporter(&self) -> Box<dyn progress::Reporter> {
+    pub(crate) fn reporter(&self) -> Box<dyn progress::Reporter> {
         progress::reporter(self.progress_mode())
     }
 }
@@ -204,7 +204,7 @@ pub fn main() -> ExitCode {
 
 /// The error chain on one line, like `{:#}`, but a cause whose text its parent already
 /// quoted (`"{path}: {source}"` with `#[source]`) is not printed twice.
-pub fn error_text(err: &anyhow::Error) -> String {
+pub(crate) fn error_text(err: &anyhow::Error) -> String {
     let mut s = String::new();
     for cause in err.chain() {
         let t = cause.to_string();

@@ -8,13 +8,13 @@ use std::io::{self, Write};
 /// The reader of stdout went away.
 #[derive(Debug, thiserror::Error)]
 #[error("stdout was closed by its reader")]
-pub struct StdoutClosed;
+pub(crate) struct StdoutClosed;
 
 /// Locked stdout whose broken pipe is recognisably ours.
-pub struct Out(io::StdoutLock<'static>);
+pub(crate) struct Out(io::StdoutLock<'static>);
 
 /// The handle every result line is written through.
-pub fn stdout() -> Out {
+pub(crate) fn stdout() -> Out {
     Out(io::stdout().lock())
 }
 
@@ -39,7 +39,7 @@ impl Write for Out {
 }
 
 /// Whether `err` is stdout's reader going away (see the module docs).
-pub fn is_stdout_closed(err: &anyhow::Error) -> bool {
+pub(crate) fn is_stdout_closed(err: &anyhow::Error) -> bool {
     err.chain().any(|c| {
         c.is::<StdoutClosed>()
             || c.downcast_ref::<io::Error>()

@@ -25,29 +25,29 @@ running station holds them; `sbcflash cache list|verify|prune` cover the rest.";
 #[command(args_conflicts_with_subcommands = true, after_help = EXAMPLES)]
 pub struct StationArgs {
     #[command(subcommand)]
-    pub command: Option<StationCommand>,
+    pub(crate) command: Option<StationCommand>,
     /// The station's configuration: image, slots, identity (default: `station.config` from
     /// the user config file).
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// The ledger file (default: `ledger` in the station config, else `station.ledger` from
     /// the user config).
     #[arg(long, value_name = "FILE")]
-    pub ledger: Option<PathBuf>,
+    pub(crate) ledger: Option<PathBuf>,
     /// Also flash cards that are already inserted when the station starts (by default they
     /// are listed and left alone until replaced).
     #[arg(long)]
-    pub flash_present: bool,
+    pub(crate) flash_present: bool,
     /// Show what would be flashed where, and what is never touched; write nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
     /// Stop after this many units have ended (a batch run); default: run until stopped.
     #[arg(long, value_name = "N")]
-    pub exit_after: Option<u64>,
+    pub(crate) exit_after: Option<u64>,
 }
 
 #[derive(Debug, clap::Subcommand)]
-pub enum StationCommand {
+pub(crate) enum StationCommand {
     /// Export the ledger (one row per unit and attempt); a central ledger's report covers
     /// every station of the line.
     Report(ReportArgs),
@@ -58,62 +58,62 @@ pub enum StationCommand {
 
 /// How to reach a central ledger from the command line (report, status).
 #[derive(Debug, clap::Args)]
-pub struct CentralArgs {
+pub(crate) struct CentralArgs {
     /// Certificates trusted for the central ledger's TLS, besides the web PKI roots (default:
     /// the station config's `ledger_ca_file`).
     #[arg(long, value_name = "FILE")]
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// The file with the database role's password (default: the station config's
     /// `ledger_password_file`, the `ledger-password` credential, SBCFLASH_LEDGER_PASSWORD).
     #[arg(long, value_name = "FILE")]
-    pub password_file: Option<PathBuf>,
+    pub(crate) password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, clap::Args)]
-pub struct StatusArgs {
+pub(crate) struct StatusArgs {
     /// The station configuration whose central ledger to read.
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// The central ledger, `postgresql://user@host/db` (overrides the configuration).
     #[arg(long, value_name = "URL")]
-    pub ledger: Option<PathBuf>,
+    pub(crate) ledger: Option<PathBuf>,
     #[command(flatten)]
-    pub central: CentralArgs,
+    pub(crate) central: CentralArgs,
 }
 
 #[derive(Debug, clap::Args)]
-pub struct ReportArgs {
+pub(crate) struct ReportArgs {
     /// Only units started on or after this date (YYYY-MM-DD, UTC) or instant (RFC 3339).
     #[arg(long, value_name = "DATE")]
-    pub since: Option<String>,
+    pub(crate) since: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value_t = ReportFormat::Csv)]
-    pub format: ReportFormat,
+    pub(crate) format: ReportFormat,
     /// The station configuration whose ledger to read.
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// The ledger file to read, or a line's central ledger `postgresql://user@host/db`
     /// (overrides the configuration).
     #[arg(long, value_name = "FILE|URL")]
-    pub ledger: Option<PathBuf>,
+    pub(crate) ledger: Option<PathBuf>,
     /// Print a known_hosts file instead: each passed unit's station-made SSH host key under
     /// its hostname, the serial as the comment (the latest row per hostname).
     #[arg(long, conflicts_with = "format")]
-    pub known_hosts: bool,
+    pub(crate) known_hosts: bool,
     /// Central ledger only: this station's rows only.
     #[arg(long, value_name = "NAME")]
-    pub station: Option<String>,
+    pub(crate) station: Option<String>,
     #[command(flatten)]
-    pub central: CentralArgs,
+    pub(crate) central: CentralArgs,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum ReportFormat {
+pub(crate) enum ReportFormat {
     Csv,
     Json,
 }
 
-pub fn run(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run(a: StationArgs, g: &Global) -> anyhow::Result<Exit> {
     match a.command {
         Some(StationCommand::Report(r)) => run_report(r, g.json),
         Some(StationCommand::Status(s)) => run_status(s, g.json),

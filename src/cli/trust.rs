@@ -7,27 +7,27 @@ use crate::trust::{self, TrustPlan, TrustedKey};
 use std::path::PathBuf;
 
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct TrustArgs {
+pub(crate) struct TrustArgs {
     /// A key trusted to sign images, manifests and bmaps (repeatable): a file (minisign .pub,
     /// SSH .pub, OpenPGP public key or keyring) or the key itself (RW... or "ssh-ed25519 AAAA...").
     #[arg(long, value_name = "KEY")]
-    pub trusted_key: Vec<String>,
+    pub(crate) trusted_key: Vec<String>,
     /// Detached signature of the manifest (with --manifest) or of the image file (default:
     /// FILE.minisig, FILE.sig or FILE.asc beside it).
     #[arg(long, value_name = "FILE")]
-    pub signature: Option<PathBuf>,
+    pub(crate) signature: Option<PathBuf>,
     /// A signed manifest (TOML: the image's blake3, bmap digest, boards; see README "Trust"):
     /// it is verified first, then the image is checked against it while it is written.
     #[arg(long, value_name = "FILE")]
-    pub manifest: Option<PathBuf>,
+    pub(crate) manifest: Option<PathBuf>,
     /// Refuse an image that no trusted key signed (also `require-signature = true` under
     /// `[image]` in the config) before the target is touched.
     #[arg(long)]
-    pub require_signature: bool,
+    pub(crate) require_signature: bool,
 }
 
 /// Keys and rules from the flags, the config file's `[image]` and the board's `[[image.trust]]`.
-pub fn plan(
+pub(crate) fn plan(
     a: &TrustArgs,
     board: Option<&crate::board::Board>,
     g: &Global,
@@ -67,7 +67,7 @@ pub fn plan(
 }
 
 /// Say what the check found (who signed; signatures seen but not checked).
-pub fn report(v: &trust::Verdict, job: &str, reporter: &dyn crate::progress::Reporter) {
+pub(crate) fn report(v: &trust::Verdict, job: &str, reporter: &dyn crate::progress::Reporter) {
     for n in &v.notes {
         reporter.report(Event::Message {
             job: job.to_string(),

@@ -26,57 +26,57 @@ pub struct TryArgs {
     /// .zip, a pipe, or an https:// URL (downloaded into the cache first, checked against
     /// --source-blake3/--source-sha256 when given).
     #[arg(value_name = "IMAGE")]
-    pub image: PathBuf,
+    pub(crate) image: PathBuf,
     #[command(flatten)]
-    pub img: super::write::ImageFlags,
+    pub(crate) img: super::write::ImageFlags,
     #[command(flatten)]
-    pub stream: super::acquire::StreamArgs,
+    pub(crate) stream: super::acquire::StreamArgs,
     /// Architecture of the virt machine (default: from the image's kernel, else --board).
     #[arg(long, value_parser = parse_arch)]
-    pub arch: Option<Arch>,
+    pub(crate) arch: Option<Arch>,
     /// The board the image is for: its architecture, and whether its boot chain can run
     /// on QEMU's virt machine at all.
     #[arg(long)]
-    pub board: Option<String>,
+    pub(crate) board: Option<String>,
     /// For board-specific images: skip the board's own bootloader and boot the image's generic
     /// extlinux entry (kernel, initrd, root file system) under virt's U-Boot.
     #[arg(long)]
-    pub kernel_only: bool,
+    pub(crate) kernel_only: bool,
     /// Pass when a console line matches REGEX (instead of a login prompt).
     #[arg(long, value_name = "REGEX")]
-    pub expect: Option<String>,
+    pub(crate) expect: Option<String>,
     /// After logging in on the console, run CMD; it must exit 0. Default on NixOS images:
     /// `systemctl is-system-running --wait` (failed units are listed).
     #[arg(long, value_name = "CMD")]
-    pub check: Option<String>,
+    pub(crate) check: Option<String>,
     /// Do not log in or run a check, even on NixOS.
     #[arg(long, conflicts_with = "check")]
-    pub no_check: bool,
+    pub(crate) no_check: bool,
     /// Console login user.
     #[arg(long, default_value = "root")]
-    pub login_user: String,
+    pub(crate) login_user: String,
     /// Console login password (images without one need none).
     #[arg(long)]
-    pub login_password: Option<String>,
+    pub(crate) login_password: Option<String>,
     /// Seconds from power-on to the login prompt (or --expect line).
     #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub boot_timeout: u64,
+    pub(crate) boot_timeout: u64,
     /// Seconds for the check.
     #[arg(long, value_name = "SECS", default_value_t = 300)]
-    pub check_timeout: u64,
+    pub(crate) check_timeout: u64,
     /// Guest memory in MiB.
     #[arg(long, value_name = "MIB", default_value_t = 1024)]
-    pub mem: u32,
+    pub(crate) mem: u32,
     /// Keep the timestamped console transcript here (default: under
     /// $XDG_STATE_HOME/sbcflash/console/).
     #[arg(long, value_name = "FILE")]
-    pub transcript: Option<PathBuf>,
+    pub(crate) transcript: Option<PathBuf>,
     /// Print the console lines as they arrive.
     #[arg(long)]
-    pub show_console: bool,
+    pub(crate) show_console: bool,
     /// Extra QEMU argument, repeatable (e.g. `--qemu-arg=-fw_cfg --qemu-arg=name=opt/x,string=y`).
     #[arg(long, value_name = "ARG", allow_hyphen_values = true)]
-    pub qemu_arg: Vec<String>,
+    pub(crate) qemu_arg: Vec<String>,
 }
 
 fn parse_arch(s: &str) -> Result<Arch, String> {
@@ -155,7 +155,7 @@ fn decide(a: &TryArgs, info: &ImageInfo, g: &Global) -> anyhow::Result<Arch> {
     Ok(arch)
 }
 
-pub fn run_try(a: TryArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_try(a: TryArgs, g: &Global) -> anyhow::Result<Exit> {
     let reporter = g.reporter();
     let job = a.image.display().to_string();
     let say = |text: String| {
@@ -347,7 +347,11 @@ pub fn run_try(a: TryArgs, g: &Global) -> anyhow::Result<Exit> {
 }
 
 /// `build --try`: the built image through `try` with its defaults (and the build's board).
-pub fn try_built(image: &std::path::Path, board: Option<String>, g: &Global) -> anyhow::Result<()> {
+pub(crate) fn try_built(
+    image: &std::path::Path,
+    board: Option<String>,
+    g: &Global,
+) -> anyhow::Result<()> {
     let a = TryArgs {
         image: image.to_path_buf(),
         img: super::write::ImageFlags {

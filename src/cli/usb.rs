@@ -13,18 +13,18 @@ use std::path::PathBuf;
 )]
 pub struct UsbArgs {
     #[command(subcommand)]
-    pub cmd: Option<UsbCmd>,
+    pub(crate) cmd: Option<UsbCmd>,
 }
 
 #[derive(Debug, clap::Subcommand)]
-pub enum UsbCmd {
+pub(crate) enum UsbCmd {
     /// List boards attached in a recovery mode (the default).
     List,
     /// Print the udev rules sbcflash ships (generated from its USB ID tables).
     UdevRules,
 }
 
-pub fn run_usb(a: UsbArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_usb(a: UsbArgs, g: &Global) -> anyhow::Result<Exit> {
     match a.cmd.unwrap_or(UsbCmd::List) {
         UsbCmd::List => list(&RusbBus::new(), g),
         UsbCmd::UdevRules => {
@@ -35,7 +35,7 @@ pub fn run_usb(a: UsbArgs, g: &Global) -> anyhow::Result<Exit> {
 }
 
 /// An empty bus is an empty list, not an error.
-pub fn list(bus: &dyn Bus, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn list(bus: &dyn Bus, g: &Global) -> anyhow::Result<Exit> {
     let found = bus.list()?;
     let mut out = super::out::stdout();
     if g.json {
@@ -83,16 +83,16 @@ pub fn list(bus: &dyn Bus, g: &Global) -> anyhow::Result<Exit> {
 pub struct FelArgs {
     /// Board the device should be (for messages; FEL itself identifies the SoC).
     #[arg(long)]
-    pub board: Option<String>,
+    pub(crate) board: Option<String>,
     /// Use the FEL device on this USB port path (e.g. 1-2.1) when several are attached.
     #[arg(long)]
-    pub port: Option<String>,
+    pub(crate) port: Option<String>,
     #[command(subcommand)]
-    pub cmd: FelCmd,
+    pub(crate) cmd: FelCmd,
 }
 
 #[derive(Debug, clap::Subcommand)]
-pub enum FelCmd {
+pub(crate) enum FelCmd {
     /// Show the SoC and boot ROM version.
     Version,
     /// Write FILE to memory at ADDR.
@@ -125,7 +125,7 @@ fn parse_u32(s: &str) -> Result<u32, String> {
     r.map_err(|_| format!("'{s}' is not a 32-bit number (decimal or 0x hex)"))
 }
 
-pub fn run_fel(a: FelArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_fel(a: FelArgs, g: &Global) -> anyhow::Result<Exit> {
     run_fel_on(&RusbBus::new(), a, g)
 }
 
@@ -217,31 +217,31 @@ pub fn run_fel_on(bus: &dyn Bus, a: FelArgs, g: &Global) -> anyhow::Result<Exit>
 
 /// `sbcflash write --via …` flags (flattened into `write`).
 #[derive(Debug, Clone, Default, clap::Args)]
-pub struct ViaArgs {
+pub(crate) struct ViaArgs {
     /// Write over a USB recovery protocol instead of to a block device: `maskrom` (Rockchip:
     /// download a loader, then rockusb), `usb` (Rockchip in whatever mode it is in), `usbboot`
     /// (Raspberry Pi rpiboot, then the block write on the exposed eMMC), `fastboot`.
     /// Only IMAGE is given (no TARGET) except with usbboot, where the target is found.
     #[arg(long, value_enum, value_name = "PROTOCOL")]
-    pub via: Option<crate::usb::flash::Via>,
+    pub(crate) via: Option<crate::usb::flash::Via>,
     /// Loader for maskrom: one boot_merger .bin, or the raw 0x471 and 0x472 blobs (twice).
     #[arg(long, value_name = "FILE")]
-    pub loader: Vec<PathBuf>,
+    pub(crate) loader: Vec<PathBuf>,
     /// Storage to write over rockusb: emmc, sd, spi.
     #[arg(long, value_name = "MEDIUM")]
-    pub storage: Option<String>,
+    pub(crate) storage: Option<String>,
     /// Directory with the rpiboot files (bootcode4.bin, … or mass-storage-gadget64).
     #[arg(long, value_name = "DIR")]
-    pub usbboot_dir: Option<PathBuf>,
+    pub(crate) usbboot_dir: Option<PathBuf>,
     /// Fastboot partition to flash (e.g. root, boot, uboot, ram).
     #[arg(long, value_name = "NAME")]
-    pub partition: Option<String>,
+    pub(crate) partition: Option<String>,
     /// Only use the board on this USB port path (e.g. 1-2.1).
     #[arg(long, value_name = "PATH")]
-    pub usb_port: Option<String>,
+    pub(crate) usb_port: Option<String>,
     /// Leave the board running its loader instead of resetting it at the end.
     #[arg(long)]
-    pub no_reset: bool,
+    pub(crate) no_reset: bool,
 }
 
 /// `--spi`/`--medium` name the board's medium; over rockusb that picks the loader's storage
@@ -273,14 +273,14 @@ fn storage_for_medium(
 /// `write --via`'s part of the [`super::write::WritePlan`]: the recovery options, checked
 /// against the board named with `--board` (its protocol, its USB ID, its loader).
 #[derive(Debug)]
-pub struct ViaPlan {
-    pub options: crate::usb::flash::ViaOptions,
+pub(crate) struct ViaPlan {
+    pub(crate) options: crate::usb::flash::ViaOptions,
     /// `--medium`/`--spi` as given (a bootloader flash takes raw blobs).
-    pub medium: Option<crate::board::schema::MediumKind>,
+    pub(crate) medium: Option<crate::board::schema::MediumKind>,
 }
 
 impl ViaPlan {
-    pub fn new(
+    pub(crate) fn new(
         via: crate::usb::flash::Via,
         a: ViaArgs,
         board_args: &super::boards::BoardWriteArgs,
@@ -368,7 +368,7 @@ impl ViaPlan {
 
 /// Run the USB part of `write --via`. Returns the block device to continue with (usbboot),
 /// or `None` when the image is already on the board.
-pub fn write_via(
+pub(crate) fn write_via(
     p: &ViaPlan,
     image: crate::image::open::OpenedImage,
     verify: bool,

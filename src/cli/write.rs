@@ -18,16 +18,16 @@ use std::sync::Arc;
 
 /// Image-selection flags shared by write, hash and verify.
 #[derive(Debug, Clone, clap::Args)]
-pub struct ImageFlags {
+pub(crate) struct ImageFlags {
     /// Use this bmap file (default: IMAGE.bmap or IMAGE-without-compression-suffix.bmap).
     #[arg(long, value_name = "FILE", conflicts_with = "no_bmap")]
-    pub bmap: Option<PathBuf>,
+    pub(crate) bmap: Option<PathBuf>,
     /// Ignore any bmap: write every byte of the image (zero blocks still zeroed cheaply).
     #[arg(long)]
-    pub no_bmap: bool,
+    pub(crate) no_bmap: bool,
     /// The member of a .zip image to use, when it holds several (the error lists them).
     #[arg(long, value_name = "NAME")]
-    pub member: Option<String>,
+    pub(crate) member: Option<String>,
 }
 
 impl ImageFlags {
@@ -81,67 +81,67 @@ impl ImageFlags {
 pub struct WriteArgs {
     /// IMAGE TARGET (or only TARGET with --image).
     #[arg(value_name = "IMAGE|TARGET", num_args = 1..=2, required = true)]
-    pub paths: Vec<PathBuf>,
+    pub(crate) paths: Vec<PathBuf>,
     /// The image (long form; then the only positional argument is the target).
     #[arg(long, value_name = "PATH")]
-    pub image: Option<PathBuf>,
+    pub(crate) image: Option<PathBuf>,
     /// --board/--medium/--spi/--strict/--bootloader: check the image against a board's
     /// descriptor before writing, place bootloader files after it (see `sbcflash boards`).
     #[command(flatten)]
-    pub board: super::boards::BoardWriteArgs,
+    pub(crate) board: super::boards::BoardWriteArgs,
     #[command(flatten)]
-    pub img: ImageFlags,
+    pub(crate) img: ImageFlags,
     /// Expected blake3 of the logical image (default: IMAGE.blake3 sidecar if present).
     #[arg(long, value_name = "HEX")]
-    pub blake3: Option<String>,
+    pub(crate) blake3: Option<String>,
     /// Skip reading the target back after writing.
     #[arg(long)]
-    pub no_verify: bool,
+    pub(crate) no_verify: bool,
     /// Do not ask for confirmation (required when stdin is not a terminal).
     #[arg(short, long)]
-    pub yes: bool,
+    pub(crate) yes: bool,
     /// Allow targets that are not removable USB disks, SD cards or loop devices, and an
     /// existing file target that looks like an image (or a block device as the source).
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
     /// Write the source even when it does not look like a disk image (no partition table,
     /// file system or bootloader signature at its start): for raw blobs.
     #[arg(long)]
-    pub raw: bool,
+    pub(crate) raw: bool,
     /// After a successful write, flush the disk and eject it so it can be pulled at once: a
     /// card reader's (removable) medium is ejected, as `eject` does; a plain USB disk is
     /// powered off (its USB device removed from the kernel, as `udisksctl power-off`).
     #[arg(long)]
-    pub eject: bool,
+    pub(crate) eject: bool,
     /// Do not discard the device before writing.
     #[arg(long)]
-    pub no_discard: bool,
+    pub(crate) no_discard: bool,
     /// Re-flash in proportion to the change: read the target first (4 MiB at a time, in
     /// parallel with the image) and write only what differs; verified as usual. Implies
     /// --no-discard.
     #[arg(long)]
-    pub delta: bool,
+    pub(crate) delta: bool,
     /// A range that reads back wrong is written again up to N times before the write fails
     /// (the image must be a file that can be read again); 0 fails at once. (`--retries` is
     /// the download's.)
     #[arg(long, value_name = "N", default_value_t = 1)]
-    pub rewrites: u32,
+    pub(crate) rewrites: u32,
     /// IMAGE may be an https:// URL (or absent with --board: the board's default source):
     /// it is downloaded, decompressed and written in one pass.
     #[command(flatten)]
-    pub stream: super::acquire::StreamArgs,
+    pub(crate) stream: super::acquire::StreamArgs,
     #[command(flatten)]
-    pub usb: super::usb::ViaArgs,
+    pub(crate) usb: super::usb::ViaArgs,
     /// --trusted-key/--signature/--manifest/--require-signature: who must have signed it.
     #[command(flatten)]
-    pub trust: super::trust::TrustArgs,
+    pub(crate) trust: super::trust::TrustArgs,
 }
 
 /// Image-vs-board checks by the board module: may refuse (`--strict`), and plans the
 /// `--bootloader` placements. Runs after the image is opened and before the target is opened
 /// or anything is written. The image head is read from a fresh open of the file (pipes are
 /// checked on their peeked head in `run_write` instead).
-pub fn board_checks(
+pub(crate) fn board_checks(
     board: Option<&super::boards::BoardPlan>,
     image: &Path,
     member: Option<&str>,
@@ -322,7 +322,7 @@ fn require_image(head: &[u8], what: &str, raw: bool) -> anyhow::Result<()> {
 /// Early, image-independent target checks for commands that produce the image first
 /// (`build TARGET`): the target exists and may be written, and someone can confirm. The
 /// full checks (size, board, confirmation) still run in [`run_write`] once the image exists.
-pub fn precheck_target(target: &Path, force: bool, yes: bool) -> anyhow::Result<()> {
+pub(crate) fn precheck_target(target: &Path, force: bool, yes: bool) -> anyhow::Result<()> {
     let (resolved, info) = target::inspect(target)?;
     let policy = Policy {
         image_size: None,
@@ -337,44 +337,44 @@ pub fn precheck_target(target: &Path, force: bool, yes: bool) -> anyhow::Result<
 /// `write`'s flags and config, resolved and validated once (ripgrep's `LowArgs` → `HiArgs`):
 /// after [`WritePlan::new`] nothing reads the clap struct again. `build TARGET` makes one too.
 #[derive(Debug)]
-pub struct WritePlan {
+pub(crate) struct WritePlan {
     /// The image as given: a file, a pipe, an https:// URL; `None` for the default source of
     /// the board named with `--board`.
-    pub image: Option<PathBuf>,
+    pub(crate) image: Option<PathBuf>,
     /// The target; `None` with `--via` (the board itself, or what usbboot exposes).
-    pub target: Option<PathBuf>,
-    pub img: ImageFlags,
+    pub(crate) target: Option<PathBuf>,
+    pub(crate) img: ImageFlags,
     /// The board checked against (`--board`, else the config's default board) and its medium.
-    pub board: Option<super::boards::BoardPlan>,
+    pub(crate) board: Option<super::boards::BoardPlan>,
     /// `--board` as given: only a named board supplies a default image source.
-    pub board_flag: Option<String>,
+    pub(crate) board_flag: Option<String>,
     /// `--blake3`, parsed (else the sidecar is looked for next to the image).
-    pub blake3: Option<[u8; 32]>,
-    pub checks: Checks,
-    pub stream: super::acquire::StreamArgs,
-    pub via: Option<super::usb::ViaPlan>,
+    pub(crate) blake3: Option<[u8; 32]>,
+    pub(crate) checks: Checks,
+    pub(crate) stream: super::acquire::StreamArgs,
+    pub(crate) via: Option<super::usb::ViaPlan>,
     /// Trusted keys and whether a signature is required (checked before the target is touched).
-    pub trust: crate::trust::TrustPlan,
+    pub(crate) trust: crate::trust::TrustPlan,
 }
 
 /// What `write` checks and does around the pipeline.
 #[derive(Debug, Clone, Copy)]
-pub struct Checks {
-    pub verify: bool,
-    pub yes: bool,
-    pub force: bool,
-    pub raw: bool,
-    pub eject: bool,
-    pub discard: bool,
+pub(crate) struct Checks {
+    pub(crate) verify: bool,
+    pub(crate) yes: bool,
+    pub(crate) force: bool,
+    pub(crate) raw: bool,
+    pub(crate) eject: bool,
+    pub(crate) discard: bool,
     /// `--delta`: write only what differs from the target's contents.
-    pub delta: bool,
+    pub(crate) delta: bool,
     /// `--rewrites`: rewrites of a range that reads back wrong.
-    pub retries: u32,
+    pub(crate) retries: u32,
 }
 
 impl WritePlan {
     /// Validate the flag combinations and resolve the board, medium, digest and `--via`.
-    pub fn new(a: WriteArgs, g: &Global) -> anyhow::Result<WritePlan> {
+    pub(crate) fn new(a: WriteArgs, g: &Global) -> anyhow::Result<WritePlan> {
         let usage = |m: &str| -> anyhow::Error { ExitError::new(Exit::Usage, m).into() };
         let (image, target) = match (&a.usb.via, a.image, a.paths.as_slice()) {
             (Some(_), Some(i), []) => (Some(i), None),
@@ -427,7 +427,7 @@ impl WritePlan {
     }
 }
 
-pub fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_write(a: WriteArgs, g: &Global) -> anyhow::Result<Exit> {
     run_plan(WritePlan::new(a, g)?, g)
 }
 
@@ -486,7 +486,7 @@ fn via_first(p: &WritePlan, g: &Global) -> anyhow::Result<Option<(PathBuf, PathB
 
 /// Run a [`WritePlan`]: `--via` first (its USB part), then the image (file, pipe or stream)
 /// checked against the target and the board, confirmation, the [`BlockJob`], the result.
-pub fn run_plan(p: WritePlan, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_plan(p: WritePlan, g: &Global) -> anyhow::Result<Exit> {
     let Some((image_path, target_path)) = via_first(&p, g)? else {
         return Ok(Exit::Ok);
     };
@@ -735,10 +735,10 @@ fn finish(
 pub struct ListArgs {
     /// Also show non-removable, system, virtual and loop devices.
     #[arg(long)]
-    pub all: bool,
+    pub(crate) all: bool,
 }
 
-pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
     let disks = target::list_disks(a.all)?;
     if g.json {
         let v = serde_json::json!({
@@ -800,15 +800,15 @@ pub fn run_list(a: ListArgs, g: &Global) -> anyhow::Result<Exit> {
 )]
 pub struct HashArgs {
     /// The image (any supported format; the digest is of its logical contents).
-    pub image: PathBuf,
+    pub(crate) image: PathBuf,
     #[command(flatten)]
-    pub img: ImageFlags,
+    pub(crate) img: ImageFlags,
     /// Also write IMAGE.blake3 (b3sum format).
     #[arg(long)]
-    pub write_sidecar: bool,
+    pub(crate) write_sidecar: bool,
 }
 
-pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
     let mut opened = a.img.open(&a.image)?;
     let mut buf = write::buffer::AlignedBuf::new(4 << 20);
     // Progress like every long operation: a bar on a terminal, events under --json.
@@ -896,17 +896,17 @@ pub fn run_hash(a: HashArgs, g: &Global) -> anyhow::Result<Exit> {
 )]
 pub struct VerifyArgs {
     /// The image the target should hold.
-    pub image: PathBuf,
+    pub(crate) image: PathBuf,
     /// The device or file to check (read only).
-    pub target: PathBuf,
+    pub(crate) target: PathBuf,
     #[command(flatten)]
-    pub img: ImageFlags,
+    pub(crate) img: ImageFlags,
     /// Expected blake3 of the logical image (default: IMAGE.blake3 sidecar if present).
     #[arg(long, value_name = "HEX")]
-    pub blake3: Option<String>,
+    pub(crate) blake3: Option<String>,
 }
 
-pub fn run_verify(a: VerifyArgs, g: &Global) -> anyhow::Result<Exit> {
+pub(crate) fn run_verify(a: VerifyArgs, g: &Global) -> anyhow::Result<Exit> {
     let reporter = g.reporter();
     let opened = a.img.open(&a.image)?;
     let (expected, expected_from) = expected_digest(blake3_flag(a.blake3.as_deref())?, &a.image)?;

@@ -25,7 +25,7 @@ pub enum FlashVia {
 
 impl FlashVia {
     /// The U-Boot command for `dev` (e.g. `mmc 0`).
-    pub fn command(self, dev: &str) -> String {
+    pub(crate) fn command(self, dev: &str) -> String {
         match self {
             FlashVia::Ums => format!("ums 0 {dev}"),
             FlashVia::Rockusb => format!("rockusb 0 {dev}"),
@@ -33,7 +33,7 @@ impl FlashVia {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             FlashVia::Ums => "ums",
             FlashVia::Rockusb => "rockusb",
@@ -42,7 +42,7 @@ impl FlashVia {
     }
 
     /// What this host does while the gadget runs.
-    pub fn hint(self) -> &'static str {
+    pub(crate) fn hint(self) -> &'static str {
         match self {
             FlashVia::Ums => "waiting for the board's storage to appear as a USB disk on this host",
             FlashVia::Rockusb => "waiting for the board's rockusb device on this host's USB",
@@ -240,7 +240,7 @@ pub async fn run(
 
 /// The board's SSH host keys as its console shows them ([`hostkeys::CONSOLE_QUERY`]); an
 /// unclean answer is asked again, a failed query is no keys.
-pub async fn console_host_keys(
+pub(crate) async fn console_host_keys(
     s: &mut Session,
     cfg: &LinuxConfig,
 ) -> Result<Vec<HostKey>, ConsoleError> {

@@ -12,7 +12,7 @@ use super::{
 };
 
 /// Lines that mean the board is gone or broken while a command runs.
-pub type Alarm = fn(&str) -> Option<ConsoleError>;
+pub(crate) type Alarm = fn(&str) -> Option<ConsoleError>;
 
 /// Runs `cmd` framed; done when the end marker arrived and (for U-Boot) the prompt is back.
 pub struct Command {
@@ -39,7 +39,7 @@ enum State {
 }
 
 impl Command {
-    pub fn new(cmd: &str, n: u32, prompt: Option<&str>, timeout: Duration) -> Command {
+    pub(crate) fn new(cmd: &str, n: u32, prompt: Option<&str>, timeout: Duration) -> Command {
         Command {
             cmd: cmd.to_string(),
             n,
@@ -55,7 +55,7 @@ impl Command {
     }
 
     /// Check every received line with `alarm` (known fatal error strings).
-    pub fn with_alarm(mut self, alarm: Alarm) -> Command {
+    pub(crate) fn with_alarm(mut self, alarm: Alarm) -> Command {
         self.alarm = Some(alarm);
         self
     }

@@ -50,11 +50,11 @@ enum Esc {
 }
 
 /// Marks kernel lines in [`Expect::tail`] (error messages) and transcripts.
-pub const KERNEL_MARK: &str = "(kernel) ";
+pub(crate) const KERNEL_MARK: &str = "(kernel) ";
 
 /// Something a driver reacts to; produced by [`Expect::next_event`].
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Event {
+pub(crate) enum Event {
     /// A complete line of console text (without line ending, escapes removed).
     Line(String),
     /// A kernel printk line, set aside from the text around it.
@@ -265,7 +265,7 @@ impl Expect {
 
     /// The next event, kernel lines included (for drivers that watch the kernel itself:
     /// its banner, panics).
-    pub fn next_event(&mut self) -> Option<Event> {
+    pub(crate) fn next_event(&mut self) -> Option<Event> {
         self.pending.pop_front()
     }
 
@@ -275,7 +275,7 @@ impl Expect {
     }
 
     /// Drop all unread lines (e.g. before sending a command whose echo we want to frame).
-    pub fn discard_pending(&mut self) {
+    pub(crate) fn discard_pending(&mut self) {
         self.pending.clear();
     }
 
@@ -286,12 +286,12 @@ impl Expect {
     }
 
     /// The whole current line, a kernel line arriving in it included.
-    pub fn raw_partial(&self) -> String {
+    pub(crate) fn raw_partial(&self) -> String {
         String::from_utf8_lossy(&self.partial).into_owned()
     }
 
     /// Forget the current partial line (after acting on it, so it does not match twice).
-    pub fn clear_partial(&mut self) {
+    pub(crate) fn clear_partial(&mut self) {
         self.partial.clear();
         self.text_len = 0;
     }
@@ -299,7 +299,7 @@ impl Expect {
     /// True when the current partial line ends with `prompt` and nothing arrived for `quiet`.
     /// This is how prompts are recognised: they have no newline, and a prompt-like string in
     /// the middle of output is followed by more bytes quickly.
-    pub fn prompt_quiet(&self, prompt: &str, quiet: Duration, now: Instant) -> bool {
+    pub(crate) fn prompt_quiet(&self, prompt: &str, quiet: Duration, now: Instant) -> bool {
         self.ends_with_prompt(prompt) && self.quiet_for(quiet, now)
     }
 
@@ -313,7 +313,7 @@ impl Expect {
 
     /// No console text arrived for `quiet` (kernel lines do not count; nothing ever
     /// arrived counts as quiet).
-    pub fn quiet_for(&self, quiet: Duration, now: Instant) -> bool {
+    pub(crate) fn quiet_for(&self, quiet: Duration, now: Instant) -> bool {
         match self.last_text {
             Some(t) => now.saturating_duration_since(t) >= quiet,
             None => true,
@@ -321,20 +321,20 @@ impl Expect {
     }
 
     /// Last time any byte arrived (kernel lines included).
-    pub fn last_rx(&self) -> Option<Instant> {
+    pub(crate) fn last_rx(&self) -> Option<Instant> {
         self.last_rx
     }
 
     /// Last time console text arrived (kernel lines excluded).
-    pub fn last_text(&self) -> Option<Instant> {
+    pub(crate) fn last_text(&self) -> Option<Instant> {
         self.last_text
     }
 
-    pub fn first_rx(&self) -> Option<Instant> {
+    pub(crate) fn first_rx(&self) -> Option<Instant> {
         self.first_rx
     }
 
-    pub fn total_bytes(&self) -> u64 {
+    pub(crate) fn total_bytes(&self) -> u64 {
         self.total_bytes
     }
 
@@ -374,7 +374,7 @@ impl Expect {
 
     /// Share of non-printable bytes in the recent window, once enough bytes arrived.
     /// `Some(ratio)` only when at least 64 bytes were seen.
-    pub fn garbage_ratio(&self) -> Option<f64> {
+    pub(crate) fn garbage_ratio(&self) -> Option<f64> {
         if self.window.len() < 64 {
             return None;
         }
@@ -395,7 +395,7 @@ pub fn is_printk(line: &str) -> bool {
 
 /// Where a printk record starts in `line`: the first `[ secs.micros]` stamp (at least three
 /// fraction digits), or the `<N>` log-level prefix right before it.
-pub fn printk_start(line: &str) -> Option<usize> {
+pub(crate) fn printk_start(line: &str) -> Option<usize> {
     let b = line.as_bytes();
     (0..b.len())
         .find(|&i| stamp_len(&b[i..], false).is_some())

@@ -35,20 +35,20 @@ fn flash_err(via: FlashVia, msg: impl Into<String>, exit: Exit) -> ConsoleError 
 /// Which udev block device is the board's UMS gadget. All conditions must hold, and when
 /// `ids` is not empty, the device's `ID_VENDOR_ID`/`ID_MODEL_ID` must be one of them.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UmsMatch {
+pub(crate) struct UmsMatch {
     /// udev properties (`ID_BUS=usb`).
-    pub props: Vec<(String, String)>,
+    pub(crate) props: Vec<(String, String)>,
     /// sysfs attributes (`attr:loop/backing_file=...`, for labs and tests).
-    pub attrs: Vec<(String, String)>,
+    pub(crate) attrs: Vec<(String, String)>,
     /// Accepted USB ids; `None` as product = any product of that vendor.
-    pub ids: Vec<(u16, Option<u16>)>,
+    pub(crate) ids: Vec<(u16, Option<u16>)>,
 }
 
 impl UmsMatch {
     /// The default: a USB disk (`ID_BUS=usb`) with the gadget's id from the descriptor, else
     /// any id U-Boot gadgets are known to use (Rockchip's vendor id, the [`crate::usb::ids`]
     /// gadget table).
-    pub fn default_for(id: Option<(u16, Option<u16>)>) -> UmsMatch {
+    pub(crate) fn default_for(id: Option<(u16, Option<u16>)>) -> UmsMatch {
         let ids = match id {
             Some(i) => vec![i],
             None => {
@@ -70,7 +70,7 @@ impl UmsMatch {
 
     /// `--ums-match` specs, which replace the default: `KEY=VALUE` (a udev property),
     /// `attr:NAME=VALUE` (a sysfs attribute) or `id:VID:PID` (hex; PID may be `*`).
-    pub fn parse(specs: &[String]) -> Result<UmsMatch, String> {
+    pub(crate) fn parse(specs: &[String]) -> Result<UmsMatch, String> {
         let mut m = UmsMatch::default();
         for s in specs {
             if let Some(id) = s.strip_prefix("id:") {
@@ -103,7 +103,7 @@ impl UmsMatch {
     }
 
     /// Whether a device with these properties and attributes matches.
-    pub fn matches(
+    pub(crate) fn matches(
         &self,
         prop: &dyn Fn(&str) -> Option<String>,
         attr: &dyn Fn(&str) -> Option<String>,
@@ -128,7 +128,7 @@ impl UmsMatch {
         props_ok && attrs_ok && ids_ok
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut v: Vec<String> = self.props.iter().map(|(k, x)| format!("{k}={x}")).collect();
         v.extend(self.attrs.iter().map(|(k, x)| format!("attr:{k}={x}")));
         if !self.ids.is_empty() {
@@ -170,14 +170,14 @@ fn is_disk_with_media(d: &udev::Device) -> bool {
 }
 
 /// Watches udev for the UMS gadget's disk. Open it before the gadget command is sent.
-pub struct UmsWatch {
+pub(crate) struct UmsWatch {
     socket: crate::uevent::Monitor,
     before: HashSet<PathBuf>,
     m: UmsMatch,
 }
 
 impl UmsWatch {
-    pub fn open(m: UmsMatch) -> Result<UmsWatch, ConsoleError> {
+    pub(crate) fn open(m: UmsMatch) -> Result<UmsWatch, ConsoleError> {
         let env = |e: std::io::Error| {
             flash_err(
                 FlashVia::Ums,
@@ -207,7 +207,7 @@ impl UmsWatch {
     }
 
     /// Waits up to `timeout` for a new matching disk and returns its device node.
-    pub fn wait(&mut self, timeout: Duration) -> Result<PathBuf, ConsoleError> {
+    pub(crate) fn wait(&mut self, timeout: Duration) -> Result<PathBuf, ConsoleError> {
         let deadline = Instant::now() + timeout;
         loop {
             for ev in self.socket.events() {
@@ -248,19 +248,19 @@ impl UmsWatch {
 
 /// What to write and how, for every gadget kind.
 pub struct HostFlash {
-    pub image: PathBuf,
-    pub verify: bool,
+    pub(crate) image: PathBuf,
+    pub(crate) verify: bool,
     /// How long the board may take to show up on this host's USB.
-    pub appear_timeout: Duration,
-    pub ums_match: UmsMatch,
+    pub(crate) appear_timeout: Duration,
+    pub(crate) ums_match: UmsMatch,
     /// Allow a UMS disk the target policy would refuse as not removable (`--force`).
-    pub force: bool,
+    pub(crate) force: bool,
     /// Fastboot partition to flash (`mmc0` = the whole eMMC in U-Boot's fastboot).
     pub partition: Option<String>,
     /// The gadget's USB id for rockusb/fastboot, when the descriptor knows it.
-    pub usb_id: Option<(u16, u16)>,
-    pub bus: Box<dyn Bus>,
-    pub reporter: Box<dyn Reporter>,
+    pub(crate) usb_id: Option<(u16, u16)>,
+    pub(crate) bus: Box<dyn Bus>,
+    pub(crate) reporter: Box<dyn Reporter>,
     watch: Option<UmsWatch>,
     /// One line per finished write, for the caller to print.
     pub written: Vec<String>,

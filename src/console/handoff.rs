@@ -11,7 +11,11 @@ use super::ConsoleError;
 
 /// Waits until `host:port` accepts a TCP connection and sends an `SSH-2.0` banner.
 /// Returns the banner line.
-pub fn wait_for_ssh(host: &str, port: u16, timeout: Duration) -> Result<String, ConsoleError> {
+pub(crate) fn wait_for_ssh(
+    host: &str,
+    port: u16,
+    timeout: Duration,
+) -> Result<String, ConsoleError> {
     let end = Instant::now() + timeout;
     let mut last = String::from("no attempt");
     while Instant::now() < end {
@@ -55,15 +59,14 @@ fn try_banner(host: &str, port: u16) -> std::io::Result<String> {
     Ok(String::from_utf8_lossy(&buf).trim().to_string())
 }
 
-/// Host keys (as `ssh-keyscan` prints them) and their fingerprints.
+/// Host keys as `ssh-keyscan` prints them (fingerprints come from `console::hostkeys`).
 #[derive(Debug, Clone, Default)]
-pub struct HostKeys {
-    pub lines: Vec<String>,
-    pub fingerprints: Vec<String>,
+pub(crate) struct HostKeys {
+    pub(crate) lines: Vec<String>,
 }
 
-/// Runs `ssh-keyscan -p PORT HOST` and `ssh-keygen -lf -` on the result.
-pub fn keyscan(host: &str, port: u16) -> Result<HostKeys, ConsoleError> {
+/// Runs `ssh-keyscan -p PORT HOST`.
+pub(crate) fn keyscan(host: &str, port: u16) -> Result<HostKeys, ConsoleError> {
     let out = Command::new("ssh-keyscan")
         .args(["-T", "10", "-p", &port.to_string(), host])
         .output()
@@ -79,63 +82,40 @@ pub fn keyscan(host: &str, port: u16) -> Result<HostKeys, ConsoleError> {
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
-    let mut fingerprints = Vec::new();
-    if let Ok(mut child) = Command::new("ssh-keygen")
-        .args(["-l", "-f", "-"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-    {
-        if let Some(mut stdin) = child.stdin.take() {
-            use std::io::Write;
-            let _ = stdin.write_all(lines.join("\n").as_bytes());
-            let _ = stdin.write_all(b"\n");
-        }
-        if let Ok(o) = child.wait_with_output() {
-            fingerprints = String::from_utf8_lossy(&o.stdout)
-                .lines()
-                .map(str::to_string)
-                .collect();
-        }
-    }
-    Ok(HostKeys {
-        lines,
-        fingerprints,
-    })
+    Ok(HostKeys { lines })
 }
 
 /// The deployer invocation, built so that it can be printed exactly as it will run.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rebuild {
-    pub program: String,
-    pub args: Vec<String>,
+pub(crate) struct Rebuild {
+    pub(crate) program: String,
+    pub(crate) args: Vec<String>,
     /// `NIX_SSHOPTS` to set (None: leave the environment alone).
-    pub nix_sshopts: Option<String>,
+    pub(crate) nix_sshopts: Option<String>,
 }
 
 /// Inputs for [`Rebuild::plan`].
 #[derive(Debug, Clone)]
-pub struct RebuildPlan<'a> {
+pub(crate) struct RebuildPlan<'a> {
     /// `--rebuild-cmd`, split on whitespace: the program and leading arguments.
-    pub rebuild_cmd: &'a str,
+    pub(crate) rebuild_cmd: &'a str,
     /// `REF#HOST` or `REF` (then `host` is needed).
-    pub flake: &'a str,
-    pub host: Option<&'a str>,
-    pub ssh_user: &'a str,
+    pub(crate) flake: &'a str,
+    pub(crate) host: Option<&'a str>,
+    pub(crate) ssh_user: &'a str,
     /// Address SSH goes to (the board's IP, or `--ssh-host`).
-    pub ssh_host: &'a str,
-    pub ssh_port: u16,
+    pub(crate) ssh_host: &'a str,
+    pub(crate) ssh_port: u16,
     /// The user's own `NIX_SSHOPTS`, kept (after the host key options, so that ssh, which
     /// takes the first value of an option, checks the proven keys whatever the user set).
-    pub env_sshopts: Option<&'a str>,
+    pub(crate) env_sshopts: Option<&'a str>,
     /// The known_hosts file of the keys proven over the console: strict checking against it
     /// (and nothing else).
-    pub known_hosts: Option<&'a std::path::Path>,
+    pub(crate) known_hosts: Option<&'a std::path::Path>,
 }
 
 impl Rebuild {
-    pub fn plan(p: &RebuildPlan) -> Result<Rebuild, ConsoleError> {
+    pub(crate) fn plan(p: &RebuildPlan) -> Result<Rebuild, ConsoleError> {
         let mut words = p.rebuild_cmd.split_whitespace().map(str::to_string);
         let program = words
             .next()
@@ -193,7 +173,7 @@ impl Rebuild {
     }
 
     /// The command line as a user would type it (shell-quoted).
-    pub fn display(&self) -> String {
+    pub(crate) fn display(&self) -> String {
         let mut s = String::new();
         if let Some(o) = &self.nix_sshopts {
             s.push_str(&format!("NIX_SSHOPTS={} ", shell_quote(o)));
@@ -207,7 +187,7 @@ impl Rebuild {
     }
 
     /// Runs it with inherited stdio; returns its exit code (signals map to 128+N).
-    pub fn run(&self) -> Result<i32, ConsoleError> {
+    pub(crate) fn run(&self) -> Result<i32, ConsoleError> {
         let mut c = Command::new(&self.program);
         c.args(&self.args);
         if let Some(o) = &self.nix_sshopts {
@@ -222,7 +202,10 @@ impl Rebuild {
 }
 
 /// Writes the known_hosts file of this run (only the proven keys).
-pub fn write_known_hosts(path: &std::path::Path, lines: &[String]) -> Result<(), ConsoleError> {
+pub(crate) fn write_known_hosts(
+    path: &std::path::Path,
+    lines: &[String],
+) -> Result<(), ConsoleError> {
     let mut text = lines.join("\n");
     text.push('\n');
     std::fs::write(path, text).map_err(|e| {
@@ -231,7 +214,10 @@ pub fn write_known_hosts(path: &std::path::Path, lines: &[String]) -> Result<(),
 }
 
 /// Appends the lines `path` does not hold yet (`--known-hosts`); creates the file if needed.
-pub fn append_known_hosts(path: &std::path::Path, lines: &[String]) -> Result<usize, ConsoleError> {
+pub(crate) fn append_known_hosts(
+    path: &std::path::Path,
+    lines: &[String],
+) -> Result<usize, ConsoleError> {
     let err = |e: std::io::Error| {
         ConsoleError::Handoff(format!(
             "cannot append to known_hosts {}: {e}",
@@ -270,7 +256,7 @@ pub fn append_known_hosts(path: &std::path::Path, lines: &[String]) -> Result<us
 }
 
 /// Quotes a word for a POSIX shell if it needs it.
-pub fn shell_quote(s: &str) -> String {
+pub(crate) fn shell_quote(s: &str) -> String {
     if !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"-_./:@#=+,%".contains(&b))

@@ -9,15 +9,15 @@ use ssh_key::{HashAlg, PublicKey};
 
 /// The console query: OpenSSH's public key files, then dropbear's private keys through
 /// `dropbearkey -y` (dropbear keeps no `.pub`). Ends with `true`: no key is an answer too.
-pub const CONSOLE_QUERY: &str = "for f in /etc/ssh/ssh_host_*_key.pub; do [ -r \"$f\" ] && cat \"$f\"; done; for f in /etc/dropbear/dropbear_*_host_key; do [ -r \"$f\" ] && dropbearkey -y -f \"$f\" 2>/dev/null; done; true";
+pub(crate) const CONSOLE_QUERY: &str = "for f in /etc/ssh/ssh_host_*_key.pub; do [ -r \"$f\" ] && cat \"$f\"; done; for f in /etc/dropbear/dropbear_*_host_key; do [ -r \"$f\" ] && dropbearkey -y -f \"$f\" 2>/dev/null; done; true";
 
 /// One SSH host public key: algorithm, key data (base64 of the wire form) and its SHA-256
 /// fingerprint as `ssh-keygen -l` prints it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HostKey {
-    pub algorithm: String,
-    pub base64: String,
-    pub fingerprint: String,
+    pub(crate) algorithm: String,
+    pub(crate) base64: String,
+    pub(crate) fingerprint: String,
 }
 
 impl HostKey {
@@ -39,7 +39,7 @@ impl HostKey {
         Ok(HostKey::from_key(&k))
     }
 
-    pub fn from_key(k: &PublicKey) -> HostKey {
+    pub(crate) fn from_key(k: &PublicKey) -> HostKey {
         let full = k.to_openssh().unwrap_or_default();
         let mut w = full.split_whitespace();
         HostKey {
@@ -50,12 +50,12 @@ impl HostKey {
     }
 
     /// `ALGO BASE64`, as in `authorized_keys` / `known_hosts`.
-    pub fn openssh(&self) -> String {
+    pub(crate) fn openssh(&self) -> String {
         format!("{} {}", self.algorithm, self.base64)
     }
 
     /// `SHA256:... (ED25519)`, the words users compare.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!("{} ({})", self.fingerprint, self.algorithm)
     }
 }
@@ -68,7 +68,7 @@ fn looks_like_key(line: &str) -> bool {
 /// Reads the answer to [`CONSOLE_QUERY`]: every line that starts like a key must be one
 /// (else the answer is unclean and is asked again); other lines (`dropbearkey`'s
 /// "Public key portion is:", "Fingerprint: ...") are not keys. Duplicates are dropped.
-pub fn parse_console(text: &str) -> Result<Vec<HostKey>, String> {
+pub(crate) fn parse_console(text: &str) -> Result<Vec<HostKey>, String> {
     let mut keys: Vec<HostKey> = Vec::new();
     for l in text.lines().filter(|l| looks_like_key(l)) {
         let k = HostKey::parse(l)?;
@@ -80,7 +80,7 @@ pub fn parse_console(text: &str) -> Result<Vec<HostKey>, String> {
 }
 
 /// Reads `ssh-keyscan` output lines (`HOST ALGO BASE64`).
-pub fn parse_keyscan(lines: &[String]) -> Result<Vec<HostKey>, String> {
+pub(crate) fn parse_keyscan(lines: &[String]) -> Result<Vec<HostKey>, String> {
     let mut keys: Vec<HostKey> = Vec::new();
     for l in lines {
         let rest = l
@@ -97,7 +97,7 @@ pub fn parse_keyscan(lines: &[String]) -> Result<Vec<HostKey>, String> {
 
 /// What the console and the network say, compared.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Verdict {
+pub(crate) enum Verdict {
     /// Every key the network offered is one the console shows: the console's keys (all of
     /// them: the console is the channel that vouches for them, and `ssh-keyscan` may not get
     /// every type from a slow board) are the keys to trust.
@@ -114,7 +114,7 @@ pub enum Verdict {
 }
 
 /// Compares the console's keys with the network's.
-pub fn compare(console: &[HostKey], network: &[HostKey]) -> Verdict {
+pub(crate) fn compare(console: &[HostKey], network: &[HostKey]) -> Verdict {
     let mut missing = Vec::new();
     let mut differ = false;
     for n in network {
@@ -144,7 +144,7 @@ pub fn compare(console: &[HostKey], network: &[HostKey]) -> Verdict {
 
 /// What to do after a comparison.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Next {
+pub(crate) enum Next {
     Trust(Vec<HostKey>),
     Refuse {
         network: Vec<HostKey>,
@@ -175,7 +175,7 @@ impl ProofWait {
     }
 
     /// A mismatch is refused at once; waiting does not make it right.
-    pub fn next(&mut self, v: Verdict, now: Instant) -> Next {
+    pub(crate) fn next(&mut self, v: Verdict, now: Instant) -> Next {
         let started = *self.started.get_or_insert(now);
         match v {
             Verdict::Proven(k) => Next::Trust(k),
@@ -191,13 +191,13 @@ impl ProofWait {
         }
     }
 
-    pub fn timeout(&self) -> Duration {
+    pub(crate) fn timeout(&self) -> Duration {
         self.timeout
     }
 }
 
 /// The `known_hosts` host field for `host:port` as ssh looks it up.
-pub fn known_hosts_host(host: &str, port: u16) -> String {
+pub(crate) fn known_hosts_host(host: &str, port: u16) -> String {
     if port == 22 {
         host.to_string()
     } else {
@@ -206,7 +206,7 @@ pub fn known_hosts_host(host: &str, port: u16) -> String {
 }
 
 /// `known_hosts` lines for `keys` at `host:port`.
-pub fn known_hosts_lines(host: &str, port: u16, keys: &[HostKey]) -> Vec<String> {
+pub(crate) fn known_hosts_lines(host: &str, port: u16, keys: &[HostKey]) -> Vec<String> {
     let h = known_hosts_host(host, port);
     keys.iter()
         .map(|k| format!("{h} {}", k.openssh()))

@@ -88,7 +88,7 @@ pub struct Follow {
     /// Console text after the kernel banner: userspace runs and may read the console.
     userspace: bool,
     /// IP address seen in a console marker line.
-    pub ip_from_console: Option<Ipv4Addr>,
+    pub(crate) ip_from_console: Option<Ipv4Addr>,
 }
 
 impl Follow {
@@ -527,7 +527,7 @@ pub fn ip_from_json(text: &str) -> Option<Ipv4Addr> {
 }
 
 /// Reads a query's answer: `Err` for an unclean one (asked again), `Ok(None)` for no address.
-pub type IpParser = fn(&str) -> Result<Option<Ipv4Addr>, String>;
+pub(crate) type IpParser = fn(&str) -> Result<Option<Ipv4Addr>, String>;
 
 /// [`ip_from_json`] for a query: output that is not the JSON `ip -j` prints is an unclean
 /// answer (`Err`), no global address is `Ok(None)`.

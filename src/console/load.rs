@@ -11,22 +11,22 @@ use super::{ConsoleError, Deadline, Machine, Stage, Step, Tail};
 use crate::console::expect::Expect;
 
 #[derive(Debug, Clone)]
-pub struct LoadPlan {
-    pub uboot: UBootConfig,
-    pub protocol: Protocol,
+pub(crate) struct LoadPlan {
+    pub(crate) uboot: UBootConfig,
+    pub(crate) protocol: Protocol,
     /// Load address; `None` = U-Boot's `$loadaddr`.
-    pub addr: Option<u64>,
-    pub then: Vec<String>,
+    pub(crate) addr: Option<u64>,
+    pub(crate) then: Vec<String>,
     /// Talk to a boot ROM (XMODEM receiver already waiting), not to U-Boot.
-    pub raw: bool,
+    pub(crate) raw: bool,
 }
 
 #[derive(Debug, Clone)]
-pub struct Loaded {
-    pub addr: Option<u64>,
-    pub bytes: u64,
-    pub crc32: u32,
-    pub seconds: f64,
+pub(crate) struct Loaded {
+    pub(crate) addr: Option<u64>,
+    pub(crate) bytes: u64,
+    pub(crate) crc32: u32,
+    pub(crate) seconds: f64,
 }
 
 /// Waits for a line containing `needle` (U-Boot's "## Ready for binary" before it sends `C`).
@@ -166,7 +166,7 @@ pub fn parse_crc32_output(text: &str) -> Option<u32> {
     u32::from_str_radix(&h, 16).ok()
 }
 
-pub async fn run(
+pub(crate) async fn run(
     s: &mut Session,
     plan: &LoadPlan,
     name: &str,

@@ -14,10 +14,10 @@
 //! - [`handoff`]: SSH reachability, host key, the `nixos-rebuild` command.
 
 pub mod bootstrap;
-pub mod command;
+pub(crate) mod command;
 pub mod expect;
 pub mod gadget;
-pub mod handoff;
+pub(crate) mod handoff;
 pub mod hostkeys;
 pub mod linux;
 pub mod load;
@@ -243,7 +243,7 @@ impl Classify for ConsoleError {
 /// Text of a command's run: output lines (framing removed) and exit status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandOutput {
-    pub cmd: String,
+    pub(crate) cmd: String,
     pub lines: Vec<String>,
     pub status: i32,
 }
@@ -269,12 +269,12 @@ impl CommandOutput {
 /// Builds the framed form of `cmd`: the begin and end markers are split with empty quotes
 /// so that the echo of what we type never contains them; only the shell's output does.
 /// Works in U-Boot's hush (which has no `$((..))`) and in POSIX shells alike.
-pub fn framed(cmd: &str, n: u32) -> String {
+pub(crate) fn framed(cmd: &str, n: u32) -> String {
     format!("echo SY\"\"NC-{n}; {cmd}; echo RC\"\"-{n}-$?")
 }
 
 /// The marker line that starts framed output number `n`.
-pub fn begin_marker(n: u32) -> String {
+pub(crate) fn begin_marker(n: u32) -> String {
     format!("SYNC-{n}")
 }
 
@@ -286,15 +286,15 @@ pub fn end_marker(line: &str, n: u32) -> Option<i32> {
 
 /// A deadline with the words used when it passes.
 #[derive(Debug, Clone)]
-pub struct Deadline {
-    pub at: Instant,
-    pub started: Instant,
-    pub stage: String,
-    pub expected: String,
+pub(crate) struct Deadline {
+    pub(crate) at: Instant,
+    pub(crate) started: Instant,
+    pub(crate) stage: String,
+    pub(crate) expected: String,
 }
 
 impl Deadline {
-    pub fn new(now: Instant, after: Duration, stage: &str, expected: &str) -> Deadline {
+    pub(crate) fn new(now: Instant, after: Duration, stage: &str, expected: &str) -> Deadline {
         Deadline {
             at: now + after,
             started: now,
@@ -302,10 +302,10 @@ impl Deadline {
             expected: expected.to_string(),
         }
     }
-    pub fn passed(&self, now: Instant) -> bool {
+    pub(crate) fn passed(&self, now: Instant) -> bool {
         now >= self.at
     }
-    pub fn error(&self, ex: &expect::Expect) -> ConsoleError {
+    pub(crate) fn error(&self, ex: &expect::Expect) -> ConsoleError {
         ConsoleError::Timeout {
             stage: self.stage.clone(),
             expected: self.expected.clone(),
@@ -314,7 +314,7 @@ impl Deadline {
         }
     }
     /// The earlier of this deadline and `other`, for `Step::Wait`.
-    pub fn min(&self, other: Instant) -> Instant {
+    pub(crate) fn min(&self, other: Instant) -> Instant {
         self.at.min(other)
     }
 }

@@ -15,7 +15,7 @@ pub trait Duplex: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Duplex for T {}
 
 /// Opens `path` at `baud`, 8N1, no flow control, exclusively.
-pub fn open(path: &Path, baud: u32) -> Result<tokio_serial::SerialStream, ConsoleError> {
+pub(crate) fn open(path: &Path, baud: u32) -> Result<tokio_serial::SerialStream, ConsoleError> {
     tokio_serial::new(path.to_string_lossy(), baud)
         .data_bits(DataBits::Eight)
         .parity(Parity::None)
@@ -36,7 +36,7 @@ pub struct Link {
     baud: u32,
     reopen_for: Duration,
     /// Human-readable notes (reopen attempts) for the executor to show.
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 impl Link {
@@ -63,15 +63,15 @@ impl Link {
         }
     }
 
-    pub fn set_reopen_for(&mut self, d: Duration) {
+    pub(crate) fn set_reopen_for(&mut self, d: Duration) {
         self.reopen_for = d;
     }
 
-    pub fn baud(&self) -> u32 {
+    pub(crate) fn baud(&self) -> u32 {
         self.baud
     }
 
-    pub fn name(&self) -> String {
+    pub(crate) fn name(&self) -> String {
         self.path
             .as_ref()
             .map(|p| p.display().to_string())
@@ -79,7 +79,7 @@ impl Link {
     }
 
     /// Reads what is available; on EOF/EIO tries to reopen the port.
-    pub async fn read(&mut self, buf: &mut [u8]) -> Result<usize, ConsoleError> {
+    pub(crate) async fn read(&mut self, buf: &mut [u8]) -> Result<usize, ConsoleError> {
         loop {
             let r = match self.inner.as_mut() {
                 Some(s) => s.read(buf).await,
@@ -95,7 +95,7 @@ impl Link {
         }
     }
 
-    pub async fn write_all(&mut self, bytes: &[u8]) -> Result<(), ConsoleError> {
+    pub(crate) async fn write_all(&mut self, bytes: &[u8]) -> Result<(), ConsoleError> {
         loop {
             let r = match self.inner.as_mut() {
                 Some(s) => match s.write_all(bytes).await {
@@ -146,10 +146,10 @@ impl Link {
 
 /// A USB serial adapter as udev describes it.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PortInfo {
-    pub path: PathBuf,
+pub(crate) struct PortInfo {
+    pub(crate) path: PathBuf,
     /// What the user recognises it by: the adapter's model/serial and USB port path.
-    pub what: String,
+    pub(crate) what: String,
 }
 
 impl std::fmt::Display for PortInfo {
@@ -163,7 +163,7 @@ impl std::fmt::Display for PortInfo {
 }
 
 /// USB serial adapters present now (udev: subsystem tty, `ID_BUS=usb`), sorted by node.
-pub fn usb_port_list() -> Result<Vec<PortInfo>, ConsoleError> {
+pub(crate) fn usb_port_list() -> Result<Vec<PortInfo>, ConsoleError> {
     let mut en = udev::Enumerator::new()?;
     en.match_subsystem("tty")?;
     en.match_property("ID_BUS", "usb")?;
@@ -195,7 +195,7 @@ pub fn usb_port_list() -> Result<Vec<PortInfo>, ConsoleError> {
 
 /// `--port` if given, else the single USB serial adapter present; several are an error
 /// listing them (the CLI asks instead when it has a terminal).
-pub fn pick_port(port: Option<&Path>) -> Result<PathBuf, ConsoleError> {
+pub(crate) fn pick_port(port: Option<&Path>) -> Result<PathBuf, ConsoleError> {
     if let Some(p) = port {
         return Ok(p.to_path_buf());
     }

@@ -13,19 +13,19 @@ use super::{ConsoleError, Machine, Stage, Step, Tail};
 
 /// Timestamped transcript: every received line and every sent chunk, with the time since
 /// the session started (kernel lines marked `k|`). Written as it goes, so it survives a crash.
-pub struct Transcript {
+pub(crate) struct Transcript {
     file: File,
     path: PathBuf,
     lines: Expect,
     start: Instant,
     /// Also print received lines to stderr (`--show-console`).
-    pub echo: bool,
+    pub(crate) echo: bool,
     /// Print the kernel lines the engine set aside to stderr (`-v`).
-    pub echo_kernel: bool,
+    pub(crate) echo_kernel: bool,
 }
 
 impl Transcript {
-    pub fn create(path: &Path, start: Instant) -> std::io::Result<Transcript> {
+    pub(crate) fn create(path: &Path, start: Instant) -> std::io::Result<Transcript> {
         if let Some(dir) = path.parent() {
             if !dir.as_os_str().is_empty() {
                 std::fs::create_dir_all(dir)?;
@@ -41,7 +41,7 @@ impl Transcript {
         })
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -52,7 +52,7 @@ impl Transcript {
         )
     }
 
-    pub fn received(&mut self, bytes: &[u8], now: Instant) {
+    pub(crate) fn received(&mut self, bytes: &[u8], now: Instant) {
         self.lines.feed(bytes, now);
         // Kernel lines set aside by the engine are kept, marked `k|`.
         while let Some(e) = self.lines.next_event() {
@@ -68,18 +68,18 @@ impl Transcript {
         }
     }
 
-    pub fn sent(&mut self, bytes: &[u8], now: Instant) {
+    pub(crate) fn sent(&mut self, bytes: &[u8], now: Instant) {
         let s = self.stamp(now);
         let _ = writeln!(self.file, "{s} >> {:?}", String::from_utf8_lossy(bytes));
     }
 
-    pub fn note(&mut self, text: &str, now: Instant) {
+    pub(crate) fn note(&mut self, text: &str, now: Instant) {
         let s = self.stamp(now);
         let _ = writeln!(self.file, "{s} == {text}");
     }
 
     /// Write out the incomplete last line too (at the end of a run).
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         let p = self.lines.raw_partial();
         if !p.is_empty() {
             let _ = writeln!(self.file, "{} {p}", self.stamp(Instant::now()));
@@ -92,15 +92,15 @@ type StageFn = Box<dyn FnMut(Duration, &Stage) + Send>;
 
 /// One console session on one link.
 pub struct Session {
-    pub link: Link,
-    pub ex: Expect,
-    pub transcript: Option<Transcript>,
+    pub(crate) link: Link,
+    pub(crate) ex: Expect,
+    pub(crate) transcript: Option<Transcript>,
     on_stage: StageFn,
     seq: u32,
     /// Split typed text into chunks of this size with `tx_delay` between them (boards that
     /// drop characters at high rates); 0 = no pacing.
-    pub tx_chunk: usize,
-    pub tx_delay: Duration,
+    pub(crate) tx_chunk: usize,
+    pub(crate) tx_delay: Duration,
 }
 
 impl Session {
@@ -116,25 +116,25 @@ impl Session {
         }
     }
 
-    pub fn on_stage(&mut self, f: impl FnMut(Duration, &Stage) + Send + 'static) {
+    pub(crate) fn on_stage(&mut self, f: impl FnMut(Duration, &Stage) + Send + 'static) {
         self.on_stage = Box::new(f);
     }
 
     /// A fresh number for framing markers.
-    pub fn next_n(&mut self) -> u32 {
+    pub(crate) fn next_n(&mut self) -> u32 {
         self.seq += 1;
         self.seq
     }
 
     /// Time since the board's first byte ("power-on" as far as the console can tell).
-    pub fn since_first_output(&self, now: Instant) -> Duration {
+    pub(crate) fn since_first_output(&self, now: Instant) -> Duration {
         self.ex
             .first_rx()
             .map(|t| now.saturating_duration_since(t))
             .unwrap_or_default()
     }
 
-    pub fn stage(&mut self, s: &Stage) {
+    pub(crate) fn stage(&mut self, s: &Stage) {
         let now = Instant::now();
         let t = self.since_first_output(now);
         if let Some(tr) = self.transcript.as_mut() {
@@ -179,7 +179,7 @@ impl Session {
     }
 
     /// Reads until bytes arrive or `until` passes; returns the number of bytes fed.
-    pub async fn read_until(
+    pub(crate) async fn read_until(
         &mut self,
         until: Instant,
         buf: &mut [u8],
@@ -194,7 +194,7 @@ impl Session {
     }
 
     /// Raw read for binary protocols: bytes go to the transcript but not to the engine.
-    pub async fn read_raw(
+    pub(crate) async fn read_raw(
         &mut self,
         until: Instant,
         buf: &mut [u8],
@@ -236,7 +236,7 @@ impl Session {
     }
 
     /// Typed text (paced if configured).
-    pub async fn send(&mut self, bytes: &[u8]) -> Result<(), ConsoleError> {
+    pub(crate) async fn send(&mut self, bytes: &[u8]) -> Result<(), ConsoleError> {
         if let Some(tr) = self.transcript.as_mut() {
             tr.sent(bytes, Instant::now());
         }
@@ -251,12 +251,16 @@ impl Session {
     }
 
     /// Binary data, never paced, logged as a size only.
-    pub async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ConsoleError> {
+    pub(crate) async fn send_raw(&mut self, bytes: &[u8]) -> Result<(), ConsoleError> {
         self.link.write_all(bytes).await
     }
 
     /// Swallow input until the console has been quiet for `quiet` (or `max` passed).
-    pub async fn settle(&mut self, quiet: Duration, max: Duration) -> Result<(), ConsoleError> {
+    pub(crate) async fn settle(
+        &mut self,
+        quiet: Duration,
+        max: Duration,
+    ) -> Result<(), ConsoleError> {
         let end = Instant::now() + max;
         let mut buf = vec![0u8; 4096];
         loop {
@@ -271,7 +275,7 @@ impl Session {
         }
     }
 
-    pub fn finish(&mut self) {
+    pub(crate) fn finish(&mut self) {
         if let Some(tr) = self.transcript.as_mut() {
             tr.finish();
         }

@@ -117,18 +117,18 @@ const FATAL: &[&str] = &[
 ];
 
 /// U-Boot's own lines that are fatal errors, seen at any time.
-pub fn fatal_line(line: &str) -> Option<&'static str> {
+pub(crate) fn fatal_line(line: &str) -> Option<&'static str> {
     FATAL.iter().copied().find(|f| line.contains(f))
 }
 
 /// Which boot banner a line is, if any.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Banner {
+pub(crate) enum Banner {
     Spl,
     Proper,
 }
 
-pub fn banner(line: &str) -> Option<Banner> {
+pub(crate) fn banner(line: &str) -> Option<Banner> {
     let t = line.trim_start();
     if t.starts_with("U-Boot SPL 20") || t.starts_with("U-Boot TPL 20") {
         Some(Banner::Spl)
@@ -148,7 +148,7 @@ pub struct ResetWatch {
 
 impl ResetWatch {
     /// Returns `Err(line)` on a repeated banner; `Ok(Some(b))` on a first one.
-    pub fn check(&mut self, line: &str) -> Result<Option<Banner>, String> {
+    pub(crate) fn check(&mut self, line: &str) -> Result<Option<Banner>, String> {
         let b = banner(line);
         let repeat = match b {
             Some(Banner::Spl) => self.spl || self.proper,
@@ -167,14 +167,14 @@ impl ResetWatch {
     }
 
     /// After a deliberate `reset`: the next banners are expected.
-    pub fn forget(&mut self) {
+    pub(crate) fn forget(&mut self) {
         *self = ResetWatch::default();
     }
 }
 
 /// Alarm for commands run at the U-Boot prompt: fatal messages, a reset, or the autoboot
 /// text (which never appears in a command's output).
-pub fn command_alarm(line: &str) -> Option<ConsoleError> {
+pub(crate) fn command_alarm(line: &str) -> Option<ConsoleError> {
     if let Some(f) = fatal_line(line) {
         return Some(ConsoleError::UBootError {
             line: format!("{f} ({line})"),
@@ -426,13 +426,13 @@ impl Machine for Interrupt {
 }
 
 /// Sends a command that does not come back to the prompt (`boot`, `run bootcmd`, `reset`).
-pub struct Fire {
+pub(crate) struct Fire {
     cmd: String,
     sent: bool,
 }
 
 impl Fire {
-    pub fn new(cmd: &str) -> Fire {
+    pub(crate) fn new(cmd: &str) -> Fire {
         Fire {
             cmd: cmd.to_string(),
             sent: false,

@@ -22,7 +22,7 @@ const PAD: u8 = 0x1a;
 const CRC16: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_XMODEM);
 
 /// CRC-16/XMODEM of `data`.
-pub fn crc16_xmodem(data: &[u8]) -> u16 {
+pub(crate) fn crc16_xmodem(data: &[u8]) -> u16 {
     CRC16.checksum(data)
 }
 
@@ -81,9 +81,9 @@ pub struct Sender {
     deadline: Option<Instant>,
     cans: u32,
     pending_send: Option<XStep>,
-    pub block_timeout: Duration,
-    pub start_timeout: Duration,
-    pub max_retries: u32,
+    pub(crate) block_timeout: Duration,
+    pub(crate) start_timeout: Duration,
+    pub(crate) max_retries: u32,
 }
 
 impl Sender {

@@ -32,7 +32,7 @@ impl ChecksumKind {
         }
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             ChecksumKind::None => "none",
             ChecksumKind::Sha1 => "sha1",
@@ -44,8 +44,8 @@ impl ChecksumKind {
 /// A mapped range, in bytes of the logical image: `[start, end)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BmapRange {
-    pub first_block: u64,
-    pub last_block: u64,
+    pub(crate) first_block: u64,
+    pub(crate) last_block: u64,
     pub start: u64,
     pub end: u64,
     /// Lower-case hex, `None` if the bmap carries no checksum for this range.
@@ -55,22 +55,22 @@ pub struct BmapRange {
 #[derive(Debug, Clone)]
 pub struct Bmap {
     /// Where it came from, for messages.
-    pub path: PathBuf,
-    pub version: String,
+    pub(crate) path: PathBuf,
+    pub(crate) version: String,
     pub image_size: u64,
     pub checksum: ChecksumKind,
     pub ranges: Vec<BmapRange>,
 }
 
 /// An incremental range checksum.
-pub enum RangeHasher {
+pub(crate) enum RangeHasher {
     None,
     Sha1(sha1::Sha1),
     Sha256(sha2::Sha256),
 }
 
 impl RangeHasher {
-    pub fn new(kind: ChecksumKind) -> Self {
+    pub(crate) fn new(kind: ChecksumKind) -> Self {
         match kind {
             ChecksumKind::None => RangeHasher::None,
             ChecksumKind::Sha1 => RangeHasher::Sha1(sha1::Sha1::new()),
@@ -78,7 +78,7 @@ impl RangeHasher {
         }
     }
 
-    pub fn update(&mut self, b: &[u8]) {
+    pub(crate) fn update(&mut self, b: &[u8]) {
         match self {
             RangeHasher::None => {}
             RangeHasher::Sha1(h) => h.update(b),
@@ -87,7 +87,7 @@ impl RangeHasher {
     }
 
     /// Lower-case hex of the digest; empty for `None`.
-    pub fn finish_hex(self) -> String {
+    pub(crate) fn finish_hex(self) -> String {
         match self {
             RangeHasher::None => String::new(),
             RangeHasher::Sha1(h) => hex::encode(h.finalize()),
@@ -113,7 +113,7 @@ pub struct RangeChecker {
 }
 
 impl RangeChecker {
-    pub fn new(image: &str, bmap: &Bmap) -> Self {
+    pub(crate) fn new(image: &str, bmap: &Bmap) -> Self {
         RangeChecker {
             image: image.to_string(),
             bmap: bmap.path.display().to_string(),
@@ -127,7 +127,11 @@ impl RangeChecker {
 
     /// Feed the next extent (`data` = its bytes for `Data`, ignored otherwise: `Zero` and
     /// `Skip` count as zero bytes). Fails at the end of the first range whose checksum differs.
-    pub fn update_extent(&mut self, ext: &super::Extent, data: &[u8]) -> Result<(), ImageError> {
+    pub(crate) fn update_extent(
+        &mut self,
+        ext: &super::Extent,
+        data: &[u8],
+    ) -> Result<(), ImageError> {
         use super::zero::{ZEROS, ZEROS_LEN};
         if ext.offset != self.pos {
             return Err(ImageError::Invalid {
@@ -195,7 +199,7 @@ impl RangeChecker {
     }
 
     /// After the last extent: every checksummed range must have been seen whole.
-    pub fn finish(&self) -> Result<(), ImageError> {
+    pub(crate) fn finish(&self) -> Result<(), ImageError> {
         match self.ranges[self.next.min(self.ranges.len())..]
             .iter()
             .find(|r| r.checksum.is_some() && self.kind != ChecksumKind::None)
@@ -504,11 +508,11 @@ fn file_checksum(bytes: &[u8], stored: &str, kind: ChecksumKind) -> String {
 /// Where to look for a bmap next to `image`: `IMAGE.bmap`, then the name with a compression
 /// suffix stripped (`x.img.zst` → `x.img.bmap`), then with the image suffix stripped too
 /// (`x.bmap`). Returns the first that exists.
-pub fn find_sidecar(image: &Path) -> Option<PathBuf> {
+pub(crate) fn find_sidecar(image: &Path) -> Option<PathBuf> {
     candidates(image).into_iter().find(|p| p.is_file())
 }
 
-pub fn candidates(image: &Path) -> Vec<PathBuf> {
+pub(crate) fn candidates(image: &Path) -> Vec<PathBuf> {
     let Some(name) = image.file_name().map(|n| n.to_string_lossy().to_string()) else {
         return Vec::new();
     };

@@ -6,10 +6,10 @@ use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Condvar, Mutex};
 
 /// Alignment of every buffer: a page, which satisfies every logical block size Linux supports.
-pub const ALIGN: usize = 4096;
+pub(crate) const ALIGN: usize = 4096;
 
 /// A heap buffer whose start is [`ALIGN`]-aligned and whose length is a multiple of it.
-pub struct AlignedBuf {
+pub(crate) struct AlignedBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
 }
@@ -20,7 +20,7 @@ unsafe impl Sync for AlignedBuf {}
 
 impl AlignedBuf {
     /// A zero-filled buffer of `len` bytes rounded up to [`ALIGN`].
-    pub fn new(len: usize) -> Self {
+    pub(crate) fn new(len: usize) -> Self {
         let len = len.max(ALIGN).div_ceil(ALIGN) * ALIGN;
         let layout = Layout::from_size_align(len, ALIGN).expect("buffer layout");
         // SAFETY: layout has a non-zero size.
@@ -60,7 +60,7 @@ impl DerefMut for AlignedBuf {
 /// a consumer that returns each buffer before taking the next keeps reusing one warm buffer
 /// and never pays for the others.
 #[derive(Clone)]
-pub struct Pool {
+pub(crate) struct Pool {
     free: Home,
 }
 
@@ -74,7 +74,7 @@ struct Free {
 }
 
 impl Pool {
-    pub fn new(count: usize, size: usize) -> Self {
+    pub(crate) fn new(count: usize, size: usize) -> Self {
         let free = Free {
             bufs: Vec::new(),
             unborn: count,
@@ -86,7 +86,7 @@ impl Pool {
     }
 
     /// Wait up to `timeout` for a free buffer (callers poll a cancel flag in between).
-    pub fn get_timeout(&self, timeout: std::time::Duration) -> Option<Pooled> {
+    pub(crate) fn get_timeout(&self, timeout: std::time::Duration) -> Option<Pooled> {
         let (lock, cv) = &*self.free;
         let guard = lock.lock().unwrap_or_else(|p| p.into_inner());
         let (mut guard, _) = cv
@@ -110,14 +110,14 @@ impl Pool {
 }
 
 /// A buffer on loan from a [`Pool`]; goes back to the pool when dropped.
-pub struct Pooled {
+pub(crate) struct Pooled {
     buf: Option<AlignedBuf>,
     home: Option<Home>,
 }
 
 impl Pooled {
     /// A placeholder that holds no buffer (length 0).
-    pub fn empty() -> Self {
+    pub(crate) fn empty() -> Self {
         Self {
             buf: None,
             home: None,
@@ -149,7 +149,7 @@ impl Drop for Pooled {
 }
 
 /// A filled buffer shared by the writer and the hasher; returns to the pool when both are done.
-pub type Shared = Arc<Pooled>;
+pub(crate) type Shared = Arc<Pooled>;
 
 #[cfg(test)]
 mod tests {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 /// A layer of the input: a compression, or the logical content under all compressions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     Zstd,
     Xz,
     Gzip,
@@ -18,7 +18,7 @@ pub enum Format {
 }
 
 impl Format {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Format::Zstd => "zstd",
             Format::Xz => "xz",
@@ -30,7 +30,7 @@ impl Format {
         }
     }
 
-    pub fn is_compression(self) -> bool {
+    pub(crate) fn is_compression(self) -> bool {
         matches!(
             self,
             Format::Zstd | Format::Xz | Format::Gzip | Format::Bzip2
@@ -39,11 +39,11 @@ impl Format {
 }
 
 /// How many leading bytes [`detect`] wants to see.
-pub const MAGIC_LEN: usize = 6;
+pub(crate) const MAGIC_LEN: usize = 6;
 
 /// Identify a format from the first bytes of a stream. Fewer than [`MAGIC_LEN`] bytes is fine
 /// (a tiny raw image).
-pub fn detect(head: &[u8]) -> Format {
+pub(crate) fn detect(head: &[u8]) -> Format {
     let le32 = |b: &[u8]| u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
     if head.len() >= 4 {
         let m = le32(head);
@@ -71,7 +71,7 @@ pub fn detect(head: &[u8]) -> Format {
 }
 
 /// Read until `buf` is full or the stream ends; returns the bytes read. Retries EINTR.
-pub fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+pub(crate) fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match r.read(&mut buf[n..]) {
@@ -86,13 +86,13 @@ pub fn read_full(r: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
 
 /// Counts bytes pulled from the underlying (compressed) file, so progress can be shown against
 /// the file size while the logical size is still unknown. The counter is shared with the UI.
-pub struct CountingReader<R> {
+pub(crate) struct CountingReader<R> {
     inner: R,
     count: Arc<AtomicU64>,
 }
 
 impl<R: Read> CountingReader<R> {
-    pub fn new(inner: R, count: Arc<AtomicU64>) -> Self {
+    pub(crate) fn new(inner: R, count: Arc<AtomicU64>) -> Self {
         CountingReader { inner, count }
     }
 }
@@ -107,7 +107,7 @@ impl<R: Read> Read for CountingReader<R> {
 
 /// Wrap `r` in the decompressor for `f`. Multi-member gzip and multi-stream bzip2 are decoded
 /// to the end (pigz/pbzip2 output), as are concatenated zstd frames and xz streams.
-pub fn decoder(f: Format, r: Box<dyn Read + Send>) -> io::Result<Box<dyn Read + Send>> {
+pub(crate) fn decoder(f: Format, r: Box<dyn Read + Send>) -> io::Result<Box<dyn Read + Send>> {
     const IN_BUF: usize = 1 << 20;
     Ok(match f {
         Format::Zstd => {
@@ -145,7 +145,7 @@ pub fn decoder(f: Format, r: Box<dyn Read + Send>) -> io::Result<Box<dyn Read + 
 /// its size or the walk does not end exactly at the end of the file; the decoder then
 /// reports what is wrong. The size is a claim of the file: the stream is checked against
 /// it at its end.
-pub fn zstd_content_size(f: &std::fs::File) -> Option<u64> {
+pub(crate) fn zstd_content_size(f: &std::fs::File) -> Option<u64> {
     use std::os::unix::fs::FileExt;
     let len = f.metadata().ok()?.len();
     let read = |off: u64, b: &mut [u8]| f.read_exact_at(b, off).ok();

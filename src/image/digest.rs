@@ -39,7 +39,7 @@ impl LogicalHasher {
     /// A hasher that stays on the calling thread (SIMD only, no rayon): for pipelines that
     /// already keep every core busy (decompression, range checksums, the kernel's I/O), where
     /// rayon's spinning workers only steal time from the critical path.
-    pub fn single_threaded() -> Self {
+    pub(crate) fn single_threaded() -> Self {
         LogicalHasher {
             rayon: false,
             ..Self::new()
@@ -56,7 +56,7 @@ impl LogicalHasher {
         }
     }
 
-    pub fn update(&mut self, data: &[u8]) {
+    pub(crate) fn update(&mut self, data: &[u8]) {
         if self.rayon && data.len() >= RAYON_MIN {
             self.h.update_rayon(data);
         } else {
@@ -65,7 +65,7 @@ impl LogicalHasher {
         self.len += data.len() as u64;
     }
 
-    pub fn update_zeros(&mut self, mut n: u64) {
+    pub(crate) fn update_zeros(&mut self, mut n: u64) {
         while n > 0 {
             let k = n.min(ZEROS_LEN as u64) as usize;
             self.update(&ZEROS[..k]);
@@ -74,12 +74,8 @@ impl LogicalHasher {
     }
 
     /// Bytes hashed so far (the logical offset reached).
-    pub fn len(&self) -> u64 {
+    pub(crate) fn len(&self) -> u64 {
         self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 
     pub fn finalize(&self) -> blake3::Hash {
@@ -88,7 +84,7 @@ impl LogicalHasher {
 }
 
 /// Parse a digest given by a user (`--blake3 HEX`): 64 hex digits, case-insensitive.
-pub fn parse_hex(s: &str) -> Result<blake3::Hash, String> {
+pub(crate) fn parse_hex(s: &str) -> Result<blake3::Hash, String> {
     let t = s.trim();
     if t.len() != 64 {
         return Err(format!(
@@ -106,7 +102,7 @@ pub fn parse_hex(s: &str) -> Result<blake3::Hash, String> {
 }
 
 /// The sidecar path for an image: `IMAGE.blake3`.
-pub fn sidecar_path(image: &Path) -> PathBuf {
+pub(crate) fn sidecar_path(image: &Path) -> PathBuf {
     let mut s = image.as_os_str().to_os_string();
     s.push(".blake3");
     PathBuf::from(s)
@@ -115,7 +111,7 @@ pub fn sidecar_path(image: &Path) -> PathBuf {
 /// Read the digest for `image` from a b3sum-format file (`HEX  NAME` lines, `HEX *NAME` for
 /// binary mode, `#` comments). A line whose name matches the image's file name wins; a file
 /// with a single line is taken whatever its name (images get renamed after download).
-pub fn read_sidecar(sidecar: &Path, image: &Path) -> Result<blake3::Hash, ImageError> {
+pub(crate) fn read_sidecar(sidecar: &Path, image: &Path) -> Result<blake3::Hash, ImageError> {
     let name = sidecar.display().to_string();
     let text = std::fs::read_to_string(sidecar).map_err(|source| ImageError::Io {
         path: name.clone(),
@@ -165,7 +161,7 @@ pub fn read_sidecar(sidecar: &Path, image: &Path) -> Result<blake3::Hash, ImageE
 }
 
 /// One b3sum line for `image` (its file name, as `b3sum` prints for a relative path).
-pub fn sidecar_line(hash: &blake3::Hash, image: &Path) -> String {
+pub(crate) fn sidecar_line(hash: &blake3::Hash, image: &Path) -> String {
     let name = image
         .file_name()
         .map(|n| n.to_string_lossy().to_string())
@@ -174,7 +170,7 @@ pub fn sidecar_line(hash: &blake3::Hash, image: &Path) -> String {
 }
 
 /// Write `IMAGE.blake3` next to the image (atomically: temp file then rename).
-pub fn write_sidecar(hash: &blake3::Hash, image: &Path) -> Result<PathBuf, ImageError> {
+pub(crate) fn write_sidecar(hash: &blake3::Hash, image: &Path) -> Result<PathBuf, ImageError> {
     let path = sidecar_path(image);
     let tmp = {
         let mut s = path.as_os_str().to_os_string();
@@ -191,7 +187,7 @@ pub fn write_sidecar(hash: &blake3::Hash, image: &Path) -> Result<PathBuf, Image
 }
 
 /// Hash a whole extent source (used by `sbcflash hash`). `buf` is the Data buffer to use.
-pub fn hash_source(
+pub(crate) fn hash_source(
     src: &mut dyn super::ExtentSource,
     buf: &mut [u8],
 ) -> Result<(blake3::Hash, u64), ImageError> {

@@ -22,7 +22,7 @@ pub struct Extent {
 }
 
 impl Extent {
-    pub fn end(&self) -> u64 {
+    pub(crate) fn end(&self) -> u64 {
         self.offset + self.len
     }
 }
@@ -30,8 +30,8 @@ impl Extent {
 /// The bytes of a `Data` extent handed out without copying: `buf[start..start + len]` of a
 /// pooled, aligned buffer the source filled (decompressed or read) directly.
 pub struct SharedData {
-    pub buf: super::buffer::Shared,
-    pub start: usize,
+    pub(crate) buf: super::buffer::Shared,
+    pub(crate) start: usize,
 }
 
 /// A pull-based stream of extents. The caller owns the buffers (aligned, pooled), so sources

@@ -16,28 +16,28 @@
 //! all?), [`unmapped`] (data a stale bmap would leave out).
 
 pub mod bmap;
-pub mod buffer;
-pub mod detect;
+pub(crate) mod buffer;
+pub(crate) mod detect;
 pub mod digest;
 mod extent;
 pub mod open;
-pub mod peek;
-pub mod scan;
-pub mod sniff;
+pub(crate) mod peek;
+pub(crate) mod scan;
+pub(crate) mod sniff;
 pub mod sparse;
-pub mod unmapped;
-pub mod zero;
-pub mod zip;
+pub(crate) mod unmapped;
+pub(crate) mod zero;
+pub(crate) mod zip;
 
 pub use bmap::Bmap;
-pub use detect::Format;
+pub(crate) use detect::Format;
 pub use digest::LogicalHasher;
 pub use extent::{Extent, ExtentKind, ExtentSource, SharedData};
 pub use open::{
     from_reader, from_reader_member, open_image, read_logical_prefix, read_prefix, OpenOptions,
     OpenedImage,
 };
-pub use peek::HeadPeek;
+pub(crate) use peek::HeadPeek;
 
 /// Errors about the input image. Each names the file and, where it applies, the offset.
 #[derive(Debug, thiserror::Error)]

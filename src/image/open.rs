@@ -25,9 +25,9 @@ pub struct OpenOptions {
 /// An opened image: the extent stream plus what the UI and the safety checks need.
 pub struct OpenedImage {
     pub source: Box<dyn ExtentSource>,
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     /// Layers from the outside in, e.g. `[Zstd, AndroidSparse]` or `[Raw]`.
-    pub formats: Vec<Format>,
+    pub(crate) formats: Vec<Format>,
     /// "zstd → raw, bmap 2.0 (sha256)".
     pub description: String,
     /// Logical size if known before reading (raw file, bmap, sparse header).

@@ -27,14 +27,14 @@ impl Held {
 /// Reads the first `want` logical bytes of a stream (a download, a pipe) for the board check,
 /// then replays what it read, so the writer sees the whole stream. Nothing is read twice and the
 /// stream is not restarted: the extents are kept (at most `want` plus one buffer).
-pub struct HeadPeek {
+pub(crate) struct HeadPeek {
     inner: Box<dyn ExtentSource>,
     /// Extents already pulled from `inner`, with their data for `Data` ones.
     queue: std::collections::VecDeque<(Extent, Held)>,
 }
 
 impl HeadPeek {
-    pub fn new(
+    pub(crate) fn new(
         mut inner: Box<dyn ExtentSource>,
         want: usize,
     ) -> Result<(HeadPeek, Vec<u8>), ImageError> {

@@ -17,13 +17,13 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
 /// Size of the internal read buffer: big reads, a multiple of [`ZERO_BLOCK`].
-pub const READ_BUF: usize = 4 << 20;
+pub(crate) const READ_BUF: usize = 4 << 20;
 
 /// Buffers in the source's pool: what is being read or decompressed, what is being scanned,
 /// and what the write pipeline still holds (queued for the writer, the blake3 hasher and the
 /// range checker) when it takes extents with [`ExtentSource::next_shared`]. This bounds the
 /// source's memory (`POOL × READ_BUF`); pages of buffers never used are never touched.
-pub const POOL: usize = 8;
+pub(crate) const POOL: usize = 8;
 
 /// Where bytes come from.
 pub(crate) enum Input {
@@ -138,7 +138,7 @@ struct Region {
     check: Option<(RangeHasher, usize)>,
 }
 
-pub struct ScanSource {
+pub(crate) struct ScanSource {
     name: String,
     desc: String,
     input: Input,
@@ -158,7 +158,7 @@ pub struct ScanSource {
 
 impl ScanSource {
     /// A raw regular file, optionally with a bmap (its ImageSize must match the file size).
-    pub fn raw_file(
+    pub(crate) fn raw_file(
         file: File,
         name: &str,
         bmap: Option<Bmap>,
@@ -194,7 +194,7 @@ impl ScanSource {
 
     /// A stream of raw logical bytes. `expected`: the logical size if known (checked at the
     /// end); a bmap overrides it with its ImageSize.
-    pub fn stream(
+    pub(crate) fn stream(
         r: Box<dyn Read + Send>,
         name: &str,
         expected: Option<u64>,

@@ -8,11 +8,11 @@
 
 /// How many leading bytes [`sniff`] looks at: covers btrfs's superblock (64 KiB), ISO 9660's
 /// volume descriptor (32 KiB) and Allwinner's eGON at 128 KiB.
-pub const SNIFF_LEN: usize = 192 << 10;
+pub(crate) const SNIFF_LEN: usize = 192 << 10;
 
 /// Something a disk image starts with (or has at its usual offset).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ImageKind {
+pub(crate) enum ImageKind {
     Mbr,
     Gpt,
     Fat,
@@ -28,7 +28,7 @@ pub enum ImageKind {
 }
 
 impl ImageKind {
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             ImageKind::Mbr => "an MBR partition table",
             ImageKind::Gpt => "a GPT partition table",
@@ -48,7 +48,7 @@ impl ImageKind {
 
 /// Something that is not a disk image, named so the user knows what they passed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OtherKind {
+pub(crate) enum OtherKind {
     Empty,
     Zip,
     Tar,
@@ -69,7 +69,7 @@ pub enum OtherKind {
 }
 
 impl OtherKind {
-    pub fn describe(self) -> String {
+    pub(crate) fn describe(self) -> String {
         match self {
             OtherKind::Empty => "empty (0 bytes)".into(),
             OtherKind::Zip => "a zip archive".into(),
@@ -90,7 +90,7 @@ impl OtherKind {
     }
 
     /// What to do instead, for archives that usually hold the image.
-    pub fn advice(self) -> Option<&'static str> {
+    pub(crate) fn advice(self) -> Option<&'static str> {
         match self {
             OtherKind::Zip => Some("extract the image first (unzip) and write that"),
             OtherKind::Tar | OtherKind::SevenZip | OtherKind::Rar => {
@@ -103,7 +103,7 @@ impl OtherKind {
 
 /// The verdict on a head.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Sniffed {
+pub(crate) enum Sniffed {
     Image(ImageKind),
     Other(OtherKind),
 }
@@ -118,7 +118,7 @@ fn le16(head: &[u8], off: usize) -> Option<u16> {
 
 /// A FAT boot sector: a jump instruction, a power-of-two sector size and a non-zero FAT count
 /// (the 0x55AA signature alone is an MBR's too).
-pub fn fat_boot_sector(head: &[u8]) -> bool {
+pub(crate) fn fat_boot_sector(head: &[u8]) -> bool {
     let jump = matches!(head.first(), Some(0xEB) | Some(0xE9));
     let bps = le16(head, 11).unwrap_or(0);
     let fats = head.get(16).copied().unwrap_or(0);
@@ -128,7 +128,7 @@ pub fn fat_boot_sector(head: &[u8]) -> bool {
 }
 
 /// Classify the start of a logical (decompressed) image.
-pub fn sniff(head: &[u8]) -> Sniffed {
+pub(crate) fn sniff(head: &[u8]) -> Sniffed {
     use ImageKind as I;
     use OtherKind as O;
     if head.is_empty() {
@@ -251,7 +251,7 @@ fn other(head: &[u8]) -> OtherKind {
 }
 
 /// A bmap file (bmaptool's XML) rather than an image.
-pub fn is_bmap_xml(head: &[u8]) -> bool {
+pub(crate) fn is_bmap_xml(head: &[u8]) -> bool {
     let s = String::from_utf8_lossy(&head[..head.len().min(4096)]);
     s.trim_start().starts_with("<?xml") && s.contains("<bmap")
 }
@@ -266,7 +266,7 @@ const IDB_TAG: u32 = 0x0FF0_AA55;
 
 /// Recognise an IDBlock header sector: RK35xx `RKNS`, or the legacy tag in plain text (RC4 off)
 /// or RC4-scrambled (each 512-byte sector is scrambled with a fresh keystream).
-pub fn rockchip_idb(sector: &[u8]) -> Option<&'static str> {
+pub(crate) fn rockchip_idb(sector: &[u8]) -> Option<&'static str> {
     if sector.len() < 4 {
         return None;
     }
@@ -291,7 +291,7 @@ pub fn rockchip_idb(sector: &[u8]) -> Option<&'static str> {
 }
 
 /// Plain RC4 keystream (KSA + PRGA); tiny, and not worth a dependency for 4 bytes.
-pub fn rc4_keystream(key: &[u8], n: usize) -> Vec<u8> {
+pub(crate) fn rc4_keystream(key: &[u8], n: usize) -> Vec<u8> {
     let mut s: [u8; 256] = std::array::from_fn(|i| i as u8);
     let mut j: u8 = 0;
     for i in 0..256 {

@@ -327,7 +327,7 @@ impl ExtentSource for SparseSource {
 /// CRC32 (IEEE, as crc32fast and libsparse compute it) of the data so far followed by `n`
 /// zero bytes, in O(log n): appending zeroes multiplies the CRC register by x^(8n) modulo
 /// the polynomial (the method of zlib's crc32_combine).
-pub fn crc32_zeros(crc: u32, n: u64) -> u32 {
+pub(crate) fn crc32_zeros(crc: u32, n: u64) -> u32 {
     !multmodp(x2nmodp(n, 3), !crc)
 }
 

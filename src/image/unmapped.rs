@@ -13,17 +13,21 @@ use std::path::Path;
 
 /// Non-zero data found in ranges a bmap marks unmapped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Unmapped {
+pub(crate) struct Unmapped {
     /// Logical offset of the first non-zero byte.
-    pub first: u64,
+    pub(crate) first: u64,
     /// Bytes in 4 KiB blocks that hold any non-zero byte.
-    pub bytes: u64,
+    pub(crate) bytes: u64,
 }
 
 /// Looks for non-zero bytes of the logical image `path` inside `skips` (sorted, disjoint
 /// `(offset, len)` ranges). A raw file is read only where it has data (holes are skipped with
 /// SEEK_DATA); a compressed one is decoded again without its bmap.
-pub fn find(path: &Path, raw: bool, skips: &[(u64, u64)]) -> Result<Option<Unmapped>, ImageError> {
+pub(crate) fn find(
+    path: &Path,
+    raw: bool,
+    skips: &[(u64, u64)],
+) -> Result<Option<Unmapped>, ImageError> {
     if skips.is_empty() {
         return Ok(None);
     }

@@ -3,18 +3,18 @@
 /// Granularity of zero detection while scanning data. Large enough that per-block overhead
 /// vanishes and zero extents stay aligned for discards, small enough to catch a filesystem's
 /// empty metadata areas.
-pub const ZERO_BLOCK: usize = 64 * 1024;
+pub(crate) const ZERO_BLOCK: usize = 64 * 1024;
 
 /// A zeroed buffer living in .bss (no page is touched until read), used to feed zero runs to
 /// hashers without allocating.
-pub static ZEROS: [u8; ZEROS_LEN] = [0; ZEROS_LEN];
-pub const ZEROS_LEN: usize = 4 << 20;
+pub(crate) static ZEROS: [u8; ZEROS_LEN] = [0; ZEROS_LEN];
+pub(crate) const ZEROS_LEN: usize = 4 << 20;
 
 /// True if every byte of `b` is zero.
 ///
 /// OR-folds 8-byte lanes over 4 KiB pieces (the loop has no early exit inside a piece, so the
 /// compiler vectorizes it) and stops at the first piece that is not zero.
-pub fn is_zero(b: &[u8]) -> bool {
+pub(crate) fn is_zero(b: &[u8]) -> bool {
     for piece in b.chunks(4096) {
         let mut acc = 0u64;
         let mut lanes = piece.chunks_exact(8);
@@ -34,7 +34,7 @@ pub fn is_zero(b: &[u8]) -> bool {
 }
 
 /// End of the zero-detection block that contains `pos` (the next multiple of [`ZERO_BLOCK`]).
-pub fn block_end(pos: u64) -> u64 {
+pub(crate) fn block_end(pos: u64) -> u64 {
     (pos / ZERO_BLOCK as u64 + 1) * ZERO_BLOCK as u64
 }
 

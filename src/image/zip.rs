@@ -36,7 +36,7 @@ const DEFLATE: u16 = 8;
 const IN_BUF: usize = 1 << 20;
 
 /// Does `head` start like a zip file (a local header, or the end record of an empty zip)?
-pub fn is_zip(head: &[u8]) -> bool {
+pub(crate) fn is_zip(head: &[u8]) -> bool {
     head.len() >= 4 && (head[..4] == LOCAL.to_le_bytes() || head[..4] == EOCD.to_le_bytes())
 }
 
@@ -476,7 +476,7 @@ pub(crate) fn image_error(e: io::Error) -> Result<ImageError, io::Error> {
 
 /// A zip arriving as a stream: the member named `want`, or the only file member.
 /// Returns its data as a reader, and its size when the local header records it.
-pub fn stream_member(
+pub(crate) fn stream_member(
     r: Box<dyn Read + Send>,
     name: &str,
     want: Option<&str>,
@@ -525,7 +525,7 @@ fn not_found(want: Option<&str>, names: &[String]) -> String {
 /// A zip that is a local file: the member is chosen from the central directory (all members
 /// are known before anything is written). Returns its data as a reader and its size;
 /// `consumed` follows the position in the file.
-pub fn file_member(
+pub(crate) fn file_member(
     file: File,
     name: &str,
     want: Option<&str>,

@@ -17,31 +17,31 @@ use crate::tryboot::{self, Plan, Reached, TryStage};
 /// `[slot.boot]` as written in station.toml.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BootConfig {
+pub(crate) struct BootConfig {
     /// Shell command that power-cycles or resets the unit. It runs with `SBCFLASH_SLOT`,
     /// `SBCFLASH_DEVICE` (the card just written) and `SBCFLASH_SERIAL` set, and must exit 0.
-    pub reset: String,
+    pub(crate) reset: String,
     /// The unit's serial console. Opened before the reset when it exists (a USB-serial
     /// adapter), else waited for after it (up to 30 s).
-    pub console: PathBuf,
+    pub(crate) console: PathBuf,
     #[serde(default = "default_baud")]
-    pub baud: u32,
+    pub(crate) baud: u32,
     /// Pass when a console line matches this (instead of a login prompt).
     #[serde(default)]
-    pub expect: Option<String>,
+    pub(crate) expect: Option<String>,
     /// Log in and run this; it must exit 0.
     #[serde(default)]
-    pub check: Option<String>,
+    pub(crate) check: Option<String>,
     #[serde(default = "default_user")]
-    pub login_user: String,
+    pub(crate) login_user: String,
     #[serde(default)]
-    pub login_password: Option<String>,
+    pub(crate) login_password: Option<String>,
     /// Seconds from the reset to the login prompt (or `expect`).
     #[serde(default = "default_timeout")]
-    pub timeout: u64,
+    pub(crate) timeout: u64,
     /// Command run after the acceptance, passed or not (power the unit off).
     #[serde(default)]
-    pub off: Option<String>,
+    pub(crate) off: Option<String>,
 }
 
 fn default_baud() -> u32 {
@@ -56,13 +56,13 @@ fn default_timeout() -> u64 {
 
 /// A validated `[slot.boot]`.
 #[derive(Debug, Clone)]
-pub struct Acceptance {
-    pub cfg: BootConfig,
-    pub expect: Option<regex::Regex>,
+pub(crate) struct Acceptance {
+    pub(crate) cfg: BootConfig,
+    pub(crate) expect: Option<regex::Regex>,
 }
 
 impl Acceptance {
-    pub fn new(cfg: BootConfig) -> Result<Acceptance, String> {
+    pub(crate) fn new(cfg: BootConfig) -> Result<Acceptance, String> {
         if cfg.reset.trim().is_empty() {
             return Err("`reset` is empty".into());
         }
@@ -76,22 +76,22 @@ impl Acceptance {
 
 /// What the acceptance found, for the ledger.
 #[derive(Debug, Clone)]
-pub struct BootRecord {
-    pub pass: bool,
+pub(crate) struct BootRecord {
+    pub(crate) pass: bool,
     /// The stage a failure stopped in, or the last stage reached.
-    pub stage: String,
+    pub(crate) stage: String,
     /// Time from the first console output to the login prompt (or `expect` line).
-    pub login_seconds: Option<f64>,
-    pub transcript: PathBuf,
-    pub transcript_blake3: Option<String>,
-    pub failure: Option<String>,
+    pub(crate) login_seconds: Option<f64>,
+    pub(crate) transcript: PathBuf,
+    pub(crate) transcript_blake3: Option<String>,
+    pub(crate) failure: Option<String>,
 }
 
 /// Who the unit is, for the reset command's environment.
-pub struct Unit<'a> {
-    pub slot: &'a str,
-    pub device: &'a str,
-    pub serial: &'a str,
+pub(crate) struct Unit<'a> {
+    pub(crate) slot: &'a str,
+    pub(crate) device: &'a str,
+    pub(crate) serial: &'a str,
 }
 
 fn shell(cmd: &str, unit: &Unit) -> Result<(), String> {
@@ -123,7 +123,7 @@ fn open(a: &Acceptance) -> Result<Link, String> {
 }
 
 /// Runs the acceptance of one unit; `say` gets each stage as a line for the slot's log.
-pub fn accept(
+pub(crate) fn accept(
     a: &Acceptance,
     unit: &Unit,
     transcript: &Path,

@@ -99,28 +99,28 @@ const MIGRATION_LOCK: i64 = 0x5bcf_1a54;
 
 /// Where the line's ledger is and how a station uses it.
 #[derive(Debug, Clone)]
-pub struct CentralConfig {
+pub(crate) struct CentralConfig {
     /// `postgresql://user@host:port/db?sslmode=require` (never with a password).
-    pub url: String,
+    pub(crate) url: String,
     /// Trusted in addition to the web PKI roots (a private CA, or the server's own
     /// certificate as a pin), as `--ca-file` for downloads.
-    pub ca_file: Option<PathBuf>,
+    pub(crate) ca_file: Option<PathBuf>,
     /// The role's password, one line; else `$CREDENTIALS_DIRECTORY/ledger-password` (systemd
     /// credentials), else `SBCFLASH_LEDGER_PASSWORD`.
-    pub password_file: Option<PathBuf>,
+    pub(crate) password_file: Option<PathBuf>,
     /// This station's name in the line (default: the host name).
-    pub station: String,
+    pub(crate) station: String,
     /// Serials leased per block.
-    pub serial_lease: u64,
+    pub(crate) serial_lease: u64,
 }
 
 /// True for `postgresql://` and `postgres://` ledgers.
-pub fn is_url(s: &str) -> bool {
+pub(crate) fn is_url(s: &str) -> bool {
     s.starts_with("postgresql://") || s.starts_with("postgres://")
 }
 
 /// The URL with any password replaced, for messages and logs.
-pub fn redact(url: &str) -> String {
+pub(crate) fn redact(url: &str) -> String {
     let Some(at) = url.find("://").map(|i| i + 3) else {
         return url.to_string();
     };
@@ -243,7 +243,7 @@ impl Db {
         })
     }
 
-    pub fn url(&self) -> &str {
+    pub(crate) fn url(&self) -> &str {
         &self.url
     }
 
@@ -258,7 +258,7 @@ impl Db {
     }
 
     /// Names the cause: credentials and trust are setup problems (exit 8), the rest I/O (5).
-    pub fn classify(&self, e: &postgres::Error, what: &str) -> StationError {
+    pub(crate) fn classify(&self, e: &postgres::Error, what: &str) -> StationError {
         if let Some(db) = e.as_db_error() {
             let code = db.code().code();
             let (exit, hint) = if code.starts_with("28") {
@@ -364,7 +364,7 @@ pub fn migrate(db: &Db, c: &mut Client) -> Result<u32, StationError> {
 pub struct Lease {
     pub id: i64,
     pub first: u64,
-    pub last: u64,
+    pub(crate) last: u64,
 }
 
 /// Leases a block: a returned block first (its serials were never used), else `n` new ones
@@ -436,7 +436,7 @@ pub fn lease(
 
 /// Ends a lease on a clean shutdown: serials before `next` are used, the rest go back for the
 /// next lease. Only a lease this station still holds is changed.
-pub fn return_lease(
+pub(crate) fn return_lease(
     db: &Db,
     c: &mut Client,
     station: &str,
@@ -476,7 +476,7 @@ pub fn return_lease(
 
 /// Marks the blocks a previous run of this station still held as abandoned (it died before
 /// returning them): their serials are never handed out again.
-pub fn abandon(db: &Db, c: &mut Client, station: &str) -> Result<u64, StationError> {
+pub(crate) fn abandon(db: &Db, c: &mut Client, station: &str) -> Result<u64, StationError> {
     c.execute(
         "UPDATE serial_leases SET state='abandoned', ended_at=now()
          WHERE station=$1 AND state='leased'",
@@ -486,7 +486,7 @@ pub fn abandon(db: &Db, c: &mut Client, station: &str) -> Result<u64, StationErr
 }
 
 /// A station's heartbeat: when it was last alive and how many rows wait in its outbox.
-pub fn heartbeat(
+pub(crate) fn heartbeat(
     db: &Db,
     c: &mut Client,
     station: &str,
@@ -526,9 +526,9 @@ pub fn heartbeat(
 /// One outbox row to deliver: the unit's row, its station-made id and revision.
 #[derive(Debug, Clone)]
 pub struct OutRow {
-    pub uid: String,
-    pub rev: i64,
-    pub row: Row,
+    pub(crate) uid: String,
+    pub(crate) rev: i64,
+    pub(crate) row: Row,
 }
 
 /// Upserts rows in one transaction. Idempotent: a row already there at the same or a newer
@@ -617,18 +617,18 @@ pub fn deliver(
 
 /// A row of the line's report: the unit's row plus the station that made it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct LineRow {
+pub(crate) struct LineRow {
     #[serde(flatten)]
-    pub row: Row,
-    pub station: String,
-    pub uid: String,
+    pub(crate) row: Row,
+    pub(crate) station: String,
+    pub(crate) uid: String,
 }
 
 /// CSV header of the line's report: the station ledger's columns, then these.
-pub const LINE_COLUMNS: &[&str] = &["station", "uid"];
+pub(crate) const LINE_COLUMNS: &[&str] = &["station", "uid"];
 
 impl LineRow {
-    pub fn csv_fields(&self) -> Vec<String> {
+    pub(crate) fn csv_fields(&self) -> Vec<String> {
         let mut f = self.row.csv_fields();
         f.push(self.station.clone());
         f.push(self.uid.clone());
@@ -637,7 +637,7 @@ impl LineRow {
 }
 
 /// Rows started at or after `since`, of one station or all.
-pub fn report(
+pub(crate) fn report(
     db: &Db,
     c: &mut Client,
     since: Option<&str>,
@@ -700,22 +700,22 @@ pub fn report(
 
 /// One station in `station status`.
 #[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct StationStatus {
-    pub station: String,
-    pub host: Option<String>,
-    pub state: String,
-    pub last_heartbeat: String,
+pub(crate) struct StationStatus {
+    pub(crate) station: String,
+    pub(crate) host: Option<String>,
+    pub(crate) state: String,
+    pub(crate) last_heartbeat: String,
     /// Seconds since the last heartbeat (by the database's clock).
-    pub heartbeat_age_secs: f64,
-    pub units_today: i64,
-    pub pass_today: i64,
-    pub fail_today: i64,
+    pub(crate) heartbeat_age_secs: f64,
+    pub(crate) units_today: i64,
+    pub(crate) pass_today: i64,
+    pub(crate) fail_today: i64,
     /// Rows waiting in the station's outbox at its last heartbeat.
-    pub backlog: i64,
+    pub(crate) backlog: i64,
 }
 
 /// Every station's last heartbeat and today's counts (UTC day).
-pub fn status(db: &Db, c: &mut Client) -> Result<Vec<StationStatus>, StationError> {
+pub(crate) fn status(db: &Db, c: &mut Client) -> Result<Vec<StationStatus>, StationError> {
     let rows = c
         .query(
             "WITH today AS (

@@ -14,79 +14,79 @@ use super::StationError;
 /// The whole station configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct StationConfig {
+pub(crate) struct StationConfig {
     /// Board name (a descriptor name); recorded in the ledger and available to templates.
     #[serde(default)]
-    pub board: Option<String>,
+    pub(crate) board: Option<String>,
     /// The SQLite ledger; relative paths are relative to the config file. Default: the user
     /// config's `station.ledger` (see `sbcflash config show`). Or a line's central ledger,
     /// `postgresql://user@host/db?sslmode=require`, with the local SQLite ledger (`outbox`) as
     /// its outbox.
     #[serde(default)]
-    pub ledger: Option<String>,
+    pub(crate) ledger: Option<String>,
     /// Central ledger only: the local SQLite ledger that is its outbox (default: as `ledger`
     /// would be for a station without one).
     #[serde(default)]
-    pub outbox: Option<PathBuf>,
+    pub(crate) outbox: Option<PathBuf>,
     /// Central ledger only: this station's name in the line (default: the host name).
     #[serde(default)]
-    pub station_name: Option<String>,
+    pub(crate) station_name: Option<String>,
     /// Central ledger only: serials leased per block (default 20): how many units a station
     /// can flash while the database is away.
     #[serde(default)]
-    pub serial_lease: Option<u64>,
+    pub(crate) serial_lease: Option<u64>,
     /// Central ledger only: certificates trusted for its TLS, besides the web PKI roots.
     #[serde(default)]
-    pub ledger_ca_file: Option<PathBuf>,
+    pub(crate) ledger_ca_file: Option<PathBuf>,
     /// Central ledger only: the file with the role's password (else the systemd credential
     /// `ledger-password`, else SBCFLASH_LEDGER_PASSWORD). Never in this file.
     #[serde(default)]
-    pub ledger_password_file: Option<PathBuf>,
+    pub(crate) ledger_password_file: Option<PathBuf>,
     /// Directory for one log file per slot; none if unset.
     #[serde(default)]
-    pub log_dir: Option<PathBuf>,
+    pub(crate) log_dir: Option<PathBuf>,
     /// `[image]` table, or just the path as a string.
-    pub image: ImageSpec,
+    pub(crate) image: ImageSpec,
     #[serde(default)]
-    pub identity: IdentityConfig,
+    pub(crate) identity: IdentityConfig,
     #[serde(default)]
-    pub ui: UiConfig,
+    pub(crate) ui: UiConfig,
     /// `[usb]`: how boards on `kind = "usb"` slots are flashed over their recovery protocol.
     #[serde(default)]
-    pub usb: UsbConfig,
+    pub(crate) usb: UsbConfig,
     /// Read back and compare after writing (default true; turning it off is recorded).
     #[serde(default = "yes")]
-    pub verify: bool,
+    pub(crate) verify: bool,
     /// After a PASS on a block slot whose disk is a USB card reader (removable media), eject
     /// the card (SCSI START STOP UNIT) so it can be pulled at once; the reader, and so the
     /// slot, stays. Default true.
     #[serde(default = "yes")]
-    pub eject: bool,
+    pub(crate) eject: bool,
     /// Before writing each unit, check the card for fake capacity and blocks that do not read
     /// back (`sbcflash check-card`); a card that fails is FAIL with the reason. Default false.
     #[serde(default)]
-    pub check_card: bool,
+    pub(crate) check_card: bool,
     /// Refuse to start unless a trusted key signed the image, its manifest or its bmap
     /// (`[[image.trust]]`, see README "Trust"); checked before any unit is touched.
     #[serde(default)]
-    pub require_signature: bool,
+    pub(crate) require_signature: bool,
     /// Write only what differs from a card's current contents (`write --delta`): for
     /// re-flashing cards that already hold an earlier build. Default false.
     #[serde(default)]
-    pub delta: bool,
+    pub(crate) delta: bool,
     /// Rewrites of a range that reads back wrong before the unit fails (`write --rewrites`);
     /// each rewritten range is counted in the ledger's `retried_ranges`. Default 1.
     #[serde(default = "one_retry")]
-    pub rewrites: u32,
+    pub(crate) rewrites: u32,
     /// `[[slot]]` tables (`slots = [...]` also accepted).
     #[serde(rename = "slot", alias = "slots", default)]
-    pub slots: Vec<SlotConfig>,
+    pub(crate) slots: Vec<SlotConfig>,
 }
 
 /// `image = "path"` or `[image] ...`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
-pub enum ImageSpec {
+pub(crate) enum ImageSpec {
     Path(PathBuf),
     Table(ImageConfig),
 }
@@ -103,47 +103,47 @@ fn one_retry() -> u32 {
 /// `blake3` (looked up in the cache).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct ImageConfig {
+pub(crate) struct ImageConfig {
     #[serde(default)]
-    pub path: Option<PathBuf>,
+    pub(crate) path: Option<PathBuf>,
     #[serde(default)]
-    pub url: Option<String>,
+    pub(crate) url: Option<String>,
     /// Expected blake3 of the logical image (hex). Checked while writing every unit.
     #[serde(default)]
-    pub blake3: Option<String>,
+    pub(crate) blake3: Option<String>,
     /// A signed manifest of the image (its blake3 is then checked before any unit).
     #[serde(default)]
-    pub manifest: Option<PathBuf>,
+    pub(crate) manifest: Option<PathBuf>,
     /// The detached signature of the manifest or image (default: beside it).
     #[serde(default)]
-    pub signature: Option<PathBuf>,
+    pub(crate) signature: Option<PathBuf>,
     /// `[[image.trust]]`: keys trusted to sign the image.
     #[serde(default)]
-    pub trust: Vec<crate::trust::TrustEntry>,
+    pub(crate) trust: Vec<crate::trust::TrustEntry>,
 }
 
 /// How units are named and what is written into their FAT partition.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IdentityConfig {
+pub(crate) struct IdentityConfig {
     /// Serial pattern, e.g. `OPI5-{date}-{seq:05}`; `{card_serial}` uses the device's own.
     #[serde(default = "default_serial")]
-    pub serial: String,
+    pub(crate) serial: String,
     /// Hostname pattern; must render to a valid hostname.
     #[serde(default = "default_hostname")]
-    pub hostname: String,
+    pub(crate) hostname: String,
     /// First value of the persistent counter (only used when the ledger has none yet).
     #[serde(default = "one")]
-    pub seq_start: u64,
+    pub(crate) seq_start: u64,
     /// 1-based partition number of the FAT partition; default: the first FAT partition.
     #[serde(default)]
-    pub fat_partition: Option<u32>,
+    pub(crate) fat_partition: Option<u32>,
     /// Path inside the FAT partition for a per-unit ed25519 SSH host key made by the station
     /// (OpenSSH format, `.pub` beside it), e.g. `sbcflash/ssh_host_ed25519_key`; none: no key.
     #[serde(default)]
-    pub host_key: Option<String>,
+    pub(crate) host_key: Option<String>,
     #[serde(rename = "file", default)]
-    pub files: Vec<IdentityFile>,
+    pub(crate) files: Vec<IdentityFile>,
 }
 
 fn default_serial() -> String {
@@ -172,27 +172,27 @@ impl Default for IdentityConfig {
 /// One file rendered from a template and written into the FAT partition.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct IdentityFile {
+pub(crate) struct IdentityFile {
     /// Path inside the FAT partition (`/` separated; directories are created).
-    pub path: String,
+    pub(crate) path: String,
     /// Template text inline...
     #[serde(default)]
-    pub template: Option<String>,
+    pub(crate) template: Option<String>,
     /// ...or from a file (relative to the config file).
     #[serde(default)]
-    pub template_file: Option<PathBuf>,
+    pub(crate) template_file: Option<PathBuf>,
 }
 
 /// Operator feedback.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct UiConfig {
+pub(crate) struct UiConfig {
     /// Ring the terminal bell on FAIL.
     #[serde(default)]
-    pub bell: bool,
+    pub(crate) bell: bool,
     /// Flash the terminal (reverse video for a moment) on FAIL.
     #[serde(default)]
-    pub flash: bool,
+    pub(crate) flash: bool,
 }
 
 /// Boards flashed over USB recovery (`kind = "usb"` slots).
@@ -202,17 +202,17 @@ pub struct UsbConfig {
     /// Rockchip: the loader for boards that arrive in maskrom (one boot_merger file, or the
     /// raw 0x471 + 0x472 pair); relative to the config file.
     #[serde(default)]
-    pub loader: Vec<PathBuf>,
+    pub(crate) loader: Vec<PathBuf>,
     /// Rockchip storage to write: emmc, sd, spi, spinand (default emmc).
     #[serde(default = "emmc")]
-    pub storage: String,
+    pub(crate) storage: String,
     /// Reset the board after a PASS so it boots what was written.
     #[serde(default = "yes")]
-    pub reset: bool,
+    pub(crate) reset: bool,
     /// Seconds a board may take to come back after the loader download (Rockchip), or to
     /// start its second stage and then show its storage as a block device (Raspberry Pi).
     #[serde(default = "fifteen")]
-    pub reenumerate_timeout_secs: u64,
+    pub(crate) reenumerate_timeout_secs: u64,
     /// Raspberry Pi (CM4/CM5 in usbboot): the rpiboot boot files served to the board, e.g.
     /// usbboot's `mass-storage-gadget64` (`<dir>/<2710|2711|2712>/<file>` first, then that
     /// path inside `<dir>/bootfiles.bin`, then `<dir>/<file>`, as rpiboot looks them up);
@@ -222,7 +222,7 @@ pub struct UsbConfig {
     /// Rockchip: sectors per WRITE_LBA/READ_LBA command (rkdeveloptool's 128 by default;
     /// fewer for loaders or hubs that stall on 64 KiB transfers), as `write --via` uses.
     #[serde(default = "default_spc", alias = "sectors-per-command")]
-    pub sectors_per_command: u16,
+    pub(crate) sectors_per_command: u16,
 }
 
 fn default_spc() -> u16 {
@@ -252,7 +252,7 @@ impl Default for UsbConfig {
 /// What sits in a slot.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum SlotKind {
+pub(crate) enum SlotKind {
     /// A card reader / disk: udev `block` whole disks.
     #[default]
     Block,
@@ -267,51 +267,51 @@ pub enum SlotKind {
 /// card readers in tests.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SlotConfig {
-    pub name: String,
+pub(crate) struct SlotConfig {
+    pub(crate) name: String,
     #[serde(default)]
-    pub kind: SlotKind,
+    pub(crate) kind: SlotKind,
     #[serde(rename = "match")]
-    pub match_: BTreeMap<String, String>,
+    pub(crate) match_: BTreeMap<String, String>,
     /// `[slot.boot]`: after the write, reset the unit and check that it boots.
     #[serde(default)]
-    pub boot: Option<super::boot::BootConfig>,
+    pub(crate) boot: Option<super::boot::BootConfig>,
 }
 
 /// A validated configuration: templates compiled, paths resolved, slots checked.
 #[derive(Debug, Clone)]
 pub struct Station {
-    pub path: PathBuf,
-    pub board: Option<String>,
+    pub(crate) path: PathBuf,
+    pub(crate) board: Option<String>,
     /// None: use the user config's default ledger. With a central ledger: its outbox.
-    pub ledger: Option<PathBuf>,
+    pub(crate) ledger: Option<PathBuf>,
     /// The line's PostgreSQL ledger, if any.
-    pub central: Option<super::central::CentralConfig>,
-    pub log_dir: Option<PathBuf>,
-    pub image: ImageConfig,
-    pub serial: Template,
-    pub hostname: Template,
-    pub seq_start: u64,
-    pub fat_partition: Option<u32>,
-    pub files: Vec<(String, Template)>,
+    pub(crate) central: Option<super::central::CentralConfig>,
+    pub(crate) log_dir: Option<PathBuf>,
+    pub(crate) image: ImageConfig,
+    pub(crate) serial: Template,
+    pub(crate) hostname: Template,
+    pub(crate) seq_start: u64,
+    pub(crate) fat_partition: Option<u32>,
+    pub(crate) files: Vec<(String, Template)>,
     /// Where each unit's station-made SSH host key goes in the FAT partition.
-    pub host_key: Option<String>,
-    pub ui: UiConfig,
+    pub(crate) host_key: Option<String>,
+    pub(crate) ui: UiConfig,
     pub usb: UsbConfig,
-    pub verify: bool,
-    pub eject: bool,
-    pub check_card: bool,
-    pub require_signature: bool,
-    pub delta: bool,
-    pub retries: u32,
-    pub slots: Vec<SlotMatcher>,
+    pub(crate) verify: bool,
+    pub(crate) eject: bool,
+    pub(crate) check_card: bool,
+    pub(crate) require_signature: bool,
+    pub(crate) delta: bool,
+    pub(crate) retries: u32,
+    pub(crate) slots: Vec<SlotMatcher>,
     /// Boot acceptance per slot name (slots without `[slot.boot]` have none).
-    pub boot: BTreeMap<String, super::boot::Acceptance>,
+    pub(crate) boot: BTreeMap<String, super::boot::Acceptance>,
 }
 
 impl Station {
     /// The sysfs attributes any slot rule refers to.
-    pub fn attr_keys(&self) -> Vec<String> {
+    pub(crate) fn attr_keys(&self) -> Vec<String> {
         let mut k: Vec<String> = self
             .slots
             .iter()
@@ -326,12 +326,12 @@ impl Station {
         k
     }
 
-    pub fn has_usb_slots(&self) -> bool {
+    pub(crate) fn has_usb_slots(&self) -> bool {
         self.slots.iter().any(|s| s.kind == SlotKind::Usb)
     }
 
     /// The identity recipe.
-    pub fn scheme(&self) -> super::identity::Scheme {
+    pub(crate) fn scheme(&self) -> super::identity::Scheme {
         super::identity::Scheme {
             serial: self.serial.clone(),
             hostname: self.hostname.clone(),
@@ -353,7 +353,7 @@ impl Station {
 
     // Longer than 150 lines on purpose: one section of the station file after another,
     // each validated where it is read so that an error names its section and key.
-    pub fn parse(path: &Path, text: &str) -> Result<Self, StationError> {
+    pub(crate) fn parse(path: &Path, text: &str) -> Result<Self, StationError> {
         let bad = |msg: String| StationError::Config {
             path: path.display().to_string(),
             msg,

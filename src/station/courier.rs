@@ -26,7 +26,7 @@ fn local_err(path: &Path) -> impl Fn(rusqlite::Error) -> StationError + '_ {
 }
 
 /// The running courier.
-pub struct Courier {
+pub(crate) struct Courier {
     shared: Arc<Shared>,
     stop: Arc<AtomicBool>,
     wake: Sender<()>,
@@ -44,19 +44,19 @@ struct Shared {
 
 /// What the start found.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct Started {
-    pub schema_version: u32,
+pub(crate) struct Started {
+    pub(crate) schema_version: u32,
     /// Serial blocks a previous run held (crash): abandoned, never reused.
-    pub abandoned: u64,
+    pub(crate) abandoned: u64,
     /// Rows delivered from the outbox at start.
-    pub delivered: u64,
+    pub(crate) delivered: u64,
 }
 
 impl Courier {
     /// Connects, migrates, abandons the leases a previous run left, leases the first block and
     /// delivers the outbox. Any failure here stops the station before it flashes anything:
     /// the database must be there at start (it may go away later).
-    pub fn start(
+    pub(crate) fn start(
         cfg: &CentralConfig,
         outbox_path: &Path,
         seq_start: u64,
@@ -114,14 +114,9 @@ impl Courier {
         ))
     }
 
-    /// Asks for a delivery now (a row changed).
-    pub fn nudge(&self) {
-        let _ = self.wake.try_send(());
-    }
-
     /// For [`super::ledger::Ledger::use_leased_serials`]: leases a block at once (its own
     /// connection) when a job finds none left.
-    pub fn refill(&self) -> Refill {
+    pub(crate) fn refill(&self) -> Refill {
         let shared = self.shared.clone();
         Box::new(move || {
             let le = local_err(&shared.outbox);
@@ -135,7 +130,7 @@ impl Courier {
 
     /// A clean stop: the last rows delivered, unused serials returned, heartbeat `stopped`.
     /// Returns the rows left in the outbox (the database is away): delivered on the next start.
-    pub fn shutdown(mut self) -> Result<u64, StationError> {
+    pub(crate) fn shutdown(mut self) -> Result<u64, StationError> {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.wake.try_send(());
         if let Some(t) = self.thread.take() {

@@ -33,19 +33,19 @@ use crate::progress::{Event, Reporter};
 #[derive(Debug, Clone)]
 pub struct Decoded {
     /// The raw file (holes where the image has zeroes or unmapped ranges).
-    pub raw: PathBuf,
-    pub extents: Arc<Vec<Extent>>,
-    pub blake3: String,
-    pub size: u64,
+    pub(crate) raw: PathBuf,
+    pub(crate) extents: Arc<Vec<Extent>>,
+    pub(crate) blake3: String,
+    pub(crate) size: u64,
     /// True when this start decoded it (false: found in the cache).
-    pub fresh: bool,
+    pub(crate) fresh: bool,
     /// The shared lock that keeps `cache prune` and other stations from deleting it while
     /// this one is alive.
-    pub hold: Option<Arc<Hold>>,
+    pub(crate) hold: Option<Arc<Hold>>,
 }
 
 /// A shared flock on a decoded image's `<key>.lock`: the image is in use.
-pub struct Hold(#[allow(dead_code)] LockGuard);
+pub(crate) struct Hold(#[allow(dead_code)] LockGuard);
 
 impl std::fmt::Debug for Hold {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -291,18 +291,18 @@ fn decode_into(
 
 /// One decoded image in the cache, as `sbcflash cache list` shows it.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Entry {
+pub(crate) struct Entry {
     /// blake3 of the source file it was decoded from (its name in `decoded/`).
-    pub source_blake3: String,
-    pub raw: PathBuf,
+    pub(crate) source_blake3: String,
+    pub(crate) raw: PathBuf,
     /// Logical size and blake3 (None: incomplete or damaged map).
-    pub size: Option<u64>,
-    pub blake3: Option<String>,
+    pub(crate) size: Option<u64>,
+    pub(crate) blake3: Option<String>,
     /// Bytes it takes on disk (the raw file is sparse): what pruning frees.
-    pub disk_bytes: u64,
-    pub last_used: chrono::DateTime<chrono::Utc>,
+    pub(crate) disk_bytes: u64,
+    pub(crate) last_used: chrono::DateTime<chrono::Utc>,
     /// A running station holds it.
-    pub in_use: bool,
+    pub(crate) in_use: bool,
 }
 
 /// What is in `dir` besides complete entries: temporaries of a decode (`.<key>.raw.<pid>`)
@@ -376,7 +376,7 @@ fn entry(dir: &Path, key: &str) -> Entry {
 }
 
 /// The decoded images in `dir`, most recently used first.
-pub fn list(dir: &Path) -> Result<Vec<Entry>, ImageError> {
+pub(crate) fn list(dir: &Path) -> Result<Vec<Entry>, ImageError> {
     let mut v: Vec<Entry> = scan(dir)?.keys.iter().map(|k| entry(dir, k)).collect();
     v.sort_by_key(|e| std::cmp::Reverse(e.last_used));
     Ok(v)
@@ -400,7 +400,7 @@ fn remove(dir: &Path, key: &str) -> bool {
 /// `cache prune` for decoded images: removes those not used within `older_than`, then the
 /// least recently used until they take at most `max_bytes` on disk; never one in use. With
 /// `older_than`, also temporaries of decodes that died and unused lock files.
-pub fn prune(
+pub(crate) fn prune(
     dir: &Path,
     older_than: Option<std::time::Duration>,
     max_bytes: Option<u64>,
@@ -458,7 +458,7 @@ pub fn prune(
 /// At station start, with `current` (just used) in hand: removes the decoded images of other
 /// sources last used before it, except those another running station holds. Returns their
 /// source digests.
-pub fn remove_older(dir: &Path, current: &str) -> Result<Vec<String>, ImageError> {
+pub(crate) fn remove_older(dir: &Path, current: &str) -> Result<Vec<String>, ImageError> {
     let entries = list(dir)?;
     let Some(now) = entries.iter().find(|e| e.source_blake3 == current) else {
         return Ok(Vec::new());
@@ -474,7 +474,7 @@ pub fn remove_older(dir: &Path, current: &str) -> Result<Vec<String>, ImageError
 
 /// `cache verify` for decoded images: re-hashes each through its map against the recorded
 /// logical blake3; removes damaged or incomplete ones unless a station holds them.
-pub fn verify(
+pub(crate) fn verify(
     dir: &Path,
     progress: &mut dyn FnMut(&str, u64),
 ) -> Result<(usize, Vec<Problem>), ImageError> {
@@ -524,7 +524,7 @@ pub fn verify(
 
 /// One job's extent stream over a decoded image: the shared map, `pread`s into the job's
 /// own buffer.
-pub struct MapSource {
+pub(crate) struct MapSource {
     file: File,
     name: String,
     extents: Arc<Vec<Extent>>,
@@ -535,7 +535,7 @@ pub struct MapSource {
 }
 
 impl MapSource {
-    pub fn open(d: &Decoded, name: &str) -> Result<Self, ImageError> {
+    pub(crate) fn open(d: &Decoded, name: &str) -> Result<Self, ImageError> {
         Ok(MapSource {
             file: File::open(&d.raw).map_err(io_err(&d.raw, "open the decoded image"))?,
             name: format!("{name} (decoded once: {})", d.raw.display()),

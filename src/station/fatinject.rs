@@ -44,11 +44,11 @@ impl crate::exit::Classify for FatError {
 
 /// A FAT partition on the target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FatPartition {
+pub(crate) struct FatPartition {
     /// 1-based partition number.
-    pub number: u32,
-    pub offset: u64,
-    pub len: u64,
+    pub(crate) number: u32,
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
 }
 
 const SECTOR: u64 = 512;
@@ -83,7 +83,7 @@ fn is_fat_boot_sector(bs: &[u8]) -> bool {
 
 /// Lists partitions as (number, offset, len, type says FAT) from the MBR or GPT at the start
 /// of `f`, using the board module's reader (512-byte sectors, as NixOS images use).
-pub fn partitions(
+pub(crate) fn partitions(
     f: &mut (impl Read + Seek),
     dev: &Path,
 ) -> Result<Vec<(u32, u64, u64, bool)>, FatError> {
@@ -128,7 +128,7 @@ pub fn partitions(
 
 /// Finds the FAT partition: `want` (1-based) if given, else the first partition whose type
 /// says FAT and whose first sector is a FAT boot sector.
-pub fn find_fat(
+pub(crate) fn find_fat(
     f: &mut (impl Read + Seek),
     dev: &Path,
     want: Option<u32>,
@@ -175,7 +175,7 @@ fn is_block_device(f: &File) -> bool {
 /// Turns O_DIRECT on or off on an open descriptor. The station keeps the writer's O_EXCL
 /// descriptor for the whole job (so nothing can claim or mount the card between steps) and
 /// switches it: buffered for fatfs's small unaligned writes, direct for reading back.
-pub fn set_direct(f: &File, on: bool) -> std::io::Result<()> {
+pub(crate) fn set_direct(f: &File, on: bool) -> std::io::Result<()> {
     let fd = f.as_raw_fd();
     // SAFETY: fcntl on a descriptor we own; F_GETFL/F_SETFL take no pointers.
     let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
@@ -210,7 +210,7 @@ fn fs_over<'f>(
 /// Writes `files` into the FAT partition of the open target `f` (buffered, read-write;
 /// directories are created, files replaced), then flushes them to the medium. `dev` names
 /// the target in errors. Returns the partition used.
-pub fn inject(
+pub(crate) fn inject(
     f: &File,
     dev: &Path,
     want: Option<u32>,
@@ -235,7 +235,7 @@ pub fn inject(
 
 /// [`inject`] over any storage that reads and writes (a board's storage through its rockusb
 /// session, see `usbslot::SinkIo`). Returns the partition used.
-pub fn inject_rw<T: Read + Write + Seek>(
+pub(crate) fn inject_rw<T: Read + Write + Seek>(
     mut io: T,
     dev: &Path,
     want: Option<u32>,
@@ -251,7 +251,7 @@ pub fn inject_rw<T: Read + Write + Seek>(
 }
 
 /// [`verify`] over any storage that reads: the caller makes sure reads reach the medium.
-pub fn verify_rw<T: Read + Write + Seek>(
+pub(crate) fn verify_rw<T: Read + Write + Seek>(
     io: T,
     dev: &Path,
     part: &FatPartition,
@@ -391,7 +391,7 @@ impl Write for DirectReader<'_> {
 /// Reads `files` back from the medium and compares them byte for byte. On a block device
 /// the descriptor must be O_DIRECT (see [`set_direct`]), so the page cache cannot answer for
 /// the card; regular files (tests) are read normally.
-pub fn verify(
+pub(crate) fn verify(
     f: &File,
     dev: &Path,
     part: &FatPartition,

@@ -36,7 +36,7 @@ impl Action {
 
 /// What the station should do about an event.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// Flash this medium on this slot.
     Start { slot: String, dev: DeviceInfo },
     /// Present when the station started and `--flash-present` was not given: listed, left
@@ -61,14 +61,14 @@ struct Active {
 }
 
 /// Sans-IO slot state: which medium each slot holds and which media were already handled.
-pub struct Tracker {
+pub(crate) struct Tracker {
     slots: Vec<SlotMatcher>,
     active: BTreeMap<String, Active>,
     seen: HashSet<String>,
 }
 
 impl Tracker {
-    pub fn new(slots: Vec<SlotMatcher>) -> Self {
+    pub(crate) fn new(slots: Vec<SlotMatcher>) -> Self {
         Tracker {
             slots,
             active: BTreeMap::new(),
@@ -77,7 +77,7 @@ impl Tracker {
     }
 
     /// Feeds one event. `flash_present` decides what happens to media found at start.
-    pub fn on_event(
+    pub(crate) fn on_event(
         &mut self,
         action: Action,
         dev: &DeviceInfo,
@@ -199,7 +199,7 @@ impl Tracker {
 }
 
 /// Reads a udev device into a [`DeviceInfo`], with the sysfs attributes in `attr_keys`.
-pub fn device_info(d: &udev::Device, attr_keys: &[String]) -> DeviceInfo {
+pub(crate) fn device_info(d: &udev::Device, attr_keys: &[String]) -> DeviceInfo {
     let s = |o: Option<&std::ffi::OsStr>| o.map(|v| v.to_string_lossy().into_owned());
     let mut props = BTreeMap::new();
     for p in d.properties() {
@@ -241,7 +241,7 @@ pub fn device_info(d: &udev::Device, attr_keys: &[String]) -> DeviceInfo {
 
 /// Whole disks and USB devices present now (works without udevd, but then udev properties
 /// are missing).
-pub fn enumerate(attr_keys: &[String]) -> Result<Vec<DeviceInfo>, StationError> {
+pub(crate) fn enumerate(attr_keys: &[String]) -> Result<Vec<DeviceInfo>, StationError> {
     let udev_err = |e: std::io::Error| StationError::Environment(format!("udev enumerate: {e}"));
     let mut out = Vec::new();
     for (subsystem, devtype) in [("block", "disk"), ("usb", "usb_device")] {
@@ -303,7 +303,7 @@ impl EventSource for Monitor {
 }
 
 /// The udev side: a monitor socket on `block` and `usb`, and enumeration of what is present.
-pub struct Monitor {
+pub(crate) struct Monitor {
     socket: crate::uevent::Monitor,
     attr_keys: Vec<String>,
 }
@@ -311,7 +311,7 @@ pub struct Monitor {
 impl Monitor {
     /// Starts listening. Must be called before [`Monitor::enumerate`] so nothing plugged in
     /// between is missed (duplicates are harmless: media are keyed).
-    pub fn open(attr_keys: Vec<String>) -> Result<Self, StationError> {
+    pub(crate) fn open(attr_keys: Vec<String>) -> Result<Self, StationError> {
         use crate::uevent::MonitorError;
         let socket = crate::uevent::Monitor::open(&["block", "usb"]).map_err(|e| match e {
             MonitorError::NoUdevd => {
@@ -323,12 +323,15 @@ impl Monitor {
     }
 
     /// Whole disks and USB devices present now.
-    pub fn enumerate(&self) -> Result<Vec<DeviceInfo>, StationError> {
+    pub(crate) fn enumerate(&self) -> Result<Vec<DeviceInfo>, StationError> {
         enumerate(&self.attr_keys)
     }
 
     /// Waits up to `timeout` for events and returns all that are queued.
-    pub fn poll(&mut self, timeout: Duration) -> Result<Vec<(Action, DeviceInfo)>, StationError> {
+    pub(crate) fn poll(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Vec<(Action, DeviceInfo)>, StationError> {
         let ready = self
             .socket
             .wait(timeout)

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 /// Names a template may use, with what they stand for (shown in errors).
-pub const PLACEHOLDERS: &[(&str, &str)] = &[
+pub(crate) const PLACEHOLDERS: &[(&str, &str)] = &[
     ("seq", "the persistent counter (use {seq:05} to zero-pad)"),
     ("date", "today, YYYYMMDD (UTC)"),
     ("time", "now, HHMMSS (UTC)"),
@@ -37,12 +37,12 @@ enum Piece {
 
 /// A parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Template {
+pub(crate) struct Template {
     pieces: Vec<Piece>,
 }
 
 impl Template {
-    pub fn parse(s: &str) -> Result<Self, String> {
+    pub(crate) fn parse(s: &str) -> Result<Self, String> {
         let mut pieces = Vec::new();
         let mut lit = String::new();
         let mut rest = s;
@@ -116,14 +116,14 @@ impl Template {
     }
 
     /// Whether the template refers to `name`.
-    pub fn uses(&self, name: &str) -> bool {
+    pub(crate) fn uses(&self, name: &str) -> bool {
         self.pieces
             .iter()
             .any(|p| matches!(p, Piece::Var { name: n, .. } if n == name))
     }
 
     /// Renders with `vars`; a placeholder without a value is an error naming it.
-    pub fn render(&self, vars: &BTreeMap<&str, String>) -> Result<String, String> {
+    pub(crate) fn render(&self, vars: &BTreeMap<&str, String>) -> Result<String, String> {
         let mut out = String::new();
         for p in &self.pieces {
             match p {
@@ -152,28 +152,28 @@ impl Template {
 
 /// What the station knows about a unit before its identity exists.
 #[derive(Debug, Clone, Default)]
-pub struct UnitFacts {
-    pub slot: String,
-    pub board: Option<String>,
-    pub card_serial: Option<String>,
-    pub id_path: Option<String>,
-    pub image_blake3: Option<String>,
-    pub now: chrono::DateTime<chrono::Utc>,
+pub(crate) struct UnitFacts {
+    pub(crate) slot: String,
+    pub(crate) board: Option<String>,
+    pub(crate) card_serial: Option<String>,
+    pub(crate) id_path: Option<String>,
+    pub(crate) image_blake3: Option<String>,
+    pub(crate) now: chrono::DateTime<chrono::Utc>,
 }
 
 /// A unit's identity, as recorded in the ledger and written to its FAT partition.
 #[derive(Clone, PartialEq, Eq, serde::Serialize)]
-pub struct Identity {
-    pub serial: String,
-    pub hostname: String,
-    pub seq: Option<u64>,
+pub(crate) struct Identity {
+    pub(crate) serial: String,
+    pub(crate) hostname: String,
+    pub(crate) seq: Option<u64>,
     /// The public half of the unit's station-made SSH host key.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub host_key: Option<UnitHostKey>,
+    pub(crate) host_key: Option<UnitHostKey>,
     /// (path inside the FAT partition, contents); may hold a private host key, so it is
     /// never serialized and its Debug shows paths and sizes only.
     #[serde(skip)]
-    pub files: Vec<(String, Vec<u8>)>,
+    pub(crate) files: Vec<(String, Vec<u8>)>,
 }
 
 impl fmt::Debug for Identity {
@@ -240,24 +240,24 @@ impl fmt::Display for Identity {
 
 /// The recipe for identities: the config's templates.
 #[derive(Debug, Clone)]
-pub struct Scheme {
-    pub serial: Template,
-    pub hostname: Template,
-    pub files: Vec<(String, Template)>,
+pub(crate) struct Scheme {
+    pub(crate) serial: Template,
+    pub(crate) hostname: Template,
+    pub(crate) files: Vec<(String, Template)>,
     /// FAT path of a per-unit SSH host key ([`make_host_key`]), if the station makes them.
-    pub host_key: Option<String>,
+    pub(crate) host_key: Option<String>,
 }
 
 impl Scheme {
     /// Whether a counter value must be allocated for each unit.
-    pub fn needs_seq(&self) -> bool {
+    pub(crate) fn needs_seq(&self) -> bool {
         self.serial.uses("seq")
             || self.hostname.uses("seq")
             || self.files.iter().any(|(_, t)| t.uses("seq"))
     }
 
     /// Derives a unit's identity from the facts and (if the scheme uses it) `seq`.
-    pub fn derive(&self, facts: &UnitFacts, seq: Option<u64>) -> Result<Identity, String> {
+    pub(crate) fn derive(&self, facts: &UnitFacts, seq: Option<u64>) -> Result<Identity, String> {
         let mut vars: BTreeMap<&str, String> = BTreeMap::new();
         if let Some(s) = seq {
             vars.insert("seq", s.to_string());
@@ -310,7 +310,7 @@ impl Scheme {
 }
 
 /// This machine's host name (the kernel's UTS name).
-pub fn host_name() -> Option<String> {
+pub(crate) fn host_name() -> Option<String> {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .ok()
         .map(|s| s.trim().to_string())

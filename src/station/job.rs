@@ -126,13 +126,13 @@ impl ImagePlan {
     }
 
     /// The files the image is read from (never a target).
-    pub fn all_paths(&self) -> Vec<PathBuf> {
+    pub(crate) fn all_paths(&self) -> Vec<PathBuf> {
         let mut v = vec![self.path.clone()];
         v.extend(self.decoded.as_ref().map(|d| d.raw.clone()));
         v
     }
 
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         format!(
             "{} ({}, {} bytes, blake3 {})",
             self.path.display(),
@@ -144,20 +144,20 @@ impl ImagePlan {
 }
 
 /// What every job shares.
-pub struct Context {
-    pub station: Station,
-    pub image: Arc<ImagePlan>,
-    pub ledger: Arc<Mutex<Ledger>>,
-    pub ui: Arc<Ui>,
+pub(crate) struct Context {
+    pub(crate) station: Station,
+    pub(crate) image: Arc<ImagePlan>,
+    pub(crate) ledger: Arc<Mutex<Ledger>>,
+    pub(crate) ui: Arc<Ui>,
     /// The USB bus boards on `kind = "usb"` slots are driven through (libusb, or simulated
     /// boards in tests); None when no slot is a USB slot.
-    pub usb: Option<Arc<dyn crate::usb::discovery::Bus + Send + Sync>>,
+    pub(crate) usb: Option<Arc<dyn crate::usb::discovery::Bus + Send + Sync>>,
 }
 
 /// Set once by whoever cancels; the first reason wins. The flag is the writer's own cancel
 /// flag, so the pipeline stops between buffers.
 #[derive(Default)]
-pub struct Cancel {
+pub(crate) struct Cancel {
     flag: Arc<AtomicBool>,
     reason: Mutex<Option<CancelReason>>,
     /// USB jobs: the bus address of the board the job is talking to now.
@@ -168,7 +168,7 @@ pub struct Cancel {
 
 /// Why a job was cancelled. The text is what the ledger and the slot's line show.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum CancelReason {
+pub(crate) enum CancelReason {
     /// The station is shutting down (a signal): the unit is stopped, not pulled.
     Stopped,
     /// The medium or board left the slot (`what` names the event and the device).
@@ -186,7 +186,7 @@ impl std::fmt::Display for CancelReason {
 
 /// What a udev removal on a slot means for its running job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Removal {
+pub(crate) enum Removal {
     /// The job was cancelled: its unit will be FAIL.
     Cancelled,
     /// The board re-enumerates as part of the job (loader start, reset): nothing to do.
@@ -196,32 +196,32 @@ pub enum Removal {
 }
 
 impl Cancel {
-    pub fn cancel(&self, reason: CancelReason) {
+    pub(crate) fn cancel(&self, reason: CancelReason) {
         if let Ok(mut r) = self.reason.lock() {
             r.get_or_insert(reason);
         }
         self.flag.store(true, Ordering::SeqCst);
     }
-    pub fn is_set(&self) -> bool {
+    pub(crate) fn is_set(&self) -> bool {
         self.flag.load(Ordering::SeqCst)
     }
-    pub fn reason(&self) -> Option<CancelReason> {
+    pub(crate) fn reason(&self) -> Option<CancelReason> {
         self.reason.lock().ok().and_then(|r| r.clone())
     }
-    pub fn flag(&self) -> Arc<AtomicBool> {
+    pub(crate) fn flag(&self) -> Arc<AtomicBool> {
         self.flag.clone()
     }
-    pub fn set_usb_address(&self, bus: u8, address: u8) {
+    pub(crate) fn set_usb_address(&self, bus: u8, address: u8) {
         if let Ok(mut a) = self.usb_address.lock() {
             *a = Some((bus, address));
         }
     }
-    pub fn usb_leaving(&self, on: bool) {
+    pub(crate) fn usb_leaving(&self, on: bool) {
         self.usb_leaving.store(on, Ordering::SeqCst);
     }
     /// A removal event for this job's slot. `address` is the removed USB device's
     /// BUSNUM/DEVNUM (None for block devices: always an unplug).
-    pub fn removed(&self, address: Option<(u8, u8)>, reason: &str) -> Removal {
+    pub(crate) fn removed(&self, address: Option<(u8, u8)>, reason: &str) -> Removal {
         if let Some(a) = address {
             if self.usb_leaving.load(Ordering::SeqCst) {
                 return Removal::Expected;
@@ -237,22 +237,22 @@ impl Cancel {
 }
 
 /// A running job.
-pub struct Handle {
+pub(crate) struct Handle {
     cancel: Arc<Cancel>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Handle {
-    pub fn cancel(&self, reason: CancelReason) {
+    pub(crate) fn cancel(&self, reason: CancelReason) {
         self.cancel.cancel(reason);
     }
-    pub fn removed(&self, address: Option<(u8, u8)>, reason: &str) -> Removal {
+    pub(crate) fn removed(&self, address: Option<(u8, u8)>, reason: &str) -> Removal {
         self.cancel.removed(address, reason)
     }
-    pub fn is_cancelled(&self) -> bool {
+    pub(crate) fn is_cancelled(&self) -> bool {
         self.cancel.is_set()
     }
-    pub fn join(self) {
+    pub(crate) fn join(self) {
         if let Some(t) = self.thread {
             let _ = t.join();
         }
@@ -261,13 +261,13 @@ impl Handle {
 
 /// Sent when a job has ended and its ledger row is final.
 #[derive(Debug, Clone)]
-pub struct Done {
-    pub slot: String,
-    pub pass: bool,
+pub(crate) struct Done {
+    pub(crate) slot: String,
+    pub(crate) pass: bool,
 }
 
 /// Starts the job for `dev` on `slot`.
-pub fn spawn(
+pub(crate) fn spawn(
     ctx: Arc<Context>,
     slot: String,
     dev: DeviceInfo,
@@ -403,13 +403,13 @@ impl Step {
 
 /// Stats of a finished write.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct WriteStats {
-    pub bytes_written: u64,
-    pub bytes_skipped: u64,
+pub(crate) struct WriteStats {
+    pub(crate) bytes_written: u64,
+    pub(crate) bytes_skipped: u64,
     /// blake3 of the image as read back from the unit (with read-back on).
-    pub readback_blake3: Option<[u8; 32]>,
+    pub(crate) readback_blake3: Option<[u8; 32]>,
     /// Ranges written again after reading back wrong (`retries`).
-    pub retried_ranges: u64,
+    pub(crate) retried_ranges: u64,
 }
 
 fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) -> Done {
@@ -832,7 +832,7 @@ impl crate::progress::Reporter for PhaseFollower<'_> {
 
 impl ImagePlan {
     /// A fresh extent stream over the image, for one job.
-    pub fn open(&self) -> Result<Box<dyn ExtentSource>, crate::image::ImageError> {
+    pub(crate) fn open(&self) -> Result<Box<dyn ExtentSource>, crate::image::ImageError> {
         if let Some(d) = &self.decoded {
             let name = self.path.display().to_string();
             return Ok(Box::new(super::decoded::MapSource::open(d, &name)?));

@@ -129,46 +129,46 @@ pub struct Outcome {
 /// A ledger row, for reports.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Row {
-    pub id: i64,
+    pub(crate) id: i64,
     pub unit_serial: String,
-    pub attempt: i64,
+    pub(crate) attempt: i64,
     pub slot: String,
     pub devnode: Option<String>,
-    pub id_serial: Option<String>,
+    pub(crate) id_serial: Option<String>,
     pub id_path: Option<String>,
-    pub diskseq: Option<String>,
-    pub board: Option<String>,
-    pub image: Option<String>,
-    pub image_blake3: Option<String>,
-    pub seq: Option<i64>,
-    pub hostname: Option<String>,
-    pub identity_json: Option<String>,
-    pub started_at: String,
+    pub(crate) diskseq: Option<String>,
+    pub(crate) board: Option<String>,
+    pub(crate) image: Option<String>,
+    pub(crate) image_blake3: Option<String>,
+    pub(crate) seq: Option<i64>,
+    pub(crate) hostname: Option<String>,
+    pub(crate) identity_json: Option<String>,
+    pub(crate) started_at: String,
     pub ended_at: Option<String>,
-    pub bytes_written: Option<i64>,
-    pub bytes_skipped: Option<i64>,
-    pub throughput_bps: Option<f64>,
+    pub(crate) bytes_written: Option<i64>,
+    pub(crate) bytes_skipped: Option<i64>,
+    pub(crate) throughput_bps: Option<f64>,
     pub result: String,
     pub failure_reason: Option<String>,
-    pub tool_version: String,
-    pub station_host: Option<String>,
-    pub station_pid: Option<i64>,
+    pub(crate) tool_version: String,
+    pub(crate) station_host: Option<String>,
+    pub(crate) station_pid: Option<i64>,
     /// `ssh-ed25519 BASE64` of the unit's station-made host key.
-    pub host_key: Option<String>,
-    pub host_key_fingerprint: Option<String>,
-    pub signature_key_id: Option<String>,
-    pub readback_blake3: Option<String>,
+    pub(crate) host_key: Option<String>,
+    pub(crate) host_key_fingerprint: Option<String>,
+    pub(crate) signature_key_id: Option<String>,
+    pub(crate) readback_blake3: Option<String>,
     /// Boot acceptance: `pass`/`fail`, null when the slot has none.
-    pub boot_result: Option<String>,
-    pub boot_stage: Option<String>,
-    pub boot_login_seconds: Option<f64>,
-    pub boot_transcript: Option<String>,
-    pub boot_transcript_blake3: Option<String>,
-    pub retried_ranges: Option<i64>,
+    pub(crate) boot_result: Option<String>,
+    pub(crate) boot_stage: Option<String>,
+    pub(crate) boot_login_seconds: Option<f64>,
+    pub(crate) boot_transcript: Option<String>,
+    pub(crate) boot_transcript_blake3: Option<String>,
+    pub(crate) retried_ranges: Option<i64>,
 }
 
 /// Column names in report order (CSV header).
-pub const COLUMNS: &[&str] = &[
+pub(crate) const COLUMNS: &[&str] = &[
     "id",
     "unit_serial",
     "attempt",
@@ -206,7 +206,7 @@ pub const COLUMNS: &[&str] = &[
 ];
 
 /// Asked for more serials when the leased ones ran out (the central ledger's lease).
-pub type Refill = Box<dyn FnMut() -> Result<(), String> + Send>;
+pub(crate) type Refill = Box<dyn FnMut() -> Result<(), String> + Send>;
 
 /// An open, locked ledger (the station's writer).
 pub struct Ledger {
@@ -306,7 +306,7 @@ impl Ledger {
         ))
     }
 
-    pub fn path(&self) -> &Path {
+    pub(crate) fn path(&self) -> &Path {
         &self.path
     }
 
@@ -317,7 +317,7 @@ impl Ledger {
     }
 
     /// Serials left in active leases.
-    pub fn free_serials(&self) -> Result<u64, StationError> {
+    pub(crate) fn free_serials(&self) -> Result<u64, StationError> {
         super::outbox::free_serials(&self.conn).map_err(db_err(&self.path))
     }
 
@@ -352,7 +352,7 @@ impl Ledger {
 
     /// The next counter value (without taking it), for `--dry-run`.
     #[cfg(test)] // only the unit tests use it
-    pub fn peek_seq(&self, start: u64) -> Result<u64, StationError> {
+    pub(crate) fn peek_seq(&self, start: u64) -> Result<u64, StationError> {
         peek_seq(&self.conn, start).map_err(db_err(&self.path))
     }
 
@@ -465,7 +465,7 @@ impl Ledger {
 
     /// Records the public half of the unit's station-made host key, before the key goes to
     /// the unit (a row without it never had one written).
-    pub fn record_host_key(
+    pub(crate) fn record_host_key(
         &mut self,
         id: i64,
         public: &str,
@@ -504,7 +504,7 @@ impl Ledger {
     }
 
     /// Records a unit's boot acceptance (before [`Ledger::finish_unit`]).
-    pub fn record_boot(
+    pub(crate) fn record_boot(
         &mut self,
         id: i64,
         b: &super::boot::BootRecord,
@@ -634,7 +634,7 @@ pub(super) fn row_from(r: &rusqlite::Row) -> rusqlite::Result<Row> {
 }
 
 /// The next serial counter value, read without locking (for `--dry-run`).
-pub fn peek_seq_readonly(path: &Path, start: u64) -> Result<u64, StationError> {
+pub(crate) fn peek_seq_readonly(path: &Path, start: u64) -> Result<u64, StationError> {
     if !path.exists() {
         return Ok(start);
     }
@@ -655,7 +655,7 @@ pub fn peek_seq_readonly(path: &Path, start: u64) -> Result<u64, StationError> {
 
 impl Row {
     /// The row as CSV fields in [`COLUMNS`] order.
-    pub fn csv_fields(&self) -> Vec<String> {
+    pub(crate) fn csv_fields(&self) -> Vec<String> {
         let o = |v: &Option<String>| v.clone().unwrap_or_default();
         let i = |v: Option<i64>| v.map(|v| v.to_string()).unwrap_or_default();
         vec![
@@ -703,7 +703,7 @@ impl Row {
 
 /// `known_hosts` lines for the units that passed with a station-made host key: the latest
 /// such row per hostname, the serial as the comment.
-pub fn known_hosts(rows: &[Row]) -> Vec<String> {
+pub(crate) fn known_hosts(rows: &[Row]) -> Vec<String> {
     let mut latest: std::collections::BTreeMap<&str, &Row> = std::collections::BTreeMap::new();
     for r in rows.iter().filter(|r| r.result == "pass") {
         if let (Some(h), Some(_)) = (&r.hostname, &r.host_key) {
@@ -725,7 +725,7 @@ pub fn known_hosts(rows: &[Row]) -> Vec<String> {
 }
 
 /// RFC 4180 quoting: fields with a comma, quote or line break are quoted, quotes doubled.
-pub fn csv_line(fields: &[String]) -> String {
+pub(crate) fn csv_line(fields: &[String]) -> String {
     fields
         .iter()
         .map(|f| {

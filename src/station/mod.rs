@@ -6,12 +6,12 @@
 //! → [`ui`] (one line per slot, running count). Nothing outside a configured slot is touched,
 //! and every target still goes through `target`'s safety checks.
 
-pub mod boot;
+pub(crate) mod boot;
 pub mod central;
 pub mod config;
-pub mod courier;
+pub(crate) mod courier;
 pub mod decoded;
-pub mod fatinject;
+pub(crate) mod fatinject;
 pub mod hotplug;
 pub mod identity;
 pub mod job;
@@ -86,29 +86,29 @@ pub struct Totals {
 
 /// What `--dry-run` found for one slot.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct SlotPlan {
-    pub slot: String,
-    pub rules: String,
+pub(crate) struct SlotPlan {
+    pub(crate) slot: String,
+    pub(crate) rules: String,
     /// The disk in the slot now, if any.
-    pub device: Option<String>,
-    pub size: Option<u64>,
+    pub(crate) device: Option<String>,
+    pub(crate) size: Option<u64>,
     /// What would happen to it.
-    pub verdict: String,
+    pub(crate) verdict: String,
 }
 
 /// What `--dry-run` shows: per slot what would be flashed, what is never touched.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Plan {
-    pub image: String,
-    pub ledger: String,
-    pub next_seq: Option<u64>,
+pub(crate) struct Plan {
+    pub(crate) image: String,
+    pub(crate) ledger: String,
+    pub(crate) next_seq: Option<u64>,
     /// The identity the next unit would get, or why it cannot be named
     /// (`example_identity_error`): two plain fields, not a serialized `Result`.
-    pub example_identity: Option<identity::Identity>,
-    pub example_identity_error: Option<String>,
-    pub slots: Vec<SlotPlan>,
+    pub(crate) example_identity: Option<identity::Identity>,
+    pub(crate) example_identity_error: Option<String>,
+    pub(crate) slots: Vec<SlotPlan>,
     /// Whole disks in no slot: never touched.
-    pub outside: Vec<String>,
+    pub(crate) outside: Vec<String>,
 }
 
 /// `--dry-run`'s line for a board found in a recovery mode on a USB slot.
@@ -165,7 +165,7 @@ fn usb_dry_run_verdict(
 }
 
 /// Works out what the station would do now, touching nothing (no ledger lock, no writes).
-pub fn plan(
+pub(crate) fn plan(
     station: &config::Station,
     image: &job::ImagePlan,
     ledger_path: &std::path::Path,
@@ -294,7 +294,7 @@ pub fn plan(
 
 /// Runs the station until SIGINT/SIGTERM (or `exit_after` units). Jobs still running at a
 /// signal are cancelled and recorded as FAIL; a crash leaves them "started" in the ledger.
-pub fn run(
+pub(crate) fn run(
     station: &config::Station,
     image: Arc<job::ImagePlan>,
     ledger: ledger::Ledger,

@@ -21,7 +21,7 @@ pub fn open(path: &Path) -> rusqlite::Result<Connection> {
     Ok(c)
 }
 
-pub fn free_serials(c: &Connection) -> rusqlite::Result<u64> {
+pub(crate) fn free_serials(c: &Connection) -> rusqlite::Result<u64> {
     c.query_row(
         "SELECT COALESCE(SUM(last - next + 1), 0) FROM serial_leases
          WHERE state='active' AND next <= last",
@@ -31,7 +31,7 @@ pub fn free_serials(c: &Connection) -> rusqlite::Result<u64> {
 }
 
 /// The next leased serial (oldest block first), taken; None when every block is used up.
-pub fn take_serial(c: &Connection) -> rusqlite::Result<Option<u64>> {
+pub(crate) fn take_serial(c: &Connection) -> rusqlite::Result<Option<u64>> {
     let next: Option<(i64, i64)> = c
         .query_row(
             "SELECT id, next FROM serial_leases WHERE state='active' AND next <= last
@@ -57,7 +57,7 @@ pub fn add_lease(c: &Connection, l: Lease) -> rusqlite::Result<()> {
 }
 
 /// Active blocks and the next unused serial of each.
-pub fn active_leases(c: &Connection) -> rusqlite::Result<Vec<(Lease, u64)>> {
+pub(crate) fn active_leases(c: &Connection) -> rusqlite::Result<Vec<(Lease, u64)>> {
     let mut st = c.prepare(
         "SELECT id, first, last, next FROM serial_leases WHERE state='active' ORDER BY first",
     )?;
@@ -76,7 +76,7 @@ pub fn active_leases(c: &Connection) -> rusqlite::Result<Vec<(Lease, u64)>> {
     Ok(v)
 }
 
-pub fn set_lease_state(c: &Connection, id: i64, state: &str) -> rusqlite::Result<()> {
+pub(crate) fn set_lease_state(c: &Connection, id: i64, state: &str) -> rusqlite::Result<()> {
     c.execute(
         "UPDATE serial_leases SET state=?2 WHERE id=?1",
         params![id, state],
@@ -85,7 +85,7 @@ pub fn set_lease_state(c: &Connection, id: i64, state: &str) -> rusqlite::Result
 }
 
 /// Blocks a previous run still held (it stopped without returning them): never used again.
-pub fn abandon_all(c: &Connection) -> rusqlite::Result<usize> {
+pub(crate) fn abandon_all(c: &Connection) -> rusqlite::Result<usize> {
     c.execute(
         "UPDATE serial_leases SET state='abandoned' WHERE state='active'",
         [],
@@ -93,7 +93,7 @@ pub fn abandon_all(c: &Connection) -> rusqlite::Result<usize> {
 }
 
 /// Rows whose newest revision is not delivered yet.
-pub fn backlog(c: &Connection) -> rusqlite::Result<u64> {
+pub(crate) fn backlog(c: &Connection) -> rusqlite::Result<u64> {
     c.query_row(
         "SELECT COUNT(*) FROM units WHERE rev > delivered_rev",
         [],

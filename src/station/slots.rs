@@ -9,37 +9,37 @@ use std::collections::BTreeMap;
 /// What the station knows about a block device at one udev event.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DeviceInfo {
-    pub syspath: String,
+    pub(crate) syspath: String,
     pub devnode: Option<String>,
-    pub subsystem: String,
-    pub devtype: Option<String>,
+    pub(crate) subsystem: String,
+    pub(crate) devtype: Option<String>,
     /// udev properties (after rule processing).
-    pub props: BTreeMap<String, String>,
+    pub(crate) props: BTreeMap<String, String>,
     /// The sysfs attributes that some slot rule refers to (only those are read).
-    pub attrs: BTreeMap<String, String>,
+    pub(crate) attrs: BTreeMap<String, String>,
     /// Size in bytes (0: no medium).
-    pub size: u64,
+    pub(crate) size: u64,
 }
 
 impl DeviceInfo {
-    pub fn prop(&self, k: &str) -> Option<&str> {
+    pub(crate) fn prop(&self, k: &str) -> Option<&str> {
         self.props.get(k).map(String::as_str)
     }
 
     /// A whole USB device (udev `usb` / `usb_device`), as opposed to one of its interfaces.
-    pub fn is_usb_device(&self) -> bool {
+    pub(crate) fn is_usb_device(&self) -> bool {
         self.subsystem == "usb" && self.devtype.as_deref() == Some("usb_device")
     }
 
     /// udev's BUSNUM/DEVNUM of a USB device: the address changes on every re-enumeration,
     /// which is how a board's own loader restart is told apart from an unplug.
-    pub fn usb_address(&self) -> Option<(u8, u8)> {
+    pub(crate) fn usb_address(&self) -> Option<(u8, u8)> {
         let n = |k: &str| self.prop(k).and_then(|v| v.trim().parse::<u8>().ok());
         Some((n("BUSNUM")?, n("DEVNUM")?))
     }
 
     /// The device's own serial, if udev has one (USB readers report the reader's).
-    pub fn card_serial(&self) -> Option<String> {
+    pub(crate) fn card_serial(&self) -> Option<String> {
         self.prop("ID_SERIAL_SHORT")
             .or_else(|| self.prop("ID_SERIAL"))
             .map(str::to_string)
@@ -48,7 +48,7 @@ impl DeviceInfo {
     /// A key for "this medium in this device": the kernel's DISKSEQ grows on every attach or
     /// media change, so the same card seen again through `change` events is not re-flashed.
     /// Without DISKSEQ (kernels before 5.15), udev's initialisation time stands in.
-    pub fn medium_key(&self) -> String {
+    pub(crate) fn medium_key(&self) -> String {
         if self.is_usb_device() {
             // Every enumeration of a board (a new address) is a new arrival.
             return format!(
@@ -73,21 +73,21 @@ impl DeviceInfo {
 
 /// Where a rule looks.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Key {
+pub(crate) enum Key {
     Property(String),
     Attr(String),
 }
 
 /// One slot's rules: all must match.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlotMatcher {
-    pub name: String,
-    pub kind: super::config::SlotKind,
+pub(crate) struct SlotMatcher {
+    pub(crate) name: String,
+    pub(crate) kind: super::config::SlotKind,
     rules: Vec<(Key, String)>,
 }
 
 impl SlotMatcher {
-    pub fn new(name: &str, rules: &BTreeMap<String, String>) -> Result<Self, String> {
+    pub(crate) fn new(name: &str, rules: &BTreeMap<String, String>) -> Result<Self, String> {
         if rules.is_empty() {
             return Err("`match` is empty: it would match every disk".into());
         }
@@ -116,25 +116,25 @@ impl SlotMatcher {
     }
 
     /// The sysfs attributes this slot needs read for each device.
-    pub fn attr_keys(&self) -> impl Iterator<Item = &str> {
+    pub(crate) fn attr_keys(&self) -> impl Iterator<Item = &str> {
         self.rules.iter().filter_map(|(k, _)| match k {
             Key::Attr(a) => Some(a.as_str()),
             Key::Property(_) => None,
         })
     }
 
-    pub fn same_rules(&self, other: &SlotMatcher) -> bool {
+    pub(crate) fn same_rules(&self, other: &SlotMatcher) -> bool {
         self.kind == other.kind && self.rules == other.rules
     }
 
     /// The same rules for another kind of device.
-    pub fn with_kind(mut self, kind: super::config::SlotKind) -> Self {
+    pub(crate) fn with_kind(mut self, kind: super::config::SlotKind) -> Self {
         self.kind = kind;
         self
     }
 
     /// Human-readable rules, for `--dry-run` and logs.
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         self.rules
             .iter()
             .map(|(k, v)| match k {
@@ -147,7 +147,7 @@ impl SlotMatcher {
 
     /// Whether `dev` is in this slot: a whole disk for block slots, a USB device (not one of
     /// its interfaces) for USB slots.
-    pub fn matches(&self, dev: &DeviceInfo) -> bool {
+    pub(crate) fn matches(&self, dev: &DeviceInfo) -> bool {
         let fits = match self.kind {
             super::config::SlotKind::Block => {
                 dev.subsystem == "block" && dev.devtype.as_deref() == Some("disk")
@@ -169,7 +169,10 @@ impl SlotMatcher {
 
 /// Which slot `dev` is in: `Ok(None)` outside all slots, `Err` if several slots claim it (a
 /// config mistake: the device is left alone).
-pub fn slot_of<'a>(slots: &'a [SlotMatcher], dev: &DeviceInfo) -> Result<Option<&'a str>, String> {
+pub(crate) fn slot_of<'a>(
+    slots: &'a [SlotMatcher],
+    dev: &DeviceInfo,
+) -> Result<Option<&'a str>, String> {
     let hits: Vec<&str> = slots
         .iter()
         .filter(|s| s.matches(dev))
@@ -187,7 +190,7 @@ pub fn slot_of<'a>(slots: &'a [SlotMatcher], dev: &DeviceInfo) -> Result<Option<
 }
 
 /// Shell-style glob: `*` any run, `?` one character, everything else literal.
-pub fn glob(pat: &str, s: &str) -> bool {
+pub(crate) fn glob(pat: &str, s: &str) -> bool {
     let p: Vec<char> = pat.chars().collect();
     let t: Vec<char> = s.chars().collect();
     let (mut pi, mut ti) = (0, 0);

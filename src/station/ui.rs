@@ -25,12 +25,12 @@ pub enum Style {
 
 /// The station-wide view: counts and the FAIL alert.
 pub struct Ui {
-    pub reporter: Arc<dyn Reporter>,
-    pub style: Style,
+    pub(crate) reporter: Arc<dyn Reporter>,
+    pub(crate) style: Style,
     /// The terminal view ([`Ui::bars`]): slot lines (idle, PASS, FAIL) are drawn typed.
     bars: Option<Arc<StationBars>>,
-    pub bell: bool,
-    pub flash: bool,
+    pub(crate) bell: bool,
+    pub(crate) flash: bool,
     pass: AtomicU64,
     fail: AtomicU64,
     running: AtomicU64,
@@ -40,7 +40,7 @@ pub struct Ui {
 }
 
 /// Name of the station-wide job in events.
-pub const STATION_JOB: &str = "station";
+pub(crate) const STATION_JOB: &str = "station";
 
 impl Ui {
     pub fn new(reporter: Arc<dyn Reporter>, style: Style, bell: bool, flash: bool) -> Self {
@@ -59,7 +59,7 @@ impl Ui {
     }
 
     /// The terminal view: one line per slot drawn by [`StationBars`].
-    pub fn bars(bell: bool, flash: bool) -> Self {
+    pub(crate) fn bars(bell: bool, flash: bool) -> Self {
         let bars = Arc::new(StationBars::default());
         Ui {
             bars: Some(bars.clone()),
@@ -67,7 +67,7 @@ impl Ui {
         }
     }
 
-    pub fn say(&self, level: Level, text: impl Into<String>) {
+    pub(crate) fn say(&self, level: Level, text: impl Into<String>) {
         self.reporter.report(Event::Message {
             job: STATION_JOB.into(),
             level,
@@ -77,7 +77,7 @@ impl Ui {
 
     /// Gives each slot its line at start, in configuration order, so a slot is always in the
     /// same place on screen (bars only; streams show events, not a screen).
-    pub fn show_slots<'a>(&self, slots: impl Iterator<Item = (&'a str, &'a str)>) {
+    pub(crate) fn show_slots<'a>(&self, slots: impl Iterator<Item = (&'a str, &'a str)>) {
         let Some(bars) = &self.bars else {
             return;
         };
@@ -86,12 +86,12 @@ impl Ui {
         }
     }
 
-    pub fn job_started(&self) {
+    pub(crate) fn job_started(&self) {
         self.running.fetch_add(1, Ordering::Relaxed);
     }
 
     /// A job ended: count it, alert on FAIL, and show the running count.
-    pub fn job_ended(&self, slot: &str, pass: bool) {
+    pub(crate) fn job_ended(&self, slot: &str, pass: bool) {
         self.running.fetch_sub(1, Ordering::Relaxed);
         if pass {
             self.pass.fetch_add(1, Ordering::Relaxed);
@@ -102,7 +102,7 @@ impl Ui {
         self.say(Level::Info, self.count_line());
     }
 
-    pub fn counts(&self) -> (u64, u64, u64) {
+    pub(crate) fn counts(&self) -> (u64, u64, u64) {
         (
             self.pass.load(Ordering::Relaxed),
             self.fail.load(Ordering::Relaxed),
@@ -110,7 +110,7 @@ impl Ui {
         )
     }
 
-    pub fn count_line(&self) -> String {
+    pub(crate) fn count_line(&self) -> String {
         let (p, f, r) = self.counts();
         let central = match self.central.lock().map(|g| *g) {
             Ok(Some((n, true))) => format!(", backlog {n}"),
@@ -121,7 +121,7 @@ impl Ui {
     }
 
     /// The outbox's backlog and whether the central ledger answered last time.
-    pub fn set_backlog(&self, rows: u64, reachable: bool) {
+    pub(crate) fn set_backlog(&self, rows: u64, reachable: bool) {
         if let Ok(mut g) = self.central.lock() {
             *g = Some((rows, reachable));
         }
@@ -152,14 +152,14 @@ impl Ui {
 /// [`SlotReporter::result`]) show as a coloured word and the text, nothing else; messages
 /// scroll above the bars.
 #[derive(Default)]
-pub struct StationBars {
+pub(crate) struct StationBars {
     multi: indicatif::MultiProgress,
     bars: Mutex<std::collections::HashMap<String, indicatif::ProgressBar>>,
 }
 
 /// A slot's standing line between jobs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SlotLine {
+pub(crate) enum SlotLine {
     Idle,
     Pass,
     Fail,
@@ -245,7 +245,7 @@ impl StationBars {
     }
 
     /// Shows a slot's standing line (idle, PASS, FAIL) with `text`.
-    pub fn slot_line(&self, slot: &str, line: SlotLine, text: &str) {
+    pub(crate) fn slot_line(&self, slot: &str, line: SlotLine, text: &str) {
         let Ok(mut bars) = self.bars.lock() else {
             return;
         };
@@ -293,7 +293,7 @@ impl Reporter for StationBars {
 }
 
 /// A slot's view of the UI: events renamed to the slot and copied to its log.
-pub struct SlotReporter {
+pub(crate) struct SlotReporter {
     slot: String,
     ui: Arc<Ui>,
     log: Option<Mutex<File>>,
@@ -303,7 +303,7 @@ pub struct SlotReporter {
 
 impl SlotReporter {
     /// Opens (appending) `log_dir/<slot>.log` if a log directory is configured.
-    pub fn new(slot: &str, ui: Arc<Ui>, log_dir: Option<&Path>) -> std::io::Result<Self> {
+    pub(crate) fn new(slot: &str, ui: Arc<Ui>, log_dir: Option<&Path>) -> std::io::Result<Self> {
         let log = match log_dir {
             Some(d) => {
                 std::fs::create_dir_all(d)?;
@@ -325,7 +325,7 @@ impl SlotReporter {
     }
 
     /// A reporter without a log file (when the log directory is unusable).
-    pub fn without_log(slot: &str, ui: Arc<Ui>) -> Self {
+    pub(crate) fn without_log(slot: &str, ui: Arc<Ui>) -> Self {
         SlotReporter {
             slot: slot.to_string(),
             ui,
@@ -335,7 +335,7 @@ impl SlotReporter {
     }
 
     /// Writes one line to the slot's log.
-    pub fn log(&self, line: &str) {
+    pub(crate) fn log(&self, line: &str) {
         if let Some(l) = &self.log {
             if let Ok(mut f) = l.lock() {
                 let ts = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
@@ -344,7 +344,7 @@ impl SlotReporter {
         }
     }
 
-    pub fn info(&self, text: impl Into<String>) {
+    pub(crate) fn info(&self, text: impl Into<String>) {
         self.report(Event::Message {
             job: String::new(),
             level: Level::Info,
@@ -353,7 +353,7 @@ impl SlotReporter {
     }
 
     /// Shows the unit's final state on the slot's line and in the stream.
-    pub fn result(&self, pass: bool, text: &str) {
+    pub(crate) fn result(&self, pass: bool, text: &str) {
         let line = if pass { SlotLine::Pass } else { SlotLine::Fail };
         let word = line.word();
         self.log(&format!("{word}: {text}"));

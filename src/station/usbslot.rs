@@ -35,7 +35,7 @@ use crate::usb::flash::{
 use crate::write::Sink;
 
 /// The port path (`1-2.1`) of a USB device: its sysfs name, the same as libusb's port path.
-pub fn port_of(dev: &DeviceInfo) -> String {
+pub(crate) fn port_of(dev: &DeviceInfo) -> String {
     dev.syspath
         .rsplit('/')
         .next()
@@ -57,7 +57,7 @@ fn bcd_from_version(v: &str) -> Option<u16> {
 /// IDs (ID_VENDOR_ID/ID_MODEL_ID or PRODUCT), interfaces (ID_USB_INTERFACES), address
 /// (BUSNUM/DEVNUM), port (sysfs name) and bcdUSB (sysfs `version`) run through the same
 /// classifier as `sbcflash usb`.
-pub fn recovery_device(dev: &DeviceInfo) -> Option<Found> {
+pub(crate) fn recovery_device(dev: &DeviceInfo) -> Option<Found> {
     if !dev.is_usb_device() {
         return None;
     }
@@ -478,7 +478,7 @@ fn write_gadget_disk(job: &UsbJob, gadget: &Found, path: &Path) -> anyhow::Resul
 /// are cached in aligned 64 KiB chunks (fatfs reads FAT entries a few bytes at a time, and
 /// each uncached read would be a READ_LBA round trip); writes go straight through and update
 /// the cached chunk.
-pub struct SinkIo<'s> {
+pub(crate) struct SinkIo<'s> {
     sink: &'s mut dyn Sink,
     pos: u64,
     size: u64,
@@ -489,7 +489,7 @@ pub struct SinkIo<'s> {
 const CHUNK: u64 = 64 * 1024;
 
 impl<'s> SinkIo<'s> {
-    pub fn new(sink: &'s mut dyn Sink, size: u64) -> Self {
+    pub(crate) fn new(sink: &'s mut dyn Sink, size: u64) -> Self {
         SinkIo {
             sink,
             pos: 0,

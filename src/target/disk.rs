@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 /// How a disk is attached, from udev's ID_BUS and the sysfs path.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
-pub enum Bus {
+pub(crate) enum Bus {
     Usb,
     /// SD card (mmc host, card type SD).
     Sd,
@@ -36,49 +36,49 @@ impl std::fmt::Display for Bus {
 
 /// A partition of a disk and where it is mounted.
 #[derive(Debug, Clone, Serialize)]
-pub struct Partition {
+pub(crate) struct Partition {
     pub name: String,
-    pub size: u64,
-    pub mountpoints: Vec<String>,
+    pub(crate) size: u64,
+    pub(crate) mountpoints: Vec<String>,
 }
 
 /// One whole disk as `sbcflash list` shows it and the safety checks see it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Disk {
     /// /dev/sdX
-    pub path: PathBuf,
-    pub name: String,
+    pub(crate) path: PathBuf,
+    pub(crate) name: String,
     #[serde(skip)]
     pub devnum: u64,
-    pub size: u64,
-    pub model: Option<String>,
-    pub vendor: Option<String>,
-    pub serial: Option<String>,
-    pub bus: Bus,
-    pub removable: bool,
-    pub read_only: bool,
+    pub(crate) size: u64,
+    pub(crate) model: Option<String>,
+    pub(crate) vendor: Option<String>,
+    pub(crate) serial: Option<String>,
+    pub(crate) bus: Bus,
+    pub(crate) removable: bool,
+    pub(crate) read_only: bool,
     /// The disk itself is a partition (a target given as /dev/sdX1).
-    pub is_partition: bool,
-    pub partitions: Vec<Partition>,
+    pub(crate) is_partition: bool,
+    pub(crate) partitions: Vec<Partition>,
     /// Mount points of the disk, its partitions or anything stacked on them.
-    pub mountpoints: Vec<String>,
+    pub(crate) mountpoints: Vec<String>,
     /// Active swap on the disk, its partitions or holders.
-    pub swap: bool,
+    pub(crate) swap: bool,
     /// Holds the root filesystem.
-    pub system: bool,
+    pub(crate) system: bool,
     /// Devices stacked on top (dm-0, md0, ...).
-    pub holders: Vec<String>,
+    pub(crate) holders: Vec<String>,
     /// For loop devices: the backing file.
-    pub backing_file: Option<PathBuf>,
+    pub(crate) backing_file: Option<PathBuf>,
 }
 
 impl Disk {
-    pub fn mounted(&self) -> bool {
+    pub(crate) fn mounted(&self) -> bool {
         !self.mountpoints.is_empty()
     }
 
     /// A target the writer accepts without `--force` (see the module docs).
-    pub fn is_removable_class(&self) -> bool {
+    pub(crate) fn is_removable_class(&self) -> bool {
         !self.is_partition
             && match self.bus {
                 Bus::Loop | Bus::Sd => true,
@@ -88,7 +88,7 @@ impl Disk {
     }
 
     /// "SanDisk Ultra, 29.7 GiB, usb, 2 partitions"
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let model = [self.vendor.as_deref(), self.model.as_deref()]
             .into_iter()
             .flatten()
@@ -111,7 +111,7 @@ impl Disk {
     }
 }
 
-pub fn human_size(b: u64) -> String {
+pub(crate) fn human_size(b: u64) -> String {
     const U: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = b as f64;
     let mut i = 0;
@@ -128,15 +128,15 @@ pub fn human_size(b: u64) -> String {
 
 /// Mounts and swaps of the running system, keyed by device number.
 #[derive(Debug, Default, Clone)]
-pub struct Usage {
+pub(crate) struct Usage {
     /// (major:minor as dev_t, mount point, source path)
-    pub mounts: Vec<(u64, String, String)>,
-    pub swaps: Vec<u64>,
+    pub(crate) mounts: Vec<(u64, String, String)>,
+    pub(crate) swaps: Vec<u64>,
 }
 
 impl Usage {
     /// Read /proc/self/mountinfo and /proc/swaps.
-    pub fn current() -> Usage {
+    pub(crate) fn current() -> Usage {
         let mut u = Usage::default();
         if let Ok(s) = std::fs::read_to_string("/proc/self/mountinfo") {
             u.mounts = parse_mountinfo(&s);
@@ -176,7 +176,7 @@ impl Usage {
 
 /// (dev_t, mount point, source) for each line of a mountinfo file. Field 3 is major:minor
 /// (btrfs reports an anonymous one, hence the source path as well).
-pub fn parse_mountinfo(s: &str) -> Vec<(u64, String, String)> {
+pub(crate) fn parse_mountinfo(s: &str) -> Vec<(u64, String, String)> {
     let mut out = Vec::new();
     for line in s.lines() {
         let fields: Vec<&str> = line.split(' ').collect();
@@ -318,7 +318,7 @@ fn system_disks(usage: &Usage) -> BTreeSet<PathBuf> {
 }
 
 /// Describe one block device (whole disk or partition) by device number.
-pub fn inspect_devnum(devnum: u64, usage: &Usage) -> Result<Disk, TargetError> {
+pub(crate) fn inspect_devnum(devnum: u64, usage: &Usage) -> Result<Disk, TargetError> {
     let sys = sysfs_dir(devnum);
     let canon = sys
         .canonicalize()
@@ -428,7 +428,7 @@ pub fn inspect_devnum(devnum: u64, usage: &Usage) -> Result<Disk, TargetError> {
 
 /// Whole disks of this machine, removable-class first. `all` includes system, virtual
 /// (zram, ram, dm, md), empty (size 0) and loop devices; otherwise only candidates.
-pub fn list_disks(all: bool) -> Result<Vec<Disk>, TargetError> {
+pub(crate) fn list_disks(all: bool) -> Result<Vec<Disk>, TargetError> {
     let usage = Usage::current();
     let mut en =
         udev::Enumerator::new().map_err(|e| TargetError::io(Path::new("udev"), "enumerate", e))?;

@@ -8,14 +8,14 @@ use super::{Bus, Disk, TargetError};
 use std::path::{Path, PathBuf};
 
 /// A disk the user pulls out by hand: a removable USB disk or an SD card.
-pub fn is_pullable(d: &Disk) -> bool {
+pub(crate) fn is_pullable(d: &Disk) -> bool {
     !d.is_partition && (d.bus == Bus::Sd || (d.bus == Bus::Usb && d.removable))
 }
 
 /// The USB device (not interface) a block device hangs off: the nearest sysfs ancestor of
 /// `sys_disk` (a canonical `/sys/devices/...` path) with `busnum`, `devnum` and a `remove`
 /// attribute, e.g. `.../usb1/1-2` for `.../usb1/1-2/1-2:1.0/host6/.../block/sdb`.
-pub fn usb_device_dir(sys_disk: &Path) -> Option<PathBuf> {
+pub(crate) fn usb_device_dir(sys_disk: &Path) -> Option<PathBuf> {
     sys_disk
         .ancestors()
         .skip(1)
@@ -30,7 +30,7 @@ pub fn usb_device_dir(sys_disk: &Path) -> Option<PathBuf> {
 
 /// How a disk is ejected.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Plan {
+pub(crate) enum Plan {
     /// Removable media (card reader): eject the medium; the reader stays on the bus.
     Medium,
     /// A plain USB disk: remove this USB device (its sysfs dir) from the kernel.
@@ -39,7 +39,7 @@ pub enum Plan {
 
 impl Plan {
     /// What the user is told once it is done.
-    pub fn done(&self, job: &str) -> String {
+    pub(crate) fn done(&self, job: &str) -> String {
         match self {
             Plan::Medium => {
                 format!("{job}: the medium was flushed and ejected: remove the card now")
@@ -53,7 +53,7 @@ impl Plan {
 }
 
 /// Why `--eject` cannot apply to `d` (checked before writing), or how it will be done.
-pub fn plan(d: &Disk) -> Result<Plan, TargetError> {
+pub(crate) fn plan(d: &Disk) -> Result<Plan, TargetError> {
     let refuse = |why: String| {
         Err(TargetError::Refused {
             path: d.path.display().to_string(),
@@ -91,7 +91,7 @@ pub fn plan(d: &Disk) -> Result<Plan, TargetError> {
 }
 
 /// Flush `dev` (fsync and the kernel's buffer cache), then eject it as `plan` says.
-pub fn eject(dev: &Path, plan: &Plan) -> Result<(), TargetError> {
+pub(crate) fn eject(dev: &Path, plan: &Plan) -> Result<(), TargetError> {
     match plan {
         Plan::Medium => eject_medium(dev, None),
         Plan::PowerOff(usb) => power_off(dev, usb),
@@ -101,7 +101,7 @@ pub fn eject(dev: &Path, plan: &Plan) -> Result<(), TargetError> {
 /// Station slots: after a PASS, eject the card if `dev` is a USB removable-media disk (a card
 /// reader) still holding the medium the job wrote (`diskseq`, so a card inserted meanwhile is
 /// never ejected). Returns whether it ejected; other disks are left as they are.
-pub fn eject_card(dev: &Path, diskseq: Option<u64>) -> Result<bool, TargetError> {
+pub(crate) fn eject_card(dev: &Path, diskseq: Option<u64>) -> Result<bool, TargetError> {
     match super::inspect(dev)? {
         (_, super::TargetInfo::Device(d)) if d.bus == Bus::Usb && d.removable => {
             eject_medium(dev, diskseq).map(|_| true)
@@ -118,7 +118,7 @@ mod ioctl {
 
 /// `struct sg_io_hdr` of <scsi/sg.h> (the SG_IO v3 interface).
 #[repr(C)]
-pub struct SgIoHdr {
+pub(crate) struct SgIoHdr {
     interface_id: libc::c_int,
     dxfer_direction: libc::c_int,
     cmd_len: u8,
@@ -191,7 +191,7 @@ fn scsi_no_data(f: &std::fs::File, cdb: &[u8; 6], what: &str) -> std::io::Result
 /// Flush `dev`, then allow medium removal and eject the medium (SCSI PREVENT ALLOW MEDIUM
 /// REMOVAL, then START STOP UNIT with LoEj=1), as `eject` does. Opened O_EXCL: a mounted
 /// or claimed disk is not ejected under its user.
-pub fn eject_medium(dev: &Path, diskseq: Option<u64>) -> Result<(), TargetError> {
+pub(crate) fn eject_medium(dev: &Path, diskseq: Option<u64>) -> Result<(), TargetError> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::OpenOptionsExt;
     let io = |op, e| TargetError::Io {

@@ -26,7 +26,7 @@
 //! here, so callers name them `target::…`.
 
 mod disk;
-pub mod eject;
+pub(crate) mod eject;
 mod open;
 mod policy;
 

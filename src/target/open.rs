@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 /// An opened, vetted target. The fd is held for the whole run, so the device cannot be
 /// mounted or swapped to meanwhile (O_EXCL), and the checks were re-done through the fd.
 pub struct OpenTarget {
-    pub path: PathBuf,
+    pub(crate) path: PathBuf,
     pub info: TargetInfo,
     pub file: File,
     /// Opened with O_DIRECT.
-    pub direct: bool,
+    pub(crate) direct: bool,
 }
 
 impl OpenTarget {
@@ -25,7 +25,7 @@ impl OpenTarget {
     }
 
     /// As [`OpenTarget::into_sink`]; `discard: false` keeps a device from being discarded.
-    pub fn into_sink_with(self, discard: bool) -> Result<Box<dyn Sink>, WriteError> {
+    pub(crate) fn into_sink_with(self, discard: bool) -> Result<Box<dyn Sink>, WriteError> {
         let name = self.path.display().to_string();
         Ok(match self.info {
             TargetInfo::Device(_) => {

@@ -22,7 +22,7 @@ pub enum TargetInfo {
 }
 
 impl TargetInfo {
-    pub fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         match self {
             TargetInfo::Device(d) => d.describe(),
             TargetInfo::File { path, size, exists } => {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// One key someone decided to trust for images.
 #[derive(Clone)]
-pub enum TrustedKey {
+pub(crate) enum TrustedKey {
     Minisign {
         key: minisign_verify::PublicKey,
         id: String,
@@ -32,7 +32,7 @@ impl std::fmt::Debug for TrustedKey {
 
 impl TrustedKey {
     /// The key's id as its own tool prints it, with the scheme in front.
-    pub fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         match self {
             TrustedKey::Minisign { id, .. }
             | TrustedKey::Ssh { id, .. }
@@ -44,7 +44,7 @@ impl TrustedKey {
 /// A key given as text: an existing file (minisign `.pub`, SSH `.pub`, an OpenPGP public key or
 /// keyring, armored or binary, possibly several keys), else the key itself (a minisign base64
 /// key `RW...` or an SSH public key line). `origin` names where the text came from in errors.
-pub fn load(spec: &str, origin: &str) -> Result<Vec<TrustedKey>, TrustError> {
+pub(crate) fn load(spec: &str, origin: &str) -> Result<Vec<TrustedKey>, TrustError> {
     let path = Path::new(spec);
     if path.is_file() {
         let bytes = std::fs::read(path).map_err(|source| TrustError::Io {
@@ -64,7 +64,7 @@ pub fn load(spec: &str, origin: &str) -> Result<Vec<TrustedKey>, TrustError> {
 }
 
 /// Parse key material by what it looks like.
-pub fn parse(bytes: &[u8], what: &str) -> Result<Vec<TrustedKey>, TrustError> {
+pub(crate) fn parse(bytes: &[u8], what: &str) -> Result<Vec<TrustedKey>, TrustError> {
     let bad = |msg: String| TrustError::Key {
         what: what.to_string(),
         msg,
@@ -145,7 +145,7 @@ fn pgp_keys(
 
 /// minisign's key ID: the 8 key-number bytes after the "Ed" algorithm tag, printed as the
 /// little-endian number in upper-case hex (as `minisign -G` and `-V` print it).
-pub fn minisign_key_id(b64: &str) -> Option<String> {
+pub(crate) fn minisign_key_id(b64: &str) -> Option<String> {
     let raw = decode_b64(b64)?;
     let num = raw.get(2..10)?;
     let mut le = [0u8; 8];
@@ -154,7 +154,7 @@ pub fn minisign_key_id(b64: &str) -> Option<String> {
 }
 
 /// Standard base64 (with padding), enough for key and signature lines.
-pub fn decode_b64(s: &str) -> Option<Vec<u8>> {
+pub(crate) fn decode_b64(s: &str) -> Option<Vec<u8>> {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = Vec::with_capacity(s.len() * 3 / 4);
     let (mut acc, mut bits) = (0u32, 0u32);

@@ -14,7 +14,7 @@
 use super::TrustError;
 use std::path::Path;
 
-pub const FORMAT: &str = "sbcflash-manifest-1";
+pub(crate) const FORMAT: &str = "sbcflash-manifest-1";
 
 #[derive(Debug, Clone, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,19 +33,21 @@ struct Raw {
     boards: Option<Vec<String>>,
 }
 
-/// A parsed, checked manifest.
+/// A parsed, checked manifest. `image`, `sha256` and `size` are read and checked for form
+/// (the format documents them for peers such as sha256sum) but nothing here compares them.
 #[derive(Debug, Clone)]
-pub struct Manifest {
-    pub image: Option<String>,
-    pub blake3: [u8; 32],
-    pub sha256: Option<[u8; 32]>,
-    pub size: Option<u64>,
-    pub bmap_sha256: Option<[u8; 32]>,
-    pub boards: Option<Vec<String>>,
+#[allow(dead_code)]
+pub(crate) struct Manifest {
+    pub(crate) image: Option<String>,
+    pub(crate) blake3: [u8; 32],
+    pub(crate) sha256: Option<[u8; 32]>,
+    pub(crate) size: Option<u64>,
+    pub(crate) bmap_sha256: Option<[u8; 32]>,
+    pub(crate) boards: Option<Vec<String>>,
 }
 
 impl Manifest {
-    pub fn load(path: &Path) -> Result<Manifest, TrustError> {
+    pub(crate) fn load(path: &Path) -> Result<Manifest, TrustError> {
         let text = std::fs::read_to_string(path).map_err(|source| TrustError::Io {
             path: path.display().to_string(),
             source,
@@ -53,7 +55,7 @@ impl Manifest {
         Self::parse(&text, &path.display().to_string())
     }
 
-    pub fn parse(text: &str, name: &str) -> Result<Manifest, TrustError> {
+    pub(crate) fn parse(text: &str, name: &str) -> Result<Manifest, TrustError> {
         let bad = |msg: String| TrustError::Manifest {
             path: name.to_string(),
             msg,

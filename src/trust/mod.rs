@@ -2,19 +2,19 @@
 //! against trusted keys, and signed manifests whose digests the writer then checks while it
 //! writes. Everything here runs before the target is opened, so a refusal leaves it unchanged.
 
-pub mod keys;
-pub mod manifest;
+pub(crate) mod keys;
+pub(crate) mod manifest;
 mod sig;
 
-pub use keys::TrustedKey;
-pub use manifest::Manifest;
-pub use sig::{Signature, Verified};
+pub(crate) use keys::TrustedKey;
+pub(crate) use manifest::Manifest;
+pub(crate) use sig::{Signature, Verified};
 
 use crate::exit::{Classify, Exit};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
-pub enum TrustError {
+pub(crate) enum TrustError {
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -66,40 +66,40 @@ impl Classify for TrustError {
 /// What trust applies to one write: the keys, whether a signature is required, and the
 /// signature and manifest named on the command line.
 #[derive(Debug, Clone, Default)]
-pub struct TrustPlan {
-    pub keys: Vec<TrustedKey>,
-    pub require: bool,
+pub(crate) struct TrustPlan {
+    pub(crate) keys: Vec<TrustedKey>,
+    pub(crate) require: bool,
     /// `--signature`: for the manifest when there is one, else for the image file.
-    pub signature: Option<PathBuf>,
-    pub manifest: Option<PathBuf>,
+    pub(crate) signature: Option<PathBuf>,
+    pub(crate) manifest: Option<PathBuf>,
 }
 
 /// The input as the writer will read it.
 #[derive(Debug, Clone, Copy)]
-pub struct Input<'a> {
+pub(crate) struct Input<'a> {
     /// The image as a local regular file (its bytes as distributed are what a detached image
     /// signature covers); `None` for a URL or a pipe.
-    pub file: Option<&'a Path>,
+    pub(crate) file: Option<&'a Path>,
     /// How to name the image (path or URL).
-    pub name: &'a str,
+    pub(crate) name: &'a str,
     /// The bmap the writer uses, if any.
-    pub bmap: Option<&'a Path>,
+    pub(crate) bmap: Option<&'a Path>,
     /// The board the image is written for, if one is known.
-    pub board: Option<&'a str>,
+    pub(crate) board: Option<&'a str>,
 }
 
 /// The outcome: who signed, and the digest the writer must find while writing.
 #[derive(Debug, Clone, Default)]
-pub struct Verdict {
-    pub signed: Option<Verified>,
+pub(crate) struct Verdict {
+    pub(crate) signed: Option<Verified>,
     /// From a signed manifest: the logical image's blake3, and the words naming its origin.
-    pub expected_blake3: Option<([u8; 32], String)>,
+    pub(crate) expected_blake3: Option<([u8; 32], String)>,
     /// Things a person should know (a signature found but not checked).
-    pub notes: Vec<String>,
+    pub(crate) notes: Vec<String>,
 }
 
 /// Signature files looked for beside `file`, in order.
-pub fn beside(file: &Path) -> Vec<PathBuf> {
+pub(crate) fn beside(file: &Path) -> Vec<PathBuf> {
     ["minisig", "sig", "asc"]
         .iter()
         .map(|ext| {
@@ -125,7 +125,7 @@ impl TrustPlan {
     }
 
     /// Check everything signed about `input` before anything is written.
-    pub fn check(&self, input: Input<'_>) -> Result<Verdict, TrustError> {
+    pub(crate) fn check(&self, input: Input<'_>) -> Result<Verdict, TrustError> {
         let mut v = Verdict::default();
         if let Some(m) = &self.manifest {
             self.check_manifest(m, input, &mut v)?;
@@ -305,21 +305,21 @@ fn sha256_file(p: &Path) -> Result<[u8; 32], TrustError> {
 /// the key itself or a file holding it.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
-pub struct TrustEntry {
+pub(crate) struct TrustEntry {
     /// A minisign key (`RW...`) or an SSH public key line.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub key: Option<String>,
+    pub(crate) key: Option<String>,
     /// A key file (minisign .pub, SSH .pub, OpenPGP public key or keyring).
     #[serde(default, alias = "key-file", skip_serializing_if = "Option::is_none")]
-    pub key_file: Option<PathBuf>,
+    pub(crate) key_file: Option<PathBuf>,
     /// Who the key belongs to (informational).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
+    pub(crate) name: Option<String>,
 }
 
 impl TrustEntry {
     /// The keys this entry names; `origin` says where the entry is, for errors.
-    pub fn load(&self, origin: &str) -> Result<Vec<TrustedKey>, TrustError> {
+    pub(crate) fn load(&self, origin: &str) -> Result<Vec<TrustedKey>, TrustError> {
         let mut out = Vec::new();
         if let Some(k) = &self.key {
             out.extend(keys::parse(k.trim().as_bytes(), origin)?);

@@ -9,7 +9,7 @@ use std::path::Path;
 
 /// A detached signature file.
 #[derive(Clone)]
-pub enum Signature {
+pub(crate) enum Signature {
     /// `minisign -S` output; the key ID is read from its signature line.
     Minisign {
         sig: Box<minisign_verify::Signature>,
@@ -23,15 +23,15 @@ pub enum Signature {
 
 /// Who vouched for a file.
 #[derive(Debug, Clone, serde::Serialize)]
-pub struct Verified {
+pub(crate) struct Verified {
     /// `minisign`, `ssh` or `openpgp`.
-    pub scheme: &'static str,
+    pub(crate) scheme: &'static str,
     /// The signing key's id, as in [`TrustedKey::id`].
-    pub key_id: String,
+    pub(crate) key_id: String,
     /// The signature file.
-    pub signature: String,
+    pub(crate) signature: String,
     /// The file it signs.
-    pub file: String,
+    pub(crate) file: String,
 }
 
 /// The namespace `ssh-keygen -Y sign -n file` uses, the only one accepted.
@@ -45,7 +45,7 @@ impl std::fmt::Debug for Signature {
 
 impl Signature {
     /// Read and recognise `path`, a signature for `file` (named in errors).
-    pub fn read(path: &Path, file: &Path) -> Result<Signature, TrustError> {
+    pub(crate) fn read(path: &Path, file: &Path) -> Result<Signature, TrustError> {
         let bytes = std::fs::read(path).map_err(|source| TrustError::Io {
             path: path.display().to_string(),
             source,
@@ -94,7 +94,7 @@ impl Signature {
         }
     }
 
-    pub fn is_openpgp(&self) -> bool {
+    pub(crate) fn is_openpgp(&self) -> bool {
         matches!(self, Signature::OpenPgp(_))
     }
 
@@ -122,7 +122,7 @@ impl Signature {
     }
 
     /// Verify `data` (the contents of `file`) against the trusted `keys`.
-    pub fn verify(
+    pub(crate) fn verify(
         &self,
         mut data: impl Read,
         file: &Path,

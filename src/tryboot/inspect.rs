@@ -18,31 +18,31 @@ use super::TryError;
 
 /// The default boot entry of an extlinux.conf.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub label: String,
+pub(crate) struct Entry {
+    pub(crate) label: String,
     /// `LINUX`/`KERNEL` path as written (relative to the conf's directory or absolute).
-    pub kernel: String,
-    pub initrd: Option<String>,
-    pub append: String,
+    pub(crate) kernel: String,
+    pub(crate) initrd: Option<String>,
+    pub(crate) append: String,
 }
 
 /// What [`inspect`] found.
 #[derive(Debug, Clone)]
-pub struct ImageInfo {
+pub(crate) struct ImageInfo {
     /// `ext` or `fat` partition (1-based number) holding extlinux.conf, and the conf's path.
-    pub extlinux: Option<(usize, String)>,
-    pub entry: Option<Entry>,
+    pub(crate) extlinux: Option<(usize, String)>,
+    pub(crate) entry: Option<Entry>,
     /// Architecture from the kernel's header.
-    pub arch: Option<Arch>,
+    pub(crate) arch: Option<Arch>,
     /// A board-specific first-stage loader found on the image (named).
-    pub vendor_loader: Option<String>,
+    pub(crate) vendor_loader: Option<String>,
     /// The EFI removable-media boot file the architecture came from (no extlinux entry).
-    pub efi: Option<String>,
+    pub(crate) efi: Option<String>,
 }
 
 impl ImageInfo {
     /// NixOS puts its stage-2 init in the store on the kernel command line.
-    pub fn is_nixos(&self) -> bool {
+    pub(crate) fn is_nixos(&self) -> bool {
         self.entry
             .as_ref()
             .is_some_and(|e| e.append.contains("init=/nix/store/"))
@@ -50,7 +50,7 @@ impl ImageInfo {
 }
 
 /// Parses the default entry of an extlinux.conf (`DEFAULT` label, else the first `LABEL`).
-pub fn parse_extlinux(text: &str) -> Option<Entry> {
+pub(crate) fn parse_extlinux(text: &str) -> Option<Entry> {
     let mut default = None;
     let mut entries: Vec<Entry> = Vec::new();
     for raw in text.lines() {
@@ -99,7 +99,7 @@ pub fn parse_extlinux(text: &str) -> Option<Entry> {
 
 /// The architecture a kernel image is built for, from its first bytes: the arm64 and
 /// RISC-V `Image` headers (magic at offset 56 / 48), or a PE/COFF (EFI stub) machine type.
-pub fn kernel_arch(head: &[u8]) -> Option<Arch> {
+pub(crate) fn kernel_arch(head: &[u8]) -> Option<Arch> {
     if head.len() >= 60 && &head[56..60] == b"ARM\x64" {
         return Some(Arch::Aarch64);
     }
@@ -120,7 +120,7 @@ pub fn kernel_arch(head: &[u8]) -> Option<Arch> {
 }
 
 /// Board-specific first-stage loaders on the image head (at least 1 MiB of it).
-pub fn vendor_loader(head: &[u8], table: Option<&PartitionTable>) -> Option<String> {
+pub(crate) fn vendor_loader(head: &[u8], table: Option<&PartitionTable>) -> Option<String> {
     // Rockchip: the idbloader at sector 64 (RC4-scrambled or not).
     if head.len() >= 64 * 512 + 512 {
         if let Some(what) = rockchip_idb(&head[64 * 512..65 * 512]) {
@@ -212,7 +212,7 @@ fn looks_fat(img: &mut std::fs::File, offset: u64) -> bool {
 }
 
 /// Inspects a raw image file.
-pub fn inspect(img: &Path) -> Result<ImageInfo, TryError> {
+pub(crate) fn inspect(img: &Path) -> Result<ImageInfo, TryError> {
     let mut f = std::fs::File::open(img).map_err(|e| TryError::Image {
         path: img.display().to_string(),
         msg: e.to_string(),

@@ -8,8 +8,8 @@
 //! extlinux entry, board-specific loaders), [`qemu`] runs the machine on a copy-on-write
 //! overlay, so the image is never written.
 
-pub mod inspect;
-pub mod qemu;
+pub(crate) mod inspect;
+pub(crate) mod qemu;
 
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -24,7 +24,7 @@ use crate::exit::{Classify, Exit};
 /// The stages of a boot, in order; each is "reached" when its first sign shows on the console.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum TryStage {
+pub(crate) enum TryStage {
     /// Anything at all on the console (OpenSBI, U-Boot SPL).
     Firmware,
     /// U-Boot proper's banner.
@@ -42,7 +42,7 @@ pub enum TryStage {
 }
 
 impl TryStage {
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             TryStage::Firmware => "firmware",
             TryStage::UBoot => "U-Boot",
@@ -55,7 +55,7 @@ impl TryStage {
     }
 
     /// The stage a console milestone belongs to.
-    pub fn of(s: &Stage) -> Option<TryStage> {
+    pub(crate) fn of(s: &Stage) -> Option<TryStage> {
         Some(match s {
             Stage::FirstOutput => TryStage::Firmware,
             Stage::UBootBanner(_) | Stage::Autoboot | Stage::UBootPrompt => TryStage::UBoot,
@@ -77,11 +77,11 @@ impl fmt::Display for TryStage {
 /// Stages reached so far with their time since the first console output; fed by the
 /// session's stage callback.
 #[derive(Debug, Clone, Default)]
-pub struct Reached(Arc<Mutex<Vec<(TryStage, Duration)>>>);
+pub(crate) struct Reached(Arc<Mutex<Vec<(TryStage, Duration)>>>);
 
 impl Reached {
     /// Records `s` at `t` if it starts a later stage than the last one.
-    pub fn note(&self, t: Duration, s: &Stage) {
+    pub(crate) fn note(&self, t: Duration, s: &Stage) {
         let Some(st) = TryStage::of(s) else {
             return;
         };
@@ -98,12 +98,12 @@ impl Reached {
         }
     }
 
-    pub fn list(&self) -> Vec<(TryStage, Duration)> {
+    pub(crate) fn list(&self) -> Vec<(TryStage, Duration)> {
         self.0.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// The stage in progress: the last one reached (firmware when nothing came).
-    pub fn current(&self) -> TryStage {
+    pub(crate) fn current(&self) -> TryStage {
         self.list()
             .last()
             .map(|(s, _)| *s)
@@ -113,7 +113,7 @@ impl Reached {
 
 /// Errors of `try`, each naming what to look at.
 #[derive(Debug, thiserror::Error)]
-pub enum TryError {
+pub(crate) enum TryError {
     #[error("{tool}: {msg}")]
     Tool { tool: String, msg: String },
     #[error("{path}: {msg}")]
@@ -180,29 +180,33 @@ fn hint(e: &ConsoleError) -> String {
 
 /// What to do once the board runs.
 #[derive(Debug, Clone)]
-pub struct Plan {
+pub(crate) struct Plan {
     pub linux: LinuxConfig,
     /// Log in and run this after the boot.
-    pub check: Option<String>,
+    pub(crate) check: Option<String>,
     /// NixOS: list failed units when the check fails.
-    pub list_failed_units: bool,
-    pub check_timeout: Duration,
+    pub(crate) list_failed_units: bool,
+    pub(crate) check_timeout: Duration,
 }
 
 /// What a passed boot showed.
 #[derive(Debug, Clone)]
-pub struct Passed {
-    pub arrival: Arrival,
-    pub check: Option<CommandOutput>,
+pub(crate) struct Passed {
+    pub(crate) arrival: Arrival,
+    pub(crate) check: Option<CommandOutput>,
 }
 
 /// The systemd check NixOS images get by default.
-pub const NIXOS_CHECK: &str = "systemctl is-system-running --wait";
+pub(crate) const NIXOS_CHECK: &str = "systemctl is-system-running --wait";
 
 /// Follows the boot on `s` (the machine already running) to the login prompt, shell or
 /// `--expect` line, then logs in and runs the check. `reached` must be the recorder the
 /// session's stage callback feeds.
-pub async fn follow(s: &mut Session, plan: &Plan, reached: &Reached) -> Result<Passed, TryError> {
+pub(crate) async fn follow(
+    s: &mut Session,
+    plan: &Plan,
+    reached: &Reached,
+) -> Result<Passed, TryError> {
     let fail = |reached: &Reached, e: ConsoleError| TryError::Boot {
         stage: reached.current(),
         hint: hint(&e),

@@ -17,28 +17,27 @@ use crate::board::schema::Arch;
 use super::TryError;
 
 /// Firmware files from Debian's `u-boot-qemu` and `opensbi` packages.
-pub const UBOOT_AARCH64: &str = "/usr/lib/u-boot/qemu_arm64/u-boot.bin";
-pub const UBOOT_RISCV64: &str = "/usr/lib/u-boot/qemu-riscv64_smode/u-boot.bin";
-pub const OPENSBI_RISCV64: &str = "/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin";
+pub(crate) const UBOOT_AARCH64: &str = "/usr/lib/u-boot/qemu_arm64/u-boot.bin";
+pub(crate) const UBOOT_RISCV64: &str = "/usr/lib/u-boot/qemu-riscv64_smode/u-boot.bin";
+pub(crate) const OPENSBI_RISCV64: &str =
+    "/usr/lib/riscv64-linux-gnu/opensbi/generic/fw_dynamic.bin";
 
 /// How to start the machine.
 #[derive(Debug, Clone)]
-pub struct MachineSpec {
-    pub arch: Arch,
+pub(crate) struct MachineSpec {
+    pub(crate) arch: Arch,
     /// The raw image (read-only backing file of the overlay).
-    pub image: PathBuf,
-    pub mem_mib: u32,
+    pub(crate) image: PathBuf,
+    pub(crate) mem_mib: u32,
     /// Extra QEMU arguments (`--qemu-arg`), appended as given.
-    pub extra: Vec<String>,
+    pub(crate) extra: Vec<String>,
 }
 
 /// A running (or paused) machine.
-pub struct Qemu {
+pub(crate) struct Qemu {
     child: Option<Child>,
-    pub pty: PathBuf,
+    pub(crate) pty: PathBuf,
     qmp: PathBuf,
-    pub serial_log: PathBuf,
-    pub overlay: PathBuf,
 }
 
 fn tool_err(tool: &str, e: impl std::fmt::Display) -> TryError {
@@ -91,7 +90,7 @@ fn machine_args(arch: Arch) -> Result<(String, Vec<String>), TryError> {
 
 impl Qemu {
     /// Creates the overlay in `dir` and starts QEMU paused.
-    pub fn start(spec: &MachineSpec, dir: &Path) -> Result<Qemu, TryError> {
+    pub(crate) fn start(spec: &MachineSpec, dir: &Path) -> Result<Qemu, TryError> {
         let (bin, mut args) = machine_args(spec.arch)?;
         let image = std::fs::canonicalize(&spec.image).map_err(|e| TryError::Image {
             path: spec.image.display().to_string(),
@@ -195,8 +194,6 @@ impl Qemu {
             child: Some(child),
             pty: PathBuf::new(),
             qmp,
-            serial_log,
-            overlay,
         };
         let mut said = Vec::new();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -227,7 +224,7 @@ impl Qemu {
 
     /// Lets the CPUs run. QEMU notices a pty's reader only about once a second and ignores
     /// input until then (harness README, pitfall 2): wait that long after the open first.
-    pub fn resume(&self) -> Result<(), TryError> {
+    pub(crate) fn resume(&self) -> Result<(), TryError> {
         std::thread::sleep(Duration::from_millis(1200));
         let mut s = UnixStream::connect(&self.qmp).map_err(|e| tool_err("QEMU QMP", e))?;
         s.set_read_timeout(Some(Duration::from_secs(10)))
@@ -257,7 +254,7 @@ impl Qemu {
     }
 
     /// Stops QEMU (by its PID) and waits for it.
-    pub fn stop(&mut self) {
+    pub(crate) fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();

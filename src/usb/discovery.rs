@@ -14,7 +14,7 @@ use std::path::PathBuf;
 /// The protocol spoken on the chosen interface.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Protocol {
+pub(crate) enum Protocol {
     /// Rockchip boot ROM download or rockusb bulk protocol.
     Rockusb,
     /// Raspberry Pi boot ROM / second-stage file server.
@@ -61,14 +61,14 @@ impl std::fmt::Display for Mode {
 /// The descriptor facts classification needs; filled from libusb or from a simulated device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Descriptor {
-    pub bus: u8,
-    pub address: u8,
+    pub(crate) bus: u8,
+    pub(crate) address: u8,
     /// Port numbers from the root hub down.
-    pub ports: Vec<u8>,
-    pub vid: u16,
-    pub pid: u16,
+    pub(crate) ports: Vec<u8>,
+    pub(crate) vid: u16,
+    pub(crate) pid: u16,
     /// bcdUSB, e.g. 0x0200 or 0x0201.
-    pub bcd_usb: u16,
+    pub(crate) bcd_usb: u16,
     /// Index of the serial-number string descriptor (rpiboot tells its stages apart by it).
     pub serial_index: u8,
     pub interfaces: Vec<InterfaceClass>,
@@ -76,7 +76,7 @@ pub struct Descriptor {
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InterfaceClass {
-    pub number: u8,
+    pub(crate) number: u8,
     pub class: u8,
     pub subclass: u8,
     pub protocol: u8,
@@ -91,23 +91,23 @@ impl InterfaceClass {
 /// A recognised board in a recovery mode.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Found {
-    pub bus: u8,
-    pub address: u8,
+    pub(crate) bus: u8,
+    pub(crate) address: u8,
     /// `bus-port.port…`, the same form as sysfs and `rpiboot -p`.
-    pub port_path: String,
+    pub(crate) port_path: String,
     #[serde(serialize_with = "hex4")]
-    pub vid: u16,
+    pub(crate) vid: u16,
     #[serde(serialize_with = "hex4")]
-    pub pid: u16,
-    pub protocol: Protocol,
+    pub(crate) pid: u16,
+    pub(crate) protocol: Protocol,
     pub mode: Mode,
     /// Best guess from the product ID; `None` when the ID is not in our tables.
-    pub soc: Option<String>,
+    pub(crate) soc: Option<String>,
     /// The interface the protocol lives on.
-    pub interface: u8,
+    pub(crate) interface: u8,
     /// True when the mode comes from a heuristic (Rockchip bcdUSB bit 0) that a probe should
     /// confirm before acting on it.
-    pub mode_guessed: bool,
+    pub(crate) mode_guessed: bool,
 }
 
 fn hex4<S: serde::Serializer>(v: &u16, s: S) -> Result<S::Ok, S::Error> {
@@ -120,7 +120,7 @@ impl Found {
     }
 }
 
-pub fn port_path(bus: u8, ports: &[u8]) -> String {
+pub(crate) fn port_path(bus: u8, ports: &[u8]) -> String {
     if ports.is_empty() {
         return format!("{bus}-0");
     }
@@ -129,7 +129,7 @@ pub fn port_path(bus: u8, ports: &[u8]) -> String {
 }
 
 /// Decide whether a device is one of ours, which protocol and mode. Pure: tested directly.
-pub fn classify(d: &Descriptor) -> Option<Found> {
+pub(crate) fn classify(d: &Descriptor) -> Option<Found> {
     let mk = |protocol, mode, soc: Option<&str>, interface, guessed| Found {
         bus: d.bus,
         address: d.address,

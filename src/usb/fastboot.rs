@@ -16,21 +16,21 @@ use android_sparse_image::{
 use fastboot_protocol::protocol::{parse_u32, FastBootCommand, FastBootResponse};
 use std::time::Duration;
 
-pub const BLOCK: u32 = 4096;
+pub(crate) const BLOCK: u32 = 4096;
 /// Bulk OUT transfer size during a download.
 const DOWNLOAD_CHUNK: usize = 1 << 20;
 /// Smallest useful limit: a file header, leading and trailing DONT_CARE, one RAW chunk of one
 /// block.
-pub const MIN_DOWNLOAD: u32 =
+pub(crate) const MIN_DOWNLOAD: u32 =
     FILE_HEADER_BYTES_LEN as u32 + 3 * CHUNK_HEADER_BYTES_LEN as u32 + BLOCK;
 
 /// A fastboot device on an open transport.
 pub struct Fastboot<'t> {
     t: &'t mut dyn Transport,
     /// For commands that answer at once (getvar, download).
-    pub timeout: Duration,
+    pub(crate) timeout: Duration,
     /// For `flash`/`erase`, which may take minutes before OKAY on large partitions.
-    pub long_timeout: Duration,
+    pub(crate) long_timeout: Duration,
     /// INFO/TEXT lines the device sent, in order (shown to the user).
     pub messages: Vec<String>,
 }
@@ -180,7 +180,7 @@ impl<'t> Fastboot<'t> {
     }
 
     /// `reboot`; the device leaves the bus after OKAY (a missing OKAY is tolerated).
-    pub fn reboot(&mut self) -> Result<(), Error> {
+    pub(crate) fn reboot(&mut self) -> Result<(), Error> {
         let cmd = FastBootCommand::<&str>::Reboot.to_string();
         match self.okay(&cmd, self.timeout) {
             Ok(_)
@@ -194,7 +194,7 @@ impl<'t> Fastboot<'t> {
 }
 
 /// Builds complete sparse files of at most `max` bytes from an extent stream.
-pub struct SparseEncoder {
+pub(crate) struct SparseEncoder {
     max: usize,
     /// Total output blocks, when the image size is known: each piece then ends with a
     /// DONT_CARE up to it, so every piece describes the whole partition.
@@ -211,16 +211,16 @@ pub struct SparseEncoder {
 }
 
 /// A finished piece, ready for `download` + `flash`.
-pub struct Piece {
-    pub bytes: Vec<u8>,
+pub(crate) struct Piece {
+    pub(crate) bytes: Vec<u8>,
     /// Output byte range whose data the piece carries.
-    pub covers: std::ops::Range<u64>,
+    pub(crate) covers: std::ops::Range<u64>,
     /// Image bytes sent in RAW chunks (what was written; headers, FILL and DONT_CARE are not).
-    pub data_bytes: u64,
+    pub(crate) data_bytes: u64,
 }
 
 impl SparseEncoder {
-    pub fn new(max: u32, image_size: Option<u64>) -> Result<Self, Error> {
+    pub(crate) fn new(max: u32, image_size: Option<u64>) -> Result<Self, Error> {
         if max < MIN_DOWNLOAD {
             return Err(Error::TooLarge(format!(
                 "the device's max-download-size is {max} bytes, too small for even one {BLOCK}-byte \
@@ -412,7 +412,7 @@ impl SparseEncoder {
 
     /// Encode a whole extent stream, handing each piece to `sink` as soon as it is full (so
     /// memory stays at one piece).
-    pub fn encode(
+    pub(crate) fn encode(
         mut self,
         src: &mut dyn ExtentSource,
         sink: &mut dyn FnMut(Piece) -> Result<(), Error>,

@@ -11,17 +11,17 @@ use std::time::Duration;
 
 const T: Duration = Duration::from_secs(10);
 /// sunxi-tools#162: 512 KiB bulk transfers time out on some hosts; 64 KiB is what xfel uses.
-pub const CHUNK: usize = 64 * 1024;
+pub(crate) const CHUNK: usize = 64 * 1024;
 
-pub const FEL_VERSION: u32 = 0x001;
-pub const FEL_WRITE: u32 = 0x101;
-pub const FEL_EXEC: u32 = 0x102;
-pub const FEL_READ: u32 = 0x103;
+pub(crate) const FEL_VERSION: u32 = 0x001;
+pub(crate) const FEL_WRITE: u32 = 0x101;
+pub(crate) const FEL_EXEC: u32 = 0x102;
+pub(crate) const FEL_READ: u32 = 0x103;
 const USB_READ: u16 = 0x11;
 const USB_WRITE: u16 = 0x12;
 
 /// The 32-byte AWUC request.
-pub fn awuc(request: u16, len: u32) -> [u8; 32] {
+pub(crate) fn awuc(request: u16, len: u32) -> [u8; 32] {
     let mut b = [0u8; 32];
     b[..4].copy_from_slice(b"AWUC");
     b[8..12].copy_from_slice(&len.to_le_bytes());
@@ -99,14 +99,14 @@ fn status(t: &mut dyn Transport) -> Result<(), Error> {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Version {
     pub soc_id: u16,
-    pub soc: Option<&'static str>,
-    pub firmware: u32,
-    pub protocol: u16,
+    pub(crate) soc: Option<&'static str>,
+    pub(crate) firmware: u32,
+    pub(crate) protocol: u16,
     pub scratchpad: u32,
 }
 
 /// SoC IDs as `(raw >> 8) & 0xffff` (sunxi-tools `soc_info.c`).
-pub const SOCS: &[(u16, &str)] = &[
+pub(crate) const SOCS: &[(u16, &str)] = &[
     (0x1623, "A10"),
     (0x1625, "A10s/A13/R8"),
     (0x1633, "A31"),
@@ -125,7 +125,7 @@ pub const SOCS: &[(u16, &str)] = &[
 ];
 
 /// First word of the RISC-V (D1/D1s) boot ROM; the ARM R528/T113 share SoC ID 0x1859.
-pub const D1_ROM_WORD: u32 = 0x4301_4281;
+pub(crate) const D1_ROM_WORD: u32 = 0x4301_4281;
 
 pub fn version(t: &mut dyn Transport) -> Result<Version, Error> {
     request(t, FEL_VERSION, 0, 0)?;

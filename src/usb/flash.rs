@@ -31,7 +31,7 @@ pub enum Via {
 }
 
 /// Storage names the CLI accepts, mapped to rockusb storage indices.
-pub fn storage_index(name: &str) -> Result<StorageIndex, Error> {
+pub(crate) fn storage_index(name: &str) -> Result<StorageIndex, Error> {
     Ok(match name {
         "emmc" => StorageIndex::Emmc,
         "sd" => StorageIndex::Sd0,
@@ -49,30 +49,30 @@ pub fn storage_index(name: &str) -> Result<StorageIndex, Error> {
 /// Everything a session needs besides the image. Board descriptors fill most of it.
 #[derive(Debug, Clone)]
 pub struct ViaOptions {
-    pub via: Via,
+    pub(crate) via: Via,
     /// Only consider the device on this port path (`1-2.1`).
-    pub port: Option<String>,
+    pub(crate) port: Option<String>,
     /// Only consider this VID:PID (from the board descriptor).
-    pub id: Option<(u16, u16)>,
+    pub(crate) id: Option<(u16, u16)>,
     /// `--loader`: one merged boot_merger file, or raw 0x471 + 0x472 blobs.
     pub loader: Vec<PathBuf>,
     pub storage: Option<StorageIndex>,
-    pub verify: bool,
+    pub(crate) verify: bool,
     pub reset: bool,
-    pub sectors_per_command: u16,
+    pub(crate) sectors_per_command: u16,
     /// How long a board may take to come back after a stage (loader, rpiboot second stage).
     pub reenumerate_timeout: Duration,
     pub usbboot_dir: Option<PathBuf>,
     pub partition: Option<String>,
     pub timeouts: Timeouts,
     /// Name of the job in progress events.
-    pub job: String,
+    pub(crate) job: String,
     /// Bootloader files placed after the image through the same rockusb session and read
     /// back (`write --via maskrom|usb --bootloader`); rockusb only.
     pub placements: Vec<crate::board::PlacedFile>,
     /// What to do when a board in maskrom needs a loader and none is given (the station
     /// names its config); `None`: the CLI's flags.
-    pub loader_hint: Option<String>,
+    pub(crate) loader_hint: Option<String>,
     /// `write --delta` over rockusb: read the board's storage first, write what differs.
     pub delta: bool,
 }
@@ -229,7 +229,7 @@ fn require_one(
 
 /// How a [`wait_until`] ended without its answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum WaitEnd {
+pub(crate) enum WaitEnd {
     TimedOut,
     Cancelled,
 }
@@ -237,7 +237,7 @@ pub enum WaitEnd {
 /// The one deadline poll of every USB bring-up (re-enumeration, a gadget appearing, a disk
 /// on a port): ask `check` every 100 ms until it answers, `timeout` passes or `cancelled`
 /// says stop. `check`'s own errors end the wait; each caller words the timeout itself.
-pub fn wait_until<T, E>(
+pub(crate) fn wait_until<T, E>(
     timeout: Duration,
     cancelled: &dyn Fn() -> bool,
     mut check: impl FnMut() -> Result<Option<T>, E>,
@@ -277,7 +277,7 @@ fn wait_for<T>(
 /// What a caller that tracks the board while it is brought up (the station, which must tell
 /// an unplug from a re-enumeration) learns, and how it stops a wait. `write --via` tracks
 /// nothing: [`Untracked`].
-pub trait Follow {
+pub(crate) trait Follow {
     /// Stop waiting (the unit was cancelled): the bring-up ends with [`Error::Cancelled`].
     fn cancelled(&self) -> bool {
         false
@@ -290,11 +290,11 @@ pub trait Follow {
 }
 
 /// Follows nothing, never cancelled.
-pub struct Untracked;
+pub(crate) struct Untracked;
 impl Follow for Untracked {}
 
 /// A board in recovery mode made ready to take an image.
-pub enum Ready {
+pub(crate) enum Ready {
     /// A Rockchip board running a loader: its storage as a writer sink ("VID:PID at PORT").
     Rockusb { label: String, sink: RockusbSink },
     /// The board's storage is this block device on the same port (rpiboot's gadget).
@@ -305,7 +305,7 @@ pub enum Ready {
 /// Rockchip maskrom → loader download → re-enumeration → rockusb sink (storage selected,
 /// `sectors_per_command` set); Raspberry Pi usbboot → rpiboot → its mass-storage disk. Shared
 /// by `write --via`, `bootstrap --flash-via rockusb` and the station's USB slots.
-pub fn bring_up(
+pub(crate) fn bring_up(
     bus: &dyn Bus,
     opts: &ViaOptions,
     rep: &dyn Reporter,
@@ -549,7 +549,7 @@ fn fastboot(
 
 /// Flash one partition: raw in one download when it fits, else sparse pieces. Returns
 /// (image size, data bytes, skipped bytes).
-pub fn flash_partition(
+pub(crate) fn flash_partition(
     fb: &mut Fastboot<'_>,
     part: &str,
     src: &mut dyn ExtentSource,
@@ -616,7 +616,7 @@ pub fn flash_partition(
 }
 
 /// Progress sink for [`flash_partition`], so callers without a full session can use it.
-pub trait ProgressLike {
+pub(crate) trait ProgressLike {
     fn start_(&self, phase: Phase, total: Option<u64>, detail: Option<String>);
     fn at_(&self, phase: Phase, done: u64, total: Option<u64>);
     fn note_(&self, text: String);

@@ -6,27 +6,27 @@
 //! raspberrypi/usbboot, linux-sunxi/sunxi-tools, xboot/xfel.
 
 /// Rockchip's vendor ID (maskrom and loader mode share it, and U-Boot gadgets reuse it).
-pub const VID_ROCKCHIP: u16 = 0x2207;
+pub(crate) const VID_ROCKCHIP: u16 = 0x2207;
 /// Broadcom (Raspberry Pi boot ROM and its second stage).
-pub const VID_BROADCOM: u16 = 0x0a5c;
+pub(crate) const VID_BROADCOM: u16 = 0x0a5c;
 /// Allwinner (FEL boot ROM, U-Boot gadgets).
-pub const VID_ALLWINNER: u16 = 0x1f3a;
+pub(crate) const VID_ALLWINNER: u16 = 0x1f3a;
 /// T-Head (TH1520 boot ROM speaks fastboot).
-pub const VID_THEAD: u16 = 0x2345;
+pub(crate) const VID_THEAD: u16 = 0x2345;
 
 /// Interface class triples that identify a protocol regardless of VID:PID.
-pub const CLASS_ROCKUSB: (u8, u8, u8) = (0xff, 0x06, 0x05);
-pub const CLASS_FASTBOOT: (u8, u8, u8) = (0xff, 0x42, 0x03);
-pub const CLASS_MASS_STORAGE: (u8, u8, u8) = (0x08, 0x06, 0x50);
+pub(crate) const CLASS_ROCKUSB: (u8, u8, u8) = (0xff, 0x06, 0x05);
+pub(crate) const CLASS_FASTBOOT: (u8, u8, u8) = (0xff, 0x42, 0x03);
+pub(crate) const CLASS_MASS_STORAGE: (u8, u8, u8) = (0x08, 0x06, 0x50);
 
 /// A Rockchip SoC as its boot ROM announces itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RockchipSoc {
-    pub pid: u16,
-    pub name: &'static str,
+pub(crate) struct RockchipSoc {
+    pub(crate) pid: u16,
+    pub(crate) name: &'static str,
     /// The boot ROM wants 0x471/0x472 payloads RC4-scrambled (legacy SoCs). Merged loader
     /// files already contain the right bytes; only raw blobs are scrambled on the host.
-    pub rc4: bool,
+    pub(crate) rc4: bool,
 }
 
 const fn rk(pid: u16, name: &'static str, rc4: bool) -> RockchipSoc {
@@ -35,7 +35,7 @@ const fn rk(pid: u16, name: &'static str, rc4: bool) -> RockchipSoc {
 
 /// Union of rkdeveloptool's and xrock's tables. RC4 is only known for some legacy SoCs; the
 /// others are marked `false` because merged loaders (the normal input) never need host RC4.
-pub const ROCKCHIP_SOCS: &[RockchipSoc] = &[
+pub(crate) const ROCKCHIP_SOCS: &[RockchipSoc] = &[
     rk(0x110c, "RV1103/RV1106", false),
     rk(0x180a, "RK1808", true),
     rk(0x281a, "RK2818", false),
@@ -62,12 +62,12 @@ pub const ROCKCHIP_SOCS: &[RockchipSoc] = &[
     rk(0x350f, "RK3506", false),
 ];
 
-pub fn rockchip_soc(pid: u16) -> Option<&'static RockchipSoc> {
+pub(crate) fn rockchip_soc(pid: u16) -> Option<&'static RockchipSoc> {
     ROCKCHIP_SOCS.iter().find(|s| s.pid == pid)
 }
 
 /// Broadcom boot ROM product IDs and the second-stage file each wants.
-pub const BROADCOM_ROMS: &[(u16, &str, &str)] = &[
+pub(crate) const BROADCOM_ROMS: &[(u16, &str, &str)] = &[
     (0x2763, "BCM2835/6/7", "bootcode.bin"),
     (0x2764, "BCM2835/6/7", "bootcode.bin"),
     (0x2711, "BCM2711", "bootcode4.bin"),
@@ -75,12 +75,12 @@ pub const BROADCOM_ROMS: &[(u16, &str, &str)] = &[
 ];
 
 /// Allwinner FEL boot ROM.
-pub const PID_FEL: u16 = 0xefe8;
+pub(crate) const PID_FEL: u16 = 0xefe8;
 /// T-Head TH1520 boot ROM download gadget (fastboot).
-pub const PID_TH1520_BROM: u16 = 0x7654;
+pub(crate) const PID_TH1520_BROM: u16 = 0x7654;
 
 /// Gadget IDs (fastboot / ums) that our boards' U-Boot builds use by default.
-pub const GADGETS: &[(u16, u16, &str)] = &[
+pub(crate) const GADGETS: &[(u16, u16, &str)] = &[
     (
         VID_ALLWINNER,
         0x1010,
@@ -92,16 +92,16 @@ pub const GADGETS: &[(u16, u16, &str)] = &[
 
 /// One line of the udev rule table: a VID with an optional PID (None = every product).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct UdevMatch {
-    pub vid: u16,
-    pub pid: Option<u16>,
-    pub what: String,
+pub(crate) struct UdevMatch {
+    pub(crate) vid: u16,
+    pub(crate) pid: Option<u16>,
+    pub(crate) what: String,
     /// Long erases and loader downloads stall when the kernel autosuspends the device.
-    pub autosuspend_off: bool,
+    pub(crate) autosuspend_off: bool,
 }
 
 /// Every device sbcflash may need to open, in rule-file order.
-pub fn udev_matches() -> Vec<UdevMatch> {
+pub(crate) fn udev_matches() -> Vec<UdevMatch> {
     let mut v = vec![UdevMatch {
         vid: VID_ROCKCHIP,
         pid: None,

@@ -14,12 +14,12 @@ pub mod discovery;
 pub mod fastboot;
 pub mod fel;
 pub mod flash;
-pub mod ids;
+pub(crate) mod ids;
 pub mod rkloader;
 pub mod rockusb;
 #[cfg(feature = "sim")]
 pub mod sim;
-pub mod transport;
+pub(crate) mod transport;
 pub mod udev;
 pub mod usbboot;
 
@@ -27,7 +27,7 @@ use crate::exit::{Classify, Exit};
 pub use transport::{Transport, TransportError};
 
 /// The install hint shown whenever a device exists but cannot be opened.
-pub const UDEV_HINT: &str = "the udev rules are missing or not applied: install them with \
+pub(crate) const UDEV_HINT: &str = "the udev rules are missing or not applied: install them with \
 `sudo install -m 0644 udev-rules/70-sbcflash.rules /etc/udev/rules.d/ && sudo udevadm control \
 --reload && sudo udevadm trigger`, then unplug and replug the board (or run as root)";
 

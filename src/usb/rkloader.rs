@@ -15,7 +15,7 @@ pub const CRC16: crc::Crc<u16> = crc::Crc::<u16>::new(&crc::CRC_16_IBM_3740);
 
 /// Rockchip's loader-file CRC32: poly 0x04C10DB7 (not the common 0x04C11DB7), init 0, no
 /// reflection, no final XOR. The `crc` crate has no preset for it.
-pub const CRC32_RK_ALG: crc::Algorithm<u32> = crc::Algorithm {
+pub(crate) const CRC32_RK_ALG: crc::Algorithm<u32> = crc::Algorithm {
     width: 32,
     poly: 0x04c1_0db7,
     init: 0,
@@ -28,7 +28,7 @@ pub const CRC32_RK_ALG: crc::Algorithm<u32> = crc::Algorithm {
 pub const CRC32_RK: crc::Crc<u32> = crc::Crc::<u32>::new(&CRC32_RK_ALG);
 
 /// Rockchip's fixed RC4 key (boot_merger, rkdeveloptool, xrock).
-pub const RC4_KEY: [u8; 16] = [
+pub(crate) const RC4_KEY: [u8; 16] = [
     0x7c, 0x4e, 0x03, 0x04, 0x55, 0x05, 0x09, 0x07, 0x2d, 0x2c, 0x7b, 0x38, 0x17, 0x0d, 0x17, 0x11,
 ];
 
@@ -54,7 +54,7 @@ pub fn rc4(data: &mut [u8]) {
 
 /// Which boot-ROM area a blob goes to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Area {
+pub(crate) enum Area {
     /// 0x471: SRAM, DRAM init; returns to the ROM.
     Ddr = 0x471,
     /// 0x472: DRAM, the usbplug / SPL that becomes the loader.
@@ -63,22 +63,22 @@ pub enum Area {
 
 /// One download step.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LoaderEntry {
-    pub area: Area,
-    pub name: String,
-    pub data: Vec<u8>,
+pub(crate) struct LoaderEntry {
+    pub(crate) area: Area,
+    pub(crate) name: String,
+    pub(crate) data: Vec<u8>,
     /// Pause after the download, as the merged file asks (ms).
-    pub delay_ms: u32,
+    pub(crate) delay_ms: u32,
 }
 
 /// A loader ready to download: 0x471 entries first, then 0x472.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Loader {
-    pub entries: Vec<LoaderEntry>,
+    pub(crate) entries: Vec<LoaderEntry>,
     /// Chip tag from a merged file ("RK3588"), if any.
-    pub chip: Option<String>,
+    pub(crate) chip: Option<String>,
     /// Where it came from, for messages.
-    pub origin: String,
+    pub(crate) origin: String,
 }
 
 const HEADER_LEN: usize = 102;
@@ -216,7 +216,10 @@ impl Loader {
     }
 
     /// Load from the user's `--loader` files: one merged file, or the raw 0x471/0x472 pair.
-    pub fn from_files(files: &[std::path::PathBuf], rc4_needed: bool) -> Result<Self, Error> {
+    pub(crate) fn from_files(
+        files: &[std::path::PathBuf],
+        rc4_needed: bool,
+    ) -> Result<Self, Error> {
         let read =
             |p: &Path| std::fs::read(p).map_err(|e| bad(&p.display().to_string(), e.to_string()));
         match files {

@@ -16,9 +16,9 @@ use rockusb::operation::{self, OperationSteps, UsbOperationError, UsbStep};
 pub use rockusb::protocol::StorageIndex;
 use std::time::Duration;
 
-pub const SECTOR: u64 = 512;
+pub(crate) const SECTOR: u64 = 512;
 /// Default sectors per WRITE_LBA/READ_LBA (64 KiB, rkdeveloptool's DEFAULT_RW_LBA).
-pub const DEFAULT_SECTORS_PER_COMMAND: u16 = 128;
+pub(crate) const DEFAULT_SECTORS_PER_COMMAND: u16 = 128;
 
 /// Timeouts for one session. Erases and large LBA writes on slow eMMC need long ones.
 #[derive(Debug, Clone, Copy)]
@@ -40,7 +40,7 @@ impl Default for Timeouts {
 }
 
 /// Execute one `rockusb` operation on a transport.
-pub fn run<T: std::fmt::Debug>(
+pub(crate) fn run<T: std::fmt::Debug>(
     t: &mut dyn Transport,
     op: &mut dyn OperationSteps<T>,
     during: &str,
@@ -149,7 +149,7 @@ pub fn download_loader(
 
 /// Is a rockusb device really running a loader? A harmless READ_CHIP_INFO answers that: the
 /// maskrom ROM stalls or ignores bulk commands (rkdeveloptool#69), whatever bcdUSB claims.
-pub fn probe_loader(t: &mut dyn Transport, timeouts: &Timeouts) -> bool {
+pub(crate) fn probe_loader(t: &mut dyn Transport, timeouts: &Timeouts) -> bool {
     let mut op = operation::chip_info();
     run(t, &mut op, "probing for a loader", timeouts.probe).is_ok()
 }
@@ -157,7 +157,7 @@ pub fn probe_loader(t: &mut dyn Transport, timeouts: &Timeouts) -> bool {
 /// A board running a rockusb loader.
 pub struct LoaderSession<'t> {
     t: &'t mut dyn Transport,
-    pub timeouts: Timeouts,
+    pub(crate) timeouts: Timeouts,
     /// Storage size in bytes, when the loader reports it (mainline U-Boot's rockusb does not).
     pub capacity: Option<u64>,
     pub chip: Option<String>,
@@ -210,7 +210,7 @@ impl<'t> LoaderSession<'t> {
 
     /// Select the storage the LBA commands address, and check that the loader really switched
     /// (it reports no error when the medium is absent).
-    pub fn select_storage(&mut self, want: StorageIndex) -> Result<(), Error> {
+    pub(crate) fn select_storage(&mut self, want: StorageIndex) -> Result<(), Error> {
         let mut op = operation::switch_storage(want);
         run(
             &mut *self.t,
@@ -252,7 +252,7 @@ impl<'t> LoaderSession<'t> {
         Ok(())
     }
 
-    pub fn read_lba(&mut self, lba: u32, buf: &mut [u8]) -> Result<(), Error> {
+    pub(crate) fn read_lba(&mut self, lba: u32, buf: &mut [u8]) -> Result<(), Error> {
         let want = buf.len();
         let mut op = operation::read_lba(lba, buf);
         let done: u32 = run(
@@ -271,7 +271,7 @@ impl<'t> LoaderSession<'t> {
     }
 
     /// Reset the board so it boots what was written.
-    pub fn reset(&mut self) -> Result<(), Error> {
+    pub(crate) fn reset(&mut self) -> Result<(), Error> {
         let mut op = operation::reset_device(rockusb::protocol::ResetOpcode::Reset);
         run(
             &mut *self.t,
@@ -300,18 +300,18 @@ fn chip_name(raw: &[u8]) -> Option<String> {
 /// held-back partition table and read-back verification as a block device, with WRITE_LBA and
 /// READ_LBA underneath. Unaligned edges are read-modify-written a sector at a time. `Zero`
 /// ranges are written as zeroes: over rockusb nothing says what an erased medium reads back.
-pub struct RockusbSink {
+pub(crate) struct RockusbSink {
     t: Box<dyn Transport>,
     name: String,
-    pub timeouts: Timeouts,
-    pub sectors_per_command: u16,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) sectors_per_command: u16,
     capacity: Option<u64>,
     zero: Vec<u8>,
 }
 
 impl RockusbSink {
     /// Open a loader session on `t` (confirming loader mode), select `storage` if given.
-    pub fn open(
+    pub(crate) fn open(
         mut t: Box<dyn Transport>,
         name: impl Into<String>,
         timeouts: Timeouts,
@@ -344,7 +344,7 @@ impl RockusbSink {
     }
 
     /// Reset the board (after verification) so it boots what was written.
-    pub fn reset(&mut self) -> Result<(), Error> {
+    pub(crate) fn reset(&mut self) -> Result<(), Error> {
         self.session().reset()
     }
 

@@ -116,7 +116,7 @@ impl From<rusb::Error> for TransportError {
 }
 
 /// A claimed interface of a real device, through libusb.
-pub struct RusbTransport {
+pub(crate) struct RusbTransport {
     handle: rusb::DeviceHandle<rusb::Context>,
     interface: u8,
     ep_in: Option<u8>,
@@ -127,7 +127,7 @@ impl RusbTransport {
     /// Claim `interface` (detaching a kernel driver if one is bound, e.g. usb-storage) and find
     /// its bulk endpoints. Interfaces without bulk endpoints (the Rockchip maskrom, which only
     /// takes control transfers) are fine: bulk calls then fail with a clear error.
-    pub fn open(
+    pub(crate) fn open(
         device: &rusb::Device<rusb::Context>,
         interface: u8,
     ) -> Result<Self, TransportError> {

@@ -30,7 +30,7 @@ fn send_len(t: &mut dyn Transport, len: u32) -> Result<usize, crate::usb::Transp
 }
 
 /// Host → device message.
-pub fn ep_write(t: &mut dyn Transport, data: &[u8]) -> Result<(), Error> {
+pub(crate) fn ep_write(t: &mut dyn Transport, data: &[u8]) -> Result<(), Error> {
     let len = u32::try_from(data.len())
         .map_err(|_| Error::TooLarge("file over 4 GiB for rpiboot".into()))?;
     send_len(t, len).map_err(|e| Error::transport("announcing a transfer to the boot ROM", e))?;
@@ -55,7 +55,7 @@ pub fn ep_write(t: &mut dyn Transport, data: &[u8]) -> Result<(), Error> {
 }
 
 /// Device → host message of exactly `buf.len()` bytes.
-pub fn ep_read(t: &mut dyn Transport, buf: &mut [u8]) -> Result<(), Error> {
+pub(crate) fn ep_read(t: &mut dyn Transport, buf: &mut [u8]) -> Result<(), Error> {
     let len = buf.len() as u32;
     let n = t
         .control_in(
@@ -102,7 +102,7 @@ pub trait FileProvider {
 
 /// rpiboot's per-SoC subdirectory (and `bootfiles.bin` prefix): "2712", "2711", and "2710" for
 /// every older ROM (2763/2764), as rpiboot's `check_file` names them.
-pub fn soc_prefix(pid: u16) -> &'static str {
+pub(crate) fn soc_prefix(pid: u16) -> &'static str {
     match pid {
         0x2712 => "2712",
         0x2711 => "2711",
@@ -113,10 +113,10 @@ pub fn soc_prefix(pid: u16) -> &'static str {
 /// rpiboot's lookup: `<dir>/<soc>/<name>`, then `<soc>/<name>` inside `<dir>/bootfiles.bin`
 /// (the tar archive usbboot's `mass-storage-gadget64` ships instead of loose files), then
 /// `<dir>/<name>`.
-pub struct DirProvider {
-    pub dir: PathBuf,
+pub(crate) struct DirProvider {
+    pub(crate) dir: PathBuf,
     /// "2710", "2711" or "2712" ([`soc_prefix`]).
-    pub soc_dir: Option<String>,
+    pub(crate) soc_dir: Option<String>,
 }
 
 impl FileProvider for DirProvider {
@@ -171,9 +171,9 @@ fn tar_member<'a>(tar: &'a [u8], want: &str) -> Result<Option<&'a [u8]>, String>
 #[derive(Debug, Default, Clone)]
 pub struct Served {
     /// (name, bytes sent or None when missing)
-    pub files: Vec<(String, Option<usize>)>,
+    pub(crate) files: Vec<(String, Option<usize>)>,
     /// `*KEY*VALUE` metadata from recovery.bin.
-    pub metadata: Vec<(String, String)>,
+    pub(crate) metadata: Vec<(String, String)>,
 }
 
 /// File names must stay inside the serving directory.

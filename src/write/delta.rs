@@ -43,19 +43,19 @@ const MAX_BLIND: u64 = 64;
 
 /// What `--delta` did, in the write's report.
 #[derive(Debug, Clone, Default, serde::Serialize)]
-pub struct DeltaReport {
+pub(crate) struct DeltaReport {
     /// Comparison granularity in bytes.
-    pub unit: u64,
+    pub(crate) unit: u64,
     /// Bytes of the target read and compared with the image (data and zero ranges).
-    pub compared: u64,
+    pub(crate) compared: u64,
     /// Compared bytes found equal: not written.
-    pub unchanged: u64,
+    pub(crate) unchanged: u64,
     /// Compared bytes found different: written.
-    pub rewritten: u64,
+    pub(crate) rewritten: u64,
     /// Bytes written without comparing (a run of differing units paused comparing).
-    pub written_uncompared: u64,
-    pub units_compared: u64,
-    pub units_rewritten: u64,
+    pub(crate) written_uncompared: u64,
+    pub(crate) units_compared: u64,
+    pub(crate) units_rewritten: u64,
 }
 
 /// What the target holds for a unit, as read.
@@ -101,8 +101,8 @@ struct Unit {
 
 /// A unit ready for the writer: its pieces and whether to write them.
 pub(super) struct Ready {
-    pub pieces: Vec<Piece>,
-    pub write: bool,
+    pub(crate) pieces: Vec<Piece>,
+    pub(crate) write: bool,
 }
 
 pub(super) struct Delta {
@@ -115,10 +115,10 @@ pub(super) struct Delta {
     streak: u32,
     blind: u64,
     scratch: Option<AlignedBuf>,
-    pub report: DeltaReport,
+    pub(crate) report: DeltaReport,
     /// Units written, with their image digests: what read-back must check. Units found
     /// unchanged were read from the medium (O_DIRECT) and matched already.
-    pub written: Vec<RangeDigest>,
+    pub(crate) written: Vec<RangeDigest>,
 }
 
 fn spawn_img(rx: Receiver<ImgJob>) -> std::io::Result<JoinHandle<()>> {
@@ -212,7 +212,7 @@ fn read_side(
 
 impl Delta {
     /// Start the comparing threads; `unit` is the comparison granularity.
-    pub fn new(reader: Option<MediumReader>, unit: u64) -> Result<Delta, WriteError> {
+    pub(crate) fn new(reader: Option<MediumReader>, unit: u64) -> Result<Delta, WriteError> {
         let spawn_err =
             |e: std::io::Error| WriteError::Internal(format!("spawn delta thread: {e}"));
         let mut threads = Vec::new();
@@ -249,7 +249,7 @@ impl Delta {
     }
 
     /// Take the next piece of the image (in order).
-    pub fn push(&mut self, piece: Piece) {
+    pub(crate) fn push(&mut self, piece: Piece) {
         let (ext, data) = piece.parts();
         match (ext.kind, data) {
             (ExtentKind::Skip, _) => {
@@ -303,7 +303,7 @@ impl Delta {
     }
 
     /// Close the unit being filled and start comparing it.
-    pub fn close(&mut self) {
+    pub(crate) fn close(&mut self) {
         let Some((pieces, offset, len, zero)) = self.building.take() else {
             return;
         };
@@ -342,17 +342,17 @@ impl Delta {
     }
 
     /// Units queued (compared or being compared) ahead of the writer.
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.queue.len()
     }
 
     /// True when the writer should take a unit before reading more of the image.
-    pub fn full(&self) -> bool {
+    pub(crate) fn full(&self) -> bool {
         self.queue.len() > AHEAD
     }
 
     /// The oldest unit with its verdict (waits for its comparison).
-    pub fn next(&mut self, sink: &mut dyn Sink) -> Result<Option<Ready>, WriteError> {
+    pub(crate) fn next(&mut self, sink: &mut dyn Sink) -> Result<Option<Ready>, WriteError> {
         let Some(u) = self.queue.pop_front() else {
             return Ok(None);
         };
@@ -423,7 +423,7 @@ impl Delta {
     }
 
     /// Stop the threads (they end when their queues close).
-    pub fn finish(mut self) {
+    pub(crate) fn finish(mut self) {
         self.img_tx = None;
         self.dev_tx = None;
         self.queue.clear();

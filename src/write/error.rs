@@ -97,7 +97,7 @@ impl std::fmt::Display for TargetState {
 }
 
 /// The one sentence for a target without its partition table.
-pub const INCOMPLETE: &str =
+pub(crate) const INCOMPLETE: &str =
     "the target is INCOMPLETE (no valid partition table was written) and must be written again";
 
 impl Classify for WriteError {
@@ -120,7 +120,7 @@ impl Classify for WriteError {
 
 impl WriteError {
     /// The error under a [`WriteError::Failed`] note.
-    pub fn cause(&self) -> &WriteError {
+    pub(crate) fn cause(&self) -> &WriteError {
         match self {
             WriteError::Failed { source, .. } => source.cause(),
             e => e,

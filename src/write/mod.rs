@@ -26,14 +26,14 @@
 //! re-read, and `Skip` ranges have no defined contents.
 
 /// The pooled aligned buffers live with the image sources, which fill them directly.
-pub use crate::image::buffer;
+pub(crate) use crate::image::buffer;
 mod delta;
 mod error;
-pub mod sink;
+pub(crate) mod sink;
 mod verify;
 
-pub use delta::DeltaReport;
-pub use error::{TargetState, WriteError};
+pub(crate) use delta::DeltaReport;
+pub(crate) use error::{TargetState, WriteError};
 pub use sink::{BlockDeviceSink, FileSink, Sink};
 pub use verify::{compare_with_image, read_back, CompareReport};
 
@@ -86,7 +86,7 @@ pub struct WriteOptions {
 }
 
 /// Opens a fresh stream of the image being written.
-pub type Reopen = Arc<dyn Fn() -> Result<Box<dyn ExtentSource>, ImageError> + Send + Sync>;
+pub(crate) type Reopen = Arc<dyn Fn() -> Result<Box<dyn ExtentSource>, ImageError> + Send + Sync>;
 
 impl WriteOptions {
     /// A progress event of this job's `phase`.
@@ -131,52 +131,52 @@ pub(crate) fn expected_with_origin(exp: &[u8; 32], opts: &WriteOptions) -> Strin
 /// blake3 of one range of the target as written; read-back compares against it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RangeDigest {
-    pub offset: u64,
-    pub len: u64,
-    pub digest: [u8; 32],
+    pub(crate) offset: u64,
+    pub(crate) len: u64,
+    pub(crate) digest: [u8; 32],
 }
 
 /// What a finished write did.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct WriteReport {
     /// Logical size of the image.
-    pub image_size: u64,
+    pub(crate) image_size: u64,
     /// Data bytes sent to the target (including the held-back head).
-    pub bytes_written: u64,
+    pub(crate) bytes_written: u64,
     /// Bytes of `Zero` extents (zeroed by the sink: offload, holes or zero writes).
-    pub bytes_zeroed: u64,
+    pub(crate) bytes_zeroed: u64,
     /// Bytes of `Skip` extents (left alone).
-    pub bytes_skipped: u64,
+    pub(crate) bytes_skipped: u64,
     /// blake3 of the logical image, hex.
-    pub blake3: String,
+    pub(crate) blake3: String,
     /// The expected digest was given and matched.
     pub digest_checked: bool,
     /// Read-back verification ran and passed; bytes read back.
     pub verified_bytes: Option<u64>,
-    pub write_seconds: f64,
-    pub verify_seconds: Option<f64>,
+    pub(crate) write_seconds: f64,
+    pub(crate) verify_seconds: Option<f64>,
     /// blake3 of the logical image as read back from the medium (with `readback_digest`).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub readback_blake3: Option<String>,
+    pub(crate) readback_blake3: Option<String>,
     /// With `--delta`: what was compared, left unchanged and written.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub delta: Option<DeltaReport>,
+    pub(crate) delta: Option<DeltaReport>,
     /// Ranges that read back wrong and were written again (`--rewrites`); a number above 0
     /// means a flaky card or reader.
-    pub retried_ranges: u64,
+    pub(crate) retried_ranges: u64,
     #[serde(skip)]
-    pub ranges: Vec<RangeDigest>,
+    pub(crate) ranges: Vec<RangeDigest>,
 }
 
 impl WriteReport {
     /// Bytes `--delta` found equal on the target and did not write (0 without `--delta`):
     /// with them, written + zeroed + skipped + unchanged is the image size.
-    pub fn bytes_unchanged(&self) -> u64 {
+    pub(crate) fn bytes_unchanged(&self) -> u64 {
         self.delta.as_ref().map_or(0, |d| d.unchanged)
     }
 
     /// One-line human summary.
-    pub fn summary_line(&self, target: &str) -> String {
+    pub(crate) fn summary_line(&self, target: &str) -> String {
         let mib = |b: u64| b as f64 / (1 << 20) as f64;
         let rate = if self.write_seconds > 0.0 {
             mib(self.image_size) / self.write_seconds
@@ -223,7 +223,7 @@ impl WriteReport {
 }
 
 /// Parse a 64-hex-digit blake3 digest.
-pub fn parse_blake3_hex(s: &str) -> Option<[u8; 32]> {
+pub(crate) fn parse_blake3_hex(s: &str) -> Option<[u8; 32]> {
     let v = hex::decode(s.trim()).ok()?;
     v.try_into().ok()
 }

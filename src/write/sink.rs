@@ -89,12 +89,12 @@ pub struct MediumReader {
     block: u64,
     direct: bool,
     /// Why reads are not O_DIRECT, when they are not (for the log).
-    pub buffered_reason: Option<String>,
+    pub(crate) buffered_reason: Option<String>,
 }
 
 impl MediumReader {
     /// Room a buffer needs beyond a range's length for [`MediumReader::read_range`].
-    pub fn slack(&self) -> usize {
+    pub(crate) fn slack(&self) -> usize {
         if self.direct {
             2 * self.block.max(ALIGN as u64) as usize
         } else {
@@ -104,7 +104,12 @@ impl MediumReader {
 
     /// Read `[offset, offset+len)` into `buf` (ALIGN-aligned, at least `len + slack()` long);
     /// returns where in `buf` the range starts. O_DIRECT reads cover whole blocks around it.
-    pub fn read_range(&self, offset: u64, len: usize, buf: &mut [u8]) -> Result<usize, WriteError> {
+    pub(crate) fn read_range(
+        &self,
+        offset: u64,
+        len: usize,
+        buf: &mut [u8],
+    ) -> Result<usize, WriteError> {
         let end = offset + len as u64;
         let (start, stop) = if self.direct {
             (
@@ -162,7 +167,7 @@ fn errno_io(e: nix::errno::Errno) -> std::io::Error {
 }
 
 /// Size of a block device in bytes (BLKGETSIZE64).
-pub fn block_device_size(f: &File) -> std::io::Result<u64> {
+pub(crate) fn block_device_size(f: &File) -> std::io::Result<u64> {
     let mut sz = 0u64;
     // SAFETY: the ioctl writes one u64 into `sz`.
     unsafe { ioctl::blkgetsize64(f.as_raw_fd(), &mut sz) }.map_err(errno_io)?;
@@ -170,7 +175,7 @@ pub fn block_device_size(f: &File) -> std::io::Result<u64> {
 }
 
 /// Logical block size of a block device (BLKSSZGET): the O_DIRECT granularity.
-pub fn logical_block_size(f: &File) -> std::io::Result<u64> {
+pub(crate) fn logical_block_size(f: &File) -> std::io::Result<u64> {
     let mut sz: libc::c_int = 0;
     // SAFETY: the ioctl writes one int into `sz`.
     unsafe { ioctl::blksszget(f.as_raw_fd(), &mut sz) }.map_err(errno_io)?;
@@ -178,7 +183,7 @@ pub fn logical_block_size(f: &File) -> std::io::Result<u64> {
 }
 
 /// Ask the kernel to re-read the partition table (BLKRRPART).
-pub fn reread_partitions(f: &File) -> std::io::Result<()> {
+pub(crate) fn reread_partitions(f: &File) -> std::io::Result<()> {
     // SAFETY: no argument.
     unsafe { ioctl::blkrrpart(f.as_raw_fd()) }
         .map(|_| ())
@@ -188,13 +193,13 @@ pub fn reread_partitions(f: &File) -> std::io::Result<()> {
 /// Queue limits that decide the zeroing strategy, read from sysfs for the device's queue
 /// (a partition uses its disk's queue).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct QueueLimits {
-    pub discard_max_bytes: u64,
-    pub write_zeroes_max_bytes: u64,
+pub(crate) struct QueueLimits {
+    pub(crate) discard_max_bytes: u64,
+    pub(crate) write_zeroes_max_bytes: u64,
 }
 
 impl QueueLimits {
-    pub fn of_rdev(rdev: u64) -> Self {
+    pub(crate) fn of_rdev(rdev: u64) -> Self {
         let (maj, min) = (libc::major(rdev), libc::minor(rdev));
         let base = format!("/sys/dev/block/{maj}:{min}");
         let read = |name: &str| -> u64 {
@@ -260,7 +265,7 @@ fn pwrite_all(f: &File, name: &str, mut buf: &[u8], mut off: u64) -> Result<(), 
 
 /// How a block device turns a `Zero` extent into zeroes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ZeroMode {
+pub(crate) enum ZeroMode {
     /// BLKZEROOUT, offloaded by the device (write-zeroes / unmap with guaranteed zeroes).
     Offload,
     /// Write buffers of zeroes.
@@ -278,7 +283,7 @@ pub struct BlockDeviceSink {
     limits: QueueLimits,
     zero_mode: ZeroMode,
     /// Allow discarding the whole device in `prepare`.
-    pub discard: bool,
+    pub(crate) discard: bool,
     scratch: Option<AlignedBuf>,
     zeroes: Option<AlignedBuf>,
 }
@@ -289,7 +294,11 @@ const ZERO_BUF: usize = 4 << 20;
 
 impl BlockDeviceSink {
     /// Wrap an open block device. `direct` says whether it was opened with O_DIRECT.
-    pub fn new(file: File, name: impl Into<String>, direct: bool) -> Result<Self, WriteError> {
+    pub(crate) fn new(
+        file: File,
+        name: impl Into<String>,
+        direct: bool,
+    ) -> Result<Self, WriteError> {
         let name = name.into();
         let capacity =
             block_device_size(&file).map_err(|e| WriteError::io(&name, "BLKGETSIZE64", 0, 0, e))?;
@@ -701,7 +710,7 @@ impl Sink for FileSink {
 }
 
 /// Drop a block device's buffer cache (BLKFLSBUF); used before non-O_DIRECT read-back.
-pub fn flush_buffers(f: &File) -> std::io::Result<()> {
+pub(crate) fn flush_buffers(f: &File) -> std::io::Result<()> {
     // SAFETY: no argument.
     unsafe { ioctl::blkflsbuf(f.as_raw_fd()) }
         .map(|_| ())

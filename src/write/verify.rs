@@ -17,7 +17,7 @@ use std::time::Duration;
 /// Requests in flight during read-back: enough to keep a card's or a loop device's queue
 /// busy while earlier ranges are hashed, few enough to bound memory (each holds one range
 /// buffer, 4 MiB by default).
-pub const READ_BACK_DEPTH: usize = 4;
+pub(crate) const READ_BACK_DEPTH: usize = 4;
 
 /// Read every range back and compare its blake3. Returns the number of bytes read back, or
 /// [`WriteError::Mismatch`] naming the first range (lowest offset) that differs.
@@ -42,15 +42,15 @@ pub fn read_back(
 
 /// Most ranges rewritten in one pass (4 MiB each by default): more bad ranges than this
 /// mean a failing medium, and rewriting them would hold too much of the image in memory.
-pub const MAX_REWRITE: usize = 8;
+pub(crate) const MAX_REWRITE: usize = 8;
 
 /// What a read-back found: bytes read back, ranges written again, and (when asked for) the
 /// blake3 of the logical image as read back from the medium.
 #[derive(Debug, Clone, Copy)]
-pub struct ReadBack {
-    pub verified: u64,
-    pub retried: u64,
-    pub digest: Option<[u8; 32]>,
+pub(crate) struct ReadBack {
+    pub(crate) verified: u64,
+    pub(crate) retried: u64,
+    pub(crate) digest: Option<[u8; 32]>,
 }
 
 /// [`read_back`] with `opts.retries`: ranges that read back wrong are written again from a
@@ -62,7 +62,7 @@ pub struct ReadBack {
 /// the image's blake3 exactly when every range came back equal; the ledger records it beside
 /// the image digest that was verified. After a rewrite the first pass's digest covered bad
 /// bytes, so the whole image is read back once more for it.
-pub fn read_back_retrying(
+pub(crate) fn read_back_retrying(
     sink: &mut dyn Sink,
     ranges: &[RangeDigest],
     opts: &WriteOptions,
@@ -462,13 +462,13 @@ fn read_back_serial(
 /// Result of comparing a target with an image without writing.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CompareReport {
-    pub image_size: u64,
+    pub(crate) image_size: u64,
     /// Bytes read from the target and compared (data and zero ranges).
-    pub bytes_compared: u64,
+    pub(crate) bytes_compared: u64,
     /// Bytes of unmapped ranges not compared.
-    pub bytes_skipped: u64,
+    pub(crate) bytes_skipped: u64,
     /// blake3 of the logical image, hex.
-    pub blake3: String,
+    pub(crate) blake3: String,
 }
 
 /// Stream `source` and compare every `Data` and `Zero` range with the target's contents

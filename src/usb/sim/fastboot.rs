@@ -8,14 +8,14 @@ use crate::usb::TransportError;
 use std::collections::{BTreeMap, VecDeque};
 
 /// What the device becomes after `reboot`.
-pub type Reboot = Box<dyn FnMut(&mut FastbootDevice) + Send>;
+pub(crate) type Reboot = Box<dyn FnMut(&mut FastbootDevice) + Send>;
 
 pub struct FastbootDevice {
-    pub vid: u16,
-    pub pid: u16,
-    pub bus: u8,
-    pub address: u8,
-    pub ports: Vec<u8>,
+    pub(crate) vid: u16,
+    pub(crate) pid: u16,
+    pub(crate) bus: u8,
+    pub(crate) address: u8,
+    pub(crate) ports: Vec<u8>,
     generation: u32,
     faults: Faults,
     fail_next: bool,

@@ -6,7 +6,7 @@ use crate::usb::discovery::{Descriptor, InterfaceClass};
 use crate::usb::TransportError;
 use std::collections::VecDeque;
 
-pub const SRAM_SIZE: usize = 0x20000;
+pub(crate) const SRAM_SIZE: usize = 0x20000;
 pub const DRAM_BASE: u32 = 0x4000_0000;
 
 enum Fel {
@@ -27,14 +27,14 @@ enum Usb {
 }
 
 pub struct FelDevice {
-    pub soc_raw: u32,
-    pub present: bool,
-    pub bus: u8,
+    pub(crate) soc_raw: u32,
+    pub(crate) present: bool,
+    pub(crate) bus: u8,
     pub address: u8,
     pub ports: Vec<u8>,
     faults: Faults,
     fail_next: bool,
-    pub sram: Vec<u8>,
+    pub(crate) sram: Vec<u8>,
     pub dram: Vec<u8>,
     pub executed: Vec<u32>,
     fel: Fel,

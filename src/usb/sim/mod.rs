@@ -157,7 +157,7 @@ pub trait SimDevice: Send {
 }
 
 /// A simulated board shared between the bus and the handles opened on it.
-pub type Shared<D> = Arc<Mutex<D>>;
+pub(crate) type Shared<D> = Arc<Mutex<D>>;
 
 pub fn lock<D: ?Sized>(d: &Mutex<D>) -> MutexGuard<'_, D> {
     d.lock().unwrap_or_else(|p| p.into_inner())

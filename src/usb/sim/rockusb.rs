@@ -28,9 +28,9 @@ pub struct Download {
 }
 
 pub struct RockchipBoard {
-    pub pid: u16,
+    pub(crate) pid: u16,
     pub mode: RkMode,
-    pub bus: u8,
+    pub(crate) bus: u8,
     pub address: u8,
     pub ports: Vec<u8>,
     generation: u32,
@@ -49,7 +49,7 @@ pub struct RockchipBoard {
     partial: BTreeMap<u16, (Vec<u8>, Vec<usize>)>,
     /// Storages by rockusb index; `current` selects one.
     pub storages: BTreeMap<u8, Vec<u8>>,
-    pub current: u8,
+    pub(crate) current: u8,
     pub resets: Vec<u8>,
     pub commands: Vec<u8>,
     state: BulkState,
@@ -128,7 +128,7 @@ impl RockchipBoard {
             .insert(index, super::garbage(bytes, 0x900d + index as u32));
     }
 
-    pub fn flash(&self) -> &[u8] {
+    pub(crate) fn flash(&self) -> &[u8] {
         self.storages.get(&self.current).map_or(&[], |v| v)
     }
 

@@ -18,12 +18,12 @@ pub enum Stage {
 /// What the second stage asks for: (command, name). 0 = size, 1 = read, 2 = done; -1 is not
 /// a message: the second stage boots on and leaves the bus without one (rpiboot takes a device
 /// gone from the file server as its end).
-pub type Request = (i32, String);
+pub(crate) type Request = (i32, String);
 
 pub struct RpiBoard {
-    pub pid: u16,
+    pub(crate) pid: u16,
     pub stage: Stage,
-    pub bus: u8,
+    pub(crate) bus: u8,
     pub address: u8,
     pub ports: Vec<u8>,
     generation: u32,
@@ -31,7 +31,7 @@ pub struct RpiBoard {
     fail_next: bool,
     pub script: VecDeque<Request>,
     /// Announced second-stage length from the boot message.
-    pub announced: Option<usize>,
+    pub(crate) announced: Option<usize>,
     pub second_stage: Option<Vec<u8>>,
     /// Sizes answered to GetFileSize.
     pub sizes: Vec<(String, u32)>,
