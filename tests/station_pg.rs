@@ -487,7 +487,16 @@ fn station_pg_udevd_three_stations_thirty_units_through_a_database_outage() {
     );
     assert_eq!(
         pg.psql("line", "SELECT MAX(version) FROM sbcflash_schema"),
-        "1"
+        "2"
+    );
+    // The station ledger's later columns reach the line too: each unit's read-back digest
+    // (the digest chain) equals the image's.
+    assert_eq!(
+        pg.psql(
+            "line",
+            "SELECT COUNT(*) FROM units WHERE readback_blake3 IS DISTINCT FROM image_blake3"
+        ),
+        "0"
     );
 
     // The line's status: three stations, stopped, nothing waiting, ten PASS each today.
@@ -535,7 +544,7 @@ fn station_pg_udevd_three_stations_thirty_units_through_a_database_outage() {
         csv.lines()
             .next()
             .unwrap()
-            .ends_with(",station_pid,station,uid"),
+            .ends_with(",station_pid,host_key,host_key_fingerprint,signature_key_id,readback_blake3,boot_result,boot_stage,boot_login_seconds,boot_transcript,boot_transcript_blake3,retried_ranges,station,uid"),
         "{csv}"
     );
     assert_eq!(csv.lines().count(), 31);

@@ -412,6 +412,21 @@ pub(crate) struct WriteStats {
     pub(crate) retried_ranges: u64,
 }
 
+impl WriteStats {
+    /// What the ledger keeps of a write: zeroed and unchanged bytes count as skipped.
+    pub(super) fn of(report: &crate::write::WriteReport) -> WriteStats {
+        WriteStats {
+            bytes_written: report.bytes_written,
+            bytes_skipped: report.bytes_skipped + report.bytes_zeroed + report.bytes_unchanged(),
+            readback_blake3: report
+                .readback_blake3
+                .as_deref()
+                .and_then(crate::write::parse_blake3_hex),
+            retried_ranges: report.retried_ranges,
+        }
+    }
+}
+
 fn run_job(ctx: &Context, slot: &str, dev: &DeviceInfo, cancel: &Arc<Cancel>) -> Done {
     let st = &ctx.station;
     let devnode = if dev.is_usb_device() {
@@ -767,15 +782,7 @@ pub(super) fn write_block(
     if cancel.is_set() {
         anyhow::bail!("cancelled");
     }
-    let stats = WriteStats {
-        bytes_written: report.bytes_written,
-        bytes_skipped: report.bytes_skipped + report.bytes_zeroed + report.bytes_unchanged(),
-        readback_blake3: report
-            .readback_blake3
-            .as_deref()
-            .and_then(crate::write::parse_blake3_hex),
-        retried_ranges: report.retried_ranges,
-    };
+    let stats = WriteStats::of(&report);
     if !files.is_empty() {
         set(Step::Identity);
         fatinject::set_direct(held, false)

@@ -324,15 +324,7 @@ pub(super) fn provision(
     if cancel.is_set() {
         bail!("cancelled");
     }
-    let stats = WriteStats {
-        bytes_written: report.bytes_written,
-        bytes_skipped: report.bytes_skipped + report.bytes_zeroed + report.bytes_unchanged(),
-        readback_blake3: report
-            .readback_blake3
-            .as_deref()
-            .and_then(crate::write::parse_blake3_hex),
-        retried_ranges: report.retried_ranges,
-    };
+    let stats = WriteStats::of(&report);
     if !files.is_empty() {
         set(Step::Identity);
         let name = Path::new(&label);
