@@ -214,10 +214,19 @@ pub(crate) fn device_info(d: &udev::Device, attr_keys: &[String]) -> DeviceInfo 
             attrs.insert(k.clone(), v.to_string_lossy().trim_end().to_string());
         }
     }
-    let size = d
+    let mut size = d
         .attribute_value("size")
         .and_then(|v| v.to_string_lossy().trim().parse::<u64>().ok())
         .map_or(0, |sectors| sectors * 512);
+    // A media-change event (a card reader after an eject, or a card swapped) comes before the
+    // kernel revalidates the disk, which it does on the next open: until then sysfs shows the
+    // old card's size, and a station that believed it started a unit on an empty reader. Open
+    // it (read-only, no claim) so the size is the medium's; no medium reads as 0.
+    if props.get("DISK_MEDIA_CHANGE").map(String::as_str) == Some("1") {
+        if let Some(node) = d.devnode() {
+            size = medium_size(node).unwrap_or(0);
+        }
+    }
     // The size is read now, so the medium key must be too: an `add` event handled after the
     // device was already attached again carries an older DISKSEQ than the medium in it (a
     // fresh loop device: `add` at creation, `change` at attach), and keying that medium by the
@@ -237,6 +246,17 @@ pub(crate) fn device_info(d: &udev::Device, attr_keys: &[String]) -> DeviceInfo 
         attrs,
         size,
     }
+}
+
+/// The size of the medium in a disk, as the kernel sees it after an open (revalidated).
+fn medium_size(node: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .open(node)
+        .ok()?;
+    crate::write::sink::block_device_size(&f).ok()
 }
 
 /// Whole disks and USB devices present now (works without udevd, but then udev properties
