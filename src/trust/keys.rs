@@ -144,13 +144,14 @@ fn pgp_keys(
 }
 
 /// minisign's key ID: the 8 key-number bytes after the "Ed" algorithm tag, printed as the
-/// little-endian number in upper-case hex (as `minisign -G` and `-V` print it).
+/// little-endian number in upper-case hex without leading zeros (as `minisign -G` and `-V`
+/// print it: `%" PRIX64`), so a user can match the ID to what the tool showed.
 pub(crate) fn minisign_key_id(b64: &str) -> Option<String> {
     let raw = decode_b64(b64)?;
     let num = raw.get(2..10)?;
     let mut le = [0u8; 8];
     le.copy_from_slice(num);
-    Some(format!("{:016X}", u64::from_le_bytes(le)))
+    Some(format!("{:X}", u64::from_le_bytes(le)))
 }
 
 /// Standard base64 (with padding), enough for key and signature lines.
@@ -185,7 +186,8 @@ mod tests {
         raw.extend(1u8..=8);
         raw.extend([0u8; 32]);
         let b64 = encode(&raw);
-        assert_eq!(minisign_key_id(&b64).unwrap(), "0807060504030201");
+        // minisign prints `%" PRIX64`: no leading zero (0x0807… is shown as 807…).
+        assert_eq!(minisign_key_id(&b64).unwrap(), "807060504030201");
     }
 
     fn encode(b: &[u8]) -> String {

@@ -1,7 +1,7 @@
 //! Detached signatures, recognised by their bytes, verified over a stream (an image may be
 //! gigabytes: it is hashed as it is read, never held in memory).
 
-use super::{keys::decode_b64, TrustError, TrustedKey};
+use super::{TrustError, TrustedKey};
 use pgp::composed::{Deserializable, DetachedSignature};
 use pgp::types::KeyDetails;
 use std::io::Read;
@@ -61,13 +61,8 @@ impl Signature {
                 let sig = minisign_verify::Signature::decode(t)
                     .map_err(|e| bad(format!("not a readable minisign signature: {e}")))?;
                 let line = t.lines().nth(1).unwrap_or("");
-                let key_id = decode_b64(line)
-                    .filter(|raw| raw.len() >= 10)
-                    .map(|raw| {
-                        let mut le = [0u8; 8];
-                        le.copy_from_slice(&raw[2..10]);
-                        format!("minisign:{:016X}", u64::from_le_bytes(le))
-                    })
+                let key_id = super::keys::minisign_key_id(line)
+                    .map(|id| format!("minisign:{id}"))
                     .ok_or_else(|| bad("not a readable minisign signature line".into()))?;
                 Ok(Signature::Minisign {
                     sig: Box::new(sig),
