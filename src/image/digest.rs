@@ -7,16 +7,46 @@
 
 use super::zero::{ZEROS, ZEROS_LEN};
 use super::{Extent, ExtentKind, ImageError};
+use blake3::hazmat::{merge_subtrees_non_root, merge_subtrees_root, HasherExt, Mode};
 use std::path::{Path, PathBuf};
 
 /// Below this, `update_rayon` costs more in coordination than it gains.
 const RAYON_MIN: usize = 256 * 1024;
 
-/// Hashes an extent stream. Zero runs dominate for sparse images (a 4 GiB image with 1.3 GiB
-/// mapped hashes 2.7 GiB of zeroes), so they are fed from a static zero buffer through
-/// blake3's multi-threaded `update_rayon`.
+/// The digest is assembled from subtrees of this size (a power of two of blake3's 1 KiB
+/// chunks, so every unit at a multiple of it is a whole subtree of the standard tree).
+const UNIT: u64 = 4 << 20;
+
+/// blake3 chaining values of an all-zero [`UNIT`] at unit index 0, 1, 2, ... (the first
+/// 32 GiB), made by `examples/zero_unit_cvs.rs` and checked entry by entry by a unit test.
+/// A chunk's chaining value depends on its position, so a hole cannot be hashed once and
+/// reused; but its units can be looked up: a 4 GiB image with 1.3 GiB mapped then hashes
+/// 1.3 GiB, not 4 GiB, and the digest stays the plain blake3 of the logical bytes.
+static ZERO_UNITS: &[u8; 262_144] = include_bytes!("zero-units.bin");
+
+fn zero_unit_cv(index: u64) -> Option<ChainingValue> {
+    let at = usize::try_from(index).ok()?.checked_mul(32)?;
+    ZERO_UNITS.get(at..at + 32)?.try_into().ok()
+}
+
+type ChainingValue = [u8; 32];
+
+/// The unit being filled: hashed from bytes, or an all-zero unit taken from the table.
+enum Open {
+    Hashing(Box<blake3::Hasher>, u64),
+    Zero(ChainingValue),
+}
+
+/// Hashes an extent stream. Each [`UNIT`] of the logical image is a subtree hashed on its
+/// own and merged into the root as blake3's own hasher would; all-zero units of holes come
+/// from [`ZERO_UNITS`] (zeroes past the table are hashed, through `update_rayon` unless
+/// [`LogicalHasher::single_threaded`]). Equal to `b3sum` of the logical bytes.
 pub struct LogicalHasher {
-    h: blake3::Hasher,
+    open: Open,
+    /// Chaining values of finished subtrees, merged where whole (blake3's stack).
+    stack: Vec<ChainingValue>,
+    /// Units pushed onto `stack`.
+    units: u64,
     len: u64,
     rayon: bool,
 }
@@ -30,7 +60,9 @@ impl Default for LogicalHasher {
 impl LogicalHasher {
     pub fn new() -> Self {
         LogicalHasher {
-            h: blake3::Hasher::new(),
+            open: Open::Hashing(Box::default(), 0),
+            stack: Vec::new(),
+            units: 0,
             len: 0,
             rayon: true,
         }
@@ -56,19 +88,68 @@ impl LogicalHasher {
         }
     }
 
-    pub(crate) fn update(&mut self, data: &[u8]) {
-        if self.rayon && data.len() >= RAYON_MIN {
-            self.h.update_rayon(data);
-        } else {
-            self.h.update(data);
+    /// Room left in the open unit; a full unit is closed first (only now is it known
+    /// not to be the last, whose chaining value may have to be the root).
+    fn room(&mut self) -> u64 {
+        let used = match &self.open {
+            Open::Hashing(_, n) => *n,
+            Open::Zero(_) => UNIT,
+        };
+        if used < UNIT {
+            return UNIT - used;
+        }
+        let cv = match &self.open {
+            Open::Hashing(h, _) => h.finalize_non_root(),
+            Open::Zero(cv) => *cv,
+        };
+        self.units += 1;
+        let (mut cv, mut t) = (cv, self.units);
+        while t & 1 == 0 {
+            if let Some(left) = self.stack.pop() {
+                cv = merge_subtrees_non_root(&left, &cv, Mode::Hash);
+            }
+            t >>= 1;
+        }
+        self.stack.push(cv);
+        let mut h = Box::<blake3::Hasher>::default();
+        h.set_input_offset(self.len);
+        self.open = Open::Hashing(h, 0);
+        UNIT
+    }
+
+    fn hash_into_unit(&mut self, data: &[u8]) {
+        if let Open::Hashing(h, n) = &mut self.open {
+            if self.rayon && data.len() >= RAYON_MIN {
+                h.update_rayon(data);
+            } else {
+                h.update(data);
+            }
+            *n += data.len() as u64;
         }
         self.len += data.len() as u64;
     }
 
+    pub(crate) fn update(&mut self, mut data: &[u8]) {
+        while !data.is_empty() {
+            let n = (self.room() as usize).min(data.len());
+            self.hash_into_unit(&data[..n]);
+            data = &data[n..];
+        }
+    }
+
     pub(crate) fn update_zeros(&mut self, mut n: u64) {
         while n > 0 {
-            let k = n.min(ZEROS_LEN as u64) as usize;
-            self.update(&ZEROS[..k]);
+            let room = self.room();
+            if room == UNIT && n >= UNIT {
+                if let Some(cv) = zero_unit_cv(self.len / UNIT) {
+                    self.open = Open::Zero(cv);
+                    self.len += UNIT;
+                    n -= UNIT;
+                    continue;
+                }
+            }
+            let k = n.min(room).min(ZEROS_LEN as u64) as usize;
+            self.hash_into_unit(&ZEROS[..k]);
             n -= k as u64;
         }
     }
@@ -79,7 +160,26 @@ impl LogicalHasher {
     }
 
     pub fn finalize(&self) -> blake3::Hash {
-        self.h.finalize()
+        if self.stack.is_empty() {
+            // One unit or less: its subtree is the whole tree, finalized as the root.
+            return match &self.open {
+                Open::Hashing(h, _) => h.finalize(),
+                Open::Zero(_) => {
+                    let mut h = blake3::Hasher::new();
+                    h.update(&ZEROS[..UNIT as usize]);
+                    h.finalize()
+                }
+            };
+        }
+        // Past the first unit the open one holds at least one byte (units close lazily).
+        let mut cv = match &self.open {
+            Open::Hashing(h, _) => h.finalize_non_root(),
+            Open::Zero(cv) => *cv,
+        };
+        for left in self.stack[1..].iter().rev() {
+            cv = merge_subtrees_non_root(left, &cv, Mode::Hash);
+        }
+        merge_subtrees_root(&self.stack[0], &cv, Mode::Hash)
     }
 }
 
@@ -214,6 +314,89 @@ mod tests {
         v.extend_from_slice(b"xyz");
         assert_eq!(h.finalize(), blake3::hash(&v));
         assert_eq!(h.len(), v.len() as u64);
+    }
+
+    /// Feeds `parts` (`Ok(bytes)` or `Err(zero count)`) to a hasher and compares with
+    /// blake3 of the same bytes laid out flat.
+    fn same_as_flat(parts: &[Result<Vec<u8>, u64>], rayon: bool) {
+        let mut h = if rayon {
+            LogicalHasher::new()
+        } else {
+            LogicalHasher::single_threaded()
+        };
+        let mut flat = Vec::new();
+        for p in parts {
+            match p {
+                Ok(b) => {
+                    h.update(b);
+                    flat.extend_from_slice(b);
+                }
+                Err(n) => {
+                    h.update_zeros(*n);
+                    flat.resize(flat.len() + *n as usize, 0);
+                }
+            }
+        }
+        assert_eq!(h.len(), flat.len() as u64);
+        let lens: Vec<String> = parts
+            .iter()
+            .map(|p| match p {
+                Ok(b) => format!("data {}", b.len()),
+                Err(n) => format!("zeros {n}"),
+            })
+            .collect();
+        assert_eq!(h.finalize(), blake3::hash(&flat), "{lens:?}");
+    }
+
+    #[test]
+    fn units_and_table_zeros_hash_like_flat_bytes() {
+        let u = UNIT as usize;
+        let data = |n: usize| -> Vec<u8> { (0..n).map(|i| (i * 7 + n) as u8 | 1).collect() };
+        let cases: Vec<Vec<Result<Vec<u8>, u64>>> = vec![
+            vec![],
+            vec![Ok(data(1))],
+            vec![Ok(data(1024))],
+            vec![Ok(data(1025))],
+            vec![Ok(data(u - 1))],
+            vec![Ok(data(u))],
+            vec![Ok(data(u + 1))],
+            vec![Err(UNIT)],
+            vec![Err(UNIT - 1)],
+            vec![Err(UNIT + 1)],
+            vec![Err(3 * UNIT)],
+            vec![Err(2 * UNIT), Ok(data(5))],
+            vec![Ok(data(5)), Err(3 * UNIT)],
+            vec![Ok(data(u)), Err(UNIT)],
+            vec![Ok(data(u)), Err(UNIT), Ok(data(u)), Err(4 * UNIT + 4096)],
+            vec![Err(UNIT / 2), Ok(data(u)), Err(5 * UNIT / 2), Ok(data(3))],
+            vec![Ok(data(3 * u + 100)), Err(7 * UNIT - 100), Ok(data(u))],
+        ];
+        for c in &cases {
+            same_as_flat(c, false);
+            same_as_flat(c, true);
+        }
+    }
+
+    /// Every table entry is the chaining value of that all-zero unit (32 GiB of blake3: the
+    /// table is data in the binary, and a wrong entry would be a wrong digest).
+    #[test]
+    fn zero_unit_table_is_blake3_of_zero_units() {
+        let n = ZERO_UNITS.len() as u64 / 32;
+        assert_eq!(n, 8192);
+        let check = |from: u64, to: u64| {
+            for i in from..to {
+                let mut h = blake3::Hasher::new();
+                h.set_input_offset(i * UNIT);
+                h.update(&ZEROS[..UNIT as usize]);
+                assert_eq!(Some(h.finalize_non_root()), zero_unit_cv(i), "entry {i}");
+            }
+        };
+        std::thread::scope(|s| {
+            let half = n / 2;
+            s.spawn(move || check(0, half));
+            check(half, n);
+        });
+        assert_eq!(zero_unit_cv(n), None);
     }
 
     #[test]

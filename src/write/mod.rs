@@ -2,9 +2,10 @@
 //!
 //! ```text
 //!  image-read thread          sbcflash-read thread      calling thread (writer)
-//!  decompress/read straight ► scan: zero blocks, bmap ► bounded channel ► sink.write_at
-//!  into the source's pooled    gaps; lend slices of      zero/skip ranges, first MiB last
-//!  aligned buffers             those buffers (no copy)        │ same Arc'd slices
+//!  decompress/read straight ► scan: zero blocks, bmap ► bounded channel ► data: sbcflash-write0/1
+//!  into the source's pooled    gaps; lend slices of      (block devices, [`behind`]) or sink.write_at;
+//!  aligned buffers             those buffers (no copy)   zero/skip ranges, first MiB last
+//!                                                             │ same Arc'd slices
 //!                                          ┌──────────────────┴──────────────┐
 //!                               sbcflash-hash: blake3 of the      sbcflash-check: bmap range
 //!                               logical image + per-range         sha256/sha1 (when the
@@ -27,6 +28,7 @@
 
 /// The pooled aligned buffers live with the image sources, which fill them directly.
 pub(crate) use crate::image::buffer;
+mod behind;
 mod delta;
 mod error;
 pub(crate) mod sink;
@@ -653,6 +655,11 @@ fn write_inner(
         }
     }
     let _stop_guard = StopOnDrop(stop);
+    // Data pieces go to two writer threads where the sink allows (block devices).
+    let mut behind = match (&delta, sink.medium_writer()) {
+        (None, Some(w)) => Some(behind::WriteBehind::spawn(w)?),
+        _ => None,
+    };
 
     let hold = opts.hold_back;
     let mut head = AlignedBuf::new(hold.max(1) as usize);
@@ -802,7 +809,14 @@ fn write_inner(
                     from = h_end;
                 }
                 if from < end {
-                    sink.write_at(from, &data[(from - offset) as usize..])?;
+                    let skip = (from - offset) as usize;
+                    let handed = match &mut behind {
+                        Some(b) => b.send(from, &piece, skip)?,
+                        None => false,
+                    };
+                    if !handed {
+                        sink.write_at(from, &data[skip..])?;
+                    }
                 }
                 written += len as u64;
                 pos = end;
@@ -824,6 +838,9 @@ fn write_inner(
         }
         reporter.report(opts.progress(Phase::Write, pos, size_hint));
     }
+    if let Some(b) = &mut behind {
+        b.finish()?;
+    }
     if let Some(d) = &mut delta {
         d.close();
     }
@@ -833,7 +850,7 @@ fn write_inner(
     skipped += counts.2;
     let (delta_report, delta_ranges) = match delta {
         Some(mut d) => {
-            let ranges = std::mem::take(&mut d.written);
+            let ranges = d.take_written()?;
             let r = d.report.clone();
             d.finish();
             (Some(r), Some(ranges))

@@ -78,6 +78,46 @@ pub trait Sink: Send {
     fn medium_reader(&self) -> Option<MediumReader> {
         None
     }
+
+    /// A handle for positioned writes from other threads, so the medium gets more than one
+    /// request in flight. `None`: every write goes through [`Sink::write_at`].
+    fn medium_writer(&self) -> Option<MediumWriter> {
+        None
+    }
+}
+
+/// Aligned positioned writes to a block device from writer threads (`pwrite` on a shared
+/// descriptor, O_DIRECT included). One request at a time (what `dd` does) leaves the device
+/// idle while the next request is set up; a second one in flight keeps it busy. Unaligned
+/// requests stay with the sink, which bounces them.
+pub struct MediumWriter {
+    file: File,
+    name: String,
+    block: u64,
+    direct: bool,
+    capacity: u64,
+}
+
+impl MediumWriter {
+    /// Whether this handle can write `data` at `off` (else the sink must).
+    pub(crate) fn takes(&self, off: u64, data: &[u8]) -> bool {
+        !self.direct
+            || (off % self.block == 0
+                && data.len() as u64 % self.block == 0
+                && data.as_ptr() as usize % ALIGN == 0)
+    }
+
+    pub(crate) fn write_at(&self, off: u64, data: &[u8]) -> Result<(), WriteError> {
+        let end = off.saturating_add(data.len() as u64);
+        if end > self.capacity {
+            return Err(WriteError::TooLarge {
+                target: self.name.clone(),
+                end,
+                capacity: self.capacity,
+            });
+        }
+        pwrite_all(&self.file, &self.name, data, off)
+    }
 }
 
 /// Concurrent positioned reads of a target's medium (`pread` on a shared descriptor is
@@ -538,6 +578,16 @@ impl Sink for BlockDeviceSink {
         })();
         self.scratch = Some(scratch);
         result
+    }
+
+    fn medium_writer(&self) -> Option<MediumWriter> {
+        Some(MediumWriter {
+            file: self.file.try_clone().ok()?,
+            name: self.name.clone(),
+            block: self.block,
+            direct: self.direct,
+            capacity: self.capacity,
+        })
     }
 
     fn medium_reader(&self) -> Option<MediumReader> {
