@@ -9,16 +9,16 @@
 
 mod common;
 
+use common::station::{
+    backing, is_msg, is_start, read_range, udevd_present, udevd_serial, Station, Throttle,
+};
 use common::{make_nixos_like_image, require, run, sbcflash, LoopDev, Table, Udevd};
 use serde_json::Value;
-use std::io::{BufRead, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::MetadataExt;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
-
-static UDEVD_TESTS: Mutex<()> = Mutex::new(());
 
 const MIB: u64 = 1 << 20;
 /// Layout of `make_nixos_like_image`: FAT "FIRMWARE" at 8 MiB, 16 MiB long; ext4 after.
@@ -40,8 +40,39 @@ const TOOLS: &[&str] = &[
     "blockdev",
 ];
 
-fn udevd_present() -> bool {
-    Path::new("/lib/systemd/systemd-udevd").exists()
+/// Root, the tools and `extra`, and udevd (else skipped); the udevd lock, held for the test.
+fn udevd_lock(extra: &[&str]) -> Option<MutexGuard<'static, ()>> {
+    if !require(true, TOOLS)
+        || !require(true, extra)
+        || !udevd_present() && !require(true, &["systemd-udevd"])
+    {
+        return None;
+    }
+    Some(udevd_serial())
+}
+
+/// The start of a test on real cards: [`udevd_lock`], a directory and the image in it.
+fn udevd_setup() -> Option<(MutexGuard<'static, ()>, tempfile::TempDir, PathBuf)> {
+    let serial = udevd_lock(&[])?;
+    let tmp = tempfile::tempdir().unwrap();
+    let img = make_nixos_like_image(tmp.path(), "nixos.img", IMG_MIB, Table::Mbr);
+    Some((serial, tmp, img))
+}
+
+/// A station whose writes to each `(device, bytes per second)` are throttled from its start.
+fn throttled_station(
+    dir: &Path,
+    cfg: &Path,
+    args: &[&str],
+    slow: &[(&Path, u64)],
+) -> (Throttle, Station) {
+    let throttle = Throttle::new("sbcflash-test");
+    for (dev, bytes_per_sec) in slow {
+        throttle.limit_writes(dev, *bytes_per_sec);
+    }
+    let st = Station::spawn(dir, cfg, args);
+    throttle.add(st.pid());
+    (throttle, st)
 }
 
 /// A tmpfs of `size` mounted on a fresh directory; unmounted (by its path) on drop.
@@ -80,215 +111,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A blkio cgroup that throttles writes to chosen devices for the processes put in it, so a
-/// job is reliably still writing when the test acts (cgroup v1 blkio, or v2 io.max).
-struct Throttle {
-    dir: PathBuf,
-    v2: bool,
-}
-
-impl Throttle {
-    fn new(name: &str) -> Throttle {
-        let v1 = Path::new("/sys/fs/cgroup/blkio");
-        if v1.join("blkio.throttle.write_bps_device").exists() {
-            let dir = v1.join(name);
-            std::fs::create_dir_all(&dir).expect("create blkio cgroup");
-            return Throttle { dir, v2: false };
-        }
-        let root = Path::new("/sys/fs/cgroup");
-        let ctl = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-        assert!(
-            ctl.split_whitespace().any(|c| c == "io"),
-            "neither cgroup v1 blkio nor the v2 io controller is available for throttling"
-        );
-        let _ = std::fs::write(root.join("cgroup.subtree_control"), "+io");
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).expect("create io cgroup");
-        Throttle { dir, v2: true }
-    }
-
-    fn limit_writes(&self, dev: &Path, bytes_per_sec: u64) {
-        let rdev = std::fs::metadata(dev).unwrap().rdev();
-        let (maj, min) = (libc::major(rdev), libc::minor(rdev));
-        if self.v2 {
-            std::fs::write(
-                self.dir.join("io.max"),
-                format!("{maj}:{min} wbps={bytes_per_sec}"),
-            )
-            .unwrap();
-        } else {
-            std::fs::write(
-                self.dir.join("blkio.throttle.write_bps_device"),
-                format!("{maj}:{min} {bytes_per_sec}"),
-            )
-            .unwrap();
-        }
-    }
-
-    fn add(&self, pid: u32) {
-        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-}
-
-impl Drop for Throttle {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("warning: could not remove cgroup {}", self.dir.display());
-    }
-}
-
-/// A running `sbcflash station --json`; its events arrive on a channel. Killed by PID on drop.
-struct Station {
-    child: Child,
-    events: crossbeam_channel::Receiver<Value>,
-    seen: Vec<Value>,
-    stderr: PathBuf,
-    /// Lines off the documented --json schema (checked when the station is dropped).
-    off_schema: std::sync::Arc<Mutex<Vec<String>>>,
-}
-
-impl Station {
-    fn spawn(dir: &Path, config: &Path, args: &[&str]) -> Station {
-        let stderr = dir.join(format!("station-{}.stderr", rand_suffix()));
-        let mut child = sbcflash()
-            .env("SBCFLASH_CACHE_DIR", dir.join("cache"))
-            .args(["station", "--json", "--config"])
-            .arg(config)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn station");
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let off_schema = std::sync::Arc::new(Mutex::new(Vec::new()));
-        let off = off_schema.clone();
-        std::thread::spawn(move || {
-            let rows = common::json::schema_rows();
-            for line in std::io::BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if let Err(e) = common::json::match_row(&rows, &line) {
-                    off.lock().unwrap().push(e);
-                }
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => {
-                        if tx.send(v).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => panic!("station printed a non-JSON line {line:?}: {e}"),
-                }
-            }
-        });
-        Station {
-            child,
-            events: rx,
-            seen: Vec::new(),
-            stderr,
-            off_schema,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Waits for an event matching `pred` (or one already seen).
-    fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
-            return v.clone();
-        }
-        loop {
-            match self.events.recv_timeout(WATCHDOG) {
-                Ok(v) => {
-                    self.seen.push(v.clone());
-                    if pred(&v) {
-                        return v;
-                    }
-                }
-                Err(_) => panic!(
-                    "station: no event {what}; events so far:\n{}\nstderr:\n{}",
-                    self.dump(),
-                    self.stderr()
-                ),
-            }
-        }
-    }
-
-    fn dump(&self) -> String {
-        self.seen
-            .iter()
-            .filter(|v| v["event"] != "progress")
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            if rx.recv_timeout(WATCHDOG).is_err() {
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            }
-        });
-        let st = self.child.wait().expect("wait station");
-        let _ = tx.send(());
-        // Drain what it printed.
-        while let Ok(v) = self.events.recv_timeout(Duration::from_secs(5)) {
-            self.seen.push(v);
-        }
-        st
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Station {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let off = std::mem::take(&mut *self.off_schema.lock().unwrap());
-        if !std::thread::panicking() {
-            assert!(
-                off.is_empty(),
-                "station --json off its schema:\n{}",
-                off.join("\n")
-            );
-        }
-    }
-}
-
-fn rand_suffix() -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn is_msg(v: &Value, job: &str, needle: &str) -> bool {
-    v["event"] == "message"
-        && v["job"] == job
-        && v["text"].as_str().is_some_and(|t| t.contains(needle))
-}
-
-fn is_start(v: &Value, job: &str, phase: &str) -> bool {
-    v["event"] == "start" && v["job"] == job && v["phase"] == phase
-}
-
 /// Writes a station config for `slots` (name, backing file) and returns its path.
 fn write_config(dir: &Path, image: &Path, slots: &[(&str, &Path)], extra: &str) -> PathBuf {
     let mut t = format!(
@@ -320,27 +142,12 @@ template = "{{hostname}}\n"
     p
 }
 
-fn backing(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    let f = std::fs::File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    p
-}
-
 fn report(config: &Path) -> Vec<Value> {
     let o = run(sbcflash()
         .args(["station", "report", "--format", "json", "--config"])
         .arg(config));
     let v: Value = serde_json::from_slice(&o.stdout).expect("report is JSON");
     v.as_array().expect("report is an array").clone()
-}
-
-fn read_range(p: &Path, off: u64, len: u64) -> Vec<u8> {
-    let mut f = std::fs::File::open(p).unwrap();
-    f.seek(SeekFrom::Start(off)).unwrap();
-    let mut v = vec![0u8; len as usize];
-    f.read_exact(&mut v).unwrap();
-    v
 }
 
 fn mtools(args: &[&str], image_at: &str) -> String {
@@ -470,13 +277,10 @@ fn unit_row<'a>(rows: &'a [Value], slot: &str) -> &'a Value {
 
 #[test]
 fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     // Compressed, as images are published: the station decodes it once for all four slots.
     if !require(true, &["zstd"]) {
         return;
@@ -506,11 +310,13 @@ fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
     // s1 is in its reader when the station starts (flashed because of --flash-present) and is
     // a slow card (writes throttled); s2..s4 are plugged in while it runs.
     let d1 = LoopDev::attach(&backs[0], &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
-    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
-    throttle.limit_writes(d1.path(), MIB);
-    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "4"]);
-    throttle.add(st.child.id());
+    Udevd::settle();
+    let (throttle, mut st) = throttled_station(
+        dir,
+        &cfg,
+        &["--flash-present", "--exit-after", "4"],
+        &[(d1.path(), MIB)],
+    );
     st.wait_for("station ready", |v| is_msg(v, "station", "station ready"));
     st.wait_for("s1 writing", |v| is_start(v, "s1", "write"));
     let outsider = LoopDev::attach(&outsider_file, &[]);
@@ -631,18 +437,15 @@ fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
 /// after the station has ended), so the ENOSPC always comes first.
 #[test]
 fn station_udevd_card_gone_before_its_event_reads_removed() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     let b = backing(dir, "gone.card", 64 * MIB);
     let cfg = write_config(dir, &img, &[("gone", &b)], "");
     let _udevd = Udevd::start();
     let d = LoopDev::attach(&b, &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    Udevd::settle();
     let flag = dir.join("release-events");
     let name = d.path().file_name().unwrap().to_string_lossy().to_string();
     let _rule = common::UdevRule::install(
@@ -660,10 +463,12 @@ fn station_udevd_card_gone_before_its_event_reads_removed() {
         }
     }
     let release = Release(flag);
-    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
-    throttle.limit_writes(d.path(), 2 * MIB);
-    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "1"]);
-    throttle.add(st.child.id());
+    let (throttle, mut st) = throttled_station(
+        dir,
+        &cfg,
+        &["--flash-present", "--exit-after", "1"],
+        &[(d.path(), 2 * MIB)],
+    );
     st.wait_for("gone starts writing", |v| is_start(v, "gone", "write"));
     // The card goes: no medium behind the disk, its capacity 0.
     std::fs::File::options()
@@ -692,13 +497,10 @@ fn station_udevd_card_gone_before_its_event_reads_removed() {
 
 #[test]
 fn station_udevd_faults_mid_write_fail_alone() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     // ok1 and ok2 are healthy; "full" sits on a 2 MiB tmpfs, so writes past its capacity fail
     // with real I/O errors; "pulled" gets a udev remove event while it is writing.
     let tiny = Tmpfs::mount(&dir.join("tiny"), "2M");
@@ -724,11 +526,13 @@ fn station_udevd_faults_mid_write_fail_alone() {
     let d_full = LoopDev::attach(&b_full, &[]);
     let d_pulled = LoopDev::attach(&b_pulled, &[]);
     let d_ok2 = LoopDev::attach(&b_ok2, &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
-    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
-    throttle.limit_writes(d_pulled.path(), 2 * MIB);
-    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "4"]);
-    throttle.add(st.child.id());
+    Udevd::settle();
+    let (throttle, mut st) = throttled_station(
+        dir,
+        &cfg,
+        &["--flash-present", "--exit-after", "4"],
+        &[(d_pulled.path(), 2 * MIB)],
+    );
     st.wait_for("pulled starts writing", |v| is_start(v, "pulled", "write"));
     run(Command::new("udevadm")
         .args(["trigger", "--action=remove"])
@@ -787,25 +591,23 @@ fn station_udevd_faults_mid_write_fail_alone() {
 
 #[test]
 fn station_udevd_kill9_loses_no_unit_and_never_reuses_a_serial() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     let b1 = backing(dir, "k1.card", 64 * MIB);
     let b2 = backing(dir, "k2.card", 64 * MIB);
     let cfg = write_config(dir, &img, &[("k1", &b1), ("k2", &b2)], "");
     let _udevd = Udevd::start();
     let d1 = LoopDev::attach(&b1, &[]);
     let d2 = LoopDev::attach(&b2, &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
-    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
-    throttle.limit_writes(d1.path(), 2 * MIB);
-    throttle.limit_writes(d2.path(), 2 * MIB);
-    let mut st = Station::spawn(dir, &cfg, &["--flash-present"]);
-    throttle.add(st.child.id());
+    Udevd::settle();
+    let (throttle, mut st) = throttled_station(
+        dir,
+        &cfg,
+        &["--flash-present"],
+        &[(d1.path(), 2 * MIB), (d2.path(), 2 * MIB)],
+    );
     st.wait_for("k1 writing", |v| is_start(v, "k1", "write"));
     st.wait_for("k2 writing", |v| is_start(v, "k2", "write"));
 
@@ -2025,19 +1827,16 @@ fn count(hay: &[u8], needle: &[u8]) -> usize {
 /// a good one (PASS).
 #[test]
 fn station_udevd_bell_and_flash_on_fail_reach_the_terminal() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     let b_small = backing(dir, "small.card", 16 * MIB);
     let b_good = backing(dir, "good.card", 64 * MIB);
     let _udevd = Udevd::start();
     let _d_small = LoopDev::attach(&b_small, &[]);
     let _d_good = LoopDev::attach(&b_good, &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    Udevd::settle();
     let slots: [(&str, &Path); 2] = [("small", &b_small), ("good", &b_good)];
     for (ui, bell, flash) in [
         ("[ui]\nbell = true\nflash = true\n", 1, 1),
@@ -2085,13 +1884,10 @@ fn station_udevd_bell_and_flash_on_fail_reach_the_terminal() {
 /// written; a good card in the other slot is checked, then written as usual.
 #[test]
 fn station_udevd_check_card_fails_a_card_that_cannot_hold_its_size() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     let tiny = Tmpfs::mount(&dir.join("tiny"), "1M");
     let b_good = backing(dir, "good.card", 64 * MIB);
     let b_small = backing(&tiny.dir, "small.card", 64 * MIB);
@@ -2104,7 +1900,7 @@ fn station_udevd_check_card_fails_a_card_that_cannot_hold_its_size() {
     let _udevd = Udevd::start();
     let d_good = LoopDev::attach(&b_good, &[]);
     let d_small = LoopDev::attach(&b_small, &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    Udevd::settle();
     let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "2"]);
     let status = st.wait_exit();
     assert_eq!(status.code(), Some(5), "{}\n{}", st.dump(), st.stderr());
@@ -2166,13 +1962,11 @@ impl Drop for Boards {
 #[test]
 fn station_udevd_qemu_boot_acceptance_fails_the_unit_that_does_not_boot() {
     let tools = common::try_tools("riscv64");
-    let mut need: Vec<&str> = TOOLS.to_vec();
-    need.extend(tools.iter().map(String::as_str));
+    let mut need: Vec<&str> = tools.iter().map(String::as_str).collect();
     need.extend(["qemu-system-aarch64", "socat"]);
-    if !require(true, &need) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some(_serial) = udevd_lock(&need) else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    };
     let img = common::harness_image(Path::new(env!("CARGO_TARGET_TMPDIR")), &[]);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -2221,7 +2015,7 @@ off = "{sc} stop --state {sd}"
 
     let _udevd = Udevd::start();
     let devs: Vec<LoopDev> = backs.iter().map(|b| LoopDev::attach(b, &[])).collect();
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    Udevd::settle();
     let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "3"]);
     let status = st.wait_exit();
     let ctx = format!("{}\n{}", st.dump(), st.stderr());

@@ -6,6 +6,7 @@
 
 pub mod json;
 pub mod pg;
+pub mod station;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -243,6 +244,11 @@ impl Udevd {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         panic!("systemd-udevd did not answer `udevadm control --ping`");
+    }
+
+    /// Waits until udevd has handled the events queued so far (new loop devices, rules).
+    pub fn settle() {
+        run(Command::new("udevadm").args(["settle", "--timeout=30"]));
     }
 }
 
