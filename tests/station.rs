@@ -980,23 +980,6 @@ mod usb_slots {
         pulled: Arc<AtomicBool>,
     }
 
-    /// Joins the station, checks it ended `(pass, fail)` units, each with one ledger row;
-    /// returns the rows by slot and what the station said (for failure messages).
-    fn finish(
-        h: std::thread::JoinHandle<Result<st::Totals, st::StationError>>,
-        rec: &Recorder,
-        ledger_path: &Path,
-        (pass, fail): (u64, u64),
-    ) -> (std::collections::BTreeMap<String, ledger::Row>, String) {
-        let totals = join_station(h).unwrap();
-        let said = format!("{:#?}", rec.0.lock().unwrap());
-        assert_eq!((totals.pass, totals.fail), (pass, fail), "{said}");
-        let rows = ledger::report(ledger_path, None).unwrap();
-        assert_eq!(rows.len() as u64, pass + fail, "{rows:#?}");
-        let by_slot = rows.into_iter().map(|r| (r.slot.clone(), r)).collect();
-        (by_slot, said)
-    }
-
     /// A simulated Rockchip board wired to "udev": whenever it leaves or joins the bus (loader
     /// start, reset, unplug) the matching udev events go to the station, as the kernel's
     /// would; after an arrival it waits until the station has seen it.
@@ -1175,37 +1158,107 @@ mod usb_slots {
         config::Station::load(&cfg_path).unwrap()
     }
 
-    /// Runs the station loop on its own thread over `bus`, with `present` as the devices
-    /// found at start and `rx` as later udev events, until `exit_after` units ended.
-    #[allow(clippy::too_many_arguments)]
-    fn start_station(
-        station: config::Station,
-        img: &Path,
-        ledger_path: &Path,
-        reporter: Arc<dyn sbcflash::progress::Reporter>,
-        bus: SimBus,
-        present: Vec<DeviceInfo>,
+    /// What every USB-slot test wires up: a directory with the image, the recorder the
+    /// station reports to, the "udev" event channel, and the ledger's path.
+    struct Rig {
+        dir: tempfile::TempDir,
+        img: PathBuf,
+        rec: Arc<Recorder>,
+        tx: Events,
         rx: crossbeam_channel::Receiver<(Action, DeviceInfo)>,
-        opts: st::RunOptions,
-    ) -> std::thread::JoinHandle<Result<st::Totals, st::StationError>> {
-        let (led, _) = ledger::Ledger::open(ledger_path).unwrap();
-        let uiv = Arc::new(ui::Ui::new(reporter, ui::Style::Stream, false, false));
-        let plan = Arc::new(image_plan(img));
-        let stop = Arc::new(AtomicBool::new(false));
-        let bus: Arc<dyn sbcflash::usb::discovery::Bus + Send + Sync> = Arc::new(bus);
-        std::thread::spawn(move || {
-            let mut events = ChannelEvents { present, rx };
-            st::run_with(
-                &station,
-                plan,
-                led,
-                uiv,
-                &opts,
-                &mut events,
-                Some(bus),
-                stop,
-            )
-        })
+        ledger: PathBuf,
+    }
+
+    impl Rig {
+        /// The image tools (with `loop_devices`: root and losetup too), else skipped; the
+        /// image is made as `image` in a new directory.
+        fn new(image: &str, loop_devices: bool) -> Option<Rig> {
+            let mut tools = vec!["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "mdir"];
+            if loop_devices {
+                tools.insert(0, "losetup");
+            }
+            if !require(loop_devices, &tools) {
+                return None;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let img = make_nixos_like_image(dir.path(), image, IMG_MIB, Table::Mbr);
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let ledger = dir.path().join("ledger.sqlite");
+            Some(Rig {
+                dir,
+                img,
+                rec: Arc::default(),
+                tx,
+                rx,
+                ledger,
+            })
+        }
+
+        /// [`usb_station`] in this rig's directory, for its image.
+        fn station(&self, usb: &str, hub: &str, slots: &[(&str, &str)]) -> config::Station {
+            usb_station(self.dir.path(), &self.img, usb, hub, slots)
+        }
+
+        /// `board` wired to this rig's udev events and recorder.
+        fn wired<B: SimDevice>(&self, board: B) -> Arc<Mutex<Wired<B>>> {
+            Arc::new(Mutex::new(Wired::new(
+                board,
+                self.tx.clone(),
+                self.rec.clone(),
+            )))
+        }
+
+        /// Runs the station loop on its own thread over `bus`, reporting to `reporter`, with
+        /// `present` as the devices found at start and later udev events from this rig, until
+        /// `exit_after` units ended.
+        fn start(
+            &self,
+            station: config::Station,
+            reporter: Arc<dyn sbcflash::progress::Reporter>,
+            bus: SimBus,
+            present: Vec<DeviceInfo>,
+            exit_after: u64,
+        ) -> std::thread::JoinHandle<Result<st::Totals, st::StationError>> {
+            let (led, _) = ledger::Ledger::open(&self.ledger).unwrap();
+            let uiv = Arc::new(ui::Ui::new(reporter, ui::Style::Stream, false, false));
+            let plan = Arc::new(image_plan(&self.img));
+            let stop = Arc::new(AtomicBool::new(false));
+            let bus: Arc<dyn sbcflash::usb::discovery::Bus + Send + Sync> = Arc::new(bus);
+            let opts = st::RunOptions {
+                flash_present: !present.is_empty(),
+                exit_after: Some(exit_after),
+            };
+            let rx = self.rx.clone();
+            std::thread::spawn(move || {
+                let mut events = ChannelEvents { present, rx };
+                st::run_with(
+                    &station,
+                    plan,
+                    led,
+                    uiv,
+                    &opts,
+                    &mut events,
+                    Some(bus),
+                    stop,
+                )
+            })
+        }
+
+        /// Joins the station, checks it ended `(pass, fail)` units, each with one ledger row;
+        /// returns the rows by slot and what the station said (for failure messages).
+        fn finish(
+            &self,
+            h: std::thread::JoinHandle<Result<st::Totals, st::StationError>>,
+            (pass, fail): (u64, u64),
+        ) -> (std::collections::BTreeMap<String, ledger::Row>, String) {
+            let totals = join_station(h).unwrap();
+            let said = format!("{:#?}", self.rec.0.lock().unwrap());
+            assert_eq!((totals.pass, totals.fail), (pass, fail), "{said}");
+            let rows = ledger::report(&self.ledger, None).unwrap();
+            assert_eq!(rows.len() as u64, pass + fail, "{rows:#?}");
+            let by_slot = rows.into_iter().map(|r| (r.slot.clone(), r)).collect();
+            (by_slot, said)
+        }
     }
 
     /// Two boards on configured USB ports (one in maskrom, so it gets the loader and
@@ -1217,15 +1270,10 @@ mod usb_slots {
     /// is never touched.
     #[test]
     fn station_usb_slots_flash_a_maskrom_board_and_fail_an_unplugged_one() {
-        if !require(
-            false,
-            &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "mdir"],
-        ) {
+        let Some(rig) = Rig::new("usb.img", false) else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let img = make_nixos_like_image(dir.path(), "usb.img", IMG_MIB, Table::Mbr);
-        let loader = dir.path().join("rk3588_spl_loader.bin");
+        };
+        let loader = rig.dir.path().join("rk3588_spl_loader.bin");
         std::fs::write(
             &loader,
             sbcflash::usb::rkloader::build_merged(
@@ -1236,26 +1284,14 @@ mod usb_slots {
             ),
         )
         .unwrap();
-        let station = usb_station(
-            dir.path(),
-            &img,
+        let station = rig.station(
             &format!("loader = [\"{}\"]\nstorage = \"emmc\"", loader.display()),
             "1-2",
             &[("u1", "2.1"), ("u2", "2.2"), ("u3", "2.3")],
         );
 
-        let rec = Arc::new(Recorder::default());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let b1 = Arc::new(Mutex::new(Wired::new(
-            board(RkMode::Maskrom, 1, 5),
-            tx.clone(),
-            rec.clone(),
-        )));
-        let b2 = Arc::new(Mutex::new(Wired::new(
-            board(RkMode::Loader, 2, 9),
-            tx.clone(),
-            rec.clone(),
-        )));
+        let b1 = rig.wired(board(RkMode::Maskrom, 1, 5));
+        let b2 = rig.wired(board(RkMode::Loader, 2, 9));
         let (reached_tx, reached) = crossbeam_channel::unbounded();
         let (release, release_rx) = crossbeam_channel::unbounded();
         let pulled = Arc::new(AtomicBool::new(false));
@@ -1268,7 +1304,7 @@ mod usb_slots {
         });
         let mut outside = board(RkMode::Loader, 3, 12);
         outside.ports = vec![3];
-        let outside = Arc::new(Mutex::new(Wired::new(outside, tx.clone(), rec.clone())));
+        let outside = rig.wired(outside);
         let outside_before = lock(&outside).board.storage(EMMC).to_vec();
         // An Allwinner board in FEL on u3: recognised, but not something the station flashes.
         let mut fel = sbcflash::usb::sim::fel::FelDevice::d1(1 << 20);
@@ -1289,37 +1325,25 @@ mod usb_slots {
             &lock(&fel).descriptor().unwrap(),
             "",
         ));
-        let ledger_path = dir.path().join("ledger.sqlite");
-        let station_thread = start_station(
-            station,
-            &img,
-            &ledger_path,
-            rec.clone(),
-            bus,
-            present,
-            rx,
-            st::RunOptions {
-                flash_present: true,
-                exit_after: Some(3),
-            },
-        );
+        let station_thread = rig.start(station, rig.rec.clone(), bus, present, 3);
 
         // b2 is mid-write: the cable is pulled. udev reports the removal first...
         reached
             .recv_timeout(WATCHDOG)
             .expect("b2 never reached mid-write");
         let now = b2_now.lock().unwrap().clone().unwrap();
-        tx.send((Action::Remove, usbslot::udev_event_for(&now, "")))
+        rig.tx
+            .send((Action::Remove, usbslot::udev_event_for(&now, "")))
             .unwrap();
         wait_said(
-            &rec,
+            &rig.rec,
             "u2: /dev/bus/usb/001/009 device removed; cancelling its job",
         );
         // ...and the board is gone from the bus.
         pulled.store(true, Ordering::SeqCst);
         release.send(()).unwrap();
 
-        let (rows, _) = finish(station_thread, &rec, &ledger_path, (1, 2));
+        let (rows, _) = rig.finish(station_thread, (1, 2));
         let r3 = &rows["u3"];
         assert_eq!(r3.result, "fail", "{r3:#?}");
         let why3 = r3.failure_reason.as_deref().unwrap_or("");
@@ -1341,9 +1365,9 @@ mod usb_slots {
         let b = lock(&b1);
         assert_eq!(b.board.downloads.len(), 2, "0x471 and 0x472 downloads");
         assert!(!b.board.resets.is_empty(), "board was not reset after PASS");
-        let flash = dir.path().join("u1.emmc");
+        let flash = rig.dir.path().join("u1.emmc");
         std::fs::write(&flash, b.board.storage(EMMC)).unwrap();
-        check_contents(&img, &flash, &r1.unit_serial, "u1");
+        check_contents(&rig.img, &flash, &r1.unit_serial, "u1");
         drop(b);
         // The board outside every slot: no loader, no write, no reset.
         let o = lock(&outside);
@@ -1360,34 +1384,13 @@ mod usb_slots {
     /// the dead job.
     #[test]
     fn station_usb_slots_a_panicking_job_is_fail_with_its_message() {
-        if !require(
-            false,
-            &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "mdir"],
-        ) {
+        let Some(rig) = Rig::new("usb.img", false) else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let img = make_nixos_like_image(dir.path(), "usb.img", IMG_MIB, Table::Mbr);
-        let station = usb_station(
-            dir.path(),
-            &img,
-            "storage = \"emmc\"",
-            "1-2",
-            &[("p1", "2.1"), ("p2", "2.2")],
-        );
-        let rec = Arc::new(Recorder::default());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let bad = Arc::new(Mutex::new(Wired::new(
-            board(RkMode::Loader, 1, 5),
-            tx.clone(),
-            rec.clone(),
-        )));
+        };
+        let station = rig.station("storage = \"emmc\"", "1-2", &[("p1", "2.1"), ("p2", "2.2")]);
+        let bad = rig.wired(board(RkMode::Loader, 1, 5));
         lock(&bad).panic_at = Some(4 * MIB);
-        let good = Arc::new(Mutex::new(Wired::new(
-            board(RkMode::Loader, 2, 6),
-            tx.clone(),
-            rec.clone(),
-        )));
+        let good = rig.wired(board(RkMode::Loader, 2, 6));
         let mut bus = SimBus::new();
         bus.attach(bad.clone());
         bus.attach(good.clone());
@@ -1395,21 +1398,8 @@ mod usb_slots {
             .iter()
             .map(|b| usbslot::udev_event_for(&lock(b).descriptor().unwrap(), ""))
             .collect();
-        let ledger_path = dir.path().join("ledger.sqlite");
-        let station_thread = start_station(
-            station,
-            &img,
-            &ledger_path,
-            rec.clone(),
-            bus,
-            present,
-            rx,
-            st::RunOptions {
-                flash_present: true,
-                exit_after: Some(2),
-            },
-        );
-        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 1));
+        let station_thread = rig.start(station, rig.rec.clone(), bus, present, 2);
+        let (rows, said) = rig.finish(station_thread, (1, 1));
         let p1 = &rows["p1"];
         assert_eq!(p1.result, "fail", "{p1:#?}");
         assert!(
@@ -1425,9 +1415,9 @@ mod usb_slots {
         );
         let p2 = &rows["p2"];
         assert_eq!(p2.result, "pass", "{p2:#?}\n{said}");
-        let flash = dir.path().join("p2.emmc");
+        let flash = rig.dir.path().join("p2.emmc");
         std::fs::write(&flash, lock(&good).board.storage(EMMC)).unwrap();
-        check_contents(&img, &flash, &p2.unit_serial, "p2");
+        check_contents(&rig.img, &flash, &p2.unit_serial, "p2");
     }
 
     /// `[usb] sectors-per-command` reaches the rockusb writer as it does for `write --via`:
@@ -1435,90 +1425,38 @@ mod usb_slots {
     /// default 128 whatever was configured), and the unit still passes with its image.
     #[test]
     fn station_usb_slots_write_with_the_configured_sectors_per_command() {
-        if !require(
-            false,
-            &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "mdir"],
-        ) {
+        let Some(rig) = Rig::new("usb.img", false) else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let img = make_nixos_like_image(dir.path(), "usb.img", IMG_MIB, Table::Mbr);
-        let station = usb_station(
-            dir.path(),
-            &img,
+        };
+        let station = rig.station(
             "storage = \"emmc\"\nsectors-per-command = 32",
             "1-2",
             &[("c1", "2.1")],
         );
-        let rec = Arc::new(Recorder::default());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let b = Arc::new(Mutex::new(Wired::new(
-            board(RkMode::Loader, 1, 5),
-            tx.clone(),
-            rec.clone(),
-        )));
+        let b = rig.wired(board(RkMode::Loader, 1, 5));
         let mut bus = SimBus::new();
         bus.attach(b.clone());
         let present = vec![usbslot::udev_event_for(&lock(&b).descriptor().unwrap(), "")];
-        let ledger_path = dir.path().join("ledger.sqlite");
-        let station_thread = start_station(
-            station,
-            &img,
-            &ledger_path,
-            rec.clone(),
-            bus,
-            present,
-            rx,
-            st::RunOptions {
-                flash_present: true,
-                exit_after: Some(1),
-            },
-        );
-        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 0));
+        let station_thread = rig.start(station, rig.rec.clone(), bus, present, 1);
+        let (rows, said) = rig.finish(station_thread, (1, 0));
         let c1 = &rows["c1"];
         assert_eq!(c1.result, "pass", "{c1:#?}\n{said}");
         let w = lock(&b);
         assert_eq!(w.max_out, 32 * 512, "largest WRITE_LBA data phase");
-        let flash = dir.path().join("c1.emmc");
+        let flash = rig.dir.path().join("c1.emmc");
         std::fs::write(&flash, w.board.storage(EMMC)).unwrap();
-        check_contents(&img, &flash, &c1.unit_serial, "c1");
-    }
-
-    /// The CM4 tests' start (root, loop devices and the image tools): a directory and the
-    /// image.
-    fn cm4_setup() -> Option<(tempfile::TempDir, PathBuf)> {
-        let tools = [
-            "losetup",
-            "sfdisk",
-            "mkfs.vfat",
-            "mkfs.ext4",
-            "mcopy",
-            "mtype",
-            "mdir",
-        ];
-        if !require(true, &tools) {
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let img = make_nixos_like_image(dir.path(), "cm4.img", IMG_MIB, Table::Mbr);
-        Some((dir, img))
+        check_contents(&rig.img, &flash, &c1.unit_serial, "c1");
     }
 
     type Cm4 = Arc<Mutex<Wired<sbcflash::usb::sim::usbboot::RpiBoard>>>;
 
     /// A simulated CM4 in `stage` on port 1-1.`port`, wired to the station's udev events.
-    fn cm4_on(
-        port: u8,
-        address: u8,
-        stage: sbcflash::usb::sim::usbboot::Stage,
-        tx: &Events,
-        rec: &Arc<Recorder>,
-    ) -> Cm4 {
+    fn cm4_on(rig: &Rig, port: u8, address: u8, stage: sbcflash::usb::sim::usbboot::Stage) -> Cm4 {
         let mut b = sbcflash::usb::sim::usbboot::RpiBoard::cm4(&["bootmain"]);
         b.stage = stage;
         b.ports = vec![1, port];
         b.address = address;
-        Arc::new(Mutex::new(Wired::new(b, tx.clone(), rec.clone())))
+        rig.wired(b)
     }
 
     /// The boards are plugged in while the station runs: their udev `add` events.
@@ -1561,38 +1499,34 @@ mod usb_slots {
     #[test]
     fn station_usb_slots_rpiboot_a_cm4_then_write_its_emmc_block_device() {
         use sbcflash::usb::sim::usbboot::Stage;
-        let Some((dir, img)) = cm4_setup() else {
+        let Some(rig) = Rig::new("cm4.img", true) else {
             return;
         };
-        let boot = dir.path().join("msg64");
+        let boot = rig.dir.path().join("msg64");
         std::fs::create_dir_all(boot.join("2711")).unwrap();
         std::fs::write(boot.join("2711/bootcode4.bin"), pattern(52_000, 1)).unwrap();
         std::fs::write(boot.join("bootmain"), pattern(40_000, 2)).unwrap();
-        let emmc = LoopDev::new_sparse(dir.path(), "cm4-emmc.bin", 64 * MIB);
-        let emmc3 = LoopDev::new_sparse(dir.path(), "cm4-emmc3.bin", 64 * MIB);
+        let emmc = LoopDev::new_sparse(rig.dir.path(), "cm4-emmc.bin", 64 * MIB);
+        let emmc3 = LoopDev::new_sparse(rig.dir.path(), "cm4-emmc3.bin", 64 * MIB);
         // Stale bytes a correct write must replace (zero ranges included).
         std::fs::write(&emmc.backing, pattern(64 << 20, 0x5a)).unwrap();
 
-        let station = usb_station(
-            dir.path(),
-            &img,
+        let station = rig.station(
             "usbboot-dir = \"msg64\"\nreenumerate_timeout_secs = 2",
             "1-1",
             &[("r1", "1.3"), ("r2", "1.4"), ("r3", "1.5"), ("r4", "1.6")],
         );
         assert_eq!(station.usb.usbboot_dir.as_deref(), Some(boot.as_path()));
 
-        let rec = Arc::new(Recorder::default());
         let (reached_tx, reached) = crossbeam_channel::unbounded();
         let (release, release_rx) = crossbeam_channel::unbounded();
         let gate = Arc::new(WriteGate {
-            rec: rec.clone(),
+            rec: rig.rec.clone(),
             slot: "r3",
             reached: reached_tx,
             release: release_rx,
         });
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let cm4 = |port, address| cm4_on(port, address, Stage::Rom, &tx, &rec);
+        let cm4 = |port, address| cm4_on(&rig, port, address, Stage::Rom);
         let (b1, b2, b3, b4) = (cm4(3, 12), cm4(4, 30), cm4(5, 40), cm4(6, 50));
         lock(&b4).unplug_on_change = true;
         let mut bus = SimBus::new();
@@ -1603,22 +1537,9 @@ mod usb_slots {
         bus.map_block("1-1.5", emmc3.path().to_path_buf());
         // Only r1's gadget shows a disk; r2's eMMC never appears.
         bus.map_block("1-1.3", emmc.path().to_path_buf());
-        let ledger_path = dir.path().join("ledger.sqlite");
-        let station_thread = start_station(
-            station,
-            &img,
-            &ledger_path,
-            gate.clone(),
-            bus,
-            Vec::new(),
-            rx,
-            st::RunOptions {
-                flash_present: false,
-                exit_after: Some(4),
-            },
-        );
+        let station_thread = rig.start(station, gate.clone(), bus, Vec::new(), 4);
         // The boards are plugged in while the station runs.
-        plug(&tx, &[&b1, &b2, &b3, &b4]);
+        plug(&rig.tx, &[&b1, &b2, &b3, &b4]);
         // r3 is through rpiboot and its writer is starting: the cable is pulled (udev
         // reports the gadget's removal).
         reached
@@ -1627,13 +1548,13 @@ mod usb_slots {
         let gadget = lock(&b3).descriptor().unwrap();
         let ev = usbslot::udev_event_for(&gadget, "");
         let node = ev.devnode.clone().unwrap();
-        tx.send((Action::Remove, ev)).unwrap();
+        rig.tx.send((Action::Remove, ev)).unwrap();
         wait_said(
-            &rec,
+            &rig.rec,
             &format!("r3: {node} device removed; cancelling its job"),
         );
         release.send(()).unwrap();
-        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 3));
+        let (rows, said) = rig.finish(station_thread, (1, 3));
         let r4 = &rows["r4"];
         assert_eq!(r4.result, "fail", "{r4:#?}");
         let why4 = r4.failure_reason.as_deref().unwrap_or("");
@@ -1677,7 +1598,7 @@ mod usb_slots {
             );
         }
         // r1's eMMC (the loop device) holds the image and its identity files.
-        check_contents(&img, emmc.path(), &r1.unit_serial, "r1");
+        check_contents(&rig.img, emmc.path(), &r1.unit_serial, "r1");
     }
 
     /// CM4s that reach their slots already in mass-storage mode (rpiboot ran before they were
@@ -1688,24 +1609,20 @@ mod usb_slots {
     #[test]
     fn station_usb_slots_a_cm4_already_in_mass_storage_mode_is_written_as_its_disk() {
         use sbcflash::usb::sim::usbboot::Stage;
-        let Some((dir, img)) = cm4_setup() else {
+        let Some(rig) = Rig::new("cm4.img", true) else {
             return;
         };
-        let emmc = LoopDev::new_sparse(dir.path(), "m1-emmc.bin", 64 * MIB);
+        let emmc = LoopDev::new_sparse(rig.dir.path(), "m1-emmc.bin", 64 * MIB);
         std::fs::write(&emmc.backing, pattern(64 << 20, 0x3c)).unwrap();
-        let small = LoopDev::new_sparse(dir.path(), "m3-emmc.bin", 16 * MIB);
+        let small = LoopDev::new_sparse(rig.dir.path(), "m3-emmc.bin", 16 * MIB);
         std::fs::write(&small.backing, pattern(16 << 20, 0x11)).unwrap();
         // No usbboot-dir: boards in mass-storage mode need no boot files.
-        let station = usb_station(
-            dir.path(),
-            &img,
+        let station = rig.station(
             "reenumerate_timeout_secs = 2",
             "1-1",
             &[("m1", "1.3"), ("m2", "1.4"), ("m3", "1.5")],
         );
-        let rec = Arc::new(Recorder::default());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let gadget = |port, address| cm4_on(port, address, Stage::MassStorage, &tx, &rec);
+        let gadget = |port, address| cm4_on(&rig, port, address, Stage::MassStorage);
         let (b1, b2, b3) = (gadget(3, 12), gadget(4, 30), gadget(5, 40));
         let mut bus = SimBus::new();
         bus.attach(b1.clone());
@@ -1717,22 +1634,9 @@ mod usb_slots {
             &lock(&b3).descriptor().unwrap(),
             "",
         )];
-        let ledger_path = dir.path().join("ledger.sqlite");
-        let station_thread = start_station(
-            station,
-            &img,
-            &ledger_path,
-            rec.clone(),
-            bus,
-            present,
-            rx,
-            st::RunOptions {
-                flash_present: true,
-                exit_after: Some(3),
-            },
-        );
-        plug(&tx, &[&b1, &b2]);
-        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 2));
+        let station_thread = rig.start(station, rig.rec.clone(), bus, present, 3);
+        plug(&rig.tx, &[&b1, &b2]);
+        let (rows, said) = rig.finish(station_thread, (1, 2));
         let (m1, m2, m3) = (&rows["m1"], &rows["m2"], &rows["m3"]);
         assert_eq!(m1.result, "pass", "{m1:#?}\n{said}");
         assert_eq!(m1.devnode.as_deref(), Some("usb:1-1.3"));
@@ -1756,7 +1660,7 @@ mod usb_slots {
             assert_eq!(b.board.stage, Stage::MassStorage);
             assert!(b.board.second_stage.is_none() && b.board.files.is_empty());
         }
-        check_contents(&img, emmc.path(), &m1.unit_serial, "m1");
+        check_contents(&rig.img, emmc.path(), &m1.unit_serial, "m1");
         assert!(
             std::fs::read(&small.backing).unwrap() == pattern(16 << 20, 0x11),
             "the refused disk was written"
