@@ -10,7 +10,8 @@
 mod common;
 
 use common::station::{
-    backing, is_msg, is_start, read_range, udevd_present, udevd_serial, Station, Throttle,
+    backing, is_msg, is_start, read_range, udevd_present, udevd_serial, write_loop_config, Station,
+    Throttle,
 };
 use common::{make_nixos_like_image, require, run, sbcflash, LoopDev, Table, Udevd};
 use serde_json::Value;
@@ -113,7 +114,7 @@ impl Drop for Tmpfs {
 
 /// Writes a station config for `slots` (name, backing file) and returns its path.
 fn write_config(dir: &Path, image: &Path, slots: &[(&str, &Path)], extra: &str) -> PathBuf {
-    let mut t = format!(
+    let head = format!(
         r#"board = "orangepi-5"
 ledger = "ledger.sqlite"
 log_dir = "logs"
@@ -131,15 +132,7 @@ template = "{{hostname}}\n"
 "#,
         image.display()
     );
-    for (name, backing) in slots {
-        t.push_str(&format!(
-            "[[slot]]\nname = \"{name}\"\nmatch = {{ \"attr:loop/backing_file\" = \"{}\" }}\n",
-            backing.display()
-        ));
-    }
-    let p = dir.join("station.toml");
-    std::fs::write(&p, t).unwrap();
-    p
+    write_loop_config(dir, &head, slots)
 }
 
 fn report(config: &Path) -> Vec<Value> {

@@ -9,8 +9,8 @@ mod common;
 
 use common::pg::Postgres;
 use common::station::{
-    backing, is_msg, is_start, read_range, udevd_present, udevd_serial, Station, StationCmd,
-    Throttle,
+    backing, is_msg, is_start, read_range, udevd_present, udevd_serial, write_loop_config, Station,
+    StationCmd, Throttle,
 };
 use common::{make_nixos_like_image, require, run, sbcflash, LoopDev, Table, Udevd};
 use serde_json::Value;
@@ -79,7 +79,7 @@ fn write_config(
     slots: &[(String, PathBuf)],
 ) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    let mut t = format!(
+    let head = format!(
         r#"board = "orangepi-5"
 ledger = "{url}"
 outbox = "outbox.sqlite"
@@ -97,15 +97,11 @@ template = '{{"serial": "{{serial}}", "slot": "{{slot}}"}}'
 "#,
         image.display()
     );
-    for (slot, backing) in slots {
-        t.push_str(&format!(
-            "[[slot]]\nname = \"{slot}\"\nmatch = {{ \"attr:loop/backing_file\" = \"{}\" }}\n",
-            backing.display()
-        ));
-    }
-    let p = dir.join("station.toml");
-    std::fs::write(&p, t).unwrap();
-    p
+    let slots: Vec<(&str, &Path)> = slots
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_path()))
+        .collect();
+    write_loop_config(dir, &head, &slots)
 }
 
 /// The line's report through the CLI (`--ledger URL`), as JSON rows.

@@ -234,6 +234,21 @@ pub fn is_start(v: &Value, job: &str, phase: &str) -> bool {
     v["event"] == "start" && v["job"] == job && v["phase"] == phase
 }
 
+/// Writes `dir/station.toml`: `head` (the settings and `[identity]`), then one slot per
+/// `(name, backing file)` matching the loop device of that file; returns its path.
+pub fn write_loop_config(dir: &Path, head: &str, slots: &[(&str, &Path)]) -> PathBuf {
+    let mut t = head.to_string();
+    for (name, backing) in slots {
+        t.push_str(&format!(
+            "[[slot]]\nname = \"{name}\"\nmatch = {{ \"attr:loop/backing_file\" = \"{}\" }}\n",
+            backing.display()
+        ));
+    }
+    let p = dir.join("station.toml");
+    std::fs::write(&p, t).unwrap();
+    p
+}
+
 /// A sparse file of `size` in `dir`: the backing file of a card's loop device.
 pub fn backing(dir: &Path, name: &str, size: u64) -> PathBuf {
     let p = dir.join(name);
