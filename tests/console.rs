@@ -949,14 +949,8 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
     ]);
     let port = t.ssh_port();
     let hand = Handoff::new(dir.path());
-    let Handoff {
-        log,
-        transcript,
-        known_hosts: user_kh,
-        ..
-    } = &hand;
     // --known-hosts appends to the user's file and keeps what it held.
-    std::fs::write(user_kh, "other.example ssh-ed25519 AAAAold\n").unwrap();
+    std::fs::write(&hand.known_hosts, "other.example ssh-ed25519 AAAAold\n").unwrap();
     // The user's own options say "trust anything"; the proven keys' options come first,
     // and ssh takes the first value of an option: the handoff is strict all the same.
     let sshopts = format!(
@@ -973,7 +967,7 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
     let h = t.cont();
     let (code, out, err) = wait_child(&mut child, 240);
     h.join().unwrap();
-    let rec = std::fs::read_to_string(log).unwrap_or_default();
+    let rec = std::fs::read_to_string(&hand.log).unwrap_or_default();
     let ctx = format!("exit {code}\nstdout:\n{out}\nstderr:\n{err}\nstand-in log:\n{rec}");
     assert_eq!(code, 42, "the deployer's status is passed through\n{ctx}");
     for stage in [
@@ -993,7 +987,7 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         assert!(err.contains(stage), "missing {stage:?}\n{ctx}");
     }
     // The run's known_hosts holds the board's keys as dropbear shows them on the console.
-    let run_kh = transcript.with_extension("known_hosts");
+    let run_kh = hand.transcript.with_extension("known_hosts");
     let kh = std::fs::read_to_string(&run_kh).unwrap_or_default();
     let host_field = format!("[127.0.0.1]:{port} ");
     assert!(
@@ -1001,7 +995,7 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         "{kh}\n{ctx}"
     );
     assert!(kh.contains(" ssh-ed25519 AAAA"), "{kh}\n{ctx}");
-    let user = std::fs::read_to_string(user_kh).unwrap();
+    let user = std::fs::read_to_string(&hand.known_hosts).unwrap();
     assert!(
         user.starts_with("other.example ssh-ed25519 AAAAold\n") && user.ends_with(&kh),
         "{user}"
@@ -1023,7 +1017,7 @@ fn qemu_bootstrap_full_chain_write_boot_login_ssh_handoff() {
         rec.contains("ssh: aarch64"),
         "SSH with the deployer's options reached the board\n{ctx}"
     );
-    let tr = std::fs::read_to_string(transcript).unwrap();
+    let tr = std::fs::read_to_string(&hand.transcript).unwrap();
     assert!(
         tr.contains("sbcflash-test login:") && tr.contains(">> "),
         "transcript has both directions"
@@ -1129,12 +1123,6 @@ fn qemu_bootstrap_refuses_a_man_in_the_middle_on_the_handoff_port() {
     // other server instead, as a hijacked address on a lab network would be.
     let mitm = start_mitm(dir.path());
     let hand = Handoff::new(dir.path());
-    let Handoff {
-        log,
-        transcript,
-        known_hosts: user_kh,
-        ..
-    } = &hand;
     let mut child = hand.bootstrap(&t, mitm.port);
     child.env(
         "NIX_SSHOPTS",
@@ -1164,13 +1152,13 @@ fn qemu_bootstrap_refuses_a_man_in_the_middle_on_the_handoff_port() {
         board.starts_with("SHA256:") && board != mitm.fingerprint,
         "{ctx}"
     );
-    assert!(!log.exists(), "the deployer never ran\n{ctx}");
+    assert!(!hand.log.exists(), "the deployer never ran\n{ctx}");
     assert!(
-        !user_kh.exists(),
+        !hand.known_hosts.exists(),
         "nothing was appended to --known-hosts\n{ctx}"
     );
     assert!(
-        !transcript.with_extension("known_hosts").exists(),
+        !hand.transcript.with_extension("known_hosts").exists(),
         "no known_hosts of this run\n{ctx}"
     );
 }
@@ -2922,35 +2910,36 @@ fn host_keys_not_on_the_console_yet_are_asked_for_again_until_the_deadline() {
         "Public key portion is:\r\n{head}[   42.000001] usb 1-1: reset\r\n{tail} root@b\r\nFingerprint: {}\r\n",
         k.fingerprint
     );
-    runtime().block_on(async {
-        // no key on the first two asks (sshd still making it), then the key
-        let (mut s, shell) = scripted_shell(vec![String::new(), String::new(), shown.clone()]);
-        let wait = ProofWait::new(Duration::from_secs(120), Duration::from_millis(10));
+    /// `prove_host_keys` for `network` (deadline `deadline`) against a shell answering
+    /// `answers`: its result, and how many times the shell was asked.
+    async fn prove(
+        answers: Vec<String>,
+        network: &[HostKey],
+        deadline: Duration,
+    ) -> (Result<Vec<HostKey>, ConsoleError>, usize) {
+        let (mut s, shell) = scripted_shell(answers);
+        let wait = ProofWait::new(deadline, Duration::from_millis(10));
         let got = sbcflash::console::bootstrap::prove_host_keys(
             &mut s,
             &LinuxConfig::default(),
             "10.0.0.5:22",
-            &network,
+            network,
             wait,
         )
-        .await
-        .expect("proven");
-        assert_eq!(got, network);
+        .await;
         drop(s);
-        assert_eq!(shell.await.unwrap(), 3);
+        (got, shell.await.unwrap())
+    }
+    runtime().block_on(async {
+        // no key on the first two asks (sshd still making it), then the key
+        let answers = vec![String::new(), String::new(), shown.clone()];
+        let (got, asked) = prove(answers, &network, Duration::from_secs(120)).await;
+        assert_eq!(got.expect("proven"), network);
+        assert_eq!(asked, 3);
 
         // never a key: the deadline ends it, as a timeout naming the key type
-        let (mut s, shell) = scripted_shell(vec![String::new()]);
-        let wait = ProofWait::new(Duration::from_millis(200), Duration::from_millis(10));
-        let e = sbcflash::console::bootstrap::prove_host_keys(
-            &mut s,
-            &LinuxConfig::default(),
-            "10.0.0.5:22",
-            &network,
-            wait,
-        )
-        .await
-        .expect_err("never shown");
+        let (got, asked) = prove(vec![String::new()], &network, Duration::from_millis(200)).await;
+        let e = got.expect_err("never shown");
         assert!(matches!(e, ConsoleError::HostKeyUnproven { .. }), "{e}");
         assert!(
             e.to_string().contains("no SSH host key of ssh-ed25519"),
@@ -2958,7 +2947,6 @@ fn host_keys_not_on_the_console_yet_are_asked_for_again_until_the_deadline() {
         );
         use sbcflash::exit::Classify;
         assert_eq!(e.exit(), sbcflash::exit::Exit::Timeout);
-        drop(s);
-        assert!(shell.await.unwrap() >= 2);
+        assert!(asked >= 2);
     });
 }
