@@ -619,33 +619,9 @@ fn need_qemu(arch: &str) -> bool {
     common::require(false, &[q.as_str(), "socat"])
 }
 
-/// The harness boot image, built once per script version (keyed by the script's hash) and
-/// shared by all tests of a run; a lock file keeps parallel tests from building it twice.
+/// The harness boot image with SSH, built once per script version for the whole test run.
 fn boot_image() -> PathBuf {
-    let script = harness().join("make-boot-image.sh");
-    let text = std::fs::read(&script).expect("read make-boot-image.sh");
-    let key = &blake3::hash(&text).to_hex()[..16];
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("sbcflash-harness");
-    std::fs::create_dir_all(&root).expect("harness cache dir");
-    let lock = std::fs::File::create(root.join("build.lock")).expect("lock file");
-    let _guard = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| e)
-        .expect("flock");
-    let out = root.join(key);
-    let img = out.join("sdcard.img");
-    if !img.exists() {
-        let st = Command::new("bash")
-            .arg(&script)
-            .arg("--ssh")
-            .arg("--out")
-            .arg(&out)
-            .arg("--cache")
-            .arg(root.join("debs"))
-            .status()
-            .expect("run make-boot-image.sh");
-        assert!(st.success(), "make-boot-image.sh failed");
-    }
-    img
+    common::harness_image(Path::new(env!("CARGO_TARGET_TMPDIR")), &["--ssh"])
 }
 
 /// A session on a QEMU target's console at U-Boot's prompt: autoboot interrupted as the
