@@ -4,6 +4,8 @@
 mod acquire_server;
 mod common;
 
+use common::text;
+
 use acquire_server::{pseudo_random, Behavior, TestServer};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -62,15 +64,6 @@ fn over(srv: &TestServer, cache: &Path, cmd: &mut Command) -> Output {
         .arg(cache)
         .output()
         .unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// The cached path printed by `fetch` (`<blake3>  <path>`).

@@ -71,6 +71,16 @@ pub fn run(cmd: &mut Command) -> Output {
     out
 }
 
+/// A finished command's exit status and output, for failure messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
 pub fn sh(script: &str) -> Output {
     run(Command::new("bash")
         .arg("-euo")
