@@ -60,6 +60,14 @@ fn udevd_setup() -> Option<(MutexGuard<'static, ()>, tempfile::TempDir, PathBuf)
     Some((serial, tmp, img))
 }
 
+/// Cards into their readers: a loop device on each backing file, in order, once udev has
+/// handled them all.
+fn insert<const N: usize>(backing: [&Path; N]) -> [LoopDev; N] {
+    let devs = backing.map(|b| LoopDev::attach(b, &[]));
+    Udevd::settle();
+    devs
+}
+
 /// A station whose writes to each `(device, bytes per second)` are throttled from its start.
 fn throttled_station(
     dir: &Path,
@@ -394,33 +402,18 @@ fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
         .iter()
         .all(|b| *b == 0xa5));
 
-    // CSV export: a header and four rows.
-    let o = run(sbcflash()
-        .args([
-            "station",
-            "report",
-            "--format",
-            "csv",
-            "--since",
-            "2000-01-01",
-            "--config",
-        ])
-        .arg(&cfg));
-    let csv = String::from_utf8(o.stdout).unwrap();
+    // CSV export: a header and four rows; none since a date to come.
+    let csv_since = |since: &str| {
+        let o = run(sbcflash()
+            .args(["station", "report", "--format", "csv", "--since", since])
+            .arg("--config")
+            .arg(&cfg));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let csv = csv_since("2000-01-01");
     assert!(csv.starts_with("id,unit_serial,attempt,slot,"), "{csv}");
     assert_eq!(csv.lines().count(), 5, "{csv}");
-    let o = run(sbcflash()
-        .args([
-            "station",
-            "report",
-            "--format",
-            "csv",
-            "--since",
-            "2999-01-01",
-            "--config",
-        ])
-        .arg(&cfg));
-    assert_eq!(String::from_utf8(o.stdout).unwrap().lines().count(), 1);
+    assert_eq!(csv_since("2999-01-01").lines().count(), 1);
 }
 
 /// A card pulled from its reader makes the write fail (ENOSPC: the kernel has zeroed the
@@ -437,8 +430,7 @@ fn station_udevd_card_gone_before_its_event_reads_removed() {
     let b = backing(dir, "gone.card", 64 * MIB);
     let cfg = write_config(dir, &img, &[("gone", &b)], "");
     let _udevd = Udevd::start();
-    let d = LoopDev::attach(&b, &[]);
-    Udevd::settle();
+    let [d] = insert([&b]);
     let flag = dir.join("release-events");
     let name = d.path().file_name().unwrap().to_string_lossy().to_string();
     let _rule = common::UdevRule::install(
@@ -515,11 +507,7 @@ fn station_udevd_faults_mid_write_fail_alone() {
     let _udevd = Udevd::start();
     // Cards already inserted, flashed with --flash-present, so the throttle is in place before
     // the first byte: "pulled" writes slowly enough to be pulled mid-write.
-    let d_ok1 = LoopDev::attach(&b_ok1, &[]);
-    let d_full = LoopDev::attach(&b_full, &[]);
-    let d_pulled = LoopDev::attach(&b_pulled, &[]);
-    let d_ok2 = LoopDev::attach(&b_ok2, &[]);
-    Udevd::settle();
+    let [d_ok1, d_full, d_pulled, d_ok2] = insert([&b_ok1, &b_full, &b_pulled, &b_ok2]);
     let (throttle, mut st) = throttled_station(
         dir,
         &cfg,
@@ -592,9 +580,7 @@ fn station_udevd_kill9_loses_no_unit_and_never_reuses_a_serial() {
     let b2 = backing(dir, "k2.card", 64 * MIB);
     let cfg = write_config(dir, &img, &[("k1", &b1), ("k2", &b2)], "");
     let _udevd = Udevd::start();
-    let d1 = LoopDev::attach(&b1, &[]);
-    let d2 = LoopDev::attach(&b2, &[]);
-    Udevd::settle();
+    let [d1, d2] = insert([&b1, &b2]);
     let (throttle, mut st) = throttled_station(
         dir,
         &cfg,
@@ -1731,9 +1717,7 @@ fn station_udevd_bell_and_flash_on_fail_reach_the_terminal() {
     let b_small = backing(dir, "small.card", 16 * MIB);
     let b_good = backing(dir, "good.card", 64 * MIB);
     let _udevd = Udevd::start();
-    let _d_small = LoopDev::attach(&b_small, &[]);
-    let _d_good = LoopDev::attach(&b_good, &[]);
-    Udevd::settle();
+    let _cards = insert([&b_small, &b_good]);
     let slots: [(&str, &Path); 2] = [("small", &b_small), ("good", &b_good)];
     for (ui, bell, flash) in [
         ("[ui]\nbell = true\nflash = true\n", 1, 1),
@@ -1795,9 +1779,7 @@ fn station_udevd_check_card_fails_a_card_that_cannot_hold_its_size() {
         "check_card = true",
     );
     let _udevd = Udevd::start();
-    let d_good = LoopDev::attach(&b_good, &[]);
-    let d_small = LoopDev::attach(&b_small, &[]);
-    Udevd::settle();
+    let [d_good, d_small] = insert([&b_good, &b_small]);
     let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "2"]);
     let status = st.wait_exit();
     assert_eq!(status.code(), Some(5), "{}\n{}", st.dump(), st.stderr());
