@@ -471,7 +471,6 @@ const NIX_OFFLINE: &[&str] = &[
 /// A flake with no inputs whose sd image is built by /bin/sh with the host's coreutils,
 /// mkfs.ext4 and zstd: a bare ext4 file system (no partition table).
 fn write_test_flake(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
     let script = r#"
 set -eu
 /usr/bin/mkdir -p "$out/sd-image" tree
@@ -481,6 +480,13 @@ set -eu
 /usr/bin/zstd -q img -o "$out/sd-image/nixos-sd-image-test.img.zst"
 echo "built the test image"
 "#;
+    write_sh_flake(dir, script);
+}
+
+/// A flake with no inputs in `dir` whose `testhost` sd image is built by /bin/sh running
+/// `script` (as `build.sh`).
+fn write_sh_flake(dir: &Path, script: &str) {
+    std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("build.sh"), script).unwrap();
     let flake = r#"{
   description = "sbcflash test flake: no inputs, no downloads";
@@ -1549,7 +1555,6 @@ impl Drop for SshBuilder {
 /// A flake whose derivation records where it ran: the mount table line of a store that is the
 /// builder's bind mount exists only in the builder's namespace.
 fn write_builder_flake(dir: &Path, salt: &str) {
-    std::fs::create_dir_all(dir).unwrap();
     let script = format!(
         r#"
 set -eu
@@ -1559,22 +1564,7 @@ set -eu
 echo "built the test image"
 "#
     );
-    std::fs::write(dir.join("build.sh"), script).unwrap();
-    std::fs::write(
-        dir.join("flake.nix"),
-        r#"{
-  outputs = { self }: {
-    nixosConfigurations.testhost.config.system.build.sdImage = derivation {
-      name = "nixos-sd-image-test";
-      system = "x86_64-linux";
-      builder = "/bin/sh";
-      args = [ ./build.sh ];
-    };
-  };
-}
-"#,
-    )
-    .unwrap();
+    write_sh_flake(dir, &script);
 }
 
 #[test]
