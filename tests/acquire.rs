@@ -4,9 +4,11 @@
 mod acquire_server;
 mod common;
 
+use common::text;
+
 use acquire_server::{pseudo_random, Behavior, TestServer};
 use std::path::{Path, PathBuf};
-use std::process::Output;
+use std::process::{Command, Output};
 use std::sync::Arc;
 
 fn b3(data: &[u8]) -> String {
@@ -30,13 +32,38 @@ fn run(srv: &TestServer, cache: &Path, args: &[&str]) -> Output {
         .expect("run sbcflash")
 }
 
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+/// A test's directory, an HTTPS server on 127.0.0.1 (its CA in that directory), and the path
+/// of the cache there.
+fn server() -> (tempfile::TempDir, TestServer, PathBuf) {
+    let d = tempfile::tempdir().unwrap();
+    let srv = TestServer::start(d.path());
+    let cache = d.path().join("cache");
+    (d, srv, cache)
+}
+
+/// Serves `len` pseudo-random bytes (from `seed`) at `path` as `how` says; returns them.
+fn serve(srv: &TestServer, path: &str, len: usize, seed: u64, how: Behavior) -> Arc<Vec<u8>> {
+    let data = Arc::new(pseudo_random(len, seed));
+    srv.add(path, data.clone(), how);
+    data
+}
+
+/// `fetch URL --blake3 <digest of data> EXTRA` through [`run`].
+fn fetch_pinned(srv: &TestServer, cache: &Path, url: &str, data: &[u8], extra: &[&str]) -> Output {
+    let digest = b3(data);
+    let mut args = vec!["fetch", url, "--blake3", &digest];
+    args.extend_from_slice(extra);
+    run(srv, cache, &args)
+}
+
+/// Ends `cmd` with the test CA trusted and `cache` as the cache directory; runs it.
+fn over(srv: &TestServer, cache: &Path, cmd: &mut Command) -> Output {
+    cmd.arg("--ca-file")
+        .arg(&srv.ca_file)
+        .arg("--cache-dir")
+        .arg(cache)
+        .output()
+        .unwrap()
 }
 
 /// The cached path printed by `fetch` (`<blake3>  <path>`).
@@ -67,20 +94,17 @@ fn tmp_files(cache: &Path) -> Vec<String> {
 
 #[test]
 fn fetch_pinned_over_https_with_private_ca() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
-    let data = Arc::new(pseudo_random(3 << 20, 1));
-    srv.add("/img.zst", data.clone(), Behavior::Normal);
-    let cache = d.path().join("cache");
+    let (d, srv, cache) = server();
+    let data = serve(&srv, "/img.zst", 3 << 20, 1, Behavior::Normal);
     let url = srv.url("/img.zst");
-    let o = run(&srv, &cache, &["fetch", &url, "--blake3", &b3(&data)]);
+    let o = fetch_pinned(&srv, &cache, &url, &data, &[]);
     let (h, p) = fetched(&o);
     assert_eq!(h, b3(&data));
     assert_eq!(std::fs::read(&p).unwrap(), *data);
     assert!(p.starts_with(&cache));
     // Second fetch: served from the cache, no new request.
     let before = srv.requests("/img.zst").len();
-    let o = run(&srv, &cache, &["fetch", &url, "--blake3", &b3(&data)]);
+    let o = fetch_pinned(&srv, &cache, &url, &data, &[]);
     assert_eq!(fetched(&o).1, p);
     assert_eq!(srv.requests("/img.zst").len(), before);
 
@@ -107,16 +131,13 @@ fn fetch_pinned_over_https_with_private_ca() {
 
 #[test]
 fn fetch_sha256_pin_records_blake3_and_follows_redirect() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
-    let data = Arc::new(pseudo_random(1 << 20, 2));
-    srv.add("/real.img", data.clone(), Behavior::Normal);
+    let (_d, srv, cache) = server();
+    let data = serve(&srv, "/real.img", 1 << 20, 2, Behavior::Normal);
     srv.add(
         "/latest",
         data.clone(),
         Behavior::Redirect("/real.img".into()),
     );
-    let cache = d.path().join("cache");
     let o = run(
         &srv,
         &cache,
@@ -144,8 +165,7 @@ fn fetch_sha256_pin_records_blake3_and_follows_redirect() {
 
 #[test]
 fn fetch_resumes_after_dropped_connection() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
+    let (_d, srv, cache) = server();
     let data = Arc::new(pseudo_random(6 << 20, 3));
     // The first two connections die after 1.5 MiB each.
     srv.add(
@@ -156,12 +176,7 @@ fn fetch_resumes_after_dropped_connection() {
             times: 2,
         },
     );
-    let cache = d.path().join("cache");
-    let o = run(
-        &srv,
-        &cache,
-        &["fetch", &srv.url("/img"), "--blake3", &b3(&data)],
-    );
+    let o = fetch_pinned(&srv, &cache, &srv.url("/img"), &data, &[]);
     let (h, p) = fetched(&o);
     assert_eq!(h, b3(&data));
     assert_eq!(std::fs::read(&p).unwrap(), *data);
@@ -176,30 +191,25 @@ fn fetch_resumes_after_dropped_connection() {
 
 #[test]
 fn fetch_resumes_after_restart_of_the_tool() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
-    let data = Arc::new(pseudo_random(4 << 20, 4));
-    srv.add(
+    let (_d, srv, cache) = server();
+    let data = serve(
+        &srv,
         "/img",
-        data.clone(),
+        4 << 20,
+        4,
         Behavior::DropAfter {
             n: 1 << 20,
             times: 1,
         },
     );
-    let cache = d.path().join("cache");
     let url = srv.url("/img");
     // First run gives up at once (no retries): the partial stays in the cache's tmp dir.
-    let o = run(
-        &srv,
-        &cache,
-        &["fetch", &url, "--blake3", &b3(&data), "--retries", "0"],
-    );
+    let o = fetch_pinned(&srv, &cache, &url, &data, &["--retries", "0"]);
     assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     assert!(blobs(&cache).is_empty());
     assert!(tmp_files(&cache).iter().any(|n| n.ends_with(".part")));
     // Second run resumes from byte 1 MiB.
-    let o = run(&srv, &cache, &["fetch", &url, "--blake3", &b3(&data)]);
+    let o = fetch_pinned(&srv, &cache, &url, &data, &[]);
     let (_, p) = fetched(&o);
     assert_eq!(std::fs::read(&p).unwrap(), *data);
     let reqs = srv.requests("/img");
@@ -209,39 +219,31 @@ fn fetch_resumes_after_restart_of_the_tool() {
 
 #[test]
 fn fetch_restarts_when_server_ignores_range() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
-    let data = Arc::new(pseudo_random(2 << 20, 5));
-    srv.add(
+    let (_d, srv, cache) = server();
+    let data = serve(
+        &srv,
         "/img",
-        data.clone(),
+        2 << 20,
+        5,
         Behavior::DropAfter {
             n: 1 << 20,
             times: 1,
         },
     );
-    let cache = d.path().join("cache");
     let url = srv.url("/img");
-    let o = run(
-        &srv,
-        &cache,
-        &["fetch", &url, "--blake3", &b3(&data), "--retries", "0"],
-    );
+    let o = fetch_pinned(&srv, &cache, &url, &data, &["--retries", "0"]);
     assert!(!o.status.success());
     // Now the server no longer honours Range: the partial is discarded and the file restarts.
     srv.add("/img", data.clone(), Behavior::NoRange);
-    let o = run(&srv, &cache, &["fetch", &url, "--blake3", &b3(&data)]);
+    let o = fetch_pinned(&srv, &cache, &url, &data, &[]);
     let (_, p) = fetched(&o);
     assert_eq!(std::fs::read(&p).unwrap(), *data);
 }
 
 #[test]
 fn fetch_wrong_bytes_refused_and_nothing_cached() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
-    let data = Arc::new(pseudo_random(2 << 20, 6));
-    srv.add("/img", data.clone(), Behavior::WrongBytes);
-    let cache = d.path().join("cache");
+    let (_d, srv, cache) = server();
+    let data = serve(&srv, "/img", 2 << 20, 6, Behavior::WrongBytes);
     let o = run(
         &srv,
         &cache,
@@ -262,24 +264,14 @@ fn fetch_wrong_bytes_refused_and_nothing_cached() {
 
 #[test]
 fn fetch_stalled_server_times_out() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
-    let data = Arc::new(pseudo_random(1 << 20, 7));
-    srv.add("/img", data.clone(), Behavior::Stall);
-    let cache = d.path().join("cache");
-    let o = run(
+    let (_d, srv, cache) = server();
+    let data = serve(&srv, "/img", 1 << 20, 7, Behavior::Stall);
+    let o = fetch_pinned(
         &srv,
         &cache,
-        &[
-            "fetch",
-            &srv.url("/img"),
-            "--blake3",
-            &b3(&data),
-            "--timeout",
-            "0.5",
-            "--retries",
-            "1",
-        ],
+        &srv.url("/img"),
+        &data,
+        &["--timeout", "0.5", "--retries", "1"],
     );
     assert_eq!(o.status.code(), Some(7), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -290,11 +282,9 @@ fn fetch_stalled_server_times_out() {
 
 #[test]
 fn fetch_http_errors_are_clear() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
+    let (_d, srv, cache) = server();
     srv.add("/gone", Arc::new(Vec::new()), Behavior::Status(404));
     srv.add("/broken", Arc::new(Vec::new()), Behavior::Status(500));
-    let cache = d.path().join("cache");
     let o = run(&srv, &cache, &["fetch", &srv.url("/gone")]);
     assert_eq!(o.status.code(), Some(5), "{}", text(&o));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -331,11 +321,8 @@ fn fetch_http_errors_are_clear() {
 
 #[test]
 fn fetch_policy_plain_http_and_unpinned() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
-    let data = Arc::new(pseudo_random(100_000, 8));
-    srv.add("/img", data.clone(), Behavior::Normal);
-    let cache = d.path().join("cache");
+    let (_d, srv, cache) = server();
+    let data = serve(&srv, "/img", 100_000, 8, Behavior::Normal);
     // Plain HTTP without a pin: refused before connecting.
     let o = run(&srv, &cache, &["fetch", "http://127.0.0.1:9/x.img"]);
     assert_eq!(o.status.code(), Some(4), "{}", text(&o));
@@ -361,11 +348,8 @@ fn fetch_policy_plain_http_and_unpinned() {
 
 #[test]
 fn concurrent_fetches_of_the_same_file() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
-    let data = Arc::new(pseudo_random(8 << 20, 9));
-    srv.add("/img", data.clone(), Behavior::Normal);
-    let cache = d.path().join("cache");
+    let (_d, srv, cache) = server();
+    let data = serve(&srv, "/img", 8 << 20, 9, Behavior::Normal);
     let url = srv.url("/img");
     let h = b3(&data);
     let spawn = || {
@@ -395,23 +379,13 @@ fn concurrent_fetches_of_the_same_file() {
 
 #[test]
 fn cache_verify_removes_corrupted_entries_and_planted_symlinks() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
+    let (d, srv, cache) = server();
     let a = Arc::new(pseudo_random(1 << 20, 10));
     let b = Arc::new(pseudo_random(1 << 20, 11));
     srv.add("/a", a.clone(), Behavior::Normal);
     srv.add("/b", b.clone(), Behavior::Normal);
-    let cache = d.path().join("cache");
-    let (_, pa) = fetched(&run(
-        &srv,
-        &cache,
-        &["fetch", &srv.url("/a"), "--blake3", &b3(&a)],
-    ));
-    let (_, pb) = fetched(&run(
-        &srv,
-        &cache,
-        &["fetch", &srv.url("/b"), "--blake3", &b3(&b)],
-    ));
+    let (_, pa) = fetched(&fetch_pinned(&srv, &cache, &srv.url("/a"), &a, &[]));
+    let (_, pb) = fetched(&fetch_pinned(&srv, &cache, &srv.url("/b"), &b, &[]));
     // Flip one byte of entry a.
     {
         use std::os::unix::fs::FileExt;
@@ -445,19 +419,13 @@ fn cache_verify_removes_corrupted_entries_and_planted_symlinks() {
 
 #[test]
 fn cache_prune_by_size_keeps_recent() {
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
-    let cache = d.path().join("cache");
+    let (_d, srv, cache) = server();
     let mut hs = Vec::new();
     for i in 0..3u64 {
         let data = Arc::new(pseudo_random(1 << 20, 20 + i));
         let p = format!("/i{i}");
         srv.add(&p, data.clone(), Behavior::Normal);
-        fetched(&run(
-            &srv,
-            &cache,
-            &["fetch", &srv.url(&p), "--blake3", &b3(&data)],
-        ));
+        fetched(&fetch_pinned(&srv, &cache, &srv.url(&p), &data, &[]));
         hs.push(b3(&data));
     }
     let o = run(&srv, &cache, &["cache", "prune", "--max-size", "2M"]);
@@ -503,7 +471,6 @@ const NIX_OFFLINE: &[&str] = &[
 /// A flake with no inputs whose sd image is built by /bin/sh with the host's coreutils,
 /// mkfs.ext4 and zstd: a bare ext4 file system (no partition table).
 fn write_test_flake(dir: &Path) {
-    std::fs::create_dir_all(dir).unwrap();
     let script = r#"
 set -eu
 /usr/bin/mkdir -p "$out/sd-image" tree
@@ -513,6 +480,13 @@ set -eu
 /usr/bin/zstd -q img -o "$out/sd-image/nixos-sd-image-test.img.zst"
 echo "built the test image"
 "#;
+    write_sh_flake(dir, script);
+}
+
+/// A flake with no inputs in `dir` whose `testhost` sd image is built by /bin/sh running
+/// `script` (as `build.sh`).
+fn write_sh_flake(dir: &Path, script: &str) {
+    std::fs::create_dir_all(dir).unwrap();
     std::fs::write(dir.join("build.sh"), script).unwrap();
     let flake = r#"{
   description = "sbcflash test flake: no inputs, no downloads";
@@ -714,8 +688,7 @@ fn stream_https_to_loop_device_with_resume_and_keep() {
     if !common::require(true, IMAGE_TOOLS) {
         return;
     }
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
+    let (d, srv, cache) = server();
     let (raw, zst) = zstd_image(d.path(), 64);
     // The first connection dies after 1 MiB: the stream resumes with a Range request.
     srv.add(
@@ -727,24 +700,15 @@ fn stream_https_to_loop_device_with_resume_and_keep() {
         },
     );
     let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 96 << 20);
-    let cache = d.path().join("cache");
-    let o = common::sbcflash()
-        .arg("write")
-        .arg(srv.url("/nixos.img.zst"))
-        .arg(lo.path())
-        .args([
-            "--json",
-            "--yes",
-            "--keep",
-            "--source-blake3",
-            &b3(&zst),
-            "--ca-file",
-        ])
-        .arg(&srv.ca_file)
-        .arg("--cache-dir")
-        .arg(&cache)
-        .output()
-        .unwrap();
+    let o = over(
+        &srv,
+        &cache,
+        common::sbcflash()
+            .arg("write")
+            .arg(srv.url("/nixos.img.zst"))
+            .arg(lo.path())
+            .args(["--json", "--yes", "--keep", "--source-blake3", &b3(&zst)]),
+    );
     assert!(o.status.success(), "{}", text(&o));
     common::assert_same_prefix(&raw, lo.path(), 64 << 20);
     common::json::assert_documented(&String::from_utf8_lossy(&o.stdout));
@@ -786,32 +750,23 @@ fn stream_wrong_bytes_fails_and_says_target_is_bad() {
     if !common::require(true, IMAGE_TOOLS) {
         return;
     }
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
+    let (d, srv, cache) = server();
     let (raw, zst) = zstd_image(d.path(), 48);
     // Uncompressed too, so the flipped byte decodes fine and only the digest can catch it.
     let raw_bytes = Arc::new(std::fs::read(&raw).unwrap());
     srv.add("/bad.img.zst", zst.clone(), Behavior::WrongBytes);
     srv.add("/bad.img", raw_bytes.clone(), Behavior::WrongBytes);
-    let cache = d.path().join("cache");
     for (path, good) in [("/bad.img.zst", &zst), ("/bad.img", &raw_bytes)] {
         let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 64 << 20);
-        let o = common::sbcflash()
-            .arg("write")
-            .arg(srv.url(path))
-            .arg(lo.path())
-            .args([
-                "--yes",
-                "--keep",
-                "--source-sha256",
-                &sha256(good),
-                "--ca-file",
-            ])
-            .arg(&srv.ca_file)
-            .arg("--cache-dir")
-            .arg(&cache)
-            .output()
-            .unwrap();
+        let o = over(
+            &srv,
+            &cache,
+            common::sbcflash()
+                .arg("write")
+                .arg(srv.url(path))
+                .arg(lo.path())
+                .args(["--yes", "--keep", "--source-sha256", &sha256(good)]),
+        );
         assert_eq!(o.status.code(), Some(6), "{path}: {}", text(&o));
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
@@ -841,8 +796,7 @@ fn stream_board_default_source_to_loop_device() {
     if !common::require(true, IMAGE_TOOLS) {
         return;
     }
-    let d = tempfile::tempdir().unwrap();
-    let srv = TestServer::start(d.path());
+    let (d, srv, cache) = server();
     let (raw, zst) = zstd_image(d.path(), 48);
     srv.add("/board.img.zst", zst.clone(), Behavior::Normal);
     // A user descriptor overriding the built-in QEMU board with a pinned image source.
@@ -859,17 +813,15 @@ fn stream_board_default_source_to_loop_device() {
     );
     std::fs::write(boards.join("qemu-aarch64.toml"), desc).unwrap();
     let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 64 << 20);
-    let cache = d.path().join("cache");
-    let o = common::sbcflash()
-        .args(["write", "--board", "qemu-aarch64", "--boards-dir"])
-        .arg(&boards)
-        .arg(lo.path())
-        .args(["--yes", "--ca-file"])
-        .arg(&srv.ca_file)
-        .arg("--cache-dir")
-        .arg(&cache)
-        .output()
-        .unwrap();
+    let o = over(
+        &srv,
+        &cache,
+        common::sbcflash()
+            .args(["write", "--board", "qemu-aarch64", "--boards-dir"])
+            .arg(&boards)
+            .arg(lo.path())
+            .args(["--yes"]),
+    );
     assert!(o.status.success(), "{}", text(&o));
     common::assert_same_prefix(&raw, lo.path(), 48 << 20);
     // `fetch --board` uses the same source and pin, with the board directory named by the
@@ -918,18 +870,16 @@ fn stream_is_checked_against_the_board_before_writing() {
     srv.add("/other-board.img.zst", zst.clone(), Behavior::Normal);
     let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 48 << 20);
     let write = |extra: &[&str]| {
-        common::sbcflash()
-            .arg("write")
-            .arg(srv.url("/other-board.img.zst"))
-            .arg(lo.path())
-            .args(["--yes", "--board", "opi5", "--source-blake3", &b3(&zst)])
-            .args(extra)
-            .arg("--ca-file")
-            .arg(&srv.ca_file)
-            .arg("--cache-dir")
-            .arg(d.path().join("cache"))
-            .output()
-            .unwrap()
+        over(
+            &srv,
+            &d.path().join("cache"),
+            common::sbcflash()
+                .arg("write")
+                .arg(srv.url("/other-board.img.zst"))
+                .arg(lo.path())
+                .args(["--yes", "--board", "opi5", "--source-blake3", &b3(&zst)])
+                .args(extra),
+        )
     };
     // --strict: refused (exit 3) from the stream's head; not one byte reached the target.
     let o = write(&["--strict"]);
@@ -972,16 +922,15 @@ fn stream_of_a_tar_gz_is_refused_before_the_target_is_touched() {
     let tgz = Arc::new(std::fs::read(d.path().join("rootfs.tar.gz")).unwrap());
     srv.add("/rootfs.tar.gz", tgz.clone(), Behavior::Normal);
     let lo = common::LoopDev::new_sparse(d.path(), "disk.img", 16 << 20);
-    let o = common::sbcflash()
-        .arg("write")
-        .arg(srv.url("/rootfs.tar.gz"))
-        .arg(lo.path())
-        .args(["--yes", "--source-blake3", &b3(&tgz), "--ca-file"])
-        .arg(&srv.ca_file)
-        .arg("--cache-dir")
-        .arg(d.path().join("cache"))
-        .output()
-        .unwrap();
+    let o = over(
+        &srv,
+        &d.path().join("cache"),
+        common::sbcflash()
+            .arg("write")
+            .arg(srv.url("/rootfs.tar.gz"))
+            .arg(lo.path())
+            .args(["--yes", "--source-blake3", &b3(&tgz)]),
+    );
     assert_eq!(o.status.code(), Some(3), "{}", text(&o));
     assert!(
         text(&o).contains("does not look like a disk image: it is a tar archive"),
@@ -1606,7 +1555,6 @@ impl Drop for SshBuilder {
 /// A flake whose derivation records where it ran: the mount table line of a store that is the
 /// builder's bind mount exists only in the builder's namespace.
 fn write_builder_flake(dir: &Path, salt: &str) {
-    std::fs::create_dir_all(dir).unwrap();
     let script = format!(
         r#"
 set -eu
@@ -1616,22 +1564,7 @@ set -eu
 echo "built the test image"
 "#
     );
-    std::fs::write(dir.join("build.sh"), script).unwrap();
-    std::fs::write(
-        dir.join("flake.nix"),
-        r#"{
-  outputs = { self }: {
-    nixosConfigurations.testhost.config.system.build.sdImage = derivation {
-      name = "nixos-sd-image-test";
-      system = "x86_64-linux";
-      builder = "/bin/sh";
-      args = [ ./build.sh ];
-    };
-  };
-}
-"#,
-    )
-    .unwrap();
+    write_sh_flake(dir, &script);
 }
 
 #[test]

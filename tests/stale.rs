@@ -4,19 +4,10 @@
 
 mod common;
 
-use common::{make_nixos_like_image, require, sbcflash, LoopDev, Table};
+use common::{make_nixos_like_image, require, sbcflash, text, LoopDev, Table};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn sbc(args: &[&std::ffi::OsStr]) -> Output {
     sbcflash()

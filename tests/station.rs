@@ -9,16 +9,17 @@
 
 mod common;
 
+use common::station::{
+    backing, is_msg, is_start, read_range, udevd_present, udevd_serial, write_loop_config, Station,
+    Throttle,
+};
 use common::{make_nixos_like_image, require, run, sbcflash, LoopDev, Table, Udevd};
 use serde_json::Value;
-use std::io::{BufRead, Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::MetadataExt;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
-
-static UDEVD_TESTS: Mutex<()> = Mutex::new(());
 
 const MIB: u64 = 1 << 20;
 /// Layout of `make_nixos_like_image`: FAT "FIRMWARE" at 8 MiB, 16 MiB long; ext4 after.
@@ -40,8 +41,47 @@ const TOOLS: &[&str] = &[
     "blockdev",
 ];
 
-fn udevd_present() -> bool {
-    Path::new("/lib/systemd/systemd-udevd").exists()
+/// Root, the tools and `extra`, and udevd (else skipped); the udevd lock, held for the test.
+fn udevd_lock(extra: &[&str]) -> Option<MutexGuard<'static, ()>> {
+    if !require(true, TOOLS)
+        || !require(true, extra)
+        || !udevd_present() && !require(true, &["systemd-udevd"])
+    {
+        return None;
+    }
+    Some(udevd_serial())
+}
+
+/// The start of a test on real cards: [`udevd_lock`], a directory and the image in it.
+fn udevd_setup() -> Option<(MutexGuard<'static, ()>, tempfile::TempDir, PathBuf)> {
+    let serial = udevd_lock(&[])?;
+    let tmp = tempfile::tempdir().unwrap();
+    let img = make_nixos_like_image(tmp.path(), "nixos.img", IMG_MIB, Table::Mbr);
+    Some((serial, tmp, img))
+}
+
+/// Cards into their readers: a loop device on each backing file, in order, once udev has
+/// handled them all.
+fn insert<const N: usize>(backing: [&Path; N]) -> [LoopDev; N] {
+    let devs = backing.map(|b| LoopDev::attach(b, &[]));
+    Udevd::settle();
+    devs
+}
+
+/// A station whose writes to each `(device, bytes per second)` are throttled from its start.
+fn throttled_station(
+    dir: &Path,
+    cfg: &Path,
+    args: &[&str],
+    slow: &[(&Path, u64)],
+) -> (Throttle, Station) {
+    let throttle = Throttle::new("sbcflash-test");
+    for (dev, bytes_per_sec) in slow {
+        throttle.limit_writes(dev, *bytes_per_sec);
+    }
+    let st = Station::spawn(dir, cfg, args);
+    throttle.add(st.pid());
+    (throttle, st)
 }
 
 /// A tmpfs of `size` mounted on a fresh directory; unmounted (by its path) on drop.
@@ -80,218 +120,9 @@ impl Drop for Tmpfs {
     }
 }
 
-/// A blkio cgroup that throttles writes to chosen devices for the processes put in it, so a
-/// job is reliably still writing when the test acts (cgroup v1 blkio, or v2 io.max).
-struct Throttle {
-    dir: PathBuf,
-    v2: bool,
-}
-
-impl Throttle {
-    fn new(name: &str) -> Throttle {
-        let v1 = Path::new("/sys/fs/cgroup/blkio");
-        if v1.join("blkio.throttle.write_bps_device").exists() {
-            let dir = v1.join(name);
-            std::fs::create_dir_all(&dir).expect("create blkio cgroup");
-            return Throttle { dir, v2: false };
-        }
-        let root = Path::new("/sys/fs/cgroup");
-        let ctl = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-        assert!(
-            ctl.split_whitespace().any(|c| c == "io"),
-            "neither cgroup v1 blkio nor the v2 io controller is available for throttling"
-        );
-        let _ = std::fs::write(root.join("cgroup.subtree_control"), "+io");
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).expect("create io cgroup");
-        Throttle { dir, v2: true }
-    }
-
-    fn limit_writes(&self, dev: &Path, bytes_per_sec: u64) {
-        let rdev = std::fs::metadata(dev).unwrap().rdev();
-        let (maj, min) = (libc::major(rdev), libc::minor(rdev));
-        if self.v2 {
-            std::fs::write(
-                self.dir.join("io.max"),
-                format!("{maj}:{min} wbps={bytes_per_sec}"),
-            )
-            .unwrap();
-        } else {
-            std::fs::write(
-                self.dir.join("blkio.throttle.write_bps_device"),
-                format!("{maj}:{min} {bytes_per_sec}"),
-            )
-            .unwrap();
-        }
-    }
-
-    fn add(&self, pid: u32) {
-        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-}
-
-impl Drop for Throttle {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("warning: could not remove cgroup {}", self.dir.display());
-    }
-}
-
-/// A running `sbcflash station --json`; its events arrive on a channel. Killed by PID on drop.
-struct Station {
-    child: Child,
-    events: crossbeam_channel::Receiver<Value>,
-    seen: Vec<Value>,
-    stderr: PathBuf,
-    /// Lines off the documented --json schema (checked when the station is dropped).
-    off_schema: std::sync::Arc<Mutex<Vec<String>>>,
-}
-
-impl Station {
-    fn spawn(dir: &Path, config: &Path, args: &[&str]) -> Station {
-        let stderr = dir.join(format!("station-{}.stderr", rand_suffix()));
-        let mut child = sbcflash()
-            .env("SBCFLASH_CACHE_DIR", dir.join("cache"))
-            .args(["station", "--json", "--config"])
-            .arg(config)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn station");
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let off_schema = std::sync::Arc::new(Mutex::new(Vec::new()));
-        let off = off_schema.clone();
-        std::thread::spawn(move || {
-            let rows = common::json::schema_rows();
-            for line in std::io::BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if let Err(e) = common::json::match_row(&rows, &line) {
-                    off.lock().unwrap().push(e);
-                }
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => {
-                        if tx.send(v).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => panic!("station printed a non-JSON line {line:?}: {e}"),
-                }
-            }
-        });
-        Station {
-            child,
-            events: rx,
-            seen: Vec::new(),
-            stderr,
-            off_schema,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Waits for an event matching `pred` (or one already seen).
-    fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
-            return v.clone();
-        }
-        loop {
-            match self.events.recv_timeout(WATCHDOG) {
-                Ok(v) => {
-                    self.seen.push(v.clone());
-                    if pred(&v) {
-                        return v;
-                    }
-                }
-                Err(_) => panic!(
-                    "station: no event {what}; events so far:\n{}\nstderr:\n{}",
-                    self.dump(),
-                    self.stderr()
-                ),
-            }
-        }
-    }
-
-    fn dump(&self) -> String {
-        self.seen
-            .iter()
-            .filter(|v| v["event"] != "progress")
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            if rx.recv_timeout(WATCHDOG).is_err() {
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            }
-        });
-        let st = self.child.wait().expect("wait station");
-        let _ = tx.send(());
-        // Drain what it printed.
-        while let Ok(v) = self.events.recv_timeout(Duration::from_secs(5)) {
-            self.seen.push(v);
-        }
-        st
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Station {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let off = std::mem::take(&mut *self.off_schema.lock().unwrap());
-        if !std::thread::panicking() {
-            assert!(
-                off.is_empty(),
-                "station --json off its schema:\n{}",
-                off.join("\n")
-            );
-        }
-    }
-}
-
-fn rand_suffix() -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn is_msg(v: &Value, job: &str, needle: &str) -> bool {
-    v["event"] == "message"
-        && v["job"] == job
-        && v["text"].as_str().is_some_and(|t| t.contains(needle))
-}
-
-fn is_start(v: &Value, job: &str, phase: &str) -> bool {
-    v["event"] == "start" && v["job"] == job && v["phase"] == phase
-}
-
 /// Writes a station config for `slots` (name, backing file) and returns its path.
 fn write_config(dir: &Path, image: &Path, slots: &[(&str, &Path)], extra: &str) -> PathBuf {
-    let mut t = format!(
+    let head = format!(
         r#"board = "orangepi-5"
 ledger = "ledger.sqlite"
 log_dir = "logs"
@@ -309,22 +140,7 @@ template = "{{hostname}}\n"
 "#,
         image.display()
     );
-    for (name, backing) in slots {
-        t.push_str(&format!(
-            "[[slot]]\nname = \"{name}\"\nmatch = {{ \"attr:loop/backing_file\" = \"{}\" }}\n",
-            backing.display()
-        ));
-    }
-    let p = dir.join("station.toml");
-    std::fs::write(&p, t).unwrap();
-    p
-}
-
-fn backing(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    let f = std::fs::File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    p
+    write_loop_config(dir, &head, slots)
 }
 
 fn report(config: &Path) -> Vec<Value> {
@@ -333,14 +149,6 @@ fn report(config: &Path) -> Vec<Value> {
         .arg(config));
     let v: Value = serde_json::from_slice(&o.stdout).expect("report is JSON");
     v.as_array().expect("report is an array").clone()
-}
-
-fn read_range(p: &Path, off: u64, len: u64) -> Vec<u8> {
-    let mut f = std::fs::File::open(p).unwrap();
-    f.seek(SeekFrom::Start(off)).unwrap();
-    let mut v = vec![0u8; len as usize];
-    f.read_exact(&mut v).unwrap();
-    v
 }
 
 fn mtools(args: &[&str], image_at: &str) -> String {
@@ -470,13 +278,10 @@ fn unit_row<'a>(rows: &'a [Value], slot: &str) -> &'a Value {
 
 #[test]
 fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     // Compressed, as images are published: the station decodes it once for all four slots.
     if !require(true, &["zstd"]) {
         return;
@@ -506,11 +311,13 @@ fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
     // s1 is in its reader when the station starts (flashed because of --flash-present) and is
     // a slow card (writes throttled); s2..s4 are plugged in while it runs.
     let d1 = LoopDev::attach(&backs[0], &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
-    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
-    throttle.limit_writes(d1.path(), MIB);
-    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "4"]);
-    throttle.add(st.child.id());
+    Udevd::settle();
+    let (throttle, mut st) = throttled_station(
+        dir,
+        &cfg,
+        &["--flash-present", "--exit-after", "4"],
+        &[(d1.path(), MIB)],
+    );
     st.wait_for("station ready", |v| is_msg(v, "station", "station ready"));
     st.wait_for("s1 writing", |v| is_start(v, "s1", "write"));
     let outsider = LoopDev::attach(&outsider_file, &[]);
@@ -595,33 +402,18 @@ fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
         .iter()
         .all(|b| *b == 0xa5));
 
-    // CSV export: a header and four rows.
-    let o = run(sbcflash()
-        .args([
-            "station",
-            "report",
-            "--format",
-            "csv",
-            "--since",
-            "2000-01-01",
-            "--config",
-        ])
-        .arg(&cfg));
-    let csv = String::from_utf8(o.stdout).unwrap();
+    // CSV export: a header and four rows; none since a date to come.
+    let csv_since = |since: &str| {
+        let o = run(sbcflash()
+            .args(["station", "report", "--format", "csv", "--since", since])
+            .arg("--config")
+            .arg(&cfg));
+        String::from_utf8(o.stdout).unwrap()
+    };
+    let csv = csv_since("2000-01-01");
     assert!(csv.starts_with("id,unit_serial,attempt,slot,"), "{csv}");
     assert_eq!(csv.lines().count(), 5, "{csv}");
-    let o = run(sbcflash()
-        .args([
-            "station",
-            "report",
-            "--format",
-            "csv",
-            "--since",
-            "2999-01-01",
-            "--config",
-        ])
-        .arg(&cfg));
-    assert_eq!(String::from_utf8(o.stdout).unwrap().lines().count(), 1);
+    assert_eq!(csv_since("2999-01-01").lines().count(), 1);
 }
 
 /// A card pulled from its reader makes the write fail (ENOSPC: the kernel has zeroed the
@@ -631,18 +423,14 @@ fn station_udevd_flashes_four_slots_in_parallel_and_leaves_others_alone() {
 /// after the station has ended), so the ENOSPC always comes first.
 #[test]
 fn station_udevd_card_gone_before_its_event_reads_removed() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     let b = backing(dir, "gone.card", 64 * MIB);
     let cfg = write_config(dir, &img, &[("gone", &b)], "");
     let _udevd = Udevd::start();
-    let d = LoopDev::attach(&b, &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    let [d] = insert([&b]);
     let flag = dir.join("release-events");
     let name = d.path().file_name().unwrap().to_string_lossy().to_string();
     let _rule = common::UdevRule::install(
@@ -660,10 +448,12 @@ fn station_udevd_card_gone_before_its_event_reads_removed() {
         }
     }
     let release = Release(flag);
-    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
-    throttle.limit_writes(d.path(), 2 * MIB);
-    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "1"]);
-    throttle.add(st.child.id());
+    let (throttle, mut st) = throttled_station(
+        dir,
+        &cfg,
+        &["--flash-present", "--exit-after", "1"],
+        &[(d.path(), 2 * MIB)],
+    );
     st.wait_for("gone starts writing", |v| is_start(v, "gone", "write"));
     // The card goes: no medium behind the disk, its capacity 0.
     std::fs::File::options()
@@ -692,13 +482,10 @@ fn station_udevd_card_gone_before_its_event_reads_removed() {
 
 #[test]
 fn station_udevd_faults_mid_write_fail_alone() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     // ok1 and ok2 are healthy; "full" sits on a 2 MiB tmpfs, so writes past its capacity fail
     // with real I/O errors; "pulled" gets a udev remove event while it is writing.
     let tiny = Tmpfs::mount(&dir.join("tiny"), "2M");
@@ -720,15 +507,13 @@ fn station_udevd_faults_mid_write_fail_alone() {
     let _udevd = Udevd::start();
     // Cards already inserted, flashed with --flash-present, so the throttle is in place before
     // the first byte: "pulled" writes slowly enough to be pulled mid-write.
-    let d_ok1 = LoopDev::attach(&b_ok1, &[]);
-    let d_full = LoopDev::attach(&b_full, &[]);
-    let d_pulled = LoopDev::attach(&b_pulled, &[]);
-    let d_ok2 = LoopDev::attach(&b_ok2, &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
-    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
-    throttle.limit_writes(d_pulled.path(), 2 * MIB);
-    let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "4"]);
-    throttle.add(st.child.id());
+    let [d_ok1, d_full, d_pulled, d_ok2] = insert([&b_ok1, &b_full, &b_pulled, &b_ok2]);
+    let (throttle, mut st) = throttled_station(
+        dir,
+        &cfg,
+        &["--flash-present", "--exit-after", "4"],
+        &[(d_pulled.path(), 2 * MIB)],
+    );
     st.wait_for("pulled starts writing", |v| is_start(v, "pulled", "write"));
     run(Command::new("udevadm")
         .args(["trigger", "--action=remove"])
@@ -787,25 +572,21 @@ fn station_udevd_faults_mid_write_fail_alone() {
 
 #[test]
 fn station_udevd_kill9_loses_no_unit_and_never_reuses_a_serial() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     let b1 = backing(dir, "k1.card", 64 * MIB);
     let b2 = backing(dir, "k2.card", 64 * MIB);
     let cfg = write_config(dir, &img, &[("k1", &b1), ("k2", &b2)], "");
     let _udevd = Udevd::start();
-    let d1 = LoopDev::attach(&b1, &[]);
-    let d2 = LoopDev::attach(&b2, &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
-    let throttle = Throttle::new(&format!("sbcflash-test-{}", rand_suffix()));
-    throttle.limit_writes(d1.path(), 2 * MIB);
-    throttle.limit_writes(d2.path(), 2 * MIB);
-    let mut st = Station::spawn(dir, &cfg, &["--flash-present"]);
-    throttle.add(st.child.id());
+    let [d1, d2] = insert([&b1, &b2]);
+    let (throttle, mut st) = throttled_station(
+        dir,
+        &cfg,
+        &["--flash-present"],
+        &[(d1.path(), 2 * MIB), (d2.path(), 2 * MIB)],
+    );
     st.wait_for("k1 writing", |v| is_start(v, "k1", "write"));
     st.wait_for("k2 writing", |v| is_start(v, "k2", "write"));
 
@@ -1178,23 +959,6 @@ mod usb_slots {
         pulled: Arc<AtomicBool>,
     }
 
-    /// Joins the station, checks it ended `(pass, fail)` units, each with one ledger row;
-    /// returns the rows by slot and what the station said (for failure messages).
-    fn finish(
-        h: std::thread::JoinHandle<Result<st::Totals, st::StationError>>,
-        rec: &Recorder,
-        ledger_path: &Path,
-        (pass, fail): (u64, u64),
-    ) -> (std::collections::BTreeMap<String, ledger::Row>, String) {
-        let totals = join_station(h).unwrap();
-        let said = format!("{:#?}", rec.0.lock().unwrap());
-        assert_eq!((totals.pass, totals.fail), (pass, fail), "{said}");
-        let rows = ledger::report(ledger_path, None).unwrap();
-        assert_eq!(rows.len() as u64, pass + fail, "{rows:#?}");
-        let by_slot = rows.into_iter().map(|r| (r.slot.clone(), r)).collect();
-        (by_slot, said)
-    }
-
     /// A simulated Rockchip board wired to "udev": whenever it leaves or joins the bus (loader
     /// start, reset, unplug) the matching udev events go to the station, as the kernel's
     /// would; after an arrival it waits until the station has seen it.
@@ -1373,37 +1137,107 @@ mod usb_slots {
         config::Station::load(&cfg_path).unwrap()
     }
 
-    /// Runs the station loop on its own thread over `bus`, with `present` as the devices
-    /// found at start and `rx` as later udev events, until `exit_after` units ended.
-    #[allow(clippy::too_many_arguments)]
-    fn start_station(
-        station: config::Station,
-        img: &Path,
-        ledger_path: &Path,
-        reporter: Arc<dyn sbcflash::progress::Reporter>,
-        bus: SimBus,
-        present: Vec<DeviceInfo>,
+    /// What every USB-slot test wires up: a directory with the image, the recorder the
+    /// station reports to, the "udev" event channel, and the ledger's path.
+    struct Rig {
+        dir: tempfile::TempDir,
+        img: PathBuf,
+        rec: Arc<Recorder>,
+        tx: Events,
         rx: crossbeam_channel::Receiver<(Action, DeviceInfo)>,
-        opts: st::RunOptions,
-    ) -> std::thread::JoinHandle<Result<st::Totals, st::StationError>> {
-        let (led, _) = ledger::Ledger::open(ledger_path).unwrap();
-        let uiv = Arc::new(ui::Ui::new(reporter, ui::Style::Stream, false, false));
-        let plan = Arc::new(image_plan(img));
-        let stop = Arc::new(AtomicBool::new(false));
-        let bus: Arc<dyn sbcflash::usb::discovery::Bus + Send + Sync> = Arc::new(bus);
-        std::thread::spawn(move || {
-            let mut events = ChannelEvents { present, rx };
-            st::run_with(
-                &station,
-                plan,
-                led,
-                uiv,
-                &opts,
-                &mut events,
-                Some(bus),
-                stop,
-            )
-        })
+        ledger: PathBuf,
+    }
+
+    impl Rig {
+        /// The image tools (with `loop_devices`: root and losetup too), else skipped; the
+        /// image is made as `image` in a new directory.
+        fn new(image: &str, loop_devices: bool) -> Option<Rig> {
+            let mut tools = vec!["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "mdir"];
+            if loop_devices {
+                tools.insert(0, "losetup");
+            }
+            if !require(loop_devices, &tools) {
+                return None;
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let img = make_nixos_like_image(dir.path(), image, IMG_MIB, Table::Mbr);
+            let (tx, rx) = crossbeam_channel::unbounded();
+            let ledger = dir.path().join("ledger.sqlite");
+            Some(Rig {
+                dir,
+                img,
+                rec: Arc::default(),
+                tx,
+                rx,
+                ledger,
+            })
+        }
+
+        /// [`usb_station`] in this rig's directory, for its image.
+        fn station(&self, usb: &str, hub: &str, slots: &[(&str, &str)]) -> config::Station {
+            usb_station(self.dir.path(), &self.img, usb, hub, slots)
+        }
+
+        /// `board` wired to this rig's udev events and recorder.
+        fn wired<B: SimDevice>(&self, board: B) -> Arc<Mutex<Wired<B>>> {
+            Arc::new(Mutex::new(Wired::new(
+                board,
+                self.tx.clone(),
+                self.rec.clone(),
+            )))
+        }
+
+        /// Runs the station loop on its own thread over `bus`, reporting to `reporter`, with
+        /// `present` as the devices found at start and later udev events from this rig, until
+        /// `exit_after` units ended.
+        fn start(
+            &self,
+            station: config::Station,
+            reporter: Arc<dyn sbcflash::progress::Reporter>,
+            bus: SimBus,
+            present: Vec<DeviceInfo>,
+            exit_after: u64,
+        ) -> std::thread::JoinHandle<Result<st::Totals, st::StationError>> {
+            let (led, _) = ledger::Ledger::open(&self.ledger).unwrap();
+            let uiv = Arc::new(ui::Ui::new(reporter, ui::Style::Stream, false, false));
+            let plan = Arc::new(image_plan(&self.img));
+            let stop = Arc::new(AtomicBool::new(false));
+            let bus: Arc<dyn sbcflash::usb::discovery::Bus + Send + Sync> = Arc::new(bus);
+            let opts = st::RunOptions {
+                flash_present: !present.is_empty(),
+                exit_after: Some(exit_after),
+            };
+            let rx = self.rx.clone();
+            std::thread::spawn(move || {
+                let mut events = ChannelEvents { present, rx };
+                st::run_with(
+                    &station,
+                    plan,
+                    led,
+                    uiv,
+                    &opts,
+                    &mut events,
+                    Some(bus),
+                    stop,
+                )
+            })
+        }
+
+        /// Joins the station, checks it ended `(pass, fail)` units, each with one ledger row;
+        /// returns the rows by slot and what the station said (for failure messages).
+        fn finish(
+            &self,
+            h: std::thread::JoinHandle<Result<st::Totals, st::StationError>>,
+            (pass, fail): (u64, u64),
+        ) -> (std::collections::BTreeMap<String, ledger::Row>, String) {
+            let totals = join_station(h).unwrap();
+            let said = format!("{:#?}", self.rec.0.lock().unwrap());
+            assert_eq!((totals.pass, totals.fail), (pass, fail), "{said}");
+            let rows = ledger::report(&self.ledger, None).unwrap();
+            assert_eq!(rows.len() as u64, pass + fail, "{rows:#?}");
+            let by_slot = rows.into_iter().map(|r| (r.slot.clone(), r)).collect();
+            (by_slot, said)
+        }
     }
 
     /// Two boards on configured USB ports (one in maskrom, so it gets the loader and
@@ -1415,15 +1249,10 @@ mod usb_slots {
     /// is never touched.
     #[test]
     fn station_usb_slots_flash_a_maskrom_board_and_fail_an_unplugged_one() {
-        if !require(
-            false,
-            &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "mdir"],
-        ) {
+        let Some(rig) = Rig::new("usb.img", false) else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let img = make_nixos_like_image(dir.path(), "usb.img", IMG_MIB, Table::Mbr);
-        let loader = dir.path().join("rk3588_spl_loader.bin");
+        };
+        let loader = rig.dir.path().join("rk3588_spl_loader.bin");
         std::fs::write(
             &loader,
             sbcflash::usb::rkloader::build_merged(
@@ -1434,26 +1263,14 @@ mod usb_slots {
             ),
         )
         .unwrap();
-        let station = usb_station(
-            dir.path(),
-            &img,
+        let station = rig.station(
             &format!("loader = [\"{}\"]\nstorage = \"emmc\"", loader.display()),
             "1-2",
             &[("u1", "2.1"), ("u2", "2.2"), ("u3", "2.3")],
         );
 
-        let rec = Arc::new(Recorder::default());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let b1 = Arc::new(Mutex::new(Wired::new(
-            board(RkMode::Maskrom, 1, 5),
-            tx.clone(),
-            rec.clone(),
-        )));
-        let b2 = Arc::new(Mutex::new(Wired::new(
-            board(RkMode::Loader, 2, 9),
-            tx.clone(),
-            rec.clone(),
-        )));
+        let b1 = rig.wired(board(RkMode::Maskrom, 1, 5));
+        let b2 = rig.wired(board(RkMode::Loader, 2, 9));
         let (reached_tx, reached) = crossbeam_channel::unbounded();
         let (release, release_rx) = crossbeam_channel::unbounded();
         let pulled = Arc::new(AtomicBool::new(false));
@@ -1466,7 +1283,7 @@ mod usb_slots {
         });
         let mut outside = board(RkMode::Loader, 3, 12);
         outside.ports = vec![3];
-        let outside = Arc::new(Mutex::new(Wired::new(outside, tx.clone(), rec.clone())));
+        let outside = rig.wired(outside);
         let outside_before = lock(&outside).board.storage(EMMC).to_vec();
         // An Allwinner board in FEL on u3: recognised, but not something the station flashes.
         let mut fel = sbcflash::usb::sim::fel::FelDevice::d1(1 << 20);
@@ -1487,37 +1304,25 @@ mod usb_slots {
             &lock(&fel).descriptor().unwrap(),
             "",
         ));
-        let ledger_path = dir.path().join("ledger.sqlite");
-        let station_thread = start_station(
-            station,
-            &img,
-            &ledger_path,
-            rec.clone(),
-            bus,
-            present,
-            rx,
-            st::RunOptions {
-                flash_present: true,
-                exit_after: Some(3),
-            },
-        );
+        let station_thread = rig.start(station, rig.rec.clone(), bus, present, 3);
 
         // b2 is mid-write: the cable is pulled. udev reports the removal first...
         reached
             .recv_timeout(WATCHDOG)
             .expect("b2 never reached mid-write");
         let now = b2_now.lock().unwrap().clone().unwrap();
-        tx.send((Action::Remove, usbslot::udev_event_for(&now, "")))
+        rig.tx
+            .send((Action::Remove, usbslot::udev_event_for(&now, "")))
             .unwrap();
         wait_said(
-            &rec,
+            &rig.rec,
             "u2: /dev/bus/usb/001/009 device removed; cancelling its job",
         );
         // ...and the board is gone from the bus.
         pulled.store(true, Ordering::SeqCst);
         release.send(()).unwrap();
 
-        let (rows, _) = finish(station_thread, &rec, &ledger_path, (1, 2));
+        let (rows, _) = rig.finish(station_thread, (1, 2));
         let r3 = &rows["u3"];
         assert_eq!(r3.result, "fail", "{r3:#?}");
         let why3 = r3.failure_reason.as_deref().unwrap_or("");
@@ -1539,9 +1344,9 @@ mod usb_slots {
         let b = lock(&b1);
         assert_eq!(b.board.downloads.len(), 2, "0x471 and 0x472 downloads");
         assert!(!b.board.resets.is_empty(), "board was not reset after PASS");
-        let flash = dir.path().join("u1.emmc");
+        let flash = rig.dir.path().join("u1.emmc");
         std::fs::write(&flash, b.board.storage(EMMC)).unwrap();
-        check_contents(&img, &flash, &r1.unit_serial, "u1");
+        check_contents(&rig.img, &flash, &r1.unit_serial, "u1");
         drop(b);
         // The board outside every slot: no loader, no write, no reset.
         let o = lock(&outside);
@@ -1558,34 +1363,13 @@ mod usb_slots {
     /// the dead job.
     #[test]
     fn station_usb_slots_a_panicking_job_is_fail_with_its_message() {
-        if !require(
-            false,
-            &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "mdir"],
-        ) {
+        let Some(rig) = Rig::new("usb.img", false) else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let img = make_nixos_like_image(dir.path(), "usb.img", IMG_MIB, Table::Mbr);
-        let station = usb_station(
-            dir.path(),
-            &img,
-            "storage = \"emmc\"",
-            "1-2",
-            &[("p1", "2.1"), ("p2", "2.2")],
-        );
-        let rec = Arc::new(Recorder::default());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let bad = Arc::new(Mutex::new(Wired::new(
-            board(RkMode::Loader, 1, 5),
-            tx.clone(),
-            rec.clone(),
-        )));
+        };
+        let station = rig.station("storage = \"emmc\"", "1-2", &[("p1", "2.1"), ("p2", "2.2")]);
+        let bad = rig.wired(board(RkMode::Loader, 1, 5));
         lock(&bad).panic_at = Some(4 * MIB);
-        let good = Arc::new(Mutex::new(Wired::new(
-            board(RkMode::Loader, 2, 6),
-            tx.clone(),
-            rec.clone(),
-        )));
+        let good = rig.wired(board(RkMode::Loader, 2, 6));
         let mut bus = SimBus::new();
         bus.attach(bad.clone());
         bus.attach(good.clone());
@@ -1593,21 +1377,8 @@ mod usb_slots {
             .iter()
             .map(|b| usbslot::udev_event_for(&lock(b).descriptor().unwrap(), ""))
             .collect();
-        let ledger_path = dir.path().join("ledger.sqlite");
-        let station_thread = start_station(
-            station,
-            &img,
-            &ledger_path,
-            rec.clone(),
-            bus,
-            present,
-            rx,
-            st::RunOptions {
-                flash_present: true,
-                exit_after: Some(2),
-            },
-        );
-        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 1));
+        let station_thread = rig.start(station, rig.rec.clone(), bus, present, 2);
+        let (rows, said) = rig.finish(station_thread, (1, 1));
         let p1 = &rows["p1"];
         assert_eq!(p1.result, "fail", "{p1:#?}");
         assert!(
@@ -1623,9 +1394,9 @@ mod usb_slots {
         );
         let p2 = &rows["p2"];
         assert_eq!(p2.result, "pass", "{p2:#?}\n{said}");
-        let flash = dir.path().join("p2.emmc");
+        let flash = rig.dir.path().join("p2.emmc");
         std::fs::write(&flash, lock(&good).board.storage(EMMC)).unwrap();
-        check_contents(&img, &flash, &p2.unit_serial, "p2");
+        check_contents(&rig.img, &flash, &p2.unit_serial, "p2");
     }
 
     /// `[usb] sectors-per-command` reaches the rockusb writer as it does for `write --via`:
@@ -1633,90 +1404,38 @@ mod usb_slots {
     /// default 128 whatever was configured), and the unit still passes with its image.
     #[test]
     fn station_usb_slots_write_with_the_configured_sectors_per_command() {
-        if !require(
-            false,
-            &["sfdisk", "mkfs.vfat", "mkfs.ext4", "mcopy", "mtype", "mdir"],
-        ) {
+        let Some(rig) = Rig::new("usb.img", false) else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let img = make_nixos_like_image(dir.path(), "usb.img", IMG_MIB, Table::Mbr);
-        let station = usb_station(
-            dir.path(),
-            &img,
+        };
+        let station = rig.station(
             "storage = \"emmc\"\nsectors-per-command = 32",
             "1-2",
             &[("c1", "2.1")],
         );
-        let rec = Arc::new(Recorder::default());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let b = Arc::new(Mutex::new(Wired::new(
-            board(RkMode::Loader, 1, 5),
-            tx.clone(),
-            rec.clone(),
-        )));
+        let b = rig.wired(board(RkMode::Loader, 1, 5));
         let mut bus = SimBus::new();
         bus.attach(b.clone());
         let present = vec![usbslot::udev_event_for(&lock(&b).descriptor().unwrap(), "")];
-        let ledger_path = dir.path().join("ledger.sqlite");
-        let station_thread = start_station(
-            station,
-            &img,
-            &ledger_path,
-            rec.clone(),
-            bus,
-            present,
-            rx,
-            st::RunOptions {
-                flash_present: true,
-                exit_after: Some(1),
-            },
-        );
-        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 0));
+        let station_thread = rig.start(station, rig.rec.clone(), bus, present, 1);
+        let (rows, said) = rig.finish(station_thread, (1, 0));
         let c1 = &rows["c1"];
         assert_eq!(c1.result, "pass", "{c1:#?}\n{said}");
         let w = lock(&b);
         assert_eq!(w.max_out, 32 * 512, "largest WRITE_LBA data phase");
-        let flash = dir.path().join("c1.emmc");
+        let flash = rig.dir.path().join("c1.emmc");
         std::fs::write(&flash, w.board.storage(EMMC)).unwrap();
-        check_contents(&img, &flash, &c1.unit_serial, "c1");
-    }
-
-    /// The CM4 tests' start (root, loop devices and the image tools): a directory and the
-    /// image.
-    fn cm4_setup() -> Option<(tempfile::TempDir, PathBuf)> {
-        let tools = [
-            "losetup",
-            "sfdisk",
-            "mkfs.vfat",
-            "mkfs.ext4",
-            "mcopy",
-            "mtype",
-            "mdir",
-        ];
-        if !require(true, &tools) {
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let img = make_nixos_like_image(dir.path(), "cm4.img", IMG_MIB, Table::Mbr);
-        Some((dir, img))
+        check_contents(&rig.img, &flash, &c1.unit_serial, "c1");
     }
 
     type Cm4 = Arc<Mutex<Wired<sbcflash::usb::sim::usbboot::RpiBoard>>>;
 
     /// A simulated CM4 in `stage` on port 1-1.`port`, wired to the station's udev events.
-    fn cm4_on(
-        port: u8,
-        address: u8,
-        stage: sbcflash::usb::sim::usbboot::Stage,
-        tx: &Events,
-        rec: &Arc<Recorder>,
-    ) -> Cm4 {
+    fn cm4_on(rig: &Rig, port: u8, address: u8, stage: sbcflash::usb::sim::usbboot::Stage) -> Cm4 {
         let mut b = sbcflash::usb::sim::usbboot::RpiBoard::cm4(&["bootmain"]);
         b.stage = stage;
         b.ports = vec![1, port];
         b.address = address;
-        Arc::new(Mutex::new(Wired::new(b, tx.clone(), rec.clone())))
+        rig.wired(b)
     }
 
     /// The boards are plugged in while the station runs: their udev `add` events.
@@ -1759,38 +1478,34 @@ mod usb_slots {
     #[test]
     fn station_usb_slots_rpiboot_a_cm4_then_write_its_emmc_block_device() {
         use sbcflash::usb::sim::usbboot::Stage;
-        let Some((dir, img)) = cm4_setup() else {
+        let Some(rig) = Rig::new("cm4.img", true) else {
             return;
         };
-        let boot = dir.path().join("msg64");
+        let boot = rig.dir.path().join("msg64");
         std::fs::create_dir_all(boot.join("2711")).unwrap();
         std::fs::write(boot.join("2711/bootcode4.bin"), pattern(52_000, 1)).unwrap();
         std::fs::write(boot.join("bootmain"), pattern(40_000, 2)).unwrap();
-        let emmc = LoopDev::new_sparse(dir.path(), "cm4-emmc.bin", 64 * MIB);
-        let emmc3 = LoopDev::new_sparse(dir.path(), "cm4-emmc3.bin", 64 * MIB);
+        let emmc = LoopDev::new_sparse(rig.dir.path(), "cm4-emmc.bin", 64 * MIB);
+        let emmc3 = LoopDev::new_sparse(rig.dir.path(), "cm4-emmc3.bin", 64 * MIB);
         // Stale bytes a correct write must replace (zero ranges included).
         std::fs::write(&emmc.backing, pattern(64 << 20, 0x5a)).unwrap();
 
-        let station = usb_station(
-            dir.path(),
-            &img,
+        let station = rig.station(
             "usbboot-dir = \"msg64\"\nreenumerate_timeout_secs = 2",
             "1-1",
             &[("r1", "1.3"), ("r2", "1.4"), ("r3", "1.5"), ("r4", "1.6")],
         );
         assert_eq!(station.usb.usbboot_dir.as_deref(), Some(boot.as_path()));
 
-        let rec = Arc::new(Recorder::default());
         let (reached_tx, reached) = crossbeam_channel::unbounded();
         let (release, release_rx) = crossbeam_channel::unbounded();
         let gate = Arc::new(WriteGate {
-            rec: rec.clone(),
+            rec: rig.rec.clone(),
             slot: "r3",
             reached: reached_tx,
             release: release_rx,
         });
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let cm4 = |port, address| cm4_on(port, address, Stage::Rom, &tx, &rec);
+        let cm4 = |port, address| cm4_on(&rig, port, address, Stage::Rom);
         let (b1, b2, b3, b4) = (cm4(3, 12), cm4(4, 30), cm4(5, 40), cm4(6, 50));
         lock(&b4).unplug_on_change = true;
         let mut bus = SimBus::new();
@@ -1801,22 +1516,9 @@ mod usb_slots {
         bus.map_block("1-1.5", emmc3.path().to_path_buf());
         // Only r1's gadget shows a disk; r2's eMMC never appears.
         bus.map_block("1-1.3", emmc.path().to_path_buf());
-        let ledger_path = dir.path().join("ledger.sqlite");
-        let station_thread = start_station(
-            station,
-            &img,
-            &ledger_path,
-            gate.clone(),
-            bus,
-            Vec::new(),
-            rx,
-            st::RunOptions {
-                flash_present: false,
-                exit_after: Some(4),
-            },
-        );
+        let station_thread = rig.start(station, gate.clone(), bus, Vec::new(), 4);
         // The boards are plugged in while the station runs.
-        plug(&tx, &[&b1, &b2, &b3, &b4]);
+        plug(&rig.tx, &[&b1, &b2, &b3, &b4]);
         // r3 is through rpiboot and its writer is starting: the cable is pulled (udev
         // reports the gadget's removal).
         reached
@@ -1825,13 +1527,13 @@ mod usb_slots {
         let gadget = lock(&b3).descriptor().unwrap();
         let ev = usbslot::udev_event_for(&gadget, "");
         let node = ev.devnode.clone().unwrap();
-        tx.send((Action::Remove, ev)).unwrap();
+        rig.tx.send((Action::Remove, ev)).unwrap();
         wait_said(
-            &rec,
+            &rig.rec,
             &format!("r3: {node} device removed; cancelling its job"),
         );
         release.send(()).unwrap();
-        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 3));
+        let (rows, said) = rig.finish(station_thread, (1, 3));
         let r4 = &rows["r4"];
         assert_eq!(r4.result, "fail", "{r4:#?}");
         let why4 = r4.failure_reason.as_deref().unwrap_or("");
@@ -1875,7 +1577,7 @@ mod usb_slots {
             );
         }
         // r1's eMMC (the loop device) holds the image and its identity files.
-        check_contents(&img, emmc.path(), &r1.unit_serial, "r1");
+        check_contents(&rig.img, emmc.path(), &r1.unit_serial, "r1");
     }
 
     /// CM4s that reach their slots already in mass-storage mode (rpiboot ran before they were
@@ -1886,24 +1588,20 @@ mod usb_slots {
     #[test]
     fn station_usb_slots_a_cm4_already_in_mass_storage_mode_is_written_as_its_disk() {
         use sbcflash::usb::sim::usbboot::Stage;
-        let Some((dir, img)) = cm4_setup() else {
+        let Some(rig) = Rig::new("cm4.img", true) else {
             return;
         };
-        let emmc = LoopDev::new_sparse(dir.path(), "m1-emmc.bin", 64 * MIB);
+        let emmc = LoopDev::new_sparse(rig.dir.path(), "m1-emmc.bin", 64 * MIB);
         std::fs::write(&emmc.backing, pattern(64 << 20, 0x3c)).unwrap();
-        let small = LoopDev::new_sparse(dir.path(), "m3-emmc.bin", 16 * MIB);
+        let small = LoopDev::new_sparse(rig.dir.path(), "m3-emmc.bin", 16 * MIB);
         std::fs::write(&small.backing, pattern(16 << 20, 0x11)).unwrap();
         // No usbboot-dir: boards in mass-storage mode need no boot files.
-        let station = usb_station(
-            dir.path(),
-            &img,
+        let station = rig.station(
             "reenumerate_timeout_secs = 2",
             "1-1",
             &[("m1", "1.3"), ("m2", "1.4"), ("m3", "1.5")],
         );
-        let rec = Arc::new(Recorder::default());
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let gadget = |port, address| cm4_on(port, address, Stage::MassStorage, &tx, &rec);
+        let gadget = |port, address| cm4_on(&rig, port, address, Stage::MassStorage);
         let (b1, b2, b3) = (gadget(3, 12), gadget(4, 30), gadget(5, 40));
         let mut bus = SimBus::new();
         bus.attach(b1.clone());
@@ -1915,22 +1613,9 @@ mod usb_slots {
             &lock(&b3).descriptor().unwrap(),
             "",
         )];
-        let ledger_path = dir.path().join("ledger.sqlite");
-        let station_thread = start_station(
-            station,
-            &img,
-            &ledger_path,
-            rec.clone(),
-            bus,
-            present,
-            rx,
-            st::RunOptions {
-                flash_present: true,
-                exit_after: Some(3),
-            },
-        );
-        plug(&tx, &[&b1, &b2]);
-        let (rows, said) = finish(station_thread, &rec, &ledger_path, (1, 2));
+        let station_thread = rig.start(station, rig.rec.clone(), bus, present, 3);
+        plug(&rig.tx, &[&b1, &b2]);
+        let (rows, said) = rig.finish(station_thread, (1, 2));
         let (m1, m2, m3) = (&rows["m1"], &rows["m2"], &rows["m3"]);
         assert_eq!(m1.result, "pass", "{m1:#?}\n{said}");
         assert_eq!(m1.devnode.as_deref(), Some("usb:1-1.3"));
@@ -1954,7 +1639,7 @@ mod usb_slots {
             assert_eq!(b.board.stage, Stage::MassStorage);
             assert!(b.board.second_stage.is_none() && b.board.files.is_empty());
         }
-        check_contents(&img, emmc.path(), &m1.unit_serial, "m1");
+        check_contents(&rig.img, emmc.path(), &m1.unit_serial, "m1");
         assert!(
             std::fs::read(&small.backing).unwrap() == pattern(16 << 20, 0x11),
             "the refused disk was written"
@@ -2025,19 +1710,14 @@ fn count(hay: &[u8], needle: &[u8]) -> usize {
 /// a good one (PASS).
 #[test]
 fn station_udevd_bell_and_flash_on_fail_reach_the_terminal() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     let b_small = backing(dir, "small.card", 16 * MIB);
     let b_good = backing(dir, "good.card", 64 * MIB);
     let _udevd = Udevd::start();
-    let _d_small = LoopDev::attach(&b_small, &[]);
-    let _d_good = LoopDev::attach(&b_good, &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    let _cards = insert([&b_small, &b_good]);
     let slots: [(&str, &Path); 2] = [("small", &b_small), ("good", &b_good)];
     for (ui, bell, flash) in [
         ("[ui]\nbell = true\nflash = true\n", 1, 1),
@@ -2085,13 +1765,10 @@ fn station_udevd_bell_and_flash_on_fail_reach_the_terminal() {
 /// written; a good card in the other slot is checked, then written as usual.
 #[test]
 fn station_udevd_check_card_fails_a_card_that_cannot_hold_its_size() {
-    if !require(true, TOOLS) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some((_serial, tmp, img)) = udevd_setup() else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
-    let tmp = tempfile::tempdir().unwrap();
+    };
     let dir = tmp.path();
-    let img = make_nixos_like_image(dir, "nixos.img", IMG_MIB, Table::Mbr);
     let tiny = Tmpfs::mount(&dir.join("tiny"), "1M");
     let b_good = backing(dir, "good.card", 64 * MIB);
     let b_small = backing(&tiny.dir, "small.card", 64 * MIB);
@@ -2102,9 +1779,7 @@ fn station_udevd_check_card_fails_a_card_that_cannot_hold_its_size() {
         "check_card = true",
     );
     let _udevd = Udevd::start();
-    let d_good = LoopDev::attach(&b_good, &[]);
-    let d_small = LoopDev::attach(&b_small, &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    let [d_good, d_small] = insert([&b_good, &b_small]);
     let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "2"]);
     let status = st.wait_exit();
     assert_eq!(status.code(), Some(5), "{}\n{}", st.dump(), st.stderr());
@@ -2166,13 +1841,11 @@ impl Drop for Boards {
 #[test]
 fn station_udevd_qemu_boot_acceptance_fails_the_unit_that_does_not_boot() {
     let tools = common::try_tools("riscv64");
-    let mut need: Vec<&str> = TOOLS.to_vec();
-    need.extend(tools.iter().map(String::as_str));
+    let mut need: Vec<&str> = tools.iter().map(String::as_str).collect();
     need.extend(["qemu-system-aarch64", "socat"]);
-    if !require(true, &need) || !udevd_present() && !require(true, &["systemd-udevd"]) {
+    let Some(_serial) = udevd_lock(&need) else {
         return;
-    }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    };
     let img = common::harness_image(Path::new(env!("CARGO_TARGET_TMPDIR")), &[]);
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
@@ -2221,7 +1894,7 @@ off = "{sc} stop --state {sd}"
 
     let _udevd = Udevd::start();
     let devs: Vec<LoopDev> = backs.iter().map(|b| LoopDev::attach(b, &[])).collect();
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
+    Udevd::settle();
     let mut st = Station::spawn(dir, &cfg, &["--flash-present", "--exit-after", "3"]);
     let status = st.wait_exit();
     let ctx = format!("{}\n{}", st.dump(), st.stderr());

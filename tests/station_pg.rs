@@ -8,17 +8,16 @@
 mod common;
 
 use common::pg::Postgres;
+use common::station::{
+    backing, is_msg, is_start, read_range, udevd_present, udevd_serial, write_loop_config, Station,
+    StationCmd, Throttle,
+};
 use common::{make_nixos_like_image, require, run, sbcflash, LoopDev, Table, Udevd};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::BufRead;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Mutex;
+use std::process::Command;
 use std::time::{Duration, Instant};
-
-static UDEVD_TESTS: Mutex<()> = Mutex::new(());
 
 const MIB: u64 = 1 << 20;
 /// Layout of `make_nixos_like_image`: FAT "FIRMWARE" at 8 MiB, 16 MiB long; ext4 after.
@@ -46,10 +45,7 @@ fn ready(udevd: bool) -> bool {
     if !require(true, TOOLS) {
         return false;
     }
-    if udevd
-        && !Path::new("/lib/systemd/systemd-udevd").exists()
-        && !require(true, &["systemd-udevd"])
-    {
+    if udevd && !udevd_present() && !require(true, &["systemd-udevd"]) {
         return false;
     }
     if common::pg::bin_dir().is_none() {
@@ -64,156 +60,13 @@ fn ready(udevd: bool) -> bool {
     true
 }
 
-/// A running `sbcflash station --json`; its events arrive on a channel. Killed by PID on drop.
-struct Station {
-    name: String,
-    child: Child,
-    events: crossbeam_channel::Receiver<Value>,
-    seen: Vec<Value>,
-    stderr: PathBuf,
-    off_schema: std::sync::Arc<Mutex<Vec<String>>>,
-}
-
-impl Station {
-    fn spawn(name: &str, dir: &Path, config: &Path, args: &[&str]) -> Station {
-        let stderr = dir.join(format!("station-{}.stderr", rand_suffix()));
-        let mut child = sbcflash()
-            .env("SBCFLASH_CACHE_DIR", dir.join("cache"))
-            .env("SBCFLASH_LEDGER_PASSWORD", PASSWORD)
-            .args(["station", "--json", "--config"])
-            .arg(config)
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawn station");
-        let out = child.stdout.take().unwrap();
-        let (tx, rx) = crossbeam_channel::unbounded();
-        let off_schema = std::sync::Arc::new(Mutex::new(Vec::new()));
-        let off = off_schema.clone();
-        std::thread::spawn(move || {
-            let rows = common::json::schema_rows();
-            for line in std::io::BufReader::new(out).lines() {
-                let Ok(line) = line else { break };
-                if let Err(e) = common::json::match_row(&rows, &line) {
-                    off.lock().unwrap().push(e);
-                }
-                match serde_json::from_str::<Value>(&line) {
-                    Ok(v) => {
-                        if tx.send(v).is_err() {
-                            break;
-                        }
-                    }
-                    Err(e) => panic!("station printed a non-JSON line {line:?}: {e}"),
-                }
-            }
-        });
-        Station {
-            name: name.to_string(),
-            child,
-            events: rx,
-            seen: Vec::new(),
-            stderr,
-            off_schema,
-        }
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    fn wait_for(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
-        if let Some(v) = self.seen.iter().find(|v| pred(v)) {
-            return v.clone();
-        }
-        loop {
-            match self.events.recv_timeout(WATCHDOG) {
-                Ok(v) => {
-                    self.seen.push(v.clone());
-                    if pred(&v) {
-                        return v;
-                    }
-                }
-                Err(_) => panic!(
-                    "station {}: no event {what}; events so far:\n{}\nstderr:\n{}",
-                    self.name,
-                    self.dump(),
-                    self.stderr()
-                ),
-            }
-        }
-    }
-
-    fn dump(&self) -> String {
-        self.seen
-            .iter()
-            .filter(|v| v["event"] != "progress")
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
-    fn signal(&self, sig: nix::sys::signal::Signal) {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), sig);
-    }
-
-    fn wait_exit(&mut self) -> ExitStatus {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let (tx, rx) = crossbeam_channel::bounded(1);
-        std::thread::spawn(move || {
-            if rx.recv_timeout(WATCHDOG).is_err() {
-                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            }
-        });
-        let st = self.child.wait().expect("wait station");
-        let _ = tx.send(());
-        while let Ok(v) = self.events.recv_timeout(Duration::from_secs(5)) {
-            self.seen.push(v);
-        }
-        st
-    }
-
-    fn kill9(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Station {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        let off = std::mem::take(&mut *self.off_schema.lock().unwrap());
-        if !std::thread::panicking() {
-            assert!(
-                off.is_empty(),
-                "station --json off its schema:\n{}",
-                off.join("\n")
-            );
-        }
-    }
-}
-
-fn rand_suffix() -> String {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    static N: AtomicU32 = AtomicU32::new(0);
-    format!(
-        "{}-{}",
-        std::process::id(),
-        N.fetch_add(1, Ordering::Relaxed)
-    )
-}
-
-fn is_msg(v: &Value, job: &str, needle: &str) -> bool {
-    v["event"] == "message"
-        && v["job"] == job
-        && v["text"].as_str().is_some_and(|t| t.contains(needle))
-}
-
-fn is_start(v: &Value, job: &str, phase: &str) -> bool {
-    v["event"] == "start" && v["job"] == job && v["phase"] == phase
+/// A station of the line named `name` (in failure messages), with the ledger's password.
+fn spawn(name: &str, dir: &Path, config: &Path, args: &[&str]) -> Station {
+    StationCmd::new(dir, config)
+        .name(name)
+        .env("SBCFLASH_LEDGER_PASSWORD", PASSWORD)
+        .watchdog(WATCHDOG)
+        .spawn(args)
 }
 
 /// A station config on the central ledger `url` in `dir`, one slot per backing file.
@@ -226,7 +79,7 @@ fn write_config(
     slots: &[(String, PathBuf)],
 ) -> PathBuf {
     std::fs::create_dir_all(dir).unwrap();
-    let mut t = format!(
+    let head = format!(
         r#"board = "orangepi-5"
 ledger = "{url}"
 outbox = "outbox.sqlite"
@@ -244,22 +97,11 @@ template = '{{"serial": "{{serial}}", "slot": "{{slot}}"}}'
 "#,
         image.display()
     );
-    for (slot, backing) in slots {
-        t.push_str(&format!(
-            "[[slot]]\nname = \"{slot}\"\nmatch = {{ \"attr:loop/backing_file\" = \"{}\" }}\n",
-            backing.display()
-        ));
-    }
-    let p = dir.join("station.toml");
-    std::fs::write(&p, t).unwrap();
-    p
-}
-
-fn backing(dir: &Path, name: &str, size: u64) -> PathBuf {
-    let p = dir.join(name);
-    let f = std::fs::File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    p
+    let slots: Vec<(&str, &Path)> = slots
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_path()))
+        .collect();
+    write_loop_config(dir, &head, &slots)
 }
 
 /// The line's report through the CLI (`--ledger URL`), as JSON rows.
@@ -279,15 +121,6 @@ fn line_report(pg: &Postgres, url: &str, extra: &[&str]) -> Vec<Value> {
         .args(extra));
     let v: Value = serde_json::from_slice(&o.stdout).expect("report is JSON");
     v.as_array().expect("report is an array").clone()
-}
-
-fn read_range(p: &Path, off: u64, len: u64) -> Vec<u8> {
-    use std::io::{Read, Seek, SeekFrom};
-    let mut f = std::fs::File::open(p).unwrap();
-    f.seek(SeekFrom::Start(off)).unwrap();
-    let mut v = vec![0u8; len as usize];
-    f.read_exact(&mut v).unwrap();
-    v
 }
 
 /// A flashed unit: byte for byte the image outside the FAT partition, and its identity file
@@ -340,7 +173,7 @@ fn station_pg_udevd_three_stations_thirty_units_through_a_database_outage() {
     if !ready(true) {
         return;
     }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = udevd_serial();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let mut pg = Postgres::start_new(&dir.join("pg"));
@@ -369,7 +202,7 @@ fn station_pg_udevd_three_stations_thirty_units_through_a_database_outage() {
     let mut stations: Vec<Station> = names
         .iter()
         .zip(&configs)
-        .map(|(n, c)| Station::spawn(n, c.parent().unwrap(), c, &[]))
+        .map(|(n, c)| spawn(n, c.parent().unwrap(), c, &[]))
         .collect();
     for st in &mut stations {
         st.wait_for("station ready", |v| is_msg(v, "station", "station ready"));
@@ -558,7 +391,7 @@ fn station_pg_udevd_kill9_mid_unit_interrupted_centrally_lease_abandoned() {
     if !ready(true) {
         return;
     }
-    let _serial = UDEVD_TESTS.lock().unwrap_or_else(|p| p.into_inner());
+    let _serial = udevd_serial();
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let pg = Postgres::start_new(&dir.join("pg"));
@@ -572,11 +405,11 @@ fn station_pg_udevd_kill9_mid_unit_interrupted_centrally_lease_abandoned() {
     let cfg = write_config(&sdir, &img, &url, "k", &ca, &[("k1".into(), card.clone())]);
     let _udevd = Udevd::start();
     let dev = LoopDev::attach(&card, &[]);
-    run(Command::new("udevadm").args(["settle", "--timeout=30"]));
-    let throttle = Throttle::new(&format!("sbcflash-pg-test-{}", rand_suffix()));
+    Udevd::settle();
+    let throttle = Throttle::new("sbcflash-pg-test");
     throttle.limit_writes(dev.path(), 2 * MIB);
-    let mut st = Station::spawn("k", &sdir, &cfg, &["--flash-present"]);
-    throttle.add(st.child.id());
+    let mut st = spawn("k", &sdir, &cfg, &["--flash-present"]);
+    throttle.add(st.pid());
     st.wait_for("k1 writing", |v| is_start(v, "k1", "write"));
     // The started row reaches the central ledger while the unit is being written.
     wait_sql(&pg, "SELECT result FROM units", "started");
@@ -592,7 +425,7 @@ fn station_pg_udevd_kill9_mid_unit_interrupted_centrally_lease_abandoned() {
         (f[0], f[1], f[2])
     };
 
-    let mut st = Station::spawn("k", &sdir, &cfg, &["--flash-present", "--exit-after", "1"]);
+    let mut st = spawn("k", &sdir, &cfg, &["--flash-present", "--exit-after", "1"]);
     let status = st.wait_exit();
     assert!(status.success(), "{status}\n{}\n{}", st.dump(), st.stderr());
     assert!(
@@ -818,59 +651,6 @@ fn station_pg_wrong_password_wrong_ca_refused_migration_flash_nothing() {
         ),
         "0"
     );
-}
-
-/// A blkio cgroup that throttles writes to chosen devices for the processes put in it, so a
-/// job is reliably still writing when the test acts (cgroup v1 blkio, or v2 io.max).
-struct Throttle {
-    dir: PathBuf,
-    v2: bool,
-}
-
-impl Throttle {
-    fn new(name: &str) -> Throttle {
-        let v1 = Path::new("/sys/fs/cgroup/blkio");
-        if v1.join("blkio.throttle.write_bps_device").exists() {
-            let dir = v1.join(name);
-            std::fs::create_dir_all(&dir).expect("create blkio cgroup");
-            return Throttle { dir, v2: false };
-        }
-        let root = Path::new("/sys/fs/cgroup");
-        let _ = std::fs::write(root.join("cgroup.subtree_control"), "+io");
-        let dir = root.join(name);
-        std::fs::create_dir_all(&dir).expect("create io cgroup");
-        Throttle { dir, v2: true }
-    }
-
-    fn limit_writes(&self, dev: &Path, bytes_per_sec: u64) {
-        let rdev = std::fs::metadata(dev).unwrap().rdev();
-        let (maj, min) = (libc::major(rdev), libc::minor(rdev));
-        let (file, line) = if self.v2 {
-            ("io.max", format!("{maj}:{min} wbps={bytes_per_sec}"))
-        } else {
-            (
-                "blkio.throttle.write_bps_device",
-                format!("{maj}:{min} {bytes_per_sec}"),
-            )
-        };
-        std::fs::write(self.dir.join(file), line).unwrap();
-    }
-
-    fn add(&self, pid: u32) {
-        std::fs::write(self.dir.join("cgroup.procs"), pid.to_string()).unwrap();
-    }
-}
-
-impl Drop for Throttle {
-    fn drop(&mut self) {
-        for _ in 0..50 {
-            if std::fs::remove_dir(&self.dir).is_ok() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        eprintln!("warning: could not remove cgroup {}", self.dir.display());
-    }
 }
 
 /// BENCHMARKS.md's numbers (`cargo test --test station_pg bench -- --ignored --nocapture`):

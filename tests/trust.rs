@@ -5,6 +5,8 @@
 mod acquire_server;
 mod common;
 
+use common::text;
+
 use acquire_server::{Behavior, TestServer};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -22,15 +24,6 @@ const TOOLS: &[&str] = &[
     "mkfs.vfat",
     "mcopy",
 ];
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
-}
 
 fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()

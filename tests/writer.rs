@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{make_nixos_like_image, run, sbcflash, sh, LoopDev, Table};
+use common::{make_nixos_like_image, run, sbcflash, sh, text, LoopDev, Table};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -32,15 +32,6 @@ fn size_of(p: &Path) -> u64 {
 
 fn code(o: &Output) -> i32 {
     o.status.code().unwrap_or(-1)
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "exit {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// Fails the test with everything sbcflash printed unless it exited with `want`.

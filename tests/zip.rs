@@ -4,6 +4,8 @@
 mod acquire_server;
 mod common;
 
+use common::text;
+
 use acquire_server::{Behavior, TestServer};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,15 +19,6 @@ fn tools() -> Vec<&'static str> {
     let mut t = vec!["losetup", "zip", "python3", "xz"];
     t.extend(common::IMAGE_TOOLS);
     t
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout:\n{}\nstderr:\n{}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
 }
 
 /// python3's zipfile: one member `arc` from `src`, zip64 headers forced. `out` "-" writes to

@@ -750,6 +750,22 @@ mod tests {
         }
     }
 
+    /// A ledger at schema 1 (the first migration only) in `dir` with one finished row,
+    /// serial `OLD-1`, as an older sbcflash left it.
+    fn schema_1_ledger(dir: &Path) -> PathBuf {
+        let p = dir.join("l.sqlite");
+        let c = Connection::open(&p).unwrap();
+        c.execute_batch(MIGRATIONS[0]).unwrap();
+        c.pragma_update(None, "user_version", 1).unwrap();
+        c.execute(
+            "INSERT INTO units(unit_serial, attempt, slot, started_at, result, tool_version)
+             VALUES ('OLD-1', 1, 's1', '2026-01-01T00:00:00Z', 'pass', '0.1')",
+            [],
+        )
+        .unwrap();
+        p
+    }
+
     fn start(l: &mut Ledger, slot: &str) -> (i64, u64) {
         l.start_unit(&unit(slot), true, 100, |seq| {
             let s = seq.unwrap();
@@ -789,18 +805,7 @@ mod tests {
     #[test]
     fn a_version_1_ledger_gains_the_host_key_columns_and_keeps_its_rows() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("l.sqlite");
-        {
-            let c = Connection::open(&p).unwrap();
-            c.execute_batch(MIGRATIONS[0]).unwrap();
-            c.pragma_update(None, "user_version", 1).unwrap();
-            c.execute(
-                "INSERT INTO units(unit_serial, attempt, slot, started_at, result, tool_version)
-                 VALUES ('OLD-1', 1, 's1', '2026-01-01T00:00:00Z', 'pass', '0.1')",
-                [],
-            )
-            .unwrap();
-        }
+        let p = schema_1_ledger(dir.path());
         let (mut l, _) = Ledger::open(&p).unwrap();
         l.record_host_key(1, "ssh-ed25519 AAAAx", "SHA256:x")
             .unwrap();
@@ -853,18 +858,7 @@ mod tests {
     #[test]
     fn schema_1_ledger_gains_retried_ranges() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("l.sqlite");
-        {
-            let c = Connection::open(&p).unwrap();
-            c.execute_batch(MIGRATIONS[0]).unwrap();
-            c.pragma_update(None, "user_version", 1).unwrap();
-            c.execute(
-                "INSERT INTO units (unit_serial, attempt, slot, started_at, result, tool_version)
-                 VALUES ('OLD', 1, 's', '2026-01-01T00:00:00Z', 'pass', 'old')",
-                [],
-            )
-            .unwrap();
-        }
+        let p = schema_1_ledger(dir.path());
         let (mut l, _) = Ledger::open(&p).unwrap();
         let (id, _) = start(&mut l, "s");
         l.finish_unit(

@@ -6,6 +6,7 @@
 
 pub mod json;
 pub mod pg;
+pub mod station;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -68,6 +69,16 @@ pub fn run(cmd: &mut Command) -> Output {
         );
     }
     out
+}
+
+/// A finished command's exit status and output, for failure messages.
+pub fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
 }
 
 pub fn sh(script: &str) -> Output {
@@ -243,6 +254,11 @@ impl Udevd {
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
         panic!("systemd-udevd did not answer `udevadm control --ping`");
+    }
+
+    /// Waits until udevd has handled the events queued so far (new loop devices, rules).
+    pub fn settle() {
+        run(Command::new("udevadm").args(["settle", "--timeout=30"]));
     }
 }
 
