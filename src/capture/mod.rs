@@ -10,6 +10,7 @@
 //! thread hashes and compresses them, so memory stays bounded whatever the disk size.
 
 pub(crate) mod bmapout;
+pub(crate) mod btrfs;
 pub(crate) mod fsmap;
 pub(crate) mod gpt;
 
