@@ -13,7 +13,7 @@ pub(crate) mod out;
 
 pub(crate) mod acquire;
 pub mod boards;
-pub(crate) mod capture;
+pub mod capture;
 pub mod classify;
 pub(crate) mod console;
 pub mod help;
