@@ -174,3 +174,42 @@ fn read_via_refuses_fastboot_two_paths_and_a_loader_without_a_size() {
     assert!(!lock(&board).commands.contains(&WRITE_LBA));
     assert!(std::fs::read_dir(w).unwrap().next().is_none(), "no outputs");
 }
+
+/// A board that leaves the bus or stops answering in the middle of the capture: the error
+/// names the board and the offset, the exit code is I/O (5) or timeout, and no output is left
+/// behind (the partial image is removed, nothing looks finished).
+#[test]
+fn read_via_a_board_lost_mid_capture_leaves_no_outputs() {
+    use sbcflash::usb::sim::{Fault, FaultKind, SimDevice, Trigger};
+    for (kind, exit, says) in [
+        (FaultKind::Vanish, Exit::Io, "reading at offset"),
+        (FaultKind::Timeout, Exit::Timeout, "timed out"),
+    ] {
+        let dir = TmpDir::new(&format!("{kind:?}").to_lowercase());
+        let w = &dir.0;
+        let mut board = RockchipBoard::rk3588(8 << 20);
+        board.mode = RkMode::Loader;
+        let board = Arc::new(Mutex::new(board));
+        lock(&board).faults().add(Fault {
+            at: Trigger::AfterBulkIn(5 << 20),
+            kind,
+        });
+        let mut bus = SimBus::new();
+        bus.attach(board.clone());
+        let out = w.join("cap");
+        let e = read_on(&bus, &["-q", "read", "--via", "usb", out.to_str().unwrap()]).unwrap_err();
+        let msg = format!("{e:#}");
+        assert!(
+            msg.contains("2207:350b at") && msg.contains(says),
+            "{kind:?}: {msg}"
+        );
+        assert_eq!(sbcflash::cli::classify(&e), exit, "{kind:?}: {msg}");
+        assert_eq!(lock(&board).faults().fired, vec![kind]);
+        let left: Vec<_> = std::fs::read_dir(w)
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert!(left.is_empty(), "{kind:?}: left behind {left:?}");
+    }
+}

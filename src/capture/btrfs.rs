@@ -115,6 +115,9 @@ struct Fs<'a> {
     chunks: Vec<Chunk>,
     /// Partition ranges of the tree blocks read.
     read: Vec<Range<u64>>,
+    /// Tree blocks that may still be read: a sound file system has fewer than its partition
+    /// holds, so a tree whose pointers repeat (the same subtree many times) ends here.
+    budget: u64,
 }
 
 /// Map a partition whose superblock carries the btrfs magic.
@@ -207,6 +210,7 @@ fn used(r: &mut dyn ReadAt, size: u64) -> Result<Vec<Range<u64>>, Fail> {
         generation: le64(&sb, 0x48),
         chunks: Vec::new(),
         read: Vec::new(),
+        budget: size / nodesize,
     };
 
     // The system chunks needed to read the chunk tree.
@@ -396,6 +400,13 @@ impl<'a> Fs<'a> {
         if at.len() > 2 || at.iter().any(|r| r.end - r.start != self.nodesize) {
             return why(format!("tree block at logical {logical} spans chunks"));
         }
+        if self.budget == 0 {
+            return why(format!(
+                "more tree blocks than the partition holds (at logical {logical}): a tree that \
+                 points into itself"
+            ));
+        }
+        self.budget -= 1;
         let mut bad = String::new();
         for p in &at {
             let b = self.r.read_at(p.start, self.nodesize as usize)?;
@@ -636,6 +647,82 @@ mod tests {
         f.write_all_at(&xx, s).unwrap();
         let w = reason();
         assert!(w.contains("xxhash64"), "{w}");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A root tree made to point at one leaf through two levels of repeated pointers (the
+    /// csum and fs tree roots' blocks overwritten with the crafted nodes): the walk stops at
+    /// the partition's worth of tree blocks instead of reading 240 000 of them.
+    #[test]
+    fn a_tree_that_points_into_itself_is_copied_whole() {
+        let d = dir("loop");
+        let Some(img) = mkfs(&d, "l", &["-m", "single"]) else {
+            return;
+        };
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&img)
+            .unwrap();
+        let s = 64u64 << 10;
+        let mut sb = vec![0u8; 4096];
+        f.read_exact_at(&mut sb, s).unwrap();
+        let ns = le32(&sb, 0x94) as usize;
+        let size = f.metadata().unwrap().len();
+        // Where each tree block lies (the newest copy of each logical address).
+        let mut at: std::collections::HashMap<u64, (u64, u64)> = Default::default();
+        let mut b = vec![0u8; ns];
+        for off in (0..size).step_by(ns) {
+            f.read_exact_at(&mut b, off).unwrap();
+            if b[0x20..0x30] == sb[0x20..0x30] && CRC32C.checksum(&b[32..]).to_le_bytes() == b[..4]
+            {
+                let (logical, gen) = (le64(&b, 0x30), le64(&b, 0x50));
+                if at.get(&logical).is_none_or(|&(_, g)| g < gen) {
+                    at.insert(logical, (off, gen));
+                }
+            }
+        }
+        let root = le64(&sb, 0x50);
+        let mut leaf = vec![0u8; ns];
+        f.read_exact_at(&mut leaf, at[&root].0).unwrap();
+        assert_eq!(leaf[0x64], 0, "root tree is one leaf");
+        let tree_root = |id: u64| {
+            (0..le32(&leaf, 0x60) as usize)
+                .map(|i| HEADER + i * LEAF_ITEM)
+                .find(|&p| le64(&leaf, p) == id && leaf[p + 8] == ROOT_ITEM)
+                .map(|p| le64(&leaf, HEADER + le32(&leaf, p + KEY) as usize + 176))
+                .unwrap()
+        };
+        let (a, bb) = (tree_root(5), tree_root(7));
+        let node = |me: u64, level: u8, child: u64| {
+            let mut n = vec![0u8; ns];
+            n[..HEADER].copy_from_slice(&leaf[..HEADER]);
+            n[0x30..0x38].copy_from_slice(&me.to_le_bytes());
+            n[0x64] = level;
+            let count = (ns - HEADER) / KEY_PTR;
+            n[0x60..0x64].copy_from_slice(&(count as u32).to_le_bytes());
+            for i in 0..count {
+                let p = HEADER + i * KEY_PTR + KEY;
+                n[p..p + 8].copy_from_slice(&child.to_le_bytes());
+                n[p + 8..p + 16].copy_from_slice(&leaf[0x50..0x58]);
+            }
+            let c = CRC32C.checksum(&n[32..]);
+            n[..4].copy_from_slice(&c.to_le_bytes());
+            n
+        };
+        f.write_all_at(&node(a, 2, bb), at[&a].0).unwrap();
+        f.write_all_at(&node(bb, 1, root), at[&bb].0).unwrap();
+        sb[0x50..0x58].copy_from_slice(&a.to_le_bytes());
+        sb[0xC6] = 2;
+        let c = CRC32C.checksum(&sb[32..]);
+        sb[..4].copy_from_slice(&c.to_le_bytes());
+        f.write_all_at(&sb, s).unwrap();
+        match mapped(&img) {
+            FsMap::Whole { fs: "btrfs", why } => {
+                assert!(why.contains("points into itself"), "{why}")
+            }
+            other => panic!("{other:?}"),
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 }

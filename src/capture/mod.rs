@@ -68,6 +68,10 @@ pub(crate) enum CaptureError {
 impl Classify for CaptureError {
     fn exit(&self) -> Exit {
         match self {
+            // A USB board that stops answering keeps the timeout's exit class.
+            CaptureError::Read { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
+                Exit::Timeout
+            }
             CaptureError::Read { .. } | CaptureError::Write { .. } => Exit::Io,
             CaptureError::Layout { .. } => Exit::BadInput,
             CaptureError::Exists { .. } => Exit::Refused,
