@@ -534,10 +534,24 @@ mod tests {
         Some(img)
     }
 
-    fn dir(name: &str) -> std::path::PathBuf {
+    /// A scratch directory, removed on drop (a failed test too).
+    struct Tmp(std::path::PathBuf);
+    impl std::ops::Deref for Tmp {
+        type Target = Path;
+        fn deref(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for Tmp {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn dir(name: &str) -> Tmp {
         let d = std::env::temp_dir().join(format!("sbcflash-btrfs-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&d).unwrap();
-        d
+        Tmp(d)
     }
 
     fn mapped(img: &Path) -> FsMap {
@@ -597,7 +611,6 @@ mod tests {
             assert!(found.iter().all(|f| *f), "{name}: file blocks not on disk");
             std::fs::remove_file(&img).unwrap();
         }
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     /// A damaged extent tree, an unverified checksum type and a second device are each
@@ -650,7 +663,6 @@ mod tests {
         f.write_all_at(&xx, s).unwrap();
         let w = reason();
         assert!(w.contains("xxhash64"), "{w}");
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     /// A root tree made to point at one leaf through two levels of repeated pointers (the
@@ -726,7 +738,6 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        let _ = std::fs::remove_dir_all(&d);
     }
 
     /// Every metadata block of a real file system (and its superblock) with bytes changed at
@@ -799,6 +810,5 @@ mod tests {
         }
         eprintln!("{used} damaged file systems still mapped, {whole} copied whole");
         assert!(whole > 0);
-        let _ = std::fs::remove_dir_all(&d);
     }
 }
