@@ -406,8 +406,8 @@ fn check_card_passes_a_good_loop_device_and_keeps_its_data() {
     let _ = std::fs::remove_dir_all(&w);
 }
 
-/// A btrfs partition (DUP metadata, the mkfs default) with files written, one large file
-/// deleted: the capture takes the extents btrfs's extent tree marks in use, not its free space
+/// A btrfs partition (DUP metadata, the mkfs default) with files written, a zstd-compressed
+/// subvolume and a snapshot sharing its extents, one large file deleted: the capture takes the extents btrfs's extent tree marks in use, not its free space
 /// nor its whole chunks; written to a second dirty device it passes `btrfs check`, and every
 /// file reads back identical.
 #[test]
@@ -439,7 +439,11 @@ fn read_maps_btrfs_by_its_extent_tree_and_round_trips() {
             "cd {d} && head -c 60000000 /dev/urandom > freed && sync && \
              head -c 40000000 /dev/urandom > big && mkdir -p etc/sub && echo hello > etc/small && \
              for i in $(seq 1 200); do echo file $i > etc/sub/f$i; done && \
-             head -c 3000000 /dev/urandom > etc/sub/mid && sync && rm freed && sync && \
+             head -c 3000000 /dev/urandom > etc/sub/mid && \
+             btrfs -q subvolume create sv && btrfs property set sv compression zstd && \
+             awk 'BEGIN {{ for (i = 0; i < 1000000; i++) print \"compressible line\", i }}' > sv/text && head -c 2000000 /dev/urandom > sv/bin && \
+             btrfs -q subvolume snapshot sv snap && echo after >> sv/text && \
+             sync && rm freed && sync && \
              find . -type f | sort | xargs sha256sum > {w}/sums",
             d = m.0.display(),
             w = w.display()
