@@ -19,7 +19,16 @@ use std::sync::Arc;
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  sbcflash read /dev/sdX card          # card.img.zst + card.img.bmap + card.img.blake3\n  sbcflash read --raw /dev/sdX card    # card.img, a sparse file\n  sbcflash read --json /dev/sdX card   # then: sbcflash write card.img.zst /dev/sdY\n  sbcflash read --via usb --storage emmc board   # a Rockchip board's eMMC over rockusb"
+    after_help = "Examples:\n  sbcflash read /dev/sdX card          # card.img.zst + card.img.bmap + card.img.blake3\n  sbcflash read --raw /dev/sdX card    # card.img, a sparse file\n  sbcflash read --json /dev/sdX card   # then: sbcflash write card.img.zst /dev/sdY\n  sbcflash read --via usb --storage emmc board   # a Rockchip board's eMMC over rockusb",
+    // `write --via`'s flags, said for reading; fastboot's --partition does not apply.
+    mut_arg("via", |a| a
+        .help("Read a board in a USB recovery mode instead of DEVICE: `maskrom` (Rockchip: download \
+               a loader, then rockusb), `usb` (Rockchip in whatever mode it is in), `usbboot` \
+               (Raspberry Pi rpiboot, then the exposed disk). Only OUT is given")
+        .long_help(None)
+        .hide_possible_values(true)),
+    mut_arg("storage", |a| a.help("Storage to read over rockusb: emmc, sd, spi")),
+    mut_arg("partition", |a| a.hide(true))
 )]
 pub struct ReadArgs {
     /// DEVICE OUT: the disk (or image file) to capture, only read, and the output name:
