@@ -348,11 +348,12 @@ fn qemu_usb_lab_retries_rewrite_ranges_a_dm_flakey_device_dropped() {
     run_in_guest("retries.sh", &w, &[&sbc], 11);
 }
 
-/// `read --via maskrom` through rusb and the kernel's USB stack: the rockusb model's eMMC
-/// holds a real FAT + ext4 image (garbage after it); the board's capture equals the capture of
-/// the image file made here (blake3, bmap, bytes), and the eMMC is left as it was.
+/// `read --via maskrom` and `read --via usbboot` through rusb and the kernel's USB stack: the
+/// rockusb model's and the CM4 model's eMMC hold a real FAT + ext4 image (garbage after it);
+/// each board's capture equals the capture of the image file made here (blake3, bmap, bytes),
+/// and the eMMC is left as it was.
 #[test]
-fn qemu_usb_lab_read_captures_a_rockusb_board() {
+fn qemu_usb_lab_read_captures_rockusb_and_usbboot_boards() {
     if !lab_ready(&["zstd", "sfdisk", "mkfs.vfat", "mcopy", "mkfs.ext4"]) {
         return;
     }
@@ -371,5 +372,5 @@ fn qemu_usb_lab_read_captures_a_rockusb_board() {
             .arg(&img)
             .arg(w.join("file")),
     );
-    run_in_guest("capture.sh", &w, &[&dev, &sbc], 5);
+    run_in_guest("capture.sh", &w, &[&dev, &sbc], 9);
 }
