@@ -354,7 +354,14 @@ fn qemu_usb_lab_retries_rewrite_ranges_a_dm_flakey_device_dropped() {
 /// and the eMMC is left as it was.
 #[test]
 fn qemu_usb_lab_read_captures_rockusb_and_usbboot_boards() {
-    if !lab_ready(&["zstd", "sfdisk", "mkfs.vfat", "mcopy", "mkfs.ext4"]) {
+    if !lab_ready(&[
+        "zstd",
+        "sfdisk",
+        "mkfs.vfat",
+        "mcopy",
+        "mkfs.ext4",
+        "python3",
+    ]) {
         return;
     }
     let dev = device_program();
@@ -372,5 +379,5 @@ fn qemu_usb_lab_read_captures_rockusb_and_usbboot_boards() {
             .arg(&img)
             .arg(w.join("file")),
     );
-    run_in_guest("capture.sh", &w, &[&dev, &sbc], 9);
+    run_in_guest("capture.sh", &w, &[&dev, &sbc], 10);
 }

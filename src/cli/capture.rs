@@ -144,7 +144,7 @@ pub fn run_read_on(bus: &dyn Bus, a: ReadArgs, g: &Global) -> anyhow::Result<Exi
     match (a.usb.via, a.paths.as_slice()) {
         (None, [device, out]) => {
             let mut src = open_source(device, a.force)?;
-            read_into(&mut src, out, &a, g, reporter.as_ref())
+            read_into(&mut src, out, &a, g, reporter.as_ref(), None)
         }
         (None, _) => Err(usage(
             "give DEVICE and OUT (or --via PROTOCOL and only OUT, for a board over USB)",
@@ -187,7 +187,7 @@ fn read_via(
     match ready {
         Ready::Block { path } => {
             let mut src = open_source(&path, a.force)?;
-            read_into(&mut src, out, a, g, reporter)
+            read_into(&mut src, out, a, g, reporter, Some(&opts.job))
         }
         Ready::Rockusb { label, sink } => {
             let Some(mut storage) = BoardStorage::new(sink, label.clone()) else {
@@ -201,7 +201,7 @@ fn read_via(
                 )
                 .into());
             };
-            let code = read_into(&mut storage, out, a, g, reporter)?;
+            let code = read_into(&mut storage, out, a, g, reporter, Some(&opts.job))?;
             if opts.reset {
                 storage.into_sink().reset()?;
             }
@@ -210,13 +210,15 @@ fn read_via(
     }
 }
 
-/// Plan and capture `src` into OUT's three files; the result line.
+/// Plan and capture `src` into OUT's three files; the result line. `job`: the bring-up's job
+/// name with `--via`, so its events and the capture's are one job (else the source's name).
 fn read_into(
     src: &mut dyn Medium,
     out: &Path,
     a: &ReadArgs,
     g: &Global,
     reporter: &dyn Reporter,
+    job: Option<&str>,
 ) -> anyhow::Result<Exit> {
     let outputs = Outputs::new(out, a.raw);
     for p in [&outputs.image, &outputs.bmap, &outputs.blake3] {
@@ -229,7 +231,7 @@ fn read_into(
         }
     }
     outputs.check(a.force)?;
-    let job = src.name().to_string();
+    let job = job.unwrap_or(src.name()).to_string();
     let plan = capture::plan(src)?;
     for p in &plan.partitions {
         let text = match &p.whole_because {
@@ -270,7 +272,8 @@ fn read_into(
         crate::progress::json_line(&mut super::out::stdout(), "result", v)?;
     } else {
         outln!(
-            "{job}: {} of {} captured into {} ({} bytes), {}, {}; blake3 {}",
+            "{}: {} of {} captured into {} ({} bytes), {}, {}; blake3 {}",
+            report.source,
             target::human_size(report.mapped_bytes),
             target::human_size(report.image_size),
             report.outputs.image.display(),

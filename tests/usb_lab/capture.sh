@@ -35,9 +35,18 @@ lab_init
 cp "$W/rk.emmc" /tmp/rk.emmc
 serve rk 0x2207 0x350b RK0001 rockusb /tmp/rk.emmc
 t "read --via maskrom: loader download, re-enumeration, capture over READ_LBA" 0 \
-  'captured into /tmp/board.img.zst' \
-  "$SBC" read --via maskrom --loader "$W/loader.bin" --storage emmc /tmp/board
-grep -E 'captured' /tmp/t.out | sed 's/^/    /'
+  '"event":"result"' \
+  "$SBC" --json read --via maskrom --loader "$W/loader.bin" --storage emmc /tmp/board
+if python3 - /tmp/t.out <<'PY'
+import json, sys
+lines = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+res = [l for l in lines if l["event"] == "result"][0]
+assert res["ok"] and res["job"] == "usb", res
+assert res["report"]["source"].startswith("2207:350b at "), res
+assert {l["job"] for l in lines} == {"usb"}, {l["job"] for l in lines}
+assert "loader" in {l.get("phase") for l in lines}, lines
+PY
+then ok "read --via --json: one job (usb) from the loader download to the result, the board as source"; else no "read --via --json"; sed 's/^/    | /' /tmp/t.out | tail -20; fi
 sleep 1
 stop rk
 same "the board's eMMC is unchanged (a capture only reads)" /tmp/rk.emmc "$W/rk.emmc"
