@@ -17,6 +17,8 @@ TEST_PKGS="$TEST_PKGS dmsetup"
 TEST_PKGS="$TEST_PKGS minisign gnupg"
 # A line's central ledger (tests/station_pg.rs): a real PostgreSQL server.
 TEST_PKGS="$TEST_PKGS postgresql"
+# `read` maps btrfs by its extent tree: mkfs.btrfs and `btrfs check` in tests.
+TEST_PKGS="$TEST_PKGS btrfs-progs"
 missing=""
 for p in $BUILD_PKGS $TEST_PKGS; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing="$missing $p"

@@ -27,6 +27,10 @@ const NEEDS_HARDWARE: &[(&str, &str)] = &[
         "an Allwinner board in FEL mode (tests/usb.rs: a simulated FEL device)",
     ),
     (
+        "sbcflash read --via maskrom --loader rk3588_spl_loader.bin --storage emmc my-board",
+        "a Rockchip board in maskrom on USB (tests/capture_usb.rs: the simulated rockusb board)",
+    ),
+    (
         "sbcflash station --config station.toml",
         "card readers in the configured slots, runs until stopped (tests/station.rs: udevd + loop devices)",
     ),

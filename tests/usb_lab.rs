@@ -347,3 +347,37 @@ fn qemu_usb_lab_retries_rewrite_ranges_a_dm_flakey_device_dropped() {
     write(&w, "img.raw", &image_with_holes(48 << 20, 0x2e7));
     run_in_guest("retries.sh", &w, &[&sbc], 11);
 }
+
+/// `read --via maskrom` and `read --via usbboot` through rusb and the kernel's USB stack: the
+/// rockusb model's and the CM4 model's eMMC hold a real FAT + ext4 image (garbage after it);
+/// each board's capture equals the capture of the image file made here (blake3, bmap, bytes),
+/// and the eMMC is left as it was.
+#[test]
+fn qemu_usb_lab_read_captures_rockusb_and_usbboot_boards() {
+    if !lab_ready(&[
+        "zstd",
+        "sfdisk",
+        "mkfs.vfat",
+        "mcopy",
+        "mkfs.ext4",
+        "python3",
+    ]) {
+        return;
+    }
+    let dev = device_program();
+    let sbc = PathBuf::from(env!("CARGO_BIN_EXE_sbcflash"));
+    let w = work_dir("usb-lab-capture");
+    let img = common::make_nixos_like_image(&w, "sd.img", 48, common::Table::Mbr);
+    let bytes = std::fs::read(&img).unwrap();
+    let mut emmc = garbage(64 << 20, 0x3588);
+    emmc[..bytes.len()].copy_from_slice(&bytes);
+    write(&w, "rk.emmc", &emmc);
+    write(&w, "loader.bin", &loader_with_flash_boot().0);
+    common::run(
+        Command::new(&sbc)
+            .args(["-q", "read"])
+            .arg(&img)
+            .arg(w.join("file")),
+    );
+    run_in_guest("capture.sh", &w, &[&dev, &sbc], 10);
+}

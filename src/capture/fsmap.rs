@@ -1,5 +1,5 @@
 //! Which bytes of a partition its file system uses, read from the file system's own
-//! allocation maps (ext2/3/4 block bitmaps, the FAT), so a capture can leave free space out.
+//! allocation maps (ext2/3/4 block bitmaps, the FAT, btrfs's extent tree in `btrfs`), so a capture can leave free space out.
 //! Small readers of our own: the few on-disk fields needed are fixed by the formats, and no
 //! crate reads ext4 bitmaps or a FAT as a plain allocation map without mounting the volume
 //! (`fatfs` walks directories, `ext4` crates read files). Anything not understood is
@@ -54,12 +54,12 @@ pub(crate) fn map(r: &mut dyn ReadAt, size: u64) -> std::io::Result<FsMap> {
         return Ok(m);
     }
     if size >= 0x10048 && r.read_at(0x10040, 8)? == b"_BHRfS_M" {
-        return Ok(whole(
-            "btrfs",
-            "btrfs allocation (chunk and extent trees) is not read; copied whole",
-        ));
+        return super::btrfs::map(r, size);
     }
-    Ok(whole("unknown", "no ext2/3/4 or FAT file system found"))
+    Ok(whole(
+        "unknown",
+        "no ext2/3/4, FAT or btrfs file system found",
+    ))
 }
 
 fn whole(fs: &'static str, why: &str) -> FsMap {
@@ -408,6 +408,7 @@ mod tests {
         assert!(matches!(m, FsMap::Whole { fs: "ext2/3/4", .. }), "{m:?}");
     }
 
+    /// A btrfs magic without a valid superblock behind it is named and copied whole.
     #[test]
     fn btrfs_is_named_and_copied_whole() {
         let mut d = vec![0; 1 << 20];

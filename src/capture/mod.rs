@@ -5,13 +5,17 @@
 //! (`--raw`), plus `OUT.img.bmap` (bmap 2.0) and `OUT.img.blake3` (b3sum of the logical
 //! image, the project's image digest).
 //!
-//! The source is only ever read: opened read-only (O_DIRECT on devices, O_EXCL so it cannot
-//! be mounted meanwhile). A reader thread fills a fixed pool of aligned buffers, the calling
-//! thread hashes and compresses them, so memory stays bounded whatever the disk size.
+//! The source is only ever read: a disk or file opened read-only (O_DIRECT on devices, O_EXCL
+//! so it cannot be mounted meanwhile), or a board's storage over rockusb READ_LBA (`rockusb`);
+//! both are a [`Medium`], so the plan and the capture are the same code for either. A reader
+//! thread fills a fixed pool of aligned buffers, the calling thread hashes and compresses
+//! them, so memory stays bounded whatever the disk size.
 
 pub(crate) mod bmapout;
+pub(crate) mod btrfs;
 pub(crate) mod fsmap;
 pub(crate) mod gpt;
+pub(crate) mod rockusb;
 
 use crate::board::parttable::{self, PartitionTable};
 use crate::exit::{Classify, Exit};
@@ -64,6 +68,10 @@ pub(crate) enum CaptureError {
 impl Classify for CaptureError {
     fn exit(&self) -> Exit {
         match self {
+            // A USB board that stops answering keeps the timeout's exit class.
+            CaptureError::Read { source, .. } if source.kind() == std::io::ErrorKind::TimedOut => {
+                Exit::Timeout
+            }
             CaptureError::Read { .. } | CaptureError::Write { .. } => Exit::Io,
             CaptureError::Layout { .. } => Exit::BadInput,
             CaptureError::Exists { .. } => Exit::Refused,
@@ -72,16 +80,31 @@ impl Classify for CaptureError {
     }
 }
 
-/// The source, read at any offset through an aligned bounce buffer (O_DIRECT needs aligned
-/// offsets, lengths and addresses).
+/// What a capture reads from. Reads are whole 512-byte sectors at sector offsets, into
+/// buffers aligned for O_DIRECT; errors name the medium and the offset.
+pub(crate) trait Medium: Send {
+    fn name(&self) -> &str;
+    /// Bytes readable.
+    fn size(&self) -> u64;
+    fn read_sectors(&mut self, buf: &mut [u8], offset: u64) -> Result<(), CaptureError>;
+}
+
+/// A disk or image file, read at any offset through an aligned bounce buffer (O_DIRECT needs
+/// aligned offsets, lengths and addresses).
 pub(crate) struct Source {
     pub(crate) file: File,
     pub(crate) name: String,
     pub(crate) size: u64,
 }
 
-impl Source {
-    fn read_aligned(&self, buf: &mut [u8], offset: u64) -> Result<(), CaptureError> {
+impl Medium for Source {
+    fn name(&self) -> &str {
+        &self.name
+    }
+    fn size(&self) -> u64 {
+        self.size
+    }
+    fn read_sectors(&mut self, buf: &mut [u8], offset: u64) -> Result<(), CaptureError> {
         let mut done = 0;
         while done < buf.len() {
             match self.file.read_at(&mut buf[done..], offset + done as u64) {
@@ -98,6 +121,9 @@ impl Source {
         }
         Ok(())
     }
+}
+
+impl Source {
     fn err(&self, offset: u64, source: std::io::Error) -> CaptureError {
         CaptureError::Read {
             path: self.name.clone(),
@@ -111,7 +137,7 @@ const ALIGN: u64 = crate::image::buffer::ALIGN as u64;
 
 /// Partition-relative reads for the file-system readers.
 struct PartReader<'a> {
-    src: &'a Source,
+    src: &'a mut dyn Medium,
     start: u64,
 }
 
@@ -120,11 +146,11 @@ impl ReadAt for PartReader<'_> {
         let abs = self.start + offset;
         let a = abs / ALIGN * ALIGN;
         let end = (abs + len as u64).div_ceil(ALIGN) * ALIGN;
-        let end = end.min(self.src.size);
+        let end = end.min(self.src.size());
         let mut buf = AlignedBuf::new((end - a) as usize);
         let want = (end - a) as usize;
         self.src
-            .read_aligned(&mut buf[..want], a)
+            .read_sectors(&mut buf[..want], a)
             .map_err(|e| match e {
                 CaptureError::Read { source, .. } => source,
                 other => std::io::Error::other(other.to_string()),
@@ -175,14 +201,16 @@ fn is_extended(t: &parttable::PartType) -> bool {
 }
 
 /// Read the partition table and every file system's allocation map.
-pub(crate) fn plan(src: &Source) -> Result<Plan, CaptureError> {
+pub(crate) fn plan(src: &mut dyn Medium) -> Result<Plan, CaptureError> {
+    let name = src.name().to_string();
+    let src_size = src.size();
     let layout = |msg: String| CaptureError::Layout {
-        path: src.name.clone(),
+        path: name.clone(),
         msg,
     };
-    let head_len = (1u64 << 20).min(src.size / 512 * 512);
+    let head_len = (1u64 << 20).min(src_size / 512 * 512);
     let mut head = AlignedBuf::new(head_len as usize);
-    src.read_aligned(&mut head[..head_len as usize], 0)?;
+    src.read_sectors(&mut head[..head_len as usize], 0)?;
     // A FAT boot sector also ends in 0x55AA: a disk formatted without a partition table
     // ("superfloppy") must not have its boot code read as partition entries.
     let table = if fsmap::is_fat_boot_sector(&head[..512]) {
@@ -207,7 +235,7 @@ pub(crate) fn plan(src: &Source) -> Result<Plan, CaptureError> {
     let whole_disk = matches!(table, PartitionTable::None) || parts.is_empty();
     if whole_disk {
         // No partition table: a file system on the whole disk, or unknown data.
-        parts = vec![(0, 0, src.size, false)];
+        parts = vec![(0, 0, src_size, false)];
     }
     let mut mapped = Vec::new();
     let mut reports = Vec::new();
@@ -218,10 +246,9 @@ pub(crate) fn plan(src: &Source) -> Result<Plan, CaptureError> {
     };
     for (number, start, size, extended) in parts {
         let end = start.saturating_add(size);
-        if end > src.size {
+        if end > src_size {
             return Err(layout(format!(
-                "partition {number} ends at byte {end}, beyond the end of the disk ({} bytes)",
-                src.size
+                "partition {number} ends at byte {end}, beyond the end of the disk ({src_size} bytes)"
             )));
         }
         if start < cursor {
@@ -237,7 +264,18 @@ pub(crate) fn plan(src: &Source) -> Result<Plan, CaptureError> {
                     .into(),
             }
         } else {
-            fsmap::map(&mut PartReader { src, start }, size).map_err(|e| src.err(start, e))?
+            fsmap::map(
+                &mut PartReader {
+                    src: &mut *src,
+                    start,
+                },
+                size,
+            )
+            .map_err(|source| CaptureError::Read {
+                path: name.clone(),
+                offset: start,
+                source,
+            })?
         };
         let (used, why) = match &m {
             FsMap::Used { ranges, .. } => {
@@ -291,7 +329,7 @@ pub(crate) fn plan(src: &Source) -> Result<Plan, CaptureError> {
             table.kind_name()
         },
         image_size,
-        source_size: src.size,
+        source_size: src_size,
         partitions: reports,
         mapped,
         mapped_bytes,
@@ -384,13 +422,14 @@ enum Sink {
 /// Read the plan's ranges from `src` and write the outputs (to `.part` files renamed at the
 /// end, so an interrupted or failed capture leaves nothing that looks finished).
 pub(crate) fn capture(
-    src: &Source,
+    src: &mut dyn Medium,
     plan: Plan,
     out: &Outputs,
     opts: &Options,
     reporter: &dyn Reporter,
 ) -> Result<Report, CaptureError> {
     let t0 = Instant::now();
+    let source = src.name().to_string();
     let tmp_image = part_path(&out.image);
     let result = capture_into(src, &plan, out, &tmp_image, opts, reporter);
     let (hash, ranges) = match result {
@@ -421,7 +460,7 @@ pub(crate) fn capture(
     }
     let output_bytes = std::fs::metadata(&out.image).map(|m| m.len()).unwrap_or(0);
     let report = Report {
-        source: src.name.clone(),
+        source,
         blake3: hash.to_hex().to_string(),
         image_size: plan.image_size,
         mapped_bytes: plan.mapped_bytes,
@@ -447,7 +486,7 @@ pub(crate) fn capture(
 type Chunk = Result<(u64, usize, AlignedBuf), CaptureError>;
 
 fn capture_into(
-    src: &Source,
+    src: &mut dyn Medium,
     plan: &Plan,
     out: &Outputs,
     tmp: &Path,
@@ -517,10 +556,11 @@ fn capture_into(
                     let len = ((r.end - off) as usize).min(CHUNK);
                     // O_DIRECT: read whole sectors; the image end is sector-aligned.
                     // A rebuilt GPT backup may lie past the source's end: zeros there.
-                    let rlen = (len.div_ceil(512) * 512).min(src.size.saturating_sub(off) as usize);
+                    let rlen =
+                        (len.div_ceil(512) * 512).min(src.size().saturating_sub(off) as usize);
                     buf[rlen..len.max(rlen)].fill(0);
                     let msg = src
-                        .read_aligned(&mut buf[..rlen], off)
+                        .read_sectors(&mut buf[..rlen], off)
                         .map(|_| (off, len, buf));
                     let failed = msg.is_err();
                     if tx.send(msg).is_err() || failed {

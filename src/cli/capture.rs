@@ -1,12 +1,15 @@
-//! `sbcflash read` (capture a disk as an image, [`crate::capture`]) and `sbcflash check-card`
+//! `sbcflash read` (capture a disk, or a board over rockusb, as an image, [`crate::capture`])
+//! and `sbcflash check-card`
 //! (fake capacity and failing blocks, [`crate::cardcheck`]): flags and glue.
 
 use super::Global;
-use crate::capture::{self, Outputs, Source};
+use crate::capture::rockusb::BoardStorage;
+use crate::capture::{self, Medium, Outputs, Source};
 use crate::cardcheck;
 use crate::exit::{Exit, ExitError};
-use crate::progress::{Event, Level};
+use crate::progress::{Event, Level, Reporter};
 use crate::target::{self, Policy, TargetInfo};
+use crate::usb::discovery::{Bus, RusbBus};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, IsTerminal, Write};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -16,13 +19,23 @@ use std::sync::Arc;
 
 #[derive(Debug, clap::Args)]
 #[command(
-    after_help = "Examples:\n  sbcflash read /dev/sdX card          # card.img.zst + card.img.bmap + card.img.blake3\n  sbcflash read --raw /dev/sdX card    # card.img, a sparse file\n  sbcflash read --json /dev/sdX card   # then: sbcflash write card.img.zst /dev/sdY"
+    after_help = "Examples:\n  sbcflash read /dev/sdX card          # card.img.zst + card.img.bmap + card.img.blake3\n  sbcflash read --raw /dev/sdX card    # card.img, a sparse file\n  sbcflash read --json /dev/sdX card   # then: sbcflash write card.img.zst /dev/sdY\n  sbcflash read --via usb --storage emmc board   # a Rockchip board's eMMC over rockusb",
+    // `write --via`'s flags, said for reading; fastboot's --partition does not apply.
+    mut_arg("via", |a| a
+        .help("Read a board in a USB recovery mode instead of DEVICE: `maskrom` (Rockchip: download \
+               a loader, then rockusb), `usb` (Rockchip in whatever mode it is in), `usbboot` \
+               (Raspberry Pi rpiboot, then the exposed disk). Only OUT is given")
+        .long_help(None)
+        .hide_possible_values(true)),
+    mut_arg("storage", |a| a.help("Storage to read over rockusb: emmc, sd, spi")),
+    mut_arg("partition", |a| a.hide(true))
 )]
 pub struct ReadArgs {
-    /// The disk (or image file) to capture; it is only read.
-    pub(crate) device: PathBuf,
-    /// Output name: OUT.img.zst (or OUT.img with --raw), OUT.img.bmap, OUT.img.blake3.
-    pub(crate) out: PathBuf,
+    /// DEVICE OUT: the disk (or image file) to capture, only read, and the output name:
+    /// OUT.img.zst (or OUT.img with --raw), OUT.img.bmap, OUT.img.blake3. With --via only
+    /// OUT: the board's storage is read.
+    #[arg(value_name = "DEVICE|OUT", num_args = 1..=2, required = true)]
+    pub(crate) paths: Vec<PathBuf>,
     /// Write a plain sparse OUT.img instead of OUT.img.zst.
     #[arg(long)]
     pub(crate) raw: bool,
@@ -35,6 +48,16 @@ pub struct ReadArgs {
     /// zstd level (1-19).
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=19), value_name = "N")]
     pub(crate) level: i32,
+    /// --via/--loader/--storage/--usb-port/--no-reset: read a board in a USB recovery mode,
+    /// brought up as `write --via` does (fastboot cannot read).
+    #[command(flatten)]
+    pub(crate) usb: super::usb::ViaArgs,
+    /// With --via: the board (its USB ID and loader names, as for `write --via --board`).
+    #[arg(long, value_name = "BOARD", requires = "via")]
+    pub(crate) board: Option<String>,
+    /// With --via: the board's medium to read (picks the rockusb storage, as for `write`).
+    #[arg(long, value_name = "MEDIUM", requires = "via")]
+    pub(crate) medium: Option<crate::board::schema::MediumKind>,
 }
 
 /// Ctrl-C/SIGTERM set the flag; a second one exits at once.
@@ -110,11 +133,96 @@ fn open_source(path: &Path, force: bool) -> anyhow::Result<Source> {
 }
 
 pub(crate) fn run_read(a: ReadArgs, g: &Global) -> anyhow::Result<Exit> {
+    run_read_on(&RusbBus::new(), a, g)
+}
+
+/// `read` with the USB bus to bring a board up on (the simulated one in tests); the bus is
+/// only used with `--via`.
+pub fn run_read_on(bus: &dyn Bus, a: ReadArgs, g: &Global) -> anyhow::Result<Exit> {
+    let usage = |m: &str| -> anyhow::Error { ExitError::new(Exit::Usage, m.to_string()).into() };
     let reporter = g.reporter();
-    let src = open_source(&a.device, a.force)?;
-    let outputs = Outputs::new(&a.out, a.raw);
+    match (a.usb.via, a.paths.as_slice()) {
+        (None, [device, out]) => {
+            let mut src = open_source(device, a.force)?;
+            read_into(&mut src, out, &a, g, reporter.as_ref(), None)
+        }
+        (None, _) => Err(usage(
+            "give DEVICE and OUT (or --via PROTOCOL and only OUT, for a board over USB)",
+        )),
+        (Some(via), [out]) => read_via(bus, via, out, &a, g, reporter.as_ref()),
+        (Some(_), _) => Err(usage(
+            "with --via, give only OUT: the board's storage is what is read",
+        )),
+    }
+}
+
+/// Bring the board up as `write --via` does ([`crate::usb::flash::bring_up`]) and capture its
+/// storage: over rockusb READ_LBA, or the block device usbboot exposes.
+fn read_via(
+    bus: &dyn Bus,
+    via: crate::usb::flash::Via,
+    out: &Path,
+    a: &ReadArgs,
+    g: &Global,
+    reporter: &dyn Reporter,
+) -> anyhow::Result<Exit> {
+    use crate::usb::flash::{self, Ready, Via};
+    if via == Via::Fastboot {
+        return Err(ExitError::new(
+            Exit::Usage,
+            "read --via fastboot: fastboot cannot read a board's storage; use --via maskrom or \
+             usb (Rockchip) or usbboot (Raspberry Pi)",
+        )
+        .into());
+    }
+    // Refuse existing outputs before the board is touched.
+    Outputs::new(out, a.raw).check(a.force)?;
+    let board = super::boards::BoardWriteArgs {
+        board: a.board.clone(),
+        medium: a.medium,
+        ..Default::default()
+    };
+    let opts = super::usb::ViaPlan::new(via, a.usb.clone(), &board, g)?.options;
+    let ready = flash::bring_up(bus, &opts, reporter, &flash::Untracked)?;
+    match ready {
+        Ready::Block { path } => {
+            let mut src = open_source(&path, a.force)?;
+            read_into(&mut src, out, a, g, reporter, Some(&opts.job))
+        }
+        Ready::Rockusb { label, sink } => {
+            let Some(mut storage) = BoardStorage::new(sink, label.clone()) else {
+                return Err(ExitError::new(
+                    Exit::Environment,
+                    format!(
+                        "{label}: the loader does not report its storage's size (mainline \
+                         U-Boot's rockusb?), so where the storage ends is unknown; read it with \
+                         a vendor loader (--via maskrom --loader FILE)"
+                    ),
+                )
+                .into());
+            };
+            let code = read_into(&mut storage, out, a, g, reporter, Some(&opts.job))?;
+            if opts.reset {
+                storage.into_sink().reset()?;
+            }
+            Ok(code)
+        }
+    }
+}
+
+/// Plan and capture `src` into OUT's three files; the result line. `job`: the bring-up's job
+/// name with `--via`, so its events and the capture's are one job (else the source's name).
+fn read_into(
+    src: &mut dyn Medium,
+    out: &Path,
+    a: &ReadArgs,
+    g: &Global,
+    reporter: &dyn Reporter,
+    job: Option<&str>,
+) -> anyhow::Result<Exit> {
+    let outputs = Outputs::new(out, a.raw);
     for p in [&outputs.image, &outputs.bmap, &outputs.blake3] {
-        if same_file(p, Path::new(&src.name)) {
+        if same_file(p, Path::new(src.name())) {
             return Err(ExitError::new(
                 Exit::Refused,
                 format!("refusing to write {}: it is the source itself", p.display()),
@@ -123,8 +231,8 @@ pub(crate) fn run_read(a: ReadArgs, g: &Global) -> anyhow::Result<Exit> {
         }
     }
     outputs.check(a.force)?;
-    let job = src.name.clone();
-    let plan = capture::plan(&src)?;
+    let job = job.unwrap_or(src.name()).to_string();
+    let plan = capture::plan(src)?;
     for p in &plan.partitions {
         let text = match &p.whole_because {
             None => format!(
@@ -158,13 +266,14 @@ pub(crate) fn run_read(a: ReadArgs, g: &Global) -> anyhow::Result<Exit> {
         cancel: install_cancel(),
         job: job.clone(),
     };
-    let report = capture::capture(&src, plan, &outputs, &opts, reporter.as_ref())?;
+    let report = capture::capture(src, plan, &outputs, &opts, reporter)?;
     if g.json {
         let v = serde_json::json!({ "job": job, "ok": true, "report": report });
         crate::progress::json_line(&mut super::out::stdout(), "result", v)?;
     } else {
         outln!(
-            "{job}: {} of {} captured into {} ({} bytes), {}, {}; blake3 {}",
+            "{}: {} of {} captured into {} ({} bytes), {}, {}; blake3 {}",
+            report.source,
             target::human_size(report.mapped_bytes),
             target::human_size(report.image_size),
             report.outputs.image.display(),

@@ -13,7 +13,7 @@ pub(crate) mod out;
 
 pub(crate) mod acquire;
 pub mod boards;
-pub(crate) mod capture;
+pub mod capture;
 pub mod classify;
 pub(crate) mod console;
 pub mod help;
@@ -172,7 +172,7 @@ pub enum Command {
     Man(meta::ManArgs),
     /// Show the merged configuration.
     Config(meta::ConfigArgs),
-    /// Capture a disk as an image: partition table and used blocks only, zstd + bmap + blake3.
+    /// Capture a disk (or a board, --via) as an image: partition table and used blocks only, zstd + bmap + blake3.
     Read(capture::ReadArgs),
     /// Check a card for fake capacity and blocks that do not read back (writes test blocks).
     CheckCard(capture::CheckCardArgs),
