@@ -248,15 +248,22 @@ pub(crate) fn device_info(d: &udev::Device, attr_keys: &[String]) -> DeviceInfo 
     }
 }
 
-/// The size of the medium in a disk, as the kernel sees it after an open (revalidated).
+/// The size of the medium in a disk, as the kernel sees it after an open (revalidated), or
+/// `None` when no medium answers. The open is blocking (a reader without a medium refuses it
+/// with ENOMEDIUM) and the first block is read with O_DIRECT: a media-change event can be
+/// handled while sysfs and even the open still show the card just ejected, but that card no
+/// longer answers a read.
 fn medium_size(node: &std::path::Path) -> Option<u64> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
     let f = std::fs::OpenOptions::new()
         .read(true)
-        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_CLOEXEC)
+        .custom_flags(nix::libc::O_DIRECT | nix::libc::O_CLOEXEC)
         .open(node)
         .ok()?;
-    crate::write::sink::block_device_size(&f).ok()
+    let size = crate::write::sink::block_device_size(&f).ok()?;
+    let mut block = crate::image::buffer::AlignedBuf::new(4096);
+    f.read_exact_at(&mut block[..], 0).ok()?;
+    (size > 0).then_some(size)
 }
 
 /// Whole disks and USB devices present now (works without udevd, but then udev properties

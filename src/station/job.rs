@@ -671,6 +671,9 @@ fn end(
             rep.log(&format!("could not record the result: {e}"));
             tracing::error!("{slot}: could not record the result: {e}");
         }
+        if let Ok(n) = l.backlog() {
+            ctx.ui.outbox_rows(n);
+        }
     }
     let text = match (&reason, serial) {
         (None, Some(s)) => format!(

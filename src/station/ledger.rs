@@ -480,6 +480,11 @@ impl Ledger {
         Ok(())
     }
 
+    /// Rows not yet delivered to the central ledger (0 without one).
+    pub(crate) fn backlog(&self) -> rusqlite::Result<u64> {
+        super::outbox::backlog(&self.conn)
+    }
+
     /// Records how a unit's job ended.
     pub fn finish_unit(&mut self, id: i64, o: &Outcome) -> Result<(), StationError> {
         self.conn

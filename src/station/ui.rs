@@ -120,6 +120,16 @@ impl Ui {
         format!("count: {p} PASS, {f} FAIL, {r} running{central}")
     }
 
+    /// A unit's row went to the outbox: the status line counts it now, not at the courier's
+    /// next round (whether the database answered stays as the courier last saw it).
+    pub(crate) fn outbox_rows(&self, rows: u64) {
+        if let Ok(mut g) = self.central.lock() {
+            if let Some((_, reachable)) = *g {
+                *g = Some((rows, reachable));
+            }
+        }
+    }
+
     /// The outbox's backlog and whether the central ledger answered last time.
     pub(crate) fn set_backlog(&self, rows: u64, reachable: bool) {
         if let Ok(mut g) = self.central.lock() {
