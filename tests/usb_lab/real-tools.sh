@@ -7,9 +7,7 @@
 set -uo pipefail
 W=$1 DEV=$2
 source "$USB_LAB_LIB"
-pass=0; fail=0
-ok() { echo "ok   $1"; pass=$((pass+1)); }
-no() { echo "FAIL $1"; fail=$((fail+1)); }
+source "$(dirname "$0")/checks.sh"
 # t NAME EXPECT CMD...: run CMD; ok when it exits 0 and its output matches the regex EXPECT
 t() {
   local name=$1 want=$2 out rc; shift 2
@@ -17,22 +15,8 @@ t() {
   if [ $rc = 0 ] && { [ -z "$want" ] || grep -Eq -- "$want" <<<"$out"; }; then ok "$name"; else
     no "$name (exit $rc)"; sed 's/^/    | /' <<<"$out" | tail -15; dmesg | tail -8 | sed 's/^/    dmesg| /'; fi
 }
-# serve NAME VID PID SERIAL PROTOCOL BACKING [ARGS...]: a model on a new gadget, plugged in
-serve() {
-  local name=$1 vid=$2 pid=$3 serial=$4 i; shift 4
-  [ -d "/sys/kernel/config/usb_gadget/$name" ] || lab_ffs "$name" "$vid" "$pid" "$serial" || return 1
-  "$DEV" "$1" "/dev/ffs-$name" "$name" "${@:2}" > "/tmp/$name.log" 2>&1 &
-  echo $! > "/tmp/$name.pid"
-  for i in $(seq 200); do grep -q READY "/tmp/$name.log" && break; sleep 0.05; done
-  lab_bind "$name" || return 1
-  # enumerated (under load the host may retry enumeration at a new address before it settles)
-  for i in $(seq 100); do lsusb -d "${vid#0x}:${pid#0x}" >/dev/null 2>&1 && break; sleep 0.1; done
-  sleep 0.5
-}
-# stop NAME: the model writes its storage back to the backing file and exits
-stop() { local p; p=$(cat "/tmp/$1.pid"); kill -TERM "$p"; wait "$p"; }
-# same NAME FILE EXPECTED
-same() { if cmp "$2" "$3" >/dev/null; then ok "$1"; else no "$1: $(cmp "$2" "$3" 2>&1 | head -1)"; fi; }
+# serve, stop and same come from checks.sh; `stop NAME` makes the model write its storage
+# back to the backing file and exit.
 wait_usb() { local i; for i in $(seq 100); do lsusb -d "$1" >/dev/null 2>&1 && return 0; sleep 0.1; done; return 1; }
 lab_init
 

@@ -11,16 +11,7 @@
 set -uo pipefail
 W=$1 SBC=$2
 source "$USB_LAB_LIB"
-pass=0; fail=0
-ok() { echo "ok   $1"; pass=$((pass+1)); }
-no() { echo "FAIL $1"; fail=$((fail+1)); }
-# t NAME WANT_EXIT EXPECT CMD...: CMD exits WANT_EXIT and its output matches the regex EXPECT
-t() {
-  local name=$1 want_rc=$2 want=$3 rc; shift 3
-  timeout 120 "$@" > /tmp/t.out 2>&1; rc=$?
-  if [ "$rc" = "$want_rc" ] && { [ -z "$want" ] || grep -Eq -- "$want" /tmp/t.out; }; then ok "$name"; else
-    no "$name (exit $rc, want $want_rc)"; sed 's/^/    | /' /tmp/t.out | tail -40; dmesg | tail -8 | sed 's/^/    dmesg| /'; fi
-}
+source "$(dirname "$0")/checks.sh"
 export HOME=/tmp XDG_CONFIG_HOME=/tmp/xdg-config XDG_CACHE_HOME=/tmp/xdg-cache XDG_DATA_HOME=/tmp/xdg-data
 G=/sys/kernel/config/usb_gadget
 IMG="$W/img.raw"; SIZE=$(stat -c %s "$IMG")
