@@ -145,18 +145,10 @@ fn unit_digest(pieces: &[Piece]) -> [u8; 32] {
             (_, Some(bytes)) => {
                 h.update(bytes);
             }
-            (ext, None) => feed_zeroes(&mut h, ext.len),
+            (ext, None) => super::feed_zeroes(&mut h, ext.len, &ZEROS),
         }
     }
     *h.finalize().as_bytes()
-}
-
-fn feed_zeroes(h: &mut blake3::Hasher, mut len: u64) {
-    while len > 0 {
-        let n = (len as usize).min(ZEROS.len());
-        h.update(&ZEROS[..n]);
-        len -= n as u64;
-    }
 }
 
 fn spawn_dev(

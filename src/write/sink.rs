@@ -86,6 +86,15 @@ pub trait Sink: Send {
     }
 }
 
+/// Whether a request can go to a descriptor as it is: anything without O_DIRECT; with it, an
+/// offset, length and buffer aligned to the device's block (and the buffer to [`ALIGN`]).
+fn direct_ok(direct: bool, block: u64, off: u64, data: &[u8]) -> bool {
+    !direct
+        || (off % block == 0
+            && data.len() as u64 % block == 0
+            && data.as_ptr() as usize % ALIGN == 0)
+}
+
 /// Aligned positioned writes to a block device from writer threads (`pwrite` on a shared
 /// descriptor, O_DIRECT included). One request at a time (what `dd` does) leaves the device
 /// idle while the next request is set up; a second one in flight keeps it busy. Unaligned
@@ -101,10 +110,7 @@ pub struct MediumWriter {
 impl MediumWriter {
     /// Whether this handle can write `data` at `off` (else the sink must).
     pub(crate) fn takes(&self, off: u64, data: &[u8]) -> bool {
-        !self.direct
-            || (off % self.block == 0
-                && data.len() as u64 % self.block == 0
-                && data.as_ptr() as usize % ALIGN == 0)
+        direct_ok(self.direct, self.block, off, data)
     }
 
     pub(crate) fn write_at(&self, off: u64, data: &[u8]) -> Result<(), WriteError> {
@@ -368,10 +374,7 @@ impl BlockDeviceSink {
     }
 
     fn aligned(&self, off: u64, data: &[u8]) -> bool {
-        !self.direct
-            || (off % self.block == 0
-                && data.len() as u64 % self.block == 0
-                && data.as_ptr() as usize % ALIGN == 0)
+        direct_ok(self.direct, self.block, off, data)
     }
 
     fn range_ioctl(&self, zero: bool, off: u64, len: u64) -> std::io::Result<()> {
