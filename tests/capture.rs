@@ -51,6 +51,24 @@ fn json_result(out: &std::process::Output) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no result line in {text}"))
 }
 
+/// A second loop device of `size` bytes full of garbage (no zero bytes), with `w/cap.img.zst`
+/// written onto it by sbcflash (which takes the bmap beside it); the write reports the
+/// capture's digest from `rep`.
+fn write_capture_to_a_dirty_device(w: &Path, size: u64, rep: &serde_json::Value) -> LoopDev {
+    let b = LoopDev::new_sparse(w, "b.bin", size);
+    sh(&format!(
+        "head -c {} /dev/urandom | tr '\\000' x > {}",
+        size,
+        b.path().display()
+    ));
+    let o = run(sbcflash()
+        .args(["write", "--yes"])
+        .arg(w.join("cap.img.zst"))
+        .arg(b.path()));
+    assert!(String::from_utf8_lossy(&o.stdout).contains(rep["blake3"].as_str().unwrap()));
+    b
+}
+
 fn fsck_both(dev: &Path) {
     let root = LoopDev::attach(
         dev,
@@ -150,17 +168,7 @@ fn read_captures_used_blocks_and_round_trips_through_a_second_device() {
     ));
 
     // Onto a second, dirty device with sbcflash (which takes the bmap next to the .zst).
-    let b = LoopDev::new_sparse(&w, "b.bin", 128 * MIB);
-    sh(&format!(
-        "head -c {} /dev/urandom | tr '\\000' x > {}",
-        128 * MIB,
-        b.path().display()
-    ));
-    let o = run(sbcflash()
-        .args(["write", "--yes"])
-        .arg(w.join("cap.img.zst"))
-        .arg(b.path()));
-    assert!(String::from_utf8_lossy(&o.stdout).contains(rep["blake3"].as_str().unwrap()));
+    let b = write_capture_to_a_dirty_device(&w, 128 * MIB, rep);
     fsck_both(b.path());
     {
         let ma = Mount::new(a.path(), ROOT.0, ROOT.1, &w.join("ma"), true);
@@ -465,17 +473,7 @@ fn read_maps_btrfs_by_its_extent_tree_and_round_trips() {
         "{mapped} bytes mapped: {rep}"
     );
 
-    let b = LoopDev::new_sparse(&w, "b.bin", 400 * MIB);
-    sh(&format!(
-        "head -c {} /dev/urandom | tr '\\000' x > {}",
-        400 * MIB,
-        b.path().display()
-    ));
-    let o = run(sbcflash()
-        .args(["write", "--yes"])
-        .arg(w.join("cap.img.zst"))
-        .arg(b.path()));
-    assert!(String::from_utf8_lossy(&o.stdout).contains(rep["blake3"].as_str().unwrap()));
+    let b = write_capture_to_a_dirty_device(&w, 400 * MIB, rep);
     drop(a);
     let p = LoopDev::attach(
         b.path(),
